@@ -1,0 +1,5 @@
+"""``python -m flmnist`` runs the ``flmnist`` command."""
+
+from flmnist.cli import main
+
+main()

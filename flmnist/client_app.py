@@ -1,0 +1,95 @@
+"""flmnist's ClientApp: translates Flower messages into local training and evaluation.
+
+The server sends everything a node needs in each message's ``config`` record
+(model, partition, local training settings); the node's identity comes from its
+node config: ``partition-id``/``num-partitions`` in simulation, ``data-path``
+(and an optional ``node-name``) on a real device.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from flmnist.models import model_from_spec
+from flmnist.node_data import node_data, node_seed
+from flmnist.training import device, evaluate, train
+
+app = ClientApp()
+
+
+def _model(config, arrays: ArrayRecord) -> torch.nn.Module:
+    model = model_from_spec(json.loads(str(config["model"])))
+    model.load_state_dict(arrays.to_torch_state_dict())
+    return model
+
+
+def _node_index(context: Context) -> int:
+    return int(context.node_config.get("partition-id", 0))
+
+
+@app.train()
+def train_handler(msg: Message, context: Context) -> Message:
+    """Train the received model on this node's data; reply with the new weights and metrics."""
+    config = msg.content["config"]
+    data = node_data(config, context.node_config)
+    model = _model(config, msg.content["arrays"])
+    server_round = int(config["server-round"])
+    generator = torch.Generator().manual_seed(node_seed(int(config["seed"]), _node_index(context), server_round))
+    torch.manual_seed(node_seed(int(config["seed"]), _node_index(context), server_round, 1))
+    steps = int(config.get("local-steps", 0)) or None
+    dev = device()
+    start = time.perf_counter()
+    mean_loss, trace = train(
+        model,
+        data.train_images,
+        data.train_labels,
+        batch_size=int(config["batch-size"]),
+        lr=float(config["lr"]),
+        momentum=float(config["momentum"]),
+        weight_decay=float(config["weight-decay"]),
+        epochs=int(config["local-epochs"]),
+        steps=steps,
+        proximal_mu=float(config.get("proximal-mu", 0.0)),
+        generator=generator,
+        dev=dev,
+    )
+    train_time = time.perf_counter() - start
+    epochs = int(config["local-epochs"])
+    examples = len(data.train_labels) * epochs if steps is None else steps * int(config["batch-size"])
+    metrics = MetricRecord(
+        {
+            "num-examples": len(data.train_labels),
+            "train-loss": mean_loss,
+            "loss-trace": trace,
+            "partition-id": _node_index(context),
+            "examples-processed": int(examples),
+            "train-time": train_time,
+        }
+    )
+    model.cpu()
+    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_handler(msg: Message, context: Context) -> Message:
+    """Evaluate the received model on this node's held-out data; reply with summable counts."""
+    config = msg.content["config"]
+    data = node_data(config, context.node_config)
+    model = _model(config, msg.content["arrays"])
+    result = evaluate(model, data.holdout_images, data.holdout_labels, int(config["eval-batch-size"]), device())
+    metrics = {
+        "num-examples": result.total,
+        "loss-sum": result.loss_sum,
+        "correct": result.correct,
+        "partition-id": _node_index(context),
+    }
+    for d, (c, t) in enumerate(zip(result.correct_per_digit, result.total_per_digit)):
+        metrics[f"correct-{d}"] = int(c)
+        metrics[f"total-{d}"] = int(t)
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

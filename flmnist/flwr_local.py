@@ -1,0 +1,138 @@
+"""Running ``flwr run`` on a private local SuperLink, and stopping exactly what it started.
+
+``flwr run`` starts a detached local SuperLink (and SuperExec, ServerApp and Ray
+processes) that outlives the command. We give each launch its own ``FLWR_HOME``
+and its own free ports, then stop the processes whose environment carries that
+``FLWR_HOME``, by process id: nothing else on the machine is touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def flwr_env(flwr_home: str | os.PathLike, base: dict | None = None) -> dict:
+    """Environment for a private local SuperLink: own FLWR_HOME and ports, installed packages only."""
+    env = dict(os.environ if base is None else base)
+    bindir = str(Path(sys.executable).parent)
+    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    env["FLWR_HOME"] = str(flwr_home)
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(free_port())
+    env["FLWR_LOCAL_CONTROL_API_PORT"] = str(free_port())
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def _ancestors() -> set[int]:
+    pids, pid = set(), os.getpid()
+    while pid > 1:
+        pids.add(pid)
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return pids
+
+
+def pids_with_flwr_home(flwr_home: str | os.PathLike) -> list[int]:
+    """Processes whose environment has ``FLWR_HOME=<flwr_home>`` (this process and its parents excluded)."""
+    marker = f"FLWR_HOME={flwr_home}".encode()
+    skip = _ancestors()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) in skip:
+            continue
+        try:
+            if marker in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def stop_flwr_home(flwr_home: str | os.PathLike, grace: float = 5.0) -> list[int]:
+    """SIGTERM, then SIGKILL after ``grace`` seconds, every process started under ``flwr_home``."""
+    pids = pids_with_flwr_home(flwr_home)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and pids_with_flwr_home(flwr_home):
+        time.sleep(0.2)
+    for pid in pids_with_flwr_home(flwr_home):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return pids
+
+
+def write_run_config(path: str | os.PathLike, overrides: Sequence[str]) -> Path:
+    """A run-config TOML file carrying the Hydra overrides (any characters survive, unlike
+    ``--run-config 'k="v"'``, whose values cannot hold quotes)."""
+    import shlex
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A JSON string with ASCII escapes is a valid TOML basic string.
+    path.write_text(f"overrides = {json.dumps(shlex.join(overrides))}\n")
+    return path
+
+
+def flwr_run_command(app_dir: str | os.PathLike, run_config: str | os.PathLike, num_supernodes: int) -> list[str]:
+    """``flwr run APP --stream`` with a run-config file and the number of simulated SuperNodes."""
+    return [
+        str(Path(sys.executable).parent / "flwr"), "run", str(app_dir), "--stream",
+        "--run-config", str(run_config),
+        "--federation-config", f"num-supernodes={int(num_supernodes)}",
+    ]
+
+
+def run_flwr(
+    app_dir: str | os.PathLike,
+    overrides: Sequence[str],
+    num_supernodes: int,
+    flwr_home: str | os.PathLike,
+    log_path: str | os.PathLike | None = None,
+    env: dict | None = None,
+    timeout: float | None = None,
+) -> int:
+    """Run ``flwr run`` on a private local SuperLink, echo and save its output, stop what it started."""
+    cmd = flwr_run_command(app_dir, write_run_config(Path(flwr_home) / "run_config.toml", overrides), num_supernodes)
+    env = flwr_env(flwr_home, env)
+    log = open(log_path, "w") if log_path else None
+    try:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            if log:
+                log.write(line)
+                log.flush()
+            if deadline is not None and time.monotonic() > deadline:
+                proc.kill()
+                break
+        return proc.wait()
+    finally:
+        if log:
+            log.close()
+        stop_flwr_home(flwr_home)

@@ -1,0 +1,79 @@
+"""A node's own data: its partition of MNIST (simulation) or its ``data-path`` folder (a device).
+
+Built once per process and cached, so a client call never re-reads or re-splits MNIST.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from flmnist.data import load_data_path, load_mnist, resolve_root
+from flmnist.errors import ConfigError
+from flmnist.partition import holdout_split, partition_from_spec
+
+
+@dataclass(frozen=True)
+class NodeData:
+    name: str
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    holdout_images: torch.Tensor
+    holdout_labels: torch.Tensor
+
+
+def node_seed(seed: int, node: int, *extra: int) -> int:
+    """A seed for one node (and round), derived from the run seed."""
+    return int(np.random.SeedSequence([seed, node, *extra]).generate_state(1)[0])
+
+
+@functools.lru_cache(maxsize=4)
+def _partition_indices(spec_json: str, root: str, num_partitions: int, seed: int) -> list[np.ndarray]:
+    labels = load_mnist(root, True)[1].numpy()
+    return partition_from_spec(json.loads(spec_json))(labels, num_partitions, seed)
+
+
+@functools.lru_cache(maxsize=8)
+def _node_data(
+    spec_json: str, root: str, num_partitions: int, seed: int, holdout: float,
+    partition_id: int | None, data_path: str | None, name: str,
+) -> NodeData:
+    if data_path:
+        images, labels = load_data_path(data_path)
+        train_idx, hold_idx = holdout_split(np.arange(len(labels)), holdout, node_seed(seed, 0))
+    else:
+        if partition_id is None or not 0 <= partition_id < num_partitions:
+            raise ConfigError(
+                f"node config partition-id={partition_id} is outside 0..{num_partitions - 1} "
+                f"(num_nodes={num_partitions}); start as many SuperNodes as num_nodes"
+            )
+        images, labels = load_mnist(root, True)
+        part = _partition_indices(spec_json, root, num_partitions, seed)[partition_id]
+        train_idx, hold_idx = holdout_split(part, holdout, node_seed(seed, partition_id))
+    train_idx, hold_idx = torch.from_numpy(train_idx), torch.from_numpy(hold_idx)
+    return NodeData(name, images[train_idx], labels[train_idx], images[hold_idx], labels[hold_idx])
+
+
+def node_data(config, node_config) -> NodeData:
+    """This node's data, from the message's ``config`` record and the SuperNode's node config."""
+    data_path = node_config.get("data-path")
+    partition_id = node_config.get("partition-id")
+    if data_path:
+        name = str(node_config.get("node-name") or data_path)
+    else:
+        name = f"node {partition_id}"
+    root = str(resolve_root(config.get("data-root") or None))
+    return _node_data(
+        str(config["partition"]),
+        root,
+        int(config["num-partitions"]),
+        int(config["seed"]),
+        float(config["holdout-fraction"]),
+        None if partition_id is None else int(partition_id),
+        str(data_path) if data_path else None,
+        name,
+    )

@@ -1,0 +1,60 @@
+"""PNG plots of a run: accuracy and loss per round, per-client training loss, per-digit heatmap."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def plot_run(run_dir: Path, rows: list[dict], loss_traces: dict[str, list[float]]) -> None:
+    evaluated = [r for r in rows if r.get("test_accuracy") is not None]
+    if evaluated:
+        rounds = [r["round"] for r in evaluated]
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+        ax1.plot(rounds, [100 * r["test_accuracy"] for r in evaluated], marker="o", label="global model, test set")
+        client = [r for r in rows if r.get("client_accuracy") is not None]
+        if client:
+            ax1.plot([r["round"] for r in client], [100 * r["client_accuracy"] for r in client],
+                     marker=".", label="clients, held-out data")
+        ax1.set(xlabel="round", ylabel="accuracy (%)", title="Accuracy per round")
+        ax1.legend()
+        ax1.grid(alpha=0.3)
+        ax2.plot(rounds, [r["test_loss"] for r in evaluated], marker="o", label="test loss")
+        train = [r for r in rows if r.get("train_loss") is not None]
+        if train:
+            ax2.plot([r["round"] for r in train], [r["train_loss"] for r in train], marker=".", label="train loss")
+        ax2.set(xlabel="round", ylabel="loss", title="Loss per round", yscale="log")
+        ax2.legend()
+        ax2.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(run_dir / "accuracy_loss.png", dpi=100)
+        plt.close(fig)
+
+        digits = np.array([[r.get(f"test_acc_digit_{d}") or 0.0 for d in range(10)] for r in evaluated])
+        fig, ax = plt.subplots(figsize=(8, max(3, 0.25 * len(rounds) + 1.5)))
+        im = ax.imshow(100 * digits, aspect="auto", cmap="viridis", vmin=0, vmax=100)
+        ax.set(xlabel="digit", ylabel="round", title="Per-digit test accuracy (%)")
+        ax.set_xticks(range(10))
+        ax.set_yticks(range(len(rounds)), [str(r) for r in rounds])
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        fig.savefig(run_dir / "per_digit_accuracy.png", dpi=100)
+        plt.close(fig)
+
+    if loss_traces:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        for name, trace in sorted(loss_traces.items()):
+            ax.plot(np.arange(1, len(trace) + 1), trace, lw=0.8, label=name)
+        ax.set(xlabel="local batch (all rounds)", ylabel="training loss", title="Training loss per client",
+               yscale="log")
+        if len(loss_traces) <= 12:
+            ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(run_dir / "client_loss.png", dpi=100)
+        plt.close(fig)

@@ -1,0 +1,177 @@
+"""The run directory: metrics per round (JSON and CSV, written as they come), models, summary.
+
+Files are rewritten atomically after every round, so a crash keeps the results so far.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+SCALAR = (int, float, str, type(None))
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write then rename, so readers never see a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _clean(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
+
+
+class RunRecorder:
+    """Collects each round's metrics from strategies and hooks, and writes the run directory."""
+
+    def __init__(self, run_dir: Path, num_rounds: int, target_accuracy: float, printer=print) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.num_rounds = num_rounds
+        self.target_accuracy = target_accuracy
+        self.printer = printer
+        self.rows: dict[int, dict] = {}
+        self.loss_traces: dict[str, list[float]] = defaultdict(list)
+        self.t0 = time.perf_counter()
+        self.best_accuracy: float | None = None
+        self.best_round: int | None = None
+        self.final_state: dict | None = None
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def add(self, server_round: int, **fields) -> None:
+        """Merge fields into the record of ``server_round``."""
+        self.rows.setdefault(server_round, {"round": server_round}).update(fields)
+
+    def add_loss_trace(self, name: str, trace: list[float]) -> None:
+        self.loss_traces[name].extend(float(x) for x in trace)
+
+    def end_round(self, server_round: int, state_dict: dict | None = None) -> None:
+        """Stamp the time, keep the best model, write the metrics files and print one progress line."""
+        self.add(server_round, wall_time=round(self.elapsed(), 3))
+        row = self.rows[server_round]
+        acc = row.get("test_accuracy")
+        if state_dict is not None:
+            self.final_state = state_dict
+            if acc is not None and (self.best_accuracy is None or acc > self.best_accuracy):
+                self.best_accuracy, self.best_round = acc, server_round
+                atomic_torch_save(state_dict, self.run_dir / "model_best.pt")
+        self.write_metrics()
+        if server_round > 0:
+            self.printer(self.progress_line(row))
+
+    def progress_line(self, row: dict) -> str:
+        parts = [f"[round {row['round']}/{self.num_rounds}]"]
+        if row.get("test_accuracy") is not None:
+            parts.append(f"test accuracy {100 * row['test_accuracy']:.2f}%")
+        if row.get("train_loss") is not None:
+            parts.append(f"train loss {row['train_loss']:.4f}")
+        if row.get("client_accuracy") is not None:
+            parts.append(f"client accuracy {100 * row['client_accuracy']:.2f}%")
+        if row.get("rejected_updates"):
+            parts.append(f"{row['rejected_updates']} update(s) rejected")
+        parts.append(f"{row['wall_time']:.1f} s elapsed")
+        return parts[0] + " " + " | ".join(parts[1:])
+
+    def scalar_rows(self) -> list[dict]:
+        return [
+            {k: v for k, v in row.items() if isinstance(v, SCALAR)}
+            for _, row in sorted(self.rows.items())
+        ]
+
+    def write_metrics(self) -> None:
+        rows = [_clean(row) for _, row in sorted(self.rows.items())]
+        atomic_write(self.run_dir / "metrics.json", json.dumps(rows, indent=1))
+        flat = self.scalar_rows()
+        columns: list[str] = []
+        for row in flat:
+            columns += [k for k in row if k not in columns]
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(flat)
+        atomic_write(self.run_dir / "metrics.csv", buf.getvalue())
+        atomic_write(self.run_dir / "client_loss.json", json.dumps(self.loss_traces))
+
+    def summary(self, status: str = "finished") -> dict:
+        evaluated = [r for r in self.scalar_rows() if r.get("test_accuracy") is not None and r["round"] > 0]
+        final = evaluated[-1] if evaluated else {}
+        reached = [r["round"] for r in evaluated if r["test_accuracy"] >= self.target_accuracy]
+        return {
+            "status": status,
+            "rounds_completed": max((r for r in self.rows if r > 0), default=0),
+            "final_accuracy": final.get("test_accuracy"),
+            "final_loss": final.get("test_loss"),
+            "best_accuracy": self.best_accuracy,
+            "best_round": self.best_round,
+            "target_accuracy": self.target_accuracy,
+            "rounds_to_target": reached[0] if reached else None,
+            "wall_time": round(self.elapsed(), 2),
+            "run_dir": str(self.run_dir),
+        }
+
+    def summary_table(self) -> str:
+        lines = ["| round | train loss | client acc | test loss | test acc | time (s) |", "|---|---|---|---|---|---|"]
+
+        def fmt(v, pct=False):
+            if v is None:
+                return "-"
+            return f"{100 * v:.2f}%" if pct else f"{v:.4f}"
+
+        for r in self.scalar_rows():
+            if r["round"] == 0 or r.get("test_accuracy") is None:
+                continue
+            lines.append(
+                f"| {r['round']} | {fmt(r.get('train_loss'))} | {fmt(r.get('client_accuracy'), True)} | "
+                f"{fmt(r.get('test_loss'))} | {fmt(r.get('test_accuracy'), True)} | {r['wall_time']:.1f} |"
+            )
+        return "\n".join(lines)
+
+    def finish(self, status: str = "finished") -> dict:
+        """Save the final model, plots and summary; print the summary table. Safe after a crash."""
+        if self.final_state is not None:
+            atomic_torch_save(self.final_state, self.run_dir / "model.pt")
+        self.write_metrics()
+        summary = self.summary(status)
+        try:
+            from flmnist.plots import plot_run
+
+            plot_run(self.run_dir, self.scalar_rows(), self.loss_traces)
+        except Exception as err:  # a plot must never lose the run's results
+            self.printer(f"Plotting failed ({err}); metrics are in {self.run_dir}")
+        atomic_write(self.run_dir / "summary.json", json.dumps(_clean(summary), indent=1))
+        table = self.summary_table()
+        atomic_write(self.run_dir / "summary.md", table + "\n")
+        self.printer("Summary of evaluated rounds:\n" + table)
+        acc = summary["final_accuracy"]
+        self.printer(
+            f"Run {status}: final test accuracy "
+            f"{'-' if acc is None else f'{100 * acc:.2f}%'}, best "
+            f"{'-' if self.best_accuracy is None else f'{100 * self.best_accuracy:.2f}%'}"
+            f" (round {self.best_round}), rounds to {100 * self.target_accuracy:.1f}%: "
+            f"{summary['rounds_to_target'] or 'not reached'}, {summary['wall_time']:.1f} s. "
+            f"Results in {self.run_dir}"
+        )
+        return summary

@@ -1,0 +1,146 @@
+"""flmnist's ServerApp: compose the config, build model, strategy and hooks, run, write results.
+
+The run config key ``overrides`` carries Hydra overrides, e.g.::
+
+    flwr run . --run-config 'overrides="experiment=seed002 strategy=fedprox"'
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime
+from logging import INFO
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+from omegaconf import DictConfig, OmegaConf
+
+from flmnist.config import build, compose_config, parse_overrides
+from flmnist.data import ensure_mnist, load_mnist, resolve_root
+from flmnist.errors import ConfigError
+from flmnist.evaluation import DigitEvaluation
+from flmnist.partition import label_counts
+from flmnist.recorder import RunRecorder, atomic_write
+
+app = ServerApp()
+
+
+def say(line: str) -> None:
+    """One line to the run's log (streamed by ``flwr run --stream``)."""
+    log(INFO, "%s", line)
+
+
+def make_run_dir(cfg: DictConfig) -> Path:
+    if cfg.run_dir:
+        return Path(cfg.run_dir).expanduser().resolve()
+    strategy = cfg.strategy._target_.rsplit(".", 1)[-1].lower()
+    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    return (Path(cfg.output_dir) / f"{stamp}_{cfg.name}_{strategy}").expanduser().resolve()
+
+
+def client_config(cfg: DictConfig, root: Path) -> ConfigRecord:
+    """What each node needs, sent inside every message (clients never read Hydra files)."""
+    c = cfg.client
+    return ConfigRecord(
+        {
+            "model": json.dumps(OmegaConf.to_container(cfg.model)),
+            "partition": json.dumps(OmegaConf.to_container(cfg.partition), sort_keys=True),
+            "num-partitions": int(cfg.num_nodes),
+            "seed": int(cfg.seed),
+            "holdout-fraction": float(cfg.data.holdout_fraction),
+            "data-root": str(root),
+            "local-epochs": int(c.local_epochs or 1),
+            "local-steps": int(c.local_steps or 0),
+            "batch-size": int(c.batch_size),
+            "lr": float(c.lr),
+            "momentum": float(c.momentum),
+            "weight-decay": float(c.weight_decay),
+            "eval-batch-size": int(c.eval_batch_size),
+        }
+    )
+
+
+def partition_report(cfg: DictConfig, root: Path, run_dir: Path) -> list[dict]:
+    """Examples and per-digit counts of each node's partition; printed and saved."""
+    labels = load_mnist(str(root), True)[1].numpy()
+    parts = build(cfg.partition, "partition")(labels, cfg.num_nodes, cfg.seed)
+    rows = [{"node": i, "examples": len(p), "digits": label_counts(labels[p])} for i, p in enumerate(parts)]
+    atomic_write(run_dir / "partition_report.json", json.dumps(rows, indent=1))
+    header = "node,examples," + ",".join(f"digit_{d}" for d in range(10))
+    lines = [f"{r['node']},{r['examples']}," + ",".join(map(str, r["digits"])) for r in rows]
+    atomic_write(run_dir / "partition_report.csv", "\n".join([header, *lines]) + "\n")
+    say(f"Partition report ({len(rows)} nodes, holdout {cfg.data.holdout_fraction:.0%} per node):")
+    shown = rows if len(rows) <= 20 else rows[:10] + rows[-5:]
+    for r in shown:
+        counts = " ".join(f"{d}:{n}" for d, n in enumerate(r["digits"]))
+        say(f"  node {r['node']:>3}: {r['examples']:>6} examples | {counts}")
+    if len(rows) > len(shown):
+        say(f"  ... {len(rows) - len(shown)} more nodes in {run_dir / 'partition_report.csv'}")
+    return rows
+
+
+def wait_for_nodes(grid: Grid, needed: int, timeout: float) -> None:
+    """Wait until ``needed`` SuperNodes are connected, else fail saying how to fix it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = len(list(grid.get_node_ids()))
+        if found >= needed:
+            return
+        if time.monotonic() > deadline:
+            raise ConfigError(
+                f"num_nodes={needed} but only {found} SuperNode(s) connected after {timeout:.0f} s. "
+                f"In simulation pass --federation-config \"num-supernodes={needed}\" to flwr run "
+                "(the flmnist command does this); in deployment start that many SuperNodes."
+            )
+        time.sleep(0.5)
+
+
+def run(grid: Grid, cfg: DictConfig) -> dict:
+    """One federated training as ``cfg`` describes it; returns the run summary."""
+    torch.manual_seed(cfg.seed)
+    run_dir = make_run_dir(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+    say(f"flmnist run directory: {run_dir}")
+    root = resolve_root(cfg.data.root)
+    ensure_mnist(root, cfg.data.download)
+    partition_report(cfg, root, run_dir)
+
+    model = build(cfg.model, "model")
+    test_images, test_labels = load_mnist(str(root), False)
+    recorder = RunRecorder(run_dir, cfg.num_rounds, cfg.target_accuracy, printer=say)
+    hooks = [
+        DigitEvaluation(
+            test_images, test_labels, lambda: build(cfg.model, "model"), cfg.num_rounds,
+            every=cfg.eval.every, rounds=list(cfg.eval.rounds), update_rounds=list(cfg.eval.update_rounds),
+            digit_groups=OmegaConf.to_container(cfg.eval.digit_groups), batch_size=cfg.eval.batch_size,
+            confusion_dir=run_dir / "confusion", printer=say,
+        )
+    ]
+    strategy = build(cfg.strategy, "strategy", hooks=hooks, recorder=recorder)
+    wait_for_nodes(grid, cfg.num_nodes, cfg.wait_for_nodes)
+    status = "failed"
+    try:
+        strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(model.state_dict()),
+            num_rounds=cfg.num_rounds,
+            timeout=cfg.round_timeout,
+            train_config=client_config(cfg, root),
+            evaluate_config=client_config(cfg, root),
+        )
+        status = "finished"
+    finally:
+        summary = recorder.finish(status)
+    return summary
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point for ``flwr run``: compose the config from the run config's overrides and run."""
+    cfg = compose_config(parse_overrides(str(context.run_config.get("overrides", ""))))
+    run(grid, cfg)

@@ -1,0 +1,74 @@
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from flmnist.data import MNIST_FILES, ensure_mnist, load_data_path, load_mnist, resolve_root
+from flmnist.errors import DataError
+
+
+def test_root_prefers_setting_then_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("FLMNIST_DATA_DIR", str(tmp_path / "env"))
+    assert resolve_root(tmp_path / "cfg") == (tmp_path / "cfg").resolve()
+    assert resolve_root(None) == (tmp_path / "env").resolve()
+    monkeypatch.delenv("FLMNIST_DATA_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert resolve_root(None) == (tmp_path / "cache" / "flmnist" / "mnist").resolve()
+
+
+def test_missing_files_error_names_folder_and_the_four_files(tmp_path):
+    with pytest.raises(DataError) as err:
+        ensure_mnist(tmp_path, download=False)
+    msg = str(err.value)
+    assert str(tmp_path / "MNIST" / "raw") in msg
+    for name in MNIST_FILES:
+        assert name in msg
+
+
+@pytest.fixture
+def mnist_copy(mnist_root, tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in MNIST_FILES:
+        shutil.copy(mnist_root / "MNIST" / "raw" / name, raw / name)
+    return tmp_path
+
+
+def test_wrong_magic_number_names_the_file(mnist_copy):
+    bad = mnist_copy / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
+    data = bytearray(bad.read_bytes())
+    data[3] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte.*magic number"):
+        ensure_mnist(mnist_copy)
+
+
+def test_truncated_file_names_the_file(mnist_copy):
+    bad = mnist_copy / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    bad.write_bytes(bad.read_bytes()[:-100])
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.*bytes, expected"):
+        ensure_mnist(mnist_copy)
+
+
+def test_mnist_is_decoded_once_per_process(mnist_root):
+    first = load_mnist(str(mnist_root), True)
+    second = load_mnist(str(mnist_root), True)
+    assert first[0] is second[0]
+    assert first[0].shape == (60_000, 1, 28, 28) and first[1].shape == (60_000,)
+    assert np.bincount(first[1].numpy()).tolist()[:2] == [5923, 6742]
+
+
+def test_data_path_reads_a_device_folder(tmp_path):
+    images = torch.randint(0, 256, (5, 28, 28), dtype=torch.uint8)
+    torch.save({"images": images, "labels": torch.tensor([0, 1, 2, 3, 4])}, tmp_path / "data.pt")
+    x, y = load_data_path(tmp_path)
+    assert x.shape == (5, 1, 28, 28) and y.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_data_path_errors_name_the_path(tmp_path):
+    with pytest.raises(DataError, match=f"{tmp_path / 'nowhere'}.*data.pt"):
+        load_data_path(tmp_path / "nowhere")
+    torch.save({"images": torch.zeros(3, 5, 5), "labels": torch.zeros(3)}, tmp_path / "data.pt")
+    with pytest.raises(DataError, match="expected images uint8"):
+        load_data_path(tmp_path)

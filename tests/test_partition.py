@@ -1,0 +1,95 @@
+import numpy as np
+import pytest
+
+from flmnist.errors import ConfigError
+from flmnist.partition import (
+    DigitGroupPartition,
+    DirichletPartition,
+    IidPartition,
+    ShardPartition,
+    holdout_split,
+    partition_from_spec,
+)
+
+PARTITIONERS = [IidPartition(), DirichletPartition(alpha=0.5), ShardPartition(2), DigitGroupPartition([[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]])]
+
+
+@pytest.mark.parametrize("partitioner", PARTITIONERS, ids=lambda p: type(p).__name__)
+def test_partitions_are_disjoint_complete_and_deterministic(partitioner, train_labels):
+    n = 3 if isinstance(partitioner, DigitGroupPartition) else 10
+    parts = partitioner(train_labels, n, seed=7)
+    again = partitioner(train_labels, n, seed=7)
+    assert len(parts) == n
+    joined = np.concatenate(parts)
+    assert len(joined) == len(np.unique(joined)), "an example is in two partitions"
+    assert len(joined) == len(train_labels), "an example is in no partition"
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+
+
+def test_seed_changes_the_split(train_labels):
+    a = DirichletPartition(0.5)(train_labels, 5, seed=1)
+    b = DirichletPartition(0.5)(train_labels, 5, seed=2)
+    assert any(len(x) != len(y) or not np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_digit_groups_hold_only_their_digits_seed002_counts(train_labels):
+    parts = DigitGroupPartition([[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]])(train_labels, 3, seed=0)
+    assert [len(p) for p in parts] == [24_754, 17_181, 18_065]  # alice, bob, charlie in seed 002
+    assert set(train_labels[parts[1]]) == {4, 5, 6}
+
+
+def test_shards_give_each_client_few_digits(train_labels):
+    parts = ShardPartition(2)(train_labels, 100, seed=0)
+    assert all(len(p) == 600 for p in parts)
+    assert max(len(set(train_labels[p])) for p in parts) <= 4  # two sorted shards span at most 4 digits
+    assert np.mean([len(set(train_labels[p])) for p in parts]) < 3
+
+
+def test_dirichlet_small_alpha_skews_labels(train_labels):
+    skewed = DirichletPartition(0.1)(train_labels, 10, seed=0)
+    even = DirichletPartition(100.0)(train_labels, 10, seed=0)
+
+    def top_share(parts):
+        return np.mean([np.bincount(train_labels[p], minlength=10).max() / len(p) for p in parts])
+
+    assert top_share(skewed) > 0.4 > top_share(even)
+
+
+def test_iid_parts_have_equal_size(train_labels):
+    assert {len(p) for p in IidPartition()(train_labels, 6, seed=0)} == {10_000}
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: DirichletPartition(alpha=0), "partition.alpha must be > 0"),
+        (lambda: DirichletPartition(alpha=-1), "partition.alpha must be > 0"),
+        (lambda: DigitGroupPartition([[0, 1], [1, 2]]), "digit 1 is in more than one group"),
+        (lambda: DigitGroupPartition([[0, 10]]), "digit 10 is outside 0-9"),
+        (lambda: ShardPartition(0), "partition.shards_per_client must be >= 1"),
+    ],
+)
+def test_invalid_partition_settings(make, message):
+    with pytest.raises(ConfigError, match=message):
+        make()
+
+
+def test_more_partitions_than_examples():
+    with pytest.raises(ConfigError, match="more partitions than the 5 training examples"):
+        IidPartition()(np.arange(5) % 10, 6, seed=0)
+
+
+def test_group_count_must_equal_nodes(train_labels):
+    with pytest.raises(ConfigError, match="set num_nodes to the number of groups"):
+        DigitGroupPartition([[0], [1]])(train_labels, 3, seed=0)
+
+
+def test_holdout_split_is_disjoint_and_sized():
+    train, hold = holdout_split(np.arange(100, 200), 0.1, seed=3)
+    assert len(hold) == 10 and len(train) == 90
+    assert not set(train) & set(hold) and set(train) | set(hold) == set(range(100, 200))
+
+
+def test_clients_can_only_name_known_partitioners():
+    with pytest.raises(ConfigError, match="not a known partitioner"):
+        partition_from_spec({"_target_": "builtins.eval"})

@@ -1,0 +1,49 @@
+import torch
+
+from flmnist.data import load_mnist
+from flmnist.models import LeNet, LogReg
+from flmnist.training import batches, evaluate, train
+
+
+def test_fixed_steps_run_exactly_that_many_batches():
+    g = torch.Generator().manual_seed(0)
+    assert len(list(batches(100, 32, g, epochs=None, steps=10))) == 10  # wraps around the data
+
+
+def test_epochs_visit_every_example_once_per_epoch():
+    g = torch.Generator().manual_seed(0)
+    seen = torch.cat(list(batches(70, 32, g, epochs=2, steps=None)))
+    assert sorted(seen.tolist()) == sorted(list(range(70)) * 2)
+
+
+def test_training_is_reproducible_and_learns(mnist_root):
+    images, labels = load_mnist(str(mnist_root), True)
+    x, y = images[:2000], labels[:2000]
+    results = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = LeNet()
+        loss, trace = train(model, x, y, batch_size=32, lr=0.05, momentum=0.9, steps=60,
+                            generator=torch.Generator().manual_seed(1))
+        results.append((trace, model.state_dict()))
+    assert results[0][0] == results[1][0]
+    assert all(torch.equal(results[0][1][k], results[1][1][k]) for k in results[0][1])
+    trace = results[0][0]
+    assert len(trace) == 60 and sum(trace[-10:]) < sum(trace[:10])
+    test_x, test_y = load_mnist(str(mnist_root), False)
+    model = LeNet()
+    model.load_state_dict(results[0][1])
+    assert evaluate(model, test_x[:2000], test_y[:2000]).accuracy > 0.5  # chance is 0.1
+
+
+def test_proximal_term_keeps_weights_closer_to_the_start(mnist_root):
+    images, labels = load_mnist(str(mnist_root), True)
+    distances = []
+    for mu in (0.0, 5.0):
+        torch.manual_seed(0)
+        model = LogReg()
+        start = [p.detach().clone() for p in model.parameters()]
+        train(model, images[:1000], labels[:1000], batch_size=50, lr=0.1, steps=40, proximal_mu=mu,
+              generator=torch.Generator().manual_seed(0))
+        distances.append(sum(((p - s) ** 2).sum().item() for p, s in zip(model.parameters(), start)))
+    assert distances[1] < distances[0]
