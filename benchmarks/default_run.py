@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from memory import PeakMemory  # noqa: E402
+from reference import run as run_reference  # noqa: E402
 
 from flmnist.flwr_local import run_flwr  # noqa: E402
 
@@ -33,6 +34,7 @@ def main() -> None:
         code = run_flwr(REPO, [f"run_dir={run_dir}"], 2, flwr_home, log_path=out_dir / "default_run.log")
     wall = time.perf_counter() - start
     summary = json.loads((run_dir / "summary.json").read_text())
+    reference = run_reference([])
     result = {
         "command": "flwr run . (default config, 2 simulated SuperNodes)",
         "exit_code": code,
@@ -40,6 +42,9 @@ def main() -> None:
         "final_accuracy": summary["final_accuracy"],
         "rounds": summary["rounds_completed"],
         "peak_memory_mib": round(mem.peak_mib),
+        "reference_wall_time_s": reference["wall_time_s"],
+        "reference_final_accuracy": reference["final_accuracy"],
+        "ratio": round(wall / reference["wall_time_s"], 2),
         "target": "final accuracy >= 0.98 within 180 s",
         "met": bool(summary["final_accuracy"] >= 0.98 and wall <= 180),
     }

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from memory import PeakMemory  # noqa: E402
-from seed002_reference import run as run_reference  # noqa: E402
+from reference import run as run_reference  # noqa: E402
 
 from flmnist.flwr_local import run_flwr  # noqa: E402
 
@@ -39,8 +39,8 @@ def main() -> None:
                   if "Model update node" in ln or "Federated model:" in ln]
 
     with PeakMemory() as ref_mem:
-        reference = run_reference(update_eval=True)
-    floor = run_reference(update_eval=False)
+        reference = run_reference(["experiment=seed002"], update_eval=True)
+    floor = run_reference(["experiment=seed002"], update_eval=False)
     result = {
         "flmnist": {"command": "flmnist experiment=seed002", "wall_time_s": round(flmnist_wall, 1),
                     "final_accuracy": summary["final_accuracy"], "peak_memory_mib": round(mem.peak_mib)},

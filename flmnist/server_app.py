@@ -8,6 +8,7 @@ The run config key ``overrides`` carries Hydra overrides, e.g.::
 from __future__ import annotations
 
 import json
+import random
 import time
 from datetime import datetime
 from logging import INFO
@@ -101,7 +102,8 @@ def wait_for_nodes(grid: Grid, needed: int, timeout: float) -> None:
 
 def run(grid: Grid, cfg: DictConfig) -> dict:
     """One federated training as ``cfg`` describes it; returns the run summary."""
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the initial global model
+    random.seed(cfg.seed)  # Flower samples nodes with the random module
     run_dir = make_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))

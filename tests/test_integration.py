@@ -1,6 +1,6 @@
 """End to end: a real ``flwr run`` (local SuperLink, simulated SuperNodes, Ray) on real MNIST,
-and the ``flmnist`` command. Each run has its own FLWR_HOME and ports, and everything it
-started is stopped by process id afterwards."""
+and the ``flmnist`` command on the same settings. Each run has its own FLWR_HOME and ports,
+and everything it started is stopped by process id afterwards."""
 
 from __future__ import annotations
 
@@ -19,71 +19,88 @@ from flmnist.models import LeNet
 from flmnist.training import evaluate
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = "num_rounds=2 client.local_steps=20 data.holdout_fraction=0.02"
+BIN = Path(sys.executable).parent
+SMALL = "num_rounds=2 client.local_steps=20 data.holdout_fraction=0.02 eval.update_rounds=[2]"
 
 
-def check_run_dir(run_dir: Path, mnist_root: Path, rounds: int) -> dict:
-    for name in ("config.yaml", "metrics.json", "metrics.csv", "summary.json", "model.pt", "model_best.pt",
-                 "partition_report.csv", "accuracy_loss.png", "client_loss.png", "per_digit_accuracy.png"):
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, mnist_root):
+    """The same small training twice: `flwr run .` with overrides, and the `flmnist` command."""
+    tmp = tmp_path_factory.mktemp("runs")
+    flwr_home = tmp / "flwr-home"
+    env = flwr_env(flwr_home)
+    env["FLMNIST_DATA_DIR"] = str(mnist_root)
+    cmd = [str(BIN / "flwr"), "run", str(REPO), "--stream",
+           "--run-config", f'overrides="{SMALL} run_dir={tmp / "flwr_run"}"']
+    try:
+        flwr_proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp)
+    finally:
+        stopped = stop_flwr_home(flwr_home)
+    leftover = pids_with_flwr_home(flwr_home)
+
+    env = dict(os.environ, FLMNIST_DATA_DIR=str(mnist_root))
+    cmd = [str(BIN / "flmnist"), *SMALL.split(), "hydra.run.dir=job"]
+    cli_proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp)
+    return {
+        "flwr": (tmp / "flwr_run", flwr_proc.stdout + flwr_proc.stderr),
+        "flmnist": (tmp / "job", cli_proc.stdout + cli_proc.stderr, cli_proc.returncode),
+        "stopped": stopped,
+        "leftover": leftover,
+    }
+
+
+@pytest.mark.parametrize("form", ["flwr", "flmnist"])
+def test_run_directory_holds_metrics_plots_and_a_working_model(runs, form, mnist_root):
+    run_dir, out = runs[form][:2]
+    assert (run_dir / "summary.json").is_file(), out[-3000:]
+    for name in ("config.yaml", "metrics.json", "metrics.csv", "model.pt", "model_best.pt",
+                 "partition_report.csv", "accuracy_loss.png", "client_loss.png", "per_digit_accuracy.png",
+                 "summary.md", "confusion/round_0002.csv"):
         assert (run_dir / name).is_file(), f"{name} missing from {run_dir}"
-    assert (run_dir / "confusion" / f"round_{rounds:04d}.csv").is_file()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["rounds_completed"] == 2
     rows = json.loads((run_dir / "metrics.json").read_text())
-    assert [r["round"] for r in rows] == list(range(rounds + 1))
-    last = rows[-1]
-    assert last["num_updates"] == 2 and last["rejected_updates"] == 0
-    assert 0 <= last["client_accuracy"] <= 1 and last["train_loss"] > 0
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert rows[-1]["num_updates"] == 2 and rows[-1]["rejected_updates"] == 0
+    assert 0 <= rows[-1]["client_accuracy"] <= 1 and rows[-1]["train_loss"] > 0
+    assert set(rows[-1]["update_eval"]) == {"node 0", "node 1"}
     model = LeNet()
     model.load_state_dict(torch.load(run_dir / "model.pt", weights_only=True))
     x, y = load_mnist(str(mnist_root), False)
     accuracy = evaluate(model, x, y).accuracy
     assert accuracy > 0.3, f"final model scores {accuracy:.3f}, chance is 0.1"
-    assert accuracy == pytest.approx(last["test_accuracy"], abs=1e-6)
-    return json.loads((run_dir / "summary.json").read_text())
-
-
-def test_flwr_run_trains_and_writes_the_run_directory(tmp_path, mnist_root):
-    flwr_home = tmp_path / "flwr-home"
-    run_dir = tmp_path / "run"
-    env = flwr_env(flwr_home)
-    env["FLMNIST_DATA_DIR"] = str(mnist_root)
-    overrides = f"{SMALL} run_dir={run_dir}"
-    cmd = [str(Path(sys.executable).parent / "flwr"), "run", str(REPO), "--stream",
-           "--run-config", f'overrides="{overrides}"']
-    try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    finally:
-        stop_flwr_home(flwr_home)
-    out = proc.stdout + proc.stderr
-    assert (run_dir / "summary.json").is_file(), out[-3000:]
-    summary = check_run_dir(run_dir, mnist_root, rounds=2)
-    assert summary["status"] == "finished" and summary["rounds_completed"] == 2
+    assert accuracy == pytest.approx(rows[-1]["test_accuracy"], abs=1e-9)
     assert "[round 2/2] test accuracy" in out
     assert "Federated model: Average loss:" in out
+    assert "Model update node 1: Percentage numbers 0-3:" in out
     assert "node   0:" in out  # the partition report
-    assert pids_with_flwr_home(flwr_home) == []
 
 
-def test_flmnist_command_runs_a_small_job(tmp_path, mnist_root):
-    env = dict(os.environ, FLMNIST_DATA_DIR=str(mnist_root))
-    cmd = [str(Path(sys.executable).parent / "flmnist"), *SMALL.split(), "strategy=fedprox",
-           "eval.update_rounds=[2]", "hydra.run.dir=job"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-3000:]
-    summary = check_run_dir(tmp_path / "job", mnist_root, rounds=2)
-    assert summary["status"] == "finished"
-    assert "Model update node 0: Percentage numbers 0-3:" in out
-    assert "Model update node 1: Average loss:" in out
-    assert "proximal_mu" in (tmp_path / "job" / "config.yaml").read_text()
+def test_flmnist_command_exits_cleanly(runs):
+    assert runs["flmnist"][2] == 0, runs["flmnist"][1][-3000:]
+
+
+def test_flwr_run_form_and_flmnist_command_give_the_same_result(runs):
+    a, b = (json.loads((runs[f][0] / "metrics.json").read_text()) for f in ("flwr", "flmnist"))
+    assert [r["test_accuracy"] for r in a] == [r["test_accuracy"] for r in b]
+    assert [r.get("train_loss") for r in a] == [r.get("train_loss") for r in b]
+    sa, sb = (torch.load(runs[f][0] / "model.pt", weights_only=True) for f in ("flwr", "flmnist"))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_everything_flwr_run_started_is_stopped(runs):
+    assert runs["stopped"], "found no process under the run's FLWR_HOME: the check would be empty"
+    assert runs["leftover"] == []
 
 
 def test_flmnist_command_rejects_bad_settings_before_starting_flower(tmp_path, mnist_root):
     env = dict(os.environ, FLMNIST_DATA_DIR=str(mnist_root))
-    flmnist = str(Path(sys.executable).parent / "flmnist")
+    flmnist = str(BIN / "flmnist")
     proc = subprocess.run([flmnist, "strategy=fedfoo"], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2
     assert "Unknown strategy 'fedfoo'. Valid options for strategy: fedadam, fedavg, fedavgm, fedprox" in proc.stderr
     proc = subprocess.run([flmnist, "partition=dirichlet", "partition.alpha=0"], env=env,
                           capture_output=True, text=True, cwd=tmp_path)
-    assert proc.returncode != 0 and "partition.alpha must be > 0" in proc.stdout + proc.stderr
-    assert "Starting local SuperLink" not in proc.stdout + proc.stderr
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "partition.alpha must be > 0" in out
+    assert "Starting local SuperLink" not in out

@@ -1,0 +1,79 @@
+"""Plain-PyTorch reference: the same federated work as an flmnist run, in one process, no Flower.
+
+For a composed config it builds the same partitions and held-out splits, the same initial
+model and per-node seeds, and runs synchronous FedAvg: each round every node trains from the
+global model (the same local steps or epochs), weights are averaged by examples; the global
+model is evaluated on the test set at the same rounds, each node's update at
+``eval.update_rounds``, and each node's held-out data when ``strategy.fraction_evaluate > 0``.
+This is the compute floor a federated run of the same work is measured against.
+
+    python benchmarks/reference.py experiment=seed002 [--no-update-eval]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from flmnist.config import build, compose_config
+from flmnist.data import load_mnist, resolve_root
+from flmnist.evaluation import DigitEvaluation
+from flmnist.node_data import node_seed
+from flmnist.partition import holdout_split
+from flmnist.training import evaluate, train
+
+
+def run(overrides: list[str], update_eval: bool = True) -> dict:
+    cfg = compose_config(overrides)
+    start = time.perf_counter()
+    root = str(resolve_root(cfg.data.root))
+    images, labels = load_mnist(root, True)
+    test_x, test_y = load_mnist(root, False)
+    parts = build(cfg.partition, "partition")(labels.numpy(), cfg.num_nodes, cfg.seed)
+    nodes = []
+    for i, p in enumerate(parts):
+        tr, ho = holdout_split(p, cfg.data.holdout_fraction, node_seed(cfg.seed, i))
+        tr, ho = torch.from_numpy(tr), torch.from_numpy(ho)
+        nodes.append((images[tr], labels[tr], images[ho], labels[ho]))
+    torch.manual_seed(cfg.seed)
+    model = build(cfg.model, "model")
+    schedule = DigitEvaluation(test_x, test_y, lambda: model, cfg.num_rounds, every=cfg.eval.every,
+                               rounds=list(cfg.eval.rounds))
+    global_state = {k: v.clone() for k, v in model.state_dict().items()}
+    c = cfg.client
+    history = []
+    for rnd in range(1, cfg.num_rounds + 1):
+        states, weights = [], []
+        for i, (x, y, _, _) in enumerate(nodes):
+            model.load_state_dict(global_state)
+            torch.manual_seed(node_seed(cfg.seed, i, rnd, 1))
+            train(model, x, y, batch_size=c.batch_size, lr=c.lr, momentum=c.momentum,
+                  weight_decay=c.weight_decay, epochs=c.local_epochs, steps=c.local_steps,
+                  generator=torch.Generator().manual_seed(node_seed(cfg.seed, i, rnd)))
+            states.append({k: v.clone() for k, v in model.state_dict().items()})
+            weights.append(len(y))
+            if update_eval and rnd in cfg.eval.update_rounds:
+                evaluate(model, test_x, test_y, cfg.eval.batch_size)
+        total = sum(weights)
+        global_state = {k: sum(s[k] * (w / total) for s, w in zip(states, weights)) for k in global_state}
+        model.load_state_dict(global_state)
+        if cfg.strategy.fraction_evaluate > 0:
+            for _, _, hx, hy in nodes:
+                evaluate(model, hx, hy, c.eval_batch_size)
+        if schedule.is_scheduled(rnd):
+            r = evaluate(model, test_x, test_y, cfg.eval.batch_size)
+            history.append({"round": rnd, "accuracy": r.accuracy})
+            print(f"[reference] round {rnd}: accuracy {r.correct}/{r.total} ({100 * r.accuracy:.2f}%)", flush=True)
+    return {"wall_time_s": round(time.perf_counter() - start, 1), "final_accuracy": history[-1]["accuracy"],
+            "history": history, "update_eval": update_eval}
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--no-update-eval", action="store_true")
+    args = parser.parse_args()
+    print(json.dumps(run(args.overrides, not args.no_update_eval), indent=1))
