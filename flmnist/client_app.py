@@ -12,7 +12,7 @@ import json
 import time
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from flmnist.models import model_from_spec
@@ -30,6 +30,12 @@ def _model(config, arrays: ArrayRecord) -> torch.nn.Module:
 
 def _node_index(context: Context) -> int:
     return int(context.node_config.get("partition-id", 0))
+
+
+def _node_info(name: str, dev: torch.device) -> ConfigRecord:
+    """Who answered and on what hardware (MetricRecords hold numbers only)."""
+    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    return ConfigRecord({"node-name": name, "device": device_name})
 
 
 @app.train()
@@ -72,7 +78,9 @@ def train_handler(msg: Message, context: Context) -> Message:
         }
     )
     model.cpu()
-    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})
+    content = RecordDict(
+        {"arrays": ArrayRecord(model.state_dict()), "metrics": metrics, "node-info": _node_info(data.name, dev)}
+    )
     return Message(content=content, reply_to=msg)
 
 
@@ -82,7 +90,8 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     data = node_data(config, context.node_config)
     model = _model(config, msg.content["arrays"])
-    result = evaluate(model, data.holdout_images, data.holdout_labels, int(config["eval-batch-size"]), device())
+    dev = device()
+    result = evaluate(model, data.holdout_images, data.holdout_labels, int(config["eval-batch-size"]), dev)
     metrics = {
         "num-examples": result.total,
         "loss-sum": result.loss_sum,
@@ -92,4 +101,5 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     for d, (c, t) in enumerate(zip(result.correct_per_digit, result.total_per_digit)):
         metrics[f"correct-{d}"] = int(c)
         metrics[f"total-{d}"] = int(t)
-    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    content = RecordDict({"metrics": MetricRecord(metrics), "node-info": _node_info(data.name, dev)})
+    return Message(content=content, reply_to=msg)

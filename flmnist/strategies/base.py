@@ -22,7 +22,11 @@ from flmnist.strategies.validation import reply_problem
 
 
 def node_name(msg: Message) -> str:
-    """``node <partition-id>`` when the reply says it, else ``node <Flower node id>``."""
+    """The node's name from its reply (``node-info``: ``node <partition-id>`` in simulation, the
+    ``node-name`` of a device), else ``node <partition-id>``, else ``node <Flower node id>``."""
+    info = msg.content.config_records.get("node-info")
+    if info is not None and info.get("node-name"):
+        return str(info["node-name"])
     try:
         metrics = next(iter(msg.content.metric_records.values()))
         return f"node {int(metrics['partition-id'])}"
