@@ -38,6 +38,19 @@ def _node_info(name: str, dev: torch.device) -> ConfigRecord:
     return ConfigRecord({"node-name": name, "device": device_name})
 
 
+def inject_fault(config, node: int, model: torch.nn.Module) -> None:
+    """Fault injection for robustness tests (``client.fault`` on ``client.fault_nodes``):
+    ``nan`` poisons the reply's weights, ``error`` makes the node fail."""
+    fault = str(config.get("fault", ""))
+    if not fault or node not in list(config.get("fault-nodes", [])):
+        return
+    if fault == "error":
+        raise RuntimeError(f"injected fault on node {node} (client.fault=error)")
+    if fault == "nan":
+        with torch.no_grad():
+            next(model.parameters()).fill_(float("nan"))
+
+
 @app.train()
 def train_handler(msg: Message, context: Context) -> Message:
     """Train the received model on this node's data; reply with the new weights and metrics."""
@@ -65,6 +78,7 @@ def train_handler(msg: Message, context: Context) -> Message:
         dev=dev,
     )
     train_time = time.perf_counter() - start
+    inject_fault(config, _node_index(context), model)
     epochs = int(config["local-epochs"])
     examples = len(data.train_labels) * epochs if steps is None else steps * int(config["batch-size"])
     metrics = MetricRecord(
@@ -78,8 +92,12 @@ def train_handler(msg: Message, context: Context) -> Message:
         }
     )
     model.cpu()
+    state = model.state_dict()
+    if bool(config.get("reply-delta", False)):  # FedBuff: reply with x_k - x_received
+        received = msg.content["arrays"].to_torch_state_dict()
+        state = {k: v - received[k] for k, v in state.items()}
     content = RecordDict(
-        {"arrays": ArrayRecord(model.state_dict()), "metrics": metrics, "node-info": _node_info(data.name, dev)}
+        {"arrays": ArrayRecord(state), "metrics": metrics, "node-info": _node_info(data.name, dev)}
     )
     return Message(content=content, reply_to=msg)
 
@@ -103,3 +121,14 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
         metrics[f"total-{d}"] = int(t)
     content = RecordDict({"metrics": MetricRecord(metrics), "node-info": _node_info(data.name, dev)})
     return Message(content=content, reply_to=msg)
+
+
+@app.query()
+def query_handler(msg: Message, context: Context) -> Message:
+    """Say who this node is: its partition id (-1 on a device with its own data), name and size."""
+    config = msg.content["config"]
+    data = node_data(config, context.node_config)
+    info = _node_info(data.name, device())
+    info["partition-id"] = int(context.node_config.get("partition-id", -1)) if not context.node_config.get("data-path") else -1
+    info["train-examples"] = len(data.train_labels)
+    return Message(content=RecordDict({"node-info": info}), reply_to=msg)

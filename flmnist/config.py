@@ -133,7 +133,21 @@ def validate(cfg: DictConfig) -> None:
         )
     if cfg.eval.every is not None:
         _positive(cfg, "eval.every")
-    for key in ("eval.rounds", "eval.update_rounds"):
+    asynchronous = cfg.strategy._target_ in ("flmnist.strategies.FedAsync", "flmnist.strategies.FedBuff")
+    if asynchronous:
+        loop = cfg.async_loop
+        for key in ("concurrency", "max_server_updates", "max_client_updates", "time_budget"):
+            _positive(cfg, f"async_loop.{key}", allow_none=True)
+        for key in ("eval_every", "update_timeout", "poll_interval"):
+            _positive(cfg, f"async_loop.{key}")
+        if not (loop.max_server_updates or loop.max_client_updates or loop.time_budget):
+            raise ConfigError(
+                "async_loop needs a stop: set max_server_updates, max_client_updates or time_budget"
+            )
+        for r in cfg.eval.update_rounds:  # client-update numbers for the asynchronous loop
+            if not isinstance(r, int) or r < 1:
+                raise ConfigError(f"eval.update_rounds lists {r!r}; client-update numbers start at 1")
+    for key in ("eval.rounds",) if asynchronous else ("eval.rounds", "eval.update_rounds"):
         for r in OmegaConf.select(cfg, key):
             if not isinstance(r, int) or not 1 <= r <= cfg.num_rounds:
                 raise ConfigError(f"{key} lists round {r!r}, outside 1..num_rounds={cfg.num_rounds}")

@@ -11,8 +11,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def plot_run(run_dir: Path, rows: list[dict], loss_traces: dict[str, list[float]]) -> None:
+def plot_run(run_dir: Path, rows: list[dict], loss_traces: dict[str, list[float]],
+             async_stats: dict | None = None) -> None:
     evaluated = [r for r in rows if r.get("test_accuracy") is not None]
+    plot_time(run_dir, evaluated)
+    if async_stats:
+        plot_async(run_dir, async_stats)
     if evaluated:
         rounds = [r["round"] for r in evaluated]
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
@@ -58,3 +62,38 @@ def plot_run(run_dir: Path, rows: list[dict], loss_traces: dict[str, list[float]
         fig.tight_layout()
         fig.savefig(run_dir / "client_loss.png", dpi=100)
         plt.close(fig)
+
+
+def plot_time(run_dir: Path, evaluated: list[dict]) -> None:
+    """Accuracy against virtual time (when simulated) and against client updates."""
+    timed = [r for r in evaluated if r.get("virtual_time") is not None]
+    counted = [r for r in evaluated if r.get("client_updates") is not None]
+    if not timed and not counted:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    if timed:
+        axes[0].plot([r["virtual_time"] for r in timed], [100 * r["test_accuracy"] for r in timed], marker=".")
+    axes[0].set(xlabel="virtual time (s)", ylabel="test accuracy (%)", title="Accuracy against virtual time")
+    if counted:
+        axes[1].plot([r["client_updates"] for r in counted], [100 * r["test_accuracy"] for r in counted], marker=".")
+    axes[1].set(xlabel="client updates", ylabel="test accuracy (%)", title="Accuracy against client updates")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(run_dir / "accuracy_time.png", dpi=100)
+    plt.close(fig)
+
+
+def plot_async(run_dir: Path, stats: dict) -> None:
+    """Staleness histogram and applied updates per node."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    hist = {int(k): v for k, v in (stats.get("staleness_histogram") or {}).items()}
+    ax1.bar(list(hist), list(hist.values()))
+    ax1.set(xlabel="staleness (server versions)", ylabel="applied updates", title="Staleness")
+    per_node = stats.get("updates_per_node") or {}
+    ax2.bar(range(len(per_node)), list(per_node.values()))
+    ax2.set_xticks(range(len(per_node)), list(per_node), rotation=90, fontsize=7)
+    ax2.set(ylabel="applied updates", title="Contributions per node")
+    fig.tight_layout()
+    fig.savefig(run_dir / "staleness_nodes.png", dpi=100)
+    plt.close(fig)

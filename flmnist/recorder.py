@@ -45,7 +45,8 @@ def _clean(value):
 class RunRecorder:
     """Collects each round's metrics from strategies and hooks, and writes the run directory."""
 
-    def __init__(self, run_dir: Path, num_rounds: int, target_accuracy: float, printer=print) -> None:
+    def __init__(self, run_dir: Path, num_rounds: int, target_accuracy: float, printer=print,
+                 unit: str = "round") -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.num_rounds = num_rounds
@@ -57,6 +58,8 @@ class RunRecorder:
         self.best_accuracy: float | None = None
         self.best_round: int | None = None
         self.final_state: dict | None = None
+        self.unit = unit  # "round" (synchronous) or "update" (asynchronous server updates)
+        self.async_stats: dict | None = None
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
@@ -68,7 +71,7 @@ class RunRecorder:
     def add_loss_trace(self, name: str, trace: list[float]) -> None:
         self.loss_traces[name].extend(float(x) for x in trace)
 
-    def end_round(self, server_round: int, state_dict: dict | None = None) -> None:
+    def end_round(self, server_round: int, state_dict: dict | None = None, quiet: bool = False) -> None:
         """Stamp the time, keep the best model, write the metrics files and print one progress line."""
         self.add(server_round, wall_time=round(self.elapsed(), 3))
         row = self.rows[server_round]
@@ -79,17 +82,21 @@ class RunRecorder:
                 self.best_accuracy, self.best_round = acc, server_round
                 atomic_torch_save(state_dict, self.run_dir / "model_best.pt")
         self.write_metrics()
-        if server_round > 0:
+        if server_round > 0 and not quiet:
             self.printer(self.progress_line(row))
 
     def progress_line(self, row: dict) -> str:
-        parts = [f"[round {row['round']}/{self.num_rounds}]"]
+        parts = [f"[{self.unit} {row['round']}/{self.num_rounds}]"]
         if row.get("test_accuracy") is not None:
             parts.append(f"test accuracy {100 * row['test_accuracy']:.2f}%")
         if row.get("train_loss") is not None:
             parts.append(f"train loss {row['train_loss']:.4f}")
         if row.get("client_accuracy") is not None:
             parts.append(f"client accuracy {100 * row['client_accuracy']:.2f}%")
+        if row.get("virtual_time") is not None:
+            parts.append(f"virtual time {row['virtual_time']:.1f} s")
+        if row.get("client_updates") is not None:
+            parts.append(f"{row['client_updates']} client updates")
         if row.get("rejected_updates"):
             parts.append(f"{row['rejected_updates']} update(s) rejected")
         parts.append(f"{row['wall_time']:.1f} s elapsed")
@@ -114,11 +121,13 @@ class RunRecorder:
         writer.writerows(flat)
         atomic_write(self.run_dir / "metrics.csv", buf.getvalue())
         atomic_write(self.run_dir / "client_loss.json", json.dumps(self.loss_traces))
+        if self.async_stats is not None:
+            atomic_write(self.run_dir / "async_stats.json", json.dumps(_clean(self.async_stats), indent=1))
 
     def summary(self, status: str = "finished") -> dict:
         evaluated = [r for r in self.scalar_rows() if r.get("test_accuracy") is not None and r["round"] > 0]
         final = evaluated[-1] if evaluated else {}
-        reached = [r["round"] for r in evaluated if r["test_accuracy"] >= self.target_accuracy]
+        reached = [r for r in evaluated if r["test_accuracy"] >= self.target_accuracy]
         return {
             "status": status,
             "rounds_completed": max((r for r in self.rows if r > 0), default=0),
@@ -127,7 +136,12 @@ class RunRecorder:
             "best_accuracy": self.best_accuracy,
             "best_round": self.best_round,
             "target_accuracy": self.target_accuracy,
-            "rounds_to_target": reached[0] if reached else None,
+            "rounds_to_target": reached[0]["round"] if reached else None,
+            "virtual_time_to_target": reached[0].get("virtual_time") if reached else None,
+            "client_updates_to_target": reached[0].get("client_updates") if reached else None,
+            "final_virtual_time": final.get("virtual_time"),
+            "unit": self.unit,
+            "async": self.async_stats,
             "wall_time": round(self.elapsed(), 2),
             "run_dir": str(self.run_dir),
         }
@@ -158,7 +172,7 @@ class RunRecorder:
         try:
             from flmnist.plots import plot_run
 
-            plot_run(self.run_dir, self.scalar_rows(), self.loss_traces)
+            plot_run(self.run_dir, self.scalar_rows(), self.loss_traces, self.async_stats)
         except Exception as err:  # a plot must never lose the run's results
             self.printer(f"Plotting failed ({err}); metrics are in {self.run_dir}")
         atomic_write(self.run_dir / "summary.json", json.dumps(_clean(summary), indent=1))
@@ -170,7 +184,7 @@ class RunRecorder:
             f"Run {status}: final test accuracy "
             f"{'-' if acc is None else f'{100 * acc:.2f}%'}, best "
             f"{'-' if self.best_accuracy is None else f'{100 * self.best_accuracy:.2f}%'}"
-            f" (round {self.best_round}), rounds to {100 * self.target_accuracy:.1f}%: "
+            f" ({self.unit} {self.best_round}), {self.unit}s to {100 * self.target_accuracy:.1f}%: "
             f"{summary['rounds_to_target'] or 'not reached'}, {summary['wall_time']:.1f} s. "
             f"Results in {self.run_dir}"
         )

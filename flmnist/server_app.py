@@ -20,12 +20,16 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig, OmegaConf
 
+from hydra.utils import get_class
+
+from flmnist.async_loop import AsyncLoop
 from flmnist.config import build, compose_config, parse_overrides
 from flmnist.data import ensure_mnist, load_mnist, resolve_root
 from flmnist.errors import ConfigError
 from flmnist.evaluation import DigitEvaluation
 from flmnist.partition import label_counts
 from flmnist.recorder import RunRecorder, atomic_write
+from flmnist.strategies.asynchronous import AsyncStrategy
 
 app = ServerApp()
 
@@ -61,6 +65,8 @@ def client_config(cfg: DictConfig, root: Path) -> ConfigRecord:
             "momentum": float(c.momentum),
             "weight-decay": float(c.weight_decay),
             "eval-batch-size": int(c.eval_batch_size),
+            "fault": str(c.fault or ""),
+            "fault-nodes": [int(n) for n in c.fault_nodes],
         }
     )
 
@@ -114,27 +120,44 @@ def run(grid: Grid, cfg: DictConfig) -> dict:
 
     model = build(cfg.model, "model")
     test_images, test_labels = load_mnist(str(root), False)
-    recorder = RunRecorder(run_dir, cfg.num_rounds, cfg.target_accuracy, printer=say)
+    asynchronous = issubclass(get_class(cfg.strategy._target_), AsyncStrategy)
+    loop = cfg.async_loop
+    recorder = RunRecorder(run_dir, loop.max_server_updates or 0 if asynchronous else cfg.num_rounds,
+                           cfg.target_accuracy, printer=say, unit="update" if asynchronous else "round")
     hooks = [
         DigitEvaluation(
-            test_images, test_labels, lambda: build(cfg.model, "model"), cfg.num_rounds,
-            every=cfg.eval.every, rounds=list(cfg.eval.rounds), update_rounds=list(cfg.eval.update_rounds),
+            test_images, test_labels, lambda: build(cfg.model, "model"),
+            loop.max_server_updates or 0 if asynchronous else cfg.num_rounds,
+            every=1 if asynchronous else cfg.eval.every, rounds=list(cfg.eval.rounds),
+            update_rounds=list(cfg.eval.update_rounds),
             digit_groups=OmegaConf.to_container(cfg.eval.digit_groups), batch_size=cfg.eval.batch_size,
             confusion_dir=run_dir / "confusion", printer=say,
         )
     ]
-    strategy = build(cfg.strategy, "strategy", hooks=hooks, recorder=recorder)
+    fleet = build(cfg.fleet, "fleet", num_nodes=cfg.num_nodes, seed=cfg.seed)
     wait_for_nodes(grid, cfg.num_nodes, cfg.wait_for_nodes)
+    initial = ArrayRecord(model.state_dict())
     status = "failed"
     try:
-        strategy.start(
-            grid=grid,
-            initial_arrays=ArrayRecord(model.state_dict()),
-            num_rounds=cfg.num_rounds,
-            timeout=cfg.round_timeout,
-            train_config=client_config(cfg, root),
-            evaluate_config=client_config(cfg, root),
-        )
+        if asynchronous:
+            strategy = build(cfg.strategy, "strategy")
+            AsyncLoop(
+                grid, strategy, client_config(cfg, root), recorder=recorder, hooks=hooks, fleet=fleet,
+                concurrency=loop.concurrency, max_server_updates=loop.max_server_updates,
+                max_client_updates=loop.max_client_updates, time_budget=loop.time_budget,
+                eval_every=loop.eval_every, update_timeout=loop.update_timeout, poll_interval=loop.poll_interval,
+            ).run(initial)
+        else:
+            strategy = build(cfg.strategy, "strategy", hooks=hooks, recorder=recorder, fleet=fleet,
+                             virtual_timeout=loop.update_timeout)
+            strategy.start(
+                grid=grid,
+                initial_arrays=initial,
+                num_rounds=cfg.num_rounds,
+                timeout=cfg.round_timeout,
+                train_config=client_config(cfg, root),
+                evaluate_config=client_config(cfg, root),
+            )
         status = "finished"
     finally:
         summary = recorder.finish(status)

@@ -1,14 +1,16 @@
 """flmnist's strategies and their registry: ``strategy=NAME`` picks ``conf/strategy/NAME.yaml``.
 
-Synchronous strategies reuse Flower's round loop. The asynchronous ones
-(FedAsync, FedBuff; a later issue) will register here too and bring their own
-loop on ``Grid.push_messages``/``pull_messages``.
+Synchronous strategies reuse Flower's round loop. The asynchronous ones (FedAsync,
+FedBuff) are :class:`~flmnist.strategies.asynchronous.AsyncStrategy` rules run by
+:mod:`flmnist.async_loop` on ``Grid.push_messages``/``pull_messages``.
 """
 
 from __future__ import annotations
 
 from flmnist.errors import ConfigError
+from flmnist.strategies.fedasync import FedAsync
 from flmnist.strategies.fedavg import FedAvg
+from flmnist.strategies.fedbuff import FedBuff
 from flmnist.strategies.flower import FedAdam, FedAvgM, FedProx
 
 STRATEGIES: dict[str, type] = {
@@ -16,6 +18,8 @@ STRATEGIES: dict[str, type] = {
     "fedprox": FedProx,
     "fedavgm": FedAvgM,
     "fedadam": FedAdam,
+    "fedasync": FedAsync,
+    "fedbuff": FedBuff,
 }
 
 
@@ -29,4 +33,4 @@ def get_strategy(name: str) -> type:
         ) from None
 
 
-__all__ = ["STRATEGIES", "FedAdam", "FedAvg", "FedAvgM", "FedProx", "get_strategy"]
+__all__ = ["STRATEGIES", "FedAdam", "FedAsync", "FedAvg", "FedAvgM", "FedBuff", "FedProx", "get_strategy"]

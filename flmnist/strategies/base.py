@@ -17,6 +17,7 @@ from flwr.common.logger import log
 
 from flmnist.aggregation import aggregate_evaluate_counts, aggregate_train_metrics
 from flmnist.evaluation import ClientUpdate, EvaluationHook
+from flmnist.fleet import Fleet
 from flmnist.recorder import RunRecorder
 from flmnist.strategies.validation import reply_problem
 
@@ -48,6 +49,8 @@ class FlmnistStrategy:
         recorder: RunRecorder | None = None,
         train_metrics_aggr_fn: Callable | None = None,
         evaluate_metrics_aggr_fn: Callable | None = None,
+        fleet: Fleet | None = None,
+        virtual_timeout: float = 600.0,
         **strategy_kwargs,
     ) -> None:
         super().__init__(
@@ -58,6 +61,9 @@ class FlmnistStrategy:
         self.hooks = list(hooks)
         self.recorder = recorder
         self.global_arrays: ArrayRecord | None = None
+        self.fleet, self.virtual_timeout = fleet, virtual_timeout
+        self.virtual_time = 0.0
+        self.client_updates = 0
 
     def _record(self, server_round: int, **fields) -> None:
         if self.recorder is not None:
@@ -86,8 +92,32 @@ class FlmnistStrategy:
                 kept.append(msg)
         return kept, rejected
 
+    def on_virtual_clock(self, server_round: int, replies: list[Message]) -> list[Message]:
+        """With a simulated fleet: advance virtual time by the slowest node's update (a
+        dropped update costs the timeout) and drop the replies whose device dropped out."""
+        durations, arrived = [0.0], []
+        model_bytes = sum(a.numpy().nbytes for a in self.global_arrays.values()) if self.global_arrays else 0
+        for msg in replies:
+            try:
+                metrics = next(iter(msg.content.metric_records.values()))
+                node, examples = int(metrics["partition-id"]), int(metrics["examples-processed"])
+            except (StopIteration, KeyError, TypeError, ValueError):
+                arrived.append(msg)  # errors and malformed replies are handled by screening
+                continue
+            timing = self.fleet.timing(node, server_round, examples, model_bytes)
+            durations.append(self.virtual_timeout if timing.dropped else timing.duration)
+            if not timing.dropped:
+                arrived.append(msg)
+        self.virtual_time += max(durations)
+        return arrived
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         replies = list(replies)
+        self.client_updates += len(replies)
+        if self.fleet is not None:
+            replies = self.on_virtual_clock(server_round, replies)
+            self._record(server_round, virtual_time=round(self.virtual_time, 4))
+        self._record(server_round, client_updates=self.client_updates)
         kept, rejected = self.screen_replies(replies)
         updates = [
             ClientUpdate(

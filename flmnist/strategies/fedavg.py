@@ -20,6 +20,7 @@ from flwr.serverapp.strategy import FedAvgM as FlowerFedAvgM
 
 from flmnist.errors import ConfigError
 from flmnist.evaluation import EvaluationHook
+from flmnist.fleet import Fleet
 from flmnist.recorder import RunRecorder
 from flmnist.strategies.base import FlmnistStrategy
 
@@ -40,6 +41,8 @@ class FedAvg(FlmnistStrategy, FlowerFedAvgM):
         recorder: RunRecorder | None = None,
         train_metrics_aggr_fn: Callable | None = None,
         evaluate_metrics_aggr_fn: Callable | None = None,
+        fleet: Fleet | None = None,
+        virtual_timeout: float = 600.0,
     ) -> None:
         if not server_learning_rate > 0:
             raise ConfigError(f"strategy.server_learning_rate must be > 0, got {server_learning_rate}")
@@ -50,6 +53,8 @@ class FedAvg(FlmnistStrategy, FlowerFedAvgM):
             recorder=recorder,
             train_metrics_aggr_fn=train_metrics_aggr_fn,
             evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn,
+            fleet=fleet,
+            virtual_timeout=virtual_timeout,
             fraction_train=fraction_train,
             fraction_evaluate=fraction_evaluate,
             min_train_nodes=min_train_nodes,

@@ -1,0 +1,44 @@
+"""The interface of asynchronous strategies: a rule applied to each arriving client update.
+
+The loop that dispatches work and collects replies is :mod:`flmnist.async_loop`; a
+strategy only says how an update changes the global model. Weights are dicts of numpy
+arrays (name -> array), the global model has a version number, and staleness is the
+number of versions between dispatch and arrival.
+"""
+
+from __future__ import annotations
+
+Weights = dict  # name -> numpy array
+
+
+class AsyncStrategy:
+    """Base class of FedAsync and FedBuff."""
+
+    #: clients reply with x_k - x_dispatched instead of x_k
+    reply_delta: bool = False
+
+    def __init__(self, max_staleness: int | None = None, proximal_mu: float = 0.0) -> None:
+        if max_staleness is not None and max_staleness < 0:
+            from flmnist.errors import ConfigError
+
+            raise ConfigError(f"strategy.max_staleness must be >= 0 or null, got {max_staleness}")
+        self.max_staleness = max_staleness
+        self.proximal_mu = float(proximal_mu)
+
+    def accepts(self, staleness: int) -> bool:
+        """Whether an update this stale may be applied (``max_staleness`` drops older ones)."""
+        return self.max_staleness is None or staleness <= self.max_staleness
+
+    def apply(self, model: Weights, update: Weights, num_examples: int, staleness: int) -> Weights | None:
+        """Fold one update in; return the new global weights, or None if nothing changed yet."""
+        raise NotImplementedError
+
+    def limit_concurrency(self, concurrency: int) -> None:
+        """Called once by the loop with the number of nodes kept busy."""
+
+    def state_dict(self) -> dict:
+        """Strategy state to checkpoint (buffers, momentum)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned."""

@@ -1,0 +1,44 @@
+"""FedAsync: Xie, Koyejo, Gupta, "Asynchronous Federated Optimization", OPT workshop 2019
+(arXiv:1903.03934).
+
+On every arrival of a client model x_new trained from version tau, at server version t:
+
+    a_t = alpha * s(t - tau)
+    x  <- (1 - a_t) x + a_t x_new
+
+with a staleness function s (:mod:`flmnist.strategies.staleness`; the paper's defaults are
+alpha = 0.6 and polynomial s with a = 0.5). Clients may add the proximal term
+(rho / 2) ||x - x_tau||^2 to their loss (``rho``, sent to clients as ``proximal-mu``).
+"""
+
+from __future__ import annotations
+
+from flmnist.errors import ConfigError
+from flmnist.strategies.asynchronous import AsyncStrategy, Weights
+from flmnist.strategies.staleness import Polynomial, Staleness
+
+
+class FedAsync(AsyncStrategy):
+    """Mix every arriving model into the global one with weight alpha * s(staleness)."""
+
+    def __init__(
+        self,
+        alpha: float = 0.6,
+        staleness: Staleness | None = None,
+        rho: float = 0.0,
+        max_staleness: int | None = None,
+    ) -> None:
+        if not 0 < alpha <= 1:
+            raise ConfigError(f"strategy.alpha must be in (0, 1], got {alpha}")
+        if rho < 0:
+            raise ConfigError(f"strategy.rho must be >= 0, got {rho}")
+        super().__init__(max_staleness=max_staleness, proximal_mu=rho)
+        self.alpha = float(alpha)
+        self.staleness = staleness or Polynomial(0.5)
+
+    def mixing_weight(self, staleness: int) -> float:
+        return self.alpha * self.staleness(staleness)
+
+    def apply(self, model: Weights, update: Weights, num_examples: int, staleness: int) -> Weights:
+        a = self.mixing_weight(staleness)
+        return {k: (1.0 - a) * model[k] + a * update[k] for k in model}

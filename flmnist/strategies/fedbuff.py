@@ -1,0 +1,92 @@
+"""FedBuff: Nguyen, Malik, Zhan, Yousefpour, Rabbat, Malek, Huba, "Federated Learning with
+Buffered Asynchronous Aggregation", AISTATS 2022 (arXiv:2106.06639), Algorithm 1.
+
+Clients return deltas Delta_k = x_k - x_tau (their trained model minus the model they
+received). The server accumulates staleness-weighted deltas until K have arrived:
+
+    Delta_bar = (1/K) sum_k s(tau_k) Delta_k                       (equal weights), or
+    Delta_bar = sum_k n_k s(tau_k) Delta_k / sum_k n_k            (weighted by examples)
+
+then takes a server step with learning rate eta_g and optional momentum beta:
+
+    v <- beta v + Delta_bar;   x <- x + eta_g v
+
+s defaults to 1 / sqrt(1 + tau). K defaults to 10 but never exceeds the number of nodes
+training at once (the concurrency), or the buffer could never fill.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from flmnist.errors import ConfigError
+from flmnist.strategies.asynchronous import AsyncStrategy, Weights
+from flmnist.strategies.staleness import InverseSqrt, Staleness
+
+
+class FedBuff(AsyncStrategy):
+    """Buffer K staleness-weighted client deltas, then take one server step."""
+
+    reply_delta = True
+
+    def __init__(
+        self,
+        buffer_size: int = 10,
+        server_learning_rate: float = 1.0,
+        server_momentum: float = 0.0,
+        staleness: Staleness | None = None,
+        weight_by_examples: bool = True,
+        max_staleness: int | None = None,
+    ) -> None:
+        if buffer_size < 1:
+            raise ConfigError(f"strategy.buffer_size must be >= 1, got {buffer_size}")
+        if not server_learning_rate > 0:
+            raise ConfigError(f"strategy.server_learning_rate must be > 0, got {server_learning_rate}")
+        if not 0 <= server_momentum < 1:
+            raise ConfigError(f"strategy.server_momentum must be in [0, 1), got {server_momentum}")
+        super().__init__(max_staleness=max_staleness)
+        self.buffer_size = int(buffer_size)
+        self.server_learning_rate = float(server_learning_rate)
+        self.server_momentum = float(server_momentum)
+        self.staleness = staleness or InverseSqrt()
+        self.weight_by_examples = bool(weight_by_examples)
+        self.buffer: Weights | None = None
+        self.buffer_weight = 0.0
+        self.buffer_count = 0
+        self.momentum: Weights | None = None
+
+    def limit_concurrency(self, concurrency: int) -> None:
+        self.buffer_size = min(self.buffer_size, concurrency)
+
+    def apply(self, model: Weights, update: Weights, num_examples: int, staleness: int) -> Weights | None:
+        weight = float(num_examples) if self.weight_by_examples else 1.0
+        scale = weight * self.staleness(staleness)
+        if self.buffer is None:
+            self.buffer = {k: np.zeros_like(v) for k, v in model.items()}
+        for k in self.buffer:
+            self.buffer[k] += scale * update[k]
+        self.buffer_weight += weight
+        self.buffer_count += 1
+        if self.buffer_count < self.buffer_size:
+            return None
+        mean = {k: v / self.buffer_weight for k, v in self.buffer.items()}
+        if self.server_momentum > 0:
+            if self.momentum is None:
+                self.momentum = mean
+            else:
+                self.momentum = {k: self.server_momentum * self.momentum[k] + mean[k] for k in mean}
+            step = self.momentum
+        else:
+            step = mean
+        self.buffer, self.buffer_weight, self.buffer_count = None, 0.0, 0
+        if self.server_learning_rate == 1.0:
+            return {k: model[k] + step[k] for k in model}
+        return {k: model[k] + self.server_learning_rate * step[k] for k in model}
+
+    def state_dict(self) -> dict:
+        return {"buffer": self.buffer, "buffer_weight": self.buffer_weight,
+                "buffer_count": self.buffer_count, "momentum": self.momentum, "buffer_size": self.buffer_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
