@@ -29,6 +29,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 
+from flmnist.checkpoint import rng_state, save_checkpoint
 from flmnist.evaluation import ClientUpdate, EvaluationHook
 from flmnist.fleet import Fleet, UpdateTiming
 from flmnist.recorder import RunRecorder
@@ -108,6 +109,7 @@ class AsyncLoop:
         eval_every: int = 10,
         update_timeout: float = 600.0,
         poll_interval: float = 0.05,
+        checkpoint_every: int = 0,
     ) -> None:
         if not (max_server_updates or max_client_updates or time_budget):
             from flmnist.errors import ConfigError
@@ -119,6 +121,7 @@ class AsyncLoop:
         self.max_server_updates, self.max_client_updates = max_server_updates, max_client_updates
         self.time_budget, self.eval_every = time_budget, eval_every
         self.update_timeout, self.poll_interval = update_timeout, poll_interval
+        self.checkpoint_every = checkpoint_every
         self.version = 0
         self.client_updates = 0       # replies processed (applied or not)
         self.applied = 0
@@ -272,11 +275,43 @@ class AsyncLoop:
         if self.recorder is not None:
             self.recorder.add(self.version, **fields)
             self.recorder.end_round(self.version, arrays.to_torch_state_dict() if evaluate else None, quiet=not evaluate)
+            if evaluate and self.checkpoint_every and self.version % self.checkpoint_every == 0:
+                self.save_checkpoint(arrays)
 
-    def run(self, initial: ArrayRecord) -> ArrayRecord:
+    def save_checkpoint(self, arrays: ArrayRecord) -> None:
+        """Model, strategy state (buffer, momentum), version and counters; in-flight updates
+        are not kept: after a resume every node gets fresh work on the checkpointed model."""
+        self.recorder.async_stats = self.stats_dict()
+        save_checkpoint(self.recorder.run_dir, {
+            "kind": "async",
+            "round": self.version,
+            "arrays": to_numpy(arrays),
+            "strategy": self.strategy.state_dict(),
+            "loop": {"version": self.version, "client_updates": self.client_updates, "applied": self.applied,
+                     "counts": dict(self.counts), "node_counts": dict(self.node_counts),
+                     "staleness": self.staleness, "vnow": self.vnow, "bookkeeping": self.bookkeeping,
+                     "node_updates": {n.partition: n.updates for n in self.nodes.values()}},
+            "recorder": self.recorder.state(),
+            "rng": rng_state(),
+        })
+
+    def restore(self, checkpoint: dict) -> None:
+        loop = checkpoint["loop"]
+        self.version, self.client_updates, self.applied = loop["version"], loop["client_updates"], loop["applied"]
+        self.counts, self.node_counts = Counter(loop["counts"]), Counter(loop["node_counts"])
+        self.staleness, self.vnow, self.bookkeeping = list(loop["staleness"]), loop["vnow"], loop["bookkeeping"]
+        self.strategy.load_state_dict(checkpoint["strategy"])
+        for node in self.nodes.values():
+            node.updates = loop["node_updates"].get(node.partition, 0)
+        log(INFO, "Resumed the asynchronous loop at server update %d (%d client updates)",
+            self.version, self.client_updates)
+
+    def run(self, initial: ArrayRecord, checkpoint: dict | None = None) -> ArrayRecord:
         arrays, weights = initial, to_numpy(initial)
         self.model_bytes = sum(v.nbytes for v in weights.values())
         self.discover(self.update_timeout)
+        if checkpoint is not None:
+            self.restore(checkpoint)
         nodes = self.ordered_nodes()
         if not nodes:
             raise RuntimeError("No node answered the query; nothing to train on")
@@ -284,7 +319,8 @@ class AsyncLoop:
         self.strategy.limit_concurrency(concurrency)
         log(INFO, "Asynchronous loop: %d nodes, %d training at once, %s clock", len(nodes), concurrency,
             "virtual" if self.fleet is not None else "real")
-        self.record(arrays, evaluate=True)
+        if checkpoint is None:
+            self.record(arrays, evaluate=True)
         queue = VirtualQueue()
         idle = self.idle = list(nodes[concurrency:])
         self.last_discovery = time.monotonic()
@@ -354,7 +390,13 @@ class AsyncLoop:
             time.sleep(self.poll_interval)
 
     def finish_stats(self) -> None:
-        stats = {
+        self.stats = self.stats_dict()
+        if self.recorder is not None:
+            self.recorder.async_stats = self.stats
+        log(INFO, "Asynchronous loop finished: %s", self.stats)
+
+    def stats_dict(self) -> dict:
+        return {
             "server_updates": self.version,
             "client_updates": self.client_updates,
             "outcomes": dict(self.counts),
@@ -365,7 +407,3 @@ class AsyncLoop:
             "virtual_time": self.vnow if self.fleet is not None else None,
             "bookkeeping_seconds": self.bookkeeping,
         }
-        self.stats = stats
-        if self.recorder is not None:
-            self.recorder.async_stats = stats
-        log(INFO, "Asynchronous loop finished: %s", stats)

@@ -64,6 +64,19 @@ class RunRecorder:
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
 
+    def state(self) -> dict:
+        """What a checkpoint keeps of the recorder."""
+        return {"rows": self.rows, "loss_traces": dict(self.loss_traces), "best_accuracy": self.best_accuracy,
+                "best_round": self.best_round, "elapsed": self.elapsed(), "async_stats": self.async_stats}
+
+    def restore(self, state: dict) -> None:
+        """Continue from a checkpoint: earlier rows are kept and later rounds added to them."""
+        self.rows = {int(k): v for k, v in state["rows"].items()}
+        self.loss_traces = defaultdict(list, state["loss_traces"])
+        self.best_accuracy, self.best_round = state["best_accuracy"], state["best_round"]
+        self.async_stats = state.get("async_stats")
+        self.t0 = time.perf_counter() - state["elapsed"]
+
     def add(self, server_round: int, **fields) -> None:
         """Merge fields into the record of ``server_round``."""
         self.rows.setdefault(server_round, {"round": server_round}).update(fields)

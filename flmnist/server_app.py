@@ -15,7 +15,8 @@ from logging import INFO
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig, OmegaConf
@@ -23,6 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 from hydra.utils import get_class
 
 from flmnist.async_loop import AsyncLoop
+from flmnist.checkpoint import find_checkpoint, load_checkpoint, load_strategy_state, set_rng_state
+from flmnist.polling_grid import PollingGrid
 from flmnist.config import build, compose_config, parse_overrides
 from flmnist.data import ensure_mnist, load_mnist, resolve_root
 from flmnist.errors import ConfigError
@@ -106,13 +109,43 @@ def wait_for_nodes(grid: Grid, needed: int, timeout: float) -> None:
         time.sleep(0.5)
 
 
+def export_model(model: torch.nn.Module, run_dir: Path) -> None:
+    """TorchScript copy of the final model (``model_scripted.pt``), loadable with plain
+    ``torch.jit.load`` on a device without flmnist. ONNX is not exported: it needs the
+    ``onnx`` package, a dependency the rest of flmnist does not have."""
+    state = run_dir / "model.pt"
+    if not state.is_file():
+        return
+    model.load_state_dict(torch.load(state, weights_only=True))
+    model.eval()
+    scripted = torch.jit.script(model)
+    tmp = run_dir / "model_scripted.pt.tmp"
+    scripted.save(str(tmp))
+    tmp.replace(run_dir / "model_scripted.pt")
+
+
+def resume_config(cfg: DictConfig) -> tuple[DictConfig, dict | None]:
+    """With ``resume`` set: the checkpoint and the config of the run it continues."""
+    if not cfg.resume:
+        return cfg, None
+    path = find_checkpoint(str(cfg.resume), cfg.output_dir)
+    checkpoint = load_checkpoint(path)
+    saved = OmegaConf.load(path.parent / "config.yaml")
+    saved.run_dir = str(path.parent)
+    saved.resume = str(path)
+    say(f"Resuming {path.parent} after {checkpoint.get('kind')} step {checkpoint.get('round')}")
+    return saved, checkpoint
+
+
 def run(grid: Grid, cfg: DictConfig) -> dict:
     """One federated training as ``cfg`` describes it; returns the run summary."""
+    cfg, checkpoint = resume_config(cfg)
     torch.manual_seed(cfg.seed)  # the initial global model
     random.seed(cfg.seed)  # Flower samples nodes with the random module
     run_dir = make_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+    if checkpoint is None:
+        atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
     say(f"flmnist run directory: {run_dir}")
     root = resolve_root(cfg.data.root)
     ensure_mnist(root, cfg.data.download)
@@ -137,6 +170,9 @@ def run(grid: Grid, cfg: DictConfig) -> dict:
     fleet = build(cfg.fleet, "fleet", num_nodes=cfg.num_nodes, seed=cfg.seed)
     wait_for_nodes(grid, cfg.num_nodes, cfg.wait_for_nodes)
     initial = ArrayRecord(model.state_dict())
+    if checkpoint is not None:
+        initial = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in checkpoint["arrays"].items()})
+        recorder.restore(checkpoint["recorder"])
     status = "failed"
     try:
         if asynchronous:
@@ -146,21 +182,31 @@ def run(grid: Grid, cfg: DictConfig) -> dict:
                 concurrency=loop.concurrency, max_server_updates=loop.max_server_updates,
                 max_client_updates=loop.max_client_updates, time_budget=loop.time_budget,
                 eval_every=loop.eval_every, update_timeout=loop.update_timeout, poll_interval=loop.poll_interval,
-            ).run(initial)
+                checkpoint_every=cfg.checkpoint_every,
+            ).run(initial, checkpoint)
         else:
             strategy = build(cfg.strategy, "strategy", hooks=hooks, recorder=recorder, fleet=fleet,
-                             virtual_timeout=loop.update_timeout)
-            strategy.start(
-                grid=grid,
-                initial_arrays=initial,
-                num_rounds=cfg.num_rounds,
-                timeout=cfg.round_timeout,
-                train_config=client_config(cfg, root),
-                evaluate_config=client_config(cfg, root),
-            )
+                             virtual_timeout=loop.update_timeout, checkpoint_every=cfg.checkpoint_every)
+            done = 0
+            if checkpoint is not None:
+                load_strategy_state(strategy, checkpoint["strategy"])
+                set_rng_state(checkpoint["rng"])
+                done = strategy.round_offset = int(checkpoint["round"])
+            if cfg.num_rounds > done:
+                strategy.start(
+                    grid=PollingGrid(grid, loop.poll_interval),
+                    initial_arrays=initial,
+                    num_rounds=cfg.num_rounds - done,
+                    timeout=cfg.round_timeout,
+                    train_config=client_config(cfg, root),
+                    evaluate_config=client_config(cfg, root),
+                )
+            if recorder.final_state is None:  # resumed after the last round: nothing left to train
+                recorder.final_state = {k: torch.from_numpy(v.copy()) for k, v in checkpoint["arrays"].items()}
         status = "finished"
     finally:
         summary = recorder.finish(status)
+        export_model(build(cfg.model, "model"), run_dir)
     return summary
 
 

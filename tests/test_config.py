@@ -50,9 +50,9 @@ def test_registry_and_strategy_configs_agree():
 
 
 def test_unknown_strategy_lists_the_valid_ones():
-    with pytest.raises(ConfigError, match="Unknown strategy 'fedfoo'.*fedadam, fedavg, fedavgm, fedprox"):
+    with pytest.raises(ConfigError, match="Unknown strategy 'fedfoo'.*fedadam, fedasync, fedavg, fedavgm, fedbuff, fedprox"):
         compose_config(["strategy=fedfoo"])
-    with pytest.raises(ConfigError, match="Valid strategies: fedadam, fedavg"):
+    with pytest.raises(ConfigError, match="Valid strategies: fedadam, fedasync, fedavg"):
         get_strategy("fedfoo")
 
 

@@ -57,8 +57,8 @@ def test_fedavg_is_the_example_weighted_average(task_identity, start):
     ]
     out, metrics = strategy.aggregate_train(1, replies)
     # (1*1 + 2*4 + 3*7) / 6 = 5, (1*2 + 2*5 + 3*8) / 6 = 6, (1*3 + 2*6 + 3*9) / 6 = 7
-    np.testing.assert_array_equal(as_np(out)["w"], np.array([[5.0, 6.0]], np.float32))
-    np.testing.assert_array_equal(as_np(out)["b"], np.array([7.0], np.float32))
+    np.testing.assert_allclose(as_np(out)["w"], np.array([[5.0, 6.0]], np.float32), rtol=1e-6)
+    np.testing.assert_allclose(as_np(out)["b"], np.array([7.0], np.float32), rtol=1e-6)
     assert metrics["train-loss"] == pytest.approx(0.5)
 
 

@@ -16,6 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 
 from flmnist.aggregation import aggregate_evaluate_counts, aggregate_train_metrics
+from flmnist.checkpoint import rng_state, save_checkpoint, strategy_state
 from flmnist.evaluation import ClientUpdate, EvaluationHook
 from flmnist.fleet import Fleet
 from flmnist.recorder import RunRecorder
@@ -51,6 +52,7 @@ class FlmnistStrategy:
         evaluate_metrics_aggr_fn: Callable | None = None,
         fleet: Fleet | None = None,
         virtual_timeout: float = 600.0,
+        checkpoint_every: int = 0,
         **strategy_kwargs,
     ) -> None:
         super().__init__(
@@ -64,6 +66,8 @@ class FlmnistStrategy:
         self.fleet, self.virtual_timeout = fleet, virtual_timeout
         self.virtual_time = 0.0
         self.client_updates = 0
+        self.checkpoint_every = checkpoint_every  # rounds between checkpoints (0: none)
+        self.round_offset = 0  # rounds already done before a resume
 
     def _record(self, server_round: int, **fields) -> None:
         if self.recorder is not None:
@@ -71,7 +75,10 @@ class FlmnistStrategy:
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid):
         self.global_arrays = arrays
-        return super().configure_train(server_round, arrays, config, grid)
+        return super().configure_train(server_round + self.round_offset, arrays, config, grid)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid):
+        return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
 
     def screen_replies(self, replies: Iterable[Message], check_arrays: bool = True):
         """Split replies into (kept, number rejected); error replies are kept for Flower to log."""
@@ -112,7 +119,9 @@ class FlmnistStrategy:
         return arrived
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        replies = list(replies)
+        server_round += self.round_offset
+        # A fixed order (by node name) makes the average's floating-point sum reproducible.
+        replies = sorted(replies, key=lambda m: (m.has_error(), node_name(m) if not m.has_error() else ""))
         self.client_updates += len(replies)
         if self.fleet is not None:
             replies = self.on_virtual_clock(server_round, replies)
@@ -146,6 +155,7 @@ class FlmnistStrategy:
         return arrays, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
+        server_round += self.round_offset
         kept, rejected = self.screen_replies(list(replies), check_arrays=False)
         metrics = super().aggregate_evaluate(server_round, kept)
         if metrics is not None:
@@ -159,12 +169,17 @@ class FlmnistStrategy:
         """Flower's round loop, with the hooks and the recorder run after every round."""
 
         def evaluate_with_hooks(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+            if server_round == 0 and self.round_offset:
+                return None  # resumed: the initial model was evaluated in the first run
+            server_round += self.round_offset
             fields = scalar_metrics(evaluate_fn(server_round, arrays) if evaluate_fn else None)
             for hook in self.hooks:
                 fields.update(hook.evaluate_global(server_round, arrays) or {})
             if self.recorder is not None:
                 self._record(server_round, **fields)
                 self.recorder.end_round(server_round, arrays.to_torch_state_dict())
+                if self.checkpoint_every and server_round % self.checkpoint_every == 0:
+                    self.save_checkpoint(server_round, arrays)
             # Flower logs and keeps this record: the headline numbers; the rest is in the run directory.
             headline = {k: fields[k] for k in ("test_loss", "test_accuracy") if fields.get(k) is not None}
             return MetricRecord(headline) if headline else None
@@ -173,3 +188,14 @@ class FlmnistStrategy:
             grid=grid, initial_arrays=initial_arrays, num_rounds=num_rounds, timeout=timeout,
             train_config=train_config, evaluate_config=evaluate_config, evaluate_fn=evaluate_with_hooks,
         )
+
+    def save_checkpoint(self, server_round: int, arrays: ArrayRecord) -> None:
+        """Everything needed to continue after ``server_round``, written atomically."""
+        save_checkpoint(self.recorder.run_dir, {
+            "kind": "sync",
+            "round": server_round,
+            "arrays": {k: v.numpy() for k, v in arrays.items()},
+            "strategy": strategy_state(self),
+            "recorder": self.recorder.state(),
+            "rng": rng_state(),
+        })

@@ -43,6 +43,7 @@ class FedAvg(FlmnistStrategy, FlowerFedAvgM):
         evaluate_metrics_aggr_fn: Callable | None = None,
         fleet: Fleet | None = None,
         virtual_timeout: float = 600.0,
+        checkpoint_every: int = 0,
     ) -> None:
         if not server_learning_rate > 0:
             raise ConfigError(f"strategy.server_learning_rate must be > 0, got {server_learning_rate}")
@@ -55,6 +56,7 @@ class FedAvg(FlmnistStrategy, FlowerFedAvgM):
             evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn,
             fleet=fleet,
             virtual_timeout=virtual_timeout,
+            checkpoint_every=checkpoint_every,
             fraction_train=fraction_train,
             fraction_evaluate=fraction_evaluate,
             min_train_nodes=min_train_nodes,
