@@ -118,7 +118,7 @@ def load_data_path(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]
     """Read a device's own data directory (``data-path`` node config): ``DIR/data.pt``.
 
     ``data.pt`` holds ``{"images": uint8 [N, 28, 28], "labels": int64 [N]}``, as
-    written by ``jetson/export_partition.py``.
+    written by ``jetson/device/export_partition.py``.
     """
     folder = Path(path).expanduser()
     file = folder / "data.pt"

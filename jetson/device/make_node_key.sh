@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Create a SuperNode's authentication key pair (run it on the board; the private key never leaves it).
+#
+#   make_node_key.sh [--dry-run] KEY_PATH [COMMENT]
+#
+# Writes KEY_PATH, the private key (OpenSSH format, no passphrase, mode 600), and
+# KEY_PATH.pub, the public key to copy to the server and register there with
+# jetson/server/register_node.sh. Flower's node authentication takes an elliptic-curve
+# key on a NIST curve in OpenSSH format (flower-supernode --auth-supernode-private-key
+# reads it with load_ssh_private_key; flwr supernode register reads the .pub with
+# load_ssh_public_key); this uses ECDSA on P-384. Existing keys are never overwritten.
+# --dry-run prints the commands instead of running them.
+set -euo pipefail
+
+usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+
+dry_run=0
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --dry-run) dry_run=1; shift ;;
+        -h|--help) usage 0 ;;
+        -*) echo "unknown option $1" >&2; usage 2 ;;
+        *) break ;;
+    esac
+done
+[[ $# -ge 1 && $# -le 2 ]] || usage 2
+key="$1"
+comment="${2:-flmnist-supernode@$(hostname)}"
+
+run() {
+    if [[ $dry_run -eq 1 ]]; then
+        printf '%q ' "$@"; echo
+    else
+        "$@"
+    fi
+}
+
+command -v ssh-keygen >/dev/null || { echo "ssh-keygen not found: install openssh-client" >&2; exit 1; }
+for f in "$key" "$key.pub"; do
+    if [[ -e "$f" ]]; then
+        echo "$f exists; refusing to overwrite (a registered key would stop working)" >&2
+        exit 1
+    fi
+done
+
+run mkdir -p "$(dirname "$key")"
+run ssh-keygen -q -t ecdsa -b 384 -N "" -C "$comment" -f "$key"
+run chmod 600 "$key"
+if [[ $dry_run -eq 0 ]]; then
+    ssh-keygen -l -f "$key.pub"
+    echo "private key: $key (keep it on this board)"
+    echo "public key:  $key.pub (copy it to the server and register it)"
+fi

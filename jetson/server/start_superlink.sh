@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Start the SuperLink with TLS, SuperNode authentication and a persistent state database.
+#
+#   start_superlink.sh [--dry-run] [--host HOST] [--port PORT] [--certs DIR] [--database FILE] [-- EXTRA...]
+#
+# HOST/PORT: where the Fleet, Control and Runtime APIs listen (default 0.0.0.0:8000; the
+# boards connect to SERVER_ADDRESS:PORT). DIR holds ca.crt, superlink.crt and superlink.key
+# from make_certs.sh (default ./certs). FILE is the SQLite state database: registered
+# nodes, runs and messages survive a SuperLink restart (default ./superlink-state/state.db).
+# Runs flower-superlink in the foreground (exec, so its process ID is this script's), from
+# the same environment as flmnist (flower-superlink on PATH, or FLOWER_SUPERLINK=path),
+# and never installs app dependencies at run time. EXTRA goes to flower-superlink as is.
+# --dry-run prints the command instead of running it.
+set -euo pipefail
+
+usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+
+dry_run=0
+host=0.0.0.0
+port=8000
+certs=./certs
+database=./superlink-state/state.db
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --dry-run) dry_run=1; shift ;;
+        --host) host="$2"; shift 2 ;;
+        --port) port="$2"; shift 2 ;;
+        --certs) certs="$2"; shift 2 ;;
+        --database) database="$2"; shift 2 ;;
+        -h|--help) usage 0 ;;
+        --) shift; break ;;
+        *) echo "unknown argument $1" >&2; usage 2 ;;
+    esac
+done
+
+cmd=(
+    "${FLOWER_SUPERLINK:-flower-superlink}"
+    --host "$host" --port "$port"
+    --ssl-ca-certfile "$certs/ca.crt"
+    --ssl-certfile "$certs/superlink.crt"
+    --ssl-keyfile "$certs/superlink.key"
+    --enable-supernode-auth
+    --database "$database"
+    --disable-runtime-dependency-installation
+    "$@"
+)
+
+if [[ $dry_run -eq 1 ]]; then
+    printf '%q ' "${cmd[@]}"; echo
+    exit 0
+fi
+for f in ca.crt superlink.crt superlink.key; do
+    [[ -r "$certs/$f" ]] || { echo "missing $certs/$f: run make_certs.sh first" >&2; exit 1; }
+done
+mkdir -p "$(dirname "$database")"
+exec "${cmd[@]}"
