@@ -346,8 +346,8 @@ class AsyncLoop:
                 if evaluate:
                     last_eval = self.version
             node = self.nodes[job.node_id]
-            if self.fleet is None and reply is None:
-                idle.append(node)  # timed out: give its slot to another node first
+            if self.fleet is None and (reply is None or reply.has_error()):
+                idle.append(node)  # timed out or failed: give its slot to another node first
                 node = idle.pop(0)
             if not self.should_stop():
                 queue.push(self.dispatch(node, arrays))

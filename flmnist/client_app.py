@@ -28,10 +28,6 @@ def _model(config, arrays: ArrayRecord) -> torch.nn.Module:
     return model
 
 
-def _node_index(context: Context) -> int:
-    return int(context.node_config.get("partition-id", 0))
-
-
 def _node_info(name: str, dev: torch.device) -> ConfigRecord:
     """Who answered and on what hardware (MetricRecords hold numbers only)."""
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
@@ -58,8 +54,8 @@ def train_handler(msg: Message, context: Context) -> Message:
     data = node_data(config, context.node_config)
     model = _model(config, msg.content["arrays"])
     server_round = int(config["server-round"])
-    generator = torch.Generator().manual_seed(node_seed(int(config["seed"]), _node_index(context), server_round))
-    torch.manual_seed(node_seed(int(config["seed"]), _node_index(context), server_round, 1))
+    generator = torch.Generator().manual_seed(node_seed(int(config["seed"]), data.partition, server_round))
+    torch.manual_seed(node_seed(int(config["seed"]), data.partition, server_round, 1))
     steps = int(config.get("local-steps", 0)) or None
     dev = device()
     start = time.perf_counter()
@@ -78,7 +74,7 @@ def train_handler(msg: Message, context: Context) -> Message:
         dev=dev,
     )
     train_time = time.perf_counter() - start
-    inject_fault(config, _node_index(context), model)
+    inject_fault(config, data.partition, model)
     epochs = int(config["local-epochs"])
     examples = len(data.train_labels) * epochs if steps is None else steps * int(config["batch-size"])
     metrics = MetricRecord(
@@ -86,7 +82,7 @@ def train_handler(msg: Message, context: Context) -> Message:
             "num-examples": len(data.train_labels),
             "train-loss": mean_loss,
             "loss-trace": trace,
-            "partition-id": _node_index(context),
+            "partition-id": data.partition,
             "examples-processed": int(examples),
             "train-time": train_time,
         }
@@ -114,7 +110,7 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
         "num-examples": result.total,
         "loss-sum": result.loss_sum,
         "correct": result.correct,
-        "partition-id": _node_index(context),
+        "partition-id": data.partition,
     }
     for d, (c, t) in enumerate(zip(result.correct_per_digit, result.total_per_digit)):
         metrics[f"correct-{d}"] = int(c)
@@ -125,10 +121,10 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
 
 @app.query()
 def query_handler(msg: Message, context: Context) -> Message:
-    """Say who this node is: its partition id (-1 on a device with its own data), name and size."""
+    """Say who this node is: its partition index, name and number of training examples."""
     config = msg.content["config"]
     data = node_data(config, context.node_config)
     info = _node_info(data.name, device())
-    info["partition-id"] = int(context.node_config.get("partition-id", -1)) if not context.node_config.get("data-path") else -1
+    info["partition-id"] = data.partition
     info["train-examples"] = len(data.train_labels)
     return Message(content=RecordDict({"node-info": info}), reply_to=msg)

@@ -114,6 +114,7 @@ def validate(cfg: DictConfig) -> None:
         if not isinstance(OmegaConf.select(cfg, key), int):
             raise ConfigError(f"{key} must be an integer, got {OmegaConf.select(cfg, key)!r}")
     _positive(cfg, "client.local_steps", allow_none=True)
+    _positive(cfg, "poll_interval", allow_none=True)
     if cfg.client.local_steps is None:
         _positive(cfg, "client.local_epochs")
     _fraction(cfg, "strategy.fraction_train")
@@ -138,7 +139,7 @@ def validate(cfg: DictConfig) -> None:
         loop = cfg.async_loop
         for key in ("concurrency", "max_server_updates", "max_client_updates", "time_budget"):
             _positive(cfg, f"async_loop.{key}", allow_none=True)
-        for key in ("eval_every", "update_timeout", "poll_interval"):
+        for key in ("eval_every", "update_timeout"):
             _positive(cfg, f"async_loop.{key}")
         if not (loop.max_server_updates or loop.max_client_updates or loop.time_budget):
             raise ConfigError(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ from flmnist.partition import holdout_split, partition_from_spec
 @dataclass(frozen=True)
 class NodeData:
     name: str
+    partition: int  # partition index: seeds this node's batches and names it in replies
     train_images: torch.Tensor
     train_labels: torch.Tensor
     holdout_images: torch.Tensor
@@ -44,7 +46,8 @@ def _node_data(
 ) -> NodeData:
     if data_path:
         images, labels = load_data_path(data_path)
-        train_idx, hold_idx = holdout_split(np.arange(len(labels)), holdout, node_seed(seed, 0))
+        partition_id = device_partition(data_path)
+        train_idx, hold_idx = holdout_split(np.arange(len(labels)), holdout, node_seed(seed, partition_id))
     else:
         if partition_id is None or not 0 <= partition_id < num_partitions:
             raise ConfigError(
@@ -55,7 +58,15 @@ def _node_data(
         part = _partition_indices(spec_json, root, num_partitions, seed)[partition_id]
         train_idx, hold_idx = holdout_split(part, holdout, node_seed(seed, partition_id))
     train_idx, hold_idx = torch.from_numpy(train_idx), torch.from_numpy(hold_idx)
-    return NodeData(name, images[train_idx], labels[train_idx], images[hold_idx], labels[hold_idx])
+    return NodeData(name, partition_id, images[train_idx], labels[train_idx], images[hold_idx], labels[hold_idx])
+
+
+def device_partition(data_path: str) -> int:
+    """The partition index a device's data was exported as (``partition.json``), else 0."""
+    try:
+        return int(json.loads((Path(data_path) / "partition.json").read_text())["node"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
 
 
 def node_data(config, node_config) -> NodeData:

@@ -168,7 +168,8 @@ def run(grid: Grid, cfg: DictConfig) -> dict:
         )
     ]
     fleet = build(cfg.fleet, "fleet", num_nodes=cfg.num_nodes, seed=cfg.seed)
-    wait_for_nodes(grid, cfg.num_nodes, cfg.wait_for_nodes)
+    # A deployment may start with some boards down: wait for the strategy's minimum.
+    wait_for_nodes(grid, int(cfg.strategy.get("min_available_nodes") or cfg.num_nodes), cfg.wait_for_nodes)
     initial = ArrayRecord(model.state_dict())
     if checkpoint is not None:
         initial = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in checkpoint["arrays"].items()})
@@ -181,7 +182,7 @@ def run(grid: Grid, cfg: DictConfig) -> dict:
                 grid, strategy, client_config(cfg, root), recorder=recorder, hooks=hooks, fleet=fleet,
                 concurrency=loop.concurrency, max_server_updates=loop.max_server_updates,
                 max_client_updates=loop.max_client_updates, time_budget=loop.time_budget,
-                eval_every=loop.eval_every, update_timeout=loop.update_timeout, poll_interval=loop.poll_interval,
+                eval_every=loop.eval_every, update_timeout=loop.update_timeout, poll_interval=cfg.poll_interval or 0.05,
                 checkpoint_every=cfg.checkpoint_every,
             ).run(initial, checkpoint)
         else:
@@ -194,7 +195,7 @@ def run(grid: Grid, cfg: DictConfig) -> dict:
                 done = strategy.round_offset = int(checkpoint["round"])
             if cfg.num_rounds > done:
                 strategy.start(
-                    grid=PollingGrid(grid, loop.poll_interval),
+                    grid=PollingGrid(grid, cfg.poll_interval) if cfg.poll_interval else grid,
                     initial_arrays=initial,
                     num_rounds=cfg.num_rounds - done,
                     timeout=cfg.round_timeout,

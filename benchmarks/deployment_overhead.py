@@ -1,0 +1,83 @@
+"""Benchmark: per-round overhead of a real deployment on loopback, flmnist's polling against
+Flower's built-in `FedAvg.start()` waiting, in the same run.
+
+It sets up the rehearsal's deployment (TLS, node authentication, 3 SuperNodes with their own
+data; see jetson/rehearsal.py), then runs a trivially small workload twice against the same
+SuperLink: logistic regression, 1 local step, 6 rounds, each round a train and an evaluate
+exchange plus a test-set evaluation.
+
+- `poll_interval=0.05`: flmnist's `PollingGrid` under Flower's round loop pulls replies every 50 ms;
+- `poll_interval=null`: Flower's own `Grid.send_and_receive`, which sleeps 3 s between pulls.
+
+Per-round time is taken from the run's metrics (wall time between consecutive rounds,
+rounds 2-6, so the cold start of round 1 is left out). Target: at most 5 s per round.
+
+    FLMNIST_DATA_DIR=/path/to/mnist python benchmarks/deployment_overhead.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "jetson"))
+
+from rehearsal import BIN, CONNECTION, NAMES, Rehearsal  # noqa: E402
+
+from flmnist.data import resolve_root  # noqa: E402
+from flmnist.flwr_local import write_run_config  # noqa: E402
+
+ROUNDS = 6
+
+
+def one_run(r: Rehearsal, name: str, poll_interval: str) -> dict:
+    run_dir = r.work / name
+    overrides = ["model=logreg", "client.local_steps=1", f"num_rounds={ROUNDS}", "num_nodes=3",
+                 "partition=iid", "data.holdout_fraction=0.05", f"poll_interval={poll_interval}",
+                 f"data.root={r.data_root}", f"run_dir={run_dir}", "wait_for_nodes=60"]
+    cfg = write_run_config(r.work / f"{name}.toml", overrides)
+    log = r.work / "logs" / f"{name}.log"
+    start = time.monotonic()
+    proc = r.start([BIN / "flwr", "run", r.app_dir, CONNECTION, "--stream", "--run-config", cfg], r.cli_home, log)
+    proc.wait(timeout=900)
+    rows = json.loads((run_dir / "metrics.json").read_text())
+    times = [row["wall_time"] for row in rows]
+    per_round = [b - a for a, b in zip(times[1:], times[2:])]  # rounds 2..ROUNDS
+    return {"poll_interval": poll_interval, "per_round_s": [round(x, 2) for x in per_round],
+            "mean_round_s": round(statistics.mean(per_round), 2), "flwr_run_s": round(time.monotonic() - start, 1),
+            "final_accuracy": rows[-1].get("test_accuracy")}
+
+
+def main() -> None:
+    out = REPO / "benchmarks" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    data_root = resolve_root(os.environ.get("FLMNIST_DATA_DIR"))
+    with tempfile.TemporaryDirectory(prefix="flmnist-deploy-bench-") as tmp:
+        r = Rehearsal(Path(tmp), data_root)
+        try:
+            r.make_certs()
+            r.start_superlink()
+            r.export_partitions(["partition=iid", "num_nodes=3"])
+            for name in NAMES:
+                r.make_key(name)
+                r.register(name)
+                r.start_node(name)
+            r.wait("3 SuperNodes online", lambda: list(r.node_list().values()).count("online") >= 3, 120)
+            result = {"flmnist_polling": one_run(r, "flmnist", "0.05"),
+                      "flower_builtin": one_run(r, "flower", "null")}
+        finally:
+            r.stop()
+    result["target"] = "flmnist per-round overhead <= 5 s"
+    result["met"] = result["flmnist_polling"]["mean_round_s"] <= 5.0
+    (out / "deployment_overhead.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
