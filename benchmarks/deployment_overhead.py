@@ -28,10 +28,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "jetson"))
 
-from rehearsal import BIN, CONNECTION, NAMES, Rehearsal  # noqa: E402
+from rehearsal import BIN, CONNECTION, NAMES, Rehearsal
 
-from flmnist.data import resolve_root  # noqa: E402
-from flmnist.flwr_local import write_run_config  # noqa: E402
+from flmnist.data import resolve_root
+from flmnist.flwr_local import write_run_config
 
 ROUNDS = 6
 

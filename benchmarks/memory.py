@@ -62,7 +62,7 @@ class PeakMemory:
         while not self._stop.wait(self.interval):
             self.peak = max(self.peak, self.sample())
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         self.peak = self.sample()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()

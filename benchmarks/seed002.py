@@ -17,10 +17,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from memory import PeakMemory  # noqa: E402
-from reference import run as run_reference  # noqa: E402
+from memory import PeakMemory
+from reference import run as run_reference
 
-from flmnist.flwr_local import run_flwr  # noqa: E402
+from flmnist.flwr_local import run_flwr
 
 
 def main() -> None:

@@ -141,4 +141,4 @@ def main() -> None:
         raise SystemExit(2) from None
 
 
-__all__ = ["ComparisonTable", "launch", "main", "write_comparison", "OmegaConf"]
+__all__ = ["ComparisonTable", "OmegaConf", "launch", "main", "write_comparison"]

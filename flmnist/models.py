@@ -7,8 +7,8 @@ with ``hydra.utils.instantiate``. Parameter counts are asserted in the tests.
 from __future__ import annotations
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 
 class LeNet(nn.Module):

@@ -9,8 +9,6 @@ offline on an in-memory ``datasets.Dataset`` of the labels); ``digit_groups``
 
 from __future__ import annotations
 
-import functools
-import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
@@ -176,13 +174,6 @@ def partition_from_spec(spec: dict) -> Partition:
             f"partition._target_ {target!r} is not a known partitioner; valid: {', '.join(PARTITIONS)}"
         )
     return PARTITIONS[target](**spec)
-
-
-@functools.lru_cache(maxsize=8)
-def cached_split(spec_json: str, labels_key: str, labels_bytes: bytes, num_partitions: int, seed: int):
-    """Cache one split per process (the key includes the labels so a new data set re-splits)."""
-    labels = np.frombuffer(labels_bytes, dtype=np.int64)
-    return partition_from_spec(json.loads(spec_json))(labels, num_partitions, seed)
 
 
 def label_counts(labels: np.ndarray) -> list[int]:

@@ -14,23 +14,22 @@ from datetime import datetime
 from logging import INFO
 from pathlib import Path
 
-import torch
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
-from omegaconf import DictConfig, OmegaConf
-
 from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf
 
 from flmnist.async_loop import AsyncLoop
 from flmnist.checkpoint import find_checkpoint, load_checkpoint, load_strategy_state, set_rng_state
-from flmnist.polling_grid import PollingGrid
 from flmnist.config import build, compose_config, parse_overrides
 from flmnist.data import ensure_mnist, load_mnist, resolve_root
 from flmnist.errors import ConfigError
 from flmnist.evaluation import DigitEvaluation
 from flmnist.partition import label_counts
+from flmnist.polling_grid import PollingGrid
 from flmnist.recorder import RunRecorder, atomic_write
 from flmnist.strategies.asynchronous import AsyncStrategy
 

@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 NUM_CLASSES = 10
 

@@ -24,7 +24,7 @@ def weights(seed, shape=(3, 4)):
 
 
 def test_staleness_functions_match_their_formulas():
-    for tau in range(0, 30):
+    for tau in range(30):
         assert Constant()(tau) == 1.0
         assert Polynomial(0.5)(tau) == pytest.approx((tau + 1) ** -0.5)
         assert Hinge(10, 4)(tau) == pytest.approx(1.0 if tau <= 4 else 1 / (10 * (tau - 4) + 1))

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from flmnist.models import MODELS, CNNMcMahan, LeNet, LogReg, MLP, count_parameters, model_from_spec
 from flmnist.errors import ConfigError
+from flmnist.models import MLP, MODELS, CNNMcMahan, LeNet, LogReg, count_parameters, model_from_spec
 
 
 @pytest.mark.parametrize(

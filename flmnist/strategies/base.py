@@ -156,7 +156,7 @@ class FlmnistStrategy:
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
         server_round += self.round_offset
-        kept, rejected = self.screen_replies(list(replies), check_arrays=False)
+        kept, _ = self.screen_replies(list(replies), check_arrays=False)
         metrics = super().aggregate_evaluate(server_round, kept)
         if metrics is not None:
             fields = {"client_loss": metrics.get("loss"), "client_accuracy": metrics.get("accuracy")}
