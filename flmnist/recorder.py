@@ -99,7 +99,8 @@ class RunRecorder:
             self.printer(self.progress_line(row))
 
     def progress_line(self, row: dict) -> str:
-        parts = [f"[{self.unit} {row['round']}/{self.num_rounds}]"]
+        total = f"/{self.num_rounds}" if self.num_rounds else ""
+        parts = [f"[{self.unit} {row['round']}{total}]"]
         if row.get("test_accuracy") is not None:
             parts.append(f"test accuracy {100 * row['test_accuracy']:.2f}%")
         if row.get("train_loss") is not None:
