@@ -36,7 +36,7 @@ COMMON = ["partition=dirichlet", "partition.alpha=0.5", "fleet=jetson_mixed", "m
 
 def strategies(updates: int) -> dict[str, list[str]]:
     rounds = updates // NODES
-    sync = [f"num_rounds={rounds}", "strategy.fraction_evaluate=0.0"]
+    sync = [f"num_rounds={rounds}", "sampling.fraction_evaluate=0.0"]
     return {
         "FedAvg": ["strategy=fedavg", *sync],
         "FedAvgM": ["strategy=fedavgm", "strategy.server_momentum=0.5", *sync],

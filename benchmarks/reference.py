@@ -4,7 +4,7 @@ For a composed config it builds the same partitions and held-out splits, the sam
 model and per-node seeds, and runs synchronous FedAvg: each round every node trains from the
 global model (the same local steps or epochs), weights are averaged by examples; the global
 model is evaluated on the test set at the same rounds, each node's update at
-``eval.update_rounds``, and each node's held-out data when ``strategy.fraction_evaluate > 0``.
+``eval.update_rounds``, and each node's held-out data when ``sampling.fraction_evaluate > 0``.
 This is the compute floor a federated run of the same work is measured against.
 
     python benchmarks/reference.py experiment=seed002 [--no-update-eval]
@@ -60,7 +60,7 @@ def run(overrides: list[str], update_eval: bool = True) -> dict:
         total = sum(weights)
         global_state = {k: sum(s[k] * (w / total) for s, w in zip(states, weights)) for k in global_state}
         model.load_state_dict(global_state)
-        if cfg.strategy.fraction_evaluate > 0:
+        if cfg.sampling.fraction_evaluate > 0:
             for _, _, hx, hy in nodes:
                 evaluate(model, hx, hy, c.eval_batch_size)
         if schedule.is_scheduled(rnd):

@@ -117,15 +117,16 @@ def validate(cfg: DictConfig) -> None:
     _positive(cfg, "poll_interval", allow_none=True)
     if cfg.client.local_steps is None:
         _positive(cfg, "client.local_epochs")
-    _fraction(cfg, "strategy.fraction_train")
-    _fraction(cfg, "strategy.fraction_evaluate", allow_zero=True)
+    for prefix in ("sampling", "strategy"):  # the documented keys, and a direct strategy override
+        _fraction(cfg, f"{prefix}.fraction_train")
+        _fraction(cfg, f"{prefix}.fraction_evaluate", allow_zero=True)
     _fraction(cfg, "target_accuracy")
     holdout = cfg.data.holdout_fraction
     if not 0 <= holdout < 1:
         raise ConfigError(f"data.holdout_fraction must be in [0, 1), got {holdout}")
     if holdout == 0 and (cfg.strategy.get("fraction_evaluate") or 0) > 0:
         raise ConfigError(
-            "strategy.fraction_evaluate > 0 asks nodes to evaluate on held-out data, but "
+            "sampling.fraction_evaluate > 0 asks nodes to evaluate on held-out data, but "
             "data.holdout_fraction is 0: set one of them (fraction_evaluate=0 turns client evaluation off)"
         )
     if cfg.num_nodes > MNIST_TRAIN_SIZE:

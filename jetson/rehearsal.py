@@ -65,6 +65,7 @@ class Report:
     stopped: list = field(default_factory=list)
     leftover: list = field(default_factory=list)
     timings: dict = field(default_factory=dict)
+    async_run: dict = field(default_factory=dict)
 
 
 def _load_export_partition():
@@ -239,7 +240,7 @@ def run_overrides(run_dir: Path, data_root: Path) -> list[str]:
     return [
         "experiment=seed002", f"num_rounds={NUM_ROUNDS}", "client.local_steps=10",
         f"eval.rounds=[1,{NUM_ROUNDS}]", f"eval.update_rounds=[{NUM_ROUNDS}]",
-        "strategy.min_available_nodes=2", f"round_timeout={ROUND_TIMEOUT}", "wait_for_nodes=60",
+        "sampling.min_available_nodes=2", f"round_timeout={ROUND_TIMEOUT}", "wait_for_nodes=60",
         f"data.root={data_root}", f"run_dir={run_dir}",
     ]
 
@@ -280,6 +281,42 @@ def _flwr_run(r: Rehearsal, report: Report, fault: bool, timeout: float) -> None
     report.run.update(returncode=proc.returncode, log=log.read_text(errors="replace"), run_dir=run_dir,
                       seconds=time.monotonic() - start)
     r.log(f"flwr run exited with {proc.returncode} after {report.run['seconds']:.0f} s")
+
+
+ASYNC_UPDATES = 9   # client updates of the asynchronous run
+ASYNC_TIMEOUT = 25  # seconds before an in-flight update is given up (< the SuperLink's crash detection)
+
+
+def async_overrides(run_dir: Path, data_root: Path) -> list[str]:
+    """A short FedAsync run on the same deployment; an update lost in flight costs one timeout."""
+    return [
+        "experiment=seed002", "strategy=fedasync", "client.local_steps=5", "eval.update_rounds=[]",
+        "async_loop.max_server_updates=null", f"async_loop.max_client_updates={ASYNC_UPDATES}",
+        "async_loop.eval_every=3", f"async_loop.update_timeout={ASYNC_TIMEOUT}", "wait_for_nodes=60",
+        f"data.root={data_root}", f"run_dir={run_dir}",
+    ]
+
+
+def _flwr_run_async(r: Rehearsal, report: Report, fault: bool, timeout: float) -> None:
+    """``flwr run`` of FedAsync; with ``fault``, kill the victim once it has received an update."""
+    run_dir = r.work / "run_async"
+    run_config = write_run_config(r.work / "run_async.toml", async_overrides(run_dir, r.data_root))
+    log = r.work / "logs" / "flwr_run_async.log"
+    start = time.monotonic()
+    before = r.node_log(VICTIM).count("Receiving: train message")
+    proc = r.start([BIN / "flwr", "run", r.app_dir, CONNECTION, "--stream", "--run-config", run_config],
+                   r.cli_home, log)
+    while proc.poll() is None:
+        if time.monotonic() > start + timeout:
+            raise TimeoutError(f"the asynchronous flwr run did not finish within {timeout:.0f} s; see {log}")
+        if fault and "killed_pids" not in report.async_run and \
+                r.node_log(VICTIM).count("Receiving: train message") > before:
+            report.async_run["killed_pids"] = r.crash(VICTIM)
+            r.log(f"asynchronous run: killed {VICTIM} (SIGKILL) while it held an update")
+        time.sleep(0.5)
+    report.async_run.update(returncode=proc.returncode, log=log.read_text(errors="replace"), run_dir=run_dir,
+                            seconds=time.monotonic() - start)
+    r.log(f"asynchronous flwr run exited with {proc.returncode} after {report.async_run['seconds']:.0f} s")
 
 
 def _start_refusals(r: Rehearsal) -> dict:
@@ -327,6 +364,7 @@ def rehearse(work: Path, data_root: Path, fault: bool = True, app_dir: Path = RE
         r.log("3 SuperNodes online")
         _collect_refusals(r, report, refused)
         _flwr_run(r, report, fault, timeout)
+        _flwr_run_async(r, report, fault, timeout)
         r.revoke(NAMES[0])
         try:
             report.revoke["returncode"] = r.nodes[NAMES[0]].wait(timeout=60)
@@ -420,6 +458,19 @@ def check_restarted_node_gets_work(report: Report) -> None:
     assert VICTIM in last.get("update_eval", {}), list(last.get("update_eval", {}))
 
 
+def check_async_run_survives_killed_node(report: Report) -> None:
+    seen = report.async_run
+    assert seen.get("killed_pids"), f"the victim was never killed during the asynchronous run: {seen.keys()}"
+    run_dir = seen["run_dir"]
+    assert (run_dir / "summary.json").is_file(), seen["log"][-3000:]
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"
+    stats = json.loads((run_dir / "async_stats.json").read_text())
+    assert stats["client_updates"] == ASYNC_UPDATES, stats
+    lost = stats["outcomes"].get("timed out", 0) + stats["outcomes"].get("failed", 0)
+    assert lost >= 1, f"the killed node's in-flight update was not dropped: {stats['outcomes']}"
+    assert stats["outcomes"].get("applied", 0) >= ASYNC_UPDATES - lost - 1, stats["outcomes"]
+
+
 def check_revoked_node_is_disconnected(report: Report) -> None:
     assert report.revoke["status"] == "unregistered", report.revoke
     assert report.revoke["returncode"] is not None, "the revoked SuperNode is still running"
@@ -433,7 +484,8 @@ def check_everything_stopped(report: Report) -> None:
 CHECKS = {f.__name__.removeprefix("check_"): f for f in (
     check_certificate, check_nodes_joined, check_unregistered_key_refused, check_plaintext_client_refused,
     check_run_finished, check_log_lines, check_model_scores_above_chance, check_run_survives_killed_node,
-    check_restarted_node_gets_work, check_revoked_node_is_disconnected, check_everything_stopped,
+    check_restarted_node_gets_work, check_async_run_survives_killed_node, check_revoked_node_is_disconnected,
+    check_everything_stopped,
 )}
 
 
@@ -453,7 +505,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("set FLMNIST_DATA_DIR or --data-root to the MNIST root (holding MNIST/raw/)")
     work = Path(args.work or tempfile.mkdtemp(prefix="flmnist-rehearsal-"))
     report = rehearse(work, Path(args.data_root), fault=not args.no_fault)
-    skipped = {"run_survives_killed_node", "restarted_node_gets_work"} if args.no_fault else set()
+    skipped = {"run_survives_killed_node", "restarted_node_gets_work",
+               "async_run_survives_killed_node"} if args.no_fault else set()
     failed = 0
     for name, check in CHECKS.items():
         if name in skipped:

@@ -28,7 +28,7 @@ def test_seed002_preset_matches_the_seed():
 def test_mcmahan_presets():
     for name, part in (("mcmahan_iid", "IidPartition"), ("mcmahan_noniid", "ShardPartition")):
         cfg = compose_config([f"experiment={name}"])
-        assert cfg.num_nodes == 100 and cfg.strategy.fraction_train == 0.1
+        assert cfg.num_nodes == 100 and cfg.strategy.fraction_train == 0.1 == cfg.sampling.fraction_train
         assert (cfg.client.local_epochs, cfg.client.batch_size) == (5, 10)
         assert cfg.model._target_.endswith("CNNMcMahan") and cfg.partition._target_.endswith(part)
         assert cfg.target_accuracy == 0.99
@@ -66,9 +66,10 @@ def test_unknown_option_in_any_group_lists_the_valid_ones():
     [
         (["partition=dirichlet", "partition.alpha=0"], "partition.alpha must be > 0"),
         (["partition=dirichlet", "partition.alpha=-0.5"], "partition.alpha must be > 0"),
-        (["strategy.fraction_train=0"], r"strategy.fraction_train must be in \(0, 1\]"),
-        (["strategy.fraction_train=1.5"], r"strategy.fraction_train must be in \(0, 1\]"),
-        (["strategy.fraction_evaluate=-0.1"], r"strategy.fraction_evaluate must be in \[0, 1\]"),
+        (["sampling.fraction_train=0"], r"sampling.fraction_train must be in \(0, 1\]"),
+        (["sampling.fraction_train=1.5"], r"sampling.fraction_train must be in \(0, 1\]"),
+        (["sampling.fraction_evaluate=-0.1"], r"sampling.fraction_evaluate must be in \[0, 1\]"),
+        (["strategy.fraction_train=2"], r"strategy.fraction_train must be in \(0, 1\]"),
         (["num_nodes=60001"], "more partitions than the 60000 training examples"),
         (["partition=digit_groups", "num_nodes=2", "partition.groups=[[0,1],[1,2]]"], "digit 1 is in more than one group"),
         (["partition=digit_groups", "num_nodes=2", "partition.groups=[[0,1],[2,12]]"], "digit 12 is outside 0-9"),
@@ -90,3 +91,29 @@ def test_invalid_settings_fail_before_training_naming_the_key(overrides, message
         from flmnist.config import build
 
         build(cfg.strategy, "strategy")
+
+
+def test_sweep_comparison_table(tmp_path):
+    from flmnist.cli import write_comparison
+
+    summaries = [
+        {"overrides": "strategy=fedavg", "status": "finished", "final_accuracy": 0.9612, "best_accuracy": 0.9630,
+         "rounds_to_target": 31, "wall_time": 73.04, "run_dir": "a"},
+        {"overrides": "strategy=fedprox", "status": "failed", "final_accuracy": None, "best_accuracy": None,
+         "rounds_to_target": None, "wall_time": None, "run_dir": "b"},
+    ]
+    md = write_comparison(tmp_path, summaries)
+    assert "| 0 | strategy=fedavg | finished | 96.12% | 96.30% | 31 | 73.0 |" in md
+    assert "| 1 | strategy=fedprox | failed | - | - | not reached | - |" in md
+    rows = (tmp_path / "comparison.csv").read_text().splitlines()
+    assert rows[0].startswith("job,overrides,status,final_accuracy") and len(rows) == 3
+
+
+@pytest.mark.parametrize("experiment", group_options("experiment"))
+def test_every_preset_composes_with_every_strategy(experiment):
+    """A preset's strategy settings must not break a strategy swap (experiment=X strategy=Y)."""
+    from flmnist.config import build
+
+    for strategy in STRATEGIES:
+        cfg = compose_config([f"experiment={experiment}", f"strategy={strategy}"])
+        assert isinstance(build(cfg.strategy, "strategy"), STRATEGIES[strategy])
