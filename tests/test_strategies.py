@@ -154,3 +154,10 @@ def test_per_digit_counts_are_summed_not_averaged(task_identity):
     assert out["loss"] == pytest.approx(21 / 110)
     assert out["accuracy-0"] == pytest.approx(0.9) and out["accuracy-1"] == pytest.approx(1.0)
     assert "accuracy-5" not in out  # no node holds a 5: no accuracy to report
+
+
+def test_error_replies_are_named_by_node_id(task_identity, start):
+    from flmnist.strategies.base import node_name
+
+    msgs = configured(FedAvg(min_available_nodes=1), start, nodes=(42,))
+    assert node_name(Message(Error(code=1, reason="node unavailable"), reply_to=msgs[0])) == "node 42"

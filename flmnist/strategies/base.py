@@ -26,6 +26,8 @@ from flmnist.strategies.validation import reply_problem
 def node_name(msg: Message) -> str:
     """The node's name from its reply (``node-info``: ``node <partition-id>`` in simulation, the
     ``node-name`` of a device), else ``node <partition-id>``, else ``node <Flower node id>``."""
+    if msg.has_error():  # an error reply has no content
+        return f"node {msg.metadata.src_node_id}"
     info = msg.content.config_records.get("node-info")
     if info is not None and info.get("node-name"):
         return str(info["node-name"])
