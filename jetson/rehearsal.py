@@ -245,14 +245,19 @@ def run_overrides(run_dir: Path, data_root: Path) -> list[str]:
     ]
 
 
+def _start_flwr_run(r: Rehearsal, name: str, overrides: list[str]) -> tuple[subprocess.Popen, Path, float]:
+    """Start ``flwr run`` against the rehearsal's SuperLink; its log goes to ``logs/flwr_<name>.log``."""
+    run_config = write_run_config(r.work / f"{name}.toml", overrides)
+    log = r.work / "logs" / f"flwr_{name}.log"
+    proc = r.start([BIN / "flwr", "run", r.app_dir, CONNECTION, "--stream", "--run-config", run_config],
+                   r.cli_home, log)
+    return proc, log, time.monotonic()
+
+
 def _flwr_run(r: Rehearsal, report: Report, fault: bool, timeout: float) -> None:
     """``flwr run`` against the SuperLink; with ``fault``, crash the victim in round 2 and restart it."""
     run_dir = r.work / "run"
-    run_config = write_run_config(r.work / "run_config.toml", run_overrides(run_dir, r.data_root))
-    log = r.work / "logs" / "flwr_run.log"
-    start = time.monotonic()
-    proc = r.start([BIN / "flwr", "run", r.app_dir, CONNECTION, "--stream", "--run-config", run_config],
-                   r.cli_home, log)
+    proc, log, start = _start_flwr_run(r, "run", run_overrides(run_dir, r.data_root))
     victim_id = report.node_ids[VICTIM]
     stage = "kill" if fault else "done"
     deadline = start + timeout
@@ -300,12 +305,8 @@ def async_overrides(run_dir: Path, data_root: Path) -> list[str]:
 def _flwr_run_async(r: Rehearsal, report: Report, fault: bool, timeout: float) -> None:
     """``flwr run`` of FedAsync; with ``fault``, kill the victim once it has received an update."""
     run_dir = r.work / "run_async"
-    run_config = write_run_config(r.work / "run_async.toml", async_overrides(run_dir, r.data_root))
-    log = r.work / "logs" / "flwr_run_async.log"
-    start = time.monotonic()
     before = r.node_log(VICTIM).count("Receiving: train message")
-    proc = r.start([BIN / "flwr", "run", r.app_dir, CONNECTION, "--stream", "--run-config", run_config],
-                   r.cli_home, log)
+    proc, log, start = _start_flwr_run(r, "run_async", async_overrides(run_dir, r.data_root))
     while proc.poll() is None:
         if time.monotonic() > start + timeout:
             raise TimeoutError(f"the asynchronous flwr run did not finish within {timeout:.0f} s; see {log}")

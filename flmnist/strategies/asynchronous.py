@@ -8,10 +8,12 @@ number of versions between dispatch and arrival.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 Weights = dict  # name -> numpy array
 
 
-class AsyncStrategy:
+class AsyncStrategy(ABC):
     """Base class of FedAsync and FedBuff."""
 
     #: clients reply with x_k - x_dispatched instead of x_k
@@ -36,9 +38,9 @@ class AsyncStrategy:
         """Whether an update this stale may be applied (``max_staleness`` drops older ones)."""
         return self.max_staleness is None or staleness <= self.max_staleness
 
+    @abstractmethod
     def apply(self, model: Weights, update: Weights, num_examples: int, staleness: int) -> Weights | None:
         """Fold one update in; return the new global weights, or None if nothing changed yet."""
-        raise NotImplementedError
 
     def limit_concurrency(self, concurrency: int) -> None:
         """Called once by the loop with the number of nodes kept busy."""

@@ -16,15 +16,17 @@ Staleness tau is counted in server model versions between dispatch and arrival.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 
 from flmnist.errors import ConfigError
 
 
-class Staleness:
+class Staleness(ABC):
     """A staleness weight function; one method, small subclasses."""
 
+    @abstractmethod
     def __call__(self, staleness: int) -> float:
-        raise NotImplementedError
+        """Weight of an update ``staleness`` server versions old."""
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v}" for k, v in vars(self).items())
