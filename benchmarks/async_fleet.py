@@ -99,8 +99,8 @@ def main() -> None:
             return "not reached"
         return f"{100 * v:.2f}%" if pct else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
 
-    lines = ["| strategy | virtual s to 97% | updates to 97% | virtual s to 98% | updates to 98% | final acc | "
-             "mean / max staleness | wall s |", "|---|---|---|---|---|---|---|---|"]
+    lines = [("| strategy | virtual s to 97% | updates to 97% | virtual s to 98% | updates to 98% | final acc | "
+              "mean / max staleness | wall s |"), "|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         lines.append(f"| {name} | {fmt(r['virtual_time_to_97'])} | {fmt(r['client_updates_to_97'])} | "
                      f"{fmt(r['virtual_time_to_98'])} | {fmt(r['client_updates_to_98'])} | "

@@ -18,9 +18,11 @@ Both loops are also run without the client-side evaluate exchange (train only).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -29,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "jetson"))
 
-from rehearsal import BIN, CONNECTION, NAMES, Rehearsal
+from rehearsal import BIN, CONNECTION, NAMES, TASK_POLL_INTERVAL, Rehearsal
 
 from flmnist.data import resolve_root
 from flmnist.flwr_local import write_run_config
@@ -50,36 +52,68 @@ def one_run(r: Rehearsal, name: str, poll_interval: str, fraction_evaluate: floa
     proc.wait(timeout=900)
     rows = json.loads((run_dir / "metrics.json").read_text())
     times = [row["wall_time"] for row in rows]
-    per_round = [b - a for a, b in zip(times[1:], times[2:])]  # rounds 2..ROUNDS
+    per_round = [b - a for a, b in itertools.pairwise(times[1:])]  # rounds 2..ROUNDS
     return {"poll_interval": poll_interval, "client_evaluation": fraction_evaluate > 0, "per_round_s": [round(x, 2) for x in per_round],
             "mean_round_s": round(statistics.mean(per_round), 2), "flwr_run_s": round(time.monotonic() - start, 1),
             "final_accuracy": rows[-1].get("test_accuracy")}
+
+
+def clientapp_start_s(repeats: int = 3) -> dict:
+    """What every message costs a SuperNode before any training, on an otherwise idle machine:
+    Flower 1.41 starts a new ``flwr-clientapp`` process per message, which imports Flower's
+    SuperNode CLI, then flmnist's ClientApp (torch)."""
+    def timed(code: str) -> float:
+        runs = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            subprocess.run([sys.executable, "-c", code], check=True)
+            runs.append(time.perf_counter() - t)
+        return round(statistics.median(runs), 2)
+
+    return {"python": timed("pass"),
+            "flwr_clientapp_cli": timed("from flwr.supernode.cli import flwr_clientapp"),
+            "flwr_clientapp_cli_and_flmnist_client": timed(
+                "from flwr.supernode.cli import flwr_clientapp; import flmnist.client_app")}
+
+
+def deployment(tmp: Path, data_root: Path, task_poll_interval: float | None, runs: dict) -> dict:
+    """One rehearsal deployment (3 SuperNodes); ``runs``: name -> (poll_interval, fraction_evaluate)."""
+    r = Rehearsal(tmp, data_root, task_poll_interval=task_poll_interval)
+    try:
+        r.make_certs()
+        r.start_superlink()
+        r.export_partitions(["partition=iid", "num_nodes=3"])
+        for name in NAMES:
+            r.make_key(name)
+            r.register(name)
+            r.start_node(name)
+        r.wait("3 SuperNodes online", lambda: list(r.node_list().values()).count("online") >= 3, 120)
+        return {name: {**one_run(r, name, poll, fraction), "superexec_task_poll_s": task_poll_interval or 1.0}
+                for name, (poll, fraction) in runs.items()}
+    finally:
+        stopped, leftover = r.stop()
+        print(f"stopped {len(stopped)} processes, {len(leftover)} left", flush=True)
 
 
 def main() -> None:
     out = REPO / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
     data_root = resolve_root(os.environ.get("FLMNIST_DATA_DIR"))
+    result = {"clientapp_process_start_s": clientapp_start_s()}
+    print(json.dumps(result), flush=True)
     with tempfile.TemporaryDirectory(prefix="flmnist-deploy-bench-") as tmp:
-        r = Rehearsal(Path(tmp), data_root)
-        try:
-            r.make_certs()
-            r.start_superlink()
-            r.export_partitions(["partition=iid", "num_nodes=3"])
-            for name in NAMES:
-                r.make_key(name)
-                r.register(name)
-                r.start_node(name)
-            r.wait("3 SuperNodes online", lambda: list(r.node_list().values()).count("online") >= 3, 120)
-            result = {
-                "flmnist_polling": one_run(r, "flmnist", "0.05"),
-                "flower_builtin": one_run(r, "flower", "null"),
-                "flmnist_polling_train_only": one_run(r, "flmnist_train_only", "0.05", 0.0),
-                "flower_builtin_train_only": one_run(r, "flower_train_only", "null", 0.0),
-            }
-        finally:
-            stopped, leftover = r.stop()
-            print(f"stopped {len(stopped)} processes, {len(leftover)} left", flush=True)
+        # flmnist's settings: SuperExec task polling every 50 ms (as the Jetson image sets it).
+        result.update(deployment(Path(tmp) / "fast", data_root, TASK_POLL_INTERVAL, {
+            "flmnist_polling": ("0.05", 1.0),
+            "flower_builtin": ("null", 1.0),
+            "flmnist_polling_train_only": ("0.05", 0.0),
+            "flower_builtin_train_only": ("null", 0.0),
+        }))
+        # Flower's defaults throughout: SuperExec polls every 1 s, send_and_receive every 3 s.
+        result.update(deployment(Path(tmp) / "defaults", data_root, None, {
+            "flower_defaults": ("null", 1.0),
+            "flower_defaults_train_only": ("null", 0.0),
+        }))
     result["target"] = "flmnist per-round overhead <= 5 s"
     result["met_with_client_evaluation"] = result["flmnist_polling"]["mean_round_s"] <= 5.0
     result["met_train_only"] = result["flmnist_polling_train_only"]["mean_round_s"] <= 5.0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
+from typing import Self
 
 from flmnist.flwr_local import pids_with_flwr_home
 
@@ -62,7 +63,7 @@ class PeakMemory:
         while not self._stop.wait(self.interval):
             self.peak = max(self.peak, self.sample())
 
-    def __enter__(self) -> PeakMemory:
+    def __enter__(self) -> Self:
         self.peak = self.sample()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()

@@ -59,8 +59,8 @@ def seed_lines(who: str, result: EvalResult, groups: Sequence[Sequence[int]]) ->
     pct = ", ".join(f"{group_label(g)}: {round(100 * s)}%" for g, s in zip(groups, shares))
     return [
         f"{who}: Percentage numbers {pct}",
-        f"{who}: Average loss: {result.loss:.4f}, Accuracy: {result.correct}/{result.total} "
-        f"({100 * result.accuracy:.2f}%)",
+        (f"{who}: Average loss: {result.loss:.4f}, Accuracy: {result.correct}/{result.total} "
+         f"({100 * result.accuracy:.2f}%)"),
     ]
 
 

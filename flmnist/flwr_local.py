@@ -8,6 +8,7 @@ and its own free ports, then stop the processes whose environment carries that
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -117,22 +118,21 @@ def run_flwr(
     """Run ``flwr run`` on a private local SuperLink, echo and save its output, stop what it started."""
     cmd = flwr_run_command(app_dir, write_run_config(Path(flwr_home) / "run_config.toml", overrides), num_supernodes)
     env = flwr_env(flwr_home, env)
-    log = open(log_path, "w") if log_path else None
     try:
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            sys.stdout.flush()
-            if log:
-                log.write(line)
-                log.flush()
-            if deadline is not None and time.monotonic() > deadline:
-                proc.kill()
-                break
-        return proc.wait()
+        with contextlib.ExitStack() as stack:
+            log = stack.enter_context(open(log_path, "w")) if log_path else None
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            deadline = None if timeout is None else time.monotonic() + timeout
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+                if log:
+                    log.write(line)
+                    log.flush()
+                if deadline is not None and time.monotonic() > deadline:
+                    proc.kill()
+                    break
+            return proc.wait()
     finally:
-        if log:
-            log.close()
         stop_flwr_home(flwr_home)

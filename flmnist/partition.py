@@ -149,7 +149,7 @@ def holdout_split(indices: np.ndarray, fraction: float, seed: int) -> tuple[np.n
     if not 0.0 <= fraction < 1.0:
         raise ConfigError(f"data.holdout_fraction must be in [0, 1), got {fraction}")
     order = np.random.default_rng(seed).permutation(indices)
-    n_hold = int(round(fraction * len(indices)))
+    n_hold = round(fraction * len(indices))
     return np.sort(order[n_hold:]), np.sort(order[:n_hold])
 
 

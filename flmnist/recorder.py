@@ -187,7 +187,7 @@ class RunRecorder:
             from flmnist.plots import plot_run
 
             plot_run(self.run_dir, self.scalar_rows(), self.loss_traces, self.async_stats)
-        except Exception as err:  # a plot must never lose the run's results
+        except Exception as err:  # noqa: BLE001 - a plot must never lose the run's results
             self.printer(f"Plotting failed ({err}); metrics are in {self.run_dir}")
         atomic_write(self.run_dir / "summary.json", json.dumps(_clean(summary), indent=1))
         table = self.summary_table()

@@ -28,6 +28,7 @@ from flmnist.config import build, compose_config, parse_overrides
 from flmnist.data import ensure_mnist, load_mnist, resolve_root
 from flmnist.errors import ConfigError
 from flmnist.evaluation import DigitEvaluation
+from flmnist.export import export_model
 from flmnist.partition import label_counts
 from flmnist.polling_grid import PollingGrid
 from flmnist.recorder import RunRecorder, atomic_write
@@ -106,21 +107,6 @@ def wait_for_nodes(grid: Grid, needed: int, timeout: float) -> None:
                 "(the flmnist command does this); in deployment start that many SuperNodes."
             )
         time.sleep(0.5)
-
-
-def export_model(model: torch.nn.Module, run_dir: Path) -> None:
-    """TorchScript copy of the final model (``model_scripted.pt``), loadable with plain
-    ``torch.jit.load`` on a device without flmnist. ONNX is not exported: it needs the
-    ``onnx`` package, a dependency the rest of flmnist does not have."""
-    state = run_dir / "model.pt"
-    if not state.is_file():
-        return
-    model.load_state_dict(torch.load(state, weights_only=True))
-    model.eval()
-    scripted = torch.jit.script(model)
-    tmp = run_dir / "model_scripted.pt.tmp"
-    scripted.save(str(tmp))
-    tmp.replace(run_dir / "model_scripted.pt")
 
 
 def resume_config(cfg: DictConfig) -> tuple[DictConfig, dict | None]:

@@ -45,6 +45,11 @@ KILL_IN_ROUND = 2
 NUM_ROUNDS = 4
 ROUND_TIMEOUT = 120  # > the ~60 s the SuperLink takes to mark a crashed node offline
 CONNECTION = "rehearsal"
+# Flower's SuperExec (started by the SuperLink and by every SuperNode) asks for new tasks once a
+# second by default; a message then waits up to 1 s before its ClientApp process starts. The
+# Jetson image sets the same value.
+TASK_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
+TASK_POLL_INTERVAL = 0.05
 
 
 @dataclass
@@ -78,8 +83,10 @@ def _load_export_partition():
 class Rehearsal:
     """Starts and tracks the processes of one rehearsal; ``stop()`` ends them all."""
 
-    def __init__(self, work: Path, data_root: Path, app_dir: Path = REPO, say=print) -> None:
+    def __init__(self, work: Path, data_root: Path, app_dir: Path = REPO, say=print,
+                 task_poll_interval: float | None = TASK_POLL_INTERVAL) -> None:
         self.work, self.data_root, self.app_dir, self.say = work, data_root, app_dir, say
+        self.task_poll_interval = task_poll_interval  # None: Flower's default (1 s)
         self.t0 = time.monotonic()
         self.procs: list[subprocess.Popen] = []
         self.homes: list[Path] = []
@@ -105,6 +112,10 @@ class Rehearsal:
         env = dict(os.environ, FLWR_HOME=str(home), PYTHONUNBUFFERED="1", FLMNIST_DATA_DIR=str(self.data_root))
         env["PATH"] = str(BIN) + os.pathsep + env.get("PATH", "")
         env.pop("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", None)  # the SuperLink flag must do it
+        if self.task_poll_interval is not None:
+            env[TASK_POLL_ENV] = str(self.task_poll_interval)
+        else:
+            env.pop(TASK_POLL_ENV, None)
         return env
 
     def sh(self, *cmd, home: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:

@@ -33,14 +33,14 @@ def runs(tmp_path_factory, mnist_root):
     cmd = [str(BIN / "flwr"), "run", str(REPO), "--stream",
            "--run-config", f'overrides="{SMALL} run_dir={tmp / "flwr_run"}"']
     try:
-        flwr_proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp)
+        flwr_proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp, check=False)
     finally:
         stopped = stop_flwr_home(flwr_home)
     leftover = pids_with_flwr_home(flwr_home)
 
     env = dict(os.environ, FLMNIST_DATA_DIR=str(mnist_root))
     cmd = [str(BIN / "flmnist"), *SMALL.split(), "hydra.run.dir=job"]
-    cli_proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp)
+    cli_proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp, check=False)
     return {
         "flwr": (tmp / "flwr_run", flwr_proc.stdout + flwr_proc.stderr),
         "flmnist": (tmp / "job", cli_proc.stdout + cli_proc.stderr, cli_proc.returncode),
@@ -96,11 +96,11 @@ def test_everything_flwr_run_started_is_stopped(runs):
 def test_flmnist_command_rejects_bad_settings_before_starting_flower(tmp_path, mnist_root):
     env = dict(os.environ, FLMNIST_DATA_DIR=str(mnist_root))
     flmnist = str(BIN / "flmnist")
-    proc = subprocess.run([flmnist, "strategy=fedfoo"], env=env, capture_output=True, text=True, cwd=tmp_path)
+    proc = subprocess.run([flmnist, "strategy=fedfoo"], env=env, capture_output=True, text=True, cwd=tmp_path, check=False)
     assert proc.returncode == 2
     assert "Unknown strategy 'fedfoo'. Valid options for strategy: fedadam, fedasync, fedavg, fedavgm, fedbuff, fedprox" in proc.stderr
     proc = subprocess.run([flmnist, "partition=dirichlet", "partition.alpha=0"], env=env,
-                          capture_output=True, text=True, cwd=tmp_path)
+                          capture_output=True, text=True, cwd=tmp_path, check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "partition.alpha must be > 0" in out
     assert "Starting local SuperLink" not in out

@@ -23,7 +23,7 @@ def test_training_is_reproducible_and_learns(mnist_root):
     for _ in range(2):
         torch.manual_seed(0)
         model = LeNet()
-        loss, trace = train(model, x, y, batch_size=32, lr=0.05, momentum=0.9, steps=60,
+        _, trace = train(model, x, y, batch_size=32, lr=0.05, momentum=0.9, steps=60,
                             generator=torch.Generator().manual_seed(1))
         results.append((trace, model.state_dict()))
     assert results[0][0] == results[1][0]

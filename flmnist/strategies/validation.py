@@ -53,7 +53,7 @@ def reply_problem(
     for name, arr in arrays.items():
         try:
             values = arr.numpy()
-        except Exception as err:  # undecodable bytes
+        except Exception as err:  # noqa: BLE001 - undecodable bytes of any kind
             return f"array '{name}' cannot be decoded ({err})"
         if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
             return f"array '{name}' holds non-finite values"

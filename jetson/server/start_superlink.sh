@@ -53,4 +53,6 @@ for f in ca.crt superlink.crt superlink.key; do
     [[ -r "$certs/$f" ]] || { echo "missing $certs/$f: run make_certs.sh first" >&2; exit 1; }
 done
 mkdir -p "$(dirname "$database")"
+# The SuperLink's SuperExec starts the ServerApp; poll for it every 50 ms instead of 1 s.
+export FLWR_SUPEREXEC_TASK_POLL_INTERVAL="${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-0.05}"
 exec "${cmd[@]}"

@@ -1,0 +1,64 @@
+"""Exports of a run's final model for devices without flmnist: TorchScript and ONNX.
+
+Both take the model from ``model.pt`` in the run directory and are written atomically next
+to it. Neither needs flmnist to load:
+
+- ``model_scripted.pt``: ``torch.jit.load(path)``;
+- ``model.onnx``: any ONNX runtime (TensorRT on a Jetson), input ``image`` of shape
+  (batch, 1, 28, 28), normalised like flmnist's data; output ``logits`` of shape (batch, 10).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from logging import WARNING
+from pathlib import Path
+
+import torch
+from flwr.common.logger import log
+
+EXAMPLE = torch.zeros(2, 1, 28, 28)
+
+
+def export_model(model: torch.nn.Module, run_dir: Path) -> list[Path]:
+    """Write the exports of ``run_dir/model.pt``; return the files written. A failed export is
+    logged and skipped: the run's results are already on disk and stay valid."""
+    state = Path(run_dir) / "model.pt"
+    if not state.is_file():
+        return []
+    model.load_state_dict(torch.load(state, weights_only=True))
+    model.eval()
+    written = []
+    for name, write in (("model_scripted.pt", to_torchscript), ("model.onnx", to_onnx)):
+        path = Path(run_dir) / name
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            write(model, tmp)
+            tmp.replace(path)
+            written.append(path)
+        except Exception as err:  # noqa: BLE001 - an export must never lose a finished run
+            tmp.unlink(missing_ok=True)
+            log(WARNING, "Could not export %s: %s: %s", name, type(err).__name__, err)
+    return written
+
+
+def to_torchscript(model: torch.nn.Module, path: Path) -> None:
+    torch.jit.script(model).save(str(path))
+
+
+def to_onnx(model: torch.nn.Module, path: Path) -> None:
+    """torch.export-based ONNX exporter (needs ``onnx`` and ``onnxscript``), batch size dynamic."""
+    quiet = logging.getLogger("torch.onnx")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                model, (EXAMPLE,), dynamo=True, verbose=False, input_names=["image"], output_names=["logits"],
+                dynamic_shapes=({0: torch.export.Dim("batch")},),
+            )
+        program.save(str(path), external_data=False)
+    finally:
+        quiet.setLevel(level)
