@@ -1,23 +1,31 @@
 """Benchmark: per-round overhead of a real deployment on loopback, flmnist's polling against
 Flower's built-in `FedAvg.start()` waiting, in the same run.
 
-It sets up the rehearsal's deployment (TLS, node authentication, 3 SuperNodes with their own
-data; see jetson/rehearsal.py), then runs a trivially small workload twice against the same
+It sets up the rehearsal's deployment (TLS, node authentication, SuperNodes with their own
+data; see jetson/rehearsal.py), then runs a trivially small workload against the same
 SuperLink: logistic regression, 1 local step, 6 rounds, each round a train and an evaluate
-exchange plus a test-set evaluation.
+exchange plus a test-set evaluation on the server.
 
 - `poll_interval=0.05`: flmnist's `PollingGrid` under Flower's round loop pulls replies every 50 ms;
 - `poll_interval=null`: Flower's own `Grid.send_and_receive`, which sleeps 3 s between pulls.
 
+Both loops also run without the client-side evaluate exchange (train only). This first
+deployment sets `FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.05` (as the Jetson image does); a second
+one keeps Flower's defaults throughout (SuperExec task polling every 1 s, send_and_receive).
+It also times what every message costs a SuperNode before any work: Flower 1.41 starts a new
+`flwr-clientapp` process per message.
+
 Per-round time is taken from the run's metrics (wall time between consecutive rounds,
 rounds 2-6, so the cold start of round 1 is left out). Target: at most 5 s per round.
-Both loops are also run without the client-side evaluate exchange (train only).
 
-    FLMNIST_DATA_DIR=/path/to/mnist python benchmarks/deployment_overhead.py
+    FLMNIST_DATA_DIR=/path/to/mnist python benchmarks/deployment_overhead.py [--nodes 1|2|3]
+
+Results: benchmarks/results/deployment_overhead_<N>nodes.json.
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import os
@@ -39,9 +47,9 @@ from flmnist.flwr_local import write_run_config
 ROUNDS = 6
 
 
-def one_run(r: Rehearsal, name: str, poll_interval: str, fraction_evaluate: float = 1.0) -> dict:
+def one_run(r: Rehearsal, name: str, poll_interval: str, fraction_evaluate: float, nodes: int) -> dict:
     run_dir = r.work / name
-    overrides = ["model=logreg", "client.local_steps=1", f"num_rounds={ROUNDS}", "num_nodes=3",
+    overrides = ["model=logreg", "client.local_steps=1", f"num_rounds={ROUNDS}", f"num_nodes={nodes}",
                  f"sampling.fraction_evaluate={fraction_evaluate}",
                  "partition=iid", "data.holdout_fraction=0.05", f"poll_interval={poll_interval}",
                  f"data.root={r.data_root}", f"run_dir={run_dir}", "wait_for_nodes=60"]
@@ -76,19 +84,19 @@ def clientapp_start_s(repeats: int = 3) -> dict:
                 "from flwr.supernode.cli import flwr_clientapp; import flmnist.client_app")}
 
 
-def deployment(tmp: Path, data_root: Path, task_poll_interval: float | None, runs: dict) -> dict:
-    """One rehearsal deployment (3 SuperNodes); ``runs``: name -> (poll_interval, fraction_evaluate)."""
+def deployment(tmp: Path, data_root: Path, task_poll_interval: float | None, runs: dict, nodes: int) -> dict:
+    """One rehearsal deployment of ``nodes`` SuperNodes; ``runs``: name -> (poll_interval, fraction_evaluate)."""
     r = Rehearsal(tmp, data_root, task_poll_interval=task_poll_interval)
     try:
         r.make_certs()
         r.start_superlink()
-        r.export_partitions(["partition=iid", "num_nodes=3"])
-        for name in NAMES:
+        r.export_partitions(["partition=iid", f"num_nodes={nodes}"], NAMES[:nodes])
+        for name in NAMES[:nodes]:
             r.make_key(name)
             r.register(name)
             r.start_node(name)
-        r.wait("3 SuperNodes online", lambda: list(r.node_list().values()).count("online") >= 3, 120)
-        return {name: {**one_run(r, name, poll, fraction), "superexec_task_poll_s": task_poll_interval or 1.0}
+        r.wait(f"{nodes} SuperNodes online", lambda: list(r.node_list().values()).count("online") >= nodes, 120)
+        return {name: {**one_run(r, name, poll, fraction, nodes), "superexec_task_poll_s": task_poll_interval or 1.0}
                 for name, (poll, fraction) in runs.items()}
     finally:
         stopped, leftover = r.stop()
@@ -96,10 +104,13 @@ def deployment(tmp: Path, data_root: Path, task_poll_interval: float | None, run
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nodes", type=int, default=3, choices=[1, 2, 3], help="SuperNodes (default 3)")
+    nodes = parser.parse_args().nodes
     out = REPO / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
     data_root = resolve_root(os.environ.get("FLMNIST_DATA_DIR"))
-    result = {"clientapp_process_start_s": clientapp_start_s()}
+    result = {"supernodes": nodes, "clientapp_process_start_s": clientapp_start_s()}
     print(json.dumps(result), flush=True)
     with tempfile.TemporaryDirectory(prefix="flmnist-deploy-bench-") as tmp:
         # flmnist's settings: SuperExec task polling every 50 ms (as the Jetson image sets it).
@@ -108,16 +119,16 @@ def main() -> None:
             "flower_builtin": ("null", 1.0),
             "flmnist_polling_train_only": ("0.05", 0.0),
             "flower_builtin_train_only": ("null", 0.0),
-        }))
+        }, nodes))
         # Flower's defaults throughout: SuperExec polls every 1 s, send_and_receive every 3 s.
         result.update(deployment(Path(tmp) / "defaults", data_root, None, {
             "flower_defaults": ("null", 1.0),
             "flower_defaults_train_only": ("null", 0.0),
-        }))
+        }, nodes))
     result["target"] = "flmnist per-round overhead <= 5 s"
     result["met_with_client_evaluation"] = result["flmnist_polling"]["mean_round_s"] <= 5.0
     result["met_train_only"] = result["flmnist_polling_train_only"]["mean_round_s"] <= 5.0
-    (out / "deployment_overhead.json").write_text(json.dumps(result, indent=1))
+    (out / f"deployment_overhead_{nodes}nodes.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
 
 

@@ -188,9 +188,9 @@ class Rehearsal:
     def data(self, name: str) -> Path:
         return self.work / "data" / name
 
-    def export_partitions(self, overrides: list[str]) -> None:
+    def export_partitions(self, overrides: list[str], names: list[str] = NAMES) -> None:
         export = _load_export_partition()
-        for i, name in enumerate(NAMES):
+        for i, name in enumerate(names):
             args = ["--node", str(i), "--out", str(self.data(name)), "--data-root", str(self.data_root)]
             if export.main(args + overrides) != 0:
                 raise RuntimeError(f"export_partition.py failed for {name}")

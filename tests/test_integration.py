@@ -4,6 +4,8 @@ and everything it started is stopped by process id afterwards."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import subprocess
@@ -104,3 +106,24 @@ def test_flmnist_command_rejects_bad_settings_before_starting_flower(tmp_path, m
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "partition.alpha must be > 0" in out
     assert "Starting local SuperLink" not in out
+
+
+def test_sweep_runs_every_job_and_writes_the_comparison_table(tmp_path, mnist_root):
+    """`flmnist -m strategy=fedavg,fedprox`: two real runs, one comparison table of both."""
+    env = dict(os.environ, FLMNIST_DATA_DIR=str(mnist_root))
+    sweep = tmp_path / "sweep"
+    cmd = [str(BIN / "flmnist"), "-m", "strategy=fedavg,fedprox", "model=logreg", "num_rounds=1",
+           "client.local_steps=10", "data.holdout_fraction=0.02", f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    jobs = list(csv.DictReader(io.StringIO((sweep / "comparison.csv").read_text())))
+    assert len(jobs) == 2, jobs
+    assert "strategy=fedavg" in jobs[0]["overrides"] and "strategy=fedprox" in jobs[1]["overrides"]
+    for job in jobs:
+        assert job["status"] == "finished"
+        assert float(job["final_accuracy"]) > 0.5   # chance is 0.1
+    for i in range(2):   # each job has its own run directory with its summary
+        [summary] = sweep.glob(f"{i}_*/summary.json")
+        assert json.loads(summary.read_text())["status"] == "finished"
+    assert "comparison.md" in out
