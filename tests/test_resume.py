@@ -92,17 +92,18 @@ def test_resumed_run_equals_the_uninterrupted_run(runs):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-# FedBuff on a simulated fleet, checkpointed at every evaluation (every 4 server updates).
-ASYNC_SETTINGS = ["strategy=fedbuff", "strategy.buffer_size=3", "fleet=homogeneous", "client.local_steps=20",
+# FedBuff on a simulated fleet, checkpointed at every evaluation (every 2 server updates).
+ASYNC_SETTINGS = ["strategy=fedbuff", "strategy.buffer_size=3", "fleet=homogeneous", "client.local_steps=40",
                   "client.batch_size=128",
-                  "async_loop.max_server_updates=24", "async_loop.eval_every=4", "checkpoint_every=4",
+                  "async_loop.max_server_updates=12", "async_loop.eval_every=2", "checkpoint_every=2",
                   "data.holdout_fraction=0.02"]
-LAST = 24
+LAST = 12
+KILL_AT = 4
 
 
 @pytest.fixture(scope="module")
 def async_runs(tmp_path_factory, mnist_root):
-    return full_killed_resumed(tmp_path_factory.mktemp("resume-async"), ASYNC_SETTINGS, kill_at=8, num_nodes=3)
+    return full_killed_resumed(tmp_path_factory.mktemp("resume-async"), ASYNC_SETTINGS, kill_at=KILL_AT, num_nodes=3)
 
 
 def test_resumed_async_run_ends_within_0_3_points_of_the_uninterrupted_run(async_runs):
@@ -111,7 +112,7 @@ def test_resumed_async_run_ends_within_0_3_points_of_the_uninterrupted_run(async
     are computed from other model versions than in the uninterrupted run."""
     full, resumed = async_runs["full"], async_runs["killed"]
     k = async_runs["killed_after"]
-    assert k is not None and 8 <= k < LAST, f"the async run must be killed between server updates 8 and {LAST}"
+    assert k is not None and KILL_AT <= k < LAST, f"the async run must be killed between server updates {KILL_AT} and {LAST}"
     assert not async_runs["summary_before"]
     assert json.loads((resumed / "summary.json").read_text())["status"] == "finished"
     rows = comparable(resumed)
