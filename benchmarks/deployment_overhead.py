@@ -90,11 +90,7 @@ def deployment(tmp: Path, data_root: Path, task_poll_interval: float | None, run
     try:
         r.make_certs()
         r.start_superlink()
-        r.export_partitions(["partition=iid", f"num_nodes={nodes}"], NAMES[:nodes])
-        for name in NAMES[:nodes]:
-            r.make_key(name)
-            r.register(name)
-            r.start_node(name)
+        r.add_nodes(["partition=iid", f"num_nodes={nodes}"], NAMES[:nodes])
         r.wait(f"{nodes} SuperNodes online", lambda: list(r.node_list().values()).count("online") >= nodes, 120)
         return {name: {**one_run(r, name, poll, fraction, nodes), "superexec_task_poll_s": task_poll_interval or 1.0}
                 for name, (poll, fraction) in runs.items()}

@@ -119,8 +119,7 @@ def run_flwr(
     cmd = flwr_run_command(app_dir, write_run_config(Path(flwr_home) / "run_config.toml", overrides), num_supernodes)
     env = flwr_env(flwr_home, env)
     try:
-        with contextlib.ExitStack() as stack:
-            log = stack.enter_context(open(log_path, "w")) if log_path else None
+        with open(log_path, "w") if log_path else contextlib.nullcontext() as log:
             proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             deadline = None if timeout is None else time.monotonic() + timeout
             assert proc.stdout is not None

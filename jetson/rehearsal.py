@@ -195,6 +195,18 @@ class Rehearsal:
             if export.main(args + overrides) != 0:
                 raise RuntimeError(f"export_partition.py failed for {name}")
 
+    def add_nodes(self, partition_overrides: list[str], names: list[str] = NAMES) -> dict[str, int]:
+        """Each node's partition exported, its key made and registered, its SuperNode started;
+        returns the node ids the SuperLink gave the keys."""
+        self.export_partitions(partition_overrides, names)
+        ids = {}
+        for name in names:
+            self.make_key(name)
+            ids[name] = self.register(name)
+        for name in names:
+            self.start_node(name)
+        return ids
+
     def make_key(self, name: str) -> None:
         self.sh(JETSON / "device" / "make_node_key.sh", self.key(name), name)
 
@@ -361,13 +373,8 @@ def rehearse(work: Path, data_root: Path, fault: bool = True, app_dir: Path = RE
         r.log("CA and SuperLink certificate made")
         r.start_superlink()
         r.log(f"SuperLink up on {r.address} (TLS, node authentication, state database)")
-        r.export_partitions(["experiment=seed002"])
-        for name in NAMES:
-            r.make_key(name)
-            report.node_ids[name] = r.register(name)
-        r.log(f"3 partitions exported, 3 keys made and registered: {report.node_ids}")
-        for name in NAMES:
-            r.start_node(name)
+        report.node_ids = r.add_nodes(["experiment=seed002"])
+        r.log(f"3 partitions exported, 3 keys made and registered, 3 SuperNodes started: {report.node_ids}")
         refused = _start_refusals(r)
         ids = set(report.node_ids.values())
         r.wait("3 SuperNodes online", lambda: sum(r.node_list().get(i) == "online" for i in ids) == 3, 90)

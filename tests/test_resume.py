@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -14,8 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from flmnist.checkpoint import find_checkpoint, load_checkpoint
 from flmnist.data import load_mnist
-from flmnist.flwr_local import flwr_env, run_flwr, stop_flwr_home, write_run_config
+from flmnist.errors import ConfigError
+from flmnist.flwr_local import (
+    flwr_env,
+    flwr_run_command,
+    run_flwr,
+    stop_flwr_home,
+    write_run_config,
+)
 from flmnist.models import LeNet
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,11 +36,6 @@ def comparable(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "wall_time"} for r in rows]
 
 
-def flwr_run_cmd(cfg: Path, num_nodes: int) -> list[str]:
-    return [str(Path(sys.executable).parent / "flwr"), "run", str(REPO), "--stream", "--run-config", str(cfg),
-            "--federation-config", f"num-supernodes={num_nodes}"]
-
-
 def full_killed_resumed(tmp: Path, settings: list[str], kill_at: int, num_nodes: int = 2) -> dict:
     """An uninterrupted run, then the same run killed (SuperLink, SuperNodes and all) once
     step ``kill_at`` and its checkpoint are on disk, then resumed to the end."""
@@ -45,7 +47,7 @@ def full_killed_resumed(tmp: Path, settings: list[str], kill_at: int, num_nodes:
     killed = tmp / "killed"
     home = Path(tempfile.mkdtemp(prefix="flmnist-test-home-"))
     cfg = write_run_config(tmp / "killed.toml", [*settings, f"run_dir={killed}"])
-    proc = subprocess.Popen(flwr_run_cmd(cfg, num_nodes), env=flwr_env(home),
+    proc = subprocess.Popen(flwr_run_command(REPO, cfg, num_nodes), env=flwr_env(home),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     killed_after = None
     try:
@@ -53,11 +55,13 @@ def full_killed_resumed(tmp: Path, settings: list[str], kill_at: int, num_nodes:
         while time.monotonic() < deadline and killed_after is None:
             time.sleep(0.2)
             try:
-                rows = json.loads((killed / "metrics.json").read_text())
-                saved = torch.load(killed / "checkpoint.pt", weights_only=False)["round"]
-            except (OSError, ValueError, RuntimeError, EOFError):
+                if json.loads((killed / "metrics.json").read_text())[-1]["round"] < kill_at:
+                    continue
+                # the checkpoint follows the metrics: read it only once they are far enough
+                saved = load_checkpoint(killed / "checkpoint.pt")["round"]
+            except (OSError, ValueError, ConfigError):
                 continue
-            if rows[-1]["round"] >= kill_at and saved >= kill_at:
+            if saved >= kill_at:
                 killed_after = saved
     finally:
         stop_flwr_home(home)
@@ -149,9 +153,6 @@ def test_exports_predict_like_the_state_dict(runs, mnist_root):
 
 
 def test_resume_errors_name_the_path(tmp_path):
-    from flmnist.checkpoint import find_checkpoint
-    from flmnist.errors import ConfigError
-
     with pytest.raises(ConfigError, match=f"no checkpoint at {tmp_path}/checkpoint.pt"):
         find_checkpoint(str(tmp_path), "outputs")
     with pytest.raises(ConfigError, match="resume=latest: no checkpoint.pt under"):

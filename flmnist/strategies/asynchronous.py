@@ -19,18 +19,11 @@ class AsyncStrategy(ABC):
     #: clients reply with x_k - x_dispatched instead of x_k
     reply_delta: bool = False
 
-    def __init__(self, max_staleness: int | None = None, proximal_mu: float = 0.0,
-                 fraction_evaluate: float = 0.0) -> None:
-        from flmnist.errors import ConfigError
-
+    def __init__(self, max_staleness: int | None = None, proximal_mu: float = 0.0) -> None:
         if max_staleness is not None and max_staleness < 0:
+            from flmnist.errors import ConfigError
+
             raise ConfigError(f"strategy.max_staleness must be >= 0 or null, got {max_staleness}")
-        if fraction_evaluate:
-            # Accepted (as 0) so presets that turn client evaluation off compose with any strategy.
-            raise ConfigError(
-                f"strategy.fraction_evaluate={fraction_evaluate}: the asynchronous loop has no client-side "
-                "evaluation rounds; the global model is evaluated on the test set every async_loop.eval_every"
-            )
         self.max_staleness = max_staleness
         self.proximal_mu = float(proximal_mu)
 

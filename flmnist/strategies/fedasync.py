@@ -27,13 +27,12 @@ class FedAsync(AsyncStrategy):
         staleness: Staleness | None = None,
         rho: float = 0.0,
         max_staleness: int | None = None,
-        fraction_evaluate: float = 0.0,
     ) -> None:
         if not 0 < alpha <= 1:
             raise ConfigError(f"strategy.alpha must be in (0, 1], got {alpha}")
         if rho < 0:
             raise ConfigError(f"strategy.rho must be >= 0, got {rho}")
-        super().__init__(max_staleness=max_staleness, proximal_mu=rho, fraction_evaluate=fraction_evaluate)
+        super().__init__(max_staleness=max_staleness, proximal_mu=rho)
         self.alpha = float(alpha)
         self.staleness = staleness or Polynomial(0.5)
 

@@ -37,7 +37,6 @@ class FedBuff(AsyncStrategy):
         staleness: Staleness | None = None,
         weight_by_examples: bool = True,
         max_staleness: int | None = None,
-        fraction_evaluate: float = 0.0,
     ) -> None:
         if buffer_size < 1:
             raise ConfigError(f"strategy.buffer_size must be >= 1, got {buffer_size}")
@@ -45,7 +44,7 @@ class FedBuff(AsyncStrategy):
             raise ConfigError(f"strategy.server_learning_rate must be > 0, got {server_learning_rate}")
         if not 0 <= server_momentum < 1:
             raise ConfigError(f"strategy.server_momentum must be in [0, 1), got {server_momentum}")
-        super().__init__(max_staleness=max_staleness, fraction_evaluate=fraction_evaluate)
+        super().__init__(max_staleness=max_staleness)
         self.buffer_size = int(buffer_size)
         self.server_learning_rate = float(server_learning_rate)
         self.server_momentum = float(server_momentum)
