@@ -14,28 +14,70 @@ Two clocks:
 - deployment (no fleet): replies are processed in real arrival order.
 
 In both, a message has a TTL and every update a timeout, so a node that vanishes (or
-replies with an error) costs one slot for one timeout, not the run.
+replies with an error) costs one slot for one timeout, not the run. Every reply takes the
+run's :class:`~flmnist.reply_path.ReplyPath` (the same screen, hooks, recording and
+checkpoint layout as the synchronous engine). The loop ends with a clear error after
+``max_consecutive_failures`` failed or rejected updates in a row, or when no server version
+was made for ``progress_timeout`` seconds; a node Flower reports unavailable frees its slot at
+once.
 """
 
 from __future__ import annotations
 
 import heapq
+import math
 import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 
-from flmnist.checkpoint import rng_state, save_checkpoint
-from flmnist.evaluation import ClientUpdate, EvaluationHook
+from flmnist import protocol as p
+from flmnist.checkpoint import set_rng_state
+from flmnist.errors import ConfigError, RunFailed
 from flmnist.fleet import Fleet, UpdateTiming
-from flmnist.recorder import RunRecorder
+from flmnist.reply_path import ReplyPath, to_record, to_weights
+from flmnist.screen import NodeInfo, Rejection
 from flmnist.strategies.asynchronous import AsyncStrategy
-from flmnist.strategies.base import node_name
-from flmnist.strategies.validation import reply_problem
+
+
+def _check(key: str, value, *, integer: bool, allow_none: bool) -> None:
+    if value is None and allow_none:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    if integer:
+        ok = ok and isinstance(value, int)
+    if not ok:
+        kind = "an integer >= 1" if integer else "a finite number > 0"
+        raise ConfigError(f"async_loop.{key} must be {kind}{' or null' if allow_none else ''}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class AsyncLoopSettings:
+    """``conf/config.yaml``'s ``async_loop`` section; the constructor checks every value."""
+
+    concurrency: int | None = None          # nodes training at once (None: all)
+    max_server_updates: int | None = 100    # stop after this many server versions ...
+    max_client_updates: int | None = None   # ... or client updates processed ...
+    time_budget: float | None = None        # ... or seconds (virtual in simulation)
+    eval_every: int = 10
+    update_timeout: float = 600.0
+    max_consecutive_failures: int = 50      # liveness: failed or rejected updates in a row
+    progress_timeout: float = 3600.0        # liveness: seconds without a new server version
+
+    def __post_init__(self) -> None:
+        for key in ("concurrency", "max_server_updates", "max_client_updates"):
+            _check(key, getattr(self, key), integer=True, allow_none=True)
+        _check("time_budget", self.time_budget, integer=False, allow_none=True)
+        _check("eval_every", self.eval_every, integer=True, allow_none=False)
+        _check("max_consecutive_failures", self.max_consecutive_failures, integer=True, allow_none=False)
+        for key in ("update_timeout", "progress_timeout"):
+            _check(key, getattr(self, key), integer=False, allow_none=False)
+        if not (self.max_server_updates or self.max_client_updates or self.time_budget):
+            raise ConfigError("async_loop needs a stop: set max_server_updates, max_client_updates or time_budget")
 
 
 @dataclass(order=True)
@@ -75,56 +117,43 @@ class VirtualQueue:
         heapq.heapify(self._heap)
 
 
-def to_numpy(arrays: ArrayRecord) -> dict:
-    return {k: v.numpy() for k, v in arrays.items()}
-
-
-def to_record(weights: dict) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in weights.items()})
-
-
 @dataclass
-class NodeInfo:
-    node_id: int
-    partition: int        # partition id, or -1 for a device with its own data
-    train_examples: int
+class Node:
+    info: NodeInfo
     updates: int = 0      # updates dispatched to this node so far
+
+    @property
+    def node_id(self) -> int:
+        return self.info.node_id
+
+    @property
+    def partition(self) -> int:
+        return self.info.partition
 
 
 class AsyncLoop:
-    """Keep ``concurrency`` nodes busy; apply each arriving update with the strategy."""
+    """Keep ``concurrency`` nodes busy; apply each accepted update with the strategy."""
+
+    kind = "async"
+    unit = "update"
 
     def __init__(
         self,
         grid,
         strategy: AsyncStrategy,
-        train_config: ConfigRecord,
-        recorder: RunRecorder | None = None,
-        hooks: list[EvaluationHook] = (),
+        path: ReplyPath,
+        settings: AsyncLoopSettings,
         fleet: Fleet | None = None,
-        concurrency: int | None = None,
-        max_server_updates: int | None = 100,
-        max_client_updates: int | None = None,
-        time_budget: float | None = None,
-        eval_every: int = 10,
-        update_timeout: float = 600.0,
         poll_interval: float = 0.05,
-        checkpoint_every: int = 0,
     ) -> None:
-        if not (max_server_updates or max_client_updates or time_budget):
-            from flmnist.errors import ConfigError
-
-            raise ConfigError("async_loop needs a stop: max_server_updates, max_client_updates or time_budget")
-        self.grid, self.strategy, self.config = grid, strategy, train_config
-        self.recorder, self.hooks, self.fleet = recorder, list(hooks), fleet
-        self.concurrency = concurrency
-        self.max_server_updates, self.max_client_updates = max_server_updates, max_client_updates
-        self.time_budget, self.eval_every = time_budget, eval_every
-        self.update_timeout, self.poll_interval = update_timeout, poll_interval
-        self.checkpoint_every = checkpoint_every
+        self.grid, self.strategy, self.path, self.settings = grid, strategy, path, settings
+        self.fleet, self.poll_interval = fleet, poll_interval
+        self.sent = path.sent
         self.version = 0
         self.client_updates = 0       # replies processed (applied or not)
         self.applied = 0
+        self.failures_in_row = 0
+        self.last_problem = ""
         self.counts = Counter()       # outcome -> number
         self.node_counts = Counter()  # node name -> applied updates
         self.staleness: list[int] = []
@@ -134,63 +163,64 @@ class AsyncLoop:
         self.model_bytes = 0
         self.vnow = 0.0
         self.t0 = time.perf_counter()
+        self.last_progress = time.monotonic()
         self.seq = 0
         self.arrived: OrderedDict[str, Message] = OrderedDict()
         self.in_flight: dict[str, Job] = {}
-        self.nodes: dict[int, NodeInfo] = {}
+        self.sent_models: dict[int, dict] = {}   # version -> weights, while an update trained on it is out
+        self.nodes: dict[int, Node] = {}
+        self.refused: set[int] = set()           # node ids whose query reply was refused
+        self.failing: set[int] = set()           # node ids whose last update failed or was rejected
+        self.idle: list[Node] = []               # nodes waiting for work, first served first
+        self.away: list[Node] = []               # nodes Flower reported gone (deployment)
+        self.connected: set[int] | None = None   # node ids Flower lists, refreshed every 5 s
+        self.concurrency = 0
+        self.last_discovery = time.monotonic()
         self.bookkeeping = 0.0        # real seconds spent on virtual-clock bookkeeping
 
     # ----------------------------------------------------------------- nodes
-    def discover(self, timeout: float) -> list[NodeInfo]:
-        """Ask every newly connected node who it is (partition id, training examples)."""
-        new = [n for n in self.grid.get_node_ids() if n not in self.nodes]
+    def discover(self, timeout: float) -> list[Node]:
+        """Ask every newly connected node who it is; a malformed answer keeps the node out."""
+        new = [n for n in self.grid.get_node_ids() if n not in self.nodes and n not in self.refused]
         if not new:
             return []
-        msgs = [Message(RecordDict({"config": self.config}), dst_node_id=n, message_type=MessageType.QUERY,
-                        ttl=timeout) for n in new]
+        msgs = [Message(RecordDict({p.CONFIG: self.sent.to_record()}), dst_node_id=n,
+                        message_type=MessageType.QUERY, ttl=timeout) for n in new]
         ids = set(self.grid.push_messages(msgs))
         deadline = time.monotonic() + timeout
         while ids and time.monotonic() < deadline:
             for reply in self.grid.pull_messages(list(ids)):
                 ids.discard(reply.metadata.reply_to_message_id)
-                if reply.has_error():
-                    log(WARNING, "Node %s did not answer the query: %s", reply.metadata.src_node_id, reply.error.reason)
-                    continue
-                info = reply.content["node-info"]
-                self.nodes[reply.metadata.src_node_id] = NodeInfo(
-                    reply.metadata.src_node_id, int(info.get("partition-id", -1)), int(info.get("train-examples", 0)))
-            time.sleep(self.poll_interval)
+                out = self.path.screen.query(reply)
+                if isinstance(out, Rejection):
+                    if not out.failed:
+                        self.refused.add(reply.metadata.src_node_id)
+                    log(WARNING, "Node %s was not added: %s", out.name, out.reason)
+                else:
+                    self.nodes[out.node_id] = Node(out)
+            if ids:
+                time.sleep(self.poll_interval)
         return [self.nodes[n] for n in new if n in self.nodes]
 
-    def ordered_nodes(self) -> list[NodeInfo]:
+    def ordered_nodes(self) -> list[Node]:
         """Nodes in a run-independent order (partition id), so dispatch order is reproducible."""
         return sorted(self.nodes.values(), key=lambda n: (n.partition, n.node_id))
 
-    def examples_per_update(self, node: NodeInfo) -> int:
-        steps = int(self.config.get("local-steps", 0))
-        if steps:
-            return steps * int(self.config["batch-size"])
-        return int(self.config["local-epochs"]) * node.train_examples
-
     # -------------------------------------------------------------- dispatch
-    def dispatch(self, node: NodeInfo, arrays: ArrayRecord) -> Job:
+    def dispatch(self, node: Node, arrays: ArrayRecord, weights: dict) -> Job:
         node.updates += 1
-        config = ConfigRecord(dict(self.config))
-        config["server-round"] = node.updates          # seeds the node's batches for this update
-        config["server-version"] = self.version
-        config["reply-delta"] = self.strategy.reply_delta
-        if self.strategy.proximal_mu:
-            config["proximal-mu"] = self.strategy.proximal_mu
-        msg = Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=node.node_id,
-                      message_type=MessageType.TRAIN, ttl=self.update_timeout)
+        config = self.sent.to_record(**{p.SERVER_ROUND: node.updates, p.SERVER_VERSION: self.version})
+        msg = Message(RecordDict({p.ARRAYS: arrays, p.CONFIG: config}), dst_node_id=node.node_id,
+                      message_type=MessageType.TRAIN, ttl=self.settings.update_timeout)
         (message_id,) = list(self.grid.push_messages([msg]))
+        self.sent_models.setdefault(self.version, weights)
         self.seq += 1
         timing, vdone = None, float(self.seq)
         if self.fleet is not None:
             t = time.perf_counter()
-            timing = self.fleet.timing(max(node.partition, 0), node.updates, self.examples_per_update(node),
-                                       self.model_bytes)
-            vdone = self.vnow + (self.update_timeout if timing.dropped else timing.duration)
+            timing = self.fleet.timing(node.partition, node.updates,
+                                       self.sent.examples_per_update(node.info.train_examples), self.model_bytes)
+            vdone = self.vnow + (self.settings.update_timeout if timing.dropped else timing.duration)
             self.bookkeeping += time.perf_counter() - t
         job = Job(vdone, self.seq, node.node_id, message_id, self.version, time.monotonic(), self.vnow, timing)
         self.in_flight[message_id] = job
@@ -203,130 +233,139 @@ class AsyncLoop:
                 self.arrived[reply.metadata.reply_to_message_id] = reply
 
     # --------------------------------------------------------------- process
-    def process(self, job: Job, reply: Message | None, global_arrays: ArrayRecord, weights: dict) -> dict | None:
-        """Validate and apply one reply; return new global weights if the strategy changed them."""
+    def failure(self, outcome: str, problem: str, node_id: int) -> None:
+        """Count a failed, rejected or timed-out update; too many in a row end the run, unless a
+        node that has not failed its last update is still training (one bad node cannot end it)."""
+        self.counts[outcome] += 1
+        self.failures_in_row += 1
+        self.failing.add(node_id)
+        self.last_problem = problem
+        limit = self.settings.max_consecutive_failures
+        if self.failures_in_row >= limit and all(j.node_id in self.failing for j in self.in_flight.values()):
+            raise RunFailed(f"{self.failures_in_row} client updates in a row failed or were rejected "
+                            f"(async_loop.max_consecutive_failures={limit}); last: {problem}")
+
+    def process(self, job: Job, reply: Message | None, weights: dict) -> dict | None:
+        """Screen and apply one reply; return new global weights if the strategy changed them."""
         self.in_flight.pop(job.message_id, None)
+        reference = self.sent_models.get(job.version, weights)
+        if not any(j.version == job.version for j in self.in_flight.values()) and job.version != self.version:
+            self.sent_models.pop(job.version, None)
         self.client_updates += 1
         if job.timing is not None and job.timing.dropped:
             self.counts["dropped (device)"] += 1
             return None
         if reply is None:
-            self.counts["timed out"] += 1
-            log(WARNING, "Update from node %s timed out after %.0f s", job.node_id, self.update_timeout)
+            if self.connected is not None and job.node_id not in self.connected:
+                log(WARNING, "Node id %s is no longer connected; its update is lost", job.node_id)
+                self.failure("unavailable", f"node id {job.node_id} became unavailable", job.node_id)
+            else:
+                log(WARNING, "Update from node id %s timed out after %.0f s", job.node_id, self.settings.update_timeout)
+                self.failure("timed out", f"node id {job.node_id} timed out", job.node_id)
             return None
-        name = node_name(reply)
-        if reply.has_error():
-            self.counts["failed"] += 1
-            log(WARNING, "Update from %s failed: %s", name, reply.error.reason)
+        updates, rejections = self.path.train_replies(self.client_updates, [reply], reference,
+                                                      delta=self.strategy.reply_delta)
+        if rejections:
+            r = rejections[0]
+            self.failure("failed" if r.failed else "rejected", f"{r.name}: {r.reason}", job.node_id)
             return None
-        problem = reply_problem(reply.content, global_arrays)  # a delta has the model's shapes too
-        if problem:
-            self.counts["rejected"] += 1
-            log(WARNING, "Rejected update from %s (node id %s): %s", name, job.node_id, problem)
-            return None
+        update = updates[0]
+        self.failing.discard(job.node_id)
         staleness = self.version - job.version
         if not self.strategy.accepts(staleness):
             self.counts["too stale"] += 1
             return None
-        metrics = next(iter(reply.content.metric_records.values()))
-        update = ClientUpdate(job.node_id, name, reply.content["arrays"], metrics)
-        if not self.strategy.reply_delta:  # a delta is not a model to evaluate
-            for hook in self.hooks:
-                out = hook.evaluate_updates(self.client_updates, [update])
-                if out and self.recorder is not None:
-                    self.recorder.add(self.version + 1, **out)
-        if self.recorder is not None:
-            self.recorder.add_loss_trace(name, list(metrics.get("loss-trace", [])))
+        self.failures_in_row = 0
         self.applied += 1
         self.counts["applied"] += 1
-        self.node_counts[name] += 1
+        self.node_counts[update.name] += 1
         self.staleness.append(staleness)
         self.pending_staleness.append(staleness)
-        self.pending_nodes.append(name)
-        self.pending_loss.append(float(metrics.get("train-loss", float("nan"))))
-        return self.strategy.apply(weights, to_numpy(update.arrays), int(metrics["num-examples"]), staleness)
+        self.pending_nodes.append(update.name)
+        self.pending_loss.append(update.metrics[p.TRAIN_LOSS])
+        new = self.strategy.apply(weights, update.weights, update.num_examples, staleness)
+        if new is None:
+            return None
+        return self.path.aggregate(new, weights)
 
     # ------------------------------------------------------------------ stop
     def clock(self) -> float:
         return self.vnow if self.fleet is not None else time.perf_counter() - self.t0
 
     def should_stop(self) -> bool:
+        s = self.settings
         return bool(
-            (self.max_server_updates and self.version >= self.max_server_updates)
-            or (self.max_client_updates and self.client_updates >= self.max_client_updates)
-            or (self.time_budget and self.clock() >= self.time_budget)
+            (s.max_server_updates and self.version >= s.max_server_updates)
+            or (s.max_client_updates and self.client_updates >= s.max_client_updates)
+            or (s.time_budget and self.clock() >= s.time_budget)
         )
 
+    def check_progress(self) -> None:
+        waited = time.monotonic() - self.last_progress
+        if waited > self.settings.progress_timeout:
+            raise RunFailed(f"no new server version for {waited:.0f} s (async_loop.progress_timeout="
+                            f"{self.settings.progress_timeout:g}); last problem: {self.last_problem or 'none'}")
+
     # ------------------------------------------------------------------ main
-    def record(self, arrays: ArrayRecord, evaluate: bool) -> None:
+    def record(self, arrays: ArrayRecord, weights: dict, evaluate: bool) -> None:
         fields = {
             "virtual_time": round(self.vnow, 4) if self.fleet is not None else None,
             "client_updates": self.client_updates,
             "applied_updates": self.applied,
             "staleness": self.pending_staleness,
             "nodes": self.pending_nodes,
-            "train_loss": float(np.nanmean(self.pending_loss)) if self.pending_loss else None,
+            "train_loss": float(np.mean(self.pending_loss)) if self.pending_loss else None,
             "mean_staleness": float(np.mean(self.pending_staleness)) if self.pending_staleness else None,
         }
         self.pending_staleness, self.pending_nodes, self.pending_loss = [], [], []
-        if evaluate:
-            for hook in self.hooks:
-                fields.update(hook.evaluate_global(self.version, arrays) or {})
-        if self.recorder is not None:
-            self.recorder.add(self.version, **fields)
-            self.recorder.end_round(self.version, arrays.to_torch_state_dict() if evaluate else None, quiet=not evaluate)
-            if evaluate and self.checkpoint_every and self.version % self.checkpoint_every == 0:
-                self.save_checkpoint(arrays)
+        if self.path.recorder is not None:
+            self.path.recorder.async_stats = self.stats_dict()
+        self.path.global_model(self.version, arrays, evaluate=evaluate, **fields)
+        if evaluate and self.version > 0 and self.path.checkpoint_due(self.version):
+            self.path.save_checkpoint(self.kind, self.version, weights, self.state_dict())
 
-    def save_checkpoint(self, arrays: ArrayRecord) -> None:
-        """Model, strategy state (buffer, momentum), version and counters; in-flight updates
-        are not kept: after a resume every node gets fresh work on the checkpointed model."""
-        self.recorder.async_stats = self.stats_dict()
-        save_checkpoint(self.recorder.run_dir, {
-            "kind": "async",
-            "round": self.version,
-            "arrays": to_numpy(arrays),
-            "strategy": self.strategy.state_dict(),
-            "loop": {"version": self.version, "client_updates": self.client_updates, "applied": self.applied,
-                     "counts": dict(self.counts), "node_counts": dict(self.node_counts),
-                     "staleness": self.staleness, "vnow": self.vnow, "bookkeeping": self.bookkeeping,
-                     "node_updates": {n.partition: n.updates for n in self.nodes.values()}},
-            "recorder": self.recorder.state(),
-            "rng": rng_state(),
-        })
+    def state_dict(self) -> dict:
+        """Strategy state (buffer, momentum), version and counters; in-flight updates are not
+        kept: after a resume every node gets fresh work on the checkpointed model."""
+        return {"strategy": self.strategy.state_dict(),
+                "loop": {"version": self.version, "client_updates": self.client_updates, "applied": self.applied,
+                         "counts": dict(self.counts), "node_counts": dict(self.node_counts),
+                         "staleness": self.staleness, "vnow": self.vnow, "bookkeeping": self.bookkeeping,
+                         "node_updates": {n.partition: n.updates for n in self.nodes.values()}}}
 
     def restore(self, checkpoint: dict) -> None:
-        loop = checkpoint["loop"]
+        loop = checkpoint["engine"]["loop"]
         self.version, self.client_updates, self.applied = loop["version"], loop["client_updates"], loop["applied"]
         self.counts, self.node_counts = Counter(loop["counts"]), Counter(loop["node_counts"])
         self.staleness, self.vnow, self.bookkeeping = list(loop["staleness"]), loop["vnow"], loop["bookkeeping"]
-        self.strategy.load_state_dict(checkpoint["strategy"])
+        self.strategy.load_state_dict(checkpoint["engine"]["strategy"])
+        self.path.load_state(checkpoint.get("screen", {}))
+        set_rng_state(checkpoint["rng"])
         for node in self.nodes.values():
             node.updates = loop["node_updates"].get(node.partition, 0)
         log(INFO, "Resumed the asynchronous loop at server update %d (%d client updates)",
             self.version, self.client_updates)
 
     def run(self, initial: ArrayRecord, checkpoint: dict | None = None) -> ArrayRecord:
-        arrays, weights = initial, to_numpy(initial)
-        self.model_bytes = sum(v.nbytes for v in weights.values())
-        self.discover(self.update_timeout)
+        self.arrays, self.weights = initial, to_weights(initial)
+        self.model_bytes = sum(v.nbytes for v in self.weights.values())
+        self.discover(self.settings.update_timeout)
         if checkpoint is not None:
             self.restore(checkpoint)
         nodes = self.ordered_nodes()
         if not nodes:
-            raise RuntimeError("No node answered the query; nothing to train on")
-        concurrency = min(self.concurrency or len(nodes), len(nodes))
-        self.strategy.limit_concurrency(concurrency)
-        log(INFO, "Asynchronous loop: %d nodes, %d training at once, %s clock", len(nodes), concurrency,
+            raise RunFailed("no node answered the query with a valid node-info; nothing to train on")
+        self.concurrency = min(self.settings.concurrency or len(nodes), len(nodes))
+        self.strategy.limit_concurrency(self.concurrency)
+        log(INFO, "Asynchronous loop: %d nodes, %d training at once, %s clock", len(nodes), self.concurrency,
             "virtual" if self.fleet is not None else "real")
         if checkpoint is None:
-            self.record(arrays, evaluate=True)
+            self.record(self.arrays, self.weights, evaluate=True)
         queue = VirtualQueue()
-        idle = self.idle = list(nodes[concurrency:])
-        self.last_discovery = time.monotonic()
-        for node in nodes[:concurrency]:
-            queue.push(self.dispatch(node, arrays))
-        last_eval = 0
+        self.idle = list(nodes)
+        self.last_discovery = self.last_progress = time.monotonic()
+        self.refill(queue)
+        last_eval = self.version
         while not self.should_stop():
             if self.fleet is not None:
                 job = queue.pop()
@@ -336,25 +375,50 @@ class AsyncLoop:
                 self.bookkeeping += time.perf_counter() - t
             else:
                 job, reply = self.next_real(queue)
-            new = self.process(job, reply, arrays, weights)
+            new = self.process(job, reply, self.weights)
             if new is not None:
-                weights = new
-                arrays = to_record(weights)
+                self.weights, self.arrays = new, to_record(new)
                 self.version += 1
-                evaluate = self.version % self.eval_every == 0 or self.should_stop()
-                self.record(arrays, evaluate)
+                self.last_progress = time.monotonic()
+                evaluate = self.version % self.settings.eval_every == 0 or self.should_stop()
+                self.record(self.arrays, self.weights, evaluate)
                 if evaluate:
                     last_eval = self.version
+            self.check_progress()
             node = self.nodes[job.node_id]
-            if self.fleet is None and (reply is None or reply.has_error()):
-                idle.append(node)  # timed out or failed: give its slot to another node first
-                node = idle.pop(0)
-            if not self.should_stop():
-                queue.push(self.dispatch(node, arrays))
+            if self.fleet is None and self.connected is not None and job.node_id not in self.connected:
+                self.away.append(node)  # Flower says it is gone: no work until it is back
+            elif self.fleet is None and (reply is None or reply.has_error()):
+                self.idle.append(node)  # timed out or failed: give its slot to another node first
+            else:
+                self.idle.insert(0, node)  # the same node trains again (reproducible in simulation)
+            self.refill(queue)
         if last_eval != self.version:
-            self.record(arrays, evaluate=True)
+            self.record(self.arrays, self.weights, evaluate=True)
         self.finish_stats()
-        return arrays
+        return self.arrays
+
+    def refill(self, queue: VirtualQueue) -> None:
+        """Dispatch work to idle nodes until ``concurrency`` updates are in flight."""
+        while len(queue) < self.concurrency and self.idle and not self.should_stop():
+            queue.push(self.dispatch(self.idle.pop(0), self.arrays, self.weights))
+
+    def unavailable(self, job: Job) -> bool:
+        """Whether Flower no longer lists the job's node as connected (checked every 5 s)."""
+        return self.connected is not None and job.node_id not in self.connected
+
+    def refresh_connected(self, queue: VirtualQueue) -> None:
+        """Every 5 s: which nodes Flower lists; in deployment, returning and new nodes get work."""
+        now = time.monotonic()
+        if self.connected is not None and now - self.last_discovery <= 5.0:
+            return
+        self.last_discovery = now
+        self.connected = set(self.grid.get_node_ids())
+        if self.fleet is None:
+            back = [n for n in self.away if n.node_id in self.connected]
+            self.away = [n for n in self.away if n.node_id not in self.connected]
+            self.idle.extend(back + self.discover(timeout=2.0))
+            self.refill(queue)
 
     def await_reply(self, job: Job) -> Message | None:
         """Simulation: wait (really) for the reply of the job that completes first virtually."""
@@ -364,13 +428,15 @@ class AsyncLoop:
             self.pull()
             if job.message_id in self.arrived:
                 break
-            if time.monotonic() - job.sent > self.update_timeout:
+            self.refresh_connected(queue=None)
+            if time.monotonic() - job.sent > self.settings.update_timeout or self.unavailable(job):
                 return None
+            self.check_progress()
             time.sleep(self.poll_interval)
         return self.arrived.pop(job.message_id, None)
 
     def next_real(self, queue: VirtualQueue) -> tuple[Job, Message | None]:
-        """Deployment: the first reply to arrive, or the first job to time out."""
+        """Deployment: the first reply to arrive, or the first job to time out or lose its node."""
         while True:
             self.pull()
             if self.arrived:
@@ -379,20 +445,19 @@ class AsyncLoop:
                 if job is not None:
                     queue.remove(job)
                     return job, reply
+            self.refresh_connected(queue)
             now = time.monotonic()
             for job in queue.jobs():
-                if now - job.sent > self.update_timeout:
+                if now - job.sent > self.settings.update_timeout or self.unavailable(job):
                     queue.remove(job)
                     return job, None
-            if now - self.last_discovery > 5.0:  # a restarted or new node joins the idle pool
-                self.last_discovery = now
-                self.idle.extend(self.discover(timeout=2.0))
+            self.check_progress()
             time.sleep(self.poll_interval)
 
     def finish_stats(self) -> None:
         self.stats = self.stats_dict()
-        if self.recorder is not None:
-            self.recorder.async_stats = self.stats
+        if self.path.recorder is not None:
+            self.path.recorder.async_stats = self.stats
         log(INFO, "Asynchronous loop finished: %s", self.stats)
 
     def stats_dict(self) -> dict:

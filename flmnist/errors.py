@@ -11,3 +11,7 @@ class ConfigError(FlmnistError, ValueError):
 
 class DataError(FlmnistError, FileNotFoundError):
     """Missing or corrupt data; the message names the file or folder."""
+
+
+class RunFailed(FlmnistError, RuntimeError):
+    """The run cannot go on (no usable update for too long); the message says why."""

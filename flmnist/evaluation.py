@@ -14,24 +14,14 @@ and per digit group, saves a confusion matrix, and prints seed-002 style lines::
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, MetricRecord
+from flwr.app import ArrayRecord
 
+from flmnist.screen import ClientUpdate  # an accepted train reply (name, arrays, metrics)
 from flmnist.training import EvalResult, device, evaluate
-
-
-@dataclass
-class ClientUpdate:
-    """One client's reply to a train message, after validation."""
-
-    node_id: int
-    name: str
-    arrays: ArrayRecord
-    metrics: MetricRecord
 
 
 class EvaluationHook:

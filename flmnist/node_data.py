@@ -69,21 +69,24 @@ def device_partition(data_path: str) -> int:
         return 0
 
 
-def node_data(config, node_config) -> NodeData:
-    """This node's data, from the message's ``config`` record and the SuperNode's node config."""
+def node_data(settings, node_config) -> NodeData:
+    """This node's data, from the server's :class:`~flmnist.protocol.TrainSettings` and the
+    SuperNode's node config."""
+    from flmnist.protocol import simulated_node_name
+
     data_path = node_config.get("data-path")
     partition_id = node_config.get("partition-id")
     if data_path:
         name = str(node_config.get("node-name") or data_path)
     else:
-        name = f"node {partition_id}"
-    root = str(resolve_root(config.get("data-root") or None))
+        name = simulated_node_name(partition_id)
+    root = str(resolve_root(settings.data_root or None))
     return _node_data(
-        str(config["partition"]),
+        json.dumps(settings.partition, sort_keys=True),
         root,
-        int(config["num-partitions"]),
-        int(config["seed"]),
-        float(config["holdout-fraction"]),
+        settings.num_partitions,
+        settings.seed,
+        settings.holdout_fraction,
         None if partition_id is None else int(partition_id),
         str(data_path) if data_path else None,
         name,

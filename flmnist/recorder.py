@@ -60,6 +60,7 @@ class RunRecorder:
         self.final_state: dict | None = None
         self.unit = unit  # "round" (synchronous) or "update" (asynchronous server updates)
         self.async_stats: dict | None = None
+        self.screen_stats: dict | None = None  # what the reply screen rejected, per node and reason
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
@@ -138,7 +139,7 @@ class RunRecorder:
         if self.async_stats is not None:
             atomic_write(self.run_dir / "async_stats.json", json.dumps(_clean(self.async_stats), indent=1))
 
-    def summary(self, status: str = "finished") -> dict:
+    def summary(self, status: str = "finished", error: str | None = None) -> dict:
         evaluated = [r for r in self.scalar_rows() if r.get("test_accuracy") is not None and r["round"] > 0]
         final = evaluated[-1] if evaluated else {}
         reached = [r for r in evaluated if r["test_accuracy"] >= self.target_accuracy]
@@ -156,6 +157,8 @@ class RunRecorder:
             "final_virtual_time": final.get("virtual_time"),
             "unit": self.unit,
             "async": self.async_stats,
+            "screen": self.screen_stats,
+            "error": error,
             "wall_time": round(self.elapsed(), 2),
             "run_dir": str(self.run_dir),
         }
@@ -177,12 +180,12 @@ class RunRecorder:
             )
         return "\n".join(lines)
 
-    def finish(self, status: str = "finished") -> dict:
+    def finish(self, status: str = "finished", error: str | None = None) -> dict:
         """Save the final model, plots and summary; print the summary table. Safe after a crash."""
         if self.final_state is not None:
             atomic_torch_save(self.final_state, self.run_dir / "model.pt")
         self.write_metrics()
-        summary = self.summary(status)
+        summary = self.summary(status, error)
         try:
             from flmnist.plots import plot_run
 
@@ -193,6 +196,13 @@ class RunRecorder:
         table = self.summary_table()
         atomic_write(self.run_dir / "summary.md", table + "\n")
         self.printer("Summary of evaluated rounds:\n" + table)
+        screen = self.screen_stats or {}
+        for node, n in screen.get("rejected_per_node", {}).items():
+            self.printer(f"Rejected replies from {node}: {n}")
+        if screen.get("rejection_reasons"):
+            self.printer("Rejection reasons: " + "; ".join(f"{r} ({n})" for r, n in screen["rejection_reasons"].items()))
+        if error:
+            self.printer(f"Run failed: {error}")
         acc = summary["final_accuracy"]
         self.printer(
             f"Run {status}: final test accuracy "

@@ -18,7 +18,12 @@ def device() -> torch.device:
 
 
 def batches(n: int, batch_size: int, generator: torch.Generator, epochs: int | None, steps: int | None):
-    """Index batches: ``epochs`` shuffled passes, or exactly ``steps`` batches (reshuffling as needed)."""
+    """Index batches: ``epochs`` shuffled passes, or exactly ``steps`` batches (reshuffling as needed).
+
+    No data (``n == 0``) gives no batches, whatever ``steps`` says: nothing can spin without data.
+    """
+    if n <= 0:
+        return
     if steps is not None:
         done = 0
         while done < steps:

@@ -100,7 +100,8 @@ def test_flmnist_command_rejects_bad_settings_before_starting_flower(tmp_path, m
     flmnist = str(BIN / "flmnist")
     proc = subprocess.run([flmnist, "strategy=fedfoo"], env=env, capture_output=True, text=True, cwd=tmp_path, check=False)
     assert proc.returncode == 2
-    assert "Unknown strategy 'fedfoo'. Valid options for strategy: fedadam, fedasync, fedavg, fedavgm, fedbuff, fedprox" in proc.stderr
+    assert ("Unknown strategy 'fedfoo'. Valid options for strategy: bulyan, fedadagrad, fedadam, fedasync, fedavg, "
+            "fedavgm, fedbuff, fedmedian, fedprox, fedtrimmedavg, fedyogi, krum, multikrum") in proc.stderr
     proc = subprocess.run([flmnist, "partition=dirichlet", "partition.alpha=0"], env=env,
                           capture_output=True, text=True, cwd=tmp_path, check=False)
     out = proc.stdout + proc.stderr
