@@ -17,8 +17,9 @@ In both, a message has a TTL and every update a timeout, so a node that vanishes
 replies with an error) costs one slot for one timeout, not the run. Every reply takes the
 run's :class:`~flmnist.reply_path.ReplyPath` (the same screen, hooks, recording and
 checkpoint layout as the synchronous engine). The loop ends with a clear error after
-``max_consecutive_failures`` failed or rejected updates in a row, or when no server version
-was made for ``progress_timeout`` seconds; a node Flower reports unavailable frees its slot at
+``max_consecutive_failures`` failed or rejected updates in a row while every node in flight
+has failed its last update (one bad node cannot end a run others advance), or when no server
+version was made for ``progress_timeout`` seconds; a node Flower reports unavailable frees its slot at
 once.
 """
 
@@ -170,6 +171,7 @@ class AsyncLoop:
         self.sent_models: dict[int, dict] = {}   # version -> weights, while an update trained on it is out
         self.nodes: dict[int, Node] = {}
         self.refused: set[int] = set()           # node ids whose query reply was refused
+        self.asked: dict[int, float] = {}         # node id -> when it was last asked who it is
         self.failing: set[int] = set()           # node ids whose last update failed or was rejected
         self.idle: list[Node] = []               # nodes waiting for work, first served first
         self.away: list[Node] = []               # nodes Flower reported gone (deployment)
@@ -181,9 +183,12 @@ class AsyncLoop:
     # ----------------------------------------------------------------- nodes
     def discover(self, timeout: float) -> list[Node]:
         """Ask every newly connected node who it is; a malformed answer keeps the node out."""
-        new = [n for n in self.grid.get_node_ids() if n not in self.nodes and n not in self.refused]
+        now = time.monotonic()
+        new = [n for n in self.grid.get_node_ids() if n not in self.nodes and n not in self.refused
+               and now - self.asked.get(n, -1e9) > 60.0]  # a silent node is asked again after a minute
         if not new:
             return []
+        self.asked.update({n: now for n in new})
         msgs = [Message(RecordDict({p.CONFIG: self.sent.to_record()}), dst_node_id=n,
                         message_type=MessageType.QUERY, ttl=timeout) for n in new]
         ids = set(self.grid.push_messages(msgs))

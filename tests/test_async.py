@@ -8,14 +8,37 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from flmnist.async_loop import Job, VirtualQueue
+from flmnist import protocol as p
+from flmnist.async_loop import AsyncLoopSettings, Job, VirtualQueue
 from flmnist.data import load_mnist
 from flmnist.errors import ConfigError
 from flmnist.fleet import make_fleet
 from flmnist.models import LogReg
+from flmnist.reply_path import ReplyPath
+from flmnist.screen import NodeLimits, ReplyScreen, ScreenSettings
 from flmnist.strategies import FedAsync, FedAvg, FedBuff
+from flmnist.strategies.guard import Guarded
 from flmnist.strategies.staleness import Constant, Hinge, InverseSqrt, Polynomial
 from flmnist.training import train
+
+
+def guarded_fedavg(sent: p.TrainSettings, num_nodes: int, fleet=None) -> Guarded:
+    """Flower's FedAvg behind flmnist's reply screen; every partition holds 100 examples."""
+    limits = NodeLimits(train_examples=(100,) * num_nodes, holdout_examples=(10,) * num_nodes)
+    path = ReplyPath(ReplyScreen(ScreenSettings(), limits), sent)
+    return Guarded(FedAvg(min_available_nodes=num_nodes, min_train_nodes=num_nodes), path, fleet=fleet)
+
+
+def train_reply(to: Message, arrays: ArrayRecord, n: int, partition: int, sent: p.TrainSettings) -> Message:
+    """An honest train reply (protocol.TRAIN_METRICS exactly, and a node-info record)."""
+    metrics = MetricRecord({p.NUM_EXAMPLES: n, p.TRAIN_LOSS: 0.1, p.LOSS_TRACE: [0.1], p.PARTITION_ID: partition,
+                            p.EXAMPLES_PROCESSED: sent.examples_per_update(n), p.TRAIN_TIME: 0.0})
+    info = ConfigRecord({p.NODE_NAME: p.simulated_node_name(partition)})
+    return Message(RecordDict({p.ARRAYS: arrays, p.METRICS: metrics, p.NODE_INFO: info}), reply_to=to)
+
+
+SENT = p.TrainSettings(model={"_target_": "flmnist.models.LogReg"}, partition={"_target_": "iid"}, num_partitions=3,
+                       seed=0, holdout_fraction=0.1, local_steps=1, batch_size=10)
 
 
 def weights(seed, shape=(3, 4)):
@@ -63,7 +86,8 @@ def test_fedasync_alpha_one_constant_staleness_one_node_is_sequential_training(m
 
 def test_fedbuff_full_buffer_no_delay_unit_lr_equals_a_fedavg_round(task_identity):
     """Conditions: K = number of nodes, all dispatched on the same model (staleness 0),
-    eta_g = 1, no momentum, deltas weighted by examples: one FedBuff step = one FedAvg round."""
+    eta_g = 1, no momentum, deltas weighted by examples: one FedBuff step = one round of
+    Flower's FedAvg behind flmnist's guard (screened replies)."""
     model = weights(0)
     clients = [weights(s) for s in (1, 2, 3)]
     examples = [30, 10, 60]
@@ -71,7 +95,7 @@ def test_fedbuff_full_buffer_no_delay_unit_lr_equals_a_fedavg_round(task_identit
     outs = [buff.apply(model, {k: c[k] - model[k] for k in model}, n, staleness=0) for c, n in zip(clients, examples)]
     assert outs[0] is None and outs[1] is None
 
-    fedavg = FedAvg(min_available_nodes=3)
+    fedavg = guarded_fedavg(SENT, 3)
     record = ArrayRecord({k: Array(v) for k, v in model.items()})
 
     class Nodes:
@@ -80,9 +104,8 @@ def test_fedbuff_full_buffer_no_delay_unit_lr_equals_a_fedavg_round(task_identit
 
     msgs = list(fedavg.configure_train(1, record, ConfigRecord(), Nodes()))
     replies = [
-        Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in c.items()}),
-                            "metrics": MetricRecord({"num-examples": n})}), reply_to=m)
-        for c, n, m in zip(clients, examples, msgs)
+        train_reply(m, ArrayRecord({k: Array(v) for k, v in c.items()}), n, i, SENT)
+        for i, (c, n, m) in enumerate(zip(clients, examples, msgs))
     ]
     avg, _ = fedavg.aggregate_train(1, replies)
     for k in model:
@@ -124,11 +147,15 @@ def test_max_staleness_drops_only_older_updates():
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda: FedAsync(alpha=0), "strategy.alpha must be in"),
-    (lambda: FedAsync(alpha=1.5), "strategy.alpha must be in"),
-    (lambda: FedBuff(buffer_size=0), "strategy.buffer_size must be >= 1"),
-    (lambda: FedBuff(max_staleness=-1), "strategy.max_staleness must be >= 0"),
+    (lambda: FedAsync(alpha=0), r"strategy.alpha must be a finite number in \(0, 1\]"),
+    (lambda: FedAsync(alpha=1.5), r"strategy.alpha must be a finite number in \(0, 1\]"),
+    (lambda: FedBuff(buffer_size=0), "strategy.buffer_size must be an integer >= 1"),
+    (lambda: FedBuff(max_staleness=-1), "strategy.max_staleness must be an integer >= 0"),
     (lambda: make_fleet("quantum", 3, 0), "fleet.kind 'quantum' is unknown"),
+    (lambda: AsyncLoopSettings(update_timeout=0), "async_loop.update_timeout must be a finite number > 0"),
+    (lambda: AsyncLoopSettings(max_consecutive_failures=0), "async_loop.max_consecutive_failures must be an integer"),
+    (lambda: AsyncLoopSettings(progress_timeout=float("inf")), "async_loop.progress_timeout must be a finite"),
+    (lambda: AsyncLoopSettings(max_server_updates=None), "async_loop needs a stop"),
 ])
 def test_invalid_async_settings(make, message):
     with pytest.raises(ConfigError, match=message):
@@ -170,7 +197,9 @@ def test_dropout_probability_is_respected():
 def test_sync_fedavg_advances_virtual_time_by_its_slowest_node(task_identity):
     fleet = make_fleet("mixed", 2, seed=0, jitter_sigma=0.0, latency=0.0, devices={
         "slow": {"share": 0.5, "speed": 1.0, "latency": 0.0}, "fast": {"share": 0.5, "speed": 4.0, "latency": 0.0}})
-    strategy = FedAvg(min_available_nodes=2, fleet=fleet)
+    # 100 local epochs of 10 examples: 1000 examples processed per update.
+    sent = p.TrainSettings(model={}, partition={}, num_partitions=2, seed=0, holdout_fraction=0.1, local_epochs=100)
+    strategy = guarded_fedavg(sent, 2, fleet=fleet)
     record = ArrayRecord({k: Array(v) for k, v in weights(0).items()})
 
     class Nodes:
@@ -178,9 +207,7 @@ def test_sync_fedavg_advances_virtual_time_by_its_slowest_node(task_identity):
             return [1, 2]
 
     msgs = list(strategy.configure_train(1, record, ConfigRecord(), Nodes()))
-    replies = [Message(RecordDict({"arrays": record, "metrics": MetricRecord(
-        {"num-examples": 10, "partition-id": p, "examples-processed": 1000})}), reply_to=m)
-        for p, m in zip((0, 1), msgs)]
+    replies = [train_reply(m, record, 10, partition, sent) for partition, m in zip((0, 1), msgs)]
     strategy.aggregate_train(1, replies)
     model_bytes = sum(v.nbytes for v in weights(0).values())
     expected = max(fleet.timing(p, 1, 1000, model_bytes).duration for p in (0, 1))

@@ -1,0 +1,485 @@
+"""Both engines against scripted nodes on a fake Grid, with real Flower messages.
+
+The synchronous engine is Flower's round loop on :class:`~flmnist.strategies.guard.Guarded`;
+the asynchronous one is :class:`~flmnist.async_loop.AsyncLoop`. Nodes here are scripted: an
+honest node replies with the model it received plus its own constant offset (or the offset
+alone when asked for a delta), so every expected model is a hand computation; a bad node
+commits one of :mod:`flmnist.faults`' attacks, replies with an error, or never replies.
+Liveness settings are small, so each test takes about a second at most.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from uuid import uuid4
+
+import numpy as np
+import pytest
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.serverapp.strategy import FedAdam, FedMedian, Krum
+
+from flmnist import faults
+from flmnist import protocol as p
+from flmnist.async_loop import AsyncLoop, AsyncLoopSettings
+from flmnist.checkpoint import rng_state
+from flmnist.errors import RunFailed
+from flmnist.evaluation import EvaluationHook
+from flmnist.fleet import make_fleet
+from flmnist.reply_path import ReplyPath, to_weights
+from flmnist.screen import NodeLimits, ReplyScreen, ScreenSettings
+from flmnist.strategies import FedAsync, FedAvg, FedBuff
+from flmnist.strategies.guard import Guarded
+from flmnist.sync_engine import SyncEngine
+
+SENT = p.TrainSettings(model={"_target_": "flmnist.models.LogReg"}, partition={"_target_": "iid"}, num_partitions=4,
+                       seed=0, holdout_fraction=0.1, local_steps=2, batch_size=4)
+# Partition i holds 10 * (i + 1) training examples and i + 2 held-out ones.
+LIMITS = NodeLimits(train_examples=(10, 20, 30, 40), holdout_examples=(2, 3, 4, 5))
+START = {"w": np.array([[0.5, -1.0, 2.0], [0.0, 0.25, -0.5]], np.float32), "b": np.array([0.1, 0.2, 0.3], np.float32)}
+
+
+def record(weights: dict) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in weights.items()})
+
+
+def shifted(weights: dict, offset: float) -> dict:
+    return {k: v + np.float32(offset) for k, v in weights.items()}
+
+
+def assert_weights(actual: dict | ArrayRecord, expected: dict) -> None:
+    actual = to_weights(actual) if isinstance(actual, ArrayRecord) else actual
+    assert set(actual) == set(expected)
+    for k, value in expected.items():
+        np.testing.assert_allclose(actual[k], value, rtol=1e-5, atol=1e-6)
+
+
+class FakeNode:
+    """A scripted node. ``behave(k)`` says what it does with its k-th train message (k = 1, 2, ...):
+    ``"honest"``, a fault mode of :mod:`flmnist.faults`, ``"error"`` or ``"silent"``."""
+
+    def __init__(self, partition: int, offset: float = 0.0, behave="honest", delay: float = 0.0,
+                 query: str = "honest", evaluate: str = "honest", vanish: bool = False) -> None:
+        self.partition, self.offset, self.delay = partition, offset, delay
+        self.behave = behave if callable(behave) else (lambda k, b=behave: b)
+        self.query_mode, self.evaluate_mode, self.vanish = query, evaluate, vanish
+        self.name = p.simulated_node_name(partition)
+        self.trained = 0
+
+    @property
+    def n(self) -> int:
+        return LIMITS.train_examples[self.partition]
+
+    def info(self) -> ConfigRecord:
+        return ConfigRecord({p.NODE_NAME: self.name, p.DEVICE: "cpu", p.MACHINE: "test"})
+
+    def answer(self, msg: Message) -> Message | None:
+        kind = msg.metadata.message_type
+        if kind == MessageType.QUERY:
+            return self.answer_query(msg)
+        if kind == MessageType.EVALUATE:
+            return self.answer_evaluate(msg)
+        self.trained += 1
+        return self.answer_train(msg, self.behave(self.trained))
+
+    def answer_query(self, msg: Message) -> Message | None:
+        if self.query_mode == "silent":
+            return None
+        if self.query_mode == "error":
+            return Message(Error(code=0, reason="no data here"), reply_to=msg)
+        info = self.info()
+        info[p.PARTITION_ID], info[p.TRAIN_EXAMPLES] = self.partition, self.n
+        info[p.HOLDOUT_EXAMPLES] = LIMITS.holdout_examples[self.partition]
+        content = RecordDict({p.NODE_INFO: info})
+        if self.query_mode != "honest":
+            faults.corrupt_query(self.query_mode, content)
+        return Message(content, reply_to=msg)
+
+    def answer_evaluate(self, msg: Message) -> Message:
+        total = LIMITS.holdout_examples[self.partition]  # all of digit 0, one wrong
+        metrics = {p.NUM_EXAMPLES: total, p.LOSS_SUM: 0.5 * total, p.CORRECT: total - 1, p.PARTITION_ID: self.partition}
+        for d in range(p.NUM_CLASSES):
+            metrics[p.correct_key(d)] = total - 1 if d == 0 else 0
+            metrics[p.total_key(d)] = total if d == 0 else 0
+        content = RecordDict({p.METRICS: MetricRecord(metrics), p.NODE_INFO: self.info()})
+        if self.evaluate_mode != "honest":
+            faults.corrupt_evaluate(self.evaluate_mode, content)
+        return Message(content, reply_to=msg)
+
+    def answer_train(self, msg: Message, behaviour: str) -> Message | None:
+        if behaviour == "silent":
+            return None
+        if behaviour == "error":  # what Flower sends back when the ClientApp raises
+            return Message(Error(code=0, reason="RuntimeError: injected fault"), reply_to=msg)
+        sent = p.TrainSettings.from_record(msg.content[p.CONFIG])
+        received = to_weights(msg.content[p.ARRAYS])
+        zero = {k: np.zeros_like(v) for k, v in received.items()}
+        weights = shifted(zero if sent.reply_delta else received, self.offset)
+        metrics = MetricRecord({
+            p.NUM_EXAMPLES: self.n, p.TRAIN_LOSS: 0.5, p.LOSS_TRACE: [0.5] * sent.batches_per_update(self.n),
+            p.PARTITION_ID: self.partition, p.EXAMPLES_PROCESSED: sent.examples_per_update(self.n),
+            p.TRAIN_TIME: 0.01,
+        })
+        content = RecordDict({p.ARRAYS: record(weights), p.METRICS: metrics, p.NODE_INFO: self.info()})
+        if behaviour != "honest":
+            faults.corrupt_train(behaviour, content, record(zero) if sent.reply_delta else msg.content[p.ARRAYS])
+        return Message(content, reply_to=msg)
+
+
+class FakeGrid:
+    """``get_node_ids``/``push_messages``/``pull_messages``/``send_and_receive`` over FakeNodes.
+
+    A reply becomes pullable ``delay`` seconds after its message was pushed; a node with
+    ``vanish`` set leaves ``get_node_ids`` when it receives its first train message."""
+
+    def __init__(self, nodes: dict[int, FakeNode]) -> None:
+        self.nodes = nodes
+        self.connected = set(nodes)
+        self.pending: dict[str, tuple[float, Message]] = {}
+        self.log: list[tuple[int, str]] = []  # (node id, message type) of every message pushed
+
+    def get_node_ids(self):
+        return sorted(self.connected)
+
+    def push_messages(self, messages):
+        ids = []
+        for msg in messages:
+            message_id = uuid4().hex
+            msg.metadata.__dict__["_message_id"] = message_id  # what a SuperLink does
+            node_id = msg.metadata.dst_node_id
+            node = self.nodes[node_id]
+            self.log.append((node_id, msg.metadata.message_type))
+            if node.vanish and msg.metadata.message_type == MessageType.TRAIN:
+                self.connected.discard(node_id)
+                reply = None
+            else:
+                reply = node.answer(msg)
+            if reply is not None:
+                self.pending[message_id] = (time.monotonic() + node.delay, reply)
+            ids.append(message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        now = time.monotonic()
+        ready = [m for m in message_ids if m in self.pending and self.pending[m][0] <= now]
+        return [self.pending.pop(m)[1] for m in ready]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        """Flower's barrier: every reply that will ever come (delays are not waited for)."""
+        ids = self.push_messages(messages)
+        return [self.pending.pop(m)[1] for m in ids if m in self.pending]
+
+    def trained(self, node_id: int) -> int:
+        return sum(1 for n, kind in self.log if n == node_id and kind == MessageType.TRAIN)
+
+
+def make_path(hooks=(), sent=SENT, **screen) -> ReplyPath:
+    return ReplyPath(ReplyScreen(ScreenSettings(**screen), LIMITS), sent, hooks)
+
+
+class Spy(EvaluationHook):
+    def __init__(self):
+        self.updates, self.models = [], []
+
+    def evaluate_updates(self, server_round, updates):
+        self.updates.append((server_round, sorted(u.partition for u in updates)))
+
+    def evaluate_global(self, server_round, arrays):
+        self.models.append((server_round, to_weights(arrays)))
+
+
+# ===================================================================== synchronous
+
+
+def sync_round(strategy: Guarded, nodes: dict[int, FakeNode], weights: dict, server_round: int = 1):
+    """One Flower round by hand: configure_train, every node answers, aggregate_train."""
+    grid = FakeGrid(nodes)
+    msgs = list(strategy.configure_train(server_round, record(weights), SENT.to_record(), grid))
+    return strategy.aggregate_train(server_round, grid.send_and_receive(msgs))
+
+
+def weighted_offset(*nodes: FakeNode) -> float:
+    return sum(n.n * n.offset for n in nodes) / sum(n.n for n in nodes)
+
+
+@pytest.mark.parametrize("bad", ["nan", "dtype", "shape", "complex-nan", "huge-examples", "partition-inf",
+                                 "bad-node-info", "error", "silent", "scale"])
+def test_one_bad_reply_among_honest_ones_leaves_the_average_of_the_honest_ones(task_identity, bad):
+    """Conditions: FedAvg; for ``scale`` (weights x 1e30) a ``max_update_norm`` is set."""
+    honest = [FakeNode(0, 0.01), FakeNode(1, 0.02)]
+    nodes = {11: honest[0], 12: honest[1], 13: FakeNode(2, 0.5, behave=bad)}
+    path = make_path(max_update_norm=1.0 if bad == "scale" else None)
+    strategy = Guarded(FedAvg(min_available_nodes=3, min_train_nodes=3), path)
+    arrays, metrics = sync_round(strategy, nodes, START)
+    assert_weights(arrays, shifted(START, weighted_offset(*honest)))  # (10 * 0.01 + 20 * 0.02) / 30
+    assert metrics[p.NUM_EXAMPLES] == 30
+    assert strategy.failed_rounds == 0
+    assert sum(path.rejected.values()) + sum(path.failed.values()) == (0 if bad == "silent" else 1)
+
+
+def test_rounds_without_a_usable_update_fail_and_too_many_in_a_row_end_the_run(task_identity):
+    bad = {11: FakeNode(0, behave="nan"), 12: FakeNode(1, behave="error")}
+    good = {11: FakeNode(0, 0.01), 12: FakeNode(1, 0.02)}
+    strategy = Guarded(FedAvg(min_available_nodes=2), make_path(), max_failed_rounds=2)
+    assert sync_round(strategy, bad, START, 1) == (None, None)  # the global model stays
+    assert strategy.failed_rounds == 1
+    arrays, _ = sync_round(strategy, good, START, 2)
+    assert arrays is not None and strategy.failed_rounds == 0  # a usable round resets the count
+    assert sync_round(strategy, bad, to_weights(arrays), 3) == (None, None)
+    with pytest.raises(RunFailed, match=r"2 rounds in a row without a usable update \(max_failed_rounds=2\)"):
+        sync_round(strategy, bad, to_weights(arrays), 4)
+
+
+def test_a_rejected_aggregate_leaves_no_trace_in_the_inner_strategy(task_identity, monkeypatch):
+    """FedAvgM's momentum and current model are rolled back with a rejected (NaN) aggregate:
+    rounds 1, (2 rejected), 3 end where rounds 1, 3 alone do."""
+    nodes = {11: FakeNode(0, 0.01), 12: FakeNode(1, 0.03)}
+
+    def run(poison_round_2: bool):
+        strategy = Guarded(FedAvg(min_available_nodes=2, server_learning_rate=0.7, server_momentum=0.9), make_path())
+        w = to_weights(sync_round(strategy, nodes, START, 1)[0])
+        if poison_round_2:
+            inner_aggregate = type(strategy.strategy).aggregate_train
+
+            def nan_aggregate(self, server_round, replies):
+                arrays, metrics = inner_aggregate(self, server_round, replies)  # updates momentum, then ...
+                return record({k: np.full_like(v, np.nan) for k, v in to_weights(arrays).items()}), metrics
+
+            with monkeypatch.context() as m:
+                m.setattr(type(strategy.strategy), "aggregate_train", nan_aggregate)
+                momentum = [v.copy() for v in strategy.strategy.momentum_vector]
+                assert sync_round(strategy, nodes, w, 2)[0] is None  # the global model stays
+                assert strategy.path.aggregates_rejected == 1 and strategy.failed_rounds == 1
+                for before, after in zip(momentum, strategy.strategy.momentum_vector):
+                    np.testing.assert_array_equal(before, after)
+                assert_weights(strategy.strategy.current_arrays, w)
+        return to_weights(sync_round(strategy, nodes, w, 3)[0])
+
+    assert_weights(run(True), run(False))
+
+
+def test_an_inner_aggregate_that_is_malformed_or_raises_fails_only_its_round(task_identity, monkeypatch):
+    strategy = Guarded(FedAvg(min_available_nodes=2), make_path())
+    monkeypatch.setattr(type(strategy.strategy), "aggregate_train",
+                        lambda self, rnd, replies: (record({"w": START["w"]}), None))
+    assert sync_round(strategy, {11: FakeNode(0, 0.01), 12: FakeNode(1, 0.02)}, START) == (None, None)
+    assert strategy.path.aggregates_rejected == 1
+
+    def broken(self, rnd, replies):
+        raise ZeroDivisionError("inner strategy bug")
+
+    monkeypatch.setattr(type(strategy.strategy), "aggregate_train", broken)
+    assert sync_round(strategy, {11: FakeNode(0, 0.01), 12: FakeNode(1, 0.02)}, START) == (None, None)
+    assert strategy.failed_rounds == 2
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the attack itself
+def test_fedadam_is_not_frozen_by_a_finite_but_huge_update(task_identity):
+    """Conditions: the screen's norm bounds are off (``max_norm_ratio`` null), so weights x 1e30,
+    being finite, reach FedAdam; its second moment overflows to inf while its aggregate stays
+    finite. The guard must refuse that round (model and optimiser state unchanged), so later
+    honest rounds still move the model."""
+    honest = {11: FakeNode(0, 0.01), 12: FakeNode(1, 0.02)}
+    attacked = {**honest, 13: FakeNode(2, 0.01, behave="scale")}
+    strategy = Guarded(FedAdam(min_available_nodes=2, eta=0.1), make_path(max_norm_ratio=None))
+    arrays, _ = sync_round(strategy, attacked, START, 1)
+    assert arrays is None
+    assert strategy.path.aggregates_rejected == 1
+    assert not strategy.strategy.m_t and not strategy.strategy.v_t  # rolled back to "not started"
+    arrays, _ = sync_round(strategy, honest, START, 2)
+    assert all(np.isfinite(v).all() for v in strategy.strategy.v_t.values())
+    # The refused round left no trace: round 2 ends where a FedAdam that never saw round 1 does.
+    fresh = Guarded(FedAdam(min_available_nodes=2, eta=0.1), make_path(max_norm_ratio=None))
+    expected = to_weights(sync_round(fresh, honest, START, 2)[0])
+    assert_weights(arrays, expected)
+    assert all(np.all(expected[k] - START[k] > 0.01) for k in START)  # and the model did move
+
+
+def test_robust_aggregators_work_behind_the_guard(task_identity):
+    """FedMedian takes the coordinate-wise median; Krum (one malicious node assumed) picks an
+    honest update; the boosted update (10x, finite) passes the screen but not the aggregator."""
+    three = {11: FakeNode(0, 0.01), 12: FakeNode(1, 0.02), 13: FakeNode(2, 0.04, behave="boost")}
+    median = Guarded(FedMedian(min_available_nodes=3, min_train_nodes=3), make_path())
+    arrays, _ = sync_round(median, three, START)
+    assert_weights(arrays, shifted(START, 0.02))  # median of 0.01, 0.02 and 0.4
+    assert not median.path.rejected
+    four = {11: FakeNode(0, 0.01), 12: FakeNode(1, 0.012), 13: FakeNode(2, 0.014),
+            14: FakeNode(3, 0.05, behave="boost")}
+    krum = Guarded(Krum(min_available_nodes=4, min_train_nodes=4, num_malicious_nodes=1), make_path())
+    chosen = to_weights(sync_round(krum, four, START)[0])
+    assert not krum.path.rejected
+    assert any(all(np.allclose(chosen[k], v) for k, v in shifted(START, o).items()) for o in (0.01, 0.012, 0.014))
+
+
+def test_sync_engine_runs_flower_rounds_end_to_end_on_a_fake_grid(task_identity):
+    """Three rounds of FedAvg through Flower's Strategy.start; node 2 poisons every train and
+    evaluate reply. Every round adds the honest nodes' weighted offset to the model."""
+    nodes = {101: FakeNode(0, 0.01), 102: FakeNode(1, 0.04),
+             103: FakeNode(2, 0.3, behave="nan", evaluate="eval-inconsistent")}
+    spy = Spy()
+    path = make_path(hooks=[spy])
+    strategy = Guarded(FedAvg(min_available_nodes=3, min_train_nodes=3, min_evaluate_nodes=3), path)
+    engine = SyncEngine(FakeGrid(nodes), strategy, path, SENT.to_record(), num_rounds=3, round_timeout=5.0)
+    final = engine.run(record(START))
+    step = weighted_offset(nodes[101], nodes[102])  # (10 * 0.01 + 20 * 0.04) / 30 = 0.03
+    assert_weights(final, shifted(START, 3 * step))
+    assert [r for r, _ in spy.models] == [0, 1, 2, 3]
+    for r, w in spy.models:
+        assert_weights(w, shifted(START, r * step))
+    assert spy.updates == [(1, [0, 1]), (2, [0, 1]), (3, [0, 1])]
+    assert path.rejected == {"node 2": 6}  # 3 train and 3 evaluate replies
+    assert strategy.client_updates == 9 and strategy.failed_rounds == 0
+
+
+def test_a_resumed_sync_run_does_only_the_remaining_rounds(task_identity):
+    nodes = {101: FakeNode(0, 0.01), 102: FakeNode(1, 0.04)}
+    spy = Spy()
+    path = make_path(hooks=[spy])
+    strategy = Guarded(FedAvg(min_available_nodes=2, fraction_evaluate=0.0), path)
+    engine = SyncEngine(FakeGrid(nodes), strategy, path, SENT.to_record(), num_rounds=3)
+    checkpoint = {"engine": strategy.state_dict(), "screen": {}, "rng": rng_state(), "round": 2}
+    final = engine.run(record(START), checkpoint)
+    assert_weights(final, shifted(START, 0.03))
+    assert [r for r, _ in spy.models] == [3] and spy.updates == [(3, [0, 1])]
+
+
+# ==================================================================== asynchronous
+
+
+def make_loop(nodes: dict[int, FakeNode], strategy, sent=SENT, fleet=None, screen=None, **settings):
+    defaults = {"max_server_updates": 3, "eval_every": 1, "update_timeout": 5.0, "progress_timeout": 30.0}
+    path = ReplyPath(ReplyScreen(ScreenSettings(**(screen or {})), LIMITS), sent)
+    grid = FakeGrid(nodes)
+    loop = AsyncLoop(grid, strategy, path, AsyncLoopSettings(**{**defaults, **settings}), fleet=fleet,
+                     poll_interval=0.01)
+    return loop, grid
+
+
+DELTA = dataclasses.replace(SENT, reply_delta=True)  # what FedBuff's nodes are sent
+
+
+@pytest.mark.parametrize("bad, outcome", [
+    ("silent", "timed out"), ("error", "failed"), ("nan", "rejected"), ("shape", "rejected"),
+    ("bad-node-info", "rejected"), ("huge-examples", "rejected"), ("scale", "rejected"),
+])
+@pytest.mark.parametrize("kind", ["fedasync", "fedbuff"])
+def test_the_async_loop_applies_only_accepted_updates(task_identity, kind, bad, outcome):
+    """Node 0 is honest (0.15 s per update), node 1 misbehaves. Conditions: node 0's updates are
+    never stale (no other update is applied), so FedAsync adds alpha * offset per server update
+    and FedBuff (K = 2 = concurrency, eta_g = 1) adds the offset per server update, which takes
+    two of node 0's updates. Each run outlasts the 0.25 s update timeout."""
+    honest = FakeNode(0, 0.01, delay=0.15)
+    nodes = {101: honest, 102: FakeNode(1, 0.5, behave=bad, delay=0.03)}
+    strategy = FedAsync(alpha=0.5) if kind == "fedasync" else FedBuff(buffer_size=10)
+    versions = 3 if kind == "fedasync" else 2
+    loop, _ = make_loop(nodes, strategy, sent=DELTA if kind == "fedbuff" else SENT, screen={"max_update_norm": 1.0},
+                         update_timeout=0.25, max_server_updates=versions)
+    final = loop.run(record(START))
+    per_update = 0.5 * honest.offset if kind == "fedasync" else honest.offset
+    assert_weights(final, shifted(START, versions * per_update))
+    assert loop.version == versions and loop.counts["applied"] == (3 if kind == "fedasync" else 4)
+    assert loop.counts[outcome] >= 1 and set(loop.node_counts) == {"node 0"}
+    assert loop.staleness == [0] * loop.counts["applied"]
+
+
+def test_a_fast_failing_node_cannot_end_a_run_that_honest_nodes_advance(task_identity):
+    """Node 1 sends NaN every 10 ms, node 0 an honest update every 0.15 s: far more than
+    max_consecutive_failures rejections fall between two honest updates, but the run goes on."""
+    nodes = {101: FakeNode(0, 0.01, delay=0.15), 102: FakeNode(1, behave="nan", delay=0.01)}
+    loop, _ = make_loop(nodes, FedAsync(alpha=0.5), max_consecutive_failures=5)
+    final = loop.run(record(START))
+    assert_weights(final, shifted(START, 3 * 0.5 * 0.01))
+    assert loop.counts["rejected"] > 5
+
+
+def test_max_consecutive_failures_ends_a_run_in_which_every_reply_is_bad(task_identity):
+    nodes = {101: FakeNode(0, behave="nan"), 102: FakeNode(1, behave="error")}
+    loop, _ = make_loop(nodes, FedAsync(), max_consecutive_failures=6)
+    with pytest.raises(RunFailed, match=r"6 client updates in a row failed or were rejected "
+                                        r"\(async_loop.max_consecutive_failures=6\)"):
+        loop.run(record(START))
+    assert loop.version == 0
+
+
+def test_progress_timeout_ends_a_run_whose_nodes_never_reply(task_identity):
+    nodes = {101: FakeNode(0, behave="silent"), 102: FakeNode(1, behave="silent")}
+    loop, _ = make_loop(nodes, FedAsync(), update_timeout=60.0, progress_timeout=0.3)
+    start = time.monotonic()
+    with pytest.raises(RunFailed, match=r"no new server version for .* \(async_loop.progress_timeout=0.3\)"):
+        loop.run(record(START))
+    assert time.monotonic() - start < 5.0
+
+
+def test_a_node_that_leaves_frees_its_slot_before_the_update_timeout(task_identity):
+    """Node 1 disappears from get_node_ids once it gets work; with a 60 s update timeout its
+    slot goes to the idle node 2 as soon as the loop sees it gone."""
+    nodes = {101: FakeNode(0, 0.01, delay=0.05), 102: FakeNode(1, 0.02, vanish=True),
+             103: FakeNode(2, 0.03, delay=0.05)}
+    loop, grid = make_loop(nodes, FedAsync(alpha=0.5), concurrency=2, max_server_updates=4, update_timeout=60.0)
+    start = time.monotonic()
+    loop.run(record(START))
+    assert time.monotonic() - start < 5.0
+    assert loop.counts["unavailable"] == 1 and loop.counts["applied"] == 4
+    assert grid.trained(102) == 1 and grid.trained(103) >= 1
+    assert [n.node_id for n in loop.away] == [102]
+
+
+def test_discovery_keeps_malformed_nodes_out_and_the_run_goes_on(task_identity):
+    nodes = {101: FakeNode(0, 0.01), 102: FakeNode(1, 0.02), 103: FakeNode(2, query="bad-node-info"),
+             104: FakeNode(3, query="error"), 105: FakeNode(3, query="silent")}
+    loop, grid = make_loop(nodes, FedAsync(alpha=0.5), update_timeout=0.3)
+    loop.run(record(START))
+    assert set(loop.nodes) == {101, 102} and loop.refused == {103}
+    assert loop.version == 3
+    assert all(grid.trained(n) == 0 for n in (103, 104, 105))
+    assert {partition for partition in (n.partition for n in loop.nodes.values())} == {0, 1}
+
+
+def test_a_run_without_any_valid_node_fails_with_a_clear_error(task_identity):
+    nodes = {101: FakeNode(0, query="bad-node-info"), 102: FakeNode(1, query="error")}
+    loop, _ = make_loop(nodes, FedAsync(), update_timeout=0.3)
+    with pytest.raises(RunFailed, match="no node answered the query with a valid node-info"):
+        loop.run(record(START))
+
+
+def test_stale_updates_beyond_max_staleness_are_dropped(task_identity):
+    """Simulated fleet (virtual clock, no jitter): one node 10x faster than the other. The slow
+    node's update arrives after about ten server versions and is dropped (max_staleness = 1);
+    the model holds only the fast node's updates, each applied at staleness 0."""
+    fleet = make_fleet("mixed", 2, seed=0, jitter_sigma=0.0, latency=0.0, devices={
+        "fast": {"share": 0.5, "speed": 10.0}, "slow": {"share": 0.5, "speed": 1.0}})
+    fast = [p.name for p in fleet.profiles].index("fast")
+    nodes = {101: FakeNode(fast, 0.01), 102: FakeNode(1 - fast, 0.5)}
+    loop, _ = make_loop(nodes, FedAsync(alpha=0.5, max_staleness=1), fleet=fleet, max_server_updates=12)
+    final = loop.run(record(START))
+    assert loop.counts["too stale"] == 1 and loop.counts["applied"] == 12
+    assert loop.staleness == [0] * 12 and set(loop.node_counts) == {p.simulated_node_name(fast)}
+    expected = START
+    for _ in range(12):
+        expected = {k: 0.5 * v + 0.5 * (v + np.float32(0.01)) for k, v in expected.items()}
+    assert_weights(final, expected)
+
+
+def test_fedbuff_buffers_only_accepted_deltas_on_the_virtual_clock(task_identity):
+    """Simulated homogeneous fleet without jitter, K = 2: all updates take the same virtual time,
+    so replies are processed in dispatch order: node 0, node 1 (-> version 1), node 2 (NaN,
+    rejected), node 0 (trained on version 0: staleness 1), node 1 (-> version 2)."""
+    fleet = make_fleet("homogeneous", 3, seed=0, jitter_sigma=0.0)
+    nodes = {101: FakeNode(0, 0.01), 102: FakeNode(1, 0.04), 103: FakeNode(2, 0.5, behave="nan")}
+    loop, _ = make_loop(nodes, FedBuff(buffer_size=2), sent=DELTA, fleet=fleet, max_server_updates=2)
+    final = loop.run(record(START))
+    assert loop.counts["rejected"] == 1 and loop.counts["applied"] == 4 and loop.version == 2
+    assert loop.staleness == [0, 0, 1, 0]
+    # Delta_bar = sum_k n_k s(tau_k) Delta_k / sum_k n_k, with s(tau) = 1 / sqrt(1 + tau)
+    first = (10 * 0.01 + 20 * 0.04) / 30
+    second = (10 * 0.01 / np.sqrt(2) + 20 * 0.04) / 30
+    assert_weights(final, shifted(START, first + second))
