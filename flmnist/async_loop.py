@@ -26,7 +26,6 @@ once.
 from __future__ import annotations
 
 import heapq
-import math
 import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
@@ -38,22 +37,12 @@ from flwr.common.logger import log
 
 from flmnist import protocol as p
 from flmnist.checkpoint import set_rng_state
+from flmnist.checks import check_integer, check_number
 from flmnist.errors import ConfigError, RunFailed
 from flmnist.fleet import Fleet, UpdateTiming
 from flmnist.reply_path import ReplyPath, to_record, to_weights
 from flmnist.screen import NodeInfo, Rejection
 from flmnist.strategies.asynchronous import AsyncStrategy
-
-
-def _check(key: str, value, *, integer: bool, allow_none: bool) -> None:
-    if value is None and allow_none:
-        return
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-    if integer:
-        ok = ok and isinstance(value, int)
-    if not ok:
-        kind = "an integer >= 1" if integer else "a finite number > 0"
-        raise ConfigError(f"async_loop.{key} must be {kind}{' or null' if allow_none else ''}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -71,12 +60,12 @@ class AsyncLoopSettings:
 
     def __post_init__(self) -> None:
         for key in ("concurrency", "max_server_updates", "max_client_updates"):
-            _check(key, getattr(self, key), integer=True, allow_none=True)
-        _check("time_budget", self.time_budget, integer=False, allow_none=True)
-        _check("eval_every", self.eval_every, integer=True, allow_none=False)
-        _check("max_consecutive_failures", self.max_consecutive_failures, integer=True, allow_none=False)
+            check_integer(f"async_loop.{key}", getattr(self, key), 1, allow_none=True)
+        check_number("async_loop.time_budget", self.time_budget, 0.0, low_open=True, allow_none=True)
+        check_integer("async_loop.eval_every", self.eval_every, 1)
+        check_integer("async_loop.max_consecutive_failures", self.max_consecutive_failures, 1)
         for key in ("update_timeout", "progress_timeout"):
-            _check(key, getattr(self, key), integer=False, allow_none=False)
+            check_number(f"async_loop.{key}", getattr(self, key), 0.0, low_open=True)
         if not (self.max_server_updates or self.max_client_updates or self.time_budget):
             raise ConfigError("async_loop needs a stop: set max_server_updates, max_client_updates or time_budget")
 
@@ -190,7 +179,7 @@ class AsyncLoop:
             return []
         self.asked.update({n: now for n in new})
         msgs = [Message(RecordDict({p.CONFIG: self.sent.to_record()}), dst_node_id=n,
-                        message_type=MessageType.QUERY, ttl=timeout) for n in new]
+                        message_type=MessageType.QUERY, ttl=max(timeout, 120.0)) for n in new]
         ids = set(self.grid.push_messages(msgs))
         deadline = time.monotonic() + timeout
         while ids and time.monotonic() < deadline:

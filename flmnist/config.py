@@ -7,15 +7,19 @@ its command line, and clients receive what they need inside each message.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
+import re
 import shlex
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from flmnist.checks import check_integer, check_number
 from flmnist.errors import ConfigError
 
 GROUPS = ("model", "partition", "strategy", "client", "eval", "fleet", "experiment")
@@ -46,11 +50,14 @@ def parse_overrides(text: str) -> list[str]:
         raise ConfigError(f"run config 'overrides' cannot be parsed ({err}): {text!r}") from err
 
 
+def _override_key(item: str) -> str:
+    return item.lstrip("+~").partition("=")[0].removeprefix("override ").strip()
+
+
 def check_group_overrides(overrides: list[str]) -> None:
     """Fail early, listing the valid options, when an override names an unknown group option."""
     for item in overrides:
-        key, sep, value = item.lstrip("+~").partition("=")
-        key = key.removeprefix("override ").strip()
+        key, (_, sep, value) = _override_key(item), item.partition("=")
         if not sep or key not in GROUPS or value in ("null", ""):
             continue
         for choice in value.split(","):  # a multirun sweep lists several
@@ -61,37 +68,51 @@ def check_group_overrides(overrides: list[str]) -> None:
                 )
 
 
+def _one_line(text: str) -> str:
+    """Hydra's multi-line messages as one line (without the config search path)."""
+    text = str(text).split("Config search path:", 1)[0]
+    return " ".join(text.split())
+
+
+def _unknown_key(overrides: list[str], key: str) -> str | None:
+    """For ``Could not override 'key'``: which keys the user may set there instead."""
+    groups = [o for o in overrides if _override_key(o) in GROUPS]
+    try:
+        with initialize_config_dir(version_base="1.3", config_dir=str(conf_dir()), job_name="flmnist"):
+            base = compose(config_name="config", overrides=groups, return_hydra_config=True)
+    except Exception:  # noqa: BLE001 - only an aid to the message
+        return None
+    parent = key.rpartition(".")[0]
+    node = OmegaConf.select(base, parent) if parent else base
+    if not isinstance(node, DictConfig):
+        return None
+    choice = OmegaConf.select(base, f"hydra.runtime.choices.{parent}") if parent in GROUPS else None
+    where = f"{parent} {choice}" if choice else parent or "the top level"
+    valid = ", ".join(k for k in node if k not in ("hydra", "_target_"))
+    return f"unknown setting '{key}'; {where} has: {valid} (write +{key}=... to add a new key)"
+
+
 def compose_config(overrides: list[str] | None = None) -> DictConfig:
-    """Compose ``conf/config.yaml`` with ``overrides``, resolve it and check it."""
+    """Compose ``conf/config.yaml`` with ``overrides``, resolve it and check it.
+
+    Every failure is a ConfigError with a one-line message naming the override or setting.
+    """
     overrides = list(overrides or [])
     check_group_overrides(overrides)
-    with initialize_config_dir(version_base="1.3", config_dir=str(conf_dir()), job_name="flmnist"):
-        try:
+    try:
+        with initialize_config_dir(version_base="1.3", config_dir=str(conf_dir()), job_name="flmnist"):
             cfg = compose(config_name="config", overrides=overrides)
-        except Exception as err:  # Hydra raises several types for bad overrides
-            raise ConfigError(f"Bad override in {overrides}: {err}") from err
+    except Exception as err:  # Hydra raises several types for bad overrides
+        match = re.match(r"Could not override '([^']+)'", str(err))
+        message = _unknown_key(overrides, match.group(1)) if match else None
+        raise ConfigError(message or f"bad override in {' '.join(overrides)}: {_one_line(err)}") from err
     cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
-    OmegaConf.resolve(cfg)
+    try:
+        OmegaConf.resolve(cfg)
+    except Exception as err:  # an interpolation naming a missing key, or a cycle
+        raise ConfigError(f"cannot resolve the config: {_one_line(err)}") from err
     validate(cfg)
     return cfg
-
-
-def _positive(cfg: DictConfig, key: str, allow_none: bool = False) -> None:
-    value = OmegaConf.select(cfg, key)
-    if value is None and allow_none:
-        return
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-        raise ConfigError(f"{key} must be a positive number, got {value!r}")
-
-
-def _fraction(cfg: DictConfig, key: str, allow_zero: bool = False) -> None:
-    value = OmegaConf.select(cfg, key)
-    if value is None:
-        return
-    low_ok = value >= 0 if allow_zero else value > 0
-    if not (low_ok and value <= 1):
-        allowed = "[0, 1] (0 turns it off)" if allow_zero else "(0, 1]"
-        raise ConfigError(f"{key} must be in {allowed}, got {value!r}")
 
 
 def build(node: DictConfig, key: str, **kwargs):
@@ -102,70 +123,149 @@ def build(node: DictConfig, key: str, **kwargs):
         cause = err.__cause__
         if isinstance(cause, ConfigError):
             raise cause from None
-        raise ConfigError(f"Cannot build {key} from {OmegaConf.to_container(node)}: {err}") from err
+        raise ConfigError(f"cannot build {key} from {OmegaConf.to_container(node)}: {_one_line(err)}") from err
+
+
+def _number(cfg: DictConfig, key: str, low: float, high: float = math.inf, *, low_open: bool = False,
+            allow_none: bool = False) -> None:
+    """A finite real number in [low, high] ((low, high] if low_open), or null if allowed."""
+    check_number(key, OmegaConf.select(cfg, key), low, high, low_open=low_open, allow_none=allow_none)
+
+
+def _integer(cfg: DictConfig, key: str, low: int, allow_none: bool = False) -> None:
+    check_integer(key, OmegaConf.select(cfg, key), low, allow_none=allow_none)
+
+
+def _kind(cfg: DictConfig, key: str, kind: type, allowed: str, allow_none: bool = False) -> None:
+    value = OmegaConf.select(cfg, key)
+    if not (isinstance(value, kind) or (value is None and allow_none)):
+        raise ConfigError(f"{key} must be {allowed}{' or null' if allow_none else ''}, got {value!r}")
+
+
+def _list(cfg: DictConfig, key: str) -> ListConfig:
+    value = OmegaConf.select(cfg, key)
+    if not isinstance(value, ListConfig):
+        raise ConfigError(f"{key} must be a list, got {value!r}")
+    return value
+
+
+def _settings(cls, cfg: DictConfig, section: str):
+    """``cls(**cfg[section])`` for a settings dataclass; an unknown key is named with the known ones."""
+    values = cfg.get(section)
+    if not isinstance(values, DictConfig):
+        raise ConfigError(f"{section} must be a section of settings, got {values!r}")
+    known = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in known:
+            raise ConfigError(f"unknown setting '{section}.{key}'; {section} has: {', '.join(known)}")
+    return cls(**values)
+
+
+def _as_written(err: ConfigError, cfg: DictConfig) -> ConfigError:
+    """A strategy parameter set through ``sampling.*`` is reported under the key the user writes."""
+    message = str(err)
+    for key in cfg.get("sampling") or {}:
+        prefix = f"strategy.{key} "
+        if message.startswith(prefix) and str(cfg.strategy.get(key)) == str(cfg.sampling[key]):  # NaN too
+            return ConfigError(f"sampling.{key} (strategy.{key}) {message[len(prefix):]}")
+    return err
+
+
+def _top_level(cfg: DictConfig) -> None:
+    """Settings no constructor owns: the run's length, timing, files and server-side evaluation."""
+    _integer(cfg, "num_rounds", 1)
+    _integer(cfg, "checkpoint_every", 0)
+    _integer(cfg, "max_failed_rounds", 1)
+    _number(cfg, "wait_for_nodes", 0, low_open=True)
+    _number(cfg, "round_timeout", 0, low_open=True)
+    _number(cfg, "poll_interval", 0, low_open=True, allow_none=True)
+    _number(cfg, "target_accuracy", 0, 1, low_open=True)
+    _kind(cfg, "name", str, "a string")
+    _kind(cfg, "output_dir", str, "a path")
+    _kind(cfg, "run_dir", str, "a path", allow_none=True)
+    _kind(cfg, "resume", str, "a run directory, its checkpoint.pt, or latest", allow_none=True)
+    _kind(cfg, "data.root", str, "a path", allow_none=True)
+    _kind(cfg, "data.download", bool, "true or false")
+    _integer(cfg, "eval.every", 1, allow_none=True)
+    _integer(cfg, "eval.batch_size", 1)
+    for group in _list(cfg, "eval.digit_groups"):
+        for d in group if isinstance(group, ListConfig) else [group]:
+            if isinstance(d, bool) or not isinstance(d, int) or not 0 <= d <= 9:
+                raise ConfigError(f"eval.digit_groups must list groups of digits 0-9, e.g. [[0, 1], [2]]; got {d!r}")
+
+
+def _rounds(cfg: DictConfig, key: str, last: int | None) -> None:
+    """``key`` lists round numbers in 1..last (from 1 when ``last`` is None)."""
+    for r in _list(cfg, key):
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1 or (last is not None and r > last):
+            allowed = f"1..num_rounds={last}" if last is not None else "integers from 1"
+            raise ConfigError(f"{key} lists {r!r}, outside {allowed}")
 
 
 def validate(cfg: DictConfig) -> None:
-    """Check every setting a run depends on, before any training, naming the key at fault."""
-    for key in ("num_nodes", "num_rounds", "client.batch_size", "client.eval_batch_size",
-                "client.lr", "eval.batch_size", "round_timeout", "wait_for_nodes"):
-        _positive(cfg, key)
-    for key in ("num_nodes", "num_rounds", "client.batch_size"):
-        if not isinstance(OmegaConf.select(cfg, key), int):
-            raise ConfigError(f"{key} must be an integer, got {OmegaConf.select(cfg, key)!r}")
-    _positive(cfg, "client.local_steps", allow_none=True)
-    _positive(cfg, "poll_interval", allow_none=True)
-    if cfg.client.local_steps is None:
-        _positive(cfg, "client.local_epochs")
-    for prefix in ("sampling", "strategy"):  # the documented keys, and a direct strategy override
-        _fraction(cfg, f"{prefix}.fraction_train")
-        _fraction(cfg, f"{prefix}.fraction_evaluate", allow_zero=True)
-    _fraction(cfg, "target_accuracy")
-    holdout = cfg.data.holdout_fraction
-    if not 0 <= holdout < 1:
-        raise ConfigError(f"data.holdout_fraction must be in [0, 1), got {holdout}")
-    if holdout == 0 and (cfg.strategy.get("fraction_evaluate") or 0) > 0:
+    """Check every setting a run depends on, before Flower starts, naming the key at fault.
+
+    The objects that own settings are built here, so their constructors check them:
+    :class:`~flmnist.protocol.TrainSettings` (``client.*``, ``num_nodes``, ``seed``,
+    ``data.holdout_fraction``), :class:`~flmnist.screen.ScreenSettings`, the strategy,
+    :class:`~flmnist.async_loop.AsyncLoopSettings` (asynchronous strategies), the fleet and
+    the partition. Here: the settings no object owns, and the rules spanning several keys.
+    """
+    from flwr.serverapp.strategy import Bulyan
+
+    from flmnist.async_loop import AsyncLoopSettings
+    from flmnist.protocol import TrainSettings
+    from flmnist.screen import ScreenSettings
+    from flmnist.strategies import build_strategy
+    from flmnist.strategies.asynchronous import AsyncStrategy
+
+    TrainSettings.from_config(cfg)
+    _top_level(cfg)
+    _settings(ScreenSettings, cfg, "screen")
+    try:
+        strategy = build_strategy(cfg.strategy)
+    except ConfigError as err:
+        raise _as_written(err, cfg) from err.__cause__
+    asynchronous = isinstance(strategy, AsyncStrategy)
+    if asynchronous:
+        _settings(AsyncLoopSettings, cfg, "async_loop")
+    else:  # under a fleet, a synchronous round charges a dropped update this virtual time
+        _number(cfg, "async_loop.update_timeout", 0, low_open=True)
+    build(cfg.fleet, "fleet", num_nodes=cfg.num_nodes, seed=cfg.seed)
+    partition = build(cfg.partition, "partition")
+
+    # Rules spanning several keys.
+    n = cfg.num_nodes
+    if n > MNIST_TRAIN_SIZE:
+        raise ConfigError(f"num_nodes={n} is more partitions than the {MNIST_TRAIN_SIZE} training examples")
+    groups = getattr(partition, "groups", None)
+    if groups is not None and len(groups) != n:
+        raise ConfigError(
+            f"partition.groups lists {len(groups)} groups but num_nodes={n}; set num_nodes to the number of groups"
+        )
+    spc = getattr(partition, "shards_per_client", None)
+    if spc is not None and spc * n > MNIST_TRAIN_SIZE:
+        raise ConfigError(f"partition.shards_per_client={spc} x num_nodes={n} is more shards than the "
+                          f"{MNIST_TRAIN_SIZE} training examples")
+    fraction_evaluate = getattr(strategy, "fraction_evaluate", 0.0)
+    if cfg.data.holdout_fraction == 0 and fraction_evaluate > 0:
         raise ConfigError(
             "sampling.fraction_evaluate > 0 asks nodes to evaluate on held-out data, but "
             "data.holdout_fraction is 0: set one of them (fraction_evaluate=0 turns client evaluation off)"
         )
-    if cfg.num_nodes > MNIST_TRAIN_SIZE:
-        raise ConfigError(
-            f"num_nodes={cfg.num_nodes} is more partitions than the {MNIST_TRAIN_SIZE} training examples"
-        )
-    if cfg.eval.every is not None:
-        _positive(cfg, "eval.every")
-    asynchronous = cfg.strategy._target_ in ("flmnist.strategies.FedAsync", "flmnist.strategies.FedBuff")
-    if asynchronous:
-        loop = cfg.async_loop
-        for key in ("concurrency", "max_server_updates", "max_client_updates", "time_budget"):
-            _positive(cfg, f"async_loop.{key}", allow_none=True)
-        for key in ("eval_every", "update_timeout"):
-            _positive(cfg, f"async_loop.{key}")
-        if not (loop.max_server_updates or loop.max_client_updates or loop.time_budget):
-            raise ConfigError(
-                "async_loop needs a stop: set max_server_updates, max_client_updates or time_budget"
-            )
-        for r in cfg.eval.update_rounds:  # client-update numbers for the asynchronous loop
-            if not isinstance(r, int) or r < 1:
-                raise ConfigError(f"eval.update_rounds lists {r!r}; client-update numbers start at 1")
-    for key in ("eval.rounds",) if asynchronous else ("eval.rounds", "eval.update_rounds"):
-        for r in OmegaConf.select(cfg, key):
-            if not isinstance(r, int) or not 1 <= r <= cfg.num_rounds:
-                raise ConfigError(f"{key} lists round {r!r}, outside 1..num_rounds={cfg.num_rounds}")
-    for group in cfg.eval.digit_groups:
-        for d in group:
-            if not isinstance(d, int) or not 0 <= d <= 9:
-                raise ConfigError(f"eval.digit_groups: digit {d!r} is outside 0-9")
-    partition = build(cfg.partition, "partition")
-    groups = getattr(partition, "groups", None)
-    if groups is not None and len(groups) != cfg.num_nodes:
-        raise ConfigError(
-            f"partition.groups lists {len(groups)} groups but num_nodes={cfg.num_nodes}; "
-            "set num_nodes to the number of groups"
-        )
-    spc = getattr(partition, "shards_per_client", None)
-    if spc is not None and spc * cfg.num_nodes > MNIST_TRAIN_SIZE:
-        raise ConfigError(
-            f"partition.shards_per_client={spc} x num_nodes={cfg.num_nodes} is more shards than examples"
-        )
+    # Flower waits, with no timeout, until it can sample this many nodes.
+    waits = {"min_available_nodes": getattr(strategy, "min_available_nodes", 0),
+             "min_train_nodes": getattr(strategy, "min_train_nodes", 0),
+             "min_evaluate_nodes": getattr(strategy, "min_evaluate_nodes", 0) if fraction_evaluate > 0 else 0}
+    for key, value in waits.items():
+        if value > n:
+            raise ConfigError(f"sampling.{key}={value} is more than num_nodes={n}: the server would wait for "
+                              f"nodes that never come; use at most {n}")
+    if isinstance(strategy, Bulyan):
+        f = strategy.num_malicious_nodes
+        sampled = max(int(n * strategy.fraction_train), strategy.min_train_nodes)
+        if sampled < 4 * f + 3:
+            raise ConfigError(f"strategy.num_malicious_nodes={f}: Bulyan needs at least 4 f + 3 = {4 * f + 3} "
+                              f"updates per round, but a round samples {sampled} of num_nodes={n}")
+    _rounds(cfg, "eval.rounds", cfg.num_rounds)
+    _rounds(cfg, "eval.update_rounds", None if asynchronous else cfg.num_rounds)

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -66,23 +67,45 @@ def pids_with_flwr_home(flwr_home: str | os.PathLike) -> list[int]:
     return found
 
 
-def stop_flwr_home(flwr_home: str | os.PathLike, grace: float = 5.0) -> list[int]:
-    """SIGTERM, then SIGKILL after ``grace`` seconds, every process started under ``flwr_home``."""
-    pids = pids_with_flwr_home(flwr_home)
+def _signal_all(pids: Sequence[int], signum: int) -> None:
     for pid in pids:
         try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
+            os.kill(pid, signum)
+        except (ProcessLookupError, PermissionError):
             pass
+
+
+def stop_flwr_home(flwr_home: str | os.PathLike, grace: float = 5.0) -> list[int]:
+    """SIGTERM, then SIGKILL after ``grace`` seconds, every process started under ``flwr_home``,
+    until none is left (a process may start others while the first ones stop)."""
+    stopped: list[int] = []
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and pids_with_flwr_home(flwr_home):
+    while pids := pids_with_flwr_home(flwr_home):
+        if time.monotonic() < deadline:
+            _signal_all([pid for pid in pids if pid not in stopped], signal.SIGTERM)
+        elif time.monotonic() < deadline + 10:
+            _signal_all(pids, signal.SIGKILL)
+        else:
+            break  # unkillable (uninterruptible sleep): give up rather than hang
+        stopped += [pid for pid in pids if pid not in stopped]
         time.sleep(0.2)
-    for pid in pids_with_flwr_home(flwr_home):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return pids
+    return stopped
+
+
+@contextlib.contextmanager
+def shielded():
+    """Ignore SIGINT, SIGTERM and SIGHUP in the block (main thread only), so that a second
+    Ctrl-C or signal cannot cut the stopping of what a run started short."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signums = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in signums}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def write_run_config(path: str | os.PathLike, overrides: Sequence[str]) -> Path:
@@ -114,12 +137,16 @@ def run_flwr(
     log_path: str | os.PathLike | None = None,
     env: dict | None = None,
     timeout: float | None = None,
+    append: bool = False,
 ) -> int:
-    """Run ``flwr run`` on a private local SuperLink, echo and save its output, stop what it started."""
+    """Run ``flwr run`` on a private local SuperLink, echo and save its output (``append``: add
+    to the log), and stop everything it started, also when interrupted (Ctrl-C, a signal handler
+    raising): no SuperLink, SuperExec, ServerApp, simulation or Ray process outlives the call."""
     cmd = flwr_run_command(app_dir, write_run_config(Path(flwr_home) / "run_config.toml", overrides), num_supernodes)
     env = flwr_env(flwr_home, env)
+    proc = None
     try:
-        with open(log_path, "w") if log_path else contextlib.nullcontext() as log:
+        with open(log_path, "a" if append else "w") if log_path else contextlib.nullcontext() as log:
             proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             deadline = None if timeout is None else time.monotonic() + timeout
             assert proc.stdout is not None
@@ -134,4 +161,8 @@ def run_flwr(
                     break
             return proc.wait()
     finally:
-        stop_flwr_home(flwr_home)
+        with shielded():
+            stop_flwr_home(flwr_home)
+            if proc is not None and proc.poll() is None:  # reap flwr run (stopped above)
+                proc.kill()
+                proc.wait()

@@ -9,6 +9,7 @@ offline on an in-memory ``datasets.Dataset`` of the labels); ``digit_groups``
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
@@ -17,6 +18,11 @@ import numpy as np
 from flmnist.errors import ConfigError
 
 NUM_CLASSES = 10
+
+
+def _check_count(key: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{key} must be >= 1 (an integer), got {value!r}")
 
 
 class Partition(ABC):
@@ -62,12 +68,11 @@ class DirichletPartition(Partition):
     """Label skew: each digit's examples spread over nodes by Dir(alpha) proportions."""
 
     def __init__(self, alpha: float = 0.5, min_partition_size: int = 10) -> None:
-        if not alpha > 0:
-            raise ConfigError(f"partition.alpha must be > 0, got {alpha}")
-        if min_partition_size < 0:
-            raise ConfigError(f"partition.min_partition_size must be >= 0, got {min_partition_size}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (math.isfinite(alpha) and alpha > 0):
+            raise ConfigError(f"partition.alpha must be > 0 (a finite number), got {alpha!r}")
+        _check_count("partition.min_partition_size", min_partition_size)
         self.alpha = float(alpha)
-        self.min_partition_size = int(min_partition_size)
+        self.min_partition_size = min_partition_size
 
     def split(self, labels, num_partitions, seed):
         from flwr_datasets.partitioner import DirichletPartitioner
@@ -96,9 +101,8 @@ class ShardPartition(Partition):
     ``shards_per_client`` shards to each node (Flower Datasets' ``ShardPartitioner``)."""
 
     def __init__(self, shards_per_client: int = 2) -> None:
-        if shards_per_client < 1:
-            raise ConfigError(f"partition.shards_per_client must be >= 1, got {shards_per_client}")
-        self.shards_per_client = int(shards_per_client)
+        _check_count("partition.shards_per_client", shards_per_client)
+        self.shards_per_client = shards_per_client
 
     def split(self, labels, num_partitions, seed):
         from flwr_datasets.partitioner import ShardPartitioner
@@ -122,6 +126,11 @@ class DigitGroupPartition(Partition):
     """Node i holds every training example of the digits in ``groups[i]`` (seed 002)."""
 
     def __init__(self, groups: Sequence[Sequence[int]]) -> None:
+        def is_list(value) -> bool:
+            return isinstance(value, Sequence) and not isinstance(value, str)
+
+        if not is_list(groups) or not all(is_list(g) for g in groups):
+            raise ConfigError(f"partition.groups must be a list of digit lists, e.g. [[0, 1], [2, 3]], got {groups!r}")
         groups = [list(g) for g in groups]
         seen: set[int] = set()
         for g in groups:

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 
 from flwr.app import ConfigRecord
 
+from flmnist.checks import check_integer, check_number
 from flmnist.errors import ConfigError
 
 NUM_CLASSES = 10
@@ -105,20 +106,6 @@ def examples_per_update(train_examples: int, batch_size: int, local_epochs: int,
     return local_epochs * train_examples
 
 
-def _positive_int(name: str, value, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be an integer >= 1{' or null' if allow_none else ''}, got {value!r}")
-
-
-def _finite(name: str, value, low: float, low_open: bool) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > low if low_open else value >= low)
-    if not ok:
-        raise ConfigError(f"{name} must be a finite number {'>' if low_open else '>='} {low:g}, got {value!r}")
-
-
 @dataclass(frozen=True)
 class TrainSettings:
     """Everything a node needs to train and evaluate, sent in every message's ``config`` record.
@@ -145,22 +132,17 @@ class TrainSettings:
     fault_nodes: tuple[int, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
-        _positive_int("num_nodes", self.num_partitions)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
-        _finite("data.holdout_fraction", self.holdout_fraction, 0.0, False)
-        if self.holdout_fraction >= 1:
-            raise ConfigError(f"data.holdout_fraction must be in [0, 1), got {self.holdout_fraction!r}")
-        _positive_int("client.local_epochs", self.local_epochs)
-        _positive_int("client.local_steps", self.local_steps, allow_none=True)
-        _positive_int("client.batch_size", self.batch_size)
-        _positive_int("client.eval_batch_size", self.eval_batch_size)
-        _finite("client.lr", self.lr, 0.0, True)
-        _finite("client.momentum", self.momentum, 0.0, False)
-        if self.momentum >= 1:
-            raise ConfigError(f"client.momentum must be in [0, 1), got {self.momentum!r}")
-        _finite("client.weight_decay", self.weight_decay, 0.0, False)
-        _finite("proximal_mu", self.proximal_mu, 0.0, False)
+        check_integer("num_nodes", self.num_partitions, 1)
+        check_integer("seed", self.seed, 0)
+        check_number("data.holdout_fraction", self.holdout_fraction, 0.0, 1.0, high_open=True)
+        check_integer("client.local_epochs", self.local_epochs, 1)
+        check_integer("client.local_steps", self.local_steps, 1, allow_none=True)
+        check_integer("client.batch_size", self.batch_size, 1)
+        check_integer("client.eval_batch_size", self.eval_batch_size, 1)
+        check_number("client.lr", self.lr, 0.0, low_open=True)
+        check_number("client.momentum", self.momentum, 0.0, 1.0, high_open=True)
+        check_number("client.weight_decay", self.weight_decay, 0.0)
+        check_number("proximal_mu", self.proximal_mu, 0.0)
         from flmnist.faults import FAULTS  # the fault modes are the client's business
 
         if self.fault and self.fault not in FAULTS:

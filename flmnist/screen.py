@@ -27,7 +27,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 from flmnist import protocol as p
-from flmnist.errors import ConfigError
+from flmnist.checks import check_integer, check_number
 
 Weights = dict  # name -> numpy array
 
@@ -43,16 +43,10 @@ class ScreenSettings:
     norm_window: int = 20                 # asynchronous: the median is over the last N accepted updates
 
     def __post_init__(self) -> None:
-        if self.max_examples is not None and (
-            isinstance(self.max_examples, bool) or not isinstance(self.max_examples, int) or self.max_examples < 1
-        ):
-            raise ConfigError(f"screen.max_examples must be an integer >= 1 or null, got {self.max_examples!r}")
+        check_integer("screen.max_examples", self.max_examples, 1, allow_none=True)
         for key in ("max_update_norm", "max_norm_ratio", "clip_to_median"):
-            value = getattr(self, key)
-            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ConfigError(f"screen.{key} must be a finite number > 0 or null, got {value!r}")
-        if isinstance(self.norm_window, bool) or not isinstance(self.norm_window, int) or self.norm_window < 1:
-            raise ConfigError(f"screen.norm_window must be an integer >= 1, got {self.norm_window!r}")
+            check_number(f"screen.{key}", getattr(self, key), 0.0, low_open=True, allow_none=True)
+        check_integer("screen.norm_window", self.norm_window, 1)
 
 
 @dataclass(frozen=True)

@@ -4,15 +4,23 @@
 
 In a temporary folder it runs the server- and device-side scripts of ``jetson/`` for real:
 a CA and SuperLink certificate (``server/make_certs.sh``), a real ``flower-superlink`` with
-TLS, node authentication and a state database (``server/start_superlink.sh``) on 127.0.0.1,
-three seed-002 partitions (``device/export_partition.py``), three node keys
-(``device/make_node_key.sh``) registered with ``server/register_node.sh``, three real
-``flower-supernode`` processes (own key, ``data-path``, ``node-name`` and port), then
-``flwr run`` against that SuperLink with a reduced seed-002 config. On the way it checks two
-refusals (a SuperNode whose key is not registered; a SuperNode without TLS), kills one
-SuperNode mid-run (SIGKILL, as a board losing power) and restarts it, and at the end revokes
-a node with ``server/revoke_node.sh``. Everything it started is stopped by process id in a
-``finally`` block (each component has its own ``FLWR_HOME`` under the temporary folder).
+TLS, node authentication and a state database (``server/start_superlink.sh``) on 127.0.0.1
+only, nginx in front of it on 127.0.0.2 (the server's "LAN" address here) forwarding the Fleet
+API alone (``server/start_proxy.sh``), the operator's signing key, the boards' trusted-entities
+file and the signed app store (``server/make_signing_key.sh``, ``server/sign_app.sh``,
+``server/app_store.py``), three seed-002 partitions (``device/export_partition.py``), three node
+keys (``device/make_node_key.sh``) registered with ``server/register_node.sh``, three real
+``flower-supernode`` processes (own key, ``data-path``, ``node-name``, port and
+``--trusted-entities``) that reach the SuperLink through the proxy, then the operator's
+``flwr run @flmnist/flmnist==VERSION`` (the signed bundle) against the SuperLink with a reduced
+seed-002 config. On the way it checks refusals: a SuperNode whose key is not registered, a
+SuperNode without TLS; through the proxy a board's ``flwr run``, key registration and
+revocation (CLI and Fleet API), the Control and Runtime APIs by raw HTTP, and the SuperLink's own
+port; an unsigned bundle and one signed by a foreign key, each refused by every SuperNode. It
+kills one SuperNode mid-run (SIGKILL, as a board losing power) and restarts it, and at the end
+revokes a node with ``server/revoke_node.sh`` and shows that it stays out. Everything it started
+is stopped by process id in a ``finally`` block (each component has its own ``FLWR_HOME`` under
+the temporary folder; nginx is stopped through its master's process ID).
 
 ``rehearse()`` returns a :class:`Report` of what was observed; ``CHECKS`` judges it (each
 check raises ``AssertionError``). ``tests/test_deployment.py`` runs the same.
@@ -21,11 +29,14 @@ check raises ``AssertionError``). ``tests/test_deployment.py`` runs the same.
 from __future__ import annotations
 
 import argparse
+import http.client
 import importlib.util
 import itertools
 import json
 import os
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -50,6 +61,24 @@ CONNECTION = "rehearsal"
 # Jetson image sets the same value.
 TASK_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
 TASK_POLL_INTERVAL = 0.05
+# The server's LAN-facing address, on loopback: nginx listens here; the SuperLink (127.0.0.1) does not.
+LAN_HOST = "127.0.0.2"
+BOARD = "board"  # the CLI connection of a board: the LAN-facing proxy
+SUPERLINK_PORT_FROM_LAN = "superlink-port"  # the SuperLink's own port at the LAN address
+OPERATOR_KEY_ID = "fpk_flmnist_operator"
+# A foreign app: unsigned as version 1.0.0; as 2.0.0 signed by a foreign key that claims the operator's key ID.
+# (Two versions, so two bundles: the SuperLink keeps one set of signatures per bundle hash, the last stored.)
+PROBE_SPEC = "@intruder/probe==2.0.0"
+# What SuperNodes with --trusted-entities log when they refuse a bundle (Flower 1.41).
+UNSIGNED_REFUSAL = "The FAB could not be verified. App verification is not supported by the connected SuperLink."
+FOREIGN_REFUSAL = "FAB verification failed: the provided trusted entities could not verify the FAB."
+PROBE_RAN = "PROBE RAN ON THIS NODE"
+# Paths a board must not reach through the proxy (http.client sends them unnormalised).
+FORBIDDEN_PATHS = [
+    "/v1/control/start-run", "/v1/control/register-node", "/v1/control/unregister-node",
+    "/v1/runtime/get-nodes", "/v1/fleet/../control/start-run", "/v1/fleet/%2e%2e/control/start-run",
+    "/v1/fleet/..%2Fcontrol%2Fstart-run", "/v1/fleet//../control/register-node", "/docs", "/health",
+]
 
 
 @dataclass
@@ -67,6 +96,13 @@ class Report:
     fault: dict = field(default_factory=dict)
     revoke: dict = field(default_factory=dict)
     superlink_log: str = ""
+    signing: dict = field(default_factory=dict)  # the operator's signed bundle and the foreign one
+    lan: dict = field(default_factory=dict)  # what a registered board got through the LAN-facing address
+    bundles: dict = field(default_factory=dict)  # the unsigned and the foreign bundle's runs
+    comeback: dict = field(default_factory=dict)  # the revoked board trying to come back
+    proxy_log: str = ""
+    store_log: str = ""
+    operator_runs: int = 0  # `flwr run`s the operator started (the SuperLink must have no other)
     stopped: list = field(default_factory=list)
     leftover: list = field(default_factory=list)
     timings: dict = field(default_factory=dict)
@@ -80,21 +116,63 @@ def _load_export_partition():
     return module
 
 
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _children(pid: int) -> list[int]:
+    """Process IDs whose parent is ``pid`` (nginx's workers)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+            except (OSError, ValueError, IndexError):
+                continue
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 class Rehearsal:
-    """Starts and tracks the processes of one rehearsal; ``stop()`` ends them all."""
+    """Starts and tracks the processes of one rehearsal; ``stop()`` ends them all.
+
+    With ``control_plane`` the SuperNodes reach the SuperLink only through nginx on ``LAN_HOST``
+    and run only bundles signed by the operator (``--trusted-entities``); ``flwr run`` then runs
+    ``self.app``, the signed app spec. Without it (the deployment-overhead benchmark), they connect
+    to the SuperLink directly and ``flwr run`` ships ``app_dir`` unsigned.
+    """
 
     def __init__(self, work: Path, data_root: Path, app_dir: Path = REPO, say=print,
-                 task_poll_interval: float | None = TASK_POLL_INTERVAL) -> None:
+                 task_poll_interval: float | None = TASK_POLL_INTERVAL, control_plane: bool = False) -> None:
         self.work, self.data_root, self.app_dir, self.say = work, data_root, app_dir, say
         self.task_poll_interval = task_poll_interval  # None: Flower's default (1 s)
+        self.control_plane = control_plane
         self.t0 = time.monotonic()
         self.procs: list[subprocess.Popen] = []
         self.homes: list[Path] = []
+        (work / "logs").mkdir(parents=True, exist_ok=True)
         self.certs = work / "certs"
         self.link_home = self.home("superlink")
         self.cli_home = self.home("cli")
         self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
+        self.address = f"127.0.0.1:{self.port}"  # the SuperLink: loopback only (the operator's side)
+        self.proxy_address = f"{LAN_HOST}:{_free_port(LAN_HOST)}"  # nginx: the boards' side
+        self.store_port = free_port()
+        self.fleet_address = self.proxy_address if control_plane else self.address
+        self.signing, self.foreign = work / "signing", work / "foreign-signing"
+        self.trusted = self.signing / "trusted-entities.yaml"
+        self.app = str(app_dir)  # what `flwr run` runs: a folder, or a signed app spec
+        self.proxy: subprocess.Popen | None = None
+        self.proxy_pids: list[int] = []
         self.nodes: dict[str, subprocess.Popen] = {}
         self.starts: dict[str, int] = {}  # how often each node was started
 
@@ -155,22 +233,63 @@ class Rehearsal:
 
     # -- server side ----------------------------------------------------------------------
     def make_certs(self) -> str:
-        self.sh(JETSON / "server" / "make_certs.sh", self.certs, "127.0.0.1")
+        # The certificate names the LAN-facing address (nginx presents it to the boards) besides
+        # 127.0.0.1 and localhost (the SuperLink's own, checked by nginx and the operator's CLI).
+        self.sh(JETSON / "server" / "make_certs.sh", self.certs, LAN_HOST)
         return self.sh("openssl", "x509", "-in", self.certs / "superlink.crt", "-noout",
                        "-ext", "subjectAltName").stdout
+
+    def connection(self, name: str, address: str) -> str:
+        return f'[superlink.{name}]\naddress = "{address}"\nroot-certificates = "{self.certs / "ca.crt"}"\n'
 
     def start_superlink(self) -> None:
         log = self.work / "logs" / "superlink.log"
         log.parent.mkdir(exist_ok=True)
         self.start([JETSON / "server" / "start_superlink.sh", "--host", "127.0.0.1", "--port", self.port,
-                    "--certs", self.certs, "--database", self.work / "superlink-state" / "state.db"],
+                    "--certs", self.certs, "--database", self.work / "superlink-state" / "state.db",
+                    "--app-store", f"127.0.0.1:{self.store_port}"],
                    self.link_home, log)
         (self.cli_home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "{self.address}"\nroot-certificates = "{self.certs / "ca.crt"}"\n'
-        )
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n' + self.connection(CONNECTION, self.address))
         self.wait("the SuperLink", lambda: self.sh(BIN / "flwr", "supernode", "list", CONNECTION,
                                                    check=False).returncode == 0, 60)
+
+    def wait_port(self, what: str, address: str, timeout: float = 30) -> None:
+        host, port = address.rsplit(":", 1)
+
+        def accepts() -> bool:
+            try:
+                socket.create_connection((host, int(port)), timeout=1).close()
+                return True
+            except OSError:
+                return False
+        self.wait(what, accepts, timeout, every=0.1)
+
+    def start_proxy(self) -> None:
+        """nginx on the LAN-facing address: TLS, the Fleet API only (``server/start_proxy.sh``)."""
+        self.proxy = self.start([JETSON / "server" / "start_proxy.sh", "--listen", self.proxy_address,
+                                 "--superlink", self.address, "--certs", self.certs, "--prefix", self.work / "proxy"],
+                                self.home("proxy"), self.work / "logs" / "proxy.log")
+        self.wait_port("nginx", self.proxy_address)
+        self.proxy_pids = [self.proxy.pid, *_children(self.proxy.pid)]
+
+    def start_app_store(self) -> None:
+        """The operator's signed app store on loopback, where the SuperLink fetches signed bundles."""
+        self.start([BIN / "python", JETSON / "server" / "app_store.py", "serve", "--store", self.work / "app-store",
+                    "--port", self.store_port], self.home("app-store"), self.work / "logs" / "app-store.log")
+        self.wait_port("the app store", f"127.0.0.1:{self.store_port}")
+
+    def sign_command(self, app: Path | str, key_dir: Path) -> list:
+        return [JETSON / "server" / "sign_app.sh", "--key", key_dir / "app-signing.key",
+                "--store", self.work / "app-store", app]
+
+    def board_home(self, name: str) -> Path:
+        """A board's own flwr CLI: its default connection is the LAN-facing proxy."""
+        home = self.home(f"board-cli-{name}")
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{BOARD}"\n\n' + self.connection(BOARD, self.proxy_address) + "\n"
+            + self.connection(SUPERLINK_PORT_FROM_LAN, f"{LAN_HOST}:{self.port}"))
+        return home
 
     def register(self, name: str) -> int:
         out = self.sh(JETSON / "server" / "register_node.sh", "--superlink", CONNECTION,
@@ -211,10 +330,12 @@ class Rehearsal:
         self.sh(JETSON / "device" / "make_node_key.sh", self.key(name), name)
 
     def supernode_command(self, name: str, port: int, tls: bool = True, key: bool = True) -> list:
-        cmd = [BIN / "flower-supernode", "--superlink", self.address, "--port", port]
+        cmd = [BIN / "flower-supernode", "--superlink", self.fleet_address, "--port", port]
         cmd += ["--root-certificates", self.certs / "ca.crt"] if tls else ["--insecure", "--max-retries", "1"]
         if key:
             cmd += ["--auth-supernode-private-key", self.key(name)]
+        if self.control_plane:
+            cmd += ["--trusted-entities", self.trusted]
         return cmd + ["--node-config", f'data-path="{self.data(name)}" node-name="{name}"']
 
     def start_node(self, name: str, **kwargs) -> subprocess.Popen:
@@ -244,9 +365,28 @@ class Rehearsal:
         return pids
 
     # -- cleanup --------------------------------------------------------------------------
+    def stop_proxy(self) -> list[int]:
+        """SIGTERM to nginx's master (it stops its workers), SIGKILL to whatever is left after 10 s."""
+        if self.proxy is None or self.proxy.poll() is not None:
+            return []
+        self.proxy_pids = sorted(set(self.proxy_pids) | set(_children(self.proxy.pid)))
+        self.proxy.terminate()
+        try:
+            self.proxy.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        for pid in self.proxy_pids:
+            if _alive(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        self.proxy.wait(timeout=10)
+        return list(self.proxy_pids)
+
     def stop(self) -> tuple[list[int], list[int]]:
-        """Stop everything started, by process id: each FLWR_HOME's processes, then our own children."""
-        stopped = []
+        """Stop everything started, by process id: nginx, each FLWR_HOME's processes, then our own children."""
+        stopped = self.stop_proxy()
         for home in reversed(self.homes):
             stopped += stop_flwr_home(home, grace=5.0)
         for proc in self.procs:
@@ -255,6 +395,7 @@ class Rehearsal:
                 proc.kill()
             proc.wait(timeout=10)
         leftover = [pid for home in self.homes for pid in pids_with_flwr_home(home)]
+        leftover += [pid for pid in self.proxy_pids if _alive(pid)]
         return stopped, leftover
 
 
@@ -272,7 +413,7 @@ def _start_flwr_run(r: Rehearsal, name: str, overrides: list[str]) -> tuple[subp
     """Start ``flwr run`` against the rehearsal's SuperLink; its log goes to ``logs/flwr_<name>.log``."""
     run_config = write_run_config(r.work / f"{name}.toml", overrides)
     log = r.work / "logs" / f"flwr_{name}.log"
-    proc = r.start([BIN / "flwr", "run", r.app_dir, CONNECTION, "--stream", "--run-config", run_config],
+    proc = r.start([BIN / "flwr", "run", r.app, CONNECTION, "--stream", "--run-config", run_config],
                    r.cli_home, log)
     return proc, log, time.monotonic()
 
@@ -281,6 +422,7 @@ def _flwr_run(r: Rehearsal, report: Report, fault: bool, timeout: float) -> None
     """``flwr run`` against the SuperLink; with ``fault``, crash the victim in round 2 and restart it."""
     run_dir = r.work / "run"
     proc, log, start = _start_flwr_run(r, "run", run_overrides(run_dir, r.data_root))
+    report.operator_runs += 1
     victim_id = report.node_ids[VICTIM]
     stage = "kill" if fault else "done"
     deadline = start + timeout
@@ -307,7 +449,7 @@ def _flwr_run(r: Rehearsal, report: Report, fault: bool, timeout: float) -> None
     if fault:
         report.fault["restarted_log"] = r.node_log(VICTIM, 2)
     report.run.update(returncode=proc.returncode, log=log.read_text(errors="replace"), run_dir=run_dir,
-                      seconds=time.monotonic() - start)
+                      seconds=time.monotonic() - start, app=r.app)
     r.log(f"flwr run exited with {proc.returncode} after {report.run['seconds']:.0f} s")
 
 
@@ -330,6 +472,7 @@ def _flwr_run_async(r: Rehearsal, report: Report, fault: bool, timeout: float) -
     run_dir = r.work / "run_async"
     before = r.node_log(VICTIM).count("Receiving: train message")
     proc, log, start = _start_flwr_run(r, "run_async", async_overrides(run_dir, r.data_root))
+    report.operator_runs += 1
     while proc.poll() is None:
         if time.monotonic() > start + timeout:
             raise TimeoutError(f"the asynchronous flwr run did not finish within {timeout:.0f} s; see {log}")
@@ -341,6 +484,252 @@ def _flwr_run_async(r: Rehearsal, report: Report, fault: bool, timeout: float) -
     report.async_run.update(returncode=proc.returncode, log=log.read_text(errors="replace"), run_dir=run_dir,
                             seconds=time.monotonic() - start)
     r.log(f"asynchronous flwr run exited with {proc.returncode} after {report.async_run['seconds']:.0f} s")
+
+
+# -- the control plane: signing, the LAN-facing side, bundle refusals ---------------------------
+PROBE_PYPROJECT = """[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "probe"
+version = "{version}"
+description = "A foreign app: what a board or an intruder might try to run on every SuperNode"
+license = "Apache-2.0"
+dependencies = ["flwr"]
+
+[tool.flwr.app]
+publisher = "intruder"
+
+[tool.flwr.app.components]
+serverapp = "probe.apps:server"
+clientapp = "probe.apps:client"
+
+[tool.flwr.app.config]
+wait = 40
+"""
+
+PROBE_APPS = f'''"""Sends one query to every SuperNode and prints each reply; a ClientApp that ran would say so."""
+import time
+
+from flwr.app import Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+client = ClientApp()
+server = ServerApp()
+
+
+@client.query()
+def query(msg: Message, context: Context) -> Message:
+    print("{PROBE_RAN}", flush=True)
+    return Message(RecordDict(), reply_to=msg)
+
+
+@server.main()
+def main(grid: Grid, context: Context) -> None:
+    deadline = time.monotonic() + float(context.run_config["wait"])
+    nodes = []
+    while len(nodes) < 3 and time.monotonic() < deadline:
+        nodes = list(grid.get_node_ids())
+        time.sleep(0.5)
+    messages = [Message(RecordDict(), dst_node_id=node, message_type="query") for node in nodes]
+    pending = set(grid.push_messages(messages))
+    while pending and time.monotonic() < deadline:  # poll every 0.2 s (send_and_receive: 3 s)
+        for reply in grid.pull_messages(list(pending)):
+            pending.discard(reply.metadata.reply_to_message_id)
+            if reply.has_error():
+                print(f"PROBE REPLY from node {{reply.metadata.src_node_id}}: error {{reply.error.code}}: "
+                      f"{{reply.error.reason}}", flush=True)
+            else:
+                print(f"PROBE REPLY from node {{reply.metadata.src_node_id}}: ran", flush=True)
+        time.sleep(0.2)
+'''
+
+
+def write_probe_app(folder: Path, version: str) -> Path:
+    """A small foreign Flower app (``@intruder/probe``): cheap to run, and it shows whether it ran."""
+    (folder / "probe").mkdir(parents=True, exist_ok=True)
+    (folder / "pyproject.toml").write_text(PROBE_PYPROJECT.replace("{version}", version))
+    (folder / "probe" / "__init__.py").write_text("")
+    (folder / "probe" / "apps.py").write_text(PROBE_APPS)
+    return folder
+
+
+def _start_signing(r: Rehearsal) -> dict:
+    """The operator's signing key and the boards' trusted-entities file (the SuperNodes need it at
+    start), and a foreign key claiming the operator's key ID; then, in the background, flmnist signed
+    by the operator and the probe signed by the foreign key, both into the app store."""
+    r.sh(JETSON / "server" / "make_signing_key.sh", "--id", OPERATOR_KEY_ID, r.signing)
+    r.sh(JETSON / "server" / "make_signing_key.sh", "--id", OPERATOR_KEY_ID, r.foreign)
+    write_probe_app(r.work / "probe", "1.0.0")
+    foreign = write_probe_app(r.work / "probe-foreign", PROBE_SPEC.split("==")[1])
+    return {"flmnist": r.start(r.sign_command(r.app_dir, r.signing), r.home("sign-flmnist"),
+                               r.work / "logs" / "sign_flmnist.log"),
+            "probe": r.start(r.sign_command(foreign, r.foreign), r.home("sign-probe"), r.work / "logs" / "sign_probe.log")}
+
+
+def _finish_signing(r: Rehearsal, report: Report, procs: dict) -> None:
+    for name, proc in procs.items():
+        returncode = proc.wait(timeout=120)
+        output = (r.work / "logs" / f"sign_{name}.log").read_text(errors="replace")
+        report.signing[name] = {"returncode": returncode, "output": output}
+        if returncode != 0:
+            raise RuntimeError(f"sign_app.sh failed for {name} ({returncode}):\n{output}")
+    r.app = report.signing["spec"] = report.signing["flmnist"]["output"].split("flwr run ")[-1].split()[0]
+    report.signing["trusted_entities"] = r.trusted.read_text()
+    r.log(f"bundles signed: {r.app} by the operator, {PROBE_SPEC} by a foreign key")
+
+
+def _refused(seen: dict) -> bool:
+    """A flwr CLI call that failed: non-zero exit, or (``--format json`` exits 0) ``"success": false``."""
+    out = seen.get("output", "")
+    return '"success": true' not in out and (seen.get("returncode") not in (None, 0) or '"success": false' in out)
+
+
+def _start_board_attempts(r: Rehearsal, report: Report) -> dict:
+    """A registered board (jetson-1) with its own flwr CLI, pointed at the LAN-facing address: run an
+    app, register a new key, register its own key again, revoke another board, and reach the
+    SuperLink's own port. Each in its own FLWR_HOME, all at once."""
+    flwr, name = BIN / "flwr", NAMES[1]
+    attempts = {
+        "run": [flwr, "run", r.work / "probe", BOARD, "--format", "json"],
+        "register_new_key": [flwr, "supernode", "register", f"{r.key('stranger')}.pub", BOARD, "--format", "json"],
+        "register_own_key": [flwr, "supernode", "register", f"{r.key(name)}.pub", BOARD, "--format", "json"],
+        "revoke_other_board": [flwr, "supernode", "unregister", str(report.node_ids[NAMES[2]]), BOARD,
+                               "--format", "json"],
+        "superlink_port": [flwr, "supernode", "list", SUPERLINK_PORT_FROM_LAN, "--format", "json"],
+    }
+    return {what: r.start(cmd, r.board_home(what), r.work / "logs" / f"board_{what}.log")
+            for what, cmd in attempts.items()}
+
+
+def _collect_board_attempts(r: Rehearsal, report: Report, procs: dict) -> None:
+    for what, proc in procs.items():
+        try:
+            returncode = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            returncode = None
+        report.lan[what] = {"returncode": returncode,
+                            "output": (r.work / "logs" / f"board_{what}.log").read_text(errors="replace")}
+    report.lan["listed_after"] = r.node_list()
+    r.log("through the LAN-facing address: " + ", ".join(
+        f"{what} {'refused' if _refused(report.lan[what]) else 'NOT REFUSED'}" for what in procs))
+
+
+def http_post(address: str, path: str, ca: Path, method: str = "POST") -> tuple[int, str]:
+    """One raw HTTPS request (path sent as is, unnormalised); returns (status, start of the body)."""
+    host, port = address.rsplit(":", 1)
+    conn = http.client.HTTPSConnection(host, int(port), timeout=10,
+                                       context=ssl.create_default_context(cafile=str(ca)))
+    try:
+        conn.request(method, path, body=b"" if method == "POST" else None,
+                     headers={"content-type": "application/protobuf"})
+        response = conn.getresponse()
+        return response.status, response.read(300).decode(errors="replace").strip()
+    finally:
+        conn.close()
+
+
+def fleet_api_attempts(address: str, ca: Path, key_file: Path, other_node_id: int) -> dict:
+    """A board's key used on the Fleet API itself (what the proxy forwards), signed as a SuperNode
+    signs: register that key as a node, and unregister another board. {call: {status, body}}."""
+    import httpx
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+    from flwr.proto.fleet_pb2 import RegisterNodeFleetRequest, UnregisterNodeFleetRequest
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+    from flwr.supernode.fleet_http_client import FleetHttpClient
+    from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
+
+    key = load_ssh_private_key(Path(key_file).read_bytes(), None)
+    seen = {}
+    with FleetHttpClient.from_server_address(address, False, Path(ca).read_bytes(),
+                                             [NodeAuthHttpInterceptor(key, key.public_key())]) as client:
+        calls = {
+            "register_key": lambda: client.RegisterNode(
+                RegisterNodeFleetRequest(public_key=public_key_to_bytes(key.public_key()))),
+            "unregister_other": lambda: client.UnregisterNode(UnregisterNodeFleetRequest(node_id=other_node_id)),
+        }
+        for what, call in calls.items():
+            try:
+                seen[what] = {"status": 200, "body": str(call())}
+            except httpx.HTTPStatusError as err:
+                seen[what] = {"status": err.response.status_code, "body": err.response.text[:300]}
+            except httpx.HTTPError as err:
+                seen[what] = {"status": None, "body": repr(err)}
+    return seen
+
+
+def _lan_requests(r: Rehearsal, report: Report) -> None:
+    """Raw requests to the proxy for everything but the Fleet API, and the Fleet API's own
+    register/unregister with a registered board's key."""
+    ca = r.certs / "ca.crt"
+    report.lan["http"] = {path: http_post(r.proxy_address, path, ca) for path in FORBIDDEN_PATHS}
+    report.lan["http"]["GET /v1/fleet/get-run"] = http_post(r.proxy_address, "/v1/fleet/get-run", ca, "GET")
+    report.lan["fleet_api"] = fleet_api_attempts(r.proxy_address, ca, r.key(NAMES[1]), report.node_ids[NAMES[2]])
+
+
+def _bundle_refusals(r: Rehearsal, report: Report, timeout: float = 120) -> None:
+    """The operator, on the server, runs an unsigned bundle (``flwr run APP_DIR``) and a bundle signed
+    by a foreign key (from the app store), at once; every SuperNode must refuse both."""
+    start = time.monotonic()
+    runs = {"unsigned": [BIN / "flwr", "run", r.work / "probe", CONNECTION, "--stream"],
+            "foreign": [BIN / "flwr", "run", PROBE_SPEC, CONNECTION, "--stream"]}
+    procs = {}
+    for what, cmd in runs.items():
+        home = r.home(f"cli-{what}")
+        (home / "config.toml").write_text((r.cli_home / "config.toml").read_text())
+        procs[what] = r.start(cmd, home, r.work / "logs" / f"flwr_probe_{what}.log")
+        report.operator_runs += 1
+    logs = {what: r.work / "logs" / f"flwr_probe_{what}.log" for what in procs}
+
+    def answered(what: str) -> bool:  # every SuperNode's reply printed (the log stream ends seconds later)
+        return procs[what].poll() is not None or logs[what].read_text(errors="replace").count("PROBE REPLY") >= len(NAMES)
+
+    while not all(answered(what) for what in procs) and time.monotonic() < start + timeout:
+        time.sleep(0.3)
+    for what, proc in procs.items():
+        returncode = proc.poll()
+        if returncode is None:
+            proc.terminate()  # the CLI's log stream; the run itself is over or ends on its own
+            proc.wait(timeout=10)
+        report.bundles[what] = {"returncode": returncode, "seconds": time.monotonic() - start,
+                                "log": logs[what].read_text(errors="replace")}
+    report.bundles["nodes"] = {
+        name: [line.strip() for line in r.node_log(name).splitlines()
+               if UNSIGNED_REFUSAL in line or FOREIGN_REFUSAL in line or PROBE_RAN in line]
+        for name in NAMES}
+    r.log(f"unsigned and foreign bundles: {sum(len(v) for v in report.bundles['nodes'].values())} refusals "
+          f"logged by the SuperNodes in {time.monotonic() - start:.0f} s")
+
+
+def _start_comeback(r: Rehearsal, report: Report) -> dict:
+    """Right after its revocation, the revoked board restarts its SuperNode (same key, through the
+    proxy, as its restart policy would) and registers its key again with its own flwr CLI."""
+    name = NAMES[0]
+    report.comeback["start"] = time.monotonic()
+    return {"node": r.start_node(name),
+            "cli": r.start([BIN / "flwr", "supernode", "register", f"{r.key(name)}.pub", BOARD, "--format", "json"],
+                           r.board_home("revoked"), r.work / "logs" / "board_revoked_register.log")}
+
+
+def _revoked_board_comes_back(r: Rehearsal, report: Report, procs: dict) -> None:
+    """... and tries the Fleet API's registration with that key: all refused."""
+    name = NAMES[0]
+    report.comeback["fleet_api"] = fleet_api_attempts(r.proxy_address, r.certs / "ca.crt", r.key(name),
+                                                      report.node_ids[NAMES[1]])
+    for key, proc in (("returncode", procs["node"]), ("register_returncode", procs["cli"])):
+        try:
+            report.comeback[key] = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            report.comeback[key] = None
+    report.comeback.update(
+        log=r.node_log(name), seconds=time.monotonic() - report.comeback["start"],
+        register={"returncode": report.comeback["register_returncode"],
+                  "output": (r.work / "logs" / "board_revoked_register.log").read_text(errors="replace")},
+        status=r.node_list().get(report.node_ids[name]))
+    r.log(f"revoked {name} tried to come back: SuperNode exited {report.comeback['returncode']}, "
+          f"status {report.comeback['status']} ({report.comeback['seconds']:.0f} s)")
 
 
 def _start_refusals(r: Rehearsal) -> dict:
@@ -367,35 +756,56 @@ def rehearse(work: Path, data_root: Path, fault: bool = True, app_dir: Path = RE
     """Run the whole rehearsal in ``work``; always stops what it started. Returns what it saw."""
     work, data_root = Path(work).resolve(), Path(data_root).resolve()
     report = Report(work=work, data_root=data_root)
-    r = Rehearsal(work, data_root, app_dir, say)
+    r = Rehearsal(work, data_root, app_dir, say, control_plane=True)
     try:
         report.sans = r.make_certs()
         r.log("CA and SuperLink certificate made")
+        signing = _start_signing(r)
+        r.start_app_store()
         r.start_superlink()
-        r.log(f"SuperLink up on {r.address} (TLS, node authentication, state database)")
+        r.start_proxy()
+        r.log(f"SuperLink up on {r.address} only (TLS, node authentication, state database); nginx on "
+              f"{r.proxy_address} forwards its Fleet API; signed app store on 127.0.0.1:{r.store_port}")
         report.node_ids = r.add_nodes(["experiment=seed002"])
-        r.log(f"3 partitions exported, 3 keys made and registered, 3 SuperNodes started: {report.node_ids}")
+        r.log(f"3 partitions exported, 3 keys made and registered, 3 SuperNodes started through the proxy: "
+              f"{report.node_ids}")
         refused = _start_refusals(r)
+        board = _start_board_attempts(r, report)
+        _lan_requests(r, report)
+        _finish_signing(r, report, signing)
         ids = set(report.node_ids.values())
         r.wait("3 SuperNodes online", lambda: sum(r.node_list().get(i) == "online" for i in ids) == 3, 90)
         report.status_before_run = r.node_list()
         report.timings["setup"] = time.monotonic() - r.t0
         r.log("3 SuperNodes online")
+        _collect_board_attempts(r, report, board)
         _collect_refusals(r, report, refused)
+        t = time.monotonic()
+        _bundle_refusals(r, report)
+        report.timings["bundle_refusals"] = time.monotonic() - t
         _flwr_run(r, report, fault, timeout)
         _flwr_run_async(r, report, fault, timeout)
+        revoked = r.nodes[NAMES[0]]
         r.revoke(NAMES[0])
+        comeback = _start_comeback(r, report)  # while the revoked SuperNode is being disconnected
         try:
-            report.revoke["returncode"] = r.nodes[NAMES[0]].wait(timeout=60)
+            report.revoke["returncode"] = revoked.wait(timeout=60)
         except subprocess.TimeoutExpired:
             report.revoke["returncode"] = None
         report.revoke["status"] = r.node_list().get(report.node_ids[NAMES[0]])
         r.log(f"revoked {NAMES[0]}: status {report.revoke['status']}, its SuperNode exited "
               f"{report.revoke['returncode']}")
+        _revoked_board_comes_back(r, report, comeback)
+        report.timings["comeback"] = report.comeback["seconds"]
     finally:
-        report.superlink_log = (work / "logs" / "superlink.log").read_text(errors="replace") \
-            if (work / "logs" / "superlink.log").exists() else ""
+        logs = work / "logs"
+        report.superlink_log = (logs / "superlink.log").read_text(errors="replace") \
+            if (logs / "superlink.log").exists() else ""
+        report.store_log = (logs / "app-store.log").read_text(errors="replace") \
+            if (logs / "app-store.log").exists() else ""
         report.stopped, report.leftover = r.stop()
+        report.proxy_log = "".join((work / "proxy" / f).read_text(errors="replace")
+                                   for f in ("access.log", "error.log") if (work / "proxy" / f).exists())
         report.timings["total"] = time.monotonic() - r.t0
         r.log(f"stopped {len(report.stopped)} processes; {len(report.leftover)} left")
     return report
@@ -408,6 +818,7 @@ def _rows(report: Report) -> list[dict]:
 
 def check_certificate(report: Report) -> None:
     assert "IP Address:127.0.0.1" in report.sans and "DNS:localhost" in report.sans, report.sans
+    assert f"IP Address:{LAN_HOST}" in report.sans, report.sans
 
 
 def check_nodes_joined(report: Report) -> None:
@@ -490,6 +901,79 @@ def check_async_run_survives_killed_node(report: Report) -> None:
     assert stats["outcomes"].get("applied", 0) >= ASYNC_UPDATES - lost - 1, stats["outcomes"]
 
 
+def check_superlink_unreachable_from_lan(report: Report) -> None:
+    seen = report.lan["superlink_port"]
+    assert _refused(seen) and "Connection to the SuperLink is unavailable" in seen["output"], seen
+
+
+def check_nodes_connect_through_proxy(report: Report) -> None:
+    activations = report.proxy_log.count('"POST /v1/fleet/activate-node HTTP/1.1" 200')
+    assert activations >= len(NAMES), report.proxy_log[-3000:]
+    assert report.proxy_log.count('"POST /v1/fleet/push-messages HTTP/1.1" 200') > 0
+
+
+def check_proxy_serves_only_fleet_api(report: Report) -> None:
+    assert len(report.lan["http"]) == len(FORBIDDEN_PATHS) + 1
+    for path, (status, body) in report.lan["http"].items():
+        assert status == 403, (path, status, body)
+
+
+def check_board_cannot_start_run(report: Report) -> None:
+    seen = report.lan["run"]
+    assert _refused(seen) and "403 Forbidden" in seen["output"], seen
+    # The SuperLink saw no run but the operator's.
+    assert report.superlink_log.count("ControlServicer.StartRun") == report.operator_runs, report.operator_runs
+
+
+def check_board_cannot_register_or_revoke_keys(report: Report) -> None:
+    for what in ("register_new_key", "register_own_key", "revoke_other_board"):
+        seen = report.lan[what]
+        assert _refused(seen) and "403 Forbidden" in seen["output"], (what, seen)
+    fleet = report.lan["fleet_api"]
+    assert fleet["register_key"]["status"] == 412, fleet
+    assert "must be registered via the CLI" in fleet["register_key"]["body"], fleet
+    assert fleet["unregister_other"]["status"] in (401, 412), fleet
+    listed = report.lan["listed_after"]
+    assert set(listed) == set(report.node_ids.values()), listed  # no key added, none removed
+    assert listed[report.node_ids[NAMES[2]]] == "online", listed
+
+
+def _bundle_refused(report: Report, what: str, refusal: str) -> None:
+    seen = report.bundles[what]
+    for name in NAMES:
+        assert any(refusal in line for line in report.bundles["nodes"][name]), (name, report.bundles["nodes"])
+        assert not any(PROBE_RAN in line for line in report.bundles["nodes"][name]), name
+    # The probe's ServerApp got one error reply per SuperNode.
+    assert seen["log"].count("error 7: The FAB could not be verified.") == len(NAMES), seen["log"][-3000:]
+    assert ": ran" not in seen["log"], seen["log"][-3000:]
+
+
+def check_unsigned_bundle_refused(report: Report) -> None:
+    _bundle_refused(report, "unsigned", UNSIGNED_REFUSAL)
+
+
+def check_foreign_bundle_refused(report: Report) -> None:
+    _bundle_refused(report, "foreign", FOREIGN_REFUSAL)
+    assert f"GET /v1/fabs/{PROBE_SPEC[1:].replace('==', '/')}.fab HTTP/1.1\" 200" in report.store_log, report.store_log
+
+
+def check_signed_run_accepted(report: Report) -> None:
+    spec = report.signing["spec"]
+    assert spec.startswith("@flmnist/flmnist==") and report.run["app"] == spec, (spec, report.run.get("app"))
+    assert f"{OPERATOR_KEY_ID}: \"ssh-ed25519 " in report.signing["trusted_entities"]
+    assert f"GET /v1/fabs/{spec[1:].replace('==', '/')}.fab HTTP/1.1\" 200" in report.store_log, report.store_log
+    assert (report.run["run_dir"] / "summary.json").is_file(), report.run["log"][-3000:]
+
+
+def check_revoked_board_stays_out(report: Report) -> None:
+    seen = report.comeback
+    assert seen["returncode"] not in (None, 0), f"the revoked board's SuperNode was admitted:\n{seen['log'][-2000:]}"
+    assert "Failed to activate SuperNode" in seen["log"] and "Receiving:" not in seen["log"], seen["log"][-2000:]
+    assert _refused(seen["register"]) and "403 Forbidden" in seen["register"]["output"], seen["register"]
+    assert seen["fleet_api"]["register_key"]["status"] == 412, seen["fleet_api"]
+    assert seen["status"] == "unregistered", seen["status"]
+
+
 def check_revoked_node_is_disconnected(report: Report) -> None:
     assert report.revoke["status"] == "unregistered", report.revoke
     assert report.revoke["returncode"] is not None, "the revoked SuperNode is still running"
@@ -504,6 +988,9 @@ CHECKS = {f.__name__.removeprefix("check_"): f for f in (
     check_certificate, check_nodes_joined, check_unregistered_key_refused, check_plaintext_client_refused,
     check_run_finished, check_log_lines, check_model_scores_above_chance, check_run_survives_killed_node,
     check_restarted_node_gets_work, check_async_run_survives_killed_node, check_revoked_node_is_disconnected,
+    check_superlink_unreachable_from_lan, check_nodes_connect_through_proxy, check_proxy_serves_only_fleet_api,
+    check_board_cannot_start_run, check_board_cannot_register_or_revoke_keys, check_unsigned_bundle_refused,
+    check_foreign_bundle_refused, check_signed_run_accepted, check_revoked_board_stays_out,
     check_everything_stopped,
 )}
 

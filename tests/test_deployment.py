@@ -1,15 +1,20 @@
-"""The Jetson deployment, rehearsed on loopback: real SuperLink and SuperNodes with TLS and node
-authentication, two refusals, one SuperNode killed mid-run and restarted, a revoked node
-(``jetson/rehearsal.py``); and the deployment scripts' dry runs and the partition export.
+"""The Jetson deployment, rehearsed on loopback: real SuperLink (loopback only) behind nginx, SuperNodes
+with TLS, node authentication and trusted entities, the operator's signed bundle, refusals (an
+unregistered key, no TLS, a board's Control API calls through the proxy, unsigned and foreign
+bundles, a revoked board coming back), one SuperNode killed mid-run and restarted
+(``jetson/rehearsal.py``); the signed app store against Flower's own verifier; and the deployment
+scripts' dry runs and the partition export.
 
-The rehearsal runs once for the module (about 4 minutes: Flower's deployment loop polls every
-3 s, and the SuperLink takes up to 60 s to mark a killed SuperNode offline).
+The rehearsal runs once for the module (about 5 minutes: Flower's deployment loop polls every
+3 s, and the SuperLink takes up to 60 s to mark a killed SuperNode offline). It needs nginx
+(``.ci/run`` installs it).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +37,7 @@ def _load(name: str, path: Path):
 
 rehearsal = _load("flmnist_rehearsal", JETSON / "rehearsal.py")
 export = _load("flmnist_export_partition", JETSON / "device" / "export_partition.py")
+app_store = _load("flmnist_app_store", JETSON / "server" / "app_store.py")
 
 
 @pytest.fixture(scope="module")
@@ -86,12 +92,63 @@ def test_script_dry_runs_show_the_commands_they_would_run(tmp_path):
     out = _dry("server/make_certs.sh", str(tmp_path / "c"), "192.168.1.10", "server.lan")
     assert "subjectAltName=IP:127.0.0.1,DNS:localhost,IP:192.168.1.10,DNS:server.lan" in out
     assert not (tmp_path / "c").exists()
-    out = _dry("server/start_superlink.sh", "--host", "0.0.0.0", "--port", "9000", "--certs", "/etc/c")
+    out = _dry("server/start_superlink.sh", "--port", "9000", "--certs", "/etc/c")
     for flag in ("--enable-supernode-auth", "--disable-runtime-dependency-installation", "--database",
-                 "--ssl-certfile /etc/c/superlink.crt", "--port 9000"):
+                 "--ssl-certfile /etc/c/superlink.crt", "--port 9000", "--host 127.0.0.1",
+                 "FLWR_SUPERGRID_API_URL=http://127.0.0.1:8001/v1"):
         assert flag in out, flag
+    proc = subprocess.run(["bash", str(JETSON / "server" / "start_superlink.sh"), "--dry-run", "--host", "0.0.0.0"],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0 and "has no authentication" in proc.stderr, proc.stderr
+    out = _dry("server/start_proxy.sh", "--listen", "192.168.1.10:8443", "--certs", "/etc/c")
+    for line in ("listen 192.168.1.10:8443 ssl;", "ssl_certificate /etc/c/superlink.crt;", "location /v1/fleet/ {",
+                 "limit_except POST { deny all; }", "proxy_pass https://127.0.0.1:8000/v1/fleet/;",
+                 "proxy_ssl_verify on;", 'return 403 "only the Fleet API is served here\\n";', r"-g daemon\ off\;"):
+        assert line in out, line
+    assert "/v1/control" not in out.split("location / {")[0].split("location /v1/fleet/")[1]
+    out = _dry("server/make_signing_key.sh", "--id", "fpk_test", str(tmp_path / "s"))
+    assert "ssh-keygen -q -t ed25519 -N '' -C fpk_test" in out and "trusted-entities.yaml" in out
+    assert not (tmp_path / "s").exists()
+    out = _dry("server/sign_app.sh")
+    assert "app_store.py sign --key ./signing/app-signing.key --store ./app-store" in out, out
     assert "flwr supernode register k.pub lab --name jetson-01" in _dry(
         "server/register_node.sh", "--superlink", "lab", "jetson-01", "k.pub")
     assert "flwr supernode unregister 42" in _dry("server/revoke_node.sh", "42")
     assert "ssh-keygen -q -t ecdsa -b 384" in _dry("device/make_node_key.sh", str(tmp_path / "k" / "node.key"))
     assert not (tmp_path / "k").exists()
+
+
+def test_signed_app_store_satisfies_flowers_verifier(tmp_path):
+    """A bundle signed by sign_app.sh and handed out by app_store.py passes the SuperNode's own check
+    (flwr's ``_verify_fab`` with the boards' trusted-entities file); a changed bundle, a foreign key
+    claiming the operator's key ID, and an unsigned bundle do not."""
+    import yaml
+    from flwr.supercore.fab import Fab
+    from flwr.superlink.servicer.control.control_handlers import _format_verification
+    from flwr.supernode.start_client_internal import _verify_fab
+
+    for name in ("signing", "foreign"):
+        subprocess.run(["bash", str(JETSON / "server" / "make_signing_key.sh"), str(tmp_path / name)], check=True,
+                       capture_output=True)
+    trusted = yaml.safe_load((tmp_path / "signing" / "trusted-entities.yaml").read_text())
+    assert list(trusted) == ["fpk_flmnist_operator"] and trusted["fpk_flmnist_operator"].startswith("ssh-ed25519 ")
+    app = rehearsal.write_probe_app(tmp_path / "probe", "1.2.3")
+    store = tmp_path / "store"
+    out = subprocess.run(["bash", str(JETSON / "server" / "sign_app.sh"), "--key", str(tmp_path / "signing" / "app-signing.key"),
+                          "--store", str(store), str(app)], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, PYTHON=sys.executable)).stdout
+    assert "run it with: flwr run @intruder/probe==1.2.3 CONNECTION" in out, out
+
+    record, versions = app_store.find(store, "@intruder/probe", None)  # what `serve` answers
+    assert versions == ["1.2.3"] and record["app_version"] == "1.2.3"
+    fab = (store / "intruder" / "probe" / "1.2.3.fab").read_bytes()
+    verifications = _format_verification(record["verifications"])  # what the SuperLink stores with the bundle
+    assert verifications["valid_license"] == "Valid"
+    assert _verify_fab(Fab("", fab, verifications), trusted)
+    assert not _verify_fab(Fab("", fab + b"x", verifications), trusted)  # changed after signing
+    assert not _verify_fab(Fab("", fab, {}), trusted)  # unsigned
+
+    foreign = app_store.sign_fab(fab, tmp_path / "foreign" / "app-signing.key", "fpk_flmnist_operator")
+    assert not _verify_fab(Fab("", fab, _format_verification([foreign])), trusted)
+    assert app_store.find(store, "@intruder/probe", "9.9.9") == (None, ["1.2.3"])
+    assert app_store.find(store, "../../etc", None) == (None, [])

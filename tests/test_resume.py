@@ -97,7 +97,7 @@ def test_resumed_run_equals_the_uninterrupted_run(runs):
 
 
 # FedBuff on a simulated fleet, checkpointed at every evaluation (every 2 server updates).
-ASYNC_SETTINGS = ["strategy=fedbuff", "strategy.buffer_size=3", "fleet=homogeneous", "client.local_steps=40",
+ASYNC_SETTINGS = ["num_nodes=3", "strategy=fedbuff", "strategy.buffer_size=3", "fleet=homogeneous", "client.local_steps=40",
                   "client.batch_size=128",
                   "async_loop.max_server_updates=12", "async_loop.eval_every=2", "checkpoint_every=2",
                   "data.holdout_fraction=0.02"]

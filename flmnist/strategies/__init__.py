@@ -11,27 +11,27 @@ from __future__ import annotations
 
 import math
 
-from flmnist.errors import ConfigError
+from flmnist.checks import check_integer, check_number
 from flmnist.strategies.fedasync import FedAsync
 from flmnist.strategies.fedavg import FedAvg
 from flmnist.strategies.fedbuff import FedBuff
 
-# Parameters of Flower's strategies that their constructors do not check: (low, high, closed).
-# A value must be finite and within [low, high] (closed) or (low, high] / [low, high) as marked.
-_RULES = {
-    "fraction_train": ("(0, 1]", lambda v: 0 < v <= 1),
-    "fraction_evaluate": ("[0, 1]", lambda v: 0 <= v <= 1),
-    "proximal_mu": (">= 0", lambda v: v >= 0),
-    "eta": ("> 0", lambda v: v > 0),
-    "eta_l": ("> 0", lambda v: v > 0),
-    "tau": ("> 0", lambda v: v > 0),
-    "beta_1": ("[0, 1)", lambda v: 0 <= v < 1),
-    "beta_2": ("[0, 1)", lambda v: 0 <= v < 1),
-    "server_learning_rate": ("> 0", lambda v: v > 0),
-    "server_momentum": ("[0, 1)", lambda v: 0 <= v < 1),
-    "beta": ("[0, 0.5)", lambda v: 0 <= v < 0.5),
+# Parameters of Flower's strategies that their constructors do not check: key -> the
+# check_number interval (low, high, low_open, high_open), or the lowest integer allowed.
+_NUMBERS = {
+    "fraction_train": (0.0, 1.0, True, False),
+    "fraction_evaluate": (0.0, 1.0, False, False),
+    "proximal_mu": (0.0, math.inf, False, False),
+    "eta": (0.0, math.inf, True, False),
+    "eta_l": (0.0, math.inf, True, False),
+    "tau": (0.0, math.inf, True, False),
+    "beta_1": (0.0, 1.0, False, True),
+    "beta_2": (0.0, 1.0, False, True),
+    "server_learning_rate": (0.0, math.inf, True, False),
+    "server_momentum": (0.0, 1.0, False, True),
+    "beta": (0.0, 0.5, False, True),
 }
-_INT_RULES = {
+_INTEGERS = {
     "min_train_nodes": 1,
     "min_evaluate_nodes": 0,
     "min_available_nodes": 1,
@@ -42,18 +42,12 @@ _INT_RULES = {
 
 def check_parameters(strategy) -> None:
     """Check a Flower strategy's parameters, naming the setting at fault."""
-    for key, (allowed, ok) in _RULES.items():
-        if not hasattr(strategy, key):
-            continue
-        value = getattr(strategy, key)
-        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and ok(value)):
-            raise ConfigError(f"strategy.{key} must be a finite number in {allowed}, got {value!r}")
-    for key, low in _INT_RULES.items():
-        if not hasattr(strategy, key):
-            continue
-        value = getattr(strategy, key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ConfigError(f"strategy.{key} must be an integer >= {low}, got {value!r}")
+    for key, (low, high, low_open, high_open) in _NUMBERS.items():
+        if hasattr(strategy, key):
+            check_number(f"strategy.{key}", getattr(strategy, key), low, high, low_open=low_open, high_open=high_open)
+    for key, low in _INTEGERS.items():
+        if hasattr(strategy, key):
+            check_integer(f"strategy.{key}", getattr(strategy, key), low)
 
 
 def build_strategy(node):

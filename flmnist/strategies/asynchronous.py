@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+from flmnist.checks import check_integer, check_number
+
 Weights = dict  # name -> numpy array
 
 
@@ -20,12 +22,8 @@ class AsyncStrategy(ABC):
     reply_delta: bool = False
 
     def __init__(self, max_staleness: int | None = None, proximal_mu: float = 0.0) -> None:
-        if max_staleness is not None and max_staleness < 0:
-            from flmnist.errors import ConfigError
-
-            raise ConfigError(f"strategy.max_staleness must be >= 0 or null, got {max_staleness}")
-        self.max_staleness = max_staleness
-        self.proximal_mu = float(proximal_mu)
+        self.max_staleness = check_integer("strategy.max_staleness", max_staleness, 0, allow_none=True)
+        self.proximal_mu = check_number("strategy.proximal_mu", proximal_mu)
 
     def accepts(self, staleness: int) -> bool:
         """Whether an update this stale may be applied (``max_staleness`` drops older ones)."""

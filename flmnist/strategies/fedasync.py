@@ -13,9 +13,9 @@ alpha = 0.6 and polynomial s with a = 0.5). Clients may add the proximal term
 
 from __future__ import annotations
 
-from flmnist.errors import ConfigError
+from flmnist.checks import check_number
 from flmnist.strategies.asynchronous import AsyncStrategy, Weights
-from flmnist.strategies.staleness import Polynomial, Staleness
+from flmnist.strategies.staleness import Polynomial, Staleness, staleness_or
 
 
 class FedAsync(AsyncStrategy):
@@ -28,13 +28,9 @@ class FedAsync(AsyncStrategy):
         rho: float = 0.0,
         max_staleness: int | None = None,
     ) -> None:
-        if not 0 < alpha <= 1:
-            raise ConfigError(f"strategy.alpha must be in (0, 1], got {alpha}")
-        if rho < 0:
-            raise ConfigError(f"strategy.rho must be >= 0, got {rho}")
-        super().__init__(max_staleness=max_staleness, proximal_mu=rho)
-        self.alpha = float(alpha)
-        self.staleness = staleness or Polynomial(0.5)
+        self.alpha = check_number("strategy.alpha", alpha, 0.0, 1.0, low_open=True)
+        super().__init__(max_staleness=max_staleness, proximal_mu=check_number("strategy.rho", rho))
+        self.staleness = staleness_or(staleness, Polynomial(0.5))
 
     def mixing_weight(self, staleness: int) -> float:
         return self.alpha * self.staleness(staleness)

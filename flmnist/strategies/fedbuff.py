@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from flmnist.checks import check_integer, check_number
 from flmnist.errors import ConfigError
 from flmnist.strategies.asynchronous import AsyncStrategy, Weights
-from flmnist.strategies.staleness import InverseSqrt, Staleness
+from flmnist.strategies.staleness import InverseSqrt, Staleness, staleness_or
 
 
 class FedBuff(AsyncStrategy):
@@ -38,18 +39,14 @@ class FedBuff(AsyncStrategy):
         weight_by_examples: bool = True,
         max_staleness: int | None = None,
     ) -> None:
-        if buffer_size < 1:
-            raise ConfigError(f"strategy.buffer_size must be >= 1, got {buffer_size}")
-        if not server_learning_rate > 0:
-            raise ConfigError(f"strategy.server_learning_rate must be > 0, got {server_learning_rate}")
-        if not 0 <= server_momentum < 1:
-            raise ConfigError(f"strategy.server_momentum must be in [0, 1), got {server_momentum}")
         super().__init__(max_staleness=max_staleness)
-        self.buffer_size = int(buffer_size)
-        self.server_learning_rate = float(server_learning_rate)
-        self.server_momentum = float(server_momentum)
-        self.staleness = staleness or InverseSqrt()
-        self.weight_by_examples = bool(weight_by_examples)
+        self.buffer_size = check_integer("strategy.buffer_size", buffer_size, 1)
+        self.server_learning_rate = check_number("strategy.server_learning_rate", server_learning_rate, low_open=True)
+        self.server_momentum = check_number("strategy.server_momentum", server_momentum, 0.0, 1.0, high_open=True)
+        self.staleness = staleness_or(staleness, InverseSqrt())
+        if not isinstance(weight_by_examples, bool):
+            raise ConfigError(f"strategy.weight_by_examples must be true or false, got {weight_by_examples!r}")
+        self.weight_by_examples = weight_by_examples
         self.buffer: Weights | None = None
         self.buffer_weight = 0.0
         self.buffer_count = 0

@@ -19,7 +19,6 @@ FedAdagrad, FedYogi, FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan, ...) can
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable
 from logging import WARNING
 
@@ -112,7 +111,9 @@ class Guarded(Strategy):
             self.path.record(step, virtual_time=round(self.virtual_time, 4))
         arrays, metrics = None, None
         if updates:
-            snapshot = {k: copy.deepcopy(getattr(self.strategy, k)) for k in INNER_STATE if hasattr(self.strategy, k)}
+            # Flower's strategies assign new objects to these attributes (never update them in
+            # place), so keeping references is enough to roll them back.
+            snapshot = {k: getattr(self.strategy, k) for k in INNER_STATE if hasattr(self.strategy, k)}
             try:
                 arrays, metrics = self.strategy.aggregate_train(
                     step, [Message(content=u.content(), metadata=u.metadata) for u in updates])

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 
+from flmnist.checks import check_integer, check_number
 from flmnist.errors import ConfigError
 
 
@@ -44,9 +45,7 @@ class Polynomial(Staleness):
     """s(tau) = (tau + 1)^(-a)."""
 
     def __init__(self, a: float = 0.5) -> None:
-        if a < 0:
-            raise ConfigError(f"strategy.staleness.a must be >= 0, got {a}")
-        self.a = float(a)
+        self.a = check_number("strategy.staleness.a", a)
 
     def __call__(self, staleness: int) -> float:
         return (staleness + 1.0) ** (-self.a)
@@ -56,9 +55,8 @@ class Hinge(Staleness):
     """s(tau) = 1 if tau <= b else 1 / (a (tau - b) + 1)."""
 
     def __init__(self, a: float = 10.0, b: int = 4) -> None:
-        if a < 0 or b < 0:
-            raise ConfigError(f"strategy.staleness.a and .b must be >= 0, got a={a}, b={b}")
-        self.a, self.b = float(a), int(b)
+        self.a = check_number("strategy.staleness.a", a)
+        self.b = check_integer("strategy.staleness.b", b, 0)
 
     def __call__(self, staleness: int) -> float:
         return 1.0 if staleness <= self.b else 1.0 / (self.a * (staleness - self.b) + 1.0)
@@ -69,3 +67,15 @@ class InverseSqrt(Staleness):
 
     def __call__(self, staleness: int) -> float:
         return 1.0 / math.sqrt(1.0 + staleness)
+
+
+def staleness_or(value, default: Staleness) -> Staleness:
+    """A strategy's ``staleness`` parameter: a Staleness function, or ``default`` when None."""
+    if value is None:
+        return default
+    if not isinstance(value, Staleness):
+        raise ConfigError(
+            f"strategy.staleness must be a staleness function (_target_: flmnist.strategies.staleness."
+            f"Constant, Polynomial, Hinge or InverseSqrt) or null, got {value!r:.80}"
+        )
+    return value

@@ -1,0 +1,176 @@
+"""Checkpoints are read with ``weights_only=True`` and written so that a crash at any moment
+leaves a complete one; ``resume=latest`` only considers flmnist run directories."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from flmnist.checkpoint import (
+    CHECKPOINT,
+    PREVIOUS,
+    find_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from flmnist.config import compose_config
+from flmnist.errors import ConfigError
+
+CODE_RAN: list[str] = []
+
+
+def _record(text: str) -> str:
+    CODE_RAN.append(text)
+    return text
+
+
+class Exploit:
+    """Unpickling this object would call ``_record``: the code a malicious checkpoint runs."""
+
+    def __reduce__(self):
+        return _record, ("unpickling ran code named by the file",)
+
+
+def payload(step: int = 3) -> dict:
+    rng = np.random.default_rng(step)
+    return {
+        "kind": "sync",
+        "round": step,
+        "arrays": {"conv.weight": rng.normal(size=(4, 1, 3, 3)).astype(np.float32),
+                   "fc.bias": rng.normal(size=10).astype(np.float64),
+                   "steps": np.arange(5, dtype=np.int64), "counts": np.arange(3, dtype=np.uint32),
+                   "scalar": np.array(2.5, dtype=np.float32)},
+        "engine": {"buffer": None, "momentum": [np.ones((2, 2), np.float32)], "version": step,
+                   "staleness": (0, 1, 1), "lr": np.float64(0.5)},
+        "recorder": {"rows": {0: {"round": 0, "test_accuracy": 0.1}, step: {"round": step, "nodes": ["node 0"]}}},
+        "rng": rng_state(),
+    }
+
+
+def assert_same(a, b) -> None:
+    assert type(a) is type(b), (a, b)
+    if isinstance(a, dict):
+        assert list(a) == list(b)
+        for k in a:
+            assert_same(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same(x, y)
+    elif isinstance(a, (np.ndarray, np.generic)):
+        assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    else:
+        assert a == b
+
+
+def test_round_trip_gives_back_the_numpy_arrays_and_rng_states(tmp_path):
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    saved = payload()
+    path = save_checkpoint(tmp_path, saved)
+    assert path == tmp_path / CHECKPOINT
+    torch.load(path, weights_only=True)  # plain tensors and values only: no allow-listed globals needed
+    loaded = load_checkpoint(path)
+    assert_same(saved, loaded)
+    draws = (random.random(), np.random.rand(), torch.rand(1).item())
+    set_rng_state(loaded["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == draws
+
+
+def test_a_pickled_object_is_refused_and_never_run(tmp_path):
+    forged = tmp_path / CHECKPOINT
+    torch.save({"flmnist-checkpoint": 1, "payload": {"round": 1, "arrays": Exploit()}}, forged)
+    plain = tmp_path / "plain.pt"
+    plain.write_bytes(pickle.dumps({"round": 1, "arrays": Exploit()}))
+    for path in (forged, plain):
+        with pytest.raises(ConfigError, match=f"refused to load {path}: it holds objects"):
+            load_checkpoint(path)
+    assert CODE_RAN == []
+
+
+def test_corrupt_and_foreign_files_name_the_file(tmp_path):
+    good = save_checkpoint(tmp_path, payload())
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(ConfigError, match=f"cannot read checkpoint {truncated}, corrupt"):
+        load_checkpoint(truncated)
+    state_dict = tmp_path / "model.pt"
+    torch.save({"fc.bias": torch.zeros(10)}, state_dict)  # loadable, but not a checkpoint
+    with pytest.raises(ConfigError, match=f"{state_dict} is not a flmnist checkpoint"):
+        load_checkpoint(state_dict)
+
+
+def test_a_save_that_fails_midway_keeps_the_previous_checkpoint(tmp_path):
+    save_checkpoint(tmp_path, payload(1))
+    with pytest.raises(TypeError, match=r"payload\['arrays'\]: a .*Exploit cannot be saved"):
+        save_checkpoint(tmp_path, {"round": 2, "arrays": Exploit()})  # refused before any write
+    # The disk fills up while the new checkpoint is written (a file size limit: the write fails).
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, hard))
+    try:
+        with pytest.raises((OSError, RuntimeError)):
+            save_checkpoint(tmp_path, {"round": 2, "arrays": {"w": np.ones(1_000_000, np.float32)}})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT]
+    assert_same(load_checkpoint(tmp_path / CHECKPOINT), payload(1))
+
+
+KILLED_MIDWAY = """
+import resource, signal, sys
+import numpy as np
+from flmnist.checkpoint import save_checkpoint
+signal.signal(signal.SIGXFSZ, signal.SIG_DFL)   # exceeding the file size limit kills the process
+resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))
+save_checkpoint(sys.argv[1], {"round": 2, "arrays": {"w": np.ones(1_000_000, np.float32)}})
+"""
+
+
+def test_a_process_killed_while_writing_leaves_the_previous_checkpoint(tmp_path):
+    save_checkpoint(tmp_path, payload(1))
+    proc = subprocess.run([sys.executable, "-c", KILLED_MIDWAY, str(tmp_path)], check=False, capture_output=True,
+                          timeout=120)
+    assert proc.returncode == -signal.SIGXFSZ, proc.stderr.decode()[-2000:]
+    assert (tmp_path / (CHECKPOINT + ".tmp")).is_file(), "the new checkpoint was being written"
+    assert_same(load_checkpoint(tmp_path / CHECKPOINT), payload(1))
+    # The next save completes; the one before is kept beside it.
+    save_checkpoint(tmp_path, payload(3))
+    assert_same(load_checkpoint(tmp_path / CHECKPOINT), payload(3))
+    assert_same(load_checkpoint(tmp_path / PREVIOUS), payload(1))
+    assert not (tmp_path / (CHECKPOINT + ".tmp")).exists()
+
+
+def test_resume_latest_only_considers_flmnist_run_directories(tmp_path):
+    run = tmp_path / "2026-11-22" / "10-00-00_default"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(OmegaConf.to_yaml(compose_config(["num_nodes=3"])))
+    save_checkpoint(run, payload(2))
+    time.sleep(0.01)
+    foreign = tmp_path / "other-project"  # a newer checkpoint.pt, from someone else
+    foreign.mkdir()
+    (foreign / "config.yaml").write_text("model: resnet50\nepochs: 90\n")
+    torch.save({"flmnist-checkpoint": 1, "payload": {"round": 1, "arrays": Exploit()}}, foreign / CHECKPOINT)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    save_checkpoint(bare, payload(5))  # a checkpoint without its run's config.yaml
+    os.utime(run / CHECKPOINT, (1, 1))  # the flmnist run is the oldest of the three
+    assert find_checkpoint("latest", str(tmp_path)) == (run / CHECKPOINT).resolve()
+    for resume, directory in ((foreign, foreign), (bare / CHECKPOINT, bare)):
+        with pytest.raises(ConfigError, match=f"{directory} is not a flmnist run directory"):
+            find_checkpoint(str(resume), str(tmp_path))
+    assert CODE_RAN == []

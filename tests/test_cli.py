@@ -1,0 +1,111 @@
+"""The ``flmnist`` command tells the truth: a bad setting is one line and exit code 2 before
+anything starts; a run that did not finish exits non-zero; SIGTERM stops every process the
+command started."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from flmnist.cli import outcome
+from flmnist.errors import RunFailed
+
+FLMNIST = str(Path(sys.executable).parent / "flmnist")
+
+
+def flmnist(args: list[str], cwd: Path, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([FLMNIST, *args], cwd=cwd, env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=120, check=False)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["client.lr=nan"], "flmnist: error: client.lr must be a finite number > 0, got nan"),
+    (["client.lrr=0.1"], "flmnist: error: unknown setting 'client.lrr'; client default has: local_epochs, "),
+])
+def test_a_bad_setting_is_one_line_exit_2_and_creates_nothing(tmp_path, args, message):
+    proc = flmnist(args, tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr
+    assert proc.stderr.startswith(message), proc.stderr
+    assert list(tmp_path.iterdir()) == [], "a rejected command must create no run directory"
+
+
+def test_hydra_full_error_adds_the_traceback(tmp_path):
+    proc = flmnist(["client.lr=nan"], tmp_path, HYDRA_FULL_ERROR="1")
+    assert proc.returncode == 2
+    assert "Traceback" in proc.stderr and "ConfigError" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("flmnist: error: client.lr must be")
+
+
+def write_summary(run_dir: Path, **fields) -> None:
+    (run_dir / "summary.json").write_text(json.dumps(fields))
+
+
+def test_only_a_finished_summary_written_by_this_launch_counts_as_success(tmp_path):
+    log = tmp_path / "flwr_run.log"
+    with pytest.raises(RunFailed, match=f"wrote no summary \\(flwr run exited with 0\\); see {log}"):
+        outcome(tmp_path, None, 0)
+    write_summary(tmp_path, status="failed", error="RunFailed: 3 rounds in a row without a usable update")
+    with pytest.raises(RunFailed, match=f"did not finish \\(status 'failed': RunFailed: 3 rounds.*\\); see {log}"):
+        outcome(tmp_path, None, 0)
+    write_summary(tmp_path, rounds_completed=3)  # no status at all
+    with pytest.raises(RunFailed, match="did not finish \\(status None\\)"):
+        outcome(tmp_path, None, 0)
+    write_summary(tmp_path, status="finished")
+    with pytest.raises(RunFailed, match="flwr run exited with 1"):
+        outcome(tmp_path, None, 1)
+    assert outcome(tmp_path, None, 0)["status"] == "finished"
+    # A resumed run's directory holds the earlier summary: it does not count for this launch.
+    st = (tmp_path / "summary.json").stat()
+    with pytest.raises(RunFailed, match="wrote no summary"):
+        outcome(tmp_path, (st.st_ino, st.st_mtime_ns), 0)
+
+
+def processes_with(marker: str) -> list[int]:
+    """Processes (but this one) whose environment holds ``marker``: everything the command started."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if marker.encode() in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def test_sigterm_stops_every_process_the_command_started(tmp_path, mnist_root):
+    """As ``timeout``, systemd or a batch scheduler stop it: SuperLink, SuperExec, ServerApp,
+    simulation and Ray workers must all go, and the exit code must say the run did not finish."""
+    marker = f"FLMNIST_TEST_MARKER={uuid.uuid4().hex}"  # inherited by every process it starts
+    env = {**os.environ, "FLMNIST_DATA_DIR": str(mnist_root), marker.split("=")[0]: marker.split("=")[1]}
+    stderr = tmp_path / "stderr.txt"
+    with open(stderr, "w") as err:
+        proc = subprocess.Popen([FLMNIST, "model=logreg", "num_nodes=2", "num_rounds=30", "client.local_steps=5"],
+                                cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(tmp_path.glob("outputs/**/metrics.json")):  # training has started
+            assert proc.poll() is None, stderr.read_text()[-3000:]
+            assert time.monotonic() < deadline, "training did not start within 300 s"
+            time.sleep(0.2)
+        assert len(processes_with(marker)) > 3  # CLI, flwr run, SuperLink, SuperExec, simulation, Ray ...
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 128 + signal.SIGTERM
+    assert "flmnist: stopped by SIGTERM" in stderr.read_text()
+    deadline = time.monotonic() + 3  # a process may still be exiting (a zombie's environ reads empty)
+    while processes_with(marker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert processes_with(marker) == [], "processes the command started outlived it"
