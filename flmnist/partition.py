@@ -9,20 +9,19 @@ offline on an in-memory ``datasets.Dataset`` of the labels); ``digit_groups``
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 import numpy as np
 
+from flmnist.checks import check_integer, check_number
 from flmnist.errors import ConfigError
 
 NUM_CLASSES = 10
 
 
 def _check_count(key: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{key} must be >= 1 (an integer), got {value!r}")
+    check_integer(key, value, 1)
 
 
 class Partition(ABC):
@@ -68,8 +67,7 @@ class DirichletPartition(Partition):
     """Label skew: each digit's examples spread over nodes by Dir(alpha) proportions."""
 
     def __init__(self, alpha: float = 0.5, min_partition_size: int = 10) -> None:
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (math.isfinite(alpha) and alpha > 0):
-            raise ConfigError(f"partition.alpha must be > 0 (a finite number), got {alpha!r}")
+        check_number("partition.alpha", alpha, 0.0, low_open=True)
         _check_count("partition.min_partition_size", min_partition_size)
         self.alpha = float(alpha)
         self.min_partition_size = min_partition_size

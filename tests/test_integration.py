@@ -105,7 +105,7 @@ def test_flmnist_command_rejects_bad_settings_before_starting_flower(tmp_path, m
     proc = subprocess.run([flmnist, "partition=dirichlet", "partition.alpha=0"], env=env,
                           capture_output=True, text=True, cwd=tmp_path, check=False)
     out = proc.stdout + proc.stderr
-    assert proc.returncode != 0 and "partition.alpha must be > 0" in out
+    assert proc.returncode != 0 and "partition.alpha must be a finite number > 0" in out
     assert "Starting local SuperLink" not in out
 
 

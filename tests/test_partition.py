@@ -62,11 +62,11 @@ def test_iid_parts_have_equal_size(train_labels):
 @pytest.mark.parametrize(
     "make, message",
     [
-        (lambda: DirichletPartition(alpha=0), "partition.alpha must be > 0"),
-        (lambda: DirichletPartition(alpha=-1), "partition.alpha must be > 0"),
+        (lambda: DirichletPartition(alpha=0), "partition.alpha must be a finite number > 0"),
+        (lambda: DirichletPartition(alpha=-1), "partition.alpha must be a finite number > 0"),
         (lambda: DigitGroupPartition([[0, 1], [1, 2]]), "digit 1 is in more than one group"),
         (lambda: DigitGroupPartition([[0, 10]]), "digit 10 is outside 0-9"),
-        (lambda: ShardPartition(0), "partition.shards_per_client must be >= 1"),
+        (lambda: ShardPartition(0), "partition.shards_per_client must be an integer >= 1"),
     ],
 )
 def test_invalid_partition_settings(make, message):
