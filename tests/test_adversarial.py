@@ -26,9 +26,8 @@ FAMILIES = {
     "fedmedian": ["strategy=fedmedian", "num_rounds=4"],
     "fedbuff": ["strategy=fedbuff", "strategy.buffer_size=3", "fleet=homogeneous", "async_loop.max_server_updates=4",
                 "async_loop.eval_every=2"],
-    # with 20% of updates lost on the way (the same seeded losses in both runs)
-    "fedasync": ["strategy=fedasync", "fleet=homogeneous", "fleet.dropout=0.2", "async_loop.max_server_updates=10",
-                 "async_loop.eval_every=5", "async_loop.update_timeout=30"],
+    "fedasync": ["strategy=fedasync", "fleet=homogeneous", "async_loop.max_server_updates=10",
+                 "async_loop.eval_every=5"],
 }
 ATTACK = ["client.fault=rotate", "client.fault_nodes=[3]"]
 
@@ -60,9 +59,7 @@ def test_one_bad_node_is_rejected_every_time_and_costs_under_one_point(tmp_path,
         assert attacked["async"]["outcomes"]["rejected"] >= 3
         for name in ("accuracy_time.png", "staleness_nodes.png", "model.pt", "async_stats.json"):
             assert (tmp_path / "attacked" / name).is_file(), name
-        if family == "fedasync":
-            assert attacked["async"]["outcomes"].get("dropped (device)", 0) >= 1
-            assert [r["virtual_time"] for r in rows] == sorted(r["virtual_time"] for r in rows)
+        assert [r["virtual_time"] for r in rows] == sorted(r["virtual_time"] for r in rows)
     else:
         train_rows = [r for r in rows if r["round"] > 0]
         assert all(r["num_updates"] == 3 and r["rejected_updates"] == 1 for r in train_rows), train_rows

@@ -1,5 +1,6 @@
 """The asynchronous strategies through a real `flwr run` (local SuperLink, simulated
-SuperNodes): bit-for-bit reproducibility. Bad nodes and dropouts: tests/test_adversarial.py."""
+SuperNodes): bit-for-bit reproducibility. Bad nodes: tests/test_adversarial.py;
+dropped device updates: tests/test_engines.py."""
 
 from __future__ import annotations
 

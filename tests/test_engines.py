@@ -483,3 +483,19 @@ def test_fedbuff_buffers_only_accepted_deltas_on_the_virtual_clock(task_identity
     first = (10 * 0.01 + 20 * 0.04) / 30
     second = (10 * 0.01 / np.sqrt(2) + 20 * 0.04) / 30
     assert_weights(final, shifted(START, first + second))
+
+
+def test_a_dropped_device_update_costs_its_slot_the_timeout_in_virtual_time(task_identity):
+    """Simulated fleet with dropout 0.2 and seed 2: node 1's first update is dropped, no other of
+    the first seven updates of either node is. Its real reply is ignored; its slot is busy for
+    update_timeout virtual seconds, so node 0 applies every update until then, and the drop is
+    counted when its virtual time comes."""
+    fleet = make_fleet("homogeneous", 2, seed=2, jitter_sigma=0.0, dropout=0.2)
+    assert fleet.timing(1, 1, 1, 0).dropped and not fleet.timing(0, 1, 1, 0).dropped  # the premise
+    nodes = {101: FakeNode(0, 0.01), 102: FakeNode(1, 0.04)}
+    timeout = 3 * fleet.timing(0, 1, SENT.examples_per_update(LIMITS.train_examples[0]), 0).duration
+    loop, _ = make_loop(nodes, FedAsync(alpha=0.5), fleet=fleet, max_server_updates=6, update_timeout=timeout)
+    loop.run(record(START))
+    assert loop.counts["dropped (device)"] == 1
+    assert loop.node_counts[p.simulated_node_name(0)] >= 3 and loop.counts["applied"] == 6
+    assert loop.vnow >= timeout  # the dropped update held its slot for the timeout
