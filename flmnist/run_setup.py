@@ -128,6 +128,7 @@ def build_run(grid: Grid, cfg: DictConfig) -> Run:
     root = resolve_root(cfg.data.root)
     ensure_mnist(root, cfg.data.download)
     limits = partitions(cfg, root, run_dir)
+    model = build(cfg.model, "model")  # the initial global model: first draw after the seed
 
     strategy = build_strategy(cfg.strategy)
     asynchronous = isinstance(strategy, AsyncStrategy)
@@ -160,7 +161,7 @@ def build_run(grid: Grid, cfg: DictConfig) -> Run:
                           max_failed_rounds=cfg.max_failed_rounds)
         engine = SyncEngine(PollingGrid(grid, cfg.poll_interval) if cfg.poll_interval else grid, guarded, path,
                             sent.to_record(), cfg.num_rounds, cfg.round_timeout)
-    initial = ArrayRecord(build(cfg.model, "model").state_dict())
+    initial = ArrayRecord(model.state_dict())
     if checkpoint is not None:
         initial = to_record({k: np.asarray(v) for k, v in checkpoint["arrays"].items()})
         recorder.restore(checkpoint["recorder"])
