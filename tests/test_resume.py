@@ -41,7 +41,7 @@ def full_killed_resumed(tmp: Path, settings: list[str], kill_at: int, num_nodes:
     step ``kill_at`` and its checkpoint are on disk, then resumed to the end."""
     full = tmp / "full"
     run_flwr(REPO, [*settings, f"run_dir={full}"], num_nodes, tempfile.mkdtemp(prefix="flmnist-test-home-"),
-             log_path=tmp / "full.log", timeout=600)
+             log_path=tmp / "full.log", timeout=1500)
     assert (full / "summary.json").is_file(), (tmp / "full.log").read_text()[-3000:]
 
     killed = tmp / "killed"
@@ -70,7 +70,7 @@ def full_killed_resumed(tmp: Path, settings: list[str], kill_at: int, num_nodes:
     summary_before = (killed / "summary.json").is_file()
     rows_before = comparable(killed) if killed_after is not None else []
     run_flwr(REPO, [f"resume={killed}"], num_nodes, tempfile.mkdtemp(prefix="flmnist-test-home-"),
-             log_path=tmp / "resumed.log", timeout=600)
+             log_path=tmp / "resumed.log", timeout=1500)
     return {"full": full, "killed": killed, "killed_after": killed_after, "summary_before": summary_before,
             "rows_before": rows_before, "log": (tmp / "resumed.log").read_text()}
 
