@@ -147,12 +147,12 @@ def acc_at(rows: list[dict], step: int, before: bool) -> float | None:
     return after[0]["test_accuracy"] if after else None
 
 
-def analyse_sync(run_dir: Path, lines: list[str]) -> tuple[dict, dict]:
+def analyse_sync(run_dir: Path, lines: list[str], attacks: tuple[str, ...]) -> tuple[dict, dict]:
     rows = json.loads((run_dir / "metrics.json").read_text())
     by_round = {r["round"]: r for r in rows}
     train: dict[str, list] = {}
     for rnd in range(1, ROUNDS + 1):
-        attack = TRAIN_ATTACKS[rnd % len(TRAIN_ATTACKS)]
+        attack = attacks[rnd % len(attacks)]
         row = by_round.get(rnd)
         if row is None or "num_updates" not in row:
             train.setdefault(attack, []).append({"round": rnd, "outcome": "not reached"})
@@ -183,7 +183,7 @@ def analyse_sync(run_dir: Path, lines: list[str]) -> tuple[dict, dict]:
     return train, evaluate
 
 
-def analyse_async(run_dir: Path, lines: list[str], summary: dict) -> tuple[dict, dict]:
+def analyse_async(run_dir: Path, lines: list[str], summary: dict, attacks: tuple[str, ...]) -> tuple[dict, dict]:
     rows = json.loads((run_dir / "metrics.json").read_text())
     mine = [reason for node, reason in update_rejections(lines) if node == f"node {BAD}"]
     stats = summary.get("async") or {}
@@ -195,7 +195,7 @@ def analyse_async(run_dir: Path, lines: list[str], summary: dict) -> tuple[dict,
     queue = list(mine)
     av = list(applied_versions)
     for k in range(1, sent + 1):
-        attack = TRAIN_ATTACKS[k % len(TRAIN_ATTACKS)]
+        attack = attacks[k % len(attacks)]
         entry: dict = {"update_of_node": k}
         if queue and re.search(TRAIN_REASON[attack], queue[0]):
             entry.update(outcome="rejected", reason=queue.pop(0))
@@ -286,17 +286,20 @@ def main() -> None:
             if name not in previous:
                 continue
             attacked, clean = (reload(previous[name][k]) for k in ("attacked", "clean"))
+            # the rotation order the runs were made with (faults.TRAIN_ATTACKS may have changed since)
+            attacks = tuple(previous[name].get("train_attacks_order") or TRAIN_ATTACKS)
         else:
             attacked = run(f"{name.lower()}_attacked", [*overrides, *extra, *ATTACK], runs_dir, data_root,
                            args.timeout)
             clean = run(f"{name.lower()}_clean", [*overrides, *extra], runs_dir, data_root, args.timeout)
+            attacks = TRAIN_ATTACKS
         lines = clean_log(Path(attacked["log"]))
         summary = attacked.pop("summary")
         clean.pop("summary")
         is_async = name in ("FedBuff", "FedAsync")
         if summary and summary.get("status") != NO_RUN:
-            train, evaluate = (analyse_async(Path(attacked["run_dir"]), lines, summary) if is_async
-                               else analyse_sync(Path(attacked["run_dir"]), lines))
+            train, evaluate = (analyse_async(Path(attacked["run_dir"]), lines, summary, attacks) if is_async
+                               else analyse_sync(Path(attacked["run_dir"]), lines, attacks))
         else:
             train, evaluate = {}, {}
         screen = summary.get("screen") or {}
@@ -305,6 +308,7 @@ def main() -> None:
         sent = (sum(len(v) for k, v in train.items() if not k.startswith("(")) if train else None)
         results[name] = {
             "overrides": [*COMMON, *overrides, *extra],
+            "train_attacks_order": list(attacks),
             "attacked": attacked,
             "clean": clean,
             "survived": attacked["exit_code"] == 0 and attacked["status"] == "finished",

@@ -80,10 +80,15 @@ def stop_flwr_home(flwr_home: str | os.PathLike, grace: float = 5.0) -> list[int
     until none is left (a process may start others while the first ones stop)."""
     stopped: list[int] = []
     deadline = time.monotonic() + grace
-    while pids := pids_with_flwr_home(flwr_home):
-        if time.monotonic() < deadline:
+    quiet = 0  # consecutive scans that found nothing: one may miss a process caught mid-exec
+    while quiet < 3:
+        pids = pids_with_flwr_home(flwr_home)
+        quiet = 0 if pids else quiet + 1
+        if not pids:
+            pass
+        elif time.monotonic() < deadline:
             _signal_all([pid for pid in pids if pid not in stopped], signal.SIGTERM)
-        elif time.monotonic() < deadline + 10:
+        elif time.monotonic() < deadline + 30:
             _signal_all(pids, signal.SIGKILL)
         else:
             break  # unkillable (uninterruptible sleep): give up rather than hang

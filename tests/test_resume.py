@@ -8,6 +8,7 @@ import json
 import subprocess
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -40,10 +41,10 @@ def full_killed_resumed(tmp: Path, settings: list[str], kill_at: int, num_nodes:
     """An uninterrupted run, then the same run killed (SuperLink, SuperNodes and all) once
     step ``kill_at`` and its checkpoint are on disk, then resumed to the end."""
     full = tmp / "full"
-    run_flwr(REPO, [*settings, f"run_dir={full}"], num_nodes, tempfile.mkdtemp(prefix="flmnist-test-home-"),
-             log_path=tmp / "full.log", timeout=1500)
-    assert (full / "summary.json").is_file(), (tmp / "full.log").read_text()[-3000:]
-
+    # The uninterrupted run goes beside the one to kill (own FLWR_HOME and ports each).
+    pool = ThreadPoolExecutor(1)
+    full_run = pool.submit(run_flwr, REPO, [*settings, f"run_dir={full}"], num_nodes,
+                           tempfile.mkdtemp(prefix="flmnist-test-home-"), log_path=tmp / "full.log", timeout=1500)
     killed = tmp / "killed"
     home = Path(tempfile.mkdtemp(prefix="flmnist-test-home-"))
     cfg = write_run_config(tmp / "killed.toml", [*settings, f"run_dir={killed}"])
@@ -67,6 +68,9 @@ def full_killed_resumed(tmp: Path, settings: list[str], kill_at: int, num_nodes:
         stop_flwr_home(home)
         proc.kill()
         proc.wait()
+    full_run.result()
+    pool.shutdown()
+    assert (full / "summary.json").is_file(), (tmp / "full.log").read_text()[-3000:]
     summary_before = (killed / "summary.json").is_file()
     rows_before = comparable(killed) if killed_after is not None else []
     run_flwr(REPO, [f"resume={killed}"], num_nodes, tempfile.mkdtemp(prefix="flmnist-test-home-"),
