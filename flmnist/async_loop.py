@@ -277,6 +277,8 @@ class AsyncLoop:
         self.pending_staleness.append(staleness)
         self.pending_nodes.append(update.name)
         self.pending_loss.append(update.metrics[p.TRAIN_LOSS])
+        self.path.applied(self.version + 1, weights, [update], reference, delta=self.strategy.reply_delta,
+                          key=("version", self.version))
         new = self.strategy.apply(weights, update.weights, update.num_examples, staleness)
         if new is None:
             return None
@@ -289,7 +291,8 @@ class AsyncLoop:
     def should_stop(self) -> bool:
         s = self.settings
         return bool(
-            (s.max_server_updates and self.version >= s.max_server_updates)
+            self.path.target_reached is not None
+            or (s.max_server_updates and self.version >= s.max_server_updates)
             or (s.max_client_updates and self.client_updates >= s.max_client_updates)
             or (s.time_budget and self.clock() >= s.time_budget)
         )

@@ -180,6 +180,11 @@ def _top_level(cfg: DictConfig) -> None:
     _number(cfg, "round_timeout", 0, low_open=True)
     _number(cfg, "poll_interval", 0, low_open=True, allow_none=True)
     _number(cfg, "target_accuracy", 0, 1, low_open=True)
+    _kind(cfg, "stop_at_target", bool, "true or false")
+    _kind(cfg, "eval.attribution", bool, "true or false")
+    _integer(cfg, "eval.probe_size", 0)
+    if cfg.eval.probe_size > 10000:
+        raise ConfigError(f"eval.probe_size must be at most 10000 (the test set), got {cfg.eval.probe_size}")
     _kind(cfg, "name", str, "a string")
     _kind(cfg, "output_dir", str, "a path")
     _kind(cfg, "run_dir", str, "a path", allow_none=True)

@@ -35,6 +35,23 @@ class EvaluationHook:
         """Called with the global model after each round (and round 0, the initial model)."""
         return None
 
+    def updates_applied(self, step: int, before: dict, deltas: Sequence[tuple[str, dict]],
+                        key: object = None) -> dict | None:
+        """Called with the updates the server applies to the global model ``before`` (weights):
+        (node name, delta) pairs, each delta what the node's training changed."""
+        return None
+
+    def finish(self, wall_time: float | None = None) -> dict | None:
+        """Called once at the end of the run; a dict goes into the run's summary."""
+        return None
+
+    def state(self) -> dict | None:
+        """What a checkpoint keeps of the hook (None: nothing)."""
+        return None
+
+    def load_state(self, state: dict) -> None:
+        """Restore what :meth:`state` returned."""
+
 
 def group_label(group: Sequence[int]) -> str:
     g = sorted(group)
@@ -43,8 +60,17 @@ def group_label(group: Sequence[int]) -> str:
     return ",".join(map(str, g))
 
 
-def seed_lines(who: str, result: EvalResult, groups: Sequence[Sequence[int]]) -> list[str]:
-    """The two seed-002 style lines for one evaluated model."""
+SEED_STYLES = ("seed002", "seed000")  # ``eval.style``: how the global model's evaluation is printed
+
+
+def seed_lines(who: str, result: EvalResult, groups: Sequence[Sequence[int]],
+               style: str = "seed002") -> list[str]:
+    """The seed-style lines for one evaluated model: seed 002's two (prediction shares per digit
+    group, then loss and accuracy), or with ``style="seed000"`` seed 000's one line, in its
+    format (whole percent): ``Test set: Average loss: 0.0421, Accuracy: 9863/10000 (99%)``."""
+    if style == "seed000":
+        return [(f"Test set: Average loss: {result.loss:.4f}, Accuracy: {result.correct}/{result.total} "
+                 f"({100 * result.accuracy:.0f}%)")]
     shares = result.prediction_share(groups)
     pct = ", ".join(f"{group_label(g)}: {round(100 * s)}%" for g, s in zip(groups, shares))
     return [
@@ -83,7 +109,13 @@ class DigitEvaluation(EvaluationHook):
         batch_size: int = 1000,
         confusion_dir: Path | None = None,
         printer: Callable[[str], None] = print,
+        style: str = "seed002",
     ) -> None:
+        if style not in SEED_STYLES:
+            from flmnist.errors import ConfigError
+
+            raise ConfigError(f"eval.style must be one of {', '.join(SEED_STYLES)}, got {style!r}")
+        self.style = style  # how the global model's lines look (client updates: always seed 002's)
         self.images, self.labels = images, labels
         self.model = model_fn()
         self.num_rounds = num_rounds
@@ -124,7 +156,7 @@ class DigitEvaluation(EvaluationHook):
             return None
         result = self._evaluate(arrays)
         if server_round > 0:
-            for line in seed_lines("Federated model", result, self.groups):
+            for line in seed_lines("Federated model", result, self.groups, self.style):
                 self.printer(line)
         if self.confusion_dir is not None:
             self.confusion_dir.mkdir(parents=True, exist_ok=True)

@@ -97,3 +97,23 @@ def plot_async(run_dir: Path, stats: dict) -> None:
     fig.tight_layout()
     fig.savefig(run_dir / "staleness_nodes.png", dpi=100)
     plt.close(fig)
+
+
+def plot_attribution(run_dir: Path, nodes: list[str], totals: np.ndarray) -> None:
+    """Heatmap of the cumulative node x digit contributions (percentage points), diverging at 0:
+    green cells are digits a node's updates taught the global model, red ones it broke."""
+    limit = float(np.nanmax(np.abs(totals))) or 1.0
+    fig, ax = plt.subplots(figsize=(8, max(2.5, 0.35 * len(nodes) + 1.5)))
+    im = ax.imshow(totals, aspect="auto", cmap="RdYlGn", vmin=-limit, vmax=limit)
+    ax.set_xticks(range(10))
+    ax.set_yticks(range(len(nodes)), nodes, fontsize=8 if len(nodes) <= 30 else 5)
+    ax.set(xlabel="digit", title="What each node's updates did to each digit\n"
+           "(summed change of the global model's per-digit accuracy, pp)")
+    if len(nodes) <= 20:
+        for i in range(len(nodes)):
+            for d in range(10):
+                ax.text(d, i, f"{totals[i, d]:+.0f}", ha="center", va="center", fontsize=7)
+    fig.colorbar(im, ax=ax, label="percentage points")
+    fig.tight_layout()
+    fig.savefig(run_dir / "attribution.png", dpi=100)
+    plt.close(fig)

@@ -61,6 +61,8 @@ class RunRecorder:
         self.unit = unit  # "round" (synchronous) or "update" (asynchronous server updates)
         self.async_stats: dict | None = None
         self.screen_stats: dict | None = None  # what the reply screen rejected, per node and reason
+        self.stopped_early: dict | None = None  # stop_at_target: when and why the run ended early
+        self.extra: dict = {}  # summary sections from evaluation hooks (attribution)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
@@ -156,8 +158,10 @@ class RunRecorder:
             "client_updates_to_target": reached[0].get("client_updates") if reached else None,
             "final_virtual_time": final.get("virtual_time"),
             "unit": self.unit,
+            "stopped_early": self.stopped_early,
             "async": self.async_stats,
             "screen": self.screen_stats,
+            **self.extra,
             "error": error,
             "wall_time": round(self.elapsed(), 2),
             "run_dir": str(self.run_dir),
@@ -203,6 +207,9 @@ class RunRecorder:
             self.printer("Rejection reasons: " + "; ".join(f"{r} ({n})" for r, n in screen["rejection_reasons"].items()))
         if error:
             self.printer(f"Run failed: {error}")
+        if self.stopped_early:
+            self.printer(f"Stopped early after {self.unit} {self.stopped_early['step']}: "
+                         f"{self.stopped_early['reason']} ({100 * self.target_accuracy:.2f}%)")
         acc = summary["final_accuracy"]
         self.printer(
             f"Run {status}: final test accuracy "

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from collections import Counter, deque
 from collections.abc import Iterable, Sequence
-from logging import WARNING
+from logging import INFO, WARNING
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
@@ -55,10 +55,13 @@ class ReplyPath:
         hooks: Sequence[EvaluationHook] = (),
         recorder: RunRecorder | None = None,
         checkpoint_every: int = 0,
+        stop_at: float | None = None,
     ) -> None:
         self.screen, self.sent = screen, sent
         self.hooks, self.recorder = list(hooks), recorder
         self.checkpoint_every = checkpoint_every
+        self.stop_at = stop_at               # stop_at_target: the accuracy that ends the run
+        self.target_reached: int | None = None  # the step whose evaluation reached it
         self.norms: deque[float] = deque(maxlen=screen.settings.norm_window)
         self.rejected: Counter = Counter()   # node name -> rejected replies
         self.failed: Counter = Counter()     # node name -> error replies
@@ -148,6 +151,28 @@ class ReplyPath:
         records = [RecordDict({p.METRICS: MetricRecord(r.metrics)}) for r in accepted]
         return aggregate_evaluate_counts(records, p.NUM_EXAMPLES), rejections
 
+    def applied(self, step: int, before: Weights, updates: Sequence[ClientUpdate], reference: Weights,
+                delta: bool, key: object = None) -> None:
+        """Hooks see the updates applied to the global model ``before`` (for attribution): each
+        as what its node's training changed (its model minus ``reference``, the model it was sent)."""
+        if not any(type(h).updates_applied is not EvaluationHook.updates_applied for h in self.hooks):
+            return
+        deltas = [(u.name, u.weights if delta else {k: u.weights[k] - reference[k] for k in reference})
+                  for u in updates]
+        for hook in self.hooks:
+            self.record(step, **(hook.updates_applied(step, before, deltas, key) or {}))
+
+    def finish(self) -> None:
+        """End of the run: what the hooks have to say goes into the summary."""
+        for hook in self.hooks:
+            try:
+                out = hook.finish(self.recorder.elapsed() if self.recorder is not None else None)
+            except Exception as err:  # noqa: BLE001 - a hook must never lose the run's results
+                log(WARNING, "%s could not finish: %s: %s", type(hook).__name__, type(err).__name__, err)
+                continue
+            if out and self.recorder is not None:
+                self.recorder.extra[type(hook).__name__.lower()] = out
+
     # ----------------------------------------------------------- aggregates
     def aggregate(self, new: Weights | ArrayRecord | None, reference: Weights) -> Weights | None:
         """The aggregate as the next global weights, or None (logged, counted) if it is unsound."""
@@ -176,11 +201,24 @@ class ReplyPath:
         if evaluate:
             for hook in self.hooks:
                 fields.update(hook.evaluate_global(step, arrays) or {})
+            self._check_target(step, fields.get("test_accuracy"))
         if self.recorder is not None:
             self.recorder.screen_stats = self.stats()
             self.recorder.add(step, **fields)
             self.recorder.end_round(step, arrays.to_torch_state_dict() if evaluate else None, quiet=not evaluate)
         return fields
+
+    def _check_target(self, step: int, accuracy: float | None) -> None:
+        """``stop_at_target``: note the first evaluated step at or above the target accuracy."""
+        if self.stop_at is None or self.target_reached is not None or step == 0 or accuracy is None:
+            return
+        if accuracy >= self.stop_at:
+            self.target_reached = step
+            log(INFO, "Target accuracy %.2f%% reached at step %d (%.2f%%): stopping (stop_at_target)",
+                100 * self.stop_at, step, 100 * accuracy)
+            if self.recorder is not None:
+                self.recorder.stopped_early = {"reason": "target accuracy reached", "step": step,
+                                               "accuracy": accuracy}
 
     def checkpoint_due(self, step: int) -> bool:
         return bool(self.checkpoint_every) and step % self.checkpoint_every == 0
@@ -215,10 +253,15 @@ class ReplyPath:
 
     def state(self) -> dict:
         return {"norms": [float(n) for n in self.norms], "rejected": dict(self.rejected), "failed": dict(self.failed),
-                "reasons": dict(self.reasons), "clipped": self.clipped, "aggregates_rejected": self.aggregates_rejected}
+                "reasons": dict(self.reasons), "clipped": self.clipped, "aggregates_rejected": self.aggregates_rejected,
+                "hooks": {type(h).__name__: st for h in self.hooks if (st := h.state()) is not None}}
 
     def load_state(self, state: dict) -> None:
         self.norms.extend(state.get("norms", []))
         self.rejected, self.failed = Counter(state.get("rejected", {})), Counter(state.get("failed", {}))
         self.reasons = Counter(state.get("reasons", {}))
         self.clipped, self.aggregates_rejected = state.get("clipped", 0), state.get("aggregates_rejected", 0)
+        hooks = state.get("hooks", {})
+        for hook in self.hooks:
+            if type(hook).__name__ in hooks:
+                hook.load_state(hooks[type(hook).__name__])

@@ -25,6 +25,7 @@ from flwr.serverapp import Grid
 from omegaconf import DictConfig, OmegaConf
 
 from flmnist.async_loop import AsyncLoop, AsyncLoopSettings
+from flmnist.attribution import Attribution
 from flmnist.checkpoint import find_checkpoint, load_checkpoint
 from flmnist.config import build
 from flmnist.data import ensure_mnist, load_mnist, resolve_root
@@ -150,7 +151,11 @@ def build_run(grid: Grid, cfg: DictConfig) -> Run:
             confusion_dir=run_dir / "confusion", printer=say,
         )
     ]
-    path = ReplyPath(ReplyScreen(ScreenSettings(**cfg.screen), limits), sent, hooks, recorder, cfg.checkpoint_every)
+    if cfg.eval.get("attribution", False) and cfg.eval.get("probe_size", 0):
+        hooks.append(Attribution(test_images, test_labels, lambda: build(cfg.model, "model"), cfg.eval.probe_size,
+                                 run_dir=run_dir, printer=say, batch_size=cfg.eval.batch_size))
+    path = ReplyPath(ReplyScreen(ScreenSettings(**cfg.screen), limits), sent, hooks, recorder, cfg.checkpoint_every,
+                      stop_at=cfg.target_accuracy if cfg.get("stop_at_target") else None)
     fleet = build(cfg.fleet, "fleet", num_nodes=cfg.num_nodes, seed=cfg.seed)
     # A deployment may start with some boards down: wait for the strategy's minimum.
     wait_for_nodes(grid, int(getattr(strategy, "min_available_nodes", 0) or cfg.num_nodes), cfg.wait_for_nodes)

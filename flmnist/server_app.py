@@ -33,6 +33,7 @@ def run(grid: Grid, cfg: DictConfig) -> dict:
         error = f"{type(err).__name__}: {err}"
         raise
     finally:
+        run.engine.path.finish()
         summary = run.recorder.finish(status, error)
         export_model(build(run.cfg.model, "model"), run.run_dir)
     return summary

@@ -15,6 +15,10 @@ from flmnist.reply_path import ReplyPath, to_weights
 from flmnist.strategies.guard import Guarded
 
 
+class TargetReached(Exception):
+    """Raised from the evaluation function to end Flower's round loop (``stop_at_target``)."""
+
+
 class SyncEngine:
     """Run ``num_rounds`` rounds of a guarded Flower strategy."""
 
@@ -36,6 +40,8 @@ class SyncEngine:
         fields = self.path.global_model(step, arrays)
         if step > 0 and self.path.checkpoint_due(step):
             self.path.save_checkpoint(self.kind, step, to_weights(arrays), self.strategy.state_dict())
+        if self.path.target_reached is not None:
+            raise TargetReached(step)  # stop_at_target: out of Flower's round loop, outputs as usual
         headline = {k: fields[k] for k in ("test_loss", "test_accuracy") if fields.get(k) is not None}
         return MetricRecord(headline) if headline else None
 
@@ -48,9 +54,12 @@ class SyncEngine:
             set_rng_state(checkpoint["rng"])
             done = self.strategy.round_offset = int(checkpoint["round"])
         if self.num_rounds > done:
-            self.strategy.start(
-                grid=self.grid, initial_arrays=initial, num_rounds=self.num_rounds - done,
-                timeout=self.round_timeout, train_config=self.train_config,
-                evaluate_config=self.train_config, evaluate_fn=self.evaluate,
-            )
+            try:
+                self.strategy.start(
+                    grid=self.grid, initial_arrays=initial, num_rounds=self.num_rounds - done,
+                    timeout=self.round_timeout, train_config=self.train_config,
+                    evaluate_config=self.train_config, evaluate_fn=self.evaluate,
+                )
+            except TargetReached:
+                pass  # Flower 1.41's loop has no early stop: the evaluation function ends it
         return self.arrays

@@ -355,9 +355,10 @@ def test_a_resumed_sync_run_does_only_the_remaining_rounds(task_identity):
 # ==================================================================== asynchronous
 
 
-def make_loop(nodes: dict[int, FakeNode], strategy, sent=SENT, fleet=None, screen=None, **settings):
+def make_loop(nodes: dict[int, FakeNode], strategy, sent=SENT, fleet=None, screen=None, hooks=(), stop_at=None,
+              **settings):
     defaults = {"max_server_updates": 3, "eval_every": 1, "update_timeout": 5.0, "progress_timeout": 30.0}
-    path = ReplyPath(ReplyScreen(ScreenSettings(**(screen or {})), LIMITS), sent)
+    path = ReplyPath(ReplyScreen(ScreenSettings(**(screen or {})), LIMITS), sent, hooks, stop_at=stop_at)
     grid = FakeGrid(nodes)
     loop = AsyncLoop(grid, strategy, path, AsyncLoopSettings(**{**defaults, **settings}), fleet=fleet,
                      poll_interval=0.01)
@@ -499,3 +500,75 @@ def test_a_dropped_device_update_costs_its_slot_the_timeout_in_virtual_time(task
     assert loop.counts["dropped (device)"] == 1
     assert loop.node_counts[p.simulated_node_name(0)] >= 3 and loop.counts["applied"] == 6
     assert loop.vnow >= timeout  # the dropped update held its slot for the timeout
+
+
+# ================================================================ attribution, stop at target
+
+
+class Applied(EvaluationHook):
+    """Records what the engines hand to attribution, and reports a test accuracy of 0.3 per step."""
+
+    def __init__(self):
+        self.applied = []  # (step, before, {node: delta})
+
+    def updates_applied(self, step, before, deltas, key=None):
+        self.applied.append((step, {k: v.copy() for k, v in before.items()}, dict(deltas)))
+
+    def evaluate_global(self, server_round, arrays):
+        return {"test_accuracy": 0.3 * server_round}
+
+
+def test_the_sync_engine_hands_attribution_each_accepted_update_as_its_delta(task_identity):
+    nodes = {101: FakeNode(0, 0.01), 102: FakeNode(1, 0.04), 103: FakeNode(2, 0.3, behave="nan")}
+    spy = Applied()
+    path = make_path(hooks=[spy])
+    strategy = Guarded(FedAvg(min_available_nodes=3, min_train_nodes=3), path)
+    SyncEngine(FakeGrid(nodes), strategy, path, SENT.to_record(), num_rounds=2, round_timeout=5.0).run(record(START))
+    assert [(step, sorted(deltas)) for step, _, deltas in spy.applied] == [(1, ["node 0", "node 1"]),
+                                                                          (2, ["node 0", "node 1"])]
+    for step, before, deltas in spy.applied:  # before: the global model the round started from
+        assert_weights(before, shifted(START, (step - 1) * 0.03))  # (10 * 0.01 + 20 * 0.04) / 30 per round
+        for name, offset in (("node 0", 0.01), ("node 1", 0.04)):
+            assert_weights(deltas[name], {k: np.full_like(v, offset) for k, v in START.items()})
+
+
+@pytest.mark.parametrize("kind", ["fedasync", "fedbuff"])
+def test_the_async_loop_hands_attribution_each_applied_update_as_its_delta(task_identity, kind):
+    """Node 1's NaN updates are rejected and never attributed; node 0's come as its offset, applied
+    to the global model of the moment (FedAsync with alpha 0.5 moves it by half the offset)."""
+    nodes = {101: FakeNode(0, 0.01, delay=0.05), 102: FakeNode(1, 0.5, behave="nan", delay=0.01)}
+    spy = Applied()
+    strategy = FedAsync(alpha=0.5) if kind == "fedasync" else FedBuff(buffer_size=10)
+    loop, _ = make_loop(nodes, strategy, sent=DELTA if kind == "fedbuff" else SENT, hooks=[spy], max_server_updates=2)
+    loop.run(record(START))
+    assert spy.applied and all(list(deltas) == ["node 0"] for _, _, deltas in spy.applied)
+    for _, before, deltas in spy.applied:
+        assert_weights(deltas["node 0"], {k: np.full_like(v, 0.01) for k, v in START.items()})
+    if kind == "fedasync":
+        assert [step for step, _, _ in spy.applied] == [1, 2]
+        assert_weights(spy.applied[1][1], shifted(START, 0.005))
+
+
+def test_stop_at_target_ends_a_sync_run_after_the_evaluation_that_reaches_it(task_identity):
+    nodes = {101: FakeNode(0, 0.01), 102: FakeNode(1, 0.04)}
+    spy = Applied()  # test accuracy 0.3, 0.6, 0.9 ... after rounds 1, 2, 3 ...
+    path = ReplyPath(ReplyScreen(ScreenSettings(), LIMITS), SENT, [spy], stop_at=0.55)
+    strategy = Guarded(FedAvg(min_available_nodes=2), path)
+    final = SyncEngine(FakeGrid(nodes), strategy, path, SENT.to_record(), num_rounds=10,
+                       round_timeout=5.0).run(record(START))
+    assert path.target_reached == 2 and len(spy.applied) == 2  # no third round was trained
+    assert_weights(final, shifted(START, 2 * 0.03))
+
+
+def test_stop_at_target_ends_an_async_run_after_the_evaluation_that_reaches_it(task_identity):
+    nodes = {101: FakeNode(0, 0.01, delay=0.02), 102: FakeNode(1, 0.01, delay=0.02)}
+    loop, _ = make_loop(nodes, FedAsync(alpha=0.5), hooks=[Applied()], stop_at=0.85, max_server_updates=20)
+    loop.run(record(START))
+    assert loop.path.target_reached == 3 and loop.version == 3
+
+
+def test_without_stop_at_target_a_run_goes_to_its_end(task_identity):
+    nodes = {101: FakeNode(0, 0.01, delay=0.02), 102: FakeNode(1, 0.01, delay=0.02)}
+    loop, _ = make_loop(nodes, FedAsync(alpha=0.5), hooks=[Applied()], max_server_updates=5)
+    loop.run(record(START))
+    assert loop.path.target_reached is None and loop.version == 5

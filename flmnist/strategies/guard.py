@@ -131,6 +131,7 @@ class Guarded(Strategy):
                 arrays = None
             else:
                 arrays = to_record(weights)
+                self.path.applied(step, self.reference, updates, self.reference, delta=False, key=("round", step))
         self.path.record(
             step,
             client_updates=self.client_updates,

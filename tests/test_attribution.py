@@ -1,0 +1,160 @@
+"""Per-node digit attribution: the probe set, the measure on real MNIST models, and real
+`flwr run`s in which the table must single out the right node (seed 002's disjoint digit groups,
+synchronous; one sign-flipping node, asynchronous)."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from flmnist.attribution import Attribution, probe_indices
+from flmnist.data import load_mnist
+from flmnist.flwr_local import run_flwr
+from flmnist.models import LogReg
+from flmnist.training import train
+
+REPO = Path(__file__).resolve().parents[1]
+GROUPS = [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]  # seed 002's nodes
+
+
+def test_the_probe_set_is_stratified_and_the_same_in_every_run():
+    labels = np.repeat(np.arange(10), 500)[np.random.default_rng(1).permutation(5000)]
+    idx = probe_indices(labels, 1000)
+    assert np.array_equal(idx, probe_indices(labels, 1000))  # fixed, whatever the run's seed
+    assert np.bincount(labels[idx], minlength=10).tolist() == [100] * 10
+    assert len(set(idx.tolist())) == 1000
+    assert np.bincount(labels[probe_indices(labels, 25)], minlength=10).tolist() == [3] * 5 + [2] * 5
+
+
+@pytest.fixture(scope="module")
+def mnist(mnist_root):
+    return load_mnist(str(mnist_root), True), load_mnist(str(mnist_root), False)
+
+
+def weights_of(model: torch.nn.Module) -> dict:
+    return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def trained_delta(start: dict, images, labels, steps: int = 60) -> dict:
+    """What one node's local training (logistic regression, SGD lr 0.1, batch 64) changes."""
+    model = LogReg()
+    model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in start.items()})
+    train(model, images, labels, batch_size=64, lr=0.1, steps=steps, generator=torch.Generator().manual_seed(0))
+    return {k: weights_of(model)[k] - start[k] for k in start}
+
+
+def test_disjoint_digit_groups_are_credited_to_the_node_that_holds_them(mnist):
+    """Three rounds of seed 002's split, the global model the plain average of the nodes: for every
+    digit, the node that helped it most is the one holding it, and another node hurt it most."""
+    (x, y), (tx, ty) = mnist
+    torch.manual_seed(0)
+    hook = Attribution(tx, ty, LogReg, probe_size=500)
+    model = weights_of(LogReg())
+    for step in (1, 2, 3):
+        deltas = []
+        for node, group in enumerate(GROUPS):
+            mask = torch.isin(y, torch.tensor(group))
+            deltas.append((f"node {node}", trained_delta(model, x[mask][:3000], y[mask][:3000], steps=20)))
+        out = hook.updates_applied(step, model, deltas, key=step)
+        assert set(out["attribution"]) == {"node 0", "node 1", "node 2"}
+        model = {k: model[k] + sum(d[k] for _, d in deltas) / 3 for k in model}
+    helped, hurt = hook.helped_and_hurt()
+    for node, group in enumerate(GROUPS):
+        for d in group:
+            assert helped[d] == f"node {node}", (d, hook.totals)
+            assert hurt[d] not in (None, f"node {node}"), (d, hook.totals)
+    assert hook.evaluations == 3 * (1 + 3)  # the model before each round once, each update once
+
+
+def test_a_sign_flipping_node_is_the_one_that_hurt_every_digit(mnist, tmp_path):
+    """Four IID nodes on a partly trained model; node 3 sends its update reversed and scaled by 5
+    (flmnist.faults' sign-flip, which the screen's default norm bound lets through)."""
+    (x, y), (tx, ty) = mnist
+    torch.manual_seed(0)
+    start = weights_of(LogReg())
+    start = {k: start[k] + trained_delta(start, x[:2000], y[:2000], steps=10)[k] for k in start}
+    lines = []
+    hook = Attribution(tx, ty, LogReg, probe_size=1000, run_dir=tmp_path, printer=lines.append)
+    deltas = [(f"node {n}", trained_delta(start, x[4000 * n + 2000:4000 * n + 6000], y[4000 * n + 2000:4000 * n + 6000]))
+              for n in range(4)]
+    deltas[3] = ("node 3", {k: -5 * v for k, v in deltas[3][1].items()})
+    hook.updates_applied(1, start, deltas, key=1)
+    hook.evaluate_global(1, None)
+    helped, hurt = hook.helped_and_hurt()
+    assert all(hurt[d] == "node 3" for d in range(10)), hook.totals
+    assert all(helped[d] != "node 3" for d in range(10)) and (hook.totals["node 3"] < 0).all()
+    summary = hook.finish(wall_time=10.0)
+    assert summary["hurt_most"] == {str(d): "node 3" for d in range(10)} and summary["probe_size"] == 1000
+    assert all(f"  digit {d}: helped most by " in line and "hurt most by node 3 (-" in line
+               for d, line in zip(range(10), lines[1:])), lines
+    csv = (tmp_path / "attribution.csv").read_text().splitlines()
+    assert csv[0] == "step,node,updates," + ",".join(f"digit_{d}" for d in range(10)) + ",total"
+    assert [line.split(",")[1] for line in csv[1:]] == [f"node {n}" for n in range(4)]
+    assert (tmp_path / "attribution.png").is_file()
+
+
+# ----------------------------------------------------------------------- real runs
+
+BASE = ["checkpoint_every=0", "data.holdout_fraction=0.02", "sampling.fraction_evaluate=0.0"]
+RUNS = {
+    # seed 002's three disjoint digit groups, 3 rounds, stopping when the target is reached
+    "sync": ["experiment=seed002", "num_rounds=3", "eval.update_rounds=[]", "eval.rounds=[]"],
+    # one node of four flips its updates' sign; FedAsync mixes each update in on its own
+    "async": ["model=logreg", "num_nodes=4", "strategy=fedasync", "fleet=homogeneous", "client.local_steps=20",
+              "client.lr=0.1", "client.momentum=0", "client.fault=sign-flip", "client.fault_nodes=[3]",
+              "screen.clip_to_median=1.0", "async_loop.max_server_updates=40", "async_loop.eval_every=4",
+              "target_accuracy=0.7",
+              "stop_at_target=true"],
+}
+
+
+def flwr_run(tmp_path: Path, name: str) -> dict:
+    run_dir = tmp_path / name
+    nodes = 3 if name == "sync" else 4
+    log = tmp_path / f"{name}.log"
+    run_flwr(REPO, [*RUNS[name], *BASE, f"run_dir={run_dir}"], nodes, tempfile.mkdtemp(prefix="flmnist-test-home-"),
+             log_path=log, timeout=900)
+    assert (run_dir / "summary.json").is_file(), log.read_text()[-3000:]
+    return {"summary": json.loads((run_dir / "summary.json").read_text()), "dir": run_dir, "log": log.read_text()}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, mnist_root):
+    tmp = tmp_path_factory.mktemp("attribution")
+    with ThreadPoolExecutor(2) as pool:  # side by side: own FLWR_HOME and ports each
+        return dict(zip(RUNS, pool.map(lambda name: flwr_run(tmp, name), RUNS)))
+
+
+def test_a_sync_run_credits_each_digit_group_to_its_node(runs):
+    run = runs["sync"]
+    attribution = run["summary"]["attribution"]
+    for node, group in enumerate(GROUPS):
+        for d in group:
+            assert attribution["helped_most"][str(d)] == f"node {node}", attribution
+    rows = (run["dir"] / "attribution.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["1"] * 3 + ["2"] * 3 + ["3"] * 3  # a snapshot per round
+    assert (run["dir"] / "attribution.png").is_file()
+    assert "digit 0: helped most by node 0" in run["log"]
+    assert attribution["seconds"] > 0 and 0 < attribution["share_of_wall_time"] < 1, attribution  # its cost
+
+
+def test_an_async_run_singles_out_the_sign_flipping_node_and_stops_at_target(runs):
+    run = runs["async"]
+    summary = run["summary"]
+    attribution = summary["attribution"]
+    assert attribution["updates"].get("node 3", 0) >= 2, attribution
+    assert sum(h == "node 3" for h in attribution["hurt_most"].values()) >= 9, attribution
+    assert sum(attribution["totals"]["node 3"]) < 0 < min(sum(v) for n, v in attribution["totals"].items()
+                                                         if n != "node 3"), attribution
+    stopped = summary["stopped_early"]
+    assert summary["status"] == "finished" and stopped["reason"] == "target accuracy reached", summary
+    assert stopped["step"] < 40 and summary["rounds_completed"] == stopped["step"]
+    assert stopped["accuracy"] >= 0.7 and summary["rounds_to_target"] == stopped["step"]
+    assert (run["dir"] / "attribution.csv").is_file() and (run["dir"] / "attribution.png").is_file()
+    assert "Stopped early after update" in run["log"]
