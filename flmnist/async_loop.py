@@ -455,7 +455,9 @@ class AsyncLoop:
         self.stats = self.stats_dict()
         if self.path.recorder is not None:
             self.path.recorder.async_stats = self.stats
-        log(INFO, "Asynchronous loop finished: %s", self.stats)
+        log(INFO, "Asynchronous loop finished:")
+        for line in stats_lines(self.stats):
+            log(INFO, "  %s", line)
 
     def stats_dict(self) -> dict:
         return {
@@ -468,4 +470,21 @@ class AsyncLoop:
             "max_staleness": int(max(self.staleness)) if self.staleness else None,
             "virtual_time": self.vnow if self.fleet is not None else None,
             "bookkeeping_seconds": self.bookkeeping,
+            "devices": {n.info.name: self.fleet.profile(n.partition).name for n in self.ordered_nodes()}
+            if self.fleet is not None else None,
         }
+
+
+def stats_lines(stats: dict) -> list[str]:
+    """The loop's statistics as a few aligned lines (updates per node with their device)."""
+    outcomes = ", ".join(f"{k} {v}" for k, v in stats["outcomes"].items()) or "none"
+    lines = [f"{'server updates':<16}{stats['server_updates']}",
+             f"{'client updates':<16}{stats['client_updates']} ({outcomes})"]
+    if stats.get("mean_staleness") is not None:
+        lines.append(f"{'staleness':<16}mean {stats['mean_staleness']:.2f}, max {stats['max_staleness']}")
+    if stats.get("virtual_time") is not None:
+        lines.append(f"{'virtual time':<16}{stats['virtual_time']:.1f} s")
+    devices = stats.get("devices") or {}
+    for name, n in stats["updates_per_node"].items():
+        lines.append(f"{name:<16}{n} applied updates" + (f" ({devices[name]})" if name in devices else ""))
+    return lines

@@ -38,6 +38,7 @@ from flmnist.config import check_group_overrides, compose_config, conf_dir, vali
 from flmnist.data import ensure_mnist, resolve_root
 from flmnist.errors import ConfigError, FlmnistError, RunFailed
 from flmnist.flwr_local import run_flwr
+from flmnist.help import help_text, version_text
 
 APP_DIR = Path(__file__).resolve().parents[1]
 COLUMNS = ["job", "overrides", "status", "final_accuracy", "best_accuracy", "rounds_to_target", "wall_time", "run_dir"]
@@ -262,6 +263,14 @@ def main() -> None:
         signal.signal(s, _stop_on)
     args = sys.argv[1:]
     full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    if "--version" in args:
+        print(version_text())
+        return
+    if "--help" in args or "-h" in args:
+        print(help_text([a for a in args if a not in ("--help", "-h")]), end="")
+        return
+    if "--hydra-help" in args:  # Hydra's own help, for --cfg, --info, --multirun ...
+        sys.argv = [sys.argv[0], *("--help" if a == "--hydra-help" else a for a in args)]
     try:
         if not any(a.startswith("-") and a not in MULTIRUN for a in args):
             # Not --help, --cfg, --info ...: compose and check first.

@@ -26,6 +26,21 @@ GROUPS = ("model", "partition", "strategy", "client", "eval", "fleet", "experime
 MNIST_TRAIN_SIZE = 60_000
 
 
+def first_given(*values):
+    """The first value that is set (not null or empty): the run name's fallbacks."""
+    return next((v for v in values if v not in (None, "", "null", "None")), "run")
+
+
+# hydra.run.dir names a run by its name, else its experiment, else STRATEGY_SPLIT.
+OmegaConf.register_new_resolver("flmnist_first", first_given, replace=True)
+
+
+def run_name(cfg: DictConfig, choices) -> str:
+    """The run's name: ``name``, else the experiment's, else STRATEGY_SPLIT (the choices made)."""
+    return str(first_given(cfg.get("name"), choices.get("experiment"),
+                           f"{choices.get('strategy')}_{choices.get('partition')}"))
+
+
 def conf_dir() -> Path:
     """The ``conf/`` folder: ``$FLMNIST_CONF_DIR``, else the one beside the package."""
     path = Path(os.environ.get("FLMNIST_CONF_DIR") or Path(__file__).resolve().parents[1] / "conf")
@@ -75,21 +90,52 @@ def _one_line(text: str) -> str:
 
 
 def _unknown_key(overrides: list[str], key: str) -> str | None:
-    """For ``Could not override 'key'``: which keys the user may set there instead."""
+    """For ``Could not override 'key'``: the closest valid keys, or the group option to choose."""
+    import difflib
+
     groups = [o for o in overrides if _override_key(o) in GROUPS]
     try:
         with initialize_config_dir(version_base="1.3", config_dir=str(conf_dir()), job_name="flmnist"):
             base = compose(config_name="config", overrides=groups, return_hydra_config=True)
     except Exception:  # noqa: BLE001 - only an aid to the message
         return None
-    parent = key.rpartition(".")[0]
+    parent, _, leaf = key.rpartition(".")
     node = OmegaConf.select(base, parent) if parent else base
     if not isinstance(node, DictConfig):
         return None
     choice = OmegaConf.select(base, f"hydra.runtime.choices.{parent}") if parent in GROUPS else None
-    where = f"{parent} {choice}" if choice else parent or "the top level"
-    valid = ", ".join(k for k in node if k not in ("hydra", "_target_"))
-    return f"unknown setting '{key}'; {where} has: {valid} (write +{key}=... to add a new key)"
+    where = f"{parent}={choice}" if choice else parent or "the top level"
+    valid = [k for k in node if k not in ("hydra", "_target_")]
+    message = f"unknown setting '{key}'"
+    owners = [o for o in group_options(parent) if o != choice
+              and leaf in (OmegaConf.load(conf_dir() / parent / f"{o}.yaml") or {})] if parent in GROUPS else []
+    if owners:
+        return (f"{message}: it belongs to {' or '.join(f'{parent}={o}' for o in owners)}, not to {where}; "
+                f"add {parent}={owners[0]} to the command")
+    close = difflib.get_close_matches(leaf, valid, n=3, cutoff=0.6)
+    if not close and not parent:  # a nested key written without its section (lr= for client.lr=)
+        nested = [f"{k}.{leaf}" for k in valid if isinstance(node.get(k), DictConfig) and leaf in node[k]]
+        close = nested[:3]
+    else:
+        close = [f"{parent}.{c}" if parent else c for c in close]
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    return f"{message}{hint} ({where} has: {', '.join(valid) or 'no settings'}; `flmnist --help` describes them)"
+
+
+# Sections built from a ``_target_`` take extra constructor arguments with ``+key=value``.
+EXTENSIBLE = ("strategy.", "model.", "partition.", "fleet.")
+
+
+def _check_additions(overrides: list[str]) -> None:
+    """``+key=value`` adds a key: refused where flmnist would silently ignore it."""
+    for item in overrides:
+        if not item.startswith("+"):
+            continue
+        key = _override_key(item)
+        if key in GROUPS or key.startswith(EXTENSIBLE):
+            continue
+        message = _unknown_key([o for o in overrides if o != item], key) or f"unknown setting '{key}'"
+        raise ConfigError(f"{item}: flmnist would ignore a new key here; {message}")
 
 
 def compose_config(overrides: list[str] | None = None) -> DictConfig:
@@ -99,14 +145,17 @@ def compose_config(overrides: list[str] | None = None) -> DictConfig:
     """
     overrides = list(overrides or [])
     check_group_overrides(overrides)
+    _check_additions(overrides)
     try:
         with initialize_config_dir(version_base="1.3", config_dir=str(conf_dir()), job_name="flmnist"):
-            cfg = compose(config_name="config", overrides=overrides)
+            cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
     except Exception as err:  # Hydra raises several types for bad overrides
         match = re.match(r"Could not override '([^']+)'", str(err))
         message = _unknown_key(overrides, match.group(1)) if match else None
         raise ConfigError(message or f"bad override in {' '.join(overrides)}: {_one_line(err)}") from err
+    name = run_name(cfg, cfg.hydra.runtime.choices)
     cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    cfg.name = name
     try:
         OmegaConf.resolve(cfg)
     except Exception as err:  # an interpolation naming a missing key, or a cycle

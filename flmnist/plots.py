@@ -9,94 +9,130 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator
+
+
+def _save(fig, path: Path, title: str) -> None:
+    """Save with the title in the PNG's metadata (what a test or a file browser reads back)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, metadata={"Title": title})
+    plt.close(fig)
+
+
+def _integer_axis(ax, axis: str = "x") -> None:
+    (ax.xaxis if axis == "x" else ax.yaxis).set_major_locator(MaxNLocator(integer=True))
 
 
 def plot_run(run_dir: Path, rows: list[dict], loss_traces: dict[str, list[float]],
-             async_stats: dict | None = None) -> None:
+             async_stats: dict | None = None, loss_points: dict[str, list] | None = None,
+             label: str = "", unit: str = "round") -> None:
+    """Every plot of a run. ``label`` names the run (strategy, split, model) in each title;
+    ``unit`` is "round" (synchronous) or "update" (asynchronous server updates)."""
+    step = "round" if unit == "round" else "server update"
     evaluated = [r for r in rows if r.get("test_accuracy") is not None]
-    plot_time(run_dir, evaluated)
+    plot_time(run_dir, evaluated, label)
     if async_stats:
-        plot_async(run_dir, async_stats)
+        plot_async(run_dir, async_stats, label)
     if evaluated:
         rounds = [r["round"] for r in evaluated]
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
         ax1.plot(rounds, [100 * r["test_accuracy"] for r in evaluated], marker="o", label="global model, test set")
         client = [r for r in rows if r.get("client_accuracy") is not None]
         if client:
             ax1.plot([r["round"] for r in client], [100 * r["client_accuracy"] for r in client],
                      marker=".", label="clients, held-out data")
-        ax1.set(xlabel="round", ylabel="accuracy (%)", title="Accuracy per round")
+        ax1.set(xlabel=step, ylabel="accuracy (%)", title=f"Accuracy per {step}")
         ax1.legend()
         ax1.grid(alpha=0.3)
         ax2.plot(rounds, [r["test_loss"] for r in evaluated], marker="o", label="test loss")
         train = [r for r in rows if r.get("train_loss") is not None]
         if train:
             ax2.plot([r["round"] for r in train], [r["train_loss"] for r in train], marker=".", label="train loss")
-        ax2.set(xlabel="round", ylabel="loss", title="Loss per round", yscale="log")
+        ax2.set(xlabel=step, ylabel="loss", title=f"Loss per {step}", yscale="log")
         ax2.legend()
         ax2.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(run_dir / "accuracy_loss.png", dpi=100)
-        plt.close(fig)
+        for ax in (ax1, ax2):
+            _integer_axis(ax)
+        title = f"Accuracy and loss: {label}"
+        fig.suptitle(title)
+        _save(fig, run_dir / "accuracy_loss.png", title)
 
         digits = np.array([[r.get(f"test_acc_digit_{d}") or 0.0 for d in range(10)] for r in evaluated])
-        fig, ax = plt.subplots(figsize=(8, max(3, 0.25 * len(rounds) + 1.5)))
+        fig, ax = plt.subplots(figsize=(8, max(3, 0.3 * len(rounds) + 1.8)))
         im = ax.imshow(100 * digits, aspect="auto", cmap="viridis", vmin=0, vmax=100)
-        ax.set(xlabel="digit", ylabel="round", title="Per-digit test accuracy (%)")
+        title = f"Per-digit test accuracy (%): {label}"
+        ax.set(xlabel="digit", ylabel=step, title=title)
         ax.set_xticks(range(10))
         ax.set_yticks(range(len(rounds)), [str(r) for r in rounds])
+        if len(rounds) <= 30:
+            for i in range(len(rounds)):
+                for d in range(10):
+                    v = 100 * digits[i, d]
+                    ax.text(d, i, f"{v:.0f}", ha="center", va="center", fontsize=7,
+                            color="white" if v < 60 else "black")
         fig.colorbar(im, ax=ax)
-        fig.tight_layout()
-        fig.savefig(run_dir / "per_digit_accuracy.png", dpi=100)
-        plt.close(fig)
+        _save(fig, run_dir / "per_digit_accuracy.png", title)
 
-    if loss_traces:
-        fig, ax = plt.subplots(figsize=(8, 4))
-        for name, trace in sorted(loss_traces.items()):
-            ax.plot(np.arange(1, len(trace) + 1), trace, lw=0.8, label=name)
-        ax.set(xlabel="local batch (all rounds)", ylabel="training loss", title="Training loss per client",
-               yscale="log")
-        if len(loss_traces) <= 12:
-            ax.legend()
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(run_dir / "client_loss.png", dpi=100)
-        plt.close(fig)
+    if loss_points:
+        fig, ax = plt.subplots(figsize=(9, 4.2))
+        for name, points in sorted(loss_points.items(), key=lambda kv: _node_key(kv[0])):
+            x, y = zip(*points)
+            ax.plot(x, y, marker=".", lw=1.2, label=name)
+        xlabel = "round" if unit == "round" else "client update"
+        title = f"Training loss per client (mean of each {xlabel}): {label}"
+        ax.set(xlabel=xlabel, ylabel="mean training loss", title=title, yscale="log")
+        _integer_axis(ax)
+        if unit == "round":  # round boundaries
+            ax.grid(axis="x", alpha=0.4)
+        ax.grid(axis="y", alpha=0.3)
+        if len(loss_points) <= 12:
+            ax.legend(fontsize=8)
+        _save(fig, run_dir / "client_loss.png", title)
 
 
-def plot_time(run_dir: Path, evaluated: list[dict]) -> None:
-    """Accuracy against virtual time (when simulated) and against client updates."""
+def _node_key(name: str) -> tuple:
+    tail = name.rsplit(" ", 1)[-1]
+    return (0, int(tail), name) if tail.isdigit() else (1, 0, name)
+
+
+def plot_time(run_dir: Path, evaluated: list[dict], label: str = "") -> None:
+    """Accuracy against virtual time (only with a simulated fleet) and against client updates."""
     timed = [r for r in evaluated if r.get("virtual_time") is not None]
     counted = [r for r in evaluated if r.get("client_updates") is not None]
-    if not timed and not counted:
+    panels = [p for p in (("virtual time (s)", timed, "virtual_time"), ("client updates", counted, "client_updates"))
+              if p[1]]
+    if not panels:
         return
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    if timed:
-        axes[0].plot([r["virtual_time"] for r in timed], [100 * r["test_accuracy"] for r in timed], marker=".")
-    axes[0].set(xlabel="virtual time (s)", ylabel="test accuracy (%)", title="Accuracy against virtual time")
-    if counted:
-        axes[1].plot([r["client_updates"] for r in counted], [100 * r["test_accuracy"] for r in counted], marker=".")
-    axes[1].set(xlabel="client updates", ylabel="test accuracy (%)", title="Accuracy against client updates")
-    for ax in axes:
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    for ax, (xlabel, data, key) in zip(axes[0], panels):
+        ax.plot([r[key] for r in data], [100 * r["test_accuracy"] for r in data], marker=".")
+        ax.set(xlabel=xlabel, ylabel="test accuracy (%)", title=f"Accuracy against {xlabel.split(' (')[0]}")
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(run_dir / "accuracy_time.png", dpi=100)
-    plt.close(fig)
+        if key == "client_updates":
+            _integer_axis(ax)
+    title = f"Accuracy over time: {label}"
+    fig.suptitle(title)
+    _save(fig, run_dir / "accuracy_time.png", title)
 
 
-def plot_async(run_dir: Path, stats: dict) -> None:
-    """Staleness histogram and applied updates per node."""
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+def plot_async(run_dir: Path, stats: dict, label: str = "") -> None:
+    """Staleness histogram and applied updates per node (with its simulated device)."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     hist = {int(k): v for k, v in (stats.get("staleness_histogram") or {}).items()}
     ax1.bar(list(hist), list(hist.values()))
-    ax1.set(xlabel="staleness (server versions)", ylabel="applied updates", title="Staleness")
+    ax1.set(xlabel="staleness (server versions)", ylabel="applied updates", title="Staleness of applied updates")
+    _integer_axis(ax1)
     per_node = stats.get("updates_per_node") or {}
-    ax2.bar(range(len(per_node)), list(per_node.values()))
-    ax2.set_xticks(range(len(per_node)), list(per_node), rotation=90, fontsize=7)
-    ax2.set(ylabel="applied updates", title="Contributions per node")
-    fig.tight_layout()
-    fig.savefig(run_dir / "staleness_nodes.png", dpi=100)
-    plt.close(fig)
+    devices = stats.get("devices") or {}
+    names = sorted(per_node, key=_node_key)
+    ax2.bar(range(len(names)), [per_node[n] for n in names])
+    ticks = [f"{n} ({devices[n]})" if n in devices else n for n in names]
+    ax2.set_xticks(range(len(names)), ticks, rotation=90 if len(names) > 6 else 0, fontsize=7)
+    ax2.set(ylabel="applied updates", title="Applied updates per node (device)")
+    _integer_axis(ax2, "y")
+    title = f"Asynchronous run: {label}"
+    fig.suptitle(title)
+    _save(fig, run_dir / "staleness_nodes.png", title)
 
 
 def plot_attribution(run_dir: Path, nodes: list[str], totals: np.ndarray) -> None:
@@ -107,13 +143,11 @@ def plot_attribution(run_dir: Path, nodes: list[str], totals: np.ndarray) -> Non
     im = ax.imshow(totals, aspect="auto", cmap="RdYlGn", vmin=-limit, vmax=limit)
     ax.set_xticks(range(10))
     ax.set_yticks(range(len(nodes)), nodes, fontsize=8 if len(nodes) <= 30 else 5)
-    ax.set(xlabel="digit", title="What each node's updates did to each digit\n"
-           "(summed change of the global model's per-digit accuracy, pp)")
+    title = "What each node's updates did to each digit"
+    ax.set(xlabel="digit", title=f"{title}\n(summed change of the global model's per-digit accuracy, pp)")
     if len(nodes) <= 20:
         for i in range(len(nodes)):
             for d in range(10):
                 ax.text(d, i, f"{totals[i, d]:+.0f}", ha="center", va="center", fontsize=7)
     fig.colorbar(im, ax=ax, label="percentage points")
-    fig.tight_layout()
-    fig.savefig(run_dir / "attribution.png", dpi=100)
-    plt.close(fig)
+    _save(fig, run_dir / "attribution.png", title)

@@ -53,7 +53,9 @@ class RunRecorder:
         self.target_accuracy = target_accuracy
         self.printer = printer
         self.rows: dict[int, dict] = {}
-        self.loss_traces: dict[str, list[float]] = defaultdict(list)
+        self.loss_traces: dict[str, list[float]] = defaultdict(list)  # per node: every batch's loss
+        self.loss_points: dict[str, list] = defaultdict(list)  # per node: [step, mean loss of that update]
+        self.label = ""  # strategy, split and model, for plot titles
         self.t0 = time.perf_counter()
         self.best_accuracy: float | None = None
         self.best_round: int | None = None
@@ -69,13 +71,15 @@ class RunRecorder:
 
     def state(self) -> dict:
         """What a checkpoint keeps of the recorder."""
-        return {"rows": self.rows, "loss_traces": dict(self.loss_traces), "best_accuracy": self.best_accuracy,
+        return {"rows": self.rows, "loss_traces": dict(self.loss_traces), "loss_points": dict(self.loss_points),
+                "best_accuracy": self.best_accuracy,
                 "best_round": self.best_round, "elapsed": self.elapsed(), "async_stats": self.async_stats}
 
     def restore(self, state: dict) -> None:
         """Continue from a checkpoint: earlier rows are kept and later rounds added to them."""
         self.rows = {int(k): v for k, v in state["rows"].items()}
         self.loss_traces = defaultdict(list, state["loss_traces"])
+        self.loss_points = defaultdict(list, state.get("loss_points", {}))
         self.best_accuracy, self.best_round = state["best_accuracy"], state["best_round"]
         self.async_stats = state.get("async_stats")
         self.t0 = time.perf_counter() - state["elapsed"]
@@ -84,8 +88,10 @@ class RunRecorder:
         """Merge fields into the record of ``server_round``."""
         self.rows.setdefault(server_round, {"round": server_round}).update(fields)
 
-    def add_loss_trace(self, name: str, trace: list[float]) -> None:
+    def add_loss_trace(self, name: str, trace: list[float], step: int | None = None) -> None:
         self.loss_traces[name].extend(float(x) for x in trace)
+        if step is not None and trace:
+            self.loss_points[name].append([step, float(sum(trace) / len(trace))])
 
     def end_round(self, server_round: int, state_dict: dict | None = None, quiet: bool = False) -> None:
         """Stamp the time, keep the best model, write the metrics files and print one progress line."""
@@ -168,20 +174,29 @@ class RunRecorder:
         }
 
     def summary_table(self) -> str:
-        lines = ["| round | train loss | client acc | test loss | test acc | time (s) |", "|---|---|---|---|---|---|"]
+        """The evaluated steps as a Markdown table; columns fit the run (async: server updates,
+        client updates and virtual time; client accuracy only when nodes evaluated)."""
+        rows = [r for r in self.scalar_rows() if r["round"] > 0 and r.get("test_accuracy") is not None]
 
         def fmt(v, pct=False):
             if v is None:
                 return "-"
             return f"{100 * v:.2f}%" if pct else f"{v:.4f}"
 
-        for r in self.scalar_rows():
-            if r["round"] == 0 or r.get("test_accuracy") is None:
-                continue
-            lines.append(
-                f"| {r['round']} | {fmt(r.get('train_loss'))} | {fmt(r.get('client_accuracy'), True)} | "
-                f"{fmt(r.get('test_loss'))} | {fmt(r.get('test_accuracy'), True)} | {r['wall_time']:.1f} |"
-            )
+        columns = [("round" if self.unit == "round" else "server update", lambda r: str(r["round"]))]
+        if self.unit != "round" or any(r.get("client_updates") is not None for r in rows):
+            columns.append(("client updates", lambda r: str(r.get("client_updates", "-"))))
+        if any(r.get("virtual_time") is not None for r in rows):
+            columns.append(("virtual time (s)", lambda r: f"{r['virtual_time']:.1f}" if r.get("virtual_time")
+                            is not None else "-"))
+        columns.append(("train loss", lambda r: fmt(r.get("train_loss"))))
+        if any(r.get("client_accuracy") is not None for r in rows):
+            columns.append(("client acc", lambda r: fmt(r.get("client_accuracy"), True)))
+        columns += [("test loss", lambda r: fmt(r.get("test_loss"))),
+                    ("test acc", lambda r: fmt(r.get("test_accuracy"), True)),
+                    ("wall time (s)", lambda r: f"{r['wall_time']:.1f}")]
+        lines = ["| " + " | ".join(c for c, _ in columns) + " |", "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(f(r) for _, f in columns) + " |" for r in rows]
         return "\n".join(lines)
 
     def finish(self, status: str = "finished", error: str | None = None) -> dict:
@@ -193,7 +208,8 @@ class RunRecorder:
         try:
             from flmnist.plots import plot_run
 
-            plot_run(self.run_dir, self.scalar_rows(), self.loss_traces, self.async_stats)
+            plot_run(self.run_dir, self.scalar_rows(), self.loss_traces, self.async_stats, self.loss_points,
+                     self.label, self.unit)
         except Exception as err:  # noqa: BLE001 - a plot must never lose the run's results
             self.printer(f"Plotting failed ({err}); metrics are in {self.run_dir}")
         atomic_write(self.run_dir / "summary.json", json.dumps(_clean(summary), indent=1))

@@ -103,7 +103,7 @@ class ReplyPath:
         self.screen_seconds += time.perf_counter() - t
         if self.recorder is not None:
             for u in updates:
-                self.recorder.add_loss_trace(u.name, u.metrics[p.LOSS_TRACE])
+                self.recorder.add_loss_trace(u.name, u.metrics[p.LOSS_TRACE], step)
         if not delta:  # a delta is not a model to evaluate
             for hook in self.hooks:
                 self.record(step, **(hook.evaluate_updates(step, updates) or {}))

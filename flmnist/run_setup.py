@@ -33,7 +33,7 @@ from flmnist.errors import ConfigError
 from flmnist.evaluation import DigitEvaluation
 from flmnist.partition import holdout_split, label_counts
 from flmnist.polling_grid import PollingGrid
-from flmnist.protocol import TrainSettings
+from flmnist.protocol import TrainSettings, simulated_node_name
 from flmnist.recorder import RunRecorder, atomic_write
 from flmnist.reply_path import ReplyPath, to_record
 from flmnist.screen import NodeLimits, ReplyScreen, ScreenSettings
@@ -61,9 +61,9 @@ class Run:
 def make_run_dir(cfg: DictConfig) -> Path:
     if cfg.run_dir:
         return Path(cfg.run_dir).expanduser().resolve()
-    strategy = cfg.strategy._target_.rsplit(".", 1)[-1].lower()
-    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    return (Path(cfg.output_dir) / f"{stamp}_{cfg.name}_{strategy}").expanduser().resolve()
+    now = datetime.now()  # the flmnist command's scheme (conf/config.yaml, hydra.run.dir)
+    return (Path(cfg.output_dir) / now.strftime("%Y-%m-%d") / f"{now.strftime('%H-%M-%S')}_{cfg.name}"
+            ).expanduser().resolve()
 
 
 def resume_config(cfg: DictConfig) -> tuple[DictConfig, dict | None]:
@@ -98,6 +98,15 @@ def partitions(cfg: DictConfig, root: Path, run_dir: Path) -> NodeLimits:
         say(f"  ... {len(rows) - len(shown)} more nodes in {run_dir / 'partition_report.csv'}")
     held = [len(holdout_split(part, cfg.data.holdout_fraction, 0)[1]) for part in parts]  # sizes only
     return NodeLimits(tuple(len(part) - h for part, h in zip(parts, held)), tuple(held), cfg.screen.max_examples)
+
+
+def run_label(cfg: DictConfig) -> str:
+    """Strategy, split and model of a run, for plot titles: "seed002: FedAvg, DigitGroupPartition, LeNet"."""
+    def short(node) -> str:
+        return str(node.get("_target_", "?")).rsplit(".", 1)[-1]
+
+    split = short(cfg.partition).removesuffix("Partition")
+    return f"{cfg.name}: {short(cfg.strategy)}, {split} split, {short(cfg.model)}, {cfg.num_nodes} nodes"
 
 
 def wait_for_nodes(grid: Grid, needed: int, timeout: float) -> None:
@@ -141,6 +150,7 @@ def build_run(grid: Grid, cfg: DictConfig) -> Run:
     loop = AsyncLoopSettings(**cfg.async_loop) if asynchronous else None
     steps = (loop.max_server_updates or 0) if asynchronous else cfg.num_rounds
     recorder = RunRecorder(run_dir, steps, cfg.target_accuracy, printer=say, unit="update" if asynchronous else "round")
+    recorder.label = run_label(cfg)
     test_images, test_labels = load_mnist(str(root), False)
     hooks = [
         DigitEvaluation(
@@ -157,6 +167,10 @@ def build_run(grid: Grid, cfg: DictConfig) -> Run:
     path = ReplyPath(ReplyScreen(ScreenSettings(**cfg.screen), limits), sent, hooks, recorder, cfg.checkpoint_every,
                       stop_at=cfg.target_accuracy if cfg.get("stop_at_target") else None)
     fleet = build(cfg.fleet, "fleet", num_nodes=cfg.num_nodes, seed=cfg.seed)
+    if fleet is not None:
+        devices = [f"{simulated_node_name(i)}: {fleet.profile(i).name} (speed {fleet.profile(i).speed:g})"
+                   for i in range(cfg.num_nodes)]
+        say(f"Simulated devices: {', '.join(devices[:20])}{' ...' if len(devices) > 20 else ''}")
     # A deployment may start with some boards down: wait for the strategy's minimum.
     wait_for_nodes(grid, int(getattr(strategy, "min_available_nodes", 0) or cfg.num_nodes), cfg.wait_for_nodes)
     if asynchronous:

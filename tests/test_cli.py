@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -28,7 +29,7 @@ def flmnist(args: list[str], cwd: Path, **env) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("args, message", [
     (["client.lr=nan"], "flmnist: error: client.lr must be a finite number > 0, got nan"),
-    (["client.lrr=0.1"], "flmnist: error: unknown setting 'client.lrr'; client default has: local_epochs, "),
+    (["client.lrr=0.1"], "flmnist: error: unknown setting 'client.lrr'; did you mean client.lr? (client=default has: local_epochs, "),
 ])
 def test_a_bad_setting_is_one_line_exit_2_and_creates_nothing(tmp_path, args, message):
     proc = flmnist(args, tmp_path)
@@ -108,6 +109,9 @@ def test_sigterm_stops_every_process_the_command_started(tmp_path, mnist_root):
             assert time.monotonic() < deadline, "training did not start within 300 s"
             time.sleep(0.2)
         assert len(processes_with(marker)) > 3  # CLI, flwr run, SuperLink, SuperExec, simulation, Ray ...
+        # named by the choices made (no experiment, no name): outputs/DATE/TIME_STRATEGY_SPLIT
+        run_dir = next(tmp_path.glob("outputs/**/metrics.json")).parent.relative_to(tmp_path)
+        assert re.fullmatch(r"outputs/\d{4}-\d\d-\d\d/\d\d-\d\d-\d\d_fedavg_iid", str(run_dir)), run_dir
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=30)
     finally:

@@ -129,7 +129,7 @@ ISSUE_8 = [
     (["screen.norm_window=0"], "screen.norm_window must be an integer >= 1"),
     (["sampling.min_available_nodes=3"], "sampling.min_available_nodes=3 is more than num_nodes=2"),
     (["strategy=bulyan", "num_nodes=6"], "Bulyan needs at least 4 f . 3 = 7 updates per round"),
-    (["client.lrr=0.1"], "unknown setting 'client.lrr'; client default has: local_epochs, .*lr"),
+    (["client.lrr=0.1"], r"unknown setting 'client.lrr'; did you mean client.lr\? \(client=default has: local_epochs, .*lr"),
     (["num_nodes=[1"], "bad override in num_nodes=.1: no viable alternative"),
 ]
 

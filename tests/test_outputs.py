@@ -1,0 +1,77 @@
+"""What a run leaves for a person to read: plots titled with the run, labelled in the engine's
+units, the virtual-time panel only with a fleet; a summary table and statistics that fit the
+engine. The recorder writes them from rows as both engines record them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image
+
+from flmnist.async_loop import stats_lines
+from flmnist.recorder import RunRecorder
+
+LABEL = "demo: FedProx, Dirichlet split, LeNet, 3 nodes"
+
+
+def sync_rows(recorder: RunRecorder, fleet: bool) -> None:
+    for r in range(4):
+        fields = {"test_accuracy": 0.5 + 0.1 * r, "test_loss": 1.0 / (r + 1), "client_updates": 3 * r,
+                  **{f"test_acc_digit_{d}": 0.4 + 0.05 * d for d in range(10)}}
+        if r:
+            fields["train_loss"] = 0.5 / r
+        if fleet:
+            fields["virtual_time"] = 12.5 * r
+        recorder.add(r, **fields)
+        for node in range(3):
+            if r:
+                recorder.add_loss_trace(f"node {node}", [1.0 / r, 0.8 / r, 0.6 / r], r)
+        recorder.end_round(r, quiet=True)
+
+
+def title(path: Path) -> str:
+    return Image.open(path).text["Title"]
+
+
+def test_sync_plots_name_the_run_and_show_no_empty_virtual_time_panel(tmp_path):
+    recorder = RunRecorder(tmp_path, 3, 0.99, printer=lambda line: None)
+    recorder.label = LABEL
+    sync_rows(recorder, fleet=False)
+    summary = recorder.finish()
+    for name in ("accuracy_loss.png", "per_digit_accuracy.png", "client_loss.png", "accuracy_time.png"):
+        assert LABEL in title(tmp_path / name), name
+    assert title(tmp_path / "client_loss.png").startswith("Training loss per client (mean of each round)")
+    # one panel (client updates): no empty "virtual time" panel without a fleet
+    assert Image.open(tmp_path / "accuracy_time.png").size[0] < 700
+    assert summary["status"] == "finished"
+    table = (tmp_path / "summary.md").read_text().splitlines()
+    assert table[0] == "| round | client updates | train loss | test loss | test acc | wall time (s) |"
+    assert len(table) == 2 + 3  # rounds 1-3, round 0 is the initial model
+
+
+def test_a_fleet_adds_the_virtual_time_panel_and_column(tmp_path):
+    recorder = RunRecorder(tmp_path, 3, 0.99, printer=lambda line: None)
+    recorder.label = LABEL
+    sync_rows(recorder, fleet=True)
+    recorder.finish()
+    assert Image.open(tmp_path / "accuracy_time.png").size[0] > 1000  # two panels
+    assert "| virtual time (s) |" in (tmp_path / "summary.md").read_text().splitlines()[0]
+
+
+def test_async_outputs_speak_of_server_updates_and_devices(tmp_path):
+    recorder = RunRecorder(tmp_path, 6, 0.99, printer=lambda line: None, unit="update")
+    recorder.label = LABEL
+    sync_rows(recorder, fleet=True)
+    stats = {"server_updates": 3, "client_updates": 9, "outcomes": {"applied": 8, "rejected": 1},
+             "updates_per_node": {"node 0": 5, "node 1": 3}, "staleness_histogram": {0: 5, 1: 3},
+             "mean_staleness": 0.375, "max_staleness": 1, "virtual_time": 37.5, "bookkeeping_seconds": 0.01,
+             "devices": {"node 0": "orin", "node 1": "nano"}}
+    recorder.async_stats = stats
+    recorder.finish()
+    assert title(tmp_path / "staleness_nodes.png") == f"Asynchronous run: {LABEL}"
+    assert title(tmp_path / "client_loss.png").startswith("Training loss per client (mean of each client update)")
+    header = (tmp_path / "summary.md").read_text().splitlines()[0]
+    assert header.startswith("| server update | client updates | virtual time (s) |") and "client acc" not in header
+    lines = stats_lines(stats)
+    assert "node 0          5 applied updates (orin)" in lines and "virtual time    37.5 s" in lines
+    assert lines[1] == "client updates  9 (applied 8, rejected 1)"
