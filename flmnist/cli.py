@@ -237,11 +237,14 @@ def hydra_arguments(args: list[str]) -> list[str]:
     check_group_overrides(overrides)
     if multirun:
         for job in sweep_jobs(overrides):
-            if compose_config(job).resume:
+            cfg = compose_config(job)
+            if cfg.resume:
                 raise ConfigError("resume continues one run: drop -m/--multirun")
+            ensure_mnist(resolve_root(cfg.data.root), cfg.data.download)
         return args
     cfg = compose_config(overrides)
     if not cfg.resume:
+        ensure_mnist(resolve_root(cfg.data.root), cfg.data.download)  # (downloads it if allowed)
         return args
     checkpoint = find_checkpoint(str(cfg.resume), cfg.output_dir)  # resume=latest says which it picked
     saved_config(checkpoint.parent)

@@ -239,7 +239,8 @@ def _top_level(cfg: DictConfig) -> None:
     _kind(cfg, "run_dir", str, "a path", allow_none=True)
     _kind(cfg, "resume", str, "a run directory, its checkpoint.pt, or latest", allow_none=True)
     _kind(cfg, "data.root", str, "a path", allow_none=True)
-    _kind(cfg, "data.download", bool, "true or false")
+    if OmegaConf.select(cfg, "data.download") not in (True, False, "auto"):
+        raise ConfigError(f"data.download must be auto, true or false, got {cfg.data.download!r}")
     _integer(cfg, "eval.every", 1, allow_none=True)
     _integer(cfg, "eval.batch_size", 1)
     for group in _list(cfg, "eval.digit_groups"):

@@ -64,30 +64,28 @@ def check_file(path: Path) -> None:
         )
 
 
-def ensure_mnist(root: Path, download: bool = False) -> Path:
-    """Check the four raw files under ``root``; download them only if missing and allowed."""
+def ensure_mnist(root: Path, download: bool | str = "auto") -> Path:
+    """Check the four raw files under ``root``. Missing ones are downloaded with torchvision
+    (progress shown) unless ``download`` is false; a failed download is one error naming the
+    folder, the files and how to place them."""
     folder = raw_dir(root)
     missing = [name for name in MNIST_FILES if not (folder / name).is_file()]
-    if missing and download:
+    place = (f"Put the four files {', '.join(MNIST_FILES)} (uncompressed; from a copy of torchvision's "
+             f"MNIST/raw/ folder or the .gz files of the MNIST site, gunzipped) into {folder}, or set "
+             "data.root or FLMNIST_DATA_DIR to a folder holding MNIST/raw/.")
+    if missing and download not in (False, "false"):
         from torchvision.datasets import MNIST
 
+        print(f"flmnist: MNIST is missing from {folder}: downloading it with torchvision", flush=True)
         try:
             MNIST(str(root), train=True, download=True)
             MNIST(str(root), train=False, download=True)
         except Exception as err:  # network errors come in many types
-            raise DataError(
-                f"MNIST is missing from {folder} and the download failed ({err}). "
-                f"Put the four files there: {', '.join(MNIST_FILES)}; or set data.root "
-                "or FLMNIST_DATA_DIR to a folder that has MNIST/raw/<files>."
-            ) from err
+            reason = " ".join(str(err).split())[:300]
+            raise DataError(f"MNIST is missing from {folder} and the download failed ({reason}). {place}") from err
         missing = [name for name in MNIST_FILES if not (folder / name).is_file()]
     if missing:
-        raise DataError(
-            f"MNIST not found: searched {folder}, missing {', '.join(missing)}. "
-            f"Expected the four files {', '.join(MNIST_FILES)} in that folder. "
-            "Set data.root or FLMNIST_DATA_DIR to a folder holding MNIST/raw/, "
-            "or allow data.download=true on a machine with internet."
-        )
+        raise DataError(f"MNIST not found: {folder} lacks {', '.join(missing)} (data.download=false). {place}")
     for name in MNIST_FILES:
         check_file(folder / name)
     return folder
@@ -99,7 +97,7 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=4)
-def load_mnist(root: str, train: bool, download: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def load_mnist(root: str, train: bool, download: bool | str = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode one MNIST split once per process: (images float [N,1,28,28], labels int64 [N])."""
     from torchvision.datasets import MNIST
 

@@ -1,4 +1,8 @@
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -72,3 +76,22 @@ def test_data_path_errors_name_the_path(tmp_path):
     torch.save({"images": torch.zeros(3, 5, 5), "labels": torch.zeros(3)}, tmp_path / "data.pt")
     with pytest.raises(DataError, match="expected images uint8"):
         load_data_path(tmp_path)
+
+
+def test_offline_download_fails_with_one_error_that_says_how_to_place_the_files(tmp_path):
+    """data.download=auto (the default) tries torchvision's mirrors; offline (here: every
+    connection refused through a dead proxy) the command ends with one line naming the folder,
+    the four files and how to place them, exit 2, and no run directory."""
+    dead = "http://127.0.0.1:9"
+    env = {**os.environ, "http_proxy": dead, "https_proxy": dead, "HTTP_PROXY": dead, "HTTPS_PROXY": dead}
+    env.pop("FLMNIST_DATA_DIR", None)
+    root = tmp_path / "empty"
+    out = subprocess.run([str(Path(sys.executable).parent / "flmnist"), f"data.root={root}"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 2, out.stderr[-2000:]
+    error = [line for line in out.stderr.splitlines() if line.startswith("flmnist: error: ")]
+    assert len(error) == 1, out.stderr[-2000:]
+    assert f"MNIST is missing from {root / 'MNIST' / 'raw'} and the download failed" in error[0]
+    assert all(name in error[0] for name in MNIST_FILES) and "FLMNIST_DATA_DIR" in error[0]
+    assert "downloading it with torchvision" in out.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]  # no outputs/ directory
