@@ -7,7 +7,9 @@ its command line, and clients receive what they need inside each message.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import math
 import os
 import re
@@ -220,6 +222,18 @@ def _as_written(err: ConfigError, cfg: DictConfig) -> ConfigError:
     return err
 
 
+@contextlib.contextmanager
+def quiet_flower():
+    """Flower's logger at ERROR inside the block."""
+    logger = logging.getLogger("flwr")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _top_level(cfg: DictConfig) -> None:
     """Settings no constructor owns: the run's length, timing, files and server-side evaluation."""
     _integer(cfg, "num_rounds", 1)
@@ -278,7 +292,8 @@ def validate(cfg: DictConfig) -> None:
     _top_level(cfg)
     _settings(ScreenSettings, cfg, "screen")
     try:
-        strategy = build_strategy(cfg.strategy)
+        with quiet_flower():  # the run builds it again and Flower says its warnings then
+            strategy = build_strategy(cfg.strategy)
     except ConfigError as err:
         raise _as_written(err, cfg) from err.__cause__
     asynchronous = isinstance(strategy, AsyncStrategy)

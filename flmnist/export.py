@@ -43,7 +43,11 @@ def export_model(model: torch.nn.Module, run_dir: Path) -> list[Path]:
 
 
 def to_torchscript(model: torch.nn.Module, path: Path) -> None:
-    torch.jit.script(model).save(str(path))
+    """TorchScript (deprecated since PyTorch 2.10 in favour of torch.export, still what a Jetson's
+    libtorch loads); its deprecation notice is not for the user of a run."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.script(model).save(str(path))
 
 
 def to_onnx(model: torch.nn.Module, path: Path) -> None:

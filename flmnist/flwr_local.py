@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -37,7 +38,22 @@ def flwr_env(flwr_home: str | os.PathLike, base: dict | None = None) -> dict:
     env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(free_port())
     env["FLWR_LOCAL_CONTROL_API_PORT"] = str(free_port())
     env.setdefault("PYTHONUNBUFFERED", "1")
+    env.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # Ray's FutureWarning tip, answered
     return env
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# Lines Flower 1.41 prints whatever the run: a note on a changed default (flmnist always sets
+# the number of SuperNodes), how to resize a federation (flmnist does it), the creation of the
+# private FLWR_HOME's config, and each Ray actor's "Manually terminating" at shutdown.
+NOISE = ("Since flwr 1.32, default simulated SuperNodes changed", "To change federation size",
+         "flwr federation simulation-config", "Flower configuration not found. Created default",
+         "Manually terminating ClientAppActor")
+
+
+def readable(line: str) -> str | None:
+    """A line of Flower's output as the user should see it: None for noise (:data:`NOISE`)."""
+    return None if any(n in line for n in NOISE) else line
 
 
 def _ancestors() -> set[int]:
@@ -156,11 +172,12 @@ def run_flwr(
             deadline = None if timeout is None else time.monotonic() + timeout
             assert proc.stdout is not None
             for line in proc.stdout:
-                sys.stdout.write(line)
-                sys.stdout.flush()
-                if log:
-                    log.write(line)
-                    log.flush()
+                if readable(line) is not None:
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
+                    if log:  # the log file without colour codes
+                        log.write(ANSI.sub("", line))
+                        log.flush()
                 if deadline is not None and time.monotonic() > deadline:
                     proc.kill()
                     break

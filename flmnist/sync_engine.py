@@ -8,11 +8,37 @@ checkpoints. ``run(initial, checkpoint)`` is the same call as the asynchronous e
 
 from __future__ import annotations
 
+import logging
+
 from flwr.app import ArrayRecord, MetricRecord
 
 from flmnist.checkpoint import set_rng_state
 from flmnist.reply_path import ReplyPath, to_weights
 from flmnist.strategies.guard import Guarded
+
+
+class FinalResultsFilter(logging.Filter):
+    """Drops the "Final results:" dump Flower's round loop logs at its end (every metric of every
+    round in scientific notation, after flmnist's own summary table and files)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dropping = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.strip() == "Final results:":
+            self.dropping = True
+        elif self.dropping and message.strip() and not message.startswith("\t"):
+            self.dropping = False  # the dump is blank and tab-indented lines
+        return not self.dropping
+
+    def __enter__(self):
+        logging.getLogger("flwr").addFilter(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logging.getLogger("flwr").removeFilter(self)
 
 
 class TargetReached(Exception):
@@ -55,11 +81,12 @@ class SyncEngine:
             done = self.strategy.round_offset = int(checkpoint["round"])
         if self.num_rounds > done:
             try:
-                self.strategy.start(
-                    grid=self.grid, initial_arrays=initial, num_rounds=self.num_rounds - done,
-                    timeout=self.round_timeout, train_config=self.train_config,
-                    evaluate_config=self.train_config, evaluate_fn=self.evaluate,
-                )
+                with FinalResultsFilter():
+                    self.strategy.start(
+                        grid=self.grid, initial_arrays=initial, num_rounds=self.num_rounds - done,
+                        timeout=self.round_timeout, train_config=self.train_config,
+                        evaluate_config=self.train_config, evaluate_fn=self.evaluate,
+                    )
             except TargetReached:
                 pass  # Flower 1.41's loop has no early stop: the evaluation function ends it
         return self.arrays

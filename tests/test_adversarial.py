@@ -18,6 +18,8 @@ import pytest
 
 from flmnist.flwr_local import run_flwr
 
+pytestmark = pytest.mark.slow  # real Flower runs
+
 REPO = Path(__file__).resolve().parents[1]
 # Plain SGD (no momentum) keeps logistic regression's accuracy smooth from round to round, so
 # the comparison measures the attack, not optimisation noise.

@@ -9,9 +9,12 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
 import torch
 
 from flmnist.flwr_local import run_flwr
+
+pytestmark = pytest.mark.slow  # real Flower runs
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -131,6 +131,7 @@ def runs(tmp_path_factory, mnist_root):
         return dict(zip(RUNS, pool.map(lambda name: flwr_run(tmp, name), RUNS)))
 
 
+@pytest.mark.slow
 def test_a_sync_run_credits_each_digit_group_to_its_node(runs):
     run = runs["sync"]
     attribution = run["summary"]["attribution"]
@@ -144,6 +145,7 @@ def test_a_sync_run_credits_each_digit_group_to_its_node(runs):
     assert attribution["seconds"] > 0 and 0 < attribution["share_of_wall_time"] < 1, attribution  # its cost
 
 
+@pytest.mark.slow
 def test_an_async_run_singles_out_the_sign_flipping_node_and_stops_at_target(runs):
     run = runs["async"]
     summary = run["summary"]

@@ -93,6 +93,7 @@ def describe(pid: int) -> str:
         return "gone"
 
 
+@pytest.mark.slow
 def test_sigterm_stops_every_process_the_command_started(tmp_path, mnist_root):
     """As ``timeout``, systemd or a batch scheduler stop it: SuperLink, SuperExec, ServerApp,
     simulation and Ray workers must all go, and the exit code must say the run did not finish."""

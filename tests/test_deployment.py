@@ -46,10 +46,12 @@ def report(tmp_path_factory, mnist_root):
 
 
 @pytest.mark.parametrize("check", list(rehearsal.CHECKS))
+@pytest.mark.slow
 def test_rehearsal(report, check):
     rehearsal.CHECKS[check](report)
 
 
+@pytest.mark.slow
 def test_rehearsal_round_times_are_recorded(report):
     times = rehearsal.round_times(report)
     print(f"deployment round times (s): {times}; run {report.run['seconds']:.0f} s, "

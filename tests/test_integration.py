@@ -20,6 +20,8 @@ from flmnist.flwr_local import flwr_env, pids_with_flwr_home, stop_flwr_home
 from flmnist.models import LeNet
 from flmnist.training import evaluate
 
+pytestmark = pytest.mark.slow  # real Flower runs
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SMALL = "num_rounds=2 client.local_steps=20 data.holdout_fraction=0.02 eval.update_rounds=[2]"
@@ -80,6 +82,16 @@ def test_run_directory_holds_metrics_plots_and_a_working_model(runs, form, mnist
 
 def test_flmnist_command_exits_cleanly(runs):
     assert runs["flmnist"][2] == 0, runs["flmnist"][1][-3000:]
+
+
+def test_a_normal_runs_log_is_quiet_and_plain(runs):
+    """No warnings (Flower's unconditional notes, Ray's tip, PyTorch's deprecations), no dump of
+    every metric after flmnist's summary table, no colour codes in the saved log."""
+    log = (runs["flmnist"][0] / "flwr_run.log").read_text()
+    assert "Summary of evaluated rounds" in log and "Run finished" in log
+    noisy = [line for line in log.splitlines() if "WARNING" in line or "Warning" in line or "warnings.warn" in line]
+    assert not noisy, noisy
+    assert "Final results" not in log and "\x1b[" not in log
 
 
 def test_flwr_run_form_and_flmnist_command_give_the_same_result(runs):

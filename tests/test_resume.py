@@ -26,6 +26,8 @@ from flmnist.flwr_local import (
 )
 from flmnist.models import LeNet
 
+pytestmark = pytest.mark.slow  # real Flower runs
+
 REPO = Path(__file__).resolve().parents[1]
 # FedAvgM: the server momentum buffer must survive the resume too.
 SETTINGS = ["strategy=fedavgm", "strategy.server_momentum=0.5", "num_rounds=4", "client.local_steps=15",
