@@ -34,7 +34,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from flmnist.checkpoint import find_checkpoint
-from flmnist.config import check_group_overrides, compose_config, conf_dir, validate
+from flmnist.config import check_group_overrides, client_gpus, compose_config, conf_dir, validate
 from flmnist.data import ensure_mnist, resolve_root
 from flmnist.errors import ConfigError, FlmnistError, RunFailed
 from flmnist.flwr_local import run_flwr
@@ -139,8 +139,10 @@ def launch(cfg: DictConfig) -> dict:
     before = _signature(run_dir / "summary.json")
     flwr_home = tempfile.mkdtemp(prefix="flmnist-flwr-home-")
     try:
+        sim = cfg.simulation  # this launch's (a resume may move to other hardware)
         code = run_flwr(APP_DIR, overrides, run_cfg.num_nodes, flwr_home, log_path=run_dir / "flwr_run.log",
-                        append=bool(cfg.resume))
+                        append=bool(cfg.resume), client_cpus=float(sim.client_cpus), client_gpus=client_gpus(cfg),
+                        ray_address=sim.ray_address)
     finally:
         shutil.rmtree(flwr_home, ignore_errors=True)
     summary = outcome(run_dir, before, code)

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from flmnist.checks import check_integer, check_number
 from flmnist.errors import ConfigError
 
-GROUPS = ("model", "partition", "strategy", "client", "eval", "fleet", "experiment")
+GROUPS = ("model", "partition", "strategy", "client", "eval", "fleet", "logger", "experiment")
 MNIST_TRAIN_SIZE = 60_000
 
 
@@ -234,6 +234,16 @@ def quiet_flower():
         logger.setLevel(level)
 
 
+def client_gpus(cfg: DictConfig) -> float:
+    """``simulation.client_gpus``, with ``auto`` resolved: 0.5 when PyTorch sees a CUDA GPU, else 0."""
+    value = cfg.simulation.client_gpus
+    if value != "auto":
+        return float(value)
+    import torch
+
+    return 0.5 if torch.cuda.is_available() else 0.0
+
+
 def _top_level(cfg: DictConfig) -> None:
     """Settings no constructor owns: the run's length, timing, files and server-side evaluation."""
     _integer(cfg, "num_rounds", 1)
@@ -246,9 +256,13 @@ def _top_level(cfg: DictConfig) -> None:
     _kind(cfg, "stop_at_target", bool, "true or false")
     _kind(cfg, "eval.attribution", bool, "true or false")
     _integer(cfg, "eval.probe_size", 0)
+    from flmnist.evaluation import SEED_STYLES
+
+    if cfg.eval.get("style", "seed002") not in SEED_STYLES:
+        raise ConfigError(f"eval.style must be one of {', '.join(SEED_STYLES)}, got {cfg.eval.style!r}")
     if cfg.eval.probe_size > 10000:
         raise ConfigError(f"eval.probe_size must be at most 10000 (the test set), got {cfg.eval.probe_size}")
-    _kind(cfg, "name", str, "a string")
+    _kind(cfg, "name", str, "a string", allow_none=True)
     _kind(cfg, "output_dir", str, "a path")
     _kind(cfg, "run_dir", str, "a path", allow_none=True)
     _kind(cfg, "resume", str, "a run directory, its checkpoint.pt, or latest", allow_none=True)
@@ -257,6 +271,10 @@ def _top_level(cfg: DictConfig) -> None:
         raise ConfigError(f"data.download must be auto, true or false, got {cfg.data.download!r}")
     _integer(cfg, "eval.every", 1, allow_none=True)
     _integer(cfg, "eval.batch_size", 1)
+    _number(cfg, "simulation.client_cpus", 0, low_open=True)
+    if cfg.simulation.client_gpus != "auto":
+        _number(cfg, "simulation.client_gpus", 0)
+    _kind(cfg, "simulation.ray_address", str, "a Ray address (host:port)", allow_none=True)
     for group in _list(cfg, "eval.digit_groups"):
         for d in group if isinstance(group, ListConfig) else [group]:
             if isinstance(d, bool) or not isinstance(d, int) or not 0 <= d <= 9:
@@ -290,6 +308,8 @@ def validate(cfg: DictConfig) -> None:
 
     TrainSettings.from_config(cfg)
     _top_level(cfg)
+    if cfg.get("logger") is not None:
+        build(cfg.logger, "logger")  # a tracker whose package is missing says how to install it
     _settings(ScreenSettings, cfg, "screen")
     try:
         with quiet_flower():  # the run builds it again and Flower says its warnings then

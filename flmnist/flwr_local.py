@@ -141,12 +141,19 @@ def write_run_config(path: str | os.PathLike, overrides: Sequence[str]) -> Path:
     return path
 
 
-def flwr_run_command(app_dir: str | os.PathLike, run_config: str | os.PathLike, num_supernodes: int) -> list[str]:
-    """``flwr run APP --stream`` with a run-config file and the number of simulated SuperNodes."""
+def flwr_run_command(app_dir: str | os.PathLike, run_config: str | os.PathLike, num_supernodes: int,
+                     client_cpus: float | None = None, client_gpus: float | None = None) -> list[str]:
+    """``flwr run APP --stream`` with a run-config file, the number of simulated SuperNodes and
+    the resources Flower's Ray backend reserves for each ClientApp (None: Flower's default)."""
+    federation = [f"num-supernodes={int(num_supernodes)}"]
+    if client_cpus is not None:
+        federation.append(f"client-resources-num-cpus={client_cpus:g}")
+    if client_gpus is not None:
+        federation.append(f"client-resources-num-gpus={client_gpus:g}")
     return [
         str(Path(sys.executable).parent / "flwr"), "run", str(app_dir), "--stream",
         "--run-config", str(run_config),
-        "--federation-config", f"num-supernodes={int(num_supernodes)}",
+        "--federation-config", " ".join(federation),
     ]
 
 
@@ -159,12 +166,20 @@ def run_flwr(
     env: dict | None = None,
     timeout: float | None = None,
     append: bool = False,
+    client_cpus: float | None = None,
+    client_gpus: float | None = None,
+    ray_address: str | None = None,
 ) -> int:
     """Run ``flwr run`` on a private local SuperLink, echo and save its output (``append``: add
     to the log), and stop everything it started, also when interrupted (Ctrl-C, a signal handler
-    raising): no SuperLink, SuperExec, ServerApp, simulation or Ray process outlives the call."""
-    cmd = flwr_run_command(app_dir, write_run_config(Path(flwr_home) / "run_config.toml", overrides), num_supernodes)
+    raising): no SuperLink, SuperExec, ServerApp, simulation or Ray process outlives the call.
+    ``client_cpus``/``client_gpus``: Ray resources per ClientApp; ``ray_address``: an existing
+    Ray cluster for the simulation to join (through ``RAY_ADDRESS``, which ``ray.init`` reads)."""
+    cmd = flwr_run_command(app_dir, write_run_config(Path(flwr_home) / "run_config.toml", overrides), num_supernodes,
+                           client_cpus, client_gpus)
     env = flwr_env(flwr_home, env)
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address
     proc = None
     try:
         with open(log_path, "a" if append else "w") if log_path else contextlib.nullcontext() as log:

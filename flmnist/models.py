@@ -52,17 +52,25 @@ class CNNMcMahan(nn.Module):
 
 
 class MLP(nn.Module):
-    """McMahan et al.'s 2NN: 784 -> hidden -> hidden -> 10 with ReLU. 199,210 parameters at 200."""
+    """McMahan et al.'s 2NN: 784 -> hidden -> hidden -> 10 with ReLU. 199,210 parameters at 200.
 
-    def __init__(self, hidden: int = 200, num_classes: int = 10) -> None:
+    ``hidden2`` sets a second hidden width other than ``hidden`` and ``dropout`` a dropout
+    after the second hidden layer (seed 003's 784 -> 128 -> 1280 -> 10 with dropout 0.2,
+    278,410 parameters). The defaults give the 2NN above, with the same layer names.
+    """
+
+    def __init__(self, hidden: int = 200, num_classes: int = 10, hidden2: int | None = None,
+                 dropout: float = 0.0) -> None:
         super().__init__()
+        hidden2 = hidden if hidden2 is None else hidden2
         self.fc1 = nn.Linear(28 * 28, hidden)
-        self.fc2 = nn.Linear(hidden, hidden)
-        self.fc3 = nn.Linear(hidden, num_classes)
+        self.fc2 = nn.Linear(hidden, hidden2)
+        self.dropout = nn.Dropout(dropout)
+        self.fc3 = nn.Linear(hidden2, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.fc1(x.flatten(1)))
-        x = F.relu(self.fc2(x))
+        x = self.dropout(F.relu(self.fc2(x)))
         return F.log_softmax(self.fc3(x), dim=1)
 
 

@@ -47,6 +47,9 @@ DEVICE = "device"
 MACHINE = "machine"
 TRAIN_EXAMPLES = "train-examples"
 HOLDOUT_EXAMPLES = "holdout-examples"
+# Added by the server's screen to every accepted update (never sent by a node): 1 for every
+# update, so a Flower strategy with weighted_by_key=UNIT_WEIGHT averages plainly (seed 001).
+UNIT_WEIGHT = "unit-weight"
 
 # Keys the server (or Flower's strategies) add to a message's config record.
 SERVER_ROUND = "server-round"

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from flmnist.trackers import Trackers, scalars
+
 SCALAR = (int, float, str, type(None))
 
 
@@ -65,6 +67,7 @@ class RunRecorder:
         self.screen_stats: dict | None = None  # what the reply screen rejected, per node and reason
         self.stopped_early: dict | None = None  # stop_at_target: when and why the run ended early
         self.extra: dict = {}  # summary sections from evaluation hooks (attribution)
+        self.trackers = Trackers([])  # experiment trackers (logger=tensorboard|mlflow)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
@@ -104,6 +107,7 @@ class RunRecorder:
                 self.best_accuracy, self.best_round = acc, server_round
                 atomic_torch_save(state_dict, self.run_dir / "model_best.pt")
         self.write_metrics()
+        self.trackers.call("log_metrics", server_round, scalars(row))
         if server_round > 0 and not quiet:
             self.printer(self.progress_line(row))
 
@@ -213,6 +217,7 @@ class RunRecorder:
         except Exception as err:  # noqa: BLE001 - a plot must never lose the run's results
             self.printer(f"Plotting failed ({err}); metrics are in {self.run_dir}")
         atomic_write(self.run_dir / "summary.json", json.dumps(_clean(summary), indent=1))
+        self.trackers.call("finish", self.run_dir, _clean(summary))
         table = self.summary_table()
         atomic_write(self.run_dir / "summary.md", table + "\n")
         self.printer("Summary of evaluated rounds:\n" + table)

@@ -70,6 +70,7 @@ class ReplyPath:
         self.aggregates_rejected = 0
         self.screen_seconds = 0.0
         self.screened = 0
+        self.devices: dict[str, str] = {}    # node name -> the device its replies say it trained on
 
     # ------------------------------------------------------------- replies
     def _reject(self, what: str, r: Rejection) -> None:
@@ -97,6 +98,7 @@ class ReplyPath:
             else:
                 out.metadata = msg.metadata
                 updates.append(out)
+                self.devices[out.name] = out.device
         for r in self._bound_norms(updates, reference, delta):
             rejections.append(r)
             self._reject("Update", r)
@@ -163,7 +165,13 @@ class ReplyPath:
             self.record(step, **(hook.updates_applied(step, before, deltas, key) or {}))
 
     def finish(self) -> None:
-        """End of the run: what the hooks have to say goes into the summary."""
+        """End of the run: the devices nodes trained on, and what the hooks have to say, go into
+        the summary."""
+        if self.recorder is not None and self.devices:
+            self.recorder.extra["node_devices"] = dict(sorted(self.devices.items()))
+            counts = Counter(self.devices.values())
+            self.recorder.printer("Nodes trained on: " + ", ".join(f"{d} ({n} node{'s' * (n > 1)})"
+                                                                   for d, n in counts.most_common()))
         for hook in self.hooks:
             try:
                 out = hook.finish(self.recorder.elapsed() if self.recorder is not None else None)

@@ -41,6 +41,7 @@ from flmnist.strategies import build_strategy
 from flmnist.strategies.asynchronous import AsyncStrategy
 from flmnist.strategies.guard import Guarded
 from flmnist.sync_engine import SyncEngine
+from flmnist.trackers import Trackers
 
 
 def say(line: str) -> None:
@@ -151,6 +152,9 @@ def build_run(grid: Grid, cfg: DictConfig) -> Run:
     steps = (loop.max_server_updates or 0) if asynchronous else cfg.num_rounds
     recorder = RunRecorder(run_dir, steps, cfg.target_accuracy, printer=say, unit="update" if asynchronous else "round")
     recorder.label = run_label(cfg)
+    if cfg.get("logger") is not None:
+        recorder.trackers = Trackers([build(cfg.logger, "logger")])
+        recorder.trackers.call("start", run_dir, run_dir.name, OmegaConf.to_container(cfg, resolve=True))
     test_images, test_labels = load_mnist(str(root), False)
     hooks = [
         DigitEvaluation(
@@ -158,7 +162,7 @@ def build_run(grid: Grid, cfg: DictConfig) -> Run:
             every=1 if asynchronous else cfg.eval.every, rounds=list(cfg.eval.rounds),
             update_rounds=list(cfg.eval.update_rounds),
             digit_groups=OmegaConf.to_container(cfg.eval.digit_groups), batch_size=cfg.eval.batch_size,
-            confusion_dir=run_dir / "confusion", printer=say,
+            confusion_dir=run_dir / "confusion", printer=say, style=cfg.eval.get("style", "seed002"),
         )
     ]
     if cfg.eval.get("attribution", False) and cfg.eval.get("probe_size", 0):

@@ -91,8 +91,9 @@ class ClientUpdate:
         return self._arrays
 
     def content(self) -> RecordDict:
-        """A clean reply content for Flower's aggregation: only checked arrays and metrics."""
-        return RecordDict({p.ARRAYS: self.arrays, p.METRICS: MetricRecord(dict(self.metrics))})
+        """A clean reply content for Flower's aggregation: only checked arrays and metrics, plus
+        the server's ``unit-weight`` 1 (``weighted_by_key: unit-weight`` averages unweighted)."""
+        return RecordDict({p.ARRAYS: self.arrays, p.METRICS: MetricRecord({**self.metrics, p.UNIT_WEIGHT: 1})})
 
     def scale_update(self, factor: float, reference: Weights, delta: bool) -> None:
         """Shrink the update (its difference from ``reference``) by ``factor`` (norm clipping)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from flmnist.async_loop import stats_lines
@@ -75,3 +76,49 @@ def test_async_outputs_speak_of_server_updates_and_devices(tmp_path):
     lines = stats_lines(stats)
     assert "node 0          5 applied updates (orin)" in lines and "virtual time    37.5 s" in lines
     assert lines[1] == "client updates  9 (applied 8, rejected 1)"
+
+
+def test_tensorboard_and_mlflow_get_the_config_every_rounds_metrics_and_the_model(tmp_path):
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from flmnist.trackers import MLflowTracker, TensorBoardTracker, Trackers
+
+    out = tmp_path / "outputs"
+    run_dir = out / "2026-11-30" / "12-00-00_demo"
+    recorder = RunRecorder(run_dir, 3, 0.99, printer=lambda line: None)
+    recorder.label = LABEL
+    config = {"output_dir": str(out), "client": {"lr": 0.1}, "eval": {"rounds": [1, 2]}}
+    recorder.trackers = Trackers([TensorBoardTracker(), MLflowTracker()])
+    recorder.trackers.call("start", run_dir, run_dir.name, config)
+    sync_rows(recorder, fleet=False)
+    (run_dir / "model.pt").write_bytes(b"model")  # finish() saves the real one when a state was recorded
+    recorder.finish()
+    assert len(recorder.trackers.trackers) == 2, "a tracker failed"
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("test_accuracy")] == [0, 1, 2, 3]
+    assert events.Scalars("test_acc_digit_9")[-1].value == pytest.approx(0.85)
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("flmnist").experiment_id])
+    assert run.info.run_name == "12-00-00_demo" and run.info.status == "FINISHED"
+    assert run.data.params["client.lr"] == "0.1" and run.data.params["eval.rounds"] == "[1, 2]"
+    history = client.get_metric_history(run.info.run_id, "test_accuracy")
+    assert [m.step for m in history] == [0, 1, 2, 3] and history[-1].value == pytest.approx(0.8)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"model.pt", "summary.json", "accuracy_loss.png"} <= artifacts
+
+
+def test_a_failing_tracker_is_dropped_and_the_run_goes_on(tmp_path):
+    from flmnist.trackers import Tracker, Trackers
+
+    class Broken(Tracker):
+        def log_metrics(self, step, metrics):
+            raise OSError("disk full")
+
+    recorder = RunRecorder(tmp_path, 3, 0.99, printer=lambda line: None)
+    recorder.trackers = Trackers([Broken()])
+    sync_rows(recorder, fleet=False)
+    assert recorder.trackers.trackers == [] and recorder.finish()["status"] == "finished"

@@ -15,6 +15,7 @@ from flmnist.checks import check_integer, check_number
 from flmnist.strategies.fedasync import FedAsync
 from flmnist.strategies.fedavg import FedAvg
 from flmnist.strategies.fedbuff import FedBuff
+from flmnist.strategies.fedsgd import FedSGD
 
 # Parameters of Flower's strategies that their constructors do not check: key -> the
 # check_number interval (low, high, low_open, high_open), or the lowest integer allowed.
@@ -59,4 +60,4 @@ def build_strategy(node):
     return strategy
 
 
-__all__ = ["FedAsync", "FedAvg", "FedBuff", "build_strategy", "check_parameters"]
+__all__ = ["FedAsync", "FedAvg", "FedBuff", "FedSGD", "build_strategy", "check_parameters"]

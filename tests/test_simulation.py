@@ -1,0 +1,109 @@
+"""The simulation settings' path to Flower: Ray resources per ClientApp on the `flwr run` command
+line, the GPU default, and joining an existing Ray cluster (a head started with `ray start` on
+loopback, as a user's cluster would be), with an MLflow tracker on the server side."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from flmnist.config import client_gpus, compose_config
+from flmnist.errors import ConfigError
+from flmnist.flwr_local import flwr_run_command, free_port
+
+BIN = Path(sys.executable).parent
+
+
+def test_client_resources_reach_the_flwr_run_command():
+    cmd = flwr_run_command(".", "rc.toml", 3, client_cpus=1, client_gpus=0.5)
+    assert cmd[cmd.index("--federation-config") + 1] == \
+        "num-supernodes=3 client-resources-num-cpus=1 client-resources-num-gpus=0.5"
+    plain = flwr_run_command(".", "rc.toml", 3)
+    assert plain[plain.index("--federation-config") + 1] == "num-supernodes=3"
+
+
+def test_gpu_share_defaults_to_the_gpu_when_there_is_one():
+    assert client_gpus(compose_config([])) == (0.5 if torch.cuda.is_available() else 0.0)
+    assert client_gpus(compose_config(["simulation.client_gpus=0.25"])) == 0.25
+
+
+@pytest.mark.parametrize("override, message", [
+    ("simulation.client_cpus=0", "simulation.client_cpus must be a finite number > 0"),
+    ("simulation.client_gpus=-1", "simulation.client_gpus must be a finite number >= 0"),
+    ("simulation.ray_address=6379", "simulation.ray_address must be a Ray address"),
+])
+def test_bad_simulation_settings_are_named(override, message):
+    with pytest.raises(ConfigError, match=message):
+        compose_config([override])
+
+
+def processes_with(marker: bytes) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if marker in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A one-machine Ray cluster on loopback; stopped afterwards by process id (every process it
+    started carries a marker in its environment)."""
+    marker = f"FLMNIST_RAY_TEST={uuid.uuid4().hex}"
+    port = free_port()
+    env = {**os.environ, marker.split("=")[0]: marker.split("=")[1], "RAY_USAGE_STATS_ENABLED": "0"}
+    temp = Path(f"/tmp/ray-{uuid.uuid4().hex[:8]}")  # short: Ray's socket paths have a length limit
+    try:
+        subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+                        "--num-cpus=2", "--include-dashboard=false", f"--temp-dir={temp}"],
+                       env=env, check=True, capture_output=True, text=True, timeout=180)
+        yield f"127.0.0.1:{port}"
+    finally:
+        deadline = time.monotonic() + 20
+        while (pids := processes_with(marker.encode())) and time.monotonic() < deadline:
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGTERM if time.monotonic() < deadline - 10 else signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.5)
+        subprocess.run(["rm", "-rf", str(temp)], check=False)
+
+
+@pytest.mark.slow
+def test_a_run_joins_an_existing_ray_cluster(ray_head, tmp_path, mnist_root):
+    env = {**os.environ, "FLMNIST_DATA_DIR": str(mnist_root)}
+    out = subprocess.run([str(BIN / "flmnist"), "model=logreg", "num_rounds=1", "client.local_steps=5",
+                          f"simulation.ray_address={ray_head}", "simulation.client_cpus=1", "logger=mlflow",
+                          "hydra.run.dir=job"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    log = (tmp_path / "job" / "flwr_run.log").read_text()
+    # the cluster ran the simulation's driver: its job list holds Flower's simulation process
+    ask = (f"import json, ray; ray.init(address='{ray_head}', logging_level='ERROR'); "
+           "print(json.dumps([j.get('Entrypoint', '') for j in ray._private.state.jobs()]))")
+    jobs = subprocess.run([sys.executable, "-c", ask], capture_output=True, text=True, timeout=120, check=True)
+    entrypoints = json.loads(jobs.stdout.strip().splitlines()[-1])
+    assert any("flwr-simulation" in e for e in entrypoints), entrypoints
+    summary = json.loads((tmp_path / "job" / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["node_devices"] == {"node 0": "cpu", "node 1": "cpu"}
+    assert "Nodes trained on: cpu (2 nodes)" in log
+    # logger=mlflow from the server side: the run is in the local store beside the run directory
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("flmnist").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.metrics["test_accuracy"] == summary["final_accuracy"]
