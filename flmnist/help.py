@@ -101,8 +101,11 @@ def top_level_settings() -> list[Setting]:
 
 def group_settings(group: str, option: str) -> list[Setting]:
     """An option's settings, as the user writes them (``strategy.proximal_mu``); an
-    experiment's are global (``num_rounds``), since presets set keys anywhere."""
-    return settings(conf_dir() / group / f"{option}.yaml", "" if group == "experiment" else group)
+    experiment's, and those of an option in Hydra's global package (``# @package _global_``,
+    e.g. a model with its own client defaults), are written from the top (``client.lr``)."""
+    path = conf_dir() / group / f"{option}.yaml"
+    top = group == "experiment" or "# @package _global_" in path.read_text()
+    return settings(path, "" if top else group)
 
 
 def known_descriptions() -> dict[str, str]:
