@@ -69,6 +69,7 @@ class Attribution(EvaluationHook):
         self.images, self.labels = images[idx], labels[idx]
         self.model = model_fn()
         self.run_dir, self.printer, self.batch_size = run_dir, printer, batch_size
+        self.label = ""  # the run's strategy, split and model, for the plot's title
         self.device = device()
         self.totals: dict[str, np.ndarray] = {}   # node -> cumulative contribution per digit (pp)
         self.counts: Counter = Counter()          # node -> attributed updates
@@ -158,7 +159,7 @@ class Attribution(EvaluationHook):
                 from flmnist.plots import plot_attribution
 
                 names = sorted(self.totals, key=node_order)
-                plot_attribution(self.run_dir, names, np.array([self.totals[n] for n in names]))
+                plot_attribution(self.run_dir, names, np.array([self.totals[n] for n in names]), self.label)
             except Exception as err:  # noqa: BLE001 - a plot must never lose the run's results
                 self.printer(f"Attribution plot failed ({err}); the table is in attribution.csv")
         return {

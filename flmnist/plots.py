@@ -135,7 +135,7 @@ def plot_async(run_dir: Path, stats: dict, label: str = "") -> None:
     _save(fig, run_dir / "staleness_nodes.png", title)
 
 
-def plot_attribution(run_dir: Path, nodes: list[str], totals: np.ndarray) -> None:
+def plot_attribution(run_dir: Path, nodes: list[str], totals: np.ndarray, label: str = "") -> None:
     """Heatmap of the cumulative node x digit contributions (percentage points), diverging at 0:
     green cells are digits a node's updates taught the global model, red ones it broke."""
     limit = float(np.nanmax(np.abs(totals))) or 1.0
@@ -143,7 +143,7 @@ def plot_attribution(run_dir: Path, nodes: list[str], totals: np.ndarray) -> Non
     im = ax.imshow(totals, aspect="auto", cmap="RdYlGn", vmin=-limit, vmax=limit)
     ax.set_xticks(range(10))
     ax.set_yticks(range(len(nodes)), nodes, fontsize=8 if len(nodes) <= 30 else 5)
-    title = "What each node's updates did to each digit"
+    title = f"What each node's updates did to each digit: {label}" if label else "What each node's updates did to each digit"
     ax.set(xlabel="digit", title=f"{title}\n(summed change of the global model's per-digit accuracy, pp)")
     if len(nodes) <= 20:
         for i in range(len(nodes)):

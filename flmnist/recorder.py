@@ -220,7 +220,7 @@ class RunRecorder:
         self.trackers.call("finish", self.run_dir, _clean(summary))
         table = self.summary_table()
         atomic_write(self.run_dir / "summary.md", table + "\n")
-        self.printer("Summary of evaluated rounds:\n" + table)
+        self.printer(f"Summary of evaluated {'rounds' if self.unit == 'round' else 'server updates'}:\n" + table)
         screen = self.screen_stats or {}
         for node, n in screen.get("rejected_per_node", {}).items():
             self.printer(f"Rejected replies from {node}: {n}")
