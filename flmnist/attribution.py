@@ -18,18 +18,11 @@ of the global model's accuracy gain.
 
 The probe set is stratified: ``probe_size / 10`` test images of each digit, the same images in
 every run (drawn with a fixed seed, independent of the run's seed).
-
-The evaluations run on a worker thread, in order, while the nodes train the next round: the
-engine only hands over references to the weights (never changed in place afterwards); a
-checkpoint and the end of the run wait for the worker. A bounded queue keeps a fast
-asynchronous run from getting ahead by more than a few updates.
 """
 
 from __future__ import annotations
 
 import io
-import queue
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -71,12 +64,13 @@ class Attribution(EvaluationHook):
         run_dir: Path | None = None,
         printer: Callable[[str], None] = print,
         batch_size: int = 1000,
+        label: str = "",
     ) -> None:
         idx = torch.from_numpy(probe_indices(labels, probe_size))
         self.images, self.labels = images[idx], labels[idx]
         self.model = model_fn()
         self.run_dir, self.printer, self.batch_size = run_dir, printer, batch_size
-        self.label = ""  # the run's strategy, split and model, for the plot's title
+        self.label = label  # the run's strategy, split and model, for the plot's title
         self.device = device()
         self.totals: dict[str, np.ndarray] = {}   # node -> cumulative contribution per digit (pp)
         self.counts: Counter = Counter()          # node -> attributed updates
@@ -84,9 +78,6 @@ class Attribution(EvaluationHook):
         self.seconds = 0.0
         self.evaluations = 0
         self._before: tuple[object, np.ndarray] | None = None  # (key, per-digit accuracy)
-        self._jobs: queue.Queue = queue.Queue(maxsize=8)
-        self._worker: threading.Thread | None = None
-        self.failure: str | None = None
 
     @property
     def probe_size(self) -> int:
@@ -100,44 +91,19 @@ class Attribution(EvaluationHook):
         self.evaluations += 1
         return np.array([a if a is not None else np.nan for a in result.per_digit_accuracy()])
 
-    # ------------------------------------------------------------- worker
-    def _submit(self, job: tuple) -> None:
-        if self._worker is None:
-            self._worker = threading.Thread(target=self._work, name="attribution", daemon=True)
-            self._worker.start()
-        self._jobs.put(job)
-
-    def _work(self) -> None:
-        while True:
-            kind, *args = self._jobs.get()
-            try:
-                if kind == "apply":
-                    self.attribute(*args)
-                else:
-                    self.snapshot(*args)
-            except Exception as err:  # noqa: BLE001 - attribution must never end a run
-                self.failure = self.failure or f"{type(err).__name__}: {err}"
-            finally:
-                self._jobs.task_done()
-
-    def drain(self) -> None:
-        """Wait until every handed-over update is attributed."""
-        if self._worker is not None:
-            self._jobs.join()
-
     # ------------------------------------------------------------ hook calls
     def updates_applied(self, step: int, before: Weights, deltas: Sequence[tuple[str, Weights]],
                         key: object = None) -> dict | None:
-        """Hand the (node, delta) pairs applied to ``before`` to the worker; ``key`` names
-        ``before`` so that updates applied to the same global model share its evaluation."""
+        """Attribute the (node, delta) pairs applied to ``before``; ``key`` names ``before`` so
+        that updates applied to the same global model share its evaluation."""
         if deltas:
-            self._submit(("apply", step, before, list(deltas), key))
+            self.attribute(step, before, deltas, key)
         return None
 
     def evaluate_global(self, server_round: int, arrays) -> dict | None:
         """After each round (async: each evaluation point): a snapshot of the cumulative table."""
         if server_round > 0:
-            self._submit(("snapshot", server_round))
+            self.snapshot(server_round)
         return None
 
     # ------------------------------------------------------------ measuring
@@ -190,9 +156,6 @@ class Attribution(EvaluationHook):
 
     def finish(self, wall_time: float | None = None) -> dict | None:
         """Print who helped and hurt each digit most, write the CSV and plot; the summary's part."""
-        self.drain()
-        if self.failure:
-            self.printer(f"Attribution failed ({self.failure}); its table stops there")
         if not self.totals:
             return None
         self.write_csv()
@@ -225,7 +188,6 @@ class Attribution(EvaluationHook):
 
     # ---------------------------------------------------------------- state
     def state(self) -> dict:
-        self.drain()  # a checkpoint holds every update applied so far
         return {"totals": {n: v.tolist() for n, v in self.totals.items()}, "counts": dict(self.counts),
                 "snapshots": list(self.snapshots), "seconds": self.seconds, "evaluations": self.evaluations}
 

@@ -256,10 +256,9 @@ def _top_level(cfg: DictConfig) -> None:
     _kind(cfg, "stop_at_target", bool, "true or false")
     _kind(cfg, "eval.attribution", bool, "true or false")
     _integer(cfg, "eval.probe_size", 0)
-    from flmnist.evaluation import SEED_STYLES
+    from flmnist.evaluation import check_style
 
-    if cfg.eval.get("style", "seed002") not in SEED_STYLES:
-        raise ConfigError(f"eval.style must be one of {', '.join(SEED_STYLES)}, got {cfg.eval.style!r}")
+    check_style(cfg.eval.get("style", "seed002"))
     if cfg.eval.probe_size > 10000:
         raise ConfigError(f"eval.probe_size must be at most 10000 (the test set), got {cfg.eval.probe_size}")
     _kind(cfg, "name", str, "a string", allow_none=True)

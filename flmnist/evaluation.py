@@ -63,6 +63,15 @@ def group_label(group: Sequence[int]) -> str:
 SEED_STYLES = ("seed002", "seed000")  # ``eval.style``: how the global model's evaluation is printed
 
 
+def check_style(style: str) -> str:
+    """``style`` if it is one of :data:`SEED_STYLES`, else a ConfigError naming ``eval.style``."""
+    if style not in SEED_STYLES:
+        from flmnist.errors import ConfigError
+
+        raise ConfigError(f"eval.style must be one of {', '.join(SEED_STYLES)}, got {style!r}")
+    return style
+
+
 def seed_lines(who: str, result: EvalResult, groups: Sequence[Sequence[int]],
                style: str = "seed002") -> list[str]:
     """The seed-style lines for one evaluated model: seed 002's two (prediction shares per digit
@@ -111,11 +120,7 @@ class DigitEvaluation(EvaluationHook):
         printer: Callable[[str], None] = print,
         style: str = "seed002",
     ) -> None:
-        if style not in SEED_STYLES:
-            from flmnist.errors import ConfigError
-
-            raise ConfigError(f"eval.style must be one of {', '.join(SEED_STYLES)}, got {style!r}")
-        self.style = style  # how the global model's lines look (client updates: always seed 002's)
+        self.style = check_style(style)
         self.images, self.labels = images, labels
         self.model = model_fn()
         self.num_rounds = num_rounds

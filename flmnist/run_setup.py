@@ -167,8 +167,7 @@ def build_run(grid: Grid, cfg: DictConfig) -> Run:
     ]
     if cfg.eval.get("attribution", False) and cfg.eval.get("probe_size", 0):
         hooks.append(Attribution(test_images, test_labels, lambda: build(cfg.model, "model"), cfg.eval.probe_size,
-                                 run_dir=run_dir, printer=say, batch_size=cfg.eval.batch_size))
-        hooks[-1].label = recorder.label
+                                 run_dir=run_dir, printer=say, batch_size=cfg.eval.batch_size, label=recorder.label))
     path = ReplyPath(ReplyScreen(ScreenSettings(**cfg.screen), limits), sent, hooks, recorder, cfg.checkpoint_every,
                       stop_at=cfg.target_accuracy if cfg.get("stop_at_target") else None)
     fleet = build(cfg.fleet, "fleet", num_nodes=cfg.num_nodes, seed=cfg.seed)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from logging import WARNING
 from pathlib import Path
 
@@ -95,6 +96,7 @@ class MLflowTracker(Tracker):
         self.run_id: str | None = None
 
     def start(self, run_dir: Path, name: str, config: dict) -> None:
+        from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
         out = Path(config.get("output_dir") or "outputs").expanduser().resolve()
@@ -108,13 +110,9 @@ class MLflowTracker(Tracker):
         params = flat(config)
         keys = list(params)
         for i in range(0, len(keys), 100):  # MLflow takes at most 100 parameters per batch
-            from mlflow.entities import Param
-
             self.client.log_batch(self.run_id, params=[Param(k, params[k][:6000]) for k in keys[i:i + 100]])
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
-        import time
-
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)

@@ -61,7 +61,7 @@ def test_disjoint_digit_groups_are_credited_to_the_node_that_holds_them(mnist):
         for node, group in enumerate(GROUPS):
             mask = torch.isin(y, torch.tensor(group))
             deltas.append((f"node {node}", trained_delta(model, x[mask][:3000], y[mask][:3000], steps=20)))
-        out = hook.attribute(step, model, deltas, key=step)  # what the worker thread runs
+        out = hook.attribute(step, model, deltas, key=step)  # what updates_applied runs
         assert set(out) == {"node 0", "node 1", "node 2"}
         model = {k: model[k] + sum(d[k] for _, d in deltas) / 3 for k in model}
     helped, hurt = hook.helped_and_hurt()
@@ -84,9 +84,8 @@ def test_a_sign_flipping_node_is_the_one_that_hurt_every_digit(mnist, tmp_path):
     deltas = [(f"node {n}", trained_delta(start, x[4000 * n + 2000:4000 * n + 6000], y[4000 * n + 2000:4000 * n + 6000]))
               for n in range(4)]
     deltas[3] = ("node 3", {k: -5 * v for k, v in deltas[3][1].items()})
-    hook.updates_applied(1, start, deltas, key=1)  # on the hook's worker thread
+    hook.updates_applied(1, start, deltas, key=1)
     hook.evaluate_global(1, None)
-    hook.drain()
     helped, hurt = hook.helped_and_hurt()
     assert all(hurt[d] == "node 3" for d in range(10)), hook.totals
     assert all(helped[d] != "node 3" for d in range(10)) and (hook.totals["node 3"] < 0).all()
