@@ -69,15 +69,21 @@ def _ancestors() -> set[int]:
 
 def pids_with_flwr_home(flwr_home: str | os.PathLike) -> list[int]:
     """Processes whose environment has ``FLWR_HOME=<flwr_home>`` (this process and its parents excluded)."""
-    marker = f"FLWR_HOME={flwr_home}".encode()
+    return pids_with_env(f"FLWR_HOME={flwr_home}")
+
+
+def pids_with_env(entry: str) -> list[int]:
+    """Processes whose environment holds ``entry`` ("NAME=value"), this process and its parents
+    excluded: everything started by a process that was given that entry."""
+    marker = entry.encode()
     skip = _ancestors()
     found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) in skip:
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) in skip:
             continue
         try:
-            if marker in (entry / "environ").read_bytes().split(b"\0"):
-                found.append(int(entry.name))
+            if marker in (proc / "environ").read_bytes().split(b"\0"):
+                found.append(int(proc.name))
         except OSError:
             continue
     return found
@@ -94,11 +100,17 @@ def _signal_all(pids: Sequence[int], signum: int) -> None:
 def stop_flwr_home(flwr_home: str | os.PathLike, grace: float = 5.0) -> list[int]:
     """SIGTERM, then SIGKILL after ``grace`` seconds, every process started under ``flwr_home``,
     until none is left (a process may start others while the first ones stop)."""
+    return stop_env(f"FLWR_HOME={flwr_home}", grace)
+
+
+def stop_env(entry: str, grace: float = 5.0) -> list[int]:
+    """SIGTERM, then SIGKILL after ``grace`` seconds, every process whose environment holds
+    ``entry`` (see :func:`pids_with_env`), until none is left; returns their ids."""
     stopped: list[int] = []
     deadline = time.monotonic() + grace
     quiet = 0  # consecutive scans that found nothing: one may miss a process caught mid-exec
     while quiet < 3:
-        pids = pids_with_flwr_home(flwr_home)
+        pids = pids_with_env(entry)
         quiet = 0 if pids else quiet + 1
         if not pids:
             pass

@@ -18,6 +18,7 @@ import pytest
 
 from flmnist.cli import outcome
 from flmnist.errors import RunFailed
+from flmnist.flwr_local import pids_with_env
 
 FLMNIST = str(Path(sys.executable).parent / "flmnist")
 
@@ -72,15 +73,7 @@ def test_only_a_finished_summary_written_by_this_launch_counts_as_success(tmp_pa
 
 def processes_with(marker: str) -> list[int]:
     """Processes (but this one) whose environment holds ``marker``: everything the command started."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if marker.encode() in (entry / "environ").read_bytes().split(b"\0"):
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
+    return pids_with_env(marker)
 
 
 def describe(pid: int) -> str:

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
+import shutil
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 
 from flmnist.config import client_gpus, compose_config
 from flmnist.errors import ConfigError
-from flmnist.flwr_local import flwr_run_command, free_port
+from flmnist.flwr_local import flwr_run_command, free_port, stop_env
 
 BIN = Path(sys.executable).parent
 
@@ -46,18 +45,6 @@ def test_bad_simulation_settings_are_named(override, message):
         compose_config([override])
 
 
-def processes_with(marker: bytes) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if marker in (entry / "environ").read_bytes().split(b"\0"):
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
-
-
 @pytest.fixture
 def ray_head(tmp_path):
     """A one-machine Ray cluster on loopback; stopped afterwards by process id (every process it
@@ -72,15 +59,8 @@ def ray_head(tmp_path):
                        env=env, check=True, capture_output=True, text=True, timeout=180)
         yield f"127.0.0.1:{port}"
     finally:
-        deadline = time.monotonic() + 20
-        while (pids := processes_with(marker.encode())) and time.monotonic() < deadline:
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGTERM if time.monotonic() < deadline - 10 else signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.5)
-        subprocess.run(["rm", "-rf", str(temp)], check=False)
+        stop_env(marker, grace=10)  # (Ray's gcs_server outlives SIGTERM: SIGKILL after 10 s)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.mark.slow
