@@ -12,7 +12,6 @@ The rehearsal runs once for the module (about 5 minutes: Flower's deployment loo
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -22,22 +21,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scripts import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 JETSON = REPO / "jetson"
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-rehearsal = _load("flmnist_rehearsal", JETSON / "rehearsal.py")
-export = _load("flmnist_export_partition", JETSON / "device" / "export_partition.py")
-app_store = _load("flmnist_app_store", JETSON / "server" / "app_store.py")
+rehearsal = load_script("flmnist_rehearsal", JETSON / "rehearsal.py")
+export = load_script("flmnist_export_partition", JETSON / "device" / "export_partition.py")
+app_store = load_script("flmnist_app_store", JETSON / "server" / "app_store.py")
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ one seed-002 round) is its own command, not part of this suite: ``python jetson/
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -19,22 +18,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from scripts import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 JETSON = REPO / "jetson"
 
 
-def _load(name: str, path: Path):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-check_aarch64 = _load("flmnist_check_aarch64", JETSON / "check_aarch64.py")
+check_aarch64 = load_script("flmnist_check_aarch64", JETSON / "check_aarch64.py")
 RESOLVED: dict[str, list[dict]] = {}
 
 
@@ -152,7 +142,7 @@ def test_install_venv_dry_run_installs_exactly_the_pins():
 def test_emulated_rehearsal_runs_in_a_chroot_of_its_own():
     """The arm64 node's command line: its own mount namespace, /proc, /dev and the work folder
     bound at the same path, the venv's flower-supernode, read-only binds remounted read-only."""
-    emulated = _load("flmnist_emulated_arm64", JETSON / "emulated_arm64.py")
+    emulated = load_script("flmnist_emulated_arm64", JETSON / "emulated_arm64.py")
     argv, made = emulated.chroot_argv(Path("/nonexistent-root"), ["/opt/flmnist/venv/bin/flower-supernode", "--x"],
                                       [], cwd="/w", env={"OMP_NUM_THREADS": "2"})
     assert made == [] and argv[:5] == ["unshare", "--mount", "--propagation", "private", "--"]
