@@ -98,13 +98,16 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=4)
 def load_mnist(root: str, train: bool, download: bool | str = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode one MNIST split once per process: (images float [N,1,28,28], labels int64 [N])."""
-    from torchvision.datasets import MNIST
+    """Decode one MNIST split once per process: (images float [N,1,28,28], labels int64 [N]).
 
-    path = resolve_root(root)
-    ensure_mnist(path, download)
-    ds = MNIST(str(path), train=train, download=False)
-    return normalize(ds.data), ds.targets.long()
+    The idx files are read with numpy (the format is a header and raw bytes, checked by
+    :func:`check_file`): 0.1 s against 1.5 s through torchvision, whose import alone takes
+    1.2 s in every process that loads MNIST."""
+    folder = ensure_mnist(resolve_root(root), download)
+    prefix = "train" if train else "t10k"
+    images = np.fromfile(folder / f"{prefix}-images-idx3-ubyte", dtype=np.uint8, offset=16).reshape(-1, 28, 28)
+    labels = np.fromfile(folder / f"{prefix}-labels-idx1-ubyte", dtype=np.uint8, offset=8)
+    return normalize(torch.from_numpy(images)), torch.from_numpy(labels).long()
 
 
 def train_labels(root: str | None, download: bool = False) -> np.ndarray:

@@ -63,6 +63,18 @@ def test_mnist_is_decoded_once_per_process(mnist_root):
     assert np.bincount(first[1].numpy()).tolist()[:2] == [5923, 6742]
 
 
+@pytest.mark.parametrize("train", [True, False])
+def test_mnist_decodes_exactly_as_torchvision_does(mnist_root, train):
+    from torchvision.datasets import MNIST
+
+    from flmnist.data import normalize
+
+    images, labels = load_mnist(str(mnist_root), train)
+    reference = MNIST(str(mnist_root), train=train, download=False)
+    assert torch.equal(images, normalize(reference.data))
+    assert torch.equal(labels, reference.targets.long())
+
+
 def test_data_path_reads_a_device_folder(tmp_path):
     images = torch.randint(0, 256, (5, 28, 28), dtype=torch.uint8)
     torch.save({"images": images, "labels": torch.tensor([0, 1, 2, 3, 4])}, tmp_path / "data.pt")
