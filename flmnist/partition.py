@@ -49,18 +49,26 @@ def _flwr_split(partitioner, labels: np.ndarray, num_partitions: int) -> list[np
     partitioner.dataset = Dataset.from_dict(
         {"label": labels.astype(np.int64), "idx": np.arange(len(labels), dtype=np.int64)}
     )
-    return [np.asarray(partitioner.load_partition(i)["idx"]) for i in range(num_partitions)]
+    first = np.asarray(partitioner.load_partition(0)["idx"])
+    # The first load assigns every partition's rows of the partitioner's dataset (Flower
+    # Datasets' Dirichlet and shard partitioners keep them in ``_partition_id_to_indices``; the
+    # shard partitioner sorts its dataset first); selecting each partition from the dataset again
+    # costs about 0.7 ms per node, 37 s at 50,000 nodes. A test holds both ways equal.
+    table = getattr(partitioner, "_partition_id_to_indices", None)
+    if isinstance(table, dict) and sorted(table) == list(range(num_partitions)):
+        idx = np.asarray(partitioner.dataset["idx"], dtype=np.int64)
+        return [first] + [idx[np.asarray(table[i], dtype=np.int64)] for i in range(1, num_partitions)]
+    return [first] + [np.asarray(partitioner.load_partition(i)["idx"]) for i in range(1, num_partitions)]
 
 
 class IidPartition(Partition):
-    """Shuffle, then cut into equal parts (Flower Datasets' ``IidPartitioner``)."""
+    """Shuffle, then cut into equal contiguous parts: the parts of Flower Datasets'
+    ``IidPartitioner`` (``Dataset.shard(contiguous=True)``), cut at once rather than one dataset
+    selection per node (37 s at 50,000 nodes); a test holds them equal."""
 
     def split(self, labels, num_partitions, seed):
-        from flwr_datasets.partitioner import IidPartitioner
-
         order = np.random.default_rng(seed).permutation(len(labels))
-        parts = _flwr_split(IidPartitioner(num_partitions), labels[order], num_partitions)
-        return [order[p] for p in parts]
+        return np.array_split(order, num_partitions)
 
 
 class DirichletPartition(Partition):

@@ -93,3 +93,32 @@ def test_holdout_split_is_disjoint_and_sized():
 def test_clients_can_only_name_known_partitioners():
     with pytest.raises(ConfigError, match="not a known partitioner"):
         partition_from_spec({"_target_": "builtins.eval"})
+
+
+def _per_node_loads(partitioner, labels: np.ndarray, num_partitions: int) -> list[np.ndarray]:
+    """Flower Datasets' own way: one ``load_partition`` per node."""
+    from datasets import Dataset
+
+    partitioner.dataset = Dataset.from_dict({"label": labels.astype(np.int64),
+                                             "idx": np.arange(len(labels), dtype=np.int64)})
+    return [np.asarray(partitioner.load_partition(i)["idx"]) for i in range(num_partitions)]
+
+
+@pytest.mark.parametrize("nodes", [7, 250])
+def test_the_fast_splits_equal_flower_datasets_per_node_partitions(train_labels, nodes):
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, ShardPartitioner
+
+    order = np.random.default_rng(3).permutation(len(train_labels))
+    flower = [order[p] for p in _per_node_loads(IidPartitioner(nodes), train_labels[order], nodes)]
+    assert all(np.array_equal(a, b) for a, b in zip(IidPartition().split(train_labels, nodes, 3), flower, strict=True))
+
+    def dirichlet():
+        return DirichletPartitioner(num_partitions=nodes, partition_by="label", alpha=0.5, min_partition_size=10,
+                                    self_balancing=True, shuffle=True, seed=3)
+
+    assert all(np.array_equal(a, b) for a, b in zip(DirichletPartition(0.5).split(train_labels, nodes, 3),
+                                                    _per_node_loads(dirichlet(), train_labels, nodes), strict=True))
+    shard = ShardPartitioner(num_partitions=nodes, partition_by="label", num_shards_per_partition=2,
+                             shuffle=True, seed=3)
+    assert all(np.array_equal(a, b) for a, b in zip(ShardPartition(2).split(train_labels, nodes, 3),
+                                                    _per_node_loads(shard, train_labels, nodes), strict=True))
