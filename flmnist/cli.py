@@ -39,6 +39,7 @@ from flmnist.data import ensure_mnist, resolve_root
 from flmnist.errors import ConfigError, FlmnistError, RunFailed
 from flmnist.flwr_local import run_flwr
 from flmnist.help import help_text, version_text
+from flmnist.recorder import FINAL_LINE
 
 APP_DIR = Path(__file__).resolve().parents[1]
 COLUMNS = ["job", "overrides", "status", "final_accuracy", "best_accuracy", "rounds_to_target", "wall_time", "run_dir"]
@@ -118,6 +119,17 @@ def outcome(run_dir: Path, before: tuple[int, int] | None, code: int) -> dict:
     return summary
 
 
+def finished_line(run_dir: Path, before: tuple | None):
+    """A test of each output line: True at the run's last line once it wrote a new summary saying
+    it finished (the recorder writes ``summary.json`` last, then prints that line)."""
+    last_line = FINAL_LINE.format(status="finished")
+
+    def test(line: str) -> bool:
+        return last_line in line and _signature(run_dir / "summary.json") not in (None, before)
+
+    return test
+
+
 def launch(cfg: DictConfig) -> dict:
     """Run one federated training for the composed ``cfg``; return its summary (RunFailed if
     it did not finish). A resume runs in the directory of the run it continues."""
@@ -142,7 +154,7 @@ def launch(cfg: DictConfig) -> dict:
         sim = cfg.simulation  # this launch's (a resume may move to other hardware)
         code = run_flwr(APP_DIR, overrides, run_cfg.num_nodes, flwr_home, log_path=run_dir / "flwr_run.log",
                         append=bool(cfg.resume), client_cpus=float(sim.client_cpus), client_gpus=client_gpus(cfg),
-                        ray_address=sim.ray_address)
+                        ray_address=sim.ray_address, until=finished_line(run_dir, before))
     finally:
         shutil.rmtree(flwr_home, ignore_errors=True)
     summary = outcome(run_dir, before, code)

@@ -19,6 +19,7 @@ import torch
 from flmnist.trackers import Trackers, scalars
 
 SCALAR = (int, float, str, type(None))
+FINAL_LINE = "Run {status}:"  # the start of the last line a run prints (after summary.json is written)
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -62,6 +63,7 @@ class RunRecorder:
         self.best_accuracy: float | None = None
         self.best_round: int | None = None
         self.final_state: dict | None = None
+        self.model_saved = False
         self.unit = unit  # "round" (synchronous) or "update" (asynchronous server updates)
         self.async_stats: dict | None = None
         self.screen_stats: dict | None = None  # what the reply screen rejected, per node and reason
@@ -203,10 +205,21 @@ class RunRecorder:
         lines += ["| " + " | ".join(f(r) for _, f in columns) + " |" for r in rows]
         return "\n".join(lines)
 
+    def save_model(self) -> Path | None:
+        """Write the final global model to ``model.pt`` (exports are made from it)."""
+        if self.final_state is None:
+            return None
+        atomic_torch_save(self.final_state, self.run_dir / "model.pt")
+        self.model_saved = True
+        return self.run_dir / "model.pt"
+
     def finish(self, status: str = "finished", error: str | None = None) -> dict:
-        """Save the final model, plots and summary; print the summary table. Safe after a crash."""
-        if self.final_state is not None:
-            atomic_torch_save(self.final_state, self.run_dir / "model.pt")
+        """Save the final model, plots and summary; print the summary table. Safe after a crash.
+
+        ``summary.json`` is the last file written: the ``flmnist`` command takes its appearance,
+        and then the :data:`FINAL_LINE` in the output, as the sign that the run is over."""
+        if not self.model_saved:
+            self.save_model()
         self.write_metrics()
         summary = self.summary(status, error)
         try:
@@ -216,10 +229,10 @@ class RunRecorder:
                      self.label, self.unit)
         except Exception as err:  # noqa: BLE001 - a plot must never lose the run's results
             self.printer(f"Plotting failed ({err}); metrics are in {self.run_dir}")
-        atomic_write(self.run_dir / "summary.json", json.dumps(_clean(summary), indent=1))
         self.trackers.call("finish", self.run_dir, _clean(summary))
         table = self.summary_table()
         atomic_write(self.run_dir / "summary.md", table + "\n")
+        atomic_write(self.run_dir / "summary.json", json.dumps(_clean(summary), indent=1))
         self.printer(f"Summary of evaluated {'rounds' if self.unit == 'round' else 'server updates'}:\n" + table)
         screen = self.screen_stats or {}
         for node, n in screen.get("rejected_per_node", {}).items():
@@ -233,7 +246,7 @@ class RunRecorder:
                          f"{self.stopped_early['reason']} ({100 * self.target_accuracy:.2f}%)")
         acc = summary["final_accuracy"]
         self.printer(
-            f"Run {status}: final test accuracy "
+            f"{FINAL_LINE.format(status=status)} final test accuracy "
             f"{'-' if acc is None else f'{100 * acc:.2f}%'}, best "
             f"{'-' if self.best_accuracy is None else f'{100 * self.best_accuracy:.2f}%'}"
             f" ({self.unit} {self.best_round}), {self.unit}s to {100 * self.target_accuracy:.1f}%: "

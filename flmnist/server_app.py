@@ -34,8 +34,9 @@ def run(grid: Grid, cfg: DictConfig) -> dict:
         raise
     finally:
         run.engine.path.finish()
-        summary = run.recorder.finish(status, error)
-        export_model(build(run.cfg.model, "model"), run.run_dir)
+        if run.recorder.save_model():
+            export_model(build(run.cfg.model, "model"), run.run_dir)
+        summary = run.recorder.finish(status, error)  # summary.json last: the run is over
     return summary
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from flmnist.cli import outcome
+from flmnist.cli import finished_line, outcome
 from flmnist.errors import RunFailed
 from flmnist.flwr_local import pids_with_env
 
@@ -69,6 +69,23 @@ def test_only_a_finished_summary_written_by_this_launch_counts_as_success(tmp_pa
     st = (tmp_path / "summary.json").stat()
     with pytest.raises(RunFailed, match="wrote no summary"):
         outcome(tmp_path, (st.st_ino, st.st_mtime_ns), 0)
+
+
+def test_the_command_stops_flower_at_the_last_line_of_a_run_that_wrote_a_finished_summary(tmp_path):
+    """Flower's own shutdown (Ray's, the log stream's polling) takes about 3 s after the run is over:
+    the command ends it at the line the recorder prints after writing summary.json."""
+    last = "INFO :      Run finished: final test accuracy 96.30%, best 96.30% (round 40) ..."
+    write_summary(tmp_path, status="finished")
+    st = (tmp_path / "summary.json").stat()
+    before = (st.st_ino, st.st_mtime_ns)
+    done = finished_line(tmp_path, before)
+    assert not done(last)  # the summary left by an earlier launch (resume) does not count
+    (tmp_path / "summary.json").unlink()
+    assert not done(last)
+    write_summary(tmp_path, status="finished")
+    assert done(last)
+    assert not done("INFO :      [ROUND 3/40]")
+    assert not finished_line(tmp_path, None)("INFO :      Run failed: final test accuracy -")
 
 
 def processes_with(marker: str) -> list[int]:

@@ -10,7 +10,9 @@ import pytest
 from PIL import Image
 
 from flmnist.async_loop import stats_lines
-from flmnist.recorder import RunRecorder
+import torch
+
+from flmnist.recorder import FINAL_LINE, RunRecorder
 
 LABEL = "demo: FedProx, Dirichlet split, LeNet, 3 nodes"
 
@@ -122,3 +124,22 @@ def test_a_failing_tracker_is_dropped_and_the_run_goes_on(tmp_path):
     recorder.trackers = Trackers([Broken()])
     sync_rows(recorder, fleet=False)
     assert recorder.trackers.trackers == [] and recorder.finish()["status"] == "finished"
+
+
+def test_summary_json_is_written_last_and_the_final_line_printed_after_it(tmp_path):
+    """The flmnist command ends Flower at the final line once summary.json is there: every other
+    output must be complete by then."""
+    seen_at_final_line = []
+
+    def printer(line: str) -> None:
+        if line.startswith(FINAL_LINE.format(status="finished")):
+            seen_at_final_line.append(sorted(p.name for p in tmp_path.iterdir()))
+
+    recorder = RunRecorder(tmp_path, 3, 0.99, printer=printer)
+    sync_rows(recorder, fleet=False)
+    recorder.final_state = {"w": torch.zeros(2)}
+    recorder.finish()
+    assert len(seen_at_final_line) == 1 and "summary.json" in seen_at_final_line[0]
+    assert {"model.pt", "metrics.csv", "summary.md", "accuracy_loss.png"} <= set(seen_at_final_line[0])
+    newest = max((p for p in tmp_path.iterdir() if p.is_file()), key=lambda p: p.stat().st_mtime_ns)
+    assert newest.name == "summary.json"

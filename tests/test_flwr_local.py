@@ -1,0 +1,38 @@
+"""What the flmnist command hands to ``flwr run``: only the app bundle's files, staged away from the
+checkout (Flower walks every file under the app folder, its .venv included, to build the bundle)."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from flmnist.flwr_local import stage_app, write_flower_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_the_staged_app_holds_the_bundles_files_and_nothing_else(tmp_path):
+    staged = stage_app(REPO, tmp_path / "app")
+    files = {p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file()}
+    assert "pyproject.toml" in files
+    assert {"flmnist/server_app.py", "flmnist/client_app.py", "flmnist/strategies/guard.py",
+            "conf/config.yaml", "conf/experiment/seed002.yaml"} <= files
+    assert all(f == "pyproject.toml" or (f.startswith("flmnist/") and f.endswith(".py"))
+               or (f.startswith("conf/") and f.endswith(".yaml")) for f in files), files
+    assert not any("__pycache__" in f or f.startswith(("tests/", ".venv/", "benchmarks/")) for f in files)
+    # the same sources, byte for byte
+    assert (staged / "flmnist/screen.py").read_bytes() == (REPO / "flmnist/screen.py").read_bytes()
+
+
+def test_an_app_without_fab_include_is_shipped_from_where_it_is(tmp_path):
+    app = tmp_path / "plain"
+    app.mkdir()
+    (app / "pyproject.toml").write_text('[tool.flwr.app]\npublisher = "me"\n')
+    assert stage_app(app, tmp_path / "staged") == app
+    assert not (tmp_path / "staged").exists()
+
+
+def test_the_private_superlink_keeps_its_state_in_memory(tmp_path):
+    config = tomllib.loads(write_flower_config(tmp_path).read_text())
+    assert config["superlink"]["default"] == "local"
+    assert config["superlink"]["local"]["address"] == ":local-in-memory:"
