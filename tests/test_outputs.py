@@ -7,11 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from flmnist.async_loop import stats_lines
-import torch
-
 from flmnist.recorder import FINAL_LINE, RunRecorder
 
 LABEL = "demo: FedProx, Dirichlet split, LeNet, 3 nodes"
