@@ -40,8 +40,9 @@ from flmnist.checkpoint import set_rng_state
 from flmnist.checks import check_integer, check_number
 from flmnist.errors import ConfigError, RunFailed
 from flmnist.fleet import Fleet, UpdateTiming
+from flmnist.node_directory import NodeDirectory
 from flmnist.reply_path import ReplyPath, to_record, to_weights
-from flmnist.screen import NodeInfo, Rejection
+from flmnist.screen import NodeInfo
 from flmnist.strategies.asynchronous import AsyncStrategy
 
 
@@ -158,9 +159,8 @@ class AsyncLoop:
         self.arrived: OrderedDict[str, Message] = OrderedDict()
         self.in_flight: dict[str, Job] = {}
         self.sent_models: dict[int, dict] = {}   # version -> weights, while an update trained on it is out
-        self.nodes: dict[int, Node] = {}
-        self.refused: set[int] = set()           # node ids whose query reply was refused
-        self.asked: dict[int, float] = {}         # node id -> when it was last asked who it is
+        self.directory = NodeDirectory(grid, path, poll_interval)  # who each node is (query replies)
+        self.nodes: dict[int, Node] = {}         # the directory's accepted nodes, with their work count
         self.failing: set[int] = set()           # node ids whose last update failed or was rejected
         self.idle: list[Node] = []               # nodes waiting for work, first served first
         self.away: list[Node] = []               # nodes Flower reported gone (deployment)
@@ -170,35 +170,21 @@ class AsyncLoop:
         self.bookkeeping = 0.0        # real seconds spent on virtual-clock bookkeeping
 
     # ----------------------------------------------------------------- nodes
+    @property
+    def refused(self) -> set[int]:
+        """Node ids whose query reply was refused: they never get work."""
+        return set(self.directory.refused)
+
     def discover(self, timeout: float) -> list[Node]:
-        """Ask every newly connected node who it is; a malformed answer keeps the node out."""
-        now = time.monotonic()
-        new = [n for n in self.grid.get_node_ids() if n not in self.nodes and n not in self.refused
-               and now - self.asked.get(n, -1e9) > 60.0]  # a silent node is asked again after a minute
-        if not new:
-            return []
-        self.asked.update({n: now for n in new})
-        msgs = [Message(RecordDict({p.CONFIG: self.sent.to_record()}), dst_node_id=n,
-                        message_type=MessageType.QUERY, ttl=max(timeout, 120.0)) for n in new]
-        ids = set(self.grid.push_messages(msgs))
-        deadline = time.monotonic() + timeout
-        while ids and time.monotonic() < deadline:
-            for reply in self.grid.pull_messages(list(ids)):
-                ids.discard(reply.metadata.reply_to_message_id)
-                out = self.path.screen.query(reply)
-                if isinstance(out, Rejection):
-                    if not out.failed:
-                        self.refused.add(reply.metadata.src_node_id)
-                    log(WARNING, "Node %s was not added: %s", out.name, out.reason)
-                else:
-                    self.nodes[out.node_id] = Node(out)
-            if ids:
-                time.sleep(self.poll_interval)
-        return [self.nodes[n] for n in new if n in self.nodes]
+        """Ask every newly connected node who it is (:class:`~flmnist.node_directory.NodeDirectory`:
+        a malformed answer keeps the node out, a silent one is asked again after a minute)."""
+        for info in (found := self.directory.discover(timeout)):
+            self.nodes[info.node_id] = Node(info)
+        return [self.nodes[info.node_id] for info in found]
 
     def ordered_nodes(self) -> list[Node]:
         """Nodes in a run-independent order (partition id), so dispatch order is reproducible."""
-        return sorted(self.nodes.values(), key=lambda n: (n.partition, n.node_id))
+        return [self.nodes[info.node_id] for info in self.directory.ordered()]
 
     # -------------------------------------------------------------- dispatch
     def dispatch(self, node: Node, arrays: ArrayRecord, weights: dict) -> Job:

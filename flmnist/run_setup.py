@@ -31,6 +31,7 @@ from flmnist.config import build
 from flmnist.data import ensure_mnist, load_mnist, resolve_root
 from flmnist.errors import ConfigError
 from flmnist.evaluation import DigitEvaluation
+from flmnist.node_order import RegistrationOrderGrid
 from flmnist.partition import holdout_split, label_counts
 from flmnist.polling_grid import PollingGrid
 from flmnist.protocol import TrainSettings, simulated_node_name
@@ -130,7 +131,7 @@ def build_run(grid: Grid, cfg: DictConfig) -> Run:
     """Everything before training: directories, data checks, screen, hooks and the engine."""
     cfg, checkpoint = resume_config(cfg)
     torch.manual_seed(cfg.seed)  # the initial global model
-    random.seed(cfg.seed)  # Flower samples nodes with the random module
+    random.seed(cfg.seed)  # for anything drawing from the global generator (sync sampling has its own: SeededSampling)
     run_dir = make_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     if checkpoint is None:
@@ -182,8 +183,10 @@ def build_run(grid: Grid, cfg: DictConfig) -> Run:
     else:
         guarded = Guarded(strategy, path, fleet=fleet, virtual_timeout=cfg.async_loop.update_timeout,
                           max_failed_rounds=cfg.max_failed_rounds)
-        engine = SyncEngine(PollingGrid(grid, cfg.poll_interval) if cfg.poll_interval else grid, guarded, path,
-                            sent.to_record(), cfg.num_rounds, cfg.round_timeout)
+        # Nodes in registration order (Flower's own order changes run to run), replies polled every poll_interval.
+        sync_grid = RegistrationOrderGrid(PollingGrid(grid, cfg.poll_interval) if cfg.poll_interval else grid)
+        engine = SyncEngine(sync_grid, guarded, path, sent.to_record(), cfg.num_rounds, cfg.round_timeout,
+                            seed=cfg.seed)
     initial = ArrayRecord(model.state_dict())
     if checkpoint is not None:
         initial = to_record({k: np.asarray(v) for k, v in checkpoint["arrays"].items()})

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from datetime import UTC, datetime, timedelta
 from uuid import uuid4
 
 import numpy as np
@@ -26,6 +27,7 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
+from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=E0611
 from flwr.serverapp.strategy import FedAdam, FedMedian, Krum
 
 from flmnist import faults
@@ -35,6 +37,7 @@ from flmnist.checkpoint import rng_state
 from flmnist.errors import RunFailed
 from flmnist.evaluation import EvaluationHook
 from flmnist.fleet import make_fleet
+from flmnist.node_order import RegistrationOrderGrid
 from flmnist.reply_path import ReplyPath, to_weights
 from flmnist.screen import NodeLimits, ReplyScreen, ScreenSettings
 from flmnist.strategies import FedAsync, FedAvg, FedBuff
@@ -149,6 +152,12 @@ class FakeGrid:
 
     def get_node_ids(self):
         return sorted(self.connected)
+
+    def get_nodes(self):
+        """Flower's NodeInfo of the connected nodes, registered 10 us apart in ``nodes``' order."""
+        base = datetime(2026, 11, 30, 12, tzinfo=UTC)
+        return [NodeInfo(node_id=n, registered_at=(base + timedelta(microseconds=10 * i)).isoformat())
+                for i, n in enumerate(self.nodes) if n in self.connected]
 
     def push_messages(self, messages):
         ids = []
@@ -350,6 +359,100 @@ def test_a_resumed_sync_run_does_only_the_remaining_rounds(task_identity):
     final = engine.run(record(START), checkpoint)
     assert_weights(final, shifted(START, 0.03))
     assert [r for r, _ in spy.models] == [3] and spy.updates == [(3, [0, 1])]
+
+
+class ShuffledGrid(FakeGrid):
+    """Lists its node ids in a fixed scrambled order, as a SuperLink may (not sorted)."""
+
+    def __init__(self, nodes: dict[int, FakeNode], order: list[int]) -> None:
+        super().__init__(nodes)
+        self.order = order
+
+    def get_node_ids(self):
+        return [n for n in self.order if n in self.connected]
+
+
+class GlobalRandomDraws(EvaluationHook):
+    """Draws from the ``random`` module's global generator after every round, as Flower's own
+    threads in the ServerApp process do at wall-clock times (heartbeat interval, back-off jitter)."""
+
+    def __init__(self, draws: int) -> None:
+        self.draws = draws
+
+    def evaluate_global(self, server_round, arrays):
+        import random
+
+        for _ in range(self.draws):
+            random.random()
+
+
+def trained_partitions(grid: FakeGrid, ordered: bool, seed: int | None = 7, draws: int = 0, rounds: int = 6,
+                       checkpoint: dict | None = None) -> tuple[list[list[int]], SyncEngine]:
+    """The partitions trained in each round of a sync run on ``grid`` (FedAvg, half the nodes a
+    round). ``ordered``: behind the RegistrationOrderGrid. ``seed``: the engine's sampling seed;
+    None: Flower's global ``random``, seeded 7 (as run_setup.build_run seeds it). ``draws``:
+    global draws by someone else after each round."""
+    import random
+
+    spy = Spy()
+    path = make_path(hooks=[spy, GlobalRandomDraws(draws)])
+    strategy = Guarded(FedAvg(fraction_train=0.5, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=4),
+                       path)
+    random.seed(7)
+    engine = SyncEngine(RegistrationOrderGrid(grid) if ordered else grid, strategy, path, SENT.to_record(),
+                        num_rounds=rounds, round_timeout=5.0, seed=seed)
+    engine.run(record(START), checkpoint)
+    assert [r for r, _ in spy.updates] == list(range(1 + (checkpoint or {}).get("round", 0), rounds + 1))
+    return [partitions for _, partitions in spy.updates], engine
+
+
+def test_the_sync_engine_samples_the_same_partitions_whatever_the_node_ids_and_their_order(task_identity):
+    """Issue 9: Flower samples ``random.sample(list(grid.get_node_ids()), n)``; node ids are new
+    every run and listed in no fixed order, and other threads draw from the global ``random``.
+    Listed in registration order (Flower's simulation registers partition i as the i-th node),
+    with the engine's own sampling generator, the same seed trains the same partitions every
+    round, and no node is sent anything but its train messages. The premises are checked too:
+    in Flower's order, or with the global generator drawn from between rounds, it does not."""
+    one = FakeGrid({101: FakeNode(0, 0.01), 102: FakeNode(1, 0.02), 103: FakeNode(2, 0.03), 104: FakeNode(3, 0.04)})
+    other_nodes = {9_000_017: FakeNode(0, 0.01), 55: FakeNode(1, 0.02), 4_242: FakeNode(2, 0.03),
+                   731: FakeNode(3, 0.04)}  # registered in this order: partitions 0-3
+    order = [4_242, 9_000_017, 55, 731]
+    other = ShuffledGrid(other_nodes, order)
+    first, _ = trained_partitions(one, ordered=True)
+    assert all(len(r) == 2 for r in first) and len({tuple(r) for r in first}) > 1  # a real sample each round
+    assert trained_partitions(other, ordered=True, draws=3)[0] == first
+    assert {kind for _, kind in other.log} == {MessageType.TRAIN}
+    # The premises: Flower's order, or the shared global generator, change the sample.
+    assert (trained_partitions(FakeGrid(one.nodes), ordered=False, seed=None)[0]
+            != trained_partitions(ShuffledGrid(other_nodes, order), ordered=False, seed=None)[0])
+    assert (trained_partitions(FakeGrid(one.nodes), ordered=True, seed=None)[0]
+            != trained_partitions(FakeGrid(one.nodes), ordered=True, seed=None, draws=3)[0])
+
+
+def test_a_resumed_sync_run_samples_as_the_uninterrupted_one(task_identity):
+    """The sampling generator's state is part of the engine's checkpoint state."""
+    from flmnist.checkpoint import _pack, _unpack
+
+    nodes = {101: FakeNode(0, 0.01), 102: FakeNode(1, 0.02), 103: FakeNode(2, 0.03), 104: FakeNode(3, 0.04)}
+    whole, _ = trained_partitions(FakeGrid(nodes), ordered=True, rounds=6)
+    head, engine = trained_partitions(FakeGrid(nodes), ordered=True, rounds=3)
+    checkpoint = _unpack(_pack({"engine": engine.state_dict(), "screen": {}, "rng": rng_state(), "round": 3}))
+    tail, _ = trained_partitions(FakeGrid(nodes), ordered=True, seed=123, rounds=6, draws=2, checkpoint=checkpoint)
+    assert head + tail == whole
+
+
+def test_a_late_node_takes_its_place_in_registration_order():
+    """A node that registers later (a board joining late) is listed after the earlier ones; the
+    order is worked out again only when the connected ids change."""
+    grid = FakeGrid({101: FakeNode(2), 102: FakeNode(0), 103: FakeNode(1), 104: FakeNode(3)})
+    grid.connected = {101, 102, 104}
+    served = RegistrationOrderGrid(grid)
+    assert served.get_node_ids() == [101, 102, 104]
+    calls = []
+    grid.get_nodes = lambda f=grid.get_nodes: calls.append(1) or f()
+    assert served.get_node_ids() == [101, 102, 104] and not calls
+    grid.connected.add(103)
+    assert served.get_node_ids() == [101, 102, 103, 104] and len(calls) == 1
 
 
 # ==================================================================== asynchronous
