@@ -16,6 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from flmnist import protocol as p
+from flmnist import vce_feeder
 from flmnist.faults import (
     EVALUATE_ATTACKS,
     TRAIN_ATTACKS,
@@ -29,6 +30,7 @@ from flmnist.node_data import node_data, node_seed
 from flmnist.training import device, evaluate, train
 
 app = ClientApp()
+vce_feeder.install()  # Flower's simulation engine loads this module before it starts its message feeder
 
 
 def _model(settings: p.TrainSettings, arrays: ArrayRecord) -> torch.nn.Module:
