@@ -89,6 +89,35 @@ def pids_with_env(entry: str) -> list[int]:
     return found
 
 
+def started_at(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot), None if it is gone or a zombie: tells a
+    process from a later one that got its id."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return None if fields[0] in ("Z", "X") else int(fields[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def descendants(pids: set[int] | Sequence[int]) -> set[int]:
+    """Every process started by one of ``pids`` (children, their children, ...). Ray's agents
+    rename themselves (``ray::DashboardAgent``), which blanks their environment in /proc: they
+    are found as the raylet's children."""
+    found, todo = set(), list(pids)
+    while todo:
+        pid = todo.pop()
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            for child in children:
+                if child not in found:
+                    found.add(child)
+                    todo.append(child)
+    return found
+
+
 def _signal_all(pids: Sequence[int], signum: int) -> None:
     for pid in pids:
         try:
@@ -105,12 +134,20 @@ def stop_flwr_home(flwr_home: str | os.PathLike, grace: float = 5.0) -> list[int
 
 def stop_env(entry: str, grace: float = 5.0) -> list[int]:
     """SIGTERM, then SIGKILL after ``grace`` seconds, every process whose environment holds
-    ``entry`` (see :func:`pids_with_env`), until none is left; returns their ids."""
+    ``entry`` (see :func:`pids_with_env`) and every process they started (an orphan stays
+    tracked by its id and start time), until none is left; returns their ids."""
     stopped: list[int] = []
+    seen: dict[int, int | None] = {}  # pid -> start time
     deadline = time.monotonic() + grace
     quiet = 0  # consecutive scans that found nothing: one may miss a process caught mid-exec
     while quiet < 3:
-        pids = pids_with_env(entry)
+        found = set(pids_with_env(entry))
+        found |= descendants(found)
+        found = {pid for pid in found if started_at(pid) is not None}  # zombies wait to be reaped
+        found |= {pid for pid, start in seen.items() if start is not None and started_at(pid) == start}
+        for pid in found:
+            seen.setdefault(pid, started_at(pid))
+        pids = sorted(found)
         quiet = 0 if pids else quiet + 1
         if not pids:
             pass

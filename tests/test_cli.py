@@ -18,7 +18,7 @@ import pytest
 
 from flmnist.cli import finished_line, outcome
 from flmnist.errors import RunFailed
-from flmnist.flwr_local import pids_with_env
+from flmnist.flwr_local import descendants, pids_with_env, started_at
 
 FLMNIST = str(Path(sys.executable).parent / "flmnist")
 
@@ -123,6 +123,9 @@ def test_sigterm_stops_every_process_the_command_started(tmp_path, mnist_root):
         # named by the choices made (no experiment, no name): outputs/DATE/TIME_STRATEGY_SPLIT
         run_dir = next(tmp_path.glob("outputs/**/metrics.json")).parent.relative_to(tmp_path)
         assert re.fullmatch(r"outputs/\d{4}-\d\d-\d\d/\d\d-\d\d-\d\d_fedavg_iid", str(run_dir)), run_dir
+        started = processes_with(marker)
+        # Ray's agents blank their environment (setproctitle): they count as the raylet's children
+        tracked = {pid: started_at(pid) for pid in {*started, *descendants(started)}}
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=30)
     finally:
@@ -131,7 +134,11 @@ def test_sigterm_stops_every_process_the_command_started(tmp_path, mnist_root):
     assert code == 128 + signal.SIGTERM
     assert "flmnist: stopped by SIGTERM" in stderr.read_text()
     deadline = time.monotonic() + 20  # a killed process may still be exiting on a loaded machine
-    while processes_with(marker) and time.monotonic() < deadline:
+    def alive() -> list[int]:
+        return processes_with(marker) + [p for p, start in tracked.items() if start and started_at(p) == start]
+
+    while alive() and time.monotonic() < deadline:
         time.sleep(0.2)
     left = {pid: describe(pid) for pid in processes_with(marker)}
+    left.update({pid: describe(pid) for pid, start in tracked.items() if start and started_at(pid) == start})
     assert not left, f"processes the command started outlived it: {left}"
