@@ -7,7 +7,8 @@ costs N x M checks (M messages in flight): 3 s per round at 10,000 nodes with 10
 and a busy core taken from training; per client update 30 ms at 10,000 nodes and 88 ms at
 50,000 (``benchmarks/scale.py``). :func:`feed` does the same work in one pass per tick: the
 same expiry and federation check (``_check_stored_messages``), the same "delivered" stamp, at
-most one message per node per tick, as Flower's loop does.
+most one message per node per tick, as Flower's loop does; and as a pass is cheap, it ticks
+every 20 ms instead of 100 ms (a message waits 10 ms on average instead of 50).
 
 :func:`install` puts it in place of Flower's loop for flwr 1.41.0 with its in-memory link
 state only; for anything else Flower's own loop runs. ``client_app`` calls it on import: the
@@ -22,7 +23,7 @@ from queue import Queue
 FLWR_VERSION = "1.41.0"  # the version whose internals this follows
 
 
-def feed(state, queue: Queue, nodes_mapping, f_stop: threading.Event, tick: float = 0.1) -> None:
+def feed(state, queue: Queue, nodes_mapping, f_stop: threading.Event, tick: float = 0.02) -> None:
     """Until ``f_stop``: every ``tick`` s, queue each simulated node's oldest undelivered message."""
     from flwr.supercore.date import now
 
