@@ -3,6 +3,7 @@ delivers, on Flower's real in-memory link state, in one pass instead of one per 
 
 from __future__ import annotations
 
+import functools
 import random
 import threading
 import time
@@ -61,7 +62,7 @@ def _restore_flower_feeder():
 def test_one_pass_delivers_what_flowers_loop_delivers():
     flower_feeder = vce_api.add_messages_to_queue
     delivered = []
-    for feeder in (flower_feeder, vce_feeder.feed):
+    for feeder in (flower_feeder, functools.partial(vce_feeder.feed, tick=0.1)):  # one tick each in 50 ms
         state, mapping, grid = engine(200)
         targets = random.Random(0).sample(sorted(mapping), 20)
         messages = [Message(RecordDict(), dst, "train") for dst in targets]
