@@ -43,8 +43,6 @@ Measured per N:
     FLMNIST_DATA_DIR=/path/to/mnist python benchmarks/scale.py --nodes 10000   # one size
     python benchmarks/scale.py --nodes 50000 --timeout 900 --py-spy-every 45   # + stack dumps
     python benchmarks/scale.py --nodes 10000 --py-spy-record      # diagnosis: sampled profile
-    python benchmarks/scale.py --nodes 10000 50000 --patch-feeder  # what-if: the proposed fix
-    python benchmarks/scale.py --engine-only                       # Flower's engine alone (no run)
 
 Run each under ``flock /tmp/flmnist-cpu.lock`` on a shared machine.
 
@@ -55,10 +53,8 @@ everything it started); ``--py-spy-every S`` dumps the stacks of the flwr-simula
 every S seconds (``py-spy dump``) to ``scale/N<N>/py-spy-dumps.txt``, ``--py-spy-record``
 samples it for the whole run (``py-spy record``, collapsed stacks, ``py-spy-record.txt``) and
 reports the functions taking the most samples: both slow the run down, use them for diagnosis,
-not for the timing. ``--patch-feeder`` replaces Flower 1.41's simulation message feeder (see
-FEEDER_PATCH) in the run's flwr-simulation process only, through a sitecustomize.py on
-PYTHONPATH: flmnist's files are not touched. Profiled and patched runs go to the "diagnosis"
-section of scale.json and their own directories (``N<N>-py-spy-record``, ``N<N>-patched-feeder``).
+not for the timing (they need py-spy: ``pip install py-spy``). Profiled runs go to the
+"diagnosis" section of scale.json and their own directories (``N<N>-py-spy-record``).
 
 Targets (issue 10): memory flat in N (no per-node copies of MNIST); overhead < 25 ms per update.
 """
@@ -250,112 +246,6 @@ def compute_per_update(n: int, nodes: int = 20, repeats: int = 5) -> dict:
             "steps_per_update": sorted({-(-s // CLIENT["batch_size"]) for s in sizes})}
 
 
-# --------------------------------------------------------------- what-if: the feeder fix
-# Flower 1.41's simulation engine feeds ClientApps from vce_api.add_messages_to_queue, which
-# every 0.1 s calls InMemoryLinkState.get_message_ins(node_id, limit=1) for every one of the
-# N nodes, and each call scans every pending message (with a TTL/federation check each):
-# N x M checks per pass. ``--patch-feeder`` measures the proposed fix without touching flmnist/:
-# a sitecustomize.py on PYTHONPATH (this run's processes only) replaces the feeder, in the
-# flwr-simulation process only, by one pass over the pending messages per tick.
-FEEDER_PATCH = r'''
-import sys
-if sys.argv and sys.argv[0].endswith("flwr-simulation"):
-    import os
-
-    import flwr
-    from flwr.server.superlink.fleet.vce import vce_api
-    from flwr.supercore.date import now
-
-    def add_messages_to_queue(state, queue, nodes_mapping, f_stop):
-        """One pass over the pending messages per tick (Flower's: one store scan per node)."""
-        with open(os.environ["FLMNIST_SCALE_PATCH_MARK"], "a") as mark:
-            mark.write("used\n")
-        while not f_stop.is_set():
-            with state.lock:
-                ids = list(state.message_ins_store)
-                state._check_stored_messages(set(ids))  # drops expired messages, as get_message_ins does
-                stamp, batch = now().isoformat(), []
-                for mid in ids:
-                    msg = state.message_ins_store.get(mid)
-                    if msg and msg.metadata.delivered_at == "" and msg.metadata.dst_node_id in nodes_mapping:
-                        msg.metadata.delivered_at = stamp
-                        batch.append(msg)
-            for msg in batch:
-                queue.put(msg)
-            f_stop.wait(0.1)
-
-    assert flwr.__version__ == "1.41.0", flwr.__version__
-    vce_api.add_messages_to_queue = add_messages_to_queue
-    with open(os.environ["FLMNIST_SCALE_PATCH_MARK"], "a") as mark:
-        mark.write("installed\n")
-'''
-
-
-def engine_microbench(n: int) -> dict:
-    """Flower 1.41's simulation engine alone, in this process (no Ray, no ClientApp): the cost of
-    registering N nodes and their contexts, and of one pass of the message feeder
-    (``vce_api.add_messages_to_queue``'s loop body) with 1% of the nodes holding a message, against
-    FEEDER_PATCH's single pass. Set up as ``run_simulation._main_loop`` does."""
-    import random
-
-    from flwr.app import Message, RecordDict
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.proto.task_pb2 import Task  # pylint: disable=E0611
-    from flwr.server.superlink.fleet.vce import vce_api
-    from flwr.server.superlink.linkstate import LinkStateFactory
-    from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
-    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
-    from flwr.supercore.date import now
-    from flwr.supercore.object_store import ObjectStoreFactory
-    from flwr.supercore.run import Run
-    from flwr.supercore.task_identity import TaskIdentity
-    from flwr.superlink.federation import NoOpFederationManager
-    from flwr.superlink.federation.noop_federation_manager import NOOP_FEDERATION_ID
-    from flwr.superlink.grid import InMemoryGrid
-
-    def rss_mib() -> float:
-        return int(_read("/proc/self/statm").split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-    m = max(int(0.01 * n), 1)
-    factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
-    state = factory.state()
-    run = Run.create_empty(1234)
-    run.primary_task_id, run.federation_id = 77, NOOP_FEDERATION_ID
-    state.run_ids[run.run_id] = RunRecord(run=run)
-    state.task_store[77] = Task(task_id=77, run_id=run.run_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 77, run.run_id, SUPERLINK_NODE_ID
-    r0, t = rss_mib(), time.perf_counter()
-    mapping = vce_api._register_nodes(n, factory)
-    reg_s, r1, t = time.perf_counter() - t, rss_mib(), time.perf_counter()
-    vce_api._register_node_info_stores(mapping, run, str(REPO))  # parses pyproject.toml once per node
-    ctx_s, r2 = time.perf_counter() - t, rss_mib()
-    grid = InMemoryGrid(state_factory=factory)
-    grid.set_run(run)
-    grid.push_messages([Message(RecordDict(), dst, "train") for dst in random.Random(0).sample(list(mapping), m)])
-    t, got = time.perf_counter(), 0
-    for node_id in mapping:  # Flower's feeder: every node, each call scanning every pending message
-        got += len(state.get_message_ins(node_id=node_id, limit=1))
-    flower_s = time.perf_counter() - t
-    for msg in state.message_ins_store.values():
-        msg.metadata.delivered_at = ""
-    t, picked = time.perf_counter(), 0
-    with state.lock:  # FEEDER_PATCH's pass
-        ids = list(state.message_ins_store)
-        state._check_stored_messages(set(ids))
-        stamp = now().isoformat()
-        for mid in ids:
-            msg = state.message_ins_store.get(mid)
-            if msg and msg.metadata.delivered_at == "" and msg.metadata.dst_node_id in mapping:
-                msg.metadata.delivered_at = stamp
-                picked += 1
-    single_s = time.perf_counter() - t
-    return {"nodes": n, "pending_messages": m, "register_nodes_s": round(reg_s, 3),
-            "register_nodes_mib": round(r1 - r0), "node_contexts_s": round(ctx_s, 3),
-            "node_contexts_mib": round(r2 - r1), "flower_feeder_pass_s": round(flower_s, 3),
-            "flower_feeder_us_per_node_x_message": round(1e6 * flower_s / (n * m), 2),
-            "messages_picked": got, "single_pass_feeder_ms": round(1000 * single_s, 3), "single_pass_picked": picked}
-
-
 # --------------------------------------------------------------------------------- run
 LANDMARKS = {
     "superlink": r"Starting local SuperLink",
@@ -446,9 +336,8 @@ def top_functions(collapsed: Path, limit: int = 25) -> dict:
             "functions": [{"function": f, "share": round(c / total, 3)} for f, c in inclusive.most_common(limit)]}
 
 
-def run_size(n: int, timeout: float, py_spy_every: float | None, py_spy_record: bool,
-             patch_feeder: bool = False) -> dict:
-    suffix = ("-patched-feeder" if patch_feeder else "") + ("-py-spy-record" if py_spy_record else "")
+def run_size(n: int, timeout: float, py_spy_every: float | None, py_spy_record: bool) -> dict:
+    suffix = "-py-spy-record" if py_spy_record else ""
     out_dir = RESULTS / "scale" / f"N{n}{suffix}"
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -457,13 +346,8 @@ def run_size(n: int, timeout: float, py_spy_every: float | None, py_spy_record: 
     env = dict(os.environ)
     env[marker.split("=")[0]] = marker.split("=", 1)[1]
     args = overrides(n)
-    result: dict = {"nodes": n, "command": "flmnist " + " ".join(args), "patched_feeder": patch_feeder}
+    result: dict = {"nodes": n, "command": "flmnist " + " ".join(args)}
     with tempfile.TemporaryDirectory(prefix="flmnist-scale-") as tmp:
-        if patch_feeder:
-            (Path(tmp) / "patch").mkdir()
-            (Path(tmp) / "patch" / "sitecustomize.py").write_text(FEEDER_PATCH)
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(tmp) / "patch"), env.get("PYTHONPATH")) if p)
-            env["FLMNIST_SCALE_PATCH_MARK"] = str(Path(tmp) / "patch" / "mark.txt")
         run_dir = Path(tmp) / "run"
         sampler = Sampler(marker)
         spy = PySpy(marker, out_dir, py_spy_every, py_spy_record) if (py_spy_every or py_spy_record) else None
@@ -506,9 +390,6 @@ def run_size(n: int, timeout: float, py_spy_every: float | None, py_spy_record: 
         if spy:
             spy.stop()
         leftover = marked_pids(marker.encode())
-        if patch_feeder:
-            mark = Path(tmp) / "patch" / "mark.txt"
-            result["feeder_patch"] = mark.read_text().split() if mark.exists() else []  # ["installed", "used"]
         for name in ("summary.json", "metrics.json", "flwr_run.log", "config.yaml"):
             if (run_dir / name).exists():
                 shutil.copy(run_dir / name, out_dir / name)
@@ -571,7 +452,7 @@ def table(results: dict, key=int) -> str:
         r = results[name]
         upd = r.get("updates_per_round") or []
         lines.append(
-            f"| {r['nodes']:,}{' patched feeder' if r.get('patched_feeder') else ''}"
+            f"| {r['nodes']:,}"
             f"{' py-spy' if name.endswith('py-spy-record') else ''} | {f(r.get('wall_s'))} | {f(r.get('startup_s'))} | {f(r.get('round_1_s'), '{:.2f}')} "
             f"| {f(r.get('s_per_round'), '{:.2f}')} | {'/'.join(map(str, upd)) or '-'} "
             f"| {f(r.get('s_per_update'), '{:.4f}')} | {f(r.get('compute_ms_per_update'), '{:.2f}')} "
@@ -588,48 +469,36 @@ def main() -> None:
                         help="dump the flwr-simulation process's stacks every S seconds (diagnosis)")
     parser.add_argument("--py-spy-record", action="store_true",
                         help="sample the flwr-simulation process for the whole run (diagnosis; slows it down)")
-    parser.add_argument("--patch-feeder", action="store_true",
-                        help="what-if: replace Flower's per-node message feeder in the simulation process (diagnosis)")
-    parser.add_argument("--engine-only", action="store_true",
-                        help="only time Flower's simulation engine alone (node registration, one feeder pass)")
     parser.add_argument("--output", type=Path, default=RESULTS / "scale.json")
     args = parser.parse_args()
     if not os.environ.get("FLMNIST_DATA_DIR"):
         sys.exit("set FLMNIST_DATA_DIR to the MNIST root")
     saved = json.loads(args.output.read_text()) if args.output.exists() else {}
     results, diagnosis = saved.get("runs", {}), saved.get("diagnosis", {})
-    engine = saved.get("engine_microbench", {})
-    if args.engine_only:
-        for n in args.nodes:
-            engine[str(n)] = engine_microbench(n)
-            print(json.dumps(engine[str(n)]), flush=True)
-        saved["engine_microbench"] = engine
-        args.output.write_text(json.dumps(saved, indent=1))
-        return
     for n in args.nodes:
         compute = compute_per_update(n)
         print(f"N={n}: pure compute of one update {1000 * compute['median_s']:.2f} ms "
               f"({compute['train_examples_per_node']} examples, {compute['steps_per_update']} steps)", flush=True)
-        r = run_size(n, args.timeout, args.py_spy_every, args.py_spy_record, args.patch_feeder)
+        r = run_size(n, args.timeout, args.py_spy_every, args.py_spy_record)
         r["compute_per_update"] = compute
         r["compute_ms_per_update"] = round(1000 * compute["median_s"], 3)
         if r.get("s_per_update") is not None:
             r["overhead_ms_per_update"] = round(1000 * (r["s_per_update"] - compute["median_s"]), 1)
         r["measured_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
-        if args.py_spy_record or args.patch_feeder:  # profiled or patched: kept apart from the measurements
-            diagnosis[f"{n}{'-patched-feeder' if args.patch_feeder else ''}{'-py-spy-record' if args.py_spy_record else ''}"] = r
+        if args.py_spy_record:  # profiled: kept apart from the measurements
+            diagnosis[f"{n}-py-spy-record"] = r
         else:
             results[str(n)] = r
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps({
             "what": "issue 10: flmnist logreg, 1% of N nodes train per round, 3 rounds (see benchmarks/scale.py)",
             "targets": {"memory": "flat in N", "overhead_ms_per_update": f"< {TARGET_OVERHEAD_MS:g}"},
-            "runs": results, "diagnosis": diagnosis, "engine_microbench": engine}, indent=1))
+            "runs": results, "diagnosis": diagnosis}, indent=1))
         print(f"N={n}: exit {r['exit_code']}, wall {r['wall_s']} s, s/round {r.get('s_per_round')}, "
               f"peak RSS {r['memory']['peak_rss_mib']} MiB", flush=True)
     print(table(results))
     if diagnosis:
-        print("\nDiagnosis runs (profiled or patched, not measurements of flmnist as it is):")
+        print("\nDiagnosis runs (profiled: slowed down by py-spy):")
         print(table({k: v for k, v in diagnosis.items()}, key=lambda k: (int(k.split("-")[0]), k)))
 
 
