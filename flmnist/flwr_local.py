@@ -201,6 +201,8 @@ def stage_app(app_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
 
     app_dir, dest = Path(app_dir), Path(dest)
     pyproject = app_dir / "pyproject.toml"
+    if not pyproject.is_file():
+        return app_dir  # not an app folder: flwr run says so
     app = tomllib.loads(pyproject.read_text()).get("tool", {}).get("flwr", {}).get("app", {})
     if not app.get("fab-include"):
         return app_dir

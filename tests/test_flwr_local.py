@@ -29,6 +29,7 @@ def test_an_app_without_fab_include_is_shipped_from_where_it_is(tmp_path):
     app.mkdir()
     (app / "pyproject.toml").write_text('[tool.flwr.app]\npublisher = "me"\n')
     assert stage_app(app, tmp_path / "staged") == app
+    assert stage_app(tmp_path / "nothing", tmp_path / "staged") == tmp_path / "nothing"  # flwr run will say why
     assert not (tmp_path / "staged").exists()
 
 
