@@ -45,10 +45,11 @@ def flwr_env(flwr_home: str | os.PathLike, base: dict | None = None) -> dict:
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # Lines Flower 1.41 prints whatever the run: a note on a changed default (flmnist always sets
 # the number of SuperNodes), how to resize a federation (flmnist does it), the creation of the
-# private FLWR_HOME's config, and each Ray actor's "Manually terminating" at shutdown.
+# private FLWR_HOME's config, each Ray actor's "Manually terminating" at shutdown, and FedAvg's
+# warning that client evaluation is off when sampling.fraction_evaluate=0 was chosen (seed002).
 NOISE = ("Since flwr 1.32, default simulated SuperNodes changed", "To change federation size",
          "flwr federation simulation-config", "Flower configuration not found. Created default",
-         "Manually terminating ClientAppActor")
+         "Manually terminating ClientAppActor", "fraction_evaluate is set to 0.0. Federated evaluation will be skipped")
 
 
 def readable(line: str) -> str | None:

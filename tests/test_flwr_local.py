@@ -6,7 +6,7 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
-from flmnist.flwr_local import stage_app, write_flower_config
+from flmnist.flwr_local import readable, stage_app, write_flower_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,3 +37,10 @@ def test_the_private_superlink_keeps_its_state_in_memory(tmp_path):
     config = tomllib.loads(write_flower_config(tmp_path).read_text())
     assert config["superlink"]["default"] == "local"
     assert config["superlink"]["local"]["address"] == ":local-in-memory:"
+
+
+def test_a_chosen_setting_is_not_echoed_as_a_warning_and_real_warnings_are():
+    chosen = "\x1b[93mWARNING \x1b[0m:   fraction_evaluate is set to 0.0. Federated evaluation will be skipped.\n"
+    assert readable(chosen) is None
+    real = "\x1b[93mWARNING \x1b[0m:   Node 3 was not added: node-info keys ...\n"
+    assert readable(real) == real
