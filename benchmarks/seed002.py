@@ -25,7 +25,6 @@ leaves behind is timed apart (stop_s) and not counted. flmnist runs in a tempora
 directory with hydra.run.dir=<tmp>/run; its accuracy comes from summary.json.
 
     flock /tmp/flmnist-cpu.lock python benchmarks/seed002.py --ratios [--repeat N]
-    python benchmarks/seed002.py --ratios --lock /tmp/flmnist-cpu.lock   # lock held per command
 
 --repeat N: N alternating repetitions (all runs, then all runs in reverse order, ...), the
 median wall time of each. Writes benchmarks/results/seed002_ratios.json (logs of the last
@@ -35,8 +34,6 @@ repetition in benchmarks/results/seed002_ratios_logs/) and prints a Markdown tab
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import json
 import os
 import re
@@ -81,10 +78,9 @@ def main() -> None:
     parser.add_argument("--ratios", action="store_true",
                         help="issue 10: time every run as a whole command, write seed002_ratios.json")
     parser.add_argument("--repeat", type=int, default=1, help="--ratios: median of N alternating repetitions")
-    parser.add_argument("--lock", help="--ratios: hold this lock file (flock) around each timed command")
     args = parser.parse_args()
     if args.ratios:
-        ratios(args.repeat, args.lock)
+        ratios(args.repeat)
         return
     out_dir = REPO / "benchmarks" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -145,21 +141,7 @@ RUNS = {  # name: command
 PLAIN_ACCURACY = re.compile(r"\[plain_flower\] round (\d+): accuracy ([0-9.]+)")
 
 
-@contextlib.contextmanager
-def held(lock: str | None):
-    """The lock `flock LOCK cmd` takes (flock(2) on the file), held while a command is timed."""
-    if lock is None:
-        yield
-        return
-    with open(lock, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def timed_run(name: str, lock: str | None, log_path: Path) -> dict:
+def timed_run(name: str, log_path: Path) -> dict:
     """Run one command of RUNS from start to exit; its wall time and final accuracy."""
     work = Path(tempfile.mkdtemp(prefix=f"seed002-{name}-"))
     env = dict(os.environ, FLMNIST_DATA_DIR=str(resolve_root()))
@@ -171,7 +153,7 @@ def timed_run(name: str, lock: str | None, log_path: Path) -> dict:
         env = flwr_env(work / "flwr_home", env)
     out: dict = {}
     try:
-        with held(lock), open(log_path, "w") as log:
+        with open(log_path, "w") as log:
             start = time.perf_counter()
             proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             lines = []
@@ -207,7 +189,7 @@ def timed_run(name: str, lock: str | None, log_path: Path) -> dict:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def ratios(repeat: int, lock: str | None) -> None:
+def ratios(repeat: int) -> None:
     out_dir = REPO / "benchmarks" / "results"
     logs = out_dir / "seed002_ratios_logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -215,7 +197,7 @@ def ratios(repeat: int, lock: str | None) -> None:
     for i in range(repeat):
         for name in (list(RUNS) if i % 2 == 0 else list(RUNS)[::-1]):
             print(f"[seed002 ratios] repetition {i + 1}/{repeat}: {name}", flush=True)
-            trials[name].append(timed_run(name, lock, logs / f"{name}.log"))
+            trials[name].append(timed_run(name, logs / f"{name}.log"))
             print(f"[seed002 ratios]   {trials[name][-1]}", flush=True)
     wall = {name: statistics.median(t["wall_time_s"] for t in runs) for name, runs in trials.items()}
     checks = [  # (name, numerator, denominator, target, met)
