@@ -5,7 +5,6 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from plain_flower.task import Net, load_data
-from plain_flower.task import test as test_fn
 from plain_flower.task import train as train_fn
 
 app = ClientApp()
@@ -23,14 +22,3 @@ def train(msg: Message, context: Context):
     content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})
     return Message(content=content, reply_to=msg)
 
-
-@app.evaluate()
-def evaluate(msg: Message, context: Context):
-    """Local evaluation on the held-out 10% (unused: seed002 sets fraction-evaluate = 0)."""
-    model = Net()
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    cfg = context.run_config
-    _, holdout = load_data(context.node_config["partition-id"], cfg["data-root"], cfg["batch-size"])
-    loss, accuracy = test_fn(model, holdout, device)
-    metrics = MetricRecord({"eval_loss": loss, "eval_acc": accuracy, "num-examples": len(holdout.dataset)})
-    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
