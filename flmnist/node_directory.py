@@ -20,7 +20,6 @@ answered. (The synchronous engine needs no answers: :mod:`flmnist.node_order`.)
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
 from logging import WARNING
 
 from flwr.app import Message, MessageType, RecordDict
@@ -41,18 +40,13 @@ class NodeDirectory:
         self.refused: dict[int, str] = {}        # node id -> why its query reply was refused
         self.asked: dict[int, float] = {}        # node id -> when it was last asked who it is
 
-    def unknown(self, node_ids: Iterable[int], now: float | None = None) -> list[int]:
-        """The ids among ``node_ids`` to ask: not known, not refused, not asked in ``reask_after`` s."""
-        now = time.monotonic() if now is None else now
-        return [n for n in node_ids if n not in self.nodes and n not in self.refused
-                and now - self.asked.get(n, -1e9) > self.reask_after]
-
-    def discover(self, timeout: float, node_ids: Iterable[int] | None = None) -> list[NodeInfo]:
-        """Ask every unknown node among ``node_ids`` (default: all Flower lists) who it is and wait
-        up to ``timeout`` s for the answers; return the newly accepted nodes, in the order asked.
-        A malformed answer refuses the node (logged with the reason)."""
+    def discover(self, timeout: float) -> list[NodeInfo]:
+        """Ask every node Flower lists that is not known, not refused and not asked in the last
+        ``reask_after`` s who it is, and wait up to ``timeout`` s for the answers; return the newly
+        accepted nodes, in the order asked. A malformed answer refuses the node (logged with the reason)."""
         now = time.monotonic()
-        new = self.unknown(self.grid.get_node_ids() if node_ids is None else node_ids, now)
+        new = [n for n in self.grid.get_node_ids() if n not in self.nodes and n not in self.refused
+               and now - self.asked.get(n, -1e9) > self.reask_after]
         if not new:
             return []
         self.asked.update({n: now for n in new})
@@ -77,12 +71,3 @@ class NodeDirectory:
     def ordered(self) -> list[NodeInfo]:
         """Every accepted node, in a run-independent order (partition id)."""
         return sorted(self.nodes.values(), key=lambda n: (n.partition, n.node_id))
-
-    def order(self, node_ids: Iterable[int]) -> list[int]:
-        """``node_ids`` in a run-independent order: accepted nodes by partition id, then nodes
-        that have not answered (yet) by node id, then refused nodes by node id."""
-        node_ids = list(node_ids)
-        known = sorted((self.nodes[n].partition, n) for n in node_ids if n in self.nodes)
-        unanswered = sorted(n for n in node_ids if n not in self.nodes and n not in self.refused)
-        refused = sorted(n for n in node_ids if n in self.refused)
-        return [n for _, n in known] + unanswered + refused
