@@ -17,6 +17,19 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def place(model: nn.Module, dev: torch.device) -> nn.Module:
+    """Move ``model`` to ``dev``; on the CPU its 4-D weights go channels-last.
+
+    oneDNN's CPU convolutions are fastest on channels-last tensors: a LeNet training step of
+    batch 32 took 4.5 ms instead of 7.8 ms, and evaluating 1,000 images 30 ms instead of 120 ms
+    (McMahan's CNN: 5.3 against 6.3 ms, 89 against 298 ms), ``benchmarks/layout.py``. Values and
+    state-dict keys are unchanged; only strides differ, and Flower's arrays serialize them in
+    C order. Models without 4-D weights (MLP, logreg) are left as they are.
+    """
+    fmt = torch.channels_last if dev.type == "cpu" else torch.preserve_format
+    return model.to(dev, memory_format=fmt)
+
+
 def batches(n: int, batch_size: int, generator: torch.Generator, epochs: int | None, steps: int | None):
     """Index batches: ``epochs`` shuffled passes, or exactly ``steps`` batches (reshuffling as needed).
 
@@ -61,7 +74,7 @@ def train(
     """
     dev = dev or device()
     generator = generator or torch.Generator().manual_seed(0)
-    model.to(dev).train()
+    place(model, dev).train()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
     pin = dev.type == "cuda"
@@ -136,7 +149,7 @@ def evaluate(
 ) -> EvalResult:
     """Summed loss and the confusion matrix (rows: true digit, columns: predicted)."""
     dev = dev or device()
-    model.to(dev).eval()
+    place(model, dev).eval()
     result = EvalResult()
     for start in range(0, len(labels), batch_size):
         x = images[start : start + batch_size].to(dev, non_blocking=True)
