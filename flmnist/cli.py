@@ -33,13 +33,13 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from flmnist.checkpoint import find_checkpoint
-from flmnist.config import check_group_overrides, client_gpus, compose_config, conf_dir, validate
+from flmnist.checkpoint import CHECKPOINT, find_checkpoint
+from flmnist.config import check_group_overrides, client_gpus, compose_config, conf_dir, run_length, validate
 from flmnist.data import ensure_mnist, resolve_root
 from flmnist.errors import ConfigError, FlmnistError, RunFailed
 from flmnist.flwr_local import run_flwr
 from flmnist.help import help_text, version_text
-from flmnist.recorder import FINAL_LINE
+from flmnist.recorder import FINAL_LINE, summarize_stopped
 
 APP_DIR = Path(__file__).resolve().parents[1]
 COLUMNS = ["job", "overrides", "status", "final_accuracy", "best_accuracy", "rounds_to_target", "wall_time", "run_dir"]
@@ -155,11 +155,27 @@ def launch(cfg: DictConfig) -> dict:
         code = run_flwr(APP_DIR, overrides, run_cfg.num_nodes, flwr_home, log_path=run_dir / "flwr_run.log",
                         append=bool(cfg.resume), client_cpus=float(sim.client_cpus), client_gpus=client_gpus(cfg),
                         ray_address=sim.ray_address, until=finished_line(run_dir, before))
+    except (Stop, KeyboardInterrupt) as stop:
+        raise Stop(stopped_message(stop, run_cfg, run_dir, before), getattr(stop, "code", 130)) from None
     finally:
         shutil.rmtree(flwr_home, ignore_errors=True)
     summary = outcome(run_dir, before, code)
     summary["overrides"] = " ".join(o for o in hc.overrides.task if not o.startswith("run_dir="))
     return summary
+
+
+def stopped_message(stop: BaseException, cfg: DictConfig, run_dir: Path, before: tuple | None) -> str:
+    """What the command says when stopped mid-run (its processes already stopped): the summary of
+    the results so far, written here unless the run wrote its own, and how to continue."""
+    why = str(stop) if isinstance(stop, Stop) else "interrupted; every process this run started has been stopped"
+    if _signature(run_dir / "summary.json") not in (None, before):
+        return f"{why}; the run had finished: results in {run_dir}"
+    unit, steps = run_length(cfg)
+    summary = summarize_stopped(run_dir, steps, cfg.target_accuracy, unit, why.split(";")[0])
+    if summary is None:
+        return f"{why}; it had recorded no {unit} yet"
+    more = (f"; continue it with: flmnist resume={quoted(run_dir)}" if (run_dir / CHECKPOINT).is_file() else "")
+    return f"{why}; results after {unit} {summary['rounds_completed']} in {run_dir / 'summary.json'}{more}"
 
 
 def comparison_rows(summaries: list[dict]) -> list[dict]:

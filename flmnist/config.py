@@ -288,6 +288,17 @@ def _rounds(cfg: DictConfig, key: str, last: int | None) -> None:
             raise ConfigError(f"{key} lists {r!r}, outside {allowed}")
 
 
+def run_length(cfg: DictConfig) -> tuple[str, int]:
+    """A run's step ("round"; "update" under an asynchronous strategy) and how many it is to take."""
+    from hydra.utils import get_class
+
+    from flmnist.strategies.asynchronous import AsyncStrategy
+
+    if issubclass(get_class(cfg.strategy._target_), AsyncStrategy):
+        return "update", int(cfg.async_loop.max_server_updates or 0)
+    return "round", int(cfg.num_rounds)
+
+
 def validate(cfg: DictConfig) -> None:
     """Check every setting a run depends on, before Flower starts, naming the key at fault.
 

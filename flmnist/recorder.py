@@ -254,3 +254,29 @@ class RunRecorder:
             f"Results in {self.run_dir}"
         )
         return summary
+
+
+def summarize_stopped(run_dir: Path, num_rounds: int, target_accuracy: float, unit: str, reason: str) -> dict | None:
+    """The summary of a run stopped from outside (SIGTERM, SIGHUP, Ctrl-C), from what it wrote.
+
+    The server process is gone by then; its metrics files are not. ``summary.json`` says
+    ``status: stopped`` and why, and the plots are drawn; ``model.pt`` and the checkpoint stay as
+    the run left them. None when the run wrote no metrics yet.
+    """
+    run_dir = Path(run_dir)
+    try:
+        rows = json.loads((run_dir / "metrics.json").read_text())
+        traces = json.loads((run_dir / "client_loss.json").read_text())
+    except (OSError, ValueError):
+        return None
+    rec = RunRecorder(run_dir, num_rounds, target_accuracy, printer=lambda _: None, unit=unit)
+    rec.rows = {int(r["round"]): r for r in rows if isinstance(r, dict) and "round" in r}
+    rec.loss_traces = defaultdict(list, traces if isinstance(traces, dict) else {})
+    evaluated = [r for r in rec.scalar_rows() if r.get("test_accuracy") is not None and r["round"] > 0]
+    if evaluated:
+        best = max(evaluated, key=lambda r: r["test_accuracy"])
+        rec.best_accuracy, rec.best_round = best["test_accuracy"], best["round"]
+    walls = [r["wall_time"] for r in rec.scalar_rows() if isinstance(r.get("wall_time"), (int, float))]
+    rec.t0 = time.perf_counter() - (walls[-1] if walls else 0.0)  # the last time the run recorded
+    rec.model_saved = True  # the global model is not in this process: model.pt stays as it was
+    return rec.finish("stopped", reason)

@@ -133,6 +133,12 @@ def test_sigterm_stops_every_process_the_command_started(tmp_path, mnist_root):
             proc.kill()
     assert code == 128 + signal.SIGTERM
     assert "flmnist: stopped by SIGTERM" in stderr.read_text()
+    # The results so far are kept: a summary saying the run was stopped, after its last round
+    summary = json.loads((tmp_path / run_dir / "summary.json").read_text())
+    assert summary["status"] == "stopped" and "SIGTERM" in summary["error"], summary
+    rows = json.loads((tmp_path / run_dir / "metrics.json").read_text())
+    assert summary["rounds_completed"] == max(r["round"] for r in rows)
+    assert f"results after round {summary['rounds_completed']} in" in stderr.read_text()
     deadline = time.monotonic() + 20  # a killed process may still be exiting on a loaded machine
     def alive() -> list[int]:
         return processes_with(marker) + [p for p, start in tracked.items() if start and started_at(p) == start]

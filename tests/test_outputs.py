@@ -4,6 +4,7 @@ engine. The recorder writes them from rows as both engines record them."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 from PIL import Image
 
 from flmnist.async_loop import stats_lines
-from flmnist.recorder import FINAL_LINE, RunRecorder
+from flmnist.recorder import FINAL_LINE, RunRecorder, summarize_stopped
 
 LABEL = "demo: FedProx, Dirichlet split, LeNet, 3 nodes"
 
@@ -49,6 +50,23 @@ def test_sync_plots_name_the_run_and_show_no_empty_virtual_time_panel(tmp_path):
     table = (tmp_path / "summary.md").read_text().splitlines()
     assert table[0] == "| round | client updates | train loss | test loss | test acc | wall time (s) |"
     assert len(table) == 2 + 3  # rounds 1-3, round 0 is the initial model
+
+
+def test_a_stopped_run_gets_a_summary_of_what_it_recorded(tmp_path):
+    """A run killed after round 2 of 5 (its server gone): the summary says stopped, why, and the
+    rounds and accuracy it reached; the plots are drawn from its metrics files."""
+    recorder = RunRecorder(tmp_path, 5, 0.65, printer=lambda line: None)
+    sync_rows(recorder, fleet=False)
+    recorder.rows.pop(3)
+    recorder.write_metrics()  # what end_round had written when the run was killed
+    assert not (tmp_path / "summary.json").exists()
+    summary = summarize_stopped(tmp_path, 5, 0.65, "round", "stopped by SIGTERM")
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    assert (summary["status"], summary["error"], summary["rounds_completed"]) == ("stopped", "stopped by SIGTERM", 2)
+    assert (summary["final_accuracy"], summary["best_round"], summary["rounds_to_target"]) == (0.7, 2, 2)
+    assert (tmp_path / "accuracy_loss.png").is_file() and len((tmp_path / "summary.md").read_text().splitlines()) == 4
+    assert not (tmp_path / "model.pt").exists()  # nothing invented: there is no model to save here
+    assert summarize_stopped(tmp_path / "empty", 5, 0.65, "round", "x") is None  # stopped before round 0
 
 
 def test_a_fleet_adds_the_virtual_time_panel_and_column(tmp_path):
