@@ -35,3 +35,13 @@ def check_integer(key: str, value, low: int, allow_none: bool = False) -> int | 
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ConfigError(f"{key} must be an integer >= {low}{' or null' if allow_none else ''}, got {value!r}")
     return value
+
+
+SEED_STYLES = ("seed002", "seed000")  # ``eval.style``: how the global model's evaluation is printed
+
+
+def check_style(style: str) -> str:
+    """``style`` if it is one of :data:`SEED_STYLES`, else a ConfigError naming ``eval.style``."""
+    if style not in SEED_STYLES:
+        raise ConfigError(f"eval.style must be one of {', '.join(SEED_STYLES)}, got {style!r}")
+    return style

@@ -33,7 +33,6 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from flmnist.checkpoint import CHECKPOINT, find_checkpoint
 from flmnist.config import check_group_overrides, client_gpus, compose_config, conf_dir, run_length, validate
 from flmnist.data import ensure_mnist, resolve_root
 from flmnist.errors import ConfigError, FlmnistError, RunFailed
@@ -137,6 +136,8 @@ def launch(cfg: DictConfig) -> dict:
     hc = HydraConfig.get()
     run_cfg, overrides = cfg, list(hc.overrides.task)
     if cfg.resume:
+        from flmnist.checkpoint import find_checkpoint  # (PyTorch: only a resume pays its import)
+
         checkpoint = find_checkpoint(str(cfg.resume), cfg.output_dir)
         run_dir = checkpoint.parent
         run_cfg = saved_config(run_dir)
@@ -174,6 +175,8 @@ def stopped_message(stop: BaseException, cfg: DictConfig, run_dir: Path, before:
     summary = summarize_stopped(run_dir, steps, cfg.target_accuracy, unit, why.split(";")[0])
     if summary is None:
         return f"{why}; it had recorded no {unit} yet"
+    from flmnist.checkpoint import CHECKPOINT
+
     more = (f"; continue it with: flmnist resume={quoted(run_dir)}" if (run_dir / CHECKPOINT).is_file() else "")
     return f"{why}; results after {unit} {summary['rounds_completed']} in {run_dir / 'summary.json'}{more}"
 
@@ -276,6 +279,8 @@ def hydra_arguments(args: list[str]) -> list[str]:
     if not cfg.resume:
         ensure_mnist(resolve_root(cfg.data.root), cfg.data.download)  # (downloads it if allowed)
         return args
+    from flmnist.checkpoint import find_checkpoint
+
     checkpoint = find_checkpoint(str(cfg.resume), cfg.output_dir)  # resume=latest says which it picked
     saved_config(checkpoint.parent)
     args = [a for a in args if not a.lstrip("+").startswith("resume=")]

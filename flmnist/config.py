@@ -21,7 +21,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from flmnist.checks import check_integer, check_number
+from flmnist.checks import check_integer, check_number, check_style
 from flmnist.errors import ConfigError
 
 GROUPS = ("model", "partition", "strategy", "client", "eval", "fleet", "logger", "experiment")
@@ -256,8 +256,6 @@ def _top_level(cfg: DictConfig) -> None:
     _kind(cfg, "stop_at_target", bool, "true or false")
     _kind(cfg, "eval.attribution", bool, "true or false")
     _integer(cfg, "eval.probe_size", 0)
-    from flmnist.evaluation import check_style
-
     check_style(cfg.eval.get("style", "seed002"))
     if cfg.eval.probe_size > 10000:
         raise ConfigError(f"eval.probe_size must be at most 10000 (the test set), got {cfg.eval.probe_size}")
@@ -310,7 +308,6 @@ def validate(cfg: DictConfig) -> None:
     """
     from flwr.serverapp.strategy import Bulyan
 
-    from flmnist.async_loop import AsyncLoopSettings
     from flmnist.protocol import TrainSettings
     from flmnist.screen import ScreenSettings
     from flmnist.strategies import build_strategy
@@ -328,6 +325,8 @@ def validate(cfg: DictConfig) -> None:
         raise _as_written(err, cfg) from err.__cause__
     asynchronous = isinstance(strategy, AsyncStrategy)
     if asynchronous:
+        from flmnist.async_loop import AsyncLoopSettings  # (it imports PyTorch: only asynchronous runs pay that here)
+
         _settings(AsyncLoopSettings, cfg, "async_loop")
     else:  # under a fleet, a synchronous round charges a dropped update this virtual time
         _number(cfg, "async_loop.update_timeout", 0, low_open=True)

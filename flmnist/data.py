@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from flmnist.errors import DataError
+
+if TYPE_CHECKING:
+    import torch
 
 MNIST_FILES = {
     # name: (magic number, number of items)
@@ -103,6 +106,8 @@ def load_mnist(root: str, train: bool, download: bool | str = False) -> tuple[to
     The idx files are read with numpy (the format is a header and raw bytes, checked by
     :func:`check_file`): 0.1 s against 1.5 s through torchvision, whose import alone takes
     1.2 s in every process that loads MNIST."""
+    import torch  # here, not at the top: the flmnist command checks MNIST without paying its import
+
     folder = ensure_mnist(resolve_root(root), download)
     prefix = "train" if train else "t10k"
     images = np.fromfile(folder / f"{prefix}-images-idx3-ubyte", dtype=np.uint8, offset=16).reshape(-1, 28, 28)
@@ -121,6 +126,8 @@ def load_data_path(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]
     ``data.pt`` holds ``{"images": uint8 [N, 28, 28], "labels": int64 [N]}``, as
     written by ``jetson/device/export_partition.py``.
     """
+    import torch
+
     folder = Path(path).expanduser()
     file = folder / "data.pt"
     if not file.is_file():

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
+from flmnist.checks import check_style
 from flmnist.screen import ClientUpdate  # an accepted train reply (name, arrays, metrics)
 from flmnist.training import EvalResult, device, evaluate
 
@@ -58,18 +59,6 @@ def group_label(group: Sequence[int]) -> str:
     if g == list(range(g[0], g[-1] + 1)) and len(g) > 1:
         return f"{g[0]}-{g[-1]}"
     return ",".join(map(str, g))
-
-
-SEED_STYLES = ("seed002", "seed000")  # ``eval.style``: how the global model's evaluation is printed
-
-
-def check_style(style: str) -> str:
-    """``style`` if it is one of :data:`SEED_STYLES`, else a ConfigError naming ``eval.style``."""
-    if style not in SEED_STYLES:
-        from flmnist.errors import ConfigError
-
-        raise ConfigError(f"eval.style must be one of {', '.join(SEED_STYLES)}, got {style!r}")
-    return style
 
 
 def seed_lines(who: str, result: EvalResult, groups: Sequence[Sequence[int]],

@@ -14,7 +14,6 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import torch
 
 from flmnist.trackers import Trackers, scalars
 
@@ -30,6 +29,8 @@ def atomic_write(path: Path, text: str) -> None:
 
 
 def atomic_torch_save(obj, path: Path) -> None:
+    import torch  # here: the flmnist command imports this module, and needs no PyTorch
+
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
