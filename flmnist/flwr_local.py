@@ -263,7 +263,8 @@ def run_flwr(
     to the log), and stop everything it started, also when interrupted (Ctrl-C, a signal handler
     raising): no SuperLink, SuperExec, ServerApp, simulation or Ray process outlives the call.
     ``client_cpus``/``client_gpus``: Ray resources per ClientApp; ``ray_address``: an existing
-    Ray cluster for the simulation to join (through ``RAY_ADDRESS``, which ``ray.init`` reads).
+    Ray cluster for the simulation to join (through ``RAY_ADDRESS``, which ``ray.init`` reads),
+    else a private one.
     ``until``: called with each line of output; once it returns True the run is over by the app's
     own account, and everything is stopped at once rather than after Flower's shutdown (Ray's, and
     the log stream's polling: about 3 s); the call then returns 0."""
@@ -272,8 +273,9 @@ def run_flwr(
                            client_cpus, client_gpus)
     env = flwr_env(flwr_home, env)
     write_flower_config(flwr_home)
-    if ray_address:
-        env["RAY_ADDRESS"] = ray_address
+    # No address: a private Ray ("local"). Left unset, ray.init joins the cluster `ray start` last
+    # recorded in its temp dir (ray/ray_current_cluster), the user's own or a dead one.
+    env["RAY_ADDRESS"] = ray_address or "local"
     proc, grace = None, 5.0
     try:
         with open(log_path, "a" if append else "w") if log_path else contextlib.nullcontext() as log:

@@ -87,3 +87,25 @@ def test_a_run_joins_an_existing_ray_cluster(ray_head, tmp_path, mnist_root):
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("flmnist").experiment_id])
     assert run.info.status == "FINISHED" and run.data.metrics["test_accuracy"] == summary["final_accuracy"]
+
+
+@pytest.mark.slow
+def test_a_run_without_an_address_starts_its_own_ray_whatever_ray_start_left_behind(tmp_path, mnist_root):
+    """`ray start` records its cluster in Ray's temp dir (ray/ray_current_cluster), and Ray's
+    default address joins that cluster, even once it is gone. simulation.ray_address=null means a
+    private Ray: here the record names an address where nothing listens, and the run must finish."""
+    ray_tmp = Path(f"/tmp/rt-{uuid.uuid4().hex[:8]}")  # short: Ray's socket paths have a length limit
+    (ray_tmp / "ray").mkdir(parents=True)
+    (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")
+    marker = f"FLMNIST_RAY_TEST={uuid.uuid4().hex}"
+    env = {**os.environ, "FLMNIST_DATA_DIR": str(mnist_root), "RAY_TMPDIR": str(ray_tmp),
+           marker.split("=")[0]: marker.split("=")[1]}
+    try:
+        out = subprocess.run([str(BIN / "flmnist"), "model=logreg", "num_nodes=2", "num_rounds=1",
+                              "client.local_steps=5", "eval.attribution=false", "hydra.run.dir=job"],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
+    finally:
+        stop_env(marker, grace=5)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert json.loads((tmp_path / "job" / "summary.json").read_text())["status"] == "finished"
