@@ -14,6 +14,7 @@ import math
 import os
 import re
 import shlex
+import sys
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -239,9 +240,21 @@ def client_gpus(cfg: DictConfig) -> float:
     value = cfg.simulation.client_gpus
     if value != "auto":
         return float(value)
+    if not gpu_device_nodes():
+        return 0.0  # PyTorch cannot see a GPU the kernel does not show: its import (about 1 s) is spared
     import torch
 
     return 0.5 if torch.cuda.is_available() else 0.0
+
+
+def gpu_device_nodes() -> bool:
+    """Whether the machine shows a GPU to programs: NVIDIA's device nodes or driver, a Jetson's
+    GPU nodes, AMD's ROCm node (PyTorch's CUDA API serves ROCm too). True off Linux: unknown."""
+    if not sys.platform.startswith("linux"):
+        return True
+    dev = Path("/dev")
+    return (Path("/proc/driver/nvidia").exists() or (dev / "kfd").exists()
+            or any(dev.glob("nvidia[0-9]*")) or any(dev.glob("nvhost-*")))
 
 
 def _top_level(cfg: DictConfig) -> None:

@@ -151,15 +151,17 @@ def test_sigterm_stops_every_process_the_command_started(tmp_path, mnist_root):
 
 
 def test_the_commands_checks_before_flower_starts_import_no_pytorch(mnist_root):
-    """Composing, checking the config and MNIST is what the command does alone before Flower
-    starts: PyTorch's import (about 1 s) is left to the processes that train or evaluate."""
+    """Composing, checking the config and MNIST, and the GPU share, is what the command does alone
+    before Flower starts: PyTorch's import (about 1 s) is left to the processes that train or
+    evaluate (on a machine without GPU device nodes, as here and in CI)."""
     script = ("import sys\n"
               "from flmnist import cli\n"
-              "from flmnist.config import compose_config, validate\n"
+              "from flmnist.config import client_gpus, compose_config, validate\n"
               "from flmnist.data import ensure_mnist, resolve_root\n"
               "cfg = compose_config(['experiment=seed002'])\n"
               "validate(cfg)\n"
               "ensure_mnist(resolve_root(cfg.data.root), cfg.data.download)\n"
+              "client_gpus(cfg)\n"
               "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "FLMNIST_DATA_DIR": str(mnist_root)})

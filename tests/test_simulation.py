@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flmnist.config import client_gpus, compose_config
+from flmnist.config import client_gpus, compose_config, gpu_device_nodes
 from flmnist.errors import ConfigError
 from flmnist.flwr_local import flwr_run_command, free_port, stop_env
 
@@ -32,6 +32,8 @@ def test_client_resources_reach_the_flwr_run_command():
 
 def test_gpu_share_defaults_to_the_gpu_when_there_is_one():
     assert client_gpus(compose_config([])) == (0.5 if torch.cuda.is_available() else 0.0)
+    # the shortcut that spares the command PyTorch's import holds: no device nodes, no GPU
+    assert gpu_device_nodes() or not torch.cuda.is_available()
     assert client_gpus(compose_config(["simulation.client_gpus=0.25"])) == 0.25
 
 
