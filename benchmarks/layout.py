@@ -67,7 +67,7 @@ def main() -> None:
                                  "channels_last": 1e3 * seconds(step_fn(last, x, y), args.repeat)}}
         for eval_batch in (1000, 250):
             row[f"eval_10k_ms_batch{eval_batch}"] = {
-                name: 1e3 * seconds(lambda m=m: forward_all(m, test_x, eval_batch), 3)
+                name: 1e3 * seconds(lambda m=m, b=eval_batch: forward_all(m, test_x, b), 3)
                 for name, m in (("nchw", nchw), ("channels_last", last))}
         print(json.dumps(row, indent=1))
 

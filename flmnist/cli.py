@@ -33,7 +33,14 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from flmnist.config import check_group_overrides, client_gpus, compose_config, conf_dir, run_length, validate
+from flmnist.config import (
+    check_group_overrides,
+    client_gpus,
+    compose_config,
+    conf_dir,
+    run_length,
+    validate,
+)
 from flmnist.data import ensure_mnist, resolve_root
 from flmnist.errors import ConfigError, FlmnistError, RunFailed
 from flmnist.flwr_local import run_flwr

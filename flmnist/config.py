@@ -338,7 +338,8 @@ def validate(cfg: DictConfig) -> None:
         raise _as_written(err, cfg) from err.__cause__
     asynchronous = isinstance(strategy, AsyncStrategy)
     if asynchronous:
-        from flmnist.async_loop import AsyncLoopSettings  # (it imports PyTorch: only asynchronous runs pay that here)
+        # imported here: it imports PyTorch, which only asynchronous runs pay for at this point
+        from flmnist.async_loop import AsyncLoopSettings
 
         _settings(AsyncLoopSettings, cfg, "async_loop")
     else:  # under a fleet, a synchronous round charges a dropped update this virtual time

@@ -14,7 +14,6 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-
 from flmnist.trackers import Trackers, scalars
 
 SCALAR = (int, float, str, type(None))
