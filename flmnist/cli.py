@@ -48,6 +48,7 @@ from flmnist.help import help_text, version_text
 from flmnist.recorder import FINAL_LINE, summarize_stopped
 
 APP_DIR = Path(__file__).resolve().parents[1]
+INTERRUPTED = "interrupted; every process this run started has been stopped"  # Ctrl-C
 COLUMNS = ["job", "overrides", "status", "final_accuracy", "best_accuracy", "rounds_to_target", "wall_time", "run_dir"]
 EXIT_FAILED = 1  # a run did not finish
 EXIT_ERROR = 2  # a bad setting or input: nothing ran
@@ -103,6 +104,12 @@ def _signature(path: Path) -> tuple[int, int] | None:
     return st.st_ino, st.st_mtime_ns
 
 
+def wrote_summary(run_dir: Path, before: tuple[int, int] | None) -> bool:
+    """Whether the run wrote a summary since the launch (``before``: the summary file's identity
+    then; a resumed run may hold an old one)."""
+    return _signature(run_dir / "summary.json") not in (None, before)
+
+
 def outcome(run_dir: Path, before: tuple[int, int] | None, code: int) -> dict:
     """The run's summary if it finished; else RunFailed saying why and where the log is.
 
@@ -110,7 +117,7 @@ def outcome(run_dir: Path, before: tuple[int, int] | None, code: int) -> dict:
     """
     log = run_dir / "flwr_run.log"
     path = run_dir / "summary.json"
-    if _signature(path) in (None, before):
+    if not wrote_summary(run_dir, before):
         raise RunFailed(f"the run wrote no summary (flwr run exited with {code}); see {log}")
     try:
         summary = json.loads(path.read_text())
@@ -131,7 +138,7 @@ def finished_line(run_dir: Path, before: tuple | None):
     last_line = FINAL_LINE.format(status="finished")
 
     def test(line: str) -> bool:
-        return last_line in line and _signature(run_dir / "summary.json") not in (None, before)
+        return last_line in line and wrote_summary(run_dir, before)
 
     return test
 
@@ -175,8 +182,8 @@ def launch(cfg: DictConfig) -> dict:
 def stopped_message(stop: BaseException, cfg: DictConfig, run_dir: Path, before: tuple | None) -> str:
     """What the command says when stopped mid-run (its processes already stopped): the summary of
     the results so far, written here unless the run wrote its own, and how to continue."""
-    why = str(stop) if isinstance(stop, Stop) else "interrupted; every process this run started has been stopped"
-    if _signature(run_dir / "summary.json") not in (None, before):
+    why = str(stop) if isinstance(stop, Stop) else INTERRUPTED
+    if wrote_summary(run_dir, before):
         return f"{why}; the run had finished: results in {run_dir}"
     unit, steps = run_length(cfg)
     summary = summarize_stopped(run_dir, steps, cfg.target_accuracy, unit, why.split(";")[0])
@@ -332,7 +339,7 @@ def main() -> None:
         print(f"flmnist: {'error: ' if stop.code in (EXIT_ERROR, EXIT_FAILED) else ''}{stop}", file=sys.stderr)
         raise SystemExit(stop.code) from None
     except KeyboardInterrupt:
-        print("flmnist: interrupted; every process this run started has been stopped", file=sys.stderr)
+        print(f"flmnist: {INTERRUPTED}", file=sys.stderr)
         raise SystemExit(130) from None
     if _failed_jobs:
         print(f"flmnist: error: {len(_failed_jobs)} sweep job(s) did not finish: {', '.join(_failed_jobs)}",
