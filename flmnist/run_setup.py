@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from flmnist.async_loop import AsyncLoop, AsyncLoopSettings
 from flmnist.attribution import Attribution
 from flmnist.checkpoint import find_checkpoint, load_checkpoint
-from flmnist.config import build
+from flmnist.config import build, run_length
 from flmnist.data import ensure_mnist, load_mnist, resolve_root
 from flmnist.errors import ConfigError
 from flmnist.evaluation import DigitEvaluation
@@ -39,7 +39,6 @@ from flmnist.recorder import RunRecorder, atomic_write
 from flmnist.reply_path import ReplyPath, to_record
 from flmnist.screen import NodeLimits, ReplyScreen, ScreenSettings
 from flmnist.strategies import build_strategy
-from flmnist.strategies.asynchronous import AsyncStrategy
 from flmnist.strategies.guard import Guarded
 from flmnist.sync_engine import SyncEngine
 from flmnist.trackers import Trackers
@@ -143,15 +142,15 @@ def build_run(grid: Grid, cfg: DictConfig) -> Run:
     model = build(cfg.model, "model")  # the initial global model: first draw after the seed
 
     strategy = build_strategy(cfg.strategy)
-    asynchronous = isinstance(strategy, AsyncStrategy)
+    unit, steps = run_length(cfg)  # rounds, or server updates for an asynchronous strategy
+    asynchronous = unit == "update"
     sent = TrainSettings.from_config(
         cfg, str(root),
         reply_delta=bool(getattr(strategy, "reply_delta", False)),
         proximal_mu=float(getattr(strategy, "proximal_mu", 0.0) or 0.0),
     )
     loop = AsyncLoopSettings(**cfg.async_loop) if asynchronous else None
-    steps = (loop.max_server_updates or 0) if asynchronous else cfg.num_rounds
-    recorder = RunRecorder(run_dir, steps, cfg.target_accuracy, printer=say, unit="update" if asynchronous else "round")
+    recorder = RunRecorder(run_dir, steps, cfg.target_accuracy, printer=say, unit=unit)
     recorder.label = run_label(cfg)
     if cfg.get("logger") is not None:
         recorder.trackers = Trackers([build(cfg.logger, "logger")])
