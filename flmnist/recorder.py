@@ -259,24 +259,24 @@ class RunRecorder:
 def summarize_stopped(run_dir: Path, num_rounds: int, target_accuracy: float, unit: str, reason: str) -> dict | None:
     """The summary of a run stopped from outside (SIGTERM, SIGHUP, Ctrl-C), from what it wrote.
 
-    The server process is gone by then; its metrics files are not. ``summary.json`` says
+    The server process is gone by then; its metrics files are not: they are read back as a
+    checkpoint's recorder state is (:meth:`RunRecorder.restore`). ``summary.json`` says
     ``status: stopped`` and why, and the plots are drawn; ``model.pt`` and the checkpoint stay as
     the run left them. None when the run wrote no metrics yet.
     """
     run_dir = Path(run_dir)
     try:
-        rows = json.loads((run_dir / "metrics.json").read_text())
+        rows = {int(r["round"]): r for r in json.loads((run_dir / "metrics.json").read_text())}
         traces = json.loads((run_dir / "client_loss.json").read_text())
-    except (OSError, ValueError):
+        stats = run_dir / "async_stats.json"
+        async_stats = json.loads(stats.read_text()) if stats.is_file() else None
+    except (OSError, ValueError, TypeError, KeyError):
         return None
+    evaluated = [(r["test_accuracy"], -n) for n, r in rows.items() if n > 0 and r.get("test_accuracy") is not None]
+    best_accuracy, best_round = max(evaluated, default=(None, None))
     rec = RunRecorder(run_dir, num_rounds, target_accuracy, printer=lambda _: None, unit=unit)
-    rec.rows = {int(r["round"]): r for r in rows if isinstance(r, dict) and "round" in r}
-    rec.loss_traces = defaultdict(list, traces if isinstance(traces, dict) else {})
-    evaluated = [r for r in rec.scalar_rows() if r.get("test_accuracy") is not None and r["round"] > 0]
-    if evaluated:
-        best = max(evaluated, key=lambda r: r["test_accuracy"])
-        rec.best_accuracy, rec.best_round = best["test_accuracy"], best["round"]
-    walls = [r["wall_time"] for r in rec.scalar_rows() if isinstance(r.get("wall_time"), (int, float))]
-    rec.t0 = time.perf_counter() - (walls[-1] if walls else 0.0)  # the last time the run recorded
+    rec.restore({"rows": rows, "loss_traces": traces, "async_stats": async_stats,
+                 "best_accuracy": best_accuracy, "best_round": None if best_round is None else -best_round,
+                 "elapsed": max((r.get("wall_time") or 0.0 for r in rows.values()), default=0.0)})
     rec.model_saved = True  # the global model is not in this process: model.pt stays as it was
     return rec.finish("stopped", reason)

@@ -69,6 +69,16 @@ def test_a_stopped_run_gets_a_summary_of_what_it_recorded(tmp_path):
     assert summarize_stopped(tmp_path / "empty", 5, 0.65, "round", "x") is None  # stopped before round 0
 
 
+def test_a_stopped_asynchronous_run_keeps_its_loop_statistics(tmp_path):
+    recorder = RunRecorder(tmp_path, 6, 0.65, printer=lambda line: None, unit="update")
+    sync_rows(recorder, fleet=True)
+    recorder.async_stats = {"server_updates": 3, "client_updates": 9, "virtual_time": 37.5}
+    recorder.write_metrics()
+    summary = summarize_stopped(tmp_path, 6, 0.65, "update", "stopped by SIGTERM")
+    assert summary["async"] == recorder.async_stats and summary["unit"] == "update"
+    assert summary["rounds_completed"] == 3 and summary["final_virtual_time"] == 37.5
+
+
 def test_a_fleet_adds_the_virtual_time_panel_and_column(tmp_path):
     recorder = RunRecorder(tmp_path, 3, 0.99, printer=lambda line: None)
     recorder.label = LABEL
