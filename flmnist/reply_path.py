@@ -32,6 +32,7 @@ from flmnist.screen import (
     ReplyScreen,
     Weights,
     aggregate_problem,
+    l2_norm,
 )
 
 CHECKPOINT_FORMAT = 2
@@ -118,7 +119,7 @@ class ReplyPath:
         s = self.screen.settings
         norms = list(self.norms) + [u.norm for u in updates]
         median = float(np.median(norms)) if len(norms) >= 3 else None
-        scale = median if median else float(np.sqrt(sum(float(np.dot(v.ravel(), v.ravel())) for v in reference.values())))
+        scale = median if median else l2_norm(reference)
         refused = []
         if s.max_norm_ratio is not None and scale > 0:
             for u in list(updates):

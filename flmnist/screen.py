@@ -236,13 +236,25 @@ def decode_weights(record: ArrayRecord, reference: Weights) -> Weights:
     return {k: decode(record[k], k, reference[k]) for k in reference}
 
 
+def l2_norm(weights: Weights) -> float:
+    """L2 norm of all the arrays together, in float64.
+
+    Squares and sums elementwise, not with ``np.dot``: a BLAS dot wakes OpenBLAS's worker
+    threads, which then spin on a core for a while after the call. In simulation that core is
+    the one a ClientApp trains on: a seed002 client update took 80 ms instead of 45 ms.
+    """
+    total = 0.0
+    for v in weights.values():
+        d = np.asarray(v, dtype=np.float64).copy()
+        total += float(np.square(d, out=d).sum())
+    return math.sqrt(total)
+
+
 def update_norm(weights: Weights, reference: Weights, delta: bool) -> float:
     """L2 norm of the update (a delta itself, or the model minus ``reference``), in float64."""
-    total = 0.0
-    for k, v in weights.items():
-        d = v.astype(np.float64) if delta else v.astype(np.float64) - reference[k]
-        total += float(np.dot(d.ravel(), d.ravel()))
-    return math.sqrt(total)
+    if delta:
+        return l2_norm(weights)
+    return l2_norm({k: v.astype(np.float64) - reference[k] for k, v in weights.items()})
 
 
 def aggregate_problem(new: Weights | None, reference: Weights) -> str | None:

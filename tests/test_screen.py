@@ -30,6 +30,8 @@ from flmnist.screen import (
     ReplyScreen,
     ScreenSettings,
     aggregate_problem,
+    l2_norm,
+    update_norm,
 )
 from flmnist.training import batches
 
@@ -522,3 +524,17 @@ def test_no_client_loop_spins_without_data(task_identity):
     assert SENT.batches_per_update(0) == 0 and SENT.examples_per_update(0) == 0
     assert len(list(batches(5, 2, torch.Generator().manual_seed(0), epochs=None, steps=7))) == 7
     rejected(screen_train(_metric(p.NUM_EXAMPLES, 0, examples_processed=0)), "num-examples 0 is outside 1..10")
+
+
+def test_update_norm_is_the_float64_l2_norm_and_leaves_the_arrays_as_they_were():
+    rng = np.random.default_rng(0)
+    weights = {"a": rng.normal(size=(20, 5)).astype(np.float32), "b": rng.normal(size=7).astype(np.float32)}
+    reference = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in weights.items()}
+    before = {k: v.copy() for k, v in weights.items()}
+    flat = np.concatenate([(weights[k].astype(np.float64) - reference[k]).ravel() for k in weights])
+    assert update_norm(weights, reference, delta=False) == pytest.approx(np.linalg.norm(flat), rel=1e-12)
+    delta_flat = np.concatenate([v.astype(np.float64).ravel() for v in weights.values()])
+    assert update_norm(weights, reference, delta=True) == pytest.approx(np.linalg.norm(delta_flat), rel=1e-12)
+    assert l2_norm(weights) == pytest.approx(np.linalg.norm(delta_flat), rel=1e-12)
+    for k, v in weights.items():  # squared in place, but on copies
+        np.testing.assert_array_equal(v, before[k])
