@@ -9,6 +9,7 @@ offline on an in-memory ``datasets.Dataset`` of the labels); ``digit_groups``
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
@@ -49,7 +50,11 @@ def _flwr_split(partitioner, labels: np.ndarray, num_partitions: int) -> list[np
     partitioner.dataset = Dataset.from_dict(
         {"label": labels.astype(np.int64), "idx": np.arange(len(labels), dtype=np.int64)}
     )
-    first = np.asarray(partitioner.load_partition(0)["idx"])
+    with warnings.catch_warnings():
+        # pyarrow 25 deprecates the sort option Flower Datasets' shard partitioner passes; the
+        # warning, repeated by every ClientApp process, tells a user nothing they can change
+        warnings.filterwarnings("ignore", message="Specifying null_placement", category=FutureWarning)
+        first = np.asarray(partitioner.load_partition(0)["idx"])
     # The first load assigns every partition's rows of the partitioner's dataset (Flower
     # Datasets' Dirichlet and shard partitioners keep them in ``_partition_id_to_indices``; the
     # shard partitioner sorts its dataset first); selecting each partition from the dataset again
