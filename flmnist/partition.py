@@ -55,15 +55,15 @@ def _flwr_split(partitioner, labels: np.ndarray, num_partitions: int) -> list[np
         # warning, repeated by every ClientApp process, tells a user nothing they can change
         warnings.filterwarnings("ignore", message="Specifying null_placement", category=FutureWarning)
         first = np.asarray(partitioner.load_partition(0)["idx"])
-    # The first load assigns every partition's rows of the partitioner's dataset (Flower
-    # Datasets' Dirichlet and shard partitioners keep them in ``_partition_id_to_indices``; the
-    # shard partitioner sorts its dataset first); selecting each partition from the dataset again
-    # costs about 0.7 ms per node, 37 s at 50,000 nodes. A test holds both ways equal.
-    table = getattr(partitioner, "_partition_id_to_indices", None)
-    if isinstance(table, dict) and sorted(table) == list(range(num_partitions)):
-        idx = np.asarray(partitioner.dataset["idx"], dtype=np.int64)
-        return [first] + [idx[np.asarray(table[i], dtype=np.int64)] for i in range(1, num_partitions)]
-    return [first] + [np.asarray(partitioner.load_partition(i)["idx"]) for i in range(1, num_partitions)]
+        # The first load assigns every partition's rows of the partitioner's dataset (Flower
+        # Datasets' Dirichlet and shard partitioners keep them in ``_partition_id_to_indices``; the
+        # shard partitioner sorts its dataset first); selecting each partition from the dataset
+        # again costs about 0.7 ms per node, 37 s at 50,000 nodes. A test holds both ways equal.
+        table = getattr(partitioner, "_partition_id_to_indices", None)
+        if isinstance(table, dict) and sorted(table) == list(range(num_partitions)):
+            idx = np.asarray(partitioner.dataset["idx"], dtype=np.int64)
+            return [first] + [idx[np.asarray(table[i], dtype=np.int64)] for i in range(1, num_partitions)]
+        return [first] + [np.asarray(partitioner.load_partition(i)["idx"]) for i in range(1, num_partitions)]
 
 
 class IidPartition(Partition):

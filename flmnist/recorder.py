@@ -272,11 +272,11 @@ def summarize_stopped(run_dir: Path, num_rounds: int, target_accuracy: float, un
         async_stats = json.loads(stats.read_text()) if stats.is_file() else None
     except (OSError, ValueError, TypeError, KeyError):
         return None
-    evaluated = [(r["test_accuracy"], -n) for n, r in rows.items() if n > 0 and r.get("test_accuracy") is not None]
-    best_accuracy, best_round = max(evaluated, default=(None, None))
+    evaluated = [(n, r["test_accuracy"]) for n, r in sorted(rows.items()) if n > 0 and r.get("test_accuracy") is not None]
+    best_round, best_accuracy = max(evaluated, key=lambda e: e[1], default=(None, None))  # ties: the earliest
     rec = RunRecorder(run_dir, num_rounds, target_accuracy, printer=lambda _: None, unit=unit)
     rec.restore({"rows": rows, "loss_traces": traces, "async_stats": async_stats,
-                 "best_accuracy": best_accuracy, "best_round": None if best_round is None else -best_round,
+                 "best_accuracy": best_accuracy, "best_round": best_round,
                  "elapsed": max((r.get("wall_time") or 0.0 for r in rows.values()), default=0.0)})
     rec.model_saved = True  # the global model is not in this process: model.pt stays as it was
     return rec.finish("stopped", reason)

@@ -243,11 +243,7 @@ def l2_norm(weights: Weights) -> float:
     threads, which then spin on a core for a while after the call. In simulation that core is
     the one a ClientApp trains on: a seed002 client update took 80 ms instead of 45 ms.
     """
-    total = 0.0
-    for v in weights.values():
-        d = np.asarray(v, dtype=np.float64).copy()
-        total += float(np.square(d, out=d).sum())
-    return math.sqrt(total)
+    return math.sqrt(sum(float(np.square(np.asarray(v, dtype=np.float64)).sum()) for v in weights.values()))
 
 
 def update_norm(weights: Weights, reference: Weights, delta: bool) -> float:

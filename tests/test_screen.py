@@ -536,5 +536,5 @@ def test_update_norm_is_the_float64_l2_norm_and_leaves_the_arrays_as_they_were()
     delta_flat = np.concatenate([v.astype(np.float64).ravel() for v in weights.values()])
     assert update_norm(weights, reference, delta=True) == pytest.approx(np.linalg.norm(delta_flat), rel=1e-12)
     assert l2_norm(weights) == pytest.approx(np.linalg.norm(delta_flat), rel=1e-12)
-    for k, v in weights.items():  # squared in place, but on copies
+    for k, v in weights.items():  # the norm never writes into them
         np.testing.assert_array_equal(v, before[k])
