@@ -39,6 +39,7 @@ from flmnist.config import (
     compose_config,
     conf_dir,
     run_length,
+    simulation_backend,
     validate,
 )
 from flmnist.data import ensure_mnist, resolve_root
@@ -143,6 +144,13 @@ def finished_line(run_dir: Path, before: tuple | None):
     return test
 
 
+BACKEND_NOTES = {
+    "inprocess": "inprocess (one ClientApp at a time, in Flower's simulation process; simulation.backend=ray for "
+                 "Ray workers)",
+    "ray": "ray (Ray workers, simulation.client_cpus cores each)",
+}
+
+
 def launch(cfg: DictConfig) -> dict:
     """Run one federated training for the composed ``cfg``; return its summary (RunFailed if
     it did not finish). A resume runs in the directory of the run it continues."""
@@ -167,9 +175,12 @@ def launch(cfg: DictConfig) -> dict:
     flwr_home = tempfile.mkdtemp(prefix="flmnist-flwr-home-")
     try:
         sim = cfg.simulation  # this launch's (a resume may move to other hardware)
+        gpus = client_gpus(cfg)
+        backend = simulation_backend(cfg, gpus)
+        print(f"flmnist: simulation backend: {BACKEND_NOTES[backend]}", flush=True)
         code = run_flwr(APP_DIR, overrides, run_cfg.num_nodes, flwr_home, log_path=run_dir / "flwr_run.log",
-                        append=bool(cfg.resume), client_cpus=float(sim.client_cpus), client_gpus=client_gpus(cfg),
-                        ray_address=sim.ray_address, until=finished_line(run_dir, before))
+                        append=bool(cfg.resume), client_cpus=float(sim.client_cpus), client_gpus=gpus,
+                        ray_address=sim.ray_address, backend=backend, until=finished_line(run_dir, before))
     except (Stop, KeyboardInterrupt) as stop:
         raise Stop(stopped_message(stop, run_cfg, run_dir, before), getattr(stop, "code", 130)) from None
     finally:

@@ -15,8 +15,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from flmnist import inprocess_backend, vce_feeder
 from flmnist import protocol as p
-from flmnist import vce_feeder
 from flmnist.faults import (
     EVALUATE_ATTACKS,
     TRAIN_ATTACKS,
@@ -30,7 +30,9 @@ from flmnist.node_data import node_data, node_seed
 from flmnist.training import device, evaluate, train
 
 app = ClientApp()
-vce_feeder.install()  # Flower's simulation engine loads this module before it starts its message feeder
+# Flower's simulation engine loads this module before it builds its backend and starts its feeder.
+vce_feeder.install()
+inprocess_backend.install()
 
 
 def _model(settings: p.TrainSettings, arrays: ArrayRecord) -> torch.nn.Module:

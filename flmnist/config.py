@@ -247,6 +247,22 @@ def client_gpus(cfg: DictConfig) -> float:
     return 0.5 if torch.cuda.is_available() else 0.0
 
 
+BACKENDS = ("auto", "inprocess", "ray")
+
+
+def simulation_backend(cfg: DictConfig, gpus: float, cores: int | None = None) -> str:
+    """``simulation.backend``, with ``auto`` resolved (``gpus``: the resolved GPU share per ClientApp):
+    ``inprocess`` when only one ClientApp could train at a time anyway (fewer than 2 x
+    ``simulation.client_cpus`` cores), on no GPU share and no Ray cluster; else ``ray``."""
+    sim = cfg.simulation
+    if sim.backend != "auto":
+        return str(sim.backend)
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    alone = cores < 2 * float(sim.client_cpus)
+    return "inprocess" if alone and not gpus and not sim.ray_address else "ray"
+
+
 def gpu_device_nodes() -> bool:
     """Whether the machine shows a GPU to programs: NVIDIA's device nodes or driver, a Jetson's
     GPU nodes, AMD's ROCm node (PyTorch's CUDA API serves ROCm too). True off Linux: unknown."""
@@ -285,6 +301,13 @@ def _top_level(cfg: DictConfig) -> None:
     if cfg.simulation.client_gpus != "auto":
         _number(cfg, "simulation.client_gpus", 0)
     _kind(cfg, "simulation.ray_address", str, "a Ray address (host:port)", allow_none=True)
+    backend = OmegaConf.select(cfg, "simulation.backend")
+    if backend not in BACKENDS:
+        raise ConfigError(f"simulation.backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "inprocess" and cfg.simulation.ray_address:
+        raise ConfigError("simulation.backend=inprocess runs ClientApps in Flower's simulation process and cannot "
+                          "join the Ray cluster simulation.ray_address names: set simulation.backend=ray (or auto), "
+                          "or drop simulation.ray_address")
     for group in _list(cfg, "eval.digit_groups"):
         for d in group if isinstance(group, ListConfig) else [group]:
             if isinstance(d, bool) or not isinstance(d, int) or not 0 <= d <= 9:

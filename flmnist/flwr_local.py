@@ -21,6 +21,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+BACKEND_ENV = "FLMNIST_SIMULATION_BACKEND"  # read by flmnist.inprocess_backend in the simulation process
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -159,7 +161,7 @@ def stop_env(entry: str, grace: float = 5.0) -> list[int]:
         else:
             break  # unkillable (uninterruptible sleep): give up rather than hang
         stopped += [pid for pid in pids if pid not in stopped]
-        time.sleep(0.1)
+        time.sleep(0.05)
     return stopped
 
 
@@ -257,6 +259,7 @@ def run_flwr(
     client_cpus: float | None = None,
     client_gpus: float | None = None,
     ray_address: str | None = None,
+    backend: str = "ray",
     until: Callable[[str], bool] | None = None,
 ) -> int:
     """Run ``flwr run`` on a private local SuperLink, echo and save its output (``append``: add
@@ -264,7 +267,8 @@ def run_flwr(
     raising): no SuperLink, SuperExec, ServerApp, simulation or Ray process outlives the call.
     ``client_cpus``/``client_gpus``: Ray resources per ClientApp; ``ray_address``: an existing
     Ray cluster for the simulation to join (through ``RAY_ADDRESS``, which ``ray.init`` reads),
-    else a private one.
+    else a private one. ``backend``: where the ClientApps run, ``ray`` (Flower's Ray backend) or
+    ``inprocess`` (:mod:`flmnist.inprocess_backend`, in the simulation process).
     ``until``: called with each line of output; once it returns True the run is over by the app's
     own account, and everything is stopped at once rather than after Flower's shutdown (Ray's, and
     the log stream's polling: about 3 s); the call then returns 0."""
@@ -276,6 +280,7 @@ def run_flwr(
     # No address: a private Ray ("local"). Left unset, ray.init joins the cluster `ray start` last
     # recorded in its temp dir (ray/ray_current_cluster), the user's own or a dead one.
     env["RAY_ADDRESS"] = ray_address or "local"
+    env[BACKEND_ENV] = backend
     proc, grace = None, 5.0
     try:
         with open(log_path, "a" if append else "w") if log_path else contextlib.nullcontext() as log:
@@ -290,9 +295,10 @@ def run_flwr(
                         log.write(ANSI.sub("", line))
                         log.flush()
                 if until is not None and until(line):
-                    # The results are on disk: SIGKILL what has not stopped after 1 s (Ray's raylet
-                    # stops its own agents on SIGTERM; killed outright, it would leave them behind).
-                    grace = 1.0
+                    # The results are on disk: SIGKILL what has not stopped after 1 s with Ray (its
+                    # raylet stops its own agents on SIGTERM), at once without it (Flower's
+                    # simulation process takes 1 s to wind down its worker threads).
+                    grace = 1.0 if backend == "ray" else 0.1
                     return 0
                 if deadline is not None and time.monotonic() > deadline:
                     proc.kill()

@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from flmnist.config import build, compose_config, parse_overrides
 from flmnist.export import export_model
+from flmnist.inprocess_backend import confine_torch
 from flmnist.run_setup import build_run
 
 app = ServerApp()
@@ -43,5 +44,6 @@ def run(grid: Grid, cfg: DictConfig) -> dict:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry point for ``flwr run``: compose the config from the run config's overrides and run."""
+    confine_torch()  # before anything here starts PyTorch threads
     cfg = compose_config(parse_overrides(str(context.run_config.get("overrides", ""))))
     run(grid, cfg)

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flmnist.inprocess_backend import on_torch_thread
+
 NUM_CLASSES = 10
 
 
@@ -139,7 +141,6 @@ class EvalResult:
         return [float(pred[list(g)].sum() / max(self.total, 1)) for g in groups]
 
 
-@torch.no_grad()
 def evaluate(
     model: nn.Module,
     images: torch.Tensor,
@@ -147,7 +148,14 @@ def evaluate(
     batch_size: int = 1000,
     dev: torch.device | None = None,
 ) -> EvalResult:
-    """Summed loss and the confusion matrix (rows: true digit, columns: predicted)."""
+    """Summed loss and the confusion matrix (rows: true digit, columns: predicted); on the
+    process's PyTorch thread when ClientApps run in-process (see :func:`on_torch_thread`)."""
+    return on_torch_thread(_evaluate, model, images, labels, batch_size, dev)
+
+
+@torch.no_grad()  # (grad mode is per thread: here, where the work is done)
+def _evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
+              dev: torch.device | None) -> EvalResult:
     dev = dev or device()
     place(model, dev).eval()
     result = EvalResult()

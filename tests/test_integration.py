@@ -1,6 +1,8 @@
-"""End to end: a real ``flwr run`` (local SuperLink, simulated SuperNodes, Ray) on real MNIST,
-and the ``flmnist`` command on the same settings. Each run has its own FLWR_HOME and ports,
-and everything it started is stopped by process id afterwards."""
+"""End to end: a real ``flwr run`` (local SuperLink, simulated SuperNodes, ClientApps on Ray) on
+real MNIST, and the ``flmnist`` command on the same settings with its ClientApps in Flower's
+simulation process (``simulation.backend=inprocess``): the two backends give the same model.
+Each run has its own FLWR_HOME and ports, and everything it started is stopped by process id
+afterwards."""
 
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ import pytest
 import torch
 
 from flmnist.data import load_mnist
-from flmnist.flwr_local import flwr_env, pids_with_flwr_home, stop_flwr_home
+from flmnist.flwr_local import BACKEND_ENV, flwr_env, pids_with_flwr_home, stop_flwr_home
+from flmnist.inprocess_backend import INPROCESS_NOTE
 from flmnist.models import LeNet
 from flmnist.training import evaluate
 
@@ -29,11 +32,13 @@ SMALL = "num_rounds=2 client.local_steps=20 data.holdout_fraction=0.02 eval.upda
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, mnist_root):
-    """The same small training twice: `flwr run .` with overrides, and the `flmnist` command."""
+    """The same small training twice: `flwr run .` with overrides (Flower's Ray backend, as a
+    user's own `flwr run` has it), and the `flmnist` command with the in-process backend."""
     tmp = tmp_path_factory.mktemp("runs")
     flwr_home = tmp / "flwr-home"
     env = flwr_env(flwr_home)
     env["FLMNIST_DATA_DIR"] = str(mnist_root)
+    env.pop(BACKEND_ENV, None)
     cmd = [str(BIN / "flwr"), "run", str(REPO), "--stream",
            "--run-config", f'overrides="{SMALL} run_dir={tmp / "flwr_run"}"']
     try:
@@ -43,7 +48,7 @@ def runs(tmp_path_factory, mnist_root):
     leftover = pids_with_flwr_home(flwr_home)
 
     env = dict(os.environ, FLMNIST_DATA_DIR=str(mnist_root))
-    cmd = [str(BIN / "flmnist"), *SMALL.split(), "hydra.run.dir=job"]
+    cmd = [str(BIN / "flmnist"), *SMALL.split(), "simulation.backend=inprocess", "hydra.run.dir=job"]
     cli_proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp, check=False)
     return {
         "flwr": (tmp / "flwr_run", flwr_proc.stdout + flwr_proc.stderr),
@@ -95,6 +100,8 @@ def test_a_normal_runs_log_is_quiet_and_plain(runs):
 
 
 def test_flwr_run_form_and_flmnist_command_give_the_same_result(runs):
+    """Ray's worker process and the in-process backend: the same numbers, the same model."""
+    assert INPROCESS_NOTE in runs["flmnist"][1] and INPROCESS_NOTE not in runs["flwr"][1]
     a, b = (json.loads((runs[f][0] / "metrics.json").read_text()) for f in ("flwr", "flmnist"))
     assert [r["test_accuracy"] for r in a] == [r["test_accuracy"] for r in b]
     assert [r.get("train_loss") for r in a] == [r.get("train_loss") for r in b]

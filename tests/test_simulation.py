@@ -1,5 +1,5 @@
-"""The simulation settings' path to Flower: Ray resources per ClientApp on the `flwr run` command
-line, the GPU default, and joining an existing Ray cluster (a head started with `ray start` on
+"""The simulation settings' path to Flower: the backend choice, Ray resources per ClientApp on the
+`flwr run` command line, the GPU default, and joining an existing Ray cluster (a head started with `ray start` on
 loopback, as a user's cluster would be), with an MLflow tracker on the server side."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flmnist.config import client_gpus, compose_config, gpu_device_nodes
+from flmnist.config import client_gpus, compose_config, gpu_device_nodes, simulation_backend
 from flmnist.errors import ConfigError
 from flmnist.flwr_local import flwr_run_command, free_port, stop_env
 
@@ -35,6 +35,28 @@ def test_gpu_share_defaults_to_the_gpu_when_there_is_one():
     # the shortcut that spares the command PyTorch's import holds: no device nodes, no GPU
     assert gpu_device_nodes() or not torch.cuda.is_available()
     assert client_gpus(compose_config(["simulation.client_gpus=0.25"])) == 0.25
+
+
+def test_auto_backend_runs_clientapps_in_process_only_where_one_fills_the_machine():
+    auto = compose_config([])
+    assert simulation_backend(auto, 0.0, cores=2) == "inprocess"  # 2 cores / 2 per ClientApp: one at a time
+    assert simulation_backend(auto, 0.0, cores=3) == "inprocess"
+    assert simulation_backend(auto, 0.0, cores=4) == "ray"  # two at once
+    assert simulation_backend(auto, 0.5, cores=2) == "ray"  # GPU shares are Ray's
+    assert simulation_backend(compose_config(["simulation.client_cpus=1"]), 0.0, cores=2) == "ray"
+    assert simulation_backend(compose_config(["simulation.ray_address=127.0.0.1:6379"]), 0.0, cores=2) == "ray"
+    assert simulation_backend(compose_config(["simulation.backend=ray"]), 0.0, cores=2) == "ray"
+    assert simulation_backend(compose_config(["simulation.backend=inprocess"]), 0.5, cores=64) == "inprocess"
+
+
+@pytest.mark.parametrize("override, message", [
+    (["simulation.backend=threads"], "simulation.backend must be one of auto, inprocess, ray, got 'threads'"),
+    (["simulation.backend=inprocess", "simulation.ray_address=127.0.0.1:6379"],
+     "simulation.backend=inprocess .* cannot join the Ray cluster"),
+])
+def test_bad_backend_settings_are_named(override, message):
+    with pytest.raises(ConfigError, match=message):
+        compose_config(override)
 
 
 @pytest.mark.parametrize("override, message", [
@@ -95,7 +117,8 @@ def test_a_run_joins_an_existing_ray_cluster(ray_head, tmp_path, mnist_root):
 def test_a_run_without_an_address_starts_its_own_ray_whatever_ray_start_left_behind(tmp_path, mnist_root):
     """`ray start` records its cluster in Ray's temp dir (ray/ray_current_cluster), and Ray's
     default address joins that cluster, even once it is gone. simulation.ray_address=null means a
-    private Ray: here the record names an address where nothing listens, and the run must finish."""
+    private Ray (with simulation.backend=ray; auto may not start Ray at all): here the record names
+    an address where nothing listens, and the run must finish."""
     ray_tmp = Path(f"/tmp/rt-{uuid.uuid4().hex[:8]}")  # short: Ray's socket paths have a length limit
     (ray_tmp / "ray").mkdir(parents=True)
     (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")
@@ -104,7 +127,8 @@ def test_a_run_without_an_address_starts_its_own_ray_whatever_ray_start_left_beh
            marker.split("=")[0]: marker.split("=")[1]}
     try:
         out = subprocess.run([str(BIN / "flmnist"), "model=logreg", "num_nodes=2", "num_rounds=1",
-                              "client.local_steps=5", "eval.attribution=false", "hydra.run.dir=job"],
+                              "client.local_steps=5", "eval.attribution=false", "simulation.backend=ray",
+                              "hydra.run.dir=job"],
                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
     finally:
         stop_env(marker, grace=5)
