@@ -27,12 +27,12 @@ LANDMARKS = [
     ("simulation start, app install", r"Successfully installed flmnist"),
     ("ServerApp start (imports, config)", r"flmnist run directory"),
     ("MNIST loading and partitioning (server)", r"Partition report"),
-    ("hooks, screen, engine; waiting for nodes (Ray start)", r"Starting Guarded strategy|Asynchronous loop:"),
+    ("hooks, screen, engine; waiting for nodes (the backend's start)", r"Starting Guarded strategy|Asynchronous loop:"),
     ("initial evaluation", r"Initial global evaluation|\[ROUND 1/"),
-    ("round 1 (first ClientApp processes: imports, MNIST, partition)", r"\[(round|update) 1/"),
+    ("round 1 (the first ClientApps: Ray's worker if any, imports, MNIST, partition)", r"\[(round|update) 1/"),
     ("the remaining rounds", r"Summary of evaluated"),
     ("outputs (summary, plots)", r"Run finished"),
-    ("exports, stopping SuperLink/Ray, exit", None),
+    ("exports, stopping SuperLink (and Ray), exit", None),
 ]
 
 

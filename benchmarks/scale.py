@@ -17,7 +17,8 @@ For each node count N the whole `flmnist` command is run once, in a temporary di
 - Everything else is the default: client 1 local epoch, batch 32, lr 0.05, momentum 0 (logreg's
   own default), holdout 10%, checkpoint every round, `simulation.client_cpus=2` (one ClientApp
   at a time on 2 cores, so client updates run one after another and round time / updates is the
-  cost of one update).
+  cost of one update), `simulation.backend=auto` (on 2 cores: in Flower's simulation process;
+  ``--backend ray`` for Ray's workers).
 
 Measured per N:
 
@@ -90,12 +91,12 @@ CLIENT = {"batch_size": 32, "lr": 0.05, "momentum": 0.0, "weight_decay": 0.0, "e
 HOLDOUT = 0.1
 
 
-def overrides(n: int) -> list[str]:
+def overrides(n: int, backend: str | None = None) -> list[str]:
     return [
         "model=logreg", "partition=iid", f"num_nodes={n}", "num_rounds=3", f"seed={SEED}",
         "sampling.fraction_train=0.01", "sampling.fraction_evaluate=0",
         "eval.every=null", "eval.attribution=false", f"name=scale_{n}",
-    ]
+    ] + ([f"simulation.backend={backend}"] if backend else [])
 
 
 # ------------------------------------------------------------------------------ memory
@@ -336,8 +337,9 @@ def top_functions(collapsed: Path, limit: int = 25) -> dict:
             "functions": [{"function": f, "share": round(c / total, 3)} for f, c in inclusive.most_common(limit)]}
 
 
-def run_size(n: int, timeout: float, py_spy_every: float | None, py_spy_record: bool) -> dict:
-    suffix = "-py-spy-record" if py_spy_record else ""
+def run_size(n: int, timeout: float, py_spy_every: float | None, py_spy_record: bool,
+             backend: str | None = None) -> dict:
+    suffix = ("-py-spy-record" if py_spy_record else "") + (f"-{backend}" if backend else "")
     out_dir = RESULTS / "scale" / f"N{n}{suffix}"
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -345,7 +347,7 @@ def run_size(n: int, timeout: float, py_spy_every: float | None, py_spy_record: 
     marker = f"FLMNIST_SCALE_BENCH={uuid.uuid4().hex}"
     env = dict(os.environ)
     env[marker.split("=")[0]] = marker.split("=", 1)[1]
-    args = overrides(n)
+    args = overrides(n, backend)
     result: dict = {"nodes": n, "command": "flmnist " + " ".join(args)}
     with tempfile.TemporaryDirectory(prefix="flmnist-scale-") as tmp:
         run_dir = Path(tmp) / "run"
@@ -440,7 +442,7 @@ def run_size(n: int, timeout: float, py_spy_every: float | None, py_spy_record: 
 
 
 # ------------------------------------------------------------------------------ output
-def table(results: dict, key=int) -> str:
+def table(results: dict, key=lambda k: (int(k.split("-")[0]), k)) -> str:
     lines = [("| N | wall s | startup s | round 1 s | s/round (rounds 2-3) | updates/round | s/update | "
               "compute ms/update | overhead ms/update | peak RSS MiB | peak PSS MiB | status |"),
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -452,7 +454,7 @@ def table(results: dict, key=int) -> str:
         r = results[name]
         upd = r.get("updates_per_round") or []
         lines.append(
-            f"| {r['nodes']:,}"
+            f"| {r['nodes']:,}{' (' + r['backend'] + ')' if r.get('backend') else ''}"
             f"{' py-spy' if name.endswith('py-spy-record') else ''} | {f(r.get('wall_s'))} | {f(r.get('startup_s'))} | {f(r.get('round_1_s'), '{:.2f}')} "
             f"| {f(r.get('s_per_round'), '{:.2f}')} | {'/'.join(map(str, upd)) or '-'} "
             f"| {f(r.get('s_per_update'), '{:.4f}')} | {f(r.get('compute_ms_per_update'), '{:.2f}')} "
@@ -469,6 +471,8 @@ def main() -> None:
                         help="dump the flwr-simulation process's stacks every S seconds (diagnosis)")
     parser.add_argument("--py-spy-record", action="store_true",
                         help="sample the flwr-simulation process for the whole run (diagnosis; slows it down)")
+    parser.add_argument("--backend", choices=("inprocess", "ray"), default=None,
+                        help="simulation.backend for the runs (default: the command's auto)")
     parser.add_argument("--output", type=Path, default=RESULTS / "scale.json")
     args = parser.parse_args()
     if not os.environ.get("FLMNIST_DATA_DIR"):
@@ -479,16 +483,18 @@ def main() -> None:
         compute = compute_per_update(n)
         print(f"N={n}: pure compute of one update {1000 * compute['median_s']:.2f} ms "
               f"({compute['train_examples_per_node']} examples, {compute['steps_per_update']} steps)", flush=True)
-        r = run_size(n, args.timeout, args.py_spy_every, args.py_spy_record)
+        r = run_size(n, args.timeout, args.py_spy_every, args.py_spy_record, args.backend)
         r["compute_per_update"] = compute
+        r["backend"] = args.backend
         r["compute_ms_per_update"] = round(1000 * compute["median_s"], 3)
         if r.get("s_per_update") is not None:
             r["overhead_ms_per_update"] = round(1000 * (r["s_per_update"] - compute["median_s"]), 1)
         r["measured_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        key = f"{n}-{args.backend}" if args.backend else str(n)
         if args.py_spy_record:  # profiled: kept apart from the measurements
-            diagnosis[f"{n}-py-spy-record"] = r
+            diagnosis[f"{key}-py-spy-record"] = r
         else:
-            results[str(n)] = r
+            results[key] = r
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps({
             "what": "issue 10: flmnist logreg, 1% of N nodes train per round, 3 rounds (see benchmarks/scale.py)",
@@ -499,7 +505,7 @@ def main() -> None:
     print(table(results))
     if diagnosis:
         print("\nDiagnosis runs (profiled: slowed down by py-spy):")
-        print(table({k: v for k, v in diagnosis.items()}, key=lambda k: (int(k.split("-")[0]), k)))
+        print(table(diagnosis))
 
 
 if __name__ == "__main__":
