@@ -348,7 +348,7 @@ def run_size(n: int, timeout: float, py_spy_every: float | None, py_spy_record: 
     env = dict(os.environ)
     env[marker.split("=")[0]] = marker.split("=", 1)[1]
     args = overrides(n, backend)
-    result: dict = {"nodes": n, "command": "flmnist " + " ".join(args)}
+    result: dict = {"nodes": n, "backend": backend, "command": "flmnist " + " ".join(args)}
     with tempfile.TemporaryDirectory(prefix="flmnist-scale-") as tmp:
         run_dir = Path(tmp) / "run"
         sampler = Sampler(marker)
@@ -485,7 +485,6 @@ def main() -> None:
               f"({compute['train_examples_per_node']} examples, {compute['steps_per_update']} steps)", flush=True)
         r = run_size(n, args.timeout, args.py_spy_every, args.py_spy_record, args.backend)
         r["compute_per_update"] = compute
-        r["backend"] = args.backend
         r["compute_ms_per_update"] = round(1000 * compute["median_s"], 3)
         if r.get("s_per_update") is not None:
             r["overhead_ms_per_update"] = round(1000 * (r["s_per_update"] - compute["median_s"]), 1)

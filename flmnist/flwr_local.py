@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-BACKEND_ENV = "FLMNIST_SIMULATION_BACKEND"  # read by flmnist.inprocess_backend in the simulation process
+from flmnist.inprocess_backend import ENV as BACKEND_ENV  # read in the simulation process
 
 
 def free_port() -> int:

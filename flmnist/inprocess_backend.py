@@ -26,12 +26,10 @@ from logging import INFO
 
 FLWR_VERSION = "1.41.0"  # the version whose engine this plugs into
 INPROCESS_NOTE = "ClientApps run in this simulation process, one at a time (flmnist's in-process backend)"
-ENV = "FLMNIST_SIMULATION_BACKEND"  # "inprocess": this backend; anything else: Flower's Ray backend
-# (the same name as flwr_local.BACKEND_ENV, which sets it; this module imports nothing of flmnist)
+ENV = "FLMNIST_SIMULATION_BACKEND"  # set by the flmnist command: "inprocess" for this backend, else Ray's
 
 
 _torch_thread: ThreadPoolExecutor | None = None
-_threads: int | None = None  # PyTorch's thread count before confine_torch()
 _lock = threading.Lock()
 
 
@@ -40,11 +38,23 @@ def active() -> bool:
     return os.environ.get(ENV) == "inprocess"
 
 
-def _one_team(threads: int) -> None:
+def _set_threads(threads: int) -> None:
     import torch
 
     torch.get_num_threads()  # PyTorch's per-thread setup first, so that the count below stays
     torch.set_num_threads(threads)
+
+
+def _torch_executor() -> ThreadPoolExecutor:
+    """The process's one PyTorch thread, started on first use with PyTorch's thread count then."""
+    global _torch_thread
+    with _lock:
+        if _torch_thread is None:
+            import torch
+
+            _torch_thread = ThreadPoolExecutor(1, "flmnist-torch", initializer=_set_threads,
+                                               initargs=(torch.get_num_threads(),))
+        return _torch_thread
 
 
 def on_torch_thread(fn, *args, **kwargs):
@@ -56,27 +66,18 @@ def on_torch_thread(fn, *args, **kwargs):
     parallel regions and sleep instead: a seed002 update then took 75 ms instead of 48 ms (23,000
     context switches against 300 in 40 updates). Training and evaluation therefore all run on
     one thread; the ServerApp's thread runs PyTorch single-threaded for anything else."""
-    global _torch_thread
     if not active() or threading.current_thread().name.startswith("flmnist-torch"):
         return fn(*args, **kwargs)
-    with _lock:
-        if _torch_thread is None:
-            import torch
-
-            threads = _threads or torch.get_num_threads()
-            _torch_thread = ThreadPoolExecutor(1, "flmnist-torch", initializer=_one_team, initargs=(threads,))
-    return _torch_thread.submit(fn, *args, **kwargs).result()
+    return _torch_executor().submit(fn, *args, **kwargs).result()
 
 
 def confine_torch() -> None:
     """On the ServerApp's thread when ClientApps run in-process: PyTorch single-threaded here,
-    training and evaluation go to :func:`on_torch_thread`."""
-    global _threads
+    training and evaluation go to :func:`on_torch_thread` (whose thread starts first, so that it
+    keeps PyTorch's thread count)."""
     if active():
-        import torch
-
-        _threads = _threads or torch.get_num_threads()
-        _one_team(1)
+        _torch_executor()
+        _set_threads(1)
 
 
 def _copy(obj):

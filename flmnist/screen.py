@@ -243,7 +243,7 @@ def l2_norm(weights: Weights) -> float:
     threads, which then spin on a core for a while after the call. In simulation that core is
     the one a ClientApp trains on: a seed002 client update took 80 ms instead of 45 ms.
     """
-    return math.sqrt(sum(float(np.square(np.asarray(v, dtype=np.float64)).sum()) for v in weights.values()))
+    return math.sqrt(sum(float(np.square(v, dtype=np.float64).sum()) for v in weights.values()))
 
 
 def update_norm(weights: Weights, reference: Weights, delta: bool) -> float:
