@@ -1,7 +1,7 @@
 """Benchmark (issue 8): one bad node of four commits every attack class; does the run survive?
 
 For each strategy (FedAvg, FedAvgM, FedMedian, FedBuff, FedAsync): one clean run and one run
-where node 3 of 4 uses ``client.fault=rotate`` (flmnist/faults.py): its k-th train reply
+where node 3 of 4 uses ``client.fault=rotate`` (flmnist/client/faults.py): its k-th train reply
 carries ``TRAIN_ATTACKS[k % len(TRAIN_ATTACKS)]`` and (synchronous strategies, which evaluate
 on the nodes) its evaluation reply of round r ``EVALUATE_ATTACKS[r % len(EVALUATE_ATTACKS)]``.
 Logistic regression, IID split, 20 local steps; synchronous strategies run
@@ -35,8 +35,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from flmnist.faults import EVALUATE_ATTACKS, TRAIN_ATTACKS
-from flmnist.flwr_local import run_flwr
+from flmnist.client.faults import EVALUATE_ATTACKS, TRAIN_ATTACKS
+from flmnist.launch.flwr_local import run_flwr
 
 
 def code_fingerprint() -> str:
@@ -67,7 +67,7 @@ VARIANTS = {
     "clip3": ["screen.clip_to_median=3"],
 }
 
-# What the screen says for each attack class (flmnist/screen.py), to align async rejections.
+# What the screen says for each attack class (flmnist/protocol/screen.py), to align async rejections.
 TRAIN_REASON = {
     "nan": r"non-finite",
     "complex-nan": r"complex",

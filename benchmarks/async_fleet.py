@@ -26,7 +26,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from flmnist.flwr_local import run_flwr
+from flmnist.launch.flwr_local import run_flwr
 
 NODES = 20
 COMMON = ["partition=dirichlet", "partition.alpha=0.5", "fleet=jetson_mixed", "model=lenet",

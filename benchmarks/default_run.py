@@ -20,7 +20,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from memory import PeakMemory
 from reference import run as run_reference
 
-from flmnist.flwr_local import run_flwr
+from flmnist.launch.flwr_local import run_flwr
 
 
 def main() -> None:

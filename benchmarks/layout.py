@@ -17,8 +17,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from flmnist.models import CNNMcMahan, LeNet
-from flmnist.training import place
+from flmnist.ml.models import CNNMcMahan, LeNet
+from flmnist.ml.training import place
 
 
 def seconds(fn, repeat: int) -> float:

@@ -109,8 +109,8 @@ def flmnist_command() -> list[str]:
 
 def supported(overrides: list[str]) -> bool:
     """Does this flmnist's config accept these overrides (settings other engineers are adding)?"""
-    from flmnist.config import compose_config
-    from flmnist.errors import ConfigError
+    from flmnist.config.compose import compose_config
+    from flmnist.core.errors import ConfigError
 
     try:
         compose_config(overrides)
@@ -208,11 +208,11 @@ def plain_round(row: dict, lr: float) -> dict:
     from the global model, example-weighted average) and one test-set evaluation, timed."""
     import torch
 
-    from flmnist.config import build, compose_config
-    from flmnist.data import load_mnist, resolve_root
-    from flmnist.node_data import node_seed
-    from flmnist.partition import holdout_split
-    from flmnist.training import evaluate, train
+    from flmnist.client.node_data import node_seed
+    from flmnist.config.compose import build, compose_config
+    from flmnist.ml.data import load_mnist, resolve_root
+    from flmnist.ml.partition import holdout_split
+    from flmnist.ml.training import evaluate, train
 
     cfg = compose_config([f"experiment={row['experiment']}", f"client.lr={fmt_lr(lr)}"])
     root = str(resolve_root(cfg.data.root))

@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 from typing import Self
 
-from flmnist.flwr_local import pids_with_flwr_home
+from flmnist.launch.flwr_local import pids_with_flwr_home
 
 
 def _children(pid: int) -> list[int]:

@@ -18,12 +18,12 @@ import time
 
 import torch
 
-from flmnist.config import build, compose_config
-from flmnist.data import load_mnist, resolve_root
-from flmnist.evaluation import DigitEvaluation
-from flmnist.node_data import node_seed
-from flmnist.partition import holdout_split
-from flmnist.training import evaluate, train
+from flmnist.client.node_data import node_seed
+from flmnist.config.compose import build, compose_config
+from flmnist.ml.data import load_mnist, resolve_root
+from flmnist.ml.partition import holdout_split
+from flmnist.ml.training import evaluate, train
+from flmnist.observers.evaluation import DigitEvaluation
 
 
 def run(overrides: list[str], update_eval: bool = True) -> dict:

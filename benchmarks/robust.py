@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from flmnist.flwr_local import run_flwr
+from flmnist.launch.flwr_local import run_flwr
 
 
 def code_fingerprint() -> str:

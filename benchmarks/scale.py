@@ -30,7 +30,7 @@ Measured per N:
   starts: imports, MNIST, partitioning) and the steady rounds 2..3, whose mean is "s/round";
 - updates/round (``num_updates``), s/update = steady s/round / updates per round;
 - compute/update: the pure local training of one node's partition, measured in this process
-  with ``flmnist.training.train`` on the same data a node gets (IID partition, its 90% training
+  with ``flmnist.ml.training.train`` on the same data a node gets (IID partition, its 90% training
   part, batch 32, 1 epoch, lr 0.05, momentum 0, a fresh LogReg), median over 20 nodes x 5 repeats;
   the run's own ``train-time`` (mean measured inside the ClientApps) is reported beside it;
 - overhead ms/update = 1000 x (s/update - compute/update);
@@ -210,19 +210,19 @@ class Sampler:
 
 # ----------------------------------------------------------------------------- compute
 def compute_per_update(n: int, nodes: int = 20, repeats: int = 5) -> dict:
-    """Seconds of one node's local training (flmnist.training.train), as in the ClientApp: the
+    """Seconds of one node's local training (flmnist.ml.training.train), as in the ClientApp: the
     node's IID partition, its training part after the 10% holdout, a fresh LogReg, the run's
     client settings. IidPartition (Flower Datasets' IidPartitioner on a seeded permutation) is
     ``np.array_split`` of the permutation; it is rebuilt that way here (checked equal to
-    flmnist.partition.IidPartition for 1,000 and 10,000 nodes), which takes milliseconds
+    flmnist.ml.partition.IidPartition for 1,000 and 10,000 nodes), which takes milliseconds
     instead of the partitioner's ~0.5 ms per node."""
     import torch
 
-    from flmnist.data import load_mnist, resolve_root
-    from flmnist.models import LogReg
-    from flmnist.node_data import node_seed
-    from flmnist.partition import holdout_split
-    from flmnist.training import train
+    from flmnist.client.node_data import node_seed
+    from flmnist.ml.data import load_mnist, resolve_root
+    from flmnist.ml.models import LogReg
+    from flmnist.ml.partition import holdout_split
+    from flmnist.ml.training import train
 
     torch.set_num_threads(2)  # the ClientAppActor's share: client_cpus=2
     images, labels = load_mnist(str(resolve_root()), True)

@@ -51,8 +51,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from memory import PeakMemory
 from reference import run as run_reference
 
-from flmnist.data import resolve_root
-from flmnist.flwr_local import flwr_env, run_flwr, stop_flwr_home
+from flmnist.launch.flwr_local import flwr_env, run_flwr, stop_flwr_home
+from flmnist.ml.data import resolve_root
 
 
 def screening(summary: dict, flmnist_wall: float) -> dict:

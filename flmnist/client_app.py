@@ -1,9 +1,9 @@
 """flmnist's ClientApp: translates Flower messages into local training and evaluation.
 
 The server sends everything a node needs in each message's ``config`` record
-(:class:`~flmnist.protocol.TrainSettings`); the node's identity comes from its node
+(:class:`~flmnist.protocol.messages.TrainSettings`); the node's identity comes from its node
 config: ``partition-id``/``num-partitions`` in simulation, ``data-path`` (and an optional
-``node-name``) on a real device. Replies follow :mod:`flmnist.protocol` exactly.
+``node-name``) on a real device. Replies follow :mod:`flmnist.protocol.messages` exactly.
 """
 
 from __future__ import annotations
@@ -15,9 +15,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from flmnist import inprocess_backend, vce_feeder
-from flmnist import protocol as p
-from flmnist.faults import (
+from flmnist.client.faults import (
     EVALUATE_ATTACKS,
     TRAIN_ATTACKS,
     active_fault,
@@ -25,9 +23,11 @@ from flmnist.faults import (
     corrupt_query,
     corrupt_train,
 )
-from flmnist.models import model_from_spec
-from flmnist.node_data import node_data, node_seed
-from flmnist.training import device, evaluate, train
+from flmnist.client.node_data import node_data, node_seed
+from flmnist.flower_patches import inprocess_backend, vce_feeder
+from flmnist.ml.models import model_from_spec
+from flmnist.ml.training import device, evaluate, train
+from flmnist.protocol import messages as p
 
 app = ClientApp()
 # Flower's simulation engine loads this module before it builds its backend and starts its feeder.

@@ -11,10 +11,10 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig
 
-from flmnist.config import build, compose_config, parse_overrides
-from flmnist.export import export_model
-from flmnist.inprocess_backend import confine_torch
-from flmnist.run_setup import build_run
+from flmnist.config.compose import build, compose_config, parse_overrides
+from flmnist.flower_patches.inprocess_backend import confine_torch
+from flmnist.ml.export import export_model
+from flmnist.runtime.run_setup import build_run
 
 app = ServerApp()
 

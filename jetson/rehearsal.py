@@ -44,7 +44,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flmnist.flwr_local import free_port, pids_with_flwr_home, stop_flwr_home, write_run_config
+from flmnist.launch.flwr_local import (
+    free_port,
+    pids_with_flwr_home,
+    stop_flwr_home,
+    write_run_config,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 JETSON = REPO / "jetson"
@@ -860,9 +865,9 @@ def check_log_lines(report: Report) -> None:
 def check_model_scores_above_chance(report: Report) -> None:
     import torch
 
-    from flmnist.data import load_mnist
-    from flmnist.models import LeNet
-    from flmnist.training import evaluate
+    from flmnist.ml.data import load_mnist
+    from flmnist.ml.models import LeNet
+    from flmnist.ml.training import evaluate
 
     model = LeNet()
     model.load_state_dict(torch.load(report.run["run_dir"] / "model.pt", weights_only=True))

@@ -20,7 +20,7 @@ import time
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from flmnist import protocol as p
+from flmnist.protocol import messages as p
 from flmnist.server_app import main as flmnist_main
 
 REPLY_PREFIX = "FLMNIST-REPLY "

@@ -21,7 +21,7 @@ def mnist_root() -> Path:
 
 @pytest.fixture(scope="session")
 def train_labels(mnist_root):
-    from flmnist.data import load_mnist
+    from flmnist.ml.data import load_mnist
 
     return load_mnist(str(mnist_root), True)[1].numpy()
 

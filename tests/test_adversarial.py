@@ -1,9 +1,9 @@
 """One bad node of four, through real `flwr run`s: per engine (the synchronous round with FedAvg,
 the asynchronous loop with FedBuff) node 3 commits a different attack class every round or
-update (``client.fault=rotate``, see flmnist/faults.py). The run must finish, every one of the bad
+update (``client.fault=rotate``, see flmnist/client/faults.py). The run must finish, every one of the bad
 node's updates must be rejected with its reason, and the final accuracy must stay within one
 percentage point below the same run without the attack. Both engines share one reply path
-(flmnist/reply_path.py); the other strategies (FedAvgM, FedMedian, FedAsync ...) run the same
+(flmnist/engine/reply_path.py); the other strategies (FedAvgM, FedMedian, FedAsync ...) run the same
 attacks in ``benchmarks/adversarial.py``, and the attack classes meet FedAvg, FedAvgM, FedAdam,
 the robust aggregators and both asynchronous strategies at unit level in tests/test_engines.py."""
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from flmnist.flwr_local import run_flwr
+from flmnist.launch.flwr_local import run_flwr
 
 pytestmark = pytest.mark.slow  # real Flower runs
 

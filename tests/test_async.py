@@ -8,18 +8,18 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from flmnist import protocol as p
-from flmnist.async_loop import AsyncLoopSettings, Job, VirtualQueue
-from flmnist.data import load_mnist
-from flmnist.errors import ConfigError
-from flmnist.fleet import make_fleet
-from flmnist.models import LogReg
-from flmnist.reply_path import ReplyPath
-from flmnist.screen import NodeLimits, ReplyScreen, ScreenSettings
+from flmnist.core.errors import ConfigError
+from flmnist.engine.async_loop import AsyncLoopSettings, Job, VirtualQueue
+from flmnist.engine.fleet import make_fleet
+from flmnist.engine.guard import Guarded
+from flmnist.engine.reply_path import ReplyPath
+from flmnist.ml.data import load_mnist
+from flmnist.ml.models import LogReg
+from flmnist.ml.training import train
+from flmnist.protocol import messages as p
+from flmnist.protocol.screen import NodeLimits, ReplyScreen, ScreenSettings
 from flmnist.strategies import FedAsync, FedAvg, FedBuff
-from flmnist.strategies.guard import Guarded
 from flmnist.strategies.staleness import Constant, Hinge, InverseSqrt, Polynomial
-from flmnist.training import train
 
 
 def guarded_fedavg(sent: p.TrainSettings, num_nodes: int, fleet=None) -> Guarded:
@@ -37,7 +37,7 @@ def train_reply(to: Message, arrays: ArrayRecord, n: int, partition: int, sent: 
     return Message(RecordDict({p.ARRAYS: arrays, p.METRICS: metrics, p.NODE_INFO: info}), reply_to=to)
 
 
-SENT = p.TrainSettings(model={"_target_": "flmnist.models.LogReg"}, partition={"_target_": "iid"}, num_partitions=3,
+SENT = p.TrainSettings(model={"_target_": "flmnist.ml.models.LogReg"}, partition={"_target_": "iid"}, num_partitions=3,
                        seed=0, holdout_fraction=0.1, local_steps=1, batch_size=10)
 
 

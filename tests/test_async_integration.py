@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flmnist.flwr_local import run_flwr
+from flmnist.launch.flwr_local import run_flwr
 
 pytestmark = pytest.mark.slow  # real Flower runs
 

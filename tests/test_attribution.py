@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from flmnist.attribution import Attribution, probe_indices
-from flmnist.data import load_mnist
-from flmnist.flwr_local import run_flwr
-from flmnist.models import LogReg
-from flmnist.training import train
+from flmnist.launch.flwr_local import run_flwr
+from flmnist.ml.data import load_mnist
+from flmnist.ml.models import LogReg
+from flmnist.ml.training import train
+from flmnist.observers.attribution import Attribution, probe_indices
 
 REPO = Path(__file__).resolve().parents[1]
 GROUPS = [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]  # seed 002's nodes
@@ -74,7 +74,7 @@ def test_disjoint_digit_groups_are_credited_to_the_node_that_holds_them(mnist):
 
 def test_a_sign_flipping_node_is_the_one_that_hurt_every_digit(mnist, tmp_path):
     """Four IID nodes on a partly trained model; node 3 sends its update reversed and scaled by 5
-    (flmnist.faults' sign-flip, which the screen's default norm bound lets through)."""
+    (flmnist.client.faults' sign-flip, which the screen's default norm bound lets through)."""
     (x, y), (tx, ty) = mnist
     torch.manual_seed(0)
     start = weights_of(LogReg())

@@ -17,7 +17,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from flmnist.checkpoint import (
+from flmnist.config.compose import compose_config
+from flmnist.core.errors import ConfigError
+from flmnist.observers.checkpoint import (
     CHECKPOINT,
     PREVIOUS,
     find_checkpoint,
@@ -26,8 +28,6 @@ from flmnist.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from flmnist.config import compose_config
-from flmnist.errors import ConfigError
 
 CODE_RAN: list[str] = []
 
@@ -133,7 +133,7 @@ def test_a_save_that_fails_midway_keeps_the_previous_checkpoint(tmp_path):
 KILLED_MIDWAY = """
 import resource, signal, sys
 import numpy as np
-from flmnist.checkpoint import save_checkpoint
+from flmnist.observers.checkpoint import save_checkpoint
 signal.signal(signal.SIGXFSZ, signal.SIG_DFL)   # exceeding the file size limit kills the process
 resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))

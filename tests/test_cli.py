@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from flmnist.cli import finished_line, outcome
-from flmnist.errors import RunFailed
-from flmnist.flwr_local import descendants, pids_with_env, started_at
+from flmnist.core.errors import RunFailed
+from flmnist.launch.cli import finished_line, outcome
+from flmnist.launch.flwr_local import descendants, pids_with_env, started_at
 
 FLMNIST = str(Path(sys.executable).parent / "flmnist")
 
@@ -156,8 +156,8 @@ def test_the_commands_checks_before_flower_starts_import_no_pytorch(mnist_root):
     evaluate (on a machine without GPU device nodes, as here and in CI)."""
     script = ("import sys\n"
               "from flmnist import cli\n"
-              "from flmnist.config import client_gpus, compose_config, validate\n"
-              "from flmnist.data import ensure_mnist, resolve_root\n"
+              "from flmnist.config.compose import client_gpus, compose_config, validate\n"
+              "from flmnist.ml.data import ensure_mnist, resolve_root\n"
               "cfg = compose_config(['experiment=seed002'])\n"
               "validate(cfg)\n"
               "ensure_mnist(resolve_root(cfg.data.root), cfg.data.download)\n"

@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 from hydra.utils import get_class
 
-from flmnist.config import compose_config, group_options
-from flmnist.errors import ConfigError
+from flmnist.config.compose import compose_config, group_options
+from flmnist.core.errors import ConfigError
 from flmnist.strategies import build_strategy
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -20,7 +20,7 @@ def test_seed002_preset_matches_the_seed():
     cfg = compose_config(["experiment=seed002"])
     assert cfg.num_nodes == 3 and cfg.num_rounds == 40
     assert list(map(list, cfg.partition.groups)) == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
-    assert cfg.model._target_ == "flmnist.models.LeNet"
+    assert cfg.model._target_ == "flmnist.ml.models.LeNet"
     assert (cfg.client.local_steps, cfg.client.batch_size, cfg.client.lr) == (10, 32, 0.1)
     assert list(cfg.eval.update_rounds) == [1, 11, 21, 31, 40]
 
@@ -142,7 +142,7 @@ def test_settings_issue_8_found_unchecked_fail_in_compose_naming_the_key(overrid
 
 
 def test_sweep_comparison_table(tmp_path):
-    from flmnist.cli import write_comparison
+    from flmnist.launch.cli import write_comparison
 
     summaries = [
         {"overrides": "strategy=fedavg", "status": "finished", "final_accuracy": 0.9612, "best_accuracy": 0.9630,

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from flmnist.data import MNIST_FILES, ensure_mnist, load_data_path, load_mnist, resolve_root
-from flmnist.errors import DataError
+from flmnist.core.errors import DataError
+from flmnist.ml.data import MNIST_FILES, ensure_mnist, load_data_path, load_mnist, resolve_root
 
 
 def test_root_prefers_setting_then_environment(monkeypatch, tmp_path):
@@ -67,7 +67,7 @@ def test_mnist_is_decoded_once_per_process(mnist_root):
 def test_mnist_decodes_exactly_as_torchvision_does(mnist_root, train):
     from torchvision.datasets import MNIST
 
-    from flmnist.data import normalize
+    from flmnist.ml.data import normalize
 
     images, labels = load_mnist(str(mnist_root), train)
     reference = MNIST(str(mnist_root), train=train, download=False)

@@ -1,10 +1,10 @@
 """Both engines against scripted nodes on a fake Grid, with real Flower messages.
 
-The synchronous engine is Flower's round loop on :class:`~flmnist.strategies.guard.Guarded`;
-the asynchronous one is :class:`~flmnist.async_loop.AsyncLoop`. Nodes here are scripted: an
+The synchronous engine is Flower's round loop on :class:`~flmnist.engine.guard.Guarded`;
+the asynchronous one is :class:`~flmnist.engine.async_loop.AsyncLoop`. Nodes here are scripted: an
 honest node replies with the model it received plus its own constant offset (or the offset
 alone when asked for a delta), so every expected model is a hand computation; a bad node
-commits one of :mod:`flmnist.faults`' attacks, replies with an error, or never replies.
+commits one of :mod:`flmnist.client.faults`' attacks, replies with an error, or never replies.
 Liveness settings are small, so each test takes about a second at most.
 """
 
@@ -30,21 +30,21 @@ from flwr.app import (
 from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=E0611
 from flwr.serverapp.strategy import FedAdam, FedMedian, Krum
 
-from flmnist import faults
-from flmnist import protocol as p
-from flmnist.async_loop import AsyncLoop, AsyncLoopSettings
-from flmnist.checkpoint import rng_state
-from flmnist.errors import RunFailed
-from flmnist.evaluation import EvaluationHook
-from flmnist.fleet import make_fleet
-from flmnist.node_order import RegistrationOrderGrid
-from flmnist.reply_path import ReplyPath, to_weights
-from flmnist.screen import NodeLimits, ReplyScreen, ScreenSettings
+from flmnist.client import faults
+from flmnist.core.errors import RunFailed
+from flmnist.engine.async_loop import AsyncLoop, AsyncLoopSettings
+from flmnist.engine.fleet import make_fleet
+from flmnist.engine.guard import Guarded
+from flmnist.engine.reply_path import ReplyPath, to_weights
+from flmnist.engine.sync import SyncEngine
+from flmnist.flower_patches.node_order import RegistrationOrderGrid
+from flmnist.observers.checkpoint import rng_state
+from flmnist.observers.evaluation import EvaluationHook
+from flmnist.protocol import messages as p
+from flmnist.protocol.screen import NodeLimits, ReplyScreen, ScreenSettings
 from flmnist.strategies import FedAsync, FedAvg, FedBuff
-from flmnist.strategies.guard import Guarded
-from flmnist.sync_engine import SyncEngine
 
-SENT = p.TrainSettings(model={"_target_": "flmnist.models.LogReg"}, partition={"_target_": "iid"}, num_partitions=4,
+SENT = p.TrainSettings(model={"_target_": "flmnist.ml.models.LogReg"}, partition={"_target_": "iid"}, num_partitions=4,
                        seed=0, holdout_fraction=0.1, local_steps=2, batch_size=4)
 # Partition i holds 10 * (i + 1) training examples and i + 2 held-out ones.
 LIMITS = NodeLimits(train_examples=(10, 20, 30, 40), holdout_examples=(2, 3, 4, 5))
@@ -68,7 +68,7 @@ def assert_weights(actual: dict | ArrayRecord, expected: dict) -> None:
 
 class FakeNode:
     """A scripted node. ``behave(k)`` says what it does with its k-th train message (k = 1, 2, ...):
-    ``"honest"``, a fault mode of :mod:`flmnist.faults`, ``"error"`` or ``"silent"``."""
+    ``"honest"``, a fault mode of :mod:`flmnist.client.faults`, ``"error"`` or ``"silent"``."""
 
     def __init__(self, partition: int, offset: float = 0.0, behave="honest", delay: float = 0.0,
                  query: str = "honest", evaluate: str = "honest", vanish: bool = False) -> None:
@@ -431,7 +431,7 @@ def test_the_sync_engine_samples_the_same_partitions_whatever_the_node_ids_and_t
 
 def test_a_resumed_sync_run_samples_as_the_uninterrupted_one(task_identity):
     """The sampling generator's state is part of the engine's checkpoint state."""
-    from flmnist.checkpoint import _pack, _unpack
+    from flmnist.observers.checkpoint import _pack, _unpack
 
     nodes = {101: FakeNode(0, 0.01), 102: FakeNode(1, 0.02), 103: FakeNode(2, 0.03), 104: FakeNode(3, 0.04)}
     whole, _ = trained_partitions(FakeGrid(nodes), ordered=True, rounds=6)

@@ -2,10 +2,10 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
-from flmnist.data import load_mnist
-from flmnist.evaluation import DigitEvaluation, group_label, seed_lines
-from flmnist.models import LogReg
-from flmnist.training import EvalResult, evaluate
+from flmnist.ml.data import load_mnist
+from flmnist.ml.models import LogReg
+from flmnist.ml.training import EvalResult, evaluate
+from flmnist.observers.evaluation import DigitEvaluation, group_label, seed_lines
 
 
 class Constant(torch.nn.Module):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
-from flmnist.flwr_local import readable, stage_app, write_flower_config
+from flmnist.launch.flwr_local import readable, stage_app, write_flower_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -15,13 +15,13 @@ def test_the_staged_app_holds_the_bundles_files_and_nothing_else(tmp_path):
     staged = stage_app(REPO, tmp_path / "app")
     files = {p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file()}
     assert "pyproject.toml" in files
-    assert {"flmnist/server_app.py", "flmnist/client_app.py", "flmnist/strategies/guard.py",
+    assert {"flmnist/server_app.py", "flmnist/client_app.py", "flmnist/engine/guard.py",
             "conf/config.yaml", "conf/experiment/seed002.yaml"} <= files
     assert all(f == "pyproject.toml" or (f.startswith("flmnist/") and f.endswith(".py"))
                or (f.startswith("conf/") and f.endswith(".yaml")) for f in files), files
     assert not any("__pycache__" in f or f.startswith(("tests/", ".venv/", "benchmarks/")) for f in files)
     # the same sources, byte for byte
-    assert (staged / "flmnist/screen.py").read_bytes() == (REPO / "flmnist/screen.py").read_bytes()
+    assert (staged / "flmnist/protocol/screen.py").read_bytes() == (REPO / "flmnist/protocol/screen.py").read_bytes()
 
 
 def test_an_app_without_fab_include_is_shipped_from_where_it_is(tmp_path):

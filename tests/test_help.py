@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from flmnist.config import GROUPS, group_options
-from flmnist.help import described, group_settings, top_level_settings
+from flmnist.config.compose import GROUPS, group_options
+from flmnist.config.help import described, group_settings, top_level_settings
 
 FLMNIST = str(Path(sys.executable).parent / "flmnist")
 

@@ -1,4 +1,4 @@
-"""The in-process simulation backend (flmnist/inprocess_backend.py): a ClientApp run on copies of
+"""The in-process simulation backend (flmnist/flower_patches/inprocess_backend.py): a ClientApp run on copies of
 Flower's real Messages and Context, errors as Flower's, one PyTorch thread; and its place in
 Flower 1.41's engine. (That its runs give Ray's numbers is tested end to end in
 test_integration.py.)"""
@@ -18,8 +18,8 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.server.superlink.fleet.vce.backend import raybackend
 from flwr.supercore.task_identity import TaskIdentity
 
-from flmnist import inprocess_backend
-from flmnist.inprocess_backend import ENV, backend_class, on_torch_thread
+from flmnist.flower_patches import inprocess_backend
+from flmnist.flower_patches.inprocess_backend import ENV, backend_class, on_torch_thread
 
 
 @pytest.fixture(autouse=True)
@@ -123,7 +123,7 @@ def test_the_serverapps_thread_runs_pytorch_single_threaded_and_evaluation_keeps
     code = (
         "import os, threading, torch\n"
         f"os.environ['{ENV}'] = 'inprocess'\n"
-        "from flmnist.inprocess_backend import confine_torch, on_torch_thread\n"
+        "from flmnist.flower_patches.inprocess_backend import confine_torch, on_torch_thread\n"
         "before = torch.get_num_threads()\n"
         "confine_torch()\n"
         "print(before, torch.get_num_threads(), on_torch_thread(torch.get_num_threads))\n"

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from flmnist.data import load_mnist
-from flmnist.flwr_local import BACKEND_ENV, flwr_env, pids_with_flwr_home, stop_flwr_home
-from flmnist.inprocess_backend import INPROCESS_NOTE
-from flmnist.models import LeNet
-from flmnist.training import evaluate
+from flmnist.flower_patches.inprocess_backend import INPROCESS_NOTE
+from flmnist.launch.flwr_local import BACKEND_ENV, flwr_env, pids_with_flwr_home, stop_flwr_home
+from flmnist.ml.data import load_mnist
+from flmnist.ml.models import LeNet
+from flmnist.ml.training import evaluate
 
 pytestmark = pytest.mark.slow  # real Flower runs
 

@@ -74,15 +74,15 @@ for name in SERVER_ONLY:  # as if not installed: importing them fails, importlib
     sys.modules[name] = None
 import json, torch
 from flwr.app import ArrayRecord, Context, Message, RecordDict
-from flmnist import protocol as p
+from flmnist.protocol import messages as p
 from flmnist.client_app import train_handler
-from flmnist.models import LeNet
+from flmnist.ml.models import LeNet
 
 from flwr.supercore.task_identity import TaskIdentity  # what a real ClientApp process has set
 
 TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
 data_path = sys.argv[1]
-settings = p.TrainSettings(model={"_target_": "flmnist.models.LeNet"}, partition={}, num_partitions=3, seed=2,
+settings = p.TrainSettings(model={"_target_": "flmnist.ml.models.LeNet"}, partition={}, num_partitions=3, seed=2,
                            holdout_fraction=0.1, local_steps=3, batch_size=8, lr=0.1)
 content = RecordDict({p.ARRAYS: ArrayRecord(LeNet().state_dict()), p.CONFIG: settings.to_record(**{p.SERVER_ROUND: 1})})
 msg = Message(content=content, dst_node_id=1, message_type="train")

@@ -1,8 +1,16 @@
 import pytest
 import torch
 
-from flmnist.errors import ConfigError
-from flmnist.models import MLP, MODELS, CNNMcMahan, LeNet, LogReg, count_parameters, model_from_spec
+from flmnist.core.errors import ConfigError
+from flmnist.ml.models import (
+    MLP,
+    MODELS,
+    CNNMcMahan,
+    LeNet,
+    LogReg,
+    count_parameters,
+    model_from_spec,
+)
 
 
 @pytest.mark.parametrize(
@@ -21,5 +29,5 @@ def test_every_model_maps_a_batch_to_log_probabilities(target):
 
 
 def test_unknown_model_target_names_the_valid_ones():
-    with pytest.raises(ConfigError, match="flmnist.models.LeNet"):
+    with pytest.raises(ConfigError, match="flmnist.ml.models.LeNet"):
         model_from_spec({"_target_": "os.system"})

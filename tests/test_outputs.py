@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from flmnist.async_loop import stats_lines
-from flmnist.recorder import FINAL_LINE, RunRecorder, summarize_stopped
+from flmnist.engine.async_loop import stats_lines
+from flmnist.observers.recorder import FINAL_LINE, RunRecorder, summarize_stopped
 
 LABEL = "demo: FedProx, Dirichlet split, LeNet, 3 nodes"
 
@@ -111,7 +111,7 @@ def test_tensorboard_and_mlflow_get_the_config_every_rounds_metrics_and_the_mode
     from mlflow.tracking import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from flmnist.trackers import MLflowTracker, TensorBoardTracker, Trackers
+    from flmnist.observers.trackers import MLflowTracker, TensorBoardTracker, Trackers
 
     out = tmp_path / "outputs"
     run_dir = out / "2026-11-30" / "12-00-00_demo"
@@ -141,7 +141,7 @@ def test_tensorboard_and_mlflow_get_the_config_every_rounds_metrics_and_the_mode
 
 
 def test_a_failing_tracker_is_dropped_and_the_run_goes_on(tmp_path):
-    from flmnist.trackers import Tracker, Trackers
+    from flmnist.observers.trackers import Tracker, Trackers
 
     class Broken(Tracker):
         def log_metrics(self, step, metrics):

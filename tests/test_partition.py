@@ -3,8 +3,8 @@ import warnings
 import numpy as np
 import pytest
 
-from flmnist.errors import ConfigError
-from flmnist.partition import (
+from flmnist.core.errors import ConfigError
+from flmnist.ml.partition import (
     DigitGroupPartition,
     DirichletPartition,
     IidPartition,

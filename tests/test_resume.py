@@ -14,17 +14,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from flmnist.checkpoint import find_checkpoint, load_checkpoint
-from flmnist.data import load_mnist
-from flmnist.errors import ConfigError
-from flmnist.flwr_local import (
+from flmnist.core.errors import ConfigError
+from flmnist.launch.flwr_local import (
     flwr_env,
     flwr_run_command,
     run_flwr,
     stop_flwr_home,
     write_run_config,
 )
-from flmnist.models import LeNet
+from flmnist.ml.data import load_mnist
+from flmnist.ml.models import LeNet
+from flmnist.observers.checkpoint import find_checkpoint, load_checkpoint
 
 pytestmark = pytest.mark.slow  # real Flower runs
 

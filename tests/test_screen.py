@@ -1,6 +1,6 @@
 """The reply screen against every attack class of issue 8, on real Flower messages.
 
-Each bad reply must become a :class:`~flmnist.screen.Rejection` whose reason names the
+Each bad reply must become a :class:`~flmnist.protocol.screen.Rejection` whose reason names the
 problem; an honest one must pass; screening never raises, whatever a node sends. Arrays
 whose metadata and bytes disagree are built raw, as ``Array(dtype, shape, stype, data)``.
 """
@@ -18,10 +18,11 @@ from flwr.app import (
     RecordDict,
 )
 
-from flmnist import faults
-from flmnist import protocol as p
-from flmnist.reply_path import ReplyPath
-from flmnist.screen import (
+from flmnist.client import faults
+from flmnist.engine.reply_path import ReplyPath
+from flmnist.ml.training import batches
+from flmnist.protocol import messages as p
+from flmnist.protocol.screen import (
     ClientUpdate,
     EvaluateReply,
     NodeInfo,
@@ -33,11 +34,10 @@ from flmnist.screen import (
     l2_norm,
     update_norm,
 )
-from flmnist.training import batches
 
 # The global model sent; partitions hold 10/20/30 training and 2/3/4 held-out examples.
 REFERENCE = {"w": (np.arange(6, dtype=np.float32).reshape(2, 3) - 2.5) / 10, "b": np.full(3, 0.5, np.float32)}
-SENT = p.TrainSettings(model={"_target_": "flmnist.models.LogReg"}, partition={"_target_": "iid"}, num_partitions=3,
+SENT = p.TrainSettings(model={"_target_": "flmnist.ml.models.LogReg"}, partition={"_target_": "iid"}, num_partitions=3,
                        seed=0, holdout_fraction=0.1, local_steps=2, batch_size=4)
 LIMITS = NodeLimits(train_examples=(10, 20, 30), holdout_examples=(2, 3, 4))
 STEP = 0.01  # the honest update: every weight + STEP
@@ -427,7 +427,7 @@ def test_malformed_query_replies_are_rejected(task_identity, attack):
     rejected(screen().query(reply(content, MessageType.QUERY)), *words)
 
 
-# ---------------------------------------------------- the fault modes of flmnist.faults
+# ---------------------------------------------------- the fault modes of flmnist.client.faults
 
 
 @pytest.mark.parametrize("fault", [*faults.TRAIN_ATTACKS, "boost"])
@@ -502,13 +502,13 @@ def test_screening_never_raises_whatever_the_content(task_identity):
 
 
 def test_a_reply_that_breaks_while_being_read_is_rejected_not_raised(task_identity, monkeypatch):
-    import flmnist.screen
+    import flmnist.protocol.screen
 
     msg = reply(train_content())
     monkeypatch.setattr(Array, "numpy", lambda self: (_ for _ in ()).throw(MemoryError("bytes bomb")))
     rejected(screen().train(msg, REFERENCE, SENT), "'w' cannot be decoded (MemoryError)")
     monkeypatch.undo()
-    monkeypatch.setattr(flmnist.screen, "update_norm", lambda *args: 1 / 0)
+    monkeypatch.setattr(flmnist.protocol.screen, "update_norm", lambda *args: 1 / 0)
     out = screen().train(msg, REFERENCE, SENT)
     assert isinstance(out, Rejection) and out.reason.startswith("unreadable reply (ZeroDivisionError")
 

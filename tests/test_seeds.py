@@ -19,16 +19,16 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam
 from test_engines import START, FakeNode, make_path, shifted, sync_round
 
-from flmnist import protocol as p
-from flmnist.config import compose_config
-from flmnist.data import load_mnist
-from flmnist.errors import ConfigError
-from flmnist.evaluation import DigitEvaluation, seed_lines
-from flmnist.models import MLP, LeNet, LogReg, count_parameters, model_from_spec
-from flmnist.reply_path import to_weights
+from flmnist.config.compose import compose_config
+from flmnist.core.errors import ConfigError
+from flmnist.engine.guard import Guarded
+from flmnist.engine.reply_path import to_weights
+from flmnist.ml.data import load_mnist
+from flmnist.ml.models import MLP, LeNet, LogReg, count_parameters, model_from_spec
+from flmnist.ml.training import EvalResult, train
+from flmnist.observers.evaluation import DigitEvaluation, seed_lines
+from flmnist.protocol import messages as p
 from flmnist.strategies import FedAvg, FedSGD, build_strategy
-from flmnist.strategies.guard import Guarded
-from flmnist.training import EvalResult, train
 
 # ============================================================ presets
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from flmnist.config import client_gpus, compose_config, gpu_device_nodes, simulation_backend
-from flmnist.errors import ConfigError
-from flmnist.flwr_local import flwr_run_command, free_port, stop_env
+from flmnist.config.compose import client_gpus, compose_config, gpu_device_nodes, simulation_backend
+from flmnist.core.errors import ConfigError
+from flmnist.launch.flwr_local import flwr_run_command, free_port, stop_env
 
 BIN = Path(sys.executable).parent
 

@@ -6,16 +6,16 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedProx
 
-from flmnist import protocol as p
-from flmnist.aggregation import aggregate_evaluate_counts
-from flmnist.evaluation import EvaluationHook
-from flmnist.reply_path import ReplyPath
-from flmnist.screen import NodeLimits, ReplyScreen, ScreenSettings
+from flmnist.engine.guard import Guarded
+from flmnist.engine.reply_path import ReplyPath
+from flmnist.observers.evaluation import EvaluationHook
+from flmnist.protocol import messages as p
+from flmnist.protocol.aggregation import aggregate_evaluate_counts
+from flmnist.protocol.screen import NodeLimits, ReplyScreen, ScreenSettings
 from flmnist.strategies import FedAvg
-from flmnist.strategies.guard import Guarded
 
 # Three partitions of 10 training examples; 2 local steps of batch 4 per update.
-SENT = p.TrainSettings(model={"_target_": "flmnist.models.LogReg"}, partition={"_target_": "iid"}, num_partitions=3,
+SENT = p.TrainSettings(model={"_target_": "flmnist.ml.models.LogReg"}, partition={"_target_": "iid"}, num_partitions=3,
                        seed=0, holdout_fraction=0.1, local_steps=2, batch_size=4)
 LIMITS = NodeLimits(train_examples=(10, 10, 10), holdout_examples=(1, 1, 1))
 

@@ -1,8 +1,8 @@
 import torch
 
-from flmnist.data import load_mnist
-from flmnist.models import LeNet, LogReg
-from flmnist.training import batches, evaluate, train
+from flmnist.ml.data import load_mnist
+from flmnist.ml.models import LeNet, LogReg
+from flmnist.ml.training import batches, evaluate, train
 
 
 def test_fixed_steps_run_exactly_that_many_batches():

@@ -1,4 +1,4 @@
-"""The simulation engine's feeder (flmnist/vce_feeder.py) delivers what Flower 1.41's own loop
+"""The simulation engine's feeder (flmnist/flower_patches/vce_feeder.py) delivers what Flower 1.41's own loop
 delivers, on Flower's real in-memory link state, in one pass instead of one per node."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from flwr.superlink.federation import NoOpFederationManager
 from flwr.superlink.federation.noop_federation_manager import NOOP_FEDERATION_ID
 from flwr.superlink.grid import InMemoryGrid
 
-from flmnist import vce_feeder
+from flmnist.flower_patches import vce_feeder
 
 
 def engine(nodes: int):

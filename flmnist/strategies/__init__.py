@@ -1,17 +1,17 @@
 """flmnist's strategies: ``strategy=NAME`` picks ``conf/strategy/NAME.yaml``.
 
 Synchronous strategies are Flower's own classes (``flwr.serverapp.strategy``), named directly
-in the YAML and wrapped at run time by :class:`~flmnist.strategies.guard.Guarded`, which adds
+in the YAML and wrapped at run time by :class:`~flmnist.engine.guard.Guarded`, which adds
 the reply screen, hooks, recording, the virtual clock and checkpoint state. The asynchronous
 ones (FedAsync, FedBuff) are :class:`~flmnist.strategies.asynchronous.AsyncStrategy` rules run
-by :mod:`flmnist.async_loop`.
+by :mod:`flmnist.engine.async_loop`.
 """
 
 from __future__ import annotations
 
 import math
 
-from flmnist.checks import check_integer, check_number
+from flmnist.core.checks import check_integer, check_number
 from flmnist.strategies.fedasync import FedAsync
 from flmnist.strategies.fedavg import FedAvg
 from flmnist.strategies.fedbuff import FedBuff
@@ -53,7 +53,7 @@ def check_parameters(strategy) -> None:
 
 def build_strategy(node):
     """Instantiate ``conf/strategy/NAME.yaml`` (the ``strategy`` config node) and check it."""
-    from flmnist.config import build
+    from flmnist.config.compose import build
 
     strategy = build(node, "strategy")
     check_parameters(strategy)

@@ -1,6 +1,6 @@
 """The interface of asynchronous strategies: a rule applied to each arriving client update.
 
-The loop that dispatches work and collects replies is :mod:`flmnist.async_loop`; a
+The loop that dispatches work and collects replies is :mod:`flmnist.engine.async_loop`; a
 strategy only says how an update changes the global model. Weights are dicts of numpy
 arrays (name -> array), the global model has a version number, and staleness is the
 number of versions between dispatch and arrival.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-from flmnist.checks import check_integer, check_number
+from flmnist.core.checks import check_integer, check_number
 
 Weights = dict  # name -> numpy array
 

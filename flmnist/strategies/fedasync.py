@@ -13,7 +13,7 @@ alpha = 0.6 and polynomial s with a = 0.5). Clients may add the proximal term
 
 from __future__ import annotations
 
-from flmnist.checks import check_number
+from flmnist.core.checks import check_number
 from flmnist.strategies.asynchronous import AsyncStrategy, Weights
 from flmnist.strategies.staleness import Polynomial, Staleness, staleness_or
 

@@ -9,7 +9,7 @@ the server step (Flower's FedAvgM convention, Hsu et al. 2019):
 
 With server learning rate eta = 1 and momentum m = 0 the step is skipped and
 w_{t+1} = w_avg exactly (plain FedAvg). It is Flower's FedAvgM with FedAvg's defaults;
-replies are screened by :class:`~flmnist.strategies.guard.Guarded` like every strategy's.
+replies are screened by :class:`~flmnist.engine.guard.Guarded` like every strategy's.
 """
 
 from __future__ import annotations

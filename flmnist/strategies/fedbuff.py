@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from flmnist.checks import check_integer, check_number
-from flmnist.errors import ConfigError
+from flmnist.core.checks import check_integer, check_number
+from flmnist.core.errors import ConfigError
 from flmnist.strategies.asynchronous import AsyncStrategy, Weights
 from flmnist.strategies.staleness import InverseSqrt, Staleness, staleness_or
 

@@ -21,7 +21,7 @@ default to 0.9/0.99 (Adam: 0.9/0.999). ``tests/test_seeds.py`` shows both.
 
 The step count t is the server round (as in Flower's FedOpt), so a resumed run continues with
 the right bias correction; a round that produced no update still counts. The moments ``m_t``,
-``v_t`` and ``current_arrays`` are FedOpt's attributes, so :class:`~flmnist.strategies.guard.Guarded`
+``v_t`` and ``current_arrays`` are FedOpt's attributes, so :class:`~flmnist.engine.guard.Guarded`
 checkpoints them and rolls them back with a rejected aggregate. With more than one local
 step, g is the nodes' average model change divided by ``eta_l`` (a pseudo-gradient).
 """
@@ -34,7 +34,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy.fedopt import FedOpt
 
-from flmnist.errors import ConfigError
+from flmnist.core.errors import ConfigError
 
 
 class FedSGD(FedOpt):

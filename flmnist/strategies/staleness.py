@@ -18,8 +18,8 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 
-from flmnist.checks import check_integer, check_number
-from flmnist.errors import ConfigError
+from flmnist.core.checks import check_integer, check_number
+from flmnist.core.errors import ConfigError
 
 
 class Staleness(ABC):

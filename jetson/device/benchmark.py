@@ -3,7 +3,7 @@
     python jetson/device/benchmark.py                  # about 10 s per thread count
     python jetson/device/benchmark.py --threads 4 --seconds 30 --batch-size 32
 
-It runs the ClientApp's own training loop (``flmnist.training.train``: SGD, batch 32 by default,
+It runs the ClientApp's own training loop (``flmnist.ml.training.train``: SGD, batch 32 by default,
 as seed 002's nodes train) on random 28x28 images (speed does not depend on the pixels), after a
 short warm-up, for each thread count (default: 1, 2, 4 and all cores, those this machine has),
 and prints samples/s, the best thread count (set it as ``OMP_NUM_THREADS`` for the SuperNode:
@@ -31,9 +31,9 @@ except ImportError:  # a checkout without flmnist installed (the device venv)
 
 import torch
 
-from flmnist.models import LeNet
-from flmnist.training import device as default_device
-from flmnist.training import train
+from flmnist.ml.models import LeNet
+from flmnist.ml.training import device as default_device
+from flmnist.ml.training import train
 
 FLEET_BASE_THROUGHPUT = 400.0  # conf/fleet/jetson_mixed.yaml: the Nano's assumed LeNet samples/s
 

@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flmnist.config import build, compose_config
-from flmnist.data import ensure_mnist, resolve_root
-from flmnist.errors import FlmnistError
-from flmnist.partition import label_counts
+from flmnist.config.compose import build, compose_config
+from flmnist.core.errors import FlmnistError
+from flmnist.ml.data import ensure_mnist, resolve_root
+from flmnist.ml.partition import label_counts
 
 
 @functools.lru_cache(maxsize=2)

@@ -1,0 +1,93 @@
+"""A node's own data: its partition of MNIST (simulation) or its ``data-path`` folder (a device).
+
+Built once per process and cached, so a client call never re-reads or re-splits MNIST.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from flmnist.core.errors import ConfigError
+from flmnist.ml.data import load_data_path, load_mnist, resolve_root
+from flmnist.ml.partition import holdout_split, partition_from_spec
+
+
+@dataclass(frozen=True)
+class NodeData:
+    name: str
+    partition: int  # partition index: seeds this node's batches and names it in replies
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    holdout_images: torch.Tensor
+    holdout_labels: torch.Tensor
+
+
+def node_seed(seed: int, node: int, *extra: int) -> int:
+    """A seed for one node (and round), derived from the run seed."""
+    return int(np.random.SeedSequence([seed, node, *extra]).generate_state(1)[0])
+
+
+@functools.lru_cache(maxsize=4)
+def _partition_indices(spec_json: str, root: str, num_partitions: int, seed: int) -> list[np.ndarray]:
+    labels = load_mnist(root, True)[1].numpy()
+    return partition_from_spec(json.loads(spec_json))(labels, num_partitions, seed)
+
+
+@functools.lru_cache(maxsize=8)
+def _node_data(
+    spec_json: str, root: str, num_partitions: int, seed: int, holdout: float,
+    partition_id: int | None, data_path: str | None, name: str,
+) -> NodeData:
+    if data_path:
+        images, labels = load_data_path(data_path)
+        partition_id = device_partition(data_path)
+        train_idx, hold_idx = holdout_split(np.arange(len(labels)), holdout, node_seed(seed, partition_id))
+    else:
+        if partition_id is None or not 0 <= partition_id < num_partitions:
+            raise ConfigError(
+                f"node config partition-id={partition_id} is outside 0..{num_partitions - 1} "
+                f"(num_nodes={num_partitions}); start as many SuperNodes as num_nodes"
+            )
+        images, labels = load_mnist(root, True)
+        part = _partition_indices(spec_json, root, num_partitions, seed)[partition_id]
+        train_idx, hold_idx = holdout_split(part, holdout, node_seed(seed, partition_id))
+    train_idx, hold_idx = torch.from_numpy(train_idx), torch.from_numpy(hold_idx)
+    return NodeData(name, partition_id, images[train_idx], labels[train_idx], images[hold_idx], labels[hold_idx])
+
+
+def device_partition(data_path: str) -> int:
+    """The partition index a device's data was exported as (``partition.json``), else 0."""
+    try:
+        return int(json.loads((Path(data_path) / "partition.json").read_text())["node"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def node_data(settings, node_config) -> NodeData:
+    """This node's data, from the server's :class:`~flmnist.protocol.messages.TrainSettings` and the
+    SuperNode's node config."""
+    from flmnist.protocol.messages import simulated_node_name
+
+    data_path = node_config.get("data-path")
+    partition_id = node_config.get("partition-id")
+    if data_path:
+        name = str(node_config.get("node-name") or data_path)
+    else:
+        name = simulated_node_name(partition_id)
+    root = str(resolve_root(settings.data_root or None))
+    return _node_data(
+        json.dumps(settings.partition, sort_keys=True),
+        root,
+        settings.num_partitions,
+        settings.seed,
+        settings.holdout_fraction,
+        None if partition_id is None else int(partition_id),
+        str(data_path) if data_path else None,
+        name,
+    )

@@ -1,0 +1,73 @@
+"""Who each connected node is, asked with a QUERY message, for both engines.
+
+Flower gives SuperNodes new random node ids every run, and ``Grid.get_node_ids()`` lists
+them in no fixed order, so "the third node" means a different partition each run. The
+:class:`NodeDirectory` asks every node it has not met who it is (the ClientApp's
+``query_handler`` answers with its partition id, name and numbers of examples), screens each
+answer (:meth:`flmnist.protocol.screen.ReplyScreen.query`) and remembers the outcome:
+
+- an accepted answer: the node's :class:`~flmnist.protocol.screen.NodeInfo` (``nodes``);
+- a malformed one: the node is *refused* (``refused``, with the reason, logged) and never
+  asked again;
+- an error reply or no reply within the timeout: the node is asked again when it is seen
+  after ``reask_after`` seconds.
+
+:meth:`NodeDirectory.order` sorts node ids by partition id, a run-independent order. The
+asynchronous loop (:mod:`flmnist.engine.async_loop`) dispatches in that order and takes only nodes that
+answered. (The synchronous engine needs no answers: :mod:`flmnist.flower_patches.node_order`.)
+"""
+
+from __future__ import annotations
+
+import time
+from logging import WARNING
+
+from flwr.app import Message, MessageType, RecordDict
+from flwr.common.logger import log
+
+from flmnist.engine.reply_path import ReplyPath
+from flmnist.protocol import messages as p
+from flmnist.protocol.screen import NodeInfo, Rejection
+
+
+class NodeDirectory:
+    """Node id -> who that node is, from screened query replies (see the module docstring)."""
+
+    def __init__(self, grid, path: ReplyPath, poll_interval: float = 0.05, reask_after: float = 60.0) -> None:
+        self.grid, self.path = grid, path
+        self.poll_interval, self.reask_after = poll_interval, reask_after
+        self.nodes: dict[int, NodeInfo] = {}     # node id -> accepted node-info
+        self.refused: dict[int, str] = {}        # node id -> why its query reply was refused
+        self.asked: dict[int, float] = {}        # node id -> when it was last asked who it is
+
+    def discover(self, timeout: float) -> list[NodeInfo]:
+        """Ask every node Flower lists that is not known, not refused and not asked in the last
+        ``reask_after`` s who it is, and wait up to ``timeout`` s for the answers; return the newly
+        accepted nodes, in the order asked. A malformed answer refuses the node (logged with the reason)."""
+        now = time.monotonic()
+        new = [n for n in self.grid.get_node_ids() if n not in self.nodes and n not in self.refused
+               and now - self.asked.get(n, -1e9) > self.reask_after]
+        if not new:
+            return []
+        self.asked.update({n: now for n in new})
+        msgs = [Message(RecordDict({p.CONFIG: self.path.sent.to_record()}), dst_node_id=n,
+                        message_type=MessageType.QUERY, ttl=max(timeout, 120.0)) for n in new]
+        ids = set(self.grid.push_messages(msgs))
+        deadline = time.monotonic() + timeout
+        while ids and time.monotonic() < deadline:
+            for reply in self.grid.pull_messages(list(ids)):
+                ids.discard(reply.metadata.reply_to_message_id)
+                out = self.path.screen.query(reply)
+                if isinstance(out, Rejection):
+                    if not out.failed:
+                        self.refused[reply.metadata.src_node_id] = out.reason
+                    log(WARNING, "Node %s was not added: %s", out.name, out.reason)
+                else:
+                    self.nodes[out.node_id] = out
+            if ids:
+                time.sleep(self.poll_interval)
+        return [self.nodes[n] for n in new if n in self.nodes]
+
+    def ordered(self) -> list[NodeInfo]:
+        """Every accepted node, in a run-independent order (partition id)."""
+        return sorted(self.nodes.values(), key=lambda n: (n.partition, n.node_id))

@@ -1,0 +1,276 @@
+"""The one path every reply and every new global model takes, in the sync and the async engine.
+
+- :meth:`ReplyPath.train_replies`: screen each train reply (:mod:`flmnist.protocol.screen`), log and
+  count each rejection with its node and reason, clip long updates (``screen.clip_to_median``),
+  record loss traces and run the evaluation hooks on the accepted updates.
+- :meth:`ReplyPath.evaluate_replies`: screen evaluate replies and sum their counts.
+- :meth:`ReplyPath.aggregate`: an aggregate becomes the global model only if it is sound.
+- :meth:`ReplyPath.global_model`: hooks on the new global model, the metrics row, the
+  progress line; :meth:`ReplyPath.save_checkpoint`: the one checkpoint layout.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, deque
+from collections.abc import Iterable, Sequence
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.common.logger import log
+
+from flmnist.observers.checkpoint import rng_state, save_checkpoint
+from flmnist.observers.evaluation import EvaluationHook
+from flmnist.observers.recorder import RunRecorder
+from flmnist.protocol import messages as p
+from flmnist.protocol.aggregation import aggregate_evaluate_counts
+from flmnist.protocol.screen import (
+    ClientUpdate,
+    EvaluateReply,
+    Rejection,
+    ReplyScreen,
+    Weights,
+    aggregate_problem,
+    l2_norm,
+)
+
+CHECKPOINT_FORMAT = 2
+
+
+def to_weights(arrays: ArrayRecord) -> Weights:
+    return {k: v.numpy() for k, v in arrays.items()}
+
+
+def to_record(weights: Weights) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in weights.items()})
+
+
+class ReplyPath:
+    """Screen, hooks, recording and checkpoints, shared by both engines."""
+
+    def __init__(
+        self,
+        screen: ReplyScreen,
+        sent: p.TrainSettings,
+        hooks: Sequence[EvaluationHook] = (),
+        recorder: RunRecorder | None = None,
+        checkpoint_every: int = 0,
+        stop_at: float | None = None,
+    ) -> None:
+        self.screen, self.sent = screen, sent
+        self.hooks, self.recorder = list(hooks), recorder
+        self.checkpoint_every = checkpoint_every
+        self.stop_at = stop_at               # stop_at_target: the accuracy that ends the run
+        self.target_reached: int | None = None  # the step whose evaluation reached it
+        self.norms: deque[float] = deque(maxlen=screen.settings.norm_window)
+        self.rejected: Counter = Counter()   # node name -> rejected replies
+        self.failed: Counter = Counter()     # node name -> error replies
+        self.reasons: Counter = Counter()    # reason (first words) -> count
+        self.clipped = 0
+        self.aggregates_rejected = 0
+        self.screen_seconds = 0.0
+        self.screened = 0
+        self.devices: dict[str, str] = {}    # node name -> the device its replies say it trained on
+
+    # ------------------------------------------------------------- replies
+    def _reject(self, what: str, r: Rejection) -> None:
+        if r.failed:
+            self.failed[r.name] += 1
+            log(WARNING, "%s from %s failed: %s", what, r.name, r.reason)
+        else:
+            self.rejected[r.name] += 1
+            self.reasons[r.reason.split(" (")[0][:80]] += 1
+            log(WARNING, "Rejected %s from %s: %s", what.lower(), r.name if r.name.startswith("node id")
+                else f"{r.name} (node id {r.node_id})", r.reason)
+
+    def train_replies(
+        self, step: int, replies: Iterable[Message], reference: Weights, delta: bool = False,
+    ) -> tuple[list[ClientUpdate], list[Rejection]]:
+        """Screen train replies against ``reference`` (the model sent); hooks see the accepted ones."""
+        updates, rejections = [], []
+        t = time.perf_counter()
+        for msg in replies:
+            out = self.screen.train(msg, reference, self.sent, delta)
+            self.screened += 1
+            if isinstance(out, Rejection):
+                rejections.append(out)
+                self._reject("Update", out)
+            else:
+                out.metadata = msg.metadata
+                updates.append(out)
+                self.devices[out.name] = out.device
+        for r in self._bound_norms(updates, reference, delta):
+            rejections.append(r)
+            self._reject("Update", r)
+        self.screen_seconds += time.perf_counter() - t
+        if self.recorder is not None:
+            for u in updates:
+                self.recorder.add_loss_trace(u.name, u.metrics[p.LOSS_TRACE], step)
+        if not delta:  # a delta is not a model to evaluate
+            for hook in self.hooks:
+                self.record(step, **(hook.evaluate_updates(step, updates) or {}))
+        return updates, rejections
+
+    def _bound_norms(self, updates: list[ClientUpdate], reference: Weights, delta: bool) -> list[Rejection]:
+        """Refuse updates longer than ``max_norm_ratio`` times the median norm (of recent accepted
+        updates and this batch; with fewer than 3 of those, of the global model's own norm), then
+        scale updates longer than ``clip_to_median`` times the median down to that length."""
+        s = self.screen.settings
+        norms = list(self.norms) + [u.norm for u in updates]
+        median = float(np.median(norms)) if len(norms) >= 3 else None
+        scale = median if median else l2_norm(reference)
+        refused = []
+        if s.max_norm_ratio is not None and scale > 0:
+            for u in list(updates):
+                if u.norm > s.max_norm_ratio * scale:
+                    refused.append(Rejection(u.node_id, u.name, f"update norm {u.norm:.4g} is over "
+                                             f"{s.max_norm_ratio:g} x the median {scale:.4g} (screen.max_norm_ratio)"))
+                    updates.remove(u)
+        if s.clip_to_median is not None and median:
+            bound = s.clip_to_median * median
+            for u in updates:
+                if u.norm > bound > 0:
+                    log(WARNING, "Clipped the update of %s: norm %.4g > %.4g (%g x median)", u.name, u.norm, bound,
+                        s.clip_to_median)
+                    u.scale_update(bound / u.norm, reference, delta)
+                    self.clipped += 1
+        self.norms.extend(u.norm for u in updates)
+        return refused
+
+    def evaluate_replies(self, replies: Iterable[Message]) -> tuple[MetricRecord | None, list[Rejection]]:
+        """Screen evaluate replies; the summed counts of the accepted ones (None if none)."""
+        accepted: list[EvaluateReply] = []
+        rejections = []
+        for msg in replies:
+            out = self.screen.evaluate(msg)
+            if isinstance(out, Rejection):
+                rejections.append(out)
+                self._reject("Evaluation", out)
+            else:
+                accepted.append(out)
+        if not accepted:
+            return None, rejections
+        records = [RecordDict({p.METRICS: MetricRecord(r.metrics)}) for r in accepted]
+        return aggregate_evaluate_counts(records, p.NUM_EXAMPLES), rejections
+
+    def applied(self, step: int, before: Weights, updates: Sequence[ClientUpdate], reference: Weights,
+                delta: bool, key: object = None) -> None:
+        """Hooks see the updates applied to the global model ``before`` (for attribution): each
+        as what its node's training changed (its model minus ``reference``, the model it was sent)."""
+        if not any(type(h).updates_applied is not EvaluationHook.updates_applied for h in self.hooks):
+            return
+        deltas = [(u.name, u.weights if delta else {k: u.weights[k] - reference[k] for k in reference})
+                  for u in updates]
+        for hook in self.hooks:
+            self.record(step, **(hook.updates_applied(step, before, deltas, key) or {}))
+
+    def finish(self) -> None:
+        """End of the run: the devices nodes trained on, and what the hooks have to say, go into
+        the summary."""
+        if self.recorder is not None and self.devices:
+            self.recorder.extra["node_devices"] = dict(sorted(self.devices.items()))
+            counts = Counter(self.devices.values())
+            self.recorder.printer("Nodes trained on: " + ", ".join(f"{d} ({n} node{'s' * (n > 1)})"
+                                                                   for d, n in counts.most_common()))
+        for hook in self.hooks:
+            try:
+                out = hook.finish(self.recorder.elapsed() if self.recorder is not None else None)
+            except Exception as err:  # noqa: BLE001 - a hook must never lose the run's results
+                log(WARNING, "%s could not finish: %s: %s", type(hook).__name__, type(err).__name__, err)
+                continue
+            if out and self.recorder is not None:
+                self.recorder.extra[type(hook).__name__.lower()] = out
+
+    # ----------------------------------------------------------- aggregates
+    def aggregate(self, new: Weights | ArrayRecord | None, reference: Weights) -> Weights | None:
+        """The aggregate as the next global weights, or None (logged, counted) if it is unsound."""
+        if isinstance(new, ArrayRecord):
+            try:
+                new = to_weights(new)
+            except Exception as err:  # noqa: BLE001
+                new, problem = None, f"undecodable ({err})"
+        if new is not None:
+            new = {k: (np.asarray(v).astype(reference[k].dtype) if k in reference and np.asarray(v).dtype.kind == "f"
+                       else v) for k, v in new.items()}
+        problem = aggregate_problem(new, reference)
+        if problem:
+            self.aggregates_rejected += 1
+            log(WARNING, "Aggregate rejected (%s); the global model stays as it was", problem)
+            return None
+        return new
+
+    # ---------------------------------------------------------- global model
+    def record(self, step: int, **fields) -> None:
+        if self.recorder is not None and fields:
+            self.recorder.add(step, **fields)
+
+    def global_model(self, step: int, arrays: ArrayRecord, evaluate: bool = True, **fields) -> dict:
+        """Hooks on the global model of ``step`` (if ``evaluate``), its metrics row and progress line."""
+        if evaluate:
+            for hook in self.hooks:
+                fields.update(hook.evaluate_global(step, arrays) or {})
+            self._check_target(step, fields.get("test_accuracy"))
+        if self.recorder is not None:
+            self.recorder.screen_stats = self.stats()
+            self.recorder.add(step, **fields)
+            self.recorder.end_round(step, arrays.to_torch_state_dict() if evaluate else None, quiet=not evaluate)
+        return fields
+
+    def _check_target(self, step: int, accuracy: float | None) -> None:
+        """``stop_at_target``: note the first evaluated step at or above the target accuracy."""
+        if self.stop_at is None or self.target_reached is not None or step == 0 or accuracy is None:
+            return
+        if accuracy >= self.stop_at:
+            self.target_reached = step
+            log(INFO, "Target accuracy %.2f%% reached at step %d (%.2f%%): stopping (stop_at_target)",
+                100 * self.stop_at, step, 100 * accuracy)
+            if self.recorder is not None:
+                self.recorder.stopped_early = {"reason": "target accuracy reached", "step": step,
+                                               "accuracy": accuracy}
+
+    def checkpoint_due(self, step: int) -> bool:
+        return bool(self.checkpoint_every) and step % self.checkpoint_every == 0
+
+    def save_checkpoint(self, kind: str, step: int, weights: Weights, engine: dict) -> None:
+        """The one checkpoint layout: model, engine state, recorder, screen counters, RNG states."""
+        if self.recorder is None:
+            return
+        save_checkpoint(self.recorder.run_dir, {
+            "format": CHECKPOINT_FORMAT,
+            "kind": kind,
+            "round": step,
+            "arrays": weights,
+            "engine": engine,
+            "screen": self.state(),
+            "recorder": self.recorder.state(),
+            "rng": rng_state(),
+        })
+
+    # --------------------------------------------------------------- state
+    def stats(self) -> dict:
+        return {
+            "replies_screened": self.screened,
+            "rejected_per_node": dict(sorted(self.rejected.items())),
+            "failed_per_node": dict(sorted(self.failed.items())),
+            "rejection_reasons": dict(self.reasons.most_common()),
+            "updates_clipped": self.clipped,
+            "aggregates_rejected": self.aggregates_rejected,
+            "screen_seconds": round(self.screen_seconds, 4),
+            "screen_ms_per_reply": round(1000 * self.screen_seconds / self.screened, 3) if self.screened else None,
+        }
+
+    def state(self) -> dict:
+        return {"norms": [float(n) for n in self.norms], "rejected": dict(self.rejected), "failed": dict(self.failed),
+                "reasons": dict(self.reasons), "clipped": self.clipped, "aggregates_rejected": self.aggregates_rejected,
+                "hooks": {type(h).__name__: st for h in self.hooks if (st := h.state()) is not None}}
+
+    def load_state(self, state: dict) -> None:
+        self.norms.extend(state.get("norms", []))
+        self.rejected, self.failed = Counter(state.get("rejected", {})), Counter(state.get("failed", {}))
+        self.reasons = Counter(state.get("reasons", {}))
+        self.clipped, self.aggregates_rejected = state.get("clipped", 0), state.get("aggregates_rejected", 0)
+        hooks = state.get("hooks", {})
+        for hook in self.hooks:
+            if type(hook).__name__ in hooks:
+                hook.load_state(hooks[type(hook).__name__])

@@ -1,0 +1,136 @@
+"""The synchronous engine: Flower's own round loop (``Strategy.start``) on a guarded strategy.
+
+Each round the guarded strategy (:class:`~flmnist.engine.guard.Guarded`) samples nodes,
+screens their replies and aggregates the accepted ones; after each round the run's
+:class:`~flmnist.engine.reply_path.ReplyPath` evaluates the global model, records the round and
+checkpoints. ``run(initial, checkpoint)`` is the same call as the asynchronous engine's.
+
+Which nodes a round trains is the same in every run with the same seed. Flower's strategies
+sample with ``random.sample(list(grid.get_node_ids()), n)``, and two things made that differ:
+
+- the list: node ids are new every run and listed in no fixed order. Given a
+  :class:`~flmnist.flower_patches.node_order.RegistrationOrderGrid` (as ``run_setup`` builds it) they are
+  listed in the order the nodes registered, which in simulation is the partition order;
+- the draw: ``random`` is the global generator, which Flower's own threads in the ServerApp
+  process draw from at wall-clock times (the heartbeat sender every 17-23 s, object pulls for
+  back-off jitter). Given a ``seed``, :class:`SeededSampling` gives the sampling a generator of
+  its own while the round loop runs; its state is checkpointed with the strategy's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+
+from flwr.app import ArrayRecord, MetricRecord
+from flwr.serverapp.strategy import strategy_utils
+
+from flmnist.engine.guard import Guarded
+from flmnist.engine.reply_path import ReplyPath, to_weights
+from flmnist.observers.checkpoint import set_rng_state
+
+
+class FinalResultsFilter(logging.Filter):
+    """Drops the "Final results:" dump Flower's round loop logs at its end (every metric of every
+    round in scientific notation, after flmnist's own summary table and files)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dropping = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.strip() == "Final results:":
+            self.dropping = True
+        elif self.dropping and message.strip() and not message.startswith("\t"):
+            self.dropping = False  # the dump is blank and tab-indented lines
+        return not self.dropping
+
+    def __enter__(self):
+        logging.getLogger("flwr").addFilter(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logging.getLogger("flwr").removeFilter(self)
+
+
+class SeededSampling:
+    """While active, Flower's node sampling (``strategy_utils.sample_nodes``, used by every
+    strategy's ``configure_train``/``configure_evaluate``) draws from ``self.rng``, not from the
+    ``random`` module's global generator that other threads draw from too."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+        self._saved = None
+
+    def __enter__(self):
+        self._saved, strategy_utils.random = strategy_utils.random, self.rng
+        return self
+
+    def __exit__(self, *exc) -> None:
+        strategy_utils.random = self._saved
+
+
+class TargetReached(Exception):
+    """Raised from the evaluation function to end Flower's round loop (``stop_at_target``)."""
+
+
+class SyncEngine:
+    """Run ``num_rounds`` rounds of a guarded Flower strategy on ``grid`` (Flower's, or a
+    :class:`~flmnist.flower_patches.node_order.RegistrationOrderGrid` for a run-independent node order). With a
+    ``seed`` nodes are sampled by a generator of their own (:class:`SeededSampling`), else by
+    the ``random`` module's global one, as Flower does."""
+
+    kind = "sync"
+    unit = "round"
+
+    def __init__(self, grid, strategy: Guarded, path: ReplyPath, train_config, num_rounds: int,
+                 round_timeout: float = 3600.0, seed: int | None = None) -> None:
+        self.grid, self.strategy, self.path = grid, strategy, path
+        self.train_config, self.num_rounds, self.round_timeout = train_config, num_rounds, round_timeout
+        self.sampling = SeededSampling(seed) if seed is not None else None
+        self.arrays: ArrayRecord | None = None
+
+    def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """After each round (and round 0): hooks, metrics row, checkpoint; Flower logs the headline."""
+        if server_round == 0 and self.strategy.round_offset:
+            return None  # resumed: the initial model was evaluated in the first run
+        step = server_round + self.strategy.round_offset
+        self.arrays = arrays
+        fields = self.path.global_model(step, arrays)
+        if step > 0 and self.path.checkpoint_due(step):
+            self.path.save_checkpoint(self.kind, step, to_weights(arrays), self.state_dict())
+        if self.path.target_reached is not None:
+            raise TargetReached(step)  # stop_at_target: out of Flower's round loop, outputs as usual
+        headline = {k: fields[k] for k in ("test_loss", "test_accuracy") if fields.get(k) is not None}
+        return MetricRecord(headline) if headline else None
+
+    def state_dict(self) -> dict:
+        """The guarded strategy's state and, with a seed, the sampling generator's."""
+        state = self.strategy.state_dict()
+        if self.sampling is not None:
+            state["sampling_rng"] = self.sampling.rng.getstate()
+        return state
+
+    def run(self, initial: ArrayRecord, checkpoint: dict | None = None) -> ArrayRecord:
+        done = 0
+        self.arrays = initial
+        if checkpoint is not None:
+            self.strategy.load_state_dict(checkpoint["engine"])
+            self.path.load_state(checkpoint.get("screen", {}))
+            set_rng_state(checkpoint["rng"])
+            if self.sampling is not None:  # a checkpoint from before SeededSampling: the global state
+                self.sampling.rng.setstate(checkpoint["engine"].get("sampling_rng", random.getstate()))
+            done = self.strategy.round_offset = int(checkpoint["round"])
+        if self.num_rounds > done:
+            try:
+                with FinalResultsFilter(), self.sampling or contextlib.nullcontext():
+                    self.strategy.start(
+                        grid=self.grid, initial_arrays=initial, num_rounds=self.num_rounds - done,
+                        timeout=self.round_timeout, train_config=self.train_config,
+                        evaluate_config=self.train_config, evaluate_fn=self.evaluate,
+                    )
+            except TargetReached:
+                pass  # Flower 1.41's loop has no early stop: the evaluation function ends it
+        return self.arrays

@@ -1,0 +1,363 @@
+"""The ``flmnist`` command: Hydra's command line in front of ``flwr run``.
+
+``flmnist experiment=seed002 strategy=fedprox`` composes the same config as the
+ServerApp, checks it, and launches ``flwr run`` on a private local SuperLink with
+as many SuperNodes as ``num_nodes``; results go to Hydra's job directory.
+``flmnist -m strategy=fedavg,fedprox ...`` runs a sweep and ends with a
+comparison table (CSV and Markdown) in the sweep directory. ``flmnist resume=DIR``
+(or ``resume=latest``) continues a run in its own directory.
+
+The outcome is honest: every job's config is composed and checked before Flower starts
+(a bad setting: one line ``flmnist: error: ...`` and exit code 2, the traceback only with
+``HYDRA_FULL_ERROR=1``); the exit code is 1 when a run did not finish (no summary, a
+status other than "finished", or ``flwr run`` failing); SIGTERM or SIGHUP stops every
+process the command started and exits with 128 + the signal number.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from flmnist.config.compose import (
+    check_group_overrides,
+    client_gpus,
+    compose_config,
+    conf_dir,
+    run_length,
+    simulation_backend,
+    validate,
+)
+from flmnist.config.help import help_text, version_text
+from flmnist.core.errors import ConfigError, FlmnistError, RunFailed
+from flmnist.launch.flwr_local import run_flwr
+from flmnist.ml.data import ensure_mnist, resolve_root
+from flmnist.observers.recorder import FINAL_LINE, summarize_stopped
+
+APP_DIR = Path(__file__).resolve().parents[2]
+INTERRUPTED = "interrupted; every process this run started has been stopped"  # Ctrl-C
+COLUMNS = ["job", "overrides", "status", "final_accuracy", "best_accuracy", "rounds_to_target", "wall_time", "run_dir"]
+EXIT_FAILED = 1  # a run did not finish
+EXIT_ERROR = 2  # a bad setting or input: nothing ran
+MULTIRUN = ("-m", "--multirun")
+_failed_jobs: list[str] = []  # sweep jobs that did not finish (the sweep goes on, then exits 1)
+
+
+class Stop(BaseException):
+    """Ends the command with ``code`` after ``message``. A BaseException, so that Hydra lets it
+    through without printing a traceback of its own (as it does for KeyboardInterrupt)."""
+
+    def __init__(self, message: str, code: int, cause: BaseException | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.cause = cause
+
+
+def quoted(path: Path) -> str:
+    """A path as a quoted Hydra override value (paths may hold '=', ',' or spaces)."""
+    return "'" + str(path).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def absolute_overrides(overrides: list[str], run_dir: Path) -> list[str]:
+    """The job's overrides with relative paths made absolute and the run directory pinned."""
+    out = []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key in ("data.root", "output_dir") and value not in ("", "null"):
+            item = f"{key}={quoted(Path(value.strip(chr(39) + chr(34))).expanduser().resolve())}"
+        if key != "run_dir":
+            out.append(item)
+    return out + [f"run_dir={quoted(run_dir)}"]
+
+
+def saved_config(run_dir: Path) -> DictConfig:
+    """The checked config of the run a resume continues (its ``config.yaml``)."""
+    path = run_dir / "config.yaml"
+    try:
+        saved = OmegaConf.load(path)
+        validate(saved)
+    except ConfigError as err:
+        raise ConfigError(f"resume: the run's config {path} is not valid now: {err}") from err
+    except Exception as err:  # an older flmnist's config lacking a section, unreadable YAML ...
+        raise ConfigError(f"resume: cannot use the run's config {path} ({type(err).__name__}: {err})") from err
+    return saved
+
+
+def _signature(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+def wrote_summary(run_dir: Path, before: tuple[int, int] | None) -> bool:
+    """Whether the run wrote a summary since the launch (``before``: the summary file's identity
+    then; a resumed run may hold an old one)."""
+    return _signature(run_dir / "summary.json") not in (None, before)
+
+
+def outcome(run_dir: Path, before: tuple[int, int] | None, code: int) -> dict:
+    """The run's summary if it finished; else RunFailed saying why and where the log is.
+
+    ``before``: the summary file's identity before the launch (a resumed run may hold an old one).
+    """
+    log = run_dir / "flwr_run.log"
+    path = run_dir / "summary.json"
+    if not wrote_summary(run_dir, before):
+        raise RunFailed(f"the run wrote no summary (flwr run exited with {code}); see {log}")
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise RunFailed(f"the run's summary {path} is unreadable ({err}); see {log}") from err
+    status = summary.get("status") if isinstance(summary, dict) else None
+    if status != "finished":
+        error = summary.get("error") if isinstance(summary, dict) else None
+        raise RunFailed(f"the run did not finish (status {status!r}{f': {error}' if error else ''}); see {log}")
+    if code != 0:
+        raise RunFailed(f"flwr run exited with {code} although the summary says finished; see {log}")
+    return summary
+
+
+def finished_line(run_dir: Path, before: tuple | None):
+    """A test of each output line: True at the run's last line once it wrote a new summary saying
+    it finished (the recorder writes ``summary.json`` last, then prints that line)."""
+    last_line = FINAL_LINE.format(status="finished")
+
+    def test(line: str) -> bool:
+        return last_line in line and wrote_summary(run_dir, before)
+
+    return test
+
+
+BACKEND_NOTES = {
+    "inprocess": "inprocess (one ClientApp at a time, in Flower's simulation process; simulation.backend=ray for "
+                 "Ray workers)",
+    "ray": "ray (Ray workers, simulation.client_cpus cores each)",
+}
+
+
+def launch(cfg: DictConfig) -> dict:
+    """Run one federated training for the composed ``cfg``; return its summary (RunFailed if
+    it did not finish). A resume runs in the directory of the run it continues."""
+    validate(cfg)
+    hc = HydraConfig.get()
+    run_cfg, overrides = cfg, list(hc.overrides.task)
+    if cfg.resume:
+        from flmnist.observers.checkpoint import (
+            find_checkpoint,  # (PyTorch: only a resume pays its import)
+        )
+
+        checkpoint = find_checkpoint(str(cfg.resume), cfg.output_dir)
+        run_dir = checkpoint.parent
+        run_cfg = saved_config(run_dir)
+        overrides = [o for o in overrides if not o.startswith("resume=")] + [f"resume={quoted(checkpoint)}"]
+    else:
+        run_dir = Path(hc.runtime.output_dir).resolve()
+    root = resolve_root(run_cfg.data.root)
+    ensure_mnist(root, run_cfg.data.download)  # fail here, before starting Flower, if MNIST is missing
+    overrides = absolute_overrides(overrides, run_dir)
+    if not any(o.startswith("data.root=") for o in overrides):
+        overrides.append(f"data.root={quoted(root)}")
+    before = _signature(run_dir / "summary.json")
+    flwr_home = tempfile.mkdtemp(prefix="flmnist-flwr-home-")
+    try:
+        sim = cfg.simulation  # this launch's (a resume may move to other hardware)
+        gpus = client_gpus(cfg)
+        backend = simulation_backend(cfg, gpus)
+        print(f"flmnist: simulation backend: {BACKEND_NOTES[backend]}", flush=True)
+        code = run_flwr(APP_DIR, overrides, run_cfg.num_nodes, flwr_home, log_path=run_dir / "flwr_run.log",
+                        append=bool(cfg.resume), client_cpus=float(sim.client_cpus), client_gpus=gpus,
+                        ray_address=sim.ray_address, backend=backend, until=finished_line(run_dir, before))
+    except (Stop, KeyboardInterrupt) as stop:
+        raise Stop(stopped_message(stop, run_cfg, run_dir, before), getattr(stop, "code", 130)) from None
+    finally:
+        shutil.rmtree(flwr_home, ignore_errors=True)
+    summary = outcome(run_dir, before, code)
+    summary["overrides"] = " ".join(o for o in hc.overrides.task if not o.startswith("run_dir="))
+    return summary
+
+
+def stopped_message(stop: BaseException, cfg: DictConfig, run_dir: Path, before: tuple | None) -> str:
+    """What the command says when stopped mid-run (its processes already stopped): the summary of
+    the results so far, written here unless the run wrote its own, and how to continue."""
+    why = str(stop) if isinstance(stop, Stop) else INTERRUPTED
+    if wrote_summary(run_dir, before):
+        return f"{why}; the run had finished: results in {run_dir}"
+    unit, steps = run_length(cfg)
+    summary = summarize_stopped(run_dir, steps, cfg.target_accuracy, unit, why.split(";")[0])
+    if summary is None:
+        return f"{why}; it had recorded no {unit} yet"
+    from flmnist.observers.checkpoint import CHECKPOINT
+
+    more = (f"; continue it with: flmnist resume={quoted(run_dir)}" if (run_dir / CHECKPOINT).is_file() else "")
+    return f"{why}; results after {unit} {summary['rounds_completed']} in {run_dir / 'summary.json'}{more}"
+
+
+def comparison_rows(summaries: list[dict]) -> list[dict]:
+    return [{"job": i, **{c: s.get(c) for c in COLUMNS if c != "job"}} for i, s in enumerate(summaries)]
+
+
+def write_comparison(sweep_dir: Path, summaries: list[dict]) -> str:
+    """Write comparison.csv and comparison.md into the sweep directory; return the Markdown."""
+    rows = comparison_rows(summaries)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    (sweep_dir / "comparison.csv").write_text(buf.getvalue())
+
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.2f}%"
+
+    lines = [
+        "| job | overrides | status | final acc | best acc | rounds to target | wall time (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        wall = "-" if r["wall_time"] is None else f"{r['wall_time']:.1f}"
+        lines.append(
+            f"| {r['job']} | {r['overrides']} | {r['status']} | {pct(r['final_accuracy'])} | "
+            f"{pct(r['best_accuracy'])} | {r['rounds_to_target'] or 'not reached'} | "
+            f"{wall} |"
+        )
+    md = "\n".join(lines) + "\n"
+    (sweep_dir / "comparison.md").write_text(md)
+    return md
+
+
+class ComparisonTable(Callback):
+    """Hydra callback: collect each job's summary and write the comparison table after a sweep."""
+
+    def __init__(self) -> None:
+        self.summaries: list[dict] = []
+
+    def on_job_end(self, config: DictConfig, job_return, **kwargs) -> None:
+        value = getattr(job_return, "_return_value", None)
+        if isinstance(value, dict):
+            self.summaries.append(value)
+        else:
+            self.summaries.append({"overrides": " ".join(config.hydra.overrides.task), "status": "failed"})
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        md = write_comparison(sweep_dir, self.summaries)
+        print(f"\nComparison ({sweep_dir / 'comparison.md'}):\n{md}")
+
+
+@hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
+def _main(cfg: DictConfig) -> dict:
+    try:
+        return launch(cfg)
+    except (FlmnistError, OSError) as err:
+        hc = HydraConfig.get()
+        code = EXIT_FAILED if isinstance(err, RunFailed) else EXIT_ERROR
+        if hc.mode != RunMode.MULTIRUN:
+            raise Stop(str(err), code, err) from err
+        # A sweep goes on with its other jobs; the table lists this one as failed.
+        print(f"flmnist: error: job {hc.job.num}: {err}", file=sys.stderr)
+        _failed_jobs.append(str(hc.job.num))
+        return {"overrides": " ".join(o for o in hc.overrides.task if not o.startswith("run_dir=")),
+                "status": "failed", "run_dir": str(Path(hc.runtime.output_dir).resolve())}
+
+
+def sweep_jobs(overrides: list[str]) -> list[list[str]]:
+    """The override lists of the jobs a ``-m`` sweep runs (Hydra's basic sweeper's expansion)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    except Exception as err:  # Hydra's parser raises several types
+        raise ConfigError(f"bad override in {' '.join(overrides)}: {' '.join(str(err).split())}") from err
+
+
+def hydra_arguments(args: list[str]) -> list[str]:
+    """Check every job's config before anything starts (Hydra has not created a directory yet);
+    return the arguments to hand to Hydra. A resume is pinned to the directory of its run,
+    so Hydra creates no new one."""
+    multirun = any(a in MULTIRUN for a in args)
+    overrides = [a for a in args if a not in MULTIRUN]
+    check_group_overrides(overrides)
+    if multirun:
+        for job in sweep_jobs(overrides):
+            cfg = compose_config(job)
+            if cfg.resume:
+                raise ConfigError("resume continues one run: drop -m/--multirun")
+            ensure_mnist(resolve_root(cfg.data.root), cfg.data.download)
+        return args
+    cfg = compose_config(overrides)
+    if not cfg.resume:
+        ensure_mnist(resolve_root(cfg.data.root), cfg.data.download)  # (downloads it if allowed)
+        return args
+    from flmnist.observers.checkpoint import find_checkpoint
+
+    checkpoint = find_checkpoint(str(cfg.resume), cfg.output_dir)  # resume=latest says which it picked
+    saved_config(checkpoint.parent)
+    args = [a for a in args if not a.lstrip("+").startswith("resume=")]
+    return [*args, f"resume={quoted(checkpoint)}", f"hydra.run.dir={quoted(checkpoint.parent)}",
+            "hydra.output_subdir=null"]
+
+
+def _stop_on(signum: int, frame) -> None:
+    for s in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, signal.SIG_IGN)  # one is enough: the stopping must not be cut short
+    name = signal.Signals(signum).name
+    raise Stop(f"stopped by {name}; every process this run started has been stopped", 128 + signum)
+
+
+def main() -> None:
+    """Console entry point: one clear line and an honest exit code for every outcome."""
+    for s in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, _stop_on)
+    args = sys.argv[1:]
+    full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    if "--version" in args:
+        print(version_text())
+        return
+    if "--help" in args or "-h" in args:
+        print(help_text([a for a in args if a not in ("--help", "-h")]), end="")
+        return
+    if "--hydra-help" in args:  # Hydra's own help, for --cfg, --info, --multirun ...
+        sys.argv = [sys.argv[0], *("--help" if a == "--hydra-help" else a for a in args)]
+    try:
+        if not any(a.startswith("-") and a not in MULTIRUN for a in args):
+            # Not --help, --cfg, --info ...: compose and check first.
+            sys.argv = [sys.argv[0], *hydra_arguments(args)]
+        _main()
+    except FlmnistError as err:
+        if full_error:
+            traceback.print_exc()
+        print(f"flmnist: error: {err}", file=sys.stderr)
+        raise SystemExit(EXIT_FAILED if isinstance(err, RunFailed) else EXIT_ERROR) from None
+    except Stop as stop:
+        if full_error and stop.cause is not None:
+            traceback.print_exception(stop.cause)
+        print(f"flmnist: {'error: ' if stop.code in (EXIT_ERROR, EXIT_FAILED) else ''}{stop}", file=sys.stderr)
+        raise SystemExit(stop.code) from None
+    except KeyboardInterrupt:
+        print(f"flmnist: {INTERRUPTED}", file=sys.stderr)
+        raise SystemExit(130) from None
+    if _failed_jobs:
+        print(f"flmnist: error: {len(_failed_jobs)} sweep job(s) did not finish: {', '.join(_failed_jobs)}",
+              file=sys.stderr)
+        raise SystemExit(EXIT_FAILED)
+
+
+__all__ = ["ComparisonTable", "OmegaConf", "launch", "main", "outcome", "write_comparison"]

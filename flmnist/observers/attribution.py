@@ -1,0 +1,204 @@
+"""Which node taught or broke which digit: per-update, per-digit attribution.
+
+For every update the server applies (synchronous: each accepted update of a round whose
+aggregate became the global model; asynchronous: each update folded into the global model),
+:class:`Attribution` evaluates on a fixed probe set
+
+- the global model the update is applied to (``before``), and
+- that model with the update applied alone, at full strength: ``before + delta``, where
+  ``delta`` is what the node's training changed (its trained model minus the model it was sent,
+  or the delta it sent).
+
+The per-digit accuracy difference (after - before, in percentage points) is the update's
+contribution; contributions add up per node and digit over the run. "Alone, at full strength"
+makes the measure independent of the strategy (FedAvg gives an update a share of the average,
+FedAsync a staleness-dependent mixing weight, Krum may drop it): it says what the node's work
+does to the model everyone shares, so nodes are comparable with each other; it is not a split
+of the global model's accuracy gain.
+
+The probe set is stratified: ``probe_size / 10`` test images of each digit, the same images in
+every run (drawn with a fixed seed, independent of the run's seed).
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from flmnist.ml.training import device, evaluate
+from flmnist.observers.evaluation import EvaluationHook
+from flmnist.observers.recorder import atomic_write
+
+Weights = dict  # name -> numpy array
+NUM_DIGITS = 10
+PROBE_SEED = 20170217  # fixed: every run probes the same images
+
+
+def probe_indices(labels: torch.Tensor | np.ndarray, size: int) -> np.ndarray:
+    """``size // 10`` indices of each digit (the remainder to the lowest digits), fixed across runs."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(PROBE_SEED)
+    picked = []
+    for d in range(NUM_DIGITS):
+        want = size // NUM_DIGITS + (1 if d < size % NUM_DIGITS else 0)
+        of_d = np.flatnonzero(labels == d)
+        picked.append(np.sort(rng.permutation(of_d)[:want]))
+    return np.sort(np.concatenate(picked))
+
+
+class Attribution(EvaluationHook):
+    """Cumulative node x digit contributions (percentage points), ``attribution.csv`` and plot."""
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        model_fn: Callable[[], torch.nn.Module],
+        probe_size: int = 1000,
+        run_dir: Path | None = None,
+        printer: Callable[[str], None] = print,
+        batch_size: int = 1000,
+        label: str = "",
+    ) -> None:
+        idx = torch.from_numpy(probe_indices(labels, probe_size))
+        self.images, self.labels = images[idx], labels[idx]
+        self.model = model_fn()
+        self.run_dir, self.printer, self.batch_size = run_dir, printer, batch_size
+        self.label = label  # the run's strategy, split and model, for the plot's title
+        self.device = device()
+        self.totals: dict[str, np.ndarray] = {}   # node -> cumulative contribution per digit (pp)
+        self.counts: Counter = Counter()          # node -> attributed updates
+        self.snapshots: list[str] = []             # CSV lines: step,node,updates,digit_0..9,total
+        self.seconds = 0.0
+        self.evaluations = 0
+        self._before: tuple[object, np.ndarray] | None = None  # (key, per-digit accuracy)
+
+    @property
+    def probe_size(self) -> int:
+        return len(self.labels)
+
+    # ------------------------------------------------------------ measuring
+    def per_digit(self, weights: Weights) -> np.ndarray:
+        """Per-digit accuracy (0..1) of ``weights`` on the probe set."""
+        self.model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()})
+        result = evaluate(self.model, self.images, self.labels, self.batch_size, self.device)
+        self.evaluations += 1
+        return np.array([a if a is not None else np.nan for a in result.per_digit_accuracy()])
+
+    # ------------------------------------------------------------ hook calls
+    def updates_applied(self, step: int, before: Weights, deltas: Sequence[tuple[str, Weights]],
+                        key: object = None) -> dict | None:
+        """Attribute the (node, delta) pairs applied to ``before``; ``key`` names ``before`` so
+        that updates applied to the same global model share its evaluation."""
+        if deltas:
+            self.attribute(step, before, deltas, key)
+        return None
+
+    def evaluate_global(self, server_round: int, arrays) -> dict | None:
+        """After each round (async: each evaluation point): a snapshot of the cumulative table."""
+        if server_round > 0:
+            self.snapshot(server_round)
+        return None
+
+    # ------------------------------------------------------------ measuring
+    def attribute(self, step: int, before: Weights, deltas: Sequence[tuple[str, Weights]],
+                  key: object = None) -> dict:
+        """Each (node, delta) applied to ``before`` alone: its per-digit accuracy change (pp)."""
+        t = time.perf_counter()
+        if self._before is None or key is None or self._before[0] != key:
+            self._before = (key, self.per_digit(before))
+        base = self._before[1]
+        step_out = {}
+        for name, delta in deltas:
+            after = {k: (v + delta[k]).astype(v.dtype) if v.dtype.kind == "f" else v for k, v in before.items()}
+            gain = 100.0 * (self.per_digit(after) - base)
+            self.totals[name] = self.totals.get(name, np.zeros(NUM_DIGITS)) + gain
+            self.counts[name] += 1
+            step_out[name] = [round(float(g), 2) for g in gain]
+        self.seconds += time.perf_counter() - t
+        return step_out
+
+    def snapshot(self, step: int) -> None:
+        """Append the cumulative table after ``step`` to attribution.csv."""
+        for name in sorted(self.totals, key=node_order):
+            row = self.totals[name]
+            self.snapshots.append(f"{step},{name},{self.counts[name]},"
+                                  + ",".join(f"{v:.2f}" for v in row) + f",{row.sum():.2f}")
+        if self.totals:
+            self.write_csv()
+
+    # -------------------------------------------------------------- outputs
+    def write_csv(self) -> None:
+        if self.run_dir is None:
+            return
+        header = "step,node,updates," + ",".join(f"digit_{d}" for d in range(NUM_DIGITS)) + ",total"
+        buf = io.StringIO()
+        buf.write(header + "\n")
+        buf.writelines(line + "\n" for line in self.snapshots)
+        atomic_write(self.run_dir / "attribution.csv", buf.getvalue())
+
+    def helped_and_hurt(self) -> tuple[dict[int, str | None], dict[int, str | None]]:
+        """Per digit: the node with the largest positive total, and with the most negative."""
+        helped, hurt = {}, {}
+        names = sorted(self.totals, key=node_order)
+        for d in range(NUM_DIGITS):
+            values = [(self.totals[n][d], n) for n in names]
+            best, worst = max(values, default=(0.0, None)), min(values, default=(0.0, None))
+            helped[d] = best[1] if best[0] > 0 else None
+            hurt[d] = worst[1] if worst[0] < 0 else None
+        return helped, hurt
+
+    def finish(self, wall_time: float | None = None) -> dict | None:
+        """Print who helped and hurt each digit most, write the CSV and plot; the summary's part."""
+        if not self.totals:
+            return None
+        self.write_csv()
+        helped, hurt = self.helped_and_hurt()
+        self.printer(f"Attribution (what each node's applied updates did to each digit, summed, "
+                     f"on {self.probe_size} probe images):")
+        for d in range(NUM_DIGITS):
+            h, b = helped[d], hurt[d]
+            self.printer(f"  digit {d}: helped most by {h or 'no node'}"
+                         + (f" ({self.totals[h][d]:+.1f} pp)" if h else "")
+                         + f", hurt most by {b or 'no node'}" + (f" ({self.totals[b][d]:+.1f} pp)" if b else ""))
+        if self.run_dir is not None:
+            try:
+                from flmnist.observers.plots import plot_attribution
+
+                names = sorted(self.totals, key=node_order)
+                plot_attribution(self.run_dir, names, np.array([self.totals[n] for n in names]), self.label)
+            except Exception as err:  # noqa: BLE001 - a plot must never lose the run's results
+                self.printer(f"Attribution plot failed ({err}); the table is in attribution.csv")
+        return {
+            "probe_size": self.probe_size,
+            "evaluations": self.evaluations,
+            "seconds": round(self.seconds, 3),
+            "share_of_wall_time": round(self.seconds / wall_time, 4) if wall_time else None,
+            "helped_most": {str(d): n for d, n in helped.items()},
+            "hurt_most": {str(d): n for d, n in hurt.items()},
+            "totals": {n: [round(float(v), 2) for v in self.totals[n]] for n in sorted(self.totals, key=node_order)},
+            "updates": dict(self.counts),
+        }
+
+    # ---------------------------------------------------------------- state
+    def state(self) -> dict:
+        return {"totals": {n: v.tolist() for n, v in self.totals.items()}, "counts": dict(self.counts),
+                "snapshots": list(self.snapshots), "seconds": self.seconds, "evaluations": self.evaluations}
+
+    def load_state(self, state: dict) -> None:
+        self.totals = {n: np.array(v, dtype=float) for n, v in state.get("totals", {}).items()}
+        self.counts = Counter(state.get("counts", {}))
+        self.snapshots = list(state.get("snapshots", []))
+        self.seconds, self.evaluations = state.get("seconds", 0.0), state.get("evaluations", 0)
+
+
+def node_order(name: str) -> tuple:
+    """"node 2" before "node 10"; other names after, alphabetically."""
+    tail = name.rsplit(" ", 1)[-1]
+    return (0, int(tail), name) if tail.isdigit() else (1, 0, name)

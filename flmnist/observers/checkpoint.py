@@ -1,0 +1,251 @@
+"""Checkpoints: everything a run needs to continue after a crash, written safely, read safely.
+
+A checkpoint holds the global model, the strategy's state (momentum buffers, FedBuff's
+buffer, the version counter), the round or server-update number, the metrics so far and
+the random-generator states.
+
+Reading: ``torch.load(weights_only=True)``, so a checkpoint can only hold tensors and plain
+values (dicts, lists, tuples, numbers, strings); unpickling never runs code named by the file.
+Numpy arrays are stored as tensors tagged with their dtype and shape and come back as the
+same numpy arrays.
+
+Writing: the new checkpoint goes to ``checkpoint.pt.tmp`` and is fsynced; the current one is
+kept as ``checkpoint.prev.pt``; then the new one is renamed over ``checkpoint.pt`` and the
+directory fsynced. ``checkpoint.pt`` is therefore always a complete checkpoint, whenever the
+process dies.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import shutil
+from collections import Counter, OrderedDict, deque
+from logging import INFO
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from flwr.app import Array, ArrayRecord
+from flwr.common.logger import log
+
+from flmnist.core.errors import ConfigError
+
+CHECKPOINT = "checkpoint.pt"
+PREVIOUS = "checkpoint.prev.pt"
+FORMAT = 1  # the layout of the file: {"flmnist-checkpoint": FORMAT, "payload": packed payload}
+_NUMPY = "__numpy__"  # tag of a packed numpy array
+# Attributes of Flower's and flmnist's strategies that change during a run.
+STRATEGY_STATE = ("current_arrays", "momentum_vector", "m_t", "v_t", "virtual_time", "client_updates")
+
+
+def _plain(value):
+    """ArrayRecords become dicts of numpy arrays, so a checkpoint needs no Flower objects."""
+    if isinstance(value, ArrayRecord):
+        return {"__arrayrecord__": {k: v.numpy() for k, v in value.items()}}
+    return value
+
+
+def _restore(value):
+    if isinstance(value, dict) and "__arrayrecord__" in value:
+        return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in value["__arrayrecord__"].items()})
+    return value
+
+
+def strategy_state(strategy) -> dict:
+    state = {k: _plain(getattr(strategy, k)) for k in STRATEGY_STATE if hasattr(strategy, k)}
+    if hasattr(strategy, "state_dict"):
+        state["strategy"] = strategy.state_dict()
+    return state
+
+
+def load_strategy_state(strategy, state: dict) -> None:
+    for key, value in state.items():
+        if key == "strategy":
+            strategy.load_state_dict(value)
+        else:
+            setattr(strategy, key, _restore(value))
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+# ------------------------------------------------------------------ packing
+def _pack_array(array: np.ndarray, where: str) -> dict:
+    array = np.asarray(array)
+    if array.dtype.hasobject or array.dtype.fields is not None:
+        raise TypeError(f"checkpoint payload {where}: numpy array of dtype {array.dtype} cannot be saved")
+    raw = np.ascontiguousarray(array).reshape(-1).view(np.uint8)  # any fixed-size dtype, any byte order
+    return {_NUMPY: torch.from_numpy(raw.copy()), "dtype": array.dtype.str, "shape": list(array.shape)}
+
+
+def _pack(value, where: str = "payload"):
+    """The payload with numpy arrays and scalars as tagged tensors; TypeError (naming where)
+    for anything ``torch.load(weights_only=True)`` could not read back."""
+    if isinstance(value, (np.ndarray, np.generic)):  # before float: np.float64 is a float
+        packed = _pack_array(np.asarray(value), where)
+        packed["scalar"] = isinstance(value, np.generic)
+        return packed
+    if value is None or type(value) in (bool, int, float, complex, str, bytes):
+        return value
+    if type(value) in (torch.Tensor, torch.nn.Parameter):
+        return value
+    if isinstance(value, dict):
+        out = type(value)() if type(value) in (OrderedDict, Counter) else {}
+        for k, v in value.items():
+            key = k.item() if isinstance(k, np.generic) else k
+            if not (key is None or type(key) in (bool, int, float, str, bytes, tuple)):
+                raise TypeError(f"checkpoint payload {where}: a key of type {type(k).__qualname__} cannot be saved")
+            out[key] = _pack(v, f"{where}[{key!r}]")
+        return out
+    if isinstance(value, (list, deque)):
+        return [_pack(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, tuple):
+        return tuple(_pack(v, f"{where}[{i}]") for i, v in enumerate(value))
+    if isinstance(value, (set, frozenset)) and all(v is None or type(v) in (bool, int, float, str) for v in value):
+        return set(value)
+    raise TypeError(f"checkpoint payload {where}: a {type(value).__module__}.{type(value).__qualname__} "
+                    "cannot be saved (only tensors, numpy arrays and plain values)")
+
+
+def _unpack(value):
+    if isinstance(value, dict):
+        if _NUMPY in value and isinstance(value[_NUMPY], torch.Tensor):
+            raw = value[_NUMPY].numpy().tobytes()
+            array = np.frombuffer(raw, dtype=np.dtype(value["dtype"])).reshape(value["shape"]).copy()
+            return array[()] if value.get("scalar") else array
+        out = type(value)()
+        for k, v in value.items():
+            out[k] = _unpack(v)
+        return out
+    if isinstance(value, list):
+        return [_unpack(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_unpack(v) for v in value)
+    return value
+
+
+# ------------------------------------------------------------------ writing
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _keep_previous(path: Path) -> None:
+    """``checkpoint.prev.pt`` becomes the current checkpoint (a hard link, else a copy);
+    ``checkpoint.pt`` stays in place all along."""
+    prev = path.with_name(PREVIOUS)
+    staging = path.with_name(PREVIOUS + ".tmp")
+    staging.unlink(missing_ok=True)
+    try:
+        os.link(path, staging)
+    except OSError:  # a file system without hard links
+        shutil.copyfile(path, staging)
+        with open(staging, "rb+") as f:
+            os.fsync(f.fileno())
+    os.replace(staging, prev)
+
+
+def save_checkpoint(run_dir: Path, payload: dict) -> Path:
+    """Write ``payload`` as ``run_dir/checkpoint.pt`` so that a crash at any moment leaves a
+    complete checkpoint there (the previous one until the new one is complete)."""
+    run_dir = Path(run_dir)
+    path = run_dir / CHECKPOINT
+    data = {"flmnist-checkpoint": FORMAT, "payload": _pack(payload)}  # fails before any write
+    tmp = path.with_name(CHECKPOINT + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(data, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if path.exists():
+            _keep_previous(path)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(run_dir)
+    return path
+
+
+# ------------------------------------------------------------------ reading
+def _refusal(err: Exception) -> str:
+    """The one useful sentence of torch's weights-only refusal."""
+    text = str(err)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1].split(". Please use", 1)[0].split(" Check the documentation", 1)[0]
+    return " ".join(text.split())[:200]
+
+
+def load_checkpoint(path: Path) -> dict:
+    """The payload saved by :func:`save_checkpoint` (numpy arrays back as numpy arrays).
+
+    Refuses, with a ConfigError naming the file, anything else: files that are not flmnist
+    checkpoints, corrupt files, and pickles naming code or classes (never run).
+    """
+    path = Path(path)
+    prev = path.with_name(PREVIOUS)
+    hint = f"; the checkpoint before it is {prev} (resume={prev})" if path.name == CHECKPOINT and prev.is_file() else ""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" not in str(err):
+            raise ConfigError(f"resume: cannot read checkpoint {path}, corrupt or not a checkpoint "
+                              f"({_refusal(err)}){hint}") from err
+        raise ConfigError(f"resume: refused to load {path}: it holds objects a flmnist checkpoint never holds "
+                          f"({_refusal(err)}){hint}") from err
+    except Exception as err:  # corrupt or truncated files fail in many ways
+        raise ConfigError(f"resume: cannot read checkpoint {path}, corrupt or not a checkpoint "
+                          f"({type(err).__name__}: {' '.join(str(err).split())[:200]}){hint}") from err
+    if not isinstance(data, dict) or data.get("flmnist-checkpoint") != FORMAT or "payload" not in data:
+        raise ConfigError(f"resume: {path} is not a flmnist checkpoint (format {FORMAT}){hint}")
+    return _unpack(data["payload"])
+
+
+def is_run_dir(directory: Path) -> bool:
+    """Whether ``directory`` is a flmnist run directory: its ``config.yaml`` is a flmnist config."""
+    try:
+        config = yaml.safe_load((Path(directory) / "config.yaml").read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return isinstance(config, dict) and {"strategy", "num_nodes"} <= set(config)
+
+
+def find_checkpoint(resume: str, output_dir: str) -> Path:
+    """``resume`` is a checkpoint file, a run directory, or ``latest``: the newest checkpoint of
+    a flmnist run directory under ``output_dir`` (other directories are skipped)."""
+    if resume == "latest":
+        root = Path(output_dir).expanduser().resolve()
+        found = sorted(root.glob(f"**/{CHECKPOINT}") if root.is_dir() else [],
+                       key=lambda p: p.stat().st_mtime, reverse=True)
+        runs = [p for p in found if p.is_file() and is_run_dir(p.parent)]
+        if not runs:
+            skipped = f"; {len(found)} outside flmnist run directories skipped" if found else ""
+            raise ConfigError(f"resume=latest: no {CHECKPOINT} under output_dir={root} in a flmnist run "
+                              f"directory (one with a flmnist config.yaml){skipped}")
+        log(INFO, "resume=latest: continuing %s (the newest of %d flmnist run(s) with a checkpoint under %s)",
+            runs[0].parent, len(runs), root)
+        return runs[0]
+    path = Path(resume).expanduser()
+    if path.is_dir():
+        path = path / CHECKPOINT
+    if not path.is_file():
+        raise ConfigError(f"resume={resume}: no checkpoint at {path.resolve()} (expected a run directory "
+                          f"holding {CHECKPOINT}, the file itself, or 'latest')")
+    if not is_run_dir(path.parent):
+        raise ConfigError(f"resume={resume}: {path.parent.resolve()} is not a flmnist run directory "
+                          "(no config.yaml with strategy and num_nodes beside the checkpoint)")
+    return path.resolve()

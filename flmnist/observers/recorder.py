@@ -1,0 +1,282 @@
+"""The run directory: metrics per round (JSON and CSV, written as they come), models, summary.
+
+Files are rewritten atomically after every round, so a crash keeps the results so far.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from flmnist.observers.trackers import Trackers, scalars
+
+SCALAR = (int, float, str, type(None))
+FINAL_LINE = "Run {status}:"  # the start of the last line a run prints (after summary.json is written)
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write then rename, so readers never see a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    import torch  # here: the flmnist command imports this module, and needs no PyTorch
+
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _clean(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
+
+
+class RunRecorder:
+    """Collects each round's metrics from strategies and hooks, and writes the run directory."""
+
+    def __init__(self, run_dir: Path, num_rounds: int, target_accuracy: float, printer=print,
+                 unit: str = "round") -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.num_rounds = num_rounds
+        self.target_accuracy = target_accuracy
+        self.printer = printer
+        self.rows: dict[int, dict] = {}
+        self.loss_traces: dict[str, list[float]] = defaultdict(list)  # per node: every batch's loss
+        self.loss_points: dict[str, list] = defaultdict(list)  # per node: [step, mean loss of that update]
+        self.label = ""  # strategy, split and model, for plot titles
+        self.t0 = time.perf_counter()
+        self.best_accuracy: float | None = None
+        self.best_round: int | None = None
+        self.final_state: dict | None = None
+        self.model_saved = False
+        self.unit = unit  # "round" (synchronous) or "update" (asynchronous server updates)
+        self.async_stats: dict | None = None
+        self.screen_stats: dict | None = None  # what the reply screen rejected, per node and reason
+        self.stopped_early: dict | None = None  # stop_at_target: when and why the run ended early
+        self.extra: dict = {}  # summary sections from evaluation hooks (attribution)
+        self.trackers = Trackers([])  # experiment trackers (logger=tensorboard|mlflow)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def state(self) -> dict:
+        """What a checkpoint keeps of the recorder."""
+        return {"rows": self.rows, "loss_traces": dict(self.loss_traces), "loss_points": dict(self.loss_points),
+                "best_accuracy": self.best_accuracy,
+                "best_round": self.best_round, "elapsed": self.elapsed(), "async_stats": self.async_stats}
+
+    def restore(self, state: dict) -> None:
+        """Continue from a checkpoint: earlier rows are kept and later rounds added to them."""
+        self.rows = {int(k): v for k, v in state["rows"].items()}
+        self.loss_traces = defaultdict(list, state["loss_traces"])
+        self.loss_points = defaultdict(list, state.get("loss_points", {}))
+        self.best_accuracy, self.best_round = state["best_accuracy"], state["best_round"]
+        self.async_stats = state.get("async_stats")
+        self.t0 = time.perf_counter() - state["elapsed"]
+
+    def add(self, server_round: int, **fields) -> None:
+        """Merge fields into the record of ``server_round``."""
+        self.rows.setdefault(server_round, {"round": server_round}).update(fields)
+
+    def add_loss_trace(self, name: str, trace: list[float], step: int | None = None) -> None:
+        self.loss_traces[name].extend(float(x) for x in trace)
+        if step is not None and trace:
+            self.loss_points[name].append([step, float(sum(trace) / len(trace))])
+
+    def end_round(self, server_round: int, state_dict: dict | None = None, quiet: bool = False) -> None:
+        """Stamp the time, keep the best model, write the metrics files and print one progress line."""
+        self.add(server_round, wall_time=round(self.elapsed(), 3))
+        row = self.rows[server_round]
+        acc = row.get("test_accuracy")
+        if state_dict is not None:
+            self.final_state = state_dict
+            if acc is not None and (self.best_accuracy is None or acc > self.best_accuracy):
+                self.best_accuracy, self.best_round = acc, server_round
+                atomic_torch_save(state_dict, self.run_dir / "model_best.pt")
+        self.write_metrics()
+        self.trackers.call("log_metrics", server_round, scalars(row))
+        if server_round > 0 and not quiet:
+            self.printer(self.progress_line(row))
+
+    def progress_line(self, row: dict) -> str:
+        total = f"/{self.num_rounds}" if self.num_rounds else ""
+        parts = [f"[{self.unit} {row['round']}{total}]"]
+        if row.get("test_accuracy") is not None:
+            parts.append(f"test accuracy {100 * row['test_accuracy']:.2f}%")
+        if row.get("train_loss") is not None:
+            parts.append(f"train loss {row['train_loss']:.4f}")
+        if row.get("client_accuracy") is not None:
+            parts.append(f"client accuracy {100 * row['client_accuracy']:.2f}%")
+        if row.get("virtual_time") is not None:
+            parts.append(f"virtual time {row['virtual_time']:.1f} s")
+        if row.get("client_updates") is not None:
+            parts.append(f"{row['client_updates']} client updates")
+        if row.get("rejected_updates"):
+            parts.append(f"{row['rejected_updates']} update(s) rejected")
+        parts.append(f"{row['wall_time']:.1f} s elapsed")
+        return parts[0] + " " + " | ".join(parts[1:])
+
+    def scalar_rows(self) -> list[dict]:
+        return [
+            {k: v for k, v in row.items() if isinstance(v, SCALAR)}
+            for _, row in sorted(self.rows.items())
+        ]
+
+    def write_metrics(self) -> None:
+        rows = [_clean(row) for _, row in sorted(self.rows.items())]
+        atomic_write(self.run_dir / "metrics.json", json.dumps(rows, indent=1))
+        flat = self.scalar_rows()
+        columns: list[str] = []
+        for row in flat:
+            columns += [k for k in row if k not in columns]
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(flat)
+        atomic_write(self.run_dir / "metrics.csv", buf.getvalue())
+        atomic_write(self.run_dir / "client_loss.json", json.dumps(self.loss_traces))
+        if self.async_stats is not None:
+            atomic_write(self.run_dir / "async_stats.json", json.dumps(_clean(self.async_stats), indent=1))
+
+    def summary(self, status: str = "finished", error: str | None = None) -> dict:
+        evaluated = [r for r in self.scalar_rows() if r.get("test_accuracy") is not None and r["round"] > 0]
+        final = evaluated[-1] if evaluated else {}
+        reached = [r for r in evaluated if r["test_accuracy"] >= self.target_accuracy]
+        return {
+            "status": status,
+            "rounds_completed": max((r for r in self.rows if r > 0), default=0),
+            "final_accuracy": final.get("test_accuracy"),
+            "final_loss": final.get("test_loss"),
+            "best_accuracy": self.best_accuracy,
+            "best_round": self.best_round,
+            "target_accuracy": self.target_accuracy,
+            "rounds_to_target": reached[0]["round"] if reached else None,
+            "virtual_time_to_target": reached[0].get("virtual_time") if reached else None,
+            "client_updates_to_target": reached[0].get("client_updates") if reached else None,
+            "final_virtual_time": final.get("virtual_time"),
+            "unit": self.unit,
+            "stopped_early": self.stopped_early,
+            "async": self.async_stats,
+            "screen": self.screen_stats,
+            **self.extra,
+            "error": error,
+            "wall_time": round(self.elapsed(), 2),
+            "run_dir": str(self.run_dir),
+        }
+
+    def summary_table(self) -> str:
+        """The evaluated steps as a Markdown table; columns fit the run (async: server updates,
+        client updates and virtual time; client accuracy only when nodes evaluated)."""
+        rows = [r for r in self.scalar_rows() if r["round"] > 0 and r.get("test_accuracy") is not None]
+
+        def fmt(v, pct=False):
+            if v is None:
+                return "-"
+            return f"{100 * v:.2f}%" if pct else f"{v:.4f}"
+
+        columns = [("round" if self.unit == "round" else "server update", lambda r: str(r["round"]))]
+        if self.unit != "round" or any(r.get("client_updates") is not None for r in rows):
+            columns.append(("client updates", lambda r: str(r.get("client_updates", "-"))))
+        if any(r.get("virtual_time") is not None for r in rows):
+            columns.append(("virtual time (s)", lambda r: f"{r['virtual_time']:.1f}" if r.get("virtual_time")
+                            is not None else "-"))
+        columns.append(("train loss", lambda r: fmt(r.get("train_loss"))))
+        if any(r.get("client_accuracy") is not None for r in rows):
+            columns.append(("client acc", lambda r: fmt(r.get("client_accuracy"), True)))
+        columns += [("test loss", lambda r: fmt(r.get("test_loss"))),
+                    ("test acc", lambda r: fmt(r.get("test_accuracy"), True)),
+                    ("wall time (s)", lambda r: f"{r['wall_time']:.1f}")]
+        lines = ["| " + " | ".join(c for c, _ in columns) + " |", "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(f(r) for _, f in columns) + " |" for r in rows]
+        return "\n".join(lines)
+
+    def save_model(self) -> Path | None:
+        """Write the final global model to ``model.pt`` (exports are made from it)."""
+        if self.final_state is None:
+            return None
+        atomic_torch_save(self.final_state, self.run_dir / "model.pt")
+        self.model_saved = True
+        return self.run_dir / "model.pt"
+
+    def finish(self, status: str = "finished", error: str | None = None) -> dict:
+        """Save the final model, plots and summary; print the summary table. Safe after a crash.
+
+        ``summary.json`` is the last file written: the ``flmnist`` command takes its appearance,
+        and then the :data:`FINAL_LINE` in the output, as the sign that the run is over."""
+        if not self.model_saved:
+            self.save_model()
+        self.write_metrics()
+        summary = self.summary(status, error)
+        try:
+            from flmnist.observers.plots import plot_run
+
+            plot_run(self.run_dir, self.scalar_rows(), self.loss_traces, self.async_stats, self.loss_points,
+                     self.label, self.unit)
+        except Exception as err:  # noqa: BLE001 - a plot must never lose the run's results
+            self.printer(f"Plotting failed ({err}); metrics are in {self.run_dir}")
+        self.trackers.call("finish", self.run_dir, _clean(summary))
+        table = self.summary_table()
+        atomic_write(self.run_dir / "summary.md", table + "\n")
+        atomic_write(self.run_dir / "summary.json", json.dumps(_clean(summary), indent=1))
+        self.printer(f"Summary of evaluated {'rounds' if self.unit == 'round' else 'server updates'}:\n" + table)
+        screen = self.screen_stats or {}
+        for node, n in screen.get("rejected_per_node", {}).items():
+            self.printer(f"Rejected replies from {node}: {n}")
+        if screen.get("rejection_reasons"):
+            self.printer("Rejection reasons: " + "; ".join(f"{r} ({n})" for r, n in screen["rejection_reasons"].items()))
+        if error:
+            self.printer(f"Run failed: {error}")
+        if self.stopped_early:
+            self.printer(f"Stopped early after {self.unit} {self.stopped_early['step']}: "
+                         f"{self.stopped_early['reason']} ({100 * self.target_accuracy:.2f}%)")
+        acc = summary["final_accuracy"]
+        self.printer(
+            f"{FINAL_LINE.format(status=status)} final test accuracy "
+            f"{'-' if acc is None else f'{100 * acc:.2f}%'}, best "
+            f"{'-' if self.best_accuracy is None else f'{100 * self.best_accuracy:.2f}%'}"
+            f" ({self.unit} {self.best_round}), {self.unit}s to {100 * self.target_accuracy:.1f}%: "
+            f"{summary['rounds_to_target'] or 'not reached'}, {summary['wall_time']:.1f} s. "
+            f"Results in {self.run_dir}"
+        )
+        return summary
+
+
+def summarize_stopped(run_dir: Path, num_rounds: int, target_accuracy: float, unit: str, reason: str) -> dict | None:
+    """The summary of a run stopped from outside (SIGTERM, SIGHUP, Ctrl-C), from what it wrote.
+
+    The server process is gone by then; its metrics files are not: they are read back as a
+    checkpoint's recorder state is (:meth:`RunRecorder.restore`). ``summary.json`` says
+    ``status: stopped`` and why, and the plots are drawn; ``model.pt`` and the checkpoint stay as
+    the run left them. None when the run wrote no metrics yet.
+    """
+    run_dir = Path(run_dir)
+    try:
+        rows = {int(r["round"]): r for r in json.loads((run_dir / "metrics.json").read_text())}
+        traces = json.loads((run_dir / "client_loss.json").read_text())
+        stats = run_dir / "async_stats.json"
+        async_stats = json.loads(stats.read_text()) if stats.is_file() else None
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    evaluated = [(n, r["test_accuracy"]) for n, r in sorted(rows.items()) if n > 0 and r.get("test_accuracy") is not None]
+    best_round, best_accuracy = max(evaluated, key=lambda e: e[1], default=(None, None))  # ties: the earliest
+    rec = RunRecorder(run_dir, num_rounds, target_accuracy, printer=lambda _: None, unit=unit)
+    rec.restore({"rows": rows, "loss_traces": traces, "async_stats": async_stats,
+                 "best_accuracy": best_accuracy, "best_round": best_round,
+                 "elapsed": max((r.get("wall_time") or 0.0 for r in rows.values()), default=0.0)})
+    rec.model_saved = True  # the global model is not in this process: model.pt stays as it was
+    return rec.finish("stopped", reason)

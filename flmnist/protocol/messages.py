@@ -1,0 +1,251 @@
+"""The message contract between flmnist's server and its nodes, both ways, in one place.
+
+Server -> node: every train, evaluate and query message carries a ``config`` record built
+from :class:`TrainSettings` (``to_record``); a node reads it back with ``from_record``.
+Train messages also carry the global model under ``arrays``.
+
+Node -> server: a train reply holds ``arrays`` (the trained model, or its difference from
+the received one when ``reply-delta`` is set), one MetricRecord ``metrics`` with exactly
+:data:`TRAIN_METRICS`, and a ConfigRecord ``node-info`` with :data:`NODE_INFO`. An
+evaluate reply holds ``metrics`` with exactly :data:`EVALUATE_METRICS` and ``node-info``;
+a query reply holds ``node-info`` with :data:`QUERY_INFO` as well.
+
+No other module spells a record or metric key: they import the names below. What the
+server does with a reply that breaks this contract is :mod:`flmnist.protocol.screen`'s business.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+from flwr.app import ConfigRecord
+
+from flmnist.core.checks import check_integer, check_number
+from flmnist.core.errors import ConfigError
+
+NUM_CLASSES = 10
+
+# Record names inside a message's RecordDict.
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+NODE_INFO = "node-info"
+
+# Metric keys of replies.
+NUM_EXAMPLES = "num-examples"          # the weight of an update in an average
+TRAIN_LOSS = "train-loss"
+LOSS_TRACE = "loss-trace"
+PARTITION_ID = "partition-id"
+EXAMPLES_PROCESSED = "examples-processed"
+TRAIN_TIME = "train-time"
+LOSS_SUM = "loss-sum"
+CORRECT = "correct"
+NODE_NAME = "node-name"
+DEVICE = "device"
+MACHINE = "machine"
+TRAIN_EXAMPLES = "train-examples"
+HOLDOUT_EXAMPLES = "holdout-examples"
+# Added by the server's screen to every accepted update (never sent by a node): 1 for every
+# update, so a Flower strategy with weighted_by_key=UNIT_WEIGHT averages plainly (seed 001).
+UNIT_WEIGHT = "unit-weight"
+
+# Keys the server (or Flower's strategies) add to a message's config record.
+SERVER_ROUND = "server-round"
+SERVER_VERSION = "server-version"
+PROXIMAL_MU = "proximal-mu"
+REPLY_DELTA = "reply-delta"
+
+
+def correct_key(digit: int) -> str:
+    return f"correct-{digit}"
+
+
+def total_key(digit: int) -> str:
+    return f"total-{digit}"
+
+
+# Allowed metric keys of each reply and their types: int, float (any finite real, ints
+# allowed), or list of floats. Exactly these keys, no more, no fewer.
+FLOAT_LIST = "list[float]"
+TRAIN_METRICS: dict[str, object] = {
+    NUM_EXAMPLES: int,
+    TRAIN_LOSS: float,
+    LOSS_TRACE: FLOAT_LIST,
+    PARTITION_ID: int,
+    EXAMPLES_PROCESSED: int,
+    TRAIN_TIME: float,
+}
+EVALUATE_METRICS: dict[str, object] = {
+    NUM_EXAMPLES: int,
+    LOSS_SUM: float,
+    CORRECT: int,
+    PARTITION_ID: int,
+    **{correct_key(d): int for d in range(NUM_CLASSES)},
+    **{total_key(d): int for d in range(NUM_CLASSES)},
+}
+NODE_INFO_KEYS: dict[str, type] = {NODE_NAME: str, DEVICE: str, MACHINE: str}
+QUERY_INFO: dict[str, type] = {**NODE_INFO_KEYS, PARTITION_ID: int, TRAIN_EXAMPLES: int, HOLDOUT_EXAMPLES: int}
+MAX_NAME_LENGTH = 128  # node names and device strings longer than this are refused
+
+
+def simulated_node_name(partition: int) -> str:
+    """How a simulated node (and a device without ``node-name``) is named in logs and tables."""
+    return f"node {partition}"
+
+
+def batches_per_update(train_examples: int, batch_size: int, local_epochs: int, local_steps: int | None) -> int:
+    """Number of SGD steps (and loss-trace entries) of one local update."""
+    if local_steps:
+        return local_steps if train_examples > 0 else 0
+    return local_epochs * math.ceil(train_examples / batch_size)
+
+
+def examples_per_update(train_examples: int, batch_size: int, local_epochs: int, local_steps: int | None) -> int:
+    """Examples processed by one local update: the fleet's workload and the virtual clock's input."""
+    if local_steps:
+        return local_steps * batch_size if train_examples > 0 else 0
+    return local_epochs * train_examples
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything a node needs to train and evaluate, sent in every message's ``config`` record.
+
+    The constructor checks every value, so a bad ``client.*`` setting fails before Flower starts.
+    """
+
+    model: dict                      # model spec (``conf/model``), allow-listed by the node
+    partition: dict                  # partition spec (``conf/partition``), allow-listed by the node
+    num_partitions: int
+    seed: int
+    holdout_fraction: float
+    data_root: str = ""
+    local_epochs: int = 1
+    local_steps: int | None = None
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    eval_batch_size: int = 1000
+    proximal_mu: float = 0.0
+    reply_delta: bool = False
+    fault: str = ""
+    fault_nodes: tuple[int, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        check_integer("num_nodes", self.num_partitions, 1)
+        check_integer("seed", self.seed, 0)
+        check_number("data.holdout_fraction", self.holdout_fraction, 0.0, 1.0, high_open=True)
+        check_integer("client.local_epochs", self.local_epochs, 1)
+        check_integer("client.local_steps", self.local_steps, 1, allow_none=True)
+        check_integer("client.batch_size", self.batch_size, 1)
+        check_integer("client.eval_batch_size", self.eval_batch_size, 1)
+        check_number("client.lr", self.lr, 0.0, low_open=True)
+        check_number("client.momentum", self.momentum, 0.0, 1.0, high_open=True)
+        check_number("client.weight_decay", self.weight_decay, 0.0)
+        check_number("proximal_mu", self.proximal_mu, 0.0)
+        from flmnist.client.faults import FAULTS  # the fault modes are the client's business
+
+        if self.fault and self.fault not in FAULTS:
+            raise ConfigError(f"client.fault '{self.fault}' is unknown; valid: {', '.join(sorted(FAULTS))} or null")
+        for n in self.fault_nodes:
+            if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n < self.num_partitions:
+                raise ConfigError(f"client.fault_nodes lists {n!r}; partition ids are 0..{self.num_partitions - 1}")
+
+    # ------------------------------------------------------------ server side
+    @classmethod
+    def from_config(cls, cfg, data_root: str = "", **overrides) -> TrainSettings:
+        """The settings of a composed flmnist config (``client``, ``model``, ``partition`` ...)."""
+        from omegaconf import OmegaConf
+
+        c = cfg.client
+        values = {
+            "model": OmegaConf.to_container(cfg.model),
+            "partition": OmegaConf.to_container(cfg.partition),
+            "num_partitions": cfg.num_nodes,
+            "seed": cfg.seed,
+            "holdout_fraction": cfg.data.holdout_fraction,
+            "data_root": str(data_root),
+            "local_epochs": c.local_epochs if c.local_steps is None else (c.local_epochs or 1),
+            "local_steps": c.local_steps,
+            "batch_size": c.batch_size,
+            "lr": c.lr,
+            "momentum": c.momentum,
+            "weight_decay": c.weight_decay,
+            "eval_batch_size": c.eval_batch_size,
+            "fault": str(c.fault or ""),
+            "fault_nodes": tuple(c.fault_nodes or ()),
+        }
+        values.update(overrides)
+        return cls(**values)
+
+    def to_record(self, **extra) -> ConfigRecord:
+        """The ``config`` record of a message (``extra``: per-message keys such as SERVER_ROUND)."""
+        record = ConfigRecord(
+            {
+                "model": json.dumps(self.model, sort_keys=True),
+                "partition": json.dumps(self.partition, sort_keys=True),
+                "num-partitions": self.num_partitions,
+                "seed": self.seed,
+                "holdout-fraction": float(self.holdout_fraction),
+                "data-root": self.data_root,
+                "local-epochs": self.local_epochs,
+                "local-steps": self.local_steps or 0,
+                "batch-size": self.batch_size,
+                "lr": float(self.lr),
+                "momentum": float(self.momentum),
+                "weight-decay": float(self.weight_decay),
+                "eval-batch-size": self.eval_batch_size,
+                PROXIMAL_MU: float(self.proximal_mu),
+                REPLY_DELTA: bool(self.reply_delta),
+                "fault": self.fault,
+                "fault-nodes": [int(n) for n in self.fault_nodes],
+            }
+        )
+        for key, value in extra.items():
+            record[key] = value
+        return record
+
+    # -------------------------------------------------------------- node side
+    @classmethod
+    def from_record(cls, record: ConfigRecord) -> TrainSettings:
+        """Read a message's ``config`` record (a node trusts its server, but checks the values)."""
+        try:
+            return cls(
+                model=json.loads(str(record["model"])),
+                partition=json.loads(str(record["partition"])),
+                num_partitions=int(record["num-partitions"]),
+                seed=int(record["seed"]),
+                holdout_fraction=float(record["holdout-fraction"]),
+                data_root=str(record.get("data-root", "")),
+                local_epochs=int(record["local-epochs"]),
+                local_steps=int(record.get("local-steps", 0)) or None,
+                batch_size=int(record["batch-size"]),
+                lr=float(record["lr"]),
+                momentum=float(record["momentum"]),
+                weight_decay=float(record["weight-decay"]),
+                eval_batch_size=int(record["eval-batch-size"]),
+                proximal_mu=float(record.get(PROXIMAL_MU, 0.0)),
+                reply_delta=bool(record.get(REPLY_DELTA, False)),
+                fault=str(record.get("fault", "")),
+                fault_nodes=tuple(int(n) for n in record.get("fault-nodes", [])),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise ConfigError(f"the server's config record is malformed ({err!r}); are server and node "
+                              "running the same flmnist version?") from err
+
+    def batches_per_update(self, train_examples: int) -> int:
+        return batches_per_update(train_examples, self.batch_size, self.local_epochs, self.local_steps)
+
+    def examples_per_update(self, train_examples: int) -> int:
+        return examples_per_update(train_examples, self.batch_size, self.local_epochs, self.local_steps)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def server_round(record: ConfigRecord) -> int:
+    """The round (sync) or the node's update count (async) a train message belongs to."""
+    return int(record.get(SERVER_ROUND, 0))

@@ -1,0 +1,194 @@
+"""Building a run: run directory, resume, recorder, hooks, fleet, reply screen and engine.
+
+:func:`build_run` is everything the ServerApp does before training starts. It picks the
+engine by the strategy's kind: Flower's round loop for a Flower strategy (guarded by
+:class:`~flmnist.engine.guard.Guarded`), :class:`~flmnist.engine.async_loop.AsyncLoop` for an
+:class:`~flmnist.strategies.asynchronous.AsyncStrategy`. Both share one
+:class:`~flmnist.engine.reply_path.ReplyPath`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from logging import INFO
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from omegaconf import DictConfig, OmegaConf
+
+from flmnist.config.compose import build, run_length
+from flmnist.core.errors import ConfigError
+from flmnist.engine.async_loop import AsyncLoop, AsyncLoopSettings
+from flmnist.engine.guard import Guarded
+from flmnist.engine.reply_path import ReplyPath, to_record
+from flmnist.engine.sync import SyncEngine
+from flmnist.flower_patches.node_order import RegistrationOrderGrid
+from flmnist.flower_patches.polling_grid import PollingGrid
+from flmnist.ml.data import ensure_mnist, load_mnist, resolve_root
+from flmnist.ml.partition import holdout_split, label_counts
+from flmnist.observers.attribution import Attribution
+from flmnist.observers.checkpoint import find_checkpoint, load_checkpoint
+from flmnist.observers.evaluation import DigitEvaluation
+from flmnist.observers.recorder import RunRecorder, atomic_write
+from flmnist.observers.trackers import Trackers
+from flmnist.protocol.messages import TrainSettings, simulated_node_name
+from flmnist.protocol.screen import NodeLimits, ReplyScreen, ScreenSettings
+from flmnist.strategies import build_strategy
+
+
+def say(line: str) -> None:
+    """One line to the run's log (streamed by ``flwr run --stream``)."""
+    log(INFO, "%s", line)
+
+
+@dataclass
+class Run:
+    cfg: DictConfig
+    run_dir: Path
+    recorder: RunRecorder
+    engine: SyncEngine | AsyncLoop
+    initial: ArrayRecord
+    checkpoint: dict | None
+
+
+def make_run_dir(cfg: DictConfig) -> Path:
+    if cfg.run_dir:
+        return Path(cfg.run_dir).expanduser().resolve()
+    now = datetime.now()  # the flmnist command's scheme (conf/config.yaml, hydra.run.dir)
+    return (Path(cfg.output_dir) / now.strftime("%Y-%m-%d") / f"{now.strftime('%H-%M-%S')}_{cfg.name}"
+            ).expanduser().resolve()
+
+
+def resume_config(cfg: DictConfig) -> tuple[DictConfig, dict | None]:
+    """With ``resume`` set: the checkpoint and the config of the run it continues."""
+    if not cfg.resume:
+        return cfg, None
+    path = find_checkpoint(str(cfg.resume), cfg.output_dir)
+    checkpoint = load_checkpoint(path)
+    saved = OmegaConf.load(path.parent / "config.yaml")
+    saved.run_dir = str(path.parent)
+    saved.resume = str(path)
+    say(f"Resuming {path.parent} after {checkpoint.get('kind')} step {checkpoint.get('round')}")
+    return saved, checkpoint
+
+
+def partitions(cfg: DictConfig, root: Path, run_dir: Path) -> NodeLimits:
+    """Examples and per-digit counts of each node's partition (printed and saved), and the
+    training and held-out sizes the screen holds replies to."""
+    labels = load_mnist(str(root), True)[1].numpy()
+    parts = build(cfg.partition, "partition")(labels, cfg.num_nodes, cfg.seed)
+    rows = [{"node": i, "examples": len(p), "digits": label_counts(labels[p])} for i, p in enumerate(parts)]
+    atomic_write(run_dir / "partition_report.json", json.dumps(rows, indent=1))
+    header = "node,examples," + ",".join(f"digit_{d}" for d in range(10))
+    lines = [f"{r['node']},{r['examples']}," + ",".join(map(str, r["digits"])) for r in rows]
+    atomic_write(run_dir / "partition_report.csv", "\n".join([header, *lines]) + "\n")
+    say(f"Partition report ({len(rows)} nodes, holdout {cfg.data.holdout_fraction:.0%} per node):")
+    shown = rows if len(rows) <= 20 else rows[:10] + rows[-5:]
+    for r in shown:
+        counts = " ".join(f"{d}:{n}" for d, n in enumerate(r["digits"]))
+        say(f"  node {r['node']:>3}: {r['examples']:>6} examples | {counts}")
+    if len(rows) > len(shown):
+        say(f"  ... {len(rows) - len(shown)} more nodes in {run_dir / 'partition_report.csv'}")
+    held = [len(holdout_split(part, cfg.data.holdout_fraction, 0)[1]) for part in parts]  # sizes only
+    return NodeLimits(tuple(len(part) - h for part, h in zip(parts, held)), tuple(held), cfg.screen.max_examples)
+
+
+def run_label(cfg: DictConfig) -> str:
+    """Strategy, split and model of a run, for plot titles: "seed002: FedAvg, DigitGroupPartition, LeNet"."""
+    def short(node) -> str:
+        return str(node.get("_target_", "?")).rsplit(".", 1)[-1]
+
+    split = short(cfg.partition).removesuffix("Partition")
+    return f"{cfg.name}: {short(cfg.strategy)}, {split} split, {short(cfg.model)}, {cfg.num_nodes} nodes"
+
+
+def wait_for_nodes(grid: Grid, needed: int, timeout: float) -> None:
+    """Wait until ``needed`` SuperNodes are connected, else fail saying how to fix it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = len(list(grid.get_node_ids()))
+        if found >= needed:
+            return
+        if time.monotonic() > deadline:
+            raise ConfigError(
+                f"num_nodes={needed} but only {found} SuperNode(s) connected after {timeout:.0f} s. "
+                f"In simulation pass --federation-config \"num-supernodes={needed}\" to flwr run "
+                "(the flmnist command does this); in deployment start that many SuperNodes."
+            )
+        time.sleep(0.5)
+
+
+def build_run(grid: Grid, cfg: DictConfig) -> Run:
+    """Everything before training: directories, data checks, screen, hooks and the engine."""
+    cfg, checkpoint = resume_config(cfg)
+    torch.manual_seed(cfg.seed)  # the initial global model
+    random.seed(cfg.seed)  # for anything drawing from the global generator (sync sampling has its own: SeededSampling)
+    run_dir = make_run_dir(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if checkpoint is None:
+        atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+    say(f"flmnist run directory: {run_dir}")
+    root = resolve_root(cfg.data.root)
+    ensure_mnist(root, cfg.data.download)
+    limits = partitions(cfg, root, run_dir)
+    model = build(cfg.model, "model")  # the initial global model: first draw after the seed
+
+    strategy = build_strategy(cfg.strategy)
+    unit, steps = run_length(cfg)  # rounds, or server updates for an asynchronous strategy
+    asynchronous = unit == "update"
+    sent = TrainSettings.from_config(
+        cfg, str(root),
+        reply_delta=bool(getattr(strategy, "reply_delta", False)),
+        proximal_mu=float(getattr(strategy, "proximal_mu", 0.0) or 0.0),
+    )
+    loop = AsyncLoopSettings(**cfg.async_loop) if asynchronous else None
+    recorder = RunRecorder(run_dir, steps, cfg.target_accuracy, printer=say, unit=unit)
+    recorder.label = run_label(cfg)
+    if cfg.get("logger") is not None:
+        recorder.trackers = Trackers([build(cfg.logger, "logger")])
+        recorder.trackers.call("start", run_dir, run_dir.name, OmegaConf.to_container(cfg, resolve=True))
+    test_images, test_labels = load_mnist(str(root), False)
+    hooks = [
+        DigitEvaluation(
+            test_images, test_labels, lambda: build(cfg.model, "model"), steps,
+            every=1 if asynchronous else cfg.eval.every, rounds=list(cfg.eval.rounds),
+            update_rounds=list(cfg.eval.update_rounds),
+            digit_groups=OmegaConf.to_container(cfg.eval.digit_groups), batch_size=cfg.eval.batch_size,
+            confusion_dir=run_dir / "confusion", printer=say, style=cfg.eval.get("style", "seed002"),
+        )
+    ]
+    if cfg.eval.get("attribution", False) and cfg.eval.get("probe_size", 0):
+        hooks.append(Attribution(test_images, test_labels, lambda: build(cfg.model, "model"), cfg.eval.probe_size,
+                                 run_dir=run_dir, printer=say, batch_size=cfg.eval.batch_size, label=recorder.label))
+    path = ReplyPath(ReplyScreen(ScreenSettings(**cfg.screen), limits), sent, hooks, recorder, cfg.checkpoint_every,
+                      stop_at=cfg.target_accuracy if cfg.get("stop_at_target") else None)
+    fleet = build(cfg.fleet, "fleet", num_nodes=cfg.num_nodes, seed=cfg.seed)
+    if fleet is not None:
+        devices = [f"{simulated_node_name(i)}: {fleet.profile(i).name} (speed {fleet.profile(i).speed:g})"
+                   for i in range(cfg.num_nodes)]
+        say(f"Simulated devices: {', '.join(devices[:20])}{' ...' if len(devices) > 20 else ''}")
+    # A deployment may start with some boards down: wait for the strategy's minimum.
+    wait_for_nodes(grid, int(getattr(strategy, "min_available_nodes", 0) or cfg.num_nodes), cfg.wait_for_nodes)
+    if asynchronous:
+        engine = AsyncLoop(grid, strategy, path, loop, fleet=fleet, poll_interval=cfg.poll_interval or 0.05)
+    else:
+        guarded = Guarded(strategy, path, fleet=fleet, virtual_timeout=cfg.async_loop.update_timeout,
+                          max_failed_rounds=cfg.max_failed_rounds)
+        # Nodes in registration order (Flower's own order changes run to run), replies polled every poll_interval.
+        sync_grid = RegistrationOrderGrid(PollingGrid(grid, cfg.poll_interval) if cfg.poll_interval else grid)
+        engine = SyncEngine(sync_grid, guarded, path, sent.to_record(), cfg.num_rounds, cfg.round_timeout,
+                            seed=cfg.seed)
+    initial = ArrayRecord(model.state_dict())
+    if checkpoint is not None:
+        initial = to_record({k: np.asarray(v) for k, v in checkpoint["arrays"].items()})
+        recorder.restore(checkpoint["recorder"])
+        recorder.final_state = {k: torch.from_numpy(np.array(v)) for k, v in checkpoint["arrays"].items()}
+    return Run(cfg, run_dir, recorder, engine, initial, checkpoint)
