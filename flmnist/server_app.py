@@ -11,7 +11,8 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig
 
-from flmnist.config.compose import build, compose_config, parse_overrides
+from flmnist.config.compose import compose_config, parse_overrides
+from flmnist.core.build import build
 from flmnist.flower_patches.inprocess_backend import confine_torch
 from flmnist.ml.export import export_model
 from flmnist.runtime.run_setup import build_run

@@ -52,7 +52,8 @@ def test_rehearsal_round_times_are_recorded(report):
 
 
 def test_exported_partition_is_the_simulation_partition(tmp_path, mnist_root):
-    from flmnist.config.compose import build, compose_config
+    from flmnist.config.compose import compose_config
+    from flmnist.core.build import build
     from flmnist.ml.data import load_data_path, load_mnist
 
     info = export.export_partition(tmp_path, 1, ["experiment=seed002"], mnist_root)

@@ -31,11 +31,12 @@ from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=E0611
 from flwr.serverapp.strategy import FedAdam, FedMedian, Krum
 
 from flmnist.client import faults
+from flmnist.core.arrays import to_weights
 from flmnist.core.errors import RunFailed
 from flmnist.engine.async_loop import AsyncLoop, AsyncLoopSettings
 from flmnist.engine.fleet import make_fleet
 from flmnist.engine.guard import Guarded
-from flmnist.engine.reply_path import ReplyPath, to_weights
+from flmnist.engine.reply_path import ReplyPath
 from flmnist.engine.sync import SyncEngine
 from flmnist.flower_patches.node_order import RegistrationOrderGrid
 from flmnist.observers.checkpoint import rng_state

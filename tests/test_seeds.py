@@ -20,9 +20,9 @@ from flwr.serverapp.strategy import FedAdam
 from test_engines import START, FakeNode, make_path, shifted, sync_round
 
 from flmnist.config.compose import compose_config
+from flmnist.core.arrays import to_weights
 from flmnist.core.errors import ConfigError
 from flmnist.engine.guard import Guarded
-from flmnist.engine.reply_path import to_weights
 from flmnist.ml.data import load_mnist
 from flmnist.ml.models import MLP, LeNet, LogReg, count_parameters, model_from_spec
 from flmnist.ml.training import EvalResult, train

@@ -24,18 +24,9 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from flmnist.protocol import (
-    messages as p,  # Malformed replies first; last the one well-formed Byzantine update, which the screen's
-)
-
-# default norm bound lets through (robust aggregators and clip_to_median are its defence).
-TRAIN_ATTACKS = (
-    "nan", "complex-nan", "dtype", "shape", "scale", "huge-examples",
-    "extra-metric", "missing-metric", "loss-trace-number", "train-loss-list", "partition-inf",
-    "long-trace", "bad-node-info", "sign-flip",
-)
-EVALUATE_ATTACKS = ("eval-list", "eval-missing", "eval-inconsistent", "bad-node-info")
-FAULTS = frozenset({"error", "boost", "rotate", *TRAIN_ATTACKS, *EVALUATE_ATTACKS})
+from flmnist.core.arrays import to_record
+from flmnist.protocol import messages as p
+from flmnist.protocol.fault_modes import EVALUATE_ATTACKS, FAULTS, TRAIN_ATTACKS  # noqa: F401 - re-exported for tests
 
 
 def active_fault(settings: p.TrainSettings, partition: int, server_round: int, attacks: tuple[str, ...]) -> str:
@@ -69,7 +60,7 @@ def corrupt_train(fault: str, content: RecordDict, received: ArrayRecord) -> Non
                 new[k] = (old[k] - 5 * (v - old[k])).astype(v.dtype)
             else:
                 new[k] = (old[k] + 10 * (v - old[k])).astype(v.dtype)
-        content[p.ARRAYS] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in new.items()})
+        content[p.ARRAYS] = to_record(new)
     elif fault == "complex-nan":
         v = arrays[first].numpy()
         arrays[first] = Array(np.full(v.shape, complex(np.nan, np.nan), dtype=np.complex64))

@@ -18,10 +18,9 @@ import sys
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from flmnist.core.build import build, one_line
 from flmnist.core.checks import check_integer, check_number, check_style
 from flmnist.core.errors import ConfigError
 
@@ -84,12 +83,6 @@ def check_group_overrides(overrides: list[str]) -> None:
                     f"Unknown {key} '{choice}'. Valid options for {key}: "
                     f"{', '.join(group_options(key))}"
                 )
-
-
-def _one_line(text: str) -> str:
-    """Hydra's multi-line messages as one line (without the config search path)."""
-    text = str(text).split("Config search path:", 1)[0]
-    return " ".join(text.split())
 
 
 def _unknown_key(overrides: list[str], key: str) -> str | None:
@@ -155,27 +148,16 @@ def compose_config(overrides: list[str] | None = None) -> DictConfig:
     except Exception as err:  # Hydra raises several types for bad overrides
         match = re.match(r"Could not override '([^']+)'", str(err))
         message = _unknown_key(overrides, match.group(1)) if match else None
-        raise ConfigError(message or f"bad override in {' '.join(overrides)}: {_one_line(err)}") from err
+        raise ConfigError(message or f"bad override in {' '.join(overrides)}: {one_line(err)}") from err
     name = run_name(cfg, cfg.hydra.runtime.choices)
     cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
     cfg.name = name
     try:
         OmegaConf.resolve(cfg)
     except Exception as err:  # an interpolation naming a missing key, or a cycle
-        raise ConfigError(f"cannot resolve the config: {_one_line(err)}") from err
+        raise ConfigError(f"cannot resolve the config: {one_line(err)}") from err
     validate(cfg)
     return cfg
-
-
-def build(node: DictConfig, key: str, **kwargs):
-    """``hydra.utils.instantiate`` that reports our own errors with the key at fault."""
-    try:
-        return instantiate(node, **kwargs)
-    except InstantiationException as err:
-        cause = err.__cause__
-        if isinstance(cause, ConfigError):
-            raise cause from None
-        raise ConfigError(f"cannot build {key} from {OmegaConf.to_container(node)}: {_one_line(err)}") from err
 
 
 def _number(cfg: DictConfig, key: str, low: float, high: float = math.inf, *, low_open: bool = False,

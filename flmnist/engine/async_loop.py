@@ -35,11 +35,12 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 
+from flmnist.core.arrays import to_record, to_weights
 from flmnist.core.checks import check_integer, check_number
 from flmnist.core.errors import ConfigError, RunFailed
 from flmnist.engine.fleet import Fleet, UpdateTiming
 from flmnist.engine.node_directory import NodeDirectory
-from flmnist.engine.reply_path import ReplyPath, to_record, to_weights
+from flmnist.engine.reply_path import ReplyPath
 from flmnist.observers.checkpoint import set_rng_state
 from flmnist.protocol import messages as p
 from flmnist.protocol.screen import NodeInfo

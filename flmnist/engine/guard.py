@@ -27,9 +27,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp.strategy import Strategy
 
+from flmnist.core.arrays import to_record, to_weights
 from flmnist.core.errors import RunFailed
 from flmnist.engine.fleet import Fleet
-from flmnist.engine.reply_path import ReplyPath, to_record, to_weights
+from flmnist.engine.reply_path import ReplyPath
 from flmnist.protocol import messages as p
 from flmnist.protocol.aggregation import aggregate_train_metrics
 

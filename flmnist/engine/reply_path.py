@@ -17,9 +17,10 @@ from collections.abc import Iterable, Sequence
 from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 
+from flmnist.core.arrays import to_weights
 from flmnist.observers.checkpoint import rng_state, save_checkpoint
 from flmnist.observers.evaluation import EvaluationHook
 from flmnist.observers.recorder import RunRecorder
@@ -37,13 +38,6 @@ from flmnist.protocol.screen import (
 
 CHECKPOINT_FORMAT = 2
 
-
-def to_weights(arrays: ArrayRecord) -> Weights:
-    return {k: v.numpy() for k, v in arrays.items()}
-
-
-def to_record(weights: Weights) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in weights.items()})
 
 
 class ReplyPath:

@@ -26,8 +26,9 @@ import random
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp.strategy import strategy_utils
 
+from flmnist.core.arrays import to_weights
 from flmnist.engine.guard import Guarded
-from flmnist.engine.reply_path import ReplyPath, to_weights
+from flmnist.engine.reply_path import ReplyPath
 from flmnist.observers.checkpoint import set_rng_state
 
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from flmnist.core.constants import NUM_CLASSES
 from flmnist.core.errors import DataError
 
 if TYPE_CHECKING:
@@ -27,7 +28,6 @@ MNIST_FILES = {
     "t10k-labels-idx1-ubyte": (2049, 10_000),
 }
 MEAN, STD = 0.1307, 0.3081
-NUM_CLASSES = 10
 
 
 def resolve_root(root: str | os.PathLike | None = None) -> Path:

@@ -16,9 +16,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from flmnist.core.checks import check_integer, check_number
+from flmnist.core.constants import NUM_CLASSES
 from flmnist.core.errors import ConfigError
-
-NUM_CLASSES = 10
 
 
 def _check_count(key: str, value) -> None:

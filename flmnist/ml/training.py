@@ -9,9 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flmnist.core.constants import NUM_CLASSES
 from flmnist.flower_patches.inprocess_backend import on_torch_thread
-
-NUM_CLASSES = 10
 
 
 def device() -> torch.device:

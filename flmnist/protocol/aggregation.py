@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from flwr.app import MetricRecord, RecordDict
 
-NUM_CLASSES = 10
+from flmnist.core.constants import NUM_CLASSES
+
 PER_NODE_KEYS = ("partition-id",)
 
 

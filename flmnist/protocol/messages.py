@@ -23,9 +23,9 @@ from dataclasses import asdict, dataclass, field
 from flwr.app import ConfigRecord
 
 from flmnist.core.checks import check_integer, check_number
+from flmnist.core.constants import NUM_CLASSES
 from flmnist.core.errors import ConfigError
-
-NUM_CLASSES = 10
+from flmnist.protocol.fault_modes import FAULTS
 
 # Record names inside a message's RecordDict.
 ARRAYS = "arrays"
@@ -146,8 +146,6 @@ class TrainSettings:
         check_number("client.momentum", self.momentum, 0.0, 1.0, high_open=True)
         check_number("client.weight_decay", self.weight_decay, 0.0)
         check_number("proximal_mu", self.proximal_mu, 0.0)
-        from flmnist.client.faults import FAULTS  # the fault modes are the client's business
-
         if self.fault and self.fault not in FAULTS:
             raise ConfigError(f"client.fault '{self.fault}' is unknown; valid: {', '.join(sorted(FAULTS))} or null")
         for n in self.fault_nodes:

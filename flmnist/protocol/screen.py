@@ -26,10 +26,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
+from flmnist.core.arrays import Weights, to_record
 from flmnist.core.checks import check_integer, check_number
 from flmnist.protocol import messages as p
-
-Weights = dict  # name -> numpy array
 
 
 @dataclass(frozen=True)
@@ -87,7 +86,7 @@ class ClientUpdate:
     def arrays(self) -> ArrayRecord:
         """The weights as a Flower ArrayRecord (built from the checked arrays, not the reply's)."""
         if self._arrays is None:
-            self._arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in self.weights.items()})
+            self._arrays = to_record(self.weights)
         return self._arrays
 
     def content(self) -> RecordDict:

@@ -24,11 +24,13 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from omegaconf import DictConfig, OmegaConf
 
-from flmnist.config.compose import build, run_length
+from flmnist.config.compose import run_length
+from flmnist.core.arrays import to_record
+from flmnist.core.build import build
 from flmnist.core.errors import ConfigError
 from flmnist.engine.async_loop import AsyncLoop, AsyncLoopSettings
 from flmnist.engine.guard import Guarded
-from flmnist.engine.reply_path import ReplyPath, to_record
+from flmnist.engine.reply_path import ReplyPath
 from flmnist.engine.sync import SyncEngine
 from flmnist.flower_patches.node_order import RegistrationOrderGrid
 from flmnist.flower_patches.polling_grid import PollingGrid

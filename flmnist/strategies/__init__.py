@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+from flmnist.core.build import build
 from flmnist.core.checks import check_integer, check_number
 from flmnist.strategies.fedasync import FedAsync
 from flmnist.strategies.fedavg import FedAvg
@@ -53,8 +54,6 @@ def check_parameters(strategy) -> None:
 
 def build_strategy(node):
     """Instantiate ``conf/strategy/NAME.yaml`` (the ``strategy`` config node) and check it."""
-    from flmnist.config.compose import build
-
     strategy = build(node, "strategy")
     check_parameters(strategy)
     return strategy

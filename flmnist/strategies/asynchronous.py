@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+from flmnist.core.arrays import Weights
 from flmnist.core.checks import check_integer, check_number
-
-Weights = dict  # name -> numpy array
 
 
 class AsyncStrategy(ABC):

@@ -31,9 +31,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy.fedopt import FedOpt
 
+from flmnist.core.arrays import to_record
 from flmnist.core.errors import ConfigError
 
 
@@ -72,5 +73,5 @@ class FedSGD(FedOpt):
         root_bc2 = np.sqrt(1 - b2**t)
         new = {k: w[k] - step_size * self.m_t[k] / (np.sqrt(self.v_t[k]) / root_bc2 + self.tau) for k in g}
         dtypes = {k: x.dtype for k, x in self.current_arrays.items()}
-        arrays = ArrayRecord({k: Array(np.ascontiguousarray(x.astype(dtypes[k]))) for k, x in new.items()})
+        arrays = to_record({k: x.astype(dtypes[k]) for k, x in new.items()})
         return arrays, self.train_metrics_aggr_fn(contents, self.weighted_by_key)

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flmnist.config.compose import build, compose_config
+from flmnist.config.compose import compose_config
+from flmnist.core.build import build
 from flmnist.core.errors import FlmnistError
 from flmnist.ml.data import ensure_mnist, resolve_root
 from flmnist.ml.partition import label_counts
