@@ -55,8 +55,8 @@ def conf_dir() -> Path:
 
 
 def group_options(group: str) -> list[str]:
-    """The options of a config group: the YAML files in ``conf/<group>/``."""
-    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+    """The options of a config group: the YAML files in ``conf/<group>/`` (``_*.yaml``: shared parts, not options)."""
+    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml") if not p.stem.startswith("_"))
 
 
 def parse_overrides(text: str) -> list[str]:

@@ -278,7 +278,7 @@ class AsyncLoop:
     def should_stop(self) -> bool:
         s = self.settings
         return bool(
-            self.path.target_reached is not None
+            self.path.stop_wish is not None
             or (s.max_server_updates and self.version >= s.max_server_updates)
             or (s.max_client_updates and self.client_updates >= s.max_client_updates)
             or (s.time_budget and self.clock() >= s.time_budget)

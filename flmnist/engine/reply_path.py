@@ -223,6 +223,11 @@ class ReplyPath:
                 self.recorder.stopped_early = {"reason": "target accuracy reached", "step": step,
                                                "accuracy": accuracy}
 
+    @property
+    def stop_wish(self) -> str | None:
+        """Why the run should end after this step (an observer asked), or None: both engines stop on it."""
+        return None if self.target_reached is None else f"target accuracy reached at step {self.target_reached}"
+
     def checkpoint_due(self, step: int) -> bool:
         return bool(self.checkpoint_every) and step % self.checkpoint_every == 0
 

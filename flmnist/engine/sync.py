@@ -102,7 +102,7 @@ class SyncEngine:
         fields = self.path.global_model(step, arrays)
         if step > 0 and self.path.checkpoint_due(step):
             self.path.save_checkpoint(self.kind, step, to_weights(arrays), self.state_dict())
-        if self.path.target_reached is not None:
+        if self.path.stop_wish is not None:
             raise TargetReached(step)  # stop_at_target: out of Flower's round loop, outputs as usual
         headline = {k: fields[k] for k in ("test_loss", "test_accuracy") if fields.get(k) is not None}
         return MetricRecord(headline) if headline else None
