@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO / "jetson"))
 from rehearsal import BIN, CONNECTION, NAMES, TASK_POLL_INTERVAL, Rehearsal
 
 from flmnist.launch.flwr_local import write_run_config
-from flmnist.ml.data import resolve_root
+from flmnist.ml.mnist_files import resolve_root
 
 ROUNDS = 6
 

@@ -211,7 +211,8 @@ def plain_round(row: dict, lr: float) -> dict:
     from flmnist.client.node_data import node_seed
     from flmnist.config.compose import compose_config
     from flmnist.core.build import build
-    from flmnist.ml.data import load_mnist, resolve_root
+    from flmnist.ml.data import load_mnist
+    from flmnist.ml.mnist_files import resolve_root
     from flmnist.ml.partition import holdout_split
     from flmnist.ml.training import evaluate, train
 

@@ -219,7 +219,8 @@ def compute_per_update(n: int, nodes: int = 20, repeats: int = 5) -> dict:
     import torch
 
     from flmnist.client.node_data import node_seed
-    from flmnist.ml.data import load_mnist, resolve_root
+    from flmnist.ml.data import load_mnist
+    from flmnist.ml.mnist_files import resolve_root
     from flmnist.ml.models import LogReg
     from flmnist.ml.partition import holdout_split
     from flmnist.ml.training import train

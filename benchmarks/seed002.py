@@ -52,7 +52,7 @@ from memory import PeakMemory
 from reference import run as run_reference
 
 from flmnist.launch.flwr_local import flwr_env, run_flwr, stop_flwr_home
-from flmnist.ml.data import resolve_root
+from flmnist.ml.mnist_files import resolve_root
 
 
 def screening(summary: dict, flmnist_wall: float) -> dict:

@@ -4,6 +4,10 @@ The server sends everything a node needs in each message's ``config`` record
 (:class:`~flmnist.protocol.messages.TrainSettings`); the node's identity comes from its node
 config: ``partition-id``/``num-partitions`` in simulation, ``data-path`` (and an optional
 ``node-name``) on a real device. Replies follow :mod:`flmnist.protocol.messages` exactly.
+
+The handlers below only ever produce honest replies. Deliberate misbehaviour for robustness
+tests (``client.fault``) is one ClientApp mod, :func:`flmnist.client.faults.fault_mod`, which
+wraps every handler and corrupts its reply on the nodes the server's settings name.
 """
 
 from __future__ import annotations
@@ -15,21 +19,14 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from flmnist.client.faults import (
-    EVALUATE_ATTACKS,
-    TRAIN_ATTACKS,
-    active_fault,
-    corrupt_evaluate,
-    corrupt_query,
-    corrupt_train,
-)
+from flmnist.client.faults import fault_mod
 from flmnist.client.node_data import node_data, node_seed
 from flmnist.flower_patches import inprocess_backend, vce_feeder
 from flmnist.ml.models import model_from_spec
 from flmnist.ml.training import device, evaluate, train
 from flmnist.protocol import messages as p
 
-app = ClientApp()
+app = ClientApp(mods=[fault_mod])  # made before the handlers: Flower wraps each as it registers
 # Flower's simulation engine loads this module before it builds its backend and starts its feeder.
 vce_feeder.install()
 inprocess_backend.install()
@@ -92,10 +89,6 @@ def train_handler(msg: Message, context: Context) -> Message:
         sent = received.to_torch_state_dict()
         state = {k: v - sent[k] for k, v in state.items()}
     content = RecordDict({p.ARRAYS: ArrayRecord(state), p.METRICS: metrics, p.NODE_INFO: _node_info(data.name, dev)})
-    fault = active_fault(settings, data.partition, server_round, TRAIN_ATTACKS)
-    if fault:
-        zero = ArrayRecord({k: torch.zeros_like(v) for k, v in state.items()}) if settings.reply_delta else received
-        corrupt_train(fault, content, zero)
     return Message(content=content, reply_to=msg)
 
 
@@ -118,9 +111,6 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
         metrics[p.correct_key(d)] = int(c)
         metrics[p.total_key(d)] = int(t)
     content = RecordDict({p.METRICS: MetricRecord(metrics), p.NODE_INFO: _node_info(data.name, dev)})
-    fault = active_fault(settings, data.partition, p.server_round(config), EVALUATE_ATTACKS)
-    if fault:
-        corrupt_evaluate(fault, content)
     return Message(content=content, reply_to=msg)
 
 
@@ -134,6 +124,4 @@ def query_handler(msg: Message, context: Context) -> Message:
     info[p.TRAIN_EXAMPLES] = len(data.train_labels)
     info[p.HOLDOUT_EXAMPLES] = len(data.holdout_labels)
     content = RecordDict({p.NODE_INFO: info})
-    if settings.fault == "bad-node-info" and data.partition in settings.fault_nodes:
-        corrupt_query(settings.fault, content)
     return Message(content=content, reply_to=msg)

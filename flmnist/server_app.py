@@ -13,8 +13,8 @@ from omegaconf import DictConfig
 
 from flmnist.config.compose import compose_config, parse_overrides
 from flmnist.core.build import build
-from flmnist.flower_patches.inprocess_backend import confine_torch
 from flmnist.ml.export import export_model
+from flmnist.ml.threads import confine_torch
 from flmnist.runtime.run_setup import build_run
 
 app = ServerApp()
@@ -35,7 +35,7 @@ def run(grid: Grid, cfg: DictConfig) -> dict:
         error = f"{type(err).__name__}: {err}"
         raise
     finally:
-        run.engine.path.finish()
+        run.engine.finish()  # what the engine and its observers have to add to the summary
         if run.recorder.save_model():
             export_model(build(run.cfg.model, "model"), run.run_dir)
         summary = run.recorder.finish(status, error)  # summary.json last: the run is over

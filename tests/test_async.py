@@ -9,7 +9,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from flmnist.core.errors import ConfigError
-from flmnist.engine.async_loop import AsyncLoopSettings, Job, VirtualQueue
+from flmnist.engine.async_jobs import Job, VirtualQueue
 from flmnist.engine.fleet import make_fleet
 from flmnist.engine.guard import Guarded
 from flmnist.engine.reply_path import ReplyPath
@@ -18,6 +18,7 @@ from flmnist.ml.models import LogReg
 from flmnist.ml.training import train
 from flmnist.protocol import messages as p
 from flmnist.protocol.screen import NodeLimits, ReplyScreen, ScreenSettings
+from flmnist.protocol.settings import AsyncLoopSettings
 from flmnist.strategies import FedAsync, FedAvg, FedBuff
 from flmnist.strategies.staleness import Constant, Hinge, InverseSqrt, Polynomial
 

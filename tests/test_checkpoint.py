@@ -19,10 +19,8 @@ from omegaconf import OmegaConf
 
 from flmnist.config.compose import compose_config
 from flmnist.core.errors import ConfigError
+from flmnist.core.run_files import CHECKPOINT, PREVIOUS, find_checkpoint
 from flmnist.observers.checkpoint import (
-    CHECKPOINT,
-    PREVIOUS,
-    find_checkpoint,
     load_checkpoint,
     rng_state,
     save_checkpoint,

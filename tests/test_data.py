@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from flmnist.core.errors import DataError
-from flmnist.ml.data import MNIST_FILES, ensure_mnist, load_data_path, load_mnist, resolve_root
+from flmnist.ml.data import load_data_path, load_mnist
+from flmnist.ml.mnist_files import MNIST_FILES, ensure_mnist, resolve_root
 
 
 def test_root_prefers_setting_then_environment(monkeypatch, tmp_path):

@@ -33,16 +33,17 @@ from flwr.serverapp.strategy import FedAdam, FedMedian, Krum
 from flmnist.client import faults
 from flmnist.core.arrays import to_weights
 from flmnist.core.errors import RunFailed
-from flmnist.engine.async_loop import AsyncLoop, AsyncLoopSettings
+from flmnist.engine.async_loop import AsyncLoop
 from flmnist.engine.fleet import make_fleet
 from flmnist.engine.guard import Guarded
 from flmnist.engine.reply_path import ReplyPath
 from flmnist.engine.sync import SyncEngine
 from flmnist.flower_patches.node_order import RegistrationOrderGrid
+from flmnist.observers.base import Observer
 from flmnist.observers.checkpoint import rng_state
-from flmnist.observers.evaluation import EvaluationHook
 from flmnist.protocol import messages as p
 from flmnist.protocol.screen import NodeLimits, ReplyScreen, ScreenSettings
+from flmnist.protocol.settings import AsyncLoopSettings
 from flmnist.strategies import FedAsync, FedAvg, FedBuff
 
 SENT = p.TrainSettings(model={"_target_": "flmnist.ml.models.LogReg"}, partition={"_target_": "iid"}, num_partitions=4,
@@ -196,7 +197,7 @@ def make_path(hooks=(), sent=SENT, **screen) -> ReplyPath:
     return ReplyPath(ReplyScreen(ScreenSettings(**screen), LIMITS), sent, hooks)
 
 
-class Spy(EvaluationHook):
+class Spy(Observer):
     def __init__(self):
         self.updates, self.models = [], []
 
@@ -373,7 +374,7 @@ class ShuffledGrid(FakeGrid):
         return [n for n in self.order if n in self.connected]
 
 
-class GlobalRandomDraws(EvaluationHook):
+class GlobalRandomDraws(Observer):
     """Draws from the ``random`` module's global generator after every round, as Flower's own
     threads in the ServerApp process do at wall-clock times (heartbeat interval, back-off jitter)."""
 
@@ -609,7 +610,7 @@ def test_a_dropped_device_update_costs_its_slot_the_timeout_in_virtual_time(task
 # ================================================================ attribution, stop at target
 
 
-class Applied(EvaluationHook):
+class Applied(Observer):
     """Records what the engines hand to attribution, and reports a test accuracy of 0.3 per step."""
 
     def __init__(self):

@@ -18,8 +18,10 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.server.superlink.fleet.vce.backend import raybackend
 from flwr.supercore.task_identity import TaskIdentity
 
+from flmnist.core.constants import BACKEND_ENV as ENV
 from flmnist.flower_patches import inprocess_backend
-from flmnist.flower_patches.inprocess_backend import ENV, backend_class, on_torch_thread
+from flmnist.flower_patches.inprocess_backend import backend_class
+from flmnist.ml.threads import on_torch_thread
 
 
 @pytest.fixture(autouse=True)
@@ -123,7 +125,7 @@ def test_the_serverapps_thread_runs_pytorch_single_threaded_and_evaluation_keeps
     code = (
         "import os, threading, torch\n"
         f"os.environ['{ENV}'] = 'inprocess'\n"
-        "from flmnist.flower_patches.inprocess_backend import confine_torch, on_torch_thread\n"
+        "from flmnist.ml.threads import confine_torch, on_torch_thread\n"
         "before = torch.get_num_threads()\n"
         "confine_torch()\n"
         "print(before, torch.get_num_threads(), on_torch_thread(torch.get_num_threads))\n"

@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from flmnist.engine.async_loop import stats_lines
+from flmnist.engine.async_stats import stats_lines
+from flmnist.ml.export import save_state_dict
 from flmnist.observers.recorder import FINAL_LINE, RunRecorder, summarize_stopped
 
 LABEL = "demo: FedProx, Dirichlet split, LeNet, 3 nodes"
@@ -111,7 +112,8 @@ def test_tensorboard_and_mlflow_get_the_config_every_rounds_metrics_and_the_mode
     from mlflow.tracking import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from flmnist.observers.trackers import MLflowTracker, TensorBoardTracker, Trackers
+    from flmnist.observers.tracker_backends import MLflowTracker, TensorBoardTracker
+    from flmnist.observers.trackers import Trackers
 
     out = tmp_path / "outputs"
     run_dir = out / "2026-11-30" / "12-00-00_demo"
@@ -162,7 +164,7 @@ def test_summary_json_is_written_last_and_the_final_line_printed_after_it(tmp_pa
         if line.startswith(FINAL_LINE.format(status="finished")):
             seen_at_final_line.append(sorted(p.name for p in tmp_path.iterdir()))
 
-    recorder = RunRecorder(tmp_path, 3, 0.99, printer=printer)
+    recorder = RunRecorder(tmp_path, 3, 0.99, printer=printer, save_tensors=save_state_dict)
     sync_rows(recorder, fleet=False)
     recorder.final_state = {"w": torch.zeros(2)}
     recorder.finish()

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from flmnist.core.errors import ConfigError
+from flmnist.core.run_files import find_checkpoint
 from flmnist.launch.flwr_local import (
     flwr_env,
     flwr_run_command,
@@ -24,7 +25,7 @@ from flmnist.launch.flwr_local import (
 )
 from flmnist.ml.data import load_mnist
 from flmnist.ml.models import LeNet
-from flmnist.observers.checkpoint import find_checkpoint, load_checkpoint
+from flmnist.observers.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow  # real Flower runs
 

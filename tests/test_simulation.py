@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from flmnist.config.compose import client_gpus, compose_config, gpu_device_nodes, simulation_backend
+from flmnist.config.compose import compose_config
 from flmnist.core.errors import ConfigError
+from flmnist.launch.backend import client_gpus, gpu_device_nodes, simulation_backend
 from flmnist.launch.flwr_local import flwr_run_command, free_port, stop_env
 
 BIN = Path(sys.executable).parent

@@ -8,7 +8,7 @@ from flwr.serverapp.strategy import FedProx
 
 from flmnist.engine.guard import Guarded
 from flmnist.engine.reply_path import ReplyPath
-from flmnist.observers.evaluation import EvaluationHook
+from flmnist.observers.base import Observer
 from flmnist.protocol import messages as p
 from flmnist.protocol.aggregation import aggregate_evaluate_counts
 from flmnist.protocol.screen import NodeLimits, ReplyScreen, ScreenSettings
@@ -171,7 +171,7 @@ def test_error_replies_do_not_stop_aggregation(task_identity, start, caplog):
 def test_hooks_see_validated_updates_with_node_names(task_identity, start):
     seen = []
 
-    class Spy(EvaluationHook):
+    class Spy(Observer):
         def evaluate_updates(self, server_round, updates):
             seen.extend((server_round, u.name) for u in updates)
 

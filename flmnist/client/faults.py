@@ -1,7 +1,14 @@
 """Fault injection: a node that misbehaves on purpose, for robustness tests and benchmarks.
 
 ``client.fault=MODE`` with ``client.fault_nodes=[partition ids]`` makes those nodes corrupt
-their replies after honest work. Each mode is one attack class the server must survive:
+their replies after honest work. It is one Flower ClientApp mod, :func:`fault_mod`
+(``ClientApp(mods=[fault_mod])`` in :mod:`flmnist.client_app`, whose handlers know nothing of
+faults): the mod lets the handler compute the honest reply, then reads the settings from the
+incoming message's ``config`` record and the node's partition id from the reply (``metrics``
+of a train or evaluate reply, ``node-info`` of a query reply) and, on a fault node, corrupts
+the reply's content in place with :func:`corrupt_train`, :func:`corrupt_evaluate` or
+:func:`corrupt_query`. An error reply passes through untouched. Each mode is one attack class
+the server must survive:
 
 - ``error``: the ClientApp raises (an error reply).
 - ``nan``: NaN weights. ``complex-nan``: complex weights holding NaN.
@@ -9,6 +16,8 @@ their replies after honest work. Each mode is one attack class the server must s
   declared full shape.
 - ``scale``: the update times 1e30. ``sign-flip``: the update reversed and scaled by 5
   (``w - 5 (w_k - w)``). ``boost``: the update times 10 (a model-replacement attempt).
+  With ``reply_delta`` (FedBuff) the reply is the update itself, so the model it is measured
+  from is zero.
 - ``huge-examples``: ``num-examples`` = 2**62, claiming the whole weight of an average.
 - ``extra-metric`` / ``missing-metric``: an out-of-date client's metric keys.
 - ``loss-trace-number``, ``train-loss-list``, ``partition-inf``, ``long-trace``: metrics of
@@ -16,20 +25,73 @@ their replies after honest work. Each mode is one attack class the server must s
 - ``bad-node-info``: a malformed ``node-info`` record (train, evaluate and query replies).
 - ``eval-list``, ``eval-missing``, ``eval-inconsistent``: malformed evaluation counts.
 - ``rotate``: a different one of the train attacks every round, and of the evaluation
-  attacks on every evaluation.
+  attacks on every evaluation (``server_round % len(attacks)``); query replies stay honest.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.clientapp.typing import ClientAppCallable
 
-from flmnist.core.arrays import to_record
+from flmnist.core.arrays import to_record, to_weights
 from flmnist.protocol import messages as p
-from flmnist.protocol.fault_modes import EVALUATE_ATTACKS, FAULTS, TRAIN_ATTACKS  # noqa: F401 - re-exported for tests
+from flmnist.protocol.fault_modes import (  # noqa: F401 - FAULTS re-exported for tests
+    EVALUATE_ATTACKS,
+    FAULTS,
+    TRAIN_ATTACKS,
+)
 
 
-def active_fault(settings: p.TrainSettings, partition: int, server_round: int, attacks: tuple[str, ...]) -> str:
+def fault_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """The ClientApp mod: the handler's honest reply, corrupted in place if this node is a fault
+    node for this message (``error`` raises, which Flower turns into an error reply)."""
+    reply = call_next(msg, context)
+    if reply.has_error() or not reply.has_content():
+        return reply
+    config = msg.content[p.CONFIG]
+    settings = p.TrainSettings.from_record(config)
+    if not settings.fault:
+        return reply
+    content = reply.content
+    category = msg.metadata.message_type.split(".")[0]
+    if category == MessageType.TRAIN:
+        partition = int(content[p.METRICS][p.PARTITION_ID])
+        fault = active_fault(settings, partition, p.server_round(config), TRAIN_ATTACKS)
+        if fault:
+            corrupt_train(fault, content, _received(msg, content, settings))
+    elif category == MessageType.EVALUATE:
+        partition = int(content[p.METRICS][p.PARTITION_ID])
+        fault = active_fault(settings, partition, p.server_round(config), EVALUATE_ATTACKS)
+        if fault:
+            corrupt_evaluate(fault, content)
+    elif category == MessageType.QUERY:
+        partition = int(content[p.NODE_INFO][p.PARTITION_ID])
+        # not under "rotate": the node must stay discoverable
+        if settings.fault == "bad-node-info" and partition in settings.fault_nodes:
+            corrupt_query(settings.fault, content)
+    return reply
+
+
+def _received(msg: Message, content: RecordDict, settings: p.TrainSettings) -> ArrayRecord:
+    """The model a train reply's update is measured from: the one the node was sent, or zeros
+    (of the reply's shapes and dtypes) when the reply is the update itself (``reply_delta``)."""
+    if settings.reply_delta:
+        return to_record({k: np.zeros_like(v) for k, v in to_weights(content[p.ARRAYS]).items()})
+    return msg.content[p.ARRAYS]
+
+
+def active_fault(settings: p.TrainSettings, partition: int, server_round: int,
+                 attacks: tuple[str, ...]) -> str:
     """The fault this node commits on this message, or ''."""
     if not settings.fault or partition not in settings.fault_nodes:
         return ""

@@ -14,8 +14,10 @@ import numpy as np
 import torch
 
 from flmnist.core.errors import ConfigError
-from flmnist.ml.data import load_data_path, load_mnist, resolve_root
+from flmnist.ml.data import load_data_path, load_mnist
+from flmnist.ml.mnist_files import resolve_root
 from flmnist.ml.partition import holdout_split, partition_from_spec
+from flmnist.protocol.messages import simulated_node_name
 
 
 @dataclass(frozen=True)
@@ -72,8 +74,6 @@ def device_partition(data_path: str) -> int:
 def node_data(settings, node_config) -> NodeData:
     """This node's data, from the server's :class:`~flmnist.protocol.messages.TrainSettings` and the
     SuperNode's node config."""
-    from flmnist.protocol.messages import simulated_node_name
-
     data_path = node_config.get("data-path")
     partition_id = node_config.get("partition-id")
     if data_path:

@@ -12,7 +12,7 @@ import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
-from flmnist.config.compose import GROUPS, conf_dir, group_options
+from flmnist.config.compose import GROUPS, conf_dir, group_options, option_files
 
 # Keys that are not settings: Hydra's and the instantiation target.
 SKIP = ("defaults", "hydra", "_target_")
@@ -102,10 +102,11 @@ def top_level_settings() -> list[Setting]:
 def group_settings(group: str, option: str) -> list[Setting]:
     """An option's settings, as the user writes them (``strategy.proximal_mu``); an
     experiment's, and those of an option in Hydra's global package (``# @package _global_``,
-    e.g. a model with its own client defaults), are written from the top (``client.lr``)."""
+    e.g. a model with its own client defaults), are written from the top (``client.lr``).
+    The shared parts its defaults list pulls in (``_sampling``) come first."""
     path = conf_dir() / group / f"{option}.yaml"
     top = group == "experiment" or "# @package _global_" in path.read_text()
-    return settings(path, "" if top else group)
+    return [s for part in option_files(group, option) for s in settings(part, "" if top else group)]
 
 
 def known_descriptions() -> dict[str, str]:

@@ -12,9 +12,12 @@ FedAdagrad, FedYogi, FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan, ...) can
   aggregation;
 - checks the aggregate: a non-finite one never becomes the global model (the inner
   strategy's state is rolled back with it);
-- counts rounds without a usable update and fails the run after ``max_failed_rounds`` in a row;
-- advances the virtual clock of a simulated fleet (a round lasts as long as its slowest node);
-- holds the checkpoint state (the inner strategy's momentum and optimiser buffers).
+- counts rounds without a usable update and fails the run after ``max_failed_rounds`` in a row
+  (:class:`~flmnist.engine.base.RoundLiveness`);
+- advances the virtual clock of a simulated fleet (:class:`~flmnist.engine.base.VirtualClock`:
+  a round lasts as long as its slowest node);
+- holds the checkpoint state (the inner strategy's momentum and optimiser buffers, as
+  :func:`~flmnist.strategies.state.checkpoint_state` names them).
 """
 
 from __future__ import annotations
@@ -28,14 +31,12 @@ from flwr.common.logger import log
 from flwr.serverapp.strategy import Strategy
 
 from flmnist.core.arrays import to_record, to_weights
-from flmnist.core.errors import RunFailed
+from flmnist.engine.base import RoundLiveness, VirtualClock
 from flmnist.engine.fleet import Fleet
 from flmnist.engine.reply_path import ReplyPath
 from flmnist.protocol import messages as p
 from flmnist.protocol.aggregation import aggregate_train_metrics
-
-# Attributes of Flower's strategies that change during a run (FedAvgM, FedOpt family).
-INNER_STATE = ("current_arrays", "momentum_vector", "m_t", "v_t")
+from flmnist.strategies.state import checkpoint_state
 
 
 def _plain(value):
@@ -48,7 +49,7 @@ def _plain(value):
 def _finite_state(strategy: Strategy) -> bool:
     """Whether every array of the inner strategy's state is finite (FedAdam's second moment can
     overflow to inf on a finite but huge update while its aggregate stays finite)."""
-    for key in INNER_STATE:
+    for key in checkpoint_state(strategy):
         value = _plain(getattr(strategy, key, None))
         if isinstance(value, dict):
             value = list(value.get("__arrayrecord__", value).values())
@@ -77,13 +78,21 @@ class Guarded(Strategy):
         self.strategy = strategy
         # Loss traces are lists of different lengths: Flower's default metric average cannot take them.
         strategy.train_metrics_aggr_fn = aggregate_train_metrics
-        self.path, self.fleet, self.virtual_timeout = path, fleet, virtual_timeout
-        self.max_failed_rounds = max_failed_rounds
+        self.path = path
+        self.liveness = RoundLiveness(max_failed_rounds)  # rounds in a row without a new global model
+        self.clock = VirtualClock(fleet, virtual_timeout)
         self.reference: dict | None = None  # the global weights sent this round
         self.round_offset = 0               # rounds done before a resume
-        self.failed_rounds = 0              # rounds in a row without a new global model
-        self.virtual_time = 0.0
         self.client_updates = 0
+
+    @property
+    def failed_rounds(self) -> int:
+        """Rounds in a row without a new global model."""
+        return self.liveness.in_a_row
+
+    @property
+    def virtual_time(self) -> float:
+        return self.clock.now
 
     @property
     def name(self) -> str:
@@ -107,14 +116,14 @@ class Guarded(Strategy):
         self.client_updates += len(replies)
         updates, rejections = self.path.train_replies(step, replies, self.reference)
         updates.sort(key=lambda u: (u.partition, u.name))  # a fixed order: a reproducible sum
-        if self.fleet is not None:
+        if self.clock.simulated:
             updates = self.advance_clock(step, updates)
-            self.path.record(step, virtual_time=round(self.virtual_time, 4))
+            self.path.record(step, virtual_time=round(self.clock.now, 4))
         arrays, metrics = None, None
         if updates:
             # Flower's strategies assign new objects to these attributes (never update them in
             # place), so keeping references is enough to roll them back.
-            snapshot = {k: getattr(self.strategy, k) for k in INNER_STATE if hasattr(self.strategy, k)}
+            snapshot = {k: getattr(self.strategy, k) for k in checkpoint_state(self.strategy)}
             try:
                 arrays, metrics = self.strategy.aggregate_train(
                     step, [Message(content=u.content(), metadata=u.metadata) for u in updates])
@@ -143,22 +152,8 @@ class Guarded(Strategy):
             rejections=[f"{r.name}: {r.reason}" for r in rejections if not r.failed],
             train_examples=sum(u.num_examples for u in updates),
         )
-        self.count_round(step, arrays is not None, len(replies), rejections)
+        self.liveness.count_round(step, arrays is not None, len(replies), rejections)
         return arrays, metrics
-
-    def count_round(self, step: int, advanced: bool, received: int, rejections) -> None:
-        """A round that made no new global model is failed; too many in a row end the run."""
-        if advanced:
-            self.failed_rounds = 0
-            return
-        self.failed_rounds += 1
-        log(WARNING, "Round %d failed: no usable update (%d replies, %d rejected or failed); "
-            "the global model stays as it was (%d/%d failed rounds in a row)",
-            step, received, len(rejections), self.failed_rounds, self.max_failed_rounds)
-        if self.failed_rounds >= self.max_failed_rounds:
-            last = rejections[-1].reason if rejections else "no replies arrived"
-            raise RunFailed(f"{self.failed_rounds} rounds in a row without a usable update "
-                            f"(max_failed_rounds={self.max_failed_rounds}); last reason: {last}")
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         step = server_round + self.round_offset
@@ -174,23 +169,19 @@ class Guarded(Strategy):
         """Advance virtual time by the slowest node's update (a dropped update costs the
         timeout) and drop the updates whose device dropped out."""
         model_bytes = sum(v.nbytes for v in self.reference.values())
-        durations, arrived = [0.0], []
-        for u in updates:
-            timing = self.fleet.timing(u.partition, step, u.metrics[p.EXAMPLES_PROCESSED], model_bytes)
-            durations.append(self.virtual_timeout if timing.dropped else timing.duration)
-            if not timing.dropped:
-                arrived.append(u)
-        self.virtual_time += max(durations)
-        return arrived
+        timings = [self.clock.timing(u.partition, step, u.metrics[p.EXAMPLES_PROCESSED], model_bytes)
+                   for u in updates]
+        self.clock.advance_by_slowest(timings)
+        return [u for u, timing in zip(updates, timings) if not timing.dropped]
 
     # --------------------------------------------------------------- state
     def state_dict(self) -> dict:
-        inner = {k: _plain(getattr(self.strategy, k)) for k in INNER_STATE if hasattr(self.strategy, k)}
-        return {"inner": inner, "virtual_time": self.virtual_time, "client_updates": self.client_updates,
-                "failed_rounds": self.failed_rounds}
+        inner = {k: _plain(getattr(self.strategy, k)) for k in checkpoint_state(self.strategy)}
+        return {"inner": inner, "virtual_time": self.clock.now, "client_updates": self.client_updates,
+                "failed_rounds": self.liveness.in_a_row}
 
     def load_state_dict(self, state: dict) -> None:
         for k, v in state["inner"].items():
             setattr(self.strategy, k, _restore(v))
-        self.virtual_time, self.client_updates = state["virtual_time"], state["client_updates"]
-        self.failed_rounds = state["failed_rounds"]
+        self.clock.now, self.client_updates = state["virtual_time"], state["client_updates"]
+        self.liveness.in_a_row = state["failed_rounds"]

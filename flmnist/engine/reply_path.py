@@ -14,16 +14,17 @@ from __future__ import annotations
 import time
 from collections import Counter, deque
 from collections.abc import Iterable, Sequence
-from logging import INFO, WARNING
+from logging import WARNING
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 
 from flmnist.core.arrays import to_weights
-from flmnist.observers.checkpoint import rng_state, save_checkpoint
-from flmnist.observers.evaluation import EvaluationHook
+from flmnist.observers.base import Observer
+from flmnist.observers.checkpoint import PAYLOAD_FORMAT, rng_state, save_checkpoint
 from flmnist.observers.recorder import RunRecorder
+from flmnist.observers.stop import StopAtTarget
 from flmnist.protocol import messages as p
 from flmnist.protocol.aggregation import aggregate_evaluate_counts
 from flmnist.protocol.screen import (
@@ -36,9 +37,6 @@ from flmnist.protocol.screen import (
     l2_norm,
 )
 
-CHECKPOINT_FORMAT = 2
-
-
 
 class ReplyPath:
     """Screen, hooks, recording and checkpoints, shared by both engines."""
@@ -47,7 +45,7 @@ class ReplyPath:
         self,
         screen: ReplyScreen,
         sent: p.TrainSettings,
-        hooks: Sequence[EvaluationHook] = (),
+        hooks: Sequence[Observer] = (),
         recorder: RunRecorder | None = None,
         checkpoint_every: int = 0,
         stop_at: float | None = None,
@@ -55,8 +53,9 @@ class ReplyPath:
         self.screen, self.sent = screen, sent
         self.hooks, self.recorder = list(hooks), recorder
         self.checkpoint_every = checkpoint_every
-        self.stop_at = stop_at               # stop_at_target: the accuracy that ends the run
-        self.target_reached: int | None = None  # the step whose evaluation reached it
+        if stop_at is not None:  # stop_at_target: the accuracy that ends the run
+            self.hooks.append(StopAtTarget(stop_at))
+        self.stopped: tuple[int, str] | None = None  # the step after which an observer asked to stop, and why
         self.norms: deque[float] = deque(maxlen=screen.settings.norm_window)
         self.rejected: Counter = Counter()   # node name -> rejected replies
         self.failed: Counter = Counter()     # node name -> error replies
@@ -152,7 +151,7 @@ class ReplyPath:
                 delta: bool, key: object = None) -> None:
         """Hooks see the updates applied to the global model ``before`` (for attribution): each
         as what its node's training changed (its model minus ``reference``, the model it was sent)."""
-        if not any(type(h).updates_applied is not EvaluationHook.updates_applied for h in self.hooks):
+        if not any(type(h).updates_applied is not Observer.updates_applied for h in self.hooks):
             return
         deltas = [(u.name, u.weights if delta else {k: u.weights[k] - reference[k] for k in reference})
                   for u in updates]
@@ -204,29 +203,35 @@ class ReplyPath:
         if evaluate:
             for hook in self.hooks:
                 fields.update(hook.evaluate_global(step, arrays) or {})
-            self._check_target(step, fields.get("test_accuracy"))
+            self._stop_wishes(step, fields)
         if self.recorder is not None:
             self.recorder.screen_stats = self.stats()
             self.recorder.add(step, **fields)
             self.recorder.end_round(step, arrays.to_torch_state_dict() if evaluate else None, quiet=not evaluate)
         return fields
 
-    def _check_target(self, step: int, accuracy: float | None) -> None:
-        """``stop_at_target``: note the first evaluated step at or above the target accuracy."""
-        if self.stop_at is None or self.target_reached is not None or step == 0 or accuracy is None:
+    def _stop_wishes(self, step: int, fields: dict) -> None:
+        """Ask each observer whether the run should end after this evaluated step; the first wish holds."""
+        if self.stopped is not None or step == 0:
             return
-        if accuracy >= self.stop_at:
-            self.target_reached = step
-            log(INFO, "Target accuracy %.2f%% reached at step %d (%.2f%%): stopping (stop_at_target)",
-                100 * self.stop_at, step, 100 * accuracy)
-            if self.recorder is not None:
-                self.recorder.stopped_early = {"reason": "target accuracy reached", "step": step,
-                                               "accuracy": accuracy}
+        for hook in self.hooks:
+            reason = hook.stop_wish(step, fields)
+            if reason:
+                self.stopped = (step, reason)
+                if self.recorder is not None:
+                    self.recorder.stopped_early = {"reason": reason, "step": step,
+                                                   "accuracy": fields.get("test_accuracy")}
+                return
 
     @property
     def stop_wish(self) -> str | None:
         """Why the run should end after this step (an observer asked), or None: both engines stop on it."""
-        return None if self.target_reached is None else f"target accuracy reached at step {self.target_reached}"
+        return None if self.stopped is None else self.stopped[1]
+
+    @property
+    def target_reached(self) -> int | None:
+        """``stop_at_target``: the step whose evaluation reached the target accuracy, or None."""
+        return next((h.reached for h in self.hooks if isinstance(h, StopAtTarget)), None)
 
     def checkpoint_due(self, step: int) -> bool:
         return bool(self.checkpoint_every) and step % self.checkpoint_every == 0
@@ -236,7 +241,7 @@ class ReplyPath:
         if self.recorder is None:
             return
         save_checkpoint(self.recorder.run_dir, {
-            "format": CHECKPOINT_FORMAT,
+            "format": PAYLOAD_FORMAT,
             "kind": kind,
             "round": step,
             "arrays": weights,

@@ -3,7 +3,7 @@
 Each round the guarded strategy (:class:`~flmnist.engine.guard.Guarded`) samples nodes,
 screens their replies and aggregates the accepted ones; after each round the run's
 :class:`~flmnist.engine.reply_path.ReplyPath` evaluates the global model, records the round and
-checkpoints. ``run(initial, checkpoint)`` is the same call as the asynchronous engine's.
+checkpoints. It is an :class:`~flmnist.engine.base.Engine`, like the asynchronous one.
 
 Which nodes a round trains is the same in every run with the same seed. Flower's strategies
 sample with ``random.sample(list(grid.get_node_ids()), n)``, and two things made that differ:
@@ -27,9 +27,9 @@ from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp.strategy import strategy_utils
 
 from flmnist.core.arrays import to_weights
+from flmnist.engine.base import restore_common
 from flmnist.engine.guard import Guarded
 from flmnist.engine.reply_path import ReplyPath
-from flmnist.observers.checkpoint import set_rng_state
 
 
 class FinalResultsFilter(logging.Filter):
@@ -114,16 +114,20 @@ class SyncEngine:
             state["sampling_rng"] = self.sampling.rng.getstate()
         return state
 
+    def restore(self, checkpoint: dict) -> None:
+        """The guarded strategy's state, the screen's, the random generators and the rounds done."""
+        self.strategy.load_state_dict(checkpoint["engine"])
+        restore_common(self.path, checkpoint)
+        if self.sampling is not None:  # a checkpoint from before SeededSampling: the global state
+            self.sampling.rng.setstate(checkpoint["engine"].get("sampling_rng", random.getstate()))
+        self.strategy.round_offset = int(checkpoint["round"])
+
     def run(self, initial: ArrayRecord, checkpoint: dict | None = None) -> ArrayRecord:
         done = 0
         self.arrays = initial
         if checkpoint is not None:
-            self.strategy.load_state_dict(checkpoint["engine"])
-            self.path.load_state(checkpoint.get("screen", {}))
-            set_rng_state(checkpoint["rng"])
-            if self.sampling is not None:  # a checkpoint from before SeededSampling: the global state
-                self.sampling.rng.setstate(checkpoint["engine"].get("sampling_rng", random.getstate()))
-            done = self.strategy.round_offset = int(checkpoint["round"])
+            self.restore(checkpoint)
+            done = self.strategy.round_offset
         if self.num_rounds > done:
             try:
                 with FinalResultsFilter(), self.sampling or contextlib.nullcontext():
@@ -135,3 +139,7 @@ class SyncEngine:
             except TargetReached:
                 pass  # Flower 1.41's loop has no early stop: the evaluation function ends it
         return self.arrays
+
+    def finish(self) -> None:
+        """End of the run, whatever its outcome: the reply path's summary and hooks."""
+        self.path.finish()

@@ -33,19 +33,14 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from flmnist.config.compose import (
-    check_group_overrides,
-    client_gpus,
-    compose_config,
-    conf_dir,
-    run_length,
-    simulation_backend,
-    validate,
-)
+from flmnist.config.compose import check_group_overrides, compose_config, conf_dir
 from flmnist.config.help import help_text, version_text
+from flmnist.config.validate import run_length, validate
 from flmnist.core.errors import ConfigError, FlmnistError, RunFailed
+from flmnist.core.run_files import CHECKPOINT, find_checkpoint
+from flmnist.launch.backend import client_gpus, simulation_backend
 from flmnist.launch.flwr_local import run_flwr
-from flmnist.ml.data import ensure_mnist, resolve_root
+from flmnist.ml.mnist_files import ensure_mnist, resolve_root
 from flmnist.observers.recorder import FINAL_LINE, summarize_stopped
 
 APP_DIR = Path(__file__).resolve().parents[2]
@@ -158,10 +153,6 @@ def launch(cfg: DictConfig) -> dict:
     hc = HydraConfig.get()
     run_cfg, overrides = cfg, list(hc.overrides.task)
     if cfg.resume:
-        from flmnist.observers.checkpoint import (
-            find_checkpoint,  # (PyTorch: only a resume pays its import)
-        )
-
         checkpoint = find_checkpoint(str(cfg.resume), cfg.output_dir)
         run_dir = checkpoint.parent
         run_cfg = saved_config(run_dir)
@@ -202,8 +193,6 @@ def stopped_message(stop: BaseException, cfg: DictConfig, run_dir: Path, before:
     summary = summarize_stopped(run_dir, steps, cfg.target_accuracy, unit, why.split(";")[0])
     if summary is None:
         return f"{why}; it had recorded no {unit} yet"
-    from flmnist.observers.checkpoint import CHECKPOINT
-
     more = (f"; continue it with: flmnist resume={quoted(run_dir)}" if (run_dir / CHECKPOINT).is_file() else "")
     return f"{why}; results after {unit} {summary['rounds_completed']} in {run_dir / 'summary.json'}{more}"
 
@@ -306,8 +295,6 @@ def hydra_arguments(args: list[str]) -> list[str]:
     if not cfg.resume:
         ensure_mnist(resolve_root(cfg.data.root), cfg.data.download)  # (downloads it if allowed)
         return args
-    from flmnist.observers.checkpoint import find_checkpoint
-
     checkpoint = find_checkpoint(str(cfg.resume), cfg.output_dir)  # resume=latest says which it picked
     saved_config(checkpoint.parent)
     args = [a for a in args if not a.lstrip("+").startswith("resume=")]

@@ -21,9 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from flmnist.flower_patches.inprocess_backend import (
-    ENV as BACKEND_ENV,  # read in the simulation process
-)
+from flmnist.core.constants import BACKEND_ENV  # read in the simulation process
 
 
 def free_port() -> int:

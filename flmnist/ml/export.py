@@ -10,14 +10,22 @@ to it. Neither needs flmnist to load:
 
 from __future__ import annotations
 
+import logging
+import os
 import warnings
-from logging import WARNING
 from pathlib import Path
 
 import torch
-from flwr.common.logger import log
 
 EXAMPLE = torch.zeros(2, 1, 28, 28)
+logger = logging.getLogger("flwr")  # Flower's log, where the run's other lines go (no Flower import here)
+
+
+def save_state_dict(state_dict: dict, path: Path) -> None:
+    """``torch.save`` to a temporary file renamed over ``path``: never a half-written model file."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state_dict, tmp)
+    os.replace(tmp, path)
 
 
 def export_model(model: torch.nn.Module, run_dir: Path) -> list[Path]:
@@ -38,7 +46,7 @@ def export_model(model: torch.nn.Module, run_dir: Path) -> list[Path]:
             written.append(path)
         except Exception as err:  # noqa: BLE001 - an export must never lose a finished run
             tmp.unlink(missing_ok=True)
-            log(WARNING, "Could not export %s: %s: %s", name, type(err).__name__, err)
+            logger.warning("Could not export %s: %s: %s", name, type(err).__name__, err)
     return written
 
 

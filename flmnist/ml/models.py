@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flmnist.core.errors import ConfigError
+
 
 class LeNet(nn.Module):
     """The seeds' CNN: conv 1->20 5x5, pool, conv 20->50 5x5, pool, fc 800->500, fc 500->10.
@@ -100,8 +102,6 @@ MODELS = {
 
 def model_from_spec(spec: dict) -> nn.Module:
     """Build a model from its config dict (``_target_`` plus parameters), as clients receive it."""
-    from flmnist.core.errors import ConfigError
-
     spec = dict(spec)
     target = spec.pop("_target_", None)
     if target not in MODELS:

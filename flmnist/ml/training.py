@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flmnist.core.constants import NUM_CLASSES
-from flmnist.flower_patches.inprocess_backend import on_torch_thread
+from flmnist.ml.threads import on_torch_thread
 
 
 def device() -> torch.device:

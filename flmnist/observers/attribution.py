@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flmnist.core.run_files import atomic_write
 from flmnist.ml.training import device, evaluate
-from flmnist.observers.evaluation import EvaluationHook
-from flmnist.observers.recorder import atomic_write
+from flmnist.observers.base import Observer, RunContext
 
 Weights = dict  # name -> numpy array
 NUM_DIGITS = 10
@@ -52,7 +52,7 @@ def probe_indices(labels: torch.Tensor | np.ndarray, size: int) -> np.ndarray:
     return np.sort(np.concatenate(picked))
 
 
-class Attribution(EvaluationHook):
+class Attribution(Observer):
     """Cumulative node x digit contributions (percentage points), ``attribution.csv`` and plot."""
 
     def __init__(
@@ -78,6 +78,16 @@ class Attribution(EvaluationHook):
         self.seconds = 0.0
         self.evaluations = 0
         self._before: tuple[object, np.ndarray] | None = None  # (key, per-digit accuracy)
+
+    @classmethod
+    def from_run(cls, run: RunContext, enabled: bool = True, probe_size: int = 1000,
+                 batch_size: int = 250) -> Attribution | None:
+        """Built from ``observers.attribution`` (``eval.attribution``, ``eval.probe_size``); None
+        (no observer) when turned off or with no probe images."""
+        if not enabled or not probe_size:
+            return None
+        return cls(run.test_images, run.test_labels, run.model_fn, probe_size, run_dir=run.run_dir,
+                   printer=run.printer, batch_size=batch_size, label=run.label)
 
     @property
     def probe_size(self) -> int:

@@ -22,51 +22,17 @@ import pickle
 import random
 import shutil
 from collections import Counter, OrderedDict, deque
-from logging import INFO
 from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
-from flwr.app import Array, ArrayRecord
-from flwr.common.logger import log
 
 from flmnist.core.errors import ConfigError
+from flmnist.core.run_files import CHECKPOINT, PREVIOUS
 
-CHECKPOINT = "checkpoint.pt"
-PREVIOUS = "checkpoint.prev.pt"
 FORMAT = 1  # the layout of the file: {"flmnist-checkpoint": FORMAT, "payload": packed payload}
+PAYLOAD_FORMAT = 2  # the layout of a run's payload ("format" in it): model, engine, screen, recorder, RNG
 _NUMPY = "__numpy__"  # tag of a packed numpy array
-# Attributes of Flower's and flmnist's strategies that change during a run.
-STRATEGY_STATE = ("current_arrays", "momentum_vector", "m_t", "v_t", "virtual_time", "client_updates")
-
-
-def _plain(value):
-    """ArrayRecords become dicts of numpy arrays, so a checkpoint needs no Flower objects."""
-    if isinstance(value, ArrayRecord):
-        return {"__arrayrecord__": {k: v.numpy() for k, v in value.items()}}
-    return value
-
-
-def _restore(value):
-    if isinstance(value, dict) and "__arrayrecord__" in value:
-        return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in value["__arrayrecord__"].items()})
-    return value
-
-
-def strategy_state(strategy) -> dict:
-    state = {k: _plain(getattr(strategy, k)) for k in STRATEGY_STATE if hasattr(strategy, k)}
-    if hasattr(strategy, "state_dict"):
-        state["strategy"] = strategy.state_dict()
-    return state
-
-
-def load_strategy_state(strategy, state: dict) -> None:
-    for key, value in state.items():
-        if key == "strategy":
-            strategy.load_state_dict(value)
-        else:
-            setattr(strategy, key, _restore(value))
 
 
 def rng_state() -> dict:
@@ -215,37 +181,10 @@ def load_checkpoint(path: Path) -> dict:
     return _unpack(data["payload"])
 
 
-def is_run_dir(directory: Path) -> bool:
-    """Whether ``directory`` is a flmnist run directory: its ``config.yaml`` is a flmnist config."""
-    try:
-        config = yaml.safe_load((Path(directory) / "config.yaml").read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return False
-    return isinstance(config, dict) and {"strategy", "num_nodes"} <= set(config)
-
-
-def find_checkpoint(resume: str, output_dir: str) -> Path:
-    """``resume`` is a checkpoint file, a run directory, or ``latest``: the newest checkpoint of
-    a flmnist run directory under ``output_dir`` (other directories are skipped)."""
-    if resume == "latest":
-        root = Path(output_dir).expanduser().resolve()
-        found = sorted(root.glob(f"**/{CHECKPOINT}") if root.is_dir() else [],
-                       key=lambda p: p.stat().st_mtime, reverse=True)
-        runs = [p for p in found if p.is_file() and is_run_dir(p.parent)]
-        if not runs:
-            skipped = f"; {len(found)} outside flmnist run directories skipped" if found else ""
-            raise ConfigError(f"resume=latest: no {CHECKPOINT} under output_dir={root} in a flmnist run "
-                              f"directory (one with a flmnist config.yaml){skipped}")
-        log(INFO, "resume=latest: continuing %s (the newest of %d flmnist run(s) with a checkpoint under %s)",
-            runs[0].parent, len(runs), root)
-        return runs[0]
-    path = Path(resume).expanduser()
-    if path.is_dir():
-        path = path / CHECKPOINT
-    if not path.is_file():
-        raise ConfigError(f"resume={resume}: no checkpoint at {path.resolve()} (expected a run directory "
-                          f"holding {CHECKPOINT}, the file itself, or 'latest')")
-    if not is_run_dir(path.parent):
-        raise ConfigError(f"resume={resume}: {path.parent.resolve()} is not a flmnist run directory "
-                          "(no config.yaml with strategy and num_nodes beside the checkpoint)")
-    return path.resolve()
+def check_layout(payload: dict, path: Path) -> dict:
+    """A run's checkpoint payload if its layout is this version's, else a ConfigError saying so."""
+    found = payload.get("format") if isinstance(payload, dict) else None
+    if found != PAYLOAD_FORMAT:
+        raise ConfigError(f"resume: {path} holds a run checkpoint of layout {found!r}; this flmnist reads layout "
+                          f"{PAYLOAD_FORMAT}. Resume it with the flmnist version that wrote it, or start a new run")
+    return payload

@@ -22,36 +22,7 @@ from flwr.app import ArrayRecord
 
 from flmnist.core.checks import check_style
 from flmnist.ml.training import EvalResult, device, evaluate
-from flmnist.protocol.screen import ClientUpdate  # an accepted train reply (name, arrays, metrics)
-
-
-class EvaluationHook:
-    """Called by strategies; each method may return a dict of metrics to record, or None."""
-
-    def evaluate_updates(self, server_round: int, updates: list[ClientUpdate]) -> dict | None:
-        """Called with the validated client updates of a round, before aggregation."""
-        return None
-
-    def evaluate_global(self, server_round: int, arrays: ArrayRecord) -> dict | None:
-        """Called with the global model after each round (and round 0, the initial model)."""
-        return None
-
-    def updates_applied(self, step: int, before: dict, deltas: Sequence[tuple[str, dict]],
-                        key: object = None) -> dict | None:
-        """Called with the updates the server applies to the global model ``before`` (weights):
-        (node name, delta) pairs, each delta what the node's training changed."""
-        return None
-
-    def finish(self, wall_time: float | None = None) -> dict | None:
-        """Called once at the end of the run; a dict goes into the run's summary."""
-        return None
-
-    def state(self) -> dict | None:
-        """What a checkpoint keeps of the hook (None: nothing)."""
-        return None
-
-    def load_state(self, state: dict) -> None:
-        """Restore what :meth:`state` returned."""
+from flmnist.observers.base import Observer, RunContext
 
 
 def group_label(group: Sequence[int]) -> str:
@@ -91,7 +62,7 @@ def result_metrics(result: EvalResult, groups: Sequence[Sequence[int]], prefix: 
     return out
 
 
-class DigitEvaluation(EvaluationHook):
+class DigitEvaluation(Observer):
     """Per-digit evaluation of the global model and of chosen client updates on the test set."""
 
     def __init__(
@@ -121,6 +92,16 @@ class DigitEvaluation(EvaluationHook):
         self.confusion_dir = confusion_dir
         self.printer = printer
         self.device = device()
+
+    @classmethod
+    def from_run(cls, run: RunContext, every: int | None = 1, rounds: Sequence[int] = (),
+                 update_rounds: Sequence[int] = (), digit_groups=((0, 1, 2, 3), (4, 5, 6), (7, 8, 9)),
+                 batch_size: int = 250, style: str = "seed002") -> DigitEvaluation:
+        """Built from ``observers.digits`` (``eval.*``): an asynchronous run evaluates at every
+        evaluation point of its loop (``async_loop.eval_every``)."""
+        return cls(run.test_images, run.test_labels, run.model_fn, run.steps, every=1 if run.asynchronous else every,
+                   rounds=list(rounds), update_rounds=list(update_rounds), digit_groups=digit_groups,
+                   batch_size=batch_size, confusion_dir=run.run_dir / "confusion", printer=run.printer, style=style)
 
     def is_scheduled(self, server_round: int) -> bool:
         """Global evaluation: round 0, every ``every`` rounds, the listed rounds and the last."""

@@ -9,30 +9,15 @@ import csv
 import io
 import json
 import math
-import os
 import time
 from collections import defaultdict
 from pathlib import Path
 
+from flmnist.core.run_files import atomic_write
 from flmnist.observers.trackers import Trackers, scalars
 
 SCALAR = (int, float, str, type(None))
 FINAL_LINE = "Run {status}:"  # the start of the last line a run prints (after summary.json is written)
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write then rename, so readers never see a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    import torch  # here: the flmnist command imports this module, and needs no PyTorch
-
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def _clean(value):
@@ -49,7 +34,11 @@ class RunRecorder:
     """Collects each round's metrics from strategies and hooks, and writes the run directory."""
 
     def __init__(self, run_dir: Path, num_rounds: int, target_accuracy: float, printer=print,
-                 unit: str = "round") -> None:
+                 unit: str = "round", save_tensors=None) -> None:
+        """``save_tensors(state_dict, path)`` writes ``model_best.pt`` and ``model.pt`` (the run
+        passes :func:`flmnist.ml.export.save_state_dict`); None: no model files (the flmnist
+        command's summary of a stopped run, which needs no PyTorch)."""
+        self.save_tensors = save_tensors
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.num_rounds = num_rounds
@@ -107,7 +96,8 @@ class RunRecorder:
             self.final_state = state_dict
             if acc is not None and (self.best_accuracy is None or acc > self.best_accuracy):
                 self.best_accuracy, self.best_round = acc, server_round
-                atomic_torch_save(state_dict, self.run_dir / "model_best.pt")
+                if self.save_tensors is not None:
+                    self.save_tensors(state_dict, self.run_dir / "model_best.pt")
         self.write_metrics()
         self.trackers.call("log_metrics", server_round, scalars(row))
         if server_round > 0 and not quiet:
@@ -207,9 +197,9 @@ class RunRecorder:
 
     def save_model(self) -> Path | None:
         """Write the final global model to ``model.pt`` (exports are made from it)."""
-        if self.final_state is None:
+        if self.final_state is None or self.save_tensors is None:
             return None
-        atomic_torch_save(self.final_state, self.run_dir / "model.pt")
+        self.save_tensors(self.final_state, self.run_dir / "model.pt")
         self.model_saved = True
         return self.run_dir / "model.pt"
 

@@ -24,25 +24,29 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from omegaconf import DictConfig, OmegaConf
 
-from flmnist.config.compose import run_length
+from flmnist.config.validate import run_length
 from flmnist.core.arrays import to_record
 from flmnist.core.build import build
 from flmnist.core.errors import ConfigError
-from flmnist.engine.async_loop import AsyncLoop, AsyncLoopSettings
+from flmnist.core.run_files import atomic_write, find_checkpoint
+from flmnist.engine.async_loop import AsyncLoop
+from flmnist.engine.base import Engine
 from flmnist.engine.guard import Guarded
 from flmnist.engine.reply_path import ReplyPath
 from flmnist.engine.sync import SyncEngine
 from flmnist.flower_patches.node_order import RegistrationOrderGrid
 from flmnist.flower_patches.polling_grid import PollingGrid
-from flmnist.ml.data import ensure_mnist, load_mnist, resolve_root
+from flmnist.ml.data import load_mnist
+from flmnist.ml.export import save_state_dict
+from flmnist.ml.mnist_files import ensure_mnist, resolve_root
 from flmnist.ml.partition import holdout_split, label_counts
-from flmnist.observers.attribution import Attribution
-from flmnist.observers.checkpoint import find_checkpoint, load_checkpoint
-from flmnist.observers.evaluation import DigitEvaluation
-from flmnist.observers.recorder import RunRecorder, atomic_write
+from flmnist.observers.base import RunContext
+from flmnist.observers.checkpoint import check_layout, load_checkpoint
+from flmnist.observers.recorder import RunRecorder
 from flmnist.observers.trackers import Trackers
 from flmnist.protocol.messages import TrainSettings, simulated_node_name
 from flmnist.protocol.screen import NodeLimits, ReplyScreen, ScreenSettings
+from flmnist.protocol.settings import AsyncLoopSettings
 from flmnist.strategies import build_strategy
 
 
@@ -56,7 +60,7 @@ class Run:
     cfg: DictConfig
     run_dir: Path
     recorder: RunRecorder
-    engine: SyncEngine | AsyncLoop
+    engine: Engine
     initial: ArrayRecord
     checkpoint: dict | None
 
@@ -74,7 +78,7 @@ def resume_config(cfg: DictConfig) -> tuple[DictConfig, dict | None]:
     if not cfg.resume:
         return cfg, None
     path = find_checkpoint(str(cfg.resume), cfg.output_dir)
-    checkpoint = load_checkpoint(path)
+    checkpoint = check_layout(load_checkpoint(path), path)
     saved = OmegaConf.load(path.parent / "config.yaml")
     saved.run_dir = str(path.parent)
     saved.resume = str(path)
@@ -110,6 +114,19 @@ def run_label(cfg: DictConfig) -> str:
 
     split = short(cfg.partition).removesuffix("Partition")
     return f"{cfg.name}: {short(cfg.strategy)}, {split} split, {short(cfg.model)}, {cfg.num_nodes} nodes"
+
+
+def build_observers(cfg: DictConfig, context: RunContext) -> list:
+    """The ``observers`` section, in order: each entry's ``_target_`` called with ``run=context``;
+    an entry that is null, or whose factory returns None (turned off), adds nothing."""
+    observers = []
+    for name, node in (cfg.get("observers") or {}).items():
+        if node is None:
+            continue
+        observer = build(node, f"observers.{name}", run=context)
+        if observer is not None:
+            observers.append(observer)
+    return observers
 
 
 def wait_for_nodes(grid: Grid, needed: int, timeout: float) -> None:
@@ -152,24 +169,15 @@ def build_run(grid: Grid, cfg: DictConfig) -> Run:
         proximal_mu=float(getattr(strategy, "proximal_mu", 0.0) or 0.0),
     )
     loop = AsyncLoopSettings(**cfg.async_loop) if asynchronous else None
-    recorder = RunRecorder(run_dir, steps, cfg.target_accuracy, printer=say, unit=unit)
+    recorder = RunRecorder(run_dir, steps, cfg.target_accuracy, printer=say, unit=unit, save_tensors=save_state_dict)
     recorder.label = run_label(cfg)
     if cfg.get("logger") is not None:
         recorder.trackers = Trackers([build(cfg.logger, "logger")])
         recorder.trackers.call("start", run_dir, run_dir.name, OmegaConf.to_container(cfg, resolve=True))
     test_images, test_labels = load_mnist(str(root), False)
-    hooks = [
-        DigitEvaluation(
-            test_images, test_labels, lambda: build(cfg.model, "model"), steps,
-            every=1 if asynchronous else cfg.eval.every, rounds=list(cfg.eval.rounds),
-            update_rounds=list(cfg.eval.update_rounds),
-            digit_groups=OmegaConf.to_container(cfg.eval.digit_groups), batch_size=cfg.eval.batch_size,
-            confusion_dir=run_dir / "confusion", printer=say, style=cfg.eval.get("style", "seed002"),
-        )
-    ]
-    if cfg.eval.get("attribution", False) and cfg.eval.get("probe_size", 0):
-        hooks.append(Attribution(test_images, test_labels, lambda: build(cfg.model, "model"), cfg.eval.probe_size,
-                                 run_dir=run_dir, printer=say, batch_size=cfg.eval.batch_size, label=recorder.label))
+    context = RunContext(run_dir, test_images, test_labels, lambda: build(cfg.model, "model"), steps, asynchronous,
+                         say, recorder.label)
+    hooks = build_observers(cfg, context)
     path = ReplyPath(ReplyScreen(ScreenSettings(**cfg.screen), limits), sent, hooks, recorder, cfg.checkpoint_every,
                       stop_at=cfg.target_accuracy if cfg.get("stop_at_target") else None)
     fleet = build(cfg.fleet, "fleet", num_nodes=cfg.num_nodes, seed=cfg.seed)

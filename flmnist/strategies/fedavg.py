@@ -20,5 +20,8 @@ from flwr.serverapp.strategy import FedAvgM
 class FedAvg(FedAvgM):
     """Flower's FedAvgM defaulting to plain FedAvg (server learning rate 1, no momentum)."""
 
+    # FedAvgM's state: the model it steps from and the server momentum (flmnist.strategies.state).
+    checkpoint_state = ("current_arrays", "momentum_vector")
+
     def __init__(self, *, server_learning_rate: float = 1.0, server_momentum: float = 0.0, **kwargs) -> None:
         super().__init__(server_learning_rate=server_learning_rate, server_momentum=server_momentum, **kwargs)

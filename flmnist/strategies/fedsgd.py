@@ -21,9 +21,10 @@ default to 0.9/0.99 (Adam: 0.9/0.999). ``tests/test_seeds.py`` shows both.
 
 The step count t is the server round (as in Flower's FedOpt), so a resumed run continues with
 the right bias correction; a round that produced no update still counts. The moments ``m_t``,
-``v_t`` and ``current_arrays`` are FedOpt's attributes, so :class:`~flmnist.engine.guard.Guarded`
-checkpoints them and rolls them back with a rejected aggregate. With more than one local
-step, g is the nodes' average model change divided by ``eta_l`` (a pseudo-gradient).
+``v_t`` and ``current_arrays`` (FedOpt's attributes) are declared in ``checkpoint_state``
+(:mod:`flmnist.strategies.state`): they are checkpointed, and rolled back with a rejected
+aggregate. With more than one local step, g is the nodes' average model change divided by
+``eta_l`` (a pseudo-gradient).
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ from flmnist.core.errors import ConfigError
 
 class FedSGD(FedOpt):
     """FedSGD: average the nodes' one-step gradients, then one ``torch.optim.Adam`` step."""
+
+    # The model of the round and Adam's moments (flmnist.strategies.state).
+    checkpoint_state = ("current_arrays", "m_t", "v_t")
 
     def __init__(self, *, eta: float = 1e-4, eta_l: float = 1.0, beta_1: float = 0.9, beta_2: float = 0.999,
                  tau: float = 1e-8, **kwargs) -> None:

@@ -25,7 +25,7 @@ import torch
 from flmnist.config.compose import compose_config
 from flmnist.core.build import build
 from flmnist.core.errors import FlmnistError
-from flmnist.ml.data import ensure_mnist, resolve_root
+from flmnist.ml.mnist_files import ensure_mnist, resolve_root
 from flmnist.ml.partition import label_counts
 
 

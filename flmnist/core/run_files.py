@@ -1,0 +1,59 @@
+"""The run directory's files that more than one layer reads: finding a run's checkpoint (the
+``flmnist`` command does, without PyTorch) and writing a text file atomically."""
+
+from __future__ import annotations
+
+import os
+from logging import INFO
+from pathlib import Path
+
+import yaml
+from flwr.common.logger import log
+
+from flmnist.core.errors import ConfigError
+
+CHECKPOINT = "checkpoint.pt"
+PREVIOUS = "checkpoint.prev.pt"
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write then rename, so readers never see a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def is_run_dir(directory: Path) -> bool:
+    """Whether ``directory`` is a flmnist run directory: its ``config.yaml`` is a flmnist config."""
+    try:
+        config = yaml.safe_load((Path(directory) / "config.yaml").read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return isinstance(config, dict) and {"strategy", "num_nodes"} <= set(config)
+
+
+def find_checkpoint(resume: str, output_dir: str) -> Path:
+    """``resume`` is a checkpoint file, a run directory, or ``latest``: the newest checkpoint of
+    a flmnist run directory under ``output_dir`` (other directories are skipped)."""
+    if resume == "latest":
+        root = Path(output_dir).expanduser().resolve()
+        found = sorted(root.glob(f"**/{CHECKPOINT}") if root.is_dir() else [],
+                       key=lambda p: p.stat().st_mtime, reverse=True)
+        runs = [p for p in found if p.is_file() and is_run_dir(p.parent)]
+        if not runs:
+            skipped = f"; {len(found)} outside flmnist run directories skipped" if found else ""
+            raise ConfigError(f"resume=latest: no {CHECKPOINT} under output_dir={root} in a flmnist run "
+                              f"directory (one with a flmnist config.yaml){skipped}")
+        log(INFO, "resume=latest: continuing %s (the newest of %d flmnist run(s) with a checkpoint under %s)",
+            runs[0].parent, len(runs), root)
+        return runs[0]
+    path = Path(resume).expanduser()
+    if path.is_dir():
+        path = path / CHECKPOINT
+    if not path.is_file():
+        raise ConfigError(f"resume={resume}: no checkpoint at {path.resolve()} (expected a run directory "
+                          f"holding {CHECKPOINT}, the file itself, or 'latest')")
+    if not is_run_dir(path.parent):
+        raise ConfigError(f"resume={resume}: {path.parent.resolve()} is not a flmnist run directory "
+                          "(no config.yaml with strategy and num_nodes beside the checkpoint)")
+    return path.resolve()

@@ -1,0 +1,150 @@
+"""The asynchronous loop's messages, on Flower's ``Grid.push_messages`` / ``pull_messages``.
+
+:class:`Transport` knows the nodes (asked who they are by a
+:class:`~flmnist.engine.node_directory.NodeDirectory`), pushes train messages, tracks the jobs
+in flight and pulls their replies, and hands the loop the next finished job:
+
+- simulation: the job that completes first on the virtual clock, waiting (really) for its
+  reply, whatever order replies really arrive in;
+- deployment: the first reply to arrive, or the first job to time out or lose its node.
+
+Every 5 s it asks Flower which nodes are connected: a job whose node is gone ends at once
+(not after its timeout) and, in deployment, nodes that come back or join are handed to the
+loop (``on_available``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+
+from flmnist.engine.async_jobs import Job, Node, VirtualQueue
+from flmnist.engine.base import UpdateLiveness
+from flmnist.engine.node_directory import NodeDirectory
+from flmnist.engine.reply_path import ReplyPath
+from flmnist.protocol import messages as p
+
+
+class Transport:
+    """Nodes, messages and jobs in flight of the asynchronous loop (see the module docstring)."""
+
+    def __init__(self, grid, path: ReplyPath, liveness: UpdateLiveness, update_timeout: float,
+                 poll_interval: float, simulated: bool) -> None:
+        self.grid, self.liveness = grid, liveness
+        self.update_timeout, self.poll_interval, self.simulated = update_timeout, poll_interval, simulated
+        self.directory = NodeDirectory(grid, path, poll_interval)  # who each node is (query replies)
+        self.nodes: dict[int, Node] = {}         # the directory's accepted nodes, with their work count
+        self.queue = VirtualQueue()              # jobs in flight, by virtual completion
+        self.in_flight: dict[str, Job] = {}      # message id -> job, until the loop has its outcome
+        self.arrived: OrderedDict[str, Message] = OrderedDict()
+        self.away: list[Node] = []               # nodes Flower reported gone (deployment)
+        self.connected: set[int] | None = None   # node ids Flower lists, refreshed every 5 s
+        self.last_discovery = time.monotonic()
+        self.on_available: Callable[[list[Node]], None] = lambda nodes: None
+
+    # ----------------------------------------------------------------- nodes
+    @property
+    def refused(self) -> set[int]:
+        """Node ids whose query reply was refused: they never get work."""
+        return set(self.directory.refused)
+
+    def discover(self, timeout: float) -> list[Node]:
+        """Ask every newly connected node who it is (a malformed answer keeps the node out, a
+        silent one is asked again after a minute); the newly accepted nodes."""
+        for info in (found := self.directory.discover(timeout)):
+            self.nodes[info.node_id] = Node(info)
+        return [self.nodes[info.node_id] for info in found]
+
+    def ordered_nodes(self) -> list[Node]:
+        """Nodes in a run-independent order (partition id), so dispatch order is reproducible."""
+        return [self.nodes[info.node_id] for info in self.directory.ordered()]
+
+    def unavailable(self, job: Job) -> bool:
+        """Whether Flower no longer lists the job's node as connected (checked every 5 s)."""
+        return self.connected is not None and job.node_id not in self.connected
+
+    def refresh_connected(self) -> None:
+        """Every 5 s: which nodes Flower lists; in deployment, returning and new nodes get work."""
+        now = time.monotonic()
+        if self.connected is not None and now - self.last_discovery <= 5.0:
+            return
+        self.last_discovery = now
+        self.connected = set(self.grid.get_node_ids())
+        if not self.simulated:
+            back = [n for n in self.away if n.node_id in self.connected]
+            self.away = [n for n in self.away if n.node_id not in self.connected]
+            self.on_available(back + self.discover(timeout=2.0))
+
+    # -------------------------------------------------------------- messages
+    def send_train(self, node: Node, arrays: ArrayRecord, config: ConfigRecord) -> str:
+        """Push one train message (its TTL: the update timeout); its message id."""
+        msg = Message(RecordDict({p.ARRAYS: arrays, p.CONFIG: config}), dst_node_id=node.node_id,
+                      message_type=MessageType.TRAIN, ttl=self.update_timeout)
+        (message_id,) = list(self.grid.push_messages([msg]))
+        return message_id
+
+    def track(self, job: Job) -> None:
+        self.in_flight[job.message_id] = job
+        self.queue.push(job)
+
+    def __len__(self) -> int:
+        """Jobs in flight."""
+        return len(self.queue)
+
+    def jobs(self) -> list[Job]:
+        """The jobs in flight whose outcome the loop has not had."""
+        return list(self.in_flight.values())
+
+    def pull(self) -> None:
+        waiting = [m for m in self.in_flight if m not in self.arrived]
+        if waiting:
+            for reply in self.grid.pull_messages(waiting):
+                self.arrived[reply.metadata.reply_to_message_id] = reply
+
+    def next(self) -> tuple[Job, Message | None]:
+        """The next finished job and its reply (None: it timed out, its node left or, in
+        simulation, its device dropped the update); it is no longer in flight."""
+        if self.simulated:
+            job = self.queue.pop()
+            reply = self.await_reply(job)
+        else:
+            job, reply = self.next_real()
+        self.in_flight.pop(job.message_id, None)
+        return job, reply
+
+    def await_reply(self, job: Job) -> Message | None:
+        """Simulation: wait (really) for the reply of the job that completes first virtually."""
+        while job.message_id not in self.arrived:
+            if job.timing is not None and job.timing.dropped:
+                return None  # this update never arrives; its real reply is ignored
+            self.pull()
+            if job.message_id in self.arrived:
+                break
+            self.refresh_connected()
+            if time.monotonic() - job.sent > self.update_timeout or self.unavailable(job):
+                return None
+            self.liveness.check_progress()
+            time.sleep(self.poll_interval)
+        return self.arrived.pop(job.message_id, None)
+
+    def next_real(self) -> tuple[Job, Message | None]:
+        """Deployment: the first reply to arrive, or the first job to time out or lose its node."""
+        while True:
+            self.pull()
+            if self.arrived:
+                message_id, reply = self.arrived.popitem(last=False)
+                job = self.in_flight.get(message_id)
+                if job is not None:
+                    self.queue.remove(job)
+                    return job, reply
+            self.refresh_connected()
+            now = time.monotonic()
+            for job in self.queue.jobs():
+                if now - job.sent > self.update_timeout or self.unavailable(job):
+                    self.queue.remove(job)
+                    return job, None
+            self.liveness.check_progress()
+            time.sleep(self.poll_interval)

@@ -1,0 +1,51 @@
+"""Where the simulation's ClientApps run: the GPU share each gets and the backend that runs them
+(``simulation.*``), resolved on the machine the ``flmnist`` command runs on."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+
+def client_gpus(cfg: DictConfig) -> float:
+    """``simulation.client_gpus``, with ``auto`` resolved: 0.5 when PyTorch sees a CUDA GPU, else 0."""
+    value = cfg.simulation.client_gpus
+    if value != "auto":
+        return float(value)
+    if not gpu_device_nodes():
+        return 0.0  # PyTorch cannot see a GPU the kernel does not show: its import (about 1 s) is spared
+    return 0.5 if torch_sees_cuda() else 0.0
+
+
+def torch_sees_cuda() -> bool:
+    """Whether PyTorch sees a CUDA GPU, asked in a child process: the command itself never imports
+    PyTorch (the ClientApps that train do)."""
+    probe = "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True, timeout=300, check=False).returncode == 0
+
+
+def simulation_backend(cfg: DictConfig, gpus: float, cores: int | None = None) -> str:
+    """``simulation.backend``, with ``auto`` resolved (``gpus``: the resolved GPU share per ClientApp):
+    ``inprocess`` when only one ClientApp could train at a time anyway (fewer than 2 x
+    ``simulation.client_cpus`` cores), on no GPU share and no Ray cluster; else ``ray``."""
+    sim = cfg.simulation
+    if sim.backend != "auto":
+        return str(sim.backend)
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    alone = cores < 2 * float(sim.client_cpus)
+    return "inprocess" if alone and not gpus and not sim.ray_address else "ray"
+
+
+def gpu_device_nodes() -> bool:
+    """Whether the machine shows a GPU to programs: NVIDIA's device nodes or driver, a Jetson's
+    GPU nodes, AMD's ROCm node (PyTorch's CUDA API serves ROCm too). True off Linux: unknown."""
+    if not sys.platform.startswith("linux"):
+        return True
+    dev = Path("/dev")
+    return (Path("/proc/driver/nvidia").exists() or (dev / "kfd").exists()
+            or any(dev.glob("nvidia[0-9]*")) or any(dev.glob("nvhost-*")))

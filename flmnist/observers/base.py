@@ -1,0 +1,64 @@
+"""The one interface everything that watches a run implements, and what a run gives it.
+
+An observer is called by the engines (through :class:`~flmnist.engine.reply_path.ReplyPath`) on
+the accepted client updates, on each new global model and on the updates applied to it. Each
+call may return a dict of metrics for the run's metrics row (or None), and after each evaluated
+global model :meth:`Observer.stop_wish` may ask to end the run (both engines stop on it, after
+writing their outputs as usual). Observers are listed in the config's ``observers`` section,
+each a ``_target_`` called with ``run=`` a :class:`RunContext` (see README, "Adding an
+evaluation hook"); adding one needs no edit to flmnist.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What a run offers its observers when they are built."""
+
+    run_dir: Path
+    test_images: Any                 # float tensor [10000, 1, 28, 28], normalised
+    test_labels: Any                 # int64 tensor [10000]
+    model_fn: Callable[[], Any]      # a fresh model of the run's architecture
+    steps: int                       # rounds (sync) or server updates (async) the run is to take
+    asynchronous: bool
+    printer: Callable[[str], None]   # one line to the run's log
+    label: str = ""                  # "NAME: Strategy, split, model, N nodes", for plot titles
+
+
+class Observer:
+    """Every method is optional; each may return a dict of metrics to record, or None."""
+
+    def evaluate_updates(self, server_round: int, updates: list) -> dict | None:
+        """The screened client updates of a step (:class:`~flmnist.protocol.screen.ClientUpdate`), before aggregation."""
+        return None
+
+    def evaluate_global(self, server_round: int, arrays) -> dict | None:
+        """The global model (an ``ArrayRecord``) after each round or evaluation point, and step 0."""
+        return None
+
+    def updates_applied(self, step: int, before: dict, deltas: Sequence[tuple[str, dict]],
+                        key: object = None) -> dict | None:
+        """The updates the server applies to the global model ``before`` (weights): (node name,
+        delta) pairs, each delta what the node's training changed."""
+        return None
+
+    def stop_wish(self, step: int, metrics: dict) -> str | None:
+        """After an evaluated global model (``metrics``: its row so far): a reason to end the run now, or None."""
+        return None
+
+    def finish(self, wall_time: float | None = None) -> dict | None:
+        """Once at the end of the run; a dict goes into the run's summary under the class's name."""
+        return None
+
+    def state(self) -> dict | None:
+        """What a checkpoint keeps of the observer (None: nothing)."""
+        return None
+
+    def load_state(self, state: dict) -> None:
+        """Restore what :meth:`state` returned."""

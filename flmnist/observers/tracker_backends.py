@@ -1,0 +1,93 @@
+"""The two experiment trackers, TensorBoard and MLflow (``logger=tensorboard|mlflow``): each imports
+its package only when a run uses it. Install the extras: ``pip install -e ".[tensorboard]"`` or
+``".[mlflow]"``."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from flmnist.core.errors import ConfigError
+from flmnist.observers.trackers import Tracker, flat
+
+
+def _missing(package: str, extra: str) -> ConfigError:
+    return ConfigError(f"logger={extra} needs the {package} package: pip install -e \".[{extra}]\"")
+
+
+class TensorBoardTracker(Tracker):
+    """Event files in ``RUN_DIR/tensorboard`` (``tensorboard --logdir outputs``): scalars per
+    step, the config as text, the final summary as text."""
+
+    def __init__(self, log_dir: str | None = None) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        except ImportError as err:
+            raise _missing("tensorboard", "tensorboard") from err
+        self.log_dir = log_dir
+        self.writer = None
+
+    def start(self, run_dir: Path, name: str, config: dict) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(Path(self.log_dir) / name if self.log_dir else run_dir / "tensorboard"))
+        self.writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in flat(config).items()), 0)
+
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        for key, value in metrics.items():
+            self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def finish(self, run_dir: Path, summary: dict) -> None:
+        self.writer.add_text("summary", "    " + json.dumps(summary, indent=1).replace("\n", "\n    "), 0)
+        self.writer.close()
+
+
+class MLflowTracker(Tracker):
+    """One MLflow run per flmnist run: the config as parameters, metrics per step, the final
+    model, the summary and the plots as artifacts. The store is local by default:
+    ``OUTPUT_DIR/mlflow.db`` with artifacts in ``OUTPUT_DIR/mlartifacts`` (``mlflow ui
+    --backend-store-uri sqlite:///outputs/mlflow.db``; beside the run directory when ``run_dir``
+    is outside ``output_dir``); ``tracking_uri`` names another."""
+
+    def __init__(self, tracking_uri: str | None = None, experiment: str = "flmnist") -> None:
+        try:
+            import mlflow  # noqa: F401
+        except ImportError as err:
+            raise _missing("mlflow-skinny", "mlflow") from err
+        self.tracking_uri, self.experiment = tracking_uri, experiment
+        self.client = None
+        self.run_id: str | None = None
+
+    def start(self, run_dir: Path, name: str, config: dict) -> None:
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
+        out = Path(config.get("output_dir") or "outputs").expanduser().resolve()
+        store = out if run_dir.resolve().is_relative_to(out) else run_dir.parent  # (an explicit run_dir)
+        uri = self.tracking_uri or f"sqlite:///{store / 'mlflow.db'}"
+        self.client = MlflowClient(tracking_uri=uri)
+        found = self.client.get_experiment_by_name(self.experiment)
+        experiment_id = found.experiment_id if found else self.client.create_experiment(
+            self.experiment, artifact_location=(store / "mlartifacts").as_uri() if not self.tracking_uri else None)
+        self.run_id = self.client.create_run(experiment_id, run_name=name).info.run_id
+        params = flat(config)
+        keys = list(params)
+        for i in range(0, len(keys), 100):  # MLflow takes at most 100 parameters per batch
+            self.client.log_batch(self.run_id, params=[Param(k, params[k][:6000]) for k in keys[i:i + 100]])
+
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, v, now, step) for k, v in metrics.items()]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(self.run_id, metrics=items[i:i + 1000])
+
+    def finish(self, run_dir: Path, summary: dict) -> None:
+        for name in ("model.pt", "accuracy_loss.png", "per_digit_accuracy.png", "attribution.png"):
+            if (run_dir / name).is_file():
+                self.client.log_artifact(self.run_id, str(run_dir / name))
+        self.client.log_dict(self.run_id, summary, "summary.json")  # the file is written after the trackers
+        self.client.set_terminated(self.run_id, "FINISHED" if summary.get("status") == "finished" else "FAILED")

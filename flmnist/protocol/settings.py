@@ -1,0 +1,36 @@
+"""The asynchronous loop's settings (``conf/config.yaml``'s ``async_loop`` section), checked.
+
+Config checking only: the loop that uses them is :class:`~flmnist.engine.async_loop.AsyncLoop`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flmnist.core.checks import check_integer, check_number
+from flmnist.core.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class AsyncLoopSettings:
+    """``conf/config.yaml``'s ``async_loop`` section; the constructor checks every value."""
+
+    concurrency: int | None = None          # nodes training at once (None: all)
+    max_server_updates: int | None = 100    # stop after this many server versions ...
+    max_client_updates: int | None = None   # ... or client updates processed ...
+    time_budget: float | None = None        # ... or seconds (virtual in simulation)
+    eval_every: int = 10
+    update_timeout: float = 600.0
+    max_consecutive_failures: int = 50      # liveness: failed or rejected updates in a row
+    progress_timeout: float = 3600.0        # liveness: seconds without a new server version
+
+    def __post_init__(self) -> None:
+        for key in ("concurrency", "max_server_updates", "max_client_updates"):
+            check_integer(f"async_loop.{key}", getattr(self, key), 1, allow_none=True)
+        check_number("async_loop.time_budget", self.time_budget, 0.0, low_open=True, allow_none=True)
+        check_integer("async_loop.eval_every", self.eval_every, 1)
+        check_integer("async_loop.max_consecutive_failures", self.max_consecutive_failures, 1)
+        for key in ("update_timeout", "progress_timeout"):
+            check_number(f"async_loop.{key}", getattr(self, key), 0.0, low_open=True)
+        if not (self.max_server_updates or self.max_client_updates or self.time_budget):
+            raise ConfigError("async_loop needs a stop: set max_server_updates, max_client_updates or time_budget")
