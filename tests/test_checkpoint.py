@@ -172,3 +172,22 @@ def test_resume_latest_only_considers_flmnist_run_directories(tmp_path):
         with pytest.raises(ConfigError, match=f"{directory} is not a flmnist run directory"):
             find_checkpoint(str(resume), str(tmp_path))
     assert CODE_RAN == []
+
+
+def test_a_checkpoint_of_another_layout_is_refused_on_resume_saying_so(tmp_path):
+    """The run payload's "format" is checked when a run is resumed: an older layout is one clear
+    error naming the file and both layouts, not a KeyError deep in an engine."""
+    from flmnist.observers.checkpoint import PAYLOAD_FORMAT
+    from flmnist.runtime.run_setup import resume_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(OmegaConf.to_yaml(compose_config(["num_nodes=3"])))
+    save_checkpoint(run, {**payload(2), "format": PAYLOAD_FORMAT - 1})
+    cfg = compose_config([f"resume={run}"])
+    with pytest.raises(ConfigError, match=rf"{run / CHECKPOINT} holds a run checkpoint of layout "
+                                          rf"{PAYLOAD_FORMAT - 1}; this flmnist reads layout {PAYLOAD_FORMAT}"):
+        resume_config(cfg)
+    save_checkpoint(run, {**payload(2), "format": PAYLOAD_FORMAT})
+    saved, checkpoint = resume_config(cfg)
+    assert checkpoint["round"] == 2 and saved.run_dir == str(run)

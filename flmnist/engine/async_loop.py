@@ -210,8 +210,7 @@ class AsyncLoop:
     def record(self, arrays: ArrayRecord, weights: dict, evaluate: bool) -> None:
         fields = {"virtual_time": round(self.clock.now, 4) if self.clock.simulated else None,
                   **self.stats.take_row()}
-        if self.path.recorder is not None:
-            self.path.recorder.async_stats = self.stats_dict()
+        self.path.report("async", self.stats_dict())
         self.path.global_model(self.version, arrays, evaluate=evaluate, **fields)
         if evaluate and self.version > 0 and self.path.checkpoint_due(self.version):
             self.path.save_checkpoint(self.kind, self.version, weights, self.state_dict())
@@ -225,8 +224,7 @@ class AsyncLoop:
 
     def finish_stats(self) -> None:
         stats = self.stats_dict()
-        if self.path.recorder is not None:
-            self.path.recorder.async_stats = stats
+        self.path.report("async", stats)
         log(INFO, "Asynchronous loop finished:")
         for line in stats_lines(stats):
             log(INFO, "  %s", line)

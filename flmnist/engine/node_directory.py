@@ -57,7 +57,7 @@ class NodeDirectory:
         while ids and time.monotonic() < deadline:
             for reply in self.grid.pull_messages(list(ids)):
                 ids.discard(reply.metadata.reply_to_message_id)
-                out = self.path.screen.query(reply)
+                out = self.path.query_reply(reply)
                 if isinstance(out, Rejection):
                     if not out.failed:
                         self.refused[reply.metadata.src_node_id] = out.reason

@@ -30,6 +30,7 @@ from flmnist.protocol.aggregation import aggregate_evaluate_counts
 from flmnist.protocol.screen import (
     ClientUpdate,
     EvaluateReply,
+    NodeInfo,
     Rejection,
     ReplyScreen,
     Weights,
@@ -131,6 +132,10 @@ class ReplyPath:
         self.norms.extend(u.norm for u in updates)
         return refused
 
+    def query_reply(self, msg: Message) -> NodeInfo | Rejection:
+        """A node's answer to "who are you" (asynchronous discovery), screened."""
+        return self.screen.query(msg)
+
     def evaluate_replies(self, replies: Iterable[Message]) -> tuple[MetricRecord | None, list[Rejection]]:
         """Screen evaluate replies; the summed counts of the accepted ones (None if none)."""
         accepted: list[EvaluateReply] = []
@@ -162,7 +167,7 @@ class ReplyPath:
         """End of the run: the devices nodes trained on, and what the hooks have to say, go into
         the summary."""
         if self.recorder is not None and self.devices:
-            self.recorder.extra["node_devices"] = dict(sorted(self.devices.items()))
+            self.recorder.set_section("node_devices", dict(sorted(self.devices.items())))
             counts = Counter(self.devices.values())
             self.recorder.printer("Nodes trained on: " + ", ".join(f"{d} ({n} node{'s' * (n > 1)})"
                                                                    for d, n in counts.most_common()))
@@ -173,7 +178,7 @@ class ReplyPath:
                 log(WARNING, "%s could not finish: %s: %s", type(hook).__name__, type(err).__name__, err)
                 continue
             if out and self.recorder is not None:
-                self.recorder.extra[type(hook).__name__.lower()] = out
+                self.recorder.set_section(type(hook).__name__.lower(), out)
 
     # ----------------------------------------------------------- aggregates
     def aggregate(self, new: Weights | ArrayRecord | None, reference: Weights) -> Weights | None:
@@ -194,6 +199,11 @@ class ReplyPath:
         return new
 
     # ---------------------------------------------------------- global model
+    def report(self, section: str, value) -> None:
+        """An engine's section of ``summary.json`` (``async``: the asynchronous loop's statistics)."""
+        if self.recorder is not None:
+            self.recorder.set_section(section, value)
+
     def record(self, step: int, **fields) -> None:
         if self.recorder is not None and fields:
             self.recorder.add(step, **fields)
@@ -205,7 +215,7 @@ class ReplyPath:
                 fields.update(hook.evaluate_global(step, arrays) or {})
             self._stop_wishes(step, fields)
         if self.recorder is not None:
-            self.recorder.screen_stats = self.stats()
+            self.recorder.set_section("screen", self.stats())
             self.recorder.add(step, **fields)
             self.recorder.end_round(step, arrays.to_torch_state_dict() if evaluate else None, quiet=not evaluate)
         return fields
@@ -219,8 +229,8 @@ class ReplyPath:
             if reason:
                 self.stopped = (step, reason)
                 if self.recorder is not None:
-                    self.recorder.stopped_early = {"reason": reason, "step": step,
-                                                   "accuracy": fields.get("test_accuracy")}
+                    self.recorder.set_section("stopped_early", {"reason": reason, "step": step,
+                                                                "accuracy": fields.get("test_accuracy")})
                 return
 
     @property

@@ -17,6 +17,8 @@ from flmnist.core.run_files import atomic_write
 from flmnist.observers.trackers import Trackers, scalars
 
 SCALAR = (int, float, str, type(None))
+# Sections of summary.json others report (the engines, the reply path, observers), by name.
+SECTIONS = {"async": "async_stats", "screen": "screen_stats", "stopped_early": "stopped_early"}
 FINAL_LINE = "Run {status}:"  # the start of the last line a run prints (after summary.json is written)
 
 
@@ -34,10 +36,11 @@ class RunRecorder:
     """Collects each round's metrics from strategies and hooks, and writes the run directory."""
 
     def __init__(self, run_dir: Path, num_rounds: int, target_accuracy: float, printer=print,
-                 unit: str = "round", save_tensors=None) -> None:
+                 unit: str = "round", save_tensors=None, label: str = "", trackers: Trackers | None = None) -> None:
         """``save_tensors(state_dict, path)`` writes ``model_best.pt`` and ``model.pt`` (the run
         passes :func:`flmnist.ml.export.save_state_dict`); None: no model files (the flmnist
-        command's summary of a stopped run, which needs no PyTorch)."""
+        command's summary of a stopped run, which needs no PyTorch). ``label``: strategy, split and
+        model, for plot titles; ``trackers``: experiment trackers (``logger=``)."""
         self.save_tensors = save_tensors
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -47,7 +50,7 @@ class RunRecorder:
         self.rows: dict[int, dict] = {}
         self.loss_traces: dict[str, list[float]] = defaultdict(list)  # per node: every batch's loss
         self.loss_points: dict[str, list] = defaultdict(list)  # per node: [step, mean loss of that update]
-        self.label = ""  # strategy, split and model, for plot titles
+        self.label = label
         self.t0 = time.perf_counter()
         self.best_accuracy: float | None = None
         self.best_round: int | None = None
@@ -58,7 +61,16 @@ class RunRecorder:
         self.screen_stats: dict | None = None  # what the reply screen rejected, per node and reason
         self.stopped_early: dict | None = None  # stop_at_target: when and why the run ended early
         self.extra: dict = {}  # summary sections from evaluation hooks (attribution)
-        self.trackers = Trackers([])  # experiment trackers (logger=tensorboard|mlflow)
+        self.trackers = trackers if trackers is not None else Trackers([])
+
+    def set_section(self, name: str, value) -> None:
+        """Report a section of ``summary.json``: ``async`` (the asynchronous loop's statistics, also
+        ``async_stats.json``), ``screen`` (the reply screen's counters), ``stopped_early``, or any
+        other name (an observer's own section, a node table)."""
+        if name in SECTIONS:
+            setattr(self, SECTIONS[name], value)
+        else:
+            self.extra[name] = value
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
@@ -69,8 +81,11 @@ class RunRecorder:
                 "best_accuracy": self.best_accuracy,
                 "best_round": self.best_round, "elapsed": self.elapsed(), "async_stats": self.async_stats}
 
-    def restore(self, state: dict) -> None:
-        """Continue from a checkpoint: earlier rows are kept and later rounds added to them."""
+    def restore(self, state: dict, final_state: dict | None = None) -> None:
+        """Continue from a checkpoint: earlier rows are kept and later rounds added to them;
+        ``final_state`` is the checkpoint's model (the run's model until a new one is made)."""
+        if final_state is not None:
+            self.final_state = final_state
         self.rows = {int(k): v for k, v in state["rows"].items()}
         self.loss_traces = defaultdict(list, state["loss_traces"])
         self.loss_points = defaultdict(list, state.get("loss_points", {}))

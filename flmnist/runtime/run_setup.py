@@ -169,11 +169,10 @@ def build_run(grid: Grid, cfg: DictConfig) -> Run:
         proximal_mu=float(getattr(strategy, "proximal_mu", 0.0) or 0.0),
     )
     loop = AsyncLoopSettings(**cfg.async_loop) if asynchronous else None
-    recorder = RunRecorder(run_dir, steps, cfg.target_accuracy, printer=say, unit=unit, save_tensors=save_state_dict)
-    recorder.label = run_label(cfg)
-    if cfg.get("logger") is not None:
-        recorder.trackers = Trackers([build(cfg.logger, "logger")])
-        recorder.trackers.call("start", run_dir, run_dir.name, OmegaConf.to_container(cfg, resolve=True))
+    trackers = Trackers([build(cfg.logger, "logger")] if cfg.get("logger") is not None else [])
+    trackers.call("start", run_dir, run_dir.name, OmegaConf.to_container(cfg, resolve=True))
+    recorder = RunRecorder(run_dir, steps, cfg.target_accuracy, printer=say, unit=unit, save_tensors=save_state_dict,
+                           label=run_label(cfg), trackers=trackers)
     test_images, test_labels = load_mnist(str(root), False)
     context = RunContext(run_dir, test_images, test_labels, lambda: build(cfg.model, "model"), steps, asynchronous,
                          say, recorder.label)
@@ -199,6 +198,6 @@ def build_run(grid: Grid, cfg: DictConfig) -> Run:
     initial = ArrayRecord(model.state_dict())
     if checkpoint is not None:
         initial = to_record({k: np.asarray(v) for k, v in checkpoint["arrays"].items()})
-        recorder.restore(checkpoint["recorder"])
-        recorder.final_state = {k: torch.from_numpy(np.array(v)) for k, v in checkpoint["arrays"].items()}
+        recorder.restore(checkpoint["recorder"],
+                         final_state={k: torch.from_numpy(np.array(v)) for k, v in checkpoint["arrays"].items()})
     return Run(cfg, run_dir, recorder, engine, initial, checkpoint)
