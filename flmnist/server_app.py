@@ -7,7 +7,10 @@ The run config key ``overrides`` carries Hydra overrides, e.g.::
 
 from __future__ import annotations
 
+from logging import INFO
+
 from flwr.app import Context
+from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig
 
@@ -46,5 +49,8 @@ def run(grid: Grid, cfg: DictConfig) -> dict:
 def main(grid: Grid, context: Context) -> None:
     """Entry point for ``flwr run``: compose the config from the run config's overrides and run."""
     confine_torch()  # before anything here starts PyTorch threads
-    cfg = compose_config(parse_overrides(str(context.run_config.get("overrides", ""))))
+    notes: list[str] = []
+    cfg = compose_config(parse_overrides(str(context.run_config.get("overrides", ""))), notes)
+    for note in notes:
+        log(INFO, "%s", note)
     run(grid, cfg)

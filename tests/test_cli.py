@@ -31,6 +31,9 @@ def flmnist(args: list[str], cwd: Path, **env) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("args, message", [
     (["client.lr=nan"], "flmnist: error: client.lr must be a finite number > 0, got nan"),
     (["client.lrr=0.1"], "flmnist: error: unknown setting 'client.lrr'; did you mean client.lr? (client=default has: local_epochs, "),
+    (["strategy=fedavgg"], "flmnist: error: Unknown strategy 'fedavgg'. Valid options for strategy: bulyan, "),
+    (["--num_rounds=3", "--model=logreg"], ("flmnist: error: --num_rounds=3 --model=logreg: settings are Hydra "
+                                            "overrides, written without dashes: flmnist num_rounds=3 model=logreg")),
 ])
 def test_a_bad_setting_is_one_line_exit_2_and_creates_nothing(tmp_path, args, message):
     proc = flmnist(args, tmp_path)
@@ -38,6 +41,11 @@ def test_a_bad_setting_is_one_line_exit_2_and_creates_nothing(tmp_path, args, me
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr
     assert proc.stderr.startswith(message), proc.stderr
     assert list(tmp_path.iterdir()) == [], "a rejected command must create no run directory"
+
+
+def test_a_mistyped_option_gets_the_closest_one_suggested(tmp_path):
+    proc = flmnist(["strategy=fedavgg"], tmp_path)
+    assert proc.stderr.strip().endswith("; did you mean strategy=fedavg?"), proc.stderr
 
 
 def test_hydra_full_error_adds_the_traceback(tmp_path):

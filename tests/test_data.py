@@ -107,4 +107,15 @@ def test_offline_download_fails_with_one_error_that_says_how_to_place_the_files(
     assert f"MNIST is missing from {root / 'MNIST' / 'raw'} and the download failed" in error[0]
     assert all(name in error[0] for name in MNIST_FILES) and "FLMNIST_DATA_DIR" in error[0]
     assert "downloading it with torchvision" in out.stdout
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]  # no outputs/ directory
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no outputs/ directory, no empty MNIST/raw left
+
+
+def test_a_root_pointing_at_the_files_themselves_says_which_folder_to_name(tmp_path, mnist_root):
+    raw = tmp_path / "copy" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in MNIST_FILES:
+        (raw / name).symlink_to(mnist_root / "MNIST" / "raw" / name)
+    with pytest.raises(DataError, match=rf"it holds the files themselves, but flmnist looks in ROOT/MNIST/raw/; "
+                                        rf"set data.root or FLMNIST_DATA_DIR to {tmp_path / 'copy'}$"):
+        ensure_mnist(raw, download=False)
+    assert ensure_mnist(tmp_path / "copy", download=False) == raw

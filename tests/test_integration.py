@@ -27,6 +27,7 @@ pytestmark = pytest.mark.slow  # real Flower runs
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[1]
 SMALL = "num_rounds=2 client.local_steps=20 data.holdout_fraction=0.02 eval.update_rounds=[2]"
 
 
@@ -128,15 +129,18 @@ def test_flmnist_command_rejects_bad_settings_before_starting_flower(tmp_path, m
     assert "Starting local SuperLink" not in out
 
 
-def test_sweep_runs_every_job_and_writes_the_comparison_table(tmp_path, mnist_root):
-    """`flmnist -m strategy=fedavg,fedprox`: two real runs, one comparison table of both."""
+def test_the_readmes_sweep_runs_every_job_and_writes_the_comparison_table(tmp_path, mnist_root):
+    """The README's sweep line exactly as a user types it (no hydra.* settings): two real runs,
+    one comparison table of both, under multirun/DATE/TIME_sweep/ in the working directory."""
+    line = next(ln.strip() for ln in (ROOT / "README.md").read_text().splitlines()
+                if ln.strip().startswith("flmnist -m strategy=fedavg,fedprox"))
+    cmd = [str(BIN / "flmnist"), *line.split("#")[0].split()[1:]]
+    assert cmd[1:] == ["-m", "strategy=fedavg,fedprox", "model=logreg", "num_rounds=1"]
     env = dict(os.environ, FLMNIST_DATA_DIR=str(mnist_root))
-    sweep = tmp_path / "sweep"
-    cmd = [str(BIN / "flmnist"), "-m", "strategy=fedavg,fedprox", "model=logreg", "num_rounds=1",
-           "client.local_steps=10", "data.holdout_fraction=0.02", f"hydra.sweep.dir={sweep}"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path, check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
+    [sweep] = (tmp_path / "multirun").glob("*/*_sweep")
     jobs = list(csv.DictReader(io.StringIO((sweep / "comparison.csv").read_text())))
     assert len(jobs) == 2, jobs
     assert "strategy=fedavg" in jobs[0]["overrides"] and "strategy=fedprox" in jobs[1]["overrides"]

@@ -164,3 +164,33 @@ def test_resume_errors_name_the_path(tmp_path):
         find_checkpoint(str(tmp_path), "outputs")
     with pytest.raises(ConfigError, match="resume=latest: no checkpoint.pt under"):
         find_checkpoint("latest", str(tmp_path))
+
+
+def test_a_finished_run_is_extended_by_the_readmes_command_and_other_overrides_are_refused(tmp_path, mnist_root):
+    """`flmnist resume=DIR num_rounds=N` (the README's line) continues a finished 1-round run to 2
+    rounds in the same directory; `strategy=fedprox` beside resume= is one line, exit 2, nothing run."""
+    import os
+    import sys
+
+    flmnist = [str(Path(sys.executable).parent / "flmnist")]
+    env = dict(os.environ, FLMNIST_DATA_DIR=str(mnist_root))
+
+    def run(*args):
+        return subprocess.run([*flmnist, *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=600, check=False)
+
+    first = run("model=logreg", "num_rounds=1")
+    assert first.returncode == 0, first.stderr[-2000:]
+    [run_dir] = (tmp_path / "outputs").glob("*/*")
+    finished = run(f"resume={run_dir}")
+    assert finished.returncode == 2 and (f"resume: {run_dir} finished all its 1 rounds; to train on, extend it: "
+                                         f"flmnist resume={run_dir} num_rounds=2") in finished.stderr
+    refused = run(f"resume={run_dir}", "strategy=fedprox")
+    assert refused.returncode == 2 and "resume: strategy=fedprox would change the run being resumed" in refused.stderr
+    extended = run(f"resume={run_dir}", "num_rounds=2")
+    assert extended.returncode == 0, extended.stderr[-2000:]
+    assert f"flmnist: extending {run_dir} to 2 rounds" in extended.stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["rounds_completed"] == 2
+    assert [r["round"] for r in json.loads((run_dir / "metrics.json").read_text())] == [0, 1, 2]
+    assert sorted(p.name for p in (tmp_path / "outputs").glob("*/*")) == [run_dir.name]  # no new directory

@@ -7,6 +7,7 @@ its command line, and clients receive what they need inside each message.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import shlex
@@ -15,7 +16,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from flmnist.config.validate import validate
+from flmnist.config.validate import drop_rounds_past_the_end, validate
 from flmnist.core.build import one_line
 from flmnist.core.errors import ConfigError
 
@@ -71,29 +72,29 @@ def parse_overrides(text: str) -> list[str]:
         raise ConfigError(f"run config 'overrides' cannot be parsed ({err}): {text!r}") from err
 
 
-def _override_key(item: str) -> str:
+def override_key(item: str) -> str:
     return item.lstrip("+~").partition("=")[0].removeprefix("override ").strip()
 
 
 def check_group_overrides(overrides: list[str]) -> None:
     """Fail early, listing the valid options, when an override names an unknown group option."""
     for item in overrides:
-        key, (_, sep, value) = _override_key(item), item.partition("=")
+        key, (_, sep, value) = override_key(item), item.partition("=")
         if not sep or key not in GROUPS or value in ("null", ""):
             continue
         for choice in value.split(","):  # a multirun sweep lists several
             if choice not in group_options(key):
+                close = difflib.get_close_matches(choice, group_options(key), n=1, cutoff=0.6)
+                hint = f"; did you mean {key}={close[0]}?" if close else ""
                 raise ConfigError(
                     f"Unknown {key} '{choice}'. Valid options for {key}: "
-                    f"{', '.join(group_options(key))}"
+                    f"{', '.join(group_options(key))}{hint}"
                 )
 
 
 def _unknown_key(overrides: list[str], key: str) -> str | None:
     """For ``Could not override 'key'``: the closest valid keys, or the group option to choose."""
-    import difflib
-
-    groups = [o for o in overrides if _override_key(o) in GROUPS]
+    groups = [o for o in overrides if override_key(o) in GROUPS]
     try:
         with initialize_config_dir(version_base="1.3", config_dir=str(conf_dir()), job_name="flmnist"):
             base = compose(config_name="config", overrides=groups, return_hydra_config=True)
@@ -132,17 +133,18 @@ def _check_additions(overrides: list[str]) -> None:
     for item in overrides:
         if not item.startswith("+"):
             continue
-        key = _override_key(item)
+        key = override_key(item)
         if key in GROUPS or key.startswith(EXTENSIBLE):
             continue
         message = _unknown_key([o for o in overrides if o != item], key) or f"unknown setting '{key}'"
         raise ConfigError(f"{item}: flmnist would ignore a new key here; {message}")
 
 
-def compose_config(overrides: list[str] | None = None) -> DictConfig:
+def compose_config(overrides: list[str] | None = None, notes: list[str] | None = None) -> DictConfig:
     """Compose ``conf/config.yaml`` with ``overrides``, resolve it and check it.
 
     Every failure is a ConfigError with a one-line message naming the override or setting.
+    ``notes`` receives what was adjusted (evaluation rounds past a shortened run's end, dropped).
     """
     overrides = list(overrides or [])
     check_group_overrides(overrides)
@@ -157,6 +159,9 @@ def compose_config(overrides: list[str] | None = None) -> DictConfig:
     name = run_name(cfg, cfg.hydra.runtime.choices)
     cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
     cfg.name = name
+    dropped = drop_rounds_past_the_end(cfg)  # before resolving: observers.digits takes eval.* from here
+    if notes is not None:
+        notes.extend(dropped)
     try:
         OmegaConf.resolve(cfg)
     except Exception as err:  # an interpolation naming a missing key, or a cycle

@@ -148,6 +148,32 @@ def _rounds(cfg: DictConfig, key: str, last: int | None) -> None:
             raise ConfigError(f"{key} lists {r!r}, outside {allowed}")
 
 
+def drop_rounds_past_the_end(cfg: DictConfig) -> list[str]:
+    """A shortened run (``experiment=seed002 num_rounds=5``): the rounds ``eval.rounds`` (and, under a
+    synchronous strategy, ``eval.update_rounds``) list past ``num_rounds`` are dropped; returns one
+    line for each list shortened. The last round is evaluated anyway."""
+    last = OmegaConf.select(cfg, "num_rounds")
+    if isinstance(last, bool) or not isinstance(last, int) or last < 1:
+        return []  # validate() names the bad num_rounds
+    keys = ["eval.rounds"]
+    try:
+        if not issubclass(get_class(cfg.strategy._target_), AsyncStrategy):
+            keys.append("eval.update_rounds")
+    except Exception:  # noqa: BLE001 - a bad _target_ is reported when the strategy is built
+        keys.append("eval.update_rounds")
+    notes = []
+    for key in keys:
+        values = OmegaConf.select(cfg, key)
+        if not isinstance(values, ListConfig):
+            continue
+        late = [r for r in values if isinstance(r, int) and not isinstance(r, bool) and r > last]
+        if late:
+            OmegaConf.update(cfg, key, [r for r in values if r not in late], merge=False)
+            notes.append(f"{key} lists {', '.join(map(str, late))} past num_rounds={last}: dropped "
+                         "(the last round is always evaluated)")
+    return notes
+
+
 def run_length(cfg: DictConfig) -> tuple[str, int]:
     """A run's step ("round"; "update" under an asynchronous strategy) and how many it is to take."""
     if issubclass(get_class(cfg.strategy._target_), AsyncStrategy):

@@ -14,6 +14,7 @@ from flmnist.core.errors import ConfigError
 
 CHECKPOINT = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"
+CHECKPOINT_INFO = "checkpoint.json"  # the checkpoint's kind and step, readable without PyTorch
 
 
 def atomic_write(path: Path, text: str) -> None:

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter, deque
 from collections.abc import Iterable, Sequence
@@ -21,6 +22,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 
 from flmnist.core.arrays import to_weights
+from flmnist.core.run_files import CHECKPOINT_INFO, atomic_write
 from flmnist.observers.base import Observer
 from flmnist.observers.checkpoint import PAYLOAD_FORMAT, rng_state, save_checkpoint
 from flmnist.observers.recorder import RunRecorder
@@ -260,6 +262,7 @@ class ReplyPath:
             "recorder": self.recorder.state(),
             "rng": rng_state(),
         })
+        atomic_write(self.recorder.run_dir / CHECKPOINT_INFO, json.dumps({"kind": kind, "round": step}))
 
     # --------------------------------------------------------------- state
     def stats(self) -> dict:

@@ -35,11 +35,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from flmnist.config.compose import check_group_overrides, compose_config, conf_dir
 from flmnist.config.help import help_text, version_text
-from flmnist.config.validate import run_length, validate
+from flmnist.config.validate import drop_rounds_past_the_end, run_length, validate
 from flmnist.core.errors import ConfigError, FlmnistError, RunFailed
-from flmnist.core.run_files import CHECKPOINT, find_checkpoint
+from flmnist.core.run_files import CHECKPOINT, atomic_write, find_checkpoint
 from flmnist.launch.backend import client_gpus, simulation_backend
 from flmnist.launch.flwr_local import run_flwr
+from flmnist.launch.resume import resumed_config
 from flmnist.ml.mnist_files import ensure_mnist, resolve_root
 from flmnist.observers.recorder import FINAL_LINE, summarize_stopped
 
@@ -49,6 +50,7 @@ COLUMNS = ["job", "overrides", "status", "final_accuracy", "best_accuracy", "rou
 EXIT_FAILED = 1  # a run did not finish
 EXIT_ERROR = 2  # a bad setting or input: nothing ran
 MULTIRUN = ("-m", "--multirun")
+_resumed: dict[Path, DictConfig] = {}  # run directory -> the config its resume runs with (maybe extended)
 _failed_jobs: list[str] = []  # sweep jobs that did not finish (the sweep goes on, then exits 1)
 
 
@@ -149,13 +151,19 @@ BACKEND_NOTES = {
 def launch(cfg: DictConfig) -> dict:
     """Run one federated training for the composed ``cfg``; return its summary (RunFailed if
     it did not finish). A resume runs in the directory of the run it continues."""
+    drop_rounds_past_the_end(cfg)  # said once, before Hydra started (hydra_arguments)
     validate(cfg)
     hc = HydraConfig.get()
     run_cfg, overrides = cfg, list(hc.overrides.task)
     if cfg.resume:
         checkpoint = find_checkpoint(str(cfg.resume), cfg.output_dir)
         run_dir = checkpoint.parent
-        run_cfg = saved_config(run_dir)
+        saved = saved_config(run_dir)
+        run_cfg = _resumed.get(run_dir, saved)  # worked out before Hydra started (hydra_arguments)
+        if run_cfg != saved:  # extended: the run's config says how long it now is
+            atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(run_cfg))
+            unit, steps = run_length(run_cfg)
+            print(f"flmnist: extending {run_dir} to {steps} {unit}s", flush=True)
         overrides = [o for o in overrides if not o.startswith("resume=")] + [f"resume={quoted(checkpoint)}"]
     else:
         run_dir = Path(hc.runtime.output_dir).resolve()
@@ -291,12 +299,17 @@ def hydra_arguments(args: list[str]) -> list[str]:
                 raise ConfigError("resume continues one run: drop -m/--multirun")
             ensure_mnist(resolve_root(cfg.data.root), cfg.data.download)
         return args
-    cfg = compose_config(overrides)
+    notes: list[str] = []
+    cfg = compose_config(overrides, notes)
+    for note in notes:
+        print(f"flmnist: note: {note}", flush=True)
     if not cfg.resume:
         ensure_mnist(resolve_root(cfg.data.root), cfg.data.download)  # (downloads it if allowed)
         return args
     checkpoint = find_checkpoint(str(cfg.resume), cfg.output_dir)  # resume=latest says which it picked
-    saved_config(checkpoint.parent)
+    _resumed[checkpoint.parent] = resumed_config(  # refuses what would change the run
+        [o for o in overrides if not o.lstrip("+").startswith("resume=")], saved_config(checkpoint.parent),
+        checkpoint.parent)
     args = [a for a in args if not a.lstrip("+").startswith("resume=")]
     return [*args, f"resume={quoted(checkpoint)}", f"hydra.run.dir={quoted(checkpoint.parent)}",
             "hydra.output_subdir=null"]
@@ -323,6 +336,12 @@ def main() -> None:
         return
     if "--hydra-help" in args:  # Hydra's own help, for --cfg, --info, --multirun ...
         sys.argv = [sys.argv[0], *("--help" if a == "--hydra-help" else a for a in args)]
+    dashed = [a for a in args if a.startswith("--") and "=" in a and not a.startswith(("--config", "--cfg"))]
+    if dashed:  # argparse's usage says nothing useful about this
+        plain = " ".join(a.lstrip("-") for a in dashed)
+        print(f"flmnist: error: {' '.join(dashed)}: settings are Hydra overrides, written without dashes: "
+              f"flmnist {plain}", file=sys.stderr)
+        raise SystemExit(EXIT_ERROR)
     try:
         if not any(a.startswith("-") and a not in MULTIRUN for a in args):
             # Not --help, --cfg, --info ...: compose and check first.

@@ -68,12 +68,21 @@ def ensure_mnist(root: Path, download: bool | str = "auto") -> Path:
     place = (f"Put the four files {', '.join(MNIST_FILES)} (uncompressed; from a copy of torchvision's "
              f"MNIST/raw/ folder or the .gz files of the MNIST site, gunzipped) into {folder}, or set "
              "data.root or FLMNIST_DATA_DIR to a folder holding MNIST/raw/.")
+    if missing and any((root / name).is_file() for name in MNIST_FILES):  # the files' own folder was named
+        parent = root.parent.parent if root.name == "raw" and root.parent.name == "MNIST" else None
+        raise DataError(f"MNIST not found under {root}: it holds the files themselves, but flmnist looks in "
+                        f"ROOT/MNIST/raw/; set data.root or FLMNIST_DATA_DIR to "
+                        f"{parent if parent is not None else 'a folder holding MNIST/raw/'}")
     if missing and download not in (False, "false"):
+        created = [d for d in (root, root / "MNIST", folder) if not d.exists()]
         print(f"flmnist: MNIST is missing from {folder}: downloading it with torchvision", flush=True)
         # In a child process: torchvision's import (and PyTorch's) stays out of the flmnist command.
         child = subprocess.run([sys.executable, "-m", "flmnist.ml.download", str(root)], stdout=None,
                                stderr=subprocess.PIPE, text=True, check=False)
         if child.returncode != 0:
+            for d in reversed(created):  # leave nothing behind: the folders the download made, if still empty
+                if d.is_dir() and not any(d.iterdir()):
+                    d.rmdir()
             lines = child.stderr.strip().splitlines() or ["no message"]
             reason = " ".join(lines[-1].removeprefix(FAILED).split())[:300]
             raise DataError(f"MNIST is missing from {folder} and the download failed ({reason}). {place}")

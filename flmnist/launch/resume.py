@@ -1,0 +1,97 @@
+"""``flmnist resume=DIR``: continue a run from its checkpoint, or extend a finished or stopped one.
+
+A resume runs with the run's own config (its ``config.yaml``). Beside ``resume=`` a command may
+give only:
+
+- the run's length, to extend it: ``num_rounds`` (synchronous strategies) or
+  ``async_loop.max_server_updates`` / ``max_client_updates`` / ``time_budget`` (asynchronous);
+- where it runs: ``simulation.*``, ``data.root``, ``data.download``.
+
+Any other override that would change the run is refused in one line naming it: a changed
+strategy, split or model is a new run. Overrides equal to the run's own values pass.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from flmnist.config.compose import GROUPS, compose_config, conf_dir, override_key
+from flmnist.config.validate import run_length
+from flmnist.core.errors import ConfigError
+from flmnist.core.run_files import CHECKPOINT_INFO
+
+LENGTH = {"round": ("num_rounds",),
+          "update": ("async_loop.max_server_updates", "async_loop.max_client_updates", "async_loop.time_budget")}
+WHERE = ("simulation.", "data.root", "data.download", "output_dir", "resume", "run_dir", "hydra.")
+
+
+def steps_done(run_dir: Path) -> int:
+    """The step of the run's checkpoint (``checkpoint.json``), else the last step in its metrics."""
+    try:
+        return int(json.loads((run_dir / CHECKPOINT_INFO).read_text())["round"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    try:
+        return max((int(r.get("round", 0)) for r in json.loads((run_dir / "metrics.json").read_text())), default=0)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0
+
+
+def _finished(run_dir: Path) -> bool:
+    try:
+        return json.loads((run_dir / "summary.json").read_text()).get("status") == "finished"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _same_option(group: str, option: str, cfg: DictConfig, saved: DictConfig) -> bool:
+    """Whether ``group=option`` gives the run's own choice: the same class and the same values of
+    the option's own settings (not those it takes from shared sections, like sampling.*)."""
+    own = OmegaConf.load(conf_dir() / group / f"{option}.yaml") or {}
+    keys = [k for k in own if k != "defaults"]
+    mine, theirs = cfg.get(group) or {}, saved.get(group) or {}
+    return all(mine.get(k) == theirs.get(k) for k in keys)
+
+
+def resumed_config(overrides: list[str], saved: DictConfig, run_dir: Path) -> DictConfig:
+    """The config a resume of ``run_dir`` runs with: ``saved`` (its config.yaml), extended by a
+    longer length given in ``overrides``; ConfigError for an override that would change the run,
+    for a length that would not extend it, and for a finished run given no new length."""
+    unit, _ = run_length(saved)
+    given = [o for o in overrides if not override_key(o).startswith(WHERE)]
+    cfg = compose_config(given) if given else None
+    out = saved.copy()
+    extended = None
+    for item in given:
+        key = override_key(item)
+        if key == "experiment":
+            same = item.partition("=")[2] == saved.get("name")
+        elif key in GROUPS:
+            same = _same_option(key, item.partition("=")[2], cfg, saved)
+        else:
+            same = OmegaConf.select(cfg, key) == OmegaConf.select(saved, key)
+        if same:
+            continue
+        if key in LENGTH[unit]:
+            done, new = steps_done(run_dir), OmegaConf.select(cfg, key)
+            if key != "async_loop.time_budget" and new is not None and new <= done:
+                raise ConfigError(f"resume: {item} would not extend the run: it has done {done} {unit}s "
+                                  f"(give more than {done})")
+            OmegaConf.update(out, key, new)
+            extended = key
+            continue
+        what = "a setting of the run" if key not in GROUPS else f"its {key}"
+        length = " or ".join(LENGTH[unit])
+        raise ConfigError(f"resume: {item} would change the run being resumed ({what}: "
+                          f"{OmegaConf.select(saved, key) if key not in GROUPS else saved[key].get('_target_')}); "
+                          f"a changed strategy, split, model or setting is a new run: start it without resume=, "
+                          f"or give only {length} to extend this one")
+    length_key = LENGTH[unit][0]
+    if extended is None and _finished(run_dir) and steps_done(run_dir) >= (OmegaConf.select(saved, length_key) or 0):
+        done = steps_done(run_dir)
+        raise ConfigError(f"resume: {run_dir} finished all its {done} {unit}s; to train on, extend it: "
+                          f"flmnist resume={run_dir} {length_key}={2 * done}")
+    return out

@@ -1,0 +1,72 @@
+"""`flmnist resume=DIR` beside other overrides: a longer run length extends the run; anything
+that would change the run is refused in one line naming it; a finished run given no new length
+says how to extend it (launch/resume.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from omegaconf import OmegaConf
+
+from flmnist.config.compose import compose_config
+from flmnist.core.errors import ConfigError
+from flmnist.core.run_files import CHECKPOINT_INFO
+from flmnist.launch.resume import resumed_config
+
+
+def finished_run(tmp_path, overrides, done=2, status="finished"):
+    run = tmp_path / "run"
+    run.mkdir()
+    saved = compose_config(overrides)
+    (run / "config.yaml").write_text(OmegaConf.to_yaml(saved))
+    (run / "summary.json").write_text(json.dumps({"status": status}))
+    (run / CHECKPOINT_INFO).write_text(json.dumps({"kind": "sync", "round": done}))
+    return run, saved
+
+
+def test_num_rounds_extends_a_finished_run_and_nothing_else_changes(tmp_path):
+    run, saved = finished_run(tmp_path, ["model=logreg", "num_rounds=2", "strategy=fedprox"])
+    out = resumed_config(["num_rounds=4", "model=logreg", "strategy=fedprox", "simulation.backend=ray"], saved, run)
+    assert out.num_rounds == 4
+    assert OmegaConf.to_container(out) == {**OmegaConf.to_container(saved), "num_rounds": 4}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("strategy=fedavg", (r"resume: strategy=fedavg would change the run being resumed \(its strategy: "
+                         r"flwr.serverapp.strategy.FedProx\); a changed strategy, split, model or setting is a new "
+                         r"run: start it without resume=, or give only num_rounds to extend this one")),
+    ("model=lenet", r"resume: model=lenet would change the run being resumed"),
+    ("client.lr=0.5", r"resume: client.lr=0.5 would change the run being resumed \(a setting of the run: 0.05\)"),
+])
+def test_an_override_that_would_change_the_run_is_refused_naming_it(tmp_path, override, message):
+    run, saved = finished_run(tmp_path, ["model=logreg", "num_rounds=2", "strategy=fedprox"])
+    with pytest.raises(ConfigError, match=message):
+        resumed_config([override], saved, run)
+
+
+def test_a_length_at_or_below_the_steps_done_is_refused(tmp_path):
+    run, saved = finished_run(tmp_path, ["model=logreg", "num_rounds=5"], done=3, status="failed")
+    with pytest.raises(ConfigError, match=r"resume: num_rounds=3 would not extend the run: it has done 3 rounds "
+                                          r"\(give more than 3\)"):
+        resumed_config(["num_rounds=3"], saved, run)
+    assert resumed_config(["num_rounds=4"], saved, run).num_rounds == 4
+
+
+def test_a_finished_run_without_a_new_length_says_how_to_extend_it(tmp_path):
+    run, saved = finished_run(tmp_path, ["model=logreg", "num_rounds=2"])
+    with pytest.raises(ConfigError, match=rf"resume: {run} finished all its 2 rounds; to train on, extend it: "
+                                          rf"flmnist resume={run} num_rounds=4"):
+        resumed_config([], saved, run)
+
+
+def test_a_stopped_run_resumes_with_its_own_config(tmp_path):
+    run, saved = finished_run(tmp_path, ["model=logreg", "num_rounds=5"], done=2, status="failed")
+    assert resumed_config([], saved, run) == saved
+
+
+def test_an_asynchronous_run_is_extended_by_its_server_updates(tmp_path):
+    run, saved = finished_run(tmp_path, ["strategy=fedasync", "async_loop.max_server_updates=20"], done=20)
+    assert resumed_config(["async_loop.max_server_updates=40"], saved, run).async_loop.max_server_updates == 40
+    with pytest.raises(ConfigError, match="async_loop.max_server_updates=40"):
+        resumed_config([], saved, run)
