@@ -59,9 +59,9 @@ def fault_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> M
     if reply.has_error() or not reply.has_content():
         return reply
     config = msg.content[p.CONFIG]
-    settings = p.TrainSettings.from_record(config)
-    if not settings.fault:
+    if not config.get(p.FAULT):  # an honest node: no need to read the settings again
         return reply
+    settings = p.TrainSettings.from_record(config)
     content = reply.content
     category = msg.metadata.message_type.split(".")[0]
     if category == MessageType.TRAIN:

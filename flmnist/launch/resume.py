@@ -65,6 +65,7 @@ def resumed_config(overrides: list[str], saved: DictConfig, run_dir: Path) -> Di
     cfg = compose_config(given) if given else None
     out = saved.copy()
     extended = None
+    done = steps_done(run_dir)
     for item in given:
         key = override_key(item)
         if key == "experiment":
@@ -76,7 +77,7 @@ def resumed_config(overrides: list[str], saved: DictConfig, run_dir: Path) -> Di
         if same:
             continue
         if key in LENGTH[unit]:
-            done, new = steps_done(run_dir), OmegaConf.select(cfg, key)
+            new = OmegaConf.select(cfg, key)
             if key != "async_loop.time_budget" and new is not None and new <= done:
                 raise ConfigError(f"resume: {item} would not extend the run: it has done {done} {unit}s "
                                   f"(give more than {done})")
@@ -90,8 +91,7 @@ def resumed_config(overrides: list[str], saved: DictConfig, run_dir: Path) -> Di
                           f"a changed strategy, split, model or setting is a new run: start it without resume=, "
                           f"or give only {length} to extend this one")
     length_key = LENGTH[unit][0]
-    if extended is None and _finished(run_dir) and steps_done(run_dir) >= (OmegaConf.select(saved, length_key) or 0):
-        done = steps_done(run_dir)
+    if extended is None and _finished(run_dir) and done >= (OmegaConf.select(saved, length_key) or 0):
         raise ConfigError(f"resume: {run_dir} finished all its {done} {unit}s; to train on, extend it: "
                           f"flmnist resume={run_dir} {length_key}={2 * done}")
     return out

@@ -13,7 +13,18 @@ from torch import nn
 from flmnist.core.errors import ConfigError
 
 
-class LeNet(nn.Module):
+class TwoConvNet(nn.Module):
+    """Two conv + pool stages, then two fully connected layers, log-softmax out: the forward
+    pass both CNNs share (subclasses make ``conv1``, ``conv2``, ``fc1``, ``fc2``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = F.relu(self.fc1(x.flatten(1)))
+        return F.log_softmax(self.fc2(x), dim=1)
+
+
+class LeNet(TwoConvNet):
     """The seeds' CNN: conv 1->20 5x5, pool, conv 20->50 5x5, pool, fc 800->500, fc 500->10.
 
     431,080 parameters. Returns log-probabilities (log-softmax), as in the seeds.
@@ -26,14 +37,8 @@ class LeNet(nn.Module):
         self.fc1 = nn.Linear(4 * 4 * 50, 500)
         self.fc2 = nn.Linear(500, num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        x = F.relu(self.fc1(x.flatten(1)))
-        return F.log_softmax(self.fc2(x), dim=1)
 
-
-class CNNMcMahan(nn.Module):
+class CNNMcMahan(TwoConvNet):
     """McMahan et al. (2017) CNN: conv 5x5 32 "same", pool, conv 5x5 64 "same", pool, fc 512.
 
     1,663,370 parameters.
@@ -45,12 +50,6 @@ class CNNMcMahan(nn.Module):
         self.conv2 = nn.Conv2d(32, 64, 5, padding=2)
         self.fc1 = nn.Linear(7 * 7 * 64, 512)
         self.fc2 = nn.Linear(512, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        x = F.relu(self.fc1(x.flatten(1)))
-        return F.log_softmax(self.fc2(x), dim=1)
 
 
 class MLP(nn.Module):

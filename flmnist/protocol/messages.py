@@ -56,6 +56,7 @@ SERVER_ROUND = "server-round"
 SERVER_VERSION = "server-version"
 PROXIMAL_MU = "proximal-mu"
 REPLY_DELTA = "reply-delta"
+FAULT = "fault"                        # client.fault: the misbehaviour the fault mod commits ("" none)
 
 
 def correct_key(digit: int) -> str:
@@ -198,7 +199,7 @@ class TrainSettings:
                 "eval-batch-size": self.eval_batch_size,
                 PROXIMAL_MU: float(self.proximal_mu),
                 REPLY_DELTA: bool(self.reply_delta),
-                "fault": self.fault,
+                FAULT: self.fault,
                 "fault-nodes": [int(n) for n in self.fault_nodes],
             }
         )
@@ -227,7 +228,7 @@ class TrainSettings:
                 eval_batch_size=int(record["eval-batch-size"]),
                 proximal_mu=float(record.get(PROXIMAL_MU, 0.0)),
                 reply_delta=bool(record.get(REPLY_DELTA, False)),
-                fault=str(record.get("fault", "")),
+                fault=str(record.get(FAULT, "")),
                 fault_nodes=tuple(int(n) for n in record.get("fault-nodes", [])),
             )
         except (KeyError, TypeError, ValueError) as err:
