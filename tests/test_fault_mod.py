@@ -57,14 +57,16 @@ def node_context(partition: int) -> Context:
 @pytest.fixture
 def ask(app, initial, mnist_root, task_identity):
     """``ask(kind, partition, server_round, fault=..., **settings)``: the ClientApp's reply to a
-    real message of ``kind`` for node ``partition``, and the message it answered."""
+    real message of ``kind`` for node ``partition``, and the message it answered (``settings``
+    may override the defaults below, e.g. ``num_partitions`` and ``fault_nodes``)."""
 
     def ask(kind: str, partition: int, server_round: int = 1, **settings) -> tuple[Message, ...]:
-        sent = p.TrainSettings(model={"_target_": "flmnist.ml.models.LogReg"},
-                               partition={"_target_": "flmnist.ml.partition.IidPartition"},
-                               num_partitions=3, seed=0, holdout_fraction=0.1,
-                               data_root=str(mnist_root), local_steps=2, batch_size=16, lr=0.1,
-                               fault_nodes=(BAD,), **settings)
+        defaults = {"model": {"_target_": "flmnist.ml.models.LogReg"},
+                    "partition": {"_target_": "flmnist.ml.partition.IidPartition"},
+                    "num_partitions": 3, "seed": 0, "holdout_fraction": 0.1,
+                    "data_root": str(mnist_root), "local_steps": 2, "batch_size": 16, "lr": 0.1,
+                    "fault_nodes": (BAD,)}
+        sent = p.TrainSettings(**{**defaults, **settings})
         content = RecordDict({p.CONFIG: sent.to_record(**{p.SERVER_ROUND: server_round})})
         if kind != QUERY:
             content[p.ARRAYS] = ArrayRecord(initial)
@@ -98,7 +100,8 @@ def honest(ask, kind: str, partition: int = BAD, server_round: int = 1, **settin
 
 # ------------------------------------------------------------------ nodes not listed: untouched
 @pytest.mark.parametrize("kind", [TRAIN, EVALUATE, QUERY])
-@pytest.mark.parametrize("fault", ["bad-node-info", "rotate", "error", "sign-flip", "eval-list"])
+@pytest.mark.parametrize("fault", ["bad-node-info", "rotate", "error", "sign-flip", "eval-list",
+                                   "replace", "impersonate"])
 def test_a_node_not_listed_replies_exactly_as_without_faults(ask, kind, fault):
     for partition in (0, 2):
         reply, _ = ask(kind, partition, fault=fault)
@@ -187,13 +190,86 @@ def test_evaluate_modes_do_what_their_names_say_and_rotate_goes_round(ask):
 
 
 # ------------------------------------------------------------------------- the fault node: query
-def test_only_bad_node_info_corrupts_a_query_reply(ask):
+def test_only_bad_node_info_and_impersonate_corrupt_a_query_reply(ask):
     info = ask(QUERY, BAD, fault="bad-node-info")[0].content[p.NODE_INFO]
     assert dict(info) == {p.PARTITION_ID: "seven", p.TRAIN_EXAMPLES: [1, 2]}
     clean = snapshot(honest(ask, QUERY).content)
     assert clean[p.NODE_INFO][p.PARTITION_ID] == BAD
-    for fault in ("rotate", "error", "nan", "eval-list"):  # the node stays discoverable
+    for fault in ("rotate", "error", "nan", "eval-list", "replace"):  # the node stays discoverable
         assert snapshot(ask(QUERY, BAD, fault=fault)[0].content) == clean, fault
+
+
+# ------------------------------------------------ the fault node: replacement and impersonation
+def test_hostile_modes_are_valid_settings_but_never_part_of_rotate():
+    assert set(faults.HOSTILE_ATTACKS) == {"replace", "impersonate"} <= faults.FAULTS
+    assert not set(faults.HOSTILE_ATTACKS) & {*faults.TRAIN_ATTACKS, *faults.EVALUATE_ATTACKS}
+
+
+def test_replace_sends_minus_five_times_the_trained_weights_and_nothing_else_changes(ask):
+    for reply_delta in (False, True):  # with reply_delta the reply (the update) times -5
+        expected = honest(ask, TRAIN, reply_delta=reply_delta).content
+        reply = ask(TRAIN, BAD, fault="replace", reply_delta=reply_delta)[0].content
+        got, trained = weights(reply), weights(expected)
+        assert set(got) == set(trained)
+        for k, v in trained.items():
+            assert got[k].dtype == v.dtype and got[k].shape == v.shape
+            np.testing.assert_allclose(got[k], -5 * v, rtol=1e-6, atol=1e-7)
+        assert {k: r for k, r in snapshot(reply).items() if k != p.ARRAYS} == \
+            {k: r for k, r in snapshot(expected).items() if k != p.ARRAYS}
+    for kind in (EVALUATE, QUERY):  # a train-only attack
+        assert snapshot(ask(kind, BAD, fault="replace")[0].content) == snapshot(honest(ask, kind).content)
+
+
+def impersonation(ask, partition: int, num_partitions: int, victim: int) -> None:
+    """Node ``partition`` (the only fault node) under ``impersonate`` claims to be ``victim`` in
+    its train, evaluate and query replies; everything else is its honest reply (train weights x -5)."""
+    settings = {"num_partitions": num_partitions, "fault_nodes": (partition,)}
+    name = p.simulated_node_name(victim)
+    for kind in (TRAIN, EVALUATE, QUERY):
+        reply = ask(kind, partition, fault="impersonate", **settings)[0].content
+        clean = honest(ask, kind, partition, **settings).content
+        assert clean[p.NODE_INFO][p.NODE_NAME] == p.simulated_node_name(partition)
+        assert reply[p.NODE_INFO][p.NODE_NAME] == name, kind
+        expected = snapshot(clean)
+        expected[p.NODE_INFO][p.NODE_NAME] = name
+        if kind == QUERY:
+            assert reply[p.NODE_INFO][p.PARTITION_ID] == victim
+            expected[p.NODE_INFO][p.PARTITION_ID] = victim
+        else:
+            assert reply[p.METRICS][p.PARTITION_ID] == victim, kind
+            expected[p.METRICS][p.PARTITION_ID] = victim  # num-examples and counts: its own
+        if kind == TRAIN:
+            got, trained = weights(reply), weights(clean)
+            for k, v in trained.items():
+                np.testing.assert_allclose(got[k], -5 * v, rtol=1e-6, atol=1e-7)
+            expected.pop(p.ARRAYS)
+            assert {k: r for k, r in snapshot(reply).items() if k != p.ARRAYS} == expected
+        else:
+            assert snapshot(reply) == expected, kind
+
+
+def test_impersonate_claims_the_next_nodes_identity_in_every_reply(ask):
+    impersonation(ask, 0, num_partitions=4, victim=1)
+
+
+def test_impersonate_on_the_last_partition_wraps_round_to_node_0(ask):
+    impersonation(ask, 3, num_partitions=4, victim=0)
+
+
+def test_under_impersonate_the_honest_nodes_stay_honest(ask):
+    settings = {"num_partitions": 4, "fault_nodes": (0,)}
+    for kind in (TRAIN, EVALUATE, QUERY):
+        for partition in (1, 3):
+            reply = ask(kind, partition, fault="impersonate", **settings)[0].content
+            clean = honest(ask, kind, partition, **settings).content
+            assert snapshot(reply) == snapshot(clean), (kind, partition)
+            assert reply[p.NODE_INFO][p.NODE_NAME] == p.simulated_node_name(partition)
+
+
+def test_impersonate_without_a_victim_is_a_programming_error(ask):
+    content = honest(ask, EVALUATE).content
+    with pytest.raises(ValueError, match="impersonate"):
+        faults.corrupt_evaluate("impersonate", content)
 
 
 # --------------------------------------------------------------------------------------- errors

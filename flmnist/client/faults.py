@@ -24,8 +24,16 @@ the server must survive:
   the wrong type or size.
 - ``bad-node-info``: a malformed ``node-info`` record (train, evaluate and query replies).
 - ``eval-list``, ``eval-missing``, ``eval-inconsistent``: malformed evaluation counts.
+- ``replace``: model replacement, a well-formed reply whose weights are the trained model
+  times -5 (with ``reply_delta`` the reply is the update itself, so it is the update times
+  -5, the same as ``sign-flip`` there).
+- ``impersonate``: ``replace``'s weights, and every reply (train, evaluate and query, so from
+  discovery on) claims the identity of the next partition, ``(partition + 1) % num_partitions``
+  (:func:`victim_of`): ``node-info``'s ``node-name`` and the ``partition-id`` of ``metrics``
+  (train, evaluate) or of ``node-info`` (query). Counts (``num-examples``) stay the node's own.
 - ``rotate``: a different one of the train attacks every round, and of the evaluation
   attacks on every evaluation (``server_round % len(attacks)``); query replies stay honest.
+  ``replace`` and ``impersonate`` (:data:`HOSTILE_ATTACKS`) are never part of the rotation.
 """
 
 from __future__ import annotations
@@ -45,9 +53,10 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from flmnist.core.arrays import to_record, to_weights
 from flmnist.protocol import messages as p
-from flmnist.protocol.fault_modes import (  # noqa: F401 - FAULTS re-exported for tests
+from flmnist.protocol.fault_modes import (  # noqa: F401 - FAULTS, HOSTILE_ATTACKS re-exported
     EVALUATE_ATTACKS,
     FAULTS,
+    HOSTILE_ATTACKS,
     TRAIN_ATTACKS,
 )
 
@@ -64,22 +73,42 @@ def fault_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> M
     settings = p.TrainSettings.from_record(config)
     content = reply.content
     category = msg.metadata.message_type.split(".")[0]
+    # the node's true partition id is read before any corruption rewrites it (impersonate)
     if category == MessageType.TRAIN:
         partition = int(content[p.METRICS][p.PARTITION_ID])
         fault = active_fault(settings, partition, p.server_round(config), TRAIN_ATTACKS)
         if fault:
-            corrupt_train(fault, content, _received(msg, content, settings))
+            corrupt_train(fault, content, _received(msg, content, settings),
+                          victim=victim_of(partition, settings.num_partitions))
     elif category == MessageType.EVALUATE:
         partition = int(content[p.METRICS][p.PARTITION_ID])
         fault = active_fault(settings, partition, p.server_round(config), EVALUATE_ATTACKS)
         if fault:
-            corrupt_evaluate(fault, content)
+            corrupt_evaluate(fault, content, victim=victim_of(partition, settings.num_partitions))
     elif category == MessageType.QUERY:
         partition = int(content[p.NODE_INFO][p.PARTITION_ID])
         # not under "rotate": the node must stay discoverable
-        if settings.fault == "bad-node-info" and partition in settings.fault_nodes:
-            corrupt_query(settings.fault, content)
+        if settings.fault in ("bad-node-info", "impersonate") and partition in settings.fault_nodes:
+            corrupt_query(settings.fault, content, victim=victim_of(partition, settings.num_partitions))
     return reply
+
+
+def victim_of(partition: int, num_partitions: int) -> int:
+    """The partition an ``impersonate`` node claims to be: the next one, wrapping round."""
+    return (partition + 1) % num_partitions
+
+
+def claim_identity(content: RecordDict, victim: int | None) -> None:
+    """Make a reply claim to come from partition ``victim`` (``impersonate``): ``node-info``'s
+    ``node-name`` and ``partition-id`` (query), ``metrics``' ``partition-id`` (train, evaluate)."""
+    if victim is None:
+        raise ValueError("client.fault=impersonate needs the partition id of the node it impersonates")
+    info: ConfigRecord = content[p.NODE_INFO]
+    info[p.NODE_NAME] = p.simulated_node_name(victim)
+    if p.PARTITION_ID in info:
+        info[p.PARTITION_ID] = victim
+    if p.METRICS in content:
+        content[p.METRICS][p.PARTITION_ID] = victim
 
 
 def _received(msg: Message, content: RecordDict, settings: p.TrainSettings) -> ArrayRecord:
@@ -104,14 +133,15 @@ def _arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in record.items()}
 
 
-def corrupt_train(fault: str, content: RecordDict, received: ArrayRecord) -> None:
-    """Corrupt a train reply in place (``received``: the model the node was sent)."""
+def corrupt_train(fault: str, content: RecordDict, received: ArrayRecord, victim: int | None = None) -> None:
+    """Corrupt a train reply in place (``received``: the model the node was sent; ``victim``:
+    the partition ``impersonate`` claims to be, see :func:`victim_of`)."""
     if fault == "error":
         raise RuntimeError("injected fault (client.fault=error)")
     metrics: MetricRecord = content[p.METRICS]
     arrays = content[p.ARRAYS]
     first = next(iter(arrays))
-    if fault in ("nan", "scale", "sign-flip", "boost"):
+    if fault in ("nan", "scale", "sign-flip", "boost", "replace", "impersonate"):
         new, old = _arrays(arrays), _arrays(received)
         for k, v in new.items():
             if fault == "nan":
@@ -120,9 +150,13 @@ def corrupt_train(fault: str, content: RecordDict, received: ArrayRecord) -> Non
                 new[k] = (v * np.float32(1e30)).astype(v.dtype)
             elif fault == "sign-flip":
                 new[k] = (old[k] - 5 * (v - old[k])).astype(v.dtype)
+            elif fault in ("replace", "impersonate"):
+                new[k] = (-5 * v).astype(v.dtype)
             else:
                 new[k] = (old[k] + 10 * (v - old[k])).astype(v.dtype)
         content[p.ARRAYS] = to_record(new)
+        if fault == "impersonate":
+            claim_identity(content, victim)
     elif fault == "complex-nan":
         v = arrays[first].numpy()
         arrays[first] = Array(np.full(v.shape, complex(np.nan, np.nan), dtype=np.complex64))
@@ -152,8 +186,8 @@ def corrupt_train(fault: str, content: RecordDict, received: ArrayRecord) -> Non
         content[p.NODE_INFO] = ConfigRecord({p.NODE_NAME: 12345, "x": "y" * 1000})
 
 
-def corrupt_evaluate(fault: str, content: RecordDict) -> None:
-    """Corrupt an evaluate reply in place."""
+def corrupt_evaluate(fault: str, content: RecordDict, victim: int | None = None) -> None:
+    """Corrupt an evaluate reply in place (``victim``: as for :func:`corrupt_train`)."""
     if fault == "error":
         raise RuntimeError("injected fault (client.fault=error)")
     metrics: MetricRecord = content[p.METRICS]
@@ -165,9 +199,14 @@ def corrupt_evaluate(fault: str, content: RecordDict) -> None:
         metrics[p.CORRECT] = int(metrics[p.NUM_EXAMPLES]) + 5
     elif fault == "bad-node-info":
         content[p.NODE_INFO] = ConfigRecord({p.NODE_NAME: 12345})
+    elif fault == "impersonate":  # the counts stay the node's own
+        claim_identity(content, victim)
 
 
-def corrupt_query(fault: str, content: RecordDict) -> None:
-    """Corrupt a query reply (asynchronous node discovery) in place."""
+def corrupt_query(fault: str, content: RecordDict, victim: int | None = None) -> None:
+    """Corrupt a query reply (asynchronous node discovery) in place (``victim``: as for
+    :func:`corrupt_train`)."""
     if fault == "bad-node-info":  # not under "rotate": the node must stay discoverable
         content[p.NODE_INFO] = ConfigRecord({p.PARTITION_ID: "seven", p.TRAIN_EXAMPLES: [1, 2]})
+    elif fault == "impersonate":  # lie from discovery on
+        claim_identity(content, victim)
