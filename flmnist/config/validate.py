@@ -19,6 +19,7 @@ from flmnist.core.build import build
 from flmnist.core.checks import check_integer, check_number, check_style
 from flmnist.core.constants import MNIST_TRAIN_SIZE
 from flmnist.core.errors import ConfigError
+from flmnist.observers.collapse import DROP, PATIENCE
 from flmnist.protocol.messages import TrainSettings
 from flmnist.protocol.screen import ScreenSettings
 from flmnist.protocol.settings import AsyncLoopSettings
@@ -126,6 +127,30 @@ def _top_level(cfg: DictConfig) -> None:
                 raise ConfigError(f"eval.digit_groups must list groups of digits 0-9, e.g. [[0, 1], [2]]; got {d!r}")
 
 
+def _collapse(cfg: DictConfig) -> None:
+    """``collapse``: when a run is called degraded (:mod:`flmnist.observers.collapse`). A run's
+    config written before the section existed has none: the defaults apply."""
+    if "collapse" not in cfg:
+        return
+    section = cfg.get("collapse")
+    if not isinstance(section, DictConfig):
+        raise ConfigError(f"collapse must be a section of settings (drop, patience), got {section!r}")
+    for key in section:
+        if key not in ("drop", "patience"):
+            raise ConfigError(f"unknown setting 'collapse.{key}'; collapse has: drop, patience")
+    _number(cfg, "collapse.drop", 0, 1, low_open=True, allow_none=True)
+    _integer(cfg, "collapse.patience", 1)
+
+
+def collapse_args(cfg: DictConfig) -> dict:
+    """``collapse.drop`` and ``.patience`` as the recorder's ``collapse_drop`` and
+    ``collapse_patience`` (the defaults for a config without the section)."""
+    section = cfg.get("collapse") if "collapse" in cfg else None
+    if not isinstance(section, DictConfig):
+        return {"collapse_drop": DROP, "collapse_patience": PATIENCE}
+    return {"collapse_drop": section.get("drop", DROP), "collapse_patience": section.get("patience", PATIENCE)}
+
+
 def _observers(cfg: DictConfig) -> None:
     """``observers``: each entry null (off) or a section naming its ``_target_`` (built when the run starts:
     its module, with PyTorch, is not imported here)."""
@@ -192,6 +217,7 @@ def validate(cfg: DictConfig) -> None:
     """
     TrainSettings.from_config(cfg)
     _top_level(cfg)
+    _collapse(cfg)
     _observers(cfg)
     if cfg.get("logger") is not None:
         build(cfg.logger, "logger")  # a tracker whose package is missing says how to install it

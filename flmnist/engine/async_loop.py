@@ -172,7 +172,8 @@ class AsyncLoop:
                     self.settings.update_timeout)
                 self.failure("timed out", f"node id {job.node_id} timed out", job.node_id)
             return None
-        updates, rejections = self.path.train_replies(step, [reply], reference, delta=self.strategy.reply_delta)
+        updates, rejections = self.path.train_replies(step, [reply], reference, delta=self.strategy.reply_delta,
+                                                      current=weights)
         if rejections:
             r = rejections[0]
             self.failure("failed" if r.failed else "rejected", f"{r.name}: {r.reason}", job.node_id)

@@ -23,6 +23,8 @@ from flwr.common.logger import log
 
 from flmnist.core.arrays import to_weights
 from flmnist.core.run_files import CHECKPOINT_INFO, atomic_write
+from flmnist.engine.effect_guard import Candidate, EffectGuard
+from flmnist.engine.identity import IdentityBook
 from flmnist.observers.base import Observer
 from flmnist.observers.checkpoint import PAYLOAD_FORMAT, rng_state, save_checkpoint
 from flmnist.observers.recorder import RunRecorder
@@ -52,8 +54,13 @@ class ReplyPath:
         recorder: RunRecorder | None = None,
         checkpoint_every: int = 0,
         stop_at: float | None = None,
+        identities: IdentityBook | None = None,
+        guard: EffectGuard | None = None,
+        asynchronous: bool = False,
     ) -> None:
         self.screen, self.sent = screen, sent
+        self.identities = identities or IdentityBook()
+        self.guard, self.asynchronous = guard, asynchronous
         self.hooks, self.recorder = list(hooks), recorder
         self.checkpoint_every = checkpoint_every
         if stop_at is not None:  # stop_at_target: the accuracy that ends the run
@@ -68,6 +75,7 @@ class ReplyPath:
         self.screen_seconds = 0.0
         self.screened = 0
         self.devices: dict[str, str] = {}    # node name -> the device its replies say it trained on
+        self.guard_rejected = 0
 
     # ------------------------------------------------------------- replies
     def _reject(self, what: str, r: Rejection) -> None:
@@ -80,14 +88,30 @@ class ReplyPath:
             log(WARNING, "Rejected %s from %s: %s", what.lower(), r.name if r.name.startswith("node id")
                 else f"{r.name} (node id {r.node_id})", r.reason)
 
+    def _identity(self, out):
+        """The screened reply judged by its node id's bound identity: a Rejection if it claims
+        another; else the reply, named as bound."""
+        if isinstance(out, Rejection):
+            if not out.failed and not out.name.startswith("node id"):
+                out = Rejection(out.node_id, self.identities.name_of(out.node_id, out.name), out.reason)
+            return out
+        reason = self.identities.judge(out.node_id, out.name, out.partition)
+        if reason:
+            name = out.name if self.identities.trusted(out.node_id) else f"node id {out.node_id}"
+            return Rejection(out.node_id, self.identities.name_of(out.node_id, name), reason)
+        return out
+
     def train_replies(
         self, step: int, replies: Iterable[Message], reference: Weights, delta: bool = False,
+        current: Weights | None = None,
     ) -> tuple[list[ClientUpdate], list[Rejection]]:
-        """Screen train replies against ``reference`` (the model sent); hooks see the accepted ones."""
+        """Screen train replies against ``reference`` (the model sent), then the node ids' bound
+        identities, the norm bounds and the effect guard (on ``current``, the model the updates
+        will be applied to; default ``reference``); hooks see the accepted ones."""
         updates, rejections = [], []
         t = time.perf_counter()
         for msg in replies:
-            out = self.screen.train(msg, reference, self.sent, delta)
+            out = self._identity(self.screen.train(msg, reference, self.sent, delta))
             self.screened += 1
             if isinstance(out, Rejection):
                 rejections.append(out)
@@ -95,10 +119,20 @@ class ReplyPath:
             else:
                 out.metadata = msg.metadata
                 updates.append(out)
-                self.devices[out.name] = out.device
+        for u in list(updates):  # a later reply of this batch may have put an earlier one's claim in doubt
+            if not self.identities.trusted(u.node_id):
+                updates.remove(u)
+                r = Rejection(u.node_id, f"node id {u.node_id}", self.identities.flagged[u.node_id])
+                rejections.append(r)
+                self._reject("Update", r)
         for r in self._bound_norms(updates, reference, delta):
             rejections.append(r)
             self._reject("Update", r)
+        for r in self._guard_effects(updates, reference, delta, current):
+            rejections.append(r)
+            self._reject("Update", r)
+        for u in updates:
+            self.devices[u.name] = u.device
         self.screen_seconds += time.perf_counter() - t
         if self.recorder is not None:
             for u in updates:
@@ -107,6 +141,22 @@ class ReplyPath:
             for hook in self.hooks:
                 self.record(step, **(hook.evaluate_updates(step, updates) or {}))
         return updates, rejections
+
+    def _guard_effects(self, updates: list[ClientUpdate], reference: Weights, delta: bool,
+                       current: Weights | None) -> list[Rejection]:
+        """The effect guard (:mod:`flmnist.engine.effect_guard`): rejects the updates that make the
+        aggregate worse on the probe set; removes them from ``updates``."""
+        if self.guard is None or not updates:
+            return []
+        candidates = [Candidate(u, u.name, u.weights if delta else {k: u.weights[k] - reference[k] for k in reference},
+                                float(u.num_examples)) for u in updates]
+        refused = []
+        for c, reason in self.guard.judge(current if current is not None else reference, candidates,
+                                          self.asynchronous):
+            updates.remove(c.key)
+            self.guard_rejected += 1
+            refused.append(Rejection(c.key.node_id, c.name, reason))
+        return refused
 
     def _bound_norms(self, updates: list[ClientUpdate], reference: Weights, delta: bool) -> list[Rejection]:
         """Refuse updates longer than ``max_norm_ratio`` times the median norm (of recent accepted
@@ -135,15 +185,16 @@ class ReplyPath:
         return refused
 
     def query_reply(self, msg: Message) -> NodeInfo | Rejection:
-        """A node's answer to "who are you" (asynchronous discovery), screened."""
-        return self.screen.query(msg)
+        """A node's answer to "who are you" (asynchronous discovery), screened and judged by its
+        node id's bound identity."""
+        return self._identity(self.screen.query(msg))
 
     def evaluate_replies(self, replies: Iterable[Message]) -> tuple[MetricRecord | None, list[Rejection]]:
         """Screen evaluate replies; the summed counts of the accepted ones (None if none)."""
         accepted: list[EvaluateReply] = []
         rejections = []
         for msg in replies:
-            out = self.screen.evaluate(msg)
+            out = self._identity(self.screen.evaluate(msg))
             if isinstance(out, Rejection):
                 rejections.append(out)
                 self._reject("Evaluation", out)
@@ -273,6 +324,9 @@ class ReplyPath:
             "rejection_reasons": dict(self.reasons.most_common()),
             "updates_clipped": self.clipped,
             "aggregates_rejected": self.aggregates_rejected,
+            "rejected_by_guard": self.guard_rejected,
+            "identities": self.identities.summary(),
+            "guard": self.guard.summary() if self.guard is not None else None,
             "screen_seconds": round(self.screen_seconds, 4),
             "screen_ms_per_reply": round(1000 * self.screen_seconds / self.screened, 3) if self.screened else None,
         }
@@ -280,6 +334,7 @@ class ReplyPath:
     def state(self) -> dict:
         return {"norms": [float(n) for n in self.norms], "rejected": dict(self.rejected), "failed": dict(self.failed),
                 "reasons": dict(self.reasons), "clipped": self.clipped, "aggregates_rejected": self.aggregates_rejected,
+                "guard_rejected": self.guard_rejected,
                 "hooks": {type(h).__name__: st for h in self.hooks if (st := h.state()) is not None}}
 
     def load_state(self, state: dict) -> None:
@@ -287,6 +342,7 @@ class ReplyPath:
         self.rejected, self.failed = Counter(state.get("rejected", {})), Counter(state.get("failed", {}))
         self.reasons = Counter(state.get("reasons", {}))
         self.clipped, self.aggregates_rejected = state.get("clipped", 0), state.get("aggregates_rejected", 0)
+        self.guard_rejected = state.get("guard_rejected", 0)
         hooks = state.get("hooks", {})
         for hook in self.hooks:
             if type(hook).__name__ in hooks:

@@ -10,8 +10,11 @@ comparison table (CSV and Markdown) in the sweep directory. ``flmnist resume=DIR
 The outcome is honest: every job's config is composed and checked before Flower starts
 (a bad setting: one line ``flmnist: error: ...`` and exit code 2, the traceback only with
 ``HYDRA_FULL_ERROR=1``); the exit code is 1 when a run did not finish (no summary, a
-status other than "finished", or ``flwr run`` failing); SIGTERM or SIGHUP stops every
-process the command started and exits with 128 + the signal number.
+status other than "finished", or ``flwr run`` failing); the exit code is 3 when a run finished
+degraded (its global test accuracy fell far below its best and stayed there: ``collapse.*``,
+``degraded`` in ``summary.json``; the command's last line says so, and a sweep's comparison
+table lists the job as ``degraded``; a sweep with a job that did not finish exits 1); SIGTERM or
+SIGHUP stops every process the command started and exits with 128 + the signal number.
 """
 
 from __future__ import annotations
@@ -35,23 +38,26 @@ from omegaconf import DictConfig, OmegaConf
 
 from flmnist.config.compose import check_group_overrides, compose_config, conf_dir
 from flmnist.config.help import help_text, version_text
-from flmnist.config.validate import drop_rounds_past_the_end, run_length, validate
+from flmnist.config.validate import collapse_args, drop_rounds_past_the_end, run_length, validate
 from flmnist.core.errors import ConfigError, FlmnistError, RunFailed
 from flmnist.core.run_files import CHECKPOINT, atomic_write, find_checkpoint
 from flmnist.launch.backend import client_gpus, simulation_backend
 from flmnist.launch.flwr_local import run_flwr
 from flmnist.launch.resume import resumed_config
 from flmnist.ml.mnist_files import ensure_mnist, resolve_root
-from flmnist.observers.recorder import FINAL_LINE, summarize_stopped
+from flmnist.observers.collapse import describe
+from flmnist.observers.recorder import DEGRADED, FINAL_LINE, summarize_stopped
 
 APP_DIR = Path(__file__).resolve().parents[2]
 INTERRUPTED = "interrupted; every process this run started has been stopped"  # Ctrl-C
 COLUMNS = ["job", "overrides", "status", "final_accuracy", "best_accuracy", "rounds_to_target", "wall_time", "run_dir"]
 EXIT_FAILED = 1  # a run did not finish
 EXIT_ERROR = 2  # a bad setting or input: nothing ran
+EXIT_DEGRADED = 3  # a run finished degraded (summary.json: degraded)
 MULTIRUN = ("-m", "--multirun")
 _resumed: dict[Path, DictConfig] = {}  # run directory -> the config its resume runs with (maybe extended)
 _failed_jobs: list[str] = []  # sweep jobs that did not finish (the sweep goes on, then exits 1)
+_degraded: list[str] = []  # the lines saying which runs (sweep jobs) finished degraded: the command exits 3
 
 
 class Stop(BaseException):
@@ -132,11 +138,12 @@ def outcome(run_dir: Path, before: tuple[int, int] | None, code: int) -> dict:
 
 def finished_line(run_dir: Path, before: tuple | None):
     """A test of each output line: True at the run's last line once it wrote a new summary saying
-    it finished (the recorder writes ``summary.json`` last, then prints that line)."""
-    last_line = FINAL_LINE.format(status="finished")
+    it finished (the recorder writes ``summary.json`` last, then prints that line: ``Run
+    finished:``, or ``Run finished degraded:``)."""
+    last_lines = (FINAL_LINE.format(status="finished"), FINAL_LINE.format(status=DEGRADED))
 
     def test(line: str) -> bool:
-        return last_line in line and wrote_summary(run_dir, before)
+        return any(last in line for last in last_lines) and wrote_summary(run_dir, before)
 
     return test
 
@@ -188,7 +195,19 @@ def launch(cfg: DictConfig) -> dict:
         shutil.rmtree(flwr_home, ignore_errors=True)
     summary = outcome(run_dir, before, code)
     summary["overrides"] = " ".join(o for o in hc.overrides.task if not o.startswith("run_dir="))
+    if summary.get("degraded"):
+        _degraded.append(("the run" if hc.mode != RunMode.MULTIRUN else f"job {hc.job.num}")
+                         + f" finished degraded: {degraded_message(summary)}")
     return summary
+
+
+def degraded_message(summary: dict) -> str:
+    """How a run that finished degraded collapsed, and where its results are (its summary)."""
+    try:
+        how = describe(summary["degraded"], summary.get("unit") or "round")
+    except (KeyError, TypeError, ValueError):  # not a summary this version wrote
+        how = "its test accuracy collapsed"
+    return f"{how}; results in {summary.get('run_dir')}"
 
 
 def stopped_message(stop: BaseException, cfg: DictConfig, run_dir: Path, before: tuple | None) -> str:
@@ -198,7 +217,7 @@ def stopped_message(stop: BaseException, cfg: DictConfig, run_dir: Path, before:
     if wrote_summary(run_dir, before):
         return f"{why}; the run had finished: results in {run_dir}"
     unit, steps = run_length(cfg)
-    summary = summarize_stopped(run_dir, steps, cfg.target_accuracy, unit, why.split(";")[0])
+    summary = summarize_stopped(run_dir, steps, cfg.target_accuracy, unit, why.split(";")[0], **collapse_args(cfg))
     if summary is None:
         return f"{why}; it had recorded no {unit} yet"
     more = (f"; continue it with: flmnist resume={quoted(run_dir)}" if (run_dir / CHECKPOINT).is_file() else "")
@@ -206,11 +225,15 @@ def stopped_message(stop: BaseException, cfg: DictConfig, run_dir: Path, before:
 
 
 def comparison_rows(summaries: list[dict]) -> list[dict]:
-    return [{"job": i, **{c: s.get(c) for c in COLUMNS if c != "job"}} for i, s in enumerate(summaries)]
+    """The table's rows; status ``degraded``: the run finished, but its accuracy collapsed."""
+    return [{"job": i, **{c: s.get(c) for c in COLUMNS if c != "job"},
+             "status": "degraded" if s.get("status") == "finished" and s.get("degraded") else s.get("status")}
+            for i, s in enumerate(summaries)]
 
 
 def write_comparison(sweep_dir: Path, summaries: list[dict]) -> str:
-    """Write comparison.csv and comparison.md into the sweep directory; return the Markdown."""
+    """Write comparison.csv and comparison.md into the sweep directory; return the Markdown. A job
+    that finished degraded has the status ``degraded`` and a note under the Markdown table."""
     rows = comparison_rows(summaries)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS)
@@ -232,7 +255,9 @@ def write_comparison(sweep_dir: Path, summaries: list[dict]) -> str:
             f"{pct(r['best_accuracy'])} | {r['rounds_to_target'] or 'not reached'} | "
             f"{wall} |"
         )
-    md = "\n".join(lines) + "\n"
+    notes = [f"Job {r['job']} finished degraded: {degraded_message(s)}"
+             for r, s in zip(rows, summaries) if r["status"] == "degraded"]
+    md = "\n".join(lines) + "\n" + "".join(f"\n{note}\n" for note in notes)
     (sweep_dir / "comparison.md").write_text(md)
     return md
 
@@ -360,10 +385,14 @@ def main() -> None:
     except KeyboardInterrupt:
         print(f"flmnist: {INTERRUPTED}", file=sys.stderr)
         raise SystemExit(130) from None
+    for line in _degraded:
+        print(f"flmnist: {line}", file=sys.stderr)
     if _failed_jobs:
         print(f"flmnist: error: {len(_failed_jobs)} sweep job(s) did not finish: {', '.join(_failed_jobs)}",
               file=sys.stderr)
         raise SystemExit(EXIT_FAILED)
+    if _degraded:
+        raise SystemExit(EXIT_DEGRADED)
 
 
 __all__ = ["ComparisonTable", "OmegaConf", "launch", "main", "outcome", "write_comparison"]

@@ -10,7 +10,9 @@ aggregate became the global model; asynchronous: each update folded into the glo
   or the delta it sent).
 
 The per-digit accuracy difference (after - before, in percentage points) is the update's
-contribution; contributions add up per node and digit over the run. "Alone, at full strength"
+contribution; contributions add up per node and digit over the run (and, summed over the
+digits, per step and node: ``by_step``, which names the suspects of a collapse,
+:mod:`flmnist.observers.collapse`). "Alone, at full strength"
 makes the measure independent of the strategy (FedAvg gives an update a share of the average,
 FedAsync a staleness-dependent mixing weight, Krum may drop it): it says what the node's work
 does to the model everyone shares, so nodes are comparable with each other; it is not a split
@@ -74,6 +76,7 @@ class Attribution(Observer):
         self.device = device()
         self.totals: dict[str, np.ndarray] = {}   # node -> cumulative contribution per digit (pp)
         self.counts: Counter = Counter()          # node -> attributed updates
+        self.by_step: dict[int, dict[str, float]] = {}  # step -> node -> summed gain over digits (pp)
         self.snapshots: list[str] = []             # CSV lines: step,node,updates,digit_0..9,total
         self.seconds = 0.0
         self.evaluations = 0
@@ -130,6 +133,8 @@ class Attribution(Observer):
             gain = 100.0 * (self.per_digit(after) - base)
             self.totals[name] = self.totals.get(name, np.zeros(NUM_DIGITS)) + gain
             self.counts[name] += 1
+            at = self.by_step.setdefault(int(step), {})
+            at[name] = at.get(name, 0.0) + float(np.nansum(gain))
             step_out[name] = [round(float(g), 2) for g in gain]
         self.seconds += time.perf_counter() - t
         return step_out
@@ -194,17 +199,22 @@ class Attribution(Observer):
             "hurt_most": {str(d): n for d, n in hurt.items()},
             "totals": {n: [round(float(v), 2) for v in self.totals[n]] for n in sorted(self.totals, key=node_order)},
             "updates": dict(self.counts),
+            "by_step": {str(s): {n: round(v, 2) for n, v in sorted(gains.items(), key=lambda e: node_order(e[0]))}
+                        for s, gains in sorted(self.by_step.items())},
         }
 
     # ---------------------------------------------------------------- state
     def state(self) -> dict:
         return {"totals": {n: v.tolist() for n, v in self.totals.items()}, "counts": dict(self.counts),
-                "snapshots": list(self.snapshots), "seconds": self.seconds, "evaluations": self.evaluations}
+                "snapshots": list(self.snapshots), "seconds": self.seconds, "evaluations": self.evaluations,
+                "by_step": {s: dict(gains) for s, gains in self.by_step.items()}}
 
     def load_state(self, state: dict) -> None:
         self.totals = {n: np.array(v, dtype=float) for n, v in state.get("totals", {}).items()}
         self.counts = Counter(state.get("counts", {}))
         self.snapshots = list(state.get("snapshots", []))
+        self.by_step = {int(s): {n: float(v) for n, v in gains.items()}
+                        for s, gains in state.get("by_step", {}).items()}
         self.seconds, self.evaluations = state.get("seconds", 0.0), state.get("evaluations", 0)
 
 

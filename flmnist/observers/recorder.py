@@ -14,12 +14,14 @@ from collections import defaultdict
 from pathlib import Path
 
 from flmnist.core.run_files import atomic_write
+from flmnist.observers.collapse import DROP, PATIENCE, describe, find_collapse
 from flmnist.observers.trackers import Trackers, scalars
 
 SCALAR = (int, float, str, type(None))
 # Sections of summary.json others report (the engines, the reply path, observers), by name.
 SECTIONS = {"async": "async_stats", "screen": "screen_stats", "stopped_early": "stopped_early"}
 FINAL_LINE = "Run {status}:"  # the start of the last line a run prints (after summary.json is written)
+DEGRADED = "finished degraded"  # FINAL_LINE's status of a finished run that collapsed (summary.json: degraded)
 
 
 def _clean(value):
@@ -36,11 +38,14 @@ class RunRecorder:
     """Collects each round's metrics from strategies and hooks, and writes the run directory."""
 
     def __init__(self, run_dir: Path, num_rounds: int, target_accuracy: float, printer=print,
-                 unit: str = "round", save_tensors=None, label: str = "", trackers: Trackers | None = None) -> None:
+                 unit: str = "round", save_tensors=None, label: str = "", trackers: Trackers | None = None,
+                 collapse_drop: float | None = DROP, collapse_patience: int = PATIENCE) -> None:
         """``save_tensors(state_dict, path)`` writes ``model_best.pt`` and ``model.pt`` (the run
         passes :func:`flmnist.ml.export.save_state_dict`); None: no model files (the flmnist
         command's summary of a stopped run, which needs no PyTorch). ``label``: strategy, split and
-        model, for plot titles; ``trackers``: experiment trackers (``logger=``)."""
+        model, for plot titles; ``trackers``: experiment trackers (``logger=``).
+        ``collapse_drop``, ``collapse_patience``: when the summary calls the run degraded
+        (:func:`~flmnist.observers.collapse.find_collapse`; ``collapse.*``); drop None: never."""
         self.save_tensors = save_tensors
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -62,6 +67,7 @@ class RunRecorder:
         self.stopped_early: dict | None = None  # stop_at_target: when and why the run ended early
         self.extra: dict = {}  # summary sections from evaluation hooks (attribution)
         self.trackers = trackers if trackers is not None else Trackers([])
+        self.collapse_drop, self.collapse_patience = collapse_drop, collapse_patience
 
     def set_section(self, name: str, value) -> None:
         """Report a section of ``summary.json``: ``async`` (the asynchronous loop's statistics, also
@@ -158,6 +164,16 @@ class RunRecorder:
         if self.async_stats is not None:
             atomic_write(self.run_dir / "async_stats.json", json.dumps(_clean(self.async_stats), indent=1))
 
+    def degraded(self) -> dict | None:
+        """The collapse of the global test accuracy (``summary.json``'s ``degraded``), or None:
+        the evaluated steps after the initial model, suspects from the attribution's ``by_step``."""
+        if self.collapse_drop is None:
+            return None
+        rows = [r for r in self.scalar_rows() if r["round"] > 0]
+        attribution = self.extra.get("attribution")
+        by_step = attribution.get("by_step") if isinstance(attribution, dict) else None
+        return find_collapse(rows, self.collapse_drop, self.collapse_patience, by_step)
+
     def summary(self, status: str = "finished", error: str | None = None) -> dict:
         evaluated = [r for r in self.scalar_rows() if r.get("test_accuracy") is not None and r["round"] > 0]
         final = evaluated[-1] if evaluated else {}
@@ -179,6 +195,7 @@ class RunRecorder:
             "async": self.async_stats,
             "screen": self.screen_stats,
             **self.extra,
+            "degraded": self.degraded(),
             "error": error,
             "wall_time": round(self.elapsed(), 2),
             "run_dir": str(self.run_dir),
@@ -222,7 +239,10 @@ class RunRecorder:
         """Save the final model, plots and summary; print the summary table. Safe after a crash.
 
         ``summary.json`` is the last file written: the ``flmnist`` command takes its appearance,
-        and then the :data:`FINAL_LINE` in the output, as the sign that the run is over."""
+        and then the :data:`FINAL_LINE` in the output, as the sign that the run is over. A run
+        whose accuracy collapsed (``degraded`` in the summary) says so in a line before it, and
+        its last line starts ``Run finished degraded:`` (:data:`DEGRADED`); its status stays
+        ``finished``."""
         if not self.model_saved:
             self.save_model()
         self.write_metrics()
@@ -249,6 +269,11 @@ class RunRecorder:
         if self.stopped_early:
             self.printer(f"Stopped early after {self.unit} {self.stopped_early['step']}: "
                          f"{self.stopped_early['reason']} ({100 * self.target_accuracy:.2f}%)")
+        degraded = summary["degraded"]
+        if degraded:
+            self.printer(f"Run degraded: {describe(degraded, self.unit)}")
+        if status == "finished" and degraded:
+            status = DEGRADED
         acc = summary["final_accuracy"]
         self.printer(
             f"{FINAL_LINE.format(status=status)} final test accuracy "
@@ -261,7 +286,8 @@ class RunRecorder:
         return summary
 
 
-def summarize_stopped(run_dir: Path, num_rounds: int, target_accuracy: float, unit: str, reason: str) -> dict | None:
+def summarize_stopped(run_dir: Path, num_rounds: int, target_accuracy: float, unit: str, reason: str,
+                      collapse_drop: float | None = DROP, collapse_patience: int = PATIENCE) -> dict | None:
     """The summary of a run stopped from outside (SIGTERM, SIGHUP, Ctrl-C), from what it wrote.
 
     The server process is gone by then; its metrics files are not: they are read back as a
@@ -279,7 +305,8 @@ def summarize_stopped(run_dir: Path, num_rounds: int, target_accuracy: float, un
         return None
     evaluated = [(n, r["test_accuracy"]) for n, r in sorted(rows.items()) if n > 0 and r.get("test_accuracy") is not None]
     best_round, best_accuracy = max(evaluated, key=lambda e: e[1], default=(None, None))  # ties: the earliest
-    rec = RunRecorder(run_dir, num_rounds, target_accuracy, printer=lambda _: None, unit=unit)
+    rec = RunRecorder(run_dir, num_rounds, target_accuracy, printer=lambda _: None, unit=unit,
+                      collapse_drop=collapse_drop, collapse_patience=collapse_patience)
     rec.restore({"rows": rows, "loss_traces": traces, "async_stats": async_stats,
                  "best_accuracy": best_accuracy, "best_round": best_round,
                  "elapsed": max((r.get("wall_time") or 0.0 for r in rows.values()), default=0.0)})

@@ -28,6 +28,7 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 from flmnist.core.arrays import Weights, to_record
 from flmnist.core.checks import check_integer, check_number
+from flmnist.core.errors import ConfigError
 from flmnist.protocol import messages as p
 
 
@@ -40,12 +41,19 @@ class ScreenSettings:
     max_norm_ratio: float | None = 100.0  # reject updates longer than this multiple of the median update norm
     clip_to_median: float | None = None   # scale updates longer than this multiple of the median norm down to it
     norm_window: int = 20                 # asynchronous: the median is over the last N accepted updates
+    guard_max_harm: float | None = 2.0    # effect guard: reject updates whose presence costs the aggregate more probe accuracy (pp)
+    guard_window: int = 10                # asynchronous: the effect guard judges an update against the last N accepted ones
+    registry: str | None = None           # deployment: register_node.sh's registered_nodes.tsv (node id -> name)
 
     def __post_init__(self) -> None:
         check_integer("screen.max_examples", self.max_examples, 1, allow_none=True)
         for key in ("max_update_norm", "max_norm_ratio", "clip_to_median"):
             check_number(f"screen.{key}", getattr(self, key), 0.0, low_open=True, allow_none=True)
         check_integer("screen.norm_window", self.norm_window, 1)
+        check_number("screen.guard_max_harm", self.guard_max_harm, 0.0, allow_none=True)
+        check_integer("screen.guard_window", self.guard_window, 1)
+        if self.registry is not None and (not isinstance(self.registry, str) or not self.registry):
+            raise ConfigError(f"screen.registry must be a file path or null, got {self.registry!r}")
 
 
 @dataclass(frozen=True)

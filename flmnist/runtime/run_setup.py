@@ -24,14 +24,16 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from omegaconf import DictConfig, OmegaConf
 
-from flmnist.config.validate import run_length
+from flmnist.config.validate import collapse_args, run_length
 from flmnist.core.arrays import to_record
 from flmnist.core.build import build
 from flmnist.core.errors import ConfigError
 from flmnist.core.run_files import atomic_write, find_checkpoint
 from flmnist.engine.async_loop import AsyncLoop
 from flmnist.engine.base import Engine
+from flmnist.engine.effect_guard import EffectGuard
 from flmnist.engine.guard import Guarded
+from flmnist.engine.identity import IdentityBook, read_registry
 from flmnist.engine.reply_path import ReplyPath
 from flmnist.engine.sync import SyncEngine
 from flmnist.flower_patches.node_order import RegistrationOrderGrid
@@ -172,13 +174,21 @@ def build_run(grid: Grid, cfg: DictConfig) -> Run:
     trackers = Trackers([build(cfg.logger, "logger")] if cfg.get("logger") is not None else [])
     trackers.call("start", run_dir, run_dir.name, OmegaConf.to_container(cfg, resolve=True))
     recorder = RunRecorder(run_dir, steps, cfg.target_accuracy, printer=say, unit=unit, save_tensors=save_state_dict,
-                           label=run_label(cfg), trackers=trackers)
+                           label=run_label(cfg), trackers=trackers, **collapse_args(cfg))
     test_images, test_labels = load_mnist(str(root), False)
     context = RunContext(run_dir, test_images, test_labels, lambda: build(cfg.model, "model"), steps, asynchronous,
                          say, recorder.label)
     hooks = build_observers(cfg, context)
-    path = ReplyPath(ReplyScreen(ScreenSettings(**cfg.screen), limits), sent, hooks, recorder, cfg.checkpoint_every,
-                      stop_at=cfg.target_accuracy if cfg.get("stop_at_target") else None)
+    screen = ScreenSettings(**cfg.screen)
+    identities = IdentityBook(read_registry(screen.registry) if screen.registry else None,
+                              connected=grid.get_node_ids)
+    guard = None
+    if screen.guard_max_harm is not None:
+        guard = EffectGuard(test_images, test_labels, context.model_fn, screen.guard_max_harm,
+                            probe_size=cfg.eval.probe_size or 1000, window=screen.guard_window)
+    path = ReplyPath(ReplyScreen(screen, limits), sent, hooks, recorder, cfg.checkpoint_every,
+                     stop_at=cfg.target_accuracy if cfg.get("stop_at_target") else None,
+                     identities=identities, guard=guard, asynchronous=asynchronous)
     fleet = build(cfg.fleet, "fleet", num_nodes=cfg.num_nodes, seed=cfg.seed)
     if fleet is not None:
         devices = [f"{simulated_node_name(i)}: {fleet.profile(i).name} (speed {fleet.profile(i).speed:g})"

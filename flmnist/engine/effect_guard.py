@@ -1,0 +1,164 @@
+"""The effect guard: an update is judged by what it does to the model, on the probe set.
+
+The screen checks a reply's form; a well-formed update can still wreck the model (one node of
+four sending its weights times -5 took FedAvg from 92% to 0.08%). Before updates are applied,
+:class:`EffectGuard` measures each one's *leave-one-out effect*: the probe accuracy of the
+aggregate with it against the aggregate without it (the examples-weighted mean of the updates'
+deltas, added to the global model they will be applied to, as FedAvg would). An update whose
+presence makes the aggregate worse by more than ``screen.guard_max_harm`` percentage points is
+rejected, with its per-digit figures in the reason; then the others are judged again without
+it, so two attackers cannot hide behind each other. Judging the aggregate, not the update alone,
+keeps a node that holds digits nobody else holds (seed002): its update alone forgets the other
+digits, but the aggregate without it is worse on its own digits.
+
+- synchronous engine: the round's screened updates, among themselves;
+- asynchronous engine: each arriving update against the last ``screen.guard_window`` accepted
+  ones (the aggregate it would have been part of), applied to the current global model.
+
+Probing costs evaluations, so a cheap test comes first: updates that point the way the others
+do (cosine with the others' mean at least 0) and are no longer than 3 times the median length
+pass unprobed, as honest updates on an even split do. A round with an update pointing away or
+much longer is probed whole. The probe is the attribution's: ``probe_size`` test images, the
+same in every run (:func:`~flmnist.observers.attribution.probe_indices`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from flmnist.core.arrays import Weights
+from flmnist.ml.training import device, evaluate
+from flmnist.observers.attribution import probe_indices
+
+MAX_LENGTH_RATIO = 3.0   # longer than this multiple of the median update length: probe
+MIN_COSINE = 0.0         # pointing away from the others' mean: probe
+
+
+@dataclass
+class Candidate:
+    """One update before the guard: who, its delta, its weight in the mean."""
+
+    key: object            # what the caller gets back (its ClientUpdate)
+    name: str
+    delta: Weights
+    weight: float
+
+
+def _flat(delta: Weights) -> np.ndarray:
+    return np.concatenate([v.ravel() for v in delta.values()]).astype(np.float64)
+
+
+class EffectGuard:
+    """Rejects updates whose leave-one-out effect on the probe accuracy is worse than ``max_harm`` pp."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, model_fn: Callable[[], torch.nn.Module],
+                 max_harm: float = 2.0, probe_size: int = 1000, window: int = 10, batch_size: int = 1000,
+                 printer: Callable[[str], None] | None = None) -> None:
+        idx = torch.from_numpy(probe_indices(labels, probe_size))
+        self.images, self.labels = images[idx], labels[idx]
+        self.model = model_fn()
+        self.max_harm, self.batch_size = max_harm, batch_size
+        self.printer = printer
+        self.dev = device()
+        self.window: deque[Candidate] = deque(maxlen=window)   # asynchronous: recent accepted updates
+        self.seconds = 0.0
+        self.evaluations = 0
+        self.judged = 0
+        self.probed = 0
+        self.rejected = 0
+
+    # ------------------------------------------------------------ measuring
+    def accuracy(self, before: Weights, delta: Weights | None) -> np.ndarray:
+        """Per-digit probe accuracy (0..1) of ``before + delta``."""
+        state = {k: torch.from_numpy(np.ascontiguousarray(v + delta[k] if delta is not None and k in delta else v))
+                 for k, v in before.items()}
+        self.model.load_state_dict(state)
+        self.evaluations += 1
+        per = evaluate(self.model, self.images, self.labels, self.batch_size, self.dev).per_digit_accuracy()
+        return np.array([a if a is not None else 0.0 for a in per])
+
+    @staticmethod
+    def mean(members: Sequence[Candidate]) -> Weights | None:
+        total = sum(m.weight for m in members)
+        if not members or total <= 0:
+            return None
+        first = members[0].delta
+        return {k: sum(np.float32(m.weight / total) * m.delta[k] for m in members).astype(first[k].dtype)
+                for k in first}
+
+    @staticmethod
+    def suspicious(candidates: Sequence[Candidate], pool: Sequence[Candidate]) -> bool:
+        """Whether any candidate points away from the others or is much longer (then: probe)."""
+        everyone = [*pool, *candidates]
+        if len(everyone) < 2:
+            return True  # nothing to compare with: probe it against the model itself
+        flats = [_flat(m.delta) for m in everyone]
+        norms = [float(np.linalg.norm(f)) for f in flats]
+        median = float(np.median(norms))
+        total = sum(m.weight * f for m, f in zip(everyone, flats))
+        weight = sum(m.weight for m in everyone)
+        for i in range(len(pool), len(everyone)):
+            if median > 0 and norms[i] > MAX_LENGTH_RATIO * median:
+                return True
+            rest = (total - everyone[i].weight * flats[i]) / max(weight - everyone[i].weight, 1e-12)
+            denom = norms[i] * float(np.linalg.norm(rest))
+            if denom > 0 and float(flats[i] @ rest) / denom < MIN_COSINE:
+                return True
+        return False
+
+    # --------------------------------------------------------------- judging
+    def judge(self, before: Weights, candidates: list[Candidate], asynchronous: bool) -> list[tuple[Candidate, str]]:
+        """The candidates to reject, each with its reason; the rest may be applied to ``before``.
+        Asynchronous: judged against the recent accepted updates, and remembered if accepted."""
+        if not candidates:
+            return []
+        t = time.perf_counter()
+        pool = list(self.window) if asynchronous else []
+        self.judged += len(candidates)
+        rejected: list[tuple[Candidate, str]] = []
+        active = list(candidates)
+        if self.suspicious(active, pool):
+            self.probed += 1
+            while active:
+                members = pool + active
+                with_all = self.accuracy(before, self.mean(members))
+                worst, worst_harm, worst_without = None, -math.inf, None
+                for c in active:
+                    without = self.accuracy(before, self.mean([m for m in members if m is not c]))
+                    harm = 100.0 * float(without.mean() - with_all.mean())
+                    if harm > worst_harm:
+                        worst, worst_harm, worst_without = c, harm, without
+                if worst is None or worst_harm <= self.max_harm:
+                    break
+                per_digit = " ".join(f"{d}:{100 * (a - b):+.0f}" for d, (a, b) in enumerate(zip(with_all, worst_without)))
+                reason = (f"makes the aggregate worse on the probe set ({worst_harm:.1f} pp: "
+                          f"{with_all.mean():.1%} with it, {worst_without.mean():.1%} without; over "
+                          f"screen.guard_max_harm={self.max_harm:g}; per digit, with minus without: {per_digit})")
+                rejected.append((worst, reason))
+                active.remove(worst)
+                if not asynchronous and len(active) < 2:
+                    break  # one update left: nothing to compare it with in its round
+        if asynchronous:
+            self.window.extend(active)
+        self.rejected += len(rejected)
+        self.seconds += time.perf_counter() - t
+        return rejected
+
+    def summary(self) -> dict:
+        return {
+            "max_harm_pp": self.max_harm,
+            "probe_size": len(self.labels),
+            "updates_judged": self.judged,
+            "probed": self.probed,
+            "evaluations": self.evaluations,
+            "rejected": self.rejected,
+            "seconds": round(self.seconds, 3),
+            "ms_per_update": round(1000 * self.seconds / self.judged, 3) if self.judged else None,
+        }

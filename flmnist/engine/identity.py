@@ -1,0 +1,153 @@
+"""Who a node is, decided by the server once, not by each reply.
+
+A reply's ``node-name`` and ``partition-id`` are the node's own words, and a hostile node can
+borrow another's (then attribution, the per-node counters and the screen's caps would credit
+or blame the wrong board). What Flower authenticates is the node id a reply comes from
+(``Message.metadata.src_node_id``: with node authentication, the SuperLink admits a node id
+only with the key it was registered with). :class:`IdentityBook` binds each node id to one
+identity and judges every later reply by that binding:
+
+- **deployment with a registry** (``screen.registry``: the ``registered_nodes.tsv`` that
+  ``jetson/server/register_node.sh`` writes, ``NODE_ID<TAB>NAME<TAB>KEY``): a node id's name is
+  the one the operator registered its key under. A reply from a node id not in the registry,
+  or naming itself otherwise, is rejected.
+- **everywhere** (simulation, and the partition of a registered node): the first screened
+  reply of a node id binds its name and partition id. A later reply claiming another is
+  rejected and counted against the bound identity. Two node ids claiming one partition (or
+  one name) are both flagged: neither is trusted with it again, and the replies of both are
+  rejected with that reason, unless the first one is no longer connected (a board that
+  restarted without node authentication comes back with a new node id), when the binding
+  passes to the new node id.
+
+Identities are not checkpointed: node ids are new in every simulation, and a resumed run
+binds them afresh.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from logging import INFO, WARNING
+from pathlib import Path
+
+from flwr.common.logger import log
+
+from flmnist.core.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Identity:
+    name: str
+    partition: int
+
+
+def read_registry(path: str | Path) -> dict[int, str]:
+    """Node id -> registered name, from ``register_node.sh``'s TSV (``NODE_ID<TAB>NAME<TAB>KEY``)."""
+    file = Path(path).expanduser()
+    try:
+        text = file.read_text()
+    except OSError as err:
+        raise ConfigError(f"screen.registry={path}: cannot read it ({err.strerror}). It is the file "
+                          "jetson/server/register_node.sh appends to (registered_nodes.tsv)") from None
+    registry: dict[int, str] = {}
+    for number, row in enumerate(csv.reader(text.splitlines(), delimiter="\t"), 1):
+        if not row or not "".join(row).strip() or row[0].startswith("#"):
+            continue
+        if len(row) < 2 or not row[0].strip().isdigit() or not row[1].strip():
+            raise ConfigError(f"screen.registry={path}, line {number}: expected NODE_ID<TAB>NAME[<TAB>KEY], "
+                              f"got {row!r:.80}")
+        node_id, name = int(row[0]), row[1].strip()
+        if name in registry.values() and registry.get(node_id) != name:
+            raise ConfigError(f"screen.registry={path}, line {number}: the name {name!r} is registered twice")
+        registry[node_id] = name
+    if not registry:
+        raise ConfigError(f"screen.registry={path} lists no node")
+    return registry
+
+
+class IdentityBook:
+    """Node id -> its bound :class:`Identity`; :meth:`judge` says why a claim is refused."""
+
+    def __init__(self, registry: dict[int, str] | None = None,
+                 connected: Callable[[], Iterable[int]] | None = None) -> None:
+        self.registry = registry
+        self.connected = connected          # the node ids Flower lists now (engines set it)
+        self.bound: dict[int, Identity] = {}
+        self.flagged: dict[int, str] = {}   # node id -> why it is trusted with nothing
+        self.refused_claims = 0
+
+    def name_of(self, node_id: int, claimed: str) -> str:
+        """The name to count a reply under: the bound or registered one, else what it claims."""
+        if node_id in self.bound:
+            return self.bound[node_id].name
+        if self.registry and node_id in self.registry:
+            return self.registry[node_id]
+        return claimed
+
+    def _holder(self, claim: Identity, node_id: int) -> int | None:
+        """Another node id already bound to this partition or name."""
+        for other, ident in self.bound.items():
+            if other != node_id and (ident.partition == claim.partition or ident.name == claim.name):
+                return other
+        return None
+
+    def _gone(self, node_id: int) -> bool:
+        if self.connected is None:
+            return False
+        try:
+            return node_id not in set(self.connected())
+        except Exception:  # noqa: BLE001 - Flower unreachable: assume it is still there
+            return False
+
+    def judge(self, node_id: int, name: str, partition: int) -> str | None:
+        """None if the claim (``name``, ``partition``) is this node id's identity; else why not."""
+        reason = self._judge(node_id, Identity(name, partition))
+        if reason:
+            self.refused_claims += 1
+        return reason
+
+    def _judge(self, node_id: int, claim: Identity) -> str | None:
+        if node_id in self.flagged:
+            return self.flagged[node_id]
+        if self.registry is not None:
+            registered = self.registry.get(node_id)
+            if registered is None:
+                return f"not in the registry (node id {node_id} is not listed in screen.registry)"
+            if claim.name != registered:
+                return (f"claims a name it is not registered under ({claim.name!r}; node id {node_id} is "
+                        f"registered as {registered!r})")
+        bound = self.bound.get(node_id)
+        if bound is not None:
+            if bound != claim:
+                return (f"claims another node's identity ({claim.name}, partition {claim.partition}; "
+                        f"node id {node_id} is {bound.name}, partition {bound.partition}, since its first reply)")
+            return None
+        other = self._holder(claim, node_id)
+        if other is not None:
+            held = self.bound[other]
+            if self._gone(other):
+                log(INFO, "%s (partition %d) is now node id %d: node id %d is no longer connected",
+                    held.name, held.partition, node_id, other)
+                del self.bound[other]
+            else:
+                first, second = sorted((other, node_id))
+                reason = (f"two node ids claim one identity (node ids {first} and {second} both claim "
+                          f"{claim.name}, partition {claim.partition}: neither is trusted with it)")
+                self.flagged[other] = self.flagged[node_id] = reason
+                del self.bound[other]
+                log(WARNING, "Identity conflict: %s", reason)
+                return reason
+        self.bound[node_id] = claim
+        return None
+
+    def trusted(self, node_id: int) -> bool:
+        return node_id not in self.flagged
+
+    def summary(self) -> dict:
+        return {
+            "bound": {str(n): {"name": i.name, "partition": i.partition} for n, i in sorted(self.bound.items())},
+            "flagged": {str(n): r for n, r in sorted(self.flagged.items())},
+            "refused_claims": self.refused_claims,
+            "registry": self.registry is not None,
+        }

@@ -1,0 +1,114 @@
+"""The effect guard on real MNIST updates (flmnist/engine/effect_guard.py): it rejects one
+hostile update of four (model replacement, sign flip x5, boost x10) and keeps every honest one,
+also on seed 002's disjoint digit groups where each honest update alone forgets the other digits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from flmnist.engine.effect_guard import Candidate, EffectGuard
+from flmnist.ml.data import load_mnist
+from flmnist.ml.models import LogReg
+from flmnist.ml.training import train
+
+GROUPS = [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+
+
+@pytest.fixture(scope="module")
+def mnist(mnist_root):
+    return load_mnist(str(mnist_root), True), load_mnist(str(mnist_root), False)
+
+
+def weights_of(model: torch.nn.Module) -> dict:
+    return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def trained(start: dict, images, labels, steps: int = 40, seed: int = 0) -> dict:
+    """A node's trained model (logistic regression, SGD lr 0.1, batch 32)."""
+    model = LogReg()
+    model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in start.items()})
+    train(model, images, labels, batch_size=32, lr=0.1, steps=steps, generator=torch.Generator().manual_seed(seed))
+    return weights_of(model)
+
+
+def start_model(x, y, steps: int) -> dict:
+    torch.manual_seed(0)
+    start = weights_of(LogReg())
+    return trained(start, x[:3000], y[:3000], steps=steps, seed=9) if steps else start
+
+
+def attack(kind: str, start: dict, honest_model: dict) -> dict:
+    """The delta node 0 sends under each attack of flmnist/client/faults.py."""
+    d = {k: honest_model[k] - start[k] for k in start}
+    if kind == "replace":
+        return {k: -5 * honest_model[k] - start[k] for k in start}
+    if kind == "sign-flip":
+        return {k: -5 * v for k, v in d.items()}
+    return {k: 10 * v for k, v in d.items()}  # boost
+
+
+@pytest.mark.parametrize("warm", [0, 60], ids=["first-round", "later-round"])
+@pytest.mark.parametrize("kind", ["replace", "sign-flip", "boost"])
+def test_one_hostile_update_of_four_is_rejected_and_the_honest_ones_kept(mnist, kind, warm):
+    (x, y), (tx, ty) = mnist
+    start = start_model(x, y, warm)
+    rng = np.random.default_rng(1)
+    shards = np.array_split(rng.permutation(len(y))[:8000], 4)
+    models = [trained(start, x[s], y[s], seed=i) for i, s in enumerate(shards)]
+    candidates = [Candidate(i, f"node {i}", {k: m[k] - start[k] for k in start}, 2000.0) for i, m in enumerate(models)]
+    candidates[0] = Candidate(0, "node 0", attack(kind, start, models[0]), 2000.0)
+    guard = EffectGuard(tx, ty, LogReg, max_harm=2.0)
+    rejected = guard.judge(start, candidates, asynchronous=False)
+    if kind == "boost" and not warm:
+        # From the random initial model a 10x step can even help; it must not be *worse* than 2 points.
+        assert [c.name for c, _ in rejected] in ([], ["node 0"])
+        return
+    assert [c.name for c, _ in rejected] == ["node 0"]
+    reason = rejected[0][1]
+    assert reason.startswith("makes the aggregate worse on the probe set (")
+    assert "per digit, with minus without: 0:" in reason and "screen.guard_max_harm=2" in reason
+    assert guard.summary()["rejected"] == 1 and guard.summary()["probed"] == 1
+
+
+def test_honest_iid_updates_are_not_even_probed(mnist):
+    (x, y), (tx, ty) = mnist
+    start = start_model(x, y, 60)
+    shards = np.array_split(np.random.default_rng(2).permutation(len(y))[:8000], 4)
+    candidates = [Candidate(i, f"node {i}", {k: v - start[k] for k, v in trained(start, x[s], y[s], seed=i).items()},
+                            2000.0) for i, s in enumerate(shards)]
+    guard = EffectGuard(tx, ty, LogReg)
+    assert guard.judge(start, candidates, asynchronous=False) == []
+    assert guard.evaluations == 0  # the cheap test let them through
+
+
+@pytest.mark.parametrize("warm", [0, 60, 400], ids=["first-round", "later-round", "late-round"])
+def test_seed002_digit_group_updates_are_all_kept(mnist, warm):
+    """Each node holds digits nobody else holds: its update alone forgets the others, but the
+    aggregate without it is worse on its own digits, so no honest update is rejected."""
+    (x, y), (tx, ty) = mnist
+    start = start_model(x, y, warm)
+    candidates = []
+    for i, group in enumerate(GROUPS):
+        idx = torch.from_numpy(np.flatnonzero(np.isin(y.numpy(), group))[:6000])
+        model = trained(start, x[idx], y[idx], steps=10, seed=i)
+        candidates.append(Candidate(i, f"node {i}", {k: model[k] - start[k] for k in start}, float(len(idx))))
+    guard = EffectGuard(tx, ty, LogReg)
+    assert guard.judge(start, candidates, asynchronous=False) == []
+
+
+def test_asynchronous_updates_are_judged_against_the_recent_accepted_ones(mnist):
+    """FedAsync/FedBuff: each arriving update is judged with the last accepted ones; a
+    replacement arriving after three honest updates is rejected, and not remembered."""
+    (x, y), (tx, ty) = mnist
+    start = start_model(x, y, 60)
+    shards = np.array_split(np.random.default_rng(3).permutation(len(y))[:8000], 4)
+    models = [trained(start, x[s], y[s], seed=i) for i, s in enumerate(shards)]
+    guard = EffectGuard(tx, ty, LogReg, window=10)
+    for i in (1, 2, 3):
+        assert guard.judge(start, [Candidate(i, f"node {i}", {k: models[i][k] - start[k] for k in start}, 2000.0)],
+                           asynchronous=True) == []
+    bad = Candidate(0, "node 0", attack("replace", start, models[0]), 2000.0)
+    assert [c.name for c, _ in guard.judge(start, [bad], asynchronous=True)] == ["node 0"]
+    assert [c.name for c in guard.window] == ["node 1", "node 2", "node 3"]

@@ -1,0 +1,137 @@
+"""Identity bound to the node id Flower authenticates (flmnist/engine/identity.py), through the
+reply path of both engines, with real Flower messages on the fake Grid of test_engines."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import MessageType
+
+from flmnist.core.arrays import to_weights
+from flmnist.core.errors import ConfigError
+from flmnist.engine.async_loop import AsyncLoop
+from flmnist.engine.guard import Guarded
+from flmnist.engine.identity import IdentityBook, read_registry
+from flmnist.engine.reply_path import ReplyPath
+from flmnist.protocol import messages as p
+from flmnist.protocol.screen import ReplyScreen, ScreenSettings
+from flmnist.protocol.settings import AsyncLoopSettings
+from flmnist.strategies import FedAsync, FedAvg
+from tests.test_engines import (
+    LIMITS,
+    SENT,
+    START,
+    FakeGrid,
+    FakeNode,
+    assert_weights,
+    record,
+    shifted,
+    sync_round,
+)
+
+
+class Impostor(FakeNode):
+    """Partition ``partition``'s node that, from its ``from_train``-th train reply on, names itself
+    ``victim``'s node and claims its partition (node-info name and metrics partition-id)."""
+
+    def __init__(self, partition: int, victim: int, offset: float, from_train: int = 1,
+                 lie_on_query: bool = True, **kw) -> None:
+        super().__init__(partition, offset, **kw)
+        self.victim, self.from_train, self.lie_on_query = victim, from_train, lie_on_query
+
+    def answer(self, msg):
+        reply = super().answer(msg)
+        query = msg.metadata.message_type == MessageType.QUERY
+        lying = self.lie_on_query if query else self.trained >= self.from_train
+        if reply is not None and lying and reply.has_content():
+            content = reply.content
+            content[p.NODE_INFO][p.NODE_NAME] = p.simulated_node_name(self.victim)
+            for record in (content.metric_records.get(p.METRICS), content.config_records.get(p.NODE_INFO)):
+                if record is not None and p.PARTITION_ID in record:
+                    record[p.PARTITION_ID] = self.victim
+        return reply
+
+
+def make_path(**kw) -> ReplyPath:
+    return ReplyPath(ReplyScreen(ScreenSettings(), LIMITS), SENT, **kw)
+
+
+def test_a_node_claiming_another_after_its_first_reply_is_rejected_and_counted_as_itself(task_identity):
+    """Round 1 binds node id 11 to node 0; in round 2 it claims node 1's name and partition:
+    rejected with the reason, counted against node 0; node 1's own update is the round's average."""
+    nodes = {11: Impostor(0, victim=1, offset=0.5, from_train=2), 12: FakeNode(1, 0.02), 13: FakeNode(2, 0.01)}
+    strategy = Guarded(FedAvg(min_available_nodes=3), make_path())
+    w1 = to_weights(sync_round(strategy, nodes, START, 1)[0])
+    arrays, _ = sync_round(strategy, nodes, w1, 2)
+    assert_weights(arrays, shifted(w1, (20 * 0.02 + 30 * 0.01) / 50))
+    path = strategy.path
+    assert dict(path.rejected) == {"node 0": 1}
+    assert dict(path.reasons) == {"claims another node's identity": 1}
+    assert path.identities.judge(11, "node 1", 1) == (
+        "claims another node's identity (node 1, partition 1; node id 11 is node 0, partition 0, since its "
+        "first reply)")
+
+
+def test_two_node_ids_claiming_one_partition_are_both_refused_it(task_identity):
+    """From the first reply on node id 11 (really partition 0) claims partition 1, as node id 12
+    does honestly: neither is trusted with it; the round averages node 2 alone, nobody's update
+    is credited to node 1, and both stay refused later."""
+    nodes = {11: Impostor(0, victim=1, offset=0.5), 12: FakeNode(1, 0.02), 13: FakeNode(2, 0.01)}
+    strategy = Guarded(FedAvg(min_available_nodes=3), make_path())
+    arrays, _ = sync_round(strategy, nodes, START, 1)
+    assert_weights(arrays, shifted(START, 0.01))
+    arrays, _ = sync_round(strategy, nodes, to_weights(arrays), 2)
+    assert_weights(arrays, shifted(START, 0.02))
+    path = strategy.path
+    assert set(path.rejected) == {"node id 11", "node id 12"} and "node 1" not in path.devices
+    assert path.identities.flagged[11] == path.identities.flagged[12]
+    assert "node ids 11 and 12 both claim node 1, partition 1: neither is trusted" in path.identities.flagged[11]
+    assert path.stats()["identities"]["bound"] == {"13": {"name": "node 2", "partition": 2}}
+
+
+def test_the_binding_passes_on_when_the_first_node_id_is_gone(task_identity):
+    """A board that restarts without node authentication comes back with a new node id."""
+    connected = {11, 12}
+    book = IdentityBook(connected=lambda: connected)
+    assert book.judge(11, "node 0", 0) is None and book.judge(12, "node 1", 1) is None
+    assert "neither is trusted" in book.judge(13, "node 0", 0)  # 11 still connected: a conflict
+    book2 = IdentityBook(connected=lambda: connected)
+    book2.judge(11, "node 0", 0)
+    connected.discard(11)
+    assert book2.judge(13, "node 0", 0) is None and book2.bound[13].name == "node 0" and 11 not in book2.bound
+
+
+def test_the_registry_names_each_node_id(tmp_path, task_identity):
+    tsv = tmp_path / "registered_nodes.tsv"
+    tsv.write_text("11\tjetson-orin\tkeys/orin.pub\n12\tjetson-nano\tkeys/nano.pub\n")
+    registry = read_registry(tsv)
+    assert registry == {11: "jetson-orin", 12: "jetson-nano"}
+    book = IdentityBook(registry)
+    assert book.judge(11, "jetson-orin", 0) is None
+    assert book.judge(12, "jetson-orin", 1) == ("claims a name it is not registered under ('jetson-orin'; "
+                                                "node id 12 is registered as 'jetson-nano')")
+    assert book.name_of(12, "jetson-orin") == "jetson-nano"  # counted against the registered board
+    assert "not in the registry" in book.judge(99, "jetson-x", 2)
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("eleven\tjetson\n")
+    with pytest.raises(ConfigError, match=r"screen.registry=.*bad.tsv, line 1: expected NODE_ID<TAB>NAME"):
+        read_registry(bad)
+    with pytest.raises(ConfigError, match=r"screen.registry=.*missing.tsv: cannot read it"):
+        read_registry(tmp_path / "missing.tsv")
+
+
+def test_async_discovery_binds_and_an_impostor_never_trains_as_its_victim(task_identity):
+    """FedAsync: node id 11 (partition 0) answers discovery as itself, then its train replies
+    claim node 1: each is rejected (counted as node 0) and only honest updates move the model."""
+    nodes = {11: Impostor(0, victim=1, offset=0.5, lie_on_query=False), 12: FakeNode(1, 0.02),
+             13: FakeNode(2, 0.01)}
+    settings = AsyncLoopSettings(max_client_updates=12, eval_every=100, update_timeout=5,
+                                 max_consecutive_failures=50)
+    path = make_path()
+    loop = AsyncLoop(FakeGrid(nodes), FedAsync(alpha=0.5), path, settings, poll_interval=0.001)
+    final = to_weights(loop.run(record(START)))
+    assert set(path.rejected) == {"node 0"} and path.rejected["node 0"] >= 3
+    assert path.identities.bound[11].name == "node 0"
+    assert set(loop.node_counts) == {"node 1", "node 2"}  # no update applied as node 1 but node 0's
+    assert all(np.all(final[k] - START[k] < 0.1) for k in START)  # the +0.5 offsets never got in
+
