@@ -105,8 +105,9 @@ BASE = ["checkpoint_every=0", "data.holdout_fraction=0.02", "sampling.fraction_e
 RUNS = {
     # seed 002's three disjoint digit groups, 3 rounds, stopping when the target is reached
     "sync": ["experiment=seed002", "num_rounds=3", "eval.update_rounds=[]", "eval.rounds=[]"],
-    # one node of four flips its updates' sign; FedAsync mixes each update in on its own
-    "async": ["model=logreg", "num_nodes=4", "strategy=fedasync", "fleet=homogeneous", "client.local_steps=20",
+    # one node of four flips its updates' sign; FedAsync mixes each update in on its own. The
+    # effect guard is off so that its updates are applied and attribution has them to judge.
+    "async": ["screen.guard_max_harm=null", "model=logreg", "num_nodes=4", "strategy=fedasync", "fleet=homogeneous", "client.local_steps=20",
               "client.lr=0.1", "client.momentum=0", "client.fault=sign-flip", "client.fault_nodes=[3]",
               "screen.clip_to_median=1.0", "async_loop.max_server_updates=40", "async_loop.eval_every=4",
               "target_accuracy=0.7",
