@@ -12,6 +12,7 @@ from flmnist.engine.effect_guard import Candidate, EffectGuard
 from flmnist.ml.data import load_mnist
 from flmnist.ml.models import LogReg
 from flmnist.ml.training import train
+from flmnist.observers.probe import Probe
 
 GROUPS = [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
 
@@ -59,7 +60,7 @@ def test_one_hostile_update_of_four_is_rejected_and_the_honest_ones_kept(mnist, 
     models = [trained(start, x[s], y[s], seed=i) for i, s in enumerate(shards)]
     candidates = [Candidate(i, f"node {i}", {k: m[k] - start[k] for k in start}, 2000.0) for i, m in enumerate(models)]
     candidates[0] = Candidate(0, "node 0", attack(kind, start, models[0]), 2000.0)
-    guard = EffectGuard(tx, ty, LogReg, max_harm=2.0)
+    guard = EffectGuard(Probe(tx, ty, LogReg), max_harm=2.0)
     rejected = guard.judge(start, candidates, asynchronous=False)
     if kind == "boost" and not warm:
         # From the random initial model a 10x step can even help; it must not be *worse* than 2 points.
@@ -78,7 +79,7 @@ def test_honest_iid_updates_are_not_even_probed(mnist):
     shards = np.array_split(np.random.default_rng(2).permutation(len(y))[:8000], 4)
     candidates = [Candidate(i, f"node {i}", {k: v - start[k] for k, v in trained(start, x[s], y[s], seed=i).items()},
                             2000.0) for i, s in enumerate(shards)]
-    guard = EffectGuard(tx, ty, LogReg)
+    guard = EffectGuard(Probe(tx, ty, LogReg))
     assert guard.judge(start, candidates, asynchronous=False) == []
     assert guard.evaluations == 0  # the cheap test let them through
 
@@ -94,7 +95,7 @@ def test_seed002_digit_group_updates_are_all_kept(mnist, warm):
         idx = torch.from_numpy(np.flatnonzero(np.isin(y.numpy(), group))[:6000])
         model = trained(start, x[idx], y[idx], steps=10, seed=i)
         candidates.append(Candidate(i, f"node {i}", {k: model[k] - start[k] for k in start}, float(len(idx))))
-    guard = EffectGuard(tx, ty, LogReg)
+    guard = EffectGuard(Probe(tx, ty, LogReg))
     assert guard.judge(start, candidates, asynchronous=False) == []
 
 
@@ -105,7 +106,7 @@ def test_asynchronous_updates_are_judged_against_the_recent_accepted_ones(mnist)
     start = start_model(x, y, 60)
     shards = np.array_split(np.random.default_rng(3).permutation(len(y))[:8000], 4)
     models = [trained(start, x[s], y[s], seed=i) for i, s in enumerate(shards)]
-    guard = EffectGuard(tx, ty, LogReg, window=10)
+    guard = EffectGuard(Probe(tx, ty, LogReg), window=10)
     for i in (1, 2, 3):
         assert guard.judge(start, [Candidate(i, f"node {i}", {k: models[i][k] - start[k] for k in start}, 2000.0)],
                            asynchronous=True) == []

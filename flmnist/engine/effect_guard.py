@@ -19,7 +19,7 @@ Probing costs evaluations, so a cheap test comes first: updates that point the w
 do (cosine with the others' mean at least 0) and are no longer than 3 times the median length
 pass unprobed, as honest updates on an even split do. A round with an update pointing away or
 much longer is probed whole. The probe is the attribution's: ``probe_size`` test images, the
-same in every run (:func:`~flmnist.observers.attribution.probe_indices`).
+same in every run, and the same :class:`~flmnist.observers.probe.Probe` object when attribution is on.
 """
 
 from __future__ import annotations
@@ -27,15 +27,13 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from flmnist.core.arrays import Weights
-from flmnist.ml.training import device, evaluate
-from flmnist.observers.attribution import probe_indices
+from flmnist.observers.probe import Probe
 
 MAX_LENGTH_RATIO = 3.0   # longer than this multiple of the median update length: probe
 MIN_COSINE = 0.0         # pointing away from the others' mean: probe
@@ -58,15 +56,8 @@ def _flat(delta: Weights) -> np.ndarray:
 class EffectGuard:
     """Rejects updates whose leave-one-out effect on the probe accuracy is worse than ``max_harm`` pp."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, model_fn: Callable[[], torch.nn.Module],
-                 max_harm: float = 2.0, probe_size: int = 1000, window: int = 10, batch_size: int = 1000,
-                 printer: Callable[[str], None] | None = None) -> None:
-        idx = torch.from_numpy(probe_indices(labels, probe_size))
-        self.images, self.labels = images[idx], labels[idx]
-        self.model = model_fn()
-        self.max_harm, self.batch_size = max_harm, batch_size
-        self.printer = printer
-        self.dev = device()
+    def __init__(self, probe: Probe, max_harm: float = 2.0, window: int = 10) -> None:
+        self.probe, self.max_harm = probe, max_harm
         self.window: deque[Candidate] = deque(maxlen=window)   # asynchronous: recent accepted updates
         self.seconds = 0.0
         self.evaluations = 0
@@ -77,12 +68,8 @@ class EffectGuard:
     # ------------------------------------------------------------ measuring
     def accuracy(self, before: Weights, delta: Weights | None) -> np.ndarray:
         """Per-digit probe accuracy (0..1) of ``before + delta``."""
-        state = {k: torch.from_numpy(np.ascontiguousarray(v + delta[k] if delta is not None and k in delta else v))
-                 for k, v in before.items()}
-        self.model.load_state_dict(state)
         self.evaluations += 1
-        per = evaluate(self.model, self.images, self.labels, self.batch_size, self.dev).per_digit_accuracy()
-        return np.array([a if a is not None else 0.0 for a in per])
+        return np.nan_to_num(self.probe.per_digit(before, delta))
 
     @staticmethod
     def mean(members: Sequence[Candidate]) -> Weights | None:
@@ -154,7 +141,7 @@ class EffectGuard:
     def summary(self) -> dict:
         return {
             "max_harm_pp": self.max_harm,
-            "probe_size": len(self.labels),
+            "probe_size": self.probe.size,
             "updates_judged": self.judged,
             "probed": self.probed,
             "evaluations": self.evaluations,

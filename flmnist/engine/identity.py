@@ -78,12 +78,13 @@ class IdentityBook:
         self.refused_claims = 0
 
     def name_of(self, node_id: int, claimed: str) -> str:
-        """The name to count a reply under: the bound or registered one, else what it claims."""
+        """The name to count a reply under: the bound or registered one; ``node id N`` for a node
+        id trusted with no identity; else what the reply claims."""
         if node_id in self.bound:
             return self.bound[node_id].name
         if self.registry and node_id in self.registry:
             return self.registry[node_id]
-        return claimed
+        return f"node id {node_id}" if node_id in self.flagged else claimed
 
     def _holder(self, claim: Identity, node_id: int) -> int | None:
         """Another node id already bound to this partition or name."""

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections import Counter, deque
@@ -89,17 +90,12 @@ class ReplyPath:
                 else f"{r.name} (node id {r.node_id})", r.reason)
 
     def _identity(self, out):
-        """The screened reply judged by its node id's bound identity: a Rejection if it claims
-        another; else the reply, named as bound."""
+        """The screened reply judged by its node id's bound identity (a Rejection if it claims
+        another), and named as bound: a rejection counts against the node it really is."""
         if isinstance(out, Rejection):
-            if not out.failed and not out.name.startswith("node id"):
-                out = Rejection(out.node_id, self.identities.name_of(out.node_id, out.name), out.reason)
-            return out
+            return out if out.failed else dataclasses.replace(out, name=self.identities.name_of(out.node_id, out.name))
         reason = self.identities.judge(out.node_id, out.name, out.partition)
-        if reason:
-            name = out.name if self.identities.trusted(out.node_id) else f"node id {out.node_id}"
-            return Rejection(out.node_id, self.identities.name_of(out.node_id, name), reason)
-        return out
+        return Rejection(out.node_id, self.identities.name_of(out.node_id, out.name), reason) if reason else out
 
     def train_replies(
         self, step: int, replies: Iterable[Message], reference: Weights, delta: bool = False,
@@ -122,7 +118,7 @@ class ReplyPath:
         for u in list(updates):  # a later reply of this batch may have put an earlier one's claim in doubt
             if not self.identities.trusted(u.node_id):
                 updates.remove(u)
-                r = Rejection(u.node_id, f"node id {u.node_id}", self.identities.flagged[u.node_id])
+                r = Rejection(u.node_id, self.identities.name_of(u.node_id, u.name), self.identities.flagged[u.node_id])
                 rejections.append(r)
                 self._reject("Update", r)
         for r in self._bound_norms(updates, reference, delta):

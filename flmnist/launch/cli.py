@@ -203,11 +203,7 @@ def launch(cfg: DictConfig) -> dict:
 
 def degraded_message(summary: dict) -> str:
     """How a run that finished degraded collapsed, and where its results are (its summary)."""
-    try:
-        how = describe(summary["degraded"], summary.get("unit") or "round")
-    except (KeyError, TypeError, ValueError):  # not a summary this version wrote
-        how = "its test accuracy collapsed"
-    return f"{how}; results in {summary.get('run_dir')}"
+    return f"{describe(summary['degraded'], summary.get('unit') or 'round')}; results in {summary.get('run_dir')}"
 
 
 def stopped_message(stop: BaseException, cfg: DictConfig, run_dir: Path, before: tuple | None) -> str:

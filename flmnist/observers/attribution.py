@@ -34,24 +34,11 @@ import numpy as np
 import torch
 
 from flmnist.core.run_files import atomic_write
-from flmnist.ml.training import device, evaluate
 from flmnist.observers.base import Observer, RunContext
+from flmnist.observers.probe import Probe, probe_indices  # noqa: F401 - probe_indices re-exported
 
 Weights = dict  # name -> numpy array
 NUM_DIGITS = 10
-PROBE_SEED = 20170217  # fixed: every run probes the same images
-
-
-def probe_indices(labels: torch.Tensor | np.ndarray, size: int) -> np.ndarray:
-    """``size // 10`` indices of each digit (the remainder to the lowest digits), fixed across runs."""
-    labels = np.asarray(labels)
-    rng = np.random.default_rng(PROBE_SEED)
-    picked = []
-    for d in range(NUM_DIGITS):
-        want = size // NUM_DIGITS + (1 if d < size % NUM_DIGITS else 0)
-        of_d = np.flatnonzero(labels == d)
-        picked.append(np.sort(rng.permutation(of_d)[:want]))
-    return np.sort(np.concatenate(picked))
 
 
 class Attribution(Observer):
@@ -67,13 +54,13 @@ class Attribution(Observer):
         printer: Callable[[str], None] = print,
         batch_size: int = 1000,
         label: str = "",
+        probe: Probe | None = None,
     ) -> None:
-        idx = torch.from_numpy(probe_indices(labels, probe_size))
-        self.images, self.labels = images[idx], labels[idx]
-        self.model = model_fn()
-        self.run_dir, self.printer, self.batch_size = run_dir, printer, batch_size
+        """``probe``: the run's shared probe (then ``images``, ``labels``, ``model_fn`` and the
+        sizes are its); else one of ``probe_size`` images is built here."""
+        self.probe = probe or Probe(images, labels, model_fn, probe_size, batch_size)
+        self.run_dir, self.printer = run_dir, printer
         self.label = label  # the run's strategy, split and model, for the plot's title
-        self.device = device()
         self.totals: dict[str, np.ndarray] = {}   # node -> cumulative contribution per digit (pp)
         self.counts: Counter = Counter()          # node -> attributed updates
         self.by_step: dict[int, dict[str, float]] = {}  # step -> node -> summed gain over digits (pp)
@@ -89,20 +76,18 @@ class Attribution(Observer):
         (no observer) when turned off or with no probe images."""
         if not enabled or not probe_size:
             return None
-        return cls(run.test_images, run.test_labels, run.model_fn, probe_size, run_dir=run.run_dir,
-                   printer=run.printer, batch_size=batch_size, label=run.label)
+        return cls(run.test_images, run.test_labels, run.model_fn, run_dir=run.run_dir, printer=run.printer,
+                   label=run.label, probe=run.probe(probe_size, batch_size) if run.probe else None)
 
     @property
     def probe_size(self) -> int:
-        return len(self.labels)
+        return self.probe.size
 
     # ------------------------------------------------------------ measuring
-    def per_digit(self, weights: Weights) -> np.ndarray:
-        """Per-digit accuracy (0..1) of ``weights`` on the probe set."""
-        self.model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()})
-        result = evaluate(self.model, self.images, self.labels, self.batch_size, self.device)
+    def per_digit(self, weights: Weights, delta: Weights | None = None) -> np.ndarray:
+        """Per-digit accuracy (0..1) of ``weights`` (+ ``delta``) on the probe set."""
         self.evaluations += 1
-        return np.array([a if a is not None else np.nan for a in result.per_digit_accuracy()])
+        return self.probe.per_digit(weights, delta)
 
     # ------------------------------------------------------------ hook calls
     def updates_applied(self, step: int, before: Weights, deltas: Sequence[tuple[str, Weights]],
@@ -129,8 +114,7 @@ class Attribution(Observer):
         base = self._before[1]
         step_out = {}
         for name, delta in deltas:
-            after = {k: (v + delta[k]).astype(v.dtype) if v.dtype.kind == "f" else v for k, v in before.items()}
-            gain = 100.0 * (self.per_digit(after) - base)
+            gain = 100.0 * (self.per_digit(before, delta) - base)
             self.totals[name] = self.totals.get(name, np.zeros(NUM_DIGITS)) + gain
             self.counts[name] += 1
             at = self.by_step.setdefault(int(step), {})

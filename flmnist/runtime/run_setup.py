@@ -44,6 +44,7 @@ from flmnist.ml.mnist_files import ensure_mnist, resolve_root
 from flmnist.ml.partition import holdout_split, label_counts
 from flmnist.observers.base import RunContext
 from flmnist.observers.checkpoint import check_layout, load_checkpoint
+from flmnist.observers.probe import shared_probes
 from flmnist.observers.recorder import RunRecorder
 from flmnist.observers.trackers import Trackers
 from flmnist.protocol.messages import TrainSettings, simulated_node_name
@@ -176,16 +177,17 @@ def build_run(grid: Grid, cfg: DictConfig) -> Run:
     recorder = RunRecorder(run_dir, steps, cfg.target_accuracy, printer=say, unit=unit, save_tensors=save_state_dict,
                            label=run_label(cfg), trackers=trackers, **collapse_args(cfg))
     test_images, test_labels = load_mnist(str(root), False)
-    context = RunContext(run_dir, test_images, test_labels, lambda: build(cfg.model, "model"), steps, asynchronous,
-                         say, recorder.label)
+    model_fn = lambda: build(cfg.model, "model")
+    context = RunContext(run_dir, test_images, test_labels, model_fn, steps, asynchronous, say, recorder.label,
+                         probe=shared_probes(test_images, test_labels, model_fn))
     hooks = build_observers(cfg, context)
     screen = ScreenSettings(**cfg.screen)
     identities = IdentityBook(read_registry(screen.registry) if screen.registry else None,
                               connected=grid.get_node_ids)
     guard = None
     if screen.guard_max_harm is not None:
-        guard = EffectGuard(test_images, test_labels, context.model_fn, screen.guard_max_harm,
-                            probe_size=cfg.eval.probe_size or 1000, window=screen.guard_window)
+        guard = EffectGuard(context.probe(cfg.eval.probe_size or 1000, cfg.eval.batch_size), screen.guard_max_harm,
+                            window=screen.guard_window)
     path = ReplyPath(ReplyScreen(screen, limits), sent, hooks, recorder, cfg.checkpoint_every,
                      stop_at=cfg.target_accuracy if cfg.get("stop_at_target") else None,
                      identities=identities, guard=guard, asynchronous=asynchronous)
