@@ -1,5 +1,5 @@
 """Adding an observer is a class plus a config entry: tests/toy_observer.py is named only on the
-command line (as the README's "Adding an evaluation hook" shows), built by the run's composition
+command line (as docs/extending.md shows), built by the run's composition
 root with the run's context, called by a real engine over the fake Grid of test_engines (real
 Flower Messages), and its stop wish ends the run like stop_at_target does."""
 
