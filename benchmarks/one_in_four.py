@@ -8,12 +8,16 @@ Runs the `flmnist` command as a user types it: ``model=MODEL num_nodes=4`` (IID,
 - ``boost``: its update times 10;
 - ``impersonate``: ``replace`` while claiming node 1's name and partition id in every reply.
 
-``--guard-off`` adds the same runs with ``screen.guard_max_harm=null`` (the effect guard off,
-the defaults before it), for the before/after table. For each run: final test accuracy, exit
+``--strategies`` runs the same table for other strategy families: synchronous ones as above,
+asynchronous ones (``fedbuff``, ``fedasync``) on a homogeneous simulated fleet for 12 client
+updates (as many as 3 rounds of 4 nodes; FedBuff with a buffer of 4). ``--guard-off`` adds the
+same runs with the defences off (``screen.guard_max_harm=null screen.clip_to_median=null``, the
+defaults before issue 24), for the before/after table. For each run: final test accuracy, exit
 status, the summary's status and ``degraded`` verdict, rejections by reason, and which node
 names attribution credited. Writes benchmarks/results/one_in_four.{json,md}.
 
-    python benchmarks/one_in_four.py [--models logreg lenet] [--attacks clean replace] [--guard-off]
+    python benchmarks/one_in_four.py [--models logreg lenet] [--strategies fedavg fedmedian fedbuff fedasync]
+                                     [--attacks clean replace] [--guard-off]
 """
 
 from __future__ import annotations
@@ -29,19 +33,30 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 ATTACKS = ["clean", "replace", "sign-flip", "boost", "impersonate"]
+ASYNC = {"fedbuff": ["strategy.buffer_size=4"], "fedasync": []}
 LABELS = {"clean": "clean", "replace": "weights x -5 (model replacement)", "sign-flip": "update x -5 (sign flip)",
           "boost": "update x 10 (boost)", "impersonate": "weights x -5, claiming node 1's name and partition"}
 
 
-def run(model: str, attack: str, guard: bool, out: Path) -> dict:
-    key = f"{model}_{attack}{'' if guard else '_guard_off'}"
+def title(model: str, strategy: str) -> str:
+    """The results' key: the model alone for FedAvg (as first published), else model and strategy."""
+    return model if strategy == "fedavg" else f"{model}, {strategy}"
+
+
+def run(model: str, attack: str, guard: bool, out: Path, strategy: str = "fedavg") -> dict:
+    key = f"{title(model, strategy).replace(', ', '_')}_{attack}{'' if guard else '_guard_off'}"
     run_dir = out / key
     shutil.rmtree(run_dir, ignore_errors=True)
     cmd = [str(REPO / ".venv" / "bin" / "flmnist"), f"model={model}", "num_nodes=4", f"hydra.run.dir={run_dir}"]
+    if strategy != "fedavg":
+        cmd += [f"strategy={strategy}"]
+    if strategy in ASYNC:
+        cmd += ["fleet=homogeneous", "async_loop.max_server_updates=null", "async_loop.max_client_updates=12",
+                "async_loop.eval_every=1", *ASYNC[strategy]]
     if attack != "clean":
         cmd += [f"client.fault={attack}", "client.fault_nodes=[0]"]
     if not guard:
-        cmd += ["screen.guard_max_harm=null"]
+        cmd += ["screen.guard_max_harm=null", "screen.clip_to_median=null"]
     start = time.perf_counter()
     proc = subprocess.run(cmd, check=False, cwd=REPO, capture_output=True, text=True, timeout=1800)
     wall = time.perf_counter() - start
@@ -85,9 +100,12 @@ def cell(r: dict, clean: float | None) -> str:
 
 def table(results: dict) -> str:
     lines = []
-    for model, by_setting in results.items():
+    for key, by_setting in results.items():
+        model, _, strategy = key.partition(", ")
+        strategy = strategy or "fedavg"
+        length = "12 client updates, homogeneous fleet" if strategy in ASYNC else "3 rounds"
         settings = [s for s in ("defaults", "guard off") if s in by_setting]
-        lines += [f"**{model}** (IID, FedAvg, 4 nodes, 3 rounds; node 0 hostile)", "",
+        lines += [f"**{model}, {strategy}** (IID, 4 nodes, {length}; node 0 hostile)", "",
                   "| what node 0 sends | " + " | ".join(settings) + " |", "|---" * (len(settings) + 1) + "|"]
         for attack in ATTACKS:
             cells = []
@@ -105,8 +123,9 @@ def table(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="*", default=["logreg", "lenet"])
+    parser.add_argument("--strategies", nargs="*", default=["fedavg"])
     parser.add_argument("--attacks", nargs="*", default=ATTACKS, choices=ATTACKS)
-    parser.add_argument("--guard-off", action="store_true", help="also run each with screen.guard_max_harm=null")
+    parser.add_argument("--guard-off", action="store_true", help="also run each with the defences off")
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args()
     os.environ.setdefault("FLMNIST_DATA_DIR", str(REPO.parent / "shared" / "data" / "mnist"))
@@ -116,14 +135,14 @@ def main() -> None:
     path = out / "one_in_four.json"
     results = json.loads(path.read_text()) if path.exists() else {}
     if not args.table_only:
-        for model in args.models:
+        for strategy, model in [(s, m) for s in args.strategies for m in args.models]:
             for guard in ([True, False] if args.guard_off else [True]):
                 setting = "defaults" if guard else "guard off"
                 for attack in args.attacks:
-                    r = run(model, attack, guard, runs)
-                    results.setdefault(model, {}).setdefault(setting, {})[attack] = r
+                    r = run(model, attack, guard, runs, strategy)
+                    results.setdefault(title(model, strategy), {}).setdefault(setting, {})[attack] = r
                     path.write_text(json.dumps(results, indent=1))
-                    print(json.dumps({"model": model, "setting": setting, "attack": attack,
+                    print(json.dumps({"model": model, "strategy": strategy, "setting": setting, "attack": attack,
                                       **{k: r[k] for k in ("exit_code", "final_accuracy", "degraded", "wall_time_s",
                                                            "rejected_per_node", "attributed_updates")}}), flush=True)
     md = table(results)

@@ -3,7 +3,10 @@
 ``partition=dirichlet`` (alpha 0.5), 20 nodes, nodes 0 and 1 poisoning every round with
 ``client.fault=boost`` (update x10, a model-replacement attempt) or ``client.fault=sign-flip``
 (update reversed and x5). Strategies: FedAvg, FedMedian, FedTrimmedAvg (beta 0.2), Krum
-(f = 2), and FedAvg with flmnist's own defence ``screen.clip_to_median=3``; each also clean.
+(f = 2), each with flmnist's default defences off; then FedAvg with each of flmnist's own
+defences alone (``screen.clip_to_median=3``; the effect guard, ``screen.guard_max_harm=2``) and
+with both as the defaults have them; each also clean, and against ``client.fault=replace``
+(weights x-5, model replacement). The guard's cost per judged update is in its own table.
 Logistic regression, 20 local SGD steps, 12 rounds, no client evaluation (the server
 evaluates the global model on the 10,000 test images every round).
 Writes benchmarks/results/robust.{json,md} (runs under benchmarks/results/robust/).
@@ -40,19 +43,24 @@ NODES = 20
 BAD = [0, 1]
 COMMON = ["partition=dirichlet", "partition.alpha=0.5", f"num_nodes={NODES}", "model=logreg",
           "client.local_steps=20", "sampling.fraction_evaluate=0", "checkpoint_every=0"]
+OFF = ["screen.guard_max_harm=null", "screen.clip_to_median=null"]  # flmnist's default defences off
 STRATEGIES = {
-    "FedAvg": ["strategy=fedavg"],
-    "FedMedian": ["strategy=fedmedian"],
-    "FedTrimmedAvg": ["strategy=fedtrimmedavg", "strategy.beta=0.2"],
-    "Krum": ["strategy=krum", "strategy.num_malicious_nodes=2"],
-    "FedAvg + clip_to_median=3": ["strategy=fedavg", "screen.clip_to_median=3"],
+    "FedAvg": ["strategy=fedavg", *OFF],
+    "FedMedian": ["strategy=fedmedian", *OFF],
+    "FedTrimmedAvg": ["strategy=fedtrimmedavg", "strategy.beta=0.2", *OFF],
+    "Krum": ["strategy=krum", "strategy.num_malicious_nodes=2", *OFF],
+    "FedAvg + clip_to_median=3": ["strategy=fedavg", "screen.guard_max_harm=null", "screen.clip_to_median=3"],
+    "FedAvg + effect guard": ["strategy=fedavg", "screen.guard_max_harm=2", "screen.clip_to_median=null"],
+    "FedAvg, defaults (guard, then clip 3)": ["strategy=fedavg"],
 }
 ATTACKS = {
     "clean": [],
     "boost": ["client.fault=boost", f"client.fault_nodes=[{','.join(map(str, BAD))}]"],
     "sign-flip": ["client.fault=sign-flip", f"client.fault_nodes=[{','.join(map(str, BAD))}]"],
+    "replace": ["client.fault=replace", f"client.fault_nodes=[{','.join(map(str, BAD))}]"],
 }
-LABELS = {"clean": "clean", "boost": "boost (update x10)", "sign-flip": "sign-flip (update x-5)"}
+LABELS = {"clean": "clean", "boost": "boost (update x10)", "sign-flip": "sign-flip (update x-5)",
+          "replace": "replacement (weights x-5)"}
 
 
 def slug(*parts: str) -> str:
@@ -112,6 +120,7 @@ def main() -> None:
                 "rejected_updates": sum(r.get("rejected_updates") or 0 for r in rows),
                 "updates_clipped": screen.get("updates_clipped"),
                 "screen_ms_per_reply": screen.get("screen_ms_per_reply"),
+                "guard": screen.get("guard"),
                 "wall_time_s": round(wall, 1),
                 "run_dir": str(run_dir),
             }
@@ -166,6 +175,17 @@ def table(results: dict, partition_report: Path) -> str:
                                                  for a in ATTACKS) + " |")
     lines.append("")
     lines.append("Mean test accuracy of the last 3 rounds (a single evaluation swings by 1-2 points).")
+    guarded = [(n, a, results[n][a]["guard"]) for n in names for a in ATTACKS
+               if a in results[n] and results[n][a].get("guard")]
+    if guarded:
+        lines += ["", "| effect guard's cost | updates judged | probed | evaluations | rejected | seconds | ms per judged update | share of the run |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for n, a, g in guarded:
+            wall = results[n][a].get("wall_time_s")
+            share = f"{100 * g['seconds'] / wall:.1f}%" if wall else "-"
+            lines.append(f"| {n}, {a} | {g['updates_judged']} | {g['probed']} | {g['evaluations']} | {g['rejected']} | "
+                         f"{g['seconds']:.1f} | {g['ms_per_update']:.1f} | {share} |")
+        lines.append("")
     splits = {r.get("partition_md5") for by_attack in results.values() for r in by_attack.values()} - {None}
     if len(splits) > 1:
         lines.append(f"**Warning: the runs did not all get the same partitions ({len(splits)} different reports).**")

@@ -322,6 +322,39 @@ def test_clip_to_median_scales_a_huge_update_down_to_k_times_the_median_norm(tas
     assert all(np.isfinite(v).all() for v in clipped.weights.values())
 
 
+class GuardThatRefusesTheLongest:
+    """Stands in for the effect guard's verdict (its own tests are tests/test_effect_guard.py):
+    records the lengths it is shown and refuses the longest update when asked to."""
+
+    def __init__(self, refuse: bool) -> None:
+        self.refuse, self.seen = refuse, []
+
+    def judge(self, current, candidates, asynchronous):
+        norms = [float(np.sqrt(sum((d[k].astype(np.float64) ** 2).sum() for k in d))) for d in
+                 (c.delta for c in candidates)]
+        self.seen.append(norms)
+        return [(candidates[int(np.argmax(norms))], "refused")] if self.refuse else []
+
+
+@pytest.mark.parametrize("refuse", [True, False], ids=["guard-refuses", "guard-accepts"])
+def test_the_guard_judges_updates_as_sent_and_only_what_it_accepts_is_clipped(task_identity, refuse):
+    """The default order: the guard must see a boosted update at full strength (clipped first,
+    the harm it would do unclipped is hidden); what it accepts is clipped to 3 x the median."""
+    guard = GuardThatRefusesTheLongest(refuse)
+    path = ReplyPath(screen(clip_to_median=3.0), SENT, guard=guard)
+    contents = [train_content(10, i) for i in range(2)]
+    boosted = train_content(10, 2)
+    boosted[p.ARRAYS] = record({k: v + np.float32(10 * STEP) for k, v in REFERENCE.items()})
+    updates, rejections = path.train_replies(1, [reply(c, node=i) for i, c in enumerate([*contents, boosted])],
+                                             REFERENCE)
+    assert max(guard.seen[0]) == pytest.approx(10 * HONEST_NORM, rel=1e-3)  # unclipped
+    if refuse:
+        assert [r.reason for r in rejections] == ["refused"] and path.clipped == 0 and len(updates) == 2
+    else:
+        assert rejections == [] and path.clipped == 1
+        assert max(u.norm for u in updates) == pytest.approx(3 * HONEST_NORM, rel=1e-3)
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the attack itself
 def test_an_aggregate_that_overflows_is_refused(task_identity):
     huge = {k: np.full_like(v, 3e38) for k, v in REFERENCE.items()}

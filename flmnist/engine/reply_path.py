@@ -121,12 +121,12 @@ class ReplyPath:
                 r = Rejection(u.node_id, self.identities.name_of(u.node_id, u.name), self.identities.flagged[u.node_id])
                 rejections.append(r)
                 self._reject("Update", r)
-        for r in self._bound_norms(updates, reference, delta):
+        # Refuse absurd lengths, judge the rest as sent (the guard), then clip what was accepted:
+        # the guard must see a scaled attack at its full strength to weigh its harm.
+        for r in [*self._refuse_long(updates, reference), *self._guard_effects(updates, reference, delta, current)]:
             rejections.append(r)
             self._reject("Update", r)
-        for r in self._guard_effects(updates, reference, delta, current):
-            rejections.append(r)
-            self._reject("Update", r)
+        self._clip_long(updates, reference, delta)
         for u in updates:
             self.devices[u.name] = u.device
         self.screen_seconds += time.perf_counter() - t
@@ -154,14 +154,16 @@ class ReplyPath:
             refused.append(Rejection(c.key.node_id, c.name, reason))
         return refused
 
-    def _bound_norms(self, updates: list[ClientUpdate], reference: Weights, delta: bool) -> list[Rejection]:
-        """Refuse updates longer than ``max_norm_ratio`` times the median norm (of recent accepted
-        updates and this batch; with fewer than 3 of those, of the global model's own norm), then
-        scale updates longer than ``clip_to_median`` times the median down to that length."""
-        s = self.screen.settings
+    def _median_norm(self, updates: list[ClientUpdate]) -> float | None:
+        """The median length of recent accepted updates and this batch (None with fewer than 3)."""
         norms = list(self.norms) + [u.norm for u in updates]
-        median = float(np.median(norms)) if len(norms) >= 3 else None
-        scale = median if median else l2_norm(reference)
+        return float(np.median(norms)) if len(norms) >= 3 else None
+
+    def _refuse_long(self, updates: list[ClientUpdate], reference: Weights) -> list[Rejection]:
+        """Refuse updates longer than ``max_norm_ratio`` times the median norm (with fewer than 3
+        norms to take it from, the global model's own norm); removes them from ``updates``."""
+        s = self.screen.settings
+        scale = self._median_norm(updates) or l2_norm(reference)
         refused = []
         if s.max_norm_ratio is not None and scale > 0:
             for u in list(updates):
@@ -169,6 +171,13 @@ class ReplyPath:
                     refused.append(Rejection(u.node_id, u.name, f"update norm {u.norm:.4g} is over "
                                              f"{s.max_norm_ratio:g} x the median {scale:.4g} (screen.max_norm_ratio)"))
                     updates.remove(u)
+        return refused
+
+    def _clip_long(self, updates: list[ClientUpdate], reference: Weights, delta: bool) -> None:
+        """Scale accepted updates longer than ``clip_to_median`` times the median norm down to that
+        length (a boosted update the guard let through counts no more than that); remember the norms."""
+        s = self.screen.settings
+        median = self._median_norm(updates)
         if s.clip_to_median is not None and median:
             bound = s.clip_to_median * median
             for u in updates:
@@ -178,7 +187,6 @@ class ReplyPath:
                     u.scale_update(bound / u.norm, reference, delta)
                     self.clipped += 1
         self.norms.extend(u.norm for u in updates)
-        return refused
 
     def query_reply(self, msg: Message) -> NodeInfo | Rejection:
         """A node's answer to "who are you" (asynchronous discovery), screened and judged by its
