@@ -17,7 +17,7 @@ from flmnist.launch.cli import EXIT_DEGRADED, finished_line, write_comparison
 from flmnist.ml.models import LogReg
 from flmnist.observers.attribution import Attribution
 from flmnist.observers.collapse import describe, find_collapse
-from flmnist.observers.recorder import FINAL_LINE, RunRecorder, summarize_stopped
+from flmnist.observers.recorder import FINAL_LINE, RunRecorder, final_line, summarize_stopped
 
 
 def rows_of(*accuracies, start: int = 1) -> list[dict]:
@@ -129,6 +129,7 @@ def test_a_collapsed_run_says_so_in_summary_json_and_its_last_line(tmp_path):
     assert lines[-2] == ("Run degraded: test accuracy fell from 92.0% (round 1) to 8.0% at round 2 and stayed there "
                          "(final 0.1%); attribution holds node 0 (-180.2 pp) most responsible")
     assert lines[-1].startswith("Run finished degraded: final test accuracy 0.10%, best 92.00% (round 1)")
+    assert lines[-1] == final_line(summary)  # what the command prints if Flower's log stream lost the line
     # the flmnist command ends Flower at this line, as at a healthy run's
     assert finished_line(tmp_path, None)("INFO :      " + lines[-1])
     assert finished_line(tmp_path, None)("INFO :      Run finished: final test accuracy 96.30%")

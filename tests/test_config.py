@@ -155,6 +155,14 @@ def test_sweep_comparison_table(tmp_path):
     assert "| 1 | strategy=fedprox | failed | - | - | not reached | - |" in md
     rows = (tmp_path / "comparison.csv").read_text().splitlines()
     assert rows[0].startswith("job,overrides,status,final_accuracy") and len(rows) == 3
+    # what every job shares is said once; the target is in the header
+    for s, strategy in zip(summaries, ("fedavg", "fedprox")):
+        s.update(overrides=f"model=logreg strategy={strategy} num_rounds=40", target_accuracy=0.98, unit="round")
+    md = write_comparison(tmp_path, summaries)
+    assert md.startswith("Shared settings: model=logreg num_rounds=40\n\n| job | settings | status | final acc | "
+                         "best acc | rounds to 98.0% |")
+    assert "| 0 | strategy=fedavg | finished | 96.12% | 96.30% | 31 | 73.0 |" in md
+    assert "strategy=fedavg" in (tmp_path / "comparison.csv").read_text().splitlines()[1]  # the CSV keeps all
 
 
 @pytest.mark.parametrize("experiment", group_options("experiment"))

@@ -179,6 +179,9 @@ def test_a_finished_run_is_extended_by_the_readmes_command_and_other_overrides_a
     first = run("model=logreg", "num_rounds=1")
     assert first.returncode == 0, first.stderr[-2000:]
     [run_dir] = (tmp_path / "outputs").glob("*/*")
+    # Output to a pipe and the log file carry no colour codes; the run's last line is there.
+    assert "\x1b[" not in first.stdout + first.stderr and "\x1b[" not in (run_dir / "flwr_run.log").read_text()
+    assert "Run finished: final test accuracy" in first.stdout
     finished = run(f"resume={run_dir}")
     assert finished.returncode == 2 and (f"resume: {run_dir} finished all its 1 rounds; to train on, extend it: "
                                          f"flmnist resume={run_dir} num_rounds=2") in finished.stderr
@@ -187,6 +190,7 @@ def test_a_finished_run_is_extended_by_the_readmes_command_and_other_overrides_a
     extended = run(f"resume={run_dir}", "num_rounds=2")
     assert extended.returncode == 0, extended.stderr[-2000:]
     assert f"flmnist: extending {run_dir} to 2 rounds" in extended.stdout
+    assert "[round 2/2]" in extended.stdout and "[ROUND" not in extended.stdout  # one round count, flmnist's
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["rounds_completed"] == 2
     assert [r["round"] for r in json.loads((run_dir / "metrics.json").read_text())] == [0, 1, 2]

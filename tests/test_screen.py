@@ -571,3 +571,14 @@ def test_update_norm_is_the_float64_l2_norm_and_leaves_the_arrays_as_they_were()
     assert l2_norm(weights) == pytest.approx(np.linalg.norm(delta_flat), rel=1e-12)
     for k, v in weights.items():  # the norm never writes into them
         np.testing.assert_array_equal(v, before[k])
+
+
+def test_the_device_line_counts_every_node_also_those_without_an_accepted_update(task_identity, tmp_path):
+    from flmnist.observers.recorder import RunRecorder
+
+    lines: list[str] = []
+    path = ReplyPath(screen(), SENT, recorder=RunRecorder(tmp_path, 1, 0.99, printer=lines.append))
+    path.train_replies(1, [reply(train_content(10, i), node=i) for i in range(2)], REFERENCE)
+    path.finish()
+    assert [line for line in lines if line.startswith("Nodes trained on")] == [
+        "Nodes trained on: cpu (2 nodes); 1 of the 3 nodes had no update accepted"]

@@ -226,8 +226,11 @@ class ReplyPath:
         if self.recorder is not None and self.devices:
             self.recorder.set_section("node_devices", dict(sorted(self.devices.items())))
             counts = Counter(self.devices.values())
+            total = int(self.sent.num_partitions or 0)
+            missing = total - len(self.devices)
             self.recorder.printer("Nodes trained on: " + ", ".join(f"{d} ({n} node{'s' * (n > 1)})"
-                                                                   for d, n in counts.most_common()))
+                                                                   for d, n in counts.most_common())
+                                  + (f"; {missing} of the {total} nodes had no update accepted" if missing > 0 else ""))
         for hook in self.hooks:
             try:
                 out = hook.finish(self.recorder.elapsed() if self.recorder is not None else None)

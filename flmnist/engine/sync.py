@@ -22,8 +22,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+from logging import INFO
+from pathlib import Path
 
 from flwr.app import ArrayRecord, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import strategy as flwr_strategy
 from flwr.serverapp.strategy import strategy_utils
 
 from flmnist.core.arrays import to_weights
@@ -32,21 +36,17 @@ from flmnist.engine.guard import Guarded
 from flmnist.engine.reply_path import ReplyPath
 
 
-class FinalResultsFilter(logging.Filter):
-    """Drops the "Final results:" dump Flower's round loop logs at its end (every metric of every
-    round in scientific notation, after flmnist's own summary table and files)."""
+class FlowerRoundChatter(logging.Filter):
+    """While active, drops the INFO lines Flower's strategies log from their round loop: the
+    start banner with its ConfigRecord dumps (local paths included), ``[ROUND k/n]`` (numbered
+    from 1 again after a resume), ``configure_train``/``aggregate_train`` lines, metric record
+    dumps, "Global evaluation" and the "Final results" dump. flmnist's own lines say the same
+    shorter (its ``[round k/n]`` line per round, the summary table); Flower's warnings stay."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.dropping = False
+    STRATEGY_DIR = str(Path(flwr_strategy.__file__).parent)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if message.strip() == "Final results:":
-            self.dropping = True
-        elif self.dropping and message.strip() and not message.startswith("\t"):
-            self.dropping = False  # the dump is blank and tab-indented lines
-        return not self.dropping
+        return record.levelno > logging.INFO or not record.pathname.startswith(self.STRATEGY_DIR)
 
     def __enter__(self):
         logging.getLogger("flwr").addFilter(self)
@@ -130,7 +130,10 @@ class SyncEngine:
             done = self.strategy.round_offset
         if self.num_rounds > done:
             try:
-                with FinalResultsFilter(), self.sampling or contextlib.nullcontext():
+                first, last = done + 1, self.num_rounds
+                log(INFO, "Strategy %s, round%s %s of %d", type(self.strategy.strategy).__name__,
+                    "s" * (last > first), f"{first}-{last}" if last > first else first, last)
+                with FlowerRoundChatter(), self.sampling or contextlib.nullcontext():
                     self.strategy.start(
                         grid=self.grid, initial_arrays=initial, num_rounds=self.num_rounds - done,
                         timeout=self.round_timeout, train_config=self.train_config,

@@ -46,7 +46,7 @@ from flmnist.launch.flwr_local import run_flwr
 from flmnist.launch.resume import resumed_config
 from flmnist.ml.mnist_files import ensure_mnist, resolve_root
 from flmnist.observers.collapse import describe
-from flmnist.observers.recorder import DEGRADED, FINAL_LINE, summarize_stopped
+from flmnist.observers.recorder import DEGRADED, FINAL_LINE, final_line, summarize_stopped
 
 APP_DIR = Path(__file__).resolve().parents[2]
 INTERRUPTED = "interrupted; every process this run started has been stopped"  # Ctrl-C
@@ -143,8 +143,10 @@ def finished_line(run_dir: Path, before: tuple | None):
     last_lines = (FINAL_LINE.format(status="finished"), FINAL_LINE.format(status=DEGRADED))
 
     def test(line: str) -> bool:
-        return any(last in line for last in last_lines) and wrote_summary(run_dir, before)
+        test.seen = test.seen or (any(last in line for last in last_lines) and wrote_summary(run_dir, before))
+        return test.seen
 
+    test.seen = False
     return test
 
 
@@ -188,12 +190,17 @@ def launch(cfg: DictConfig) -> dict:
         print(f"flmnist: simulation backend: {BACKEND_NOTES[backend]}", flush=True)
         code = run_flwr(APP_DIR, overrides, run_cfg.num_nodes, flwr_home, log_path=run_dir / "flwr_run.log",
                         append=bool(cfg.resume), client_cpus=float(sim.client_cpus), client_gpus=gpus,
-                        ray_address=sim.ray_address, backend=backend, until=finished_line(run_dir, before))
+                        ray_address=sim.ray_address, backend=backend, until=(until := finished_line(run_dir, before)))
     except (Stop, KeyboardInterrupt) as stop:
         raise Stop(stopped_message(stop, run_cfg, run_dir, before), getattr(stop, "code", 130)) from None
     finally:
         shutil.rmtree(flwr_home, ignore_errors=True)
     summary = outcome(run_dir, before, code)
+    if not until.seen:  # Flower's log stream ended before the run's last line: say it from summary.json
+        line = f"flmnist: {final_line(summary)}"
+        print(line, flush=True)
+        with open(run_dir / "flwr_run.log", "a") as log:
+            log.write(line + "\n")
     summary["overrides"] = " ".join(o for o in hc.overrides.task if not o.startswith("run_dir="))
     if summary.get("degraded"):
         _degraded.append(("the run" if hc.mode != RunMode.MULTIRUN else f"job {hc.job.num}")
@@ -240,14 +247,21 @@ def write_comparison(sweep_dir: Path, summaries: list[dict]) -> str:
     def pct(v):
         return "-" if v is None else f"{100 * v:.2f}%"
 
-    lines = [
-        "| job | overrides | status | final acc | best acc | rounds to target | wall time (s) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
+    # The Markdown names what the jobs share once, above the table, and each row's own settings.
+    tokens = [(r["overrides"] or "").split() for r in rows]
+    shared = [t for t in tokens[0] if all(t in other for other in tokens[1:])] if len(rows) > 1 else []
+    targets = {s.get("target_accuracy") for s in summaries}
+    units = {s.get("unit") or "round" for s in summaries if s.get("status")}
+    to = (f"{'rounds' if units <= {'round'} else 'steps'} to "
+          + (f"{100 * next(iter(targets)):.1f}%" if len(targets) == 1 and None not in targets else "target"))
+    lines = [*([f"Shared settings: {' '.join(shared)}", ""] if shared else []),
+             f"| job | {'settings' if shared else 'overrides'} | status | final acc | best acc | {to} | wall time (s) |",
+             "|---|---|---|---|---|---|---|"]
+    for r, own in zip(rows, tokens):
         wall = "-" if r["wall_time"] is None else f"{r['wall_time']:.1f}"
+        settings = " ".join(t for t in own if t not in shared) or "(shared only)"
         lines.append(
-            f"| {r['job']} | {r['overrides']} | {r['status']} | {pct(r['final_accuracy'])} | "
+            f"| {r['job']} | {settings} | {r['status']} | {pct(r['final_accuracy'])} | "
             f"{pct(r['best_accuracy'])} | {r['rounds_to_target'] or 'not reached'} | "
             f"{wall} |"
         )

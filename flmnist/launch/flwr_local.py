@@ -287,9 +287,10 @@ def run_flwr(
             proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             deadline = None if timeout is None else time.monotonic() + timeout
             assert proc.stdout is not None
+            colour = sys.stdout.isatty() and not os.environ.get("NO_COLOR")  # no escape codes in files and pipes
             for line in proc.stdout:
                 if readable(line) is not None:
-                    sys.stdout.write(line)
+                    sys.stdout.write(line if colour else ANSI.sub("", line))
                     sys.stdout.flush()
                     if log:  # the log file without colour codes
                         log.write(ANSI.sub("", line))

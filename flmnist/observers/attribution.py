@@ -153,19 +153,26 @@ class Attribution(Observer):
             hurt[d] = worst[1] if worst[0] < 0 else None
         return helped, hurt
 
+    def _credit(self, name: str, digit: int) -> str:
+        """``node 0 (+156.0 pp over 8 updates, +19.5 each)``."""
+        total, n = self.totals[name][digit], self.counts[name]
+        return f"{name} ({total:+.1f} pp over {n} update{'s' * (n != 1)}, {total / max(n, 1):+.1f} each)"
+
     def finish(self, wall_time: float | None = None) -> dict | None:
         """Print who helped and hurt each digit most, write the CSV and plot; the summary's part."""
         if not self.totals:
             return None
         self.write_csv()
         helped, hurt = self.helped_and_hurt()
-        self.printer(f"Attribution (what each node's applied updates did to each digit, summed, "
-                     f"on {self.probe_size} probe images):")
+        self.printer(f"Attribution: each applied update measured alone on the global model it was applied to "
+                     f"({self.probe_size} probe images); per digit, the change of its accuracy in points, summed "
+                     f"over the node's updates (cumulative over the run; per update in brackets):")
         for d in range(NUM_DIGITS):
             h, b = helped[d], hurt[d]
-            self.printer(f"  digit {d}: helped most by {h or 'no node'}"
-                         + (f" ({self.totals[h][d]:+.1f} pp)" if h else "")
-                         + f", hurt most by {b or 'no node'}" + (f" ({self.totals[b][d]:+.1f} pp)" if b else ""))
+            self.printer(f"  digit {d}: helped most by {self._credit(h, d) if h else 'no node'}, "
+                         f"hurt most by {self._credit(b, d) if b else 'no node'}"
+                         + ("" if h else " (no update alone raised it: the model knew it already when the updates "
+                                         "came, or each update alone made it forget)"))
         if self.run_dir is not None:
             try:
                 from flmnist.observers.plots import plot_attribution

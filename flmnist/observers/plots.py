@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -13,7 +14,12 @@ from matplotlib.ticker import MaxNLocator
 
 
 def _save(fig, path: Path, title: str) -> None:
-    """Save with the title in the PNG's metadata (what a test or a file browser reads back)."""
+    """Save with the title in the PNG's metadata (what a test or a file browser reads back);
+    titles are wrapped to the figure's width, so none is cut off."""
+    for ax in fig.axes:
+        if ax.get_title():
+            width = max(40, int(fig.get_figwidth() * 9))
+            ax.set_title("\n".join(textwrap.fill(line, width) for line in ax.get_title().split("\n")))
     fig.tight_layout()
     fig.savefig(path, dpi=100, metadata={"Title": title})
     plt.close(fig)
@@ -144,7 +150,8 @@ def plot_attribution(run_dir: Path, nodes: list[str], totals: np.ndarray, label:
     ax.set_xticks(range(10))
     ax.set_yticks(range(len(nodes)), nodes, fontsize=8 if len(nodes) <= 30 else 5)
     title = f"What each node's updates did to each digit: {label}" if label else "What each node's updates did to each digit"
-    ax.set(xlabel="digit", title=f"{title}\n(summed change of the global model's per-digit accuracy, pp)")
+    ax.set(xlabel="digit", title=f"{title}\n(each update alone on the model it was applied to: its per-digit accuracy "
+                                 "change in points, summed over the node's updates)")
     if len(nodes) <= 20:
         for i in range(len(nodes)):
             for d in range(10):

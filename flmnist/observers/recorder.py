@@ -8,10 +8,13 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 import time
 from collections import defaultdict
 from pathlib import Path
+
+import numpy as np
 
 from flmnist.core.run_files import atomic_write
 from flmnist.observers.collapse import DROP, PATIENCE, describe, find_collapse
@@ -161,6 +164,7 @@ class RunRecorder:
         writer.writerows(flat)
         atomic_write(self.run_dir / "metrics.csv", buf.getvalue())
         atomic_write(self.run_dir / "client_loss.json", json.dumps(self.loss_traces))
+        atomic_write(self.run_dir / "client_loss_means.json", json.dumps(self.loss_points))
         if self.async_stats is not None:
             atomic_write(self.run_dir / "async_stats.json", json.dumps(_clean(self.async_stats), indent=1))
 
@@ -272,18 +276,23 @@ class RunRecorder:
         degraded = summary["degraded"]
         if degraded:
             self.printer(f"Run degraded: {describe(degraded, self.unit)}")
-        if status == "finished" and degraded:
-            status = DEGRADED
-        acc = summary["final_accuracy"]
-        self.printer(
-            f"{FINAL_LINE.format(status=status)} final test accuracy "
-            f"{'-' if acc is None else f'{100 * acc:.2f}%'}, best "
-            f"{'-' if self.best_accuracy is None else f'{100 * self.best_accuracy:.2f}%'}"
-            f" ({self.unit} {self.best_round}), {self.unit}s to {100 * self.target_accuracy:.1f}%: "
-            f"{summary['rounds_to_target'] or 'not reached'}, {summary['wall_time']:.1f} s. "
-            f"Results in {self.run_dir}"
-        )
+        self.printer(final_line(summary))
         return summary
+
+
+def final_line(summary: dict) -> str:
+    """The last line a finished run prints (:data:`FINAL_LINE`), from its ``summary.json``; the
+    ``flmnist`` command prints it itself when Flower's log stream ended before the line came."""
+    unit = summary.get("unit") or "round"
+    status = DEGRADED if summary.get("status") == "finished" and summary.get("degraded") else summary.get("status")
+
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.2f}%"
+
+    return (f"{FINAL_LINE.format(status=status)} final test accuracy {pct(summary.get('final_accuracy'))}, best "
+            f"{pct(summary.get('best_accuracy'))} ({unit} {summary.get('best_round')}), {unit}s to "
+            f"{100 * (summary.get('target_accuracy') or 0):.1f}%: {summary.get('rounds_to_target') or 'not reached'}, "
+            f"{summary.get('wall_time') or 0:.1f} s. Results in {summary.get('run_dir')}")
 
 
 def summarize_stopped(run_dir: Path, num_rounds: int, target_accuracy: float, unit: str, reason: str,
@@ -299,6 +308,8 @@ def summarize_stopped(run_dir: Path, num_rounds: int, target_accuracy: float, un
     try:
         rows = {int(r["round"]): r for r in json.loads((run_dir / "metrics.json").read_text())}
         traces = json.loads((run_dir / "client_loss.json").read_text())
+        means = run_dir / "client_loss_means.json"
+        points = json.loads(means.read_text()) if means.is_file() else {}
         stats = run_dir / "async_stats.json"
         async_stats = json.loads(stats.read_text()) if stats.is_file() else None
     except (OSError, ValueError, TypeError, KeyError):
@@ -307,8 +318,27 @@ def summarize_stopped(run_dir: Path, num_rounds: int, target_accuracy: float, un
     best_round, best_accuracy = max(evaluated, key=lambda e: e[1], default=(None, None))  # ties: the earliest
     rec = RunRecorder(run_dir, num_rounds, target_accuracy, printer=lambda _: None, unit=unit,
                       collapse_drop=collapse_drop, collapse_patience=collapse_patience)
-    rec.restore({"rows": rows, "loss_traces": traces, "async_stats": async_stats,
+    rec.restore({"rows": rows, "loss_traces": traces, "loss_points": points, "async_stats": async_stats,
                  "best_accuracy": best_accuracy, "best_round": best_round,
                  "elapsed": max((r.get("wall_time") or 0.0 for r in rows.values()), default=0.0)})
     rec.model_saved = True  # the global model is not in this process: model.pt stays as it was
-    return rec.finish("stopped", reason)
+    summary = rec.finish("stopped", reason)
+    plot_stopped_attribution(run_dir)
+    return summary
+
+
+def plot_stopped_attribution(run_dir: Path) -> None:
+    """``attribution.png`` of a stopped run, from the last snapshot in its ``attribution.csv``."""
+    try:
+        with open(run_dir / "attribution.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        last = max(int(r["step"]) for r in rows)
+        rows = [r for r in rows if int(r["step"]) == last]
+        totals = np.array([[float(r[f"digit_{d}"]) for d in range(10)] for r in rows])
+        from flmnist.observers.plots import plot_attribution
+
+        plot_attribution(run_dir, [r["node"] for r in rows], totals)
+    except (OSError, ValueError, KeyError):
+        return  # no attribution recorded (turned off, or stopped before its first snapshot)
+    except Exception as err:  # noqa: BLE001 - a plot must never lose the run's results
+        logging.getLogger("flwr").warning("Attribution plot failed (%s); the table is in attribution.csv", err)
