@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from flmnist.config.compose import compose_config
+from flmnist.config.help import help_text
 from flmnist.core.errors import ConfigError
 from flmnist.launch.backend import client_gpus, gpu_device_nodes, simulation_backend
 from flmnist.launch.flwr_local import flwr_run_command, free_port, stop_env
@@ -48,6 +49,33 @@ def test_auto_backend_runs_clientapps_in_process_only_where_one_fills_the_machin
     assert simulation_backend(compose_config(["simulation.ray_address=127.0.0.1:6379"]), 0.0, cores=2) == "ray"
     assert simulation_backend(compose_config(["simulation.backend=ray"]), 0.0, cores=2) == "ray"
     assert simulation_backend(compose_config(["simulation.backend=inprocess"]), 0.5, cores=64) == "inprocess"
+
+
+@pytest.mark.parametrize("option, backend, gpus, ray_address", [
+    ("auto", "auto", "auto", None), ("inprocess", "inprocess", 0, None), ("ray", "ray", "auto", None),
+    ("gpu", "ray", 0.5, None), ("ray_cluster", "ray", "auto", "10.0.0.5:6379"),
+])
+def test_the_simulation_group_picks_where_clientapps_run_in_one_override(option, backend, gpus, ray_address):
+    extra = [f"simulation.ray_address={ray_address}"] if ray_address else []
+    sim = compose_config([f"simulation={option}", *extra]).simulation
+    assert (sim.backend, sim.client_gpus, sim.ray_address) == (backend, gpus, ray_address)
+    assert compose_config([]).simulation == compose_config(["simulation=auto"]).simulation  # the default
+    assert option in help_text([]) and "simulation.client_cpus" in help_text([f"simulation={option}"])
+
+
+def test_a_ray_cluster_without_its_address_and_a_gpu_share_without_a_gpu_are_refused(monkeypatch):
+    with pytest.raises(ConfigError, match=r"simulation=ray_cluster needs the cluster's address: add "
+                                          r"simulation.ray_address=HEAD:6379"):
+        compose_config(["simulation=ray_cluster"])
+    from flmnist.launch import backend
+
+    monkeypatch.setattr(backend, "gpu_device_nodes", lambda: False)  # a machine without a GPU, as CI's
+    cfg = compose_config(["simulation=gpu"])
+    with pytest.raises(ConfigError, match=r"simulation.client_gpus=0.5 asks for a GPU share per ClientApp, but "
+                                          r"PyTorch sees no CUDA GPU on this machine: use simulation=auto"):
+        backend.check_gpu_share(cfg, client_gpus(cfg))
+    backend.check_gpu_share(compose_config(["simulation=gpu", "simulation.ray_address=10.0.0.5:6379"]), 0.5)
+    backend.check_gpu_share(compose_config([]), 0.0)
 
 
 @pytest.mark.parametrize("override, message", [

@@ -110,6 +110,9 @@ def _top_level(cfg: DictConfig) -> None:
         raise ConfigError(f"data.download must be auto, true or false, got {cfg.data.download!r}")
     _integer(cfg, "eval.every", 1, allow_none=True)
     _integer(cfg, "eval.batch_size", 1)
+    if OmegaConf.is_missing(cfg.simulation, "ray_address"):
+        raise ConfigError("simulation=ray_cluster needs the cluster's address: add simulation.ray_address=HEAD:6379 "
+                          "(the address `ray start --head` printed)")
     _number(cfg, "simulation.client_cpus", 0, low_open=True)
     if cfg.simulation.client_gpus != "auto":
         _number(cfg, "simulation.client_gpus", 0)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from flmnist.core.errors import ConfigError
+
 
 def client_gpus(cfg: DictConfig) -> float:
     """``simulation.client_gpus``, with ``auto`` resolved: 0.5 when PyTorch sees a CUDA GPU, else 0."""
@@ -19,6 +21,16 @@ def client_gpus(cfg: DictConfig) -> float:
     if not gpu_device_nodes():
         return 0.0  # PyTorch cannot see a GPU the kernel does not show: its import (about 1 s) is spared
     return 0.5 if torch_sees_cuda() else 0.0
+
+
+def check_gpu_share(cfg: DictConfig, gpus: float) -> None:
+    """A GPU share asked for (``simulation=gpu``, ``simulation.client_gpus=N``) on a machine whose
+    PyTorch sees no GPU would leave Ray waiting for a GPU forever: refuse it, naming the setting.
+    With ``simulation.ray_address`` the GPUs may be on the cluster's other machines: not checked."""
+    if gpus > 0 and not cfg.simulation.ray_address and not (gpu_device_nodes() and torch_sees_cuda()):
+        raise ConfigError(f"simulation.client_gpus={gpus:g} asks for a GPU share per ClientApp, but PyTorch sees "
+                          f"no CUDA GPU on this machine: use simulation=auto (or simulation.client_gpus=0), or join "
+                          f"a Ray cluster with GPUs (simulation=ray_cluster simulation.ray_address=HEAD:6379)")
 
 
 def torch_sees_cuda() -> bool:

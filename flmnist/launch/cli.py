@@ -19,8 +19,6 @@ SIGHUP stops every process the command started and exits with 128 + the signal n
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import shutil
@@ -41,16 +39,15 @@ from flmnist.config.help import help_text, version_text
 from flmnist.config.validate import collapse_args, drop_rounds_past_the_end, run_length, validate
 from flmnist.core.errors import ConfigError, FlmnistError, RunFailed
 from flmnist.core.run_files import CHECKPOINT, atomic_write, find_checkpoint
-from flmnist.launch.backend import client_gpus, simulation_backend
+from flmnist.launch.backend import check_gpu_share, client_gpus, simulation_backend
+from flmnist.launch.comparison import COLUMNS, degraded_message, write_comparison  # noqa: F401 - re-exported
 from flmnist.launch.flwr_local import run_flwr
 from flmnist.launch.resume import resumed_config
 from flmnist.ml.mnist_files import ensure_mnist, resolve_root
-from flmnist.observers.collapse import describe
 from flmnist.observers.recorder import DEGRADED, FINAL_LINE, final_line, summarize_stopped
 
 APP_DIR = Path(__file__).resolve().parents[2]
 INTERRUPTED = "interrupted; every process this run started has been stopped"  # Ctrl-C
-COLUMNS = ["job", "overrides", "status", "final_accuracy", "best_accuracy", "rounds_to_target", "wall_time", "run_dir"]
 EXIT_FAILED = 1  # a run did not finish
 EXIT_ERROR = 2  # a bad setting or input: nothing ran
 EXIT_DEGRADED = 3  # a run finished degraded (summary.json: degraded)
@@ -162,6 +159,8 @@ def launch(cfg: DictConfig) -> dict:
     it did not finish). A resume runs in the directory of the run it continues."""
     drop_rounds_past_the_end(cfg)  # said once, before Hydra started (hydra_arguments)
     validate(cfg)
+    gpus = client_gpus(cfg)  # this launch's (a resume may move to other hardware)
+    check_gpu_share(cfg, gpus)
     hc = HydraConfig.get()
     run_cfg, overrides = cfg, list(hc.overrides.task)
     if cfg.resume:
@@ -184,8 +183,7 @@ def launch(cfg: DictConfig) -> dict:
     before = _signature(run_dir / "summary.json")
     flwr_home = tempfile.mkdtemp(prefix="flmnist-flwr-home-")
     try:
-        sim = cfg.simulation  # this launch's (a resume may move to other hardware)
-        gpus = client_gpus(cfg)
+        sim = cfg.simulation
         backend = simulation_backend(cfg, gpus)
         print(f"flmnist: simulation backend: {BACKEND_NOTES[backend]}", flush=True)
         code = run_flwr(APP_DIR, overrides, run_cfg.num_nodes, flwr_home, log_path=run_dir / "flwr_run.log",
@@ -208,11 +206,6 @@ def launch(cfg: DictConfig) -> dict:
     return summary
 
 
-def degraded_message(summary: dict) -> str:
-    """How a run that finished degraded collapsed, and where its results are (its summary)."""
-    return f"{describe(summary['degraded'], summary.get('unit') or 'round')}; results in {summary.get('run_dir')}"
-
-
 def stopped_message(stop: BaseException, cfg: DictConfig, run_dir: Path, before: tuple | None) -> str:
     """What the command says when stopped mid-run (its processes already stopped): the summary of
     the results so far, written here unless the run wrote its own, and how to continue."""
@@ -225,51 +218,6 @@ def stopped_message(stop: BaseException, cfg: DictConfig, run_dir: Path, before:
         return f"{why}; it had recorded no {unit} yet"
     more = (f"; continue it with: flmnist resume={quoted(run_dir)}" if (run_dir / CHECKPOINT).is_file() else "")
     return f"{why}; results after {unit} {summary['rounds_completed']} in {run_dir / 'summary.json'}{more}"
-
-
-def comparison_rows(summaries: list[dict]) -> list[dict]:
-    """The table's rows; status ``degraded``: the run finished, but its accuracy collapsed."""
-    return [{"job": i, **{c: s.get(c) for c in COLUMNS if c != "job"},
-             "status": "degraded" if s.get("status") == "finished" and s.get("degraded") else s.get("status")}
-            for i, s in enumerate(summaries)]
-
-
-def write_comparison(sweep_dir: Path, summaries: list[dict]) -> str:
-    """Write comparison.csv and comparison.md into the sweep directory; return the Markdown. A job
-    that finished degraded has the status ``degraded`` and a note under the Markdown table."""
-    rows = comparison_rows(summaries)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS)
-    writer.writeheader()
-    writer.writerows(rows)
-    (sweep_dir / "comparison.csv").write_text(buf.getvalue())
-
-    def pct(v):
-        return "-" if v is None else f"{100 * v:.2f}%"
-
-    # The Markdown names what the jobs share once, above the table, and each row's own settings.
-    tokens = [(r["overrides"] or "").split() for r in rows]
-    shared = [t for t in tokens[0] if all(t in other for other in tokens[1:])] if len(rows) > 1 else []
-    targets = {s.get("target_accuracy") for s in summaries}
-    units = {s.get("unit") or "round" for s in summaries if s.get("status")}
-    to = (f"{'rounds' if units <= {'round'} else 'steps'} to "
-          + (f"{100 * next(iter(targets)):.1f}%" if len(targets) == 1 and None not in targets else "target"))
-    lines = [*([f"Shared settings: {' '.join(shared)}", ""] if shared else []),
-             f"| job | {'settings' if shared else 'overrides'} | status | final acc | best acc | {to} | wall time (s) |",
-             "|---|---|---|---|---|---|---|"]
-    for r, own in zip(rows, tokens):
-        wall = "-" if r["wall_time"] is None else f"{r['wall_time']:.1f}"
-        settings = " ".join(t for t in own if t not in shared) or "(shared only)"
-        lines.append(
-            f"| {r['job']} | {settings} | {r['status']} | {pct(r['final_accuracy'])} | "
-            f"{pct(r['best_accuracy'])} | {r['rounds_to_target'] or 'not reached'} | "
-            f"{wall} |"
-        )
-    notes = [f"Job {r['job']} finished degraded: {degraded_message(s)}"
-             for r, s in zip(rows, summaries) if r["status"] == "degraded"]
-    md = "\n".join(lines) + "\n" + "".join(f"\n{note}\n" for note in notes)
-    (sweep_dir / "comparison.md").write_text(md)
-    return md
 
 
 class ComparisonTable(Callback):

@@ -25,7 +25,7 @@ from flmnist.core.run_files import CHECKPOINT_INFO
 
 LENGTH = {"round": ("num_rounds",),
           "update": ("async_loop.max_server_updates", "async_loop.max_client_updates", "async_loop.time_budget")}
-WHERE = ("simulation.", "data.root", "data.download", "output_dir", "resume", "run_dir", "hydra.")
+WHERE = ("simulation", "data.root", "data.download", "output_dir", "resume", "run_dir", "hydra.")
 
 
 def steps_done(run_dir: Path) -> int:

@@ -1,0 +1,62 @@
+"""The comparison table of a sweep (``flmnist -m ...``): ``comparison.csv`` and ``comparison.md``
+in the sweep directory, one row per job."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+from flmnist.observers.collapse import describe
+
+COLUMNS = ["job", "overrides", "status", "final_accuracy", "best_accuracy", "rounds_to_target", "wall_time", "run_dir"]
+
+
+def degraded_message(summary: dict) -> str:
+    """How a run that finished degraded collapsed, and where its results are (its summary)."""
+    return f"{describe(summary['degraded'], summary.get('unit') or 'round')}; results in {summary.get('run_dir')}"
+
+
+def comparison_rows(summaries: list[dict]) -> list[dict]:
+    """The table's rows; status ``degraded``: the run finished, but its accuracy collapsed."""
+    return [{"job": i, **{c: s.get(c) for c in COLUMNS if c != "job"},
+             "status": "degraded" if s.get("status") == "finished" and s.get("degraded") else s.get("status")}
+            for i, s in enumerate(summaries)]
+
+
+def write_comparison(sweep_dir: Path, summaries: list[dict]) -> str:
+    """Write comparison.csv and comparison.md into the sweep directory; return the Markdown. A job
+    that finished degraded has the status ``degraded`` and a note under the Markdown table."""
+    rows = comparison_rows(summaries)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    (sweep_dir / "comparison.csv").write_text(buf.getvalue())
+
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.2f}%"
+
+    # The Markdown names what the jobs share once, above the table, and each row's own settings.
+    tokens = [(r["overrides"] or "").split() for r in rows]
+    shared = [t for t in tokens[0] if all(t in other for other in tokens[1:])] if len(rows) > 1 else []
+    targets = {s.get("target_accuracy") for s in summaries}
+    units = {s.get("unit") or "round" for s in summaries if s.get("status")}
+    to = (f"{'rounds' if units <= {'round'} else 'steps'} to "
+          + (f"{100 * next(iter(targets)):.1f}%" if len(targets) == 1 and None not in targets else "target"))
+    lines = [*([f"Shared settings: {' '.join(shared)}", ""] if shared else []),
+             f"| job | {'settings' if shared else 'overrides'} | status | final acc | best acc | {to} | wall time (s) |",
+             "|---|---|---|---|---|---|---|"]
+    for r, own in zip(rows, tokens):
+        wall = "-" if r["wall_time"] is None else f"{r['wall_time']:.1f}"
+        settings = " ".join(t for t in own if t not in shared) or "(shared only)"
+        lines.append(
+            f"| {r['job']} | {settings} | {r['status']} | {pct(r['final_accuracy'])} | "
+            f"{pct(r['best_accuracy'])} | {r['rounds_to_target'] or 'not reached'} | "
+            f"{wall} |"
+        )
+    notes = [f"Job {r['job']} finished degraded: {degraded_message(s)}"
+             for r, s in zip(rows, summaries) if r["status"] == "degraded"]
+    md = "\n".join(lines) + "\n" + "".join(f"\n{note}\n" for note in notes)
+    (sweep_dir / "comparison.md").write_text(md)
+    return md
