@@ -1,4 +1,5 @@
-"""Shared fixtures: the real MNIST copy (FLMNIST_DATA_DIR, else ../shared/data/mnist)."""
+"""Shared fixtures: the real MNIST copy (FLMNIST_DATA_DIR, else ../shared/data/mnist); how the
+tests share the machine's two cores (pyproject's addopts run them on 2 pytest-xdist workers)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,27 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """The real Flower runs (``slow``) go to one worker, one after the other, as in a serial run:
+    two at once on 2 cores take longer than one after the other. The deployment rehearsal, which
+    mostly waits for Flower's 3 s polls and its 60 s offline detection, goes to a group of its
+    own, so the other worker runs it beside the quick tests."""
+    for item in items:
+        if item.get_closest_marker("slow"):
+            group = "deployment" if item.path.name == "test_deployment.py" else "flower"
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
+def pytest_configure(config):
+    """In an xdist worker, in-process PyTorch work takes one thread: the other worker's Flower run
+    has the other core (the runs' own processes keep PyTorch's default)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
