@@ -5,7 +5,7 @@ the install script's and emulated rehearsal's command lines.
 
 The emulated arm64 SuperNode itself (an arm64 root under qemu in a real TLS + node-auth deployment,
 one seed-002 round) is its own command, not part of this suite: ``python jetson/emulated_arm64.py``
-(root, qemu, mmdebstrap; see jetson/README.md, section 10). Here only its command lines are checked.
+(root, qemu, mmdebstrap; see jetson/README.md, "Reference"). Here only its command lines are checked.
 """
 
 from __future__ import annotations
@@ -152,3 +152,148 @@ def test_emulated_rehearsal_runs_in_a_chroot_of_its_own():
     assert argv[-2:] == ["/opt/flmnist/venv/bin/flower-supernode", "--x"]
     overrides = emulated.run_overrides(Path("/r"), Path("/m"))
     assert "num_rounds=1" in overrides and "sampling.min_available_nodes=3" in overrides
+
+
+# -- the guide (jetson/README.md): paths, unit files, options, order ----------------------------------
+GUIDE = JETSON / "README.md"
+SCRIPT = re.compile(r"(?:jetson/)?((?:server|device)/[\w.-]+\.(?:sh|py))")
+SEPARATORS = re.compile(r"&&|\|\||[;|`#]")
+IMAGES = ("flmnist-supernode:1.41.0", "flmnist-supernode-cpu:1.41.0")  # their entrypoint is flower-supernode
+
+
+def _logical_lines(text: str) -> list[str]:
+    """Lines with shell/systemd backslash continuations joined."""
+    return re.sub(r"\\\n\s*", " ", text).splitlines()
+
+
+def _segments(text: str):
+    """Each command segment (a line cut at ``&&``, ``;``, ``|``, backticks and comments)."""
+    for line in _logical_lines(text):
+        yield from (seg.strip() for seg in SEPARATORS.split(line) if seg.strip())
+
+
+def _flags_after(segment: str, token: str) -> set[str]:
+    return set(re.findall(r"(?<![\w-])--[a-z][\w-]*", segment.split(token, 1)[1]))
+
+
+def _unit_files() -> dict[str, Path]:
+    return {p.name: p for p in JETSON.rglob("*.service")}
+
+
+def _unit_sections(path: Path) -> dict[str, list[str]]:
+    sections: dict[str, list[str]] = {}
+    current = None
+    for line in _logical_lines(path.read_text()):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if re.fullmatch(r"\[\w+\]", line):
+            current = sections.setdefault(line[1:-1], [])
+        else:
+            assert current is not None, f"{path.name}: {line!r} before any section"
+            current.append(line)
+    return sections
+
+
+def test_guide_paths_exist():
+    """Every ``jetson/...`` path the guide names exists, and so does every file of its Files table."""
+    text = GUIDE.read_text()
+    named = {m.rstrip(".,:)") for m in re.findall(r"(?<![\w.-])jetson/[\w./*-]*[\w*]", text)}
+    assert named, "the guide names no jetson/ paths"
+    missing = sorted(p for p in named if not list(REPO.glob(p)))
+    assert not missing, f"the guide names paths that do not exist: {missing}"
+    table = text.split("### Files", 1)[1].split("\n### ", 1)[0]
+    first_cells = [row.split("|")[1] for row in table.splitlines() if row.startswith("| `")]
+    listed = {t for cell in first_cells for t in re.findall(r"`([^`\s]+)`", cell)}
+    assert len(listed) >= 20, listed
+    missing = sorted(t for t in listed if not list(JETSON.glob(t)))
+    assert not missing, f"the Files table lists files that do not exist under jetson/: {missing}"
+
+
+def test_guide_units_exist_and_are_complete():
+    """Every unit the guide installs or starts has a file under jetson/ with [Unit], [Service] (with
+    ExecStart) and [Install]; every script option in an ExecStart exists in that script."""
+    text = GUIDE.read_text()
+    units = _unit_files()
+    named = set(re.findall(r"([\w-]+\.service)\b", text))
+    for line in _segments(text):
+        if re.match(r"(sudo )?(systemctl|journalctl)\b", line):
+            named |= {f"{u}.service" for u in re.findall(r"\b(flmnist-[\w-]+)\b", line)}
+    assert {"flmnist-superlink.service", "flmnist-app-store.service", "flmnist-proxy.service",
+            "flmnist-supernode.service", "flmnist-supernode-venv.service"} <= named, named
+    missing = sorted(named - set(units))
+    assert not missing, f"the guide names units without a file under jetson/: {missing}"
+    for name in sorted(named):
+        sections = _unit_sections(units[name])
+        assert {"Unit", "Service", "Install"} <= set(sections), (name, sorted(sections))
+        exec_start = [ln for ln in sections["Service"] if ln.startswith("ExecStart=")]
+        assert len(exec_start) == 1, (name, exec_start)
+        assert any(ln.startswith("WantedBy=") for ln in sections["Install"]), name
+        for seg in _segments(exec_start[0]):
+            for m in SCRIPT.finditer(seg):
+                script = (JETSON / m.group(1)).read_text()
+                unknown = sorted(f for f in _flags_after(seg, m.group(0)) if f not in script)
+                assert not unknown, f"{name}: {m.group(1)} has no options {unknown}"
+    for name in ("flmnist-superlink.service", "flmnist-app-store.service", "flmnist-proxy.service",
+                 "flmnist-supernode-venv.service"):
+        assert any(ln.startswith("User=flmnist") for ln in _unit_sections(units[name])["Service"]), name
+
+
+def _help_flags(*cmd: str) -> set[str]:
+    proc = subprocess.run([str(Path(sys.executable).parent / cmd[0]), *cmd[1:], "--help"], capture_output=True,
+                          text=True, check=False, timeout=120, env=dict(os.environ, COLUMNS="200"))
+    flags = set(re.findall(r"--[a-z][\w-]*", proc.stdout + proc.stderr))
+    assert "--help" in flags, (cmd, proc.stdout[-2000:], proc.stderr[-2000:])
+    return flags
+
+
+def test_guide_options_exist():
+    """Every option the guide passes to a jetson/ script, to flower-superlink, flower-supernode (also
+    through the images' entrypoint and the SuperNode units) and to `flwr run` exists there."""
+    text = GUIDE.read_text()
+    units = "\n".join(p.read_text() for p in _unit_files().values())
+    wanted: dict[str, set[str]] = {"flower-superlink": set(), "flower-supernode": set(), "flwr run": set()}
+    checked = 0
+    for seg in _segments(text):
+        for m in SCRIPT.finditer(seg):
+            flags = _flags_after(seg, m.group(0))
+            unknown = sorted(f for f in flags if f not in (JETSON / m.group(1)).read_text())
+            assert not unknown, f"{m.group(1)} has no options {unknown}: {seg}"
+            checked += len(flags)
+        for program in wanted:
+            if re.search(rf"(^|[\s/]){program}\b", seg):
+                wanted[program] |= _flags_after(seg, program)
+        image = next((i for i in IMAGES if i in seg), None)
+        if image and "docker run" in seg and "--entrypoint" not in seg.split(image)[0]:
+            wanted["flower-supernode"] |= _flags_after(seg, image)
+    for seg in _segments(units):
+        if "flower-supernode" in seg or any(i in seg for i in ("${FLMNIST_IMAGE}",)):
+            token = "flower-supernode" if "flower-supernode" in seg else "${FLMNIST_IMAGE}"
+            wanted["flower-supernode"] |= {f.split("=")[0] for f in _flags_after(seg, token)}
+    assert checked >= 12, checked
+    assert {"--insecure", "--host", "--port"} <= wanted["flower-superlink"], wanted
+    assert {"--insecure", "--superlink", "--node-config", "--trusted-entities"} <= wanted["flower-supernode"], wanted
+    assert {"--stream", "--run-config"} <= wanted["flwr run"], wanted
+    for program, flags in wanted.items():
+        known = _help_flags(*program.split())
+        assert flags <= known, f"{program} has no options {sorted(flags - known)}"
+
+
+def test_guide_order_and_names():
+    """The plain "try it" path comes before the hardened one; node k is jetson-k everywhere, as in
+    jetson/rehearsal.py (jetson-0, jetson-1, ...), in the guide and the boards' settings file."""
+    text = GUIDE.read_text()
+    headings = [ln for ln in text.splitlines() if ln.startswith("## ")]
+    try_it = [i for i, h in enumerate(headings) if "try it" in h.lower()]
+    hardened = [i for i, h in enumerate(headings) if "hardened" in h.lower()]
+    assert len(try_it) == 1 and len(hardened) == 1, headings
+    assert try_it[0] < hardened[0], headings
+    rehearsal = (JETSON / "rehearsal.py").read_text()
+    assert 'NAMES = ["jetson-0", "jetson-1", "jetson-2"]' in rehearsal
+    for source in (text, (JETSON / "supernode.env.example").read_text()):
+        numbers = re.findall(r"\bjetson-(\d+)\b", source)
+        assert numbers and all(n == str(int(n)) for n in numbers), sorted(set(numbers))
+    assert "NODE_NAME=jetson-0\n" in (JETSON / "supernode.env.example").read_text()
+    # data.root and the run directories are defined before a run uses them
+    first_use = text.index("data.root=/srv/flmnist/mnist")
+    assert text.index("/srv/flmnist/mnist") < first_use and text.index("/srv/flmnist/runs") < first_use

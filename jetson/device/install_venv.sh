@@ -46,7 +46,7 @@ run() {
 }
 
 if [ "$dry_run" -eq 0 ]; then
-    command -v "$python" >/dev/null || { echo "$python not found: Flower 1.41 needs Python >= 3.11 (jetson/README.md, section 10)" >&2; exit 1; }
+    command -v "$python" >/dev/null || { echo "$python not found: Flower 1.41 needs Python >= 3.11 (jetson/README.md, 'Boards')" >&2; exit 1; }
     "$python" -c 'import sys; assert sys.version_info >= (3, 11), sys.version' 2>/dev/null \
         || { echo "$python is older than 3.11: Flower 1.41 needs >= 3.11" >&2; exit 1; }
     [ -e "$venv" ] && { echo "$venv exists; remove it first or pick another folder" >&2; exit 1; }
@@ -59,5 +59,5 @@ run "$venv/bin/python" -c "import importlib.metadata as m, platform, torch, flwr
 assert m.version('flwr') == '1.41.0', m.version('flwr'); \
 print('flwr', m.version('flwr'), '| torch', torch.__version__, '| CUDA', torch.version.cuda, '|', platform.machine(), '|', torch.get_num_threads(), 'threads')"
 if [ "$dry_run" -eq 0 ]; then
-    echo "SuperNode installed: $venv/bin/flower-supernode (set OMP_NUM_THREADS; see jetson/README.md, section 10)"
+    echo "SuperNode installed: $venv/bin/flower-supernode (set OMP_NUM_THREADS; see jetson/README.md, 'Boards')"
 fi
