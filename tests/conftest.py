@@ -11,21 +11,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items):
-    """The real Flower runs (``slow``) go to one worker, one after the other, as in a serial run:
-    two at once on 2 cores take longer than one after the other. The deployment rehearsal, which
-    mostly waits for Flower's 3 s polls and its 60 s offline detection, goes to a group of its
-    own, so the other worker runs it beside the quick tests."""
-    for item in items:
-        if item.get_closest_marker("slow"):
-            group = "deployment" if item.path.name == "test_deployment.py" else "flower"
-            item.add_marker(pytest.mark.xdist_group(group))
-
-
 def pytest_configure(config):
-    """In an xdist worker, in-process PyTorch work takes one thread: the other worker's Flower run
-    has the other core (the runs' own processes keep PyTorch's default)."""
+    """pyproject's addopts run the tests on 2 pytest-xdist workers, a test file on one worker
+    (``--dist loadfile``: a module's fixtures, such as a real Flower run several tests read, are
+    made once), so the deployment rehearsal, which mostly waits on Flower's 3 s polls and its 60 s
+    offline detection, runs beside other tests. In a worker, in-process PyTorch work takes one
+    thread: the other worker has the other core (Flower runs' own processes keep the default)."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
         import torch
 
