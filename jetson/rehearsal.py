@@ -24,6 +24,11 @@ the temporary folder; nginx is stopped through its master's process ID).
 
 ``rehearse()`` returns a :class:`Report` of what was observed; ``CHECKS`` judges it (each
 check raises ``AssertionError``). ``tests/test_deployment.py`` runs the same.
+
+``rehearse_try_it()`` rehearses the guide's other path, section 4's "Try it first": the plain
+``flower-superlink --insecure``, one ``flower-supernode --insecure`` per board and the guide's
+``flwr run . try``, with the commands written once here (``TRY_*``; the tests check that the guide
+shows the same) and only addresses, ports, paths and the number of rounds changed.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import importlib.util
 import itertools
 import json
 import os
+import shlex
 import signal
 import socket
 import ssl
@@ -156,6 +162,8 @@ class Rehearsal:
     to the SuperLink directly and ``flwr run`` ships ``app_dir`` unsigned.
     """
 
+    cli_connection = CONNECTION  # the operator's flwr CLI connection to the SuperLink
+
     def __init__(self, work: Path, data_root: Path, app_dir: Path = REPO, say=print,
                  task_poll_interval: float | None = TASK_POLL_INTERVAL, control_plane: bool = False) -> None:
         self.work, self.data_root, self.app_dir, self.say = work, data_root, app_dir, say
@@ -208,9 +216,10 @@ class Rehearsal:
             raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
         return proc
 
-    def start(self, cmd: list, home: Path, log: Path) -> subprocess.Popen:
-        cwd = self.work / "cwd" / log.stem  # the ServerApp writes relative paths here
-        cwd.mkdir(parents=True, exist_ok=True)
+    def start(self, cmd: list, home: Path, log: Path, cwd: Path | None = None) -> subprocess.Popen:
+        if cwd is None:
+            cwd = self.work / "cwd" / log.stem  # the ServerApp writes relative paths here
+            cwd.mkdir(parents=True, exist_ok=True)
         with open(log, "a") as out:
             proc = subprocess.Popen([str(c) for c in cmd], env=self.env(home), cwd=cwd,
                                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -219,7 +228,7 @@ class Rehearsal:
 
     def node_list(self) -> dict:
         """``flwr supernode list`` as {node id: status} ({} if the CLI fails this time)."""
-        proc = self.sh(BIN / "flwr", "supernode", "list", CONNECTION, "--format", "json", check=False)
+        proc = self.sh(BIN / "flwr", "supernode", "list", self.cli_connection, "--format", "json", check=False)
         try:
             nodes = json.loads(proc.stdout[proc.stdout.index("{"):])["nodes"]
         except (ValueError, KeyError):
@@ -256,8 +265,11 @@ class Rehearsal:
                    self.link_home, log)
         (self.cli_home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n' + self.connection(CONNECTION, self.address))
-        self.wait("the SuperLink", lambda: self.sh(BIN / "flwr", "supernode", "list", CONNECTION,
-                                                   check=False).returncode == 0, 60)
+        self.wait_superlink()
+
+    def wait_superlink(self, timeout: float = 60) -> None:
+        self.wait("the SuperLink", lambda: self.sh(BIN / "flwr", "supernode", "list", self.cli_connection,
+                                                   check=False).returncode == 0, timeout)
 
     def wait_port(self, what: str, address: str, timeout: float = 30) -> None:
         host, port = address.rsplit(":", 1)
@@ -814,6 +826,110 @@ def rehearse(work: Path, data_root: Path, fault: bool = True, app_dir: Path = RE
         report.timings["total"] = time.monotonic() - r.t0
         r.log(f"stopped {len(report.stopped)} processes; {len(report.leftover)} left")
     return report
+
+
+# -- section 4 of the guide, "Try it first": a plain connection on a trusted LAN -------------------
+# Its commands, written once with the guide's addresses and paths as fields; tests/test_deployment.py
+# checks that jetson/README.md shows exactly these with GUIDE_VALUES filled in, so that the guide
+# and its rehearsal cannot drift apart. (The export is section 2's, which section 4 runs on.)
+TRY_EXPORT = "python jetson/device/export_partition.py --node {k} --out {out} --data-root {mnist} experiment=seed002"
+TRY_SUPERLINK = "flower-superlink --insecure --host {host} --port {port} --disable-runtime-dependency-installation"
+TRY_SUPERNODE = ("flower-supernode --insecure --superlink {superlink} "
+                 "--node-config 'data-path=\"{data}\" node-name=\"{name}\"'")
+TRY_CONNECTION = "try"
+TRY_CONFIG = '[superlink.try]\naddress = "{address}"\ninsecure = true\n'  # appended after `flwr config list`
+TRY_OVERRIDES = "experiment=seed002 num_rounds={rounds} data.root={mnist} output_dir={runs}"
+TRY_RUN = "flwr run . try --stream --run-config {run_config}"
+GUIDE_VALUES = {"k": "$k", "out": "/srv/flmnist/partitions/jetson-$k", "mnist": "/srv/flmnist/mnist",
+                "host": "0.0.0.0", "port": 8000, "superlink": "192.168.1.10:8000", "data": "/srv/flmnist/data",
+                "address": "127.0.0.1:8000", "rounds": 3, "runs": "/srv/flmnist/runs", "run_config": "~/try.toml"}
+
+
+def _argv(template: str, **values) -> list[str]:
+    """A guide command as argv; its program is found on ``Rehearsal.env``'s PATH, this environment's
+    bin first (the guide's venv on PATH)."""
+    return shlex.split(template.format(**values))
+
+
+class TryIt(Rehearsal):
+    """Section 4's deployment on loopback: a plain SuperLink, SuperNodes started as a board's venv
+    command (this environment's bin on PATH: ``Rehearsal.env``), the operator's ``try`` connection.
+    Flower's own task polling (1 s), as the guide's commands get it."""
+
+    cli_connection = TRY_CONNECTION
+
+    def __init__(self, work: Path, data_root: Path, say=print) -> None:
+        super().__init__(work, data_root, say=say, task_poll_interval=None)
+
+    def start_superlink(self) -> None:
+        # The one change from the guide's command: 127.0.0.1 and a free port, not 0.0.0.0:8000, so
+        # that the rehearsal opens nothing to the LAN and cannot clash with anything on this host.
+        self.start(_argv(TRY_SUPERLINK, host="127.0.0.1", port=self.port), self.link_home,
+                   self.work / "logs" / "superlink.log")
+        self.sh(BIN / "flwr", "config", "list")  # creates FLWR_HOME/config.toml, as in the guide
+        with open(self.cli_home / "config.toml", "a") as config:
+            config.write("\n" + TRY_CONFIG.format(address=self.address))
+        self.wait_port("the SuperLink", self.address, 60)  # then the CLI, through the `try` connection
+        self.wait_superlink()
+
+    def supernode_command(self, name: str, port: int, **_) -> list:
+        # The guide's command for a board, pointed at the loopback SuperLink; each SuperNode also
+        # gets its own --port (its Runtime API, default 127.0.0.1:9094): here they share one host.
+        return _argv(TRY_SUPERNODE, superlink=self.address, data=self.data(name), name=name) + ["--port", str(port)]
+
+
+def rehearse_try_it(work: Path, data_root: Path, names: list[str] = NAMES, rounds: int = 1,
+                    timeout: float = 600, say=print) -> dict:
+    """Section 4 of ``jetson/README.md`` on loopback: section 2's partition export, the plain
+    SuperLink, one SuperNode per name (partition k for ``names[k]``), the ``try`` connection, the
+    guide's ``flwr run`` with ``num_rounds=rounds`` and ``output_dir`` in ``work``; always stops
+    what it started. Returns the commands, each SuperNode's ID and log, the run directory and its
+    summary, seconds taken, the processes stopped and any left over."""
+    work, data_root = Path(work).resolve(), Path(data_root).resolve()
+    r = TryIt(work, data_root, say)
+    seen: dict = {"work": work, "commands": {}, "run_dir": None, "summary": {}, "returncode": None}
+    export = _load_export_partition()
+    try:
+        for k, name in enumerate(names):
+            argv = _argv(TRY_EXPORT, k=k, out=r.data(name), mnist=data_root)
+            seen["commands"][f"export {name}"] = shlex.join(argv)
+            if export.main(argv[2:]) != 0:  # the script's own main, in this process
+                raise RuntimeError(f"export_partition.py failed for {name}")
+        r.start_superlink()
+        seen["commands"]["superlink"] = shlex.join(r.procs[0].args)
+        for name in names:
+            seen["commands"][name] = shlex.join(r.start_node(name).args)
+        # Each SuperNode logs its ID once the SuperLink has activated it; then `flwr supernode list try`.
+        r.wait(f"{len(names)} SuperNodes' IDs", lambda: all("SuperNode ID:" in r.node_log(n) for n in names), 120, 0.2)
+        r.wait(f"{len(names)} SuperNodes online",
+               lambda: list(r.node_list().values()).count("online") == len(names), 60)
+        seen["status_before_run"] = r.node_list()
+        r.log(f"plain SuperLink on {r.address}, {len(names)} SuperNodes online")
+        run_config = write_run_config(work / "try.toml", shlex.split(
+            TRY_OVERRIDES.format(rounds=rounds, mnist=data_root, runs=work / "runs")))
+        argv = _argv(TRY_RUN, run_config=run_config)
+        seen["commands"]["try.toml"], seen["commands"]["flwr run"] = run_config.read_text().strip(), shlex.join(argv)
+        log, start = work / "logs" / "flwr_try.log", time.monotonic()
+        proc = r.start(argv, r.cli_home, log, cwd=REPO)  # `flwr run .` in the checkout
+        try:
+            seen["returncode"] = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise TimeoutError(f"flwr run did not finish within {timeout:.0f} s; see {log}") from None
+        seen["seconds_run"] = time.monotonic() - start
+        seen["log"] = log.read_text(errors="replace")
+        run_dirs = sorted(path.parent for path in (work / "runs").glob("*/*/summary.json"))
+        if run_dirs:
+            seen["run_dir"] = run_dirs[-1]
+            seen["summary"] = json.loads((run_dirs[-1] / "summary.json").read_text())
+        r.log(f"flwr run exited with {seen['returncode']} after {seen['seconds_run']:.0f} s: {seen['run_dir']}")
+    finally:
+        seen["node_logs"] = {name: r.node_log(name) for name in r.starts}
+        seen["node_ids"] = {name: int(log.split("SuperNode ID:")[1].split()[0])
+                            for name, log in seen["node_logs"].items() if "SuperNode ID:" in log}
+        seen["stopped"], seen["leftover"] = r.stop()
+        seen["seconds"] = time.monotonic() - r.t0
+        r.log(f"stopped {len(seen['stopped'])} processes; {len(seen['leftover'])} left")
+    return seen
 
 
 # -- checks ---------------------------------------------------------------------------------

@@ -5,6 +5,10 @@ bundles, a revoked board coming back), one SuperNode killed mid-run and restarte
 (``jetson/rehearsal.py``); the signed app store against Flower's own verifier; and the deployment
 scripts' dry runs and the partition export.
 
+``rehearse_try_it`` runs section 4's plain-connection path ("Try it first") the same way: one
+round on an insecure SuperLink with three SuperNodes started as the guide's board command; a quick
+test checks that the guide shows the commands it runs.
+
 The rehearsal runs once for the module (about 5 minutes: Flower's deployment loop polls every
 3 s, and the SuperLink takes up to 60 s to mark a killed SuperNode offline). It needs nginx
 (``.ci/run`` installs it).
@@ -49,6 +53,57 @@ def test_rehearsal_round_times_are_recorded(report):
     print(f"deployment round times (s): {times}; run {report.run['seconds']:.0f} s, "
           f"killed node offline after {report.fault['offline_after']:.0f} s")
     assert len(times) == rehearsal.NUM_ROUNDS and all(t > 0 for t in times)
+
+
+@pytest.mark.slow
+def test_try_it_path_runs_as_the_guide_says(tmp_path, mnist_root):
+    """Section 4 of jetson/README.md on loopback (``rehearse_try_it``): the plain SuperLink, three
+    SuperNodes started as the guide's board command, the guide's ``flwr run`` for one round."""
+    seen = rehearsal.rehearse_try_it(tmp_path, mnist_root)
+    print(f"try-it rehearsal: {seen['seconds']:.0f} s (flwr run {seen.get('seconds_run', 0):.0f} s); commands:\n"
+          + "\n".join(f"  {what}: {cmd}" for what, cmd in seen["commands"].items()))
+    assert seen["stopped"] and seen["leftover"] == [], seen["leftover"]
+    assert seen["returncode"] == 0 and seen["run_dir"] is not None, seen.get("log", "")[-3000:]
+    summary = seen["summary"]
+    assert summary["status"] == "finished" and summary["rounds_completed"] == 1, summary
+    # One round of seed002 (each node holds its own digits) scores 0.28; chance is 0.1.
+    assert summary["final_accuracy"] > 0.2, summary["final_accuracy"]
+    assert f"flmnist run directory: {seen['run_dir']}" in seen["log"] and "Run finished" in seen["log"]
+    names = rehearsal.NAMES
+    ids = seen["node_ids"]
+    assert set(ids) == set(names) and all(seen["status_before_run"].get(ids[n]) == "online" for n in names), seen
+    # Each SuperNode got its train message and answered it, under its node name and partition.
+    for name in names:
+        assert "Receiving: train message" in seen["node_logs"][name], seen["node_logs"][name][-2000:]
+        assert "Sending: train message" in seen["node_logs"][name], seen["node_logs"][name][-2000:]
+    bound = {int(node): (who["name"], who["partition"]) for node, who in summary["screen"]["identities"]["bound"].items()}
+    assert bound == {ids[name]: (name, k) for k, name in enumerate(names)}, bound
+    rows = json.loads((seen["run_dir"] / "metrics.json").read_text())
+    assert rows[-1]["round"] == 1 and rows[-1]["num_updates"] == len(names), rows[-1]
+
+
+def _guide_section(title: str) -> tuple[str, str]:
+    """A section of jetson/README.md as written, and flat (continued lines joined, whitespace collapsed)."""
+    text = (JETSON / "README.md").read_text().split(f"\n## {title}", 1)[1].split("\n## ", 1)[0]
+    return text, " ".join(text.replace("\\\n", " ").split())
+
+
+def test_guide_try_it_section_shows_the_rehearsed_commands():
+    """The guide's "Try it first" commands are those ``rehearse_try_it`` runs (flags and values)."""
+    guide = rehearsal.GUIDE_VALUES
+    text, flat = _guide_section("4. Try it first")
+    assert rehearsal.TRY_SUPERLINK.format(**guide) in flat
+    # Each board's command: the images (entrypoint flower-supernode, /data mounted) or the venv's SuperNode.
+    node_args = rehearsal.TRY_SUPERNODE.removeprefix("flower-supernode ")
+    for k, before, data in ((0, "flmnist-supernode:1.41.0", "/data"), (1, "flmnist-supernode-cpu:1.41.0", "/data"),
+                            (2, "flower-supernode", guide["data"])):
+        assert f"{before} {node_args.format(**{**guide, 'data': data, 'name': f'jetson-{k}'})}" in flat, k
+    assert "\nflwr config list " in text
+    assert f"cat >> ~/.flwr/config.toml <<'EOF'\n\n{rehearsal.TRY_CONFIG.format(**guide)}EOF\n" in text
+    assert f"\nflwr supernode list {rehearsal.TRY_CONNECTION} " in text
+    assert f"""echo 'overrides = "{rehearsal.TRY_OVERRIDES.format(**guide)}"' > {guide["run_config"]}""" in flat
+    assert f"\n{rehearsal.TRY_RUN.format(**guide)}\n" in text
+    assert rehearsal.TRY_EXPORT.format(**guide) in _guide_section("2. The server, once")[1]
 
 
 def test_exported_partition_is_the_simulation_partition(tmp_path, mnist_root):
