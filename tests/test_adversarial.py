@@ -73,15 +73,17 @@ def test_one_bad_node_is_rejected_every_time_and_costs_under_one_point(tmp_path,
 
 
 
-def test_the_defaults_survive_model_replacement_by_one_node_of_four(tmp_path, mnist_root):
+@pytest.mark.parametrize("attack", ["replace", "sign-flip"])
+def test_the_defaults_survive_model_replacement_and_sign_flip_by_one_node_of_four(tmp_path, mnist_root, attack):
     """Every screen and guard setting at its default (IID, FedAvg, this file's plain-SGD logreg):
-    node 0 sends its weights times -5 each round (without the guard that ends near 0%). The effect guard rejects each of its updates with its per-digit
-    reason, the run finishes healthy, not degraded, and attribution never credits node 0."""
-    summary, _rows, log = flwr_run(tmp_path, "replace", ["model=logreg", "num_nodes=4", "num_rounds=2",
-                                                          "client.fault=replace", "client.fault_nodes=[0]"])
+    node 0 sends its weights times -5 (replacement) or its update times -5 (sign flip) each round
+    (without the guard either ends near 0%). The effect guard rejects each of its updates with its
+    per-digit reason, the run finishes healthy, not degraded, and attribution never credits node 0."""
+    summary, _rows, log = flwr_run(tmp_path, attack, ["model=logreg", "num_nodes=4", "num_rounds=2",
+                                                      f"client.fault={attack}", "client.fault_nodes=[0]"])
     assert summary["status"] == "finished" and summary["degraded"] is None, summary
     assert summary["screen"]["rejected_per_node"] == {"node 0": 2}, summary["screen"]
     assert summary["screen"]["rejected_by_guard"] == 2
     assert "makes the aggregate worse on the probe set" in log and "per digit, with minus without" in log
     assert "node 0" not in summary["attribution"]["updates"]
-    assert summary["final_accuracy"] > 0.8, summary["final_accuracy"]  # 84.72% measured; guard off: near 0%
+    assert summary["final_accuracy"] > 0.8, summary["final_accuracy"]  # replacement: 84.72% measured; guard off: near 0%
