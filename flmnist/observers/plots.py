@@ -105,6 +105,8 @@ def plot_time(run_dir: Path, evaluated: list[dict], label: str = "") -> None:
     """Accuracy against virtual time (only with a simulated fleet) and against client updates."""
     timed = [r for r in evaluated if r.get("virtual_time") is not None]
     counted = [r for r in evaluated if r.get("client_updates") is not None]
+    if not timed and len({r["client_updates"] / r["round"] for r in counted if r.get("round")}) <= 1:
+        return  # the same updates every round, no clock: it would repeat accuracy_loss.png
     panels = [p for p in (("virtual time (s)", timed, "virtual_time"), ("client updates", counted, "client_updates"))
               if p[1]]
     if not panels:
