@@ -487,6 +487,11 @@ def async_overrides(run_dir: Path, data_root: Path) -> list[str]:
 def _flwr_run_async(r: Rehearsal, report: Report, fault: bool, timeout: float) -> None:
     """``flwr run`` of FedAsync; with ``fault``, kill the victim once it has received an update."""
     run_dir = r.work / "run_async"
+    # The victim, restarted during the synchronous run, must be back before this run discovers its
+    # nodes (on a loaded machine it was not yet, got no update, and so was never killed).
+    ids = set(report.node_ids.values())
+    r.wait("3 SuperNodes online before the asynchronous run",
+           lambda: sum(r.node_list().get(i) == "online" for i in ids) == len(ids), 120)
     before = r.node_log(VICTIM).count("Receiving: train message")
     proc, log, start = _start_flwr_run(r, "run_async", async_overrides(run_dir, r.data_root))
     report.operator_runs += 1
