@@ -20,6 +20,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -64,8 +65,9 @@ LABELS = {"clean": "clean", "boost": "boost (update x10)", "sign-flip": "sign-fl
 
 
 def slug(*parts: str) -> str:
-    return "_".join(p.lower().replace(" + ", "_").replace("=", "").replace(".", "").replace("-", "")
-                    for p in parts)
+    """A run directory name: lowercase letters, digits and underscores only (a comma or a
+    bracket in a Hydra override value would be read as a list or a function)."""
+    return re.sub(r"[^a-z0-9]+", "_", "_".join(parts).lower()).strip("_")
 
 
 def main() -> None:
