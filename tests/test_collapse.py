@@ -93,7 +93,9 @@ def test_attribution_keeps_each_nodes_summed_gain_per_step(tmp_path):
     weights = {k: v.numpy() for k, v in LogReg().state_dict().items()}
     outcomes = iter([np.full(10, 0.5), np.full(10, 0.6), np.full(10, 0.3),   # step 1: base, node 0, node 1
                      np.full(10, 0.5), np.full(10, 0.4)])                      # step 2: base, node 0
-    hook.per_digit = lambda w, delta=None: next(outcomes)
+    # the base model's accuracy and label shares come from Probe.scores, each update's from Probe.per_digit
+    hook.probe.scores = lambda w, delta=None: (next(outcomes), np.full(10, 0.1))
+    hook.probe.per_digit = lambda w, delta=None: next(outcomes)
     hook.attribute(1, weights, [("node 0", weights), ("node 1", weights)], key=1)
     hook.attribute(2, weights, [("node 0", weights)], key=2)
     assert hook.by_step[1] == pytest.approx({"node 0": 100.0, "node 1": -200.0})  # 10 digits x +10 / -20 pp

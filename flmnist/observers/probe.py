@@ -47,13 +47,19 @@ class Probe:
 
     def per_digit(self, weights: dict, delta: dict | None = None) -> np.ndarray:
         """Per-digit accuracy (0..1; NaN for a digit the probe lacks) of ``weights`` (+ ``delta``)."""
+        return self.scores(weights, delta)[0]
+
+    def scores(self, weights: dict, delta: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Per-digit accuracy (as :meth:`per_digit`) and the share of all probe images the model
+        labels with each digit (0..1; a model that knows the digits labels about a tenth with each)."""
         if delta is not None:
             weights = {k: (v + delta[k]).astype(v.dtype) if v.dtype.kind == "f" and k in delta else v
                        for k, v in weights.items()}
         state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()}
         self.model.load_state_dict(state)
         result = evaluate(self.model, self.images, self.labels, self.batch_size, self.device)
-        return np.array([a if a is not None else np.nan for a in result.per_digit_accuracy()])
+        accuracy = np.array([a if a is not None else np.nan for a in result.per_digit_accuracy()])
+        return accuracy, result.predicted_per_digit / max(result.total, 1)
 
 
 def shared_probes(images: torch.Tensor, labels: torch.Tensor,
