@@ -51,8 +51,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flmnist.launch.flwr_local import (
+    descendants,
     free_port,
     pids_with_flwr_home,
+    started_at,
     stop_flwr_home,
     write_run_config,
 )
@@ -72,6 +74,12 @@ CONNECTION = "rehearsal"
 # Jetson image sets the same value.
 TASK_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
 TASK_POLL_INTERVAL = 0.05
+# Who runs a SuperNode's ClientApps: "flower", Flower's own executor (`--isolation subprocess`, a new
+# `flwr-clientapp` process per message); "warm", `--isolation process` with flmnist's warm executor
+# beside each SuperNode (flmnist/flower_patches/warm_executor.py: Flower and PyTorch imported once, a
+# forked child per message running Flower's run_clientapp), with a SuperExec auth secret shared by both.
+EXECUTORS = ("flower", "warm")
+WARM_TASK_TIMEOUT = 600  # seconds before the warm executor kills a ClientApp that has not replied
 # The server's LAN-facing address, on loopback: nginx listens here; the SuperLink (127.0.0.1) does not.
 LAN_HOST = "127.0.0.2"
 BOARD = "board"  # the CLI connection of a board: the LAN-facing proxy
@@ -165,8 +173,13 @@ class Rehearsal:
     cli_connection = CONNECTION  # the operator's flwr CLI connection to the SuperLink
 
     def __init__(self, work: Path, data_root: Path, app_dir: Path = REPO, say=print,
-                 task_poll_interval: float | None = TASK_POLL_INTERVAL, control_plane: bool = False) -> None:
+                 task_poll_interval: float | None = TASK_POLL_INTERVAL, control_plane: bool = False,
+                 executor: str = "flower") -> None:
+        if executor not in EXECUTORS:
+            raise ValueError(f"executor={executor!r}: one of {EXECUTORS}")
         self.work, self.data_root, self.app_dir, self.say = work, data_root, app_dir, say
+        self.executor = executor
+        self.warm_task_timeout = WARM_TASK_TIMEOUT
         self.task_poll_interval = task_poll_interval  # None: Flower's default (1 s)
         self.control_plane = control_plane
         self.t0 = time.monotonic()
@@ -187,6 +200,8 @@ class Rehearsal:
         self.proxy: subprocess.Popen | None = None
         self.proxy_pids: list[int] = []
         self.nodes: dict[str, subprocess.Popen] = {}
+        self.executors: dict[str, subprocess.Popen] = {}  # name -> its warm executor (executor="warm")
+        self.executor_children: dict[int, int | None] = {}  # their children at stop: pid -> start time
         self.starts: dict[str, int] = {}  # how often each node was started
 
     # -- plumbing -------------------------------------------------------------------------
@@ -355,31 +370,87 @@ class Rehearsal:
             cmd += ["--trusted-entities", self.trusted]
         return cmd + ["--node-config", f'data-path="{self.data(name)}" node-name="{name}"']
 
+    def superexec_secret(self, name: str) -> Path:
+        """The secret a board's SuperNode and warm executor share (the Runtime API's AcquireTask)."""
+        path = self.work / "keys" / name / "superexec.secret"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch(mode=0o600)
+            path.write_bytes(os.urandom(32))
+        return path
+
+    def warm_executor_command(self, name: str, port: int) -> list:
+        """``flmnist-warm-executor`` for the SuperNode whose Runtime API listens on 127.0.0.1:``port``."""
+        return [BIN / "flmnist-warm-executor", "--runtime-api-address", f"127.0.0.1:{port}", "--insecure",
+                "--superexec-auth-secret-file", self.superexec_secret(name),
+                "--poll-interval", self.task_poll_interval or 1.0, "--task-timeout", self.warm_task_timeout]
+
     def start_node(self, name: str, **kwargs) -> subprocess.Popen:
+        """The board's SuperNode; with the warm executor, in ``--isolation process`` with its executor
+        beside it (same FLWR_HOME: the bundle is installed there), both started together."""
         self.starts[name] = self.starts.get(name, 0) + 1
         home = self.work / "flwr-home" / name
         if home not in self.homes:
             home.mkdir(parents=True, exist_ok=True)
             self.homes.append(home)
         log = self.work / "logs" / f"{name}.{self.starts[name]}.log"
-        proc = self.start(self.supernode_command(name, free_port(), **kwargs), home, log)
+        port = free_port()
+        cmd = self.supernode_command(name, port, **kwargs)
+        if self.executor == "warm":
+            cmd += ["--isolation", "process", "--superexec-auth-secret-file", self.superexec_secret(name)]
+        proc = self.start(cmd, home, log)
         self.nodes[name] = proc
+        if self.executor == "warm":
+            self.executors[name] = self.start(self.warm_executor_command(name, port), home,
+                                              self.work / "logs" / f"{name}.{self.starts[name]}.executor.log")
         return proc
+
+    def executor_log(self, name: str, start: int | None = None) -> str:
+        path = self.work / "logs" / f"{name}.{start or self.starts[name]}.executor.log"
+        return path.read_text(errors="replace") if path.exists() else ""
 
     def node_log(self, name: str, start: int | None = None) -> str:
         path = self.work / "logs" / f"{name}.{start or self.starts[name]}.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
     def crash(self, name: str) -> list[int]:
-        """SIGKILL the SuperNode and everything it started (SuperExec, ClientApp): a power cut."""
+        """SIGKILL the SuperNode and everything it started (SuperExec, ClientApp), and its warm
+        executor with its children (not dumpable, as Flower's SuperExec: their environment is not
+        readable in /proc, so they are found by process id): a power cut."""
         pids = pids_with_flwr_home(self.work / "flwr-home" / name)
+        if name in self.executors and self.executors[name].poll() is None:
+            pids += [self.executors[name].pid, *descendants({self.executors[name].pid})]
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         self.nodes[name].wait(timeout=10)
+        if name in self.executors:
+            self.executors[name].wait(timeout=10)
         return pids
+
+    def stop_executors(self) -> list[int]:
+        """SIGTERM each warm executor (it kills and reaps its children, answering their tasks), SIGKILL
+        after 10 s to whatever of it and its children is left."""
+        procs = [proc for proc in self.executors.values() if proc.poll() is None]
+        children = {pid: started_at(pid) for pid in descendants({proc.pid for proc in procs})}
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+        for pid, start in children.items():
+            if start is not None and started_at(pid) == start:  # the same process, not a later one with its id
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        self.executor_children = children
+        return [proc.pid for proc in procs] + list(children)
 
     # -- cleanup --------------------------------------------------------------------------
     def stop_proxy(self) -> list[int]:
@@ -404,6 +475,7 @@ class Rehearsal:
     def stop(self) -> tuple[list[int], list[int]]:
         """Stop everything started, by process id: nginx, each FLWR_HOME's processes, then our own children."""
         stopped = self.stop_proxy()
+        stopped += self.stop_executors()
         for home in reversed(self.homes):
             stopped += stop_flwr_home(home, grace=5.0)
         for proc in self.procs:
@@ -413,6 +485,8 @@ class Rehearsal:
             proc.wait(timeout=10)
         leftover = [pid for home in self.homes for pid in pids_with_flwr_home(home)]
         leftover += [pid for pid in self.proxy_pids if _alive(pid)]
+        leftover += [pid for pid, start in self.executor_children.items()
+                     if start is not None and started_at(pid) == start and pid not in leftover]
         return stopped, leftover
 
 
@@ -504,7 +578,7 @@ def _flwr_run_async(r: Rehearsal, report: Report, fault: bool, timeout: float) -
             r.log(f"asynchronous run: killed {VICTIM} (SIGKILL) while it held an update")
         time.sleep(0.5)
     report.async_run.update(returncode=proc.returncode, log=log.read_text(errors="replace"), run_dir=run_dir,
-                            seconds=time.monotonic() - start)
+                            seconds=time.monotonic() - start, victim_log=r.node_log(VICTIM))
     r.log(f"asynchronous flwr run exited with {proc.returncode} after {report.async_run['seconds']:.0f} s")
 
 
@@ -774,11 +848,12 @@ def _collect_refusals(r: Rehearsal, report: Report, procs: dict) -> None:
 
 
 def rehearse(work: Path, data_root: Path, fault: bool = True, app_dir: Path = REPO,
-             timeout: float = 900, say=print) -> Report:
-    """Run the whole rehearsal in ``work``; always stops what it started. Returns what it saw."""
+             timeout: float = 900, say=print, executor: str = "flower") -> Report:
+    """Run the whole rehearsal in ``work``; always stops what it started. Returns what it saw.
+    ``executor``: who runs the SuperNodes' ClientApps (``EXECUTORS``)."""
     work, data_root = Path(work).resolve(), Path(data_root).resolve()
     report = Report(work=work, data_root=data_root)
-    r = Rehearsal(work, data_root, app_dir, say, control_plane=True)
+    r = Rehearsal(work, data_root, app_dir, say, control_plane=True, executor=executor)
     try:
         report.sans = r.make_certs()
         r.log("CA and SuperLink certificate made")
@@ -863,8 +938,8 @@ class TryIt(Rehearsal):
 
     cli_connection = TRY_CONNECTION
 
-    def __init__(self, work: Path, data_root: Path, say=print) -> None:
-        super().__init__(work, data_root, say=say, task_poll_interval=None)
+    def __init__(self, work: Path, data_root: Path, say=print, executor: str = "flower") -> None:
+        super().__init__(work, data_root, say=say, task_poll_interval=None, executor=executor)
 
     def start_superlink(self) -> None:
         # The one change from the guide's command: 127.0.0.1 and a free port, not 0.0.0.0:8000, so
@@ -1016,7 +1091,9 @@ def check_restarted_node_gets_work(report: Report) -> None:
 
 def check_async_run_survives_killed_node(report: Report) -> None:
     seen = report.async_run
-    assert seen.get("killed_pids"), f"the victim was never killed during the asynchronous run: {seen.keys()}"
+    assert seen.get("killed_pids"), (
+        "the victim was never killed during the asynchronous run (it never logged a train message);"
+        f" run log:\n{seen.get('log', '')[-2500:]}\nvictim's log:\n{seen.get('victim_log', '')[-1500:]}")
     run_dir = seen["run_dir"]
     assert (run_dir / "summary.json").is_file(), seen["log"][-3000:]
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"
@@ -1132,11 +1209,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", help="folder to work in (default: a new temporary folder, kept)")
     parser.add_argument("--data-root", default=os.environ.get("FLMNIST_DATA_DIR"), help="MNIST root")
     parser.add_argument("--no-fault", action="store_true", help="do not kill a SuperNode mid-run")
+    parser.add_argument("--executor", choices=EXECUTORS, default="flower",
+                        help="who runs the ClientApps: Flower's own executor (default), or flmnist's warm "
+                             "executor beside each SuperNode in --isolation process")
     args = parser.parse_args(argv)
     if not args.data_root:
         parser.error("set FLMNIST_DATA_DIR or --data-root to the MNIST root (holding MNIST/raw/)")
     work = Path(args.work or tempfile.mkdtemp(prefix="flmnist-rehearsal-"))
-    report = rehearse(work, Path(args.data_root), fault=not args.no_fault)
+    report = rehearse(work, Path(args.data_root), fault=not args.no_fault, executor=args.executor)
     skipped = {"run_survives_killed_node", "restarted_node_gets_work",
                "async_run_survives_killed_node"} if args.no_fault else set()
     failed = 0

@@ -266,8 +266,11 @@ def test_guide_options_exist():
         image = next((i for i in IMAGES if i in seg), None)
         if image and "docker run" in seg and "--entrypoint" not in seg.split(image)[0]:
             wanted["flower-supernode"] |= _flags_after(seg, image)
+    warm_executor: set[str] = set()  # flmnist-warm-executor.service: the image with another entrypoint
     for seg in _segments(units):
-        if "flower-supernode" in seg or any(i in seg for i in ("${FLMNIST_IMAGE}",)):
+        if "--entrypoint flmnist-warm-executor" in seg:
+            warm_executor |= {f.split("=")[0] for f in _flags_after(seg, "${FLMNIST_IMAGE}")}
+        elif "flower-supernode" in seg or any(i in seg for i in ("${FLMNIST_IMAGE}",)):
             token = "flower-supernode" if "flower-supernode" in seg else "${FLMNIST_IMAGE}"
             wanted["flower-supernode"] |= {f.split("=")[0] for f in _flags_after(seg, token)}
     assert checked >= 12, checked
@@ -277,6 +280,8 @@ def test_guide_options_exist():
     for program, flags in wanted.items():
         known = _help_flags(*program.split())
         assert flags <= known, f"{program} has no options {sorted(flags - known)}"
+    assert {"--runtime-api-address", "--task-timeout"} <= warm_executor, warm_executor
+    assert warm_executor <= _help_flags("flmnist-warm-executor"), warm_executor
 
 
 def test_guide_order_and_names():

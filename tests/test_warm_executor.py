@@ -1,0 +1,231 @@
+"""flmnist's warm ClientApp executor (``flmnist-warm-executor``, flmnist/flower_patches/warm_executor.py)
+beside a real ``flower-supernode --isolation process``: a real SuperLink (the guide's plain "Try it
+first" SuperLink on loopback, ``jetson/rehearsal.py``'s ``TryIt`` with ``executor="warm"``), one
+SuperNode and its executor, and real ``flwr run``s:
+
+- a small probe app whose ClientApp answers, dies by SIGKILL, raises, or hangs past the executor's
+  task timeout, as the server asks: each failure is that message's error reply, the next message
+  is answered by a new child, and the executor is still up;
+- flmnist itself (logistic regression, 2 rounds): every task in a forked child, the app loaded
+  from the bundle the SuperNode installed;
+- and, without Flower, its refusal of any Flower but 1.41.0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+from scripts import load_script
+
+from flmnist.flower_patches import warm_child, warm_executor
+from flmnist.launch.flwr_local import write_run_config
+
+REPO = Path(__file__).resolve().parents[1]
+rehearsal = load_script("flmnist_rehearsal", REPO / "jetson" / "rehearsal.py")
+NODE = rehearsal.NAMES[0]
+
+PROBE_PYPROJECT = """[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "warmprobe"
+version = "1.0.0"
+description = "Answers, crashes, raises or hangs as its server asks: the warm executor's failure cases"
+license = "Apache-2.0"
+dependencies = ["flwr"]
+
+[tool.flwr.app]
+publisher = "flmnisttests"
+
+[tool.flwr.app.components]
+serverapp = "warmprobe.apps:server"
+clientapp = "warmprobe.apps:client"
+
+[tool.flwr.app.config]
+plan = "ok"
+wait = 90
+"""
+
+PROBE_APPS = '''"""One query per action of the run's plan, to the one SuperNode, each after the last was answered."""
+import os
+import signal
+import time
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+client = ClientApp()
+server = ServerApp()
+
+
+@client.query()
+def query(msg: Message, context: Context) -> Message:
+    action = msg.content["config"]["action"]
+    if action == "crash":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if action == "raise":
+        raise RuntimeError("warmprobe was asked to raise")
+    if action == "hang":
+        time.sleep(3600)
+    return Message(RecordDict({"who": ConfigRecord({"pid": os.getpid(), "file": __file__})}), reply_to=msg)
+
+
+@server.main()
+def main(grid: Grid, context: Context) -> None:
+    deadline = time.monotonic() + float(context.run_config["wait"])
+    nodes = []
+    while not nodes and time.monotonic() < deadline:
+        nodes = list(grid.get_node_ids())
+        time.sleep(0.2)
+    for action in str(context.run_config["plan"]).split(","):
+        start = time.monotonic()
+        message = Message(RecordDict({"config": ConfigRecord({"action": action})}), dst_node_id=nodes[0],
+                          message_type="query")
+        (message_id,) = grid.push_messages([message])
+        reply = None
+        while reply is None and time.monotonic() < deadline:
+            for reply in grid.pull_messages([message_id]):
+                pass
+            time.sleep(0.05)
+        took = time.monotonic() - start
+        if reply is None:
+            print(f"WARMPROBE {action}: no reply ({took:.1f} s)", flush=True)
+        elif reply.has_error():
+            print(f"WARMPROBE {action}: error {reply.error.code}: {reply.error.reason} ({took:.1f} s)", flush=True)
+        else:
+            who = reply.content["who"]
+            print(f"WARMPROBE {action}: ok pid={who['pid']} file={who['file']} ({took:.1f} s)", flush=True)
+'''
+
+
+def write_probe(folder: Path) -> Path:
+    (folder / "warmprobe").mkdir(parents=True, exist_ok=True)
+    (folder / "pyproject.toml").write_text(PROBE_PYPROJECT)
+    (folder / "warmprobe" / "__init__.py").write_text("")
+    (folder / "warmprobe" / "apps.py").write_text(PROBE_APPS)
+    return folder
+
+
+def start_warm_node(r) -> None:
+    """The plain SuperLink, one SuperNode in --isolation process and its warm executor, online and polling."""
+    r.start_superlink()
+    r.start_node(NODE)
+    r.wait("the SuperNode online", lambda: list(r.node_list().values()).count("online") == 1, 90)
+    r.wait("the warm executor polling", lambda: "polling the SuperNode's Runtime API" in r.executor_log(NODE),
+           90, 0.2)
+
+
+def test_refuses_any_flower_but_1_41_0(monkeypatch, capsys):
+    assert warm_executor.version_refusal(warm_executor.FLWR_VERSION) is None
+    monkeypatch.setattr(warm_executor, "installed_flower_version", lambda: "1.42.0")
+    assert warm_executor.main(["--runtime-api-address", "127.0.0.1:9094", "--insecure"]) == 2
+    err = capsys.readouterr().err
+    assert "flwr 1.42.0" in err and "Flower 1.41.0" in err, err
+    assert "Use Flower's stock executor instead" in err and "flower-supernode --isolation subprocess" in err, err
+
+
+def test_never_preloads_the_apps_own_modules():
+    with pytest.raises(SystemExit, match="never imports the app's own modules"):
+        warm_executor.preload(("flmnist.client_app",))
+
+
+def test_report_frames_round_trip():
+    read_fd, write_fd = os.pipe()
+    warm_child.report(write_fd, warm_child.PULLED, b"abc")
+    warm_child.report(write_fd, warm_child.REPLYING)
+    os.close(write_fd)
+    data = os.read(read_fd, 1024)
+    os.close(read_fd)
+    assert warm_child.frames(data) == [(b"M", b"abc"), (b"R", b"")]
+    assert warm_child.frames(data[:-1]) == [(b"M", b"abc")]  # a cut frame is left out
+
+
+def test_jetson_compose_runs_the_warm_executor_beside_the_supernode():
+    import yaml
+
+    services = yaml.safe_load((REPO / "jetson" / "docker-compose.yml").read_text())["services"]
+    assert "--isolation=${FLMNIST_ISOLATION:-process}" in services["supernode"]["command"]
+    executor = services["warm-executor"]
+    assert executor["entrypoint"] == ["flmnist-warm-executor"] and executor["network_mode"] == "service:supernode"
+    args = warm_executor.parse_args(executor["command"])
+    assert (args.runtime_api_address, args.insecure, args.task_timeout, args.exit_when_unreachable) == (
+        "127.0.0.1:9094", True, 600, 30)
+    assert any(v.endswith(":/data:ro") for v in executor["volumes"])  # its ClientApps read the node's data
+
+
+@pytest.mark.slow
+def test_crashed_raising_and_hung_children_are_answered_and_the_executor_stays_up(tmp_path, mnist_root):
+    r = rehearsal.TryIt(tmp_path, mnist_root, executor="warm")
+    r.warm_task_timeout = 5
+    app = write_probe(tmp_path / "warmprobe")
+    log = tmp_path / "logs" / "flwr_warmprobe.log"
+    try:
+        start_warm_node(r)
+        proc = r.start([rehearsal.BIN / "flwr", "run", app, rehearsal.TRY_CONNECTION, "--stream",
+                        "--run-config", 'plan="ok,crash,raise,hang,ok"'], r.cli_home, log)
+        r.wait("the probe's five answers", lambda: log.read_text(errors="replace").count("WARMPROBE ") >= 5
+               or proc.poll() is not None, 150, 0.5)
+        executor_alive = r.executors[NODE].poll() is None
+    finally:
+        stopped, leftover = r.stop()
+    out, executor_log = log.read_text(errors="replace"), r.executor_log(NODE)
+    answers = dict(re.findall(r"WARMPROBE (\w+): (.*)", out.replace("WARMPROBE ok", "WARMPROBE ok1", 1)))
+    print("\n".join(f"{a}: {v}" for a, v in answers.items()))
+    assert set(answers) == {"ok1", "crash", "raise", "hang", "ok"}, out[-3000:]
+    assert answers["crash"].startswith("error 8: ClientApp process killed by SIGKILL"), answers
+    assert answers["raise"].startswith("error 2: ") and "warmprobe was asked to raise" in answers["raise"], answers
+    assert answers["hang"].startswith("error 8: ClientApp process killed (SIGKILL) after the task timeout of 5 s"), answers
+    # Answered at once by the executor, not by Flower's task expiry (up to 60 s without heartbeats).
+    assert float(re.search(r"\((\d+\.\d) s\)$", answers["crash"]).group(1)) < 20, answers["crash"]
+    first, last = (re.match(r"ok pid=(\d+) file=(\S+)", answers[k]).groups() for k in ("ok1", "ok"))
+    assert first[0] != last[0], "each task runs in a new child"
+    apps = (tmp_path / "flwr-home" / NODE / "apps").resolve()
+    assert Path(first[1]).resolve().is_relative_to(apps), first[1]  # loaded from the installed bundle
+    assert executor_alive, executor_log[-3000:]
+    assert executor_log.count("started child") == 5, executor_log[-3000:]
+    assert "killed by SIGKILL" in executor_log and "error reply sent to the SuperNode" in executor_log
+    assert "after the task timeout of 5 s" in executor_log and "Flower's run_clientapp sent the reply" in executor_log
+    assert stopped and leftover == [], leftover
+
+
+@pytest.mark.slow
+def test_flmnist_runs_through_the_warm_executor(tmp_path, mnist_root):
+    r = rehearsal.TryIt(tmp_path, mnist_root, executor="warm")
+    run_dir = tmp_path / "run"
+    # Node 0 of an IID split in 6 (10,000 images); the run goes on with the one node it has.
+    split = ["partition=iid", "num_nodes=6"]
+    overrides = [*split, "sampling.min_available_nodes=1", "model=logreg", "client.local_steps=1", "num_rounds=2",
+                 "data.holdout_fraction=0.05", f"data.root={mnist_root}", f"run_dir={run_dir}", "wait_for_nodes=60"]
+    log = tmp_path / "logs" / "flwr_flmnist.log"
+    try:
+        r.export_partitions(split, [NODE])
+        start_warm_node(r)
+        start = time.monotonic()
+        proc = r.start([rehearsal.BIN / "flwr", "run", REPO, rehearsal.TRY_CONNECTION, "--stream", "--run-config",
+                        write_run_config(tmp_path / "run.toml", overrides)], r.cli_home, log, cwd=REPO)
+        proc.wait(timeout=180)
+        seconds = time.monotonic() - start
+        executor_alive = r.executors[NODE].poll() is None
+    finally:
+        stopped, leftover = r.stop()
+    executor_log = r.executor_log(NODE)
+    print(f"flwr run: {seconds:.0f} s\n" + "\n".join(line for line in executor_log.splitlines() if "task " in line))
+    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
+    assert summary.get("status") == "finished" and summary.get("rounds_completed") == 2, log.read_text()[-3000:]
+    rows = json.loads((run_dir / "metrics.json").read_text())
+    assert rows[-1]["round"] == 2 and rows[-1]["num_updates"] == 1, rows[-1]
+    assert summary["final_accuracy"] > 0.2, summary["final_accuracy"]  # chance: 0.1
+    # Two rounds of a train and an evaluate message, each a child that replied and exited 0.
+    assert executor_log.count("exited with code 0") == executor_log.count("started child") == 4, executor_log[-3000:]
+    apps = str((tmp_path / "flwr-home" / NODE / "apps").resolve())
+    bundle = re.findall(r"app modules loaded from the bundle \((\S+)\), (\d+) from elsewhere", executor_log)
+    assert len(bundle) == 4 and all(where.startswith(apps) and n == "0" for where, n in bundle), bundle
+    assert "Receiving: train message" in r.node_log(NODE)
+    assert executor_alive and stopped and leftover == [], leftover
