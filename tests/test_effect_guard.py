@@ -113,3 +113,33 @@ def test_asynchronous_updates_are_judged_against_the_recent_accepted_ones(mnist)
     bad = Candidate(0, "node 0", attack("replace", start, models[0]), 2000.0)
     assert [c.name for c, _ in guard.judge(start, [bad], asynchronous=True)] == ["node 0"]
     assert [c.name for c in guard.window] == ["node 1", "node 2", "node 3"]
+
+
+def test_a_buffered_strategy_judges_an_update_among_as_many_as_its_buffer_holds(mnist):
+    """FedBuff with a buffer of 4 averages an attacker with 3 others: among the last 10 accepted
+    updates a sign flip x3 is diluted below the threshold (0.5 pp), among the last 3 (what
+    ``ReplyPath.aggregate_size(4)`` keeps) it shows its real harm (7 pp) and is rejected."""
+    from flmnist.engine.reply_path import ReplyPath
+    from flmnist.protocol.screen import ReplyScreen, ScreenSettings
+    from flmnist.strategies.fedbuff import FedBuff
+
+    (x, y), (tx, ty) = mnist
+    start = start_model(x, y, 60)
+    shards = np.array_split(np.random.default_rng(4).permutation(len(y))[:22000], 11)
+    models = [trained(start, x[s], y[s], steps=10, seed=i) for i, s in enumerate(shards)]
+    honest = [Candidate(i, f"node {i}", {k: m[k] - start[k] for k in start}, 2000.0) for i, m in enumerate(models)]
+    bad = Candidate(0, "node 0", {k: -3 * v for k, v in honest[0].delta.items()}, 2000.0)
+
+    wide = EffectGuard(Probe(tx, ty, LogReg), window=10)
+    wide.window.extend(honest[1:])
+    assert wide.judge(start, [bad], asynchronous=True) == []   # diluted 1 in 11
+
+    guard = EffectGuard(Probe(tx, ty, LogReg), window=10)
+    strategy = FedBuff(buffer_size=10)
+    strategy.limit_concurrency(4)
+    path = ReplyPath(ReplyScreen(ScreenSettings(), limits=None), sent=None, guard=guard, asynchronous=True)
+    path.aggregate_size(strategy.aggregate_size())
+    assert guard.window.maxlen == 3
+    guard.window.extend(honest[1:])
+    assert [c.name for c in guard.window] == ["node 8", "node 9", "node 10"]
+    assert [c.name for c, _ in guard.judge(start, [bad], asynchronous=True)] == ["node 0"]

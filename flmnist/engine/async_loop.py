@@ -264,6 +264,7 @@ class AsyncLoop:
             raise RunFailed("no node answered the query with a valid node-info; nothing to train on")
         self.concurrency = min(self.settings.concurrency or len(nodes), len(nodes))
         self.strategy.limit_concurrency(self.concurrency)
+        self.path.aggregate_size(self.strategy.aggregate_size())
         log(INFO, "Asynchronous loop: %d nodes, %d training at once, %s clock", len(nodes), self.concurrency,
             "virtual" if self.clock.simulated else "real")
         if checkpoint is None:

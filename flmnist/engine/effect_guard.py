@@ -13,7 +13,9 @@ digits, but the aggregate without it is worse on its own digits.
 
 - synchronous engine: the round's screened updates, among themselves;
 - asynchronous engine: each arriving update against the last ``screen.guard_window`` accepted
-  ones (the aggregate it would have been part of), applied to the current global model.
+  ones (the aggregate it would have been part of), applied to the current global model; for a
+  buffered strategy (FedBuff, buffer K) against at most the last K - 1, so the update's share of
+  the guard's aggregate is its share of the real one.
 
 Probing costs evaluations, so a cheap test comes first: updates that point the way the others
 do (cosine with the others' mean at least 0) and are no longer than 3 times the median length
@@ -64,6 +66,11 @@ class EffectGuard:
         self.judged = 0
         self.probed = 0
         self.rejected = 0
+
+    def limit_window(self, size: int) -> None:
+        """Judge asynchronous updates among at most ``size`` recent accepted ones."""
+        if size < (self.window.maxlen or 0):
+            self.window = deque(self.window, maxlen=size)
 
     # ------------------------------------------------------------ measuring
     def accuracy(self, before: Weights, delta: Weights | None) -> np.ndarray:

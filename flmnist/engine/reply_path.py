@@ -154,6 +154,13 @@ class ReplyPath:
             refused.append(Rejection(c.key.node_id, c.name, reason))
         return refused
 
+    def aggregate_size(self, size: int | None) -> None:
+        """Asynchronous: the number of updates one server step averages (None: each alone). The
+        guard then judges each update among the ``size - 1`` most recent accepted ones (at least
+        one), not among more, which would dilute an attacker's share in its aggregate."""
+        if self.guard is not None and size is not None:
+            self.guard.limit_window(max(1, size - 1))
+
     def _median_norm(self, updates: list[ClientUpdate]) -> float | None:
         """The median length of recent accepted updates and this batch (None with fewer than 3)."""
         norms = list(self.norms) + [u.norm for u in updates]

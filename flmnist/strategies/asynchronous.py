@@ -35,6 +35,12 @@ class AsyncStrategy(ABC):
     def limit_concurrency(self, concurrency: int) -> None:
         """Called once by the loop with the number of nodes kept busy."""
 
+    def aggregate_size(self) -> int | None:
+        """How many client updates one server step averages (FedBuff: its buffer), or None if each
+        update is applied on its own. The effect guard judges an arriving update among as many
+        recent ones, so an attacker's share in the guard's aggregate is its share in the real one."""
+        return None
+
     def state_dict(self) -> dict:
         """Strategy state to checkpoint (buffers, momentum)."""
         return {}

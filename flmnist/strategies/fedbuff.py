@@ -55,6 +55,9 @@ class FedBuff(AsyncStrategy):
     def limit_concurrency(self, concurrency: int) -> None:
         self.buffer_size = min(self.buffer_size, concurrency)
 
+    def aggregate_size(self) -> int:
+        return self.buffer_size
+
     def apply(self, model: Weights, update: Weights, num_examples: int, staleness: int) -> Weights | None:
         weight = float(num_examples) if self.weight_by_examples else 1.0
         scale = weight * self.staleness(staleness)
