@@ -159,6 +159,36 @@ def test_sigterm_stops_every_process_the_command_started(tmp_path, mnist_root):
     assert not left, f"processes the command started outlived it: {left}"
 
 
+def documented_outputs() -> set[str]:
+    """The names docs/outputs.md's table of a run directory's files gives (``a.csv/json``: both;
+    ``confusion/round_NNNN.csv``: the folder)."""
+    names = set()
+    for line in (Path(__file__).resolve().parents[1] / "docs" / "outputs.md").read_text().splitlines():
+        if line.startswith("| `"):
+            for item in re.findall(r"`([^`]+)`", line.split(" | ")[0]):
+                if m := re.fullmatch(r"([\w.]+)\.(\w+(?:/\w+)+)", item):
+                    names.update(f"{m[1]}.{ext}" for ext in m[2].split("/"))
+                else:
+                    names.add(item.split("/")[0])
+    return names
+
+
+@pytest.mark.slow
+def test_a_run_directory_holds_only_documented_files_and_no_empty_log(tmp_path, mnist_root):
+    """What a user finds after a run: each file described in docs/outputs.md; one log,
+    flwr_run.log (Hydra's empty cli.log is not written)."""
+    out = subprocess.run([FLMNIST, "model=logreg", "num_nodes=2", "num_rounds=1", "client.local_steps=5",
+                          "simulation.backend=inprocess", "hydra.run.dir=run"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=600, check=False, env={**os.environ, "FLMNIST_DATA_DIR": str(mnist_root)})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    run = tmp_path / "run"
+    assert not (run / "cli.log").exists()
+    assert [p.name for p in run.rglob("*.log")] == ["flwr_run.log"]
+    assert (run / "flwr_run.log").stat().st_size > 0
+    undocumented = sorted(p.name for p in run.iterdir() if p.name not in documented_outputs())
+    assert not undocumented, f"not described in docs/outputs.md: {undocumented}"
+
+
 def test_the_commands_checks_before_flower_starts_import_no_pytorch(mnist_root):
     """Composing, checking the config and MNIST, and the GPU share, is what the command does alone
     before Flower starts: PyTorch's import (about 1 s) is left to the processes that train or
