@@ -20,7 +20,8 @@ from flmnist.config.validate import drop_rounds_past_the_end, validate
 from flmnist.core.build import one_line
 from flmnist.core.errors import ConfigError
 
-GROUPS = ("model", "partition", "strategy", "client", "eval", "fleet", "logger", "simulation", "experiment")
+GROUPS = ("model", "partition", "strategy", "client", "eval", "fleet", "logger", "simulation", "privacy",
+          "experiment")
 
 
 def first_given(*values):

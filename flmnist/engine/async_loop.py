@@ -43,6 +43,7 @@ from flmnist.engine.async_stats import AsyncStats, stats_lines
 from flmnist.engine.async_transport import Transport
 from flmnist.engine.base import UpdateLiveness, VirtualClock, restore_common
 from flmnist.engine.fleet import Fleet
+from flmnist.engine.privacy import AsyncPrivacy
 from flmnist.engine.reply_path import ReplyPath
 from flmnist.protocol import messages as p
 from flmnist.protocol.settings import AsyncLoopSettings
@@ -63,8 +64,10 @@ class AsyncLoop:
         settings: AsyncLoopSettings,
         fleet: Fleet | None = None,
         poll_interval: float = 0.05,
+        privacy: AsyncPrivacy | None = None,
     ) -> None:
         self.grid, self.strategy, self.path, self.settings = grid, strategy, path, settings
+        self.privacy = privacy  # privacy=central: clip, noise and account each server update
         self.fleet = fleet
         self.sent = path.sent
         self.version = 0
@@ -185,12 +188,42 @@ class AsyncLoop:
             self.stats.count("too stale")
             return None
         self.liveness.ok()
+        if self.privacy is not None and not self.budget_allows(update.name):
+            return None
         self.stats.applied_update(update.name, staleness, update.metrics[p.TRAIN_LOSS])
         self.path.applied(self.version + 1, weights, [update], reference, delta=self.strategy.reply_delta,
                           key=("version", self.version))
+        if self.privacy is not None:
+            return self.private_apply(update, staleness, weights)
         new = self.strategy.apply(weights, update.weights, update.num_examples, staleness)
         if new is None:
             return None
+        return self.path.aggregate(new, weights)
+
+    def budget_allows(self, name: str) -> bool:
+        """``privacy.max_epsilon``: whether the release this update would complete stays within the
+        budget; if not, the run stops before it (the update is not applied)."""
+        dp = self.privacy
+        if self.strategy.reply_delta:
+            over = dp.buffer_full(self.strategy) and dp.would_exceed_buffer(self.strategy, name)
+        else:
+            over = dp.accountant.would_exceed(1)
+        if over:
+            self.path.request_stop(self.version, "privacy budget", epsilon=round(dp.accountant.epsilon, 6),
+                                   max_epsilon=dp.settings.max_epsilon)
+        return not over
+
+    def private_apply(self, update, staleness: int, weights: dict) -> dict | None:
+        """``privacy=central``: the update clipped (FedAsync: also noised), FedBuff's release
+        noised at its server step, each release accounted."""
+        dp = self.privacy
+        prepared = dp.prepare(self.strategy, update.name, update.weights, weights)
+        new = self.strategy.apply(weights, prepared, update.num_examples, staleness)
+        if new is None:
+            return None
+        if self.strategy.reply_delta:
+            new = dp.released(self.strategy, weights, new)
+        dp.accountant.log_release(self.version + 1, "server update")
         return self.path.aggregate(new, weights)
 
     # ------------------------------------------------------------------ stop
@@ -211,6 +244,9 @@ class AsyncLoop:
     def record(self, arrays: ArrayRecord, weights: dict, evaluate: bool) -> None:
         fields = {"virtual_time": round(self.clock.now, 4) if self.clock.simulated else None,
                   **self.stats.take_row()}
+        if self.privacy is not None:
+            fields["epsilon"] = round(self.privacy.accountant.epsilon, 6)
+            self.path.report("privacy", self.privacy.accountant.summary())
         self.path.report("async", self.stats_dict())
         self.path.global_model(self.version, arrays, evaluate=evaluate, **fields)
         if evaluate and self.version > 0 and self.path.checkpoint_due(self.version):
@@ -235,6 +271,7 @@ class AsyncLoop:
         """Strategy state (buffer, momentum), version and counters; in-flight updates are not
         kept: after a resume every node gets fresh work on the checkpointed model."""
         return {"strategy": self.strategy.state_dict(),
+                "privacy": self.privacy.state_dict() if self.privacy is not None else None,
                 "loop": {"version": self.version, **self.stats.state(), "vnow": self.clock.now,
                          "bookkeeping": self.clock.bookkeeping,
                          "node_updates": {n.partition: n.updates for n in self.transport.nodes.values()}}}
@@ -246,6 +283,10 @@ class AsyncLoop:
         self.stats.load_state(loop)
         self.clock.now, self.clock.bookkeeping = loop["vnow"], loop["bookkeeping"]
         self.strategy.load_state_dict(checkpoint["engine"]["strategy"])
+        if self.privacy is not None:
+            if not checkpoint["engine"].get("privacy"):
+                raise ValueError("the checkpoint has no privacy accountant: it was written without privacy=central")
+            self.privacy.load_state_dict(checkpoint["engine"]["privacy"])
         restore_common(self.path, checkpoint)
         for node in self.transport.nodes.values():
             node.updates = loop["node_updates"].get(node.partition, 0)
@@ -264,6 +305,8 @@ class AsyncLoop:
             raise RunFailed("no node answered the query with a valid node-info; nothing to train on")
         self.concurrency = min(self.settings.concurrency or len(nodes), len(nodes))
         self.strategy.limit_concurrency(self.concurrency)
+        if self.privacy is not None:
+            self.privacy.check(self.strategy)
         self.path.aggregate_size(self.strategy.aggregate_size())
         log(INFO, "Asynchronous loop: %d nodes, %d training at once, %s clock", len(nodes), self.concurrency,
             "virtual" if self.clock.simulated else "real")

@@ -17,7 +17,11 @@ FedAdagrad, FedYogi, FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan, ...) can
 - advances the virtual clock of a simulated fleet (:class:`~flmnist.engine.base.VirtualClock`:
   a round lasts as long as its slowest node);
 - holds the checkpoint state (the inner strategy's momentum and optimiser buffers, as
-  :func:`~flmnist.strategies.state.checkpoint_state` names them).
+  :func:`~flmnist.strategies.state.checkpoint_state` names them);
+- under ``privacy=central`` (:mod:`flmnist.engine.privacy`), the inner strategy is Flower's DP
+  wrapper: every round hands it exactly the sampled number of updates (a rejected or missing one
+  as a zero update), records epsilon, and asks the run to stop before a round that would spend
+  more than ``privacy.max_epsilon``.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from flwr.serverapp.strategy import Strategy
 from flmnist.core.arrays import to_record, to_weights
 from flmnist.engine.base import RoundLiveness, VirtualClock
 from flmnist.engine.fleet import Fleet
+from flmnist.engine.privacy import Accountant
 from flmnist.engine.reply_path import ReplyPath
 from flmnist.protocol import messages as p
 from flmnist.protocol.aggregation import aggregate_train_metrics
@@ -74,10 +79,13 @@ class Guarded(Strategy):
         fleet: Fleet | None = None,
         virtual_timeout: float = 600.0,
         max_failed_rounds: int = 3,
+        privacy: Accountant | None = None,
+        per_round: int = 0,
     ) -> None:
         self.strategy = strategy
+        self.privacy, self.per_round = privacy, per_round  # privacy=central: the accountant, nodes a round
         # Loss traces are lists of different lengths: Flower's default metric average cannot take them.
-        strategy.train_metrics_aggr_fn = aggregate_train_metrics
+        (strategy.strategy if privacy is not None else strategy).train_metrics_aggr_fn = aggregate_train_metrics
         self.path = path
         self.liveness = RoundLiveness(max_failed_rounds)  # rounds in a row without a new global model
         self.clock = VirtualClock(fleet, virtual_timeout)
@@ -96,6 +104,8 @@ class Guarded(Strategy):
 
     @property
     def name(self) -> str:
+        if self.privacy is not None:
+            return f"{type(self.strategy.strategy).__name__} with central DP"
         return type(self.strategy).__name__
 
     def summary(self) -> None:
@@ -124,9 +134,13 @@ class Guarded(Strategy):
             # Flower's strategies assign new objects to these attributes (never update them in
             # place), so keeping references is enough to roll them back.
             snapshot = {k: getattr(self.strategy, k) for k in checkpoint_state(self.strategy)}
+            messages = [Message(content=u.content(), metadata=u.metadata) for u in updates]
+            if self.privacy is not None:
+                messages = self.zero_updates(messages)
             try:
-                arrays, metrics = self.strategy.aggregate_train(
-                    step, [Message(content=u.content(), metadata=u.metadata) for u in updates])
+                arrays, metrics = self.strategy.aggregate_train(step, messages)
+                if self.privacy is not None and metrics is not None:  # the real replies' metrics only
+                    metrics = aggregate_train_metrics([u.content() for u in updates], p.UNIT_WEIGHT)
             except Exception as err:  # noqa: BLE001 - the inner strategy's failure fails this round only
                 log(WARNING, "%s could not aggregate round %d: %s: %s", self.name, step, type(err).__name__, err)
             weights = self.path.aggregate(arrays, self.reference) if arrays is not None else None
@@ -142,6 +156,8 @@ class Guarded(Strategy):
             else:
                 arrays = to_record(weights)
                 self.path.applied(step, self.reference, updates, self.reference, delta=False, key=("round", step))
+        if self.privacy is not None:
+            self.account(step, arrays is not None)
         self.path.record(
             step,
             client_updates=self.client_updates,
@@ -154,6 +170,33 @@ class Guarded(Strategy):
         )
         self.liveness.count_round(step, arrays is not None, len(replies), rejections)
         return arrays, metrics
+
+    # ------------------------------------------------------------- privacy
+    def zero_updates(self, messages: list[Message]) -> list[Message]:
+        """Exactly ``per_round`` updates for the DP average: each rejected or missing one is the
+        global model itself (a zero update), so one node's absence changes the mean by at most
+        the clip over n, as the accountant assumes. (Flower 1.41's clip divides by the update's
+        norm, so the pad moves one coordinate by one float step: :func:`nearly_zero`.)"""
+        if not messages or len(messages) >= self.per_round:
+            return messages[: self.per_round]
+        template = messages[0]
+        zero = to_record(nearly_zero(self.reference))
+        metrics = MetricRecord(dict(template.content[p.METRICS].items()))  # same keys; the round's metrics come from the real updates
+        pad = [Message(content=type(template.content)({p.ARRAYS: zero, p.METRICS: metrics}),
+                       metadata=template.metadata) for _ in range(self.per_round - len(messages))]
+        log(WARNING, "Privacy: %d of %d updates missing or rejected this round; each counts as a zero update",
+            len(pad), self.per_round)
+        return messages + pad
+
+    def account(self, step: int, released: bool) -> None:
+        """Epsilon into the round's row; a stop before the next round if it would exceed the budget."""
+        if released:
+            self.privacy.log_release(step, "round")
+        self.path.record(step, epsilon=round(self.privacy.epsilon, 6))
+        self.path.report("privacy", self.privacy.summary())
+        if self.privacy.would_exceed(self.per_round):
+            self.path.request_stop(step, "privacy budget", epsilon=round(self.privacy.epsilon, 6),
+                                   max_epsilon=self.privacy.settings.max_epsilon)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         step = server_round + self.round_offset
@@ -178,10 +221,31 @@ class Guarded(Strategy):
     def state_dict(self) -> dict:
         inner = {k: _plain(getattr(self.strategy, k)) for k in checkpoint_state(self.strategy)}
         return {"inner": inner, "virtual_time": self.clock.now, "client_updates": self.client_updates,
-                "failed_rounds": self.liveness.in_a_row}
+                "failed_rounds": self.liveness.in_a_row,
+                "privacy": self.privacy.state_dict() if self.privacy is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
         for k, v in state["inner"].items():
             setattr(self.strategy, k, _restore(v))
         self.clock.now, self.client_updates = state["virtual_time"], state["client_updates"]
         self.liveness.in_a_row = state["failed_rounds"]
+        if self.privacy is not None:
+            if not state.get("privacy"):
+                raise ValueError("the checkpoint has no privacy accountant: it was written without privacy=central")
+            self.privacy.load_state_dict(state["privacy"])
+
+
+def nearly_zero(weights: dict) -> dict:
+    """``weights`` with the first coordinate of the first float array moved by one float step
+    (at least 1e-12): an update of norm under 1e-6, a zero update that Flower 1.41's DP clip (which divides by the
+    update's norm) can take. The server chooses it, so it depends on no node's data."""
+    out = dict(weights)
+    for k, v in weights.items():
+        if v.dtype.kind == "f" and v.size:
+            moved = v.copy()
+            flat = moved.reshape(-1)
+            # one float step up, at least 1e-12 (a step above 0 is denormal and squares to 0)
+            flat[0] = flat[0] + max(np.spacing(np.abs(flat[0])), v.dtype.type(1e-12))
+            out[k] = moved
+            break
+    return out

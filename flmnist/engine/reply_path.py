@@ -300,6 +300,16 @@ class ReplyPath:
                                                                 "accuracy": fields.get("test_accuracy")})
                 return
 
+    def request_stop(self, step: int, reason: str, **info) -> None:
+        """The engine's own reason to end the run after ``step`` (the privacy budget), recorded
+        as ``stopped_early`` like an observer's wish; the first reason holds."""
+        if self.stopped is None:
+            self.stopped = (step, reason)
+            log(WARNING, "Stopping after %s %d: %s (%s)", "update" if self.asynchronous else "round", step, reason,
+                ", ".join(f"{k} {v}" for k, v in info.items()))
+            if self.recorder is not None:
+                self.recorder.set_section("stopped_early", {"reason": reason, "step": step, **info})
+
     @property
     def stop_wish(self) -> str | None:
         """Why the run should end after this step (an observer asked), or None: both engines stop on it."""

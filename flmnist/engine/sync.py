@@ -131,7 +131,7 @@ class SyncEngine:
         if self.num_rounds > done:
             try:
                 first, last = done + 1, self.num_rounds
-                log(INFO, "Strategy %s, round%s %s of %d", type(self.strategy.strategy).__name__,
+                log(INFO, "Strategy %s, round%s %s of %d", self.strategy.name,
                     "s" * (last > first), f"{first}-{last}" if last > first else first, last)
                 with FlowerRoundChatter(), self.sampling or contextlib.nullcontext():
                     self.strategy.start(

@@ -142,6 +142,8 @@ class RunRecorder:
             parts.append(f"{row['client_updates']} client updates")
         if row.get("rejected_updates"):
             parts.append(f"{row['rejected_updates']} update(s) rejected")
+        if row.get("epsilon") is not None:
+            parts.append(f"epsilon {row['epsilon']:.3g}")
         parts.append(f"{row['wall_time']:.1f} s elapsed")
         return parts[0] + " " + " | ".join(parts[1:])
 
@@ -271,8 +273,10 @@ class RunRecorder:
         if error:
             self.printer(f"Run failed: {error}")
         if self.stopped_early:
-            self.printer(f"Stopped early after {self.unit} {self.stopped_early['step']}: "
-                         f"{self.stopped_early['reason']} ({100 * self.target_accuracy:.2f}%)")
+            stop = self.stopped_early
+            why = (f"epsilon {stop['epsilon']:.3g}, the next {self.unit} would pass privacy.max_epsilon="
+                   f"{stop['max_epsilon']:g}" if "max_epsilon" in stop else f"{100 * self.target_accuracy:.2f}%")
+            self.printer(f"Stopped early after {self.unit} {stop['step']}: {stop['reason']} ({why})")
         degraded = summary["degraded"]
         if degraded:
             self.printer(f"Run degraded: {describe(degraded, self.unit)}")

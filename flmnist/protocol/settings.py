@@ -34,3 +34,31 @@ class AsyncLoopSettings:
             check_number(f"async_loop.{key}", getattr(self, key), 0.0, low_open=True)
         if not (self.max_server_updates or self.max_client_updates or self.time_budget):
             raise ConfigError("async_loop needs a stop: set max_server_updates, max_client_updates or time_budget")
+
+
+PRIVACY_MECHANISMS = ("none", "central")
+
+
+@dataclass(frozen=True)
+class PrivacySettings:
+    """``conf/privacy/NAME.yaml`` (the ``privacy`` section); the constructor checks every value.
+    The mechanisms themselves are :mod:`flmnist.engine.privacy`."""
+
+    mechanism: str = "none"                 # none | central (client-level DP, server-side clipping and noise)
+    noise_multiplier: float = 1.0           # Gaussian noise std as a multiple of clipping_norm (sigma)
+    clipping_norm: float = 1.0              # L2 bound on each node's update (its model minus the global model)
+    target_delta: float = 1e-5              # the delta epsilon is reported at
+    max_epsilon: float | None = None        # stop before the release that would spend more (null: no budget)
+
+    def __post_init__(self) -> None:
+        if self.mechanism not in PRIVACY_MECHANISMS:
+            raise ConfigError(f"privacy.mechanism must be one of {', '.join(PRIVACY_MECHANISMS)}, got "
+                              f"{self.mechanism!r} (pick it with privacy=NAME: conf/privacy/)")
+        check_number("privacy.noise_multiplier", self.noise_multiplier, 0.0, low_open=True)
+        check_number("privacy.clipping_norm", self.clipping_norm, 0.0, low_open=True)
+        check_number("privacy.target_delta", self.target_delta, 0.0, 1.0, low_open=True, high_open=True)
+        check_number("privacy.max_epsilon", self.max_epsilon, 0.0, low_open=True, allow_none=True)
+
+    @property
+    def on(self) -> bool:
+        return self.mechanism != "none"

@@ -14,7 +14,7 @@ import random
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,7 @@ from flmnist.engine.base import Engine
 from flmnist.engine.effect_guard import EffectGuard
 from flmnist.engine.guard import Guarded
 from flmnist.engine.identity import IdentityBook, read_registry
+from flmnist.engine.privacy import AsyncPrivacy, missing_extra, strategy_problem, wrap_sync
 from flmnist.engine.reply_path import ReplyPath
 from flmnist.engine.sync import SyncEngine
 from flmnist.flower_patches.node_order import RegistrationOrderGrid
@@ -49,7 +50,7 @@ from flmnist.observers.recorder import RunRecorder
 from flmnist.observers.trackers import Trackers
 from flmnist.protocol.messages import TrainSettings, simulated_node_name
 from flmnist.protocol.screen import NodeLimits, ReplyScreen, ScreenSettings
-from flmnist.protocol.settings import AsyncLoopSettings
+from flmnist.protocol.settings import AsyncLoopSettings, PrivacySettings
 from flmnist.strategies import build_strategy
 
 
@@ -148,6 +149,27 @@ def wait_for_nodes(grid: Grid, needed: int, timeout: float) -> None:
         time.sleep(0.5)
 
 
+def private(cfg: DictConfig, strategy, screen: ScreenSettings) -> PrivacySettings:
+    """The ``privacy`` section, checked against the strategy; says what it does to the run."""
+    privacy = PrivacySettings(**(cfg.get("privacy") or {}))
+    if not privacy.on:
+        return privacy
+    problem = missing_extra() or strategy_problem(strategy)
+    if problem:
+        raise ConfigError(problem)
+    if getattr(strategy, "weight_by_examples", False):
+        strategy.weight_by_examples = False
+        say("privacy=central: FedBuff averages its buffer with equal weights (weight_by_examples=false)")
+    crossed = [k for k in ("max_norm_ratio", "clip_to_median", "guard_max_harm") if getattr(screen, k) is not None]
+    if crossed:
+        log(WARNING, "privacy=central with screen.%s on: it judges one node's update by the others', so the "
+            "reported epsilon does not bound what the models reveal", ", screen.".join(crossed))
+    say(f"Differential privacy: central, clipping_norm {privacy.clipping_norm:g}, noise_multiplier "
+        f"{privacy.noise_multiplier:g}, delta {privacy.target_delta:g}"
+        + (f", budget epsilon {privacy.max_epsilon:g}" if privacy.max_epsilon is not None else ""))
+    return privacy
+
+
 def build_run(grid: Grid, cfg: DictConfig) -> Run:
     """Everything before training: directories, data checks, screen, hooks and the engine."""
     cfg, checkpoint = resume_config(cfg)
@@ -198,11 +220,16 @@ def build_run(grid: Grid, cfg: DictConfig) -> Run:
         say(f"Simulated devices: {', '.join(devices[:20])}{' ...' if len(devices) > 20 else ''}")
     # A deployment may start with some boards down: wait for the strategy's minimum.
     wait_for_nodes(grid, int(getattr(strategy, "min_available_nodes", 0) or cfg.num_nodes), cfg.wait_for_nodes)
+    privacy = private(cfg, strategy, screen)
     if asynchronous:
-        engine = AsyncLoop(grid, strategy, path, loop, fleet=fleet, poll_interval=cfg.poll_interval or 0.05)
+        engine = AsyncLoop(grid, strategy, path, loop, fleet=fleet, poll_interval=cfg.poll_interval or 0.05,
+                           privacy=AsyncPrivacy(privacy, cfg.num_nodes, cfg.seed) if privacy.on else None)
     else:
+        accountant, per_round = None, 0
+        if privacy.on:
+            strategy, accountant, per_round = wrap_sync(strategy, privacy, cfg.num_nodes)
         guarded = Guarded(strategy, path, fleet=fleet, virtual_timeout=cfg.async_loop.update_timeout,
-                          max_failed_rounds=cfg.max_failed_rounds)
+                          max_failed_rounds=cfg.max_failed_rounds, privacy=accountant, per_round=per_round)
         # Nodes in registration order (Flower's own order changes run to run), replies polled every poll_interval.
         sync_grid = RegistrationOrderGrid(PollingGrid(grid, cfg.poll_interval) if cfg.poll_interval else grid)
         engine = SyncEngine(sync_grid, guarded, path, sent.to_record(), cfg.num_rounds, cfg.round_timeout,

@@ -1,0 +1,235 @@
+"""Client-level differential privacy, central model (``privacy=central``).
+
+Synchronous strategies get Flower's own ``DifferentialPrivacyServerSideFixedClipping`` around a
+plain FedAvg (or FedProx) and Flower's ``RdpAccountant`` (``flwr[dp]``, Google's
+``dp-accounting``): each round the server clips every node's update (its model minus the global
+model) to ``clipping_norm``, averages with equal weights and adds Gaussian noise of std
+``noise_multiplier * clipping_norm / n`` for ``n`` nodes a round; each round is one Gaussian
+release with noise multiplier ``noise_multiplier`` composed by the accountant (add-or-remove-one
+node, no sampling amplification: conservative). The reply screen runs first, so a malformed reply
+never reaches the clip; a rejected or missing reply counts as a zero update (the global model
+itself), so every round averages exactly ``n`` updates, as the guarantee needs.
+
+Asynchronous strategies are noised here, at each server update: FedBuff clips each delta, takes
+the equal-weight mean of its K buffered deltas (staleness weights are at most 1) and adds noise of
+std ``noise_multiplier * clipping_norm / K``; FedAsync clips each arriving model's difference from
+the global model and adds noise of std ``noise_multiplier * clipping_norm`` to it before mixing it
+in with weight alpha * s(staleness). A release in which one node has ``m`` updates (a fast node
+twice in one buffer) is accounted with noise multiplier ``noise_multiplier / m``, its true one.
+
+The unit is a node: epsilon bounds what the final and every intermediate global model reveal
+about any one node's whole data set, against an honest-but-curious observer of the models.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.common.logger import log
+
+from flmnist.core.arrays import Weights
+from flmnist.core.errors import ConfigError
+from flmnist.protocol import messages as p
+from flmnist.protocol.settings import PrivacySettings
+
+UNIT = "node (client-level): any one node's whole data set, added or removed"
+
+
+def missing_extra() -> str | None:
+    """Why ``privacy=...`` cannot run here (the accountant's package is missing), or None."""
+    try:
+        import dp_accounting  # noqa: F401
+    except ImportError:
+        return ("privacy=central needs Flower's DP accountant (Google's dp-accounting): "
+                "pip install -e '.[privacy]' (or pip install 'flwr[dp]==1.41.0')")
+    return None
+
+
+def strategy_problem(strategy) -> str | None:
+    """Why ``strategy`` cannot run under ``privacy=central`` with accounted epsilon, or None."""
+    from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
+    from flwr.serverapp.strategy import FedAvgM
+
+    from flmnist.strategies.fedasync import FedAsync
+    from flmnist.strategies.fedbuff import FedBuff
+
+    name = type(strategy).__name__
+    if isinstance(strategy, FedBuff):
+        if strategy.server_momentum > 0:
+            return ("strategy.server_momentum > 0: FedBuff's momentum mixes releases; "
+                    "use server_momentum=0.0 under privacy=central")
+        return None
+    if isinstance(strategy, FedAsync):
+        return None
+    if isinstance(strategy, FedAvgM):  # flmnist's FedAvg is FedAvgM with plain defaults
+        if strategy.server_learning_rate != 1.0 or strategy.server_momentum != 0.0:
+            return (f"{name} with a server step (server_learning_rate={strategy.server_learning_rate:g}, "
+                    f"server_momentum={strategy.server_momentum:g}): Flower's accountant covers FedAvg's own "
+                    "average only; use strategy.server_learning_rate=1.0 strategy.server_momentum=0.0")
+        return None
+    if type(strategy).aggregate_train is FlowerFedAvg.aggregate_train and isinstance(strategy, FlowerFedAvg):
+        return None  # FedProx and plain FedAvg
+    return (f"strategy {name} aggregates otherwise than FedAvg (a median, a trimmed mean, Krum, a server "
+            "optimiser): one node's update can move its result by more than the clip allows, so no epsilon "
+            "can be accounted for it. Use strategy=fedavg, fedprox, unweighted_fedavg, fedbuff or fedasync")
+
+
+def sampled_per_round(strategy, num_nodes: int) -> int:
+    """How many nodes Flower's ``configure_train`` samples a round (``sample_nodes``' rule)."""
+    return max(int(num_nodes * strategy.fraction_train), strategy.min_train_nodes)
+
+
+class Accountant:
+    """Flower's ``RdpAccountant`` for one run, with the run's settings and a prospective budget check."""
+
+    def __init__(self, settings: PrivacySettings, population: int) -> None:
+        from flwr.serverapp import NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
+
+        self.settings, self.population = settings, population
+        self.config = PrivacyConfig(target_delta=settings.target_delta, population_size=population,
+                                    neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+                                    sampling_method=SamplingMethod.NO_AMPLIFICATION,
+                                    max_epsilon=settings.max_epsilon)
+        self.rdp = RdpAccountant(self.config)
+
+    def event(self, sample_size: int, repeats: int = 1):
+        from flwr.serverapp import GaussianPrivacyEvent
+
+        return GaussianPrivacyEvent(noise_multiplier=self.settings.noise_multiplier / repeats,
+                                    sample_size=sample_size, population_size=self.population)
+
+    def compose(self, sample_size: int, repeats: int = 1) -> None:
+        self.rdp.compose(self.event(sample_size, repeats))
+
+    def would_exceed(self, sample_size: int, repeats: int = 1) -> bool:
+        """Whether the next release would spend more than ``max_epsilon`` (False without a budget)."""
+        return self.settings.max_epsilon is not None and self.rdp.would_exceed(self.event(sample_size, repeats))
+
+    @property
+    def epsilon(self) -> float:
+        return self.rdp.get_privacy_spent().epsilon if self.rdp.num_releases else 0.0
+
+    def check_first_release(self, sample_size: int) -> None:
+        """A budget smaller than one release is a configuration error, said before training."""
+        if self.settings.max_epsilon is not None and self.rdp.num_releases == 0 and self.would_exceed(sample_size):
+            probe = Accountant(PrivacySettings(**{**self.settings.__dict__, "max_epsilon": None}), self.population)
+            probe.compose(sample_size)
+            raise ConfigError(
+                f"privacy.max_epsilon={self.settings.max_epsilon:g} is less than one release spends "
+                f"(epsilon {probe.epsilon:.3g} at delta {self.settings.target_delta:g} with "
+                f"noise_multiplier={self.settings.noise_multiplier:g}): raise privacy.max_epsilon or "
+                "privacy.noise_multiplier")
+
+    def summary(self) -> dict:
+        s = self.settings
+        return {"mechanism": s.mechanism, "epsilon": round(self.epsilon, 6), "delta": s.target_delta,
+                "noise_multiplier": s.noise_multiplier, "clipping_norm": s.clipping_norm,
+                "max_epsilon": s.max_epsilon, "releases": self.rdp.num_releases, "unit": UNIT,
+                "accounting": "RDP (Flower's RdpAccountant), no sampling amplification"}
+
+    def state_dict(self) -> dict:
+        return self.rdp.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rdp.load_state_dict(state)
+
+    def log_release(self, step: int, unit: str) -> None:
+        log(INFO, "Privacy: epsilon %.4g at delta %g after %s %d (%d releases)", self.epsilon,
+            self.settings.target_delta, unit, step, self.rdp.num_releases)
+
+
+def wrap_sync(strategy, settings: PrivacySettings, num_nodes: int):
+    """Flower's server-side fixed-clipping DP wrapper with its accountant around a plain FedAvg
+    (or FedProx) equal to ``strategy``'s; returns ``(wrapper, accountant, nodes per round)``."""
+    from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg, FedAvgM
+
+    if isinstance(strategy, FedAvgM):  # flmnist's FedAvg: the same sampling, Flower's plain average
+        keys = ("fraction_train", "fraction_evaluate", "min_train_nodes", "min_evaluate_nodes",
+                "min_available_nodes", "arrayrecord_key", "configrecord_key",
+                "train_metrics_aggr_fn", "evaluate_metrics_aggr_fn")
+        strategy = FedAvg(**{k: getattr(strategy, k) for k in keys}, weighted_by_key=p.UNIT_WEIGHT)
+    else:
+        strategy.weighted_by_key = p.UNIT_WEIGHT  # equal weights: the accountant requires them
+    n = sampled_per_round(strategy, num_nodes)
+    accountant = Accountant(settings, num_nodes)
+    accountant.check_first_release(n)
+    wrapper = DifferentialPrivacyServerSideFixedClipping(
+        strategy, noise_multiplier=settings.noise_multiplier, clipping_norm=settings.clipping_norm,
+        num_sampled_clients=n, accountant=accountant.rdp)
+    return wrapper, accountant, n
+
+
+def _norm(delta: Weights) -> float:
+    return float(np.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in delta.values())))
+
+
+def clip(delta: Weights, bound: float) -> Weights:
+    """``delta`` scaled down to L2 norm ``bound`` if longer (Flower's FlatClip)."""
+    norm = _norm(delta)
+    if norm <= bound or norm == 0:
+        return delta
+    return {k: (v * (bound / norm)).astype(v.dtype) for k, v in delta.items()}
+
+
+def noise(weights: Weights, std: float, rng: np.random.Generator) -> Weights:
+    return {k: (v + rng.normal(0.0, std, v.shape)).astype(v.dtype) for k, v in weights.items()}
+
+
+class AsyncPrivacy:
+    """``privacy=central`` for FedBuff and FedAsync (see the module docstring)."""
+
+    def __init__(self, settings: PrivacySettings, num_nodes: int, seed: int) -> None:
+        self.settings = settings
+        self.accountant = Accountant(settings, num_nodes)
+        self.rng = np.random.default_rng(seed + 7919)
+        self.pending: Counter = Counter()   # FedBuff: node name -> updates in the current buffer
+
+    def release_size(self, strategy) -> int:
+        return int(getattr(strategy, "buffer_size", 1))
+
+    def check(self, strategy) -> None:
+        self.accountant.check_first_release(self.release_size(strategy))
+
+    def prepare(self, strategy, name: str, update: Weights, current: Weights) -> Weights:
+        """The clipped (FedBuff) or clipped, noised and accounted (FedAsync) update to apply
+        (the caller checked the budget first)."""
+        c = self.settings.clipping_norm
+        if strategy.reply_delta:  # FedBuff: a delta, noised with the whole buffer at its server step
+            self.pending[name] += 1
+            return clip(update, c)
+        moved = clip({k: update[k] - current[k] for k in current}, c)
+        noisy = noise(moved, self.settings.noise_multiplier * c, self.rng)
+        self.accountant.compose(1)
+        return {k: current[k] + noisy[k] for k in current}
+
+    def buffer_full(self, strategy) -> bool:
+        return getattr(strategy, "buffer_count", 0) + 1 >= self.release_size(strategy)
+
+    def would_exceed_buffer(self, strategy, name: str) -> bool:
+        repeats = max((self.pending + Counter([name])).values())
+        return self.accountant.would_exceed(self.release_size(strategy), repeats)
+
+    def released(self, strategy, before: Weights, after: Weights) -> Weights:
+        """FedBuff's server step ``after`` with the buffer's noise added (std sigma C / K, times the
+        server learning rate), and the release accounted."""
+        k = self.release_size(strategy)
+        repeats = max(self.pending.values()) if self.pending else 1
+        self.pending.clear()
+        step = {key: after[key] - before[key] for key in before}
+        std = strategy.server_learning_rate * self.settings.noise_multiplier * self.settings.clipping_norm / k
+        self.accountant.compose(k, repeats)
+        if repeats > 1:
+            log(WARNING, "Privacy: one node had %d updates in this buffer; accounted with noise multiplier %.3g",
+                repeats, self.settings.noise_multiplier / repeats)
+        return {key: before[key] + v for key, v in noise(step, std, self.rng).items()}
+
+    def state_dict(self) -> dict:
+        return {"accountant": self.accountant.state_dict(), "pending": dict(self.pending),
+                "rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.accountant.load_state_dict(state["accountant"])
+        self.pending = Counter(state.get("pending", {}))
+        self.rng.bit_generator.state = state["rng"]
