@@ -71,6 +71,8 @@ def train_handler(msg: Message, context: Context) -> Message:
         proximal_mu=float(config.get(p.PROXIMAL_MU, settings.proximal_mu)),  # FedProx sets it per round
         generator=generator,
         dev=dev,
+        dp_noise_multiplier=settings.dp_noise_multiplier,
+        dp_clipping_norm=settings.dp_clipping_norm,
     )
     n = len(data.train_labels)
     metrics = MetricRecord(

@@ -197,3 +197,85 @@ def test_a_robust_aggregator_under_privacy_is_one_line_exit_2(tmp_path):
     proc = flmnist(tmp_path, "strategy=fedmedian", "privacy=central")
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.startswith("flmnist: error: strategy FedMedian aggregates otherwise than FedAvg"), proc.stderr
+
+
+# ------------------------------------------------------------------ privacy=dpsgd
+
+def test_dpsgd_clips_each_images_gradient_and_adds_noise_of_std_sigma_clip_over_batch():
+    """One DP-SGD step at lr 1 on blank images: the weights' gradients are zero, so their change
+    is the noise alone, std sigma * C / expected batch size; the bias moves by at most C (clipped)
+    plus noise."""
+    import torch
+
+    from flmnist.ml.dpsgd import train_dpsgd
+    from flmnist.ml.models import LogReg
+
+    model = LogReg()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images, labels = torch.zeros(64, 1, 28, 28), torch.arange(64) % 10
+    train_dpsgd(model, images, labels, steps=1, batch_size=64, lr=1.0, momentum=0.0, weight_decay=0.0,
+                noise_multiplier=3.0, clipping_norm=2.0, generator=torch.Generator().manual_seed(0),
+                dev=torch.device("cpu"))
+    moved = {k: (model.state_dict()[k] - before[k]).flatten() for k in before}
+    weight = next(k for k in moved if k.endswith("weight"))
+    assert moved[weight].std().item() == pytest.approx(3.0 * 2.0 / 64, rel=0.05)
+    assert not model._forward_hooks and not hasattr(model, "_module")  # Opacus's hooks are gone
+
+
+def test_each_nodes_dpsgd_epsilon_is_the_poisson_subsampled_rdp_figure():
+    from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent, SelfComposedDpEvent
+
+    from flmnist.engine.privacy import SampleAccountant
+    from flmnist.protocol.messages import TrainSettings
+
+    sent = TrainSettings(model={}, partition={}, num_partitions=2, seed=0, holdout_fraction=0.1, local_steps=7,
+                         batch_size=16, dp_noise_multiplier=1.1, dp_clipping_norm=1.0)
+    settings = PrivacySettings("dpsgd", noise_multiplier=1.1, clipping_norm=1.0, target_delta=DELTA)
+    accountant = SampleAccountant(settings, sent, train_examples=(400, 1600))
+    for _ in range(3):
+        accountant.task(0, "node 0")
+    accountant.task(1, "node 1")
+    expected = {}
+    for part, n, tasks in ((0, 400, 3), (1, 1600, 1)):
+        rdp = RdpAccountant()
+        rdp.compose(SelfComposedDpEvent(PoissonSampledDpEvent(16 / n, GaussianDpEvent(1.1)), 7 * tasks))
+        expected[f"node {part}"] = rdp.get_epsilon(DELTA)
+    summary = accountant.summary()
+    assert summary["per_node"] == pytest.approx(expected, rel=1e-4)
+    assert summary["epsilon"] == pytest.approx(max(expected.values()), rel=1e-4)
+    assert expected["node 0"] > expected["node 1"]  # more steps on fewer images: more spent
+
+
+def test_a_dpsgd_budget_below_one_task_is_a_config_error():
+    from flmnist.engine.privacy import SampleAccountant
+    from flmnist.protocol.messages import TrainSettings
+
+    sent = TrainSettings(model={}, partition={}, num_partitions=1, seed=0, holdout_fraction=0.1, local_steps=50,
+                         batch_size=32, dp_noise_multiplier=0.5, dp_clipping_norm=1.0)
+    settings = PrivacySettings("dpsgd", noise_multiplier=0.5, clipping_norm=1.0, max_epsilon=0.1)
+    with pytest.raises(ConfigError, match=r"privacy.max_epsilon=0.1 is less than one training task spends"):
+        SampleAccountant(settings, sent, train_examples=(100,)).check_first_release()
+
+
+@pytest.mark.slow
+def test_a_dpsgd_run_counts_every_nodes_epsilon(tmp_path):
+    run = tmp_path / "run"
+    proc = flmnist(tmp_path, "model=logreg", "num_nodes=4", "num_rounds=2", "client.local_steps=5", "privacy=dpsgd",
+                   f"hydra.run.dir={run}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Strategy FedAvg with DP-SGD on the nodes" in proc.stderr + proc.stdout
+    privacy = json.loads((run / "summary.json").read_text())["privacy"]
+    assert privacy["mechanism"] == "dpsgd" and privacy["releases"] == 8
+    assert sorted(privacy["per_node"]) == ["node 0", "node 1", "node 2", "node 3"]
+    assert privacy["epsilon"] == max(privacy["per_node"].values()) > 0
+    assert [r["epsilon"] for r in rows(run)][-1] == pytest.approx(privacy["epsilon"])
+
+
+@pytest.mark.slow
+def test_a_budget_the_first_task_would_pass_ends_the_command_with_the_setting_named(tmp_path):
+    """The server finds it (it needs the partition sizes); flmnist says so as a bad setting: exit 2."""
+    proc = flmnist(tmp_path, "model=logreg", "num_nodes=4", "strategy=fedbuff", "client.local_steps=5",
+                   "privacy=dpsgd", "privacy.max_epsilon=0.5", f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "flmnist: error: privacy.max_epsilon=0.5 is less than one training task spends on partition"), proc.stderr

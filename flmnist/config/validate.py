@@ -19,7 +19,7 @@ from flmnist.core.build import build
 from flmnist.core.checks import check_integer, check_number, check_style
 from flmnist.core.constants import MNIST_TRAIN_SIZE
 from flmnist.core.errors import ConfigError
-from flmnist.engine.privacy import missing_extra, strategy_problem
+from flmnist.engine.privacy import problem as privacy_problem
 from flmnist.observers.collapse import DROP, PATIENCE
 from flmnist.protocol.messages import TrainSettings
 from flmnist.protocol.screen import ScreenSettings
@@ -264,7 +264,7 @@ def validate(cfg: DictConfig) -> None:
                               f"updates per round, but a round samples {sampled} of num_nodes={n}")
     _rounds(cfg, "eval.rounds", cfg.num_rounds)
     _rounds(cfg, "eval.update_rounds", None if asynchronous else cfg.num_rounds)
-    if cfg.get("privacy") is not None and _settings(PrivacySettings, cfg, "privacy").on:
-        problem = missing_extra() or strategy_problem(strategy)
+    if cfg.get("privacy") is not None:
+        problem = privacy_problem(_settings(PrivacySettings, cfg, "privacy"), strategy)
         if problem:
             raise ConfigError(problem)

@@ -43,7 +43,7 @@ from flmnist.engine.async_stats import AsyncStats, stats_lines
 from flmnist.engine.async_transport import Transport
 from flmnist.engine.base import UpdateLiveness, VirtualClock, restore_common
 from flmnist.engine.fleet import Fleet
-from flmnist.engine.privacy import AsyncPrivacy
+from flmnist.engine.privacy import AsyncPrivacy, SampleAccountant
 from flmnist.engine.reply_path import ReplyPath
 from flmnist.protocol import messages as p
 from flmnist.protocol.settings import AsyncLoopSettings
@@ -64,10 +64,13 @@ class AsyncLoop:
         settings: AsyncLoopSettings,
         fleet: Fleet | None = None,
         poll_interval: float = 0.05,
-        privacy: AsyncPrivacy | None = None,
+        privacy: AsyncPrivacy | SampleAccountant | None = None,
     ) -> None:
         self.grid, self.strategy, self.path, self.settings = grid, strategy, path, settings
-        self.privacy = privacy  # privacy=central: clip, noise and account each server update
+        # privacy=central: clip, noise and account each server update; dpsgd: account each task sent
+        self.privacy = privacy if isinstance(privacy, AsyncPrivacy) else None
+        self.sample_dp = privacy if isinstance(privacy, SampleAccountant) else None
+        self.accountant = privacy.accountant if self.privacy is not None else self.sample_dp
         self.fleet = fleet
         self.sent = path.sent
         self.version = 0
@@ -117,6 +120,8 @@ class AsyncLoop:
     # -------------------------------------------------------------- dispatch
     def dispatch(self, node: Node, arrays: ArrayRecord, weights: dict) -> Job:
         node.updates += 1
+        if self.sample_dp is not None:
+            self.sample_dp.task(node.partition, node.info.name)
         config = self.sent.to_record(**{p.SERVER_ROUND: node.updates, p.SERVER_VERSION: self.version})
         message_id = self.transport.send_train(node, arrays, config)
         self.sent_models.setdefault(self.version, weights)
@@ -133,6 +138,10 @@ class AsyncLoop:
     def refill(self) -> None:
         """Dispatch work to idle nodes until ``concurrency`` updates are in flight."""
         while len(self.transport) < self.concurrency and self.idle and not self.should_stop():
+            if self.sample_dp is not None and self.sample_dp.would_exceed(partitions=[self.idle[0].partition]):
+                self.path.request_stop(self.version, "privacy budget", epsilon=round(self.sample_dp.epsilon, 6),
+                                       max_epsilon=self.sample_dp.settings.max_epsilon)
+                return
             self.dispatch(self.idle.pop(0), self.arrays, self.weights)
 
     def available(self, nodes: list[Node]) -> None:
@@ -244,9 +253,9 @@ class AsyncLoop:
     def record(self, arrays: ArrayRecord, weights: dict, evaluate: bool) -> None:
         fields = {"virtual_time": round(self.clock.now, 4) if self.clock.simulated else None,
                   **self.stats.take_row()}
-        if self.privacy is not None:
-            fields["epsilon"] = round(self.privacy.accountant.epsilon, 6)
-            self.path.report("privacy", self.privacy.accountant.summary())
+        if self.accountant is not None:
+            fields["epsilon"] = round(self.accountant.epsilon, 6)
+            self.path.report("privacy", self.accountant.summary())
         self.path.report("async", self.stats_dict())
         self.path.global_model(self.version, arrays, evaluate=evaluate, **fields)
         if evaluate and self.version > 0 and self.path.checkpoint_due(self.version):
@@ -271,7 +280,7 @@ class AsyncLoop:
         """Strategy state (buffer, momentum), version and counters; in-flight updates are not
         kept: after a resume every node gets fresh work on the checkpointed model."""
         return {"strategy": self.strategy.state_dict(),
-                "privacy": self.privacy.state_dict() if self.privacy is not None else None,
+                "privacy": (self.privacy or self.sample_dp).state_dict() if self.accountant is not None else None,
                 "loop": {"version": self.version, **self.stats.state(), "vnow": self.clock.now,
                          "bookkeeping": self.clock.bookkeeping,
                          "node_updates": {n.partition: n.updates for n in self.transport.nodes.values()}}}
@@ -283,10 +292,10 @@ class AsyncLoop:
         self.stats.load_state(loop)
         self.clock.now, self.clock.bookkeeping = loop["vnow"], loop["bookkeeping"]
         self.strategy.load_state_dict(checkpoint["engine"]["strategy"])
-        if self.privacy is not None:
+        if self.accountant is not None:
             if not checkpoint["engine"].get("privacy"):
-                raise ValueError("the checkpoint has no privacy accountant: it was written without privacy=central")
-            self.privacy.load_state_dict(checkpoint["engine"]["privacy"])
+                raise ValueError("the checkpoint has no privacy accountant: it was written without privacy")
+            (self.privacy or self.sample_dp).load_state_dict(checkpoint["engine"]["privacy"])
         restore_common(self.path, checkpoint)
         for node in self.transport.nodes.values():
             node.updates = loop["node_updates"].get(node.partition, 0)
@@ -307,6 +316,8 @@ class AsyncLoop:
         self.strategy.limit_concurrency(self.concurrency)
         if self.privacy is not None:
             self.privacy.check(self.strategy)
+        if self.sample_dp is not None:
+            self.sample_dp.check_first_release()
         self.path.aggregate_size(self.strategy.aggregate_size())
         log(INFO, "Asynchronous loop: %d nodes, %d training at once, %s clock", len(nodes), self.concurrency,
             "virtual" if self.clock.simulated else "real")

@@ -85,7 +85,9 @@ class Guarded(Strategy):
         self.strategy = strategy
         self.privacy, self.per_round = privacy, per_round  # privacy=central: the accountant, nodes a round
         # Loss traces are lists of different lengths: Flower's default metric average cannot take them.
-        (strategy.strategy if privacy is not None else strategy).train_metrics_aggr_fn = aggregate_train_metrics
+        self.central = privacy is not None and privacy.central  # Flower's DP wrapper around the strategy
+        self.tasks_sent: list[int] = []  # DP-SGD: node ids sent a training task this round
+        (strategy.strategy if self.central else strategy).train_metrics_aggr_fn = aggregate_train_metrics
         self.path = path
         self.liveness = RoundLiveness(max_failed_rounds)  # rounds in a row without a new global model
         self.clock = VirtualClock(fleet, virtual_timeout)
@@ -104,9 +106,9 @@ class Guarded(Strategy):
 
     @property
     def name(self) -> str:
-        if self.privacy is not None:
+        if self.central:
             return f"{type(self.strategy.strategy).__name__} with central DP"
-        return type(self.strategy).__name__
+        return type(self.strategy).__name__ + (" with DP-SGD on the nodes" if self.privacy is not None else "")
 
     def summary(self) -> None:
         self.strategy.summary()
@@ -114,7 +116,11 @@ class Guarded(Strategy):
     # ----------------------------------------------------------- configure
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid) -> Iterable[Message]:
         self.reference = to_weights(arrays)
-        return self.strategy.configure_train(server_round + self.round_offset, arrays, config, grid)
+        messages = self.strategy.configure_train(server_round + self.round_offset, arrays, config, grid)
+        if self.privacy is not None and not self.central:  # DP-SGD: every task sent counts (see account)
+            messages = list(messages)
+            self.tasks_sent = [m.metadata.dst_node_id for m in messages]
+        return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid):
         return self.strategy.configure_evaluate(server_round + self.round_offset, arrays, config, grid)
@@ -135,11 +141,11 @@ class Guarded(Strategy):
             # place), so keeping references is enough to roll them back.
             snapshot = {k: getattr(self.strategy, k) for k in checkpoint_state(self.strategy)}
             messages = [Message(content=u.content(), metadata=u.metadata) for u in updates]
-            if self.privacy is not None:
+            if self.central:
                 messages = self.zero_updates(messages)
             try:
                 arrays, metrics = self.strategy.aggregate_train(step, messages)
-                if self.privacy is not None and metrics is not None:  # the real replies' metrics only
+                if self.central and metrics is not None:  # the real replies' metrics only
                     metrics = aggregate_train_metrics([u.content() for u in updates], p.UNIT_WEIGHT)
             except Exception as err:  # noqa: BLE001 - the inner strategy's failure fails this round only
                 log(WARNING, "%s could not aggregate round %d: %s: %s", self.name, step, type(err).__name__, err)
@@ -189,8 +195,19 @@ class Guarded(Strategy):
         return messages + pad
 
     def account(self, step: int, released: bool) -> None:
-        """Epsilon into the round's row; a stop before the next round if it would exceed the budget."""
-        if released:
+        """Epsilon into the round's row; a stop before the next round if it would exceed the budget.
+        DP-SGD: each task sent this round counts for its node, by the identity its node id is bound
+        to (a node's first reply binds it; one never bound is not counted, and said so)."""
+        if not self.central:
+            for node_id in self.tasks_sent:
+                bound = self.path.identities.bound.get(node_id)
+                if bound is None:
+                    log(WARNING, "Privacy: node id %d has no bound identity; its DP-SGD steps are not counted",
+                        node_id)
+                else:
+                    self.privacy.task(bound.partition, bound.name)
+            self.tasks_sent = []
+        if released or not self.central:  # DP-SGD: the nodes spent it whether or not the round aggregated
             self.privacy.log_release(step, "round")
         self.path.record(step, epsilon=round(self.privacy.epsilon, 6))
         self.path.report("privacy", self.privacy.summary())

@@ -47,6 +47,22 @@ def missing_extra() -> str | None:
     return None
 
 
+def problem(settings: PrivacySettings, strategy) -> str | None:
+    """Why ``settings`` cannot run with ``strategy`` here (a missing package, a strategy the
+    accounting cannot cover), or None."""
+    if not settings.on:
+        return None
+    if settings.mechanism == "dpsgd":
+        import importlib.util
+
+        if importlib.util.find_spec("opacus") is None:
+            return "privacy=dpsgd needs Opacus: pip install -e '.[privacy]' (or pip install 'opacus==1.6.0')"
+        if float(getattr(strategy, "proximal_mu", 0.0) or 0.0) > 0:
+            return "privacy=dpsgd with FedProx: the proximal term is not part of DP-SGD here; use another strategy"
+        return missing_extra()
+    return missing_extra() or strategy_problem(strategy)
+
+
 def strategy_problem(strategy) -> str | None:
     """Why ``strategy`` cannot run under ``privacy=central`` with accounted epsilon, or None."""
     from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
@@ -83,6 +99,8 @@ def sampled_per_round(strategy, num_nodes: int) -> int:
 
 class Accountant:
     """Flower's ``RdpAccountant`` for one run, with the run's settings and a prospective budget check."""
+
+    central = True  # the server adds the noise (every round averages exactly n updates)
 
     def __init__(self, settings: PrivacySettings, population: int) -> None:
         from flwr.serverapp import NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
@@ -233,3 +251,87 @@ class AsyncPrivacy:
         self.accountant.load_state_dict(state["accountant"])
         self.pending = Counter(state.get("pending", {}))
         self.rng.bit_generator.state = state["rng"]
+
+
+# ---------------------------------------------------------------- privacy=dpsgd: sample level
+SAMPLE_UNIT = "example (sample-level): any one training image of a node, added or removed"
+
+
+class SampleAccountant:
+    """``privacy=dpsgd``: each node's own epsilon, from the DP-SGD steps the server asked of it.
+
+    A node that was sent ``k`` training tasks ran ``k * steps`` DP-SGD steps, each a Poisson
+    sample with rate ``q = batch_size / n`` of its ``n`` images and Gaussian noise of multiplier
+    ``noise_multiplier`` (:mod:`flmnist.ml.dpsgd`); dp-accounting's RDP accountant composes
+    them. Every task sent counts, answered or not (the node may have trained and replied to
+    someone watching). The run's ``epsilon`` is the largest node's.
+    """
+
+    central = False
+
+    def __init__(self, settings: PrivacySettings, sent, train_examples) -> None:
+        self.settings, self.sent = settings, sent
+        self.train_examples = tuple(int(n) for n in train_examples)  # partition -> images it trains on
+        self.tasks: Counter = Counter()  # partition -> training tasks sent
+        self.names: dict[int, str] = {}
+        self._cache: dict[tuple[int, int], float] = {}
+
+    def epsilon_of(self, partition: int, tasks: int | None = None) -> float:
+        tasks = self.tasks[partition] if tasks is None else tasks
+        if (partition, tasks) not in self._cache:
+            from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent, SelfComposedDpEvent
+            from dp_accounting.rdp import RdpAccountant
+
+            n = self.train_examples[partition]
+            steps = tasks * self.sent.batches_per_update(n)
+            rdp = RdpAccountant()
+            if steps and n:
+                step = PoissonSampledDpEvent(min(1.0, self.sent.batch_size / n),
+                                             GaussianDpEvent(self.settings.noise_multiplier))
+                rdp.compose(SelfComposedDpEvent(step, steps))
+            self._cache[(partition, tasks)] = rdp.get_epsilon(self.settings.target_delta) if steps and n else 0.0
+        return self._cache[(partition, tasks)]
+
+    def task(self, partition: int, name: str) -> None:
+        self.tasks[partition] += 1
+        self.names[partition] = name
+
+    @property
+    def epsilon(self) -> float:
+        return max((self.epsilon_of(part) for part in self.tasks), default=0.0)
+
+    def would_exceed(self, _per_round: int = 0, partitions=None) -> bool:
+        """Whether one more task for any node (or those of ``partitions``) would pass the budget."""
+        if self.settings.max_epsilon is None:
+            return False
+        parts = range(len(self.train_examples)) if partitions is None else partitions
+        return any(self.epsilon_of(part, self.tasks[part] + 1) > self.settings.max_epsilon for part in parts)
+
+    def check_first_release(self, _sample_size: int = 0) -> None:
+        if self.settings.max_epsilon is not None and not self.tasks and self.would_exceed():
+            worst = max(range(len(self.train_examples)), key=lambda part: self.epsilon_of(part, 1))
+            raise ConfigError(
+                f"privacy.max_epsilon={self.settings.max_epsilon:g} is less than one training task spends on "
+                f"partition {worst} (epsilon {self.epsilon_of(worst, 1):.3g}): raise privacy.max_epsilon or "
+                "privacy.noise_multiplier, or train fewer local steps")
+
+    def summary(self) -> dict:
+        s = self.settings
+        per_node = {self.names.get(part, str(part)): round(self.epsilon_of(part), 6) for part in sorted(self.tasks)}
+        return {"mechanism": s.mechanism, "epsilon": round(self.epsilon, 6), "delta": s.target_delta,
+                "noise_multiplier": s.noise_multiplier, "clipping_norm": s.clipping_norm,
+                "max_epsilon": s.max_epsilon, "per_node": per_node, "releases": sum(self.tasks.values()),
+                "unit": SAMPLE_UNIT,
+                "accounting": "RDP (dp-accounting), Poisson subsampling q = batch_size / n per DP-SGD step, "
+                              "every training task sent"}
+
+    def log_release(self, step: int, unit: str) -> None:
+        log(INFO, "Privacy: epsilon %.4g at delta %g after %s %d (the most of any node; DP-SGD)", self.epsilon,
+            self.settings.target_delta, unit, step)
+
+    def state_dict(self) -> dict:
+        return {"tasks": {str(k): v for k, v in self.tasks.items()}, "names": {str(k): v for k, v in self.names.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.tasks = Counter({int(k): int(v) for k, v in state.get("tasks", {}).items()})
+        self.names = {int(k): str(v) for k, v in state.get("names", {}).items()}

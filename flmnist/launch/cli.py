@@ -111,6 +111,17 @@ def wrote_summary(run_dir: Path, before: tuple[int, int] | None) -> bool:
     return _signature(run_dir / "summary.json") not in (None, before)
 
 
+def config_error_in(log: Path) -> str | None:
+    """The message of the last ConfigError the ServerApp raised, as its log shows it, or None."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    marker = "flmnist.core.errors.ConfigError: "
+    found = [line.split(marker, 1)[1].strip() for line in lines if marker in line]
+    return found[-1] if found else None
+
+
 def outcome(run_dir: Path, before: tuple[int, int] | None, code: int) -> dict:
     """The run's summary if it finished; else RunFailed saying why and where the log is.
 
@@ -119,6 +130,9 @@ def outcome(run_dir: Path, before: tuple[int, int] | None, code: int) -> dict:
     log = run_dir / "flwr_run.log"
     path = run_dir / "summary.json"
     if not wrote_summary(run_dir, before):
+        refused = config_error_in(log)
+        if refused:  # a setting the server found wrong before training (it needs the data or the fleet)
+            raise ConfigError(refused)
         raise RunFailed(f"the run wrote no summary (flwr run exited with {code}); see {log}")
     try:
         summary = json.loads(path.read_text())

@@ -68,13 +68,26 @@ def train(
     proximal_mu: float = 0.0,
     generator: torch.Generator | None = None,
     dev: torch.device | None = None,
+    dp_noise_multiplier: float = 0.0,
+    dp_clipping_norm: float = 0.0,
 ) -> tuple[float, list[float]]:
     """SGD on (images, labels); returns (mean batch loss, per-batch loss trace).
 
     With ``proximal_mu > 0`` the FedProx term (mu/2)||w - w_start||^2 is added to each batch loss.
+    With ``dp_noise_multiplier > 0``: as many DP-SGD steps on Poisson samples (:mod:`flmnist.ml.dpsgd`).
     """
     dev = dev or device()
     generator = generator or torch.Generator().manual_seed(0)
+    if dp_noise_multiplier > 0:
+        from flmnist.ml.dpsgd import train_dpsgd
+
+        if proximal_mu > 0:
+            raise ValueError("DP-SGD with FedProx's proximal term is not supported")
+        n = len(labels)
+        count = (steps if n else 0) if steps is not None else (epochs or 1) * -(-n // batch_size)
+        return train_dpsgd(model, images, labels, steps=count, batch_size=batch_size, lr=lr, momentum=momentum,
+                           weight_decay=weight_decay, noise_multiplier=dp_noise_multiplier,
+                           clipping_norm=dp_clipping_norm, generator=generator, dev=dev)
     place(model, dev).train()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None

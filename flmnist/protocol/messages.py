@@ -134,6 +134,8 @@ class TrainSettings:
     reply_delta: bool = False
     fault: str = ""
     fault_nodes: tuple[int, ...] = field(default_factory=tuple)
+    dp_noise_multiplier: float = 0.0  # privacy=dpsgd: DP-SGD on the node (0: plain SGD)
+    dp_clipping_norm: float = 0.0     # privacy=dpsgd: each image's gradient clipped to this L2 norm
 
     def __post_init__(self) -> None:
         check_integer("num_nodes", self.num_partitions, 1)
@@ -147,6 +149,10 @@ class TrainSettings:
         check_number("client.momentum", self.momentum, 0.0, 1.0, high_open=True)
         check_number("client.weight_decay", self.weight_decay, 0.0)
         check_number("proximal_mu", self.proximal_mu, 0.0)
+        check_number("privacy.noise_multiplier", self.dp_noise_multiplier, 0.0)
+        check_number("privacy.clipping_norm", self.dp_clipping_norm, 0.0)
+        if (self.dp_noise_multiplier > 0) != (self.dp_clipping_norm > 0):
+            raise ConfigError("DP-SGD needs both privacy.noise_multiplier and privacy.clipping_norm > 0")
         if self.fault and self.fault not in FAULTS:
             raise ConfigError(f"client.fault '{self.fault}' is unknown; valid: {', '.join(sorted(FAULTS))} or null")
         for n in self.fault_nodes:
@@ -201,6 +207,8 @@ class TrainSettings:
                 REPLY_DELTA: bool(self.reply_delta),
                 FAULT: self.fault,
                 "fault-nodes": [int(n) for n in self.fault_nodes],
+                "dp-noise-multiplier": float(self.dp_noise_multiplier),
+                "dp-clipping-norm": float(self.dp_clipping_norm),
             }
         )
         for key, value in extra.items():
@@ -230,6 +238,8 @@ class TrainSettings:
                 reply_delta=bool(record.get(REPLY_DELTA, False)),
                 fault=str(record.get(FAULT, "")),
                 fault_nodes=tuple(int(n) for n in record.get("fault-nodes", [])),
+                dp_noise_multiplier=float(record.get("dp-noise-multiplier", 0.0)),
+                dp_clipping_norm=float(record.get("dp-clipping-norm", 0.0)),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise ConfigError(f"the server's config record is malformed ({err!r}); are server and node "

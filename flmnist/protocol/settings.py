@@ -36,7 +36,7 @@ class AsyncLoopSettings:
             raise ConfigError("async_loop needs a stop: set max_server_updates, max_client_updates or time_budget")
 
 
-PRIVACY_MECHANISMS = ("none", "central")
+PRIVACY_MECHANISMS = ("none", "central", "dpsgd")
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class PrivacySettings:
     """``conf/privacy/NAME.yaml`` (the ``privacy`` section); the constructor checks every value.
     The mechanisms themselves are :mod:`flmnist.engine.privacy`."""
 
-    mechanism: str = "none"                 # none | central (client-level DP, server-side clipping and noise)
+    mechanism: str = "none"                 # none | central (client-level, server-side) | dpsgd (sample-level, on the nodes)
     noise_multiplier: float = 1.0           # Gaussian noise std as a multiple of clipping_norm (sigma)
     clipping_norm: float = 1.0              # L2 bound on each node's update (its model minus the global model)
     target_delta: float = 1e-5              # the delta epsilon is reported at

@@ -34,7 +34,8 @@ from flmnist.engine.base import Engine
 from flmnist.engine.effect_guard import EffectGuard
 from flmnist.engine.guard import Guarded
 from flmnist.engine.identity import IdentityBook, read_registry
-from flmnist.engine.privacy import AsyncPrivacy, missing_extra, strategy_problem, wrap_sync
+from flmnist.engine.privacy import AsyncPrivacy, SampleAccountant, wrap_sync
+from flmnist.engine.privacy import problem as privacy_problem
 from flmnist.engine.reply_path import ReplyPath
 from flmnist.engine.sync import SyncEngine
 from flmnist.flower_patches.node_order import RegistrationOrderGrid
@@ -154,9 +155,14 @@ def private(cfg: DictConfig, strategy, screen: ScreenSettings) -> PrivacySetting
     privacy = PrivacySettings(**(cfg.get("privacy") or {}))
     if not privacy.on:
         return privacy
-    problem = missing_extra() or strategy_problem(strategy)
+    problem = privacy_problem(privacy, strategy)
     if problem:
         raise ConfigError(problem)
+    if privacy.mechanism == "dpsgd":
+        say(f"Differential privacy: DP-SGD on every node (sample-level), clipping_norm {privacy.clipping_norm:g} "
+            f"per image, noise_multiplier {privacy.noise_multiplier:g}, delta {privacy.target_delta:g}"
+            + (f", budget epsilon {privacy.max_epsilon:g} per node" if privacy.max_epsilon is not None else ""))
+        return privacy
     if getattr(strategy, "weight_by_examples", False):
         strategy.weight_by_examples = False
         say("privacy=central: FedBuff averages its buffer with equal weights (weight_by_examples=false)")
@@ -188,10 +194,15 @@ def build_run(grid: Grid, cfg: DictConfig) -> Run:
     strategy = build_strategy(cfg.strategy)
     unit, steps = run_length(cfg)  # rounds, or server updates for an asynchronous strategy
     asynchronous = unit == "update"
+    screen = ScreenSettings(**cfg.screen)
+    privacy = private(cfg, strategy, screen)
+    dpsgd = privacy.mechanism == "dpsgd"
     sent = TrainSettings.from_config(
         cfg, str(root),
         reply_delta=bool(getattr(strategy, "reply_delta", False)),
         proximal_mu=float(getattr(strategy, "proximal_mu", 0.0) or 0.0),
+        dp_noise_multiplier=privacy.noise_multiplier if dpsgd else 0.0,
+        dp_clipping_norm=privacy.clipping_norm if dpsgd else 0.0,
     )
     loop = AsyncLoopSettings(**cfg.async_loop) if asynchronous else None
     trackers = Trackers([build(cfg.logger, "logger")] if cfg.get("logger") is not None else [])
@@ -203,7 +214,6 @@ def build_run(grid: Grid, cfg: DictConfig) -> Run:
     context = RunContext(run_dir, test_images, test_labels, model_fn, steps, asynchronous, say, recorder.label,
                          probe=shared_probes(test_images, test_labels, model_fn))
     hooks = build_observers(cfg, context)
-    screen = ScreenSettings(**cfg.screen)
     identities = IdentityBook(read_registry(screen.registry) if screen.registry else None,
                               connected=grid.get_node_ids)
     guard = None
@@ -220,14 +230,18 @@ def build_run(grid: Grid, cfg: DictConfig) -> Run:
         say(f"Simulated devices: {', '.join(devices[:20])}{' ...' if len(devices) > 20 else ''}")
     # A deployment may start with some boards down: wait for the strategy's minimum.
     wait_for_nodes(grid, int(getattr(strategy, "min_available_nodes", 0) or cfg.num_nodes), cfg.wait_for_nodes)
-    privacy = private(cfg, strategy, screen)
+    accountant, per_round = None, 0
+    if dpsgd:  # each node's epsilon from the DP-SGD steps it is asked for
+        accountant = SampleAccountant(privacy, sent, limits.train_examples)
+        accountant.check_first_release()
+    elif privacy.on and asynchronous:
+        accountant = AsyncPrivacy(privacy, cfg.num_nodes, cfg.seed)
+    elif privacy.on:
+        strategy, accountant, per_round = wrap_sync(strategy, privacy, cfg.num_nodes)
     if asynchronous:
         engine = AsyncLoop(grid, strategy, path, loop, fleet=fleet, poll_interval=cfg.poll_interval or 0.05,
-                           privacy=AsyncPrivacy(privacy, cfg.num_nodes, cfg.seed) if privacy.on else None)
+                           privacy=accountant)
     else:
-        accountant, per_round = None, 0
-        if privacy.on:
-            strategy, accountant, per_round = wrap_sync(strategy, privacy, cfg.num_nodes)
         guarded = Guarded(strategy, path, fleet=fleet, virtual_timeout=cfg.async_loop.update_timeout,
                           max_failed_rounds=cfg.max_failed_rounds, privacy=accountant, per_round=per_round)
         # Nodes in registration order (Flower's own order changes run to run), replies polled every poll_interval.
