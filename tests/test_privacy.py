@@ -166,6 +166,7 @@ def test_a_private_run_reports_epsilon_each_round_and_stops_at_its_budget(tmp_pa
     assert summary["stopped_early"]["reason"] == "privacy budget"
     assert summary["privacy"]["epsilon"] == pytest.approx(rdp_epsilon(1.0, 2), rel=1e-4)
     assert [r["epsilon"] for r in rows(run)] == pytest.approx([rdp_epsilon(1.0, k) for k in (1, 2)], rel=1e-4)
+    assert (run / "accuracy_epsilon.png").is_file()
 
 
 @pytest.mark.slow

@@ -37,6 +37,7 @@ def plot_run(run_dir: Path, rows: list[dict], loss_traces: dict[str, list[float]
     step = "round" if unit == "round" else "server update"
     evaluated = [r for r in rows if r.get("test_accuracy") is not None]
     plot_time(run_dir, evaluated, label)
+    plot_epsilon(run_dir, evaluated, label)
     if async_stats:
         plot_async(run_dir, async_stats, label)
     if evaluated:
@@ -121,6 +122,20 @@ def plot_time(run_dir: Path, evaluated: list[dict], label: str = "") -> None:
     title = f"Accuracy over time: {label}"
     fig.suptitle(title)
     _save(fig, run_dir / "accuracy_time.png", title)
+
+
+def plot_epsilon(run_dir: Path, evaluated: list[dict], label: str = "") -> None:
+    """Differential privacy runs: test accuracy against the epsilon spent so far."""
+    spent = [r for r in evaluated if r.get("epsilon") is not None]
+    if not spent:
+        return
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    ax.plot([r["epsilon"] for r in spent], [100 * r["test_accuracy"] for r in spent], marker=".")
+    ax.set(xlabel="epsilon spent", ylabel="test accuracy (%)", title="Accuracy against epsilon")
+    ax.grid(alpha=0.3)
+    title = f"Accuracy against epsilon: {label}"
+    fig.suptitle(title)
+    _save(fig, run_dir / "accuracy_epsilon.png", title)
 
 
 def plot_async(run_dir: Path, stats: dict, label: str = "") -> None:
