@@ -583,27 +583,29 @@ def _flwr_run_async(r: Rehearsal, report: Report, fault: bool, timeout: float) -
 
 
 # -- the control plane: signing, the LAN-facing side, bundle refusals ---------------------------
-PROBE_PYPROJECT = """[build-system]
+def app_pyproject(name: str, version: str, description: str, publisher: str, config: dict) -> str:
+    """A minimal Flower app's pyproject.toml: ``NAME.apps:server`` and ``NAME.apps:client``."""
+    lines = "".join(f"{k} = {v!r}\n".replace("'", '"') for k, v in config.items())
+    return f"""[build-system]
 requires = ["hatchling"]
 build-backend = "hatchling.build"
 
 [project]
-name = "probe"
+name = "{name}"
 version = "{version}"
-description = "A foreign app: what a board or an intruder might try to run on every SuperNode"
+description = "{description}"
 license = "Apache-2.0"
 dependencies = ["flwr"]
 
 [tool.flwr.app]
-publisher = "intruder"
+publisher = "{publisher}"
 
 [tool.flwr.app.components]
-serverapp = "probe.apps:server"
-clientapp = "probe.apps:client"
+serverapp = "{name}.apps:server"
+clientapp = "{name}.apps:client"
 
 [tool.flwr.app.config]
-wait = 40
-"""
+{lines}"""
 
 PROBE_APPS = f'''"""Sends one query to every SuperNode and prints each reply; a ClientApp that ran would say so."""
 import time
@@ -646,7 +648,9 @@ def main(grid: Grid, context: Context) -> None:
 def write_probe_app(folder: Path, version: str) -> Path:
     """A small foreign Flower app (``@intruder/probe``): cheap to run, and it shows whether it ran."""
     (folder / "probe").mkdir(parents=True, exist_ok=True)
-    (folder / "pyproject.toml").write_text(PROBE_PYPROJECT.replace("{version}", version))
+    (folder / "pyproject.toml").write_text(app_pyproject(
+        "probe", version, "A foreign app: what a board or an intruder might try to run on every SuperNode",
+        "intruder", {"wait": 40}))
     (folder / "probe" / "__init__.py").write_text("")
     (folder / "probe" / "apps.py").write_text(PROBE_APPS)
     return folder

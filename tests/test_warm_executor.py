@@ -29,28 +29,6 @@ REPO = Path(__file__).resolve().parents[1]
 rehearsal = load_script("flmnist_rehearsal", REPO / "jetson" / "rehearsal.py")
 NODE = rehearsal.NAMES[0]
 
-PROBE_PYPROJECT = """[build-system]
-requires = ["hatchling"]
-build-backend = "hatchling.build"
-
-[project]
-name = "warmprobe"
-version = "1.0.0"
-description = "Answers, crashes, raises or hangs as its server asks: the warm executor's failure cases"
-license = "Apache-2.0"
-dependencies = ["flwr"]
-
-[tool.flwr.app]
-publisher = "flmnisttests"
-
-[tool.flwr.app.components]
-serverapp = "warmprobe.apps:server"
-clientapp = "warmprobe.apps:client"
-
-[tool.flwr.app.config]
-plan = "ok"
-wait = 90
-"""
 
 PROBE_APPS = '''"""One query per action of the run's plan, to the one SuperNode, each after the last was answered."""
 import os
@@ -107,7 +85,9 @@ def main(grid: Grid, context: Context) -> None:
 
 def write_probe(folder: Path) -> Path:
     (folder / "warmprobe").mkdir(parents=True, exist_ok=True)
-    (folder / "pyproject.toml").write_text(PROBE_PYPROJECT)
+    (folder / "pyproject.toml").write_text(rehearsal.app_pyproject(
+        "warmprobe", "1.0.0", "Answers, crashes, raises or hangs as its server asks: the warm executor's failure cases",
+        "flmnisttests", {"plan": "ok", "wait": 90}))
     (folder / "warmprobe" / "__init__.py").write_text("")
     (folder / "warmprobe" / "apps.py").write_text(PROBE_APPS)
     return folder
