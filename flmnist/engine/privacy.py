@@ -111,6 +111,7 @@ class Accountant:
                                     sampling_method=SamplingMethod.NO_AMPLIFICATION,
                                     max_epsilon=settings.max_epsilon)
         self.rdp = RdpAccountant(self.config)
+        self.repeated: Counter = Counter()  # FedBuff: releases where one node had k > 1 updates -> count
 
     def event(self, sample_size: int, repeats: int = 1):
         from flwr.serverapp import GaussianPrivacyEvent
@@ -120,6 +121,8 @@ class Accountant:
 
     def compose(self, sample_size: int, repeats: int = 1) -> None:
         self.rdp.compose(self.event(sample_size, repeats))
+        if repeats > 1:
+            self.repeated[repeats] += 1
 
     def would_exceed(self, sample_size: int, repeats: int = 1) -> bool:
         """Whether the next release would spend more than ``max_epsilon`` (False without a budget)."""
@@ -145,13 +148,16 @@ class Accountant:
         return {"mechanism": s.mechanism, "epsilon": round(self.epsilon, 6), "delta": s.target_delta,
                 "noise_multiplier": s.noise_multiplier, "clipping_norm": s.clipping_norm,
                 "max_epsilon": s.max_epsilon, "releases": self.rdp.num_releases, "unit": UNIT,
+                # releases where one node had k updates in the buffer, accounted at noise_multiplier / k
+                "repeated_releases": {str(k): n for k, n in sorted(self.repeated.items())},
                 "accounting": "RDP (Flower's RdpAccountant), no sampling amplification"}
 
     def state_dict(self) -> dict:
-        return self.rdp.state_dict()
+        return {"rdp": self.rdp.state_dict(), "repeated": dict(self.repeated)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.rdp.load_state_dict(state)
+        self.rdp.load_state_dict(state["rdp"])
+        self.repeated = Counter({int(k): n for k, n in state.get("repeated", {}).items()})
 
     def log_release(self, step: int, unit: str) -> None:
         log(INFO, "Privacy: epsilon %.4g at delta %g after %s %d (%d releases)", self.epsilon,
