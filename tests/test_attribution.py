@@ -72,6 +72,41 @@ def test_disjoint_digit_groups_are_credited_to_the_node_that_holds_them(mnist):
     assert hook.evaluations == 3 * (1 + 3)  # the model before each round once, each update once
 
 
+@pytest.mark.parametrize("backend", ["inprocess", "ray"])
+def test_attribution_in_the_background_adds_up_exactly_what_it_computes_in_line(mnist, monkeypatch, backend):
+    """updates_applied starts the evaluations in the background (in-process: on the PyTorch
+    thread; else on a worker thread of its own) while the guard uses the same probe from the
+    ServerApp's thread: every figure equals the one-at-a-time computation, bit for bit."""
+    from flmnist.core.constants import BACKEND_ENV
+    from flmnist.observers.probe import Probe
+
+    monkeypatch.setenv(BACKEND_ENV, backend)
+    (x, y), (tx, ty) = mnist
+    torch.manual_seed(0)
+    model = weights_of(LogReg())
+    rounds = []
+    for step in (1, 2, 3):
+        deltas = [(f"node {n}", trained_delta(model, x[1000 * n:1000 * n + 1000], y[1000 * n:1000 * n + 1000],
+                                              steps=5)) for n in range(3)]
+        rounds.append((step, model, deltas))
+        model = {k: model[k] + sum(d[k] for _, d in deltas) / 3 for k in model}
+    in_line = Attribution(tx, ty, LogReg, probe_size=500)
+    for step, before, deltas in rounds:
+        in_line.attribute(step, before, deltas, key=step)
+    probe = Probe(tx, ty, LogReg, 500, 250)
+    background = Attribution(tx, ty, LogReg, probe=probe)
+    guard_saw = []
+    for step, before, deltas in rounds:
+        assert background.updates_applied(step, before, deltas, key=step) is None
+        guard_saw.append(probe.per_digit(model))  # the guard's turn on the shared probe, meanwhile
+        background.evaluate_global(step, None)
+    assert background.helped_and_hurt() == in_line.helped_and_hurt()
+    assert {n: v.tolist() for n, v in background.totals.items()} == {n: v.tolist() for n, v in in_line.totals.items()}
+    assert background.by_step == in_line.by_step and background.evaluations == in_line.evaluations == 3 * 4
+    assert all(np.array_equal(seen, guard_saw[0]) for seen in guard_saw)
+    assert len(background.state()["snapshots"]) == 3 * 3  # a snapshot per step, after its updates
+
+
 def test_a_sign_flipping_node_is_the_one_that_hurt_every_digit(mnist, tmp_path):
     """Four IID nodes on a partly trained model; node 3 sends its update reversed and scaled by 5
     (flmnist.client.faults' sign-flip, which the screen's default norm bound lets through)."""

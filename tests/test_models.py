@@ -31,3 +31,25 @@ def test_every_model_maps_a_batch_to_log_probabilities(target):
 def test_unknown_model_target_names_the_valid_ones():
     with pytest.raises(ConfigError, match="flmnist.ml.models.LeNet"):
         model_from_spec({"_target_": "os.system"})
+
+
+@pytest.mark.parametrize("cls", [LeNet, CNNMcMahan])
+def test_pooling_before_the_relu_computes_the_seeds_relu_then_pool_exactly(cls):
+    """The CNNs pool first (ReLU on a quarter of the elements); outputs and gradients are the
+    seeds' ReLU-then-pool ones, bit for bit."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model, x, y = cls(), torch.randn(64, 1, 28, 28), torch.arange(64) % 10
+
+    def seeds_forward(m, x):
+        x = F.max_pool2d(F.relu(m.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(m.conv2(x)), 2)
+        return F.log_softmax(m.fc2(F.relu(m.fc1(x.flatten(1)))), dim=1)
+
+    ours = model(x)
+    ours_grads = torch.autograd.grad(F.nll_loss(ours, y), list(model.parameters()))
+    theirs = seeds_forward(model, x)
+    their_grads = torch.autograd.grad(F.nll_loss(theirs, y), list(model.parameters()))
+    assert torch.equal(ours, theirs)
+    assert all(torch.equal(a, b) for a, b in zip(ours_grads, their_grads))

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from flmnist.core.constants import BACKEND_ENV
 
 _torch_thread: ThreadPoolExecutor | None = None
+_background: ThreadPoolExecutor | None = None
 _lock = threading.Lock()
 
 
@@ -51,6 +52,21 @@ def on_torch_thread(fn, *args, **kwargs):
     if not active() or threading.current_thread().name.startswith("flmnist-torch"):
         return fn(*args, **kwargs)
     return _torch_executor().submit(fn, *args, **kwargs).result()
+
+
+def in_background(fn, *args, **kwargs) -> Future:
+    """``fn(*args, **kwargs)`` started without waiting for it, for work whose result is read later
+    (attribution): on the process's one PyTorch thread when ClientApps run in-process (in turn
+    with training: on 2 cores there is no idle core to hide it in), else on one worker thread of
+    its own, so that a deployed ServerApp evaluates while it waits for the next round's replies.
+    Background jobs run one at a time, in the order given."""
+    global _background
+    if active():
+        return _torch_executor().submit(fn, *args, **kwargs)
+    with _lock:
+        if _background is None:
+            _background = ThreadPoolExecutor(1, "flmnist-background")
+    return _background.submit(fn, *args, **kwargs)
 
 
 def confine_torch() -> None:

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from flmnist.core.run_files import atomic_write
+from flmnist.ml.threads import in_background
 from flmnist.observers.base import Observer, RunContext
 from flmnist.observers.probe import Probe, probe_indices  # noqa: F401 - probe_indices re-exported
 
@@ -82,6 +83,7 @@ class Attribution(Observer):
         self.label_share = np.zeros(NUM_DIGITS)
         self.label_share_step = np.zeros(NUM_DIGITS, dtype=int)
         self._before: tuple[object, np.ndarray] | None = None  # (key, per-digit accuracy)
+        self._pending: list = []  # attributions started in the background, not yet waited for
 
     @classmethod
     def from_run(cls, run: RunContext, enabled: bool = True, probe_size: int = 1000,
@@ -108,15 +110,24 @@ class Attribution(Observer):
     def updates_applied(self, step: int, before: Weights, deltas: Sequence[tuple[str, Weights]],
                         key: object = None) -> dict | None:
         """Attribute the (node, delta) pairs applied to ``before``; ``key`` names ``before`` so
-        that updates applied to the same global model share its evaluation."""
+        that updates applied to the same global model share its evaluation. Started in the
+        background (:func:`~flmnist.ml.threads.in_background`: in order, one at a time), so that the
+        evaluations run while Flower sends the next round; everything that reads the figures waits
+        for them first (:meth:`wait`)."""
         if deltas:
-            self.attribute(step, before, deltas, key)
+            self._pending.append(in_background(self.attribute, step, before, list(deltas), key))
         return None
+
+    def wait(self) -> None:
+        """Until every attribution started in the background has been added in (its error raised)."""
+        pending, self._pending = self._pending, []
+        for job in pending:
+            job.result()
 
     def evaluate_global(self, server_round: int, arrays) -> dict | None:
         """After each round (async: each evaluation point): a snapshot of the cumulative table."""
-        if server_round > 0:
-            self.snapshot(server_round)
+        if server_round > 0:  # in the background too, after the step's attributions
+            self._pending.append(in_background(self.snapshot, server_round))
         return None
 
     # ------------------------------------------------------------ measuring
@@ -164,6 +175,7 @@ class Attribution(Observer):
 
     def helped_and_hurt(self) -> tuple[dict[int, str | None], dict[int, str | None]]:
         """Per digit: the node with the largest positive total, and with the most negative."""
+        self.wait()
         helped, hurt = {}, {}
         names = sorted(self.totals, key=node_order)
         for d in range(NUM_DIGITS):
@@ -197,6 +209,7 @@ class Attribution(Observer):
 
     def finish(self, wall_time: float | None = None) -> dict | None:
         """Print who helped and hurt each digit most, write the CSV and plot; the summary's part."""
+        self.wait()
         if not self.totals:
             return None
         self.write_csv()
@@ -234,6 +247,7 @@ class Attribution(Observer):
 
     # ---------------------------------------------------------------- state
     def state(self) -> dict:
+        self.wait()
         return {"totals": {n: v.tolist() for n, v in self.totals.items()}, "counts": dict(self.counts),
                 "snapshots": list(self.snapshots), "seconds": self.seconds, "evaluations": self.evaluations,
                 "by_step": {s: dict(gains) for s, gains in self.by_step.items()},

@@ -7,12 +7,14 @@ effect guard (:mod:`flmnist.engine.effect_guard`) judges updates on it; a run bu
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from flmnist.core.constants import NUM_CLASSES
+from flmnist.ml.threads import on_torch_thread
 from flmnist.ml.training import device, evaluate
 
 PROBE_SEED = 20170217  # fixed: every run probes the same images
@@ -40,6 +42,7 @@ class Probe:
         self.model = model_fn()
         self.batch_size = batch_size
         self.device = device()
+        self._lock = threading.Lock()  # one model: the guard and attribution's background job take turns
 
     @property
     def size(self) -> int:
@@ -52,12 +55,16 @@ class Probe:
     def scores(self, weights: dict, delta: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Per-digit accuracy (as :meth:`per_digit`) and the share of all probe images the model
         labels with each digit (0..1; a model that knows the digits labels about a tenth with each)."""
+        return on_torch_thread(self._scores, weights, delta)
+
+    def _scores(self, weights: dict, delta: dict | None) -> tuple[np.ndarray, np.ndarray]:
         if delta is not None:
             weights = {k: (v + delta[k]).astype(v.dtype) if v.dtype.kind == "f" and k in delta else v
                        for k, v in weights.items()}
         state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()}
-        self.model.load_state_dict(state)
-        result = evaluate(self.model, self.images, self.labels, self.batch_size, self.device)
+        with self._lock:
+            self.model.load_state_dict(state)
+            result = evaluate(self.model, self.images, self.labels, self.batch_size, self.device)
         accuracy = np.array([a if a is not None else np.nan for a in result.per_digit_accuracy()])
         return accuracy, result.predicted_per_digit / max(result.total, 1)
 
