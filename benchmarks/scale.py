@@ -58,6 +58,16 @@ not for the timing (they need py-spy: ``pip install py-spy``). Profiled runs go 
 "diagnosis" section of scale.json and their own directories (``N<N>-py-spy-record``).
 
 Targets (issue 10): memory flat in N (no per-node copies of MNIST); overhead < 25 ms per update.
+
+Issue 23, ``--attribution``: what attribution costs per update at 100 updates a round. One run
+
+    flmnist model=lenet partition=iid num_nodes=1000 num_rounds=2 sampling.fraction_train=0.1 \
+        sampling.fraction_evaluate=0 eval.every=null        (attribution on: the default)
+
+and its ``summary.json``'s attribution seconds over its evaluations (one per applied update,
+one per global model), against the plain-PyTorch floor in this process: a LeNet forward pass
+over the same 1,000 probe images (channels-last, batches of 250, no autograd), median of 20.
+Target: under 5 ms per update. Written to ``scale.json``'s ``attribution``.
 """
 
 from __future__ import annotations
@@ -442,6 +452,57 @@ def run_size(n: int, timeout: float, py_spy_every: float | None, py_spy_record: 
     return result
 
 
+# ------------------------------------------------------------------------- attribution
+ATTRIBUTION_RUN = ["model=lenet", "partition=iid", "num_nodes=1000", "num_rounds=2", f"seed={SEED}",
+                   "sampling.fraction_train=0.1", "sampling.fraction_evaluate=0", "eval.every=null",
+                   "name=scale_attribution"]
+
+
+def probe_floor_ms(repeat: int = 20) -> float:
+    """Plain PyTorch: one LeNet forward pass over the 1,000 probe images, as the probe batches them."""
+    import torch
+
+    from flmnist.ml.data import load_mnist
+    from flmnist.ml.mnist_files import resolve_root
+    from flmnist.ml.models import LeNet
+    from flmnist.observers.probe import probe_indices
+
+    torch.set_num_threads(2)
+    images, labels = load_mnist(str(resolve_root()), False)
+    x = images[torch.from_numpy(probe_indices(labels, 1000))].contiguous(memory_format=torch.channels_last)
+    model = LeNet().eval().to(memory_format=torch.channels_last)
+    times = []
+    with torch.inference_mode():
+        for i in range(repeat + 2):
+            t = time.perf_counter()
+            for start in range(0, len(x), 250):
+                model(x[start:start + 250]).argmax(1)
+            if i >= 2:
+                times.append(time.perf_counter() - t)
+    return 1000 * statistics.median(times)
+
+
+def attribution_cost(timeout: float) -> dict:
+    with tempfile.TemporaryDirectory(prefix="flmnist-scale-") as tmp:
+        run_dir = Path(tmp) / "run"
+        start = time.perf_counter()
+        proc = subprocess.run([str(BIN / "flmnist"), *ATTRIBUTION_RUN, f"hydra.run.dir={run_dir}"], cwd=tmp,
+                              capture_output=True, text=True, timeout=timeout, check=False)
+        wall = time.perf_counter() - start
+        summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
+    attribution = summary.get("attribution") or {}
+    rows = {"command": "flmnist " + " ".join(ATTRIBUTION_RUN), "exit_code": proc.returncode,
+            "wall_s": round(wall, 1), "updates": sum((attribution.get("updates") or {}).values()),
+            "evaluations": attribution.get("evaluations"), "seconds": attribution.get("seconds"),
+            "floor_ms_per_evaluation": round(probe_floor_ms(), 2), "target_ms_per_update": 5.0,
+            "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if attribution.get("evaluations"):
+        rows["ms_per_evaluation"] = round(1000 * attribution["seconds"] / attribution["evaluations"], 2)
+    if not summary:
+        rows["last_lines"] = (proc.stdout + proc.stderr).splitlines()[-15:]
+    return rows
+
+
 # ------------------------------------------------------------------------------ output
 def table(results: dict, key=lambda k: (int(k.split("-")[0]), k)) -> str:
     lines = [("| N | wall s | startup s | round 1 s | s/round (rounds 2-3) | updates/round | s/update | "
@@ -475,10 +536,18 @@ def main() -> None:
     parser.add_argument("--backend", choices=("inprocess", "ray"), default=None,
                         help="simulation.backend for the runs (default: the command's auto)")
     parser.add_argument("--output", type=Path, default=RESULTS / "scale.json")
+    parser.add_argument("--attribution", action="store_true",
+                        help="only the attribution's cost per update at 100 updates a round (issue 23)")
     args = parser.parse_args()
     if not os.environ.get("FLMNIST_DATA_DIR"):
         sys.exit("set FLMNIST_DATA_DIR to the MNIST root")
     saved = json.loads(args.output.read_text()) if args.output.exists() else {}
+    if args.attribution:
+        saved["attribution"] = cost = attribution_cost(args.timeout)
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(saved, indent=1))
+        print(json.dumps(cost, indent=1))
+        return
     results, diagnosis = saved.get("runs", {}), saved.get("diagnosis", {})
     for n in args.nodes:
         compute = compute_per_update(n)
@@ -497,6 +566,7 @@ def main() -> None:
             results[key] = r
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps({
+            **saved,
             "what": "issue 10: flmnist logreg, 1% of N nodes train per round, 3 rounds (see benchmarks/scale.py)",
             "targets": {"memory": "flat in N", "overhead_ms_per_update": f"< {TARGET_OVERHEAD_MS:g}"},
             "runs": results, "diagnosis": diagnosis}, indent=1))
