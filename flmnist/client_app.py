@@ -7,7 +7,10 @@ config: ``partition-id``/``num-partitions`` in simulation, ``data-path`` (and an
 
 The handlers below only ever produce honest replies. Deliberate misbehaviour for robustness
 tests (``client.fault``) is one ClientApp mod, :func:`flmnist.client.faults.fault_mod`, which
-wraps every handler and corrupts its reply on the nodes the server's settings name.
+wraps every handler and corrupts its reply on the nodes the server's settings name. Under
+``privacy=client`` or ``privacy=local`` the train handler's reply passes through
+:func:`flmnist.client.update_dp.update_dp_mod` (the node clips, or clips and noises, its update)
+before the fault mod sees it.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from flwr.clientapp import ClientApp
 
 from flmnist.client.faults import fault_mod
 from flmnist.client.node_data import node_data, node_seed
+from flmnist.client.update_dp import update_dp_mod
 from flmnist.flower_patches import inprocess_backend, vce_feeder
 from flmnist.ml.models import model_from_spec
 from flmnist.ml.training import device, evaluate, train
@@ -45,7 +49,7 @@ def _node_info(name: str, dev: torch.device) -> ConfigRecord:
                          p.MACHINE: platform.machine() or "unknown"})
 
 
-@app.train()
+@app.train(mods=[update_dp_mod])  # privacy=client/local: the node clips (and noises) its update
 def train_handler(msg: Message, context: Context) -> Message:
     """Train the received model on this node's data; reply with the new weights and metrics."""
     config = msg.content[p.CONFIG]

@@ -1,10 +1,14 @@
 """``privacy=central``: the noise is where and as large as the guarantee says, epsilon is the RDP
 accountant's own figure for the releases made, the budget stops the run before the release that
 would pass it, a resume continues the count, and a strategy the accountant cannot cover is
-refused naming the setting."""
+refused naming the setting. ``privacy=client``: the node clips, the screen rejects an update that
+is not, the server noises and counts as central. ``privacy=local``: the node clips and noises,
+each node's epsilon is dp-accounting's. ``privacy=central_adaptive``: the clip follows the paper's
+rule and each round is one central release. ``privacy=dpsgd``: DP-SGD's noise and each node's epsilon."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -15,11 +19,15 @@ import numpy as np
 import pytest
 from dp_accounting import GaussianDpEvent, SelfComposedDpEvent
 from dp_accounting.rdp import RdpAccountant
-from test_engines import FakeNode, make_path, sync_round
+from flwr.app import Message, MessageType, RecordDict
+from test_engines import LIMITS, SENT, FakeNode, make_path, record, sync_round
 
+from flmnist.client.update_dp import update_dp_mod
+from flmnist.core.arrays import to_weights
 from flmnist.core.errors import ConfigError
 from flmnist.engine.guard import Guarded
 from flmnist.engine.privacy import AsyncPrivacy, strategy_problem, wrap_sync
+from flmnist.protocol import messages as p
 from flmnist.protocol.settings import PrivacySettings
 from flmnist.strategies import FedAvg, FedBuff
 
@@ -290,3 +298,219 @@ def test_a_budget_the_first_task_would_pass_ends_the_command_with_the_setting_na
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith(
         "flmnist: error: privacy.max_epsilon=0.5 is less than one training task spends on partition"), proc.stderr
+
+
+# ------------------------------------------------------------------ privacy=client and privacy=local
+
+class ModNode(FakeNode):
+    """A scripted node whose train replies pass through the ClientApp's ``update_dp_mod``, as in
+    flmnist's ClientApp (a plain FakeNode is a node that does not clip)."""
+
+    def answer_train(self, msg: Message, behaviour: str) -> Message | None:
+        return update_dp_mod(msg, None, lambda m, _context: FakeNode.answer_train(self, m, behaviour))
+
+
+def train_message(weights: dict, **sent) -> Message:
+    config = dataclasses.replace(SENT, **sent).to_record()
+    return Message(RecordDict({p.ARRAYS: record(weights), p.CONFIG: config}), dst_node_id=11,
+                   message_type=MessageType.TRAIN)
+
+
+def client_fedavg(sigma: float, clip: float, nodes: int = 4):
+    settings = PrivacySettings("client", noise_multiplier=sigma, clipping_norm=clip, target_delta=DELTA)
+    inner = FedAvg(min_available_nodes=nodes, min_train_nodes=nodes, fraction_evaluate=0.0)
+    wrapper, accountant, per_round = wrap_sync(inner, settings, nodes)
+    path = make_path(max_norm_ratio=None, clip_to_median=None)
+    path.update_clip = clip  # what run_setup passes under privacy=client
+    return Guarded(wrapper, path, privacy=accountant, per_round=per_round), accountant, path
+
+
+@pytest.mark.parametrize("delta", [False, True])
+def test_under_privacy_client_the_node_clips_its_update_before_it_leaves(task_identity, delta):
+    """An update of length 200 (every coordinate +1; FedBuff: the delta itself) arrives at the
+    server with length clipping_norm: Flower's fixedclipping_mod (a model), flmnist's FlatClip (a delta)."""
+    reply = ModNode(0, 1.0).answer(train_message(BIG, update_clip=0.5, reply_delta=delta))
+    update = to_weights(reply.content[p.ARRAYS])["w"] - (0 if delta else BIG["w"])
+    assert np.linalg.norm(update.astype(np.float64)) == pytest.approx(0.5, rel=1e-5)
+    assert update.min() == pytest.approx(update.max())  # scaled, not cut: the direction is kept
+    small = ModNode(0, 1e-5).answer(train_message(BIG, update_clip=0.5, reply_delta=delta))  # length 2e-3
+    assert to_weights(small.content[p.ARRAYS])["w"].mean() == pytest.approx(1e-5, rel=1e-3)  # untouched
+
+
+def test_privacy_client_noises_the_average_of_clipped_updates_and_counts_like_central(task_identity):
+    """Flower's client-side wrapper sends clipping_norm, the nodes clip (updates of length 200 to
+    1), the server adds noise of std sigma * C / n and composes one release per round."""
+    strategy, accountant, path = client_fedavg(sigma=2.0, clip=1.0)
+    assert strategy.name == "FedAvg with client-side clipping"
+    nodes = {i + 11: ModNode(i, 1.0) for i in range(4)}
+    for server_round in (1, 2):
+        arrays, _ = sync_round(strategy, nodes, BIG, server_round=server_round)
+        moved = arrays["w"].numpy()
+        assert moved.mean() == pytest.approx(1.0 / np.sqrt(BIG["w"].size), abs=0.01)
+        assert moved.std() == pytest.approx(2.0 * 1.0 / 4, rel=0.03)
+    assert sum(path.rejected.values()) == 0
+    assert accountant.epsilon == pytest.approx(rdp_epsilon(2.0, 2), rel=1e-6)
+    assert accountant.summary()["mechanism"] == "client"
+
+
+def test_under_privacy_client_an_unclipped_update_is_rejected_naming_the_clip(task_identity):
+    """Three nodes clip; one does not (a plain FakeNode, length 200): the screen rejects it with the
+    clip in the reason and the round averages three clipped updates and one zero update."""
+    strategy, accountant, path = client_fedavg(sigma=1e-3, clip=1.0)
+    nodes = {11: ModNode(0, 1.0), 12: ModNode(1, 1.0), 13: ModNode(2, 1.0), 14: FakeNode(3, 1.0)}
+    arrays, _ = sync_round(strategy, nodes, BIG)
+    assert path.rejected == {"node 3": 1}
+    assert any("exceeds privacy.clipping_norm=1" in reason for reason in path.reasons)
+    clipped = 1.0 / np.sqrt(BIG["w"].size)
+    assert arrays["w"].numpy().mean() == pytest.approx(0.75 * clipped, rel=0.01)
+    assert accountant.rdp.num_releases == 1
+
+
+def test_local_dp_clips_and_adds_noise_of_std_sigma_clip_on_the_node(task_identity):
+    """The reply of a node asked for local DP: its update (length 200) clipped to C = 0.5, plus
+    Gaussian noise of std sigma * C = 1.0 on every coordinate; a fresh draw on every reply."""
+    msg = train_message(BIG, update_clip=0.5, update_noise=2.0)
+    first, second = (to_weights(ModNode(0, 1.0).answer(msg).content[p.ARRAYS])["w"] for _ in range(2))
+    assert first.std() == pytest.approx(2.0 * 0.5, rel=0.03)
+    assert first.mean() == pytest.approx(0.5 / np.sqrt(BIG["w"].size), abs=0.01)
+    assert not np.allclose(first, second)  # no seed the server could know
+    delta = to_weights(ModNode(0, 1.0).answer(train_message(BIG, update_clip=0.5, update_noise=2.0,
+                                                            reply_delta=True)).content[p.ARRAYS])["w"]
+    assert delta.std() == pytest.approx(1.0, rel=0.03)  # FedBuff's delta: the same release
+
+
+def test_each_nodes_local_epsilon_is_dp_accountings_figure_for_the_tasks_it_was_sent(task_identity):
+    """Three rounds of two nodes out of four: each node's epsilon is dp-accounting's for the number
+    of Gaussian releases (training tasks) it was sent; the run's is the largest."""
+    from flmnist.engine.local_privacy import LocalAccountant
+
+    settings = PrivacySettings("local", noise_multiplier=1.3, clipping_norm=1.0, target_delta=DELTA)
+    accountant = LocalAccountant(settings, SENT, LIMITS.train_examples)
+    strategy = Guarded(FedAvg(min_available_nodes=2, min_train_nodes=2, fraction_train=0.5),
+                       make_path(), privacy=accountant)
+    assert strategy.name == "FedAvg with local DP on the nodes"
+    nodes = {i + 11: FakeNode(i, 0.01) for i in range(4)}
+    for server_round in (1, 2, 3):
+        sync_round(strategy, nodes, BIG, server_round=server_round)
+    tasks = {f"node {part}": n for part, n in accountant.tasks.items()}
+    assert sum(tasks.values()) == 6
+    rdp = {}
+    for name, n in tasks.items():
+        one = RdpAccountant()
+        one.compose(SelfComposedDpEvent(GaussianDpEvent(1.3), n))
+        rdp[name] = one.get_epsilon(DELTA)
+    assert {f"node {part}": accountant.epsilon_of(part) for part in accountant.tasks} == pytest.approx(rdp, rel=1e-12)
+    summary = accountant.summary()  # rounded to 6 decimals
+    assert summary["per_node"] == pytest.approx(rdp, rel=1e-6)
+    assert summary["epsilon"] == pytest.approx(max(rdp.values()), rel=1e-6)
+    assert summary["mechanism"] == "local" and summary["releases"] == 6
+
+
+def test_a_local_budget_below_one_release_is_a_config_error():
+    from flmnist.engine.local_privacy import LocalAccountant
+
+    settings = PrivacySettings("local", noise_multiplier=1.0, clipping_norm=1.0, max_epsilon=1.0)
+    with pytest.raises(ConfigError, match=r"privacy.max_epsilon=1 is less than one local DP release spends"):
+        LocalAccountant(settings, SENT, LIMITS.train_examples).check_first_release()
+
+
+def test_client_refuses_what_central_refuses_and_local_takes_any_strategy():
+    from flwr.serverapp.strategy import FedMedian
+
+    from flmnist.engine.privacy import problem
+
+    assert "no epsilon can be accounted" in problem(PrivacySettings("client"), FedMedian())
+    assert problem(PrivacySettings("local"), FedMedian()) is None  # the server only post-processes
+    with pytest.raises(ConfigError, match="privacy.mechanism must be one of none, central, central_adaptive, client, local, dpsgd"):
+        PrivacySettings("locall")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mechanism", ["client", "local"])
+def test_a_short_client_or_local_run_reports_epsilon(tmp_path, mechanism):
+    run = tmp_path / "run"
+    proc = flmnist(tmp_path, "model=logreg", "num_nodes=4", "num_rounds=2", f"privacy={mechanism}",
+                   f"hydra.run.dir={run}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    privacy = json.loads((run / "summary.json").read_text())["privacy"]
+    assert privacy["mechanism"] == mechanism
+    assert privacy["epsilon"] == pytest.approx(rdp_epsilon(1.0, 2), rel=1e-4)  # 2 releases at sigma 1 (per node)
+    assert [r["epsilon"] for r in rows(run)] == pytest.approx([rdp_epsilon(1.0, k) for k in (1, 2)], rel=1e-4)
+    if mechanism == "local":
+        assert privacy["per_node"] == pytest.approx({f"node {i}": rdp_epsilon(1.0, 2) for i in range(4)}, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_a_node_that_does_not_clip_under_privacy_client_is_rejected_in_a_real_run(tmp_path):
+    """client.fault=boost on node 0: its clipped update times 10 (the fault mod runs after the clip)."""
+    run = tmp_path / "run"
+    proc = flmnist(tmp_path, "model=logreg", "num_nodes=4", "num_rounds=2", "privacy=client", "client.fault=boost",
+                   "client.fault_nodes=[0]", f"hydra.run.dir={run}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "exceeds privacy.clipping_norm=1 (privacy=client" in proc.stderr + proc.stdout
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["screen"]["rejected_per_node"] == {"node 0": 2}  # both rounds
+    assert summary["privacy"]["releases"] == 2
+
+
+# ------------------------------------------------------------------ privacy=central_adaptive
+
+def adaptive_fedavg(sigma: float, clip: float, count_stddev: float, nodes: int = 4):
+    from flmnist.engine.adaptive_privacy import wrap_adaptive
+
+    settings = PrivacySettings("central_adaptive", noise_multiplier=sigma, clipping_norm=clip, target_delta=DELTA,
+                               count_stddev=count_stddev)
+    inner = FedAvg(min_available_nodes=nodes, min_train_nodes=nodes, fraction_evaluate=0.0)
+    wrapper, accountant, per_round = wrap_adaptive(inner, settings, nodes)
+    path = make_path(max_norm_ratio=None, clip_to_median=None)
+    return Guarded(wrapper, path, privacy=accountant, per_round=per_round), accountant, wrapper
+
+
+@pytest.mark.parametrize("offset, factor", [(1.0, np.exp(0.1)), (1e-7, np.exp(-0.1))])
+def test_the_adaptive_clip_grows_when_every_update_is_clipped_and_shrinks_when_none_is(task_identity, offset,
+                                                                                      factor):
+    """Target quantile 0.5, step 0.2, a count noise of 0.02 on 4 updates: all clipped (length 200
+    against 0.1) -> the clip times e^0.1; none (length 2e-5) -> times e^-0.1 (Andrew et al.'s
+    rule; Flower 1.41's own wrapper would move it the other way)."""
+    strategy, _, wrapper = adaptive_fedavg(sigma=0.01, clip=0.1, count_stddev=0.02)
+    sync_round(strategy, {i + 11: FakeNode(i, offset) for i in range(4)}, BIG)
+    assert wrapper.clipping_norm == pytest.approx(0.1 * factor, rel=0.01)
+    assert strategy.state_dict()["inner"]["clipping_norm"] == wrapper.clipping_norm  # in the checkpoint
+
+
+def test_an_adaptive_round_noises_at_the_split_multiplier_and_counts_one_central_release(task_identity):
+    """sigma 2 with count_stddev 4: the average gets noise multiplier (2^-2 - 4^-2)^-1/2 on the clip
+    the updates were clipped to (not the adapted one) over n, and the round (sum and count) is
+    accounted as one Gaussian release of sigma 2."""
+    strategy, accountant, _ = adaptive_fedavg(sigma=2.0, clip=0.5, count_stddev=4.0)
+    assert strategy.name == "FedAvg with central DP, adaptive clipping"
+    arrays, _ = sync_round(strategy, {i + 11: FakeNode(i, 1e-7) for i in range(4)}, BIG)
+    z = (2.0 ** -2 - 4.0 ** -2) ** -0.5
+    assert arrays["w"].numpy().std() == pytest.approx(z * 0.5 / 4, rel=0.03)
+    assert accountant.epsilon == pytest.approx(rdp_epsilon(2.0, 1), rel=1e-6)
+    assert accountant.summary()["update_noise_multiplier"] == pytest.approx(z, rel=1e-6)
+
+
+def test_adaptive_clipping_refuses_a_count_noise_below_sigma_and_asynchronous_strategies():
+    from flmnist.engine.privacy import problem
+
+    with pytest.raises(ConfigError, match=r"privacy.count_stddev=1.0 must be more than privacy.noise_multiplier=1"):
+        PrivacySettings("central_adaptive", noise_multiplier=1.0, count_stddev=1.0)
+    settings = PrivacySettings("central_adaptive", count_stddev=4.0)
+    assert "is for synchronous strategies (FedBuff is asynchronous)" in problem(settings, FedBuff())
+    from flwr.serverapp.strategy import Krum
+
+    assert "no epsilon can be accounted" in problem(settings, Krum())
+
+
+@pytest.mark.slow
+def test_an_adaptive_run_reports_its_clip_and_epsilon_each_round(tmp_path):
+    run = tmp_path / "run"
+    proc = flmnist(tmp_path, "model=logreg", "num_nodes=4", "num_rounds=2", "privacy=central_adaptive",
+                   f"hydra.run.dir={run}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    privacy = json.loads((run / "summary.json").read_text())["privacy"]
+    assert privacy["mechanism"] == "central_adaptive"
+    assert privacy["epsilon"] == pytest.approx(rdp_epsilon(1.0, 2), rel=1e-4)
+    clips = [r["clipping_norm"] for r in rows(run)]
+    assert clips[0] == 0.1 and len(clips) == 2 and clips[1] > 0

@@ -18,10 +18,11 @@ FedAdagrad, FedYogi, FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan, ...) can
   a round lasts as long as its slowest node);
 - holds the checkpoint state (the inner strategy's momentum and optimiser buffers, as
   :func:`~flmnist.strategies.state.checkpoint_state` names them);
-- under ``privacy=central`` (:mod:`flmnist.engine.privacy`), the inner strategy is Flower's DP
-  wrapper: every round hands it exactly the sampled number of updates (a rejected or missing one
-  as a zero update), records epsilon, and asks the run to stop before a round that would spend
-  more than ``privacy.max_epsilon``.
+- under ``privacy=central`` or ``client`` (:mod:`flmnist.engine.privacy`), the inner strategy is
+  Flower's DP wrapper: every round hands it exactly the sampled number of updates (a rejected or
+  missing one as a zero update), records epsilon, and asks the run to stop before a round that
+  would spend more than ``privacy.max_epsilon``; under ``local`` or ``dpsgd`` each task sent
+  counts for its node (:meth:`Guarded.account`).
 """
 
 from __future__ import annotations
@@ -107,8 +108,10 @@ class Guarded(Strategy):
     @property
     def name(self) -> str:
         if self.central:
-            return f"{type(self.strategy.strategy).__name__} with central DP"
-        return type(self.strategy).__name__ + (" with DP-SGD on the nodes" if self.privacy is not None else "")
+            how = {"client": "client-side clipping", "central_adaptive": "central DP, adaptive clipping"}.get(
+                self.privacy.settings.mechanism, "central DP")
+            return f"{type(self.strategy.strategy).__name__} with {how}"
+        return type(self.strategy).__name__ + (f" with {self.privacy.label}" if self.privacy is not None else "")
 
     def summary(self) -> None:
         self.strategy.summary()
@@ -116,6 +119,8 @@ class Guarded(Strategy):
     # ----------------------------------------------------------- configure
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid) -> Iterable[Message]:
         self.reference = to_weights(arrays)
+        if self.central and not self.privacy.flower_composes:  # central_adaptive: the clip this round uses
+            self.privacy.clips.append(self.privacy.clip)
         messages = self.strategy.configure_train(server_round + self.round_offset, arrays, config, grid)
         if self.privacy is not None and not self.central:  # DP-SGD: every task sent counts (see account)
             messages = list(messages)
@@ -163,7 +168,7 @@ class Guarded(Strategy):
                 arrays = to_record(weights)
                 self.path.applied(step, self.reference, updates, self.reference, delta=False, key=("round", step))
         if self.privacy is not None:
-            self.account(step, arrays is not None)
+            self.account(step, arrays is not None, handed=bool(updates))
         self.path.record(
             step,
             client_updates=self.client_updates,
@@ -194,10 +199,17 @@ class Guarded(Strategy):
             len(pad), self.per_round)
         return messages + pad
 
-    def account(self, step: int, released: bool) -> None:
+    def account(self, step: int, released: bool, handed: bool = True) -> None:
         """Epsilon into the round's row; a stop before the next round if it would exceed the budget.
         DP-SGD: each task sent this round counts for its node, by the identity its node id is bound
-        to (a node's first reply binds it; one never bound is not counted, and said so)."""
+        to (a node's first reply binds it; one never bound is not counted, and said so).
+        ``central_adaptive``: flmnist composes the round itself when updates were ``handed`` to the
+        wrapper (its noised count moves the clip even if the aggregate is then rejected)."""
+        if self.central and not self.privacy.flower_composes:
+            self.path.record(step, clipping_norm=round(self.privacy.clips[-1], 6) if self.privacy.clips else None)
+            if handed:
+                self.privacy.compose(self.per_round)
+                released = True
         if not self.central:
             for node_id in self.tasks_sent:
                 bound = self.path.identities.bound.get(node_id)

@@ -19,6 +19,13 @@ twice in one buffer) is accounted with noise multiplier ``noise_multiplier / m``
 
 The unit is a node: epsilon bounds what the final and every intermediate global model reveal
 about any one node's whole data set, against an honest-but-curious observer of the models.
+
+``privacy=client`` is the same with the clip moved to the nodes (Flower's ``fixedclipping_mod``,
+:mod:`flmnist.client.update_dp`): sync strategies get Flower's
+``DifferentialPrivacyClientSideFixedClipping`` (it sends ``clipping_norm`` and noises the average
+without clipping again), async ones the same noise as above. The server trusts no node's clip:
+its screen rejects an update longer than ``clipping_norm`` (:mod:`flmnist.engine.reply_path`),
+which then counts as a zero update. ``privacy=local`` is :mod:`flmnist.engine.local_privacy`.
 """
 
 from __future__ import annotations
@@ -37,12 +44,12 @@ from flmnist.protocol.settings import PrivacySettings
 UNIT = "node (client-level): any one node's whole data set, added or removed"
 
 
-def missing_extra() -> str | None:
+def missing_extra(mechanism: str = "central") -> str | None:
     """Why ``privacy=...`` cannot run here (the accountant's package is missing), or None."""
     try:
         import dp_accounting  # noqa: F401
     except ImportError:
-        return ("privacy=central needs Flower's DP accountant (Google's dp-accounting): "
+        return (f"privacy={mechanism} needs Flower's DP accountant (Google's dp-accounting): "
                 "pip install -e '.[privacy]' (or pip install 'flwr[dp]==1.41.0')")
     return None
 
@@ -59,12 +66,19 @@ def problem(settings: PrivacySettings, strategy) -> str | None:
             return "privacy=dpsgd needs Opacus: pip install -e '.[privacy]' (or pip install 'opacus==1.6.0')"
         if float(getattr(strategy, "proximal_mu", 0.0) or 0.0) > 0:
             return "privacy=dpsgd with FedProx: the proximal term is not part of DP-SGD here; use another strategy"
-        return missing_extra()
-    return missing_extra() or strategy_problem(strategy)
+        return missing_extra("dpsgd")
+    if settings.mechanism == "local":  # the server only post-processes noised updates: any strategy
+        return missing_extra("local")
+    from flmnist.strategies.asynchronous import AsyncStrategy
+
+    if settings.mechanism == "central_adaptive" and isinstance(strategy, AsyncStrategy):
+        return (f"privacy=central_adaptive is for synchronous strategies ({type(strategy).__name__} is "
+                "asynchronous): use privacy=central or privacy=client with fixed clipping")
+    return missing_extra(settings.mechanism) or strategy_problem(strategy)
 
 
 def strategy_problem(strategy) -> str | None:
-    """Why ``strategy`` cannot run under ``privacy=central`` with accounted epsilon, or None."""
+    """Why ``strategy`` cannot run under ``privacy=central`` (or ``client``) with accounted epsilon, or None."""
     from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
     from flwr.serverapp.strategy import FedAvgM
 
@@ -101,6 +115,7 @@ class Accountant:
     """Flower's ``RdpAccountant`` for one run, with the run's settings and a prospective budget check."""
 
     central = True  # the server adds the noise (every round averages exactly n updates)
+    flower_composes = True  # Flower's fixed-clipping wrapper composes each release into ``rdp``
 
     def __init__(self, settings: PrivacySettings, population: int) -> None:
         from flwr.serverapp import NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
@@ -148,6 +163,8 @@ class Accountant:
         return {"mechanism": s.mechanism, "epsilon": round(self.epsilon, 6), "delta": s.target_delta,
                 "noise_multiplier": s.noise_multiplier, "clipping_norm": s.clipping_norm,
                 "max_epsilon": s.max_epsilon, "releases": self.rdp.num_releases, "unit": UNIT,
+                "clipped_by": "each node (its update, checked by the server's screen)" if s.mechanism == "client"
+                else "the server",
                 # releases where one node had k updates in the buffer, accounted at noise_multiplier / k
                 "repeated_releases": {str(k): n for k, n in sorted(self.repeated.items())},
                 "accounting": "RDP (Flower's RdpAccountant), no sampling amplification"}
@@ -164,22 +181,36 @@ class Accountant:
             self.settings.target_delta, unit, step, self.rdp.num_releases)
 
 
-def wrap_sync(strategy, settings: PrivacySettings, num_nodes: int):
-    """Flower's server-side fixed-clipping DP wrapper with its accountant around a plain FedAvg
-    (or FedProx) equal to ``strategy``'s; returns ``(wrapper, accountant, nodes per round)``."""
-    from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg, FedAvgM
+def plain_fedavg(strategy):
+    """Flower's plain FedAvg with equal weights for flmnist's FedAvg (the same sampling); FedProx
+    and plain FedAvg themselves, set to equal weights (the accountant requires them)."""
+    from flwr.serverapp.strategy import FedAvg, FedAvgM
 
-    if isinstance(strategy, FedAvgM):  # flmnist's FedAvg: the same sampling, Flower's plain average
+    if isinstance(strategy, FedAvgM):
         keys = ("fraction_train", "fraction_evaluate", "min_train_nodes", "min_evaluate_nodes",
                 "min_available_nodes", "arrayrecord_key", "configrecord_key",
                 "train_metrics_aggr_fn", "evaluate_metrics_aggr_fn")
-        strategy = FedAvg(**{k: getattr(strategy, k) for k in keys}, weighted_by_key=p.UNIT_WEIGHT)
-    else:
-        strategy.weighted_by_key = p.UNIT_WEIGHT  # equal weights: the accountant requires them
+        return FedAvg(**{k: getattr(strategy, k) for k in keys}, weighted_by_key=p.UNIT_WEIGHT)
+    strategy.weighted_by_key = p.UNIT_WEIGHT
+    return strategy
+
+
+def wrap_sync(strategy, settings: PrivacySettings, num_nodes: int):
+    """Flower's server-side (``privacy=central``) or client-side (``privacy=client``) fixed-clipping
+    DP wrapper with its accountant around a plain FedAvg (or FedProx) equal to ``strategy``'s;
+    returns ``(wrapper, accountant, nodes per round)``."""
+    from flwr.serverapp.strategy import (
+        DifferentialPrivacyClientSideFixedClipping,
+        DifferentialPrivacyServerSideFixedClipping,
+    )
+
+    strategy = plain_fedavg(strategy)
     n = sampled_per_round(strategy, num_nodes)
     accountant = Accountant(settings, num_nodes)
     accountant.check_first_release(n)
-    wrapper = DifferentialPrivacyServerSideFixedClipping(
+    wrap = (DifferentialPrivacyClientSideFixedClipping if settings.mechanism == "client"
+            else DifferentialPrivacyServerSideFixedClipping)
+    wrapper = wrap(
         strategy, noise_multiplier=settings.noise_multiplier, clipping_norm=settings.clipping_norm,
         num_sampled_clients=n, accountant=accountant.rdp)
     return wrapper, accountant, n
@@ -274,6 +305,7 @@ class SampleAccountant:
     """
 
     central = False
+    label = "DP-SGD on the nodes"
 
     def __init__(self, settings: PrivacySettings, sent, train_examples) -> None:
         self.settings, self.sent = settings, sent

@@ -58,8 +58,10 @@ class ReplyPath:
         identities: IdentityBook | None = None,
         guard: EffectGuard | None = None,
         asynchronous: bool = False,
+        update_clip: float | None = None,
     ) -> None:
         self.screen, self.sent = screen, sent
+        self.update_clip = update_clip  # privacy=client: the clip every node applied (None: none)
         self.identities = identities or IdentityBook()
         self.guard, self.asynchronous = guard, asynchronous
         self.hooks, self.recorder = list(hooks), recorder
@@ -123,7 +125,8 @@ class ReplyPath:
                 self._reject("Update", r)
         # Refuse absurd lengths, judge the rest as sent (the guard), then clip what was accepted:
         # the guard must see a scaled attack at its full strength to weigh its harm.
-        for r in [*self._refuse_long(updates, reference), *self._guard_effects(updates, reference, delta, current)]:
+        for r in [*self._refuse_unclipped(updates, reference, delta), *self._refuse_long(updates, reference),
+                  *self._guard_effects(updates, reference, delta, current)]:
             rejections.append(r)
             self._reject("Update", r)
         self._clip_long(updates, reference, delta)
@@ -165,6 +168,19 @@ class ReplyPath:
         """The median length of recent accepted updates and this batch (None with fewer than 3)."""
         norms = list(self.norms) + [u.norm for u in updates]
         return float(np.median(norms)) if len(norms) >= 3 else None
+
+    def _refuse_unclipped(self, updates: list[ClientUpdate], reference: Weights, delta: bool) -> list[Rejection]:
+        """``privacy=client``: refuse updates longer than the clip every node must apply (beyond
+        float32 rounding of the model the node sends: 1e-5 of the clip plus 2**-22 of the model's
+        norm); removes them from ``updates``. No node's clip is trusted: the DP noise covers C."""
+        if self.update_clip is None or not updates:
+            return []
+        c = self.update_clip
+        bound = c * (1 + 1e-5) + (0.0 if delta else 2.0**-22 * l2_norm(reference))
+        refused = [Rejection(u.node_id, u.name, f"update norm {u.norm:.6g} exceeds privacy.clipping_norm={c:g} "
+                             "(privacy=client: every node clips its update to it)") for u in updates if u.norm > bound]
+        updates[:] = [u for u in updates if u.norm <= bound]
+        return refused
 
     def _refuse_long(self, updates: list[ClientUpdate], reference: Weights) -> list[Rejection]:
         """Refuse updates longer than ``max_norm_ratio`` times the median norm (with fewer than 3

@@ -57,6 +57,8 @@ SERVER_VERSION = "server-version"
 PROXIMAL_MU = "proximal-mu"
 REPLY_DELTA = "reply-delta"
 FAULT = "fault"                        # client.fault: the misbehaviour the fault mod commits ("" none)
+CLIPPING_NORM = "clipping_norm"        # privacy=client/local: the node clips its update (Flower's KEY_CLIPPING_NORM)
+LOCAL_DP_NOISE = "local-dp-noise-multiplier"  # privacy=local: the node adds noise of std this x clipping_norm
 
 
 def correct_key(digit: int) -> str:
@@ -136,6 +138,8 @@ class TrainSettings:
     fault_nodes: tuple[int, ...] = field(default_factory=tuple)
     dp_noise_multiplier: float = 0.0  # privacy=dpsgd: DP-SGD on the node (0: plain SGD)
     dp_clipping_norm: float = 0.0     # privacy=dpsgd: each image's gradient clipped to this L2 norm
+    update_clip: float = 0.0          # privacy=client/local: the node clips its update to this L2 norm (0: no)
+    update_noise: float = 0.0         # privacy=local: ... and adds Gaussian noise of std this x update_clip
 
     def __post_init__(self) -> None:
         check_integer("num_nodes", self.num_partitions, 1)
@@ -153,6 +157,10 @@ class TrainSettings:
         check_number("privacy.clipping_norm", self.dp_clipping_norm, 0.0)
         if (self.dp_noise_multiplier > 0) != (self.dp_clipping_norm > 0):
             raise ConfigError("DP-SGD needs both privacy.noise_multiplier and privacy.clipping_norm > 0")
+        check_number("privacy.clipping_norm", self.update_clip, 0.0)
+        check_number("privacy.noise_multiplier", self.update_noise, 0.0)
+        if self.update_noise > 0 and not self.update_clip > 0:
+            raise ConfigError("local DP needs privacy.clipping_norm > 0 to calibrate its noise")
         if self.fault and self.fault not in FAULTS:
             raise ConfigError(f"client.fault '{self.fault}' is unknown; valid: {', '.join(sorted(FAULTS))} or null")
         for n in self.fault_nodes:
@@ -209,6 +217,8 @@ class TrainSettings:
                 "fault-nodes": [int(n) for n in self.fault_nodes],
                 "dp-noise-multiplier": float(self.dp_noise_multiplier),
                 "dp-clipping-norm": float(self.dp_clipping_norm),
+                CLIPPING_NORM: float(self.update_clip),
+                LOCAL_DP_NOISE: float(self.update_noise),
             }
         )
         for key, value in extra.items():
@@ -240,6 +250,8 @@ class TrainSettings:
                 fault_nodes=tuple(int(n) for n in record.get("fault-nodes", [])),
                 dp_noise_multiplier=float(record.get("dp-noise-multiplier", 0.0)),
                 dp_clipping_norm=float(record.get("dp-clipping-norm", 0.0)),
+                update_clip=float(record.get(CLIPPING_NORM, 0.0)),
+                update_noise=float(record.get(LOCAL_DP_NOISE, 0.0)),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise ConfigError(f"the server's config record is malformed ({err!r}); are server and node "

@@ -36,7 +36,7 @@ class AsyncLoopSettings:
             raise ConfigError("async_loop needs a stop: set max_server_updates, max_client_updates or time_budget")
 
 
-PRIVACY_MECHANISMS = ("none", "central", "dpsgd")
+PRIVACY_MECHANISMS = ("none", "central", "central_adaptive", "client", "local", "dpsgd")
 
 
 @dataclass(frozen=True)
@@ -44,11 +44,18 @@ class PrivacySettings:
     """``conf/privacy/NAME.yaml`` (the ``privacy`` section); the constructor checks every value.
     The mechanisms themselves are :mod:`flmnist.engine.privacy`."""
 
-    mechanism: str = "none"                 # none | central (client-level, server-side) | dpsgd (sample-level, on the nodes)
+    # none | central (client-level, server clips and noises) | central_adaptive (its clip adapted)
+    # | client (nodes clip, server noises)
+    # | local (each node clips and noises its own update) | dpsgd (sample-level, on the nodes)
+    mechanism: str = "none"
     noise_multiplier: float = 1.0           # Gaussian noise std as a multiple of clipping_norm (sigma)
     clipping_norm: float = 1.0              # L2 bound on each node's update (its model minus the global model)
     target_delta: float = 1e-5              # the delta epsilon is reported at
     max_epsilon: float | None = None        # stop before the release that would spend more (null: no budget)
+    # central_adaptive only (Andrew et al. 2019): clipping_norm is the first round's clip
+    target_quantile: float = 0.5            # the fraction of updates the clip should leave unclipped
+    clip_norm_lr: float = 0.2               # geometric step of the clip each round
+    count_stddev: float | None = None       # noise std on the count of unclipped updates (> noise_multiplier)
 
     def __post_init__(self) -> None:
         if self.mechanism not in PRIVACY_MECHANISMS:
@@ -58,6 +65,14 @@ class PrivacySettings:
         check_number("privacy.clipping_norm", self.clipping_norm, 0.0, low_open=True)
         check_number("privacy.target_delta", self.target_delta, 0.0, 1.0, low_open=True, high_open=True)
         check_number("privacy.max_epsilon", self.max_epsilon, 0.0, low_open=True, allow_none=True)
+        check_number("privacy.target_quantile", self.target_quantile, 0.0, 1.0)
+        check_number("privacy.clip_norm_lr", self.clip_norm_lr, 0.0, low_open=True)
+        check_number("privacy.count_stddev", self.count_stddev, 0.0, low_open=True, allow_none=True)
+        if self.mechanism == "central_adaptive" and not (self.count_stddev or 0.0) > self.noise_multiplier:
+            raise ConfigError(
+                f"privacy.count_stddev={self.count_stddev} must be more than privacy.noise_multiplier="
+                f"{self.noise_multiplier:g}: the noisy count spends part of each round's privacy, and the updates' "
+                "noise makes up the rest (noise multiplier (sigma^-2 - count_stddev^-2)^-1/2)")
 
     @property
     def on(self) -> bool:

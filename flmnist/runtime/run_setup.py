@@ -29,11 +29,13 @@ from flmnist.core.arrays import to_record
 from flmnist.core.build import build
 from flmnist.core.errors import ConfigError
 from flmnist.core.run_files import atomic_write, find_checkpoint
+from flmnist.engine.adaptive_privacy import wrap_adaptive
 from flmnist.engine.async_loop import AsyncLoop
 from flmnist.engine.base import Engine
 from flmnist.engine.effect_guard import EffectGuard
 from flmnist.engine.guard import Guarded
 from flmnist.engine.identity import IdentityBook, read_registry
+from flmnist.engine.local_privacy import LocalAccountant
 from flmnist.engine.privacy import AsyncPrivacy, SampleAccountant, wrap_sync
 from flmnist.engine.privacy import problem as privacy_problem
 from flmnist.engine.reply_path import ReplyPath
@@ -163,14 +165,25 @@ def private(cfg: DictConfig, strategy, screen: ScreenSettings) -> PrivacySetting
             f"per image, noise_multiplier {privacy.noise_multiplier:g}, delta {privacy.target_delta:g}"
             + (f", budget epsilon {privacy.max_epsilon:g} per node" if privacy.max_epsilon is not None else ""))
         return privacy
+    if privacy.mechanism == "local":
+        say(f"Differential privacy: local, every node clips its update to {privacy.clipping_norm:g} and adds noise "
+            f"of std {privacy.noise_multiplier * privacy.clipping_norm:g} (noise_multiplier "
+            f"{privacy.noise_multiplier:g}), delta {privacy.target_delta:g}"
+            + (f", budget epsilon {privacy.max_epsilon:g} per node" if privacy.max_epsilon is not None else ""))
+        return privacy
+    name = f"privacy={privacy.mechanism}"
     if getattr(strategy, "weight_by_examples", False):
         strategy.weight_by_examples = False
-        say("privacy=central: FedBuff averages its buffer with equal weights (weight_by_examples=false)")
+        say(f"{name}: FedBuff averages its buffer with equal weights (weight_by_examples=false)")
     crossed = [k for k in ("max_norm_ratio", "clip_to_median", "guard_max_harm") if getattr(screen, k) is not None]
     if crossed:
-        log(WARNING, "privacy=central with screen.%s on: it judges one node's update by the others', so the "
-            "reported epsilon does not bound what the models reveal", ", screen.".join(crossed))
-    say(f"Differential privacy: central, clipping_norm {privacy.clipping_norm:g}, noise_multiplier "
+        log(WARNING, "%s with screen.%s on: it judges one node's update by the others', so the "
+            "reported epsilon does not bound what the models reveal", name, ", screen.".join(crossed))
+    where = "on each node, checked by the server" if privacy.mechanism == "client" else "on the server"
+    if privacy.mechanism == "central_adaptive":
+        where = (f"the first round's, then adapted towards the {privacy.target_quantile:g} quantile of update "
+                 f"norms, count_stddev {privacy.count_stddev:g}")
+    say(f"Differential privacy: {privacy.mechanism}, clipping_norm {privacy.clipping_norm:g} ({where}), noise_multiplier "
         f"{privacy.noise_multiplier:g}, delta {privacy.target_delta:g}"
         + (f", budget epsilon {privacy.max_epsilon:g}" if privacy.max_epsilon is not None else ""))
     return privacy
@@ -196,13 +209,15 @@ def build_run(grid: Grid, cfg: DictConfig) -> Run:
     asynchronous = unit == "update"
     screen = ScreenSettings(**cfg.screen)
     privacy = private(cfg, strategy, screen)
-    dpsgd = privacy.mechanism == "dpsgd"
+    dpsgd, local = privacy.mechanism == "dpsgd", privacy.mechanism == "local"
     sent = TrainSettings.from_config(
         cfg, str(root),
         reply_delta=bool(getattr(strategy, "reply_delta", False)),
         proximal_mu=float(getattr(strategy, "proximal_mu", 0.0) or 0.0),
         dp_noise_multiplier=privacy.noise_multiplier if dpsgd else 0.0,
         dp_clipping_norm=privacy.clipping_norm if dpsgd else 0.0,
+        update_clip=privacy.clipping_norm if privacy.mechanism in ("client", "local") else 0.0,
+        update_noise=privacy.noise_multiplier if local else 0.0,
     )
     loop = AsyncLoopSettings(**cfg.async_loop) if asynchronous else None
     trackers = Trackers([build(cfg.logger, "logger")] if cfg.get("logger") is not None else [])
@@ -222,7 +237,8 @@ def build_run(grid: Grid, cfg: DictConfig) -> Run:
                             window=screen.guard_window)
     path = ReplyPath(ReplyScreen(screen, limits), sent, hooks, recorder, cfg.checkpoint_every,
                      stop_at=cfg.target_accuracy if cfg.get("stop_at_target") else None,
-                     identities=identities, guard=guard, asynchronous=asynchronous)
+                     identities=identities, guard=guard, asynchronous=asynchronous,
+                     update_clip=privacy.clipping_norm if privacy.mechanism == "client" else None)
     fleet = build(cfg.fleet, "fleet", num_nodes=cfg.num_nodes, seed=cfg.seed)
     if fleet is not None:
         devices = [f"{simulated_node_name(i)}: {fleet.profile(i).name} (speed {fleet.profile(i).speed:g})"
@@ -231,13 +247,14 @@ def build_run(grid: Grid, cfg: DictConfig) -> Run:
     # A deployment may start with some boards down: wait for the strategy's minimum.
     wait_for_nodes(grid, int(getattr(strategy, "min_available_nodes", 0) or cfg.num_nodes), cfg.wait_for_nodes)
     accountant, per_round = None, 0
-    if dpsgd:  # each node's epsilon from the DP-SGD steps it is asked for
-        accountant = SampleAccountant(privacy, sent, limits.train_examples)
+    if dpsgd or local:  # each node's epsilon from the DP-SGD steps (or local DP releases) it is asked for
+        accountant = (LocalAccountant if local else SampleAccountant)(privacy, sent, limits.train_examples)
         accountant.check_first_release()
     elif privacy.on and asynchronous:
         accountant = AsyncPrivacy(privacy, cfg.num_nodes, cfg.seed)
     elif privacy.on:
-        strategy, accountant, per_round = wrap_sync(strategy, privacy, cfg.num_nodes)
+        wrap = wrap_adaptive if privacy.mechanism == "central_adaptive" else wrap_sync
+        strategy, accountant, per_round = wrap(strategy, privacy, cfg.num_nodes)
     if asynchronous:
         engine = AsyncLoop(grid, strategy, path, loop, fleet=fleet, poll_interval=cfg.poll_interval or 0.05,
                            privacy=accountant)
