@@ -205,13 +205,16 @@ def resume_args(args: list[str], workdir: Path) -> list[str]:
     """The arguments with a stand-in for the run a ``resume=`` names, so that the real resume
     checks run: the other overrides must be ones a resume accepts (the run's length, where it
     runs) and must extend the run, as ``flmnist resume=...`` checks them. The stand-in is a
-    default run stopped after round 1 (FedBuff when the line sets ``async_loop.*``), made at the
+    default run stopped after round 1 (FedBuff when the line sets ``async_loop.*``; private, with a
+    budget of 8, when it sets ``privacy.*``), made at the
     line's own relative path (``outputs/DATE/TIME_NAME``) or, for ``latest``, under
     ``outputs/`` (the working directory is ``workdir``); a placeholder that is no such path
     (``resume=...``, an absolute path) is replaced by the stand-in's path."""
     [resume] = [a for a in args if override_key(a) == "resume"]
     value = resume.partition("=")[2].strip("'\"")
     run = ["strategy=fedbuff"] if any(override_key(a).startswith("async_loop.") for a in args) else []
+    if any(override_key(a).startswith("privacy.") for a in args):  # a private run, stopped at its budget
+        run += ["privacy=central", "privacy.max_epsilon=8"]
     if value == "latest":
         stand_in_run(workdir / "outputs" / "2026-01-01" / "00-00-00_stand_in", run)
         return args

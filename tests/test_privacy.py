@@ -170,7 +170,8 @@ def rows(run_dir: Path) -> list[dict]:
 @pytest.mark.slow
 def test_a_private_run_reports_epsilon_each_round_and_stops_at_its_budget(tmp_path):
     """4 rounds asked, max_epsilon between the 2nd and 3rd release's epsilon: 2 rounds run, exit 0,
-    the summary says why, and each round's epsilon is the accountant's for that many releases."""
+    the summary says why, and each round's epsilon is the accountant's for that many releases;
+    resumed with no budget, it trains its other 2 rounds and counts 4 releases."""
     budget = round((rdp_epsilon(1.0, 2) + rdp_epsilon(1.0, 3)) / 2, 3)
     run = tmp_path / "run"
     proc = flmnist(tmp_path, "model=logreg", "num_nodes=4", "num_rounds=4", "privacy=central",
@@ -183,6 +184,13 @@ def test_a_private_run_reports_epsilon_each_round_and_stops_at_its_budget(tmp_pa
     assert summary["privacy"]["epsilon"] == pytest.approx(rdp_epsilon(1.0, 2), rel=1e-4)
     assert [r["epsilon"] for r in rows(run)] == pytest.approx([rdp_epsilon(1.0, k) for k in (1, 2)], rel=1e-4)
     assert (run / "accuracy_epsilon.png").is_file()
+    # a larger budget on resume: the run goes on to its 4 rounds, the accountant counting on
+    proc = flmnist(tmp_path, f"resume={run}", "privacy.max_epsilon=null")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["rounds_completed"] == 4 and not summary.get("stopped_early"), summary.get("stopped_early")
+    assert summary["privacy"]["releases"] == 4 and summary["privacy"]["max_epsilon"] is None
+    assert summary["privacy"]["epsilon"] == pytest.approx(rdp_epsilon(1.0, 4), rel=1e-4)
 
 
 @pytest.mark.slow

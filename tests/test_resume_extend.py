@@ -70,3 +70,22 @@ def test_an_asynchronous_run_is_extended_by_its_server_updates(tmp_path):
     assert resumed_config(["async_loop.max_server_updates=40"], saved, run).async_loop.max_server_updates == 40
     with pytest.raises(ConfigError, match="async_loop.max_server_updates=40"):
         resumed_config([], saved, run)
+
+
+def test_a_run_stopped_at_its_privacy_budget_goes_on_with_a_larger_one(tmp_path):
+    """`flmnist resume=DIR privacy.max_epsilon=X`: a larger budget (or null) is taken, the run's
+    own passes, a smaller one is refused (its releases are spent), and so is a budget for a run
+    without privacy."""
+    run, saved = finished_run(tmp_path, ["model=logreg", "num_rounds=4", "privacy=central",
+                                         "privacy.max_epsilon=8"], done=2)
+    assert resumed_config(["privacy.max_epsilon=16"], saved, run).privacy.max_epsilon == 16
+    assert resumed_config(["privacy.max_epsilon=null"], saved, run).privacy.max_epsilon is None
+    assert resumed_config(["privacy.max_epsilon=8"], saved, run) == saved
+    with pytest.raises(ConfigError, match=r"privacy.max_epsilon=4 would lower the run's privacy budget"):
+        resumed_config(["privacy.max_epsilon=4"], saved, run)
+    with pytest.raises(ConfigError, match=r"must be a positive number or null"):
+        resumed_config(["privacy.max_epsilon=lots"], saved, run)
+    (tmp_path / "plain").mkdir()
+    plain, plain_saved = finished_run(tmp_path / "plain", ["model=logreg", "num_rounds=4"], done=2)
+    with pytest.raises(ConfigError, match=r"has no differential privacy"):
+        resumed_config(["privacy.max_epsilon=16"], plain_saved, plain)

@@ -34,7 +34,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from flmnist.config.compose import check_group_overrides, compose_config, conf_dir
+from flmnist.config.compose import check_group_overrides, compose_config, conf_dir, override_key
 from flmnist.config.help import help_text, version_text
 from flmnist.config.validate import collapse_args, drop_rounds_past_the_end, run_length, validate
 from flmnist.core.errors import ConfigError, FlmnistError, RunFailed
@@ -42,7 +42,7 @@ from flmnist.core.run_files import CHECKPOINT, atomic_write, find_checkpoint
 from flmnist.launch.backend import check_gpu_share, client_gpus, simulation_backend
 from flmnist.launch.comparison import COLUMNS, degraded_message, write_comparison  # noqa: F401 - re-exported
 from flmnist.launch.flwr_local import run_flwr
-from flmnist.launch.resume import resumed_config
+from flmnist.launch.resume import BUDGET, resumed_config
 from flmnist.ml.mnist_files import ensure_mnist, resolve_root
 from flmnist.observers.recorder import DEGRADED, FINAL_LINE, final_line, summarize_stopped
 
@@ -296,6 +296,11 @@ def hydra_arguments(args: list[str]) -> list[str]:
                 raise ConfigError("resume continues one run: drop -m/--multirun")
             ensure_mnist(resolve_root(cfg.data.root), cfg.data.download)
         return args
+    # resume=DIR privacy.max_epsilon=X: a key the default privacy=none lacks; for resumed_config only
+    budget = [o for o in overrides if override_key(o) == BUDGET] \
+        if any(o.lstrip("+").startswith("resume=") for o in overrides) else []
+    overrides = [o for o in overrides if o not in budget]
+    args = [a for a in args if a not in budget]
     notes: list[str] = []
     cfg = compose_config(overrides, notes)
     for note in notes:
@@ -305,7 +310,7 @@ def hydra_arguments(args: list[str]) -> list[str]:
         return args
     checkpoint = find_checkpoint(str(cfg.resume), cfg.output_dir)  # resume=latest says which it picked
     _resumed[checkpoint.parent] = resumed_config(  # refuses what would change the run
-        [o for o in overrides if not o.lstrip("+").startswith("resume=")], saved_config(checkpoint.parent),
+        [o for o in overrides if not o.lstrip("+").startswith("resume=")] + budget, saved_config(checkpoint.parent),
         checkpoint.parent)
     args = [a for a in args if not a.lstrip("+").startswith("resume=")]
     return [*args, f"resume={quoted(checkpoint)}", f"hydra.run.dir={quoted(checkpoint.parent)}",

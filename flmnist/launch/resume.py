@@ -5,7 +5,9 @@ give only:
 
 - the run's length, to extend it: ``num_rounds`` (synchronous strategies) or
   ``async_loop.max_server_updates`` / ``max_client_updates`` / ``time_budget`` (asynchronous);
-- where it runs: ``simulation.*``, ``data.root``, ``data.download``.
+- where it runs: ``simulation.*``, ``data.root``, ``data.download``;
+- a larger privacy budget, ``privacy.max_epsilon`` (or ``null``: none), to go on with a run that
+  stopped at its budget; the checkpoint's accountant goes on counting.
 
 Any other override that would change the run is refused in one line naming it: a changed
 strategy, split or model is a new run. Overrides equal to the run's own values pass.
@@ -25,6 +27,7 @@ from flmnist.core.run_files import CHECKPOINT_INFO
 
 LENGTH = {"round": ("num_rounds",),
           "update": ("async_loop.max_server_updates", "async_loop.max_client_updates", "async_loop.time_budget")}
+BUDGET = "privacy.max_epsilon"
 WHERE = ("simulation", "data.root", "data.download", "output_dir", "resume", "run_dir", "hydra.")
 
 
@@ -62,9 +65,13 @@ def resumed_config(overrides: list[str], saved: DictConfig, run_dir: Path) -> Di
     for a length that would not extend it, and for a finished run given no new length."""
     unit, _ = run_length(saved)
     given = [o for o in overrides if not override_key(o).startswith(WHERE)]
-    cfg = compose_config(given) if given else None
     out = saved.copy()
     extended = None
+    for item in [o for o in given if override_key(o) == BUDGET]:
+        given.remove(item)
+        if _raise_budget(item, saved, out):
+            extended = BUDGET
+    cfg = compose_config(given) if given else None
     done = steps_done(run_dir)
     for item in given:
         key = override_key(item)
@@ -91,7 +98,35 @@ def resumed_config(overrides: list[str], saved: DictConfig, run_dir: Path) -> Di
                           f"a changed strategy, split, model or setting is a new run: start it without resume=, "
                           f"or give only {length} to extend this one")
     length_key = LENGTH[unit][0]
+    if extended == BUDGET and _finished(run_dir) and done >= (OmegaConf.select(out, length_key) or 0):
+        raise ConfigError(f"resume: {run_dir} finished all its {done} {unit}s; a larger budget alone trains no "
+                          f"further: give {length_key}=N beside {BUDGET}")
     if extended is None and _finished(run_dir) and done >= (OmegaConf.select(saved, length_key) or 0):
         raise ConfigError(f"resume: {run_dir} finished all its {done} {unit}s; to train on, extend it: "
                           f"flmnist resume={run_dir} {length_key}={2 * done}")
     return out
+
+
+def _raise_budget(item: str, saved: DictConfig, out: DictConfig) -> bool:
+    """``privacy.max_epsilon=X`` on resume: a budget above the run's (or ``null``, none) goes into
+    ``out``; the run's own value passes; anything else is refused. Whether it changed."""
+    import yaml
+
+    if OmegaConf.select(saved, "privacy.mechanism", default="none") == "none":
+        raise ConfigError(f"resume: {item}: the run being resumed has no differential privacy (privacy=none)")
+    raw = item.partition("=")[2]
+    try:
+        new = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        new = raw
+    if new is not None and (isinstance(new, bool) or not isinstance(new, int | float) or new <= 0):
+        raise ConfigError(f"resume: {item}: privacy.max_epsilon must be a positive number or null (no budget)")
+    old = OmegaConf.select(saved, BUDGET)
+    if new == old:
+        return False
+    if new is not None and (old is None or new < old):
+        raise ConfigError(f"resume: {item} would lower the run's privacy budget "
+                          f"({BUDGET}={old if old is not None else 'null'}): its releases are already spent; "
+                          "give a larger budget, or null for none")
+    OmegaConf.update(out, BUDGET, new)
+    return True
