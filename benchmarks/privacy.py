@@ -13,6 +13,12 @@ benchmarks/results/privacy.{json,md} and privacy.png (accuracy against epsilon, 
 
     python benchmarks/privacy.py [--model logreg] [--rounds 20] [--nodes 20] [--epsilons 1 4 8 clip inf]
                                  [--splits iid dirichlet seed002] [--clip 1.0]
+                                 [--mechanisms central dpsgd central_adaptive client local]
+
+``central_adaptive``, ``client`` and ``local`` take the noise multiplier central would (one
+Gaussian release a round; ``local``: per node, every node training every round;
+``central_adaptive``: the count's noise ``count_stddev`` 4 sigma, its first clip ``--clip``); each row also
+says after how many rounds the test accuracy first reached 95% (evaluated rounds only).
 """
 
 from __future__ import annotations
@@ -98,9 +104,11 @@ def run(out: Path, model: str, split: str, nodes: int, rounds: int, target: str,
     if target != "inf" and mechanism == "dpsgd":
         sigma = CLIP_ONLY_SIGMA if target == "clip" else dpsgd_sigma_for(float(target), cmd[3:], rounds)
         cmd += ["privacy=dpsgd", f"privacy.noise_multiplier={sigma:.6g}", f"privacy.clipping_norm={clip:g}"]
-    elif target != "inf":
+    elif target != "inf":  # central, central_adaptive, client, local: one Gaussian release a round
         sigma = CLIP_ONLY_SIGMA if target == "clip" else sigma_for(float(target), rounds)
-        cmd += ["privacy=central", f"privacy.noise_multiplier={sigma:.6g}", f"privacy.clipping_norm={clip:g}"]
+        cmd += [f"privacy={mechanism}", f"privacy.noise_multiplier={sigma:.6g}", f"privacy.clipping_norm={clip:g}"]
+        if mechanism == "central_adaptive":  # the count's noise above sigma: the model's is then 1.03 sigma
+            cmd += [f"privacy.count_stddev={4 * sigma:.6g}"]
     print(" ".join(cmd[1:]), flush=True)
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=out, env={**os.environ, "FLWR_HOME": str(out / "flwr-home")},
@@ -111,13 +119,15 @@ def run(out: Path, model: str, split: str, nodes: int, rounds: int, target: str,
               "clipping_norm": clip if sigma else None, "exit": proc.returncode, "seconds": round(seconds, 1)}
     try:
         summary = json.loads((run_dir / "summary.json").read_text())
-        last = [r for r in json.loads((run_dir / "metrics.json").read_text()) if r.get("test_accuracy") is not None][-1]
+        evaluated = [r for r in json.loads((run_dir / "metrics.json").read_text()) if r.get("test_accuracy") is not None]
+        last = evaluated[-1]
     except (OSError, ValueError, IndexError):
         result["error"] = proc.stderr[-1500:]
         return result
     result.update(accuracy=summary["final_accuracy"], rounds=summary["rounds_completed"],
                   epsilon=(summary.get("privacy") or {}).get("epsilon"), wall_time=summary.get("wall_time"),
-                  per_digit=[last.get(f"test_acc_digit_{d}") for d in range(10)])
+                  per_digit=[last.get(f"test_acc_digit_{d}") for d in range(10)],
+                  rounds_to_95=next((int(r["round"]) for r in evaluated if r["test_accuracy"] >= 0.95), None))
     print(f"  -> {result['accuracy']:.2%}, epsilon {result['epsilon']}, {seconds:.0f} s", flush=True)
     return result
 
@@ -130,7 +140,7 @@ def mechanism(r: dict) -> str:
     return r.get("mechanism") or ("none" if r["target_epsilon"] == "inf" else "central")
 
 
-ORDER = {"none": 0, "central": 1, "dpsgd": 2}
+ORDER = {"none": 0, "central": 1, "central_adaptive": 2, "client": 3, "local": 4, "dpsgd": 5}
 
 
 def table(results: list[dict]) -> str:
@@ -138,14 +148,17 @@ def table(results: list[dict]) -> str:
     for split in dict.fromkeys(r["split"] for r in results):
         rows = sorted((r for r in results if r["split"] == split), key=lambda r: ORDER.get(mechanism(r), 3))
         lines += [f"**{rows[0]['model']}, {split}, {rows[0]['nodes']} nodes, {rows[0]['rounds_asked']} rounds**", "",
-                  "| privacy | target epsilon | sigma | epsilon reported | accuracy | "
+                  "| privacy | target epsilon | sigma | epsilon reported | accuracy | rounds to 95% | "
                   + " | ".join(f"digit {d}" for d in range(10)) + " | seconds |",
-                  "|---" * 16 + "|"]
+                  "|---" * 17 + "|"]
         for r in rows:
             digits = r.get("per_digit") or [None] * 10
             sigma = "-" if r["noise_multiplier"] is None else f"{r['noise_multiplier']:.2f}"
             spent = "-" if r.get("epsilon") is None else f"{r['epsilon']:.2f}"
+            reached = "-" if r.get("accuracy") is None else ("not reached" if r.get("rounds_to_95") is None
+                                                              else str(r["rounds_to_95"]))
             lines.append(f"| {mechanism(r)} | {r['target_epsilon']} | {sigma} | {spent} | {pct(r.get('accuracy'))} | "
+                         f"{reached} | "
                          + " | ".join(pct(v) for v in digits) + f" | {r['seconds']:.0f} |")
         lines.append("")
     return "\n".join(lines)
@@ -158,7 +171,7 @@ def plot(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    styles = {"central": "o-", "dpsgd": "s:"}
+    styles = {"central": "o-", "central_adaptive": "v-.", "client": "^--", "local": "d-", "dpsgd": "s:"}
     colors = {}
     for split in dict.fromkeys(r["split"] for r in results):
         rows = [r for r in results if r["split"] == split and r.get("accuracy") is not None]
@@ -189,7 +202,8 @@ def main() -> None:
                     help="target epsilons; inf: no privacy; clip: privacy=central with next to no noise")
     ap.add_argument("--splits", nargs="+", default=["iid", "dirichlet", "seed002"])
     ap.add_argument("--clip", type=float, default=1.0)
-    ap.add_argument("--mechanisms", nargs="+", default=["central", "dpsgd"])
+    ap.add_argument("--mechanisms", nargs="+", default=["central", "dpsgd"],
+                    choices=["central", "central_adaptive", "client", "local", "dpsgd"])
     args = ap.parse_args()
     results_dir = REPO / "benchmarks" / "results"
     out = REPO / "outputs" / "bench_privacy"
