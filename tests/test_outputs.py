@@ -176,3 +176,29 @@ def test_summary_json_is_written_last_and_the_final_line_printed_after_it(tmp_pa
     assert {"model.pt", "metrics.csv", "summary.md", "accuracy_loss.png"} <= set(seen_at_final_line[0])
     newest = max((p for p in tmp_path.iterdir() if p.is_file()), key=lambda p: p.stat().st_mtime_ns)
     assert newest.name == "summary.json"
+
+
+def test_a_run_that_failed_as_flower_shut_down_under_a_sigterm_is_reported_stopped(tmp_path):
+    """The ServerApp may write a "failed" summary while Flower's simulation shuts down under it
+    (seen in CI: "RuntimeError: cannot schedule new futures after shutdown"); the command that
+    stopped it says stopped, with its results so far, and how to continue. A run that had
+    finished keeps its own summary."""
+    from omegaconf import OmegaConf
+
+    from flmnist.config.compose import compose_config
+    from flmnist.launch.cli import Stop, stopped_message
+
+    recorder = RunRecorder(tmp_path, 5, 0.65, printer=lambda line: None)
+    sync_rows(recorder, fleet=False)
+    recorder.rows.pop(3)
+    recorder.write_metrics()
+    cfg = compose_config(["num_rounds=5", "target_accuracy=0.65"])
+    OmegaConf.set_struct(cfg, False)
+    (tmp_path / "summary.json").write_text(json.dumps({"status": "failed",
+                                                       "error": "RuntimeError: cannot schedule new futures after shutdown"}))
+    message = stopped_message(Stop("flmnist: stopped by SIGTERM", 143), cfg, tmp_path, None)
+    assert "results after round 2 in" in message, message
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "stopped" and "SIGTERM" in summary["error"], summary
+    (tmp_path / "summary.json").write_text(json.dumps({"status": "finished"}))
+    assert "the run had finished" in stopped_message(Stop("flmnist: stopped by SIGTERM", 143), cfg, tmp_path, None)

@@ -111,6 +111,13 @@ def wrote_summary(run_dir: Path, before: tuple[int, int] | None) -> bool:
     return _signature(run_dir / "summary.json") not in (None, before)
 
 
+def _status(run_dir: Path) -> str | None:
+    try:
+        return json.loads((run_dir / "summary.json").read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def config_error_in(log: Path) -> str | None:
     """The message of the last ConfigError the ServerApp raised, as its log shows it, or None."""
     try:
@@ -224,8 +231,10 @@ def stopped_message(stop: BaseException, cfg: DictConfig, run_dir: Path, before:
     """What the command says when stopped mid-run (its processes already stopped): the summary of
     the results so far, written here unless the run wrote its own, and how to continue."""
     why = str(stop) if isinstance(stop, Stop) else INTERRUPTED
-    if wrote_summary(run_dir, before):
+    if wrote_summary(run_dir, before) and _status(run_dir) == "finished":
         return f"{why}; the run had finished: results in {run_dir}"
+    # A "failed" summary written as Flower shut down under the run (e.g. "cannot schedule new
+    # futures after shutdown") is the stop seen from inside: the run was stopped, and says so.
     unit, steps = run_length(cfg)
     summary = summarize_stopped(run_dir, steps, cfg.target_accuracy, unit, why.split(";")[0], **collapse_args(cfg))
     if summary is None:
