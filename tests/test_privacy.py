@@ -47,13 +47,20 @@ def rdp_epsilon(noise_multiplier: float, releases: int, delta: float = DELTA, re
     return accountant.get_epsilon(delta)
 
 
-def private_fedavg(sigma: float, clip: float, nodes: int = 4, max_epsilon: float | None = None):
-    settings = PrivacySettings("central", noise_multiplier=sigma, clipping_norm=clip, target_delta=DELTA,
-                               max_epsilon=max_epsilon)
+def guarded(mechanism: str, wrap, sigma: float, clip: float, nodes: int = 4, **settings):
+    """A private FedAvg round as run_setup builds it: ``wrap`` (wrap_sync, wrap_adaptive) around
+    Flower's FedAvg, inside Guarded with a screen that has no cross-node defences; returns
+    (guarded, accountant, reply path, wrapper)."""
+    settings = PrivacySettings(mechanism, noise_multiplier=sigma, clipping_norm=clip, target_delta=DELTA, **settings)
     inner = FedAvg(min_available_nodes=nodes, min_train_nodes=nodes, fraction_evaluate=0.0)
-    wrapper, accountant, per_round = wrap_sync(inner, settings, nodes)
+    wrapper, accountant, per_round = wrap(inner, settings, nodes)
     path = make_path(max_norm_ratio=None, clip_to_median=None)
-    return Guarded(wrapper, path, privacy=accountant, per_round=per_round), accountant, path
+    return Guarded(wrapper, path, privacy=accountant, per_round=per_round), accountant, path, wrapper
+
+
+def private_fedavg(sigma: float, clip: float, nodes: int = 4, max_epsilon: float | None = None):
+    strategy, accountant, path, _ = guarded("central", wrap_sync, sigma, clip, nodes, max_epsilon=max_epsilon)
+    return strategy, accountant, path
 
 
 # ------------------------------------------------------------------ synchronous, unit level
@@ -325,12 +332,9 @@ def train_message(weights: dict, **sent) -> Message:
 
 
 def client_fedavg(sigma: float, clip: float, nodes: int = 4):
-    settings = PrivacySettings("client", noise_multiplier=sigma, clipping_norm=clip, target_delta=DELTA)
-    inner = FedAvg(min_available_nodes=nodes, min_train_nodes=nodes, fraction_evaluate=0.0)
-    wrapper, accountant, per_round = wrap_sync(inner, settings, nodes)
-    path = make_path(max_norm_ratio=None, clip_to_median=None)
+    strategy, accountant, path, _ = guarded("client", wrap_sync, sigma, clip, nodes)
     path.update_clip = clip  # what run_setup passes under privacy=client
-    return Guarded(wrapper, path, privacy=accountant, per_round=per_round), accountant, path
+    return strategy, accountant, path
 
 
 @pytest.mark.parametrize("delta", [False, True])
@@ -466,12 +470,9 @@ def test_a_node_that_does_not_clip_under_privacy_client_is_rejected_in_a_real_ru
 def adaptive_fedavg(sigma: float, clip: float, count_stddev: float, nodes: int = 4):
     from flmnist.engine.adaptive_privacy import wrap_adaptive
 
-    settings = PrivacySettings("central_adaptive", noise_multiplier=sigma, clipping_norm=clip, target_delta=DELTA,
-                               count_stddev=count_stddev)
-    inner = FedAvg(min_available_nodes=nodes, min_train_nodes=nodes, fraction_evaluate=0.0)
-    wrapper, accountant, per_round = wrap_adaptive(inner, settings, nodes)
-    path = make_path(max_norm_ratio=None, clip_to_median=None)
-    return Guarded(wrapper, path, privacy=accountant, per_round=per_round), accountant, wrapper
+    strategy, accountant, _, wrapper = guarded("central_adaptive", wrap_adaptive, sigma, clip, nodes,
+                                               count_stddev=count_stddev)
+    return strategy, accountant, wrapper
 
 
 @pytest.mark.parametrize("offset, factor", [(1.0, np.exp(0.1)), (1e-7, np.exp(-0.1))])

@@ -30,17 +30,17 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 
 from flmnist.core.arrays import to_record, to_weights
+from flmnist.engine.privacy import clip, noise
 from flmnist.protocol import messages as p
-from flmnist.protocol.screen import l2_norm
 
 
 def update_dp_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Clip (``privacy=client``) or clip and noise (``privacy=local``) the train reply's update."""
     config = msg.content[p.CONFIG]
-    clip = float(config.get(p.CLIPPING_NORM, 0.0) or 0.0)
+    bound = float(config.get(p.CLIPPING_NORM, 0.0) or 0.0)
     sigma = float(config.get(p.LOCAL_DP_NOISE, 0.0) or 0.0)
     delta = bool(config.get(p.REPLY_DELTA, False))
-    if clip <= 0:
+    if bound <= 0:
         return call_next(msg, context)
     if sigma <= 0 and not delta:
         return fixedclipping_mod(msg, context, call_next)  # Flower's own client-side clip
@@ -49,22 +49,16 @@ def update_dp_mod(msg: Message, context: Context, call_next: ClientAppCallable) 
         return reply
     sent = to_weights(msg.content[p.ARRAYS])
     out = to_weights(reply.content[p.ARRAYS])
-    reply.content[p.ARRAYS] = to_record(private_update(out, sent, delta, clip, sigma))
+    reply.content[p.ARRAYS] = to_record(private_update(out, sent, delta, bound, sigma))
     return reply
 
 
-def private_update(out: dict, sent: dict, delta: bool, clip: float, sigma: float,
+def private_update(out: dict, sent: dict, delta: bool, bound: float, sigma: float,
                    rng: np.random.Generator | None = None) -> dict:
-    """The reply's weights with the update clipped to ``clip`` and, if ``sigma`` > 0, Gaussian
-    noise of std ``sigma * clip`` added to every coordinate (``out``: a model, or with ``delta``
+    """The reply's weights with the update clipped to ``bound`` and, if ``sigma`` > 0, Gaussian
+    noise of std ``sigma * bound`` added to every coordinate (``out``: a model, or with ``delta``
     the update itself; ``sent``: the model the node was sent)."""
-    names = list(out)
-    update = {k: np.array(out[k] if delta else out[k] - sent[k]) for k in names}
-    norm = l2_norm(update)
-    if norm > clip:  # FlatClip (Flower's clip_inputs_inplace), without its division by a zero norm
-        update = {k: u * (clip / norm) for k, u in update.items()}
-    update = list(update.values())
+    update = clip({k: out[k] if delta else out[k] - sent[k] for k in out}, bound)  # FlatClip, as the server's
     if sigma > 0:
-        rng = rng or np.random.default_rng()  # fresh OS entropy: nobody else can know this noise
-        update = [u + rng.normal(0.0, sigma * clip, u.shape).astype(u.dtype) for u in update]
-    return {k: (u if delta else sent[k] + u).astype(out[k].dtype) for k, u in zip(names, update)}
+        update = noise(update, sigma * bound, rng or np.random.default_rng())  # fresh OS entropy: nobody else knows it
+    return {k: (u if delta else sent[k] + u).astype(out[k].dtype) for k, u in update.items()}

@@ -39,6 +39,7 @@ from flwr.common.logger import log
 from flmnist.core.arrays import Weights
 from flmnist.core.errors import ConfigError
 from flmnist.protocol import messages as p
+from flmnist.protocol.screen import l2_norm
 from flmnist.protocol.settings import PrivacySettings
 
 UNIT = "node (client-level): any one node's whole data set, added or removed"
@@ -219,13 +220,9 @@ def wrap_sync(strategy, settings: PrivacySettings, num_nodes: int):
     return wrapper, accountant, n
 
 
-def _norm(delta: Weights) -> float:
-    return float(np.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in delta.values())))
-
-
 def clip(delta: Weights, bound: float) -> Weights:
     """``delta`` scaled down to L2 norm ``bound`` if longer (Flower's FlatClip)."""
-    norm = _norm(delta)
+    norm = l2_norm(delta)
     if norm <= bound or norm == 0:
         return delta
     return {k: (v * (bound / norm)).astype(v.dtype) for k, v in delta.items()}
