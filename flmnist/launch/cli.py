@@ -42,7 +42,7 @@ from flmnist.core.run_files import CHECKPOINT, atomic_write, find_checkpoint
 from flmnist.launch.backend import check_gpu_share, client_gpus, simulation_backend
 from flmnist.launch.comparison import COLUMNS, degraded_message, write_comparison  # noqa: F401 - re-exported
 from flmnist.launch.flwr_local import run_flwr
-from flmnist.launch.resume import BUDGET, resumed_config
+from flmnist.launch.resume import BUDGET, finished, resumed_config
 from flmnist.ml.mnist_files import ensure_mnist, resolve_root
 from flmnist.observers.recorder import DEGRADED, FINAL_LINE, final_line, summarize_stopped
 
@@ -109,13 +109,6 @@ def wrote_summary(run_dir: Path, before: tuple[int, int] | None) -> bool:
     """Whether the run wrote a summary since the launch (``before``: the summary file's identity
     then; a resumed run may hold an old one)."""
     return _signature(run_dir / "summary.json") not in (None, before)
-
-
-def _status(run_dir: Path) -> str | None:
-    try:
-        return json.loads((run_dir / "summary.json").read_text()).get("status")
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 def config_error_in(log: Path) -> str | None:
@@ -231,7 +224,7 @@ def stopped_message(stop: BaseException, cfg: DictConfig, run_dir: Path, before:
     """What the command says when stopped mid-run (its processes already stopped): the summary of
     the results so far, written here unless the run wrote its own, and how to continue."""
     why = str(stop) if isinstance(stop, Stop) else INTERRUPTED
-    if wrote_summary(run_dir, before) and _status(run_dir) == "finished":
+    if wrote_summary(run_dir, before) and finished(run_dir):
         return f"{why}; the run had finished: results in {run_dir}"
     # A "failed" summary written as Flower shut down under the run (e.g. "cannot schedule new
     # futures after shutdown") is the stop seen from inside: the run was stopped, and says so.

@@ -43,7 +43,8 @@ def steps_done(run_dir: Path) -> int:
         return 0
 
 
-def _finished(run_dir: Path) -> bool:
+def finished(run_dir: Path) -> bool:
+    """Whether the run's summary.json says it finished."""
     try:
         return json.loads((run_dir / "summary.json").read_text()).get("status") == "finished"
     except (OSError, ValueError, AttributeError):
@@ -98,10 +99,10 @@ def resumed_config(overrides: list[str], saved: DictConfig, run_dir: Path) -> Di
                           f"a changed strategy, split, model or setting is a new run: start it without resume=, "
                           f"or give only {length} to extend this one")
     length_key = LENGTH[unit][0]
-    if extended == BUDGET and _finished(run_dir) and done >= (OmegaConf.select(out, length_key) or 0):
+    if extended == BUDGET and finished(run_dir) and done >= (OmegaConf.select(out, length_key) or 0):
         raise ConfigError(f"resume: {run_dir} finished all its {done} {unit}s; a larger budget alone trains no "
                           f"further: give {length_key}=N beside {BUDGET}")
-    if extended is None and _finished(run_dir) and done >= (OmegaConf.select(saved, length_key) or 0):
+    if extended is None and finished(run_dir) and done >= (OmegaConf.select(saved, length_key) or 0):
         raise ConfigError(f"resume: {run_dir} finished all its {done} {unit}s; to train on, extend it: "
                           f"flmnist resume={run_dir} {length_key}={2 * done}")
     return out
