@@ -61,6 +61,8 @@ def train_handler(msg: Message, context: Context) -> Message:
     generator = torch.Generator().manual_seed(node_seed(settings.seed, data.partition, server_round))
     torch.manual_seed(node_seed(settings.seed, data.partition, server_round, 1))
     dev = device()
+    # One exchange per round: the received (global) model evaluated before it is trained.
+    evaluation = _evaluation(model, data, settings, dev) if settings.evaluate_received else None
     start = time.perf_counter()
     mean_loss, trace = train(
         model,
@@ -95,17 +97,13 @@ def train_handler(msg: Message, context: Context) -> Message:
         sent = received.to_torch_state_dict()
         state = {k: v - sent[k] for k, v in state.items()}
     content = RecordDict({p.ARRAYS: ArrayRecord(state), p.METRICS: metrics, p.NODE_INFO: _node_info(data.name, dev)})
+    if evaluation is not None:
+        content[p.EVALUATION] = evaluation
     return Message(content=content, reply_to=msg)
 
 
-@app.evaluate()
-def evaluate_handler(msg: Message, context: Context) -> Message:
-    """Evaluate the received model on this node's held-out data; reply with summable counts."""
-    config = msg.content[p.CONFIG]
-    settings = p.TrainSettings.from_record(config)
-    data = node_data(settings, context.node_config)
-    model = _model(settings, msg.content[p.ARRAYS])
-    dev = device()
+def _evaluation(model: torch.nn.Module, data, settings: p.TrainSettings, dev: torch.device) -> MetricRecord:
+    """Summable counts of ``model`` on this node's held-out data (:data:`~flmnist.protocol.messages.EVALUATE_METRICS`)."""
     result = evaluate(model, data.holdout_images, data.holdout_labels, settings.eval_batch_size, dev)
     metrics = {
         p.NUM_EXAMPLES: result.total,
@@ -116,7 +114,18 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     for d, (c, t) in enumerate(zip(result.correct_per_digit, result.total_per_digit)):
         metrics[p.correct_key(d)] = int(c)
         metrics[p.total_key(d)] = int(t)
-    content = RecordDict({p.METRICS: MetricRecord(metrics), p.NODE_INFO: _node_info(data.name, dev)})
+    return MetricRecord(metrics)
+
+
+@app.evaluate()
+def evaluate_handler(msg: Message, context: Context) -> Message:
+    """Evaluate the received model on this node's held-out data; reply with summable counts."""
+    config = msg.content[p.CONFIG]
+    settings = p.TrainSettings.from_record(config)
+    data = node_data(settings, context.node_config)
+    model = _model(settings, msg.content[p.ARRAYS])
+    dev = device()
+    content = RecordDict({p.METRICS: _evaluation(model, data, settings, dev), p.NODE_INFO: _node_info(data.name, dev)})
     return Message(content=content, reply_to=msg)
 
 

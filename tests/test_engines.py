@@ -109,13 +109,21 @@ class FakeNode:
             faults.corrupt_query(self.query_mode, content)
         return Message(content, reply_to=msg)
 
-    def answer_evaluate(self, msg: Message) -> Message:
-        total = LIMITS.holdout_examples[self.partition]  # all of digit 0, one wrong
-        metrics = {p.NUM_EXAMPLES: total, p.LOSS_SUM: 0.5 * total, p.CORRECT: total - 1, p.PARTITION_ID: self.partition}
+    def evaluation(self, received: dict) -> MetricRecord:
+        """Counts on the held-out part: all of digit 0, one wrong; the loss per example is the
+        mean of the received model's ``b``, so each model's evaluation can be told apart."""
+        total = LIMITS.holdout_examples[self.partition]
+        loss = float(np.mean(received["b"])) if "b" in received else 0.5
+        metrics = {p.NUM_EXAMPLES: total, p.LOSS_SUM: loss * total, p.CORRECT: total - 1,
+                   p.PARTITION_ID: self.partition}
         for d in range(p.NUM_CLASSES):
             metrics[p.correct_key(d)] = total - 1 if d == 0 else 0
             metrics[p.total_key(d)] = total if d == 0 else 0
-        content = RecordDict({p.METRICS: MetricRecord(metrics), p.NODE_INFO: self.info()})
+        return MetricRecord(metrics)
+
+    def answer_evaluate(self, msg: Message) -> Message:
+        received = to_weights(msg.content[p.ARRAYS]) if p.ARRAYS in msg.content else {}
+        content = RecordDict({p.METRICS: self.evaluation(received), p.NODE_INFO: self.info()})
         if self.evaluate_mode != "honest":
             faults.corrupt_evaluate(self.evaluate_mode, content)
         return Message(content, reply_to=msg)
@@ -135,6 +143,10 @@ class FakeNode:
             p.TRAIN_TIME: 0.01,
         })
         content = RecordDict({p.ARRAYS: record(weights), p.METRICS: metrics, p.NODE_INFO: self.info()})
+        if sent.evaluate_received:  # one exchange per round: the received model's evaluation too
+            content[p.EVALUATION] = self.evaluation(received)
+            if self.evaluate_mode != "honest":
+                faults.corrupt_evaluate(self.evaluate_mode, RecordDict({p.METRICS: content[p.EVALUATION]}))
         if behaviour != "honest":
             faults.corrupt_train(behaviour, content, record(zero) if sent.reply_delta else msg.content[p.ARRAYS])
         return Message(content, reply_to=msg)
@@ -462,7 +474,8 @@ def test_a_late_node_takes_its_place_in_registration_order():
 
 def make_loop(nodes: dict[int, FakeNode], strategy, sent=SENT, fleet=None, screen=None, hooks=(), stop_at=None,
               **settings):
-    defaults = {"max_server_updates": 3, "eval_every": 1, "update_timeout": 5.0, "progress_timeout": 30.0}
+    defaults = {"max_server_updates": 3, "eval_every": 1, "update_timeout": 5.0, "progress_timeout": 30.0,
+                "prefetch": 0}  # the loop one task at a time per node (prefetch: its own tests)
     path = ReplyPath(ReplyScreen(ScreenSettings(**(screen or {})), LIMITS), sent, hooks, stop_at=stop_at)
     grid = FakeGrid(nodes)
     loop = AsyncLoop(grid, strategy, path, AsyncLoopSettings(**{**defaults, **settings}), fleet=fleet,
@@ -575,13 +588,16 @@ def test_stale_updates_beyond_max_staleness_are_dropped(task_identity):
     assert_weights(final, expected)
 
 
-def test_fedbuff_buffers_only_accepted_deltas_on_the_virtual_clock(task_identity):
+@pytest.mark.parametrize("prefetch", [0, 1])
+def test_fedbuff_buffers_only_accepted_deltas_on_the_virtual_clock(task_identity, prefetch):
     """Simulated homogeneous fleet without jitter, K = 2: all updates take the same virtual time,
     so replies are processed in dispatch order: node 0, node 1 (-> version 1), node 2 (NaN,
-    rejected), node 0 (trained on version 0: staleness 1), node 1 (-> version 2)."""
+    rejected), node 0 (trained on version 0: staleness 1), node 1 (-> version 2). A simulation
+    queues nothing ahead (``prefetch`` is for SuperNodes' idle polls): the same figures."""
     fleet = make_fleet("homogeneous", 3, seed=0, jitter_sigma=0.0)
     nodes = {101: FakeNode(0, 0.01), 102: FakeNode(1, 0.04), 103: FakeNode(2, 0.5, behave="nan")}
-    loop, _ = make_loop(nodes, FedBuff(buffer_size=2), sent=DELTA, fleet=fleet, max_server_updates=2)
+    loop, _ = make_loop(nodes, FedBuff(buffer_size=2), sent=DELTA, fleet=fleet, max_server_updates=2,
+                        prefetch=prefetch)
     final = loop.run(record(START))
     assert loop.counts["rejected"] == 1 and loop.counts["applied"] == 4 and loop.version == 2
     assert loop.staleness == [0, 0, 1, 0]
@@ -677,3 +693,108 @@ def test_without_stop_at_target_a_run_goes_to_its_end(task_identity):
     loop, _ = make_loop(nodes, FedAsync(alpha=0.5), hooks=[Applied()], max_server_updates=5)
     loop.run(record(START))
     assert loop.path.target_reached is None and loop.version == 5
+
+
+# ============================================================ one exchange per round
+
+
+def run_sync_recorded(tmp_path, evaluate_in_train: bool, rounds: int = 3, **node_kwargs):
+    """A 3-round FedAvg run on the fake grid, recorded: (rows by round, the grid's message log)."""
+    from flmnist.observers.recorder import RunRecorder
+
+    nodes = {101: FakeNode(0, 0.01), 102: FakeNode(1, 0.04, **node_kwargs)}
+    sent = dataclasses.replace(SENT, evaluate_received=evaluate_in_train)
+    recorder = RunRecorder(tmp_path / str(evaluate_in_train), rounds, 0.9, printer=lambda line: None)
+    path = ReplyPath(ReplyScreen(ScreenSettings(), LIMITS), sent, (), recorder)
+    strategy = Guarded(FedAvg(min_available_nodes=2, min_train_nodes=2, min_evaluate_nodes=2), path,
+                       evaluate_in_train=evaluate_in_train)
+    grid = FakeGrid(nodes)
+    engine = SyncEngine(grid, strategy, path, sent.to_record(), num_rounds=rounds, round_timeout=5.0)
+    engine.run(record(START))
+    return recorder.rows, [kind for _, kind in grid.log]
+
+
+def test_client_evaluation_in_the_train_reply_gives_the_metrics_of_the_evaluate_exchange(tmp_path, task_identity):
+    """sampling.client_evaluation=in_train: one message per node a round (the last round adds its
+    evaluate exchange), and each round's client metrics are the evaluate exchange's, exactly: the
+    next round's train replies evaluate the model that round made."""
+    exchanged, log_exchange = run_sync_recorded(tmp_path, evaluate_in_train=False)
+    in_train, log_in_train = run_sync_recorded(tmp_path, evaluate_in_train=True)
+    assert log_exchange == [MessageType.TRAIN] * 2 + [MessageType.EVALUATE] * 2 + \
+        [MessageType.TRAIN] * 2 + [MessageType.EVALUATE] * 2 + [MessageType.TRAIN] * 2 + [MessageType.EVALUATE] * 2
+    assert log_in_train == [MessageType.TRAIN] * 6 + [MessageType.EVALUATE] * 2
+    fields = ["client_loss", "client_accuracy", *(f"client_acc_digit_{d}" for d in range(p.NUM_CLASSES))]
+    step = weighted_offset(FakeNode(0, 0.01), FakeNode(1, 0.04))
+    for r in (1, 2, 3):
+        assert {k: in_train[r][k] for k in fields} == {k: exchanged[r][k] for k in fields}, r
+        assert in_train[r]["client_loss"] == pytest.approx(0.2 + r * step)  # the model of round r
+    assert in_train[0]["client_loss"] == pytest.approx(0.2)  # the initial model, from round 1's replies
+    assert "client_loss" not in exchanged[0]
+
+
+def test_a_malformed_evaluation_in_a_train_reply_costs_its_update_and_nothing_else(tmp_path, task_identity):
+    rows, _ = run_sync_recorded(tmp_path, evaluate_in_train=True, evaluate="eval-inconsistent")
+    assert [rows[r]["num_updates"] for r in (1, 2, 3)] == [1, 1, 1]
+    assert all("correct=8 is outside 0..3" in rows[r]["rejections"][0] for r in (1, 2, 3)), rows[1]["rejections"]
+    assert rows[1]["client_accuracy"] == pytest.approx(1 / 2)  # node 0 alone: 2 held out, 1 right
+
+
+class QueueWatch(FakeGrid):
+    """A FakeGrid whose nodes work through their messages one after the other, as a SuperNode does
+    (a reply is ready ``delay`` s after the node's previous one, or after its push), and that notes,
+    for each train reply pulled, how many train messages its node had been pushed and how many of
+    its train replies had been pulled before it."""
+
+    def __init__(self, nodes):
+        super().__init__(nodes)
+        self.free: dict[int, float] = {}  # node id -> when it finishes its last message
+        self.pulled: dict[int, int] = {}
+        self.seen: list[tuple[int, int, int]] = []  # (node id, pushed so far, pulled before)
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        ids = super().push_messages(messages)
+        for msg, message_id in zip(messages, ids):
+            if message_id in self.pending:
+                node = msg.metadata.dst_node_id
+                ready = max(time.monotonic(), self.free.get(node, 0.0)) + self.nodes[node].delay
+                self.pending[message_id] = (ready, self.pending[message_id][1])
+                self.free[node] = ready
+        return ids
+
+    def pull_messages(self, message_ids):
+        replies = super().pull_messages(message_ids)
+        for reply in replies:
+            if reply.metadata.message_type != MessageType.TRAIN:
+                continue
+            node = reply.metadata.src_node_id
+            self.seen.append((node, self.trained(node), self.pulled.get(node, 0)))
+            self.pulled[node] = self.pulled.get(node, 0) + 1
+        return replies
+
+
+def test_a_deployed_async_node_has_its_next_task_queued_before_it_replies(task_identity):
+    """async_loop.prefetch=1 (the default) on real SuperNodes: whenever a node's reply arrives, the
+    task after it is already pushed, so the node never asks for work and finds none (Flower's 3 s
+    idle sleep). The queued task carries the model of its time: one version staler. FedAsync with
+    alpha=0.5 weights a stale update by alpha / sqrt(1 + staleness)."""
+    nodes = {101: FakeNode(0, 0.01, delay=0.05), 102: FakeNode(1, 0.04, delay=0.08)}
+    path = ReplyPath(ReplyScreen(ScreenSettings(), LIMITS), SENT, ())
+    grid = QueueWatch(nodes)
+    settings = AsyncLoopSettings(max_server_updates=6, eval_every=1, update_timeout=5.0, progress_timeout=30.0)
+    loop = AsyncLoop(grid, FedAsync(alpha=0.5), path, settings, poll_interval=0.01)
+    loop.run(record(START))
+    assert settings.prefetch == 1 and loop.version == 6
+    assert {n for n, _, _ in grid.seen} == {101, 102}
+    assert all(pushed >= pulled_before + 2 for _, pushed, pulled_before in grid.seen), grid.seen
+    assert max(loop.staleness) >= 1
+
+
+def test_prefetch_zero_keeps_one_task_per_node(task_identity):
+    nodes = {101: FakeNode(0, 0.01, delay=0.05), 102: FakeNode(1, 0.04, delay=0.08)}
+    grid = QueueWatch(nodes)
+    path = ReplyPath(ReplyScreen(ScreenSettings(), LIMITS), SENT, ())
+    settings = AsyncLoopSettings(max_server_updates=6, eval_every=1, update_timeout=5.0, progress_timeout=30.0,
+                                 prefetch=0)
+    AsyncLoop(grid, FedAsync(alpha=0.5), path, settings, poll_interval=0.01).run(record(START))
+    assert all(pushed == pulled_before + 1 for _, pushed, pulled_before in grid.seen), grid.seen

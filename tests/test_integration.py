@@ -110,6 +110,20 @@ def test_flwr_run_form_and_flmnist_command_give_the_same_result(runs):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def test_client_evaluation_in_the_train_reply_gives_the_evaluate_exchanges_figures(runs, tmp_path, mnist_root):
+    """sampling.client_evaluation=in_train (the deployment's default): the same client metrics per
+    round as the evaluate exchange of the run above, and the same model."""
+    env = dict(os.environ, FLMNIST_DATA_DIR=str(mnist_root))
+    cmd = [str(BIN / "flmnist"), *SMALL.split(), "simulation.backend=inprocess", "sampling.client_evaluation=in_train",
+           "hydra.run.dir=job"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path, check=False)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (runs["flmnist"][0], tmp_path / "job"))
+    fields = ["client_loss", "client_accuracy", *(f"client_acc_digit_{d}" for d in range(10)), "test_accuracy"]
+    assert [{k: r.get(k) for k in fields} for r in a[1:]] == [{k: r.get(k) for k in fields} for r in b[1:]]
+    assert b[0]["client_accuracy"] is not None  # the initial model, from round 1's train replies
+
+
 def test_everything_flwr_run_started_is_stopped(runs):
     assert runs["stopped"], "found no process under the run's FLWR_HOME: the check would be empty"
     assert runs["leftover"] == []

@@ -5,6 +5,8 @@ problem; an honest one must pass; screening never raises, whatever a node sends.
 whose metadata and bytes disagree are built raw, as ``Array(dtype, shape, stype, data)``.
 """
 
+import dataclasses
+
 import numpy as np
 import pytest
 from flwr.app import (
@@ -414,6 +416,43 @@ EVALUATE_ATTACKS = {
 def test_malformed_evaluation_counts_are_rejected(task_identity, attack):
     content, words = EVALUATE_ATTACKS[attack]
     rejected(screen().evaluate(reply(content, MessageType.EVALUATE)), *words)
+
+
+ASKED = dataclasses.replace(SENT, evaluate_received=True)  # sampling.client_evaluation=in_train
+
+
+def with_evaluation(evaluation: RecordDict | None) -> RecordDict:
+    """A train reply of partition 0 carrying ``evaluation``'s metrics as its ``evaluation`` record."""
+    content = train_content()
+    if evaluation is not None:
+        content[p.EVALUATION] = evaluation[p.METRICS]
+    return content
+
+
+def test_a_train_reply_asked_to_evaluate_carries_checked_counts_of_the_model_received(task_identity):
+    out = screen().train(reply(with_evaluation(evaluate_content())), REFERENCE, ASKED)
+    assert isinstance(out, ClientUpdate)
+    assert out.evaluation == dict(evaluate_content()[p.METRICS])
+    assert screen().train(reply(train_content()), REFERENCE, SENT).evaluation is None
+
+
+def test_an_evaluation_not_asked_for_or_missing_when_asked_is_refused(task_identity):
+    rejected(screen().train(reply(with_evaluation(evaluate_content())), REFERENCE, SENT),
+             "metric records ['evaluation', 'metrics'], expected ['metrics']")
+    rejected(screen().train(reply(train_content()), REFERENCE, ASKED),
+             "metric records ['metrics'], expected ['evaluation', 'metrics']")
+
+
+@pytest.mark.parametrize("attack", list(EVALUATE_ATTACKS))
+def test_a_malformed_evaluation_in_a_train_reply_refuses_the_reply(task_identity, attack):
+    content, words = EVALUATE_ATTACKS[attack]
+    rejected(screen().train(reply(with_evaluation(content)), REFERENCE, ASKED), *words)
+
+
+def test_an_evaluation_naming_another_partition_than_its_update_is_refused(task_identity):
+    content = train_content(n=20, partition=1)
+    content[p.EVALUATION] = evaluate_content(partition=0)[p.METRICS]  # partition 0's own counts
+    rejected(screen().train(reply(content), REFERENCE, ASKED), "the evaluation names partition 0, the update 1")
 
 
 def test_evaluate_replies_with_arrays_or_bad_node_info_are_rejected(task_identity):

@@ -80,6 +80,10 @@ def fault_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> M
         if fault:
             corrupt_train(fault, content, _received(msg, content, settings),
                           victim=victim_of(partition, settings.num_partitions))
+        if p.EVALUATION in content:  # one exchange per round: the evaluation it carries has its attacks too
+            fault = active_fault(settings, partition, p.server_round(config), EVALUATE_ATTACKS)
+            if fault.startswith("eval-"):
+                corrupt_evaluate(fault, RecordDict({p.METRICS: content[p.EVALUATION]}))
     elif category == MessageType.EVALUATE:
         partition = int(content[p.METRICS][p.PARTITION_ID])
         fault = active_fault(settings, partition, p.server_round(config), EVALUATE_ATTACKS)
@@ -100,15 +104,16 @@ def victim_of(partition: int, num_partitions: int) -> int:
 
 def claim_identity(content: RecordDict, victim: int | None) -> None:
     """Make a reply claim to come from partition ``victim`` (``impersonate``): ``node-info``'s
-    ``node-name`` and ``partition-id`` (query), ``metrics``' ``partition-id`` (train, evaluate)."""
+    ``node-name`` and ``partition-id`` (query), ``metrics``' (and ``evaluation``'s) ``partition-id`` (train, evaluate)."""
     if victim is None:
         raise ValueError("client.fault=impersonate needs the partition id of the node it impersonates")
     info: ConfigRecord = content[p.NODE_INFO]
     info[p.NODE_NAME] = p.simulated_node_name(victim)
     if p.PARTITION_ID in info:
         info[p.PARTITION_ID] = victim
-    if p.METRICS in content:
-        content[p.METRICS][p.PARTITION_ID] = victim
+    for record in (p.METRICS, p.EVALUATION):  # the evaluation too: a coherent forgery
+        if record in content:
+            content[record][p.PARTITION_ID] = victim
 
 
 def _received(msg: Message, content: RecordDict, settings: p.TrainSettings) -> ArrayRecord:

@@ -28,6 +28,7 @@ from flmnist.strategies import build_strategy
 from flmnist.strategies.asynchronous import AsyncStrategy
 
 BACKENDS = ("auto", "inprocess", "ray")
+CLIENT_EVALUATION = ("auto", "in_train", "exchange")  # sampling.client_evaluation
 
 
 def _number(cfg: DictConfig, key: str, low: float, high: float = math.inf, *, low_open: bool = False,
@@ -248,6 +249,11 @@ def validate(cfg: DictConfig) -> None:
             "sampling.fraction_evaluate > 0 asks nodes to evaluate on held-out data, but "
             "data.holdout_fraction is 0: set one of them (fraction_evaluate=0 turns client evaluation off)"
         )
+    how = (cfg.get("sampling") or {}).get("client_evaluation", "auto")
+    if how not in CLIENT_EVALUATION:
+        raise ConfigError(f"sampling.client_evaluation={how} is not one of {', '.join(CLIENT_EVALUATION)} "
+                          "(in_train: in the train reply; exchange: a separate evaluate message; auto: in_train "
+                          "on real SuperNodes, exchange in simulation)")
     # Flower waits, with no timeout, until it can sample this many nodes.
     waits = {"min_available_nodes": getattr(strategy, "min_available_nodes", 0),
              "min_train_nodes": getattr(strategy, "min_train_nodes", 0),

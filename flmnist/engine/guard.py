@@ -22,7 +22,11 @@ FedAdagrad, FedYogi, FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan, ...) can
   Flower's DP wrapper: every round hands it exactly the sampled number of updates (a rejected or
   missing one as a zero update), records epsilon, and asks the run to stop before a round that
   would spend more than ``privacy.max_epsilon``; under ``local`` or ``dpsgd`` each task sent
-  counts for its node (:meth:`Guarded.account`).
+  counts for its node (:meth:`Guarded.account`);
+- with ``evaluate_in_train`` (``sampling.client_evaluation=in_train``), one exchange per round:
+  each train message asks its node to evaluate the model it receives before training, and the
+  replies' evaluations are the client metrics of the previous round's model (the same model an
+  evaluate exchange would have sent then); only the last round still has an evaluate exchange.
 """
 
 from __future__ import annotations
@@ -82,8 +86,11 @@ class Guarded(Strategy):
         max_failed_rounds: int = 3,
         privacy: Accountant | None = None,
         per_round: int = 0,
+        evaluate_in_train: bool = False,
     ) -> None:
         self.strategy = strategy
+        self.evaluate_in_train = evaluate_in_train
+        self.last_round: int | None = None  # set by the engine: the run's last round (its evaluate exchange)
         self.privacy, self.per_round = privacy, per_round  # privacy=central: the accountant, nodes a round
         # Loss traces are lists of different lengths: Flower's default metric average cannot take them.
         self.central = privacy is not None and privacy.central  # Flower's DP wrapper around the strategy
@@ -128,7 +135,10 @@ class Guarded(Strategy):
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid):
-        return self.strategy.configure_evaluate(server_round + self.round_offset, arrays, config, grid)
+        step = server_round + self.round_offset
+        if self.evaluate_in_train and self.last_round is not None and step < self.last_round:
+            return []  # the next round's train replies evaluate this model
+        return self.strategy.configure_evaluate(step, arrays, config, grid)
 
     # ----------------------------------------------------------- aggregate
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
@@ -136,6 +146,8 @@ class Guarded(Strategy):
         replies = list(replies)
         self.client_updates += len(replies)
         updates, rejections = self.path.train_replies(step, replies, self.reference)
+        if self.evaluate_in_train:  # the model sent: the last round's global model
+            self._record_client_evaluation(step - 1, self.path.received_evaluation())
         updates.sort(key=lambda u: (u.partition, u.name))  # a fixed order: a reproducible sum
         if self.clock.simulated:
             updates = self.advance_clock(step, updates)
@@ -230,11 +242,14 @@ class Guarded(Strategy):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         step = server_round + self.round_offset
         metrics, _ = self.path.evaluate_replies(replies)
+        self._record_client_evaluation(step, metrics)
+        return metrics
+
+    def _record_client_evaluation(self, step: int, metrics: MetricRecord | None) -> None:
         if metrics is not None:
             fields = {"client_loss": metrics.get("loss"), "client_accuracy": metrics.get("accuracy")}
             fields.update({f"client_acc_digit_{d}": metrics.get(f"accuracy-{d}") for d in range(p.NUM_CLASSES)})
             self.path.record(step, **fields)
-        return metrics
 
     # --------------------------------------------------------------- clock
     def advance_clock(self, step: int, updates: list) -> list:

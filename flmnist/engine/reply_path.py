@@ -77,6 +77,7 @@ class ReplyPath:
         self.aggregates_rejected = 0
         self.screen_seconds = 0.0
         self.screened = 0
+        self.evaluations: list[RecordDict] = []  # see train_replies / received_evaluation
         self.devices: dict[str, str] = {}    # node name -> the device its replies say it trained on
         self.guard_rejected = 0
 
@@ -123,6 +124,8 @@ class ReplyPath:
                 r = Rejection(u.node_id, self.identities.name_of(u.node_id, u.name), self.identities.flagged[u.node_id])
                 rejections.append(r)
                 self._reject("Update", r)
+        # The received model's evaluations (evaluate-received), from every screened, trusted reply.
+        self.evaluations = [RecordDict({p.METRICS: MetricRecord(u.evaluation)}) for u in updates if u.evaluation]
         # Refuse absurd lengths, judge the rest as sent (the guard), then clip what was accepted:
         # the guard must see a scaled attack at its full strength to weigh its harm.
         for r in [*self._refuse_unclipped(updates, reference, delta), *self._refuse_long(updates, reference),
@@ -215,6 +218,10 @@ class ReplyPath:
         """A node's answer to "who are you" (asynchronous discovery), screened and judged by its
         node id's bound identity."""
         return self._identity(self.screen.query(msg))
+
+    def received_evaluation(self) -> MetricRecord | None:
+        """The summed evaluations of the model sent, from the last batch of train replies (None if none)."""
+        return aggregate_evaluate_counts(self.evaluations, p.NUM_EXAMPLES) if self.evaluations else None
 
     def evaluate_replies(self, replies: Iterable[Message]) -> tuple[MetricRecord | None, list[Rejection]]:
         """Screen evaluate replies; the summed counts of the accepted ones (None if none)."""

@@ -89,6 +89,7 @@ class SyncEngine:
     def __init__(self, grid, strategy: Guarded, path: ReplyPath, train_config, num_rounds: int,
                  round_timeout: float = 3600.0, seed: int | None = None) -> None:
         self.grid, self.strategy, self.path = grid, strategy, path
+        strategy.last_round = num_rounds  # evaluate_in_train: its evaluate exchange
         self.train_config, self.num_rounds, self.round_timeout = train_config, num_rounds, round_timeout
         self.sampling = SeededSampling(seed) if seed is not None else None
         self.arrays: ArrayRecord | None = None

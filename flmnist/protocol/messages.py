@@ -6,7 +6,10 @@ Train messages also carry the global model under ``arrays``.
 
 Node -> server: a train reply holds ``arrays`` (the trained model, or its difference from
 the received one when ``reply-delta`` is set), one MetricRecord ``metrics`` with exactly
-:data:`TRAIN_METRICS`, and a ConfigRecord ``node-info`` with :data:`NODE_INFO`. An
+:data:`TRAIN_METRICS`, and a ConfigRecord ``node-info`` with :data:`NODE_INFO`; when the
+message sets ``evaluate-received``, also a MetricRecord ``evaluation`` with exactly
+:data:`EVALUATE_METRICS`: the node's evaluation of the model it received, before training (one
+exchange per round instead of a train and an evaluate message). An
 evaluate reply holds ``metrics`` with exactly :data:`EVALUATE_METRICS` and ``node-info``;
 a query reply holds ``node-info`` with :data:`QUERY_INFO` as well.
 
@@ -32,6 +35,7 @@ ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
 NODE_INFO = "node-info"
+EVALUATION = "evaluation"  # train reply, when asked (evaluate-received): the received model evaluated
 
 # Metric keys of replies.
 NUM_EXAMPLES = "num-examples"          # the weight of an update in an average
@@ -59,6 +63,7 @@ REPLY_DELTA = "reply-delta"
 FAULT = "fault"                        # client.fault: the misbehaviour the fault mod commits ("" none)
 CLIPPING_NORM = "clipping_norm"        # privacy=client/local: the node clips its update (Flower's KEY_CLIPPING_NORM)
 LOCAL_DP_NOISE = "local-dp-noise-multiplier"  # privacy=local: the node adds noise of std this x clipping_norm
+EVALUATE_RECEIVED = "evaluate-received"  # train: also evaluate the received model before training
 
 
 def correct_key(digit: int) -> str:
@@ -140,6 +145,7 @@ class TrainSettings:
     dp_clipping_norm: float = 0.0     # privacy=dpsgd: each image's gradient clipped to this L2 norm
     update_clip: float = 0.0          # privacy=client/local: the node clips its update to this L2 norm (0: no)
     update_noise: float = 0.0         # privacy=local: ... and adds Gaussian noise of std this x update_clip
+    evaluate_received: bool = False   # train replies carry the received model's evaluation (EVALUATION)
 
     def __post_init__(self) -> None:
         check_integer("num_nodes", self.num_partitions, 1)
@@ -219,6 +225,7 @@ class TrainSettings:
                 "dp-clipping-norm": float(self.dp_clipping_norm),
                 CLIPPING_NORM: float(self.update_clip),
                 LOCAL_DP_NOISE: float(self.update_noise),
+                EVALUATE_RECEIVED: bool(self.evaluate_received),
             }
         )
         for key, value in extra.items():
@@ -252,6 +259,7 @@ class TrainSettings:
                 dp_clipping_norm=float(record.get("dp-clipping-norm", 0.0)),
                 update_clip=float(record.get(CLIPPING_NORM, 0.0)),
                 update_noise=float(record.get(LOCAL_DP_NOISE, 0.0)),
+                evaluate_received=bool(record.get(EVALUATE_RECEIVED, False)),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise ConfigError(f"the server's config record is malformed ({err!r}); are server and node "

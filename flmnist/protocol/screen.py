@@ -14,7 +14,7 @@
   updates (a 1e30-scaled model is refused), and optionally an absolute ``screen.max_update_norm``.
 
 :meth:`ReplyScreen.evaluate` and :meth:`ReplyScreen.query` do the same for evaluation
-counts and node discovery; :func:`aggregate_problem` checks an aggregate before it may
+counts (also those a train reply carries, when asked) and node discovery; :func:`aggregate_problem` checks an aggregate before it may
 become the global model. Sync and async engines use this one screen.
 """
 
@@ -87,6 +87,7 @@ class ClientUpdate:
     metrics: dict                         # exactly protocol.TRAIN_METRICS, clean Python values
     norm: float = 0.0                     # L2 distance from the global model (or of the delta)
     device: str = ""
+    evaluation: dict | None = None        # the received model's checked evaluation counts (evaluate-received)
     metadata: object = field(default=None, repr=False)   # the reply's Flower metadata
     _arrays: ArrayRecord | None = field(default=None, repr=False)
 
@@ -178,9 +179,9 @@ def _metrics(record: MetricRecord, contract: dict) -> dict:
     return out
 
 
-def _records(content: RecordDict, arrays: bool, metrics: bool) -> None:
+def _records(content: RecordDict, arrays: bool, metrics: bool, evaluation: bool = False) -> None:
     want_arrays = {p.ARRAYS} if arrays else set()
-    want_metrics = {p.METRICS} if metrics else set()
+    want_metrics = ({p.METRICS} if metrics else set()) | ({p.EVALUATION} if evaluation else set())
     if set(content.array_records) != want_arrays:
         raise Refused(f"array records {sorted(content.array_records)}, expected {sorted(want_arrays)}")
     if set(content.metric_records) != want_metrics:
@@ -317,10 +318,13 @@ class ReplyScreen:
 
         def check() -> ClientUpdate:
             content = msg.content
-            _records(content, arrays=True, metrics=True)
+            _records(content, arrays=True, metrics=True, evaluation=sent.evaluate_received)
             info = _node_info(content, p.NODE_INFO_KEYS)
             m = _metrics(content.metric_records[p.METRICS], p.TRAIN_METRICS)
             partition = _partition(m[p.PARTITION_ID], self.limits)
+            evaluation = self._evaluation(content.metric_records[p.EVALUATION]) if sent.evaluate_received else None
+            if evaluation is not None and evaluation[p.PARTITION_ID] != partition:
+                raise Refused(f"the evaluation names partition {evaluation[p.PARTITION_ID]}, the update {partition}")
             n = m[p.NUM_EXAMPLES]
             cap = self.limits.train_cap(partition)
             if not 1 <= n <= cap:
@@ -342,7 +346,7 @@ class ReplyScreen:
             if limit is not None and norm > limit:
                 raise Refused(f"update norm {norm:.4g} exceeds screen.max_update_norm={limit:g}")
             return ClientUpdate(msg.metadata.src_node_id, info[p.NODE_NAME], partition, n, weights, m, norm,
-                                info.get(p.DEVICE, ""))
+                                info.get(p.DEVICE, ""), evaluation=evaluation)
 
         return self._guard(msg, check)
 
@@ -353,25 +357,27 @@ class ReplyScreen:
             content = msg.content
             _records(content, arrays=False, metrics=True)
             info = _node_info(content, p.NODE_INFO_KEYS)
-            m = _metrics(content.metric_records[p.METRICS], p.EVALUATE_METRICS)
-            partition = _partition(m[p.PARTITION_ID], self.limits)
-            total, correct = m[p.NUM_EXAMPLES], m[p.CORRECT]
-            exact = self.limits.holdout_exact(partition)
-            if exact is not None and total != exact:
-                raise Refused(f"evaluated {total} examples; partition {partition} holds out {exact}")
-            if exact is None and not 0 <= total <= self.limits.train_cap(partition):
-                raise Refused(f"num-examples {total} is outside 0..{self.limits.train_cap(partition)}")
-            if not 0 <= correct <= total:
-                raise Refused(f"correct={correct} is outside 0..{total}")
-            if m[p.LOSS_SUM] < 0:
-                raise Refused("loss-sum is negative")
-            per_c = [m[p.correct_key(d)] for d in range(p.NUM_CLASSES)]
-            per_t = [m[p.total_key(d)] for d in range(p.NUM_CLASSES)]
-            if any(not 0 <= c <= t for c, t in zip(per_c, per_t)) or sum(per_t) != total or sum(per_c) != correct:
-                raise Refused("per-digit counts are inconsistent with the totals")
-            return EvaluateReply(msg.metadata.src_node_id, info[p.NODE_NAME], partition, m)
+            m = self._evaluation(content.metric_records[p.METRICS])
+            return EvaluateReply(msg.metadata.src_node_id, info[p.NODE_NAME], m[p.PARTITION_ID], m)
 
         return self._guard(msg, check)
+
+    def _evaluation(self, record) -> dict:
+        """Checked evaluation counts (an evaluate reply's metrics, or a train reply's evaluation)."""
+        m = _metrics(record, p.EVALUATE_METRICS)
+        partition = _partition(m[p.PARTITION_ID], self.limits)
+        total, correct = m[p.NUM_EXAMPLES], m[p.CORRECT]
+        exact = self.limits.holdout_exact(partition)
+        if exact is not None and total != exact:
+            raise Refused(f"evaluated {total} examples; partition {partition} holds out {exact}")
+        if exact is None and not 0 <= total <= self.limits.train_cap(partition):
+            raise Refused(f"num-examples {total} is outside 0..{self.limits.train_cap(partition)}")
+        if not 0 <= correct <= total or m[p.LOSS_SUM] < 0:
+            raise Refused(f"correct={correct} is outside 0..{total}" if m[p.LOSS_SUM] >= 0 else "loss-sum is negative")
+        per_c, per_t = [m[p.correct_key(d)] for d in range(p.NUM_CLASSES)], [m[p.total_key(d)] for d in range(p.NUM_CLASSES)]
+        if any(not 0 <= c <= t for c, t in zip(per_c, per_t)) or sum(per_t) != total or sum(per_c) != correct:
+            raise Refused("per-digit counts are inconsistent with the totals")
+        return m
 
     def query(self, msg: Message):
         """A NodeInfo or a Rejection for one query reply (asynchronous node discovery)."""

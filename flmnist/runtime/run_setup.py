@@ -22,6 +22,7 @@ import torch
 from flwr.app import ArrayRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
+from flwr.superlink.grid import InMemoryGrid
 from omegaconf import DictConfig, OmegaConf
 
 from flmnist.config.validate import collapse_args, run_length
@@ -189,6 +190,17 @@ def private(cfg: DictConfig, strategy, screen: ScreenSettings) -> PrivacySetting
     return privacy
 
 
+def evaluate_in_train(cfg: DictConfig, grid: Grid, strategy, asynchronous: bool) -> bool:
+    """``sampling.client_evaluation``: whether a synchronous run's nodes evaluate the received model in
+    their train reply (one exchange per round) rather than in a separate evaluate exchange.
+    ``auto``: in train on real SuperNodes (where every exchange costs seconds), an exchange in
+    simulation (where it costs little and the client metrics stay as they always were)."""
+    how = cfg.sampling.get("client_evaluation", "auto")
+    if asynchronous or not getattr(strategy, "fraction_evaluate", 0.0):
+        return False
+    return how == "in_train" or (how == "auto" and not isinstance(grid, InMemoryGrid))
+
+
 def build_run(grid: Grid, cfg: DictConfig) -> Run:
     """Everything before training: directories, data checks, screen, hooks and the engine."""
     cfg, checkpoint = resume_config(cfg)
@@ -218,6 +230,7 @@ def build_run(grid: Grid, cfg: DictConfig) -> Run:
         dp_clipping_norm=privacy.clipping_norm if dpsgd else 0.0,
         update_clip=privacy.clipping_norm if privacy.mechanism in ("client", "local") else 0.0,
         update_noise=privacy.noise_multiplier if local else 0.0,
+        evaluate_received=evaluate_in_train(cfg, grid, strategy, asynchronous),
     )
     loop = AsyncLoopSettings(**cfg.async_loop) if asynchronous else None
     trackers = Trackers([build(cfg.logger, "logger")] if cfg.get("logger") is not None else [])
@@ -260,7 +273,8 @@ def build_run(grid: Grid, cfg: DictConfig) -> Run:
                            privacy=accountant)
     else:
         guarded = Guarded(strategy, path, fleet=fleet, virtual_timeout=cfg.async_loop.update_timeout,
-                          max_failed_rounds=cfg.max_failed_rounds, privacy=accountant, per_round=per_round)
+                          max_failed_rounds=cfg.max_failed_rounds, privacy=accountant, per_round=per_round,
+                          evaluate_in_train=sent.evaluate_received)
         # Nodes in registration order (Flower's own order changes run to run), replies polled every poll_interval.
         sync_grid = RegistrationOrderGrid(PollingGrid(grid, cfg.poll_interval) if cfg.poll_interval else grid)
         engine = SyncEngine(sync_grid, guarded, path, sent.to_record(), cfg.num_rounds, cfg.round_timeout,
