@@ -31,6 +31,7 @@ synchronous engine, :mod:`~flmnist.engine.base` (liveness, the virtual clock, re
 from __future__ import annotations
 
 import time
+from collections import Counter
 from logging import INFO, WARNING
 
 from flwr.app import ArrayRecord, Message
@@ -86,6 +87,9 @@ class AsyncLoop:
         self.transport = Transport(grid, path, self.liveness, settings.update_timeout, poll_interval,
                                    simulated=fleet is not None)
         self.transport.on_available = self.available
+        # Deployment: a node replies, then asks for its next message at once and, if none is queued,
+        # sleeps 3 s (Flower's SuperNode); a task queued behind its current one is there when it asks.
+        self.prefetch = 0 if fleet is not None else settings.prefetch
 
     # ------------------------------------------------------- read-only views
     @property
@@ -136,13 +140,29 @@ class AsyncLoop:
         return job
 
     def refill(self) -> None:
-        """Dispatch work to idle nodes until ``concurrency`` updates are in flight."""
-        while len(self.transport) < self.concurrency and self.idle and not self.should_stop():
-            if self.sample_dp is not None and self.sample_dp.would_exceed(partitions=[self.idle[0].partition]):
-                self.path.request_stop(self.version, "privacy budget", epsilon=round(self.sample_dp.epsilon, 6),
-                                       max_epsilon=self.sample_dp.settings.max_epsilon)
+        """Dispatch work to idle nodes until ``concurrency`` nodes are training; in deployment, queue
+        up to ``prefetch`` more tasks behind each training node's current one."""
+        while len(self.busy()) < self.concurrency and self.idle and not self.should_stop():
+            if not self.budget_for(self.idle[0]):
                 return
             self.dispatch(self.idle.pop(0), self.arrays, self.weights)
+        if self.prefetch:
+            for node_id, jobs in self.busy().items():
+                node = self.transport.nodes[node_id]
+                if jobs <= self.prefetch and not self.should_stop() and self.budget_for(node):
+                    self.dispatch(node, self.arrays, self.weights)
+
+    def busy(self) -> dict[int, int]:
+        """Jobs in flight per node id."""
+        return Counter(job.node_id for job in self.transport.jobs())
+
+    def budget_for(self, node: Node) -> bool:
+        """DP-SGD: whether one more task for ``node`` stays within the budget (else the run stops)."""
+        if self.sample_dp is not None and self.sample_dp.would_exceed(partitions=[node.partition]):
+            self.path.request_stop(self.version, "privacy budget", epsilon=round(self.sample_dp.epsilon, 6),
+                                   max_epsilon=self.sample_dp.settings.max_epsilon)
+            return False
+        return True
 
     def available(self, nodes: list[Node]) -> None:
         """Deployment: nodes that came back or joined get work."""
@@ -150,8 +170,10 @@ class AsyncLoop:
         self.refill()
 
     def requeue(self, job: Job, reply: Message | None) -> None:
-        """Where the job's node waits for its next work."""
+        """Where the job's node waits for its next work (nowhere while a queued task is still its own)."""
         node = self.transport.nodes[job.node_id]
+        if job.node_id in self.busy() or node in self.transport.away or node in self.idle:
+            return
         if not self.clock.simulated and self.transport.unavailable(job):
             self.transport.away.append(node)  # Flower says it is gone: no work until it is back
         elif not self.clock.simulated and (reply is None or reply.has_error()):
