@@ -119,3 +119,17 @@ def test_holds_stop_after_keep_warm_seconds_of_a_round():
 def test_an_empty_round_sends_nothing(keep_warm):
     grid = PollingGrid(SleepyNodes({1: 0.05}), poll_interval=0.005, keep_warm=keep_warm)
     assert grid.send_and_receive([]) == [] and grid.holds_sent == 0
+
+
+def test_a_node_whose_holds_are_slow_gets_no_more(caplog):
+    """Behind Flower's own executor a hold costs a new process (seconds): after two slow ones the
+    node gets none, and the rounds go on as without holds."""
+    nodes = SleepyNodes({1: 0.05, 2: 0.8}, hold_s=0.25)
+    grid = PollingGrid(nodes, poll_interval=0.005, keep_warm=30, slow_hold=0.2)
+    for _ in range(3):
+        assert len(grid.send_and_receive(tasks([1, 2]), timeout=10)) == 2
+    assert grid.slow[1] >= 2
+    taken = nodes.taken[1, HOLD]
+    grid.send_and_receive(tasks([1, 2]), timeout=10)
+    assert nodes.taken[1, HOLD] <= taken + 2  # at most what was already out
+    assert "holds take" in caplog.text and "gets no more holds" in caplog.text
