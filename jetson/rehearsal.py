@@ -39,6 +39,7 @@ import importlib.util
 import itertools
 import json
 import os
+import re
 import shlex
 import signal
 import socket
@@ -64,6 +65,7 @@ JETSON = REPO / "jetson"
 BIN = Path(sys.executable).parent
 NAMES = ["jetson-0", "jetson-1", "jetson-2"]
 VICTIM = "jetson-2"  # the node killed mid-run
+EXECUTOR_VICTIM = "jetson-1"  # the node whose warm executor is killed and restarted between the runs
 PLAIN = "plaintext"  # a SuperNode without TLS (and without a key)
 KILL_IN_ROUND = 2
 NUM_ROUNDS = 4
@@ -118,6 +120,7 @@ class Report:
     signing: dict = field(default_factory=dict)  # the operator's signed bundle and the foreign one
     lan: dict = field(default_factory=dict)  # what a registered board got through the LAN-facing address
     bundles: dict = field(default_factory=dict)  # the unsigned and the foreign bundle's runs
+    executor_restart: dict = field(default_factory=dict)  # the restarted warm executor's log
     comeback: dict = field(default_factory=dict)  # the revoked board trying to come back
     proxy_log: str = ""
     store_log: str = ""
@@ -201,6 +204,7 @@ class Rehearsal:
         self.proxy_pids: list[int] = []
         self.nodes: dict[str, subprocess.Popen] = {}
         self.executors: dict[str, subprocess.Popen] = {}  # name -> its warm executor (executor="warm")
+        self.ports: dict[str, int] = {}  # name -> its SuperNode's Runtime API port (executor="warm")
         self.executor_children: dict[int, int | None] = {}  # their children at stop: pid -> start time
         self.starts: dict[str, int] = {}  # how often each node was started
 
@@ -401,9 +405,21 @@ class Rehearsal:
         proc = self.start(cmd, home, log)
         self.nodes[name] = proc
         if self.executor == "warm":
+            self.ports[name] = port
             self.executors[name] = self.start(self.warm_executor_command(name, port), home,
                                               self.work / "logs" / f"{name}.{self.starts[name]}.executor.log")
         return proc
+
+    def restart_executor(self, name: str) -> tuple[int, Path]:
+        """SIGKILL the board's warm executor alone (its SuperNode stays up) and start it again, as its
+        systemd unit does (``Restart=always``); the killed pid and the new executor's log."""
+        old = self.executors[name]
+        old.kill()
+        old.wait(timeout=10)
+        log = self.work / "logs" / f"{name}.{self.starts[name]}.executor.restarted.log"
+        self.executors[name] = self.start(self.warm_executor_command(name, self.ports[name]),
+                                          self.work / "flwr-home" / name, log)
+        return old.pid, log
 
     def executor_log(self, name: str, start: int | None = None) -> str:
         path = self.work / "logs" / f"{name}.{start or self.starts[name]}.executor.log"
@@ -885,6 +901,9 @@ def rehearse(work: Path, data_root: Path, fault: bool = True, app_dir: Path = RE
         _bundle_refusals(r, report)
         report.timings["bundle_refusals"] = time.monotonic() - t
         _flwr_run(r, report, fault, timeout)
+        if executor == "warm":  # the asynchronous run shows that the node gets work again
+            pid, report.executor_restart["log"] = r.restart_executor(EXECUTOR_VICTIM)
+            r.log(f"killed {EXECUTOR_VICTIM}'s warm executor (pid {pid}, SIGKILL) and started it again")
         _flwr_run_async(r, report, fault, timeout)
         revoked = r.nodes[NAMES[0]]
         r.revoke(NAMES[0])
@@ -1108,6 +1127,17 @@ def check_async_run_survives_killed_node(report: Report) -> None:
     assert stats["outcomes"].get("applied", 0) >= ASYNC_UPDATES - lost - 1, stats["outcomes"]
 
 
+def check_killed_executor_restarts_and_its_node_gets_work(report: Report) -> None:
+    """The warm executor of a board, killed and started again (its unit's Restart=always), takes the
+    node's next task: the asynchronous run's updates reached that board through the new executor."""
+    log_path = report.executor_restart.get("log")
+    assert log_path is not None, "no warm executor was killed (the rehearsal ran with executor='flower')"
+    log = Path(log_path).read_text(errors="replace")
+    assert re.search(r"task \d+: child \d+ exited with code 0", log), log[-2000:]
+    stats = json.loads((report.async_run["run_dir"] / "async_stats.json").read_text())
+    assert stats["updates_per_node"].get(EXECUTOR_VICTIM, 0) >= 1, stats["updates_per_node"]
+
+
 def check_superlink_unreachable_from_lan(report: Report) -> None:
     seen = report.lan["superlink_port"]
     assert _refused(seen) and "Connection to the SuperLink is unavailable" in seen["output"], seen
@@ -1195,6 +1225,7 @@ CHECKS = {f.__name__.removeprefix("check_"): f for f in (
     check_certificate, check_nodes_joined, check_unregistered_key_refused, check_plaintext_client_refused,
     check_run_finished, check_log_lines, check_model_scores_above_chance, check_run_survives_killed_node,
     check_restarted_node_gets_work, check_async_run_survives_killed_node, check_revoked_node_is_disconnected,
+    check_killed_executor_restarts_and_its_node_gets_work,
     check_superlink_unreachable_from_lan, check_nodes_connect_through_proxy, check_proxy_serves_only_fleet_api,
     check_board_cannot_start_run, check_board_cannot_register_or_revoke_keys, check_unsigned_bundle_refused,
     check_foreign_bundle_refused, check_signed_run_accepted, check_revoked_board_stays_out,
@@ -1223,6 +1254,8 @@ def main(argv: list[str] | None = None) -> int:
     report = rehearse(work, Path(args.data_root), fault=not args.no_fault, executor=args.executor)
     skipped = {"run_survives_killed_node", "restarted_node_gets_work",
                "async_run_survives_killed_node"} if args.no_fault else set()
+    if args.executor != "warm":
+        skipped.add("killed_executor_restarts_and_its_node_gets_work")
     failed = 0
     for name, check in CHECKS.items():
         if name in skipped:

@@ -119,3 +119,16 @@ def test_a_root_pointing_at_the_files_themselves_says_which_folder_to_name(tmp_p
                                         rf"set data.root or FLMNIST_DATA_DIR to {tmp_path / 'copy'}$"):
         ensure_mnist(raw, download=False)
     assert ensure_mnist(tmp_path / "copy", download=False) == raw
+
+
+def test_normalize_gives_the_formulas_values_bit_for_bit_and_leaves_its_input_alone():
+    import torch
+
+    from flmnist.ml.data import MEAN, STD, normalize
+
+    images = torch.arange(256, dtype=torch.uint8).repeat(4)[:28 * 28 * 1].reshape(1, 28, 28)
+    expected = ((images.float() / 255.0 - MEAN) / STD).unsqueeze(1)
+    assert torch.equal(normalize(images), expected)
+    floats = images.float()
+    normalize(floats)
+    assert torch.equal(floats, images.float())

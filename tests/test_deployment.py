@@ -38,7 +38,7 @@ app_store = load_script("flmnist_app_store", JETSON / "server" / "app_store.py")
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory, mnist_root):
-    return rehearsal.rehearse(tmp_path_factory.mktemp("rehearsal"), mnist_root)
+    return rehearsal.rehearse(tmp_path_factory.mktemp("rehearsal"), mnist_root, executor="warm")
 
 
 @pytest.mark.parametrize("check", list(rehearsal.CHECKS))
