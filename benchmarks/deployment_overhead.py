@@ -193,6 +193,7 @@ def main() -> None:
         # (--isolation process), client evaluation in the train reply (sampling.client_evaluation=auto).
         result.update(deployment(Path(tmp) / "warm", data_root, TASK_POLL_INTERVAL, {
             "flmnist_default": run("0.05", 1.0, "auto"),
+            "flmnist_keep_warm": run("0.05", 1.0, "auto", [*run("0.05", 1.0)["workload"], "keep_warm=30"]),
             "flmnist_default_train_only": run("0.05", 0.0),
             "flmnist_warm_evaluate_exchange": run("0.05", 1.0, "exchange"),
             "flmnist_async_warm": run("0.05", 0.0, workload=asynchronous),

@@ -74,7 +74,10 @@ class PollingGrid:
         while pending:
             got = list(self._grid.pull_messages([*pending, *self.holds]))
             now = time.monotonic()
-            held = {m.metadata.src_node_id for m in got if self.holds.pop(m.metadata.reply_to_message_id, 0)}
+            # A hold's node is the one it was sent to (an error reply, e.g. a hold that expired, comes from
+            # the SuperLink); only a hold the node answered keeps it held.
+            held = {node for m in got if (node := self.holds.pop(m.metadata.reply_to_message_id, None)) is not None
+                    and not m.has_error()}
             for node in held:  # a hold queued behind a reply took this long on the node
                 if node in last and now - last[node] > self.slow_hold:
                     self.slow[node] += 1

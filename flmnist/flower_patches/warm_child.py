@@ -98,6 +98,7 @@ def report(fd: int, kind: bytes, payload: bytes = b"") -> None:
 
 
 _PHASES: dict[str, float] = {}  # in a child: when it pulled its message and started its reply
+_KIND: list[str] = []  # in a child: the type of the message it pulled
 
 
 def _observe_run_clientapp(fd: int) -> None:
@@ -113,6 +114,7 @@ def _observe_run_clientapp(fd: int) -> None:
     def pulled(client):
         message, context, run, fab = pull_task_input(client)
         _PHASES["pulled"] = time.monotonic()
+        _KIND.append(message.metadata.message_type)
         with contextlib.suppress(Exception):  # a report must never fail the task
             report(fd, PULLED, message_to_proto(flower.remove_content_from_message(message)).SerializeToString())
         return message, context, run, fab
@@ -168,8 +170,8 @@ def _app_origin(task_id: int, before: set[str], forked: float) -> None:
         return Path(file).resolve() if file else None
 
     phases = ", ".join(f"{what} at {at - forked:.2f} s" for what, at in _PHASES.items())
-    LOG.info("task %d: %s, done at %.2f s after the fork", task_id, phases or "no message pulled",
-             time.monotonic() - forked)
+    LOG.info("task %d (%s): %s, done at %.2f s after the fork", task_id, _KIND[0] if _KIND else "?",
+             phases or "no message pulled", time.monotonic() - forked)
     loaded = {name: path(module) for name, module in list(sys.modules.items()) if name not in before}
     in_bundle = {name for name, file in loaded.items() if file is not None and file.is_relative_to(apps)}
     if not in_bundle:
