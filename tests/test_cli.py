@@ -208,3 +208,88 @@ def test_the_commands_checks_before_flower_starts_import_no_pytorch(mnist_root):
                          env={**os.environ, "FLMNIST_DATA_DIR": str(mnist_root)})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]", out.stdout
+
+
+SWEEP = ["-m", "model=logreg", "num_nodes=2", "client.local_steps=5"]
+SHARED_LINE = re.compile(r"flmnist: job 1: using the sweep's local SuperLink \(pid (\d+), started by job 0\)")
+
+
+def wait_until_gone(marker: str, tracked: dict[int, int | None] | None = None, timeout: float = 20) -> dict:
+    """The processes carrying ``marker`` (or tracked by id and start time) still there after ``timeout``."""
+    def alive() -> dict[int, str]:
+        pids = set(processes_with(marker)) | {p for p, s in (tracked or {}).items() if s and started_at(p) == s}
+        return {pid: describe(pid) for pid in pids}
+
+    deadline = time.monotonic() + timeout  # a killed process may still be exiting on a loaded machine
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return alive()
+
+
+@pytest.mark.slow
+def test_a_sweeps_jobs_share_one_superlink_and_nothing_outlives_the_sweep(tmp_path, mnist_root):
+    """``flwr run`` starts the local SuperLink (and its SuperExec) in the first job only; the second
+    job's run goes to the same one; each job has its own results as before, and the sweep's end
+    stops the SuperLink."""
+    marker = f"FLMNIST_TEST_MARKER={uuid.uuid4().hex}"
+    proc = subprocess.run([FLMNIST, *SWEEP, "num_rounds=1", "seed=1,2"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600, check=False,
+                          env={**os.environ, "FLMNIST_DATA_DIR": str(mnist_root), marker.split("=")[0]: marker.split("=")[1]})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert out.count("Starting local SuperLink") == 1, out[-4000:]
+    assert SHARED_LINE.search(out), out[-4000:]
+    [sweep] = (tmp_path / "multirun").glob("*/*_sweep")
+    for i in range(2):
+        [job] = sweep.glob(f"{i}_*")
+        assert json.loads((job / "summary.json").read_text())["status"] == "finished"
+        assert "Run finished: final test accuracy" in (job / "flwr_run.log").read_text()
+    assert (sweep / "comparison.md").is_file()
+    assert not (left := wait_until_gone(marker)), f"processes the sweep started outlived it: {left}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_in_a_sweeps_second_job_stops_its_shared_superlink_too(tmp_path, mnist_root, signum):
+    """The SuperLink the first job's ``flwr run`` started runs on (detached) into the second job: a
+    signal then must stop it with the job's own processes."""
+    marker = f"FLMNIST_TEST_MARKER={uuid.uuid4().hex}"
+    env = {**os.environ, "FLMNIST_DATA_DIR": str(mnist_root), marker.split("=")[0]: marker.split("=")[1]}
+    stderr, stdout = tmp_path / "stderr.txt", tmp_path / "stdout.txt"
+    with open(stderr, "w") as err, open(stdout, "w") as out:
+        proc = subprocess.Popen([FLMNIST, *SWEEP, "num_rounds=1,30"], cwd=tmp_path, env=env, stdout=out, stderr=err)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(tmp_path.glob("multirun/*/*/1_*/metrics.json")):  # the second job trains
+            assert proc.poll() is None, stderr.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the second job did not start training within 300 s"
+            time.sleep(0.2)
+        assert SHARED_LINE.search(stdout.read_text()), stdout.read_text()[-3000:]
+        started = processes_with(marker)
+        tracked = {pid: started_at(pid) for pid in {*started, *descendants(started)}}
+        proc.send_signal(signum)
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == (130 if signum == signal.SIGINT else 128 + signum), stderr.read_text()[-3000:]
+    assert not (left := wait_until_gone(marker, tracked)), f"processes the command started outlived it: {left}"
+
+
+@pytest.mark.slow
+def test_a_failed_job_leaves_the_shared_superlink_to_the_next_job(tmp_path, mnist_root):
+    """The first job fails in its ServerApp (every update non-finite): the second job's run still
+    goes to the sweep's SuperLink and finishes; the sweep exits 1, naming the failed job."""
+    marker = f"FLMNIST_TEST_MARKER={uuid.uuid4().hex}"
+    proc = subprocess.run([FLMNIST, *SWEEP, "num_rounds=1", "max_failed_rounds=1", "client.fault_nodes=[0,1]",
+                           "client.fault=nan,null"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          check=False,
+                          env={**os.environ, "FLMNIST_DATA_DIR": str(mnist_root), marker.split("=")[0]: marker.split("=")[1]})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-4000:]
+    assert "flmnist: error: 1 sweep job(s) did not finish: 0" in proc.stderr
+    assert SHARED_LINE.search(out) and out.count("Starting local SuperLink") == 1, out[-4000:]
+    [sweep] = (tmp_path / "multirun").glob("*/*_sweep")
+    statuses = [json.loads(next(sweep.glob(f"{i}_*/summary.json")).read_text())["status"] for i in range(2)]
+    assert statuses == ["failed", "finished"]
+    assert not (left := wait_until_gone(marker)), f"processes the sweep started outlived it: {left}"

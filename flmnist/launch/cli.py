@@ -4,7 +4,8 @@
 ServerApp, checks it, and launches ``flwr run`` on a private local SuperLink with
 as many SuperNodes as ``num_nodes``; results go to Hydra's job directory.
 ``flmnist -m strategy=fedavg,fedprox ...`` runs a sweep and ends with a
-comparison table (CSV and Markdown) in the sweep directory. ``flmnist resume=DIR``
+comparison table (CSV and Markdown) in the sweep directory; its jobs share one local SuperLink
+(:mod:`flmnist.launch.sweep_link`), stopped at the sweep's end. ``flmnist resume=DIR``
 (or ``resume=latest``) continues a run in its own directory.
 
 The outcome is honest: every job's config is composed and checked before Flower starts
@@ -43,6 +44,7 @@ from flmnist.launch.backend import check_gpu_share, client_gpus, simulation_back
 from flmnist.launch.comparison import COLUMNS, degraded_message, write_comparison  # noqa: F401 - re-exported
 from flmnist.launch.flwr_local import run_flwr
 from flmnist.launch.resume import BUDGET, finished, resumed_config
+from flmnist.launch.sweep_link import SweepLink
 from flmnist.ml.mnist_files import ensure_mnist, resolve_root
 from flmnist.observers.recorder import DEGRADED, FINAL_LINE, final_line, summarize_stopped
 
@@ -55,6 +57,7 @@ MULTIRUN = ("-m", "--multirun")
 _resumed: dict[Path, DictConfig] = {}  # run directory -> the config its resume runs with (maybe extended)
 _failed_jobs: list[str] = []  # sweep jobs that did not finish (the sweep goes on, then exits 1)
 _degraded: list[str] = []  # the lines saying which runs (sweep jobs) finished degraded: the command exits 3
+_sweep_link: list[SweepLink] = []  # a sweep's shared local SuperLink (flmnist.launch.sweep_link), once started
 
 
 class Stop(BaseException):
@@ -195,18 +198,24 @@ def launch(cfg: DictConfig) -> dict:
     if not any(o.startswith("data.root=") for o in overrides):
         overrides.append(f"data.root={quoted(root)}")
     before = _signature(run_dir / "summary.json")
-    flwr_home = tempfile.mkdtemp(prefix="flmnist-flwr-home-")
+    sim, backend = cfg.simulation, simulation_backend(cfg, gpus)
+    sweep = hc.mode == RunMode.MULTIRUN  # the jobs share one local SuperLink, stopped at the sweep's end
+    if sweep and not _sweep_link:
+        _sweep_link.append(SweepLink())
+    link = _sweep_link[0] if sweep else None
+    flwr_home = link.home_for(hc.job.num, (backend, sim.ray_address)) if link else tempfile.mkdtemp(
+        prefix="flmnist-flwr-home-")
     try:
-        sim = cfg.simulation
-        backend = simulation_backend(cfg, gpus)
         print(f"flmnist: simulation backend: {BACKEND_NOTES[backend]}", flush=True)
         code = run_flwr(APP_DIR, overrides, run_cfg.num_nodes, flwr_home, log_path=run_dir / "flwr_run.log",
                         append=bool(cfg.resume), client_cpus=float(sim.client_cpus), client_gpus=gpus,
-                        ray_address=sim.ray_address, backend=backend, until=(until := finished_line(run_dir, before)))
+                        ray_address=sim.ray_address, backend=backend, until=(until := finished_line(run_dir, before)),
+                        ports=link.ports if link else None, stop=link.end_job if link else None)
     except (Stop, KeyboardInterrupt) as stop:
         raise Stop(stopped_message(stop, run_cfg, run_dir, before), getattr(stop, "code", 130)) from None
     finally:
-        shutil.rmtree(flwr_home, ignore_errors=True)
+        if not link:
+            shutil.rmtree(flwr_home, ignore_errors=True)
     summary = outcome(run_dir, before, code)
     if not until.seen:  # Flower's log stream ended before the run's last line: say it from summary.json
         line = f"flmnist: {final_line(summary)}"
@@ -218,6 +227,12 @@ def launch(cfg: DictConfig) -> dict:
         _degraded.append(("the run" if hc.mode != RunMode.MULTIRUN else f"job {hc.job.num}")
                          + f" finished degraded: {degraded_message(summary)}")
     return summary
+
+
+def close_sweep_link() -> None:
+    """Stop the sweep's local SuperLink and everything under its FLWR_HOME (if one was started)."""
+    for link in _sweep_link:
+        link.close()
 
 
 def stopped_message(stop: BaseException, cfg: DictConfig, run_dir: Path, before: tuple | None) -> str:
@@ -250,6 +265,7 @@ class ComparisonTable(Callback):
             self.summaries.append({"overrides": " ".join(config.hydra.overrides.task), "status": "failed"})
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        close_sweep_link()
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         md = write_comparison(sweep_dir, self.summaries)
@@ -350,7 +366,10 @@ def main() -> None:
         if not any(a.startswith("-") and a not in MULTIRUN for a in args):
             # Not --help, --cfg, --info ...: compose and check first.
             sys.argv = [sys.argv[0], *hydra_arguments(args)]
-        _main()
+        try:
+            _main()
+        finally:  # on every path out, a sweep's SuperLink too is stopped before the command says why
+            close_sweep_link()
     except FlmnistError as err:
         if full_error:
             traceback.print_exc()

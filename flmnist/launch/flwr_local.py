@@ -3,7 +3,8 @@
 ``flwr run`` starts a detached local SuperLink (and SuperExec, ServerApp and Ray
 processes) that outlives the command. We give each launch its own ``FLWR_HOME``
 and its own free ports, then stop the processes whose environment carries that
-``FLWR_HOME``, by process id: nothing else on the machine is touched.
+``FLWR_HOME``, by process id: nothing else on the machine is touched. A sweep's jobs share one
+(:mod:`flmnist.launch.sweep_link`): each job stops all but its SuperLink and SuperExec.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 from flmnist.core.constants import BACKEND_ENV  # read in the simulation process
@@ -30,15 +32,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def flwr_env(flwr_home: str | os.PathLike, base: dict | None = None) -> dict:
-    """Environment for a private local SuperLink: own FLWR_HOME and ports, installed packages only."""
+def flwr_env(flwr_home: str | os.PathLike, base: dict | None = None, ports: tuple[int, int] | None = None) -> dict:
+    """Environment for a private local SuperLink: own FLWR_HOME and ports (``ports``: its HTTP and
+    Control API ports, those of a SuperLink a sweep shares; else free ones), installed packages only."""
     env = dict(os.environ if base is None else base)
     bindir = str(Path(sys.executable).parent)
     env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
     env["FLWR_HOME"] = str(flwr_home)
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
-    env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(free_port())
-    env["FLWR_LOCAL_CONTROL_API_PORT"] = str(free_port())
+    http_port, control_port = ports or (free_port(), free_port())
+    env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(http_port)
+    env["FLWR_LOCAL_CONTROL_API_PORT"] = str(control_port)
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # Ray's FutureWarning tip, answered
     return env
@@ -102,11 +106,11 @@ def started_at(pid: int) -> int | None:
         return None
 
 
-def descendants(pids: set[int] | Sequence[int]) -> set[int]:
-    """Every process started by one of ``pids`` (children, their children, ...). Ray's agents
-    rename themselves (``ray::DashboardAgent``), which blanks their environment in /proc: they
-    are found as the raylet's children."""
-    found, todo = set(), list(pids)
+def descendants(pids: set[int] | Sequence[int], prune: set[int] = frozenset()) -> set[int]:
+    """Every process started by one of ``pids`` (children, their children, ...), but those in
+    ``prune`` and theirs. Ray's agents rename themselves (``ray::DashboardAgent``), which blanks
+    their environment in /proc: they are found as the raylet's children."""
+    found, todo = set(), [pid for pid in pids if pid not in prune]
     while todo:
         pid = todo.pop()
         for task in Path(f"/proc/{pid}/task").glob("*"):
@@ -115,7 +119,7 @@ def descendants(pids: set[int] | Sequence[int]) -> set[int]:
             except OSError:
                 continue
             for child in children:
-                if child not in found:
+                if child not in found and child not in prune:
                     found.add(child)
                     todo.append(child)
     return found
@@ -135,17 +139,19 @@ def stop_flwr_home(flwr_home: str | os.PathLike, grace: float = 5.0) -> list[int
     return stop_env(f"FLWR_HOME={flwr_home}", grace)
 
 
-def stop_env(entry: str, grace: float = 5.0) -> list[int]:
+def stop_env(entry: str, grace: float = 5.0, keep: set[int] = frozenset()) -> list[int]:
     """SIGTERM, then SIGKILL after ``grace`` seconds, every process whose environment holds
     ``entry`` (see :func:`pids_with_env`) and every process they started (an orphan stays
-    tracked by its id and start time), until none is left; returns their ids."""
+    tracked by its id and start time), until none is left; returns their ids. The processes in
+    ``keep`` (a sweep's SuperLink and SuperExec) are left running, and what they start is stopped
+    only where its environment holds ``entry``."""
     stopped: list[int] = []
     seen: dict[int, int | None] = {}  # pid -> start time
     deadline = time.monotonic() + grace
     quiet = 0  # consecutive scans that found nothing: one may miss a process caught mid-exec
     while quiet < 3:
-        found = set(pids_with_env(entry))
-        found |= descendants(found)
+        found = set(pids_with_env(entry)) - keep
+        found |= descendants(found, keep)
         found = {pid for pid in found if started_at(pid) is not None}  # zombies wait to be reaped
         found |= {pid for pid, start in seen.items() if start is not None and started_at(pid) == start}
         for pid in found:
@@ -261,6 +267,8 @@ def run_flwr(
     ray_address: str | None = None,
     backend: str = "ray",
     until: Callable[[str], bool] | None = None,
+    ports: tuple[int, int] | None = None,
+    stop: Callable[[float], object] | None = None,
 ) -> int:
     """Run ``flwr run`` on a private local SuperLink, echo and save its output (``append``: add
     to the log), and stop everything it started, also when interrupted (Ctrl-C, a signal handler
@@ -271,11 +279,13 @@ def run_flwr(
     ``inprocess`` (:mod:`flmnist.flower_patches.inprocess_backend`, in the simulation process).
     ``until``: called with each line of output; once it returns True the run is over by the app's
     own account, and everything is stopped at once rather than after Flower's shutdown (Ray's, and
-    the log stream's polling: about 3 s); the call then returns 0."""
+    the log stream's polling: about 3 s); the call then returns 0. ``ports`` and ``stop`` (called
+    with the grace in seconds instead of stopping everything under ``flwr_home``): a sweep's shared
+    SuperLink, :mod:`flmnist.launch.sweep_link`."""
     app_dir = stage_app(app_dir, Path(flwr_home) / "app")
     cmd = flwr_run_command(app_dir, write_run_config(Path(flwr_home) / "run_config.toml", overrides), num_supernodes,
                            client_cpus, client_gpus)
-    env = flwr_env(flwr_home, env)
+    env = flwr_env(flwr_home, env, ports)
     write_flower_config(flwr_home)
     # No address: a private Ray ("local"). Left unset, ray.init joins the cluster `ray start` last
     # recorded in its temp dir (ray/ray_current_cluster), the user's own or a dead one.
@@ -307,7 +317,7 @@ def run_flwr(
             return proc.wait()
     finally:
         with shielded():
-            stop_flwr_home(flwr_home, grace)
+            (stop or partial(stop_flwr_home, flwr_home))(grace)
             if proc is not None and proc.poll() is None:  # reap flwr run (stopped above)
                 proc.kill()
                 proc.wait()

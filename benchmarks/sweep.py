@@ -1,0 +1,113 @@
+"""Benchmark: a sweep's jobs share one local SuperLink (issue 23).
+
+Wall time of one sweep of four seeds against the same four runs as separate commands, one after
+the other, in one invocation (seeds 1 and 2 separately, the sweep, seeds 3 and 4 separately, so
+that other work on the machine weighs on both sides alike):
+
+    flmnist -m experiment=seed002 'eval.update_rounds=[]' eval.attribution=false seed=1,2,3,4
+    flmnist experiment=seed002 'eval.update_rounds=[]' eval.attribution=false seed=N    # N = 1 .. 4
+
+Target: the sweep takes at most 0.75 x the sum of the four. Each job's start is timed from its
+output lines as they arrive: from the job's start (the command's start; in the sweep, Hydra's
+``#N :`` line) to the command handing over to Flower (``flmnist: simulation backend``), to
+``flwr run``'s first line, to its ``Using SuperLink`` (after starting one, if it did), to the
+ServerApp's first line (``flmnist run directory``), to the first round's line, to ``Run finished``.
+
+    python benchmarks/sweep.py        # prints and writes benchmarks/results/sweep.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from itertools import pairwise
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+FLMNIST = str(Path(sys.executable).parent / "flmnist")
+SETTINGS = ["experiment=seed002", "eval.update_rounds=[]", "eval.attribution=false"]
+SEEDS = [1, 2, 3, 4]
+MARKS = {  # phase -> the line that ends it
+    "to_flower": "flmnist: simulation backend",
+    "to_flwr_run_up": re.compile(r"Starting local SuperLink|Using SuperLink"),  # flwr run's own first line
+    "to_superlink_ready": "Using SuperLink",  # (a fresh SuperLink: after its start)
+    "to_server_app": "flmnist run directory",
+    "to_round_1": re.compile(r"\[round 1/\d+\]"),
+    "to_finished": "Run finished",
+}
+JOB_LINE = re.compile(r"\[HYDRA\]\s+#(\d+) : ")
+
+
+def timed(args: list[str], cwd: Path) -> tuple[float, int, list[dict]]:
+    """Run ``flmnist ARGS``; return its wall time, exit code and each job's phase times (s from the job's start)."""
+    env = {**os.environ, "FLMNIST_DATA_DIR": os.environ.get("FLMNIST_DATA_DIR") or str(REPO.parent / "shared/data/mnist")}
+    start = time.perf_counter()
+    proc = subprocess.Popen([FLMNIST, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    jobs: list[dict] = []
+    job_start = start
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        now = time.perf_counter()
+        if JOB_LINE.search(line) or not jobs:
+            job_start = now if JOB_LINE.search(line) else start
+            jobs.append({"superlink_started": False, "starts_at": round(job_start - start, 2)})
+        job = jobs[-1]
+        job["superlink_started"] |= "Starting local SuperLink" in line
+        for phase, mark in MARKS.items():
+            hit = mark.search(line) if isinstance(mark, re.Pattern) else mark in line
+            if hit and phase not in job:
+                job[phase] = round(now - job_start, 2)
+    code = proc.wait()
+    return time.perf_counter() - start, code, jobs
+
+
+def main() -> None:
+    out_dir = REPO / "benchmarks" / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="flmnist-sweep-bench-"))
+    load_before = os.getloadavg()  # other work on the machine shows here
+    separate = []
+
+    def run_separately(seeds: list[int]) -> None:
+        for seed in seeds:
+            wall, code, jobs = timed([*SETTINGS, f"seed={seed}"], work)
+            separate.append({"seed": seed, "wall_time_s": round(wall, 1), "exit_code": code, **jobs[0]})
+            print(f"separate seed={seed}: {wall:.1f} s (exit {code}) {jobs[0]}", flush=True)
+
+    half = len(SEEDS) // 2
+    run_separately(SEEDS[:half])  # half before the sweep, half after: a load that drifts weighs on both sides
+    wall, code, jobs = timed(["-m", *SETTINGS, "seed=" + ",".join(map(str, SEEDS))], work)
+    run_separately(SEEDS[half:])
+    jobs = [j for j in jobs if "to_flower" in j]  # (lines before the first job: Hydra's own)
+    for before, job in pairwise(jobs):  # from a job's last line to the next job's start
+        job["gap_after_previous_s"] = round(job["starts_at"] - before["starts_at"] - before.get("to_finished", 0), 2)
+    print(f"sweep: {wall:.1f} s (exit {code})", flush=True)
+    for seed, job in zip(SEEDS, jobs, strict=False):
+        print(f"  job seed={seed}: {job}", flush=True)
+    total = sum(s["wall_time_s"] for s in separate)
+    result = {
+        "command": "flmnist -m " + " ".join(SETTINGS) + " seed=" + ",".join(map(str, SEEDS)),
+        "sweep_wall_time_s": round(wall, 1),
+        "sweep_exit_code": code,
+        "sweep_jobs": jobs,
+        "separate": separate,
+        "separate_sum_s": round(total, 1),
+        "ratio": round(wall / total, 3),
+        "target": "sweep <= 0.75 x the sum of the separate commands",
+        "met": bool(wall <= 0.75 * total),
+        "cores": os.cpu_count(),
+        "load_average_before_after": [[round(x, 2) for x in load_before], [round(x, 2) for x in os.getloadavg()]],
+        "work_dir": str(work),
+    }
+    (out_dir / "sweep.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k not in ("sweep_jobs", "separate")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

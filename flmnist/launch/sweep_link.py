@@ -1,0 +1,104 @@
+"""One private local SuperLink for every job of a sweep (``flmnist -m``).
+
+What ``flwr run`` (Flower 1.41) starts, with ``address = ":local-in-memory:"``:
+
+- once, when no SuperLink answers on ``FLWR_LOCAL_SUPERLINK_HTTP_API_PORT`` (the first job):
+  ``flower-superlink --simulation --isolation subprocess``, detached (its own session), which
+  starts ``flower-superexec`` (detached too, watching the SuperLink's pid); later ``flwr run``s
+  with the same ``FLWR_HOME`` and ports find it healthy and submit their run to it;
+- per run: the ``flwr run`` command itself (our child; it streams the run's log) and, started by
+  the SuperExec when the run is queued, ``flwr-simulation``: the ServerApp and the ClientApps (in
+  process, or Ray's workers and agents, the Ray processes all its descendants or carrying its
+  environment).
+
+Every one of them carries ``FLWR_HOME`` in its environment (the SuperLink's is the first job's,
+handed down to the SuperExec and each ``flwr-simulation``). At a job's end everything under the
+sweep's ``FLWR_HOME`` but the SuperLink and SuperExec (found by their command, by process id and
+start time) is stopped; before the next job both must still run and the SuperLink must answer its
+health check, else everything under that ``FLWR_HOME`` is stopped and the job starts a fresh one
+(and says so). A job whose simulation backend or Ray address differ from the SuperLink's (its
+environment is the first job's) gets a fresh one too. :meth:`SweepLink.close` stops it all.
+"""
+
+from __future__ import annotations
+
+import atexit
+import shutil
+import tempfile
+import urllib.request
+from pathlib import Path
+
+from flmnist.launch.flwr_local import free_port, pids_with_flwr_home, shielded, started_at, stop_env
+
+ROLES = ("flower-superlink", "flower-superexec")  # what stays up between a sweep's jobs
+
+
+def role_of(pid: int) -> str | None:
+    """``flower-superlink`` or ``flower-superexec`` when that is the program ``pid`` runs, else None."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:2]
+    except OSError:
+        return None
+    names = [Path(a.decode(errors="replace")).name for a in args if a]
+    return next((n for n in names if n in ROLES), None)
+
+
+class SweepLink:
+    """The sweep's FLWR_HOME, ports and kept processes (the SuperLink and its SuperExec)."""
+
+    def __init__(self) -> None:
+        self.home: str | None = None
+        self.ports: tuple[int, int] | None = None
+        self.key: tuple | None = None  # (backend, Ray address): the environment the SuperLink passes on
+        self.kept: dict[str, tuple[int, int | None]] = {}  # role -> (pid, start time)
+        self.started_by: int | None = None  # the job whose flwr run started the SuperLink
+        atexit.register(self.close)
+
+    def home_for(self, job: int, key: tuple) -> str:
+        """The FLWR_HOME for ``job``: the sweep's, when its SuperLink is up and answers (and ``key``
+        matches), else a fresh one; says which on stdout."""
+        if self.home is not None:
+            why = ("it runs with another simulation backend or Ray address" if key != self.key
+                   else None if self.healthy() else "the sweep's local SuperLink is not up or does not answer")
+            if why is None:
+                pid = self.kept["flower-superlink"][0]
+                print(f"flmnist: job {job}: using the sweep's local SuperLink (pid {pid}, started by job "
+                      f"{self.started_by})", flush=True)
+                return self.home
+            print(f"flmnist: job {job}: {why}: starting a fresh local SuperLink", flush=True)
+            self.close()
+        self.home = tempfile.mkdtemp(prefix="flmnist-flwr-home-")
+        self.ports = (free_port(), free_port())
+        self.key, self.kept, self.started_by = key, {}, job
+        return self.home
+
+    def healthy(self) -> bool:
+        """Whether the kept SuperLink and SuperExec still run and the SuperLink answers ``/health``."""
+        if set(self.kept) != set(ROLES) or any(started_at(pid) != start for pid, start in self.kept.values()):
+            return False
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.ports[0]}/health", timeout=2) as reply:
+                return 200 <= reply.status < 300
+        except (OSError, ValueError):
+            return False
+
+    def end_job(self, grace: float) -> list[int]:
+        """Stop the job's processes (``flwr run``, ``flwr-simulation`` and what they started), by
+        id; keep the SuperLink and SuperExec if both run. Returns the stopped ids."""
+        assert self.home is not None
+        found = {}
+        for pid in pids_with_flwr_home(self.home):
+            role = role_of(pid)
+            if role is not None and role not in found:
+                found[role] = (pid, started_at(pid))
+        self.kept = found if set(found) == set(ROLES) else {}  # else: all stopped, the next job starts afresh
+        return stop_env(f"FLWR_HOME={self.home}", grace, keep={pid for pid, _ in self.kept.values()})
+
+    def close(self) -> None:
+        """Stop every process under the sweep's FLWR_HOME and remove it (again: nothing to do)."""
+        if self.home is None:
+            return
+        with shielded():
+            stop_env(f"FLWR_HOME={self.home}")
+            shutil.rmtree(self.home, ignore_errors=True)
+        self.home, self.kept = None, {}

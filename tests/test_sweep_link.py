@@ -1,0 +1,129 @@
+"""A sweep's shared local SuperLink (flmnist.launch.sweep_link), without Flower: stand-in
+``flower-superlink`` (answering ``/health``) and ``flower-superexec`` programs and a job's process,
+all under the sweep's FLWR_HOME. A job's end stops the job's process only; a SuperLink that died
+or stopped answering, or a job on another backend, gets a fresh FLWR_HOME; closing stops it all."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flmnist.launch.flwr_local import flwr_env, pids_with_flwr_home, started_at
+from flmnist.launch.sweep_link import SweepLink, role_of
+
+SUPERLINK = f"""#!{sys.executable}
+import http.server, os
+class Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/health" else 404)
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+port = int(os.environ["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"])
+http.server.HTTPServer(("127.0.0.1", port), Health).serve_forever()
+"""
+SLEEPER = f"#!{sys.executable}\nimport time\ntime.sleep(600)\n"
+
+
+@pytest.fixture
+def programs(tmp_path) -> Path:
+    for name, text in (("flower-superlink", SUPERLINK), ("flower-superexec", SLEEPER), ("flwr-simulation", SLEEPER)):
+        (tmp_path / name).write_text(text)
+        (tmp_path / name).chmod(0o755)
+    return tmp_path
+
+
+def start(programs: Path, link: SweepLink, *names: str) -> list[subprocess.Popen]:
+    env = flwr_env(link.home, ports=link.ports)
+    return [subprocess.Popen([str(programs / name)], env=env, start_new_session=True) for name in names]
+
+
+def wait_for_health(link: SweepLink) -> None:
+    deadline = time.monotonic() + 30
+    while not link.healthy():
+        assert time.monotonic() < deadline, "the stand-in SuperLink did not answer within 30 s"
+        time.sleep(0.1)
+
+
+def test_a_job_end_keeps_the_superlink_and_superexec_and_stops_the_rest(programs, capsys):
+    link = SweepLink()
+    procs = []
+    try:
+        home = link.home_for(0, ("inprocess", None))
+        assert "flmnist: job 0" not in capsys.readouterr().out  # the first job says nothing more
+        procs = start(programs, link, "flower-superlink", "flower-superexec", "flwr-simulation")
+        time.sleep(0.5)  # the programs exec'd
+        assert {role_of(p.pid) for p in procs} == {"flower-superlink", "flower-superexec", None}
+        stopped = link.end_job(grace=2)
+        assert stopped == [procs[2].pid]
+        procs[2].wait(timeout=10)
+        assert all(p.poll() is None for p in procs[:2])
+        wait_for_health(link)
+        assert link.home_for(1, ("inprocess", None)) == home
+        assert (f"flmnist: job 1: using the sweep's local SuperLink (pid {procs[0].pid}, started by job 0)"
+                in capsys.readouterr().out)
+        # Its SuperExec gone: the next job starts a fresh one, after stopping what is left
+        procs[1].kill()
+        procs[1].wait(timeout=10)
+        assert not link.healthy()
+        fresh = link.home_for(2, ("inprocess", None))
+        assert fresh != home and not Path(home).exists()
+        assert "job 2: the sweep's local SuperLink is not up or does not answer: starting a fresh" in \
+            capsys.readouterr().out
+        procs[0].wait(timeout=10)
+        assert pids_with_flwr_home(home) == []
+        assert link.started_by == 2
+    finally:
+        link.close()
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def test_another_backend_gets_a_fresh_superlink_and_closing_stops_everything(programs, capsys):
+    link = SweepLink()
+    procs = []
+    try:
+        home = link.home_for(0, ("inprocess", None))
+        procs = start(programs, link, "flower-superlink", "flower-superexec")
+        time.sleep(0.5)
+        link.end_job(grace=2)
+        wait_for_health(link)
+        assert link.home_for(1, ("ray", None)) != home
+        assert "job 1: it runs with another simulation backend or Ray address: starting a fresh" in \
+            capsys.readouterr().out
+        for p in procs:
+            p.wait(timeout=10)
+        procs = start(programs, link, "flower-superlink", "flower-superexec")
+        time.sleep(0.5)
+        tracked = {p.pid: started_at(p.pid) for p in procs}
+        link.close()
+        link.close()  # (again: nothing to do)
+        for p in procs:
+            p.wait(timeout=10)
+        assert not any(started_at(pid) == start for pid, start in tracked.items())
+        assert link.home is None
+    finally:
+        link.close()
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def test_a_job_whose_superlink_did_not_start_leaves_nothing_for_the_next(programs):
+    link = SweepLink()
+    try:
+        link.home_for(0, ("inprocess", None))
+        [job] = start(programs, link, "flwr-simulation")
+        time.sleep(0.5)
+        assert link.end_job(grace=2) == [job.pid]
+        job.wait(timeout=10)
+        assert link.kept == {} and not link.healthy()
+    finally:
+        link.close()
