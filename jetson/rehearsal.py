@@ -570,6 +570,10 @@ def async_overrides(run_dir: Path, data_root: Path) -> list[str]:
         "experiment=seed002", "strategy=fedasync", "client.local_steps=5", "eval.update_rounds=[]",
         "async_loop.max_server_updates=null", f"async_loop.max_client_updates={ASYNC_UPDATES}",
         "async_loop.eval_every=3", f"async_loop.update_timeout={ASYNC_TIMEOUT}", "wait_for_nodes=60",
+        # One task in flight per node, so the victim's is lost and timed out while the run goes on
+        # (with a task queued behind it the two survivors reach max_client_updates first; the
+        # queueing itself: tests/test_engines.py and benchmarks/deployment_overhead.py).
+        "async_loop.prefetch=0",
         f"data.root={data_root}", f"run_dir={run_dir}",
     ]
 

@@ -202,10 +202,14 @@ def test_flmnist_runs_through_the_warm_executor(tmp_path, mnist_root):
     rows = json.loads((run_dir / "metrics.json").read_text())
     assert rows[-1]["round"] == 2 and rows[-1]["num_updates"] == 1, rows[-1]
     assert summary["final_accuracy"] > 0.2, summary["final_accuracy"]  # chance: 0.1
-    # Two rounds of a train and an evaluate message, each a child that replied and exited 0.
-    assert executor_log.count("exited with code 0") == executor_log.count("started child") == 4, executor_log[-3000:]
+    # One exchange per round on a SuperNode (sampling.client_evaluation=auto): two train messages,
+    # the second also evaluating round 1's model, and one evaluate message for the final model;
+    # each a child that replied and exited 0.
+    assert executor_log.count("exited with code 0") == executor_log.count("started child") == 3, executor_log[-3000:]
+    assert re.findall(r"task \d+ \((\w+)\): pulled", executor_log) == ["train", "train", "evaluate"], executor_log
+    assert [row.get("client_accuracy") is not None for row in rows] == [True, True, True], rows  # rounds 0, 1, 2
     apps = str((tmp_path / "flwr-home" / NODE / "apps").resolve())
     bundle = re.findall(r"app modules loaded from the bundle \((\S+)\), (\d+) from elsewhere", executor_log)
-    assert len(bundle) == 4 and all(where.startswith(apps) and n == "0" for where, n in bundle), bundle
+    assert len(bundle) == 3 and all(where.startswith(apps) and n == "0" for where, n in bundle), bundle
     assert "Receiving: train message" in r.node_log(NODE)
     assert executor_alive and stopped and leftover == [], leftover
