@@ -37,9 +37,24 @@ def programs(tmp_path) -> Path:
     return tmp_path
 
 
+@pytest.fixture
+def link():
+    """A sweep's link; afterwards closed, and every stand-in started under it killed if still up."""
+    made = SweepLink()
+    made.started = []
+    yield made
+    made.close()
+    for p in made.started:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
 def start(programs: Path, link: SweepLink, *names: str) -> list[subprocess.Popen]:
     env = flwr_env(link.home, ports=link.ports)
-    return [subprocess.Popen([str(programs / name)], env=env, start_new_session=True) for name in names]
+    procs = [subprocess.Popen([str(programs / name)], env=env, start_new_session=True) for name in names]
+    link.started.extend(procs)
+    return procs
 
 
 def wait_for_health(link: SweepLink) -> None:
@@ -49,81 +64,59 @@ def wait_for_health(link: SweepLink) -> None:
         time.sleep(0.1)
 
 
-def test_a_job_end_keeps_the_superlink_and_superexec_and_stops_the_rest(programs, capsys):
-    link = SweepLink()
-    procs = []
-    try:
-        home = link.home_for(0, ("inprocess", None))
-        assert "flmnist: job 0" not in capsys.readouterr().out  # the first job says nothing more
-        procs = start(programs, link, "flower-superlink", "flower-superexec", "flwr-simulation")
-        time.sleep(0.5)  # the programs exec'd
-        assert {role_of(p.pid) for p in procs} == {"flower-superlink", "flower-superexec", None}
-        stopped = link.end_job(grace=2)
-        assert stopped == [procs[2].pid]
-        procs[2].wait(timeout=10)
-        assert all(p.poll() is None for p in procs[:2])
-        wait_for_health(link)
-        assert link.home_for(1, ("inprocess", None)) == home
-        assert (f"flmnist: job 1: using the sweep's local SuperLink (pid {procs[0].pid}, started by job 0)"
-                in capsys.readouterr().out)
-        # Its SuperExec gone: the next job starts a fresh one, after stopping what is left
-        procs[1].kill()
-        procs[1].wait(timeout=10)
-        assert not link.healthy()
-        fresh = link.home_for(2, ("inprocess", None))
-        assert fresh != home and not Path(home).exists()
-        assert "job 2: the sweep's local SuperLink is not up or does not answer: starting a fresh" in \
-            capsys.readouterr().out
-        procs[0].wait(timeout=10)
-        assert pids_with_flwr_home(home) == []
-        assert link.started_by == 2
-    finally:
-        link.close()
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+def test_a_job_end_keeps_the_superlink_and_superexec_and_stops_the_rest(programs, link, capsys):
+    home = link.home_for(0, ("inprocess", None))
+    assert "flmnist: job 0" not in capsys.readouterr().out  # the first job says nothing more
+    procs = start(programs, link, "flower-superlink", "flower-superexec", "flwr-simulation")
+    time.sleep(0.5)  # the programs exec'd
+    assert {role_of(p.pid) for p in procs} == {"flower-superlink", "flower-superexec", None}
+    stopped = link.end_job(grace=2)
+    assert stopped == [procs[2].pid]
+    procs[2].wait(timeout=10)
+    assert all(p.poll() is None for p in procs[:2])
+    wait_for_health(link)
+    assert link.home_for(1, ("inprocess", None)) == home
+    assert (f"flmnist: job 1: using the sweep's local SuperLink (pid {procs[0].pid}, started by job 0)"
+            in capsys.readouterr().out)
+    # Its SuperExec gone: the next job starts a fresh one, after stopping what is left
+    procs[1].kill()
+    procs[1].wait(timeout=10)
+    assert not link.healthy()
+    fresh = link.home_for(2, ("inprocess", None))
+    assert fresh != home and not Path(home).exists()
+    assert "job 2: the sweep's local SuperLink is not up or does not answer: starting a fresh" in \
+        capsys.readouterr().out
+    procs[0].wait(timeout=10)
+    assert pids_with_flwr_home(home) == []
+    assert link.started_by == 2
 
 
-def test_another_backend_gets_a_fresh_superlink_and_closing_stops_everything(programs, capsys):
-    link = SweepLink()
-    procs = []
-    try:
-        home = link.home_for(0, ("inprocess", None))
-        procs = start(programs, link, "flower-superlink", "flower-superexec")
-        time.sleep(0.5)
-        link.end_job(grace=2)
-        wait_for_health(link)
-        assert link.home_for(1, ("ray", None)) != home
-        assert "job 1: it runs with another simulation backend or Ray address: starting a fresh" in \
-            capsys.readouterr().out
-        for p in procs:
-            p.wait(timeout=10)
-        procs = start(programs, link, "flower-superlink", "flower-superexec")
-        time.sleep(0.5)
-        tracked = {p.pid: started_at(p.pid) for p in procs}
-        link.close()
-        link.close()  # (again: nothing to do)
-        for p in procs:
-            p.wait(timeout=10)
-        assert not any(started_at(pid) == start for pid, start in tracked.items())
-        assert link.home is None
-    finally:
-        link.close()
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+def test_another_backend_gets_a_fresh_superlink_and_closing_stops_everything(programs, link, capsys):
+    home = link.home_for(0, ("inprocess", None))
+    procs = start(programs, link, "flower-superlink", "flower-superexec")
+    time.sleep(0.5)
+    link.end_job(grace=2)
+    wait_for_health(link)
+    assert link.home_for(1, ("ray", None)) != home
+    assert "job 1: it runs with another simulation backend or Ray address: starting a fresh" in \
+        capsys.readouterr().out
+    for p in procs:
+        p.wait(timeout=10)
+    procs = start(programs, link, "flower-superlink", "flower-superexec")
+    time.sleep(0.5)
+    tracked = {p.pid: started_at(p.pid) for p in procs}
+    link.close()
+    link.close()  # (again: nothing to do)
+    for p in procs:
+        p.wait(timeout=10)
+    assert not any(started_at(pid) == start for pid, start in tracked.items())
+    assert link.home is None
 
 
-def test_a_job_whose_superlink_did_not_start_leaves_nothing_for_the_next(programs):
-    link = SweepLink()
-    try:
-        link.home_for(0, ("inprocess", None))
-        [job] = start(programs, link, "flwr-simulation")
-        time.sleep(0.5)
-        assert link.end_job(grace=2) == [job.pid]
-        job.wait(timeout=10)
-        assert link.kept == {} and not link.healthy()
-    finally:
-        link.close()
+def test_a_job_whose_superlink_did_not_start_leaves_nothing_for_the_next(programs, link):
+    link.home_for(0, ("inprocess", None))
+    [job] = start(programs, link, "flwr-simulation")
+    time.sleep(0.5)
+    assert link.end_job(grace=2) == [job.pid]
+    job.wait(timeout=10)
+    assert link.kept == {} and not link.healthy()
