@@ -162,13 +162,12 @@ def deployment(tmp: Path, data_root: Path, task_poll_interval: float | None, run
         print(f"stopped {len(stopped)} processes, {len(leftover)} left", flush=True)
 
 
-def run(poll: str, fraction: float, client_evaluation: str = "exchange", workload: list[str] | None = None,
-        before: bool = False) -> dict:
-    """``before``: as before issue 20 (no keep-warm holds: ``keep_warm=0``)."""
+def run(poll: str, fraction: float, client_evaluation: str = "exchange", workload: list[str] | None = None) -> dict:
+    """One row's settings; ``workload``: the run's own overrides (default: the trivially small one)."""
     workload = workload or ["model=logreg", "client.local_steps=1", f"num_rounds={ROUNDS}",
                             f"sampling.fraction_evaluate={fraction}", "partition=iid", "data.holdout_fraction=0.05"]
     return {"poll_interval": poll, "fraction_evaluate": fraction, "client_evaluation": client_evaluation,
-            "workload": [*workload, "keep_warm=0"] if before else workload}
+            "workload": workload}
 
 
 # FedAsync on the same small workload: client updates per minute per node.
@@ -193,7 +192,6 @@ def main() -> None:
         # (--isolation process), client evaluation in the train reply (sampling.client_evaluation=auto).
         result.update(deployment(Path(tmp) / "warm", data_root, TASK_POLL_INTERVAL, {
             "flmnist_default": run("0.05", 1.0, "auto"),
-            "flmnist_keep_warm": run("0.05", 1.0, "auto", [*run("0.05", 1.0)["workload"], "keep_warm=30"]),
             "flmnist_default_train_only": run("0.05", 0.0),
             "flmnist_warm_evaluate_exchange": run("0.05", 1.0, "exchange"),
             "flmnist_async_warm": run("0.05", 0.0, workload=asynchronous),
@@ -205,16 +203,16 @@ def main() -> None:
         # Before: Flower's own executor (a new flwr-clientapp process per message), SuperExec task
         # polling every 50 ms (as the Jetson image sets it), a separate evaluate exchange.
         result.update(deployment(Path(tmp) / "fast", data_root, TASK_POLL_INTERVAL, {
-            "flmnist_polling": run("0.05", 1.0, before=True),
-            "flower_builtin": run("null", 1.0, before=True),
-            "flmnist_polling_train_only": run("0.05", 0.0, before=True),
-            "flower_builtin_train_only": run("null", 0.0, before=True),
+            "flmnist_polling": run("0.05", 1.0),
+            "flower_builtin": run("null", 1.0),
+            "flmnist_polling_train_only": run("0.05", 0.0),
+            "flower_builtin_train_only": run("null", 0.0),
             "flmnist_async_flower_executor": run("0.05", 0.0, workload=[*asynchronous, "async_loop.prefetch=0"]),
         }, nodes))
         # Flower's defaults throughout: SuperExec polls every 1 s, send_and_receive every 3 s.
         result.update(deployment(Path(tmp) / "defaults", data_root, None, {
-            "flower_defaults": run("null", 1.0, before=True),
-            "flower_defaults_train_only": run("null", 0.0, before=True),
+            "flower_defaults": run("null", 1.0),
+            "flower_defaults_train_only": run("null", 0.0),
         }, nodes))
     warm, defaults = result["flmnist_default"]["mean_round_s"], result["flower_defaults"]["mean_round_s"]
     result["flmnist_default_vs_flower_defaults"] = round(warm / defaults, 3)

@@ -26,7 +26,6 @@ from flmnist.client.faults import fault_mod
 from flmnist.client.node_data import node_data, node_seed
 from flmnist.client.update_dp import update_dp_mod
 from flmnist.flower_patches import inprocess_backend, vce_feeder
-from flmnist.flower_patches.polling_grid import HOLD
 from flmnist.ml.models import model_from_spec
 from flmnist.ml.training import device, evaluate, train
 from flmnist.protocol import messages as p
@@ -128,13 +127,6 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     dev = device()
     content = RecordDict({p.METRICS: _evaluation(model, data, settings, dev), p.NODE_INFO: _node_info(data.name, dev)})
     return Message(content=content, reply_to=msg)
-
-
-@app.query(HOLD.split(".")[1])
-def hold_handler(msg: Message, context: Context) -> Message:
-    """A hold (``keep_warm``): reply at once, with nothing. The server queues holds to keep a
-    SuperNode asking for messages while a round waits for other nodes (``PollingGrid``)."""
-    return Message(RecordDict(), reply_to=msg)
 
 
 @app.query()

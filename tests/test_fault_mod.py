@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, Context, Error, Message, MessageType, RecordDict
 from flwr.clientapp.client_app import ClientAppException
 
 from flmnist.client import faults
@@ -310,7 +310,7 @@ def test_client_app_registers_the_mod_and_its_handlers_hold_no_fault_code(app):
     assert imported == {"fault_mod"}
     handlers = [node for node in tree.body
                 if isinstance(node, ast.FunctionDef) and node.name.endswith("_handler")]
-    assert {h.name for h in handlers} == {"train_handler", "evaluate_handler", "query_handler", "hold_handler"}
+    assert {h.name for h in handlers} == {"train_handler", "evaluate_handler", "query_handler"}
     for handler in handlers:
         code = ast.get_source_segment(source, handler).lower()
         assert "fault" not in code and "corrupt" not in code and "attack" not in code, handler.name
@@ -321,12 +321,3 @@ def test_client_app_registers_the_mod_and_its_handlers_hold_no_fault_code(app):
     assert lines[1].startswith("app = ClientApp(mods=[fault_mod])"), lines
     assert app is client_app.app
 
-
-def test_a_hold_is_answered_at_once_with_nothing(app, task_identity):
-    """``keep_warm``'s hold (``query.hold``, an empty config): an empty reply, also on a fault node."""
-    from flmnist.flower_patches.polling_grid import HOLD
-
-    for partition in (0, BAD):
-        msg = Message(RecordDict({p.CONFIG: ConfigRecord()}), dst_node_id=100 + partition, message_type=HOLD)
-        reply = app(msg, node_context(partition))
-        assert not reply.has_error() and len(reply.content) == 0

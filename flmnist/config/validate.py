@@ -96,7 +96,6 @@ def _top_level(cfg: DictConfig) -> None:
     _number(cfg, "wait_for_nodes", 0, low_open=True)
     _number(cfg, "round_timeout", 0, low_open=True)
     _number(cfg, "poll_interval", 0, low_open=True, allow_none=True)
-    _number(cfg, "keep_warm", 0, allow_none=True)
     _number(cfg, "target_accuracy", 0, 1, low_open=True)
     _kind(cfg, "stop_at_target", bool, "true or false")
     _kind(cfg, "eval.attribution", bool, "true or false")

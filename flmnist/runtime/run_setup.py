@@ -276,8 +276,7 @@ def build_run(grid: Grid, cfg: DictConfig) -> Run:
                           max_failed_rounds=cfg.max_failed_rounds, privacy=accountant, per_round=per_round,
                           evaluate_in_train=sent.evaluate_received)
         # Nodes in registration order (Flower's own order changes run to run), replies polled every poll_interval.
-        keep_warm = float(cfg.get("keep_warm") or 0.0) if not isinstance(grid, InMemoryGrid) else 0.0
-        sync_grid = RegistrationOrderGrid(PollingGrid(grid, cfg.poll_interval, keep_warm) if cfg.poll_interval else grid)
+        sync_grid = RegistrationOrderGrid(PollingGrid(grid, cfg.poll_interval) if cfg.poll_interval else grid)
         engine = SyncEngine(sync_grid, guarded, path, sent.to_record(), cfg.num_rounds, cfg.round_timeout,
                             seed=cfg.seed)
     initial = ArrayRecord(model.state_dict())
