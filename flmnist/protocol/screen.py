@@ -372,8 +372,10 @@ class ReplyScreen:
             raise Refused(f"evaluated {total} examples; partition {partition} holds out {exact}")
         if exact is None and not 0 <= total <= self.limits.train_cap(partition):
             raise Refused(f"num-examples {total} is outside 0..{self.limits.train_cap(partition)}")
-        if not 0 <= correct <= total or m[p.LOSS_SUM] < 0:
-            raise Refused(f"correct={correct} is outside 0..{total}" if m[p.LOSS_SUM] >= 0 else "loss-sum is negative")
+        if not 0 <= correct <= total:
+            raise Refused(f"correct={correct} is outside 0..{total}")
+        if m[p.LOSS_SUM] < 0:
+            raise Refused("loss-sum is negative")
         per_c, per_t = [m[p.correct_key(d)] for d in range(p.NUM_CLASSES)], [m[p.total_key(d)] for d in range(p.NUM_CLASSES)]
         if any(not 0 <= c <= t for c, t in zip(per_c, per_t)) or sum(per_t) != total or sum(per_c) != correct:
             raise Refused("per-digit counts are inconsistent with the totals")
