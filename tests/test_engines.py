@@ -538,6 +538,18 @@ def test_progress_timeout_ends_a_run_whose_nodes_never_reply(task_identity):
     assert time.monotonic() - start < 5.0
 
 
+def test_a_task_still_in_flight_when_the_run_ends_is_reported_unanswered_and_never_applied(task_identity):
+    """Node 1 never answers and its 60 s timeout outlasts the run, which node 0 ends: the loop
+    reports node 1's task as unanswered at the end instead of dropping it from the statistics."""
+    nodes = {101: FakeNode(0, 0.01, delay=0.05), 102: FakeNode(1, 0.5, behave="silent")}
+    loop, _ = make_loop(nodes, FedAsync(alpha=0.5), update_timeout=60.0, max_server_updates=2)
+    final = loop.run(record(START))
+    assert_weights(final, shifted(START, 2 * 0.5 * 0.01))
+    stats = loop.stats_dict()
+    assert stats["unanswered_at_end"] == {"node 1": 1} and stats["outcomes"] == {"applied": 2}
+    assert "timed out" not in loop.counts and set(loop.node_counts) == {"node 0"}
+
+
 def test_a_node_that_leaves_frees_its_slot_before_the_update_timeout(task_identity):
     """Node 1 disappears from get_node_ids once it gets work; with a 60 s update timeout its
     slot goes to the idle node 2 as soon as the loop sees it gone."""

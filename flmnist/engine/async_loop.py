@@ -368,6 +368,7 @@ class AsyncLoop:
             self.refill()
         if last_eval != self.version:
             self.record(self.arrays, self.weights, evaluate=True)
+        self.stats.unanswered = Counter(self.transport.nodes[job.node_id].info.name for job in self.transport.jobs())
         self.finish_stats()
         return self.arrays
 

@@ -21,6 +21,7 @@ class AsyncStats:
         self.pending_staleness: list[int] = []
         self.pending_nodes: list[str] = []
         self.pending_loss: list[float] = []
+        self.unanswered: dict[str, int] = {}  # node name -> tasks still unanswered when the loop ended
 
     def processed(self) -> int:
         """One more client update processed; its number."""
@@ -59,6 +60,7 @@ class AsyncStats:
             "server_updates": server_updates,
             "client_updates": self.client_updates,
             "outcomes": dict(self.counts),
+            "unanswered_at_end": dict(sorted(self.unanswered.items())),
             "updates_per_node": dict(sorted(self.node_counts.items())),
             "staleness_histogram": {int(k): int(v) for k, v in sorted(Counter(self.staleness).items())},
             "mean_staleness": float(np.mean(self.staleness)) if self.staleness else None,
@@ -84,6 +86,9 @@ def stats_lines(stats: dict) -> list[str]:
     outcomes = ", ".join(f"{k} {v}" for k, v in stats["outcomes"].items()) or "none"
     lines = [f"{'server updates':<16}{stats['server_updates']}",
              f"{'client updates':<16}{stats['client_updates']} ({outcomes})"]
+    if stats.get("unanswered_at_end"):
+        unanswered = ", ".join(f"{k} {v}" for k, v in stats["unanswered_at_end"].items())
+        lines.append(f"{'unanswered':<16}{unanswered} (tasks in flight when the loop ended, never applied)")
     if stats.get("mean_staleness") is not None:
         lines.append(f"{'staleness':<16}mean {stats['mean_staleness']:.2f}, max {stats['max_staleness']}")
     if stats.get("virtual_time") is not None:
