@@ -83,6 +83,23 @@ def test_data_path_reads_a_device_folder(tmp_path):
     assert x.shape == (5, 1, 28, 28) and y.tolist() == [0, 1, 2, 3, 4]
 
 
+def test_a_devices_node_data_is_its_folder_normalised_then_split(tmp_path):
+    """The ClientApp picks a board's train and hold-out images as uint8 and normalises them after:
+    the same tensors, bit for bit, as normalising the whole folder and picking from it."""
+    from flmnist.client.node_data import _node_data, node_seed
+    from flmnist.ml.partition import holdout_split
+
+    images = torch.randint(0, 256, (200, 28, 28), dtype=torch.uint8)
+    labels = torch.arange(200) % 10
+    torch.save({"images": images, "labels": labels}, tmp_path / "data.pt")
+    data = _node_data("{}", "", 1, 7, 0.1, None, str(tmp_path), "board")
+    x, y = load_data_path(tmp_path)
+    train, hold = (torch.from_numpy(i) for i in holdout_split(np.arange(200), 0.1, node_seed(7, 0)))
+    assert torch.equal(data.train_images, x[train]) and torch.equal(data.holdout_images, x[hold])
+    assert torch.equal(data.train_labels, y[train]) and torch.equal(data.holdout_labels, y[hold])
+    assert len(data.holdout_labels) == 20 and data.train_images.dtype == torch.float32
+
+
 def test_data_path_errors_name_the_path(tmp_path):
     with pytest.raises(DataError, match=f"{tmp_path / 'nowhere'}.*data.pt"):
         load_data_path(tmp_path / "nowhere")

@@ -13,6 +13,7 @@ SuperNode and its executor, and real ``flwr run``s:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -125,6 +126,24 @@ def test_report_frames_round_trip():
     os.close(read_fd)
     assert warm_child.frames(data) == [(b"M", b"abc"), (b"R", b"")]
     assert warm_child.frames(data[:-1]) == [(b"M", b"abc")]  # a cut frame is left out
+
+
+def test_a_child_keeps_an_installed_bundle_instead_of_unpacking_it_again(tmp_path, monkeypatch):
+    """The directory Flower's install_from_fab would return for a bundle already installed (named by
+    its id, version and the hash of its bytes); None, so that Flower installs, for anything else."""
+    from types import SimpleNamespace
+
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path))
+    monkeypatch.setattr(warm_child, "_RUN", [SimpleNamespace(fab_id="acme/digits", fab_version="1.0.0")])
+    fab = b"the bundle's bytes"
+    installed = tmp_path / "apps" / f"acme.digits.1.0.0.{hashlib.sha256(fab).hexdigest()[:8]}"
+    assert warm_child._installed_path(fab, skip_prompt=True) is None  # not installed yet
+    installed.mkdir(parents=True)
+    (installed / "pyproject.toml").write_text("[project]\n")
+    assert warm_child._installed_path(fab, skip_prompt=True) == installed
+    assert warm_child._installed_path(b"other bytes", skip_prompt=True) is None  # another hash
+    assert warm_child._installed_path(fab) is None  # Flower would prompt: its own path
+    assert warm_child._installed_path(fab, tmp_path / "elsewhere", skip_prompt=True) is None
 
 
 def test_jetson_compose_runs_the_warm_executor_beside_the_supernode():

@@ -59,10 +59,17 @@ def train_labels(root: str | None, download: bool = False) -> np.ndarray:
 
 
 def load_data_path(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read a device's own data directory (``data-path`` node config): ``DIR/data.pt``.
+    """A device's own data (``data-path`` node config), normalised: see :func:`read_data_path`."""
+    images, labels = read_data_path(path)
+    return normalize(images), labels
+
+
+def read_data_path(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read a device's own data directory (``data-path`` node config): ``DIR/data.pt``, checked.
 
     ``data.pt`` holds ``{"images": uint8 [N, 28, 28], "labels": int64 [N]}``, as
-    written by ``jetson/device/export_partition.py``.
+    written by ``jetson/device/export_partition.py``; returned as they are (images uint8,
+    labels int64), so that a caller can pick images before normalising them.
     """
     import torch
 
@@ -93,4 +100,4 @@ def load_data_path(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]
         )
     if labels.min() < 0 or labels.max() >= NUM_CLASSES:
         raise DataError(f"data-path {file}: labels must lie in 0-9")
-    return normalize(images), labels.long()
+    return images, labels.long()
