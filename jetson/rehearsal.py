@@ -65,6 +65,11 @@ JETSON = REPO / "jetson"
 BIN = Path(sys.executable).parent
 NAMES = ["jetson-0", "jetson-1", "jetson-2"]
 VICTIM = "jetson-2"  # the node killed mid-run
+# Each emulated board's share of this machine's cores, as PyTorch threads (OMP_NUM_THREADS) for its
+# SuperNode, executor and ClientApps. Three boards' children training at once with PyTorch's default
+# (a thread per core each) oversubscribe the cores: on 2 cores a seed002 child's training took
+# 1.1-1.5 s instead of 0.2 s. A real board has its cores to itself.
+BOARD_THREADS = max(1, (os.cpu_count() or 1) // len(NAMES))
 EXECUTOR_VICTIM = "jetson-1"  # the node whose warm executor is killed and restarted between the runs
 PLAIN = "plaintext"  # a SuperNode without TLS (and without a key)
 KILL_IN_ROUND = 2
@@ -235,12 +240,17 @@ class Rehearsal:
             raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
         return proc
 
-    def start(self, cmd: list, home: Path, log: Path, cwd: Path | None = None) -> subprocess.Popen:
+    def start(self, cmd: list, home: Path, log: Path, cwd: Path | None = None, board: bool = False) -> subprocess.Popen:
+        """``cmd`` in the background, its output in ``log``; ``board``: a board's process (its SuperNode,
+        its executor and what they start), given the board's share of this machine's cores."""
         if cwd is None:
             cwd = self.work / "cwd" / log.stem  # the ServerApp writes relative paths here
             cwd.mkdir(parents=True, exist_ok=True)
+        env = self.env(home)
+        if board:
+            env["OMP_NUM_THREADS"] = str(BOARD_THREADS)
         with open(log, "a") as out:
-            proc = subprocess.Popen([str(c) for c in cmd], env=self.env(home), cwd=cwd,
+            proc = subprocess.Popen([str(c) for c in cmd], env=env, cwd=cwd,
                                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         self.procs.append(proc)
         return proc
@@ -402,12 +412,13 @@ class Rehearsal:
         cmd = self.supernode_command(name, port, **kwargs)
         if self.executor == "warm":
             cmd += ["--isolation", "process", "--superexec-auth-secret-file", self.superexec_secret(name)]
-        proc = self.start(cmd, home, log)
+        proc = self.start(cmd, home, log, board=True)
         self.nodes[name] = proc
         if self.executor == "warm":
             self.ports[name] = port
             self.executors[name] = self.start(self.warm_executor_command(name, port), home,
-                                              self.work / "logs" / f"{name}.{self.starts[name]}.executor.log")
+                                              self.work / "logs" / f"{name}.{self.starts[name]}.executor.log",
+                                              board=True)
         return proc
 
     def restart_executor(self, name: str) -> tuple[int, Path]:
@@ -418,7 +429,7 @@ class Rehearsal:
         old.wait(timeout=10)
         log = self.work / "logs" / f"{name}.{self.starts[name]}.executor.restarted.log"
         self.executors[name] = self.start(self.warm_executor_command(name, self.ports[name]),
-                                          self.work / "flwr-home" / name, log)
+                                          self.work / "flwr-home" / name, log, board=True)
         return old.pid, log
 
     def executor_log(self, name: str, start: int | None = None) -> str:
