@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from flmnist.core.errors import DataError
-from flmnist.ml.data import load_data_path, load_mnist
+from flmnist.ml.data import load_mnist, normalize, read_data_path
 from flmnist.ml.mnist_files import MNIST_FILES, ensure_mnist, resolve_root
 
 
@@ -79,7 +79,8 @@ def test_mnist_decodes_exactly_as_torchvision_does(mnist_root, train):
 def test_data_path_reads_a_device_folder(tmp_path):
     images = torch.randint(0, 256, (5, 28, 28), dtype=torch.uint8)
     torch.save({"images": images, "labels": torch.tensor([0, 1, 2, 3, 4])}, tmp_path / "data.pt")
-    x, y = load_data_path(tmp_path)
+    raw, y = read_data_path(tmp_path)
+    x = normalize(raw)
     assert x.shape == (5, 1, 28, 28) and y.tolist() == [0, 1, 2, 3, 4]
 
 
@@ -93,7 +94,8 @@ def test_a_devices_node_data_is_its_folder_normalised_then_split(tmp_path):
     labels = torch.arange(200) % 10
     torch.save({"images": images, "labels": labels}, tmp_path / "data.pt")
     data = _node_data("{}", "", 1, 7, 0.1, None, str(tmp_path), "board")
-    x, y = load_data_path(tmp_path)
+    raw, y = read_data_path(tmp_path)
+    x = normalize(raw)  # the whole folder normalised, then picked from
     train, hold = (torch.from_numpy(i) for i in holdout_split(np.arange(200), 0.1, node_seed(7, 0)))
     assert torch.equal(data.train_images, x[train]) and torch.equal(data.holdout_images, x[hold])
     assert torch.equal(data.train_labels, y[train]) and torch.equal(data.holdout_labels, y[hold])
@@ -102,10 +104,10 @@ def test_a_devices_node_data_is_its_folder_normalised_then_split(tmp_path):
 
 def test_data_path_errors_name_the_path(tmp_path):
     with pytest.raises(DataError, match=f"{tmp_path / 'nowhere'}.*data.pt"):
-        load_data_path(tmp_path / "nowhere")
+        read_data_path(tmp_path / "nowhere")
     torch.save({"images": torch.zeros(3, 5, 5), "labels": torch.zeros(3)}, tmp_path / "data.pt")
     with pytest.raises(DataError, match="expected images uint8"):
-        load_data_path(tmp_path)
+        read_data_path(tmp_path)
 
 
 def test_offline_download_fails_with_one_error_that_says_how_to_place_the_files(tmp_path):

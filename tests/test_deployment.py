@@ -109,7 +109,7 @@ def test_guide_try_it_section_shows_the_rehearsed_commands():
 def test_exported_partition_is_the_simulation_partition(tmp_path, mnist_root):
     from flmnist.config.compose import compose_config
     from flmnist.core.build import build
-    from flmnist.ml.data import load_data_path, load_mnist
+    from flmnist.ml.data import load_mnist, normalize, read_data_path
 
     info = export.export_partition(tmp_path, 1, ["experiment=seed002"], mnist_root)
     blob = torch.load(tmp_path / "data.pt", weights_only=True)
@@ -120,7 +120,7 @@ def test_exported_partition_is_the_simulation_partition(tmp_path, mnist_root):
     assert np.array_equal(blob["labels"].numpy(), labels[part])
     assert info["digits"] == np.bincount(labels[part], minlength=10).tolist()
     assert set(np.flatnonzero(info["digits"])) == {4, 5, 6}
-    images, _ = load_data_path(tmp_path)  # the ClientApp's reader accepts it
+    images = normalize(read_data_path(tmp_path)[0])  # the ClientApp's reader accepts it
     assert images.shape == (len(part), 1, 28, 28)
     assert json.loads((tmp_path / "partition.json").read_text())["node"] == 1
 

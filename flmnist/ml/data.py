@@ -58,18 +58,12 @@ def train_labels(root: str | None, download: bool = False) -> np.ndarray:
     return load_mnist(str(resolve_root(root)), True, download)[1].numpy()
 
 
-def load_data_path(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
-    """A device's own data (``data-path`` node config), normalised: see :func:`read_data_path`."""
-    images, labels = read_data_path(path)
-    return normalize(images), labels
-
-
 def read_data_path(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
     """Read a device's own data directory (``data-path`` node config): ``DIR/data.pt``, checked.
 
     ``data.pt`` holds ``{"images": uint8 [N, 28, 28], "labels": int64 [N]}``, as
     written by ``jetson/device/export_partition.py``; returned as they are (images uint8,
-    labels int64), so that a caller can pick images before normalising them.
+    labels int64): the ClientApp picks a node's images before it normalises them (:func:`normalize`).
     """
     import torch
 
