@@ -22,7 +22,6 @@ environment is the first job's) gets a fresh one too. :meth:`SweepLink.close` st
 
 from __future__ import annotations
 
-import atexit
 import shutil
 import tempfile
 import urllib.request
@@ -52,7 +51,6 @@ class SweepLink:
         self.key: tuple | None = None  # (backend, Ray address): the environment the SuperLink passes on
         self.kept: dict[str, tuple[int, int | None]] = {}  # role -> (pid, start time)
         self.started_by: int | None = None  # the job whose flwr run started the SuperLink
-        atexit.register(self.close)
 
     def home_for(self, job: int, key: tuple) -> str:
         """The FLWR_HOME for ``job``: the sweep's, when its SuperLink is up and answers (and ``key``
