@@ -73,7 +73,9 @@ BOARD_THREADS = max(1, (os.cpu_count() or 1) // len(NAMES))
 EXECUTOR_VICTIM = "jetson-1"  # the node whose warm executor is killed and restarted between the runs
 PLAIN = "plaintext"  # a SuperNode without TLS (and without a key)
 KILL_IN_ROUND = 2
-NUM_ROUNDS = 4
+NUM_ROUNDS = 6  # rounds 3-6 follow the one that waits for the killed node: the restarted node must
+# be back within them (about 10 s after the SuperLink marks it offline), and a round takes 5 s
+# since the boards train on their own threads (4 rounds: one CI run ended before it was back)
 ROUND_TIMEOUT = 120  # > the ~60 s the SuperLink takes to mark a crashed node offline
 CONNECTION = "rehearsal"
 # Flower's SuperExec (started by the SuperLink and by every SuperNode) asks for new tasks once a
@@ -518,7 +520,7 @@ class Rehearsal:
 
 
 def run_overrides(run_dir: Path, data_root: Path) -> list[str]:
-    """A reduced seed-002: 4 rounds of 10 local steps; runs on with 2 of 3 nodes."""
+    """A reduced seed-002: ``NUM_ROUNDS`` rounds of 10 local steps; runs on with 2 of 3 nodes."""
     return [
         "experiment=seed002", f"num_rounds={NUM_ROUNDS}", "client.local_steps=10",
         f"eval.rounds=[1,{NUM_ROUNDS}]", f"eval.update_rounds=[{NUM_ROUNDS}]",
