@@ -19,6 +19,7 @@ import pytest
 from flmnist.core.errors import RunFailed
 from flmnist.launch.cli import finished_line, outcome
 from flmnist.launch.flwr_local import descendants, pids_with_env, started_at
+from flmnist.launch.sweep_link import role_of
 
 FLMNIST = str(Path(sys.executable).parent / "flmnist")
 
@@ -212,6 +213,8 @@ def test_the_commands_checks_before_flower_starts_import_no_pytorch(mnist_root):
 
 SWEEP = ["-m", "model=logreg", "num_nodes=2", "client.local_steps=5"]
 SHARED_LINE = re.compile(r"flmnist: job 1: using the sweep's local SuperLink \(pid (\d+), started by job 0\)")
+# The sweep starts the SuperLink itself, with the warm simulation executor (sweep_link.warm_up), not flwr run.
+WARM_LINE = "flmnist: job 0: local SuperLink with a warm simulation executor"
 
 
 def wait_until_gone(marker: str, tracked: dict[int, int | None] | None = None, timeout: float = 20) -> dict:
@@ -228,16 +231,16 @@ def wait_until_gone(marker: str, tracked: dict[int, int | None] | None = None, t
 
 @pytest.mark.slow
 def test_a_sweeps_jobs_share_one_superlink_and_nothing_outlives_the_sweep(tmp_path, mnist_root):
-    """``flwr run`` starts the local SuperLink (and its SuperExec) in the first job only; the second
-    job's run goes to the same one; each job has its own results as before, and the sweep's end
-    stops the SuperLink."""
+    """The first job starts the local SuperLink with the warm simulation executor; the second job's
+    run goes to the same one; each job has its own results as before, and the sweep's end stops
+    the SuperLink and the executor."""
     marker = f"FLMNIST_TEST_MARKER={uuid.uuid4().hex}"
     proc = subprocess.run([FLMNIST, *SWEEP, "num_rounds=1", "seed=1,2"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=600, check=False,
                           env={**os.environ, "FLMNIST_DATA_DIR": str(mnist_root), marker.split("=")[0]: marker.split("=")[1]})
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
-    assert out.count("Starting local SuperLink") == 1, out[-4000:]
+    assert "Starting local SuperLink" not in out and WARM_LINE in out, out[-4000:]
     assert SHARED_LINE.search(out), out[-4000:]
     [sweep] = (tmp_path / "multirun").glob("*/*_sweep")
     for i in range(2):
@@ -251,8 +254,8 @@ def test_a_sweeps_jobs_share_one_superlink_and_nothing_outlives_the_sweep(tmp_pa
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_in_a_sweeps_second_job_stops_its_shared_superlink_too(tmp_path, mnist_root, signum):
-    """The SuperLink the first job's ``flwr run`` started runs on (detached) into the second job: a
-    signal then must stop it with the job's own processes."""
+    """The SuperLink and executor the first job started run on (detached) into the second job: a
+    signal then must stop them with the job's own processes."""
     marker = f"FLMNIST_TEST_MARKER={uuid.uuid4().hex}"
     env = {**os.environ, "FLMNIST_DATA_DIR": str(mnist_root), marker.split("=")[0]: marker.split("=")[1]}
     stderr, stdout = tmp_path / "stderr.txt", tmp_path / "stdout.txt"
@@ -288,8 +291,45 @@ def test_a_failed_job_leaves_the_shared_superlink_to_the_next_job(tmp_path, mnis
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out[-4000:]
     assert "flmnist: error: 1 sweep job(s) did not finish: 0" in proc.stderr
-    assert SHARED_LINE.search(out) and out.count("Starting local SuperLink") == 1, out[-4000:]
+    assert SHARED_LINE.search(out) and WARM_LINE in out and "Starting local SuperLink" not in out, out[-4000:]
     [sweep] = (tmp_path / "multirun").glob("*/*_sweep")
     statuses = [json.loads(next(sweep.glob(f"{i}_*/summary.json")).read_text())["status"] for i in range(2)]
     assert statuses == ["failed", "finished"]
+    assert not (left := wait_until_gone(marker)), f"processes the sweep started outlived it: {left}"
+
+
+@pytest.mark.slow
+def test_a_sweep_job_whose_simulation_process_is_killed_fails_at_once_and_the_next_job_runs(tmp_path, mnist_root):
+    """The warm executor's forked simulation of job 0 is killed mid-run (SIGKILL: no exit handler
+    of Flower's runs): the executor reports the run failed, so job 0 ends within seconds instead of
+    after Flower's task expiry (about a minute), and job 1 runs on the same SuperLink and finishes."""
+    marker = f"FLMNIST_TEST_MARKER={uuid.uuid4().hex}"
+    env = {**os.environ, "FLMNIST_DATA_DIR": str(mnist_root), marker.split("=")[0]: marker.split("=")[1]}
+    log = tmp_path / "out.txt"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([FLMNIST, *SWEEP, "num_rounds=60", "seed=1,2"], cwd=tmp_path, env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(tmp_path.glob("multirun/*/*/0_*/metrics.json")):  # job 0 trains
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        [child] = [pid for pid in processes_with(marker) if role_of(pid) == "flmnist-warm-executor"
+                   and role_of(int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])) ==
+                   "flmnist-warm-executor"]  # forked by the executor: its parent runs the same program
+        os.kill(child, signal.SIGKILL)
+        killed = time.monotonic()
+        while "flmnist: error: job 0:" not in log.read_text():
+            assert time.monotonic() - killed < 30, log.read_text()[-3000:]  # Flower's task expiry: about 60 s
+            time.sleep(0.2)
+        code = proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = log.read_text()
+    assert code == 1 and "flmnist: error: 1 sweep job(s) did not finish: 0" in out, out[-3000:]
+    assert SHARED_LINE.search(out), out[-3000:]
+    [sweep] = (tmp_path / "multirun").glob("*/*_sweep")
+    assert not list(sweep.glob("0_*/summary.json"))  # killed before it could write one
+    assert json.loads(next(sweep.glob("1_*/summary.json")).read_text())["status"] == "finished"
     assert not (left := wait_until_gone(marker)), f"processes the sweep started outlived it: {left}"

@@ -165,3 +165,7 @@ def test_the_readmes_sweep_runs_every_job_and_writes_the_comparison_table(tmp_pa
         [summary] = sweep.glob(f"{i}_*/summary.json")
         assert json.loads(summary.read_text())["status"] == "finished"
     assert "comparison.md" in out
+    # One SuperLink for both jobs, its simulations forked by the warm executor (sweep_link.warm_up)
+    assert "flmnist: job 0: local SuperLink with a warm simulation executor" in out, out[-3000:]
+    assert "flmnist: job 1: using the sweep's local SuperLink" in out, out[-3000:]
+    assert "Starting local SuperLink" not in out

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from flmnist.core.constants import BACKEND_ENV
 from flmnist.launch.flwr_local import flwr_env, pids_with_flwr_home, started_at
 from flmnist.launch.sweep_link import SweepLink, role_of
 
@@ -120,3 +121,16 @@ def test_a_job_whose_superlink_did_not_start_leaves_nothing_for_the_next(program
     assert link.end_job(grace=2) == [job.pid]
     job.wait(timeout=10)
     assert link.kept == {} and not link.healthy()
+
+
+def test_warm_up_leaves_a_ray_sweep_and_a_running_superlink_to_flower(link, capsys):
+    """The warm simulation executor is for ClientApps in process only (a Ray sweep: Flower's own
+    SuperExec, started by flwr run), and once per SuperLink: with one kept, nothing is started."""
+    link.home_for(0, ("ray", None))
+    env = flwr_env(link.home, ports=link.ports)
+    link.warm_up({**env, BACKEND_ENV: "ray"})
+    link.kept = {"flower-superlink": (1, None), "flower-superexec": (2, None)}
+    link.warm_up({**env, BACKEND_ENV: "inprocess"})
+    assert pids_with_flwr_home(link.home) == [] and not link.warm
+    assert capsys.readouterr().out == ""
+    link.kept = {}

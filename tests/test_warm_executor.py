@@ -112,6 +112,32 @@ def test_refuses_any_flower_but_1_41_0(monkeypatch, capsys):
     assert "Use Flower's stock executor instead" in err and "flower-supernode --isolation subprocess" in err, err
 
 
+def test_simulation_runs_are_a_task_type_of_their_own_with_the_servers_libraries_preloaded():
+    """``--task-type simulation`` (a sweep's local SuperLink, flmnist.launch.sweep_link) asks for
+    Flower's flwr-simulation tasks and preloads the server side too; the default stays ClientApps."""
+    captured = {}
+
+    class Stop(Exception):
+        pass
+
+    def settings_of(settings):
+        captured["settings"] = settings
+        raise Stop
+
+    for argv, task_type in ((["--task-type", "simulation"], "flwr-simulation"), ([], "flwr-clientapp")):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(warm_executor, "preload", lambda modules: 0.0)
+            mp.setattr(warm_executor, "WarmExecutor", settings_of)
+            mp.setattr(warm_executor.signal, "signal", lambda *a: None)
+            mp.setattr("flwr.supercore.utils.disable_process_dumping", lambda **k: None)
+            with pytest.raises(Stop):
+                warm_executor.main(["--runtime-api-address", "127.0.0.1:9091", "--insecure", *argv])
+        settings = captured.pop("settings")
+        assert settings.task_type == task_type
+        assert ("flwr.simulation.app" in settings.preload) == (task_type == "flwr-simulation")
+        assert "torch" in settings.preload and not any(m.startswith("flmnist") for m in settings.preload)
+
+
 def test_never_preloads_the_apps_own_modules():
     with pytest.raises(SystemExit, match="never imports the app's own modules"):
         warm_executor.preload(("flmnist.client_app",))

@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from types import SimpleNamespace
 
+from flmnist.flower_patches import warm_simulation as simulation
 from flmnist.flower_patches.warm_child import (
     DEFAULT_PRELOAD,
     PULLED,
@@ -101,6 +102,7 @@ class Settings:
     max_children: int = DEFAULT_MAX_CHILDREN
     preload: tuple[str, ...] = DEFAULT_PRELOAD
     exit_when_unreachable: float | None = None  # seconds; None: retry for good
+    task_type: str = "flwr-clientapp"  # or "flwr-simulation": a local SuperLink's runs (warm_simulation.py)
 
 
 # -- the executor: the parent side (the child's: warm_child.py) ----------------------------------
@@ -144,9 +146,9 @@ class WarmExecutor:
 
     # -- the loop --
     def run(self) -> None:
-        LOG.info("polling the SuperNode's Runtime API at %s every %g s for ClientApp tasks "
-                 "(task timeout: %s, at most %d children)", self.settings.runtime_api_address,
-                 self.settings.poll_interval,
+        LOG.info("polling the %s Runtime API at %s every %g s for %s tasks (task timeout: %s, at most %d children)",
+                 "SuperLink's" if self.settings.task_type == simulation.TASK_TYPE else "SuperNode's",
+                 self.settings.runtime_api_address, self.settings.poll_interval, self.settings.task_type,
                  f"{self.settings.task_timeout:g} s" if self.settings.task_timeout else "none",
                  self.settings.max_children)
         try:
@@ -172,7 +174,7 @@ class WarmExecutor:
         from flwr.supercore.constant import TaskType
 
         try:
-            res = self.client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value]))
+            res = self.client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType(self.settings.task_type).value]))
         except httpx.HTTPStatusError as err:
             if err.response.status_code == 401:
                 raise SystemExit(f"the Runtime API at {self.settings.runtime_api_address} refused this "
@@ -207,7 +209,8 @@ class WarmExecutor:
         pid = os.fork()
         if pid == 0:  # the child
             os.close(read_fd)
-            child_main(self.settings, self.certificates, task.task_id, token, write_fd, started)
+            run = simulation.child_main if self.settings.task_type == simulation.TASK_TYPE else child_main
+            run(self.settings, self.certificates, task.task_id, token, write_fd, started)
         os.close(write_fd)
         with contextlib.suppress(OSError):  # as the child does: its own group, even if killed at once
             os.setpgid(pid, pid)
@@ -241,7 +244,9 @@ class WarmExecutor:
         seconds = time.monotonic() - child.started
         how = child.killed or f"{describe(status)} after {seconds:.1f} s"
         kinds = dict(frames(child.received))
-        if os.waitstatus_to_exitcode(status) == 0 and child.killed is None and REPLYING in kinds:
+        if self.settings.task_type == simulation.TASK_TYPE:
+            simulation.finished(self._runtime_client(token=child.token), child, status, how)
+        elif os.waitstatus_to_exitcode(status) == 0 and child.killed is None and REPLYING in kinds:
             LOG.info("task %d: child %d exited with code 0 after %.2f s", child.task_id, child.pid, seconds)
         elif PULLED in kinds and REPLYING not in kinds:
             reason = f"ClientApp process {how}, before replying (flmnist warm executor)"
@@ -340,9 +345,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--exit-when-unreachable", type=float, default=0.0, metavar="SECONDS",
                         help="exit (code 1) when the Runtime API has not answered for this long, for a "
                              "service manager to restart the executor beside a restarted SuperNode (default 0: never)")
-    parser.add_argument("--preload", default=",".join(DEFAULT_PRELOAD), metavar="MODULES",
+    parser.add_argument("--preload", default=None, metavar="MODULES",
                         help="comma-separated modules to import once (libraries, never the app's own); "
-                             f"default {','.join(DEFAULT_PRELOAD)}")
+                             f"default {','.join(DEFAULT_PRELOAD)} (simulation: also flwr.simulation.app, "
+                             "flwr.serverapp, hydra, omegaconf, matplotlib.pyplot)")
+    parser.add_argument("--task-type", choices=["clientapp", "simulation"], default="clientapp",
+                        help="clientapp: a SuperNode's ClientApp tasks (default); simulation: the runs of a local "
+                             "SuperLink started with --simulation --isolation process (flwr-simulation's job)")
     args = parser.parse_args(argv)
     if not 0.01 <= args.poll_interval <= 60 or args.task_timeout < 0 or args.max_children < 1:
         parser.error("--poll-interval lies in [0.01, 60], --task-timeout >= 0, --max-children >= 1")
@@ -366,11 +375,12 @@ def main(argv: list[str] | None = None) -> int:
         runtime_api_address=args.runtime_api_address, insecure=args.insecure,
         root_certificates=args.root_certificates, superexec_auth_secret_file=args.superexec_auth_secret_file,
         poll_interval=args.poll_interval, task_timeout=args.task_timeout or None,
-        max_children=args.max_children, exit_when_unreachable=args.exit_when_unreachable or None, preload=tuple(m.strip() for m in args.preload.split(",") if m.strip()))
+        max_children=args.max_children, exit_when_unreachable=args.exit_when_unreachable or None,
+        preload=tuple(m.strip() for m in args.preload.split(",") if m.strip()) if args.preload is not None else
+        simulation.PRELOAD if args.task_type == "simulation" else DEFAULT_PRELOAD, task_type=f"flwr-{args.task_type}")
     seconds = preload(settings.preload)
     if cuda_initialised():
-        LOG.error("a preloaded module initialised CUDA; forked children could not use the GPU. "
-                  "Remove it from --preload.")
+        LOG.error("a preloaded module initialised CUDA; forked children could not use the GPU. Remove it from --preload.")
         return 2
     LOG.info("Flower %s and %s imported in %.2f s (CUDA not initialised)", FLWR_VERSION,
              ", ".join(settings.preload), seconds)

@@ -210,7 +210,8 @@ def launch(cfg: DictConfig) -> dict:
         code = run_flwr(APP_DIR, overrides, run_cfg.num_nodes, flwr_home, log_path=run_dir / "flwr_run.log",
                         append=bool(cfg.resume), client_cpus=float(sim.client_cpus), client_gpus=gpus,
                         ray_address=sim.ray_address, backend=backend, until=(until := finished_line(run_dir, before)),
-                        ports=link.ports if link else None, stop=link.end_job if link else None)
+                        ports=link.ports if link else None, stop=link.end_job if link else None,
+                        prepare=link.warm_up if link else None)
     except (Stop, KeyboardInterrupt) as stop:
         raise Stop(stopped_message(stop, run_cfg, run_dir, before), getattr(stop, "code", 130)) from None
     finally:

@@ -269,6 +269,7 @@ def run_flwr(
     until: Callable[[str], bool] | None = None,
     ports: tuple[int, int] | None = None,
     stop: Callable[[float], object] | None = None,
+    prepare: Callable[[dict], object] | None = None,
 ) -> int:
     """Run ``flwr run`` on a private local SuperLink, echo and save its output (``append``: add
     to the log), and stop everything it started, also when interrupted (Ctrl-C, a signal handler
@@ -281,7 +282,7 @@ def run_flwr(
     own account, and everything is stopped at once rather than after Flower's shutdown (Ray's, and
     the log stream's polling: about 3 s); the call then returns 0. ``ports`` and ``stop`` (called
     with the grace in seconds instead of stopping everything under ``flwr_home``): a sweep's shared
-    SuperLink, :mod:`flmnist.launch.sweep_link`."""
+    SuperLink, :mod:`flmnist.launch.sweep_link`, whose ``prepare`` gets the run's environment first."""
     app_dir = stage_app(app_dir, Path(flwr_home) / "app")
     cmd = flwr_run_command(app_dir, write_run_config(Path(flwr_home) / "run_config.toml", overrides), num_supernodes,
                            client_cpus, client_gpus)
@@ -293,6 +294,8 @@ def run_flwr(
     env[BACKEND_ENV] = backend
     proc, grace = None, 5.0
     try:
+        if prepare is not None:
+            prepare(env)
         with open(log_path, "a" if append else "w") if log_path else contextlib.nullcontext() as log:
             proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             deadline = None if timeout is None else time.monotonic() + timeout

@@ -18,18 +18,31 @@ start time) is stopped; before the next job both must still run and the SuperLin
 health check, else everything under that ``FLWR_HOME`` is stopped and the job starts a fresh one
 (and says so). A job whose simulation backend or Ray address differ from the SuperLink's (its
 environment is the first job's) gets a fresh one too. :meth:`SweepLink.close` stops it all.
+
+Warm (:meth:`SweepLink.warm_up`, with ClientApps in process and Flower 1.41.0): before the first
+job's ``flwr run``, the sweep starts the SuperLink itself, as ``flwr run`` would but with
+``--isolation process``, and ``flmnist-warm-executor --task-type simulation`` beside it
+(:mod:`flmnist.flower_patches.warm_simulation`) in the SuperExec's place: Flower, PyTorch and the
+server's libraries are imported once, and each job's simulation is a forked child instead of a new
+``flwr-simulation`` process. ``flwr run`` finds the SuperLink answering and submits to it.
 """
 
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import tempfile
+import time
 import urllib.request
 from pathlib import Path
 
+from flmnist.core.constants import BACKEND_ENV
 from flmnist.launch.flwr_local import free_port, pids_with_flwr_home, shielded, started_at, stop_env
 
-ROLES = ("flower-superlink", "flower-superexec")  # what stays up between a sweep's jobs
+SUPERLINK, SUPEREXEC, WARM = "flower-superlink", "flower-superexec", "flmnist-warm-executor"
+ROLES = (SUPERLINK, SUPEREXEC, WARM)  # what stays up between a sweep's jobs: the SuperLink and one executor
+STARTUP_TIMEOUT = 15.0  # seconds for the warm SuperLink to answer (flwr run's own limit)
 
 
 def role_of(pid: int) -> str | None:
@@ -51,6 +64,7 @@ class SweepLink:
         self.key: tuple | None = None  # (backend, Ray address): the environment the SuperLink passes on
         self.kept: dict[str, tuple[int, int | None]] = {}  # role -> (pid, start time)
         self.started_by: int | None = None  # the job whose flwr run started the SuperLink
+        self.warm = False  # whether the sweep started the SuperLink with the warm executor (warm_up)
 
     def home_for(self, job: int, key: tuple) -> str:
         """The FLWR_HOME for ``job``: the sweep's, when its SuperLink is up and answers (and ``key``
@@ -67,29 +81,74 @@ class SweepLink:
             self.close()
         self.home = tempfile.mkdtemp(prefix="flmnist-flwr-home-")
         self.ports = (free_port(), free_port())
-        self.key, self.kept, self.started_by = key, {}, job
+        self.key, self.kept, self.started_by, self.warm = key, {}, job, False
         return self.home
 
-    def healthy(self) -> bool:
-        """Whether the kept SuperLink and SuperExec still run and the SuperLink answers ``/health``."""
-        if set(self.kept) != set(ROLES) or any(started_at(pid) != start for pid, start in self.kept.values()):
-            return False
+    def warm_up(self, env: dict) -> None:
+        """Before a job's ``flwr run`` (``env``: its environment): if no SuperLink answers yet and
+        ClientApps run in process, start one with the warm executor (see the module's text); on any
+        failure stop what was started and leave the start to ``flwr run``, as without this."""
+        from flmnist.flower_patches.warm_executor import installed_flower_version, version_refusal
+
+        if self.kept or env.get(BACKEND_ENV) != "inprocess" or version_refusal(installed_flower_version()):
+            return
+        http, control = self.ports
+        logs = Path(self.home) / "local-superlink"
+        logs.mkdir(parents=True, exist_ok=True)
+        bindir = Path(sys.executable).parent
+        commands = [[str(bindir / SUPERLINK), "--insecure", "--simulation", "--isolation", "process",
+                     "--control-api-address", f"127.0.0.1:{control}", "--host", "127.0.0.1", "--port", str(http)],
+                    [str(bindir / WARM), "--task-type", "simulation", "--runtime-api-address", f"127.0.0.1:{http}",
+                     "--insecure", "--max-children", "1"]]
+        try:
+            for command in commands:
+                with open(logs / f"{Path(command[0]).name}.log", "ab") as log:
+                    subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                     start_new_session=True)
+        except OSError:
+            pass  # (said below: what did start is stopped)
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while time.monotonic() < deadline and not (self._answers() and set(self._kept()) == {SUPERLINK, WARM}):
+            time.sleep(0.1)
+        found = self._kept()
+        if set(found) == {SUPERLINK, WARM} and self._answers():
+            self.kept, self.warm = found, True
+            print(f"flmnist: job {self.started_by}: local SuperLink with a warm simulation executor "
+                  f"(pid {found[WARM][0]}): each job's simulation is a forked child", flush=True)
+            return
+        print(f"flmnist: job {self.started_by}: the warm simulation executor did not start (see {logs}); "
+              "flwr run starts Flower's own", flush=True)
+        with shielded():
+            stop_env(f"FLWR_HOME={self.home}")
+
+    def _answers(self) -> bool:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.ports[0]}/health", timeout=2) as reply:
                 return 200 <= reply.status < 300
         except (OSError, ValueError):
             return False
 
-    def end_job(self, grace: float) -> list[int]:
-        """Stop the job's processes (``flwr run``, ``flwr-simulation`` and what they started), by
-        id; keep the SuperLink and SuperExec if both run. Returns the stopped ids."""
-        assert self.home is not None
+    def _kept(self) -> dict[str, tuple[int, int | None]]:
+        """The SuperLink and executor running under the sweep's FLWR_HOME: role -> (pid, start time)."""
         found = {}
         for pid in pids_with_flwr_home(self.home):
             role = role_of(pid)
             if role is not None and role not in found:
                 found[role] = (pid, started_at(pid))
-        self.kept = found if set(found) == set(ROLES) else {}  # else: all stopped, the next job starts afresh
+        return found
+
+    def healthy(self) -> bool:
+        """Whether the kept SuperLink and SuperExec still run and the SuperLink answers ``/health``."""
+        if not _complete(self.kept) or any(started_at(pid) != start for pid, start in self.kept.values()):
+            return False
+        return self._answers()
+
+    def end_job(self, grace: float) -> list[int]:
+        """Stop the job's processes (``flwr run``, ``flwr-simulation`` and what they started), by
+        id; keep the SuperLink and SuperExec if both run. Returns the stopped ids."""
+        assert self.home is not None
+        found = self._kept()
+        self.kept = found if _complete(found) else {}  # else: all stopped, the next job starts afresh
         return stop_env(f"FLWR_HOME={self.home}", grace, keep={pid for pid, _ in self.kept.values()})
 
     def close(self) -> None:
@@ -100,3 +159,8 @@ class SweepLink:
             stop_env(f"FLWR_HOME={self.home}")
             shutil.rmtree(self.home, ignore_errors=True)
         self.home, self.kept = None, {}
+
+
+def _complete(kept: dict) -> bool:
+    """A SuperLink and exactly one executor (Flower's SuperExec or the warm one)."""
+    return set(kept) in ({SUPERLINK, SUPEREXEC}, {SUPERLINK, WARM})

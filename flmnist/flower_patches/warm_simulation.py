@@ -1,0 +1,108 @@
+"""The simulation side of flmnist's warm executor: a forked child per simulation run.
+
+A local SuperLink (``flower-superlink --simulation``) hands each submitted run to its SuperExec,
+which in Flower 1.41 starts a new ``flwr-simulation`` process: a new Python that imports Flower,
+PyTorch and the app before the ServerApp's first line, 3.1-3.5 s on 2 cores for every job of a
+sweep. With the SuperLink in ``--isolation process`` and ``flmnist-warm-executor --task-type
+simulation`` beside it, those imports are done once; each run's child runs what
+``flwr-simulation --token`` runs (Flower 1.41.0's ``flwr_simulation``: its output mirrored to the
+run's log, then ``run_simulation_process``), and loads the ServerApp and ClientApp from the bundle
+the SuperLink received, as that process would. A sweep (:mod:`flmnist.launch.sweep_link`) starts
+both for its jobs.
+
+A child that ends its run ends it through Flower's own exit handler (the run's status, the last
+of its log). A child killed by a signal cannot: the executor then reports the run failed with the
+task's token, so that ``flwr run`` ends at once instead of after Flower's task expiry (about a
+minute without the child's heartbeats), and goes on with the next run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import signal
+import sys
+import time
+import traceback
+
+from flmnist.flower_patches import warm_child
+
+# Imported once by an executor for simulation runs: the ClientApp side's and, besides, what the
+# ServerApp side and flmnist's server use (libraries only, never the app).
+TASK_TYPE = "flwr-simulation"  # Flower's TaskType.SIMULATION
+PRELOAD = (*warm_child.DEFAULT_PRELOAD, "flwr.simulation.app", "flwr.serverapp", "hydra", "omegaconf",
+                      "matplotlib.pyplot")
+
+
+def child_main(settings, certificates: bytes | None, task_id: int, token: str, report_fd: int,
+                    forked: float) -> None:
+    """Runs in the forked child: Flower's ``flwr_simulation`` for one run; never returns."""
+    code = 1
+    try:
+        os.setpgid(0, 0)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+        os.close(report_fd)  # nothing to report: Flower's own exit handler ends the run either way
+        warm_child._forget_own_package()
+        warm_child._reseed()
+        from queue import Queue
+
+        from flwr.simulation import app as flower
+        from flwr.supercore.logger import mirror_output_to_queue, restore_output
+
+        flower.install_from_fab = functools.partial(_installed_or_install, flower.install_from_fab)
+        warm_child.LOG.info("task %d: simulation child ready %.2f s after the fork", task_id,
+                            time.monotonic() - forked)
+        log_queue: Queue = Queue()
+        mirror_output_to_queue(log_queue)  # from here on, what the run prints goes to the run's log
+        try:
+            flower.run_simulation_process(runtime_api_address=settings.runtime_api_address, log_queue=log_queue,
+                                          token=token, insecure=settings.insecure, certificates=certificates,
+                                          parent_pid=None, runtime_dependency_install=False)
+            code = 0
+        except SystemExit as done:  # Flower's exit handler ends the process through flwr_exit
+            code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+        finally:
+            restore_output()
+    except BaseException:  # noqa: BLE001 - the child must end here, whatever happened
+        traceback.print_exc()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+
+
+def _installed_or_install(install, fab_content=None, *args, **kwargs):
+    """Flower's ``install_from_fab``, unless the same bundle is installed already (every job of a
+    sweep ships the same one): then its directory, as Flower would find it after unpacking."""
+    import hashlib
+
+    from flwr.cli.config_utils import get_fab_metadata
+    from flwr.common.config import get_project_dir
+
+    with contextlib.suppress(Exception):
+        fab_id, version = get_fab_metadata(fab_content)
+        path = get_project_dir(fab_id, version, hashlib.sha256(fab_content).hexdigest())
+        if (path / "pyproject.toml").is_file():
+            return path
+    return install(fab_content, *args, **kwargs)
+
+
+def finished(client, child, status: int, how: str) -> None:
+    """The executor's end of a simulation child (``client``: a Runtime API client with the task's
+    token, closed here): logged; killed by a signal, its run is reported failed."""
+    try:
+        if os.waitstatus_to_exitcode(status) >= 0 and child.killed is None:  # Flower's exit handler ran
+            warm_child.LOG.info("task %d (run %d): simulation child %d %s", child.task_id, child.run_id, child.pid, how)
+            return
+        from flwr.common.constant import SubStatus
+        from flwr.supernode.runtime import run_clientapp as flower
+
+        reason = f"simulation process {how} (flmnist warm executor)"
+        warm_child.LOG.warning("task %d (run %d): simulation child %d %s; reporting the run failed",
+                               child.task_id, child.run_id, child.pid, how)
+        flower.push_task_output(client=client, context=None, sub_status=SubStatus.FAILED, details=reason)
+    finally:
+        client.close()
