@@ -40,6 +40,7 @@ from flmnist.config.help import help_text, version_text
 from flmnist.config.validate import collapse_args, drop_rounds_past_the_end, run_length, validate
 from flmnist.core.errors import ConfigError, FlmnistError, RunFailed
 from flmnist.core.run_files import CHECKPOINT, atomic_write, find_checkpoint
+from flmnist.launch import warm_link
 from flmnist.launch.backend import check_gpu_share, client_gpus, simulation_backend
 from flmnist.launch.comparison import COLUMNS, degraded_message, write_comparison  # noqa: F401 - re-exported
 from flmnist.launch.flwr_local import run_flwr
@@ -211,7 +212,7 @@ def launch(cfg: DictConfig) -> dict:
                         append=bool(cfg.resume), client_cpus=float(sim.client_cpus), client_gpus=gpus,
                         ray_address=sim.ray_address, backend=backend, until=(until := finished_line(run_dir, before)),
                         ports=link.ports if link else None, stop=link.end_job if link else None,
-                        prepare=link.warm_up if link else None)
+                        prepare=link.warm_up if link else warm_link.start_if_applies)
     except (Stop, KeyboardInterrupt) as stop:
         raise Stop(stopped_message(stop, run_cfg, run_dir, before), getattr(stop, "code", 130)) from None
     finally:

@@ -20,29 +20,24 @@ health check, else everything under that ``FLWR_HOME`` is stopped and the job st
 environment is the first job's) gets a fresh one too. :meth:`SweepLink.close` stops it all.
 
 Warm (:meth:`SweepLink.warm_up`, with ClientApps in process and Flower 1.41.0): before the first
-job's ``flwr run``, the sweep starts the SuperLink itself, as ``flwr run`` would but with
-``--isolation process``, and ``flmnist-warm-executor --task-type simulation`` beside it
-(:mod:`flmnist.flower_patches.warm_simulation`) in the SuperExec's place: Flower, PyTorch and the
-server's libraries are imported once, and each job's simulation is a forked child instead of a new
-``flwr-simulation`` process. ``flwr run`` finds the SuperLink answering and submits to it.
+job's ``flwr run``, the sweep starts the SuperLink itself with flmnist's warm executor in the
+SuperExec's place (:mod:`flmnist.launch.warm_link`): Flower, PyTorch and the server's libraries
+are imported once, and each job's simulation is a forked child instead of a new
+``flwr-simulation`` process.
 """
 
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
-from flmnist.core.constants import BACKEND_ENV
+from flmnist.launch import warm_link
 from flmnist.launch.flwr_local import free_port, pids_with_flwr_home, shielded, started_at, stop_env
+from flmnist.launch.warm_link import SUPERLINK, WARM
 
-SUPERLINK, SUPEREXEC, WARM = "flower-superlink", "flower-superexec", "flmnist-warm-executor"
+SUPEREXEC = "flower-superexec"
 ROLES = (SUPERLINK, SUPEREXEC, WARM)  # what stays up between a sweep's jobs: the SuperLink and one executor
-STARTUP_TIMEOUT = 15.0  # seconds for the warm SuperLink to answer (flwr run's own limit)
 
 
 def role_of(pid: int) -> str | None:
@@ -85,48 +80,16 @@ class SweepLink:
         return self.home
 
     def warm_up(self, env: dict) -> None:
-        """Before a job's ``flwr run`` (``env``: its environment): if no SuperLink answers yet and
-        ClientApps run in process, start one with the warm executor (see the module's text); on any
-        failure stop what was started and leave the start to ``flwr run``, as without this."""
-        from flmnist.flower_patches.warm_executor import installed_flower_version, version_refusal
-
-        if self.kept or env.get(BACKEND_ENV) != "inprocess" or version_refusal(installed_flower_version()):
+        """Before a job's ``flwr run`` (``env``: its environment): if no SuperLink runs yet, start
+        one with the warm executor where it applies (:mod:`flmnist.launch.warm_link`)."""
+        if self.kept or not warm_link.applies(env) or not warm_link.start(env):
             return
-        http, control = self.ports
-        logs = Path(self.home) / "local-superlink"
-        logs.mkdir(parents=True, exist_ok=True)
-        bindir = Path(sys.executable).parent
-        commands = [[str(bindir / SUPERLINK), "--insecure", "--simulation", "--isolation", "process",
-                     "--control-api-address", f"127.0.0.1:{control}", "--host", "127.0.0.1", "--port", str(http)],
-                    [str(bindir / WARM), "--task-type", "simulation", "--runtime-api-address", f"127.0.0.1:{http}",
-                     "--insecure", "--max-children", "1"]]
-        try:
-            for command in commands:
-                with open(logs / f"{Path(command[0]).name}.log", "ab") as log:
-                    subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                     start_new_session=True)
-        except OSError:
-            pass  # (said below: what did start is stopped)
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while time.monotonic() < deadline and not (self._answers() and set(self._kept()) == {SUPERLINK, WARM}):
-            time.sleep(0.1)
-        found = self._kept()
-        if set(found) == {SUPERLINK, WARM} and self._answers():
-            self.kept, self.warm = found, True
-            print(f"flmnist: job {self.started_by}: local SuperLink with a warm simulation executor "
-                  f"(pid {found[WARM][0]}): each job's simulation is a forked child", flush=True)
-            return
-        print(f"flmnist: job {self.started_by}: the warm simulation executor did not start (see {logs}); "
-              "flwr run starts Flower's own", flush=True)
-        with shielded():
-            stop_env(f"FLWR_HOME={self.home}")
+        self.kept, self.warm = self._kept(), True
+        print(f"flmnist: job {self.started_by}: local SuperLink with a warm simulation executor "
+              f"(pid {self.kept[WARM][0]}): each job's simulation is a forked child", flush=True)
 
     def _answers(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.ports[0]}/health", timeout=2) as reply:
-                return 200 <= reply.status < 300
-        except (OSError, ValueError):
-            return False
+        return warm_link.answers(self.ports[0])
 
     def _kept(self) -> dict[str, tuple[int, int | None]]:
         """The SuperLink and executor running under the sweep's FLWR_HOME: role -> (pid, start time)."""

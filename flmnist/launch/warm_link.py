@@ -1,0 +1,85 @@
+"""A private local SuperLink whose simulations are forked by flmnist's warm executor.
+
+``flwr run`` (Flower 1.41) with ``address = ":local-in-memory:"`` starts, when none answers on
+``FLWR_LOCAL_SUPERLINK_HTTP_API_PORT``, ``flower-superlink --simulation --isolation subprocess``,
+whose SuperExec starts a new ``flwr-simulation`` process for the run: a new Python importing
+Flower, PyTorch and the app, 3.1-3.5 s on 2 cores before the ServerApp's first line. :func:`start`
+starts the same SuperLink first, in ``--isolation process``, with ``flmnist-warm-executor
+--task-type simulation`` in the SuperExec's place (:mod:`flmnist.flower_patches.warm_simulation`):
+its imports begin while ``flwr run`` starts, and the run's simulation is a forked child. ``flwr
+run`` then finds the SuperLink answering and submits to it. Both carry the run's environment
+(its ``FLWR_HOME``), so whatever stops a run's processes stops them too.
+
+Only for ClientApps in process (``simulation.backend=inprocess``, what ``auto`` picks without
+GPUs or a Ray cluster) and Flower 1.41.0; otherwise, and if the two do not come up, ``flwr run``
+starts Flower's own as before.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from flmnist.core.constants import BACKEND_ENV
+from flmnist.launch.flwr_local import shielded, stop_env
+
+SUPERLINK, WARM = "flower-superlink", "flmnist-warm-executor"
+STARTUP_TIMEOUT = 15.0  # seconds for the SuperLink to answer (flwr run's own limit for its start)
+
+
+def answers(http_port: int | str) -> bool:
+    """Whether a SuperLink answers ``/health`` on ``http_port``."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/health", timeout=2) as reply:
+            return 200 <= reply.status < 300
+    except (OSError, ValueError):
+        return False
+
+
+def applies(env: dict) -> bool:
+    """Whether a run with environment ``env`` gets the warm executor (see the module's text)."""
+    from flmnist.flower_patches.warm_executor import installed_flower_version, version_refusal
+
+    return env.get(BACKEND_ENV) == "inprocess" and version_refusal(installed_flower_version()) is None
+
+
+def start(env: dict) -> bool:
+    """Start the SuperLink and the warm executor with ``env`` (a run's, from ``flwr_env``: its
+    FLWR_HOME and ports) and wait until the SuperLink answers; True if both run. On failure what
+    started is stopped, it is said on stdout, and ``flwr run`` starts Flower's own."""
+    home, http, control = env["FLWR_HOME"], env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"], env["FLWR_LOCAL_CONTROL_API_PORT"]
+    logs = Path(home) / "local-superlink"
+    logs.mkdir(parents=True, exist_ok=True)
+    bindir = Path(sys.executable).parent
+    commands = [[str(bindir / SUPERLINK), "--insecure", "--simulation", "--isolation", "process",
+                 "--control-api-address", f"127.0.0.1:{control}", "--host", "127.0.0.1", "--port", str(http)],
+                [str(bindir / WARM), "--task-type", "simulation", "--runtime-api-address", f"127.0.0.1:{http}",
+                 "--insecure", "--max-children", "1"]]
+    procs = []
+    try:
+        for command in commands:
+            with open(logs / f"{Path(command[0]).name}.log", "ab") as log:
+                procs.append(subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                              start_new_session=True))
+    except OSError:
+        pass  # (said below: what did start is stopped)
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    running = len(procs) == len(commands)
+    while running and not answers(http) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        running = all(p.poll() is None for p in procs)
+    if running and answers(http) and all(p.poll() is None for p in procs):
+        return True
+    print(f"flmnist: the warm simulation executor did not start (see {logs}); flwr run starts Flower's own",
+          flush=True)
+    with shielded():
+        stop_env(f"FLWR_HOME={home}")
+    return False
+
+
+def start_if_applies(env: dict) -> bool:
+    """:func:`start` for a single run (``flmnist`` without ``-m``) where it applies."""
+    return applies(env) and start(env)
