@@ -19,7 +19,7 @@ import pytest
 from flmnist.core.errors import RunFailed
 from flmnist.launch.cli import finished_line, outcome
 from flmnist.launch.flwr_local import descendants, pids_with_env, started_at
-from flmnist.launch.sweep_link import role_of
+from flmnist.launch.sweep_link import parent_of, role_of
 
 FLMNIST = str(Path(sys.executable).parent / "flmnist")
 
@@ -307,7 +307,7 @@ def test_a_sweep_job_whose_simulation_process_is_killed_fails_at_once_and_the_ne
     env = {**os.environ, "FLMNIST_DATA_DIR": str(mnist_root), marker.split("=")[0]: marker.split("=")[1]}
     log = tmp_path / "out.txt"
     with open(log, "w") as out:
-        proc = subprocess.Popen([FLMNIST, *SWEEP, "num_rounds=60", "seed=1,2"], cwd=tmp_path, env=env, stdout=out,
+        proc = subprocess.Popen([FLMNIST, *SWEEP, "num_rounds=150", "seed=1,2"], cwd=tmp_path, env=env, stdout=out,
                                 stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 300
@@ -315,8 +315,7 @@ def test_a_sweep_job_whose_simulation_process_is_killed_fails_at_once_and_the_ne
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.2)
         [child] = [pid for pid in processes_with(marker) if role_of(pid) == "flmnist-warm-executor"
-                   and role_of(int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])) ==
-                   "flmnist-warm-executor"]  # forked by the executor: its parent runs the same program
+                   and role_of(parent_of(pid)) == "flmnist-warm-executor"]  # forked by the executor
         os.kill(child, signal.SIGKILL)
         killed = time.monotonic()
         while "flmnist: error: job 0:" not in log.read_text():

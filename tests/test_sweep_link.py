@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from flmnist.core.constants import BACKEND_ENV
+from flmnist.launch import warm_link
 from flmnist.launch.flwr_local import flwr_env, pids_with_flwr_home, started_at
-from flmnist.launch.sweep_link import SweepLink, role_of
+from flmnist.launch.sweep_link import SweepLink, parent_of, role_of
 
 SUPERLINK = f"""#!{sys.executable}
 import http.server, os
@@ -28,11 +30,13 @@ port = int(os.environ["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"])
 http.server.HTTPServer(("127.0.0.1", port), Health).serve_forever()
 """
 SLEEPER = f"#!{sys.executable}\nimport time\ntime.sleep(600)\n"
+FORKER = f"#!{sys.executable}\nimport os, time\nos.fork()\ntime.sleep(600)\n"  # the warm executor and a child
 
 
 @pytest.fixture
 def programs(tmp_path) -> Path:
-    for name, text in (("flower-superlink", SUPERLINK), ("flower-superexec", SLEEPER), ("flwr-simulation", SLEEPER)):
+    for name, text in (("flower-superlink", SUPERLINK), ("flower-superexec", SLEEPER), ("flwr-simulation", SLEEPER),
+                       ("flmnist-warm-executor", FORKER)):
         (tmp_path / name).write_text(text)
         (tmp_path / name).chmod(0o755)
     return tmp_path
@@ -134,3 +138,46 @@ def test_warm_up_leaves_a_ray_sweep_and_a_running_superlink_to_flower(link, caps
     assert pids_with_flwr_home(link.home) == [] and not link.warm
     assert capsys.readouterr().out == ""
     link.kept = {}
+
+
+def test_a_job_end_keeps_the_warm_executor_and_stops_its_forked_child(programs, link):
+    """A forked simulation child runs the executor's program too: the job's end keeps the executor
+    (the child's parent) and the SuperLink, and stops the child."""
+    home = link.home_for(0, ("inprocess", None))
+    superlink, executor = start(programs, link, "flower-superlink", "flmnist-warm-executor")
+    deadline = time.monotonic() + 30
+    while len(children := [p for p in pids_with_flwr_home(home) if parent_of(p) == executor.pid]) < 1:
+        assert time.monotonic() < deadline, "the stand-in executor did not fork"
+        time.sleep(0.1)
+    time.sleep(0.3)  # the programs exec'd
+    assert role_of(children[0]) == role_of(executor.pid) == "flmnist-warm-executor"
+    assert link.end_job(grace=2) == children
+    assert {role: pid for role, (pid, _) in link.kept.items()} == {"flower-superlink": superlink.pid,
+                                                                   "flmnist-warm-executor": executor.pid}
+    wait_for_health(link)
+
+
+def test_an_executor_gone_before_any_run_stops_the_run_and_one_whose_child_runs_on_does_not(programs, link, capsys):
+    """warm_link's watch: the warm executor exits while its SuperLink runs on; with no child of it
+    running a simulation nothing would take the run, so everything under FLWR_HOME is stopped
+    (ending the waiting flwr run) and it is said; an orphaned child finishes its run undisturbed."""
+    home = link.home_for(0, ("inprocess", None))
+    superlink, executor = start(programs, link, "flower-superlink", "flower-superexec")  # no child
+    watch = threading.Thread(target=warm_link._watch, args=(superlink, executor, home, Path(home)))
+    watch.start()
+    executor.kill()
+    watch.join(timeout=30)
+    assert not watch.is_alive() and superlink.wait(timeout=10) is not None
+    assert "flmnist: the warm simulation executor exited" in capsys.readouterr().out
+    superlink, executor = start(programs, link, "flower-superlink", "flmnist-warm-executor")  # forks a child
+    deadline = time.monotonic() + 30
+    while not [p for p in pids_with_flwr_home(home) if parent_of(p) == executor.pid]:
+        assert time.monotonic() < deadline, "the stand-in executor did not fork"
+        time.sleep(0.1)
+    time.sleep(0.3)
+    watch = threading.Thread(target=warm_link._watch, args=(superlink, executor, home, Path(home)))
+    watch.start()
+    executor.kill()
+    watch.join(timeout=30)
+    assert not watch.is_alive() and superlink.poll() is None
+    assert capsys.readouterr().out == ""

@@ -124,8 +124,12 @@ def test_simulation_runs_are_a_task_type_of_their_own_with_the_servers_libraries
         captured["settings"] = settings
         raise Stop
 
+    log = warm_executor.LOG
     for argv, task_type in ((["--task-type", "simulation"], "flwr-simulation"), ([], "flwr-clientapp")):
         with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(log, "handlers", list(log.handlers))  # main() adds its handler: restored after
+            mp.setattr(log, "propagate", log.propagate)
+            mp.setattr(log, "level", log.level)
             mp.setattr(warm_executor, "preload", lambda modules: 0.0)
             mp.setattr(warm_executor, "WarmExecutor", settings_of)
             mp.setattr(warm_executor.signal, "signal", lambda *a: None)

@@ -275,7 +275,7 @@ def preload(modules: tuple[str, ...]) -> float:
                              "(a child would load them instead of the verified bundle)")
         try:
             importlib.import_module(name)
-        except ImportError as err:
+        except Exception as err:  # noqa: BLE001 - a preload is an optimisation: the child imports it itself
             LOG.warning("preload %s skipped: %s", name, err)
     return time.perf_counter() - start
 

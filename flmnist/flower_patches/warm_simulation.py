@@ -11,15 +11,19 @@ the SuperLink received, as that process would. A sweep (:mod:`flmnist.launch.swe
 both for its jobs.
 
 A child that ends its run ends it through Flower's own exit handler (the run's status, the last
-of its log). A child killed by a signal cannot: the executor then reports the run failed with the
-task's token, so that ``flwr run`` ends at once instead of after Flower's task expiry (about a
-minute without the child's heartbeats), and goes on with the next run.
+of its log). One that exits otherwise (killed by a signal, or failing before Flower's handler is
+in place) cannot: the executor then reports the run failed with the task's token, so that ``flwr
+run`` ends at once instead of after Flower's task expiry (about a minute without the child's
+heartbeats). The SuperLink refuses the report for a run that has ended already. (``flmnist``
+stops a run's processes as soon as its results are written, often before Flower's handler has
+reported; the run's status in the private SuperLink is then "failed", which nothing reads.)
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import signal
 import sys
@@ -27,6 +31,9 @@ import time
 import traceback
 
 from flmnist.flower_patches import warm_child
+from flmnist.flower_patches.warm_child import report
+
+STARTED = b"S"  # child -> executor: Flower's simulation process code is about to run
 
 # Imported once by an executor for simulation runs: the ClientApp side's and, besides, what the
 # ServerApp side and flmnist's server use (libraries only, never the app).
@@ -43,7 +50,6 @@ def child_main(settings, certificates: bytes | None, task_id: int, token: str, r
         os.setpgid(0, 0)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
-        os.close(report_fd)  # nothing to report: Flower's own exit handler ends the run either way
         warm_child._forget_own_package()
         warm_child._reseed()
         from queue import Queue
@@ -52,10 +58,14 @@ def child_main(settings, certificates: bytes | None, task_id: int, token: str, r
         from flwr.supercore.logger import mirror_output_to_queue, restore_output
 
         flower.install_from_fab = functools.partial(_installed_or_install, flower.install_from_fab)
+        from flwr.supercore import log as flower_log
+
         warm_child.LOG.info("task %d: simulation child ready %.2f s after the fork", task_id,
                             time.monotonic() - forked)
         log_queue: Queue = Queue()
         mirror_output_to_queue(log_queue)  # from here on, what the run prints goes to the run's log
+        flower_log(logging.INFO, "Starting Flower Simulation")  # as flwr-simulation's first line
+        report(report_fd, STARTED)
         try:
             flower.run_simulation_process(runtime_api_address=settings.runtime_api_address, log_queue=log_queue,
                                           token=token, insecure=settings.insecure, certificates=certificates,
@@ -93,16 +103,21 @@ def _installed_or_install(install, fab_content=None, *args, **kwargs):
 def finished(client, child, status: int, how: str) -> None:
     """The executor's end of a simulation child (``client``: a Runtime API client with the task's
     token, closed here): logged; killed by a signal, its run is reported failed."""
+    import httpx
+    from flwr.common.constant import SubStatus
+    from flwr.proto.runtime_pb2 import PushTaskOutputRequest
+
     try:
-        if os.waitstatus_to_exitcode(status) >= 0 and child.killed is None:  # Flower's exit handler ran
+        if os.waitstatus_to_exitcode(status) == 0 and child.killed is None:  # Flower's exit handler ran
             warm_child.LOG.info("task %d (run %d): simulation child %d %s", child.task_id, child.run_id, child.pid, how)
             return
-        from flwr.common.constant import SubStatus
-        from flwr.supernode.runtime import run_clientapp as flower
-
-        reason = f"simulation process {how} (flmnist warm executor)"
-        warm_child.LOG.warning("task %d (run %d): simulation child %d %s; reporting the run failed",
-                               child.task_id, child.run_id, child.pid, how)
-        flower.push_task_output(client=client, context=None, sub_status=SubStatus.FAILED, details=reason)
+        started = STARTED in dict(warm_child.frames(child.received))
+        client.PushTaskOutput(PushTaskOutputRequest(
+            sub_status=SubStatus.FAILED, details=f"simulation process {how} (flmnist warm executor)"))
+        warm_child.LOG.warning("task %d (run %d): simulation child %d %s%s; its run is reported failed",
+                               child.task_id, child.run_id, child.pid, how, "" if started else " before the run started")
+    except httpx.HTTPError:  # the run had ended: its own status stands
+        warm_child.LOG.info("task %d (run %d): simulation child %d %s, after its run ended", child.task_id,
+                            child.run_id, child.pid, how)
     finally:
         client.close()

@@ -106,6 +106,25 @@ def started_at(pid: int) -> int | None:
         return None
 
 
+def program_of(pid: int, names: Sequence[str]) -> str | None:
+    """The one of ``names`` that is the program ``pid`` runs (its command line's first two words:
+    an executable, or an interpreter and a script), else None."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:2]
+    except OSError:
+        return None
+    found = [Path(a.decode(errors="replace")).name for a in args if a]
+    return next((n for n in found if n in names), None)
+
+
+def parent_of(pid: int) -> int:
+    """``pid``'s parent process id (0 if it is gone)."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
 def descendants(pids: set[int] | Sequence[int], prune: set[int] = frozenset()) -> set[int]:
     """Every process started by one of ``pids`` (children, their children, ...), but those in
     ``prune`` and theirs. Ray's agents rename themselves (``ray::DashboardAgent``), which blanks

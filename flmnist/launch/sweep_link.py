@@ -30,10 +30,17 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from pathlib import Path
 
 from flmnist.launch import warm_link
-from flmnist.launch.flwr_local import free_port, pids_with_flwr_home, shielded, started_at, stop_env
+from flmnist.launch.flwr_local import (
+    free_port,
+    parent_of,
+    pids_with_flwr_home,
+    program_of,
+    shielded,
+    started_at,
+    stop_env,
+)
 from flmnist.launch.warm_link import SUPERLINK, WARM
 
 SUPEREXEC = "flower-superexec"
@@ -41,13 +48,8 @@ ROLES = (SUPERLINK, SUPEREXEC, WARM)  # what stays up between a sweep's jobs: th
 
 
 def role_of(pid: int) -> str | None:
-    """``flower-superlink`` or ``flower-superexec`` when that is the program ``pid`` runs, else None."""
-    try:
-        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:2]
-    except OSError:
-        return None
-    names = [Path(a.decode(errors="replace")).name for a in args if a]
-    return next((n for n in names if n in ROLES), None)
+    """One of ``ROLES`` when that is the program ``pid`` runs, else None."""
+    return program_of(pid, ROLES)
 
 
 class SweepLink:
@@ -84,7 +86,9 @@ class SweepLink:
         one with the warm executor where it applies (:mod:`flmnist.launch.warm_link`)."""
         if self.kept or not warm_link.applies(env) or not warm_link.start(env):
             return
-        self.kept, self.warm = self._kept(), True
+        if not _complete(kept := self._kept()):
+            return  # (found at the job's end, as without the warm start)
+        self.kept, self.warm = kept, True
         print(f"flmnist: job {self.started_by}: local SuperLink with a warm simulation executor "
               f"(pid {self.kept[WARM][0]}): each job's simulation is a forked child", flush=True)
 
@@ -96,8 +100,8 @@ class SweepLink:
         found = {}
         for pid in pids_with_flwr_home(self.home):
             role = role_of(pid)
-            if role is not None and role not in found:
-                found[role] = (pid, started_at(pid))
+            if role is not None and role not in found and not (role == WARM and role_of(parent_of(pid)) == WARM):
+                found[role] = (pid, started_at(pid))  # (a forked child of the warm executor runs its program too)
         return found
 
     def healthy(self) -> bool:

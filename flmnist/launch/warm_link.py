@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
 
 from flmnist.core.constants import BACKEND_ENV
-from flmnist.launch.flwr_local import shielded, stop_env
+from flmnist.launch.flwr_local import pids_with_flwr_home, program_of, shielded, stop_env
 
 SUPERLINK, WARM = "flower-superlink", "flmnist-warm-executor"
 STARTUP_TIMEOUT = 15.0  # seconds for the SuperLink to answer (flwr run's own limit for its start)
@@ -58,6 +59,7 @@ def start(env: dict) -> bool:
                  "--control-api-address", f"127.0.0.1:{control}", "--host", "127.0.0.1", "--port", str(http)],
                 [str(bindir / WARM), "--task-type", "simulation", "--runtime-api-address", f"127.0.0.1:{http}",
                  "--insecure", "--max-children", "1"]]
+    env = {**env, "FLWR_DISABLE_UPDATE_CHECK": "1"}  # as flwr run's own start: flwr run checked already
     procs = []
     try:
         for command in commands:
@@ -72,12 +74,29 @@ def start(env: dict) -> bool:
         time.sleep(0.1)
         running = all(p.poll() is None for p in procs)
     if running and answers(http) and all(p.poll() is None for p in procs):
+        threading.Thread(target=_watch, args=(*procs, home, logs), daemon=True).start()
         return True
     print(f"flmnist: the warm simulation executor did not start (see {logs}); flwr run starts Flower's own",
           flush=True)
     with shielded():
         stop_env(f"FLWR_HOME={home}")
     return False
+
+
+def _watch(superlink: subprocess.Popen, executor: subprocess.Popen, home: str, logs: Path) -> None:
+    """If the executor exits while its SuperLink runs on (not stopped with it) and no child of it
+    runs a simulation, no run would ever be taken: say so and stop everything under ``home``,
+    which ends the waiting ``flwr run``."""
+    code = executor.wait()
+    try:
+        superlink.wait(timeout=3)
+    except subprocess.TimeoutExpired:
+        if any(program_of(pid, [WARM]) for pid in pids_with_flwr_home(home)):
+            return  # a simulation child it forked runs on and finishes its run
+        print(f"flmnist: the warm simulation executor exited (code {code}; see {logs}): stopping the run",
+              flush=True)
+        with shielded():
+            stop_env(f"FLWR_HOME={home}")
 
 
 def start_if_applies(env: dict) -> bool:
