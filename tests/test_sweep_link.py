@@ -5,6 +5,7 @@ or stopped answering, or a job on another backend, gets a fresh FLWR_HOME; closi
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import threading
@@ -181,3 +182,18 @@ def test_an_executor_gone_before_any_run_stops_the_run_and_one_whose_child_runs_
     watch.join(timeout=30)
     assert not watch.is_alive() and superlink.poll() is None
     assert capsys.readouterr().out == ""
+
+
+def test_a_warm_start_that_fails_says_so_and_leaves_nothing_running(link, capsys):
+    """The SuperLink cannot bind its port (taken): warm_link.start gives up as soon as it exits,
+    says so, and stops what it started, so that flwr run starts Flower's own SuperLink."""
+    home = link.home_for(0, ("inprocess", None))
+    env = {**flwr_env(home, ports=link.ports), BACKEND_ENV: "inprocess"}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", link.ports[0]))
+        taken.listen()
+        began = time.monotonic()
+        assert warm_link.start_if_applies(env) is False
+    assert time.monotonic() - began < warm_link.STARTUP_TIMEOUT
+    assert "flmnist: the warm simulation executor did not start" in capsys.readouterr().out
+    assert pids_with_flwr_home(home) == []
