@@ -14,10 +14,12 @@ SuperNode and its executor, and real ``flwr run``s:
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -35,6 +37,7 @@ PROBE_APPS = '''"""One query per action of the run's plan, to the one SuperNode,
 import os
 import signal
 import time
+import zipfile
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -174,6 +177,17 @@ def test_a_child_keeps_an_installed_bundle_instead_of_unpacking_it_again(tmp_pat
     assert warm_child._installed_path(b"other bytes", skip_prompt=True) is None  # another hash
     assert warm_child._installed_path(fab) is None  # Flower would prompt: its own path
     assert warm_child._installed_path(fab, tmp_path / "elsewhere", skip_prompt=True) is None
+    # A simulation child has no task run: the bundle's own pyproject.toml (flmnist's here) names it
+    monkeypatch.setattr(warm_child, "_RUN", [])
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as bundle:
+        bundle.write(REPO / "pyproject.toml", "pyproject.toml")
+    zipped = buffer.getvalue()
+    assert warm_child._installed_path(zipped, skip_prompt=True) is None  # not installed yet
+    (named := tmp_path / "apps" / f"flmnist.flmnist.0.1.0.{hashlib.sha256(zipped).hexdigest()[:8]}").mkdir()
+    (named / "pyproject.toml").write_text("[project]\n")
+    assert warm_child._installed_path(zipped, skip_prompt=True) == named
+    assert warm_child._installed_path(fab, skip_prompt=True) is None  # not a bundle: Flower's install says why
 
 
 def test_jetson_compose_runs_the_warm_executor_beside_the_supernode():

@@ -23,8 +23,10 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 OWN_PACKAGE = __name__.split(".")[0]  # "flmnist": never in a child's sys.modules when the app loads
 ORPHAN_GRACE = 5.0  # seconds past the task timeout at which a child kills itself (the executor may be gone)
@@ -158,14 +160,15 @@ def _installed_path(fab_content=None, *args, skip_prompt: bool = False, **kwargs
     is the SuperNode's check, before the task exists; this only skips the repeated unpacking."""
     import hashlib
 
+    from flwr.cli.config_utils import get_fab_metadata
     from flwr.common.config import get_project_dir
 
-    if not isinstance(fab_content, bytes) or args or kwargs or not skip_prompt or not _RUN:
+    if not isinstance(fab_content, bytes) or args or kwargs or not skip_prompt:
         return None
-    run = _RUN[-1]
-    try:
-        path = get_project_dir(run.fab_id, run.fab_version, hashlib.sha256(fab_content).hexdigest())
-    except ValueError:
+    try:  # the task's run names the bundle; a simulation reads it from the bundle's pyproject.toml
+        fab_id, version = (_RUN[-1].fab_id, _RUN[-1].fab_version) if _RUN else get_fab_metadata(fab_content)
+        path = get_project_dir(fab_id, version, hashlib.sha256(fab_content).hexdigest())
+    except Exception:  # noqa: BLE001 - not a bundle this can name: Flower installs it (and says what is wrong)
         return None
     return path if (path / "pyproject.toml").is_file() else None
 
@@ -225,8 +228,34 @@ def _deadline(seconds: float) -> None:
     threading.Thread(target=expire, daemon=True, name="warm-executor-deadline").start()
 
 
+def in_child(task: Callable[[], object]) -> NoReturn:
+    """What every forked child does around its ``task`` (a ClientApp message, a simulation run):
+    its own process group (a timeout kills whatever it started too), default signal handlers, no
+    module of this package (the app's loads from its bundle), fresh random seeds; then ``task``,
+    and exit with its status: 0, the code Flower's ``flwr_exit`` raised, or 1 on an exception."""
+    code = 1
+    try:
+        os.setpgid(0, 0)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+        _forget_own_package()
+        _reseed()
+        try:
+            task()
+            code = 0
+        except SystemExit as done:  # Flower's processes end through flwr_exit
+            code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    except BaseException:  # noqa: BLE001 - the child must end here, whatever happened
+        traceback.print_exc()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+
+
 def child_main(settings, certificates: bytes | None, task_id: int, token: str, report_fd: int,
-               forked: float) -> None:
+               forked: float) -> NoReturn:
     """Runs in the forked child: Flower's run_clientapp for one task; never returns.
 
     It is not tied to the executor's life (no ``parent_pid``: Flower's monitor would interrupt it,
@@ -234,15 +263,9 @@ def child_main(settings, certificates: bytes | None, task_id: int, token: str, r
     waiting for one for good). A child whose executor died finishes its task and replies; with a
     task timeout it kills itself a little after the executor would have (Flower's task expiry then
     answers the SuperNode)."""
-    code = 1
-    try:
-        os.setpgid(0, 0)  # its own process group: a timeout kills whatever it started too
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD):
-            signal.signal(sig, signal.SIG_DFL)
+    def task() -> None:
         if settings.task_timeout:
             _deadline(settings.task_timeout + ORPHAN_GRACE - (time.monotonic() - forked))
-        _forget_own_package()
-        _reseed()
         _observe_run_clientapp(report_fd)
         from flwr.supernode.runtime import run_clientapp as flower
 
@@ -251,17 +274,10 @@ def child_main(settings, certificates: bytes | None, task_id: int, token: str, r
             flower.run_clientapp(runtime_api_address=settings.runtime_api_address, token=token,
                                  insecure=settings.insecure, certificates=certificates,
                                  parent_pid=None, runtime_dependency_install=False)
-            code = 0
-        except SystemExit as done:  # run_clientapp ends through flwr_exit
-            code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
-        _app_origin(task_id, before, forked)
-    except BaseException:  # noqa: BLE001 - the child must end here, whatever happened
-        traceback.print_exc()
-    finally:
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        os._exit(code)
+        finally:
+            _app_origin(task_id, before, forked)
+
+    in_child(task)
 
 
 # -- what every child inherits: imported once, in the executor ---------------------------------

@@ -21,45 +21,35 @@ reported; the run's status in the private SuperLink is then "failed", which noth
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import logging
 import os
-import signal
-import sys
 import time
-import traceback
+from typing import NoReturn
 
 from flmnist.flower_patches import warm_child
 from flmnist.flower_patches.warm_child import report
 
 STARTED = b"S"  # child -> executor: Flower's simulation process code is about to run
 
+TASK_TYPE = "flwr-simulation"  # Flower's TaskType.SIMULATION
 # Imported once by an executor for simulation runs: the ClientApp side's and, besides, what the
 # ServerApp side and flmnist's server use (libraries only, never the app).
-TASK_TYPE = "flwr-simulation"  # Flower's TaskType.SIMULATION
 PRELOAD = (*warm_child.DEFAULT_PRELOAD, "flwr.simulation.app", "flwr.serverapp", "hydra", "omegaconf",
-                      "matplotlib.pyplot")
+           "matplotlib.pyplot")
 
 
 def child_main(settings, certificates: bytes | None, task_id: int, token: str, report_fd: int,
-                    forked: float) -> None:
+               forked: float) -> NoReturn:
     """Runs in the forked child: Flower's ``flwr_simulation`` for one run; never returns."""
-    code = 1
-    try:
-        os.setpgid(0, 0)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD):
-            signal.signal(sig, signal.SIG_DFL)
-        warm_child._forget_own_package()
-        warm_child._reseed()
+    def task() -> None:
         from queue import Queue
 
         from flwr.simulation import app as flower
+        from flwr.supercore import log as flower_log
         from flwr.supercore.logger import mirror_output_to_queue, restore_output
 
-        flower.install_from_fab = functools.partial(_installed_or_install, flower.install_from_fab)
-        from flwr.supercore import log as flower_log
-
+        install = flower.install_from_fab  # every job of a sweep ships the same bundle: unpacked once
+        flower.install_from_fab = lambda *a, **k: warm_child._installed_path(*a, **k) or install(*a, **k)
         warm_child.LOG.info("task %d: simulation child ready %.2f s after the fork", task_id,
                             time.monotonic() - forked)
         log_queue: Queue = Queue()
@@ -70,34 +60,10 @@ def child_main(settings, certificates: bytes | None, task_id: int, token: str, r
             flower.run_simulation_process(runtime_api_address=settings.runtime_api_address, log_queue=log_queue,
                                           token=token, insecure=settings.insecure, certificates=certificates,
                                           parent_pid=None, runtime_dependency_install=False)
-            code = 0
-        except SystemExit as done:  # Flower's exit handler ends the process through flwr_exit
-            code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
         finally:
             restore_output()
-    except BaseException:  # noqa: BLE001 - the child must end here, whatever happened
-        traceback.print_exc()
-    finally:
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        os._exit(code)
 
-
-def _installed_or_install(install, fab_content=None, *args, **kwargs):
-    """Flower's ``install_from_fab``, unless the same bundle is installed already (every job of a
-    sweep ships the same one): then its directory, as Flower would find it after unpacking."""
-    import hashlib
-
-    from flwr.cli.config_utils import get_fab_metadata
-    from flwr.common.config import get_project_dir
-
-    with contextlib.suppress(Exception):
-        fab_id, version = get_fab_metadata(fab_content)
-        path = get_project_dir(fab_id, version, hashlib.sha256(fab_content).hexdigest())
-        if (path / "pyproject.toml").is_file():
-            return path
-    return install(fab_content, *args, **kwargs)
+    warm_child.in_child(task)
 
 
 def finished(client, child, status: int, how: str) -> None:
