@@ -18,9 +18,12 @@ clock), in one invocation, and their ratios:
   flmnist_no_update_eval  flmnist experiment=seed002 'eval.update_rounds=[]' eval.attribution=false
   flmnist_preset          flmnist experiment=seed002 eval.attribution=false
   flmnist_attribution     flmnist experiment=seed002                 (attribution on: extra work)
+  flmnist_no_guard        flmnist_no_update_eval with screen.guard_max_harm=null (information:
+                          the effect guard's probe evaluations are work the floor does not do)
 
 Targets: flmnist_no_update_eval <= 2.0x floor and faster than plain_flower; flmnist_preset
-<= 2.5x reference. plain_flower is timed to the exit of `flwr run`; stopping the SuperLink it
+<= 2.5x reference. Issue 23: flmnist_no_update_eval <= 1.5x floor, flmnist_attribution <= 1.10x
+flmnist_preset. plain_flower is timed to the exit of `flwr run`; stopping the SuperLink it
 leaves behind is timed apart (stop_s) and not counted. flmnist runs in a temporary working
 directory with hydra.run.dir=<tmp>/run; its accuracy comes from summary.json.
 
@@ -137,6 +140,7 @@ RUNS = {  # name: command
     "flmnist_no_update_eval": [*FLMNIST, "eval.update_rounds=[]", "eval.attribution=false"],
     "flmnist_preset": [*FLMNIST, "eval.attribution=false"],
     "flmnist_attribution": FLMNIST,
+    "flmnist_no_guard": [*FLMNIST, "eval.update_rounds=[]", "eval.attribution=false", "screen.guard_max_harm=null"],
 }
 PLAIN_ACCURACY = re.compile(r"\[plain_flower\] round (\d+): accuracy ([0-9.]+)")
 
@@ -182,6 +186,9 @@ def timed_run(name: str, log_path: Path) -> dict:
             summary = json.loads((work / "run" / "summary.json").read_text())
             out["final_accuracy"] = summary["final_accuracy"]
             out["server_app_wall_time_s"] = summary.get("wall_time")
+            guard = (summary.get("screen") or {}).get("guard") or {}
+            out["guard_s"] = guard.get("seconds")
+            out["attribution_s"] = (summary.get("attribution") or {}).get("seconds")
         return out
     finally:
         if name == "plain_flower":
@@ -205,6 +212,10 @@ def ratios(repeat: int) -> None:
         ("flmnist_no_update_eval / plain_flower", "flmnist_no_update_eval", "plain_flower", "< 1", lambda r: r < 1),
         ("flmnist_preset / reference", "flmnist_preset", "reference", "<= 2.5", lambda r: r <= 2.5),
         ("flmnist_attribution / reference", "flmnist_attribution", "reference", "none (attribution: extra work)", None),
+        ("flmnist_no_update_eval / floor (issue 23)", "flmnist_no_update_eval", "floor", "<= 1.5", lambda r: r <= 1.5),
+        ("flmnist_attribution / flmnist_preset (issue 23)", "flmnist_attribution", "flmnist_preset", "<= 1.10",
+         lambda r: r <= 1.10),
+        ("flmnist_no_guard / floor", "flmnist_no_guard", "floor", "none (information: without the effect guard)", None),
         ("plain_flower / floor", "plain_flower", "floor", "none (information)", None),
     ]
     table = [{"ratio": label, "value": round(wall[a] / wall[b], 2), "target": target,

@@ -44,6 +44,9 @@ def flwr_env(flwr_home: str | os.PathLike, base: dict | None = None, ports: tupl
     env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(http_port)
     env["FLWR_LOCAL_CONTROL_API_PORT"] = str(control_port)
     env.setdefault("PYTHONUNBUFFERED", "1")
+    # numpy's BLAS on one thread: an idle OpenBLAS worker spins on a core for up to 0.1 s after
+    # each call, the core PyTorch trains and evaluates on (docs/benchmarks.md, "spinning BLAS")
+    env.setdefault("OPENBLAS_NUM_THREADS", "1")
     env.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # Ray's FutureWarning tip, answered
     return env
 
