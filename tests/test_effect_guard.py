@@ -4,6 +4,10 @@ also on seed 002's disjoint digit groups where each honest update alone forgets 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -143,3 +147,50 @@ def test_a_buffered_strategy_judges_an_update_among_as_many_as_its_buffer_holds(
     guard.window.extend(honest[1:])
     assert [c.name for c in guard.window] == ["node 8", "node 9", "node 10"]
     assert [c.name for c, _ in guard.judge(start, [bad], asynchronous=True)] == ["node 0"]
+
+
+SPIN_PROBE = """
+import os, threading, time
+import numpy as np
+from flmnist.engine.effect_guard import Candidate, EffectGuard
+from flmnist.ml.models import LeNet
+from flmnist.protocol.screen import update_norm
+
+def others_cpu():  # CPU seconds of every thread but this one
+    me, ticks = threading.get_native_id(), 0
+    for tid in os.listdir("/proc/self/task"):
+        if int(tid) != me:
+            ticks += sum(int(x) for x in open(f"/proc/self/task/{tid}/stat").read().rsplit(")", 1)[1].split()[11:13])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+def measure(fn):
+    start = others_cpu()
+    for _ in range(10):
+        fn()
+        time.sleep(0.01)
+    return others_cpu() - start
+
+rng = np.random.default_rng(0)
+shapes = {k: tuple(v.shape) for k, v in LeNet().state_dict().items()}
+cands = [Candidate(i, f"node {i}", {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}, 1.0)
+         for i in range(3)]
+ours = measure(lambda: (EffectGuard.suspicious(cands, []), update_norm(cands[0].delta, cands[1].delta, False)))
+flat = np.concatenate([v.ravel() for v in cands[0].delta.values()]).astype(np.float64)
+blas = measure(lambda: float(np.linalg.norm(flat)))
+print(ours, blas)
+"""
+
+
+def test_the_guard_and_the_screen_leave_no_blas_thread_spinning():
+    """Their norms and cosines are elementwise: a BLAS call (``np.linalg.norm``, ``@``) wakes
+    OpenBLAS's worker thread, which spins for up to 0.1 s on a core the training or the probe
+    needs (docs/benchmarks.md). Measured as CPU time of the process's other threads, in a fresh
+    interpreter with numpy's default BLAS threads; a BLAS norm in the same process is the control."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", SPIN_PROBE], env=env, capture_output=True, text=True, timeout=120,
+                         check=False)
+    assert out.returncode == 0, out.stderr
+    ours, blas = map(float, out.stdout.split())
+    assert ours < 0.03, f"other threads worked {ours:.2f} s while the guard and the screen measured updates"
+    if (os.cpu_count() or 1) > 1:  # the control: with a BLAS worker thread, a BLAS norm shows it spinning
+        assert blas > ours

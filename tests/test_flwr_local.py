@@ -6,7 +6,7 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
-from flmnist.launch.flwr_local import readable, stage_app, write_flower_config
+from flmnist.launch.flwr_local import flwr_env, readable, stage_app, write_flower_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,3 +44,9 @@ def test_a_chosen_setting_is_not_echoed_as_a_warning_and_real_warnings_are():
     assert readable(chosen) is None
     real = "\x1b[93mWARNING \x1b[0m:   Node 3 was not added: node-info keys ...\n"
     assert readable(real) == real
+
+
+def test_flower_gets_numpys_blas_on_one_thread_unless_the_user_chose(tmp_path):
+    """An idle OpenBLAS worker spins on a core after each call, the core PyTorch needs."""
+    assert flwr_env(tmp_path, {})["OPENBLAS_NUM_THREADS"] == "1"
+    assert flwr_env(tmp_path, {"OPENBLAS_NUM_THREADS": "4"})["OPENBLAS_NUM_THREADS"] == "4"
