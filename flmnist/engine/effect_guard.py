@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flmnist.core.arrays import Weights
+from flmnist.core.arrays import Weights, dot
 from flmnist.observers.probe import Probe
 
 MAX_LENGTH_RATIO = 3.0   # longer than this multiple of the median update length: probe
@@ -53,14 +53,6 @@ class Candidate:
 
 def _flat(delta: Weights) -> np.ndarray:
     return np.concatenate([v.ravel() for v in delta.values()]).astype(np.float64)
-
-
-def _dot(a: np.ndarray, b: np.ndarray) -> float:
-    """``a . b``, multiplied and summed elementwise: not ``a @ b`` or ``np.linalg.norm``, whose BLAS
-    call wakes OpenBLAS's worker thread, which then spins on a core for up to 0.1 s. In simulation
-    that core is the one the probe evaluates on: the round's first evaluation took 110-130 ms
-    instead of 30 ms (the same as :func:`~flmnist.protocol.screen.l2_norm`)."""
-    return float(np.multiply(a, b).sum())
 
 
 class EffectGuard:
@@ -102,7 +94,7 @@ class EffectGuard:
         if len(everyone) < 2:
             return True  # nothing to compare with: probe it against the model itself
         flats = [_flat(m.delta) for m in everyone]
-        norms = [math.sqrt(_dot(f, f)) for f in flats]
+        norms = [math.sqrt(dot(f, f)) for f in flats]
         median = float(np.median(norms))
         total = sum(m.weight * f for m, f in zip(everyone, flats))
         weight = sum(m.weight for m in everyone)
@@ -110,8 +102,8 @@ class EffectGuard:
             if median > 0 and norms[i] > MAX_LENGTH_RATIO * median:
                 return True
             rest = (total - everyone[i].weight * flats[i]) / max(weight - everyone[i].weight, 1e-12)
-            denom = norms[i] * math.sqrt(_dot(rest, rest))
-            if denom > 0 and _dot(flats[i], rest) / denom < MIN_COSINE:
+            denom = norms[i] * math.sqrt(dot(rest, rest))
+            if denom > 0 and dot(flats[i], rest) / denom < MIN_COSINE:
                 return True
         return False
 

@@ -346,13 +346,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="exit (code 1) when the Runtime API has not answered for this long, for a "
                              "service manager to restart the executor beside a restarted SuperNode (default 0: never)")
     parser.add_argument("--preload", default=None, metavar="MODULES",
-                        help="comma-separated modules to import once (libraries, never the app's own); "
-                             f"default {','.join(DEFAULT_PRELOAD)} (simulation: also flwr.simulation.app, "
-                             "flwr.serverapp, hydra, omegaconf, matplotlib.pyplot)")
+                        help="comma-separated modules to import once (libraries, never the app's own); default "
+                             f"{','.join(DEFAULT_PRELOAD)}; with --task-type simulation {','.join(simulation.PRELOAD)}")
     parser.add_argument("--task-type", choices=["clientapp", "simulation"], default="clientapp",
                         help="clientapp: a SuperNode's ClientApp tasks (default); simulation: the runs of a local "
                              "SuperLink started with --simulation --isolation process (flwr-simulation's job)")
     args = parser.parse_args(argv)
+    if args.preload is None:
+        args.preload = ",".join(simulation.PRELOAD if args.task_type == "simulation" else DEFAULT_PRELOAD)
     if not 0.01 <= args.poll_interval <= 60 or args.task_timeout < 0 or args.max_children < 1:
         parser.error("--poll-interval lies in [0.01, 60], --task-timeout >= 0, --max-children >= 1")
     if not args.insecure and args.root_certificates is None:
@@ -376,8 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         root_certificates=args.root_certificates, superexec_auth_secret_file=args.superexec_auth_secret_file,
         poll_interval=args.poll_interval, task_timeout=args.task_timeout or None,
         max_children=args.max_children, exit_when_unreachable=args.exit_when_unreachable or None,
-        preload=tuple(m.strip() for m in args.preload.split(",") if m.strip()) if args.preload is not None else
-        simulation.PRELOAD if args.task_type == "simulation" else DEFAULT_PRELOAD, task_type=f"flwr-{args.task_type}")
+        preload=tuple(m.strip() for m in args.preload.split(",") if m.strip()), task_type=f"flwr-{args.task_type}")
     seconds = preload(settings.preload)
     if cuda_initialised():
         LOG.error("a preloaded module initialised CUDA; forked children could not use the GPU. Remove it from --preload.")

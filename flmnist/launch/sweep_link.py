@@ -92,9 +92,6 @@ class SweepLink:
         print(f"flmnist: job {self.started_by}: local SuperLink with a warm simulation executor "
               f"(pid {self.kept[WARM][0]}): each job's simulation is a forked child", flush=True)
 
-    def _answers(self) -> bool:
-        return warm_link.answers(self.ports[0])
-
     def _kept(self) -> dict[str, tuple[int, int | None]]:
         """The SuperLink and executor running under the sweep's FLWR_HOME: role -> (pid, start time)."""
         found = {}
@@ -108,7 +105,7 @@ class SweepLink:
         """Whether the kept SuperLink and SuperExec still run and the SuperLink answers ``/health``."""
         if not _complete(self.kept) or any(started_at(pid) != start for pid, start in self.kept.values()):
             return False
-        return self._answers()
+        return warm_link.answers(self.ports[0])
 
     def end_job(self, grace: float) -> list[int]:
         """Stop the job's processes (``flwr run``, ``flwr-simulation`` and what they started), by
