@@ -17,6 +17,7 @@ from uuid import uuid4
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -363,6 +364,39 @@ def test_sync_engine_runs_flower_rounds_end_to_end_on_a_fake_grid(task_identity)
     assert strategy.client_updates == 9 and strategy.failed_rounds == 0
 
 
+def test_a_sync_run_in_which_no_round_made_a_model_fails_even_below_max_failed_rounds(task_identity):
+    """num_rounds=2, max_failed_rounds=3, every reply bad: the run fails naming the last reason
+    (it used to end normally with the initial model, reported finished)."""
+    nodes = {101: FakeNode(0, 0.01, behave="nan"), 102: FakeNode(1, 0.02, behave="error")}
+    path = make_path(guard_max_harm=None)
+    strategy = Guarded(FedAvg(fraction_evaluate=0.0), path, max_failed_rounds=3)
+    engine = SyncEngine(FakeGrid(nodes), strategy, path, SENT.to_record(), num_rounds=2, round_timeout=5.0)
+    with pytest.raises(RunFailed, match=r"no round of 2 made a usable update: the global model is the initial one"):
+        engine.run(record(START))
+
+
+class Stopping(Observer):
+    def __init__(self):
+        self.steps = []
+
+    def stopping(self, step):
+        self.steps.append(step)
+
+
+def test_an_engine_stop_is_announced_so_the_last_step_is_evaluated():
+    """The privacy budget stops a run after round 3 of 10 with eval.every=5: observers hear of it
+    before the round's global model, and the digit evaluation evaluates round 3 as its last."""
+    from flmnist.observers.evaluation import DigitEvaluation
+
+    spy = Stopping()
+    evaluation = DigitEvaluation(torch.zeros(4, 1, 28, 28), torch.zeros(4, dtype=torch.long), lambda: None,
+                                 num_rounds=10, every=5)
+    path = make_path(hooks=[spy, evaluation])
+    assert not evaluation.is_scheduled(3)
+    path.request_stop(3, "privacy budget")
+    assert spy.steps == [3] and evaluation.is_scheduled(3)
+
+
 def test_a_resumed_sync_run_does_only_the_remaining_rounds(task_identity):
     nodes = {101: FakeNode(0, 0.01), 102: FakeNode(1, 0.04)}
     spy = Spy()
@@ -562,6 +596,16 @@ def test_a_node_that_leaves_frees_its_slot_before_the_update_timeout(task_identi
     assert loop.counts["unavailable"] == 1 and loop.counts["applied"] == 4
     assert grid.trained(102) == 1 and grid.trained(103) >= 1
     assert [n.node_id for n in loop.away] == [102]
+
+
+def test_with_fewer_slots_than_nodes_every_node_takes_its_turn(task_identity):
+    """concurrency=2 of 4 nodes: a node that finishes waits behind the idle ones, so all four
+    train (a node put back at the front of the line trained again and again: nodes 2 and 3 never did)."""
+    nodes = {101: FakeNode(0, 0.01), 102: FakeNode(1, 0.02), 103: FakeNode(2, 0.03), 104: FakeNode(3, 0.04)}
+    loop, grid = make_loop(nodes, FedAsync(alpha=0.5), concurrency=2, max_server_updates=8, update_timeout=5.0)
+    loop.run(record(START))
+    assert all(grid.trained(n) >= 2 for n in nodes), {n: grid.trained(n) for n in nodes}
+    assert dict(loop.node_counts) == {"node 0": 2, "node 1": 2, "node 2": 2, "node 3": 2}
 
 
 def test_discovery_keeps_malformed_nodes_out_and_the_run_goes_on(task_identity):

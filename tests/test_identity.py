@@ -11,7 +11,7 @@ from flmnist.core.arrays import to_weights
 from flmnist.core.errors import ConfigError
 from flmnist.engine.async_loop import AsyncLoop
 from flmnist.engine.guard import Guarded
-from flmnist.engine.identity import IdentityBook, read_registry
+from flmnist.engine.identity import Identity, IdentityBook, read_registry
 from flmnist.engine.reply_path import ReplyPath
 from flmnist.protocol import messages as p
 from flmnist.protocol.screen import ReplyScreen, ScreenSettings
@@ -99,6 +99,20 @@ def test_the_binding_passes_on_when_the_first_node_id_is_gone(task_identity):
     book2.judge(11, "node 0", 0)
     connected.discard(11)
     assert book2.judge(13, "node 0", 0) is None and book2.bound[13].name == "node 0" and 11 not in book2.bound
+
+
+def test_a_conflict_ends_when_one_of_the_two_node_ids_is_gone(task_identity):
+    """A board restarts and its new node id replies before Flower drops the old one: both are
+    flagged while both are listed; once the old one is gone, the new one binds the identity
+    (it stayed refused for the rest of the run)."""
+    connected = {11, 22}
+    book = IdentityBook(connected=lambda: connected)
+    assert book.judge(11, "jetson-a", 0) is None
+    assert "neither is trusted" in book.judge(22, "jetson-a", 0)
+    assert "neither is trusted" in book.judge(22, "jetson-a", 0)  # both still listed
+    connected.discard(11)
+    assert book.judge(22, "jetson-a", 0) is None
+    assert book.trusted(22) and book.bound[22] == Identity("jetson-a", 0) and not book.flagged
 
 
 def test_the_registry_names_each_node_id(tmp_path, task_identity):

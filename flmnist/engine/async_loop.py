@@ -176,10 +176,8 @@ class AsyncLoop:
             return
         if not self.clock.simulated and self.transport.unavailable(job):
             self.transport.away.append(node)  # Flower says it is gone: no work until it is back
-        elif not self.clock.simulated and (reply is None or reply.has_error()):
-            self.idle.append(node)  # timed out or failed: give its slot to another node first
         else:
-            self.idle.insert(0, node)  # the same node trains again (reproducible in simulation)
+            self.idle.append(node)  # last in line: with fewer slots than nodes, every node gets its turn
 
     # --------------------------------------------------------------- process
     def failure(self, outcome: str, problem: str, node_id: int) -> None:

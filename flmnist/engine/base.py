@@ -79,9 +79,12 @@ class RoundLiveness(Liveness):
     """Synchronous rule: ``max_failed_rounds`` rounds in a row without a new global model end
     the run."""
 
+    advanced_rounds = 0  # rounds of this process that made a new global model
+
     def count_round(self, step: int, advanced: bool, received: int, rejections: Sequence) -> None:
         """A round that made no new global model is failed; too many in a row end the run."""
         if advanced:
+            self.advanced_rounds += 1
             self.ok()
             return
         last = rejections[-1].reason if rejections else "no replies arrived"
@@ -92,6 +95,13 @@ class RoundLiveness(Liveness):
         if reached:
             raise RunFailed(f"{self.in_a_row} rounds in a row without a usable update "
                             f"(max_failed_rounds={self.limit}); last reason: {last}")
+
+    def check_some_advanced(self, rounds: int, before: bool) -> None:
+        """At the end: a run none of whose ``rounds`` made a new global model (and, ``before``
+        False, no earlier part of it either) failed, even with fewer than the limit in a row."""
+        if rounds and not before and not self.advanced_rounds:
+            raise RunFailed(f"no round of {rounds} made a usable update: the global model is the initial one; "
+                            f"last reason: {self.last_problem or 'no replies arrived'}")
 
 
 class UpdateLiveness(Liveness):

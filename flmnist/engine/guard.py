@@ -31,6 +31,7 @@ FedAdagrad, FedYogi, FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan, ...) can
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from logging import WARNING
 
@@ -95,6 +96,7 @@ class Guarded(Strategy):
         # Loss traces are lists of different lengths: Flower's default metric average cannot take them.
         self.central = privacy is not None and privacy.central  # Flower's DP wrapper around the strategy
         self.tasks_sent: list[int] = []  # DP-SGD: node ids sent a training task this round
+        self.unbound_tasks: Counter[int] = Counter()  # DP-SGD: tasks of node ids not bound to an identity yet
         (strategy.strategy if self.central else strategy).train_metrics_aggr_fn = aggregate_train_metrics
         self.path = path
         self.liveness = RoundLiveness(max_failed_rounds)  # rounds in a row without a new global model
@@ -128,11 +130,22 @@ class Guarded(Strategy):
         self.reference = to_weights(arrays)
         if self.central and not self.privacy.flower_composes:  # central_adaptive: the clip this round uses
             self.privacy.clips.append(self.privacy.clip)
+        if self.central:
+            self.sample_exactly(grid)
         messages = self.strategy.configure_train(server_round + self.round_offset, arrays, config, grid)
         if self.privacy is not None and not self.central:  # DP-SGD: every task sent counts (see account)
             messages = list(messages)
             self.tasks_sent = [m.metadata.dst_node_id for m in messages]
         return messages
+
+    def sample_exactly(self, grid) -> None:
+        """Central DP: Flower's wrapper takes exactly ``per_round`` nodes a round, while its inner
+        strategy samples a fraction of the nodes connected now; a spare board, or one re-registered
+        under a new node id before the old one is dropped, made that more and ended the run. The
+        fraction is set so that it samples ``per_round`` of whatever is connected (waiting, as Flower
+        does, while fewer are)."""
+        connected = len(list(grid.get_node_ids()))
+        self.strategy.strategy.fraction_train = (self.per_round + 0.5) / max(connected, 1)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid):
         step = server_round + self.round_offset
@@ -214,9 +227,11 @@ class Guarded(Strategy):
     def account(self, step: int, released: bool, handed: bool = True) -> None:
         """Epsilon into the round's row; a stop before the next round if it would exceed the budget.
         DP-SGD: each task sent this round counts for its node, by the identity its node id is bound
-        to (a node's first reply binds it; one never bound is not counted, and said so).
+        to (a node's first reply binds it); until a node id is bound, its tasks count against every
+        partition (the accountant's unattributed tasks), then move to its own.
         ``central_adaptive``: flmnist composes the round itself when updates were ``handed`` to the
-        wrapper (its noised count moves the clip even if the aggregate is then rejected)."""
+        wrapper (its noised count was released even if the aggregate is then rejected and the clip
+        rolled back)."""
         if self.central and not self.privacy.flower_composes:
             self.path.record(step, clipping_norm=round(self.privacy.clips[-1], 6) if self.privacy.clips else None)
             if handed:
@@ -224,18 +239,22 @@ class Guarded(Strategy):
                 released = True
         if not self.central:
             for node_id in self.tasks_sent:
-                bound = self.path.identities.bound.get(node_id)
-                if bound is None:
-                    log(WARNING, "Privacy: node id %d has no bound identity; its DP-SGD steps are not counted",
-                        node_id)
-                else:
-                    self.privacy.task(bound.partition, bound.name)
+                self.unbound_tasks[node_id] += 1
+                self.privacy.unattributed_task()
             self.tasks_sent = []
+            for node_id, count in list(self.unbound_tasks.items()):
+                bound = self.path.identities.bound.get(node_id)
+                if bound is not None:
+                    self.privacy.attribute(count, bound.partition, bound.name)
+                    del self.unbound_tasks[node_id]
+                else:
+                    log(WARNING, "Privacy: node id %d has not replied yet; its %d task(s) count against every "
+                        "node's budget until it does", node_id, count)
         if released or not self.central:  # DP-SGD: the nodes spent it whether or not the round aggregated
             self.privacy.log_release(step, "round")
         self.path.record(step, epsilon=round(self.privacy.epsilon, 6))
         self.path.report("privacy", self.privacy.summary())
-        if self.privacy.would_exceed(self.per_round):
+        if (self.last_round is None or step < self.last_round) and self.privacy.would_exceed(self.per_round):
             self.path.request_stop(step, "privacy budget", epsilon=round(self.privacy.epsilon, 6),
                                    max_epsilon=self.privacy.settings.max_epsilon)
 

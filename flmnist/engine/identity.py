@@ -14,10 +14,10 @@ identity and judges every later reply by that binding:
 - **everywhere** (simulation, and the partition of a registered node): the first screened
   reply of a node id binds its name and partition id. A later reply claiming another is
   rejected and counted against the bound identity. Two node ids claiming one partition (or
-  one name) are both flagged: neither is trusted with it again, and the replies of both are
-  rejected with that reason, unless the first one is no longer connected (a board that
-  restarted without node authentication comes back with a new node id), when the binding
-  passes to the new node id.
+  one name) are both flagged: neither is trusted with it while both are connected, and the
+  replies of both are rejected with that reason. When one of them is no longer connected (a
+  board that restarted without node authentication comes back with a new node id, and Flower
+  drops the old one a minute later), the binding passes to the one still there.
 
 Identities are not checkpointed: node ids are new in every simulation, and a resumed run
 binds them afresh.
@@ -75,6 +75,7 @@ class IdentityBook:
         self.connected = connected          # the node ids Flower lists now (engines set it)
         self.bound: dict[int, Identity] = {}
         self.flagged: dict[int, str] = {}   # node id -> why it is trusted with nothing
+        self.rivals: dict[int, int] = {}    # flagged node id -> the node id it conflicts with
         self.refused_claims = 0
 
     def name_of(self, node_id: int, claimed: str) -> str:
@@ -110,7 +111,14 @@ class IdentityBook:
 
     def _judge(self, node_id: int, claim: Identity) -> str | None:
         if node_id in self.flagged:
-            return self.flagged[node_id]
+            rival = self.rivals.get(node_id)
+            if rival is None or not self._gone(rival):
+                return self.flagged[node_id]
+            log(INFO, "Identity conflict over: node id %d is no longer connected; node id %d may bind %s",
+                rival, node_id, claim.name)
+            for n in (node_id, rival):
+                self.flagged.pop(n, None)
+                self.rivals.pop(n, None)
         if self.registry is not None:
             registered = self.registry.get(node_id)
             if registered is None:
@@ -136,6 +144,7 @@ class IdentityBook:
                 reason = (f"two node ids claim one identity (node ids {first} and {second} both claim "
                           f"{claim.name}, partition {claim.partition}: neither is trusted with it)")
                 self.flagged[other] = self.flagged[node_id] = reason
+                self.rivals[other], self.rivals[node_id] = node_id, other
                 del self.bound[other]
                 log(WARNING, "Identity conflict: %s", reason)
                 return reason

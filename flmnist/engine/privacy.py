@@ -301,7 +301,9 @@ class SampleAccountant:
     sample with rate ``q = batch_size / n`` of its ``n`` images and Gaussian noise of multiplier
     ``noise_multiplier`` (:mod:`flmnist.ml.dpsgd`); dp-accounting's RDP accountant composes
     them. Every task sent counts, answered or not (the node may have trained and replied to
-    someone watching). The run's ``epsilon`` is the largest node's.
+    someone watching). The run's ``epsilon`` is the largest node's. A task whose node's partition
+    is not known yet (a synchronous node id that has not replied: :meth:`unattributed_task`) counts
+    against every partition until :meth:`attribute` says whose it was.
     """
 
     central = False
@@ -312,6 +314,7 @@ class SampleAccountant:
         self.train_examples = tuple(int(n) for n in train_examples)  # partition -> images it trains on
         self.tasks: Counter = Counter()  # partition -> training tasks sent
         self.names: dict[int, str] = {}
+        self.unattributed = 0  # tasks sent to node ids whose partition is not known yet
         self._cache: dict[tuple[int, int], float] = {}
 
     def epsilon_of(self, partition: int, tasks: int | None = None) -> float:
@@ -334,16 +337,30 @@ class SampleAccountant:
         self.tasks[partition] += 1
         self.names[partition] = name
 
+    def unattributed_task(self) -> None:
+        """A task sent to a node whose partition is not known yet: any partition's, until attributed."""
+        self.unattributed += 1
+
+    def attribute(self, count: int, partition: int, name: str) -> None:
+        """``count`` unattributed tasks turn out to have been ``partition``'s."""
+        self.unattributed -= count
+        for _ in range(count):
+            self.task(partition, name)
+
+    def _charged(self, part: int, extra: int = 0) -> float:
+        return self.epsilon_of(part, self.tasks[part] + self.unattributed + extra)
+
     @property
     def epsilon(self) -> float:
-        return max((self.epsilon_of(part) for part in self.tasks), default=0.0)
+        parts = range(len(self.train_examples)) if self.unattributed else self.tasks
+        return max((self._charged(part) for part in parts), default=0.0)
 
     def would_exceed(self, _per_round: int = 0, partitions=None) -> bool:
         """Whether one more task for any node (or those of ``partitions``) would pass the budget."""
         if self.settings.max_epsilon is None:
             return False
         parts = range(len(self.train_examples)) if partitions is None else partitions
-        return any(self.epsilon_of(part, self.tasks[part] + 1) > self.settings.max_epsilon for part in parts)
+        return any(self._charged(part, 1) > self.settings.max_epsilon for part in parts)
 
     def check_first_release(self, _sample_size: int = 0) -> None:
         if self.settings.max_epsilon is not None and not self.tasks and self.would_exceed():
@@ -358,7 +375,8 @@ class SampleAccountant:
         per_node = {self.names.get(part, str(part)): round(self.epsilon_of(part), 6) for part in sorted(self.tasks)}
         return {"mechanism": s.mechanism, "epsilon": round(self.epsilon, 6), "delta": s.target_delta,
                 "noise_multiplier": s.noise_multiplier, "clipping_norm": s.clipping_norm,
-                "max_epsilon": s.max_epsilon, "per_node": per_node, "releases": sum(self.tasks.values()),
+                "max_epsilon": s.max_epsilon, "per_node": per_node,
+                "releases": sum(self.tasks.values()) + self.unattributed, "unattributed_tasks": self.unattributed,
                 "unit": SAMPLE_UNIT,
                 "accounting": "RDP (dp-accounting), Poisson subsampling q = batch_size / n per DP-SGD step, "
                               "every training task sent"}
@@ -368,8 +386,10 @@ class SampleAccountant:
             self.settings.target_delta, unit, step)
 
     def state_dict(self) -> dict:
-        return {"tasks": {str(k): v for k, v in self.tasks.items()}, "names": {str(k): v for k, v in self.names.items()}}
+        return {"tasks": {str(k): v for k, v in self.tasks.items()}, "names": {str(k): v for k, v in self.names.items()},
+                "unattributed": self.unattributed}
 
     def load_state_dict(self, state: dict) -> None:
         self.tasks = Counter({int(k): int(v) for k, v in state.get("tasks", {}).items()})
         self.names = {int(k): str(v) for k, v in state.get("names", {}).items()}
+        self.unattributed = int(state.get("unattributed", 0))

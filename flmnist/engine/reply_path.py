@@ -332,6 +332,8 @@ class ReplyPath:
                 ", ".join(f"{k} {v}" for k, v in info.items()))
             if self.recorder is not None:
                 self.recorder.set_section("stopped_early", {"reason": reason, "step": step, **info})
+            for hook in self.hooks:
+                hook.stopping(step)
 
     @property
     def stop_wish(self) -> str | None:

@@ -129,6 +129,7 @@ class SyncEngine:
         if checkpoint is not None:
             self.restore(checkpoint)
             done = self.strategy.round_offset
+        advanced_before = done > self.strategy.failed_rounds  # a resumed run: some earlier round made a model
         if self.num_rounds > done:
             try:
                 first, last = done + 1, self.num_rounds
@@ -142,6 +143,7 @@ class SyncEngine:
                     )
             except TargetReached:
                 pass  # Flower 1.41's loop has no early stop: the evaluation function ends it
+            self.strategy.liveness.check_some_advanced(self.num_rounds - done, advanced_before)
         return self.arrays
 
     def finish(self) -> None:

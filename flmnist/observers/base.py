@@ -49,6 +49,9 @@ class Observer:
         delta) pairs, each delta what the node's training changed."""
         return None
 
+    def stopping(self, step: int) -> None:
+        """The engine ends the run after ``step`` (the privacy budget), before its global model is seen."""
+
     def stop_wish(self, step: int, metrics: dict) -> str | None:
         """After an evaluated global model (``metrics``: its row so far): a reason to end the run now, or None."""
         return None

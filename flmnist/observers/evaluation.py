@@ -111,6 +111,9 @@ class DigitEvaluation(Observer):
             or (self.every is not None and server_round % self.every == 0)
         )
 
+    def stopping(self, step: int) -> None:
+        self.rounds.add(step)  # a run ended early is evaluated at its last step, as at num_rounds
+
     def _evaluate(self, arrays: ArrayRecord) -> EvalResult:
         self.model.load_state_dict(arrays.to_torch_state_dict())
         return evaluate(self.model, self.images, self.labels, self.batch_size, self.device)
