@@ -80,7 +80,7 @@ def test_unknown_option_in_any_group_lists_the_valid_ones():
         (["client.local_steps=0"], "client.local_steps must be an integer >= 1 or null"),
         (["data.holdout_fraction=1.0"], r"data.holdout_fraction must be a finite number in \[0, 1\)"),
         (["data.holdout_fraction=0"], "data.holdout_fraction is 0"),
-        (["eval.update_rounds=[0]"], "eval.update_rounds lists 0, outside 1..num_rounds=3"),
+        (["eval.update_rounds=[0]"], "eval.update_rounds lists 0: round numbers are integers from 1"),
         (["strategy.server_learning_rate=0"], "strategy.server_learning_rate must be a finite number"),
     ],
 )
@@ -175,15 +175,17 @@ def test_every_preset_composes_with_every_strategy(experiment):
         assert type(build_strategy(cfg.strategy)) is get_class(cfg.strategy._target_)
 
 
-def test_a_shortened_preset_drops_its_later_evaluation_rounds_saying_so():
+def test_a_shortened_preset_keeps_its_later_evaluation_rounds_for_an_extension_saying_so():
     """`flmnist experiment=seed002 num_rounds=5` just works: rounds 11-40 of eval.rounds and
-    eval.update_rounds are dropped, one line each says so, the observers see the shortened lists."""
+    eval.update_rounds are not reached, one line each says so, and they stay in the config (its
+    config.yaml), so that `resume=DIR num_rounds=60` evaluates them (dropped, the extension
+    evaluated rounds 1, 5 and 60 only and reported 96% reached at round 60 instead of 31)."""
     notes: list[str] = []
     cfg = compose_config(["experiment=seed002", "num_rounds=5"], notes)
-    assert list(cfg.eval.rounds) == [1] and list(cfg.eval.update_rounds) == [1]
-    assert list(cfg.observers.digits.rounds) == [1] and list(cfg.observers.digits.update_rounds) == [1]
-    assert notes == [f"eval.{key} lists 11, 21, 31, 40 past num_rounds=5: dropped (the last round is always evaluated)"
-                     for key in ("rounds", "update_rounds")]
+    assert list(cfg.eval.rounds) == [1, 11, 21, 31, 40] and list(cfg.eval.update_rounds) == [1, 11, 21, 31, 40]
+    assert list(cfg.observers.digits.rounds) == [1, 11, 21, 31, 40]
+    assert notes == [f"eval.{key} lists 11, 21, 31, 40 past num_rounds=5: not reached in this run (kept for an "
+                     "extension with resume=; the last round is always evaluated)" for key in ("rounds", "update_rounds")]
     notes.clear()
     compose_config(["experiment=seed002"], notes)
     assert notes == []

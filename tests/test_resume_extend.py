@@ -89,3 +89,17 @@ def test_a_run_stopped_at_its_privacy_budget_goes_on_with_a_larger_one(tmp_path)
     plain, plain_saved = finished_run(tmp_path / "plain", ["model=logreg", "num_rounds=4"], done=2)
     with pytest.raises(ConfigError, match=r"has no differential privacy"):
         resumed_config(["privacy.max_epsilon=16"], plain_saved, plain)
+
+
+def test_extending_a_shortened_preset_evaluates_its_later_rounds(tmp_path):
+    """`flmnist experiment=seed002 num_rounds=5`, then `resume=DIR num_rounds=60`: the extension
+    evaluates the preset's rounds 11, 21, 31 and 40, so its rounds-to-96% is measured as in the
+    full preset (with them dropped from the first run's config.yaml, the extension evaluated only
+    round 60)."""
+    from flmnist.config.validate import validate
+
+    run, saved = finished_run(tmp_path, ["experiment=seed002", "num_rounds=5"], done=5)
+    out = resumed_config(["num_rounds=60"], saved, run)
+    validate(out)
+    assert out.num_rounds == 60
+    assert list(out.eval.rounds) == [1, 11, 21, 31, 40] and list(out.observers.digits.rounds) == [1, 11, 21, 31, 40]

@@ -16,7 +16,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from flmnist.config.validate import drop_rounds_past_the_end, validate
+from flmnist.config.validate import rounds_past_the_end, validate
 from flmnist.core.build import one_line
 from flmnist.core.errors import ConfigError
 
@@ -160,9 +160,8 @@ def compose_config(overrides: list[str] | None = None, notes: list[str] | None =
     name = run_name(cfg, cfg.hydra.runtime.choices)
     cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
     cfg.name = name
-    dropped = drop_rounds_past_the_end(cfg)  # before resolving: observers.digits takes eval.* from here
     if notes is not None:
-        notes.extend(dropped)
+        notes.extend(rounds_past_the_end(cfg))
     try:
         OmegaConf.resolve(cfg)
     except Exception as err:  # an interpolation naming a missing key, or a cycle

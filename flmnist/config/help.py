@@ -173,7 +173,8 @@ Usage:
 
 Runs go to outputs/DATE/TIME_NAME/ (sweeps: multirun/DATE/TIME_NAME/N_.../), NAME being the
 experiment's name or STRATEGY_SPLIT. Exit codes: 0 finished, 1 the run failed, 2 a bad
-setting (nothing ran), 130 Ctrl-C, 143 SIGTERM.
+setting (nothing ran), 3 finished degraded (its accuracy collapsed: collapse.*), 130 Ctrl-C,
+143 SIGTERM.
 """
 
 

@@ -160,18 +160,18 @@ def _observers(cfg: DictConfig) -> None:
                               f"got {node!r}")
 
 
-def _rounds(cfg: DictConfig, key: str, last: int | None) -> None:
-    """``key`` lists round numbers in 1..last (from 1 when ``last`` is None)."""
+def _rounds(cfg: DictConfig, key: str) -> None:
+    """``key`` lists round numbers from 1 (past the run's end: see :func:`rounds_past_the_end`)."""
     for r in _list(cfg, key):
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1 or (last is not None and r > last):
-            allowed = f"1..num_rounds={last}" if last is not None else "integers from 1"
-            raise ConfigError(f"{key} lists {r!r}, outside {allowed}")
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ConfigError(f"{key} lists {r!r}: round numbers are integers from 1")
 
 
-def drop_rounds_past_the_end(cfg: DictConfig) -> list[str]:
-    """A shortened run (``experiment=seed002 num_rounds=5``): the rounds ``eval.rounds`` (and, under a
-    synchronous strategy, ``eval.update_rounds``) list past ``num_rounds`` are dropped; returns one
-    line for each list shortened. The last round is evaluated anyway."""
+def rounds_past_the_end(cfg: DictConfig) -> list[str]:
+    """A shortened run (``experiment=seed002 num_rounds=5``): one line for each of ``eval.rounds``
+    (and, under a synchronous strategy, ``eval.update_rounds``) that lists rounds past
+    ``num_rounds``. They stay in the config, so that extending the run (``resume=DIR
+    num_rounds=40``) evaluates them; the last round is evaluated anyway."""
     last = OmegaConf.select(cfg, "num_rounds")
     if isinstance(last, bool) or not isinstance(last, int) or last < 1:
         return []  # validate() names the bad num_rounds
@@ -188,9 +188,8 @@ def drop_rounds_past_the_end(cfg: DictConfig) -> list[str]:
             continue
         late = [r for r in values if isinstance(r, int) and not isinstance(r, bool) and r > last]
         if late:
-            OmegaConf.update(cfg, key, [r for r in values if r not in late], merge=False)
-            notes.append(f"{key} lists {', '.join(map(str, late))} past num_rounds={last}: dropped "
-                         "(the last round is always evaluated)")
+            notes.append(f"{key} lists {', '.join(map(str, late))} past num_rounds={last}: not reached in this run "
+                         "(kept for an extension with resume=; the last round is always evaluated)")
     return notes
 
 
@@ -268,8 +267,8 @@ def validate(cfg: DictConfig) -> None:
         if sampled < 4 * f + 3:
             raise ConfigError(f"strategy.num_malicious_nodes={f}: Bulyan needs at least 4 f + 3 = {4 * f + 3} "
                               f"updates per round, but a round samples {sampled} of num_nodes={n}")
-    _rounds(cfg, "eval.rounds", cfg.num_rounds)
-    _rounds(cfg, "eval.update_rounds", None if asynchronous else cfg.num_rounds)
+    _rounds(cfg, "eval.rounds")
+    _rounds(cfg, "eval.update_rounds")
     if cfg.get("privacy") is not None:
         problem = privacy_problem(_settings(PrivacySettings, cfg, "privacy"), strategy)
         if problem:

@@ -45,7 +45,7 @@ def find_checkpoint(resume: str, output_dir: str) -> Path:
             skipped = f"; {len(found)} outside flmnist run directories skipped" if found else ""
             raise ConfigError(f"resume=latest: no {CHECKPOINT} under output_dir={root} in a flmnist run "
                               f"directory (one with a flmnist config.yaml){skipped}")
-        log(INFO, "resume=latest: continuing %s (the newest of %d flmnist run(s) with a checkpoint under %s)",
+        log(INFO, "resume=latest: %s (the newest of %d flmnist run(s) with a checkpoint under %s)",
             runs[0].parent, len(runs), root)
         return runs[0]
     path = Path(resume).expanduser()

@@ -37,7 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from flmnist.config.compose import check_group_overrides, compose_config, conf_dir, override_key
 from flmnist.config.help import help_text, version_text
-from flmnist.config.validate import collapse_args, drop_rounds_past_the_end, run_length, validate
+from flmnist.config.validate import collapse_args, run_length, validate
 from flmnist.core.errors import ConfigError, FlmnistError, RunFailed
 from flmnist.core.run_files import CHECKPOINT, atomic_write, find_checkpoint
 from flmnist.launch import warm_link
@@ -175,7 +175,6 @@ BACKEND_NOTES = {
 def launch(cfg: DictConfig) -> dict:
     """Run one federated training for the composed ``cfg``; return its summary (RunFailed if
     it did not finish). A resume runs in the directory of the run it continues."""
-    drop_rounds_past_the_end(cfg)  # said once, before Hydra started (hydra_arguments)
     validate(cfg)
     gpus = client_gpus(cfg)  # this launch's (a resume may move to other hardware)
     check_gpu_share(cfg, gpus)
