@@ -263,6 +263,27 @@ def test_rounds_without_a_usable_update_fail_and_too_many_in_a_row_end_the_run(t
         sync_round(strategy, bad, to_weights(arrays), 4)
 
 
+def test_the_screens_counters_survive_a_checkpoint(task_identity):
+    """A resumed run's summary goes on counting from the checkpoint: replies screened, screening
+    time and the effect guard's counters (they restarted from 0 while rejections per node carried on)."""
+    from flmnist.engine.effect_guard import EffectGuard
+
+    nodes = {101: FakeNode(0, 0.01), 102: FakeNode(1, 0.02, behave="nan")}
+    path = make_path(guard_max_harm=None)
+    sync_round(Guarded(FedAvg(fraction_evaluate=0.0), path), nodes, START, 1)
+    resumed = make_path(guard_max_harm=None)
+    resumed.load_state(path.state())
+    before, after = path.stats(), resumed.stats()
+    assert after["replies_screened"] == before["replies_screened"] == 2
+    assert after["screen_seconds"] == before["screen_seconds"] > 0
+    assert after["rejected_per_node"] == before["rejected_per_node"] == {"node 1": 1}
+    path.guard, resumed.guard = EffectGuard(probe=None), EffectGuard(probe=None)
+    path.guard.judged, path.guard.probed, path.guard.evaluations, path.guard.rejected = 7, 2, 9, 1
+    resumed.load_state(path.state())
+    assert resumed.guard.state() == path.guard.state() == {"seconds": 0.0, "evaluations": 9, "judged": 7,
+                                                            "probed": 2, "rejected": 1}
+
+
 def test_a_rejected_aggregate_leaves_no_trace_in_the_inner_strategy(task_identity, monkeypatch):
     """FedAvgM's momentum and current model are rolled back with a rejected (NaN) aggregate:
     rounds 1, (2 rejected), 3 end where rounds 1, 3 alone do."""

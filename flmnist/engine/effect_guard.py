@@ -145,6 +145,16 @@ class EffectGuard:
         self.seconds += time.perf_counter() - t
         return rejected
 
+    COUNTERS = ("seconds", "evaluations", "judged", "probed", "rejected")
+
+    def state(self) -> dict:
+        """The counters, for a checkpoint (not the asynchronous window: a resumed run refills it)."""
+        return {k: getattr(self, k) for k in self.COUNTERS}
+
+    def load_state(self, state: dict) -> None:
+        for k in self.COUNTERS:
+            setattr(self, k, state.get(k, getattr(self, k)))
+
     def summary(self) -> dict:
         return {
             "max_harm_pp": self.max_harm,

@@ -5,8 +5,8 @@
   record loss traces and run the evaluation hooks on the accepted updates.
 - :meth:`ReplyPath.evaluate_replies`: screen evaluate replies and sum their counts.
 - :meth:`ReplyPath.aggregate`: an aggregate becomes the global model only if it is sound.
-- :meth:`ReplyPath.global_model`: hooks on the new global model, the metrics row, the
-  progress line; :meth:`ReplyPath.save_checkpoint`: the one checkpoint layout.
+- :meth:`ReplyPath.global_model`: hooks on the new global model, the metrics row, the progress
+  line; :meth:`ReplyPath.save_checkpoint`: the one checkpoint layout.
 """
 
 from __future__ import annotations
@@ -161,9 +161,8 @@ class ReplyPath:
         return refused
 
     def aggregate_size(self, size: int | None) -> None:
-        """Asynchronous: the number of updates one server step averages (None: each alone). The
-        guard then judges each update among the ``size - 1`` most recent accepted ones (at least
-        one), not among more, which would dilute an attacker's share in its aggregate."""
+        """Asynchronous: the updates one server step averages (None: each alone). The guard judges each
+        among the ``size - 1`` (at least 1) most recent accepted ones: more would dilute an attacker's share."""
         if self.guard is not None and size is not None:
             self.guard.limit_window(max(1, size - 1))
 
@@ -324,8 +323,7 @@ class ReplyPath:
                 return
 
     def request_stop(self, step: int, reason: str, **info) -> None:
-        """The engine's own reason to end the run after ``step`` (the privacy budget), recorded
-        as ``stopped_early`` like an observer's wish; the first reason holds."""
+        """The engine's reason to end the run after ``step`` (the privacy budget): ``stopped_early``, first holds."""
         if self.stopped is None:
             self.stopped = (step, reason)
             log(WARNING, "Stopping after %s %d: %s (%s)", "update" if self.asynchronous else "round", step, reason,
@@ -383,7 +381,8 @@ class ReplyPath:
     def state(self) -> dict:
         return {"norms": [float(n) for n in self.norms], "rejected": dict(self.rejected), "failed": dict(self.failed),
                 "reasons": dict(self.reasons), "clipped": self.clipped, "aggregates_rejected": self.aggregates_rejected,
-                "guard_rejected": self.guard_rejected,
+                "guard_rejected": self.guard_rejected, "screened": self.screened, "screen_seconds": self.screen_seconds,
+                "guard": self.guard.state() if self.guard is not None else None,
                 "hooks": {type(h).__name__: st for h in self.hooks if (st := h.state()) is not None}}
 
     def load_state(self, state: dict) -> None:
@@ -391,7 +390,10 @@ class ReplyPath:
         self.rejected, self.failed = Counter(state.get("rejected", {})), Counter(state.get("failed", {}))
         self.reasons = Counter(state.get("reasons", {}))
         self.clipped, self.aggregates_rejected = state.get("clipped", 0), state.get("aggregates_rejected", 0)
-        self.guard_rejected = state.get("guard_rejected", 0)
+        self.guard_rejected, self.screened = state.get("guard_rejected", 0), state.get("screened", 0)
+        self.screen_seconds = state.get("screen_seconds", 0.0)
+        if self.guard is not None:
+            self.guard.load_state(state.get("guard") or {})
         hooks = state.get("hooks", {})
         for hook in self.hooks:
             if type(hook).__name__ in hooks:
