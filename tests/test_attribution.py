@@ -134,6 +134,31 @@ def test_a_sign_flipping_node_is_the_one_that_hurt_every_digit(mnist, tmp_path):
     assert (tmp_path / "attribution.png").is_file()
 
 
+def test_a_node_name_with_a_comma_keeps_attribution_csv_in_its_columns(mnist, tmp_path):
+    """A deployed node names itself (node-name): "jetson, lab 2" is one quoted field, so every
+    column stays under its header and the stopped-run plot reads it back."""
+    import csv
+
+    from flmnist.observers.recorder import plot_stopped_attribution
+
+    (x, y), (tx, ty) = mnist
+    torch.manual_seed(0)
+    start = weights_of(LogReg())
+    hook = Attribution(tx, ty, LogReg, probe_size=200, run_dir=tmp_path, printer=lambda line: None)
+    hook.updates_applied(1, start, [("jetson, lab 2", trained_delta(start, x[:1000], y[:1000], steps=5)),
+                                    ('node "b"', trained_delta(start, x[1000:2000], y[1000:2000], steps=5))], key=1)
+    hook.evaluate_global(1, None)
+    hook.finish(wall_time=1.0)
+    with open(tmp_path / "attribution.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["node"] for r in rows) == ["jetson, lab 2", 'node "b"'] and all(len(r) == 14 for r in rows)
+    assert all(float(r["total"]) == pytest.approx(sum(float(r[f"digit_{d}"]) for d in range(10)), abs=0.06)
+               for r in rows)
+    (tmp_path / "attribution.png").unlink()
+    plot_stopped_attribution(tmp_path)
+    assert (tmp_path / "attribution.png").is_file()
+
+
 class ScoredProbe:
     """A probe whose "model" is its scores: ``acc`` (per-digit accuracy) and ``share`` (the share
     of the probe images labelled with each digit) are the weights, an update adds to them."""

@@ -277,6 +277,7 @@ def test_the_screens_counters_survive_a_checkpoint(task_identity):
     assert after["replies_screened"] == before["replies_screened"] == 2
     assert after["screen_seconds"] == before["screen_seconds"] > 0
     assert after["rejected_per_node"] == before["rejected_per_node"] == {"node 1": 1}
+    assert resumed.devices == path.devices and set(path.devices) == {"node 0"}
     path.guard, resumed.guard = EffectGuard(probe=None), EffectGuard(probe=None)
     path.guard.judged, path.guard.probed, path.guard.evaluations, path.guard.rejected = 7, 2, 9, 1
     resumed.load_state(path.state())
@@ -416,6 +417,26 @@ def test_an_engine_stop_is_announced_so_the_last_step_is_evaluated():
     assert not evaluation.is_scheduled(3)
     path.request_stop(3, "privacy budget")
     assert spy.steps == [3] and evaluation.is_scheduled(3)
+
+
+def test_the_last_round_is_checkpointed_whatever_checkpoint_every_says(task_identity, tmp_path):
+    """checkpoint_every=5, num_rounds=7: checkpoints at rounds 5 and 7 (the last), so extending the
+    run starts from round 7, not 5 (rounds 6 and 7 were redone, or lost by a shorter extension)."""
+    import json
+
+    from flmnist.core.run_files import CHECKPOINT_INFO
+    from flmnist.observers.recorder import RunRecorder
+
+    nodes = {101: FakeNode(0, 0.01), 102: FakeNode(1, 0.02)}
+    recorder = RunRecorder(tmp_path, 7, 0.99, printer=lambda line: None)
+    path = ReplyPath(ReplyScreen(ScreenSettings(), LIMITS), SENT, (), recorder, checkpoint_every=5)
+    seen = []
+    save = path.save_checkpoint
+    path.save_checkpoint = lambda kind, step, *rest: (seen.append(step), save(kind, step, *rest))
+    SyncEngine(FakeGrid(nodes), Guarded(FedAvg(fraction_evaluate=0.0), path), path, SENT.to_record(),
+               num_rounds=7, round_timeout=5.0).run(record(START))
+    assert seen == [5, 7]
+    assert json.loads((tmp_path / CHECKPOINT_INFO).read_text())["round"] == 7
 
 
 def test_a_resumed_sync_run_does_only_the_remaining_rounds(task_identity):

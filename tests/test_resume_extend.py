@@ -103,3 +103,22 @@ def test_extending_a_shortened_preset_evaluates_its_later_rounds(tmp_path):
     validate(out)
     assert out.num_rounds == 60
     assert list(out.eval.rounds) == [1, 11, 21, 31, 40] and list(out.observers.digits.rounds) == [1, 11, 21, 31, 40]
+
+
+def test_another_experiment_on_resume_is_refused_in_one_line(tmp_path):
+    """experiment=X beside resume= for a run of another experiment: one ConfigError naming both
+    (it raised OmegaConf's ConfigKeyError, a traceback, looking up a key saved configs lack)."""
+    run, saved = finished_run(tmp_path, ["experiment=seed002", "num_rounds=5"], done=5)
+    with pytest.raises(ConfigError, match=r"resume: experiment=seed000 is not the run being resumed \(named 'seed002'\)"):
+        resumed_config(["experiment=seed000", "num_rounds=60"], saved, run)
+    assert resumed_config(["experiment=seed002", "num_rounds=60"], saved, run).num_rounds == 60
+
+
+def test_a_run_past_its_last_checkpoint_cannot_be_shortened_to_lose_steps(tmp_path):
+    """num_rounds=12 checkpointed at round 10 (checkpoint_every=5, before the last round was
+    checkpointed too), metrics up to 12: num_rounds=11 would redo round 11 and lose 12: refused."""
+    run, saved = finished_run(tmp_path, ["num_rounds=12", "checkpoint_every=5"], done=10)
+    (run / "metrics.json").write_text(json.dumps([{"round": r} for r in range(13)]))
+    with pytest.raises(ConfigError, match=r"num_rounds=11 would not extend the run: it has done 12 rounds"):
+        resumed_config(["num_rounds=11"], saved, run)
+    assert resumed_config(["num_rounds=13"], saved, run).num_rounds == 13

@@ -127,9 +127,10 @@ def _top_level(cfg: DictConfig) -> None:
                           "join the Ray cluster simulation.ray_address names: set simulation.backend=ray (or auto), "
                           "or drop simulation.ray_address")
     for group in _list(cfg, "eval.digit_groups"):
-        for d in group if isinstance(group, ListConfig) else [group]:
-            if isinstance(d, bool) or not isinstance(d, int) or not 0 <= d <= 9:
-                raise ConfigError(f"eval.digit_groups must list groups of digits 0-9, e.g. [[0, 1], [2]]; got {d!r}")
+        if not isinstance(group, ListConfig) or not group or not all(
+                isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= 9 for d in group):
+            raise ConfigError(f"eval.digit_groups must list non-empty groups of digits 0-9, e.g. [[0, 1], [2]]; "
+                              f"got the group {OmegaConf.to_container(group) if isinstance(group, ListConfig) else group!r}")
 
 
 def _collapse(cfg: DictConfig) -> None:

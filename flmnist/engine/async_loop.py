@@ -278,7 +278,7 @@ class AsyncLoop:
             self.path.report("privacy", self.accountant.summary())
         self.path.report("async", self.stats_dict())
         self.path.global_model(self.version, arrays, evaluate=evaluate, **fields)
-        if evaluate and self.version > 0 and self.path.checkpoint_due(self.version):
+        if evaluate and self.version > 0 and self.path.checkpoint_due(self.version, last=self.should_stop()):
             self.path.save_checkpoint(self.kind, self.version, weights, self.state_dict())
 
     def stats_dict(self) -> dict:

@@ -93,8 +93,7 @@ class ReplyPath:
                 else f"{r.name} (node id {r.node_id})", r.reason)
 
     def _identity(self, out):
-        """The screened reply judged by its node id's bound identity (a Rejection if it claims
-        another), and named as bound: a rejection counts against the node it really is."""
+        """The reply judged by its node id's bound identity, named as bound (a rejection counts against it)."""
         if isinstance(out, Rejection):
             return out if out.failed else dataclasses.replace(out, name=self.identities.name_of(out.node_id, out.name))
         reason = self.identities.judge(out.node_id, out.name, out.partition)
@@ -343,8 +342,8 @@ class ReplyPath:
         """``stop_at_target``: the step whose evaluation reached the target accuracy, or None."""
         return next((h.reached for h in self.hooks if isinstance(h, StopAtTarget)), None)
 
-    def checkpoint_due(self, step: int) -> bool:
-        return bool(self.checkpoint_every) and step % self.checkpoint_every == 0
+    def checkpoint_due(self, step: int, last: bool = False) -> bool:
+        return bool(self.checkpoint_every) and (last or step % self.checkpoint_every == 0)
 
     def save_checkpoint(self, kind: str, step: int, weights: Weights, engine: dict) -> None:
         """The one checkpoint layout: model, engine state, recorder, screen counters, RNG states."""
@@ -382,6 +381,7 @@ class ReplyPath:
         return {"norms": [float(n) for n in self.norms], "rejected": dict(self.rejected), "failed": dict(self.failed),
                 "reasons": dict(self.reasons), "clipped": self.clipped, "aggregates_rejected": self.aggregates_rejected,
                 "guard_rejected": self.guard_rejected, "screened": self.screened, "screen_seconds": self.screen_seconds,
+                "devices": dict(self.devices),
                 "guard": self.guard.state() if self.guard is not None else None,
                 "hooks": {type(h).__name__: st for h in self.hooks if (st := h.state()) is not None}}
 
@@ -391,7 +391,7 @@ class ReplyPath:
         self.reasons = Counter(state.get("reasons", {}))
         self.clipped, self.aggregates_rejected = state.get("clipped", 0), state.get("aggregates_rejected", 0)
         self.guard_rejected, self.screened = state.get("guard_rejected", 0), state.get("screened", 0)
-        self.screen_seconds = state.get("screen_seconds", 0.0)
+        self.screen_seconds, self.devices = state.get("screen_seconds", 0.0), dict(state.get("devices", {}))
         if self.guard is not None:
             self.guard.load_state(state.get("guard") or {})
         hooks = state.get("hooks", {})

@@ -101,7 +101,7 @@ class SyncEngine:
         step = server_round + self.strategy.round_offset
         self.arrays = arrays
         fields = self.path.global_model(step, arrays)
-        if step > 0 and self.path.checkpoint_due(step):
+        if step > 0 and self.path.checkpoint_due(step, last=step == self.num_rounds or self.path.stop_wish is not None):
             self.path.save_checkpoint(self.kind, step, to_weights(arrays), self.state_dict())
         if self.path.stop_wish is not None:
             raise TargetReached(step)  # stop_at_target: out of Flower's round loop, outputs as usual

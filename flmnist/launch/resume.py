@@ -32,15 +32,19 @@ WHERE = ("simulation", "data.root", "data.download", "output_dir", "resume", "ru
 
 
 def steps_done(run_dir: Path) -> int:
-    """The step of the run's checkpoint (``checkpoint.json``), else the last step in its metrics."""
+    """The last step the run reached: its checkpoint's (``checkpoint.json``) or the last in its
+    metrics, whichever is later (a run checkpointed every N steps may have gone past its last
+    checkpoint; a length at or below that would lose those steps)."""
+    steps = [0]
     try:
-        return int(json.loads((run_dir / CHECKPOINT_INFO).read_text())["round"])
+        steps.append(int(json.loads((run_dir / CHECKPOINT_INFO).read_text())["round"]))
     except (OSError, ValueError, KeyError, TypeError):
         pass
     try:
-        return max((int(r.get("round", 0)) for r in json.loads((run_dir / "metrics.json").read_text())), default=0)
+        steps.extend(int(r.get("round", 0)) for r in json.loads((run_dir / "metrics.json").read_text()))
     except (OSError, ValueError, TypeError, AttributeError):
-        return 0
+        pass
+    return max(steps)
 
 
 def finished(run_dir: Path) -> bool:
@@ -92,6 +96,10 @@ def resumed_config(overrides: list[str], saved: DictConfig, run_dir: Path) -> Di
             OmegaConf.update(out, key, new)
             extended = key
             continue
+        if key == "experiment":
+            raise ConfigError(f"resume: {item} is not the run being resumed (named {saved.get('name')!r}): a "
+                              f"resume runs with the run's own config; give only {' or '.join(LENGTH[unit])} "
+                              "beside resume= to extend it, or start a new run without resume=")
         what = "a setting of the run" if key not in GROUPS else f"its {key}"
         length = " or ".join(LENGTH[unit])
         raise ConfigError(f"resume: {item} would change the run being resumed ({what}: "

@@ -30,6 +30,7 @@ largest share of the probe images the global models labelled with it (``guessing
 
 from __future__ import annotations
 
+import csv
 import io
 import time
 from collections import Counter
@@ -158,8 +159,10 @@ class Attribution(Observer):
         """Append the cumulative table after ``step`` to attribution.csv."""
         for name in sorted(self.totals, key=node_order):
             row = self.totals[name]
-            self.snapshots.append(f"{step},{name},{self.counts[name]},"
-                                  + ",".join(f"{v:.2f}" for v in row) + f",{row.sum():.2f}")
+            line = io.StringIO()  # the csv module quotes a node name with a comma or a quote in it
+            csv.writer(line, lineterminator="").writerow(
+                [step, name, self.counts[name], *(f"{v:.2f}" for v in row), f"{row.sum():.2f}"])
+            self.snapshots.append(line.getvalue())
         if self.totals:
             self.write_csv()
 
