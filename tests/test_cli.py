@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from flmnist.core.errors import RunFailed
+from flmnist.core.errors import ConfigError, RunFailed
 from flmnist.launch.cli import finished_line, outcome
 from flmnist.launch.flwr_local import descendants, pids_with_env, started_at
 from flmnist.launch.sweep_link import parent_of, role_of
@@ -78,6 +78,20 @@ def test_only_a_finished_summary_written_by_this_launch_counts_as_success(tmp_pa
     st = (tmp_path / "summary.json").stat()
     with pytest.raises(RunFailed, match="wrote no summary"):
         outcome(tmp_path, (st.st_ino, st.st_mtime_ns), 0)
+
+
+def test_a_resumed_run_is_not_blamed_on_an_earlier_attempts_config_error(tmp_path):
+    """A resumed run appends to flwr_run.log: a ConfigError an earlier attempt logged is not this
+    launch's cause (exit 2, "nothing ran"); only one logged after the launch's start is."""
+    log = tmp_path / "flwr_run.log"
+    log.write_text("flmnist.core.errors.ConfigError: screen.registry=x: cannot read it\n")
+    start = log.stat().st_size
+    with pytest.raises(RunFailed, match="wrote no summary"):
+        outcome(tmp_path, None, 1, log_from=start)
+    with log.open("a") as f:
+        f.write("flmnist.core.errors.ConfigError: fleet.devices: no device has a share\n")
+    with pytest.raises(ConfigError, match="^fleet.devices: no device has a share$"):
+        outcome(tmp_path, None, 1, log_from=start)
 
 
 def test_the_command_stops_flower_at_the_last_line_of_a_run_that_wrote_a_finished_summary(tmp_path):

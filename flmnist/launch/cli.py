@@ -115,10 +115,12 @@ def wrote_summary(run_dir: Path, before: tuple[int, int] | None) -> bool:
     return _signature(run_dir / "summary.json") not in (None, before)
 
 
-def config_error_in(log: Path) -> str | None:
-    """The message of the last ConfigError the ServerApp raised, as its log shows it, or None."""
+def config_error_in(log: Path, start: int = 0) -> str | None:
+    """The last ConfigError the ServerApp raised, as its log shows it from byte ``start`` on, or None."""
     try:
-        lines = log.read_text(errors="replace").splitlines()
+        with open(log, "rb") as f:
+            f.seek(start)
+            lines = f.read().decode(errors="replace").splitlines()
     except OSError:
         return None
     marker = "flmnist.core.errors.ConfigError: "
@@ -126,15 +128,15 @@ def config_error_in(log: Path) -> str | None:
     return found[-1] if found else None
 
 
-def outcome(run_dir: Path, before: tuple[int, int] | None, code: int) -> dict:
+def outcome(run_dir: Path, before: tuple[int, int] | None, code: int, log_from: int = 0) -> dict:
     """The run's summary if it finished; else RunFailed saying why and where the log is.
 
-    ``before``: the summary file's identity before the launch (a resumed run may hold an old one).
-    """
+    ``before``, ``log_from``: the summary's identity and the log's size before the launch (a
+    resumed run may hold an old summary, and appends to its earlier attempts' log)."""
     log = run_dir / "flwr_run.log"
     path = run_dir / "summary.json"
     if not wrote_summary(run_dir, before):
-        refused = config_error_in(log)
+        refused = config_error_in(log, log_from)
         if refused:  # a setting the server found wrong before training (it needs the data or the fleet)
             raise ConfigError(refused)
         raise RunFailed(f"the run wrote no summary (flwr run exited with {code}); see {log}")
@@ -198,6 +200,7 @@ def launch(cfg: DictConfig) -> dict:
     if not any(o.startswith("data.root=") for o in overrides):
         overrides.append(f"data.root={quoted(root)}")
     before = _signature(run_dir / "summary.json")
+    log_from = (run_dir / "flwr_run.log").stat().st_size if cfg.resume and (run_dir / "flwr_run.log").is_file() else 0
     sim, backend = cfg.simulation, simulation_backend(cfg, gpus)
     sweep = hc.mode == RunMode.MULTIRUN  # the jobs share one local SuperLink, stopped at the sweep's end
     if sweep and not _sweep_link:
@@ -217,7 +220,7 @@ def launch(cfg: DictConfig) -> dict:
     finally:
         if not link:
             shutil.rmtree(flwr_home, ignore_errors=True)
-    summary = outcome(run_dir, before, code)
+    summary = outcome(run_dir, before, code, log_from)
     if not until.seen:  # Flower's log stream ended before the run's last line: say it from summary.json
         line = f"flmnist: {final_line(summary)}"
         print(line, flush=True)
