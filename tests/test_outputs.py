@@ -146,6 +146,29 @@ def test_tensorboard_and_mlflow_get_the_config_every_rounds_metrics_and_the_mode
     assert {"model.pt", "summary.json", "accuracy_loss.png"} <= artifacts
 
 
+def test_client_metrics_a_round_later_still_reach_the_trackers(tmp_path):
+    """sampling.client_evaluation=in_train (the deployment default): round 1's client evaluation
+    arrives with round 2's train replies, after round 1's row went to the trackers; the trackers
+    get it then, at step 1 (they only ever saw the last round's)."""
+    from flmnist.observers.trackers import Tracker, Trackers
+
+    class Seen(Tracker):
+        def __init__(self):
+            self.logged = []
+
+        def log_metrics(self, step, metrics):
+            self.logged.append((step, metrics))
+
+    seen = Seen()
+    recorder = RunRecorder(tmp_path, 3, 0.99, printer=lambda line: None)
+    recorder.trackers = Trackers([seen])
+    recorder.add(1, test_accuracy=0.9)
+    recorder.end_round(1)
+    recorder.add(1, client_accuracy=0.85, client_loss=0.4)
+    assert seen.logged[-1] == (1, {"client_accuracy": 0.85, "client_loss": 0.4})
+    assert recorder.rows[1]["client_accuracy"] == 0.85
+
+
 def test_a_failing_tracker_is_dropped_and_the_run_goes_on(tmp_path):
     from flmnist.observers.trackers import Tracker, Trackers
 

@@ -70,6 +70,7 @@ class RunRecorder:
         self.stopped_early: dict | None = None  # stop_at_target: when and why the run ended early
         self.extra: dict = {}  # summary sections from evaluation hooks (attribution)
         self.trackers = trackers if trackers is not None else Trackers([])
+        self.tracked: set[int] = set()  # rows handed to the trackers
         self.collapse_drop, self.collapse_patience = collapse_drop, collapse_patience
 
     def set_section(self, name: str, value) -> None:
@@ -103,8 +104,11 @@ class RunRecorder:
         self.t0 = time.perf_counter() - state["elapsed"]
 
     def add(self, server_round: int, **fields) -> None:
-        """Merge fields into the record of ``server_round``."""
+        """Merge fields into the record of ``server_round``; into a row the trackers already have
+        (the client evaluation a train reply brings a round later), they go to the trackers too."""
         self.rows.setdefault(server_round, {"round": server_round}).update(fields)
+        if server_round in self.tracked and (late := scalars(fields)):
+            self.trackers.call("log_metrics", server_round, late)
 
     def add_loss_trace(self, name: str, trace: list[float], step: int | None = None) -> None:
         self.loss_traces[name].extend(float(x) for x in trace)
@@ -124,6 +128,7 @@ class RunRecorder:
                     self.save_tensors(state_dict, self.run_dir / "model_best.pt")
         self.write_metrics()
         self.trackers.call("log_metrics", server_round, scalars(row))
+        self.tracked.add(server_round)
         if server_round > 0 and not quiet:
             self.printer(self.progress_line(row))
 
