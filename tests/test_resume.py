@@ -189,7 +189,7 @@ def test_a_finished_run_is_extended_by_the_readmes_command_and_other_overrides_a
     assert refused.returncode == 2 and "resume: strategy=fedprox would change the run being resumed" in refused.stderr
     extended = run(f"resume={run_dir}", "num_rounds=2")
     assert extended.returncode == 0, extended.stderr[-2000:]
-    assert f"flmnist: extending {run_dir} to 2 rounds" in extended.stdout
+    assert f"flmnist: extending {run_dir}: num_rounds=2" in extended.stdout
     assert "[round 2/2]" in extended.stdout and "[ROUND" not in extended.stdout  # one round count, flmnist's
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["rounds_completed"] == 2

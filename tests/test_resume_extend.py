@@ -122,3 +122,19 @@ def test_a_run_past_its_last_checkpoint_cannot_be_shortened_to_lose_steps(tmp_pa
     with pytest.raises(ConfigError, match=r"num_rounds=11 would not extend the run: it has done 12 rounds"):
         resumed_config(["num_rounds=11"], saved, run)
     assert resumed_config(["num_rounds=13"], saved, run).num_rounds == 13
+
+
+def test_max_client_updates_extends_only_past_the_client_updates_done(tmp_path):
+    """FedBuff (K=10) stopped at 20 server updates, 200 client updates: max_client_updates=150 is
+    below what was done (it was compared with the 20 server updates, accepted, and trained
+    nothing); 250 extends, and the extension says which setting it changed."""
+    from flmnist.launch.resume import extension
+
+    run, saved = finished_run(tmp_path, ["strategy=fedbuff", "async_loop.max_server_updates=null",
+                                         "async_loop.max_client_updates=200"], done=20)
+    (run / "metrics.json").write_text(json.dumps([{"round": v, "client_updates": 10 * v} for v in range(21)]))
+    with pytest.raises(ConfigError, match=r"max_client_updates=150 would not extend the run: it has done 200 "
+                                          r"client updates \(give more than 200\)"):
+        resumed_config(["async_loop.max_client_updates=150"], saved, run)
+    out = resumed_config(["async_loop.max_client_updates=250"], saved, run)
+    assert extension(saved, out) == "async_loop.max_client_updates=250"

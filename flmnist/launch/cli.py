@@ -44,7 +44,7 @@ from flmnist.launch import warm_link
 from flmnist.launch.backend import check_gpu_share, client_gpus, simulation_backend
 from flmnist.launch.comparison import COLUMNS, degraded_message, write_comparison  # noqa: F401 - re-exported
 from flmnist.launch.flwr_local import run_flwr
-from flmnist.launch.resume import BUDGET, finished, resumed_config
+from flmnist.launch.resume import BUDGET, extension, finished, resumed_config
 from flmnist.launch.sweep_link import SweepLink
 from flmnist.ml.mnist_files import ensure_mnist, resolve_root
 from flmnist.observers.recorder import DEGRADED, FINAL_LINE, final_line, summarize_stopped
@@ -189,8 +189,7 @@ def launch(cfg: DictConfig) -> dict:
         run_cfg = _resumed.get(run_dir, saved)  # worked out before Hydra started (hydra_arguments)
         if run_cfg != saved:  # extended: the run's config says how long it now is
             atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(run_cfg))
-            unit, steps = run_length(run_cfg)
-            print(f"flmnist: extending {run_dir} to {steps} {unit}s", flush=True)
+            print(f"flmnist: extending {run_dir}: {extension(saved, run_cfg)}", flush=True)
         overrides = [o for o in overrides if not o.startswith("resume=")] + [f"resume={quoted(checkpoint)}"]
     else:
         run_dir = Path(hc.runtime.output_dir).resolve()

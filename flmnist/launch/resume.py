@@ -47,6 +47,22 @@ def steps_done(run_dir: Path) -> int:
     return max(steps)
 
 
+def client_updates_done(run_dir: Path) -> int:
+    """An asynchronous run's client updates processed so far, from its metrics."""
+    try:
+        rows = json.loads((run_dir / "metrics.json").read_text())
+        return max((int(r.get("client_updates") or 0) for r in rows), default=0)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0
+
+
+def extension(saved: DictConfig, cfg: DictConfig) -> str:
+    """What a resume changed, as ``key=value`` settings (the lengths and the privacy budget)."""
+    unit, _ = run_length(saved)
+    return ", ".join(f"{k}={OmegaConf.select(cfg, k)}" for k in (*LENGTH[unit], BUDGET)
+                     if OmegaConf.select(cfg, k) != OmegaConf.select(saved, k))
+
+
 def finished(run_dir: Path) -> bool:
     """Whether the run's summary.json says it finished."""
     try:
@@ -90,9 +106,11 @@ def resumed_config(overrides: list[str], saved: DictConfig, run_dir: Path) -> Di
             continue
         if key in LENGTH[unit]:
             new = OmegaConf.select(cfg, key)
-            if key != "async_loop.time_budget" and new is not None and new <= done:
-                raise ConfigError(f"resume: {item} would not extend the run: it has done {done} {unit}s "
-                                  f"(give more than {done})")
+            clients = key == "async_loop.max_client_updates"
+            reached, what = (client_updates_done(run_dir), "client updates") if clients else (done, f"{unit}s")
+            if key != "async_loop.time_budget" and new is not None and new <= reached:
+                raise ConfigError(f"resume: {item} would not extend the run: it has done {reached} {what} "
+                                  f"(give more than {reached})")
             OmegaConf.update(out, key, new)
             extended = key
             continue
