@@ -559,6 +559,32 @@ def make_loop(nodes: dict[int, FakeNode], strategy, sent=SENT, fleet=None, scree
     return loop, grid
 
 
+class UpdateTable(Observer):
+    """An update evaluation's shape (DigitEvaluation's, asynchronous): one entry per update."""
+
+    def evaluate_updates(self, step, updates):
+        return {"update_eval": {f"{u.name} (client update {step})": {"step": step} for u in updates}}
+
+
+def test_async_update_evaluations_land_in_the_row_of_the_server_update_they_arrived_at(task_identity, tmp_path):
+    """Node 1's replies are rejected, so client updates outnumber server updates: each accepted
+    update's evaluation goes in the row of the server update it arrived at, rows stay the run's
+    3 server updates (keyed by client-update number they ran past them, stray rows that made
+    rounds_completed too high), and a row's table gains entries instead of losing them."""
+    from flmnist.observers.recorder import RunRecorder
+
+    nodes = {101: FakeNode(0, 0.01, delay=0.05), 102: FakeNode(1, 0.02, behave="nan")}
+    loop, _ = make_loop(nodes, FedAsync(alpha=0.5), hooks=[UpdateTable()], max_server_updates=3)
+    loop.path.recorder = RunRecorder(tmp_path, 3, 0.99, printer=lambda line: None)
+    loop.run(record(START))
+    rows = loop.path.recorder.rows
+    assert sorted(rows) == [0, 1, 2, 3] and loop.counts["rejected"] >= 1
+    entries = [(version, name, e["step"]) for version, r in rows.items() for name, e in r.get("update_eval", {}).items()]
+    assert len(entries) == 3 and all(name.startswith("node 0 (client update") for _, name, _ in entries)
+    assert [version for version, _, _ in entries] == [0, 1, 2]  # update k+1 arrived at version k
+    assert max(step for _, _, step in entries) > 3  # numbered by client update, past the last version
+
+
 DELTA = dataclasses.replace(SENT, reply_delta=True)  # what FedBuff's nodes are sent
 
 

@@ -205,7 +205,7 @@ class AsyncLoop:
                 self.failure("timed out", f"node id {job.node_id} timed out", job.node_id)
             return None
         updates, rejections = self.path.train_replies(step, [reply], reference, delta=self.strategy.reply_delta,
-                                                      current=weights)
+                                                      current=weights, row=self.version)
         if rejections:
             r = rejections[0]
             self.failure("failed" if r.failed else "rejected", f"{r.name}: {r.reason}", job.node_id)

@@ -101,11 +101,12 @@ class ReplyPath:
 
     def train_replies(
         self, step: int, replies: Iterable[Message], reference: Weights, delta: bool = False,
-        current: Weights | None = None,
+        current: Weights | None = None, row: int | None = None,
     ) -> tuple[list[ClientUpdate], list[Rejection]]:
         """Screen train replies against ``reference`` (the model sent), then the node ids' bound
         identities, the norm bounds and the effect guard (on ``current``, the model the updates
-        will be applied to; default ``reference``); hooks see the accepted ones."""
+        will be applied to; default ``reference``); hooks see the accepted ones, their metrics go
+        in the row of ``step`` (asynchronous: ``row``, the server update they arrived at)."""
         updates, rejections = [], []
         t = time.perf_counter()
         for msg in replies:
@@ -140,7 +141,7 @@ class ReplyPath:
                 self.recorder.add_loss_trace(u.name, u.metrics[p.LOSS_TRACE], step)
         if not delta:  # a delta is not a model to evaluate
             for hook in self.hooks:
-                self.record(step, **(hook.evaluate_updates(step, updates) or {}))
+                self.record(step if row is None else row, **(hook.evaluate_updates(step, updates) or {}))
         return updates, rejections
 
     def _guard_effects(self, updates: list[ClientUpdate], reference: Weights, delta: bool,
@@ -249,8 +250,7 @@ class ReplyPath:
             self.record(step, **(hook.updates_applied(step, before, deltas, key) or {}))
 
     def finish(self) -> None:
-        """End of the run: the devices nodes trained on, and what the hooks have to say, go into
-        the summary."""
+        """End of the run: the nodes' devices and what the hooks have to say go into the summary."""
         if self.recorder is not None and self.devices:
             self.recorder.set_section("node_devices", dict(sorted(self.devices.items())))
             counts = Counter(self.devices.values())

@@ -79,8 +79,10 @@ class DigitEvaluation(Observer):
         confusion_dir: Path | None = None,
         printer: Callable[[str], None] = print,
         style: str = "seed002",
+        asynchronous: bool = False,
     ) -> None:
         self.style = check_style(style)
+        self.asynchronous = asynchronous  # update_rounds are client-update numbers, not rows
         self.images, self.labels = images, labels
         self.model = model_fn()
         self.num_rounds = num_rounds
@@ -101,7 +103,8 @@ class DigitEvaluation(Observer):
         evaluation point of its loop (``async_loop.eval_every``)."""
         return cls(run.test_images, run.test_labels, run.model_fn, run.steps, every=1 if run.asynchronous else every,
                    rounds=list(rounds), update_rounds=list(update_rounds), digit_groups=digit_groups,
-                   batch_size=batch_size, confusion_dir=run.run_dir / "confusion", printer=run.printer, style=style)
+                   batch_size=batch_size, confusion_dir=run.run_dir / "confusion", printer=run.printer, style=style,
+                   asynchronous=run.asynchronous)
 
     def is_scheduled(self, server_round: int) -> bool:
         """Global evaluation: round 0, every ``every`` rounds, the listed rounds and the last."""
@@ -124,9 +127,11 @@ class DigitEvaluation(Observer):
         out = {}
         for update in sorted(updates, key=lambda u: u.name):
             result = self._evaluate(update.arrays)
-            for line in seed_lines(f"Model update {update.name}", result, self.groups):
+            # asynchronous: recorded in the row of the server update it arrived at, named by its number
+            name = f"{update.name} (client update {server_round})" if self.asynchronous else update.name
+            for line in seed_lines(f"Model update {name}", result, self.groups):
                 self.printer(line)
-            out[update.name] = result_metrics(result, self.groups)
+            out[name] = result_metrics(result, self.groups)
         return {"update_eval": out}
 
     def evaluate_global(self, server_round, arrays):

@@ -106,7 +106,9 @@ class RunRecorder:
     def add(self, server_round: int, **fields) -> None:
         """Merge fields into the record of ``server_round``; into a row the trackers already have
         (the client evaluation a train reply brings a round later), they go to the trackers too."""
-        self.rows.setdefault(server_round, {"round": server_round}).update(fields)
+        row = self.rows.setdefault(server_round, {"round": server_round})
+        row.update({k: {**row[k], **v} if isinstance(v, dict) and isinstance(row.get(k), dict) else v
+                    for k, v in fields.items()})  # a table (update_eval) gains entries
         if server_round in self.tracked and (late := scalars(fields)):
             self.trackers.call("log_metrics", server_round, late)
 
