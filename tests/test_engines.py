@@ -585,6 +585,18 @@ def test_async_update_evaluations_land_in_the_row_of_the_server_update_they_arri
     assert max(step for _, _, step in entries) > 3  # numbered by client update, past the last version
 
 
+def test_a_resumed_deployed_loop_counts_its_time_budget_from_the_run_so_far(task_identity):
+    """Real clock (deployment): a run checkpointed 100 s in resumes 100 s in, so
+    async_loop.time_budget bounds the whole run, not each attempt (it restarted from 0)."""
+    nodes = {101: FakeNode(0, 0.01)}
+    first, _ = make_loop(nodes, FedAsync(alpha=0.5))
+    first.t0 -= 100.0
+    checkpoint = {"engine": first.state_dict(), "screen": first.path.state(), "rng": rng_state()}
+    resumed, _ = make_loop(nodes, FedAsync(alpha=0.5))
+    resumed.restore(checkpoint)
+    assert 100.0 <= resumed.elapsed() < 105.0
+
+
 DELTA = dataclasses.replace(SENT, reply_delta=True)  # what FedBuff's nodes are sent
 
 

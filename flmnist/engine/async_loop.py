@@ -302,7 +302,7 @@ class AsyncLoop:
         return {"strategy": self.strategy.state_dict(),
                 "privacy": (self.privacy or self.sample_dp).state_dict() if self.accountant is not None else None,
                 "loop": {"version": self.version, **self.stats.state(), "vnow": self.clock.now,
-                         "bookkeeping": self.clock.bookkeeping,
+                         "bookkeeping": self.clock.bookkeeping, "real_s": time.perf_counter() - self.t0,
                          "node_updates": {n.partition: n.updates for n in self.transport.nodes.values()}}}
 
     def restore(self, checkpoint: dict) -> None:
@@ -311,6 +311,7 @@ class AsyncLoop:
         self.version = loop["version"]
         self.stats.load_state(loop)
         self.clock.now, self.clock.bookkeeping = loop["vnow"], loop["bookkeeping"]
+        self.t0 -= loop.get("real_s", 0.0)  # deployment: async_loop.time_budget counts the run so far
         self.strategy.load_state_dict(checkpoint["engine"]["strategy"])
         if self.accountant is not None:
             if not checkpoint["engine"].get("privacy"):
