@@ -125,7 +125,7 @@ def test_robust_aggregators_are_refused_with_the_reason():
 
 def test_fedbuffs_release_gets_noise_of_std_sigma_clip_over_k_and_one_release_per_buffer():
     settings = PrivacySettings("central", noise_multiplier=1.5, clipping_norm=2.0, target_delta=DELTA)
-    dp = AsyncPrivacy(settings, num_nodes=8, seed=0)
+    dp = AsyncPrivacy(settings, num_nodes=8)
     strategy = FedBuff(buffer_size=4, server_learning_rate=1.0, server_momentum=0.0)
     before = {"w": np.zeros(40_000, np.float32)}
     after = {"w": np.full(40_000, 0.01, np.float32)}
@@ -138,7 +138,7 @@ def test_fedbuffs_release_gets_noise_of_std_sigma_clip_over_k_and_one_release_pe
 
 def test_a_node_twice_in_one_buffer_is_accounted_at_its_true_noise_multiplier():
     settings = PrivacySettings("central", noise_multiplier=2.0, clipping_norm=1.0, target_delta=DELTA)
-    dp = AsyncPrivacy(settings, num_nodes=8, seed=0)
+    dp = AsyncPrivacy(settings, num_nodes=8)
     strategy = FedBuff(buffer_size=4, server_learning_rate=1.0, server_momentum=0.0)
     zero = {"w": np.zeros(10, np.float32)}
     for name in ("node 0", "node 0", "node 1", "node 2"):
@@ -146,14 +146,14 @@ def test_a_node_twice_in_one_buffer_is_accounted_at_its_true_noise_multiplier():
     dp.released(strategy, zero, zero)
     assert dp.accountant.epsilon == pytest.approx(rdp_epsilon(1.0, 1), rel=1e-6)  # sensitivity 2C: sigma / 2
     assert dp.accountant.summary()["repeated_releases"] == {"2": 1}  # the summary says so
-    restored = AsyncPrivacy(settings, num_nodes=8, seed=0)
+    restored = AsyncPrivacy(settings, num_nodes=8)
     restored.load_state_dict(dp.state_dict())  # and a resumed run still knows
     assert restored.accountant.summary()["repeated_releases"] == {"2": 1}
 
 
 def test_fedasync_clips_the_move_and_noises_each_update():
     settings = PrivacySettings("central", noise_multiplier=1.0, clipping_norm=0.5, target_delta=DELTA)
-    dp = AsyncPrivacy(settings, num_nodes=4, seed=0)
+    dp = AsyncPrivacy(settings, num_nodes=4)
     current = {"w": np.zeros(40_000, np.float32)}
     arrived = {"w": np.full(40_000, 3.0, np.float32)}  # length 600, clipped to 0.5
     sent = dp.prepare(type("FedAsyncLike", (), {"reply_delta": False})(), "node 0", arrived, current)["w"]
@@ -248,12 +248,40 @@ def test_dpsgd_clips_each_images_gradient_and_adds_noise_of_std_sigma_clip_over_
     before = {k: v.clone() for k, v in model.state_dict().items()}
     images, labels = torch.zeros(64, 1, 28, 28), torch.arange(64) % 10
     train_dpsgd(model, images, labels, steps=1, batch_size=64, lr=1.0, momentum=0.0, weight_decay=0.0,
-                noise_multiplier=3.0, clipping_norm=2.0, generator=torch.Generator().manual_seed(0),
-                dev=torch.device("cpu"))
+                noise_multiplier=3.0, clipping_norm=2.0, dev=torch.device("cpu"))
     moved = {k: (model.state_dict()[k] - before[k]).flatten() for k in before}
     weight = next(k for k in moved if k.endswith("weight"))
     assert moved[weight].std().item() == pytest.approx(3.0 * 2.0 / 64, rel=0.05)
     assert not model._forward_hooks and not hasattr(model, "_module")  # Opacus's hooks are gone
+
+
+def test_dpsgd_noise_is_not_the_servers_to_regenerate_and_an_empty_sample_still_gets_it(monkeypatch):
+    """The same model, data and seeds the server sent, twice: different noise (it came from the
+    run's seed: the server could regenerate and subtract it). A step whose Poisson sample is
+    empty moves the weights by the noise alone (it was skipped: no noise, while the accountant
+    counted a noised step)."""
+    import torch
+
+    from flmnist.ml.dpsgd import train_dpsgd
+    from flmnist.ml.models import LogReg
+
+    images, labels = torch.zeros(64, 1, 28, 28), torch.arange(64) % 10
+    moved = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = LogReg()
+        train_dpsgd(model, images, labels, steps=1, batch_size=64, lr=1.0, momentum=0.0, weight_decay=0.0,
+                    noise_multiplier=3.0, clipping_norm=2.0, dev=torch.device("cpu"))
+        moved.append({k: v.clone() for k, v in model.state_dict().items()})
+    assert any(not torch.equal(moved[0][k], moved[1][k]) for k in moved[0])
+    torch.manual_seed(0)
+    model = LogReg()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    monkeypatch.setattr(torch, "rand", lambda n, generator=None: torch.ones(n))  # every image left out
+    _, trace = train_dpsgd(model, images, labels, steps=1, batch_size=64, lr=1.0, momentum=0.0,
+                              weight_decay=0.0, noise_multiplier=3.0, clipping_norm=2.0, dev=torch.device("cpu"))
+    step = torch.cat([(model.state_dict()[k] - start[k]).flatten() for k in start])
+    assert trace == [] and step.std().item() == pytest.approx(3.0 * 2.0 / 64, rel=0.05)
 
 
 def test_each_nodes_dpsgd_epsilon_is_the_poisson_subsampled_rdp_figure():

@@ -235,10 +235,12 @@ def noise(weights: Weights, std: float, rng: np.random.Generator) -> Weights:
 class AsyncPrivacy:
     """``privacy=central`` for FedBuff and FedAsync (see the module docstring)."""
 
-    def __init__(self, settings: PrivacySettings, num_nodes: int, seed: int) -> None:
+    def __init__(self, settings: PrivacySettings, num_nodes: int) -> None:
         self.settings = settings
         self.accountant = Accountant(settings, num_nodes)
-        self.rng = np.random.default_rng(seed + 7919)
+        # the operating system's entropy, not the run's seed: anyone with config.yaml could
+        # regenerate noise drawn from that seed and subtract it from the released models
+        self.rng = np.random.default_rng()
         self.pending: Counter = Counter()   # FedBuff: node name -> updates in the current buffer
 
     def release_size(self, strategy) -> int:

@@ -8,7 +8,10 @@ std ``noise_multiplier * clipping_norm`` to their sum (Opacus's ``GradSampleModu
 (:mod:`flmnist.engine.privacy`): the node needs no state between rounds.
 
 The unit is one training image: epsilon bounds what a node's updates reveal about any one of its
-images, to the server as well as to anyone who sees the models.
+images, to the server as well as to anyone who sees the models. So the samples and the noise come
+from generators the operating system seeds, never from the run's seed: with a seed the server
+sent (or wrote in config.yaml), the server could regenerate the noise and subtract it. DP-SGD runs
+therefore do not repeat bit for bit.
 """
 
 from __future__ import annotations
@@ -31,12 +34,12 @@ def train_dpsgd(
     weight_decay: float,
     noise_multiplier: float,
     clipping_norm: float,
-    generator: torch.Generator,
     dev: torch.device,
 ) -> tuple[float, list[float]]:
     """``steps`` DP-SGD steps on Poisson samples of (images, labels); (mean loss, loss trace).
 
-    A step whose sample is empty still counts (the accountant counted it) but changes nothing."""
+    A step whose sample is empty is a step of noise alone, as the accountant counts it (the loss
+    trace has no entry for it)."""
     import warnings
 
     from opacus import GradSampleModule
@@ -46,23 +49,24 @@ def train_dpsgd(
     q = min(1.0, batch_size / n) if n else 0.0
     model.to(dev, memory_format=torch.contiguous_format).train()
     private = GradSampleModule(model)
-    noise = torch.Generator(device=dev).manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+    sample, noise = torch.Generator(), torch.Generator(device=dev)
+    sample.seed(), noise.seed()  # the operating system's entropy, not the run's seed (see above)
     opt = DPOptimizer(torch.optim.SGD(private.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay),
                       noise_multiplier=noise_multiplier, max_grad_norm=clipping_norm,
                       expected_batch_size=batch_size, generator=noise)
     trace: list[float] = []
     try:
         for _ in range(steps if n else 0):
-            idx = (torch.rand(n, generator=generator) < q).nonzero().squeeze(1)
+            idx = (torch.rand(n, generator=sample) < q).nonzero().squeeze(1)
             opt.zero_grad(set_to_none=True)
-            if len(idx) == 0:
-                continue
-            loss = F.nll_loss(private(images[idx].to(dev)), labels[idx].to(dev))
+            # an empty sample: a summed loss of nothing (zero gradients), so the step is the noise
+            loss = F.nll_loss(private(images[idx].to(dev)), labels[idx].to(dev), reduction="mean" if len(idx) else "sum")
             with warnings.catch_warnings():  # Opacus's hooks on a first layer whose input needs no gradient
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 loss.backward()
             opt.step()
-            trace.append(loss.item())
+            if len(idx):
+                trace.append(loss.item())
     finally:
         private._close()  # the model as it was, without Opacus's hooks and per-sample gradients
     return (float(np.mean(trace)) if trace else float("nan")), trace

@@ -87,7 +87,7 @@ def train(
         count = (steps if n else 0) if steps is not None else (epochs or 1) * -(-n // batch_size)
         return train_dpsgd(model, images, labels, steps=count, batch_size=batch_size, lr=lr, momentum=momentum,
                            weight_decay=weight_decay, noise_multiplier=dp_noise_multiplier,
-                           clipping_norm=dp_clipping_norm, generator=generator, dev=dev)
+                           clipping_norm=dp_clipping_norm, dev=dev)
     place(model, dev).train()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None

@@ -264,7 +264,7 @@ def build_run(grid: Grid, cfg: DictConfig) -> Run:
         accountant = (LocalAccountant if local else SampleAccountant)(privacy, sent, limits.train_examples)
         accountant.check_first_release()
     elif privacy.on and asynchronous:
-        accountant = AsyncPrivacy(privacy, cfg.num_nodes, cfg.seed)
+        accountant = AsyncPrivacy(privacy, cfg.num_nodes)
     elif privacy.on:
         wrap = wrap_adaptive if privacy.mechanism == "central_adaptive" else wrap_sync
         strategy, accountant, per_round = wrap(strategy, privacy, cfg.num_nodes)
