@@ -597,6 +597,15 @@ def test_a_resumed_deployed_loop_counts_its_time_budget_from_the_run_so_far(task
     assert 100.0 <= resumed.elapsed() < 105.0
 
 
+def test_the_async_loop_keeps_only_the_models_its_jobs_in_flight_were_sent(task_identity):
+    """FedAsync, 30 server updates: the loop keeps the current model and those of jobs still out
+    (it kept every version a job had last left at staleness 0: 31 models after 30 updates)."""
+    nodes = {101: FakeNode(0, 0.01), 102: FakeNode(1, 0.02, delay=0.02)}
+    loop, _ = make_loop(nodes, FedAsync(alpha=0.5), max_server_updates=30)
+    loop.run(record(START))
+    assert loop.version == 30 and len(loop.sent_models) <= 3, sorted(loop.sent_models)
+
+
 DELTA = dataclasses.replace(SENT, reply_delta=True)  # what FedBuff's nodes are sent
 
 
@@ -718,6 +727,8 @@ def test_stale_updates_beyond_max_staleness_are_dropped(task_identity):
     final = loop.run(record(START))
     assert loop.counts["too stale"] == 1 and loop.counts["applied"] == 12
     assert loop.staleness == [0] * 12 and set(loop.node_counts) == {p.simulated_node_name(fast)}
+    # dropped unread: the stale reply never entered the screen's windows (its norm went in before)
+    assert loop.path.screened == 12 and len(loop.path.norms) == 12
     expected = START
     for _ in range(12):
         expected = {k: 0.5 * v + 0.5 * (v + np.float32(0.01)) for k, v in expected.items()}

@@ -189,8 +189,9 @@ class AsyncLoop:
     def process(self, job: Job, reply: Message | None, weights: dict) -> dict | None:
         """Screen and apply one reply; return new global weights if the strategy changed them."""
         reference = self.sent_models.get(job.version, weights)
-        if not any(j.version == job.version for j in self.transport.jobs()) and job.version != self.version:
-            self.sent_models.pop(job.version, None)
+        live = {j.version for j in self.transport.jobs()} | {self.version}  # models a later reply may need
+        for version in [v for v in self.sent_models if v not in live]:
+            del self.sent_models[version]
         step = self.stats.processed()
         if job.timing is not None and job.timing.dropped:
             self.stats.count("dropped (device)")
@@ -204,6 +205,10 @@ class AsyncLoop:
                     self.settings.update_timeout)
                 self.failure("timed out", f"node id {job.node_id} timed out", job.node_id)
             return None
+        staleness = self.version - job.version
+        if not self.strategy.accepts(staleness):  # dropped unread: it must not shape the screen's windows
+            self.stats.count("too stale")
+            return None
         updates, rejections = self.path.train_replies(step, [reply], reference, delta=self.strategy.reply_delta,
                                                       current=weights, row=self.version)
         if rejections:
@@ -212,10 +217,6 @@ class AsyncLoop:
             return None
         update = updates[0]
         self.liveness.passed(job.node_id)
-        staleness = self.version - job.version
-        if not self.strategy.accepts(staleness):
-            self.stats.count("too stale")
-            return None
         self.liveness.ok()
         if self.privacy is not None and not self.budget_allows(update.name):
             return None
