@@ -5,7 +5,8 @@ to it. Neither needs flmnist to load:
 
 - ``model_scripted.pt``: ``torch.jit.load(path)``;
 - ``model.onnx``: any ONNX runtime (TensorRT on a Jetson), input ``image`` of shape
-  (batch, 1, 28, 28), normalised like flmnist's data; output ``logits`` of shape (batch, 10).
+  (batch, 1, 28, 28), normalised like flmnist's data; output ``logits`` of shape (batch, 10),
+  which holds the models' log-softmax log-probabilities (their argmax is the digit).
 """
 
 from __future__ import annotations

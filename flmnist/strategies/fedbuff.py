@@ -12,7 +12,7 @@ then takes a server step with learning rate eta_g and optional momentum beta:
     v <- beta v + Delta_bar;   x <- x + eta_g v
 
 s defaults to 1 / sqrt(1 + tau). K defaults to 10 but never exceeds the number of nodes
-training at once (the concurrency), or the buffer could never fill.
+training at once (the concurrency): a larger buffer would fill with several updates of one node.
 """
 
 from __future__ import annotations
