@@ -15,6 +15,7 @@ it. Needs the package index (pip's own configuration), no emulation; about 10-30
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -137,7 +138,9 @@ def check(target: Target) -> list[str]:
     return wheels
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                            epilog="Takes no options: checks every target in TARGETS.").parse_args(argv)
     failed = 0
     for target in TARGETS:
         try:

@@ -21,9 +21,9 @@ import pickle
 from collections.abc import Callable
 from logging import INFO
 
+from flmnist.flower_patches.pinned import FLWR_VERSION
 from flmnist.ml.threads import active, on_torch_thread
 
-FLWR_VERSION = "1.41.0"  # the version whose engine this plugs into
 INPROCESS_NOTE = "ClientApps run in this simulation process, one at a time (flmnist's in-process backend)"
 
 

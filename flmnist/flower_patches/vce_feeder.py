@@ -20,7 +20,7 @@ from __future__ import annotations
 import threading
 from queue import Queue
 
-FLWR_VERSION = "1.41.0"  # the version whose internals this follows
+from flmnist.flower_patches.pinned import FLWR_VERSION
 
 
 def feed(state, queue: Queue, nodes_mapping, f_stop: threading.Event, tick: float = 0.02) -> None:

@@ -22,14 +22,13 @@ The parent never imports an app module, and the child drops its own copy of this
 in favour of whatever was imported earlier. Each task's log says where its app modules came from.
 
 A child that fails is that task's failure, never the executor's: an exception in the ClientApp is
-answered by Flower's own code (an error reply); a child that dies before replying (a signal, a
-hard exit, or killed after ``--task-timeout`` seconds) gets an error reply (``CLIENT_APP_CRASHED``)
-sent by the executor with the task's token (the child reports what it pulled and when it starts
-replying: warm_child.py). The SuperNode, which waits for a reply before it takes its next message,
-goes on at once instead of after Flower's task expiry (up to 60 s without heartbeats; a hung
-``flwr-clientapp`` keeps heart-beating and holds its node for good). The executor reaps every child
-and keeps polling. A child outlives an executor that dies: it finishes its task and replies (with a
-task timeout it kills itself a few seconds after the executor would have).
+answered by Flower's own code (an error reply); a child that dies after pulling its message and
+before it starts replying (a signal, a hard exit, killed after ``--task-timeout`` seconds) gets an
+error reply (``CLIENT_APP_CRASHED``) sent by the executor with the task's token (warm_child.py
+reports those moments), so the SuperNode goes on at once instead of after Flower's task expiry
+(up to 60 s; a hung ``flwr-clientapp`` holds its node for good). Anything else (a failed fork, an
+error reply refused) is logged, and Flower's task expiry answers. A child outlives an executor
+that dies (in Docker: with an init process, ``init: true``) and finishes its task.
 
 Flower's internals used here (the Runtime API client and ``run_clientapp``) are those of flwr
 1.41.0; on any other version the executor refuses to start and says to use Flower's own executor.
@@ -50,10 +49,10 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from importlib import metadata
 from types import SimpleNamespace
 
 from flmnist.flower_patches import warm_simulation as simulation
+from flmnist.flower_patches.pinned import FLWR_VERSION, installed_flower_version, version_refusal
 from flmnist.flower_patches.warm_child import (
     DEFAULT_PRELOAD,
     PULLED,
@@ -66,29 +65,9 @@ from flmnist.flower_patches.warm_child import (
     preload,
 )
 
-FLWR_VERSION = "1.41.0"  # the version whose Runtime API and run_clientapp this follows
 DEFAULT_POLL_INTERVAL = 0.05
 DEFAULT_MAX_CHILDREN = 4
-STOCK_EXECUTOR = "flower-supernode --isolation subprocess"
 LOG = logging.getLogger("flmnist.warm_executor")
-
-
-def version_refusal(version: str | None) -> str | None:
-    """Why the executor will not run with Flower ``version`` (None: it will)."""
-    if version == FLWR_VERSION:
-        return None
-    found = f"flwr {version}" if version else "no flwr"
-    return (f"flmnist-warm-executor follows Flower {FLWR_VERSION}'s internals (the Runtime API's "
-            f"AcquireTask and flwr.supernode.runtime.run_clientapp) and this environment has {found}, "
-            f"so it will not start. Use Flower's stock executor instead: start the SuperNode with "
-            f"`{STOCK_EXECUTOR}` (the default isolation; it starts flower-superexec itself), or keep "
-            f"`--isolation process` and run `flower-superexec --runtime-api-address ADDRESS` beside it.")
-
-
-def installed_flower_version() -> str | None:
-    with contextlib.suppress(metadata.PackageNotFoundError):
-        return metadata.version("flwr")
-    return None
 
 
 @dataclass(frozen=True)
@@ -206,7 +185,13 @@ class WarmExecutor:
             LOG.warning("forking with %d threads running", threading.active_count())
         read_fd, write_fd = os.pipe()
         started = time.monotonic()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as err:  # no process to run it in: the executor goes on, Flower's task expiry answers
+            LOG.error("task %d: cannot start a child (%s); Flower's task expiry answers its message", task.task_id, err)
+            os.close(read_fd)
+            os.close(write_fd)
+            return
         if pid == 0:  # the child
             os.close(read_fd)
             run = simulation.child_main if self.settings.task_type == simulation.TASK_TYPE else child_main
@@ -262,7 +247,6 @@ class WarmExecutor:
     def send_error_reply(self, child: Child, header: bytes, reason: str) -> bool:
         """Answer the message the child pulled with CLIENT_APP_CRASHED and finish the task, using
         the task's token (refused by the SuperNode if the task already finished)."""
-        import httpx
         from flwr.app import Message
         from flwr.app.error import Error
         from flwr.common.constant import ErrorCode, SubStatus
@@ -281,8 +265,8 @@ class WarmExecutor:
             flower.push_message(client, reply, where)
             flower.push_task_output(client=client, context=None, sub_status=SubStatus.FAILED, details=reason)
             return True
-        except (httpx.HTTPError, ValueError) as err:
-            LOG.warning("task %d: error reply not accepted: %s", child.task_id, err)
+        except Exception as err:  # noqa: BLE001 - Flower's ObjectPushError too: one task's, not the executor's
+            LOG.warning("task %d: error reply not accepted: %s: %s", child.task_id, type(err).__name__, err)
             return False
         finally:
             TaskIdentity.task_id = TaskIdentity.run_id = TaskIdentity.node_id = None

@@ -42,7 +42,7 @@ def answers(http_port: int | str) -> bool:
 
 def applies(env: dict) -> bool:
     """Whether a run with environment ``env`` gets the warm executor (see the module's text)."""
-    from flmnist.flower_patches.warm_executor import installed_flower_version, version_refusal
+    from flmnist.flower_patches.pinned import installed_flower_version, version_refusal
 
     return env.get(BACKEND_ENV) == "inprocess" and version_refusal(installed_flower_version()) is None
 
