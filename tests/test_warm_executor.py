@@ -201,6 +201,32 @@ def test_jetson_compose_runs_the_warm_executor_beside_the_supernode():
     assert (args.runtime_api_address, args.insecure, args.task_timeout, args.exit_when_unreachable) == (
         "127.0.0.1:9094", True, 600, 30)
     assert any(v.endswith(":/data:ro") for v in executor["volumes"])  # its ClientApps read the node's data
+    assert executor["init"] is True  # PID 1 an init process: children outlive a dead executor, leftovers reaped
+    unit = (REPO / "jetson" / "flmnist-warm-executor.service").read_text()
+    assert "docker run --rm --init " in unit
+
+
+def test_an_error_reply_the_supernode_refuses_is_logged_and_the_executor_goes_on(monkeypatch, caplog, task_identity):
+    """Flower raises ObjectPushError when the SuperNode does not store a reply's objects: the
+    executor logs the task's error reply as not accepted and returns (the exception went up
+    through reap and step, and the executor's shutdown killed every other child)."""
+    from flwr.app import Message, RecordDict
+    from flwr.common.serde import message_to_proto
+    from flwr.supercore.inflatable.inflatable_utils import ObjectPushError
+    from flwr.supernode.runtime import run_clientapp as flower
+
+    def refuse(*args, **kwargs):
+        raise ObjectPushError("abc", 3, "s1")
+
+    monkeypatch.setattr(flower, "push_message", refuse)
+    executor = warm_executor.WarmExecutor(warm_executor.Settings("127.0.0.1:9", insecure=True))
+    pulled = Message(RecordDict(), dst_node_id=7, message_type="train")
+    pulled.metadata.__dict__["_message_id"] = "m" * 64
+    pulled.metadata.__dict__["_run_id"] = 3
+    child = warm_child.Child(pid=1, task_id=5, run_id=3, token="t", started=time.monotonic(), pipe=-1)
+    with caplog.at_level("WARNING", logger="flmnist.warm_executor"):
+        assert executor.send_error_reply(child, message_to_proto(pulled).SerializeToString(), "crashed") is False
+    assert "task 5: error reply not accepted: ObjectPushError: Failed to push object with ID 'abc'" in caplog.text
 
 
 @pytest.mark.slow
