@@ -47,3 +47,21 @@ def test_proximal_term_keeps_weights_closer_to_the_start(mnist_root):
               generator=torch.Generator().manual_seed(0))
         distances.append(sum(((p - s) ** 2).sum().item() for p, s in zip(model.parameters(), start)))
     assert distances[1] < distances[0]
+
+
+def test_fedprox_reports_the_data_loss_without_its_proximal_term():
+    """The same two steps with mu = 0 and mu = 1e6: the first step's loss is the same (the model
+    is still the one received, the proximal term 0), and the second step's reported loss stays a
+    data loss (with the term, 0.5 mu ||w - w0||^2 made it thousands), so strategies' train
+    losses compare."""
+    torch.manual_seed(0)
+    images, labels = torch.randn(64, 1, 28, 28), torch.arange(64) % 10
+    start = LeNet().state_dict()
+    traces = {}
+    for mu in (0.0, 1e6):
+        model = LeNet()
+        model.load_state_dict(start)
+        _, traces[mu] = train(model, images, labels, batch_size=32, lr=0.1, steps=2, proximal_mu=mu,
+                              generator=torch.Generator().manual_seed(1), dev=torch.device("cpu"))
+    assert traces[0.0][0] == traces[1e6][0]
+    assert traces[1e6][1] < 5.0

@@ -99,10 +99,11 @@ def train(
             x, y = x.pin_memory().to(dev, non_blocking=True), y.pin_memory().to(dev, non_blocking=True)
         opt.zero_grad(set_to_none=True)
         loss = F.nll_loss(model(x), y)
-        if anchor is not None:
-            prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
-            loss = loss + 0.5 * proximal_mu * prox
-        loss.backward()
+        objective = loss
+        if anchor is not None:  # FedProx: trained with the proximal term, reported without it, so
+            prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))  # losses compare
+            objective = loss + 0.5 * proximal_mu * prox
+        objective.backward()
         opt.step()
         trace.append(loss.item())
     return (float(np.mean(trace)) if trace else float("nan")), trace
