@@ -138,3 +138,18 @@ def test_max_client_updates_extends_only_past_the_client_updates_done(tmp_path):
         resumed_config(["async_loop.max_client_updates=150"], saved, run)
     out = resumed_config(["async_loop.max_client_updates=250"], saved, run)
     assert extension(saved, out) == "async_loop.max_client_updates=250"
+
+
+def test_a_run_stopped_at_its_target_says_how_to_train_on_and_stop_at_target_false_does(tmp_path):
+    """seed002 with stop_at_target stopped at round 31 of 40: resuming it as it is would stop
+    again after one more round (it did), so it is refused saying what to give; stop_at_target=false
+    is taken (with or without a longer num_rounds)."""
+    run, saved = finished_run(tmp_path, ["experiment=seed002", "stop_at_target=true"], done=31)
+    (run / "summary.json").write_text(json.dumps({"status": "finished", "stopped_early": {
+        "reason": "target accuracy reached", "step": 31, "accuracy": 0.9601}}))
+    with pytest.raises(ConfigError, match=r"stopped when it reached its target accuracy \(round 31, stop_at_target\); "
+                                          r"to train on, give stop_at_target=false"):
+        resumed_config([], saved, run)
+    out = resumed_config(["stop_at_target=false"], saved, run)
+    assert out.stop_at_target is False and out.num_rounds == 40
+    assert resumed_config(["stop_at_target=false", "num_rounds=60"], saved, run).num_rounds == 60

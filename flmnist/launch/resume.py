@@ -57,10 +57,21 @@ def client_updates_done(run_dir: Path) -> int:
 
 
 def extension(saved: DictConfig, cfg: DictConfig) -> str:
-    """What a resume changed, as ``key=value`` settings (the lengths and the privacy budget)."""
+    """What a resume changed, as ``key=value`` settings (lengths, privacy budget, stop_at_target)."""
     unit, _ = run_length(saved)
-    return ", ".join(f"{k}={OmegaConf.select(cfg, k)}" for k in (*LENGTH[unit], BUDGET)
+    return ", ".join(f"{k}={OmegaConf.select(cfg, k)}" for k in (*LENGTH[unit], BUDGET, "stop_at_target")
                      if OmegaConf.select(cfg, k) != OmegaConf.select(saved, k))
+
+
+def stopped_at_target(run_dir: Path) -> bool:
+    """Whether the run's summary.json says ``stop_at_target`` ended it."""
+    from flmnist.observers.stop import StopAtTarget
+
+    try:
+        stop = json.loads((run_dir / "summary.json").read_text()).get("stopped_early") or {}
+        return stop.get("reason") == StopAtTarget.reason
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def finished(run_dir: Path) -> bool:
@@ -114,6 +125,10 @@ def resumed_config(overrides: list[str], saved: DictConfig, run_dir: Path) -> Di
             OmegaConf.update(out, key, new)
             extended = key
             continue
+        if key == "stop_at_target" and OmegaConf.select(cfg, key) is False:  # train on past the target
+            OmegaConf.update(out, key, False)
+            extended = key
+            continue
         if key == "experiment":
             raise ConfigError(f"resume: {item} is not the run being resumed (named {saved.get('name')!r}): a "
                               f"resume runs with the run's own config; give only {' or '.join(LENGTH[unit])} "
@@ -128,6 +143,10 @@ def resumed_config(overrides: list[str], saved: DictConfig, run_dir: Path) -> Di
     if extended == BUDGET and finished(run_dir) and done >= (OmegaConf.select(out, length_key) or 0):
         raise ConfigError(f"resume: {run_dir} finished all its {done} {unit}s; a larger budget alone trains no "
                           f"further: give {length_key}=N beside {BUDGET}")
+    if extended is None and finished(run_dir) and stopped_at_target(run_dir):
+        raise ConfigError(f"resume: {run_dir} stopped when it reached its target accuracy ({unit} {done}, "
+                          f"stop_at_target); to train on, give stop_at_target=false beside resume= (and "
+                          f"{length_key}=N to train longer)")
     if extended is None and finished(run_dir) and done >= (OmegaConf.select(saved, length_key) or 0):
         raise ConfigError(f"resume: {run_dir} finished all its {done} {unit}s; to train on, extend it: "
                           f"flmnist resume={run_dir} {length_key}={2 * done}")
