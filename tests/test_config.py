@@ -67,7 +67,7 @@ def test_unknown_option_in_any_group_lists_the_valid_ones():
         (["partition=dirichlet", "partition.alpha=0"], "partition.alpha must be a finite number > 0"),
         (["eval.digit_groups=[[0,1],[]]"], r"eval.digit_groups must list non-empty groups .*got the group \[\]"),
         (["eval.digit_groups=[[0,1],5]"], r"eval.digit_groups must list non-empty groups .*got the group 5"),
-        (["client.fault_nodes=1"], r"client.fault_nodes must be a list of partition ids, e.g. \[0, 2\], or null; got 1"),
+        (["client.fault_nodes=1"], r"client.fault_nodes must be a list of partition ids, e.g. \[0, 2\], or null, got 1"),
         (["partition=dirichlet", "partition.alpha=-0.5"], "partition.alpha must be a finite number > 0"),
         (["sampling.fraction_train=0"], r"sampling.fraction_train .*must be a finite number in \(0, 1\]"),
         (["sampling.fraction_train=1.5"], r"sampling.fraction_train .*must be a finite number in \(0, 1\]"),

@@ -210,6 +210,7 @@ def validate(cfg: DictConfig) -> None:
     :class:`~flmnist.protocol.settings.AsyncLoopSettings` (asynchronous strategies), the fleet and
     the partition. Here: the settings no object owns, and the rules spanning several keys.
     """
+    _kind(cfg, "client.fault_nodes", ListConfig, "a list of partition ids, e.g. [0, 2],", allow_none=True)
     TrainSettings.from_config(cfg)
     _top_level(cfg)
     _collapse(cfg)

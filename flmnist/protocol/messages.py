@@ -117,15 +117,6 @@ def examples_per_update(train_examples: int, batch_size: int, local_epochs: int,
     return local_epochs * train_examples
 
 
-def _partition_list(value) -> tuple:
-    """``client.fault_nodes`` as a tuple (null: none); anything but a list is a ConfigError."""
-    if value is None:
-        return ()
-    if isinstance(value, str | int | float | bool) or not hasattr(value, "__iter__"):
-        raise ConfigError(f"client.fault_nodes must be a list of partition ids, e.g. [0, 2], or null; got {value!r}")
-    return tuple(value)
-
-
 @dataclass(frozen=True)
 class TrainSettings:
     """Everything a node needs to train and evaluate, sent in every message's ``config`` record.
@@ -204,7 +195,7 @@ class TrainSettings:
             "weight_decay": c.weight_decay,
             "eval_batch_size": c.eval_batch_size,
             "fault": str(c.fault or ""),
-            "fault_nodes": _partition_list(c.fault_nodes),
+            "fault_nodes": tuple(c.fault_nodes or ()),
         }
         values.update(overrides)
         return cls(**values)
