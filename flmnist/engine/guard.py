@@ -238,18 +238,18 @@ class Guarded(Strategy):
                 self.privacy.compose(self.per_round)
                 released = True
         if not self.central:
-            for node_id in self.tasks_sent:
-                self.unbound_tasks[node_id] += 1
-                self.privacy.unattributed_task()
+            self.unbound_tasks.update(self.tasks_sent)
             self.tasks_sent = []
             for node_id, count in list(self.unbound_tasks.items()):
                 bound = self.path.identities.bound.get(node_id)
                 if bound is not None:
-                    self.privacy.attribute(count, bound.partition, bound.name)
+                    for _ in range(count):
+                        self.privacy.task(bound.partition, bound.name)
                     del self.unbound_tasks[node_id]
                 else:
                     log(WARNING, "Privacy: node id %d has not replied yet; its %d task(s) count against every "
                         "node's budget until it does", node_id, count)
+            self.privacy.unattributed = sum(self.unbound_tasks.values())
         if released or not self.central:  # DP-SGD: the nodes spent it whether or not the round aggregated
             self.privacy.log_release(step, "round")
         self.path.record(step, epsilon=round(self.privacy.epsilon, 6))
@@ -284,7 +284,7 @@ class Guarded(Strategy):
     def state_dict(self) -> dict:
         inner = {k: _plain(getattr(self.strategy, k)) for k in checkpoint_state(self.strategy)}
         return {"inner": inner, "virtual_time": self.clock.now, "client_updates": self.client_updates,
-                "failed_rounds": self.liveness.in_a_row,
+                "failed_rounds": self.liveness.in_a_row, "unbound_tasks": {str(k): v for k, v in self.unbound_tasks.items()},
                 "privacy": self.privacy.state_dict() if self.privacy is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
@@ -292,6 +292,7 @@ class Guarded(Strategy):
             setattr(self.strategy, k, _restore(v))
         self.clock.now, self.client_updates = state["virtual_time"], state["client_updates"]
         self.liveness.in_a_row = state["failed_rounds"]
+        self.unbound_tasks = Counter({int(k): int(v) for k, v in state.get("unbound_tasks", {}).items()})
         if self.privacy is not None:
             if not state.get("privacy"):
                 raise ValueError("the checkpoint has no privacy accountant: it was written without privacy=central")

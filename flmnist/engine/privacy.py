@@ -304,8 +304,8 @@ class SampleAccountant:
     ``noise_multiplier`` (:mod:`flmnist.ml.dpsgd`); dp-accounting's RDP accountant composes
     them. Every task sent counts, answered or not (the node may have trained and replied to
     someone watching). The run's ``epsilon`` is the largest node's. A task whose node's partition
-    is not known yet (a synchronous node id that has not replied: :meth:`unattributed_task`) counts
-    against every partition until :meth:`attribute` says whose it was.
+    is not known yet (``unattributed``: tasks of synchronous node ids that have not replied, kept by
+    :class:`~flmnist.engine.guard.Guarded`) counts against every partition until it is known.
     """
 
     central = False
@@ -316,7 +316,7 @@ class SampleAccountant:
         self.train_examples = tuple(int(n) for n in train_examples)  # partition -> images it trains on
         self.tasks: Counter = Counter()  # partition -> training tasks sent
         self.names: dict[int, str] = {}
-        self.unattributed = 0  # tasks sent to node ids whose partition is not known yet
+        self.unattributed = 0  # tasks of node ids whose partition is not known yet (Guarded sets it)
         self._cache: dict[tuple[int, int], float] = {}
 
     def epsilon_of(self, partition: int, tasks: int | None = None) -> float:
@@ -338,16 +338,6 @@ class SampleAccountant:
     def task(self, partition: int, name: str) -> None:
         self.tasks[partition] += 1
         self.names[partition] = name
-
-    def unattributed_task(self) -> None:
-        """A task sent to a node whose partition is not known yet: any partition's, until attributed."""
-        self.unattributed += 1
-
-    def attribute(self, count: int, partition: int, name: str) -> None:
-        """``count`` unattributed tasks turn out to have been ``partition``'s."""
-        self.unattributed -= count
-        for _ in range(count):
-            self.task(partition, name)
 
     def _charged(self, part: int, extra: int = 0) -> float:
         return self.epsilon_of(part, self.tasks[part] + self.unattributed + extra)
@@ -388,10 +378,8 @@ class SampleAccountant:
             self.settings.target_delta, unit, step)
 
     def state_dict(self) -> dict:
-        return {"tasks": {str(k): v for k, v in self.tasks.items()}, "names": {str(k): v for k, v in self.names.items()},
-                "unattributed": self.unattributed}
+        return {"tasks": {str(k): v for k, v in self.tasks.items()}, "names": {str(k): v for k, v in self.names.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.tasks = Counter({int(k): int(v) for k, v in state.get("tasks", {}).items()})
         self.names = {int(k): str(v) for k, v in state.get("names", {}).items()}
-        self.unattributed = int(state.get("unattributed", 0))
