@@ -31,29 +31,30 @@ BUDGET = "privacy.max_epsilon"
 WHERE = ("simulation", "data.root", "data.download", "output_dir", "resume", "run_dir", "hydra.")
 
 
+def _metric_rows(run_dir: Path) -> list[dict]:
+    """The run's ``metrics.json`` rows (none if missing or unreadable)."""
+    try:
+        rows = json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return []
+    return [r for r in rows if isinstance(r, dict)] if isinstance(rows, list) else []
+
+
 def steps_done(run_dir: Path) -> int:
     """The last step the run reached: its checkpoint's (``checkpoint.json``) or the last in its
     metrics, whichever is later (a run checkpointed every N steps may have gone past its last
     checkpoint; a length at or below that would lose those steps)."""
-    steps = [0]
+    steps = [0, *(int(r.get("round") or 0) for r in _metric_rows(run_dir))]
     try:
         steps.append(int(json.loads((run_dir / CHECKPOINT_INFO).read_text())["round"]))
     except (OSError, ValueError, KeyError, TypeError):
-        pass
-    try:
-        steps.extend(int(r.get("round", 0)) for r in json.loads((run_dir / "metrics.json").read_text()))
-    except (OSError, ValueError, TypeError, AttributeError):
         pass
     return max(steps)
 
 
 def client_updates_done(run_dir: Path) -> int:
     """An asynchronous run's client updates processed so far, from its metrics."""
-    try:
-        rows = json.loads((run_dir / "metrics.json").read_text())
-        return max((int(r.get("client_updates") or 0) for r in rows), default=0)
-    except (OSError, ValueError, TypeError, AttributeError):
-        return 0
+    return max((int(r.get("client_updates") or 0) for r in _metric_rows(run_dir)), default=0)
 
 
 def extension(saved: DictConfig, cfg: DictConfig) -> str:
