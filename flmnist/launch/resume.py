@@ -24,6 +24,7 @@ from flmnist.config.compose import GROUPS, compose_config, conf_dir, override_ke
 from flmnist.config.validate import run_length
 from flmnist.core.errors import ConfigError
 from flmnist.core.run_files import CHECKPOINT_INFO
+from flmnist.observers.stop import StopAtTarget
 
 LENGTH = {"round": ("num_rounds",),
           "update": ("async_loop.max_server_updates", "async_loop.max_client_updates", "async_loop.time_budget")}
@@ -66,8 +67,6 @@ def extension(saved: DictConfig, cfg: DictConfig) -> str:
 
 def stopped_at_target(run_dir: Path) -> bool:
     """Whether the run's summary.json says ``stop_at_target`` ended it."""
-    from flmnist.observers.stop import StopAtTarget
-
     try:
         stop = json.loads((run_dir / "summary.json").read_text()).get("stopped_early") or {}
         return stop.get("reason") == StopAtTarget.reason
