@@ -817,6 +817,42 @@ def test_the_async_loop_hands_attribution_each_applied_update_as_its_delta(task_
         assert_weights(spy.applied[1][1], shifted(START, 0.005))
 
 
+@pytest.mark.parametrize("kind", ["fedasync", "fedbuff"])
+def test_a_rejected_async_server_step_is_rolled_back_and_never_attributed(task_identity, monkeypatch, kind):
+    """The second server step's aggregate is NaN (made so after the strategy folded it in): the
+    global model stays, FedBuff's momentum is what it was before that step (it must not carry the
+    rejected mean into the next), attribution never sees the step's updates, and the run goes on."""
+    fleet = make_fleet("homogeneous", 2, seed=0, jitter_sigma=0.0)
+    nodes = {101: FakeNode(0, 0.01), 102: FakeNode(1, 0.04)}
+    strategy = FedAsync(alpha=0.5) if kind == "fedasync" else FedBuff(buffer_size=2, server_momentum=0.9)
+    real, steps, momentum_seen = type(strategy).apply, [], []
+
+    def apply(self, model, update, num_examples, staleness):
+        momentum = getattr(self, "momentum", None)
+        momentum_seen.append(None if momentum is None else {k: v.copy() for k, v in momentum.items()})
+        new = real(self, model, update, num_examples, staleness)
+        if new is not None:
+            steps.append(new)
+            if len(steps) == 2:
+                return {k: np.full_like(v, np.nan) for k, v in new.items()}
+        return new
+
+    monkeypatch.setattr(type(strategy), "apply", apply)
+    spy = Applied()
+    loop, _ = make_loop(nodes, strategy, sent=DELTA if kind == "fedbuff" else SENT, fleet=fleet, hooks=[spy],
+                        max_server_updates=2)
+    final = loop.run(record(START))
+    assert loop.path.aggregates_rejected == 1 and loop.version == 2 and len(steps) == 3
+    assert_weights(final, steps[2])  # the third step, taken from the second's global model
+    per_step = 2 if kind == "fedbuff" else 1  # updates a server step applies
+    assert len(spy.applied) == 2 * per_step  # the two accepted steps' updates only
+    assert [step for step, _, _ in spy.applied] == [1] * per_step + [2] * per_step
+    if kind == "fedbuff":  # applies 3 and 4 made the rejected step; 5 starts from the momentum 3 did
+        assert momentum_seen[0] is None and momentum_seen[2] is not None
+        for k, v in momentum_seen[2].items():
+            np.testing.assert_array_equal(momentum_seen[4][k], v)
+
+
 def test_stop_at_target_ends_a_sync_run_after_the_evaluation_that_reaches_it(task_identity):
     nodes = {101: FakeNode(0, 0.01), 102: FakeNode(1, 0.04)}
     spy = Applied()  # test accuracy 0.3, 0.6, 0.9 ... after rounds 1, 2, 3 ...

@@ -79,6 +79,7 @@ class AsyncLoop:
         self.model_bytes = 0
         self.t0 = time.perf_counter()
         self.sent_models: dict[int, dict] = {}   # version -> weights, while an update trained on it is out
+        self.folded: list = []                   # (update, model it trained on) in the next server step
         self.idle: list[Node] = []               # nodes waiting for work, first served first
         self.concurrency = 0
         self.stats = AsyncStats()
@@ -221,14 +222,36 @@ class AsyncLoop:
         if self.privacy is not None and not self.budget_allows(update.name):
             return None
         self.stats.applied_update(update.name, staleness, update.metrics[p.TRAIN_LOSS])
-        self.path.applied(self.version + 1, weights, [update], reference, delta=self.strategy.reply_delta,
-                          key=("version", self.version))
+        # Attribution sees an update when the server step that applies it is accepted (FedBuff: the
+        # buffer's step, to the same global model the update was folded into).
+        self.folded.append((update, reference))
+        before = self.strategy.state_dict()  # references: a rejected step's lasting state is rolled back
         if self.privacy is not None:
-            return self.private_apply(update, staleness, weights)
-        new = self.strategy.apply(weights, update.weights, update.num_examples, staleness)
-        if new is None:
-            return None
-        return self.path.aggregate(new, weights)
+            new = self.private_apply(update, staleness, weights, before)
+        else:
+            new = self.strategy.apply(weights, update.weights, update.num_examples, staleness)
+            new = None if new is None else self.step_checked(new, weights, before)
+        if new is not None:
+            for folded, sent in self.folded:
+                self.path.applied(self.version + 1, weights, [folded], sent, delta=self.strategy.reply_delta,
+                                  key=("version", self.version))
+            self.folded = []
+        return new
+
+    def step_checked(self, new: dict, weights: dict, before: dict) -> dict | None:
+        """The server step's new global weights, or None if the aggregate is unsound (or it left the
+        strategy's state non-finite): then the strategy's lasting state (FedBuff's momentum) is
+        rolled back, and the updates the step folded in are dropped with it."""
+        accepted = self.path.aggregate(new, weights)
+        if accepted is not None and not self.strategy.finite_state():
+            self.path.aggregates_rejected += 1
+            log(WARNING, "Aggregate rejected (the strategy's state holds non-finite values); the global model "
+                "stays as it was")
+            accepted = None
+        if accepted is None:
+            self.strategy.step_rejected(before)
+            self.folded = []
+        return accepted
 
     def budget_allows(self, name: str) -> bool:
         """``privacy.max_epsilon``: whether the release this update would complete stays within the
@@ -243,7 +266,7 @@ class AsyncLoop:
                                    max_epsilon=dp.settings.max_epsilon)
         return not over
 
-    def private_apply(self, update, staleness: int, weights: dict) -> dict | None:
+    def private_apply(self, update, staleness: int, weights: dict, before: dict) -> dict | None:
         """``privacy=central``: the update clipped (FedAsync: also noised), FedBuff's release
         noised at its server step, each release accounted."""
         dp = self.privacy
@@ -253,8 +276,8 @@ class AsyncLoop:
             return None
         if self.strategy.reply_delta:
             new = dp.released(self.strategy, weights, new)
-        dp.accountant.log_release(self.version + 1, "server update")
-        return self.path.aggregate(new, weights)
+        dp.accountant.log_release(self.version + 1, "server update")  # released, even if then rejected
+        return self.step_checked(new, weights, before)
 
     # ------------------------------------------------------------------ stop
     def elapsed(self) -> float:

@@ -83,6 +83,11 @@ class FedBuff(AsyncStrategy):
             return {k: model[k] + step[k] for k in model}
         return {k: model[k] + self.server_learning_rate * step[k] for k in model}
 
+    def step_rejected(self, before: dict) -> None:
+        """The buffer's step was rejected: its updates are dropped with it (the buffer stays empty)
+        and the momentum is what it was before (it must not carry the rejected mean on)."""
+        self.momentum = before["momentum"]  # never updated in place: apply assigns a new dict
+
     def state_dict(self) -> dict:
         return {"buffer": self.buffer, "buffer_weight": self.buffer_weight,
                 "buffer_count": self.buffer_count, "momentum": self.momentum, "buffer_size": self.buffer_size}
