@@ -42,6 +42,7 @@ from flmnist.engine.sync import SyncEngine
 from flmnist.flower_patches.node_order import RegistrationOrderGrid
 from flmnist.observers.base import Observer
 from flmnist.observers.checkpoint import rng_state
+from flmnist.observers.recorder import RunRecorder
 from flmnist.protocol import messages as p
 from flmnist.protocol.screen import NodeLimits, ReplyScreen, ScreenSettings
 from flmnist.protocol.settings import AsyncLoopSettings
@@ -261,6 +262,40 @@ def test_rounds_without_a_usable_update_fail_and_too_many_in_a_row_end_the_run(t
     assert sync_round(strategy, bad, to_weights(arrays), 3) == (None, None)
     with pytest.raises(RunFailed, match=r"2 rounds in a row without a usable update \(max_failed_rounds=2\)"):
         sync_round(strategy, bad, to_weights(arrays), 4)
+
+
+class Counting(Observer):
+    """An observer with state and a summary section: how many global models it saw."""
+
+    def __init__(self, start: int = 0):
+        self.seen = start
+
+    def evaluate_global(self, server_round, arrays):
+        self.seen += 1
+
+    def state(self):
+        return {"seen": self.seen}
+
+    def load_state(self, state):
+        self.seen = state["seen"]
+
+    def finish(self, wall_time=None):
+        return {"seen": self.seen}
+
+
+def test_two_observers_of_one_class_keep_their_own_state_and_summary_section(task_identity, tmp_path):
+    """``+observers.NAME._target_=...`` can add a second observer of a class already there: each
+    keeps its own checkpoint state and summary section (the second's state overwrote the first's)."""
+    first, second = Counting(0), Counting(100)
+    path = make_path(hooks=[first, second])
+    state = path.state()
+    assert state["hooks"] == {"Counting": {"seen": 0}, "Counting_2": {"seen": 100}}
+    again = [Counting(), Counting()]
+    make_path(hooks=again).load_state(state)
+    assert [o.seen for o in again] == [0, 100]
+    path.recorder = RunRecorder(tmp_path, 1, 0.99, printer=lambda line: None)
+    path.finish()
+    assert path.recorder.extra["counting"] == {"seen": 0} and path.recorder.extra["counting_2"] == {"seen": 100}
 
 
 def test_the_screens_counters_survive_a_checkpoint(task_identity):

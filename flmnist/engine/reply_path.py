@@ -26,7 +26,7 @@ from flmnist.core.arrays import to_weights
 from flmnist.core.run_files import CHECKPOINT_INFO, atomic_write
 from flmnist.engine.effect_guard import Candidate, EffectGuard
 from flmnist.engine.identity import IdentityBook
-from flmnist.observers.base import Observer
+from flmnist.observers.base import Observer, observer_keys
 from flmnist.observers.checkpoint import PAYLOAD_FORMAT, rng_state, save_checkpoint
 from flmnist.observers.recorder import RunRecorder
 from flmnist.observers.stop import StopAtTarget
@@ -259,14 +259,14 @@ class ReplyPath:
             self.recorder.printer("Nodes trained on: " + ", ".join(f"{d} ({n} node{'s' * (n > 1)})"
                                                                    for d, n in counts.most_common())
                                   + (f"; {missing} of the {total} nodes had no update accepted" if missing > 0 else ""))
-        for hook in self.hooks:
+        for hook, key in zip(self.hooks, observer_keys(self.hooks), strict=True):
             try:
                 out = hook.finish(self.recorder.elapsed() if self.recorder is not None else None)
             except Exception as err:  # noqa: BLE001 - a hook must never lose the run's results
                 log(WARNING, "%s could not finish: %s: %s", type(hook).__name__, type(err).__name__, err)
                 continue
             if out and self.recorder is not None:
-                self.recorder.set_section(type(hook).__name__.lower(), out)
+                self.recorder.set_section(key.lower(), out)
 
     # ----------------------------------------------------------- aggregates
     def aggregate(self, new: Weights | ArrayRecord | None, reference: Weights) -> Weights | None:
@@ -381,9 +381,9 @@ class ReplyPath:
         return {"norms": [float(n) for n in self.norms], "rejected": dict(self.rejected), "failed": dict(self.failed),
                 "reasons": dict(self.reasons), "clipped": self.clipped, "aggregates_rejected": self.aggregates_rejected,
                 "guard_rejected": self.guard_rejected, "screened": self.screened, "screen_seconds": self.screen_seconds,
-                "devices": dict(self.devices),
-                "guard": self.guard.state() if self.guard is not None else None,
-                "hooks": {type(h).__name__: st for h in self.hooks if (st := h.state()) is not None}}
+                "devices": dict(self.devices), "guard": self.guard.state() if self.guard is not None else None,
+                "hooks": {key: st for h, key in zip(self.hooks, observer_keys(self.hooks), strict=True)
+                          if (st := h.state()) is not None}}
 
     def load_state(self, state: dict) -> None:
         self.norms.extend(state.get("norms", []))
@@ -395,6 +395,6 @@ class ReplyPath:
         if self.guard is not None:
             self.guard.load_state(state.get("guard") or {})
         hooks = state.get("hooks", {})
-        for hook in self.hooks:
-            if type(hook).__name__ in hooks:
-                hook.load_state(hooks[type(hook).__name__])
+        for hook, key in zip(self.hooks, observer_keys(self.hooks), strict=True):
+            if key in hooks:
+                hook.load_state(hooks[key])

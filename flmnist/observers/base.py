@@ -11,7 +11,8 @@ evaluation hook"); adding one needs no edit to flmnist.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,3 +67,16 @@ class Observer:
 
     def load_state(self, state: dict) -> None:
         """Restore what :meth:`state` returned."""
+
+
+def observer_keys(observers: Iterable[Observer]) -> list[str]:
+    """A key per observer, in order, for its checkpoint state and its ``summary.json`` section: its
+    class name; a second (third, ...) observer of the same class gets ``_2`` (``_3``, ...), so
+    two of one class (``+observers.NAME._target_=...``) never overwrite each other's."""
+    seen: Counter = Counter()
+    keys = []
+    for observer in observers:
+        name = type(observer).__name__
+        seen[name] += 1
+        keys.append(name if seen[name] == 1 else f"{name}_{seen[name]}")
+    return keys
