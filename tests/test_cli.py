@@ -191,15 +191,19 @@ def documented_outputs() -> set[str]:
 @pytest.mark.slow
 def test_a_run_directory_holds_only_documented_files_and_no_empty_log(tmp_path, mnist_root):
     """What a user finds after a run: each file described in docs/outputs.md; one log,
-    flwr_run.log (Hydra's empty cli.log is not written)."""
+    flwr_run.log (Hydra's empty cli.log is not written). A note on the config (an evaluation
+    round past the end) is said once, in the output and in the log (the command said it twice)."""
     out = subprocess.run([FLMNIST, "model=logreg", "num_nodes=2", "num_rounds=1", "client.local_steps=5",
-                          "simulation.backend=inprocess", "hydra.run.dir=run"], cwd=tmp_path, capture_output=True,
+                          "eval.rounds=[3]", "simulation.backend=inprocess", "hydra.run.dir=run"], cwd=tmp_path,
+                         capture_output=True,
                          text=True, timeout=600, check=False, env={**os.environ, "FLMNIST_DATA_DIR": str(mnist_root)})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     run = tmp_path / "run"
     assert not (run / "cli.log").exists()
     assert [p.name for p in run.rglob("*.log")] == ["flwr_run.log"]
     assert (run / "flwr_run.log").stat().st_size > 0
+    note = "eval.rounds lists 3 past num_rounds=1: not reached in this run"
+    assert out.stdout.count(note) == 1 and note in (run / "flwr_run.log").read_text(), out.stdout[-3000:]
     undocumented = sorted(p.name for p in run.iterdir() if p.name not in documented_outputs())
     assert not undocumented, f"not described in docs/outputs.md: {undocumented}"
 

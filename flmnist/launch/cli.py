@@ -322,10 +322,7 @@ def hydra_arguments(args: list[str]) -> list[str]:
         if any(o.lstrip("+").startswith("resume=") for o in overrides) else []
     overrides = [o for o in overrides if o not in budget]
     args = [a for a in args if a not in budget]
-    notes: list[str] = []
-    cfg = compose_config(overrides, notes)
-    for note in notes:
-        print(f"flmnist: note: {note}", flush=True)
+    cfg = compose_config(overrides)  # its notes (rounds past the end) are the ServerApp's to log, once
     if not cfg.resume:
         ensure_mnist(resolve_root(cfg.data.root), cfg.data.download)  # (downloads it if allowed)
         return args
