@@ -850,6 +850,10 @@ def test_the_async_loop_hands_attribution_each_applied_update_as_its_delta(task_
     if kind == "fedasync":
         assert [step for step, _, _ in spy.applied] == [1, 2]
         assert_weights(spy.applied[1][1], shifted(START, 0.005))
+    else:  # K = 2 (the concurrency): both updates of a step, on the model the step started from
+        assert [step for step, _, _ in spy.applied] == [1, 1, 2, 2]
+        assert_weights(spy.applied[1][1], START)
+        assert_weights(spy.applied[2][1], shifted(START, 0.01))
 
 
 @pytest.mark.parametrize("kind", ["fedasync", "fedbuff"])
@@ -882,10 +886,65 @@ def test_a_rejected_async_server_step_is_rolled_back_and_never_attributed(task_i
     per_step = 2 if kind == "fedbuff" else 1  # updates a server step applies
     assert len(spy.applied) == 2 * per_step  # the two accepted steps' updates only
     assert [step for step, _, _ in spy.applied] == [1] * per_step + [2] * per_step
+    assert loop.counts["applied"] == 2 * per_step and loop.counts["dropped (step rejected)"] == per_step
     if kind == "fedbuff":  # applies 3 and 4 made the rejected step; 5 starts from the momentum 3 did
         assert momentum_seen[0] is None and momentum_seen[2] is not None
         for k, v in momentum_seen[2].items():
             np.testing.assert_array_equal(momentum_seen[4][k], v)
+
+
+def test_an_async_step_that_leaves_the_strategys_state_non_finite_is_rejected_and_rolled_back(task_identity):
+    """A strategy whose second step keeps a finite model but overflows its own state (as an
+    optimizer's second moment can): the step is rejected and the state it had restored."""
+    from flmnist.strategies.asynchronous import AsyncStrategy
+
+    class Overflowing(AsyncStrategy):
+        def __init__(self):
+            super().__init__()
+            self.moment, self.steps, self.rolled_back = {"m": np.zeros(2)}, 0, 0
+
+        def apply(self, model, update, num_examples, staleness):
+            self.steps += 1
+            self.moment = {"m": np.full(2, np.inf if self.steps == 2 else float(self.steps))}
+            return {k: v + np.float32(0.01) for k, v in model.items()}
+
+        def state_dict(self):
+            return {"moment": self.moment}
+
+        def step_rejected(self, before):
+            self.moment, self.rolled_back = before["moment"], self.rolled_back + 1
+
+    strategy = Overflowing()
+    loop, _ = make_loop({101: FakeNode(0, 0.01)}, strategy, fleet=make_fleet("homogeneous", 1, seed=0,
+                        jitter_sigma=0.0), max_server_updates=2)
+    final = loop.run(record(START))
+    assert loop.path.aggregates_rejected == 1 and strategy.rolled_back == 1 and strategy.steps == 3
+    assert strategy.moment["m"].tolist() == [3.0, 3.0] and loop.counts["dropped (step rejected)"] == 1
+    assert_weights(final, shifted(START, 0.02))
+
+
+def test_fedbuffs_buffer_at_the_end_of_a_run_is_applied_and_attributed_when_it_is_extended(task_identity):
+    """FedBuff, K = 2, stopped after 3 client updates: one server step, and the third update still
+    in the buffer (not applied, listed as buffered). The checkpoint keeps it; the extended run's
+    first step applies and attributes it with the fourth (it was applied, never attributed)."""
+    from flmnist.observers.checkpoint import _pack, _unpack
+
+    fleet = make_fleet("homogeneous", 2, seed=0, jitter_sigma=0.0)
+    nodes = {101: FakeNode(0, 0.01), 102: FakeNode(1, 0.04)}
+    spy = Applied()
+    first, _ = make_loop(nodes, FedBuff(buffer_size=2), sent=DELTA, fleet=fleet, hooks=[spy],
+                         max_server_updates=None, max_client_updates=3)
+    weights = first.run(record(START))
+    assert first.version == 1 and first.counts["applied"] == 2 and len(spy.applied) == 2
+    assert sum(first.stats_dict()["buffered_at_end"].values()) == 1
+    checkpoint = _unpack(_pack({"engine": first.state_dict(), "screen": first.path.state(), "rng": rng_state()}))
+    again = Applied()
+    resumed, _ = make_loop(nodes, FedBuff(buffer_size=2), sent=DELTA, fleet=make_fleet("homogeneous", 2, seed=0,
+                           jitter_sigma=0.0), hooks=[again], max_server_updates=None, max_client_updates=4)
+    resumed.run(weights, checkpoint)
+    assert resumed.version == 2 and resumed.counts["applied"] == 4
+    assert [step for step, _, _ in again.applied] == [2, 2]  # the buffered update and the fourth
+    assert not resumed.stats_dict()["buffered_at_end"]
 
 
 def test_stop_at_target_ends_a_sync_run_after_the_evaluation_that_reaches_it(task_identity):

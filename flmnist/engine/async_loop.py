@@ -41,6 +41,7 @@ from flmnist.core.arrays import to_record, to_weights
 from flmnist.core.errors import RunFailed
 from flmnist.engine.async_jobs import Job, Node
 from flmnist.engine.async_stats import AsyncStats, stats_lines
+from flmnist.engine.async_steps import PendingStep
 from flmnist.engine.async_transport import Transport
 from flmnist.engine.base import UpdateLiveness, VirtualClock, restore_common
 from flmnist.engine.fleet import Fleet
@@ -79,7 +80,7 @@ class AsyncLoop:
         self.model_bytes = 0
         self.t0 = time.perf_counter()
         self.sent_models: dict[int, dict] = {}   # version -> weights, while an update trained on it is out
-        self.folded: list = []                   # (update, model it trained on) in the next server step
+        self.pending = PendingStep()             # updates folded into the strategy since its last step
         self.idle: list[Node] = []               # nodes waiting for work, first served first
         self.concurrency = 0
         self.stats = AsyncStats()
@@ -221,21 +222,15 @@ class AsyncLoop:
         self.liveness.ok()
         if self.privacy is not None and not self.budget_allows(update.name):
             return None
-        self.stats.applied_update(update.name, staleness, update.metrics[p.TRAIN_LOSS])
-        # Attribution sees an update when the server step that applies it is accepted (FedBuff: the
-        # buffer's step, to the same global model the update was folded into).
-        self.folded.append((update, reference))
+        self.pending.fold(update, staleness, update.metrics[p.TRAIN_LOSS], reference, self.strategy.reply_delta)
         before = self.strategy.state_dict()  # references: a rejected step's lasting state is rolled back
         if self.privacy is not None:
             new = self.private_apply(update, staleness, weights, before)
         else:
             new = self.strategy.apply(weights, update.weights, update.num_examples, staleness)
             new = None if new is None else self.step_checked(new, weights, before)
-        if new is not None:
-            for folded, sent in self.folded:
-                self.path.applied(self.version + 1, weights, [folded], sent, delta=self.strategy.reply_delta,
-                                  key=("version", self.version))
-            self.folded = []
+        if new is not None:  # applied (counted, attributed) with the step; a rejected one: step_checked
+            self.pending.accepted(self.stats, self.path, self.version + 1, weights, key=("version", self.version))
         return new
 
     def step_checked(self, new: dict, weights: dict, before: dict) -> dict | None:
@@ -250,7 +245,7 @@ class AsyncLoop:
             accepted = None
         if accepted is None:
             self.strategy.step_rejected(before)
-            self.folded = []
+            self.pending.rejected(self.stats)
         return accepted
 
     def budget_allows(self, name: str) -> bool:
@@ -323,7 +318,7 @@ class AsyncLoop:
     def state_dict(self) -> dict:
         """Strategy state (buffer, momentum), version and counters; in-flight updates are not
         kept: after a resume every node gets fresh work on the checkpointed model."""
-        return {"strategy": self.strategy.state_dict(),
+        return {"strategy": self.strategy.state_dict(), "pending": self.pending.state(),
                 "privacy": (self.privacy or self.sample_dp).state_dict() if self.accountant is not None else None,
                 "loop": {"version": self.version, **self.stats.state(), "vnow": self.clock.now,
                          "bookkeeping": self.clock.bookkeeping, "real_s": time.perf_counter() - self.t0,
@@ -337,6 +332,7 @@ class AsyncLoop:
         self.clock.now, self.clock.bookkeeping = loop["vnow"], loop["bookkeeping"]
         self.t0 -= loop.get("real_s", 0.0)  # deployment: async_loop.time_budget counts the run so far
         self.strategy.load_state_dict(checkpoint["engine"]["strategy"])
+        self.pending.load_state(checkpoint["engine"].get("pending"))  # FedBuff: its buffer's updates
         if self.accountant is not None:
             if not checkpoint["engine"].get("privacy"):
                 raise ValueError("the checkpoint has no privacy accountant: it was written without privacy")
@@ -392,6 +388,7 @@ class AsyncLoop:
         if last_eval != self.version:
             self.record(self.arrays, self.weights, evaluate=True)
         self.stats.unanswered = Counter(self.transport.nodes[job.node_id].info.name for job in self.transport.jobs())
+        self.stats.buffered = Counter(self.pending.names())
         self.finish_stats()
         return self.arrays
 

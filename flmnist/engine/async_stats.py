@@ -22,6 +22,7 @@ class AsyncStats:
         self.pending_nodes: list[str] = []
         self.pending_loss: list[float] = []
         self.unanswered: dict[str, int] = {}  # node name -> tasks still unanswered when the loop ended
+        self.buffered: dict[str, int] = {}    # node name -> updates in FedBuff's buffer when the loop ended
 
     def processed(self) -> int:
         """One more client update processed; its number."""
@@ -61,6 +62,7 @@ class AsyncStats:
             "client_updates": self.client_updates,
             "outcomes": dict(self.counts),
             "unanswered_at_end": dict(sorted(self.unanswered.items())),
+            "buffered_at_end": dict(sorted(self.buffered.items())),
             "updates_per_node": dict(sorted(self.node_counts.items())),
             "staleness_histogram": {int(k): int(v) for k, v in sorted(Counter(self.staleness).items())},
             "mean_staleness": float(np.mean(self.staleness)) if self.staleness else None,
@@ -89,6 +91,9 @@ def stats_lines(stats: dict) -> list[str]:
     if stats.get("unanswered_at_end"):
         unanswered = ", ".join(f"{k} {v}" for k, v in stats["unanswered_at_end"].items())
         lines.append(f"{'unanswered':<16}{unanswered} (tasks in flight when the loop ended, never applied)")
+    if stats.get("buffered_at_end"):
+        buffered = ", ".join(f"{k} {v}" for k, v in stats["buffered_at_end"].items())
+        lines.append(f"{'buffered':<16}{buffered} (in the buffer when the loop ended: applied if the run is extended)")
     if stats.get("mean_staleness") is not None:
         lines.append(f"{'staleness':<16}mean {stats['mean_staleness']:.2f}, max {stats['max_staleness']}")
     if stats.get("virtual_time") is not None:
