@@ -923,20 +923,24 @@ def test_an_async_step_that_leaves_the_strategys_state_non_finite_is_rejected_an
     assert_weights(final, shifted(START, 0.02))
 
 
-def test_fedbuffs_buffer_at_the_end_of_a_run_is_applied_and_attributed_when_it_is_extended(task_identity):
+def test_fedbuffs_buffer_at_the_end_of_a_run_is_applied_and_attributed_when_it_is_extended(task_identity, tmp_path):
     """FedBuff, K = 2, stopped after 3 client updates: one server step, and the third update still
-    in the buffer (not applied, listed as buffered). The checkpoint keeps it; the extended run's
-    first step applies and attributes it with the fourth (it was applied, never attributed)."""
+    in the buffer (not applied, listed as buffered). The final evaluation of version 1 keeps its
+    row's counters (they became the buffered update's). The checkpoint keeps the buffer; the extended
+    run's first step applies and attributes it with the fourth (it was applied, never attributed)."""
     from flmnist.observers.checkpoint import _pack, _unpack
 
     fleet = make_fleet("homogeneous", 2, seed=0, jitter_sigma=0.0)
     nodes = {101: FakeNode(0, 0.01), 102: FakeNode(1, 0.04)}
     spy = Applied()
     first, _ = make_loop(nodes, FedBuff(buffer_size=2), sent=DELTA, fleet=fleet, hooks=[spy],
-                         max_server_updates=None, max_client_updates=3)
+                         max_server_updates=None, max_client_updates=3, eval_every=5)
+    first.path.recorder = RunRecorder(tmp_path, 3, 0.99, printer=lambda line: None)
     weights = first.run(record(START))
     assert first.version == 1 and first.counts["applied"] == 2 and len(spy.applied) == 2
     assert sum(first.stats_dict()["buffered_at_end"].values()) == 1
+    row = first.path.recorder.rows[1]
+    assert row["client_updates"] == 2 and len(row["nodes"]) == 2 and row["test_accuracy"] == 0.3
     checkpoint = _unpack(_pack({"engine": first.state_dict(), "screen": first.path.state(), "rng": rng_state()}))
     again = Applied()
     resumed, _ = make_loop(nodes, FedBuff(buffer_size=2), sent=DELTA, fleet=make_fleet("homogeneous", 2, seed=0,

@@ -289,9 +289,11 @@ class AsyncLoop:
         )
 
     # ---------------------------------------------------------------- record
-    def record(self, arrays: ArrayRecord, weights: dict, evaluate: bool) -> None:
-        fields = {"virtual_time": round(self.clock.now, 4) if self.clock.simulated else None,
-                  **self.stats.take_row()}
+    def record(self, arrays: ArrayRecord, weights: dict, evaluate: bool, again: bool = False) -> None:
+        """The version's metrics row (``again``: it has one, from the step that made it, whose
+        counters it keeps: the run's end evaluating a version it had not evaluated yet)."""
+        fields = {} if again else {"virtual_time": round(self.clock.now, 4) if self.clock.simulated else None,
+                                   **self.stats.take_row()}
         if self.accountant is not None:
             fields["epsilon"] = round(self.accountant.epsilon, 6)
             self.path.report("privacy", self.accountant.summary())
@@ -386,7 +388,7 @@ class AsyncLoop:
             self.requeue(job, reply)
             self.refill()
         if last_eval != self.version:
-            self.record(self.arrays, self.weights, evaluate=True)
+            self.record(self.arrays, self.weights, evaluate=True, again=True)
         self.stats.unanswered = Counter(self.transport.nodes[job.node_id].info.name for job in self.transport.jobs())
         self.stats.buffered = Counter(self.pending.names())
         self.finish_stats()
