@@ -225,3 +225,19 @@ def test_a_run_that_failed_as_flower_shut_down_under_a_sigterm_is_reported_stopp
     assert summary["status"] == "stopped" and "SIGTERM" in summary["error"], summary
     (tmp_path / "summary.json").write_text(json.dumps({"status": "finished"}))
     assert "the run had finished" in stopped_message(Stop("flmnist: stopped by SIGTERM", 143), cfg, tmp_path, None)
+
+
+def test_the_best_model_is_never_the_untrained_initial_one(tmp_path):
+    """A run that never beats its initial model (a diverging learning rate, an attack with the
+    guard off): best accuracy and model_best.pt come from round 1 on, as every other figure does
+    (they were round 0's: "best 11.30% (round 0)", model_best.pt the untrained model)."""
+    saved = []
+    recorder = RunRecorder(tmp_path, 3, 0.99, printer=lambda line: None,
+                           save_tensors=lambda state, path: saved.append((state["w"], path.name)))
+    for r, acc in enumerate((0.113, 0.098, 0.101, 0.099)):
+        recorder.add(r, test_accuracy=acc, test_loss=2.3)
+        recorder.end_round(r, state_dict={"w": r}, quiet=True)
+    summary = recorder.finish()
+    assert (summary["best_accuracy"], summary["best_round"]) == (0.101, 2)
+    assert [w for w, name in saved if name == "model_best.pt"][-1] == 2
+    assert summarize_stopped(tmp_path, 3, 0.99, "round", "x")["best_round"] == summary["best_round"]

@@ -124,7 +124,8 @@ class RunRecorder:
         acc = row.get("test_accuracy")
         if state_dict is not None:
             self.final_state = state_dict
-            if acc is not None and (self.best_accuracy is None or acc > self.best_accuracy):
+            # Round 0 is the initial model, untrained: never the run's best (as in every other figure).
+            if acc is not None and server_round > 0 and (self.best_accuracy is None or acc > self.best_accuracy):
                 self.best_accuracy, self.best_round = acc, server_round
                 if self.save_tensors is not None:
                     self.save_tensors(state_dict, self.run_dir / "model_best.pt")
