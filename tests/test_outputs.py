@@ -127,6 +127,8 @@ def test_tensorboard_and_mlflow_get_the_config_every_rounds_metrics_and_the_mode
     recorder.trackers = Trackers([TensorBoardTracker(), MLflowTracker()])
     recorder.trackers.call("start", run_dir, run_dir.name, config)
     sync_rows(recorder, fleet=False)
+    # eval.digit_groups=[[0,2,4,6,8],[1,3,5,7,9]]: MLflow refused the name, and the tracker was turned off
+    recorder.trackers.call("log_metrics", 3, {"test_pred_share_0,2,4,6,8": 0.5})
     (run_dir / "model.pt").write_bytes(b"model")  # finish() saves the real one when a state was recorded
     recorder.finish()
     assert len(recorder.trackers.trackers) == 2, "a tracker failed"
@@ -142,6 +144,7 @@ def test_tensorboard_and_mlflow_get_the_config_every_rounds_metrics_and_the_mode
     assert run.data.params["client.lr"] == "0.1" and run.data.params["eval.rounds"] == "[1, 2]"
     history = client.get_metric_history(run.info.run_id, "test_accuracy")
     assert [m.step for m in history] == [0, 1, 2, 3] and history[-1].value == pytest.approx(0.8)
+    assert client.get_metric_history(run.info.run_id, "test_pred_share_0_2_4_6_8")[-1].value == 0.5
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"model.pt", "summary.json", "accuracy_loss.png"} <= artifacts
 

@@ -5,6 +5,7 @@ its package only when a run uses it. Install the extras: ``pip install -e ".[ten
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -44,6 +45,13 @@ class TensorBoardTracker(Tracker):
         self.writer.close()
 
 
+def mlflow_key(key: str) -> str:
+    """A metric name MLflow accepts (letters, digits, ``_-. /``): a digit group's metrics
+    (``test_pred_share_0,2,4,6,8``) get ``_`` for each other character (``test_pred_share_0_2_4_6_8``);
+    MLflow refuses the whole batch, and the tracker is turned off, on one name it does not accept."""
+    return re.sub(r"[^\w\-. /]", "_", key, flags=re.ASCII)
+
+
 class MLflowTracker(Tracker):
     """One MLflow run per flmnist run: the config as parameters, metrics per step, the final
     model, the summary and the plots as artifacts. The store is local by default:
@@ -81,7 +89,7 @@ class MLflowTracker(Tracker):
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, v, now, step) for k, v in metrics.items()]
+        items = [Metric(mlflow_key(k), v, now, step) for k, v in metrics.items()]
         for i in range(0, len(items), 1000):
             self.client.log_batch(self.run_id, metrics=items[i:i + 1000])
 
