@@ -166,6 +166,16 @@ def test_sweep_comparison_table(tmp_path):
                          "best acc | rounds to 98.0% |")
     assert "| 0 | strategy=fedavg | finished | 96.12% | 96.30% | 31 | 73.0 |" in md
     assert "strategy=fedavg" in (tmp_path / "comparison.csv").read_text().splitlines()[1]  # the CSV keeps all
+    # sync beside async (-m strategy=fedavg,fedasync): each cell says what it counts (a bare 31 and 40
+    # read as one unit); a failed job, which has no target, leaves the target in the header
+    summaries[1].update(overrides="model=logreg strategy=fedasync num_rounds=40", status="finished", unit="update",
+                        rounds_to_target=40, client_updates_to_target=120, final_accuracy=0.97, best_accuracy=0.98)
+    summaries[0]["client_updates_to_target"] = 93
+    summaries.append({"overrides": "model=logreg strategy=fedbuff num_rounds=40", "status": "failed", "run_dir": "c"})
+    md = write_comparison(tmp_path, summaries)
+    assert "| steps to 98.0% |" in md
+    assert "| 31 rounds, 93 client updates |" in md and "| 40 server updates, 120 client updates |" in md
+    assert (tmp_path / "comparison.csv").read_text().splitlines()[2].split(",")[5:8] == ["40", "update", "120"]
 
 
 @pytest.mark.parametrize("experiment", group_options("experiment"))

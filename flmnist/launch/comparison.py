@@ -9,7 +9,8 @@ from pathlib import Path
 
 from flmnist.observers.collapse import describe
 
-COLUMNS = ["job", "overrides", "status", "final_accuracy", "best_accuracy", "rounds_to_target", "wall_time", "run_dir"]
+COLUMNS = ["job", "overrides", "status", "final_accuracy", "best_accuracy", "rounds_to_target", "unit",
+           "client_updates_to_target", "wall_time", "run_dir"]
 
 
 def degraded_message(summary: dict) -> str:
@@ -40,10 +41,19 @@ def write_comparison(sweep_dir: Path, summaries: list[dict]) -> str:
     # The Markdown names what the jobs share once, above the table, and each row's own settings.
     tokens = [(r["overrides"] or "").split() for r in rows]
     shared = [t for t in tokens[0] if all(t in other for other in tokens[1:])] if len(rows) > 1 else []
-    targets = {s.get("target_accuracy") for s in summaries}
+    targets = {t for s in summaries if (t := s.get("target_accuracy")) is not None}  # a failed job has none
     units = {s.get("unit") or "round" for s in summaries if s.get("status")}
+    mixed = len(units) > 1  # sync rounds beside async server updates: each cell names its unit
     to = (f"{'rounds' if units <= {'round'} else 'steps'} to "
-          + (f"{100 * next(iter(targets)):.1f}%" if len(targets) == 1 and None not in targets else "target"))
+          + (f"{100 * next(iter(targets)):.1f}%" if len(targets) == 1 else "target"))
+
+    def reached(r):
+        if not r["rounds_to_target"]:
+            return "not reached"
+        if not mixed:
+            return str(r["rounds_to_target"])
+        client = f", {r['client_updates_to_target']} client updates" if r["client_updates_to_target"] else ""
+        return f"{r['rounds_to_target']} {'server update' if r['unit'] == 'update' else 'round'}s{client}"
     lines = [*([f"Shared settings: {' '.join(shared)}", ""] if shared else []),
              f"| job | {'settings' if shared else 'overrides'} | status | final acc | best acc | {to} | wall time (s) |",
              "|---|---|---|---|---|---|---|"]
@@ -52,7 +62,7 @@ def write_comparison(sweep_dir: Path, summaries: list[dict]) -> str:
         settings = " ".join(t for t in own if t not in shared) or "(shared only)"
         lines.append(
             f"| {r['job']} | {settings} | {r['status']} | {pct(r['final_accuracy'])} | "
-            f"{pct(r['best_accuracy'])} | {r['rounds_to_target'] or 'not reached'} | "
+            f"{pct(r['best_accuracy'])} | {reached(r)} | "
             f"{wall} |"
         )
     notes = [f"Job {r['job']} finished degraded: {degraded_message(s)}"
