@@ -244,3 +244,16 @@ def test_the_best_model_is_never_the_untrained_initial_one(tmp_path):
     assert (summary["best_accuracy"], summary["best_round"]) == (0.101, 2)
     assert [w for w, name in saved if name == "model_best.pt"][-1] == 2
     assert summarize_stopped(tmp_path, 3, 0.99, "round", "x")["best_round"] == summary["best_round"]
+
+
+def test_plots_take_any_run_name_and_a_long_runs_heatmap_stays_readable(tmp_path):
+    """A name with Matplotlib's maths markup ($) is drawn as written (it raised, and no plot was
+    drawn); 3,000 evaluations give a heatmap of 60 evenly picked rows (it was 90,000 px tall)."""
+    from flmnist.observers.plots import HEATMAP_ROWS, plot_run
+
+    rows = [{"round": r, "test_accuracy": 0.5, "test_loss": 1.0, **{f"test_acc_digit_{d}": 0.5 for d in range(10)}}
+            for r in range(3000)]
+    plot_run(tmp_path, rows, {}, label="a$b_{$c")
+    assert title(tmp_path / "accuracy_loss.png") == "Accuracy and loss: a$b_{$c"
+    heatmap = Image.open(tmp_path / "per_digit_accuracy.png")
+    assert heatmap.size[1] <= 100 * (0.3 * HEATMAP_ROWS + 1.8) + 1

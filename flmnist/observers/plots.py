@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import textwrap
 from pathlib import Path
 
@@ -11,6 +12,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import MaxNLocator
+
+HEATMAP_ROWS = 60  # at most this many evaluated rounds in the per-digit heatmap (evenly picked, the last kept)
+
+
+def _plain_text(plot):
+    """Titles as plain text: a run's name may hold ``$`` (Matplotlib's maths markup raised on
+    ``a$b_{$c``, and no plot was drawn, or set ``cost$5 vs $6`` in italics)."""
+    @functools.wraps(plot)
+    def plain(*args, **kwargs):
+        with plt.rc_context({"text.parse_math": False}):
+            return plot(*args, **kwargs)
+    return plain
 
 
 def _save(fig, path: Path, title: str) -> None:
@@ -29,6 +42,7 @@ def _integer_axis(ax, axis: str = "x") -> None:
     (ax.xaxis if axis == "x" else ax.yaxis).set_major_locator(MaxNLocator(integer=True))
 
 
+@_plain_text
 def plot_run(run_dir: Path, rows: list[dict], loss_traces: dict[str, list[float]],
              async_stats: dict | None = None, loss_points: dict[str, list] | None = None,
              label: str = "", unit: str = "round") -> None:
@@ -64,11 +78,15 @@ def plot_run(run_dir: Path, rows: list[dict], loss_traces: dict[str, list[float]
         fig.suptitle(title)
         _save(fig, run_dir / "accuracy_loss.png", title)
 
-        digits = np.array([[r.get(f"test_acc_digit_{d}") or 0.0 for d in range(10)] for r in evaluated])
+        shown = np.unique(np.linspace(0, len(evaluated) - 1, min(len(evaluated), HEATMAP_ROWS)).round().astype(int))
+        picked = [evaluated[i] for i in shown]  # a long run: evenly picked rows, not an image metres tall
+        rounds = [r["round"] for r in picked]
+        digits = np.array([[r.get(f"test_acc_digit_{d}") or 0.0 for d in range(10)] for r in picked])
         fig, ax = plt.subplots(figsize=(8, max(3, 0.3 * len(rounds) + 1.8)))
         im = ax.imshow(100 * digits, aspect="auto", cmap="viridis", vmin=0, vmax=100)
         title = f"Per-digit test accuracy (%): {label}"
-        ax.set(xlabel="digit", ylabel=step, title=title)
+        of = f" ({len(picked)} of {len(evaluated)} evaluated)" if len(picked) < len(evaluated) else ""
+        ax.set(xlabel="digit", ylabel=step + of, title=title)
         ax.set_xticks(range(10))
         ax.set_yticks(range(len(rounds)), [str(r) for r in rounds])
         if len(rounds) <= 30:
@@ -158,6 +176,7 @@ def plot_async(run_dir: Path, stats: dict, label: str = "") -> None:
     _save(fig, run_dir / "staleness_nodes.png", title)
 
 
+@_plain_text
 def plot_attribution(run_dir: Path, nodes: list[str], totals: np.ndarray, label: str = "") -> None:
     """Heatmap of the cumulative node x digit contributions (percentage points), diverging at 0:
     green cells are digits a node's updates taught the global model, red ones it broke."""
