@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
 from flmnist.engine.async_stats import stats_lines
@@ -257,3 +258,20 @@ def test_plots_take_any_run_name_and_a_long_runs_heatmap_stays_readable(tmp_path
     assert title(tmp_path / "accuracy_loss.png") == "Accuracy and loss: a$b_{$c"
     heatmap = Image.open(tmp_path / "per_digit_accuracy.png")
     assert heatmap.size[1] <= 100 * (0.3 * HEATMAP_ROWS + 1.8) + 1
+
+
+def test_a_stopped_runs_plots_are_titled_with_the_run_as_its_own_were(tmp_path):
+    """The plots redrawn for a stopped run name it from its config.yaml (they said "Accuracy and
+    loss: " and nothing more, also over a finished run's plots when its extension was stopped)."""
+    import yaml
+
+    from flmnist.config.compose import compose_config
+    from flmnist.observers.recorder import run_label
+
+    cfg = compose_config(["experiment=seed002"])
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(OmegaConf.to_container(cfg)))
+    recorder = RunRecorder(tmp_path, 5, 0.65, printer=lambda line: None)
+    sync_rows(recorder, fleet=False)
+    summarize_stopped(tmp_path, 5, 0.65, "round", "stopped by SIGTERM")
+    assert run_label(cfg) == "seed002: FedAvg, DigitGroup split, LeNet, 3 nodes"
+    assert title(tmp_path / "accuracy_loss.png") == f"Accuracy and loss: {run_label(cfg)}"

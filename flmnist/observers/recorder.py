@@ -15,6 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from flmnist.core.run_files import atomic_write
 from flmnist.observers.collapse import DROP, PATIENCE, describe, find_collapse
@@ -307,13 +308,23 @@ def final_line(summary: dict) -> str:
             f"{summary.get('wall_time') or 0:.1f} s. Results in {summary.get('run_dir')}")
 
 
+def run_label(cfg) -> str:
+    """Strategy, split and model of a run, for plot titles ("seed002: FedAvg, DigitGroup split,
+    LeNet, 3 nodes"); ``cfg``: its config, or its ``config.yaml`` read as a dict."""
+    def short(node) -> str:
+        return str((node or {}).get("_target_", "?")).rsplit(".", 1)[-1]
+
+    split = short(cfg["partition"]).removesuffix("Partition")
+    return f"{cfg['name']}: {short(cfg['strategy'])}, {split} split, {short(cfg['model'])}, {cfg['num_nodes']} nodes"
+
+
 def summarize_stopped(run_dir: Path, num_rounds: int, target_accuracy: float, unit: str, reason: str,
                       collapse_drop: float | None = DROP, collapse_patience: int = PATIENCE) -> dict | None:
     """The summary of a run stopped from outside (SIGTERM, SIGHUP, Ctrl-C), from what it wrote.
 
     The server process is gone by then; its metrics files are not: they are read back as a
     checkpoint's recorder state is (:meth:`RunRecorder.restore`). ``summary.json`` says
-    ``status: stopped`` and why, and the plots are drawn; ``model.pt`` and the checkpoint stay as
+    ``status: stopped`` and why, and the plots are drawn (titled as the run's were); ``model.pt`` and the checkpoint stay as
     the run left them. None when the run wrote no metrics yet.
     """
     run_dir = Path(run_dir)
@@ -328,7 +339,11 @@ def summarize_stopped(run_dir: Path, num_rounds: int, target_accuracy: float, un
         return None
     evaluated = [(n, r["test_accuracy"]) for n, r in sorted(rows.items()) if n > 0 and r.get("test_accuracy") is not None]
     best_round, best_accuracy = max(evaluated, key=lambda e: e[1], default=(None, None))  # ties: the earliest
-    rec = RunRecorder(run_dir, num_rounds, target_accuracy, printer=lambda _: None, unit=unit,
+    try:  # the plots' titles name the run, as the run's own did
+        label = run_label(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    except (OSError, yaml.YAMLError, TypeError, KeyError, AttributeError):
+        label = ""
+    rec = RunRecorder(run_dir, num_rounds, target_accuracy, printer=lambda _: None, unit=unit, label=label,
                       collapse_drop=collapse_drop, collapse_patience=collapse_patience)
     rec.restore({"rows": rows, "loss_traces": traces, "loss_points": points, "async_stats": async_stats,
                  "best_accuracy": best_accuracy, "best_round": best_round,

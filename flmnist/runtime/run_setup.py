@@ -50,7 +50,7 @@ from flmnist.ml.partition import holdout_split, label_counts
 from flmnist.observers.base import RunContext
 from flmnist.observers.checkpoint import check_layout, load_checkpoint
 from flmnist.observers.probe import shared_probes
-from flmnist.observers.recorder import RunRecorder
+from flmnist.observers.recorder import RunRecorder, run_label
 from flmnist.observers.trackers import Trackers
 from flmnist.protocol.messages import TrainSettings, simulated_node_name
 from flmnist.protocol.screen import NodeLimits, ReplyScreen, ScreenSettings
@@ -113,15 +113,6 @@ def partitions(cfg: DictConfig, root: Path, run_dir: Path) -> NodeLimits:
         say(f"  ... {len(rows) - len(shown)} more nodes in {run_dir / 'partition_report.csv'}")
     held = [len(holdout_split(part, cfg.data.holdout_fraction, 0)[1]) for part in parts]  # sizes only
     return NodeLimits(tuple(len(part) - h for part, h in zip(parts, held)), tuple(held), cfg.screen.max_examples)
-
-
-def run_label(cfg: DictConfig) -> str:
-    """Strategy, split and model of a run, for plot titles: "seed002: FedAvg, DigitGroupPartition, LeNet"."""
-    def short(node) -> str:
-        return str(node.get("_target_", "?")).rsplit(".", 1)[-1]
-
-    split = short(cfg.partition).removesuffix("Partition")
-    return f"{cfg.name}: {short(cfg.strategy)}, {split} split, {short(cfg.model)}, {cfg.num_nodes} nodes"
 
 
 def build_observers(cfg: DictConfig, context: RunContext) -> list:
