@@ -1,5 +1,5 @@
 """A model's weights as numpy arrays, and back to Flower's ``ArrayRecord``: the one conversion;
-and the dot product every norm and cosine of weights goes through."""
+the dot product every norm and cosine of weights goes through; whether a strategy's state is finite."""
 
 from __future__ import annotations
 
@@ -17,6 +17,18 @@ def to_weights(arrays: ArrayRecord) -> Weights:
 def to_record(weights: Weights) -> ArrayRecord:
     """The weights as an ArrayRecord (contiguous copies where needed)."""
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in weights.items()})
+
+
+def all_finite(value) -> bool:
+    """Whether every float in ``value`` (an array, or dicts, lists and tuples of them, as a
+    strategy's state holds them; anything else is skipped) is finite."""
+    if isinstance(value, dict):
+        return all(all_finite(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return all(all_finite(v) for v in value)
+    if isinstance(value, np.ndarray | np.floating | float):
+        return bool(np.isfinite(value).all()) if np.asarray(value).dtype.kind in "fc" else True
+    return True
 
 
 def dot(a: np.ndarray, b: np.ndarray) -> float:

@@ -237,12 +237,7 @@ class AsyncLoop:
         """The server step's new global weights, or None if the aggregate is unsound (or it left the
         strategy's state non-finite): then the strategy's lasting state (FedBuff's momentum) is
         rolled back, and the updates the step folded in are dropped with it."""
-        accepted = self.path.aggregate(new, weights)
-        if accepted is not None and not self.strategy.finite_state():
-            self.path.aggregates_rejected += 1
-            log(WARNING, "Aggregate rejected (the strategy's state holds non-finite values); the global model "
-                "stays as it was")
-            accepted = None
+        accepted = self.path.aggregate(new, weights, self.strategy.state_dict())
         if accepted is None:
             self.strategy.step_rejected(before)
             self.pending.rejected(self.stats)

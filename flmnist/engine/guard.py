@@ -57,18 +57,6 @@ def _plain(value):
     return value
 
 
-def _finite_state(strategy: Strategy) -> bool:
-    """Whether every array of the inner strategy's state is finite (FedAdam's second moment can
-    overflow to inf on a finite but huge update while its aggregate stays finite)."""
-    for key in checkpoint_state(strategy):
-        value = _plain(getattr(strategy, key, None))
-        if isinstance(value, dict):
-            value = list(value.get("__arrayrecord__", value).values())
-        if isinstance(value, list) and not all(np.isfinite(np.asarray(v)).all() for v in value):
-            return False
-    return True
-
-
 def _restore(value):
     if isinstance(value, dict) and "__arrayrecord__" in value:
         return to_record(value["__arrayrecord__"])
@@ -179,12 +167,7 @@ class Guarded(Strategy):
                     metrics = aggregate_train_metrics([u.content() for u in updates], p.UNIT_WEIGHT)
             except Exception as err:  # noqa: BLE001 - the inner strategy's failure fails this round only
                 log(WARNING, "%s could not aggregate round %d: %s: %s", self.name, step, type(err).__name__, err)
-            weights = self.path.aggregate(arrays, self.reference) if arrays is not None else None
-            if weights is not None and not _finite_state(self.strategy):
-                self.path.aggregates_rejected += 1
-                log(WARNING, "Aggregate rejected (%s's state holds non-finite values); the global model "
-                    "stays as it was", self.name)
-                weights = None
+            weights = None if arrays is None else self.path.aggregate(arrays, self.reference, self._inner_state())
             if weights is None:
                 for k, v in snapshot.items():  # roll the inner strategy back with the model
                     setattr(self.strategy, k, v)
@@ -281,9 +264,12 @@ class Guarded(Strategy):
         return [u for u, timing in zip(updates, timings) if not timing.dropped]
 
     # --------------------------------------------------------------- state
+    def _inner_state(self) -> dict:
+        """The inner strategy's state (``checkpoint_state``), as plain arrays."""
+        return {k: _plain(getattr(self.strategy, k)) for k in checkpoint_state(self.strategy)}
+
     def state_dict(self) -> dict:
-        inner = {k: _plain(getattr(self.strategy, k)) for k in checkpoint_state(self.strategy)}
-        return {"inner": inner, "virtual_time": self.clock.now, "client_updates": self.client_updates,
+        return {"inner": self._inner_state(), "virtual_time": self.clock.now, "client_updates": self.client_updates,
                 "failed_rounds": self.liveness.in_a_row, "unbound_tasks": {str(k): v for k, v in self.unbound_tasks.items()},
                 "privacy": self.privacy.state_dict() if self.privacy is not None else None}
 

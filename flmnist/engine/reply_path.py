@@ -22,7 +22,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 
-from flmnist.core.arrays import to_weights
+from flmnist.core.arrays import all_finite, to_weights
 from flmnist.core.run_files import CHECKPOINT_INFO, atomic_write
 from flmnist.engine.effect_guard import Candidate, EffectGuard
 from flmnist.engine.identity import IdentityBook
@@ -133,8 +133,7 @@ class ReplyPath:
             rejections.append(r)
             self._reject("Update", r)
         self._clip_long(updates, reference, delta)
-        for u in updates:
-            self.devices[u.name] = u.device
+        self.devices.update((u.name, u.device) for u in updates)
         self.screen_seconds += time.perf_counter() - t
         if self.recorder is not None:
             for u in updates:
@@ -233,10 +232,8 @@ class ReplyPath:
                 self._reject("Evaluation", out)
             else:
                 accepted.append(out)
-        if not accepted:
-            return None, rejections
         records = [RecordDict({p.METRICS: MetricRecord(r.metrics)}) for r in accepted]
-        return aggregate_evaluate_counts(records, p.NUM_EXAMPLES), rejections
+        return (aggregate_evaluate_counts(records, p.NUM_EXAMPLES) if records else None), rejections
 
     def applied(self, step: int, before: Weights, updates: Sequence[ClientUpdate], reference: Weights,
                 delta: bool, key: object = None) -> None:
@@ -269,8 +266,10 @@ class ReplyPath:
                 self.recorder.set_section(key.lower(), out)
 
     # ----------------------------------------------------------- aggregates
-    def aggregate(self, new: Weights | ArrayRecord | None, reference: Weights) -> Weights | None:
-        """The aggregate as the next global weights, or None (logged, counted) if it is unsound."""
+    def aggregate(self, new: Weights | ArrayRecord | None, reference: Weights, state=None) -> Weights | None:
+        """The aggregate as the next global weights, or None (logged, counted) if it is unsound or left
+        the strategy's ``state`` non-finite (FedAdam's second moment can overflow, its aggregate finite)."""
+        problem = None  # the aggregate's first problem found
         if isinstance(new, ArrayRecord):
             try:
                 new = to_weights(new)
@@ -279,7 +278,8 @@ class ReplyPath:
         if new is not None:
             new = {k: (np.asarray(v).astype(reference[k].dtype) if k in reference and np.asarray(v).dtype.kind == "f"
                        else v) for k, v in new.items()}
-        problem = aggregate_problem(new, reference)
+        problem = problem or aggregate_problem(new, reference) or (
+            None if all_finite(state) else "the strategy's state holds non-finite values")
         if problem:
             self.aggregates_rejected += 1
             log(WARNING, "Aggregate rejected (%s); the global model stays as it was", problem)

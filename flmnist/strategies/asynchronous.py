@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-import numpy as np
-
 from flmnist.core.arrays import Weights
 from flmnist.core.checks import check_integer, check_number
 
@@ -50,14 +48,6 @@ class AsyncStrategy(ABC):
     def step_rejected(self, before: dict) -> None:
         """The server step :meth:`apply` just returned was rejected (its aggregate unsound): forget
         what it added to lasting state. ``before``: :meth:`state_dict` taken before that ``apply``."""
-
-    def finite_state(self) -> bool:
-        """Whether every array of the strategy's state is finite."""
-        for value in self.state_dict().values():
-            arrays = value.values() if isinstance(value, dict) else [value]
-            if not all(np.isfinite(a).all() for a in arrays if isinstance(a, np.ndarray)):
-                return False
-        return True
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what :meth:`state_dict` returned."""
