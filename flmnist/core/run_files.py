@@ -1,5 +1,5 @@
 """The run directory's files that more than one layer reads: finding a run's checkpoint (the
-``flmnist`` command does, without PyTorch) and writing a text file atomically."""
+``flmnist`` command does, without PyTorch), reading its config and writing a text file atomically."""
 
 from __future__ import annotations
 
@@ -24,13 +24,18 @@ def atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def is_run_dir(directory: Path) -> bool:
-    """Whether ``directory`` is a flmnist run directory: its ``config.yaml`` is a flmnist config."""
+def run_config(directory: Path) -> dict | None:
+    """A run directory's ``config.yaml`` as plain data, if it is a flmnist config (else None)."""
     try:
         config = yaml.safe_load((Path(directory) / "config.yaml").read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return False
-    return isinstance(config, dict) and {"strategy", "num_nodes"} <= set(config)
+        return None
+    return config if isinstance(config, dict) and {"strategy", "num_nodes"} <= set(config) else None
+
+
+def is_run_dir(directory: Path) -> bool:
+    """Whether ``directory`` is a flmnist run directory: its ``config.yaml`` is a flmnist config."""
+    return run_config(directory) is not None
 
 
 def find_checkpoint(resume: str, output_dir: str) -> Path:

@@ -15,9 +15,8 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-import yaml
 
-from flmnist.core.run_files import atomic_write
+from flmnist.core.run_files import atomic_write, run_config
 from flmnist.observers.collapse import DROP, PATIENCE, describe, find_collapse
 from flmnist.observers.trackers import Trackers, scalars
 
@@ -340,8 +339,8 @@ def summarize_stopped(run_dir: Path, num_rounds: int, target_accuracy: float, un
     evaluated = [(n, r["test_accuracy"]) for n, r in sorted(rows.items()) if n > 0 and r.get("test_accuracy") is not None]
     best_round, best_accuracy = max(evaluated, key=lambda e: e[1], default=(None, None))  # ties: the earliest
     try:  # the plots' titles name the run, as the run's own did
-        label = run_label(yaml.safe_load((run_dir / "config.yaml").read_text()))
-    except (OSError, yaml.YAMLError, TypeError, KeyError, AttributeError):
+        label = run_label(run_config(run_dir))
+    except (TypeError, KeyError, AttributeError):  # no flmnist config.yaml, or one without these keys
         label = ""
     rec = RunRecorder(run_dir, num_rounds, target_accuracy, printer=lambda _: None, unit=unit, label=label,
                       collapse_drop=collapse_drop, collapse_patience=collapse_patience)
