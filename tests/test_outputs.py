@@ -247,6 +247,49 @@ def test_the_best_model_is_never_the_untrained_initial_one(tmp_path):
     assert summarize_stopped(tmp_path, 3, 0.99, "round", "x")["best_round"] == summary["best_round"]
 
 
+def test_a_resumed_run_keeps_the_model_best_of_its_checkpoint_not_a_crashed_attempts(tmp_path):
+    """A run checkpointed every 2 rounds found its best at round 1, crashed after saving a better
+    model_best.pt at round 3 (a round the resumed run does again, not necessarily alike: async,
+    nondeterministic kernels). Resumed from the round-2 checkpoint, model_best.pt is round 1's
+    again, as best_round says (it stayed the crashed attempt's round 3); the best weights travel
+    in the checkpoint through its real packing."""
+    from flmnist.observers.checkpoint import load_checkpoint, save_checkpoint
+
+    def model(r: int) -> dict:
+        return {"w": torch.full((3,), float(r))}
+
+    def best_on_disk() -> float:
+        return float(torch.load(tmp_path / "model_best.pt", weights_only=True)["w"][0])
+
+    first = RunRecorder(tmp_path, 4, 0.99, printer=lambda line: None, save_tensors=save_state_dict)
+    for r, acc in enumerate((0.1, 0.8, 0.7)):
+        first.add(r, test_accuracy=acc, test_loss=1.0)
+        first.end_round(r, state_dict=model(r), quiet=True)
+    save_checkpoint(tmp_path, {"recorder": first.state(2), "arrays": model(2)})
+    first.add(3, test_accuracy=0.95, test_loss=1.0)
+    first.end_round(3, state_dict=model(3), quiet=True)
+    assert best_on_disk() == 3.0  # then the crash
+
+    checkpoint = load_checkpoint(tmp_path / "checkpoint.pt")
+    resumed = RunRecorder(tmp_path, 4, 0.99, printer=lambda line: None, save_tensors=save_state_dict)
+    resumed.restore(checkpoint["recorder"], final_state=checkpoint["arrays"], step=2)
+    assert resumed.best_round == 1 and best_on_disk() == 1.0
+    resumed.add(3, test_accuracy=0.75, test_loss=1.0)  # the redone round 3 is not better
+    resumed.end_round(3, state_dict=model(3), quiet=True)
+    assert resumed.finish()["best_round"] == 1 and best_on_disk() == 1.0
+
+    # the checkpoint's own model is the best: it is not stored twice, and model_best.pt is it
+    state = resumed.state(1)
+    assert state["best_state"] is None
+    again = RunRecorder(tmp_path, 4, 0.99, printer=lambda line: None, save_tensors=save_state_dict)
+    again.restore(state, final_state=model(7), step=1)
+    assert best_on_disk() == 7.0
+    # no best yet at the checkpoint: a later attempt's model_best.pt is removed
+    none_yet = RunRecorder(tmp_path, 4, 0.99, printer=lambda line: None, save_tensors=save_state_dict)
+    none_yet.restore({**state, "best_round": None, "best_accuracy": None}, final_state=model(0), step=0)
+    assert not (tmp_path / "model_best.pt").exists()
+
+
 def test_plots_take_any_run_name_and_a_long_runs_heatmap_stays_readable(tmp_path):
     """A name with Matplotlib's maths markup ($) is drawn as written (it raised, and no plot was
     drawn); 3,000 evaluations give a heatmap of 60 evenly picked rows (it was 90,000 px tall)."""

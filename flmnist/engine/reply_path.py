@@ -356,7 +356,7 @@ class ReplyPath:
             "arrays": weights,
             "engine": engine,
             "screen": self.state(),
-            "recorder": self.recorder.state(),
+            "recorder": self.recorder.state(step),
             "rng": rng_state(),
         })
         atomic_write(self.recorder.run_dir / CHECKPOINT_INFO, json.dumps({"kind": kind, "round": step}))

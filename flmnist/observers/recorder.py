@@ -63,6 +63,7 @@ class RunRecorder:
         self.best_accuracy: float | None = None
         self.best_round: int | None = None
         self.final_state: dict | None = None
+        self.best_state: dict | None = None  # the weights in model_best.pt
         self.model_saved = False
         self.unit = unit  # "round" (synchronous) or "update" (asynchronous server updates)
         self.async_stats: dict | None = None
@@ -85,17 +86,29 @@ class RunRecorder:
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
 
-    def state(self) -> dict:
-        """What a checkpoint keeps of the recorder."""
+    def state(self, step: int | None = None) -> dict:
+        """What a checkpoint of ``step`` keeps of the recorder; the best model's weights too when
+        they are not the checkpoint's own model (the best came at an earlier step)."""
         return {"rows": self.rows, "loss_traces": dict(self.loss_traces), "loss_points": dict(self.loss_points),
-                "best_accuracy": self.best_accuracy,
-                "best_round": self.best_round, "elapsed": self.elapsed(), "async_stats": self.async_stats}
+                "best_accuracy": self.best_accuracy, "best_round": self.best_round,
+                "best_state": self.best_state if self.best_round != step else None,
+                "elapsed": self.elapsed(), "async_stats": self.async_stats}
 
-    def restore(self, state: dict, final_state: dict | None = None) -> None:
-        """Continue from a checkpoint: earlier rows are kept and later rounds added to them;
-        ``final_state`` is the checkpoint's model (the run's model until a new one is made)."""
+    def restore(self, state: dict, final_state: dict | None = None, step: int | None = None) -> None:
+        """Continue from a checkpoint of ``step``: earlier rows are kept and later rounds added to
+        them; ``final_state`` is the checkpoint's model (the run's model until a new one is made).
+        ``model_best.pt`` is written again from the checkpoint, so that it is the model of the
+        restored ``best_round``, not one a crashed attempt saved after the checkpoint."""
         if final_state is not None:
             self.final_state = final_state
+        best_round = state["best_round"]
+        self.best_state = state.get("best_state") or (final_state if best_round == step else None)
+        if self.save_tensors is not None:
+            path = self.run_dir / "model_best.pt"
+            if self.best_state is not None:
+                self.save_tensors(self.best_state, path)
+            elif best_round is None:
+                path.unlink(missing_ok=True)
         self.rows = {int(k): v for k, v in state["rows"].items()}
         self.loss_traces = defaultdict(list, state["loss_traces"])
         self.loss_points = defaultdict(list, state.get("loss_points", {}))
@@ -126,7 +139,7 @@ class RunRecorder:
             self.final_state = state_dict
             # Round 0 is the initial model, untrained: never the run's best (as in every other figure).
             if acc is not None and server_round > 0 and (self.best_accuracy is None or acc > self.best_accuracy):
-                self.best_accuracy, self.best_round = acc, server_round
+                self.best_accuracy, self.best_round, self.best_state = acc, server_round, state_dict
                 if self.save_tensors is not None:
                     self.save_tensors(state_dict, self.run_dir / "model_best.pt")
         self.write_metrics()

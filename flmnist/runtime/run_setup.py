@@ -274,5 +274,6 @@ def build_run(grid: Grid, cfg: DictConfig) -> Run:
     if checkpoint is not None:
         initial = to_record({k: np.asarray(v) for k, v in checkpoint["arrays"].items()})
         recorder.restore(checkpoint["recorder"],
-                         final_state={k: torch.from_numpy(np.array(v)) for k, v in checkpoint["arrays"].items()})
+                         final_state={k: torch.from_numpy(np.array(v)) for k, v in checkpoint["arrays"].items()},
+                         step=checkpoint["round"])
     return Run(cfg, run_dir, recorder, engine, initial, checkpoint)
