@@ -149,6 +149,25 @@ def test_tensorboard_and_mlflow_get_the_config_every_rounds_metrics_and_the_mode
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"model.pt", "summary.json", "accuracy_loss.png"} <= artifacts
 
+    # Extended (flmnist resume=RUN_DIR num_rounds=5): the same MLflow run goes on; the changed
+    # parameter, which MLflow refuses to overwrite, is a tag; the restored rows' late client
+    # metrics reach it too (they were dropped: the recorder had handed no row to this tracker)
+    extended = RunRecorder(run_dir, 5, 0.99, printer=lambda line: None)
+    extended.trackers = Trackers([MLflowTracker()])
+    extended.trackers.call("start", run_dir, run_dir.name, {**config, "num_rounds": 5, "client": {"lr": 0.05}})
+    extended.restore(recorder.state(3), step=3)
+    extended.add(3, client_accuracy=0.7)
+    extended.add(4, test_accuracy=0.9, test_loss=0.3)
+    extended.end_round(4)
+    extended.finish()
+    assert len(extended.trackers.trackers) == 1, "the tracker failed"
+    (run,) = client.search_runs([client.get_experiment_by_name("flmnist").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["client.lr"] == "0.1"
+    assert run.data.tags["resumed.client.lr"] == "0.05" and run.data.params["num_rounds"] == "5"
+    history = client.get_metric_history(run.info.run_id, "test_accuracy")
+    assert [m.step for m in history] == [0, 1, 2, 3, 4] and history[-1].value == pytest.approx(0.9)
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "client_accuracy")][-1] == (3, 0.7)
+
 
 def test_client_metrics_a_round_later_still_reach_the_trackers(tmp_path):
     """sampling.client_evaluation=in_train (the deployment default): round 1's client evaluation

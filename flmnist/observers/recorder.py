@@ -113,6 +113,7 @@ class RunRecorder:
         self.loss_traces = defaultdict(list, state["loss_traces"])
         self.loss_points = defaultdict(list, state.get("loss_points", {}))
         self.best_accuracy, self.best_round = state["best_accuracy"], state["best_round"]
+        self.tracked = set(self.rows)  # the trackers had them (a resumed run continues its tracker runs)
         self.async_stats = state.get("async_stats")
         self.t0 = time.perf_counter() - state["elapsed"]
 

@@ -52,12 +52,16 @@ def mlflow_key(key: str) -> str:
     return re.sub(r"[^\w\-. /]", "_", key, flags=re.ASCII)
 
 
+RUN_ID_FILE = "mlflow_run_id"
+
+
 class MLflowTracker(Tracker):
     """One MLflow run per flmnist run: the config as parameters, metrics per step, the final
     model, the summary and the plots as artifacts. The store is local by default:
     ``OUTPUT_DIR/mlflow.db`` with artifacts in ``OUTPUT_DIR/mlartifacts`` (``mlflow ui
     --backend-store-uri sqlite:///outputs/mlflow.db``; beside the run directory when ``run_dir``
-    is outside ``output_dir``); ``tracking_uri`` names another."""
+    is outside ``output_dir``); ``tracking_uri`` names another. A resumed or extended run
+    continues its MLflow run."""
 
     def __init__(self, tracking_uri: str | None = None, experiment: str = "flmnist") -> None:
         try:
@@ -79,11 +83,36 @@ class MLflowTracker(Tracker):
         found = self.client.get_experiment_by_name(self.experiment)
         experiment_id = found.experiment_id if found else self.client.create_experiment(
             self.experiment, artifact_location=(store / "mlartifacts").as_uri() if not self.tracking_uri else None)
-        self.run_id = self.client.create_run(experiment_id, run_name=name).info.run_id
         params = flat(config)
+        self.run_id = self._continued(run_dir, experiment_id, params)
+        if self.run_id is None:
+            self.run_id = self.client.create_run(experiment_id, run_name=name).info.run_id
+            (run_dir / RUN_ID_FILE).write_text(self.run_id + "\n")
         keys = list(params)
         for i in range(0, len(keys), 100):  # MLflow takes at most 100 parameters per batch
             self.client.log_batch(self.run_id, params=[Param(k, params[k][:6000]) for k in keys[i:i + 100]])
+
+    def _continued(self, run_dir: Path, experiment_id: str, params: dict[str, str]) -> str | None:
+        """A resumed or extended run's MLflow run (its id in ``RUN_DIR/mlflow_run_id``), back to
+        RUNNING; ``params`` is left with the keys it does not have yet (MLflow refuses a changed
+        parameter: those, such as an extension's ``num_rounds``, become ``resumed.*`` tags). None:
+        a new run (no id file, or the run is not in this store's experiment)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run_id = (run_dir / RUN_ID_FILE).read_text().strip()
+            run = self.client.get_run(run_id)
+        except (OSError, MlflowException):
+            return None
+        if run.info.experiment_id != experiment_id:
+            return None
+        logged = run.data.params
+        for key in [k for k in params if k in logged]:
+            value = params.pop(key)[:6000]
+            if logged[key] != value:
+                self.client.set_tag(run_id, f"resumed.{key}", value)
+        self.client.update_run(run_id, status="RUNNING")
+        return run_id
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
         from mlflow.entities import Metric
