@@ -164,7 +164,9 @@ def test_script_dry_runs_show_the_commands_they_would_run(tmp_path):
     assert "flwr supernode register k.pub lab --name jetson-01" in _dry(
         "server/register_node.sh", "--superlink", "lab", "jetson-01", "k.pub")
     assert "flwr supernode unregister 42" in _dry("server/revoke_node.sh", "42")
-    assert "ssh-keygen -q -t ecdsa -b 384" in _dry("device/make_node_key.sh", str(tmp_path / "k" / "node.key"))
+    out = _dry("device/make_node_key.sh", str(tmp_path / "k" / "node.key"))
+    assert "ssh-keygen -q -t ecdsa -b 384" in out and f"install -D -m 600 /dev/null {tmp_path}/k/superexec.secret" in out
+    assert "ssh-keygen" not in _dry("device/make_node_key.sh", "--secret-only", str(tmp_path / "k" / "node.key"))
     assert not (tmp_path / "k").exists()
 
 

@@ -204,6 +204,12 @@ def test_jetson_compose_runs_the_warm_executor_beside_the_supernode():
     assert executor["init"] is True  # PID 1 an init process: children outlive a dead executor, leftovers reaped
     unit = (REPO / "jetson" / "flmnist-warm-executor.service").read_text()
     assert "docker run --rm --init " in unit
+    # Both hold the Runtime API's secret (make_node_key.sh writes it beside node.key): only the
+    # executor takes the board's tasks, in compose and under systemd alike
+    secret = "--superexec-auth-secret-file=/keys/superexec.secret"
+    assert secret in services["supernode"]["command"] and args.superexec_auth_secret_file == "/keys/superexec.secret"
+    assert any(v.endswith("/superexec.secret:/keys/superexec.secret:ro") for v in executor["volumes"])
+    assert secret in unit and secret in (REPO / "jetson" / "flmnist-supernode.service").read_text()
 
 
 def test_an_error_reply_the_supernode_refuses_is_logged_and_the_executor_goes_on(monkeypatch, caplog, task_identity):
