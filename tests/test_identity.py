@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import MessageType
+from flwr.app import Message, MessageType, RecordDict
 
 from flmnist.core.arrays import to_weights
 from flmnist.core.errors import ConfigError
@@ -149,3 +149,83 @@ def test_async_discovery_binds_and_an_impostor_never_trains_as_its_victim(task_i
     assert set(loop.node_counts) == {"node 1", "node 2"}  # no update applied as node 1 but node 0's
     assert all(np.all(final[k] - START[k] < 0.1) for k in START)  # the +0.5 offsets never got in
 
+
+
+class PerfectImpostor(FakeNode):
+    """Partition ``partition``'s node whose evaluate replies are ``victim``'s node's, with every
+    example right."""
+
+    def __init__(self, partition: int, victim: int) -> None:
+        super().__init__(partition)
+        self.victim = FakeNode(victim)
+
+    def answer_evaluate(self, msg):
+        reply = self.victim.answer_evaluate(msg)
+        metrics = reply.content[p.METRICS]
+        metrics[p.CORRECT] = metrics[p.correct_key(0)] = metrics[p.NUM_EXAMPLES]
+        return reply
+
+
+def test_an_evaluate_reply_whose_claim_a_later_reply_doubts_is_taken_out(task_identity):
+    """Node id 99 answers first as node 0, every example right; the real node 0 (node id 11)
+    answers next: both are flagged, and the impostor's counts, accepted before the conflict
+    showed, are taken out of the sum again (they stayed in: accuracy 1.0), as train replies are."""
+    nodes = {99: PerfectImpostor(2, victim=0), 11: FakeNode(0), 12: FakeNode(1)}
+    grid = FakeGrid(nodes)
+    path = make_path()
+    msgs = [Message(RecordDict({p.ARRAYS: record(START)}), dst_node_id=n, message_type=MessageType.EVALUATE)
+            for n in nodes]
+    metrics, rejections = path.evaluate_replies(grid.send_and_receive(msgs))
+    assert {r.node_id for r in rejections} == {99, 11}
+    assert metrics[p.NUM_EXAMPLES] == LIMITS.holdout_examples[1]  # node 1's alone
+    assert metrics["accuracy"] == pytest.approx(1 - 1 / LIMITS.holdout_examples[1])  # not 1.0
+    assert set(path.rejected) == {"node id 99", "node id 11"}
+
+
+def test_rejections_are_never_counted_against_a_node_the_reply_only_names(tmp_path, task_identity):
+    """An unbound node id naming itself as a bound node, or as a registered board, is counted
+    as its node id (its malformed replies were counted against the node it named)."""
+    book = IdentityBook()
+    assert book.judge(12, "node 1", 1) is None
+    assert book.name_of(99, "node 1") == "node id 99" and book.name_of(98, "node 5") == "node 5"
+    registered = IdentityBook({11: "jetson-orin"})
+    assert registered.name_of(99, "jetson-orin") == "node id 99"
+    assert registered.name_of(11, "anything") == "jetson-orin"
+
+
+def test_a_node_refused_over_an_identity_conflict_is_asked_again_once_it_is_over(task_identity):
+    """A board restarts with a new node id (13) while Flower still lists its old one (11): the
+    new one's answer is refused as a conflict, not for good; when 11 is gone, 13 is asked again
+    and gets the board's identity (it was refused for the rest of the run)."""
+    from flmnist.engine.node_directory import NodeDirectory
+
+    nodes = {11: FakeNode(0), 12: FakeNode(1), 13: FakeNode(0)}
+    grid = FakeGrid(nodes)
+    path = make_path()
+    path.identities.connected = grid.get_node_ids
+    directory = NodeDirectory(grid, path, poll_interval=0.001, reask_after=0.0)
+    grid.connected.discard(13)
+    assert [n.node_id for n in directory.discover(1.0)] == [11, 12]
+    grid.connected.add(13)
+    assert directory.discover(1.0) == [] and not directory.refused
+    grid.connected.discard(11)
+    assert [(n.node_id, n.name) for n in directory.discover(1.0)] == [(13, "node 0")]
+    directory.refused.clear()
+    bad = NodeDirectory(FakeGrid({14: FakeNode(2, query="bad-node-info")}), make_path(), poll_interval=0.001)
+    assert bad.discover(1.0) == [] and set(bad.refused) == {14}  # a malformed answer: refused for good
+
+
+def test_summed_evaluations_that_overflow_or_hold_no_examples_report_no_figure():
+    """Two replies each with a finite loss-sum near the float maximum: no client loss (it was
+    inf, recorded as an empty value); replies with no examples: no evaluation (NaN figures)."""
+    from flwr.app import MetricRecord
+
+    from flmnist.protocol.aggregation import aggregate_evaluate_counts
+
+    def reply(n: int, loss_sum: float) -> RecordDict:
+        return RecordDict({"m": MetricRecord({"num-examples": n, "loss-sum": loss_sum, "correct": n // 2})})
+
+    out = aggregate_evaluate_counts([reply(10, 1.7e308), reply(10, 1.7e308)], "num-examples")
+    assert "loss" not in out and out["accuracy"] == 0.5
+    assert aggregate_evaluate_counts([reply(0, 0.0), reply(0, 0.0)], "num-examples") is None
+    assert aggregate_evaluate_counts([reply(10, 5.0)], "num-examples")["loss"] == 0.5

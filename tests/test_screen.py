@@ -245,7 +245,9 @@ NODE_INFO_ATTACKS = {
                                           ["node-info keys", "differ from the contract"]),
     "a name that is not a string": (ConfigRecord({p.NODE_NAME: 12345}), ["node-info 'node-name' must be a string"]),
     "an empty name": (ConfigRecord({p.NODE_NAME: ""}), ["node-info 'node-name' must be a string of 1-128"]),
-    "a name too long for a log": (ConfigRecord({p.NODE_NAME: "n" * 129}), ["must be a string of 1-128 characters"]),
+    "a name too long for a log": (ConfigRecord({p.NODE_NAME: "n" * 129}), ["must be a string of 1-128 printable"]),
+    "a name that forges a log line": (ConfigRecord({p.NODE_NAME: "a\nINFO: run finished"}), ["printable characters"]),
+    "the server's name for a node id": (ConfigRecord({p.NODE_NAME: "node id 12"}), ["not starting with 'node id '"]),
     "no name": (ConfigRecord({p.DEVICE: "cpu"}), ["node-info keys ['device'] differ"]),
     "a device that is a list": (ConfigRecord({p.NODE_NAME: "a", p.DEVICE: ["cpu"]}), ["node-info 'device' must be"]),
 }

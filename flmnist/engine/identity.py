@@ -80,12 +80,16 @@ class IdentityBook:
 
     def name_of(self, node_id: int, claimed: str) -> str:
         """The name to count a reply under: the bound or registered one; ``node id N`` for a node
-        id trusted with no identity; else what the reply claims."""
+        id trusted with no identity, not in the registry, or claiming a name bound to another
+        node id (its rejections are never counted against the node it names); else what the
+        reply claims."""
         if node_id in self.bound:
             return self.bound[node_id].name
-        if self.registry and node_id in self.registry:
-            return self.registry[node_id]
-        return f"node id {node_id}" if node_id in self.flagged else claimed
+        if self.registry is not None:
+            return self.registry.get(node_id, f"node id {node_id}")
+        if node_id in self.flagged or any(i.name == claimed for i in self.bound.values()):
+            return f"node id {node_id}"
+        return claimed
 
     def _holder(self, claim: Identity, node_id: int) -> int | None:
         """Another node id already bound to this partition or name."""

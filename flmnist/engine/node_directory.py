@@ -8,7 +8,8 @@ answer (:meth:`flmnist.protocol.screen.ReplyScreen.query`) and remembers the out
 
 - an accepted answer: the node's :class:`~flmnist.protocol.screen.NodeInfo` (``nodes``);
 - a malformed one: the node is *refused* (``refused``, with the reason, logged) and never
-  asked again;
+  asked again; one whose identity another node id claims too (:mod:`flmnist.engine.identity`)
+  is asked again after ``reask_after`` seconds, when the conflict may be over;
 - an error reply or no reply within the timeout: the node is asked again when it is seen
   after ``reask_after`` seconds.
 
@@ -59,7 +60,9 @@ class NodeDirectory:
                 ids.discard(reply.metadata.reply_to_message_id)
                 out = self.path.query_reply(reply)
                 if isinstance(out, Rejection):
-                    if not out.failed:
+                    # Refused for good, but not for an identity conflict: that ends when one of
+                    # the two node ids leaves (a restarted board's old one), then it is asked again.
+                    if not out.failed and self.path.identities.trusted(out.node_id):
                         self.refused[reply.metadata.src_node_id] = out.reason
                     log(WARNING, "Node %s was not added: %s", out.name, out.reason)
                 else:

@@ -73,13 +73,10 @@ class ReplyPath:
         self.rejected: Counter = Counter()   # node name -> rejected replies
         self.failed: Counter = Counter()     # node name -> error replies
         self.reasons: Counter = Counter()    # reason (first words) -> count
-        self.clipped = 0
-        self.aggregates_rejected = 0
+        self.clipped = self.aggregates_rejected = self.screened = self.guard_rejected = 0  # counters
         self.screen_seconds = 0.0
-        self.screened = 0
         self.evaluations: list[RecordDict] = []  # see train_replies / received_evaluation
         self.devices: dict[str, str] = {}    # node name -> the device its replies say it trained on
-        self.guard_rejected = 0
 
     # ------------------------------------------------------------- replies
     def _reject(self, what: str, r: Rejection) -> None:
@@ -118,12 +115,7 @@ class ReplyPath:
             else:
                 out.metadata = msg.metadata
                 updates.append(out)
-        for u in list(updates):  # a later reply of this batch may have put an earlier one's claim in doubt
-            if not self.identities.trusted(u.node_id):
-                updates.remove(u)
-                r = Rejection(u.node_id, self.identities.name_of(u.node_id, u.name), self.identities.flagged[u.node_id])
-                rejections.append(r)
-                self._reject("Update", r)
+        rejections += self._doubted(updates, "Update")
         # The received model's evaluations (evaluate-received), from every screened, trusted reply.
         self.evaluations = [RecordDict({p.METRICS: MetricRecord(u.evaluation)}) for u in updates if u.evaluation]
         # Refuse absurd lengths, judge the rest as sent (the guard), then clip what was accepted:
@@ -232,8 +224,16 @@ class ReplyPath:
                 self._reject("Evaluation", out)
             else:
                 accepted.append(out)
+        rejections += self._doubted(accepted, "Evaluation")
         records = [RecordDict({p.METRICS: MetricRecord(r.metrics)}) for r in accepted]
         return (aggregate_evaluate_counts(records, p.NUM_EXAMPLES) if records else None), rejections
+
+    def _doubted(self, accepted: list, kind: str) -> list[Rejection]:
+        """Take out of ``accepted`` the replies whose node id a later reply of the batch put in doubt."""
+        out = [Rejection(a.node_id, self.identities.name_of(a.node_id, a.name), self.identities.flagged[a.node_id])
+               for a in accepted if not self.identities.trusted(a.node_id)]
+        accepted[:] = [a for a in accepted if self.identities.trusted(a.node_id)]
+        return [self._reject(kind, r) or r for r in out]
 
     def applied(self, step: int, before: Weights, updates: Sequence[ClientUpdate], reference: Weights,
                 delta: bool, key: object = None) -> None:

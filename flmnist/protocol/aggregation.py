@@ -7,6 +7,8 @@ would pull its accuracy down), so evaluation replies carry counts and we sum the
 
 from __future__ import annotations
 
+import math
+
 from flwr.app import MetricRecord, RecordDict
 
 from flmnist.core.constants import NUM_CLASSES
@@ -33,19 +35,19 @@ def aggregate_train_metrics(records: list[RecordDict], weight_key: str) -> Metri
     return out
 
 
-def aggregate_evaluate_counts(records: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Sum loss and correct counts over nodes, overall and per digit, then divide."""
+def aggregate_evaluate_counts(records: list[RecordDict], weight_key: str) -> MetricRecord | None:
+    """Sum loss and correct counts over nodes, overall and per digit, then divide. None when the
+    replies hold no examples; no ``loss`` when the summed losses are not finite (each reply's is
+    finite, but two near the float maximum add up to infinity)."""
     records = [_metric_record(r) for r in records]
     total = sum(int(r[weight_key]) for r in records)
+    if total <= 0:
+        return None
     loss_sum = sum(float(r["loss-sum"]) for r in records)
     correct = sum(int(r["correct"]) for r in records)
-    out = MetricRecord(
-        {
-            weight_key: total,
-            "loss": loss_sum / total if total else float("nan"),
-            "accuracy": correct / total if total else float("nan"),
-        }
-    )
+    out = MetricRecord({weight_key: total, "accuracy": correct / total})
+    if math.isfinite(loss_sum / total):
+        out["loss"] = loss_sum / total
     for d in range(NUM_CLASSES):
         c = sum(int(r.get(f"correct-{d}", 0)) for r in records)
         t = sum(int(r.get(f"total-{d}", 0)) for r in records)

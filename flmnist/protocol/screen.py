@@ -199,8 +199,8 @@ def _node_info(content: RecordDict, contract: dict) -> dict:
     for key in keys:
         value, kind = info[key], contract[key]
         if kind is str:
-            if not isinstance(value, str) or not 0 < len(value) <= p.MAX_NAME_LENGTH:
-                raise Refused(f"node-info '{key}' must be a string of 1-{p.MAX_NAME_LENGTH} characters")
+            if not _sound_name(value):
+                raise Refused(f"node-info '{key}' must be a string of 1-{p.MAX_NAME_LENGTH} printable characters, not starting with 'node id '")
             out[key] = value
         else:
             out[key] = _int(value, key)
@@ -271,6 +271,11 @@ def aggregate_problem(new: Weights | None, reference: Weights) -> str | None:
     return None
 
 
+def _sound_name(value) -> bool:
+    return (isinstance(value, str) and 0 < len(value) <= p.MAX_NAME_LENGTH and value.isprintable()
+            and not value.startswith("node id "))
+
+
 def _name(msg: Message) -> str:
     """A name for logs before the reply is trusted: node-info's name if it is a short string,
     else ``node <partition-id>`` if the metrics hold an integer one, else the Flower node id."""
@@ -278,7 +283,7 @@ def _name(msg: Message) -> str:
         name = msg.content.config_records[p.NODE_INFO][p.NODE_NAME]
     except Exception:  # noqa: BLE001 - anything malformed
         name = None
-    if isinstance(name, str) and 0 < len(name) <= p.MAX_NAME_LENGTH:
+    if _sound_name(name):
         return name
     try:
         partition = msg.content.metric_records[p.METRICS][p.PARTITION_ID]
