@@ -1071,6 +1071,70 @@ def test_a_deployed_async_node_has_its_next_task_queued_before_it_replies(task_i
     assert max(loop.staleness) >= 1
 
 
+class Offline(FakeNode):
+    """A node the SuperLink reports offline: every message to it is answered, at once, with the
+    error reply Flower 1.41 makes for it (ErrorCode.NODE_UNAVAILABLE)."""
+
+    def answer_train(self, msg, behaviour):
+        from flwr.app import Error
+        from flwr.common.constant import ErrorCode
+
+        return Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="node offline"), reply_to=msg)
+
+
+@pytest.mark.parametrize("gone", ["vanished", "offline"])
+def test_a_node_that_is_gone_gets_no_stream_of_tasks(task_identity, gone):
+    """With prefetch=1 a node that vanished with two tasks in flight, or whose every message
+    Flower answers at once as unavailable, gets no more: it goes away and the others train (it
+    was sent a new task for each failed one, 2,160 in 0.7 s, counted as client updates)."""
+    bad = FakeNode(1, 0.02, vanish=True) if gone == "vanished" else Offline(1, 0.02)
+    nodes = {101: FakeNode(0, 0.01, delay=0.2), 102: bad, 103: FakeNode(2, 0.03, delay=0.2)}
+    loop, grid = make_loop(nodes, FedAsync(alpha=0.5), concurrency=2, max_server_updates=4, update_timeout=60.0,
+                           prefetch=1)
+    loop.run(record(START))
+    assert grid.trained(102) <= 2 and loop.version == 4 and loop.stats.client_updates <= 4 + 2
+    if gone == "vanished":
+        assert [n.node_id for n in loop.away] == [102]
+
+
+class SerialGrid(FakeGrid):
+    """A node works on one message at a time, as a SuperNode does: a queued message's reply comes
+    ``delay`` after the one before it, not after its own push; every TTL is kept."""
+
+    def __init__(self, nodes):
+        super().__init__(nodes)
+        self.free_at: dict[int, float] = {}
+        self.ttls: list[float] = []
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        ids = super().push_messages(messages)
+        for msg, message_id in zip(messages, ids):
+            node_id = msg.metadata.dst_node_id
+            if msg.metadata.message_type == MessageType.TRAIN:
+                self.ttls.append(msg.metadata.ttl)
+            done = max(time.monotonic(), self.free_at.get(node_id, 0.0)) + self.nodes[node_id].delay
+            self.free_at[node_id] = done
+            if message_id in self.pending:
+                self.pending[message_id] = (done, self.pending[message_id][1])
+        return ids
+
+
+def test_a_queued_task_is_timed_from_when_its_node_can_start_it(task_identity):
+    """Updates take 0.3 s, update_timeout is 0.5 s, prefetch=1: the task queued behind a node's
+    current one finishes 0.6 s after it was pushed, in time (it timed out, counted from its push,
+    so every queued update was lost); its TTL covers the task ahead of it too."""
+    nodes = {101: FakeNode(0, 0.01, delay=0.3), 102: FakeNode(1, 0.02, delay=0.3)}
+    grid = SerialGrid(nodes)
+    path = ReplyPath(ReplyScreen(ScreenSettings(), LIMITS), SENT, ())
+    settings = AsyncLoopSettings(max_server_updates=6, eval_every=1, update_timeout=0.5, progress_timeout=30.0,
+                                 prefetch=1)
+    loop = AsyncLoop(grid, FedAsync(alpha=0.5), path, settings, poll_interval=0.01)
+    loop.run(record(START))
+    assert loop.version == 6 and "timed out" not in loop.stats.counts, loop.stats.counts
+    assert sorted(set(grid.ttls)) == [0.5, 1.0]
+
+
 def test_prefetch_zero_keeps_one_task_per_node(task_identity):
     nodes = {101: FakeNode(0, 0.01, delay=0.05), 102: FakeNode(1, 0.04, delay=0.08)}
     grid = QueueWatch(nodes)

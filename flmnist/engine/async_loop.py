@@ -35,6 +35,7 @@ from collections import Counter
 from logging import INFO, WARNING
 
 from flwr.app import ArrayRecord, Message
+from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 
 from flmnist.core.arrays import to_record, to_weights
@@ -92,6 +93,7 @@ class AsyncLoop:
         # Deployment: a node replies, then asks for its next message at once and, if none is queued,
         # sleeps 3 s (Flower's SuperNode); a task queued behind its current one is there when it asks.
         self.prefetch = 0 if fleet is not None else settings.prefetch
+        self.failing: set[int] = set()  # node ids whose last update failed: nothing queued ahead for them
 
     # ------------------------------------------------------- read-only views
     @property
@@ -151,7 +153,8 @@ class AsyncLoop:
         if self.prefetch:
             for node_id, jobs in self.busy().items():
                 node = self.transport.nodes[node_id]
-                if jobs <= self.prefetch and not self.should_stop() and self.budget_for(node):
+                if jobs <= self.prefetch and node_id not in self.failing and not self.should_stop() \
+                        and self.budget_for(node):
                     self.dispatch(node, self.arrays, self.weights)
 
     def busy(self) -> dict[int, int]:
@@ -176,7 +179,8 @@ class AsyncLoop:
         node = self.transport.nodes[job.node_id]
         if job.node_id in self.busy() or node in self.transport.away or node in self.idle:
             return
-        if not self.clock.simulated and self.transport.unavailable(job):
+        gone = reply is not None and reply.has_error() and reply.error.code == ErrorCode.NODE_UNAVAILABLE
+        if not self.clock.simulated and (gone or self.transport.unavailable(job)):
             self.transport.away.append(node)  # Flower says it is gone: no work until it is back
         else:
             self.idle.append(node)  # last in line: with fewer slots than nodes, every node gets its turn
@@ -186,6 +190,7 @@ class AsyncLoop:
         """Count a failed, rejected or timed-out update; too many in a row end the run, unless a
         node that has not failed its last update is still training (one bad node cannot end it)."""
         self.stats.count(outcome)
+        self.failing.add(node_id)
         self.liveness.update_failed(node_id, problem, (j.node_id for j in self.transport.jobs()))
 
     def process(self, job: Job, reply: Message | None, weights: dict) -> dict | None:
@@ -219,6 +224,7 @@ class AsyncLoop:
             return None
         update = updates[0]
         self.liveness.passed(job.node_id)
+        self.failing.discard(job.node_id)
         self.liveness.ok()
         if self.privacy is not None and not self.budget_allows(update.name):
             return None

@@ -80,9 +80,11 @@ class Transport:
 
     # -------------------------------------------------------------- messages
     def send_train(self, node: Node, arrays: ArrayRecord, config: ConfigRecord) -> str:
-        """Push one train message (its TTL: the update timeout); its message id."""
+        """Push one train message; its message id. Its TTL: the update timeout, once more for each
+        task of the node's queued ahead of it (prefetch), which it waits behind."""
+        ahead = sum(1 for j in self.in_flight.values() if j.node_id == node.node_id)
         msg = Message(RecordDict({p.ARRAYS: arrays, p.CONFIG: config}), dst_node_id=node.node_id,
-                      message_type=MessageType.TRAIN, ttl=self.update_timeout)
+                      message_type=MessageType.TRAIN, ttl=self.update_timeout * (1 + ahead))
         (message_id,) = list(self.grid.push_messages([msg]))
         return message_id
 
@@ -113,6 +115,9 @@ class Transport:
         else:
             job, reply = self.next_real()
         self.in_flight.pop(job.message_id, None)
+        queued = [j for j in self.in_flight.values() if j.node_id == job.node_id]
+        if queued:  # the node's next task starts now: so does its update timeout
+            min(queued, key=lambda j: j.seq).sent = time.monotonic()
         return job, reply
 
     def await_reply(self, job: Job) -> Message | None:
