@@ -951,6 +951,60 @@ def test_fedbuffs_buffer_at_the_end_of_a_run_is_applied_and_attributed_when_it_i
     assert not resumed.stats_dict()["buffered_at_end"]
 
 
+@pytest.mark.parametrize("checkpoint_every", [1, 5])
+def test_an_async_run_is_checkpointed_as_it_ended(task_identity, tmp_path, checkpoint_every):
+    """FedBuff (K=2), every version evaluated: the run ends on max_client_updates=3 with the third
+    update in the buffer, after version 1 was evaluated. The last checkpoint holds that buffer and
+    3 client updates (it was version 1's, buffer empty, 2 updates: an extension lost the third,
+    though the summary promised it; with checkpoint_every=5, version 1 was never checkpointed)."""
+    from flmnist.observers.checkpoint import load_checkpoint
+    from flmnist.observers.recorder import RunRecorder
+
+    nodes = {101: FakeNode(0, 0.01), 102: FakeNode(1, 0.04)}
+    loop, _ = make_loop(nodes, FedBuff(buffer_size=2), sent=DELTA, fleet=make_fleet("homogeneous", 2, seed=0,
+                        jitter_sigma=0.0), max_server_updates=None, max_client_updates=3, eval_every=1)
+    loop.path.recorder = RunRecorder(tmp_path, 3, 0.99, printer=lambda line: None)
+    loop.path.checkpoint_every = checkpoint_every
+    loop.run(record(START))
+    assert loop.version == 1 and sum(loop.stats_dict()["buffered_at_end"].values()) == 1
+    saved = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert saved["round"] == 1 and len(saved["engine"]["pending"]) == 1
+    assert saved["engine"]["loop"]["client_updates"] == 3
+
+
+def test_a_node_that_joins_a_resumed_async_run_late_goes_on_from_its_own_count(task_identity):
+    """Node 1 had 3 updates at the checkpoint and connects only after the resumed run started:
+    its next task is its 4th (server-round 4, which seeds its data order and faults), and the
+    count stays in later checkpoints (it started again at 1, repeating its first batches)."""
+    from flmnist.observers.checkpoint import _pack, _unpack
+
+    first, _ = make_loop({101: FakeNode(0, 0.01), 102: FakeNode(1, 0.02)}, FedAsync(alpha=0.5), max_server_updates=6)
+    weights = first.run(record(START))
+    checkpoint = _unpack(_pack({"engine": first.state_dict(), "screen": first.path.state(), "rng": rng_state()}))
+    assert checkpoint["engine"]["loop"]["node_updates"] == {0: 4, 1: 3}
+    late = FakeNode(1, 0.02, delay=0.05)
+    rounds = []
+    answer = late.answer_train
+    late.answer_train = lambda msg, b: (rounds.append(p.server_round(msg.content[p.CONFIG])), answer(msg, b))[1]
+    resumed, grid = make_loop({101: FakeNode(0, 0.01, delay=0.05), 102: late}, FedAsync(alpha=0.5),
+                              max_server_updates=14)
+    grid.connected.discard(102)
+    listed = grid.get_node_ids
+    calls = []
+
+    def get_node_ids():
+        calls.append(1)
+        if len(calls) == 3:
+            grid.connected.add(102)  # connects once the run is under way
+        return listed()
+
+    grid.get_node_ids = get_node_ids
+    resumed.transport.directory.reask_after = 0.0
+    resumed.run(weights, checkpoint)
+    assert rounds and rounds[0] == 4
+    assert resumed.state_dict()["loop"]["node_updates"][1] == 3 + len(rounds)
+
+
 def test_stop_at_target_ends_a_sync_run_after_the_evaluation_that_reaches_it(task_identity):
     nodes = {101: FakeNode(0, 0.01), 102: FakeNode(1, 0.04)}
     spy = Applied()  # test accuracy 0.3, 0.6, 0.9 ... after rounds 1, 2, 3 ...

@@ -59,16 +59,9 @@ class AsyncLoop:
     kind = "async"
     unit = "update"
 
-    def __init__(
-        self,
-        grid,
-        strategy: AsyncStrategy,
-        path: ReplyPath,
-        settings: AsyncLoopSettings,
-        fleet: Fleet | None = None,
-        poll_interval: float = 0.05,
-        privacy: AsyncPrivacy | SampleAccountant | None = None,
-    ) -> None:
+    def __init__(self, grid, strategy: AsyncStrategy, path: ReplyPath, settings: AsyncLoopSettings,
+                 fleet: Fleet | None = None, poll_interval: float = 0.05,
+                 privacy: AsyncPrivacy | SampleAccountant | None = None) -> None:
         self.grid, self.strategy, self.path, self.settings = grid, strategy, path, settings
         # privacy=central: clip, noise and account each server update; dpsgd: account each task sent
         self.privacy = privacy if isinstance(privacy, AsyncPrivacy) else None
@@ -128,6 +121,7 @@ class AsyncLoop:
     # -------------------------------------------------------------- dispatch
     def dispatch(self, node: Node, arrays: ArrayRecord, weights: dict) -> Job:
         node.updates += 1
+        self.transport.partition_updates[node.partition] = node.updates
         if self.sample_dp is not None:
             self.sample_dp.task(node.partition, node.info.name)
         config = self.sent.to_record(**{p.SERVER_ROUND: node.updates, p.SERVER_VERSION: self.version})
@@ -325,7 +319,7 @@ class AsyncLoop:
                 "privacy": (self.privacy or self.sample_dp).state_dict() if self.accountant is not None else None,
                 "loop": {"version": self.version, **self.stats.state(), "vnow": self.clock.now,
                          "bookkeeping": self.clock.bookkeeping, "real_s": time.perf_counter() - self.t0,
-                         "node_updates": {n.partition: n.updates for n in self.transport.nodes.values()}}}
+                         "node_updates": dict(self.transport.partition_updates)}}
 
     def restore(self, checkpoint: dict) -> None:
         """Take up the loop at the checkpoint's server version (the nodes must be discovered)."""
@@ -341,6 +335,7 @@ class AsyncLoop:
                 raise ValueError("the checkpoint has no privacy accountant: it was written without privacy")
             (self.privacy or self.sample_dp).load_state_dict(checkpoint["engine"]["privacy"])
         restore_common(self.path, checkpoint)
+        self.transport.partition_updates = dict(loop["node_updates"])
         for node in self.transport.nodes.values():
             node.updates = loop["node_updates"].get(node.partition, 0)
         log(INFO, "Resumed the asynchronous loop at server update %d (%d client updates)",
@@ -390,6 +385,8 @@ class AsyncLoop:
             self.refill()
         if last_eval != self.version:
             self.record(self.arrays, self.weights, evaluate=True, again=True)
+        elif self.version > 0 and self.path.checkpoint_due(self.version, last=True):  # what came since: kept too
+            self.path.save_checkpoint(self.kind, self.version, self.weights, self.state_dict())
         self.stats.unanswered = Counter(self.transport.nodes[job.node_id].info.name for job in self.transport.jobs())
         self.stats.buffered = Counter(self.pending.names())
         self.finish_stats()

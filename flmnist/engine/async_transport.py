@@ -37,6 +37,7 @@ class Transport:
         self.update_timeout, self.poll_interval, self.simulated = update_timeout, poll_interval, simulated
         self.directory = NodeDirectory(grid, path, poll_interval)  # who each node is (query replies)
         self.nodes: dict[int, Node] = {}         # the directory's accepted nodes, with their work count
+        self.partition_updates: dict[int, int] = {}  # partition -> updates dispatched, over node ids and resumes
         self.queue = VirtualQueue()              # jobs in flight, by virtual completion
         self.in_flight: dict[str, Job] = {}      # message id -> job, until the loop has its outcome
         self.arrived: OrderedDict[str, Message] = OrderedDict()
@@ -55,7 +56,7 @@ class Transport:
         """Ask every newly connected node who it is (a malformed answer keeps the node out, a
         silent one is asked again after a minute); the newly accepted nodes."""
         for info in (found := self.directory.discover(timeout)):
-            self.nodes[info.node_id] = Node(info)
+            self.nodes[info.node_id] = Node(info, self.partition_updates.get(info.partition, 0))
         return [self.nodes[info.node_id] for info in found]
 
     def ordered_nodes(self) -> list[Node]:
