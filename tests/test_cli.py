@@ -33,11 +33,17 @@ def flmnist(args: list[str], cwd: Path, **env) -> subprocess.CompletedProcess:
     (["client.lr=nan"], "flmnist: error: client.lr must be a finite number > 0, got nan"),
     (["client.lrr=0.1"], "flmnist: error: unknown setting 'client.lrr'; did you mean client.lr? (client=default has: local_epochs, "),
     (["strategy=fedavgg"], "flmnist: error: Unknown strategy 'fedavgg'. Valid options for strategy: bulyan, "),
+    (["data=null"], "flmnist: error: data must be a section of settings (change one with data.KEY=VALUE), got None"),
+    # a sweep's jobs are checked as Hydra expands them (choice(...) was refused: "Unknown strategy
+    # 'choice(fedavg'"), GPU share included (both jobs failed after Hydra started, exit 1)
+    (["-m", "strategy=choice(fedavg,fedprox)", "num_rounds=0"], "flmnist: error: num_rounds must be an integer >= 1, got 0"),
+    (["-m", "simulation=gpu", "seed=1,2"], "flmnist: error: simulation.client_gpus=0.5 asks for a GPU share"),
+    (["simulation=gpu"], "flmnist: error: simulation.client_gpus=0.5 asks for a GPU share"),
     (["--num_rounds=3", "--model=logreg"], ("flmnist: error: --num_rounds=3 --model=logreg: settings are Hydra "
                                             "overrides, written without dashes: flmnist num_rounds=3 model=logreg")),
 ])
 def test_a_bad_setting_is_one_line_exit_2_and_creates_nothing(tmp_path, args, message):
-    proc = flmnist(args, tmp_path)
+    proc = flmnist(args, tmp_path, CUDA_VISIBLE_DEVICES="")  # (no GPU for PyTorch, on any machine)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr
     assert proc.stderr.startswith(message), proc.stderr
@@ -350,3 +356,20 @@ def test_a_sweep_job_whose_simulation_process_is_killed_fails_at_once_and_the_ne
     assert not list(sweep.glob("0_*/summary.json"))  # killed before it could write one
     assert json.loads(next(sweep.glob("1_*/summary.json")).read_text())["status"] == "finished"
     assert not (left := wait_until_gone(marker)), f"processes the sweep started outlived it: {left}"
+
+
+def test_the_printed_resume_command_works_for_a_sweep_jobs_directory(tmp_path):
+    """A sweep job's directory holds '=' and ',' (0_seed=1,strategy=fedprox): the resume command
+    the command prints passes through the shell and Hydra to that directory (it printed
+    resume='DIR', whose quotes the shell removes: "bad override ... mismatched input '='")."""
+    import shlex
+
+    from flmnist.core.run_files import resume_arg
+
+    job = tmp_path / "multirun" / "0_seed=1,strategy=fedprox"
+    job.mkdir(parents=True)
+    assert resume_arg(tmp_path / "plain_run-1") == f"resume={tmp_path}/plain_run-1"
+    line = f"{shlex.quote(FLMNIST)} {resume_arg(job)} num_rounds=4"
+    proc = subprocess.run(["bash", "-c", line], cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert f"no checkpoint at {job / 'checkpoint.pt'}" in proc.stderr, proc.stderr

@@ -153,3 +153,30 @@ def test_a_run_stopped_at_its_target_says_how_to_train_on_and_stop_at_target_fal
     out = resumed_config(["stop_at_target=false"], saved, run)
     assert out.stop_at_target is False and out.num_rounds == 40
     assert resumed_config(["stop_at_target=false", "num_rounds=60"], saved, run).num_rounds == 60
+
+
+def test_resuming_from_moved_data_reads_it_there(tmp_path):
+    """data.root beside resume= (the docs allow it): the resumed run reads MNIST there; it was
+    dropped, and the run looked where its config.yaml said the data had been."""
+    run, saved = finished_run(tmp_path, ["model=logreg", "num_rounds=2", "data.root=/old/mnist"])
+    out = resumed_config(["num_rounds=4", "data.root=/new/mnist", "data.download=false"], saved, run)
+    assert (out.num_rounds, out.data.root, out.data.download) == (4, "/new/mnist", False)
+
+
+def test_a_resume_that_fails_its_checks_leaves_the_runs_config_as_it_was(tmp_path):
+    """`flmnist resume=RUN num_rounds=6` where the run's MNIST is gone: exit 2 naming data.root, and
+    config.yaml still says 2 rounds (it said 6: a retry with no length then extended silently)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    run, _ = finished_run(tmp_path, ["model=logreg", "num_rounds=2", f"data.root={tmp_path / 'gone'}",
+                                         "data.download=false", f"output_dir={tmp_path}"])
+    (run / "checkpoint.pt").write_bytes(b"x")
+    before = (run / "config.yaml").read_text()
+    proc = subprocess.run([str(Path(sys.executable).parent / "flmnist"), f"resume={run}", "num_rounds=6"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False,
+                          env={k: v for k, v in os.environ.items() if k != "FLMNIST_DATA_DIR"})
+    assert proc.returncode == 2 and "data.root" in proc.stderr, proc.stderr
+    assert (run / "config.yaml").read_text() == before

@@ -41,6 +41,10 @@ def _integer(cfg: DictConfig, key: str, low: int, allow_none: bool = False) -> N
     check_integer(key, OmegaConf.select(cfg, key), low, allow_none=allow_none)
 
 
+SECTIONS = ("client", "model", "partition", "strategy", "eval", "fleet", "simulation", "collapse", "data",
+            "sampling", "async_loop", "screen", "observers", "privacy")
+
+
 def _kind(cfg: DictConfig, key: str, kind: type, allowed: str, allow_none: bool = False) -> None:
     value = OmegaConf.select(cfg, key)
     if not (isinstance(value, kind) or (value is None and allow_none)):
@@ -210,6 +214,8 @@ def validate(cfg: DictConfig) -> None:
     :class:`~flmnist.protocol.settings.AsyncLoopSettings` (asynchronous strategies), the fleet and
     the partition. Here: the settings no object owns, and the rules spanning several keys.
     """
+    for section in SECTIONS:  # (data=null gave a traceback: every check reads its keys)
+        _kind(cfg, section, DictConfig, f"a section of settings (change one with {section}.KEY=VALUE)")
     _kind(cfg, "client.fault_nodes", ListConfig, "a list of partition ids, e.g. [0, 2],", allow_none=True)
     TrainSettings.from_config(cfg)
     _top_level(cfg)

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import os
+import re
+import shlex
 from logging import INFO
 from pathlib import Path
 
@@ -15,6 +17,15 @@ from flmnist.core.errors import ConfigError
 CHECKPOINT = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"
 CHECKPOINT_INFO = "checkpoint.json"  # the checkpoint's kind and step, readable without PyTorch
+
+
+def resume_arg(path: str | Path) -> str:
+    """``resume=PATH`` as a user types it in a shell. A path Hydra cannot take bare (a sweep job's
+    directory holds '=' and ',') is quoted for Hydra, and that for the shell."""
+    if re.fullmatch(r"[\w./:@+-]+", str(path)):
+        return f"resume={path}"
+    arg = "resume='" + str(path).replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return f'"{arg}"' if not re.search(r'["$`\\!]', arg) else shlex.quote(arg)
 
 
 def atomic_write(path: Path, text: str) -> None:

@@ -39,7 +39,7 @@ from flmnist.config.compose import check_group_overrides, compose_config, conf_d
 from flmnist.config.help import help_text, version_text
 from flmnist.config.validate import collapse_args, run_length, validate
 from flmnist.core.errors import ConfigError, FlmnistError, RunFailed
-from flmnist.core.run_files import CHECKPOINT, atomic_write, find_checkpoint
+from flmnist.core.run_files import CHECKPOINT, atomic_write, find_checkpoint, resume_arg
 from flmnist.launch import warm_link
 from flmnist.launch.backend import check_gpu_share, client_gpus, simulation_backend
 from flmnist.launch.comparison import COLUMNS, degraded_message, write_comparison  # noqa: F401 - re-exported
@@ -186,15 +186,17 @@ def launch(cfg: DictConfig) -> dict:
         checkpoint = find_checkpoint(str(cfg.resume), cfg.output_dir)
         run_dir = checkpoint.parent
         saved = saved_config(run_dir)
-        run_cfg = _resumed.get(run_dir, saved)  # worked out before Hydra started (hydra_arguments)
-        if run_cfg != saved:  # extended: the run's config says how long it now is
-            atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(run_cfg))
-            print(f"flmnist: extending {run_dir}: {extension(saved, run_cfg)}", flush=True)
+        run_cfg = _resumed.get(run_dir, saved).copy()  # worked out before Hydra started (hydra_arguments)
         overrides = [o for o in overrides if not o.startswith("resume=")] + [f"resume={quoted(checkpoint)}"]
     else:
         run_dir = Path(hc.runtime.output_dir).resolve()
     root = resolve_root(run_cfg.data.root)
     ensure_mnist(root, run_cfg.data.download)  # fail here, before starting Flower, if MNIST is missing
+    if cfg.resume and (run_cfg.data.root != str(root) or run_cfg != saved):  # extended, or the data moved
+        run_cfg.data.root = str(root)
+        atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(run_cfg))  # once the checks passed
+        if changed := extension(saved, run_cfg):
+            print(f"flmnist: extending {run_dir}: {changed}", flush=True)
     overrides = absolute_overrides(overrides, run_dir)
     if not any(o.startswith("data.root=") for o in overrides):
         overrides.append(f"data.root={quoted(root)}")
@@ -250,7 +252,7 @@ def stopped_message(stop: BaseException, cfg: DictConfig, run_dir: Path, before:
     summary = summarize_stopped(run_dir, steps, cfg.target_accuracy, unit, why.split(";")[0], **collapse_args(cfg))
     if summary is None:
         return f"{why}; it had recorded no {unit} yet"
-    more = (f"; continue it with: flmnist resume={quoted(run_dir)}" if (run_dir / CHECKPOINT).is_file() else "")
+    more = (f"; continue it with: flmnist {resume_arg(run_dir)}" if (run_dir / CHECKPOINT).is_file() else "")
     return f"{why}; results after {unit} {summary['rounds_completed']} in {run_dir / 'summary.json'}{more}"
 
 
@@ -309,21 +311,23 @@ def hydra_arguments(args: list[str]) -> list[str]:
     so Hydra creates no new one."""
     multirun = any(a in MULTIRUN for a in args)
     overrides = [a for a in args if a not in MULTIRUN]
-    check_group_overrides(overrides)
     if multirun:
-        for job in sweep_jobs(overrides):
+        for job in sweep_jobs(overrides):  # Hydra's expansion: a,b  choice(a,b)  range(1,4)
+            check_group_overrides(job)
             cfg = compose_config(job)
             if cfg.resume:
                 raise ConfigError("resume continues one run: drop -m/--multirun")
+            check_gpu_share(cfg, client_gpus(cfg))
             ensure_mnist(resolve_root(cfg.data.root), cfg.data.download)
         return args
+    check_group_overrides(overrides)
     # resume=DIR privacy.max_epsilon=X: a key the default privacy=none lacks; for resumed_config only
-    budget = [o for o in overrides if override_key(o) == BUDGET] \
-        if any(o.lstrip("+").startswith("resume=") for o in overrides) else []
+    budget = [o for o in overrides if override_key(o) == BUDGET] if any(o.lstrip("+").startswith("resume=") for o in overrides) else []
     overrides = [o for o in overrides if o not in budget]
     args = [a for a in args if a not in budget]
     cfg = compose_config(overrides)  # its notes (rounds past the end) are the ServerApp's to log, once
     if not cfg.resume:
+        check_gpu_share(cfg, client_gpus(cfg))
         ensure_mnist(resolve_root(cfg.data.root), cfg.data.download)  # (downloads it if allowed)
         return args
     checkpoint = find_checkpoint(str(cfg.resume), cfg.output_dir)  # resume=latest says which it picked

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from flmnist.config.compose import GROUPS, compose_config, conf_dir, override_key
 from flmnist.config.validate import run_length
 from flmnist.core.errors import ConfigError
-from flmnist.core.run_files import CHECKPOINT_INFO
+from flmnist.core.run_files import CHECKPOINT_INFO, resume_arg
 from flmnist.observers.stop import StopAtTarget
 
 LENGTH = {"round": ("num_rounds",),
@@ -98,6 +98,10 @@ def resumed_config(overrides: list[str], saved: DictConfig, run_dir: Path) -> Di
     unit, _ = run_length(saved)
     given = [o for o in overrides if not override_key(o).startswith(WHERE)]
     out = saved.copy()
+    if moved := [o for o in overrides if override_key(o) in ("data.root", "data.download")]:
+        where = compose_config(moved)  # the data moved: the run reads it from there now
+        for key in map(override_key, moved):
+            OmegaConf.update(out, key, OmegaConf.select(where, key))
     extended = None
     for item in [o for o in given if override_key(o) == BUDGET]:
         given.remove(item)
@@ -149,7 +153,7 @@ def resumed_config(overrides: list[str], saved: DictConfig, run_dir: Path) -> Di
                           f"{length_key}=N to train longer)")
     if extended is None and finished(run_dir) and done >= (OmegaConf.select(saved, length_key) or 0):
         raise ConfigError(f"resume: {run_dir} finished all its {done} {unit}s; to train on, extend it: "
-                          f"flmnist resume={run_dir} {length_key}={2 * done}")
+                          f"flmnist {resume_arg(run_dir)} {length_key}={2 * done}")
     return out
 
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from flmnist.core.errors import ConfigError
-from flmnist.core.run_files import CHECKPOINT, PREVIOUS
+from flmnist.core.run_files import CHECKPOINT, PREVIOUS, resume_arg
 
 FORMAT = 1  # the layout of the file: {"flmnist-checkpoint": FORMAT, "payload": packed payload}
 PAYLOAD_FORMAT = 2  # the layout of a run's payload ("format" in it): model, engine, screen, recorder, RNG
@@ -164,7 +164,7 @@ def load_checkpoint(path: Path) -> dict:
     """
     path = Path(path)
     prev = path.with_name(PREVIOUS)
-    hint = f"; the checkpoint before it is {prev} (resume={prev})" if path.name == CHECKPOINT and prev.is_file() else ""
+    hint = f"; the checkpoint before it is {prev} ({resume_arg(prev)})" if path.name == CHECKPOINT and prev.is_file() else ""
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
