@@ -333,7 +333,7 @@ class GuardThatRefusesTheLongest:
     def __init__(self, refuse: bool) -> None:
         self.refuse, self.seen = refuse, []
 
-    def judge(self, current, candidates, asynchronous):
+    def judge(self, current, candidates, asynchronous, lengths=()):
         norms = [float(np.sqrt(sum((d[k].astype(np.float64) ** 2).sum() for k in d))) for d in
                  (c.delta for c in candidates)]
         self.seen.append(norms)

@@ -19,7 +19,8 @@ digits, but the aggregate without it is worse on its own digits.
 
 Probing costs evaluations, so a cheap test comes first: updates that point the way the others
 do (cosine with the others' mean at least 0) and are no longer than 3 times the median length
-pass unprobed, as honest updates on an even split do. A round with an update pointing away or
+(of theirs and the recent accepted updates'; with fewer than 3 lengths there is no median, and
+the round is probed) pass unprobed, as honest updates on an even split do. A round with an update pointing away or
 much longer is probed whole. The probe is the attribution's: ``probe_size`` test images, the
 same in every run, and the same :class:`~flmnist.observers.probe.Probe` object when attribution is on.
 """
@@ -88,14 +89,18 @@ class EffectGuard:
                 for k in first}
 
     @staticmethod
-    def suspicious(candidates: Sequence[Candidate], pool: Sequence[Candidate]) -> bool:
-        """Whether any candidate points away from the others or is much longer (then: probe)."""
+    def suspicious(candidates: Sequence[Candidate], pool: Sequence[Candidate], lengths: Sequence[float] = ()) -> bool:
+        """Whether any candidate points away from the others or is much longer than the median of
+        theirs and ``lengths`` (recent accepted updates'); then: probe. Fewer than 3 lengths make
+        no median (of two, a boosted one is half of it): probe."""
         everyone = [*pool, *candidates]
         if len(everyone) < 2:
             return True  # nothing to compare with: probe it against the model itself
         flats = [_flat(m.delta) for m in everyone]
         norms = [math.sqrt(dot(f, f)) for f in flats]
-        median = float(np.median(norms))
+        if len(norms) + len(lengths) < 3:
+            return True
+        median = float(np.median([*lengths, *norms]))
         total = sum(m.weight * f for m, f in zip(everyone, flats))
         weight = sum(m.weight for m in everyone)
         for i in range(len(pool), len(everyone)):
@@ -108,9 +113,11 @@ class EffectGuard:
         return False
 
     # --------------------------------------------------------------- judging
-    def judge(self, before: Weights, candidates: list[Candidate], asynchronous: bool) -> list[tuple[Candidate, str]]:
+    def judge(self, before: Weights, candidates: list[Candidate], asynchronous: bool,
+              lengths: Sequence[float] = ()) -> list[tuple[Candidate, str]]:
         """The candidates to reject, each with its reason; the rest may be applied to ``before``.
-        Asynchronous: judged against the recent accepted updates, and remembered if accepted."""
+        Asynchronous: judged against the recent accepted updates, and remembered if accepted.
+        ``lengths``: recent accepted updates' lengths, for the cheap test's median."""
         if not candidates:
             return []
         t = time.perf_counter()
@@ -118,7 +125,7 @@ class EffectGuard:
         self.judged += len(candidates)
         rejected: list[tuple[Candidate, str]] = []
         active = list(candidates)
-        if self.suspicious(active, pool):
+        if self.suspicious(active, pool, lengths):
             self.probed += 1
             while active:
                 members = pool + active

@@ -145,7 +145,7 @@ class ReplyPath:
                                 float(u.num_examples)) for u in updates]
         refused = []
         for c, reason in self.guard.judge(current if current is not None else reference, candidates,
-                                          self.asynchronous):
+                                          self.asynchronous, list(self.norms)):
             updates.remove(c.key)
             self.guard_rejected += 1
             refused.append(Rejection(c.key.node_id, c.name, reason))
