@@ -86,7 +86,10 @@ def test_round_trip_gives_back_the_numpy_arrays_and_rng_states(tmp_path):
     assert_same(saved, loaded)
     draws = (random.random(), np.random.rand(), torch.rand(1).item())
     set_rng_state(loaded["rng"])
-    assert (random.random(), np.random.rand(), torch.rand(1).item()) == draws
+    assert (random.random(), torch.rand(1).item()) == (draws[0], draws[2])
+    # NumPy's global generator, where Flower's DP wrappers draw their noise, is neither saved nor
+    # restored: the file cannot regenerate the noise, and a resume draws fresh noise
+    assert "numpy" not in loaded["rng"] and np.random.rand() != draws[1]
 
 
 def test_a_pickled_object_is_refused_and_never_run(tmp_path):

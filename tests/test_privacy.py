@@ -162,6 +162,77 @@ def test_fedasync_clips_the_move_and_noises_each_update():
     assert dp.accountant.epsilon == pytest.approx(rdp_epsilon(1.0, 1), rel=1e-6)
 
 
+def test_a_resumed_run_at_its_budget_sends_no_round(task_identity):
+    """Stopped at its budget after round 2, then extended (num_rounds=4) without a larger budget:
+    the resumed run stops before round 3 (it was sent unchecked and spent past max_epsilon; under
+    central DP Flower's wrapper then raised)."""
+    from flmnist.engine.sync import SyncEngine
+    from flmnist.observers.checkpoint import rng_state
+
+    budget = (rdp_epsilon(1.0, 2) + rdp_epsilon(1.0, 3)) / 2
+    strategy, _, path = private_fedavg(sigma=1.0, clip=1.0, max_epsilon=budget)
+    nodes = {i + 11: FakeNode(i, 0.01) for i in range(4)}
+    sync_round(strategy, nodes, BIG, server_round=1)
+    sync_round(strategy, nodes, BIG, server_round=2)
+    checkpoint = {"engine": strategy.state_dict(), "screen": path.state(), "rng": rng_state(), "round": 2}
+    resumed, again, path2 = private_fedavg(sigma=1.0, clip=1.0, max_epsilon=budget)
+    grid = FakeGrid(nodes)
+    SyncEngine(grid, resumed, path2, SENT.to_record(), num_rounds=4).run(record(BIG), checkpoint)
+    assert grid.trained(11) == 0 and path2.stopped == (2, "privacy budget")
+    assert again.epsilon == pytest.approx(rdp_epsilon(1.0, 2), rel=1e-6) and again.epsilon <= budget
+
+
+def test_a_resume_counts_the_releases_made_after_its_checkpoint(task_identity, tmp_path):
+    """FedAsync with central DP, evaluated (and so checkpointed) every 5 server updates, crashes
+    after 7: resumed from the update-5 checkpoint, its accountant counts 7 releases, not 5 (the
+    two noised models after the checkpoint had gone out to the nodes; they were forgotten)."""
+    from flmnist.engine.async_loop import AsyncLoop
+    from flmnist.observers.checkpoint import load_checkpoint
+    from flmnist.observers.recorder import RunRecorder
+    from flmnist.protocol.settings import AsyncLoopSettings
+    from flmnist.strategies import FedAsync
+
+    settings = PrivacySettings("central", noise_multiplier=1.0, clipping_norm=1.0, target_delta=DELTA)
+
+    def loop(updates: int) -> AsyncLoop:
+        path = make_path()
+        path.recorder, path.checkpoint_every = RunRecorder(tmp_path, updates, 0.99, printer=lambda line: None), 1
+        return AsyncLoop(FakeGrid({11: FakeNode(0, 0.01), 12: FakeNode(1, 0.02)}), FedAsync(alpha=0.5), path,
+                         AsyncLoopSettings(max_server_updates=updates, eval_every=5, update_timeout=5.0, prefetch=0),
+                         poll_interval=0.001, privacy=AsyncPrivacy(settings, 2))
+
+    first = loop(7)
+    first.run(record(BIG))
+    assert first.privacy.accountant.rdp.num_releases == 7
+    at_5 = load_checkpoint(tmp_path / "checkpoint.prev.pt")  # as if the run had died before its last one
+    assert at_5["round"] == 5
+    resumed = loop(9)
+    resumed.transport.discover(1.0)
+    resumed.restore(at_5)
+    assert resumed.privacy.accountant.rdp.num_releases == 7
+    assert resumed.privacy.accountant.epsilon == pytest.approx(rdp_epsilon(1.0, 7), rel=1e-6)
+
+
+def test_a_resumed_run_draws_noise_nobody_can_regenerate_from_its_checkpoint():
+    """The checkpoint keeps the accountant, not the noise generator's state (it did: anyone with
+    checkpoint.pt could regenerate the noise of later releases and subtract it, and a resumed
+    attempt drew the same noise as the interrupted one, over other updates)."""
+    from flmnist.observers.checkpoint import _pack, _unpack
+
+    settings = PrivacySettings("central", noise_multiplier=1.0, clipping_norm=0.5, target_delta=DELTA)
+    fedasync = type("FedAsyncLike", (), {"reply_delta": False})()
+    current, arrived = {"w": np.zeros(1000, np.float32)}, {"w": np.full(1000, 0.001, np.float32)}
+    dp = AsyncPrivacy(settings, num_nodes=4)
+    dp.prepare(fedasync, "node 0", arrived, current)
+    state = _unpack(_pack(dp.state_dict()))
+    assert set(state) == {"accountant", "pending"}
+    first, second = AsyncPrivacy(settings, 4), AsyncPrivacy(settings, 4)
+    first.load_state_dict(state), second.load_state_dict(state)
+    assert first.accountant.epsilon == second.accountant.epsilon == dp.accountant.epsilon
+    a, b = (x.prepare(fedasync, "node 0", arrived, current)["w"] for x in (first, second))
+    assert not np.array_equal(a, b)
+
+
 # ------------------------------------------------------------------ the command, real runs
 
 def flmnist(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
@@ -253,6 +324,30 @@ def test_dpsgd_clips_each_images_gradient_and_adds_noise_of_std_sigma_clip_over_
     weight = next(k for k in moved if k.endswith("weight"))
     assert moved[weight].std().item() == pytest.approx(3.0 * 2.0 / 64, rel=0.05)
     assert not model._forward_hooks and not hasattr(model, "_module")  # Opacus's hooks are gone
+
+
+def test_dpsgd_on_a_node_with_fewer_images_than_a_batch_steps_as_plain_sgd_would():
+    """20 images, batch_size 64: every step takes all 20 (q = 1), and the step is their mean
+    gradient, as plain SGD's, with no noise and a clip nobody reaches (it was divided by 64: a
+    third of the learning rate)."""
+    import torch
+    import torch.nn.functional as F
+
+    from flmnist.ml.dpsgd import train_dpsgd
+    from flmnist.ml.models import LogReg
+
+    torch.manual_seed(0)
+    images, labels = torch.rand(20, 1, 28, 28), torch.arange(20) % 10
+    private, plain = LogReg(), LogReg()
+    plain.load_state_dict(private.state_dict())
+    train_dpsgd(private, images, labels, steps=1, batch_size=64, lr=0.1, momentum=0.0, weight_decay=0.0,
+                noise_multiplier=0.0, clipping_norm=1e6, dev=torch.device("cpu"))
+    F.nll_loss(plain(images), labels).backward()
+    with torch.no_grad():
+        for param in plain.parameters():
+            param -= 0.1 * param.grad
+    for k, v in plain.state_dict().items():
+        assert torch.allclose(private.state_dict()[k], v, atol=1e-6), k
 
 
 def test_dpsgd_noise_is_not_the_servers_to_regenerate_and_an_empty_sample_still_gets_it(monkeypatch):

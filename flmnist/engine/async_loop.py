@@ -47,6 +47,7 @@ from flmnist.engine.async_transport import Transport
 from flmnist.engine.base import UpdateLiveness, VirtualClock, restore_common
 from flmnist.engine.fleet import Fleet
 from flmnist.engine.privacy import AsyncPrivacy, SampleAccountant
+from flmnist.engine.privacy_ledger import restore_ledger, save_ledger
 from flmnist.engine.reply_path import ReplyPath
 from flmnist.protocol import messages as p
 from flmnist.protocol.settings import AsyncLoopSettings
@@ -69,14 +70,12 @@ class AsyncLoop:
         self.accountant = privacy.accountant if self.privacy is not None else self.sample_dp
         self.fleet = fleet
         self.sent = path.sent
-        self.version = 0
-        self.seq = 0
-        self.model_bytes = 0
+        self.version = self.seq = self.model_bytes = self.concurrency = 0
+        self.saved: int | None = None  # client updates at the last checkpoint
         self.t0 = time.perf_counter()
         self.sent_models: dict[int, dict] = {}   # version -> weights, while an update trained on it is out
         self.pending = PendingStep()             # updates folded into the strategy since its last step
         self.idle: list[Node] = []               # nodes waiting for work, first served first
-        self.concurrency = 0
         self.stats = AsyncStats()
         self.clock = VirtualClock(fleet, settings.update_timeout)
         self.liveness = UpdateLiveness(settings.max_consecutive_failures, settings.progress_timeout)
@@ -124,6 +123,7 @@ class AsyncLoop:
         self.transport.partition_updates[node.partition] = node.updates
         if self.sample_dp is not None:
             self.sample_dp.task(node.partition, node.info.name)
+            save_ledger(self.path, self.sample_dp)
         config = self.sent.to_record(**{p.SERVER_ROUND: node.updates, p.SERVER_VERSION: self.version})
         message_id = self.transport.send_train(node, arrays, config)
         self.sent_models.setdefault(self.version, weights)
@@ -285,17 +285,18 @@ class AsyncLoop:
 
     # ---------------------------------------------------------------- record
     def record(self, arrays: ArrayRecord, weights: dict, evaluate: bool, again: bool = False) -> None:
-        """The version's metrics row (``again``: it has one, from the step that made it, whose
-        counters it keeps: the run's end evaluating a version it had not evaluated yet)."""
+        """The version's metrics row (``again``: the run's end evaluating a version whose row, and counters, exist)."""
         fields = {} if again else {"virtual_time": round(self.clock.now, 4) if self.clock.simulated else None,
                                    **self.stats.take_row()}
         if self.accountant is not None:
             fields["epsilon"] = round(self.accountant.epsilon, 6)
             self.path.report("privacy", self.accountant.summary())
+            save_ledger(self.path, self.accountant)
         self.path.report("async", self.stats_dict())
         self.path.global_model(self.version, arrays, evaluate=evaluate, **fields)
         if evaluate and self.version > 0 and self.path.checkpoint_due(self.version, last=self.should_stop()):
             self.path.save_checkpoint(self.kind, self.version, weights, self.state_dict())
+            self.saved = self.stats.client_updates
 
     def stats_dict(self) -> dict:
         simulated = self.clock.simulated
@@ -334,6 +335,7 @@ class AsyncLoop:
             if not checkpoint["engine"].get("privacy"):
                 raise ValueError("the checkpoint has no privacy accountant: it was written without privacy")
             (self.privacy or self.sample_dp).load_state_dict(checkpoint["engine"]["privacy"])
+            restore_ledger(self.path, self.accountant)
         restore_common(self.path, checkpoint)
         self.transport.partition_updates = dict(loop["node_updates"])
         for node in self.transport.nodes.values():
@@ -385,7 +387,8 @@ class AsyncLoop:
             self.refill()
         if last_eval != self.version:
             self.record(self.arrays, self.weights, evaluate=True, again=True)
-        elif self.version > 0 and self.path.checkpoint_due(self.version, last=True):  # what came since: kept too
+        elif self.version > 0 and self.saved != self.stats.client_updates and self.path.checkpoint_due(
+                self.version, last=True):  # updates since the last checkpoint (FedBuff's buffer): kept too
             self.path.save_checkpoint(self.kind, self.version, self.weights, self.state_dict())
         self.stats.unanswered = Counter(self.transport.nodes[job.node_id].info.name for job in self.transport.jobs())
         self.stats.buffered = Counter(self.pending.names())

@@ -44,6 +44,7 @@ from flmnist.core.arrays import to_record, to_weights
 from flmnist.engine.base import RoundLiveness, VirtualClock
 from flmnist.engine.fleet import Fleet
 from flmnist.engine.privacy import Accountant
+from flmnist.engine.privacy_ledger import restore_ledger, save_ledger
 from flmnist.engine.reply_path import ReplyPath
 from flmnist.protocol import messages as p
 from flmnist.protocol.aggregation import aggregate_train_metrics
@@ -237,7 +238,14 @@ class Guarded(Strategy):
             self.privacy.log_release(step, "round")
         self.path.record(step, epsilon=round(self.privacy.epsilon, 6))
         self.path.report("privacy", self.privacy.summary())
-        if (self.last_round is None or step < self.last_round) and self.privacy.would_exceed(self.per_round):
+        save_ledger(self.path, self.privacy)
+        if self.last_round is None or step < self.last_round:
+            self.check_budget(step)
+
+    def check_budget(self, step: int) -> None:
+        """A stop after ``step`` if the next round would exceed the privacy budget (each round's end;
+        and before a resumed run's first round, which nothing checked: it spent past the budget)."""
+        if self.privacy is not None and self.privacy.would_exceed(self.per_round):
             self.path.request_stop(step, "privacy budget", epsilon=round(self.privacy.epsilon, 6),
                                    max_epsilon=self.privacy.settings.max_epsilon)
 
@@ -283,6 +291,7 @@ class Guarded(Strategy):
             if not state.get("privacy"):
                 raise ValueError("the checkpoint has no privacy accountant: it was written without privacy=central")
             self.privacy.load_state_dict(state["privacy"])
+            restore_ledger(self.path, self.privacy)
 
 
 def nearly_zero(weights: dict) -> dict:

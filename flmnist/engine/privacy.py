@@ -283,13 +283,12 @@ class AsyncPrivacy:
         return {key: before[key] + v for key, v in noise(step, std, self.rng).items()}
 
     def state_dict(self) -> dict:
-        return {"accountant": self.accountant.state_dict(), "pending": dict(self.pending),
-                "rng": self.rng.bit_generator.state}
+        """Not the noise generator's state: with it, the checkpoint file would regenerate the noise."""
+        return {"accountant": self.accountant.state_dict(), "pending": dict(self.pending)}
 
     def load_state_dict(self, state: dict) -> None:
         self.accountant.load_state_dict(state["accountant"])
         self.pending = Counter(state.get("pending", {}))
-        self.rng.bit_generator.state = state["rng"]
 
 
 # ---------------------------------------------------------------- privacy=dpsgd: sample level

@@ -129,8 +129,9 @@ class SyncEngine:
         if checkpoint is not None:
             self.restore(checkpoint)
             done = self.strategy.round_offset
+            self.strategy.check_budget(done)
         advanced_before = done > self.strategy.failed_rounds  # a resumed run: some earlier round made a model
-        if self.num_rounds > done:
+        if self.num_rounds > done and self.path.stop_wish is None:
             try:
                 first, last = done + 1, self.num_rounds
                 log(INFO, "Strategy %s, round%s %s of %d", self.strategy.name,

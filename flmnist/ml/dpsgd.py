@@ -53,7 +53,7 @@ def train_dpsgd(
     sample.seed(), noise.seed()  # the operating system's entropy, not the run's seed (see above)
     opt = DPOptimizer(torch.optim.SGD(private.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay),
                       noise_multiplier=noise_multiplier, max_grad_norm=clipping_norm,
-                      expected_batch_size=batch_size, generator=noise)
+                      expected_batch_size=max(1, min(batch_size, n)), generator=noise)  # q = 1: all n
     trace: list[float] = []
     try:
         for _ in range(steps if n else 0):

@@ -36,12 +36,15 @@ _NUMPY = "__numpy__"  # tag of a packed numpy array
 
 
 def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python's and PyTorch's generator states (Flower samples nodes with Python's). Not NumPy's
+    global one: Flower's DP wrappers draw their noise from it, and a checkpoint holding its state
+    would let anyone with the file regenerate that noise, and a resume draw the same noise again."""
+    return {"python": random.getstate(), "torch": torch.get_rng_state()}
 
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    np.random.seed()  # fresh entropy from the OS (an older checkpoint's NumPy state is not restored)
     torch.set_rng_state(state["torch"])
 
 

@@ -1,0 +1,47 @@
+"""The privacy ledger: what a run has spent, written after every accounting step.
+
+A checkpoint holds the accountant as it was at the checkpoint; a run checkpointed every N steps
+(asynchronous runs: at their evaluation points) has released noised models, or sent DP-SGD tasks,
+since. Those left the server, so a resume must count them: ``RUN_DIR/privacy_ledger.json`` holds
+the accountant after each round, server update or task, and a resume takes it where it spent more
+than the checkpoint's.
+"""
+
+from __future__ import annotations
+
+import json
+from logging import WARNING
+from pathlib import Path
+
+from flwr.common.logger import log
+
+from flmnist.core.run_files import atomic_write
+
+LEDGER = "privacy_ledger.json"
+
+
+def _ledger(path) -> Path | None:
+    """``RUN_DIR/privacy_ledger.json`` of the reply path's run (None: no run directory)."""
+    run_dir = getattr(getattr(path, "recorder", None), "run_dir", None)
+    return None if run_dir is None else Path(run_dir) / LEDGER
+
+
+def save_ledger(path, accountant) -> None:
+    """After each round's or server update's accounting, and each task sent: the accountant's
+    state beside the checkpoint (a checkpoint every N steps would lose what was spent since)."""
+    if (file := _ledger(path)) is not None:
+        atomic_write(file, json.dumps({"epsilon": accountant.epsilon, "state": accountant.state_dict()}))
+
+
+def restore_ledger(path, accountant) -> None:
+    """On resume, after the checkpoint's accountant was loaded: the ledger's, where it spent more
+    (releases or tasks after the checkpoint count: their noised models had left the server)."""
+    try:
+        saved = json.loads(_ledger(path).read_text())  # type: ignore[union-attr]
+        spent = float(saved["epsilon"])
+    except (AttributeError, OSError, ValueError, KeyError, TypeError):
+        return
+    if spent > accountant.epsilon:
+        log(WARNING, "Privacy: epsilon %.4g at the checkpoint, %.4g spent since (%s): counting on from that",
+            accountant.epsilon, spent, LEDGER)
+        accountant.load_state_dict(saved["state"])
