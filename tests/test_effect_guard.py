@@ -198,9 +198,8 @@ def test_the_guard_and_the_screen_leave_no_blas_thread_spinning():
 
 def test_a_boosted_update_beside_one_other_is_probed():
     """Two nodes: the median of two lengths is their mean, so an update boosted 10x the way the
-    other points stayed under 3x it and passed unprobed. With fewer than 3 lengths it is probed;
-    with the reply path's recent accepted lengths the median is theirs, and the boost stands out,
-    while the same two honest lengths pass."""
+    other points stayed under 3x it and passed unprobed. Each length is now held against the
+    others' (and the recent accepted updates'), and the boost stands out; honest lengths pass."""
     honest = {"w": np.full(10, 0.01, dtype=np.float32)}
     boosted = {"w": np.full(10, 0.1, dtype=np.float32)}
     pair = [Candidate(0, "node 0", honest, 1.0), Candidate(1, "node 1", boosted, 1.0)]
@@ -208,3 +207,4 @@ def test_a_boosted_update_beside_one_other_is_probed():
     recent = [float(np.linalg.norm(honest["w"]))] * 3
     assert EffectGuard.suspicious(pair, [], recent)
     assert not EffectGuard.suspicious([pair[0], Candidate(2, "node 2", dict(honest), 1.0)], [], recent)
+    assert not EffectGuard.suspicious([pair[0], Candidate(2, "node 2", dict(honest), 1.0)], [])

@@ -19,8 +19,8 @@ digits, but the aggregate without it is worse on its own digits.
 
 Probing costs evaluations, so a cheap test comes first: updates that point the way the others
 do (cosine with the others' mean at least 0) and are no longer than 3 times the median length
-(of theirs and the recent accepted updates'; with fewer than 3 lengths there is no median, and
-the round is probed) pass unprobed, as honest updates on an even split do. A round with an update pointing away or
+of the others' and the recent accepted updates' pass unprobed, as honest updates on an even
+split do. A round with an update pointing away or
 much longer is probed whole. The probe is the attribution's: ``probe_size`` test images, the
 same in every run, and the same :class:`~flmnist.observers.probe.Probe` object when attribution is on.
 """
@@ -90,20 +90,18 @@ class EffectGuard:
 
     @staticmethod
     def suspicious(candidates: Sequence[Candidate], pool: Sequence[Candidate], lengths: Sequence[float] = ()) -> bool:
-        """Whether any candidate points away from the others or is much longer than the median of
-        theirs and ``lengths`` (recent accepted updates'); then: probe. Fewer than 3 lengths make
-        no median (of two, a boosted one is half of it): probe."""
+        """Whether any candidate points away from the others or is much longer than the median
+        length of the others and ``lengths`` (recent accepted updates'); then: probe. (Of the
+        lengths of all, two nodes' median is their mean: a boosted update never passed 3x it.)"""
         everyone = [*pool, *candidates]
         if len(everyone) < 2:
             return True  # nothing to compare with: probe it against the model itself
         flats = [_flat(m.delta) for m in everyone]
         norms = [math.sqrt(dot(f, f)) for f in flats]
-        if len(norms) + len(lengths) < 3:
-            return True
-        median = float(np.median([*lengths, *norms]))
         total = sum(m.weight * f for m, f in zip(everyone, flats))
         weight = sum(m.weight for m in everyone)
         for i in range(len(pool), len(everyone)):
+            median = float(np.median([*lengths, *norms[:i], *norms[i + 1:]]))
             if median > 0 and norms[i] > MAX_LENGTH_RATIO * median:
                 return True
             rest = (total - everyone[i].weight * flats[i]) / max(weight - everyone[i].weight, 1e-12)
