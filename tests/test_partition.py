@@ -93,6 +93,21 @@ def test_holdout_split_is_disjoint_and_sized():
     train, hold = holdout_split(np.arange(100, 200), 0.1, seed=3)
     assert len(hold) == 10 and len(train) == 90
     assert not set(train) & set(hold) and set(train) | set(hold) == set(range(100, 200))
+    # a tiny partition keeps one example to train on (2 examples at 0.75 held both out: nothing to train)
+    for n, fraction in ((1, 0.6), (2, 0.75)):
+        train, hold = holdout_split(np.arange(n), fraction, seed=3)
+        assert len(train) == 1 and len(hold) == n - 1
+
+
+def test_examples_no_shard_takes_are_reported(train_labels, caplog):
+    """Flower's ShardPartitioner cuts equal shards and leaves the rest out (7 nodes x 2 shards of
+    4,285: 10 examples); the split says so instead of dropping them silently."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        parts = ShardPartition(2)(train_labels, 7, seed=0)
+    left = len(train_labels) - sum(len(x) for x in parts)
+    assert left == 10 and f"partition=shard: {left} of {len(train_labels)} training examples are in no shard" in caplog.text
 
 
 def test_clients_can_only_name_known_partitioners():

@@ -9,6 +9,7 @@ offline on an in-memory ``datasets.Dataset`` of the labels); ``digit_groups``
 
 from __future__ import annotations
 
+import logging
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -129,7 +130,12 @@ class ShardPartition(Partition):
             shuffle=True,
             seed=seed,
         )
-        return _flwr_split(partitioner, labels, num_partitions)
+        parts = _flwr_split(partitioner, labels, num_partitions)
+        if (dealt := sum(len(x) for x in parts)) < len(labels):  # Flower's equal shards leave the rest out
+            logging.getLogger("flwr").warning("partition=shard: %d of %d training examples are in no shard (shards of %d examples: "
+                "num_nodes x shards_per_client does not divide them)", len(labels) - dealt, len(labels),
+                len(labels) // (num_partitions * self.shards_per_client))
+        return parts
 
 
 class DigitGroupPartition(Partition):
@@ -168,7 +174,7 @@ def holdout_split(indices: np.ndarray, fraction: float, seed: int) -> tuple[np.n
     if not 0.0 <= fraction < 1.0:
         raise ConfigError(f"data.holdout_fraction must be in [0, 1), got {fraction}")
     order = np.random.default_rng(seed).permutation(indices)
-    n_hold = round(fraction * len(indices))
+    n_hold = min(round(fraction * len(indices)), max(len(indices) - 1, 0))  # at least one example to train on
     return np.sort(order[n_hold:]), np.sort(order[:n_hold])
 
 
