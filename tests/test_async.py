@@ -139,6 +139,12 @@ def test_buffer_never_exceeds_concurrency():
     buff = FedBuff(buffer_size=10)
     buff.limit_concurrency(4)
     assert buff.buffer_size == 4
+    # resumed with all 10 nodes up (it had started with 4): K is the configured 10 again, not the
+    # checkpoint's 4 (a deployment that started with few boards kept the small buffer for good)
+    resumed = FedBuff(buffer_size=10)
+    resumed.load_state_dict(buff.state_dict())
+    resumed.limit_concurrency(10)
+    assert resumed.buffer_size == 10
 
 
 def test_max_staleness_drops_only_older_updates():

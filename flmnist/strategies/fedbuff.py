@@ -40,7 +40,7 @@ class FedBuff(AsyncStrategy):
         max_staleness: int | None = None,
     ) -> None:
         super().__init__(max_staleness=max_staleness)
-        self.buffer_size = check_integer("strategy.buffer_size", buffer_size, 1)
+        self.buffer_size = self.configured_size = check_integer("strategy.buffer_size", buffer_size, 1)
         self.server_learning_rate = check_number("strategy.server_learning_rate", server_learning_rate, low_open=True)
         self.server_momentum = check_number("strategy.server_momentum", server_momentum, 0.0, 1.0, high_open=True)
         self.staleness = staleness_or(staleness, InverseSqrt())
@@ -53,7 +53,9 @@ class FedBuff(AsyncStrategy):
         self.momentum: Weights | None = None
 
     def limit_concurrency(self, concurrency: int) -> None:
-        self.buffer_size = min(self.buffer_size, concurrency)
+        """K is at most the nodes training at once (of the configured K: a run resumed with more
+        nodes than it started with gets its K back, not the smaller one its checkpoint holds)."""
+        self.buffer_size = min(self.configured_size, concurrency)
 
     def aggregate_size(self) -> int:
         return self.buffer_size
