@@ -351,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"flmnist-warm-executor: {refusal}", file=sys.stderr)
         return 2
     args = parse_args(argv)
+    # Started ignoring SIGCHLD (a service manager may), children reap themselves and a killed one reads as a clean exit
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     handler = logging.StreamHandler(sys.stderr)  # this logger only: the root's (httpx's requests) stay quiet
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s warm-executor[%(process)d]: %(message)s"))
     LOG.addHandler(handler)
