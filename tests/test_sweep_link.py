@@ -158,6 +158,28 @@ def test_a_job_end_keeps_the_warm_executor_and_stops_its_forked_child(programs, 
     wait_for_health(link)
 
 
+def test_a_killed_warm_executors_orphaned_child_is_not_kept_as_the_executor(programs, link):
+    """The warm executor is killed -9 mid-job; its forked child runs on, an orphan, under the
+    executor's program name. The job's end must not keep that orphan as the sweep's executor (the
+    next job's run was then queued on a SuperLink with no executor, and waited for ever): it
+    stops everything, and the next job starts afresh."""
+    import os
+    import signal
+
+    home = link.home_for(0, ("inprocess", None))
+    superlink, executor = start(programs, link, "flower-superlink", "flmnist-warm-executor")
+    deadline = time.monotonic() + 30
+    while len(children := [p for p in pids_with_flwr_home(home) if parent_of(p) == executor.pid]) < 1:
+        assert time.monotonic() < deadline, "the stand-in executor did not fork"
+        time.sleep(0.1)
+    time.sleep(0.3)  # the programs exec'd
+    link.kept, link.warm = link._kept(), True  # as warm_up found them
+    os.kill(executor.pid, signal.SIGKILL)
+    executor.wait()
+    assert link.end_job(grace=2) and link.kept == {}
+    assert children[0] not in pids_with_flwr_home(home) and superlink.wait(timeout=10) is not None
+
+
 def test_an_executor_gone_before_any_run_stops_the_run_and_one_whose_child_runs_on_does_not(programs, link, capsys):
     """warm_link's watch: the warm executor exits while its SuperLink runs on; with no child of it
     running a simulation nothing would take the run, so everything under FLWR_HOME is stopped

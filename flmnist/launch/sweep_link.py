@@ -112,6 +112,8 @@ class SweepLink:
         id; keep the SuperLink and SuperExec if both run. Returns the stopped ids."""
         assert self.home is not None
         found = self._kept()
+        if self.warm and found.get(WARM) != self.kept.get(WARM):
+            found = {}  # the warm executor died (killed -9, out of memory): what runs its program is an orphaned child
         self.kept = found if _complete(found) else {}  # else: all stopped, the next job starts afresh
         return stop_env(f"FLWR_HOME={self.home}", grace, keep={pid for pid, _ in self.kept.values()})
 
