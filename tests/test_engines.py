@@ -687,6 +687,18 @@ def test_max_consecutive_failures_ends_a_run_in_which_every_reply_is_bad(task_id
     assert loop.version == 0
 
 
+def test_an_async_run_that_never_updates_the_model_fails(task_identity):
+    """Every reply rejected, but the run ends on max_client_updates before max_consecutive_failures:
+    no server update was made, so the run failed (it said finished, exit 0, final accuracy null),
+    as a synchronous run none of whose rounds made a model does."""
+    nodes = {101: FakeNode(0, behave="nan"), 102: FakeNode(1, behave="nan")}
+    loop, _ = make_loop(nodes, FedAsync(), max_server_updates=None, max_client_updates=4,
+                        max_consecutive_failures=50)
+    with pytest.raises(RunFailed, match=r"no server update in 4 client updates: the global model is the initial "
+                                        r"one; last reason: node \d: "):
+        loop.run(record(START))
+
+
 def test_progress_timeout_ends_a_run_whose_nodes_never_reply(task_identity):
     nodes = {101: FakeNode(0, behave="silent"), 102: FakeNode(1, behave="silent")}
     loop, _ = make_loop(nodes, FedAsync(), update_timeout=60.0, progress_timeout=0.3)

@@ -314,8 +314,7 @@ class AsyncLoop:
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict:
-        """Strategy state (buffer, momentum), version and counters; in-flight updates are not
-        kept: after a resume every node gets fresh work on the checkpointed model."""
+        """Strategy state, version and counters; not in-flight updates (resumed, nodes get fresh work)."""
         return {"strategy": self.strategy.state_dict(), "pending": self.pending.state(),
                 "privacy": (self.privacy or self.sample_dp).state_dict() if self.accountant is not None else None,
                 "loop": {"version": self.version, **self.stats.state(), "vnow": self.clock.now,
@@ -387,12 +386,13 @@ class AsyncLoop:
             self.refill()
         if last_eval != self.version:
             self.record(self.arrays, self.weights, evaluate=True, again=True)
-        elif self.version > 0 and self.saved != self.stats.client_updates and self.path.checkpoint_due(
-                self.version, last=True):  # updates since the last checkpoint (FedBuff's buffer): kept too
+        elif self.version > 0 and self.saved != self.stats.client_updates and self.path.checkpoint_due(self.version, last=True):
             self.path.save_checkpoint(self.kind, self.version, self.weights, self.state_dict())
-        self.stats.unanswered = Counter(self.transport.nodes[job.node_id].info.name for job in self.transport.jobs())
-        self.stats.buffered = Counter(self.pending.names())
+        self.stats.unanswered, self.stats.buffered = Counter(self.transport.nodes[job.node_id].info.name for job in self.transport.jobs()), Counter(self.pending.names())
         self.finish_stats()
+        if self.version == 0:  # (a resumed run starts at its checkpoint's version) the sync engine's rule too
+            raise RunFailed(f"no server update in {self.stats.client_updates} client updates: the global model is the "
+                            f"initial one; last reason: {self.liveness.last_problem or 'none was applied'}")
         return self.arrays
 
     def finish(self) -> None:

@@ -225,7 +225,6 @@ def build_run(grid: Grid, cfg: DictConfig) -> Run:
     )
     loop = AsyncLoopSettings(**cfg.async_loop) if asynchronous else None
     trackers = Trackers([build(cfg.logger, "logger")] if cfg.get("logger") is not None else [])
-    trackers.call("start", run_dir, run_dir.name, OmegaConf.to_container(cfg, resolve=True))
     recorder = RunRecorder(run_dir, steps, cfg.target_accuracy, printer=say, unit=unit, save_tensors=save_state_dict,
                            label=run_label(cfg), trackers=trackers, **collapse_args(cfg))
     test_images, test_labels = load_mnist(str(root), False)
@@ -276,4 +275,6 @@ def build_run(grid: Grid, cfg: DictConfig) -> Run:
         recorder.restore(checkpoint["recorder"],
                          final_state={k: torch.from_numpy(np.array(v)) for k, v in checkpoint["arrays"].items()},
                          step=checkpoint["round"])
+    # Last: a setup step that fails (the registry, nodes that never came, the privacy budget) leaves no tracker run open
+    trackers.call("start", run_dir, run_dir.name, OmegaConf.to_container(cfg, resolve=True))
     return Run(cfg, run_dir, recorder, engine, initial, checkpoint)
