@@ -85,7 +85,6 @@ class AsyncLoop:
         # Deployment: a node replies, then asks for its next message at once and, if none is queued,
         # sleeps 3 s (Flower's SuperNode); a task queued behind its current one is there when it asks.
         self.prefetch = 0 if fleet is not None else settings.prefetch
-        self.failing: set[int] = set()  # node ids whose last update failed: nothing queued ahead for them
 
     # ------------------------------------------------------- read-only views
     @property
@@ -147,7 +146,8 @@ class AsyncLoop:
         if self.prefetch:
             for node_id, jobs in self.busy().items():
                 node = self.transport.nodes[node_id]
-                if jobs <= self.prefetch and node_id not in self.failing and not self.should_stop() \
+                # (a node whose last update failed gets nothing queued ahead: it may be gone)
+                if jobs <= self.prefetch and node_id not in self.liveness.failing and not self.should_stop() \
                         and self.budget_for(node):
                     self.dispatch(node, self.arrays, self.weights)
 
@@ -184,7 +184,6 @@ class AsyncLoop:
         """Count a failed, rejected or timed-out update; too many in a row end the run, unless a
         node that has not failed its last update is still training (one bad node cannot end it)."""
         self.stats.count(outcome)
-        self.failing.add(node_id)
         self.liveness.update_failed(node_id, problem, (j.node_id for j in self.transport.jobs()))
 
     def process(self, job: Job, reply: Message | None, weights: dict) -> dict | None:
@@ -218,7 +217,6 @@ class AsyncLoop:
             return None
         update = updates[0]
         self.liveness.passed(job.node_id)
-        self.failing.discard(job.node_id)
         self.liveness.ok()
         if self.privacy is not None and not self.budget_allows(update.name):
             return None
@@ -390,9 +388,7 @@ class AsyncLoop:
             self.path.save_checkpoint(self.kind, self.version, self.weights, self.state_dict())
         self.stats.unanswered, self.stats.buffered = Counter(self.transport.nodes[job.node_id].info.name for job in self.transport.jobs()), Counter(self.pending.names())
         self.finish_stats()
-        if self.version == 0:  # (a resumed run starts at its checkpoint's version) the sync engine's rule too
-            raise RunFailed(f"no server update in {self.stats.client_updates} client updates: the global model is the "
-                            f"initial one; last reason: {self.liveness.last_problem or 'none was applied'}")
+        self.liveness.check_some_advanced(self.version, self.stats.client_updates)
         return self.arrays
 
     def finish(self) -> None:

@@ -127,6 +127,13 @@ class UpdateLiveness(Liveness):
         """``node_id``'s update passed the screen (applied or not)."""
         self.failing.discard(node_id)
 
+    def check_some_advanced(self, version: int, client_updates: int) -> None:
+        """At the end: a run still at server version 0 (a resumed one starts at its checkpoint's)
+        failed, whatever ended it, as a synchronous run none of whose rounds made a model."""
+        if version == 0:
+            raise RunFailed(f"no server update in {client_updates} client updates: the global model is the "
+                            f"initial one; last reason: {self.last_problem or 'none was applied'}")
+
     def progressed(self) -> None:
         """A new server version (or the start of the loop)."""
         self.last_progress = time.monotonic()
