@@ -19,12 +19,17 @@ PREVIOUS = "checkpoint.prev.pt"
 CHECKPOINT_INFO = "checkpoint.json"  # the checkpoint's kind and step, readable without PyTorch
 
 
+def quoted(path: str | Path) -> str:
+    """A path as a quoted Hydra override value (paths may hold '=', ',' or spaces)."""
+    return "'" + str(path).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def resume_arg(path: str | Path) -> str:
     """``resume=PATH`` as a user types it in a shell. A path Hydra cannot take bare (a sweep job's
     directory holds '=' and ',') is quoted for Hydra, and that for the shell."""
     if re.fullmatch(r"[\w./:@+-]+", str(path)):
         return f"resume={path}"
-    arg = "resume='" + str(path).replace("\\", "\\\\").replace("'", "\\'") + "'"
+    arg = f"resume={quoted(path)}"
     return f'"{arg}"' if not re.search(r'["$`\\!]', arg) else shlex.quote(arg)
 
 

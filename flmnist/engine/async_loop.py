@@ -122,7 +122,7 @@ class AsyncLoop:
         self.transport.partition_updates[node.partition] = node.updates
         if self.sample_dp is not None:
             self.sample_dp.task(node.partition, node.info.name)
-            save_ledger(self.path, self.sample_dp)
+            save_ledger(self.path.recorder, self.sample_dp, self.sample_dp.epsilon)  # (cached by would_exceed)
         config = self.sent.to_record(**{p.SERVER_ROUND: node.updates, p.SERVER_VERSION: self.version})
         message_id = self.transport.send_train(node, arrays, config)
         self.sent_models.setdefault(self.version, weights)
@@ -287,9 +287,10 @@ class AsyncLoop:
         fields = {} if again else {"virtual_time": round(self.clock.now, 4) if self.clock.simulated else None,
                                    **self.stats.take_row()}
         if self.accountant is not None:
-            fields["epsilon"] = round(self.accountant.epsilon, 6)
+            epsilon = self.accountant.epsilon
+            fields["epsilon"] = round(epsilon, 6)
             self.path.report("privacy", self.accountant.summary())
-            save_ledger(self.path, self.accountant)
+            save_ledger(self.path.recorder, self.accountant, epsilon)
         self.path.report("async", self.stats_dict())
         self.path.global_model(self.version, arrays, evaluate=evaluate, **fields)
         if evaluate and self.version > 0 and self.path.checkpoint_due(self.version, last=self.should_stop()):
@@ -332,7 +333,7 @@ class AsyncLoop:
             if not checkpoint["engine"].get("privacy"):
                 raise ValueError("the checkpoint has no privacy accountant: it was written without privacy")
             (self.privacy or self.sample_dp).load_state_dict(checkpoint["engine"]["privacy"])
-            restore_ledger(self.path, self.accountant)
+            restore_ledger(self.path.recorder, self.accountant)
         restore_common(self.path, checkpoint)
         self.transport.partition_updates = dict(loop["node_updates"])
         for node in self.transport.nodes.values():

@@ -236,9 +236,10 @@ class Guarded(Strategy):
             self.privacy.unattributed = sum(self.unbound_tasks.values())
         if released or not self.central:  # DP-SGD: the nodes spent it whether or not the round aggregated
             self.privacy.log_release(step, "round")
-        self.path.record(step, epsilon=round(self.privacy.epsilon, 6))
+        epsilon = self.privacy.epsilon
+        self.path.record(step, epsilon=round(epsilon, 6))
         self.path.report("privacy", self.privacy.summary())
-        save_ledger(self.path, self.privacy)
+        save_ledger(self.path.recorder, self.privacy, epsilon)
         if self.last_round is None or step < self.last_round:
             self.check_budget(step)
 
@@ -291,7 +292,7 @@ class Guarded(Strategy):
             if not state.get("privacy"):
                 raise ValueError("the checkpoint has no privacy accountant: it was written without privacy=central")
             self.privacy.load_state_dict(state["privacy"])
-            restore_ledger(self.path, self.privacy)
+            restore_ledger(self.path.recorder, self.privacy)
 
 
 def nearly_zero(weights: dict) -> dict:

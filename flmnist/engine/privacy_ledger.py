@@ -20,24 +20,24 @@ from flmnist.core.run_files import atomic_write
 LEDGER = "privacy_ledger.json"
 
 
-def _ledger(path) -> Path | None:
-    """``RUN_DIR/privacy_ledger.json`` of the reply path's run (None: no run directory)."""
-    run_dir = getattr(getattr(path, "recorder", None), "run_dir", None)
-    return None if run_dir is None else Path(run_dir) / LEDGER
+def _ledger(recorder) -> Path | None:
+    """``RUN_DIR/privacy_ledger.json`` of the run (None: no recorder, no run directory)."""
+    return None if recorder is None else Path(recorder.run_dir) / LEDGER
 
 
-def save_ledger(path, accountant) -> None:
+def save_ledger(recorder, accountant, epsilon: float) -> None:
     """After each round's or server update's accounting, and each task sent: the accountant's
-    state beside the checkpoint (a checkpoint every N steps would lose what was spent since)."""
-    if (file := _ledger(path)) is not None:
-        atomic_write(file, json.dumps({"epsilon": accountant.epsilon, "state": accountant.state_dict()}))
+    state and its ``epsilon`` (as the caller just computed it) beside the checkpoint (a
+    checkpoint every N steps would lose what was spent since)."""
+    if (file := _ledger(recorder)) is not None:
+        atomic_write(file, json.dumps({"epsilon": epsilon, "state": accountant.state_dict()}))
 
 
-def restore_ledger(path, accountant) -> None:
+def restore_ledger(recorder, accountant) -> None:
     """On resume, after the checkpoint's accountant was loaded: the ledger's, where it spent more
     (releases or tasks after the checkpoint count: their noised models had left the server)."""
     try:
-        saved = json.loads(_ledger(path).read_text())  # type: ignore[union-attr]
+        saved = json.loads(_ledger(recorder).read_text())  # type: ignore[union-attr]
         spent = float(saved["epsilon"])
     except (AttributeError, OSError, ValueError, KeyError, TypeError):
         return

@@ -39,7 +39,7 @@ from flmnist.config.compose import check_group_overrides, compose_config, conf_d
 from flmnist.config.help import help_text, version_text
 from flmnist.config.validate import collapse_args, run_length, validate
 from flmnist.core.errors import ConfigError, FlmnistError, RunFailed
-from flmnist.core.run_files import CHECKPOINT, atomic_write, find_checkpoint, resume_arg
+from flmnist.core.run_files import CHECKPOINT, atomic_write, find_checkpoint, quoted, resume_arg
 from flmnist.launch import warm_link
 from flmnist.launch.backend import check_gpu_share, client_gpus, simulation_backend
 from flmnist.launch.comparison import COLUMNS, degraded_message, write_comparison  # noqa: F401 - re-exported
@@ -69,11 +69,6 @@ class Stop(BaseException):
         super().__init__(message)
         self.code = code
         self.cause = cause
-
-
-def quoted(path: Path) -> str:
-    """A path as a quoted Hydra override value (paths may hold '=', ',' or spaces)."""
-    return "'" + str(path).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def absolute_overrides(overrides: list[str], run_dir: Path) -> list[str]:
