@@ -70,6 +70,16 @@ def wait_for_health(link: SweepLink) -> None:
         time.sleep(0.1)
 
 
+def forked_children(home: str, executor: subprocess.Popen) -> list[int]:
+    """The stand-in warm executor's forked children under ``home``, once it has forked and they exec'd."""
+    deadline = time.monotonic() + 30
+    while len(children := [p for p in pids_with_flwr_home(home) if parent_of(p) == executor.pid]) < 1:
+        assert time.monotonic() < deadline, "the stand-in executor did not fork"
+        time.sleep(0.1)
+    time.sleep(0.3)  # the programs exec'd
+    return children
+
+
 def test_a_job_end_keeps_the_superlink_and_superexec_and_stops_the_rest(programs, link, capsys):
     home = link.home_for(0, ("inprocess", None))
     assert "flmnist: job 0" not in capsys.readouterr().out  # the first job says nothing more
@@ -146,11 +156,7 @@ def test_a_job_end_keeps_the_warm_executor_and_stops_its_forked_child(programs, 
     (the child's parent) and the SuperLink, and stops the child."""
     home = link.home_for(0, ("inprocess", None))
     superlink, executor = start(programs, link, "flower-superlink", "flmnist-warm-executor")
-    deadline = time.monotonic() + 30
-    while len(children := [p for p in pids_with_flwr_home(home) if parent_of(p) == executor.pid]) < 1:
-        assert time.monotonic() < deadline, "the stand-in executor did not fork"
-        time.sleep(0.1)
-    time.sleep(0.3)  # the programs exec'd
+    children = forked_children(home, executor)
     assert role_of(children[0]) == role_of(executor.pid) == "flmnist-warm-executor"
     assert link.end_job(grace=2) == children
     assert {role: pid for role, (pid, _) in link.kept.items()} == {"flower-superlink": superlink.pid,
@@ -168,11 +174,7 @@ def test_a_killed_warm_executors_orphaned_child_is_not_kept_as_the_executor(prog
 
     home = link.home_for(0, ("inprocess", None))
     superlink, executor = start(programs, link, "flower-superlink", "flmnist-warm-executor")
-    deadline = time.monotonic() + 30
-    while len(children := [p for p in pids_with_flwr_home(home) if parent_of(p) == executor.pid]) < 1:
-        assert time.monotonic() < deadline, "the stand-in executor did not fork"
-        time.sleep(0.1)
-    time.sleep(0.3)  # the programs exec'd
+    children = forked_children(home, executor)
     link.kept, link.warm = link._kept(), True  # as warm_up found them
     os.kill(executor.pid, signal.SIGKILL)
     executor.wait()

@@ -84,7 +84,7 @@ def check_group_overrides(overrides: list[str]) -> None:
         if not sep or key not in GROUPS or value in ("null", ""):
             continue
         for choice in value.split(","):  # (a sweep's jobs come here one value each)
-            choice = choice.strip().strip("'\"") if choice.strip()[:1] in "'\"" else choice
+            choice = choice.strip().strip("'\"")  # strategy='fedprox' is fedprox
             if choice not in group_options(key):
                 close = difflib.get_close_matches(choice, group_options(key), n=1, cutoff=0.6)
                 hint = f"; did you mean {key}={close[0]}?" if close else ""
