@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from flmnist.config.compose import sweep_jobs
 from flmnist.core.errors import ConfigError, RunFailed
 from flmnist.launch.cli import finished_line, outcome
 from flmnist.launch.flwr_local import descendants, pids_with_env, started_at
@@ -37,6 +38,10 @@ def flmnist(args: list[str], cwd: Path, **env) -> subprocess.CompletedProcess:
     # a sweep's jobs are checked as Hydra expands them (choice(...) was refused: "Unknown strategy
     # 'choice(fedavg'"), GPU share included (both jobs failed after Hydra started, exit 1)
     (["-m", "strategy=choice(fedavg,fedprox)", "num_rounds=0"], "flmnist: error: num_rounds must be an integer >= 1, got 0"),
+    # glob(...) was refused ("ConfigLoader is not set"): its options are listed, each job checked
+    (["-m", "experiment=glob(seed00*,exclude=seed002)", "num_rounds=0"],
+     "flmnist: error: num_rounds must be an integer >= 1, got 0"),
+    (["-m", "experiment=glob(nothing*)"], "flmnist: error: the sweep experiment=glob(nothing*) has no jobs: "),
     (["-m", "simulation=gpu", "seed=1,2"], "flmnist: error: simulation.client_gpus=0.5 asks for a GPU share"),
     (["simulation=gpu"], "flmnist: error: simulation.client_gpus=0.5 asks for a GPU share"),
     (["--num_rounds=3", "--model=logreg"], ("flmnist: error: --num_rounds=3 --model=logreg: settings are Hydra "
@@ -48,6 +53,11 @@ def test_a_bad_setting_is_one_line_exit_2_and_creates_nothing(tmp_path, args, me
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr
     assert proc.stderr.startswith(message), proc.stderr
     assert list(tmp_path.iterdir()) == [], "a rejected command must create no run directory"
+
+
+def test_a_sweep_expands_glob_to_the_group_options_as_hydra_runs_them():
+    jobs = sweep_jobs(["experiment=glob(seed00*,exclude=[seed002,seed003])", "seed=1,2"])
+    assert jobs == [[f"experiment={e}", f"seed={s}"] for e in ("seed000", "seed001", "seed002_async") for s in (1, 2)]
 
 
 def test_a_mistyped_option_gets_the_closest_one_suggested(tmp_path):

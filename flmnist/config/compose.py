@@ -169,3 +169,22 @@ def compose_config(overrides: list[str] | None = None, notes: list[str] | None =
         raise ConfigError(f"cannot resolve the config: {one_line(err)}") from err
     validate(cfg)
     return cfg
+
+
+def sweep_jobs(overrides: list[str]) -> list[list[str]]:
+    """The override lists of the jobs a ``-m`` sweep runs (Hydra's basic sweeper's expansion; its
+    config loader lists a group's options for ``glob(...)``)."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        loader = ConfigLoaderImpl(config_search_path=create_config_search_path(str(conf_dir())))
+        parsed = OverridesParser.create(config_loader=loader).parse_overrides(overrides)
+        jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    except Exception as err:  # Hydra's parser raises several types
+        raise ConfigError(f"bad override in {' '.join(overrides)}: {' '.join(str(err).split())}") from err
+    if not jobs:  # glob(...) matching no option: Hydra would run nothing and exit 0
+        raise ConfigError(f"the sweep {' '.join(overrides)} has no jobs: a glob(...) matches no option of its group")
+    return jobs

@@ -35,7 +35,13 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from flmnist.config.compose import check_group_overrides, compose_config, conf_dir, override_key
+from flmnist.config.compose import (
+    check_group_overrides,
+    compose_config,
+    conf_dir,
+    override_key,
+    sweep_jobs,
+)
 from flmnist.config.help import help_text, version_text
 from flmnist.config.validate import collapse_args, run_length, validate
 from flmnist.core.errors import ConfigError, FlmnistError, RunFailed
@@ -286,18 +292,6 @@ def _main(cfg: DictConfig) -> dict:
         _failed_jobs.append(str(hc.job.num))
         return {"overrides": " ".join(o for o in hc.overrides.task if not o.startswith("run_dir=")),
                 "status": "failed", "run_dir": str(Path(hc.runtime.output_dir).resolve())}
-
-
-def sweep_jobs(overrides: list[str]) -> list[list[str]]:
-    """The override lists of the jobs a ``-m`` sweep runs (Hydra's basic sweeper's expansion)."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-        return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
-    except Exception as err:  # Hydra's parser raises several types
-        raise ConfigError(f"bad override in {' '.join(overrides)}: {' '.join(str(err).split())}") from err
 
 
 def hydra_arguments(args: list[str]) -> list[str]:
