@@ -34,6 +34,8 @@ def flmnist(args: list[str], cwd: Path, **env) -> subprocess.CompletedProcess:
     (["client.lr=nan"], "flmnist: error: client.lr must be a finite number > 0, got nan"),
     (["client.lrr=0.1"], "flmnist: error: unknown setting 'client.lrr'; did you mean client.lr? (client=default has: local_epochs, "),
     (["strategy=fedavgg"], "flmnist: error: Unknown strategy 'fedavgg'. Valid options for strategy: bulyan, "),
+    # a model setting failed only when the ServerApp built the model, with Flower's traceback
+    (["model=mlp", "model.hidden=-3"], "flmnist: error: model.hidden must be an integer >= 1, got -3"),
     (["data=null"], "flmnist: error: data must be a section of settings (change one with data.KEY=VALUE), got None"),
     # a sweep's jobs are checked as Hydra expands them (choice(...) was refused: "Unknown strategy
     # 'choice(fedavg'"), GPU share included (both jobs failed after Hydra started, exit 1)

@@ -151,6 +151,21 @@ def collapse_args(cfg: DictConfig) -> dict:
     return {"collapse_drop": section.get("drop", DROP), "collapse_patience": section.get("patience", PATIENCE)}
 
 
+def _model(cfg: DictConfig) -> None:
+    """flmnist's own models (``conf/model/``): widths, dropout and classes, checked here because the
+    model is built (with PyTorch) only when the run starts. A model of one's own checks its arguments then."""
+    model = cfg.model
+    if not str(model.get("_target_", "")).startswith("flmnist.ml.models."):
+        return
+    for key in ("hidden", "hidden2"):
+        if key in model:
+            _integer(cfg, f"model.{key}", 1, allow_none=key == "hidden2")
+    if "dropout" in model:
+        check_number("model.dropout", model.dropout, 0, 1, high_open=True)
+    if model.get("num_classes", 10) != 10:
+        raise ConfigError(f"model.num_classes must be 10 (MNIST's ten digits), got {model.num_classes!r}")
+
+
 def _observers(cfg: DictConfig) -> None:
     """``observers``: each entry null (off) or a section naming its ``_target_`` (built when the run starts:
     its module, with PyTorch, is not imported here)."""
@@ -219,6 +234,7 @@ def validate(cfg: DictConfig) -> None:
     _kind(cfg, "client.fault_nodes", ListConfig, "a list of partition ids, e.g. [0, 2],", allow_none=True)
     TrainSettings.from_config(cfg)
     _top_level(cfg)
+    _model(cfg)
     _collapse(cfg)
     _observers(cfg)
     if cfg.get("logger") is not None:
