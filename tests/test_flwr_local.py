@@ -3,10 +3,12 @@ checkout (Flower walks every file under the app folder, its .venv included, to b
 
 from __future__ import annotations
 
+import signal
+import time
 import tomllib
 from pathlib import Path
 
-from flmnist.launch.flwr_local import flwr_env, readable, stage_app, write_flower_config
+from flmnist.launch.flwr_local import flwr_env, readable, run_flwr, stage_app, write_flower_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,3 +52,33 @@ def test_flower_gets_numpys_blas_on_one_thread_unless_the_user_chose(tmp_path):
     """An idle OpenBLAS worker spins on a core after each call, the core PyTorch needs."""
     assert flwr_env(tmp_path, {})["OPENBLAS_NUM_THREADS"] == "1"
     assert flwr_env(tmp_path, {"OPENBLAS_NUM_THREADS": "4"})["OPENBLAS_NUM_THREADS"] == "4"
+
+
+SILENT_SERVER = """import time
+from flwr.serverapp import ServerApp
+app = ServerApp()
+@app.main()
+def main(grid, context):
+    time.sleep(600)  # a hang that prints nothing
+"""
+
+
+def test_a_run_that_hangs_without_a_line_of_output_is_stopped_at_its_timeout(tmp_path):
+    """The timeout was checked only when a line of output arrived: a silent hang ran forever."""
+    app = tmp_path / "silent"
+    (app / "silent").mkdir(parents=True)
+    (app / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n'
+        '[project]\nname = "silent"\nversion = "1.0.0"\n[tool.hatch.build.targets.wheel]\npackages = ["."]\n'
+        '[tool.flwr.app]\npublisher = "flmnist"\n'
+        '[tool.flwr.app.components]\nserverapp = "silent.server_app:app"\nclientapp = "silent.client_app:app"\n'
+        '[tool.flwr.app.config]\noverrides = ""\n')
+    (app / "silent" / "__init__.py").write_text("")
+    (app / "silent" / "server_app.py").write_text(SILENT_SERVER)
+    (app / "silent" / "client_app.py").write_text("from flwr.clientapp import ClientApp\napp = ClientApp()\n")
+    log = tmp_path / "run.log"
+    started = time.monotonic()
+    code = run_flwr(app, [], 1, tmp_path / "home", log_path=log, timeout=25)
+    took = time.monotonic() - started
+    assert code == -signal.SIGKILL, log.read_text()
+    assert 25 <= took < 60, took

@@ -314,13 +314,16 @@ def run_flwr(
     # recorded in its temp dir (ray/ray_current_cluster), the user's own or a dead one.
     env["RAY_ADDRESS"] = ray_address or "local"
     env[BACKEND_ENV] = backend
-    proc, grace = None, 5.0
+    proc, grace, watchdog = None, 5.0, None
     try:
         if prepare is not None:
             prepare(env)
         with open(log_path, "a" if append else "w") if log_path else contextlib.nullcontext() as log:
             proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            deadline = None if timeout is None else time.monotonic() + timeout
+            if timeout is not None:  # a timer, not a check per line: a silent hang is killed too
+                watchdog = threading.Timer(timeout, proc.kill)
+                watchdog.daemon = True
+                watchdog.start()
             assert proc.stdout is not None
             colour = sys.stdout.isatty() and not os.environ.get("NO_COLOR")  # no escape codes in files and pipes
             for line in proc.stdout:
@@ -336,11 +339,10 @@ def run_flwr(
                     # simulation process takes 1 s to wind down its worker threads).
                     grace = 1.0 if backend == "ray" else 0.1
                     return 0
-                if deadline is not None and time.monotonic() > deadline:
-                    proc.kill()
-                    break
             return proc.wait()
     finally:
+        if watchdog is not None:
+            watchdog.cancel()
         with shielded():
             (stop or partial(stop_flwr_home, flwr_home))(grace)
             if proc is not None and proc.poll() is None:  # reap flwr run (stopped above)
