@@ -14,7 +14,8 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig
 
-from flmnist.config.compose import compose_config, parse_overrides
+from flmnist.config.compose import compose_config, override_key, parse_overrides
+from flmnist.config.resume import BUDGET, extend_in_place, given_beside_resume
 from flmnist.core.build import build
 from flmnist.ml.export import export_model
 from flmnist.ml.threads import confine_torch
@@ -50,7 +51,13 @@ def main(grid: Grid, context: Context) -> None:
     """Entry point for ``flwr run``: compose the config from the run config's overrides and run."""
     confine_torch()  # before anything here starts PyTorch threads
     notes: list[str] = []
-    cfg = compose_config(parse_overrides(str(context.run_config.get("overrides", ""))), notes)
+    overrides = parse_overrides(str(context.run_config.get("overrides", "")))
+    resuming = any(o.lstrip("+").startswith("resume=") for o in overrides)
+    budget = [o for o in overrides if override_key(o) == BUDGET] if resuming else []  # privacy=none lacks the key
+    cfg = compose_config([o for o in overrides if o not in budget], notes)
+    given = given_beside_resume(overrides) if cfg.resume else []  # plain flwr run: extend or refuse, as flmnist does
+    if given and (changed := extend_in_place(given, str(cfg.resume), cfg.output_dir)):
+        log(INFO, "flmnist: extending the run: %s", changed)
     for note in notes:
         log(INFO, "%s", note)
     run(grid, cfg)

@@ -195,3 +195,30 @@ def test_a_finished_run_is_extended_by_the_readmes_command_and_other_overrides_a
     assert summary["status"] == "finished" and summary["rounds_completed"] == 2
     assert [r["round"] for r in json.loads((run_dir / "metrics.json").read_text())] == [0, 1, 2]
     assert sorted(p.name for p in (tmp_path / "outputs").glob("*/*")) == [run_dir.name]  # no new directory
+
+
+def test_plain_flwr_run_extends_a_run_with_resume_and_a_length_and_refuses_a_change(tmp_path, mnist_root):
+    """docs/running.md's plain `flwr run` with resume=DIR num_rounds=N: extended as the flmnist
+    command does (num_rounds was ignored: the resumed run stopped at its old length); a change of
+    the run is refused, its config.yaml untouched."""
+    import os
+
+    env = {**os.environ, "FLMNIST_DATA_DIR": str(mnist_root)}
+    run_dir = tmp_path / "run"
+
+    def direct(*overrides: str, log: str) -> str:
+        run_flwr(REPO, list(overrides), 2, tempfile.mkdtemp(prefix="flmnist-test-home-"), log_path=tmp_path / log,
+                 env=env, timeout=600, backend="inprocess")
+        return (tmp_path / log).read_text()
+
+    direct("model=logreg", "num_rounds=1", f"run_dir={run_dir}", log="first.log")
+    assert json.loads((run_dir / "summary.json").read_text())["rounds_completed"] == 1
+    config = (run_dir / "config.yaml").read_text()
+    refused = direct(f"resume={run_dir}", "strategy=fedprox", log="refused.log")
+    assert "resume: strategy=fedprox would change the run being resumed" in refused
+    assert (run_dir / "config.yaml").read_text() == config
+    extended = direct(f"resume={run_dir}", "num_rounds=2", log="extended.log")
+    assert "flmnist: extending the run: num_rounds=2" in extended, extended[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["rounds_completed"] == 2
+    assert [r["round"] for r in json.loads((run_dir / "metrics.json").read_text())] == [0, 1, 2]

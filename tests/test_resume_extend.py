@@ -1,6 +1,6 @@
 """`flmnist resume=DIR` beside other overrides: a longer run length extends the run; anything
 that would change the run is refused in one line naming it; a finished run given no new length
-says how to extend it (launch/resume.py)."""
+says how to extend it (config/resume.py)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from flmnist.config.compose import compose_config
+from flmnist.config.resume import resumed_config
 from flmnist.core.errors import ConfigError
 from flmnist.core.run_files import CHECKPOINT_INFO
-from flmnist.launch.resume import resumed_config
 
 
 def finished_run(tmp_path, overrides, done=2, status="finished"):
@@ -128,7 +128,7 @@ def test_max_client_updates_extends_only_past_the_client_updates_done(tmp_path):
     """FedBuff (K=10) stopped at 20 server updates, 200 client updates: max_client_updates=150 is
     below what was done (it was compared with the 20 server updates, accepted, and trained
     nothing); 250 extends, and the extension says which setting it changed."""
-    from flmnist.launch.resume import extension
+    from flmnist.config.resume import extension
 
     run, saved = finished_run(tmp_path, ["strategy=fedbuff", "async_loop.max_server_updates=null",
                                          "async_loop.max_client_updates=200"], done=20)

@@ -175,7 +175,7 @@ class Accountant:
 
     def load_state_dict(self, state: dict) -> None:
         # Flower's accountant refuses a state made under another config; the budget is the one
-        # setting a resume may change (a larger one: launch/resume.py), so the checkpoint's is replaced
+        # setting a resume may change (a larger one: config/resume.py), so the checkpoint's is replaced
         rdp = {**state["rdp"], "config": {**state["rdp"]["config"], "max_epsilon": self.settings.max_epsilon}}
         self.rdp.load_state_dict(rdp)
         self.repeated = Counter({int(k): n for k, n in state.get("repeated", {}).items()})

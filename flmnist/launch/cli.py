@@ -43,6 +43,7 @@ from flmnist.config.compose import (
     sweep_jobs,
 )
 from flmnist.config.help import help_text, version_text
+from flmnist.config.resume import BUDGET, extension, finished, given_beside_resume, resumed_config
 from flmnist.config.validate import collapse_args, run_length, validate
 from flmnist.core.errors import ConfigError, FlmnistError, RunFailed
 from flmnist.core.run_files import CHECKPOINT, atomic_write, find_checkpoint, quoted, resume_arg
@@ -50,7 +51,6 @@ from flmnist.launch import warm_link
 from flmnist.launch.backend import check_gpu_share, client_gpus, simulation_backend
 from flmnist.launch.comparison import COLUMNS, degraded_message, write_comparison  # noqa: F401 - re-exported
 from flmnist.launch.flwr_local import run_flwr
-from flmnist.launch.resume import BUDGET, extension, finished, resumed_config
 from flmnist.launch.sweep_link import SweepLink
 from flmnist.ml.mnist_files import ensure_mnist, resolve_root
 from flmnist.observers.recorder import DEGRADED, FINAL_LINE, final_line, summarize_stopped
@@ -188,7 +188,9 @@ def launch(cfg: DictConfig) -> dict:
         run_dir = checkpoint.parent
         saved = saved_config(run_dir)
         run_cfg = _resumed.get(run_dir, saved).copy()  # worked out before Hydra started (hydra_arguments)
-        overrides = [o for o in overrides if not o.startswith("resume=")] + [f"resume={quoted(checkpoint)}"]
+        # config.yaml holds what the resume may change (checked before Hydra started); the ServerApp
+        # gets resume= and where the run runs
+        overrides = [o for o in overrides if o not in given_beside_resume(overrides)] + [f"resume={quoted(checkpoint)}"]
     else:
         run_dir = Path(hc.runtime.output_dir).resolve()
     root = resolve_root(run_cfg.data.root)

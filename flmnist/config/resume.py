@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from flmnist.config.compose import GROUPS, compose_config, conf_dir, override_key
 from flmnist.config.validate import run_length
 from flmnist.core.errors import ConfigError
-from flmnist.core.run_files import CHECKPOINT_INFO, resume_arg
+from flmnist.core.run_files import CHECKPOINT_INFO, atomic_write, find_checkpoint, resume_arg
 from flmnist.observers.stop import StopAtTarget
 
 LENGTH = {"round": ("num_rounds",),
@@ -155,6 +155,25 @@ def resumed_config(overrides: list[str], saved: DictConfig, run_dir: Path) -> Di
         raise ConfigError(f"resume: {run_dir} finished all its {done} {unit}s; to train on, extend it: "
                           f"flmnist {resume_arg(run_dir)} {length_key}={2 * done}")
     return out
+
+
+def given_beside_resume(overrides: list[str]) -> list[str]:
+    """The overrides beside ``resume=`` that :func:`resumed_config` judges (not where the run runs)."""
+    return [o for o in overrides if not override_key(o).startswith(WHERE)]
+
+
+def extend_in_place(overrides: list[str], resume: str, output_dir: str) -> str:
+    """Plain ``flwr run`` with ``resume=DIR`` and other overrides (the ``flmnist`` command checks
+    them before Flower starts and hands the ServerApp only ``resume=`` and where the run runs):
+    :func:`resumed_config` on the run's ``config.yaml``, written back if extended. What changed
+    (:func:`extension`), or ''; ConfigError for an override that would change the run."""
+    run_dir = find_checkpoint(resume, output_dir).parent
+    saved = OmegaConf.load(run_dir / "config.yaml")
+    out = resumed_config(overrides, saved, run_dir)
+    if out == saved:
+        return ""
+    atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(out))
+    return extension(saved, out)
 
 
 def _raise_budget(item: str, saved: DictConfig, out: DictConfig) -> bool:
