@@ -208,6 +208,24 @@ def test_an_executor_gone_before_any_run_stops_the_run_and_one_whose_child_runs_
     assert capsys.readouterr().out == ""
 
 
+def test_an_executor_stopped_with_its_run_is_not_reported_while_the_superlink_takes_seconds_to_stop(
+        programs, link, capsys):
+    """flmnist's stop at a run's end SIGTERMs the executor and its SuperLink; a SuperLink that took
+    more than 3 s to stop had the watch print that the executor exited and stop the run again."""
+    import signal
+
+    home = link.home_for(0, ("inprocess", None))
+    superlink, executor = start(programs, link, "flower-superlink", "flower-superexec")
+    watch = threading.Thread(target=warm_link._watch, args=(superlink, executor, home, Path(home)))
+    watch.start()
+    executor.send_signal(signal.SIGTERM)
+    time.sleep(4)  # the SuperLink stops 4 s later
+    assert watch.is_alive() and superlink.poll() is None
+    superlink.send_signal(signal.SIGTERM)
+    watch.join(timeout=30)
+    assert not watch.is_alive() and capsys.readouterr().out == ""
+
+
 def test_a_warm_start_that_fails_says_so_and_leaves_nothing_running(link, capsys):
     """The SuperLink cannot bind its port (taken): warm_link.start gives up as soon as it exits,
     says so, and stops what it started, so that flwr run starts Flower's own SuperLink."""
