@@ -308,3 +308,50 @@ def test_flmnist_runs_through_the_warm_executor(tmp_path, mnist_root):
     assert len(bundle) == 3 and all(where.startswith(apps) and n == "0" for where, n in bundle), bundle
     assert "Receiving: train message" in r.node_log(NODE)
     assert executor_alive and stopped and leftover == [], leftover
+
+
+def test_a_child_pushing_its_reply_is_given_reply_grace_past_its_timeout_then_killed(monkeypatch):
+    """Cut off mid-upload, a reply is stored without all its objects and Flower 1.41's SuperNode waits
+    for them with no time limit: the task timeout kills a child that is pushing its reply only
+    REPLY_GRACE later; one that has pushed it (or not begun) at the timeout."""
+    import signal
+    import subprocess
+    import sys
+
+    monkeypatch.setattr(warm_executor, "REPLY_GRACE", 2.0)
+    executor = warm_executor.WarmExecutor(warm_executor.Settings("127.0.0.1:9", insecure=True, task_timeout=1))
+    frame = {kind: warm_child._FRAME.pack(kind, 0) for kind in (warm_child.REPLYING, warm_child.REPLIED)}
+    procs = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+             for _ in range(3)]
+    try:
+        started = time.monotonic() - 1.5  # each past the 1 s timeout
+        mid, done, quiet = (warm_child.Child(pid=p.pid, task_id=i, run_id=1, token="t", started=started, pipe=-1)
+                            for i, p in enumerate(procs))
+        mid.received += frame[warm_child.REPLYING]
+        done.received += frame[warm_child.REPLYING] + frame[warm_child.REPLIED]
+        executor.children = {c.pid: c for c in (mid, done, quiet)}
+        executor.enforce_timeout()
+        assert [procs[i].wait(timeout=10) for i in (1, 2)] == [-signal.SIGKILL] * 2
+        assert mid.killed is None and procs[0].poll() is None, "killed while pushing its reply"
+        mid.started -= 2.0  # now past the timeout and the grace
+        executor.enforce_timeout()
+        assert procs[0].wait(timeout=10) == -signal.SIGKILL and "after the task timeout of 1 s" in mid.killed
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def test_a_child_that_dies_while_pushing_its_reply_is_logged_with_what_to_do(monkeypatch, caplog):
+    """No error reply (the SuperNode would not send it behind the cut-off one): the log says the node
+    is held and how to restart its SuperNode."""
+    import signal
+
+    executor = warm_executor.WarmExecutor(warm_executor.Settings("127.0.0.1:9", insecure=True))
+    monkeypatch.setattr(executor, "send_error_reply", lambda *a: pytest.fail("an error reply was sent"))
+    child = warm_child.Child(pid=11, task_id=4, run_id=1, token="t", started=time.monotonic(), pipe=-1)
+    child.received += warm_child._FRAME.pack(warm_child.PULLED, 1) + b"x" + warm_child._FRAME.pack(warm_child.REPLYING, 0)
+    with caplog.at_level("ERROR", logger="flmnist.warm_executor"):
+        executor.finished(child, signal.SIGKILL)  # a wait status: killed by SIGKILL
+    assert "task 4: child 11 killed by SIGKILL" in caplog.text and "while pushing its reply" in caplog.text
+    assert "restart its SuperNode (systemctl restart flmnist-supernode" in caplog.text

@@ -41,6 +41,12 @@ OBJECT_PULL_BACKOFF = {"initial_backoff": 0.05}
 # Child -> executor reports, one frame each: kind (1 byte), payload length (4 bytes), payload.
 PULLED = b"M"  # the message the child pulled (metadata only, protobuf)
 REPLYING = b"R"  # the child is about to push its reply (Flower's own, or Flower's error reply)
+REPLIED = b"D"  # the reply is pushed whole: its message and every object of it
+# Seconds a child in the middle of pushing its reply is given past its deadline (the task timeout,
+# the executor's stop): a reply cut off mid-upload leaves its message stored without all its
+# objects, and Flower 1.41's SuperNode waits for them with no time limit (start_client_internal's
+# _push_messages), so that node gets no further work until it is restarted.
+REPLY_GRACE = 30.0
 _FRAME = struct.Struct("!cI")
 
 LOG = logging.getLogger("flmnist.warm_executor")  # configured by the executor; inherited at the fork
@@ -93,6 +99,12 @@ def frames(data: bytes) -> list[tuple[bytes, bytes]]:
     return found
 
 
+def mid_reply(kinds) -> bool:
+    """Whether a child whose reports hold these ``kinds`` of frame started pushing its reply and
+    has not finished."""
+    return REPLYING in kinds and REPLIED not in kinds
+
+
 def report(fd: int, kind: bytes, payload: bytes = b"") -> None:
     """One frame to the executor; never fails the task (a closed pipe only loses the report)."""
     try:
@@ -128,7 +140,10 @@ def _observe_run_clientapp(fd: int) -> None:
     def replying(client, message, context):
         _PHASES["replying"] = time.monotonic()
         report(fd, REPLYING)
-        return push_message(client, message, context)
+        pushed = push_message(client, message, context)
+        _PHASES["replied"] = time.monotonic()
+        report(fd, REPLIED)
+        return pushed
 
     install_from_fab, get_load_client_app_fn = flower.install_from_fab, flower.get_load_client_app_fn
 
@@ -220,9 +235,13 @@ def _app_origin(task_id: int, before: set[str], forked: float) -> None:
 
 
 def _deadline(seconds: float) -> None:
-    """In a child: SIGKILL itself ``seconds`` from now, even if the executor is gone by then."""
+    """In a child: SIGKILL itself ``seconds`` from now, even if the executor is gone by then (in the
+    middle of pushing its reply: once it is pushed, or ``REPLY_GRACE`` later)."""
     def expire() -> None:
         time.sleep(max(0.0, seconds))
+        grace = time.monotonic() + REPLY_GRACE
+        while "replying" in _PHASES and "replied" not in _PHASES and time.monotonic() < grace:
+            time.sleep(0.05)
         os.kill(os.getpid(), signal.SIGKILL)
 
     threading.Thread(target=expire, daemon=True, name="warm-executor-deadline").start()

@@ -26,9 +26,10 @@ answered by Flower's own code (an error reply); a child that dies after pulling 
 before it starts replying (a signal, a hard exit, killed after ``--task-timeout`` seconds) gets an
 error reply (``CLIENT_APP_CRASHED``) sent by the executor with the task's token (warm_child.py
 reports those moments), so the SuperNode goes on at once instead of after Flower's task expiry
-(up to 60 s; a hung ``flwr-clientapp`` holds its node for good). Anything else (a failed fork, an
-error reply refused) is logged, and Flower's task expiry answers. A child outlives an executor
-that dies (in Docker: with an init process, ``init: true``) and finishes its task.
+(up to 60 s; a hung ``flwr-clientapp`` holds its node for good). One pushing its reply gets up to
+``REPLY_GRACE`` more before a kill (cut off, its reply holds the SuperNode: the log says to restart
+it). Anything else (a failed fork, an error reply refused) is logged, and Flower's task expiry
+answers. A child outlives an executor that dies (in Docker: ``init: true``) and finishes its task.
 
 Flower's internals used here (the Runtime API client and ``run_clientapp``) are those of flwr
 1.41.0; on any other version the executor refuses to start and says to use Flower's own executor.
@@ -56,12 +57,14 @@ from flmnist.flower_patches.pinned import FLWR_VERSION, installed_flower_version
 from flmnist.flower_patches.warm_child import (
     DEFAULT_PRELOAD,
     PULLED,
+    REPLY_GRACE,
     REPLYING,
     Child,
     child_main,
     cuda_initialised,
     describe,
     frames,
+    mid_reply,
     preload,
 )
 
@@ -92,8 +95,7 @@ class WarmExecutor:
         from flwr.supercore.tls import validate_and_resolve_root_certificates
 
         self.settings = settings
-        self.certificates = validate_and_resolve_root_certificates(settings.root_certificates,
-                                                                   settings.insecure)
+        self.certificates = validate_and_resolve_root_certificates(settings.root_certificates, settings.insecure)
         self.children: dict[int, Child] = {}
         self.stopping = False
         self.tasks = 0
@@ -233,6 +235,11 @@ class WarmExecutor:
             simulation.finished(self._runtime_client(token=child.token), child, status, how)
         elif os.waitstatus_to_exitcode(status) == 0 and child.killed is None and REPLYING in kinds:
             LOG.info("task %d: child %d exited with code 0 after %.2f s", child.task_id, child.pid, seconds)
+        elif mid_reply(kinds):
+            LOG.error("task %d: child %d %s while pushing its reply (%.2f s): the reply is cut off, and Flower "
+                      "1.41's SuperNode waits for its missing objects with no time limit, so this node gets no "
+                      "further work: restart its SuperNode (systemctl restart flmnist-supernode, or docker compose "
+                      "restart supernode)", child.task_id, child.pid, how, seconds)
         elif PULLED in kinds and REPLYING not in kinds:
             reason = f"ClientApp process {how}, before replying (flmnist warm executor)"
             sent = self.send_error_reply(child, kinds[PULLED], reason)
@@ -278,7 +285,9 @@ class WarmExecutor:
             return
         now = time.monotonic()
         for child in self.children.values():
-            if child.killed is None and now - child.started > limit:
+            # one pushing its reply gets REPLY_GRACE more: cut off, its reply would hold the SuperNode
+            over = now - child.started - limit - (REPLY_GRACE if mid_reply(dict(frames(child.received))) else 0)
+            if child.killed is None and over > 0:
                 child.killed = f"killed (SIGKILL) after the task timeout of {limit:g} s"
                 LOG.warning("task %d: child %d still running after %g s; killing it", child.task_id,
                             child.pid, limit)
@@ -291,7 +300,12 @@ class WarmExecutor:
                 kill(child.pid, signal.SIGKILL)
 
     def shutdown(self) -> None:
-        """Kill the children still running (each task answered with an error), reap them, close."""
+        """Kill the children still running (each task answered with an error), reap them, close.
+        Those pushing their reply are given until it is pushed (at most ``REPLY_GRACE``)."""
+        grace = time.monotonic() + REPLY_GRACE
+        while any(mid_reply(dict(frames(c.received))) for c in self.children.values()) and time.monotonic() < grace:
+            time.sleep(0.05)
+            self.reap()
         for child in self.children.values():
             child.killed = "killed (SIGKILL): the executor is stopping"
             self._kill(child)
