@@ -113,7 +113,7 @@ def test_async_outputs_speak_of_server_updates_and_devices(tmp_path):
     assert lines[1] == "client updates  9 (applied 8, rejected 1)"
 
 
-def test_tensorboard_and_mlflow_get_the_config_every_rounds_metrics_and_the_model(tmp_path):
+def test_tensorboard_and_mlflow_get_the_config_every_rounds_metrics_and_the_model(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -152,9 +152,15 @@ def test_tensorboard_and_mlflow_get_the_config_every_rounds_metrics_and_the_mode
     # Extended (flmnist resume=RUN_DIR num_rounds=5): the same MLflow run goes on; the changed
     # parameter, which MLflow refuses to overwrite, is a tag; the restored rows' late client
     # metrics reach it too (they were dropped: the recorder had handed no row to this tracker)
+    # From another working directory, with the run's relative output_dir (the default "outputs"):
+    # the store the run's MLflow run is in (RUN_DIR/mlflow_run_id), not a new one there
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
     extended = RunRecorder(run_dir, 5, 0.99, printer=lambda line: None)
     extended.trackers = Trackers([MLflowTracker()])
-    extended.trackers.call("start", run_dir, run_dir.name, {**config, "num_rounds": 5, "client": {"lr": 0.05}})
+    extended.trackers.call("start", run_dir, run_dir.name, {**config, "output_dir": "outputs", "num_rounds": 5,
+                                                             "client": {"lr": 0.05}})
+    assert not list((tmp_path / "elsewhere").rglob("mlflow.db")) and not (run_dir.parent / "mlflow.db").exists()
     extended.restore(recorder.state(3), step=3)
     extended.add(3, client_accuracy=0.7)
     extended.add(4, test_accuracy=0.9, test_loss=0.3)

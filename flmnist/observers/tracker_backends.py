@@ -52,7 +52,16 @@ def mlflow_key(key: str) -> str:
     return re.sub(r"[^\w\-. /]", "_", key, flags=re.ASCII)
 
 
-RUN_ID_FILE = "mlflow_run_id"
+RUN_ID_FILE = "mlflow_run_id"  # the run's MLflow run id, then the tracking URI of its store
+
+
+def saved_run(run_dir: Path) -> tuple[str | None, str | None]:
+    """The MLflow run id and tracking URI in ``RUN_DIR/mlflow_run_id`` (None for what is missing)."""
+    try:
+        lines = [line.strip() for line in (run_dir / RUN_ID_FILE).read_text().splitlines() if line.strip()]
+    except OSError:
+        return None, None
+    return (lines[0] if lines else None), (lines[1] if len(lines) > 1 else None)
 
 
 class MLflowTracker(Tracker):
@@ -78,7 +87,9 @@ class MLflowTracker(Tracker):
 
         out = Path(config.get("output_dir") or "outputs").expanduser().resolve()
         store = out if run_dir.resolve().is_relative_to(out) else run_dir.parent  # (an explicit run_dir)
-        uri = self.tracking_uri or f"sqlite:///{store / 'mlflow.db'}"
+        # a resumed run: the store its MLflow run is in (a relative output_dir resolved from another
+        # working directory named another store, and the run started afresh there)
+        uri = self.tracking_uri or saved_run(run_dir)[1] or f"sqlite:///{store / 'mlflow.db'}"
         self.client = MlflowClient(tracking_uri=uri)
         found = self.client.get_experiment_by_name(self.experiment)
         experiment_id = found.experiment_id if found else self.client.create_experiment(
@@ -87,7 +98,7 @@ class MLflowTracker(Tracker):
         self.run_id = self._continued(run_dir, experiment_id, params)
         if self.run_id is None:
             self.run_id = self.client.create_run(experiment_id, run_name=name).info.run_id
-            (run_dir / RUN_ID_FILE).write_text(self.run_id + "\n")
+            (run_dir / RUN_ID_FILE).write_text(f"{self.run_id}\n{uri}\n")
         keys = list(params)
         for i in range(0, len(keys), 100):  # MLflow takes at most 100 parameters per batch
             self.client.log_batch(self.run_id, params=[Param(k, params[k][:6000]) for k in keys[i:i + 100]])
@@ -99,10 +110,10 @@ class MLflowTracker(Tracker):
         a new run (no id file, or the run is not in this store's experiment)."""
         from mlflow.exceptions import MlflowException
 
+        run_id = saved_run(run_dir)[0]
         try:
-            run_id = (run_dir / RUN_ID_FILE).read_text().strip()
-            run = self.client.get_run(run_id)
-        except (OSError, MlflowException):
+            run = self.client.get_run(run_id or "")
+        except MlflowException:
             return None
         if run.info.experiment_id != experiment_id:
             return None
