@@ -36,6 +36,8 @@ def flmnist(args: list[str], cwd: Path, **env) -> subprocess.CompletedProcess:
     (["strategy=fedavgg"], "flmnist: error: Unknown strategy 'fedavgg'. Valid options for strategy: bulyan, "),
     # a model setting failed only when the ServerApp built the model, with Flower's traceback
     (["model=mlp", "model.hidden=-3"], "flmnist: error: model.hidden must be an integer >= 1, got -3"),
+    # Hydra made the run's directory first and failed with its traceback (exit 1)
+    (["output_dir=/proc/flmnist-runs"], "flmnist: error: output_dir=/proc/flmnist-runs: cannot create the folder"),
     (["data=null"], "flmnist: error: data must be a section of settings (change one with data.KEY=VALUE), got None"),
     # a sweep's jobs are checked as Hydra expands them (choice(...) was refused: "Unknown strategy
     # 'choice(fedavg'"), GPU share included (both jobs failed after Hydra started, exit 1)

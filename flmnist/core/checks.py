@@ -45,3 +45,19 @@ def check_style(style: str) -> str:
     if style not in SEED_STYLES:
         raise ConfigError(f"eval.style must be one of {', '.join(SEED_STYLES)}, got {style!r}")
     return style
+
+
+def check_writable_folder(key: str, value) -> None:
+    """The folder ``value`` exists or can be made, and can be written to; else a ConfigError naming
+    ``key`` (Hydra made the run's directory there first and failed with a traceback)."""
+    import os
+    from pathlib import Path
+
+    path = Path(str(value)).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"{key}={value}: cannot create the folder ({err.strerror or err}); "
+                          f"give {key} a folder you can write to") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}={value}: the folder is not writable; give {key} a folder you can write to")

@@ -45,6 +45,7 @@ from flmnist.config.compose import (
 from flmnist.config.help import help_text, version_text
 from flmnist.config.resume import BUDGET, extension, finished, given_beside_resume, resumed_config
 from flmnist.config.validate import collapse_args, run_length, validate
+from flmnist.core.checks import check_writable_folder
 from flmnist.core.errors import ConfigError, FlmnistError, RunFailed
 from flmnist.core.run_files import CHECKPOINT, atomic_write, find_checkpoint, quoted, resume_arg
 from flmnist.launch import warm_link
@@ -320,6 +321,7 @@ def hydra_arguments(args: list[str]) -> list[str]:
     if not cfg.resume:
         check_gpu_share(cfg, client_gpus(cfg))
         ensure_mnist(resolve_root(cfg.data.root), cfg.data.download)  # (downloads it if allowed)
+        check_writable_folder("output_dir", cfg.output_dir)  # where Hydra makes the run's directory, last: made here
         return args
     checkpoint = find_checkpoint(str(cfg.resume), cfg.output_dir)  # resume=latest says which it picked
     _resumed[checkpoint.parent] = resumed_config(  # refuses what would change the run
