@@ -192,6 +192,18 @@ def test_every_preset_composes_with_every_strategy(experiment):
         assert type(build_strategy(cfg.strategy)) is get_class(cfg.strategy._target_)
 
 
+@pytest.mark.parametrize("experiment", group_options("experiment"))
+def test_every_preset_composes_with_every_split(experiment):
+    """A preset's split swapped for another (experiment=seed002 partition=iid) was refused: the preset
+    set its split's own keys (partition.groups), which the other split does not take."""
+    nodes = compose_config([f"experiment={experiment}"]).num_nodes
+    for option in group_options("partition"):
+        if option == "digit_groups" and nodes != 3:
+            continue  # its three groups need num_nodes=3, and a preset of 100 nodes samples 10 a round
+        cfg = compose_config([f"experiment={experiment}", f"partition={option}"])
+        assert cfg.partition == compose_config([f"partition={option}", "num_nodes=3"]).partition
+
+
 def test_a_shortened_preset_keeps_its_later_evaluation_rounds_for_an_extension_saying_so():
     """`flmnist experiment=seed002 num_rounds=5` just works: rounds 11-40 of eval.rounds and
     eval.update_rounds are not reached, one line each says so, and they stay in the config (its
