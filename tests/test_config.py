@@ -129,6 +129,7 @@ ISSUE_8 = [
     (["model=mlp_seed003", "model.hidden2=2.5"], "model.hidden2 must be an integer >= 1 or null, got 2.5"),
     (["model=mlp_seed003", "model.dropout=1"], r"model.dropout must be a finite number in \[0, 1\), got 1"),
     (["model=lenet", "+model.num_classes=5"], r"model.num_classes must be 10 \(MNIST's ten digits\), got 5"),
+    (["model=lenet", "+model.foo=3"], r"model.foo: LeNet takes no setting 'foo' \(its settings: num_classes\)"),
     (["max_failed_rounds=0"], "max_failed_rounds must be an integer >= 1, got 0"),
     (["round_timeout=nan"], "round_timeout must be a finite number > 0, got nan"),
     (["poll_interval=-1"], "poll_interval must be a finite number > 0 or null"),
@@ -218,3 +219,17 @@ def test_a_shortened_preset_keeps_its_later_evaluation_rounds_for_an_extension_s
     notes.clear()
     compose_config(["experiment=seed002"], notes)
     assert notes == []
+
+
+def test_the_model_arguments_the_config_checks_are_the_models_own():
+    """validate.MODEL_ARGUMENTS (checked without importing PyTorch) against each model's constructor."""
+    import inspect
+
+    from flmnist.config.validate import MODEL_ARGUMENTS
+    from flmnist.ml import models
+
+    for name, takes in MODEL_ARGUMENTS.items():
+        assert tuple(inspect.signature(getattr(models, name)).parameters) == takes, name
+    for option in group_options("model"):
+        target = compose_config([f"model={option}"]).model._target_
+        assert target.rsplit(".", 1)[-1] in MODEL_ARGUMENTS, f"model={option}: {target} is not checked"

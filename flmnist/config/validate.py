@@ -151,12 +151,22 @@ def collapse_args(cfg: DictConfig) -> dict:
     return {"collapse_drop": section.get("drop", DROP), "collapse_patience": section.get("patience", PATIENCE)}
 
 
+# the constructor arguments of flmnist's models (flmnist.ml.models imports PyTorch: not here)
+MODEL_ARGUMENTS = {"LeNet": ("num_classes",), "CNNMcMahan": ("num_classes",), "LogReg": ("num_classes",),
+                   "MLP": ("hidden", "num_classes", "hidden2", "dropout")}
+
+
 def _model(cfg: DictConfig) -> None:
     """flmnist's own models (``conf/model/``): widths, dropout and classes, checked here because the
     model is built (with PyTorch) only when the run starts. A model of one's own checks its arguments then."""
     model = cfg.model
     if not str(model.get("_target_", "")).startswith("flmnist.ml.models."):
         return
+    name = str(model._target_).rsplit(".", 1)[-1]
+    takes = MODEL_ARGUMENTS.get(name)
+    for key in model:
+        if takes is not None and key != "_target_" and key not in takes:
+            raise ConfigError(f"model.{key}: {name} takes no setting {key!r} (its settings: {', '.join(takes)})")
     for key in ("hidden", "hidden2"):
         if key in model:
             _integer(cfg, f"model.{key}", 1, allow_none=key == "hidden2")
