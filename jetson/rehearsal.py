@@ -460,15 +460,16 @@ class Rehearsal:
         return pids
 
     def stop_executors(self) -> list[int]:
-        """SIGTERM each warm executor (it kills and reaps its children, answering their tasks), SIGKILL
-        after 10 s to whatever of it and its children is left."""
+        """SIGTERM each warm executor (it kills and reaps its children, answering their tasks; one
+        pushing its reply gets up to REPLY_GRACE to finish it), SIGKILL 40 s later to whatever of it
+        and its children is left."""
         procs = [proc for proc in self.executors.values() if proc.poll() is None]
         children = {pid: started_at(pid) for pid in descendants({proc.pid for proc in procs})}
         for proc in procs:
             proc.terminate()
         for proc in procs:
             try:
-                proc.wait(timeout=10)
+                proc.wait(timeout=40)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=10)

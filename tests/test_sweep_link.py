@@ -215,10 +215,19 @@ def test_an_executor_stopped_with_its_run_is_not_reported_while_the_superlink_ta
     import signal
 
     home = link.home_for(0, ("inprocess", None))
+    ready = programs / "ready"
+    (programs / "flower-superexec").write_text(  # as the warm executor does: a clean stop on SIGTERM, exit 0
+        f"#!{sys.executable}\nimport pathlib, signal, sys, time\nsignal.signal(signal.SIGTERM, lambda *a: sys.exit(0))\n"
+        f"pathlib.Path({str(ready)!r}).touch()\ntime.sleep(600)\n")
     superlink, executor = start(programs, link, "flower-superlink", "flower-superexec")
     watch = threading.Thread(target=warm_link._watch, args=(superlink, executor, home, Path(home)))
     watch.start()
+    deadline = time.monotonic() + 30
+    while not ready.exists():  # its handler in place
+        assert time.monotonic() < deadline, "the stand-in executor did not start"
+        time.sleep(0.05)
     executor.send_signal(signal.SIGTERM)
+    assert executor.wait(timeout=10) == 0
     time.sleep(4)  # the SuperLink stops 4 s later
     assert watch.is_alive() and superlink.poll() is None
     superlink.send_signal(signal.SIGTERM)

@@ -236,10 +236,10 @@ class WarmExecutor:
         elif os.waitstatus_to_exitcode(status) == 0 and child.killed is None and REPLYING in kinds:
             LOG.info("task %d: child %d exited with code 0 after %.2f s", child.task_id, child.pid, seconds)
         elif mid_reply(kinds):
-            LOG.error("task %d: child %d %s while pushing its reply (%.2f s): the reply is cut off, and Flower "
-                      "1.41's SuperNode waits for its missing objects with no time limit, so this node gets no "
-                      "further work: restart its SuperNode (systemctl restart flmnist-supernode, or docker compose "
-                      "restart supernode)", child.task_id, child.pid, how, seconds)
+            LOG.error("task %d: child %d %s while pushing its reply (%.2f s): if its message was stored without "
+                      "all its objects, Flower 1.41's SuperNode waits for them with no time limit and this node gets "
+                      "no further work; if it gets none, restart its SuperNode (systemctl restart flmnist-supernode, "
+                      "or docker compose restart supernode)", child.task_id, child.pid, how, seconds)
         elif PULLED in kinds and REPLYING not in kinds:
             reason = f"ClientApp process {how}, before replying (flmnist warm executor)"
             sent = self.send_error_reply(child, kinds[PULLED], reason)
@@ -302,7 +302,7 @@ class WarmExecutor:
     def shutdown(self) -> None:
         """Kill the children still running (each task answered with an error), reap them, close.
         Those pushing their reply are given until it is pushed (at most ``REPLY_GRACE``)."""
-        grace = time.monotonic() + REPLY_GRACE
+        grace = time.monotonic() + (REPLY_GRACE if self._unreachable_since is None else 0)  # (no push can end)
         while any(mid_reply(dict(frames(c.received))) for c in self.children.values()) and time.monotonic() < grace:
             time.sleep(0.05)
             self.reap()

@@ -87,12 +87,12 @@ def start(env: dict) -> bool:
 def _watch(superlink: subprocess.Popen, executor: subprocess.Popen, home: str, logs: Path) -> None:
     """If the executor exits while its SuperLink runs on (not stopped with it) and no child of it
     runs a simulation, no run would ever be taken: say so and stop everything under ``home``,
-    which ends the waiting ``flwr run``. An executor ended by SIGTERM was stopped with the run
-    (``flmnist`` stops everything at its end): its SuperLink is given 30 s to stop too, not 3 (a slow
-    SuperLink stop was reported as the executor exiting)."""
+    which ends the waiting ``flwr run``. An executor that exited 0 (it stops so on SIGTERM) or was
+    ended by SIGTERM was stopped with the run (``flmnist`` stops everything at its end): its SuperLink
+    is given 30 s to stop too, not 3 (a slow SuperLink stop was reported as the executor exiting)."""
     code = executor.wait()
     try:
-        superlink.wait(timeout=30 if code == -signal.SIGTERM else 3)
+        superlink.wait(timeout=30 if code in (0, -signal.SIGTERM) else 3)
     except subprocess.TimeoutExpired:
         if any(program_of(pid, [WARM]) for pid in pids_with_flwr_home(home)):
             return  # a simulation child it forked runs on and finishes its run
