@@ -5,6 +5,7 @@ engine. The recorder writes them from rows as both engines record them."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -161,6 +162,13 @@ def test_tensorboard_and_mlflow_get_the_config_every_rounds_metrics_and_the_mode
     extended.trackers.call("start", run_dir, run_dir.name, {**config, "output_dir": "outputs", "num_rounds": 5,
                                                              "client": {"lr": 0.05}})
     assert not list((tmp_path / "elsewhere").rglob("mlflow.db")) and not (run_dir.parent / "mlflow.db").exists()
+    copied = tmp_path / "copy" / "outputs" / run_dir.relative_to(out)  # copied to another machine: its own store
+    shutil.copytree(run_dir, copied)
+    MLflowTracker().start(copied, run_dir.name, {**config, "output_dir": str(tmp_path / "copy" / "outputs")})
+    assert (tmp_path / "copy" / "outputs" / "mlflow.db").is_file()
+    from flmnist.observers.tracker_backends import reachable
+    assert reachable(f"sqlite:///{tmp_path / 'gone' / 'mlflow.db'}") is None  # another machine's store
+    assert reachable(f"sqlite:///{out / 'mlflow.db'}") and reachable("http://mlflow:5000") == "http://mlflow:5000"
     extended.restore(recorder.state(3), step=3)
     extended.add(3, client_accuracy=0.7)
     extended.add(4, test_accuracy=0.9, test_loss=0.3)

@@ -55,6 +55,14 @@ def mlflow_key(key: str) -> str:
 RUN_ID_FILE = "mlflow_run_id"  # the run's MLflow run id, then the tracking URI of its store
 
 
+def reachable(uri: str | None) -> str | None:
+    """``uri``, unless it is a local SQLite store that is not there (a run directory copied from
+    another machine: its store is then the one this machine's output_dir names)."""
+    if uri and uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return None
+    return uri
+
+
 def saved_run(run_dir: Path) -> tuple[str | None, str | None]:
     """The MLflow run id and tracking URI in ``RUN_DIR/mlflow_run_id`` (None for what is missing)."""
     try:
@@ -86,10 +94,12 @@ class MLflowTracker(Tracker):
         from mlflow.tracking import MlflowClient
 
         out = Path(config.get("output_dir") or "outputs").expanduser().resolve()
-        store = out if run_dir.resolve().is_relative_to(out) else run_dir.parent  # (an explicit run_dir)
-        # a resumed run: the store its MLflow run is in (a relative output_dir resolved from another
-        # working directory named another store, and the run started afresh there)
-        uri = self.tracking_uri or saved_run(run_dir)[1] or f"sqlite:///{store / 'mlflow.db'}"
+        under = run_dir.resolve().is_relative_to(out)
+        store = out if under else run_dir.parent  # (an explicit run_dir)
+        # a resumed run outside output_dir (a relative output_dir resolved from another working
+        # directory named another store, and the run started afresh there): the store it was in
+        uri = self.tracking_uri or (None if under else reachable(saved_run(run_dir)[1])) or \
+            f"sqlite:///{store / 'mlflow.db'}"
         self.client = MlflowClient(tracking_uri=uri)
         found = self.client.get_experiment_by_name(self.experiment)
         experiment_id = found.experiment_id if found else self.client.create_experiment(
