@@ -15,8 +15,9 @@ from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig
 
 from flmnist.config.compose import compose_config, override_key, parse_overrides
-from flmnist.config.resume import BUDGET, extend_in_place, given_beside_resume
+from flmnist.config.resume import BUDGET, extend_in_place
 from flmnist.core.build import build
+from flmnist.core.run_files import find_checkpoint
 from flmnist.ml.export import export_model
 from flmnist.ml.threads import confine_torch
 from flmnist.runtime.run_setup import build_run
@@ -55,9 +56,11 @@ def main(grid: Grid, context: Context) -> None:
     resuming = any(o.lstrip("+").startswith("resume=") for o in overrides)
     budget = [o for o in overrides if override_key(o) == BUDGET] if resuming else []  # privacy=none lacks the key
     cfg = compose_config([o for o in overrides if o not in budget], notes)
-    given = given_beside_resume(overrides) if cfg.resume else []  # plain flwr run: extend or refuse, as flmnist does
-    if given and (changed := extend_in_place(given, str(cfg.resume), cfg.output_dir)):
-        log(INFO, "flmnist: extending the run: %s", changed)
+    if cfg.resume:  # plain flwr run: extend or refuse, as the flmnist command does
+        checkpoint = find_checkpoint(str(cfg.resume), cfg.output_dir)
+        cfg.resume = str(checkpoint)  # resume=latest: the one found, once
+        if changed := extend_in_place(overrides, checkpoint):
+            log(INFO, "flmnist: extending the run: %s", changed)
     for note in notes:
         log(INFO, "%s", note)
     run(grid, cfg)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from flmnist.config.compose import sweep_jobs
+from flmnist.config.compose import group_options, sweep_jobs
 from flmnist.core.errors import ConfigError, RunFailed
 from flmnist.launch.cli import finished_line, outcome
 from flmnist.launch.flwr_local import descendants, pids_with_env, started_at
@@ -62,6 +62,10 @@ def test_a_bad_setting_is_one_line_exit_2_and_creates_nothing(tmp_path, args, me
 def test_a_sweep_expands_glob_to_the_group_options_as_hydra_runs_them():
     jobs = sweep_jobs(["experiment=glob(seed00*,exclude=[seed002,seed003])", "seed=1,2"])
     assert jobs == [[f"experiment={e}", f"seed={s}"] for e in ("seed000", "seed001", "seed002_async") for s in (1, 2)]
+    with pytest.raises(ConfigError, match=r"strategy=_sampling: a glob\(...\) matched _sampling, a part the strategy "
+                                          r"options share.*strategy='glob\(\*,exclude=_\*\)'"):
+        sweep_jobs(["strategy=glob(*)"])
+    assert len(sweep_jobs(["strategy=glob(*,exclude=_*)"])) == len(group_options("strategy"))
 
 
 def test_a_mistyped_option_gets_the_closest_one_suggested(tmp_path):

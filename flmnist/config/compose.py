@@ -187,4 +187,9 @@ def sweep_jobs(overrides: list[str]) -> list[list[str]]:
         raise ConfigError(f"bad override in {' '.join(overrides)}: {' '.join(str(err).split())}") from err
     if not jobs:  # glob(...) matching no option: Hydra would run nothing and exit 0
         raise ConfigError(f"the sweep {' '.join(overrides)} has no jobs: a glob(...) matches no option of its group")
+    for item in (o for job in jobs for o in job):  # glob(*) lists conf/strategy/_sampling.yaml too
+        key, value = override_key(item), item.partition("=")[2]
+        if key in GROUPS and value.startswith("_"):
+            raise ConfigError(f"{key}={value}: a glob(...) matched {value}, a part the {key} options share, not "
+                              f"one of them; leave it out with exclude: {key}='glob(*,exclude=_*)'")
     return jobs

@@ -23,7 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 from flmnist.config.compose import GROUPS, compose_config, conf_dir, override_key
 from flmnist.config.validate import run_length
 from flmnist.core.errors import ConfigError
-from flmnist.core.run_files import CHECKPOINT_INFO, atomic_write, find_checkpoint, resume_arg
+from flmnist.core.run_files import CHECKPOINT_INFO, atomic_write, resume_arg
+from flmnist.ml.mnist_files import resolve_root
 from flmnist.observers.stop import StopAtTarget
 
 LENGTH = {"round": ("num_rounds",),
@@ -98,10 +99,7 @@ def resumed_config(overrides: list[str], saved: DictConfig, run_dir: Path) -> Di
     unit, _ = run_length(saved)
     given = [o for o in overrides if not override_key(o).startswith(WHERE)]
     out = saved.copy()
-    if moved := [o for o in overrides if override_key(o) in ("data.root", "data.download")]:
-        where = compose_config(moved)  # the data moved: the run reads it from there now
-        for key in map(override_key, moved):
-            OmegaConf.update(out, key, OmegaConf.select(where, key))
+    _data_moved(out, overrides)
     extended = None
     for item in [o for o in given if override_key(o) == BUDGET]:
         given.remove(item)
@@ -162,18 +160,35 @@ def given_beside_resume(overrides: list[str]) -> list[str]:
     return [o for o in overrides if not override_key(o).startswith(WHERE)]
 
 
-def extend_in_place(overrides: list[str], resume: str, output_dir: str) -> str:
-    """Plain ``flwr run`` with ``resume=DIR`` and other overrides (the ``flmnist`` command checks
-    them before Flower starts and hands the ServerApp only ``resume=`` and where the run runs):
-    :func:`resumed_config` on the run's ``config.yaml``, written back if extended. What changed
-    (:func:`extension`), or ''; ConfigError for an override that would change the run."""
-    run_dir = find_checkpoint(resume, output_dir).parent
+def _data_moved(out: DictConfig, overrides: list[str]) -> None:
+    """``data.root``/``data.download`` given on resume into ``out``: the data moved, and the run
+    reads it from there now."""
+    if moved := [o for o in overrides if override_key(o) in ("data.root", "data.download")]:
+        where = compose_config(moved)
+        for key in map(override_key, moved):
+            OmegaConf.update(out, key, OmegaConf.select(where, key))
+
+
+def extend_in_place(overrides: list[str], checkpoint: Path) -> str:
+    """Plain ``flwr run`` with ``resume=`` and other overrides (the ``flmnist`` command checks them
+    before Flower starts, writes the run's ``config.yaml``, and hands the ServerApp only ``resume=``
+    and where the run runs): :func:`resumed_config` on the run's ``config.yaml`` (with only a new
+    ``data.*``: that), written back if it changed. What changed, or ''; ConfigError for an override
+    that would change the run."""
+    run_dir = checkpoint.parent
     saved = OmegaConf.load(run_dir / "config.yaml")
-    out = resumed_config(overrides, saved, run_dir)
+    if given_beside_resume(overrides):
+        out = resumed_config(overrides, saved, run_dir)
+    else:
+        out = saved.copy()
+        _data_moved(out, overrides)
+        if resolve_root(out.data.root) == resolve_root(saved.data.root):  # the same folder (the command's case)
+            out.data.root = saved.data.root
     if out == saved:
         return ""
     atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(out))
-    return extension(saved, out)
+    return ", ".join(filter(None, [extension(saved, out), *(f"{k}={OmegaConf.select(out, k)}" for k in (
+        "data.root", "data.download") if OmegaConf.select(out, k) != OmegaConf.select(saved, k))]))
 
 
 def _raise_budget(item: str, saved: DictConfig, out: DictConfig) -> bool:

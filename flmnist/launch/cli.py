@@ -191,7 +191,8 @@ def launch(cfg: DictConfig) -> dict:
         run_cfg = _resumed.get(run_dir, saved).copy()  # worked out before Hydra started (hydra_arguments)
         # config.yaml holds what the resume may change (checked before Hydra started); the ServerApp
         # gets resume= and where the run runs
-        overrides = [o for o in overrides if o not in given_beside_resume(overrides)] + [f"resume={quoted(checkpoint)}"]
+        kept = [o for o in overrides if o not in given_beside_resume(overrides) and override_key(o) != "resume"]
+        overrides = [*kept, f"resume={quoted(checkpoint)}"]
     else:
         run_dir = Path(hc.runtime.output_dir).resolve()
     root = resolve_root(run_cfg.data.root)
