@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from flmnist.config.compose import compose_config
 from flmnist.config.resume import extend_in_place, resumed_config
-from flmnist.core.errors import ConfigError
+from flmnist.core.errors import ConfigError, DataError
 from flmnist.core.run_files import CHECKPOINT_INFO
 
 
@@ -163,16 +163,22 @@ def test_resuming_from_moved_data_reads_it_there(tmp_path):
     assert (out.num_rounds, out.data.root, out.data.download) == (4, "/new/mnist", False)
 
 
-def test_plain_flwr_run_writes_a_moved_data_root_alone_and_leaves_the_same_folder_alone(tmp_path, monkeypatch):
+def test_plain_flwr_run_writes_a_moved_data_root_alone_and_leaves_the_same_folder_alone(tmp_path, monkeypatch,
+                                                                                          mnist_root):
     """The ServerApp's extend_in_place: resume=DIR data.root=/new (plain flwr run) goes into config.yaml
-    (it was ignored); the flmnist command's resolved data.root, the same folder, changes nothing."""
-    run, _ = finished_run(tmp_path, ["model=logreg", "num_rounds=2", "data.root=null"], status="failed")
+    (it was ignored), once MNIST is found there; the same folder written otherwise changes nothing."""
+    run, _ = finished_run(tmp_path, ["model=logreg", "num_rounds=2", "data.root=null", "data.download=false"],
+                          status="failed")
     before = (run / "config.yaml").read_text()
     monkeypatch.setenv("FLMNIST_DATA_DIR", str(tmp_path / "mnist"))
     assert extend_in_place([f"resume={run}", f"data.root={tmp_path / 'mnist'}"], run / "checkpoint.pt") == ""
     assert (run / "config.yaml").read_text() == before
-    assert extend_in_place(["data.root=/new/mnist"], run / "checkpoint.pt") == "data.root=/new/mnist"
-    assert OmegaConf.load(run / "config.yaml").data.root == "/new/mnist"
+    # a length where MNIST is missing: refused before config.yaml changes (a retry would extend silently)
+    with pytest.raises(DataError, match="MNIST not found"):
+        extend_in_place(["num_rounds=3"], run / "checkpoint.pt")
+    assert (run / "config.yaml").read_text() == before
+    assert extend_in_place([f"data.root={mnist_root}"], run / "checkpoint.pt") == f"data.root={mnist_root}"
+    assert OmegaConf.load(run / "config.yaml").data.root == str(mnist_root)
     assert extend_in_place(["num_rounds=3"], run / "checkpoint.pt") == "num_rounds=3"
 
 

@@ -24,7 +24,7 @@ from flmnist.config.compose import GROUPS, compose_config, conf_dir, override_ke
 from flmnist.config.validate import run_length
 from flmnist.core.errors import ConfigError
 from flmnist.core.run_files import CHECKPOINT_INFO, atomic_write, resume_arg
-from flmnist.ml.mnist_files import resolve_root
+from flmnist.ml.mnist_files import ensure_mnist, resolve_root
 from flmnist.observers.stop import StopAtTarget
 
 LENGTH = {"round": ("num_rounds",),
@@ -186,6 +186,7 @@ def extend_in_place(overrides: list[str], checkpoint: Path) -> str:
             out.data.root = saved.data.root
     if out == saved:
         return ""
+    ensure_mnist(resolve_root(out.data.root), out.data.download)  # before config.yaml changes: a failed check keeps it
     atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(out))
     return ", ".join(filter(None, [extension(saved, out), *(f"{k}={OmegaConf.select(out, k)}" for k in (
         "data.root", "data.download") if OmegaConf.select(out, k) != OmegaConf.select(saved, k))]))

@@ -31,8 +31,7 @@ reports those moments), so the SuperNode goes on at once instead of after Flower
 it). Anything else (a failed fork, an error reply refused) is logged, and Flower's task expiry
 answers. A child outlives an executor that dies (in Docker: ``init: true``) and finishes its task.
 
-Flower's internals used here (the Runtime API client and ``run_clientapp``) are those of flwr
-1.41.0; on any other version the executor refuses to start and says to use Flower's own executor.
+Flower's internals used here (Runtime API client, ``run_clientapp``) are flwr 1.41.0's; on another version it refuses to start.
 
     flower-supernode ... --isolation process --port 9094 &
     flmnist-warm-executor --runtime-api-address 127.0.0.1:9094 --insecure   # no dependency installs
@@ -301,8 +300,9 @@ class WarmExecutor:
 
     def shutdown(self) -> None:
         """Kill the children still running (each task answered with an error), reap them, close.
-        Those pushing their reply are given until it is pushed (at most ``REPLY_GRACE``)."""
-        grace = time.monotonic() + (REPLY_GRACE if self._unreachable_since is None else 0)  # (no push can end)
+        Those pushing their reply get until it is pushed (at most ``REPLY_GRACE``; none once the API is gone 5 s)."""
+        gone = self._unreachable_since is not None and time.monotonic() - self._unreachable_since > 5
+        grace = time.monotonic() + (0 if gone else REPLY_GRACE)
         while any(mid_reply(dict(frames(c.received))) for c in self.children.values()) and time.monotonic() < grace:
             time.sleep(0.05)
             self.reap()

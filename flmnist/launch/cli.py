@@ -189,9 +189,10 @@ def launch(cfg: DictConfig) -> dict:
         run_dir = checkpoint.parent
         saved = saved_config(run_dir)
         run_cfg = _resumed.get(run_dir, saved).copy()  # worked out before Hydra started (hydra_arguments)
-        # config.yaml holds what the resume may change (checked before Hydra started); the ServerApp
-        # gets resume= and where the run runs
-        kept = [o for o in overrides if o not in given_beside_resume(overrides) and override_key(o) != "resume"]
+        # config.yaml holds what the resume may change (checked before Hydra started), data.* too: the
+        # ServerApp gets resume=, where the run runs and (below) the resolved data.root
+        kept = [o for o in overrides if o not in given_beside_resume(overrides)
+                and override_key(o) not in ("resume", "data.root", "data.download")]
         overrides = [*kept, f"resume={quoted(checkpoint)}"]
     else:
         run_dir = Path(hc.runtime.output_dir).resolve()
