@@ -8,6 +8,8 @@ import time
 import tomllib
 from pathlib import Path
 
+import pytest
+
 from flmnist.launch.flwr_local import flwr_env, readable, run_flwr, stage_app, write_flower_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,6 +65,7 @@ def main(grid, context):
 """
 
 
+@pytest.mark.slow  # starts Flower
 def test_a_run_that_hangs_without_a_line_of_output_is_stopped_at_its_timeout(tmp_path):
     """The timeout was checked only when a line of output arrived: a silent hang ran forever."""
     app = tmp_path / "silent"
