@@ -145,6 +145,10 @@ def _load_export_partition():
     return module
 
 
+class SuperLinkExited(RuntimeError):
+    """The SuperLink process ended while the rehearsal waited for it to answer."""
+
+
 def _free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -290,17 +294,38 @@ class Rehearsal:
     def start_superlink(self) -> None:
         log = self.work / "logs" / "superlink.log"
         log.parent.mkdir(exist_ok=True)
-        self.start([JETSON / "server" / "start_superlink.sh", "--host", "127.0.0.1", "--port", self.port,
-                    "--certs", self.certs, "--database", self.work / "superlink-state" / "state.db",
-                    "--app-store", f"127.0.0.1:{self.store_port}"],
-                   self.link_home, log)
-        (self.cli_home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{CONNECTION}"\n\n' + self.connection(CONNECTION, self.address))
-        self.wait_superlink()
 
-    def wait_superlink(self, timeout: float = 60) -> None:
-        self.wait("the SuperLink", lambda: self.sh(BIN / "flwr", "supernode", "list", self.cli_connection,
-                                                   check=False).returncode == 0, timeout)
+        def launch() -> subprocess.Popen:
+            proc = self.start([JETSON / "server" / "start_superlink.sh", "--host", "127.0.0.1", "--port", self.port,
+                               "--certs", self.certs, "--database", self.work / "superlink-state" / "state.db",
+                               "--app-store", f"127.0.0.1:{self.store_port}"], self.link_home, log)
+            (self.cli_home / "config.toml").write_text(
+                f'[superlink]\ndefault = "{CONNECTION}"\n\n' + self.connection(CONNECTION, self.address))
+            return proc
+        self.bind_superlink(launch, log)
+
+    def bind_superlink(self, launch, log: Path, tries: int = 3) -> None:
+        """``launch()`` the SuperLink and wait until it answers; one that exits because its port was
+        taken (by another process between ``free_port`` and the bind: tests run side by side) is
+        started again on another free port."""
+        for attempt in range(1, tries + 1):
+            proc = launch()
+            try:
+                return self.wait_superlink(proc=proc)
+            except SuperLinkExited:
+                if attempt == tries or "address already in use" not in log.read_text(errors="replace")[-2000:]:
+                    raise
+                old, self.port = self.address, free_port()
+                self.address = f"127.0.0.1:{self.port}"
+                self.fleet_address = self.address if self.fleet_address == old else self.fleet_address
+                print(f"the SuperLink's port {old} was taken; starting it on {self.address}", flush=True)
+
+    def wait_superlink(self, timeout: float = 60, proc: subprocess.Popen | None = None) -> None:
+        def answers() -> bool:
+            if proc is not None and proc.poll() is not None:
+                raise SuperLinkExited(f"the SuperLink exited with code {proc.returncode}")
+            return self.sh(BIN / "flwr", "supernode", "list", self.cli_connection, check=False).returncode == 0
+        self.wait("the SuperLink", answers, timeout)
 
     def wait_port(self, what: str, address: str, timeout: float = 30) -> None:
         host, port = address.rsplit(":", 1)
@@ -985,13 +1010,15 @@ class TryIt(Rehearsal):
     def start_superlink(self) -> None:
         # The one change from the guide's command: 127.0.0.1 and a free port, not 0.0.0.0:8000, so
         # that the rehearsal opens nothing to the LAN and cannot clash with anything on this host.
-        self.start(_argv(TRY_SUPERLINK, host="127.0.0.1", port=self.port), self.link_home,
-                   self.work / "logs" / "superlink.log")
+        log = self.work / "logs" / "superlink.log"
         self.sh(BIN / "flwr", "config", "list")  # creates FLWR_HOME/config.toml, as in the guide
-        with open(self.cli_home / "config.toml", "a") as config:
-            config.write("\n" + TRY_CONFIG.format(address=self.address))
-        self.wait_port("the SuperLink", self.address, 60)  # then the CLI, through the `try` connection
-        self.wait_superlink()
+        config = (self.cli_home / "config.toml").read_text()
+
+        def launch() -> subprocess.Popen:
+            proc = self.start(_argv(TRY_SUPERLINK, host="127.0.0.1", port=self.port), self.link_home, log)
+            (self.cli_home / "config.toml").write_text(config + "\n" + TRY_CONFIG.format(address=self.address))
+            return proc
+        self.bind_superlink(launch, log)  # the CLI, through the `try` connection
 
     def supernode_command(self, name: str, port: int, **_) -> list:
         # The guide's command for a board, pointed at the loopback SuperLink; each SuperNode also
