@@ -14,8 +14,8 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig
 
-from flmnist.config.compose import compose_config, override_key, parse_overrides
-from flmnist.config.resume import BUDGET, extend_in_place
+from flmnist.config.compose import compose_config, parse_overrides
+from flmnist.config.resume import extend_in_place, split_budget
 from flmnist.core.build import build
 from flmnist.core.run_files import find_checkpoint
 from flmnist.ml.export import export_model
@@ -53,9 +53,7 @@ def main(grid: Grid, context: Context) -> None:
     confine_torch()  # before anything here starts PyTorch threads
     notes: list[str] = []
     overrides = parse_overrides(str(context.run_config.get("overrides", "")))
-    resuming = any(o.lstrip("+").startswith("resume=") for o in overrides)
-    budget = [o for o in overrides if override_key(o) == BUDGET] if resuming else []  # privacy=none lacks the key
-    cfg = compose_config([o for o in overrides if o not in budget], notes)
+    cfg = compose_config(split_budget(overrides)[0], notes)
     if cfg.resume:  # plain flwr run: extend or refuse, as the flmnist command does
         checkpoint = find_checkpoint(str(cfg.resume), cfg.output_dir)
         cfg.resume = str(checkpoint)  # resume=latest: the one found, once

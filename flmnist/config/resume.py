@@ -97,7 +97,7 @@ def resumed_config(overrides: list[str], saved: DictConfig, run_dir: Path) -> Di
     longer length given in ``overrides``; ConfigError for an override that would change the run,
     for a length that would not extend it, and for a finished run given no new length."""
     unit, _ = run_length(saved)
-    given = [o for o in overrides if not override_key(o).startswith(WHERE)]
+    given = given_beside_resume(overrides)
     out = saved.copy()
     _data_moved(out, overrides)
     extended = None
@@ -158,6 +158,15 @@ def resumed_config(overrides: list[str], saved: DictConfig, run_dir: Path) -> Di
 def given_beside_resume(overrides: list[str]) -> list[str]:
     """The overrides beside ``resume=`` that :func:`resumed_config` judges (not where the run runs)."""
     return [o for o in overrides if not override_key(o).startswith(WHERE)]
+
+
+def split_budget(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """On resume, ``privacy.max_epsilon=X`` apart from the rest: the default ``privacy=none`` that the
+    overrides are composed with has no such key; :func:`resumed_config` takes it. (The overrides, the budget.)"""
+    if not any(override_key(o) == "resume" for o in overrides):
+        return overrides, []
+    budget = [o for o in overrides if override_key(o) == BUDGET]
+    return [o for o in overrides if o not in budget], budget
 
 
 def _data_moved(out: DictConfig, overrides: list[str]) -> None:

@@ -43,7 +43,13 @@ from flmnist.config.compose import (
     sweep_jobs,
 )
 from flmnist.config.help import help_text, version_text
-from flmnist.config.resume import BUDGET, extension, finished, given_beside_resume, resumed_config
+from flmnist.config.resume import (
+    extension,
+    finished,
+    given_beside_resume,
+    resumed_config,
+    split_budget,
+)
 from flmnist.config.validate import collapse_args, run_length, validate
 from flmnist.core.checks import check_writable_folder
 from flmnist.core.errors import ConfigError, FlmnistError, RunFailed
@@ -316,8 +322,7 @@ def hydra_arguments(args: list[str]) -> list[str]:
         return args
     check_group_overrides(overrides)
     # resume=DIR privacy.max_epsilon=X: a key the default privacy=none lacks; for resumed_config only
-    budget = [o for o in overrides if override_key(o) == BUDGET] if any(o.lstrip("+").startswith("resume=") for o in overrides) else []
-    overrides = [o for o in overrides if o not in budget]
+    overrides, budget = split_budget(overrides)
     args = [a for a in args if a not in budget]
     cfg = compose_config(overrides)  # its notes (rounds past the end) are the ServerApp's to log, once
     if not cfg.resume:

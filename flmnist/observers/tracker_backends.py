@@ -98,14 +98,14 @@ class MLflowTracker(Tracker):
         store = out if under else run_dir.parent  # (an explicit run_dir)
         # a resumed run outside output_dir (a relative output_dir resolved from another working
         # directory named another store, and the run started afresh there): the store it was in
-        uri = self.tracking_uri or (None if under else reachable(saved_run(run_dir)[1])) or \
-            f"sqlite:///{store / 'mlflow.db'}"
+        saved_id, saved_uri = saved_run(run_dir)
+        uri = self.tracking_uri or (None if under else reachable(saved_uri)) or f"sqlite:///{store / 'mlflow.db'}"
         self.client = MlflowClient(tracking_uri=uri)
         found = self.client.get_experiment_by_name(self.experiment)
         experiment_id = found.experiment_id if found else self.client.create_experiment(
             self.experiment, artifact_location=(store / "mlartifacts").as_uri() if not self.tracking_uri else None)
         params = flat(config)
-        self.run_id = self._continued(run_dir, experiment_id, params)
+        self.run_id = self._continued(saved_id, experiment_id, params)
         if self.run_id is None:
             self.run_id = self.client.create_run(experiment_id, run_name=name).info.run_id
             (run_dir / RUN_ID_FILE).write_text(f"{self.run_id}\n{uri}\n")
@@ -113,14 +113,13 @@ class MLflowTracker(Tracker):
         for i in range(0, len(keys), 100):  # MLflow takes at most 100 parameters per batch
             self.client.log_batch(self.run_id, params=[Param(k, params[k][:6000]) for k in keys[i:i + 100]])
 
-    def _continued(self, run_dir: Path, experiment_id: str, params: dict[str, str]) -> str | None:
+    def _continued(self, run_id: str | None, experiment_id: str, params: dict[str, str]) -> str | None:
         """A resumed or extended run's MLflow run (its id in ``RUN_DIR/mlflow_run_id``), back to
         RUNNING; ``params`` is left with the keys it does not have yet (MLflow refuses a changed
         parameter: those, such as an extension's ``num_rounds``, become ``resumed.*`` tags). None:
         a new run (no id file, or the run is not in this store's experiment)."""
         from mlflow.exceptions import MlflowException
 
-        run_id = saved_run(run_dir)[0]
         try:
             run = self.client.get_run(run_id or "")
         except MlflowException:
