@@ -18,8 +18,8 @@ import pytest
 
 from flmnist.config.compose import group_options, sweep_jobs
 from flmnist.core.errors import ConfigError, RunFailed
-from flmnist.launch.cli import finished_line, outcome
 from flmnist.launch.flwr_local import descendants, pids_with_env, started_at
+from flmnist.launch.outcome import finished_line, outcome
 from flmnist.launch.sweep_link import parent_of, role_of
 
 FLMNIST = str(Path(sys.executable).parent / "flmnist")
@@ -38,6 +38,10 @@ def flmnist(args: list[str], cwd: Path, **env) -> subprocess.CompletedProcess:
     (["model=mlp", "model.hidden=-3"], "flmnist: error: model.hidden must be an integer >= 1, got -3"),
     # Hydra made the run's directory first and failed with its traceback (exit 1)
     (["output_dir=/proc/flmnist-runs"], "flmnist: error: output_dir=/proc/flmnist-runs: cannot create the folder"),
+    # Hydra made hydra.run.dir (a sweep: hydra.sweep.dir, by default multirun/ here) first and failed with
+    # its traceback
+    (["hydra.run.dir=/proc/flmnist-run/${now:%H}"], "flmnist: error: hydra.run.dir=/proc/flmnist-run: cannot create"),
+    (["-m", "seed=1,2", "hydra.sweep.dir=/proc/flmnist-sweep"], "flmnist: error: hydra.sweep.dir=/proc/flmnist-sweep: "),
     (["data=null"], "flmnist: error: data must be a section of settings (change one with data.KEY=VALUE), got None"),
     # a sweep's jobs are checked as Hydra expands them (choice(...) was refused: "Unknown strategy
     # 'choice(fedavg'"), GPU share included (both jobs failed after Hydra started, exit 1)
@@ -57,6 +61,14 @@ def test_a_bad_setting_is_one_line_exit_2_and_creates_nothing(tmp_path, args, me
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr
     assert proc.stderr.startswith(message), proc.stderr
     assert list(tmp_path.iterdir()) == [], "a rejected command must create no run directory"
+
+
+def test_a_file_where_a_sweep_makes_its_folder_is_named(tmp_path):
+    (tmp_path / "multirun").write_text("")  # Hydra's default hydra.sweep.dir is multirun/DATE/...
+    proc = flmnist(["-m", "seed=1,2", "num_rounds=1"], tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("flmnist: error: hydra.sweep.dir=multirun: cannot create the folder (a file is "
+                                   "in its path); give hydra.sweep.dir a folder you can write to")
 
 
 def test_a_sweep_expands_glob_to_the_group_options_as_hydra_runs_them():

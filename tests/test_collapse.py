@@ -13,7 +13,8 @@ import torch
 from flmnist.config.compose import compose_config
 from flmnist.config.validate import collapse_args
 from flmnist.core.errors import ConfigError
-from flmnist.launch.cli import EXIT_DEGRADED, finished_line, write_comparison
+from flmnist.launch.cli import EXIT_DEGRADED, write_comparison
+from flmnist.launch.outcome import finished_line
 from flmnist.ml.models import LogReg
 from flmnist.observers.attribution import Attribution
 from flmnist.observers.collapse import describe, find_collapse

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from flmnist.config.validate import rounds_past_the_end, validate
 from flmnist.core.build import one_line
+from flmnist.core.checks import check_writable_folder
 from flmnist.core.errors import ConfigError
 
 GROUPS = ("model", "partition", "strategy", "client", "eval", "fleet", "logger", "simulation", "privacy",
@@ -169,6 +170,21 @@ def compose_config(overrides: list[str] | None = None, notes: list[str] | None =
         raise ConfigError(f"cannot resolve the config: {one_line(err)}") from err
     validate(cfg)
     return cfg
+
+
+def check_hydra_folder(overrides: list[str], multirun: bool) -> str | None:
+    """The folder Hydra makes before a job starts (``hydra.run.dir``; a sweep's ``hydra.sweep.dir``)
+    can be made and written to, as far as it is known before Hydra resolves it: up to its first
+    interpolation. The folder checked; None for one that starts with an interpolation (the default
+    ``${output_dir}/...``: output_dir's own check). Hydra failed there with a traceback."""
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    given = [item.partition("=")[2].strip().strip("'\"") for item in overrides if override_key(item) == key]
+    default = OmegaConf.to_container(OmegaConf.load(conf_dir() / "config.yaml").hydra, resolve=False)
+    value = given[-1] if given else default["sweep" if multirun else "run"]["dir"]
+    head, interpolated, _ = value.partition("${")
+    if folder := head.rpartition("/")[0] if interpolated else head:
+        check_writable_folder(key, folder)
+    return folder or None
 
 
 def sweep_jobs(overrides: list[str]) -> list[list[str]]:

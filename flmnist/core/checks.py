@@ -57,7 +57,8 @@ def check_writable_folder(key: str, value) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise ConfigError(f"{key}={value}: cannot create the folder ({err.strerror or err}); "
+        why = "a file is in its path" if isinstance(err, (FileExistsError, NotADirectoryError)) else err.strerror or err
+        raise ConfigError(f"{key}={value}: cannot create the folder ({why}); "
                           f"give {key} a folder you can write to") from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise ConfigError(f"{key}={value}: the folder is not writable; give {key} a folder you can write to")

@@ -20,7 +20,6 @@ SIGHUP stops every process the command started and exits with 128 + the signal n
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -37,6 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from flmnist.config.compose import (
     check_group_overrides,
+    check_hydra_folder,
     compose_config,
     conf_dir,
     override_key,
@@ -58,9 +58,10 @@ from flmnist.launch import warm_link
 from flmnist.launch.backend import check_gpu_share, client_gpus, simulation_backend
 from flmnist.launch.comparison import COLUMNS, degraded_message, write_comparison  # noqa: F401 - re-exported
 from flmnist.launch.flwr_local import run_flwr
+from flmnist.launch.outcome import finished_line, outcome, signature, wrote_summary
 from flmnist.launch.sweep_link import SweepLink
 from flmnist.ml.mnist_files import ensure_mnist, resolve_root
-from flmnist.observers.recorder import DEGRADED, FINAL_LINE, final_line, summarize_stopped
+from flmnist.observers.recorder import final_line, summarize_stopped
 
 APP_DIR = Path(__file__).resolve().parents[2]
 INTERRUPTED = "interrupted; every process this run started has been stopped"  # Ctrl-C
@@ -109,72 +110,6 @@ def saved_config(run_dir: Path) -> DictConfig:
     return saved
 
 
-def _signature(path: Path) -> tuple[int, int] | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return st.st_ino, st.st_mtime_ns
-
-
-def wrote_summary(run_dir: Path, before: tuple[int, int] | None) -> bool:
-    """Whether the run wrote a summary since the launch (``before``: the summary file's identity
-    then; a resumed run may hold an old one)."""
-    return _signature(run_dir / "summary.json") not in (None, before)
-
-
-def config_error_in(log: Path, start: int = 0) -> str | None:
-    """The last ConfigError the ServerApp raised, as its log shows it from byte ``start`` on, or None."""
-    try:
-        with open(log, "rb") as f:
-            f.seek(start)
-            lines = f.read().decode(errors="replace").splitlines()
-    except OSError:
-        return None
-    marker = "flmnist.core.errors.ConfigError: "
-    found = [line.split(marker, 1)[1].strip() for line in lines if marker in line]
-    return found[-1] if found else None
-
-
-def outcome(run_dir: Path, before: tuple[int, int] | None, code: int, log_from: int = 0) -> dict:
-    """The run's summary if it finished; else RunFailed saying why and where the log is.
-
-    ``before``, ``log_from``: the summary's identity and the log's size before the launch (a
-    resumed run may hold an old summary, and appends to its earlier attempts' log)."""
-    log = run_dir / "flwr_run.log"
-    path = run_dir / "summary.json"
-    if not wrote_summary(run_dir, before):
-        refused = config_error_in(log, log_from)
-        if refused:  # a setting the server found wrong before training (it needs the data or the fleet)
-            raise ConfigError(refused)
-        raise RunFailed(f"the run wrote no summary (flwr run exited with {code}); see {log}")
-    try:
-        summary = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise RunFailed(f"the run's summary {path} is unreadable ({err}); see {log}") from err
-    status = summary.get("status") if isinstance(summary, dict) else None
-    if status != "finished":
-        error = summary.get("error") if isinstance(summary, dict) else None
-        raise RunFailed(f"the run did not finish (status {status!r}{f': {error}' if error else ''}); see {log}")
-    if code != 0:
-        raise RunFailed(f"flwr run exited with {code} although the summary says finished; see {log}")
-    return summary
-
-
-def finished_line(run_dir: Path, before: tuple | None):
-    """A test of each output line: True at the run's last line once it wrote a new summary saying
-    it finished (the recorder writes ``summary.json`` last, then prints that line: ``Run
-    finished:``, or ``Run finished degraded:``)."""
-    last_lines = (FINAL_LINE.format(status="finished"), FINAL_LINE.format(status=DEGRADED))
-
-    def test(line: str) -> bool:
-        test.seen = test.seen or (any(last in line for last in last_lines) and wrote_summary(run_dir, before))
-        return test.seen
-
-    test.seen = False
-    return test
-
-
 BACKEND_NOTES = {
     "inprocess": "inprocess (one ClientApp at a time, in Flower's simulation process; simulation.backend=ray for "
                  "Ray workers)",
@@ -212,7 +147,7 @@ def launch(cfg: DictConfig) -> dict:
     overrides = absolute_overrides(overrides, run_dir)
     if not any(o.startswith("data.root=") for o in overrides):
         overrides.append(f"data.root={quoted(root)}")
-    before = _signature(run_dir / "summary.json")
+    before = signature(run_dir / "summary.json")
     log_from = (run_dir / "flwr_run.log").stat().st_size if cfg.resume and (run_dir / "flwr_run.log").is_file() else 0
     sim, backend = cfg.simulation, simulation_backend(cfg, gpus)
     sweep = hc.mode == RunMode.MULTIRUN  # the jobs share one local SuperLink, stopped at the sweep's end
@@ -319,6 +254,7 @@ def hydra_arguments(args: list[str]) -> list[str]:
                 raise ConfigError("resume continues one run: drop -m/--multirun")
             check_gpu_share(cfg, client_gpus(cfg))
             ensure_mnist(resolve_root(cfg.data.root), cfg.data.download)
+        check_hydra_folder(overrides, multirun=True)  # where Hydra makes the sweep's directory, last: made here
         return args
     check_group_overrides(overrides)
     # resume=DIR privacy.max_epsilon=X: a key the default privacy=none lacks; for resumed_config only
@@ -328,7 +264,8 @@ def hydra_arguments(args: list[str]) -> list[str]:
     if not cfg.resume:
         check_gpu_share(cfg, client_gpus(cfg))
         ensure_mnist(resolve_root(cfg.data.root), cfg.data.download)  # (downloads it if allowed)
-        check_writable_folder("output_dir", cfg.output_dir)  # where Hydra makes the run's directory, last: made here
+        if check_hydra_folder(overrides, multirun=False) is None:  # where Hydra makes the run's directory, last:
+            check_writable_folder("output_dir", cfg.output_dir)  # made here (by default under output_dir)
         return args
     checkpoint = find_checkpoint(str(cfg.resume), cfg.output_dir)  # resume=latest says which it picked
     _resumed[checkpoint.parent] = resumed_config(  # refuses what would change the run
