@@ -112,10 +112,6 @@ class AsyncLoop:
     def staleness(self) -> list[int]:
         return self.stats.staleness
 
-    @property
-    def vnow(self) -> float:
-        return self.clock.now
-
     # -------------------------------------------------------------- dispatch
     def dispatch(self, node: Node, arrays: ArrayRecord, weights: dict) -> Job:
         node.updates += 1
@@ -304,7 +300,16 @@ class AsyncLoop:
         return self.stats.as_dict(self.version, self.clock.now if simulated else None, self.clock.bookkeeping,
                                   devices)
 
-    def finish_stats(self) -> None:
+    def wind_down(self, last_eval: int) -> None:
+        """After the last step: the final model evaluated (and checkpointed) unless it was, and the
+        loop's figures, with the tasks still unanswered and the updates still buffered."""
+        if last_eval != self.version:
+            self.record(self.arrays, self.weights, evaluate=True, again=True)
+        elif (self.version > 0 and self.saved != self.stats.client_updates
+              and self.path.checkpoint_due(self.version, last=True)):
+            self.path.save_checkpoint(self.kind, self.version, self.weights, self.state_dict())
+        self.stats.unanswered = Counter(self.transport.nodes[job.node_id].info.name for job in self.transport.jobs())
+        self.stats.buffered = Counter(self.pending.names())
         stats = self.stats_dict()
         self.path.report("async", stats)
         log(INFO, "Asynchronous loop finished:")
@@ -383,12 +388,7 @@ class AsyncLoop:
             self.liveness.check_progress()
             self.requeue(job, reply)
             self.refill()
-        if last_eval != self.version:
-            self.record(self.arrays, self.weights, evaluate=True, again=True)
-        elif self.version > 0 and self.saved != self.stats.client_updates and self.path.checkpoint_due(self.version, last=True):
-            self.path.save_checkpoint(self.kind, self.version, self.weights, self.state_dict())
-        self.stats.unanswered, self.stats.buffered = Counter(self.transport.nodes[job.node_id].info.name for job in self.transport.jobs()), Counter(self.pending.names())
-        self.finish_stats()
+        self.wind_down(last_eval)
         self.liveness.check_some_advanced(self.version, self.stats.client_updates)
         return self.arrays
 
