@@ -193,6 +193,24 @@ def test_rejections_are_never_counted_against_a_node_the_reply_only_names(tmp_pa
     assert registered.name_of(11, "anything") == "jetson-orin"
 
 
+def test_a_node_cannot_pin_its_malformed_replies_on_a_board_that_binds_later(task_identity):
+    """Node id 99 sends malformed replies naming node 1, which replies in the same round, then
+    node 2, which first replies a round later: both count as node id 99's (they were counted as
+    node 1's and node 2's, and the run's end blamed those boards). A malformed reply under a name
+    nobody else binds still counts under that name (a broken board's own)."""
+    path = make_path()
+
+    def round_of(step, nodes):
+        sync_round(Guarded(FedAvg(min_available_nodes=len(nodes), min_train_nodes=len(nodes)), path), nodes, START, step)
+
+    round_of(1, {10: FakeNode(0), 99: FakeNode(1, behave="nan"), 11: FakeNode(1)})
+    round_of(2, {10: FakeNode(0), 99: FakeNode(2, behave="nan")})
+    assert path.rejected == {"node 2": 1, "node id 99": 1}  # node 2 has not answered yet
+    round_of(3, {10: FakeNode(0), 12: FakeNode(2), 98: FakeNode(3, behave="nan")})
+    assert path.rejected == {"node id 99": 2, "node 3": 1}
+    assert path.state()["rejected"] == {"node id 99": 2, "node 3": 1}
+
+
 def test_a_node_refused_over_an_identity_conflict_is_asked_again_once_it_is_over(task_identity):
     """A board restarts with a new node id (13) while Flower still lists its old one (11): the
     new one's answer is refused as a conflict, not for good; when 11 is gone, 13 is asked again

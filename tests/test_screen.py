@@ -218,6 +218,11 @@ METRIC_ATTACKS = {
                                                  ["loss trace has 7 entries for 2 local steps"]),
     "examples-processed not the work sent": (_metric(p.EXAMPLES_PROCESSED, 10**6), ["examples-processed 1000000 != 8"]),
     "negative train time": (_metric(p.TRAIN_TIME, -1.0), ["train-time is negative"]),
+    # accepted before: the round's train loss came out -5e+299, and a trace's mean overflowed to
+    # Infinity in client_loss_means.json (not JSON)
+    "a negative train loss": (_metric(p.TRAIN_LOSS, -1e300), ["a loss of -1e+300 is outside 0..1e+06"]),
+    "a loss trace near the float maximum": (_metric(p.LOSS_TRACE, [1.7e308, 1.7e308]),
+                                            ["a loss of 1.7e+308 is outside 0..1e+06"]),
 }
 
 
@@ -225,6 +230,12 @@ METRIC_ATTACKS = {
 def test_metrics_of_the_wrong_key_type_or_size_are_rejected(task_identity, attack):
     content, words = METRIC_ATTACKS[attack]
     rejected(screen_train(content), *words)
+
+
+def test_a_reason_quoting_what_the_node_sent_is_cut_short(task_identity):
+    """A 5 MB metric key made a 5 MB reason, written to metrics.json and the log every round."""
+    out = rejected(screen_train(_metric("k" * 5_000_000, 1.0)), "metric keys differ", "unexpected ['kkk")
+    assert len(out.reason) <= 500
 
 
 def test_metric_records_must_be_exactly_one_named_metrics(task_identity):
@@ -407,7 +418,8 @@ EVALUATE_ATTACKS = {
     "a total other than the held-out share": (_evaluate_metric(p.NUM_EXAMPLES, 3),
                                               ["evaluated 3 examples; partition 0 holds out 2"]),
     "per-digit counts that do not add up": (_evaluate_metric(p.correct_key(1), 1), ["per-digit counts"]),
-    "a negative loss-sum": (_evaluate_metric(p.LOSS_SUM, -1.0), ["loss-sum is negative"]),
+    "a negative loss-sum": (_evaluate_metric(p.LOSS_SUM, -1.0), ["loss-sum -1 is outside 0..1e+06 x 2 examples"]),
+    "a loss-sum no model makes": (_evaluate_metric(p.LOSS_SUM, 1e300), ["loss-sum 1e+300 is outside"]),
     "a NaN loss-sum": (_evaluate_metric(p.LOSS_SUM, float("nan")), ["'loss-sum' is not finite"]),
     "an extra key": (_evaluate_metric("accuracy", 0.9), ["unexpected ['accuracy']"]),
     "partition-id = inf": (_evaluate_metric(p.PARTITION_ID, float("inf")), ["'partition-id' must be an integer"]),

@@ -26,6 +26,7 @@ binds them afresh.
 from __future__ import annotations
 
 import csv
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from logging import INFO, WARNING
@@ -77,6 +78,25 @@ class IdentityBook:
         self.flagged: dict[int, str] = {}   # node id -> why it is trusted with nothing
         self.rivals: dict[int, int] = {}    # flagged node id -> the node id it conflicts with
         self.refused_claims = 0
+        self.named: Counter = Counter()     # name -> rejected replies counted under it for good
+        self.claimed: Counter = Counter()   # (node id, the name it claimed) -> rejected replies, unverified
+
+    def count_rejection(self, node_id: int, name: str) -> None:
+        """A rejected reply of ``node_id``, named ``name`` (:meth:`name_of`). A name only claimed
+        (by a node id not bound, with no registry) is not counted under it yet: see :meth:`rejections`."""
+        if self.registry is None and node_id not in self.bound and not name.startswith("node id "):
+            self.claimed[node_id, name] += 1
+        else:
+            self.named[name] += 1
+
+    def rejections(self) -> Counter:
+        """Name -> rejected replies. A claimed name counts as the claimant's once its node id is bound,
+        and as ``node id N`` once another node id has bound it: a node that names another in its
+        rejected replies before that one first replies (or in the same batch) is not believed."""
+        out = Counter(self.named)
+        for (node_id, name), count in self.claimed.items():
+            out[self.name_of(node_id, name)] += count
+        return out
 
     def name_of(self, node_id: int, claimed: str) -> str:
         """The name to count a reply under: the bound or registered one; ``node id N`` for a node

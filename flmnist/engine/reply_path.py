@@ -34,7 +34,6 @@ from flmnist.protocol import messages as p
 from flmnist.protocol.aggregation import aggregate_evaluate_counts
 from flmnist.protocol.screen import (
     ClientUpdate,
-    EvaluateReply,
     NodeInfo,
     Rejection,
     ReplyScreen,
@@ -70,7 +69,6 @@ class ReplyPath:
             self.hooks.append(StopAtTarget(stop_at))
         self.stopped: tuple[int, str] | None = None  # the step after which an observer asked to stop, and why
         self.norms: deque[float] = deque(maxlen=screen.settings.norm_window)
-        self.rejected: Counter = Counter()   # node name -> rejected replies
         self.failed: Counter = Counter()     # node name -> error replies
         self.reasons: Counter = Counter()    # reason (first words) -> count
         self.clipped = self.aggregates_rejected = self.screened = self.guard_rejected = 0  # counters
@@ -84,10 +82,14 @@ class ReplyPath:
             self.failed[r.name] += 1
             log(WARNING, "%s from %s failed: %s", what, r.name, r.reason)
         else:
-            self.rejected[r.name] += 1
+            self.identities.count_rejection(r.node_id, r.name)
             self.reasons[r.reason.split(" (")[0][:80]] += 1
             log(WARNING, "Rejected %s from %s: %s", what.lower(), r.name if r.name.startswith("node id")
                 else f"{r.name} (node id {r.node_id})", r.reason)
+
+    @property
+    def rejected(self) -> Counter:  # node name -> rejected replies (IdentityBook.rejections: whose)
+        return self.identities.rejections()
 
     def _identity(self, out):
         """The reply judged by its node id's bound identity, named as bound (a rejection counts against it)."""
@@ -152,8 +154,8 @@ class ReplyPath:
         return refused
 
     def aggregate_size(self, size: int | None) -> None:
-        """Asynchronous: the updates one server step averages (None: each alone). The guard judges each
-        among the ``size - 1`` (at least 1) most recent accepted ones: more would dilute an attacker's share."""
+        """Asynchronous: a server step averages ``size`` updates (None: 1); the guard judges each among
+        the ``size - 1`` (at least 1) latest accepted ones: more would dilute an attacker's share."""
         if self.guard is not None and size is not None:
             self.guard.limit_window(max(1, size - 1))
 
@@ -205,8 +207,7 @@ class ReplyPath:
         self.norms.extend(u.norm for u in updates)
 
     def query_reply(self, msg: Message) -> NodeInfo | Rejection:
-        """A node's answer to "who are you" (asynchronous discovery), screened and judged by its
-        node id's bound identity."""
+        """A node's answer to "who are you" (asynchronous discovery), screened and judged by its identity."""
         return self._identity(self.screen.query(msg))
 
     def received_evaluation(self) -> MetricRecord | None:
@@ -215,8 +216,7 @@ class ReplyPath:
 
     def evaluate_replies(self, replies: Iterable[Message]) -> tuple[MetricRecord | None, list[Rejection]]:
         """Screen evaluate replies; the summed counts of the accepted ones (None if none)."""
-        accepted: list[EvaluateReply] = []
-        rejections = []
+        accepted, rejections = [], []
         for msg in replies:
             out = self._identity(self.screen.evaluate(msg))
             if isinstance(out, Rejection):
@@ -387,7 +387,7 @@ class ReplyPath:
 
     def load_state(self, state: dict) -> None:
         self.norms.extend(state.get("norms", []))
-        self.rejected, self.failed = Counter(state.get("rejected", {})), Counter(state.get("failed", {}))
+        self.identities.named, self.failed = Counter(state.get("rejected", {})), Counter(state.get("failed", {}))
         self.reasons = Counter(state.get("reasons", {}))
         self.clipped, self.aggregates_rejected = state.get("clipped", 0), state.get("aggregates_rejected", 0)
         self.guard_rejected, self.screened = state.get("guard_rejected", 0), state.get("screened", 0)

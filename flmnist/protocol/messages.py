@@ -95,6 +95,7 @@ EVALUATE_METRICS: dict[str, object] = {
 }
 NODE_INFO_KEYS: dict[str, type] = {NODE_NAME: str, DEVICE: str, MACHINE: str}
 QUERY_INFO: dict[str, type] = {**NODE_INFO_KEYS, PARTITION_ID: int, TRAIN_EXAMPLES: int, HOLDOUT_EXAMPLES: int}
+MAX_LOSS = 1e6  # a loss (per example) above this, or below 0, is refused: no model's honest NLL
 MAX_NAME_LENGTH = 128  # node names and device strings longer than this are refused
 
 

@@ -8,8 +8,8 @@
   shapes and dtype (real floating point), all values finite; the declared metadata must
   agree with the bytes too;
 - ``num-examples`` at most what that node holds (the partition sizes the server computed,
-  or ``screen.max_examples`` for nodes with their own data); the loss trace no longer
-  than the local steps sent; ``partition-id`` a valid partition index;
+  or ``screen.max_examples`` for nodes with their own data); the loss trace no longer than the
+  local steps sent, losses in 0..MAX_LOSS; ``partition-id`` a valid partition index;
 - the update's L2 length: at most ``screen.max_norm_ratio`` times the median length of recent
   updates (a 1e30-scaled model is refused), and optionally an absolute ``screen.max_update_norm``.
 
@@ -308,8 +308,8 @@ class ReplyScreen:
             return Rejection(node_id, f"node id {node_id}", reason[-1][:300], failed=True)
         try:
             return check()
-        except Refused as err:
-            return Rejection(node_id, _name(msg), str(err))
+        except Refused as err:  # (a reason may quote what the node sent: keys of any length)
+            return Rejection(node_id, _name(msg), str(err)[:500])
         except Exception as err:  # noqa: BLE001 - a reply must never crash the server
             return Rejection(node_id, _name(msg), f"unreadable reply ({type(err).__name__}: {str(err)[:200]})")
 
@@ -332,12 +332,12 @@ class ReplyScreen:
             steps = sent.batches_per_update(n)
             if len(m[p.LOSS_TRACE]) > steps:
                 raise Refused(f"loss trace has {len(m[p.LOSS_TRACE])} entries for {steps} local steps")
-            processed = sent.examples_per_update(n)
-            if m[p.EXAMPLES_PROCESSED] != processed:
+            if m[p.EXAMPLES_PROCESSED] != (processed := sent.examples_per_update(n)):
                 raise Refused(f"examples-processed {m[p.EXAMPLES_PROCESSED]} != {processed} "
                               "(local work sent for that many examples)")
-            if m[p.TRAIN_TIME] < 0:
-                raise Refused("train-time is negative")
+            bad_loss = next((v for v in (m[p.TRAIN_LOSS], *m[p.LOSS_TRACE]) if not 0 <= v <= p.MAX_LOSS), None)
+            if m[p.TRAIN_TIME] < 0 or bad_loss is not None:
+                raise Refused("train-time is negative" if bad_loss is None else f"a loss of {bad_loss:.4g} is outside 0..{p.MAX_LOSS:g}")
             weights = decode_weights(content.array_records[p.ARRAYS], reference)
             norm = update_norm(weights, reference, delta)
             if not math.isfinite(norm):
@@ -374,8 +374,8 @@ class ReplyScreen:
             raise Refused(f"num-examples {total} is outside 0..{self.limits.train_cap(partition)}")
         if not 0 <= correct <= total:
             raise Refused(f"correct={correct} is outside 0..{total}")
-        if m[p.LOSS_SUM] < 0:
-            raise Refused("loss-sum is negative")
+        if not 0 <= m[p.LOSS_SUM] <= p.MAX_LOSS * total:
+            raise Refused(f"loss-sum {m[p.LOSS_SUM]:.4g} is outside 0..{p.MAX_LOSS:g} x {total} examples")
         per_c, per_t = [m[p.correct_key(d)] for d in range(p.NUM_CLASSES)], [m[p.total_key(d)] for d in range(p.NUM_CLASSES)]
         if any(not 0 <= c <= t for c, t in zip(per_c, per_t)) or sum(per_t) != total or sum(per_c) != correct:
             raise Refused("per-digit counts are inconsistent with the totals")
