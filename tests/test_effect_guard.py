@@ -119,6 +119,27 @@ def test_asynchronous_updates_are_judged_against_the_recent_accepted_ones(mnist)
     assert [c.name for c in guard.window] == ["node 1", "node 2", "node 3"]
 
 
+def test_an_asynchronous_update_is_judged_among_other_nodes_latest_not_its_own_earlier_ones(mnist):
+    """A fast node whose updates all point one useless way filled the window with its own earlier
+    updates, so each new one agreed with "the others" and passed the cheap test unprobed. The
+    window holds each node's latest accepted update, and a node is judged among the others'."""
+    (x, y), (tx, ty) = mnist
+    start = start_model(x, y, 60)
+    honest = {k: v - start[k] for k, v in trained(start, x[:2000], y[:2000], seed=1).items()}
+    odd = {k: np.random.default_rng(5).normal(size=v.shape).astype(np.float32) for k, v in honest.items()}
+    scale = np.float32(np.sqrt(sum((v.astype(np.float64) ** 2).sum() for v in honest.values())
+                               / sum((v.astype(np.float64) ** 2).sum() for v in odd.values())))
+    odd = {k: v * scale for k, v in odd.items()}  # as long as an honest update, pointing elsewhere
+    guard = EffectGuard(Probe(tx, ty, LogReg), window=10)
+    guard.judge(start, [Candidate(1, "node 1", honest, 2000.0)], asynchronous=True)
+    for i in range(4):
+        guard.judge(start, [Candidate(i, "node 0", odd, 2000.0)], asynchronous=True)
+    assert [c.name for c in guard.window] == ["node 1", "node 0"]  # one each: node 0's latest
+    probed = guard.probed
+    guard.judge(start, [Candidate(9, "node 0", odd, 2000.0)], asynchronous=True)
+    assert guard.probed == probed + 1  # against node 1's update: it points away, so it is probed
+
+
 def test_a_buffered_strategy_judges_an_update_among_as_many_as_its_buffer_holds(mnist):
     """FedBuff with a buffer of 4 averages an attacker with 3 others: among the last 10 accepted
     updates a sign flip x3 is diluted below the threshold (0.5 pp), among the last 3 (what

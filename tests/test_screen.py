@@ -319,6 +319,35 @@ def _scaled():
     return content
 
 
+def test_a_fast_node_cannot_raise_the_asynchronous_median_it_is_measured_against(task_identity):
+    """Asynchronous, clip_to_median=3: a node sending five updates for each honest one, each 2.9x
+    the median of the recent accepted lengths, raised that median 500-fold over 100 updates,
+    never clipped or refused (a review, 2026-12-05). Measured against each other node's latest
+    update, none of its updates counts more than 3x an honest one's length."""
+    path = ReplyPath(screen(clip_to_median=3.0), SENT, asynchronous=True)
+    honest = {k: np.full_like(v, 1.0) for k, v in REFERENCE.items()}
+    odd = {k: np.random.default_rng(0).normal(size=v.shape).astype(np.float32) for k, v in REFERENCE.items()}
+
+    def send(direction, length, partition, node):
+        norm = np.sqrt(sum((v.astype(np.float64) ** 2).sum() for v in direction.values()))
+        content = train_content(LIMITS.train_examples[partition], partition)
+        content[p.ARRAYS] = record({k: (REFERENCE[k] + direction[k] * np.float32(length / norm)).astype(np.float32)
+                                    for k in REFERENCE})
+        updates, _ = path.train_replies(0, [reply(content, node=node)], REFERENCE)
+        return updates[0].norm if updates else None
+
+    for i in range(4):
+        send(honest, 0.01, i % 2, 10 + i % 2)
+    counted = []
+    for step in range(100):
+        if step % 6 == 5:
+            send(honest, 0.01, step % 2, 10 + step % 2)
+        else:
+            counted.append(send(odd, 2.9 * float(np.median(list(path.norms))), 2, 99))
+    assert max(counted) <= 3 * 0.01 * (1 + 1e-4), max(counted)
+    assert path.clipped > 0 and dict(path.rejected) == {}
+
+
 def test_clip_to_median_scales_a_huge_update_down_to_k_times_the_median_norm(task_identity):
     path = ReplyPath(screen(clip_to_median=2.0, max_norm_ratio=None), SENT)
     honest = [train_content(10, 0), train_content(20, 1)]

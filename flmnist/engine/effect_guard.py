@@ -12,10 +12,11 @@ keeps a node that holds digits nobody else holds (seed002): its update alone for
 digits, but the aggregate without it is worse on its own digits.
 
 - synchronous engine: the round's screened updates, among themselves;
-- asynchronous engine: each arriving update against the last ``screen.guard_window`` accepted
-  ones (the aggregate it would have been part of), applied to the current global model; for a
-  buffered strategy (FedBuff, buffer K) against at most the last K - 1, so the update's share of
-  the guard's aggregate is its share of the real one.
+- asynchronous engine: each arriving update against the latest accepted ones of up to
+  ``screen.guard_window`` other nodes (the aggregate it would have been part of), applied to the
+  current global model; for a buffered strategy (FedBuff, buffer K) against at most K - 1, so the
+  update's share of the guard's aggregate is its share of the real one. One per node, and never
+  the node's own: a fast node's earlier updates filled the window, so each new one agreed with them.
 
 Probing costs evaluations, so a cheap test comes first: updates that point the way the others
 do (cosine with the others' mean at least 0) and are no longer than 3 times the median length
@@ -119,7 +120,8 @@ class EffectGuard:
         if not candidates:
             return []
         t = time.perf_counter()
-        pool = list(self.window) if asynchronous else []
+        names = {c.name for c in candidates}  # judged among other nodes' updates, not their own earlier ones
+        pool = [m for m in self.window if m.name not in names] if asynchronous else []
         self.judged += len(candidates)
         rejected: list[tuple[Candidate, str]] = []
         active = list(candidates)
@@ -144,8 +146,9 @@ class EffectGuard:
                 active.remove(worst)
                 if not asynchronous and len(active) < 2:
                     break  # one update left: nothing to compare it with in its round
-        if asynchronous:
-            self.window.extend(active)
+        if asynchronous:  # each node's latest accepted update: a fast node cannot fill the window
+            kept = [m for m in self.window if m.name not in {c.name for c in active}]
+            self.window = deque([*kept, *active], maxlen=self.window.maxlen)
         self.rejected += len(rejected)
         self.seconds += time.perf_counter() - t
         return rejected

@@ -26,6 +26,7 @@ from flmnist.core.arrays import all_finite, to_weights
 from flmnist.core.run_files import CHECKPOINT_INFO, atomic_write
 from flmnist.engine.effect_guard import Candidate, EffectGuard
 from flmnist.engine.identity import IdentityBook
+from flmnist.engine.length_bounds import LengthBounds
 from flmnist.observers.base import Observer, observer_keys
 from flmnist.observers.checkpoint import PAYLOAD_FORMAT, rng_state, save_checkpoint
 from flmnist.observers.recorder import RunRecorder
@@ -39,7 +40,6 @@ from flmnist.protocol.screen import (
     ReplyScreen,
     Weights,
     aggregate_problem,
-    l2_norm,
 )
 
 
@@ -60,7 +60,6 @@ class ReplyPath:
         update_clip: float | None = None,
     ) -> None:
         self.screen, self.sent = screen, sent
-        self.update_clip = update_clip  # privacy=client: the clip every node applied (None: none)
         self.identities = identities or IdentityBook()
         self.guard, self.asynchronous = guard, asynchronous
         self.hooks, self.recorder = list(hooks), recorder
@@ -68,10 +67,11 @@ class ReplyPath:
         if stop_at is not None:  # stop_at_target: the accuracy that ends the run
             self.hooks.append(StopAtTarget(stop_at))
         self.stopped: tuple[int, str] | None = None  # the step after which an observer asked to stop, and why
-        self.norms: deque[float] = deque(maxlen=screen.settings.norm_window)
+        # privacy=client: update_clip, the clip every node applied (None: none)
+        self.lengths = LengthBounds(screen.settings, update_clip, asynchronous)
         self.failed: Counter = Counter()     # node name -> error replies
         self.reasons: Counter = Counter()    # reason (first words) -> count
-        self.clipped = self.aggregates_rejected = self.screened = self.guard_rejected = 0  # counters
+        self.aggregates_rejected = self.screened = self.guard_rejected = 0  # counters
         self.screen_seconds = 0.0
         self.evaluations: list[RecordDict] = []  # see train_replies / received_evaluation
         self.devices: dict[str, str] = {}    # node name -> the device its replies say it trained on
@@ -86,6 +86,22 @@ class ReplyPath:
             self.reasons[r.reason.split(" (")[0][:80]] += 1
             log(WARNING, "Rejected %s from %s: %s", what.lower(), r.name if r.name.startswith("node id")
                 else f"{r.name} (node id {r.node_id})", r.reason)
+
+    @property
+    def norms(self) -> deque:  # recent accepted update lengths (LengthBounds)
+        return self.lengths.norms
+
+    @property
+    def clipped(self) -> int:
+        return self.lengths.clipped
+
+    @property
+    def update_clip(self) -> float | None:
+        return self.lengths.update_clip
+
+    @update_clip.setter
+    def update_clip(self, clip: float | None) -> None:
+        self.lengths.update_clip = clip
 
     @property
     def rejected(self) -> Counter:  # node name -> rejected replies (IdentityBook.rejections: whose)
@@ -122,11 +138,11 @@ class ReplyPath:
         self.evaluations = [RecordDict({p.METRICS: MetricRecord(u.evaluation)}) for u in updates if u.evaluation]
         # Refuse absurd lengths, judge the rest as sent (the guard), then clip what was accepted:
         # the guard must see a scaled attack at its full strength to weigh its harm.
-        for r in [*self._refuse_unclipped(updates, reference, delta), *self._refuse_long(updates, reference),
+        for r in [*self.lengths.refuse_unclipped(updates, reference, delta), *self.lengths.refuse_long(updates, reference),
                   *self._guard_effects(updates, reference, delta, current)]:
             rejections.append(r)
             self._reject("Update", r)
-        self._clip_long(updates, reference, delta)
+        self.lengths.clip_long(updates, reference, delta)
         self.devices.update((u.name, u.device) for u in updates)
         self.screen_seconds += time.perf_counter() - t
         if self.recorder is not None:
@@ -147,7 +163,7 @@ class ReplyPath:
                                 float(u.num_examples)) for u in updates]
         refused = []
         for c, reason in self.guard.judge(current if current is not None else reference, candidates,
-                                          self.asynchronous, list(self.norms)):
+                                          self.asynchronous, self.lengths.others(updates)):
             updates.remove(c.key)
             self.guard_rejected += 1
             refused.append(Rejection(c.key.node_id, c.name, reason))
@@ -158,53 +174,6 @@ class ReplyPath:
         the ``size - 1`` (at least 1) latest accepted ones: more would dilute an attacker's share."""
         if self.guard is not None and size is not None:
             self.guard.limit_window(max(1, size - 1))
-
-    def _median_norm(self, updates: list[ClientUpdate]) -> float | None:
-        """The median length of recent accepted updates and this batch (None with fewer than 3)."""
-        norms = list(self.norms) + [u.norm for u in updates]
-        return float(np.median(norms)) if len(norms) >= 3 else None
-
-    def _refuse_unclipped(self, updates: list[ClientUpdate], reference: Weights, delta: bool) -> list[Rejection]:
-        """``privacy=client``: refuse updates longer than the clip every node must apply (beyond
-        float32 rounding of the model the node sends: 1e-5 of the clip plus 2**-22 of the model's
-        norm); removes them from ``updates``. No node's clip is trusted: the DP noise covers C."""
-        if self.update_clip is None or not updates:
-            return []
-        c = self.update_clip
-        bound = c * (1 + 1e-5) + (0.0 if delta else 2.0**-22 * l2_norm(reference))
-        refused = [Rejection(u.node_id, u.name, f"update norm {u.norm:.6g} exceeds privacy.clipping_norm={c:g} "
-                             "(privacy=client: every node clips its update to it)") for u in updates if u.norm > bound]
-        updates[:] = [u for u in updates if u.norm <= bound]
-        return refused
-
-    def _refuse_long(self, updates: list[ClientUpdate], reference: Weights) -> list[Rejection]:
-        """Refuse updates longer than ``max_norm_ratio`` times the median norm (with fewer than 3
-        norms to take it from, the global model's own norm); removes them from ``updates``."""
-        s = self.screen.settings
-        scale = self._median_norm(updates) or l2_norm(reference)
-        refused = []
-        if s.max_norm_ratio is not None and scale > 0:
-            for u in list(updates):
-                if u.norm > s.max_norm_ratio * scale:
-                    refused.append(Rejection(u.node_id, u.name, f"update norm {u.norm:.4g} is over "
-                                             f"{s.max_norm_ratio:g} x the median {scale:.4g} (screen.max_norm_ratio)"))
-                    updates.remove(u)
-        return refused
-
-    def _clip_long(self, updates: list[ClientUpdate], reference: Weights, delta: bool) -> None:
-        """Scale accepted updates longer than ``clip_to_median`` times the median norm down to that
-        length (a boosted update the guard let through counts no more than that); remember the norms."""
-        s = self.screen.settings
-        median = self._median_norm(updates)
-        if s.clip_to_median is not None and median:
-            bound = s.clip_to_median * median
-            for u in updates:
-                if u.norm > bound > 0:
-                    log(WARNING, "Clipped the update of %s: norm %.4g > %.4g (%g x median)", u.name, u.norm, bound,
-                        s.clip_to_median)
-                    u.scale_update(bound / u.norm, reference, delta)
-                    self.clipped += 1
-        self.norms.extend(u.norm for u in updates)
 
     def query_reply(self, msg: Message) -> NodeInfo | Rejection:
         """A node's answer to "who are you" (asynchronous discovery), screened and judged by its identity."""
@@ -368,7 +337,7 @@ class ReplyPath:
             "rejected_per_node": dict(sorted(self.rejected.items())),
             "failed_per_node": dict(sorted(self.failed.items())),
             "rejection_reasons": dict(self.reasons.most_common()),
-            "updates_clipped": self.clipped,
+            "updates_clipped": self.lengths.clipped,
             "aggregates_rejected": self.aggregates_rejected,
             "rejected_by_guard": self.guard_rejected,
             "identities": self.identities.summary(),
@@ -379,17 +348,17 @@ class ReplyPath:
 
     def state(self) -> dict:
         return {"norms": [float(n) for n in self.norms], "rejected": dict(self.rejected), "failed": dict(self.failed),
-                "reasons": dict(self.reasons), "clipped": self.clipped, "aggregates_rejected": self.aggregates_rejected,
+                "reasons": dict(self.reasons), "clipped": self.lengths.clipped, "aggregates_rejected": self.aggregates_rejected,
                 "guard_rejected": self.guard_rejected, "screened": self.screened, "screen_seconds": self.screen_seconds,
                 "devices": dict(self.devices), "guard": self.guard.state() if self.guard is not None else None,
                 "hooks": {key: st for h, key in zip(self.hooks, observer_keys(self.hooks), strict=True)
                           if (st := h.state()) is not None}}
 
     def load_state(self, state: dict) -> None:
-        self.norms.extend(state.get("norms", []))
+        self.norms.extend(state.get("norms", []))  # (not the nodes' latest: a resumed run refills them)
         self.identities.named, self.failed = Counter(state.get("rejected", {})), Counter(state.get("failed", {}))
         self.reasons = Counter(state.get("reasons", {}))
-        self.clipped, self.aggregates_rejected = state.get("clipped", 0), state.get("aggregates_rejected", 0)
+        self.lengths.clipped, self.aggregates_rejected = state.get("clipped", 0), state.get("aggregates_rejected", 0)
         self.guard_rejected, self.screened = state.get("guard_rejected", 0), state.get("screened", 0)
         self.screen_seconds, self.devices = state.get("screen_seconds", 0.0), dict(state.get("devices", {}))
         if self.guard is not None:
