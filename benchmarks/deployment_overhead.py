@@ -47,6 +47,7 @@ import itertools
 import json
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -180,6 +181,9 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=3, choices=[1, 2, 3], help="SuperNodes (default 3)")
     parser.add_argument("--skip-seed002", action="store_true", help="leave out seed002's 40 rounds end to end")
     args = parser.parse_args()
+    # SIGTERM (timeout, kill PID) ends the script through its finally blocks, which stop the
+    # SuperLink, SuperNodes and executors by process id (they were left running)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     nodes = args.nodes
     out = REPO / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)

@@ -1297,6 +1297,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="who runs the ClientApps: Flower's own executor (default), or flmnist's warm "
                              "executor beside each SuperNode in --isolation process")
     args = parser.parse_args(argv)
+    # SIGTERM ends the rehearsal through its finally blocks: every process it started is stopped
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if not args.data_root:
         parser.error("set FLMNIST_DATA_DIR or --data-root to the MNIST root (holding MNIST/raw/)")
     work = Path(args.work or tempfile.mkdtemp(prefix="flmnist-rehearsal-"))
