@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from flmnist.config.compose import compose_config, parse_overrides
 from flmnist.config.resume import extend_in_place, split_budget
 from flmnist.core.build import build
-from flmnist.core.run_files import find_checkpoint
+from flmnist.core.run_files import atomic_write, find_checkpoint
 from flmnist.ml.export import export_model
 from flmnist.ml.threads import confine_torch
 from flmnist.runtime.run_setup import build_run
@@ -54,11 +54,19 @@ def main(grid: Grid, context: Context) -> None:
     notes: list[str] = []
     overrides = parse_overrides(str(context.run_config.get("overrides", "")))
     cfg = compose_config(split_budget(overrides)[0], notes)
+    restore = None  # the config.yaml a resume extended, while its checkpoint is unchanged
     if cfg.resume:  # plain flwr run: extend or refuse, as the flmnist command does
         checkpoint = find_checkpoint(str(cfg.resume), cfg.output_dir)
         cfg.resume = str(checkpoint)  # resume=latest: the one found, once
+        before = (checkpoint.parent / "config.yaml").read_text(), checkpoint.stat().st_mtime_ns
         if changed := extend_in_place(overrides, checkpoint):
             log(INFO, "flmnist: extending the run: %s", changed)
+            restore = before
     for note in notes:
         log(INFO, "%s", note)
-    run(grid, cfg)
+    try:
+        run(grid, cfg)
+    except BaseException:
+        if restore is not None and checkpoint.stat().st_mtime_ns == restore[1]:  # failed before a step
+            atomic_write(checkpoint.parent / "config.yaml", restore[0])
+        raise

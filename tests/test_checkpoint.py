@@ -191,6 +191,36 @@ def test_a_checkpoint_of_another_layout_is_refused_on_resume_saying_so(tmp_path)
     with pytest.raises(ConfigError, match=rf"{run / CHECKPOINT} holds a run checkpoint of layout "
                                           rf"{PAYLOAD_FORMAT - 1}; this flmnist reads layout {PAYLOAD_FORMAT}"):
         resume_config(cfg)
-    save_checkpoint(run, {**payload(2), "format": PAYLOAD_FORMAT})
+    from flmnist.ml.models import LeNet
+
+    lenet = {k: v.numpy() for k, v in LeNet().state_dict().items()}  # the config's model
+    save_checkpoint(run, {**payload(2), "format": PAYLOAD_FORMAT, "arrays": lenet})
     saved, checkpoint = resume_config(cfg)
     assert checkpoint["round"] == 2 and saved.run_dir == str(run)
+
+
+def test_a_run_resumed_on_another_models_checkpoint_is_refused_before_anything_is_written(tmp_path):
+    """A LeNet's arrays in a logreg run's checkpoint: the nodes failed to load them, after the
+    ServerApp had started the rounds; now a ConfigError naming both files, before the run starts."""
+    from flmnist.ml.models import LeNet, LogReg
+    from flmnist.runtime.run_setup import check_arrays
+
+    lenet = {k: v.numpy() for k, v in LeNet().state_dict().items()}
+    with pytest.raises(ConfigError, match=r"checkpoint.pt holds another model than .*config.yaml names \(LogReg; "
+                                          r"differing: conv1.bias, conv1.weight, conv2.bias, conv2.weight \.\.\.\)"):
+        check_arrays(lenet, LogReg(), tmp_path / "checkpoint.pt")
+    wider = {k: v.numpy() for k, v in LogReg().state_dict().items()}
+    wider["linear.weight" if "linear.weight" in wider else next(iter(wider))] = np.zeros((11, 784), np.float32)
+    with pytest.raises(ConfigError, match="differing: "):
+        check_arrays(wider, LogReg(), tmp_path / "checkpoint.pt")
+    check_arrays({k: v.numpy() for k, v in LogReg().state_dict().items()}, LogReg(), tmp_path / "checkpoint.pt")
+
+
+def test_an_export_that_cannot_load_the_model_is_logged_not_raised(tmp_path):
+    """export_model runs in the ServerApp's finally: its load raised there and hid the run's own error."""
+    from flmnist.ml.export import export_model
+    from flmnist.ml.models import LeNet, LogReg
+
+    torch.save(LeNet().state_dict(), tmp_path / "model.pt")
+    assert export_model(LogReg(), tmp_path) == []
+    assert not (tmp_path / "model.onnx").exists()

@@ -195,6 +195,19 @@ def test_a_finished_run_is_extended_by_the_readmes_command_and_other_overrides_a
     assert summary["status"] == "finished" and summary["rounds_completed"] == 2
     assert [r["round"] for r in json.loads((run_dir / "metrics.json").read_text())] == [0, 1, 2]
     assert sorted(p.name for p in (tmp_path / "outputs").glob("*/*")) == [run_dir.name]  # no new directory
+    # A checkpoint of another model (a LeNet's arrays in this logreg run): the nodes failed to load it,
+    # config.yaml said 3 rounds after and model.pt held the LeNet; now one line, and the run as it was.
+    from flmnist.observers.checkpoint import save_checkpoint
+
+    payload = load_checkpoint(run_dir / "checkpoint.pt")
+    payload["arrays"] = {k: v.numpy() for k, v in LeNet().state_dict().items()}
+    save_checkpoint(run_dir, payload)
+    kept = {name: (run_dir / name).read_bytes() for name in ("config.yaml", "model.pt", "metrics.json")}
+    other = run(f"resume={run_dir}", "num_rounds=3")
+    assert other.returncode == 2, other.stderr[-2000:]
+    assert other.stderr.strip().startswith(f"flmnist: error: resume: {run_dir}/checkpoint.pt holds another model "
+                                           f"than {run_dir}/config.yaml names (LogReg; differing: "), other.stderr
+    assert {name: (run_dir / name).read_bytes() for name in kept} == kept
 
 
 def test_plain_flwr_run_extends_a_run_with_resume_and_a_length_and_refuses_a_change(tmp_path, mnist_root):

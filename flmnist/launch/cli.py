@@ -139,7 +139,9 @@ def launch(cfg: DictConfig) -> dict:
         run_dir = Path(hc.runtime.output_dir).resolve()
     root = resolve_root(run_cfg.data.root)
     ensure_mnist(root, run_cfg.data.download)  # fail here, before starting Flower, if MNIST is missing
+    restore = None  # a resume's config.yaml before it was extended, and its checkpoint's identity
     if cfg.resume and (run_cfg.data.root != str(root) or run_cfg != saved):  # extended, or the data moved
+        restore = (run_dir / "config.yaml").read_text(), signature(checkpoint)
         run_cfg.data.root = str(root)
         atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(run_cfg))  # once the checks passed
         if changed := extension(saved, run_cfg):
@@ -168,7 +170,12 @@ def launch(cfg: DictConfig) -> dict:
     finally:
         if not link:
             shutil.rmtree(flwr_home, ignore_errors=True)
-    summary = outcome(run_dir, before, code, log_from)
+    try:
+        summary = outcome(run_dir, before, code, log_from)
+    except FlmnistError:
+        if restore is not None and signature(checkpoint) == restore[1]:  # failed before a step: as it was
+            atomic_write(run_dir / "config.yaml", restore[0])
+        raise
     if not until.seen:  # Flower's log stream ended before the run's last line: say it from summary.json
         line = f"flmnist: {final_line(summary)}"
         print(line, flush=True)

@@ -35,7 +35,11 @@ def export_model(model: torch.nn.Module, run_dir: Path) -> list[Path]:
     state = Path(run_dir) / "model.pt"
     if not state.is_file():
         return []
-    model.load_state_dict(torch.load(state, weights_only=True))
+    try:
+        model.load_state_dict(torch.load(state, weights_only=True))
+    except Exception as err:  # noqa: BLE001 - raised from the ServerApp's finally, it hid the run's own error
+        logger.warning("Could not export %s: %s: %s", state, type(err).__name__, " ".join(str(err).split())[:300])
+        return []
     model.eval()
     written = []
     for name, write in (("model_scripted.pt", to_torchscript), ("model.onnx", to_onnx)):

@@ -88,10 +88,25 @@ def resume_config(cfg: DictConfig) -> tuple[DictConfig, dict | None]:
     path = find_checkpoint(str(cfg.resume), cfg.output_dir)
     checkpoint = check_layout(load_checkpoint(path), path)
     saved = OmegaConf.load(path.parent / "config.yaml")
+    check_arrays(checkpoint.get("arrays"), build(saved.model, "model"), path)
     saved.run_dir = str(path.parent)
     saved.resume = str(path)
     say(f"Resuming {path.parent} after {checkpoint.get('kind')} step {checkpoint.get('round')}")
     return saved, checkpoint
+
+
+def check_arrays(arrays, model: torch.nn.Module, path: Path) -> None:
+    """The checkpoint's global model has the names and shapes of the run's model (``config.yaml``'s
+    ``model``); else a ConfigError before anything is written (the nodes failed to load it, and the
+    finished run's model.pt was overwritten with it)."""
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {str(k): tuple(np.shape(v)) for k, v in arrays.items()} if isinstance(arrays, dict) else {}
+    if found != want:
+        differ = sorted(set(want) ^ set(found)) or [k for k in want if want[k] != found[k]]
+        raise ConfigError(f"resume: {path} holds another model than {path.parent / 'config.yaml'} names "
+                          f"({type(model).__name__}; differing: {', '.join(differ[:4])}"
+                          f"{' ...' if len(differ) > 4 else ''}): a checkpoint or config.yaml from another run? "
+                          "Put the run's own back, or start a new run")
 
 
 def partitions(cfg: DictConfig, root: Path, run_dir: Path) -> NodeLimits:
