@@ -224,3 +224,29 @@ def test_an_export_that_cannot_load_the_model_is_logged_not_raised(tmp_path):
     torch.save(LeNet().state_dict(), tmp_path / "model.pt")
     assert export_model(LogReg(), tmp_path) == []
     assert not (tmp_path / "model.onnx").exists()
+
+
+def test_a_config_yaml_edited_by_hand_is_refused_on_resume_naming_the_setting(tmp_path):
+    """num_nodes 2 -> 3 in a run's config.yaml resumed silently on another split (a review). The
+    checkpoint holds the settings that make the run (not its length, budget or where it runs)."""
+    from flmnist.config.resume import check_fingerprint, fingerprint
+
+    cfg = compose_config(["num_nodes=2", "model=logreg"])
+    recorded = fingerprint(cfg)
+    assert "num_nodes" in recorded and "client.lr" in recorded
+    assert not {"num_rounds", "privacy.max_epsilon", "data.root", "resume", "run_dir"} & set(recorded)
+    extended = compose_config(["num_nodes=2", "model=logreg", "num_rounds=9", "simulation.backend=inprocess"])
+    check_fingerprint(extended, recorded, tmp_path / "config.yaml")  # what a resume may change
+    check_fingerprint(compose_config(["num_nodes=3"]), None, tmp_path / "config.yaml")  # an older checkpoint
+    edited = compose_config(["num_nodes=3", "model=logreg"])
+    with pytest.raises(ConfigError, match=rf"resume: {tmp_path}/config.yaml is not the config its checkpoint was "
+                                          r"saved under: num_nodes=3 \(the checkpoint's: 2\), .*Put it back; a changed run is a new run"):
+        check_fingerprint(edited, recorded, tmp_path / "config.yaml")
+    loaded = OmegaConf.load(_written(tmp_path, cfg))
+    assert fingerprint(loaded) == recorded  # what is written is what is read back
+
+
+def _written(folder, cfg):
+    path = folder / "config.yaml"
+    path.write_text(OmegaConf.to_yaml(cfg))
+    return path

@@ -31,6 +31,40 @@ LENGTH = {"round": ("num_rounds",),
           "update": ("async_loop.max_server_updates", "async_loop.max_client_updates", "async_loop.time_budget")}
 BUDGET = "privacy.max_epsilon"
 WHERE = ("simulation", "data.root", "data.download", "output_dir", "resume", "run_dir", "hydra.")
+RESUMABLE = (*LENGTH["round"], *LENGTH["update"], BUDGET, "stop_at_target")  # a resume may change these
+
+
+def fingerprint(cfg: DictConfig) -> dict:
+    """The settings that make a run what it is, flat (``client.lr``: 0.1): all but its length,
+    privacy budget, stop_at_target and where it runs. A checkpoint holds its run's."""
+    flat: dict = {}
+
+    def walk(node: dict, prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[f"{prefix}{key}"] = value
+
+    walk(OmegaConf.to_container(cfg, resolve=False), "")
+    return {k: v for k, v in flat.items() if k not in RESUMABLE and not k.startswith(WHERE)}
+
+
+def check_fingerprint(saved: DictConfig, recorded: dict | None, config_path: Path) -> None:
+    """The run's ``config.yaml`` (``saved``) is the config its checkpoint was saved under (its
+    ``recorded`` fingerprint; a checkpoint of an older flmnist has none), but for what a resume may
+    change; else a ConfigError naming the settings: a config.yaml edited by hand resumed silently
+    as another run (another split, model or learning rate on the same checkpoint)."""
+    if not isinstance(recorded, dict):
+        return
+    now, missing = fingerprint(saved), "(missing)"
+    differ = sorted(k for k in set(now) | set(recorded) if now.get(k, missing) != recorded.get(k, missing))
+    if differ:
+        shown = ", ".join(f"{k}={now.get(k, missing)} (the checkpoint's: {recorded.get(k, missing)})"
+                          for k in differ[:3])
+        raise ConfigError(f"resume: {config_path} is not the config its checkpoint was saved under: {shown}"
+                          f"{f' and {len(differ) - 3} more' if len(differ) > 3 else ''}. Put it back; a changed "
+                          "run is a new run")
 
 
 def _metric_rows(run_dir: Path) -> list[dict]:

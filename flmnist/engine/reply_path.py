@@ -75,6 +75,7 @@ class ReplyPath:
         self.screen_seconds = 0.0
         self.evaluations: list[RecordDict] = []  # see train_replies / received_evaluation
         self.devices: dict[str, str] = {}    # node name -> the device its replies say it trained on
+        self.run_config: dict | None = None  # what makes the run what it is (checked on resume), for checkpoints
 
     # ------------------------------------------------------------- replies
     def _reject(self, what: str, r: Rejection) -> None:
@@ -327,6 +328,7 @@ class ReplyPath:
             "screen": self.state(),
             "recorder": self.recorder.state(step),
             "rng": rng_state(),
+            "config": self.run_config,
         })
         atomic_write(self.recorder.run_dir / CHECKPOINT_INFO, json.dumps({"kind": kind, "round": step}))
 

@@ -25,6 +25,7 @@ from flwr.serverapp import Grid
 from flwr.superlink.grid import InMemoryGrid
 from omegaconf import DictConfig, OmegaConf
 
+from flmnist.config.resume import check_fingerprint, fingerprint
 from flmnist.config.validate import collapse_args, run_length
 from flmnist.core.arrays import to_record
 from flmnist.core.build import build
@@ -88,6 +89,7 @@ def resume_config(cfg: DictConfig) -> tuple[DictConfig, dict | None]:
     path = find_checkpoint(str(cfg.resume), cfg.output_dir)
     checkpoint = check_layout(load_checkpoint(path), path)
     saved = OmegaConf.load(path.parent / "config.yaml")
+    check_fingerprint(saved, checkpoint.get("config"), path.parent / "config.yaml")
     check_arrays(checkpoint.get("arrays"), build(saved.model, "model"), path)
     saved.run_dir = str(path.parent)
     saved.resume = str(path)
@@ -257,6 +259,7 @@ def build_run(grid: Grid, cfg: DictConfig) -> Run:
                      stop_at=cfg.target_accuracy if cfg.get("stop_at_target") else None,
                      identities=identities, guard=guard, asynchronous=asynchronous,
                      update_clip=privacy.clipping_norm if privacy.mechanism == "client" else None)
+    path.run_config = fingerprint(OmegaConf.load(run_dir / "config.yaml"))  # as written: what a resume reads
     fleet = build(cfg.fleet, "fleet", num_nodes=cfg.num_nodes, seed=cfg.seed)
     if fleet is not None:
         devices = [f"{simulated_node_name(i)}: {fleet.profile(i).name} (speed {fleet.profile(i).speed:g})"
