@@ -34,20 +34,23 @@ def test_mcmahan_presets():
         assert cfg.target_accuracy == 0.99
 
 
+ROBUST_NODES = {"bulyan": 7, "krum": 5, "multikrum": 5}  # 4 f + 3 and 2 f + 3 updates per round (f = 1)
+
+
 @pytest.mark.parametrize("group", ["model", "partition", "strategy", "client", "eval", "fleet"])
 def test_every_group_option_composes(group):
     for option in group_options(group):
         overrides = [f"{group}={option}"]
         if option == "digit_groups":
             overrides.append("num_nodes=3")
-        if option == "bulyan":
-            overrides.append("num_nodes=7")  # 4 f + 3 updates per round
+        if option in ROBUST_NODES:
+            overrides.append(f"num_nodes={ROBUST_NODES[option]}")
         compose_config(overrides)
 
 
 def test_every_strategy_config_builds_its_target():
     for name in group_options("strategy"):
-        cfg = compose_config([f"strategy={name}"] + (["num_nodes=7"] if name == "bulyan" else []))
+        cfg = compose_config([f"strategy={name}"] + ([f"num_nodes={ROBUST_NODES[name]}"] if name in ROBUST_NODES else []))
         assert type(build_strategy(cfg.strategy)) is get_class(cfg.strategy._target_)
 
 
@@ -140,6 +143,35 @@ ISSUE_8 = [
     (["client.lrr=0.1"], r"unknown setting 'client.lrr'; did you mean client.lr\? \(client=default has: local_epochs, .*lr"),
     (["num_nodes=[1"], "bad override in num_nodes=.1: no viable alternative"),
 ]
+# Accepted before, found by a review (2026-12-05) typing wrong values into every setting:
+ACCEPTED_BEFORE = [
+    # two Krum nodes tie and the first always wins; MultiKrum choosing 50 of 5 is FedAvg
+    (["strategy=krum"], (r"strategy.num_malicious_nodes=1: Krum needs at least 2 f \+ 3 = 5 updates per round, "
+                         r"but a round samples 2 of num_nodes=2")),
+    (["strategy=multikrum", "num_nodes=5", "strategy.num_nodes_to_select=50"],
+     r"strategy.num_nodes_to_select=50 must be 1..5, the updates a round samples"),
+    # an attack with no attackers: the run looked clean
+    (["client.fault=sign-flip"], r"client.fault=sign-flip needs client.fault_nodes, the partition ids that misbehave"),
+    # the built-in observers' own copies of eval.*: every=0 divided by zero after round 1 had trained
+    (["observers.digits.every=0"], r"observers.digits.every must be an integer >= 1 or null, got 0"),
+    (["observers.digits.style=nope"], r"observers.digits.style must be one of seed002, seed000, got 'nope'"),
+    (["observers.attribution.probe_size=-5"], r"observers.attribution.probe_size must be an integer >= 0, got -5"),
+    # a ratio below 1 refuses (or cuts) the median update itself
+    (["screen.max_norm_ratio=0.5"], r"screen.max_norm_ratio must be a finite number >= 1 or null, got 0.5"),
+    (["screen.clip_to_median=0.5"], r"screen.clip_to_median must be a finite number >= 1 or null, got 0.5"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", ACCEPTED_BEFORE, ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_settings_a_review_found_accepted_fail_in_compose_naming_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        compose_config(overrides)
+    assert "\n" not in str(err.value), "an error is one line"
+
+
+def test_a_sweep_of_an_attack_against_none_keeps_its_fault_nodes():
+    """client.fault_nodes=[0] client.fault=nan,null: the second job names nodes and no fault (no attack)."""
+    assert compose_config(["client.fault_nodes=[0]"]).client.fault is None
 
 
 @pytest.mark.parametrize("overrides, message", ISSUE_8, ids=lambda v: " ".join(v) if isinstance(v, list) else "")
@@ -187,8 +219,8 @@ def test_sweep_comparison_table(tmp_path):
 def test_every_preset_composes_with_every_strategy(experiment):
     """A preset's strategy settings must not break a strategy swap (experiment=X strategy=Y)."""
     for strategy in group_options("strategy"):
-        if strategy == "bulyan" and compose_config([f"experiment={experiment}"]).num_nodes < 7:
-            continue  # Bulyan needs 4 f + 3 = 7 updates per round: refused, see the test below
+        if compose_config([f"experiment={experiment}"]).num_nodes < ROBUST_NODES.get(strategy, 0):
+            continue  # Bulyan needs 4 f + 3 = 7 updates per round, Krum 2 f + 3 = 5: refused, see the tests below
         cfg = compose_config([f"experiment={experiment}", f"strategy={strategy}"])
         assert type(build_strategy(cfg.strategy)) is get_class(cfg.strategy._target_)
 

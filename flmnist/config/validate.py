@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import math
 
-from flwr.serverapp.strategy import Bulyan
+from flwr.serverapp.strategy import Bulyan, Krum, MultiKrum
 from hydra.utils import get_class
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -102,11 +102,6 @@ def _top_level(cfg: DictConfig) -> None:
     _number(cfg, "poll_interval", 0, low_open=True, allow_none=True)
     _number(cfg, "target_accuracy", 0, 1, low_open=True)
     _kind(cfg, "stop_at_target", bool, "true or false")
-    _kind(cfg, "eval.attribution", bool, "true or false")
-    _integer(cfg, "eval.probe_size", 0)
-    check_style(cfg.eval.get("style", "seed002"))
-    if cfg.eval.probe_size > 10000:
-        raise ConfigError(f"eval.probe_size must be at most 10000 (the test set), got {cfg.eval.probe_size}")
     _kind(cfg, "name", str, "a string", allow_none=True)
     _kind(cfg, "output_dir", str, "a path")
     _kind(cfg, "run_dir", str, "a path", allow_none=True)
@@ -114,8 +109,6 @@ def _top_level(cfg: DictConfig) -> None:
     _kind(cfg, "data.root", str, "a path", allow_none=True)
     if OmegaConf.select(cfg, "data.download") not in (True, False, "auto"):
         raise ConfigError(f"data.download must be auto, true or false, got {cfg.data.download!r}")
-    _integer(cfg, "eval.every", 1, allow_none=True)
-    _integer(cfg, "eval.batch_size", 1)
     if OmegaConf.is_missing(cfg.simulation, "ray_address"):
         raise ConfigError("simulation=ray_cluster needs the cluster's address: add simulation.ray_address=HEAD:6379 "
                           "(the address `ray start --head` printed)")
@@ -130,6 +123,19 @@ def _top_level(cfg: DictConfig) -> None:
         raise ConfigError("simulation.backend=inprocess runs ClientApps in Flower's simulation process and cannot "
                           "join the Ray cluster simulation.ray_address names: set simulation.backend=ray (or auto), "
                           "or drop simulation.ray_address")
+
+
+def _eval(cfg: DictConfig) -> None:
+    """``eval``: the server-side evaluation's settings (the built-in observers take theirs from here)."""
+    _kind(cfg, "eval.attribution", bool, "true or false")
+    _integer(cfg, "eval.probe_size", 0)
+    check_style(cfg.eval.get("style", "seed002"))
+    if cfg.eval.probe_size > 10000:
+        raise ConfigError(f"eval.probe_size must be at most 10000 (the test set), got {cfg.eval.probe_size}")
+    _integer(cfg, "eval.every", 1, allow_none=True)
+    _integer(cfg, "eval.batch_size", 1)
+    _rounds(cfg, "eval.rounds")
+    _rounds(cfg, "eval.update_rounds")
     for group in _list(cfg, "eval.digit_groups"):
         if not isinstance(group, ListConfig) or not group or not all(
                 isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= 9 for d in group):
@@ -176,6 +182,10 @@ def _model(cfg: DictConfig) -> None:
         raise ConfigError(f"model.num_classes must be 10 (MNIST's ten digits), got {model.num_classes!r}")
 
 
+EVAL_OBSERVERS = {"digits": ("every", "rounds", "update_rounds", "digit_groups", "batch_size", "style"),
+                  "attribution": ("probe_size", "batch_size")}
+
+
 def _observers(cfg: DictConfig) -> None:
     """``observers``: each entry null (off) or a section naming its ``_target_`` (built when the run starts:
     its module, with PyTorch, is not imported here)."""
@@ -188,6 +198,19 @@ def _observers(cfg: DictConfig) -> None:
         if node is not None and not (isinstance(node, DictConfig) and isinstance(node.get("_target_"), str)):
             raise ConfigError(f"observers.{name} must name its class with _target_ (or be null to turn it off), "
                               f"got {node!r}")
+    # The built-in observers take their settings from eval.*; one set here directly is checked as eval's
+    # (observers.digits.every=0 passed, and divided by zero after the first round had trained).
+    for name, keys in EVAL_OBSERVERS.items():
+        node = section.get(name)
+        for key in keys if isinstance(node, DictConfig) else ():
+            given = OmegaConf.select(node, key)
+            if key in node and given != OmegaConf.select(cfg, f"eval.{key}"):
+                probe = cfg.copy()
+                OmegaConf.update(probe, f"eval.{key}", given, force_add=True)
+                try:
+                    _eval(probe)
+                except ConfigError as err:
+                    raise ConfigError(str(err).replace(f"eval.{key}", f"observers.{name}.{key}")) from None
 
 
 def _rounds(cfg: DictConfig, key: str) -> None:
@@ -244,6 +267,7 @@ def validate(cfg: DictConfig) -> None:
     _kind(cfg, "client.fault_nodes", ListConfig, "a list of partition ids, e.g. [0, 2],", allow_none=True)
     TrainSettings.from_config(cfg)
     _top_level(cfg)
+    _eval(cfg)
     _model(cfg)
     _collapse(cfg)
     _observers(cfg)
@@ -265,6 +289,9 @@ def validate(cfg: DictConfig) -> None:
 
     # Rules spanning several keys.
     n = cfg.num_nodes
+    if (fault := cfg.client.get("fault")) and not cfg.client.get("fault_nodes"):
+        raise ConfigError(f"client.fault={fault} needs client.fault_nodes, the partition ids that misbehave, e.g. [0] "
+                          f"(0..{n - 1}); without them no node misbehaves and the run looks clean")
     if n > MNIST_TRAIN_SIZE:
         raise ConfigError(f"num_nodes={n} is more partitions than the {MNIST_TRAIN_SIZE} training examples")
     groups = getattr(partition, "groups", None)
@@ -295,14 +322,17 @@ def validate(cfg: DictConfig) -> None:
         if value > n:
             raise ConfigError(f"sampling.{key}={value} is more than num_nodes={n}: the server would wait for "
                               f"nodes that never come; use at most {n}")
-    if isinstance(strategy, Bulyan):
-        f = strategy.num_malicious_nodes
-        sampled = max(int(n * strategy.fraction_train), strategy.min_train_nodes)
-        if sampled < 4 * f + 3:
-            raise ConfigError(f"strategy.num_malicious_nodes={f}: Bulyan needs at least 4 f + 3 = {4 * f + 3} "
+    if isinstance(strategy, (Bulyan, MultiKrum)):  # (Krum is a MultiKrum choosing 1)
+        f, name = strategy.num_malicious_nodes, type(strategy).__name__
+        sampled = min(max(int(n * strategy.fraction_train), strategy.min_train_nodes), n)
+        k = 4 if isinstance(strategy, Bulyan) else 2  # (Krum on two nodes: they tie, and the first always wins)
+        if sampled < k * f + 3:
+            raise ConfigError(f"strategy.num_malicious_nodes={f}: {name} needs at least {k} f + 3 = {k * f + 3} "
                               f"updates per round, but a round samples {sampled} of num_nodes={n}")
-    _rounds(cfg, "eval.rounds")
-    _rounds(cfg, "eval.update_rounds")
+        m = getattr(strategy, "num_nodes_to_select", 1)
+        if not isinstance(strategy, (Bulyan, Krum)) and not 1 <= m <= sampled:
+            raise ConfigError(f"strategy.num_nodes_to_select={m} must be 1..{sampled}, the updates a round samples "
+                              f"(num_nodes={n})")
     if cfg.get("privacy") is not None:
         problem = privacy_problem(_settings(PrivacySettings, cfg, "privacy"), strategy)
         if problem:

@@ -47,8 +47,8 @@ class ScreenSettings:
 
     def __post_init__(self) -> None:
         check_integer("screen.max_examples", self.max_examples, 1, allow_none=True)
-        for key in ("max_update_norm", "max_norm_ratio", "clip_to_median"):
-            check_number(f"screen.{key}", getattr(self, key), 0.0, low_open=True, allow_none=True)
+        for key, low in (("max_update_norm", 0.0), ("max_norm_ratio", 1.0), ("clip_to_median", 1.0)):
+            check_number(f"screen.{key}", getattr(self, key), low, low_open=not low, allow_none=True)  # ratio < 1: cuts the median
         check_integer("screen.norm_window", self.norm_window, 1)
         check_number("screen.guard_max_harm", self.guard_max_harm, 0.0, allow_none=True)
         check_integer("screen.guard_window", self.guard_window, 1)
