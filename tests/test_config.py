@@ -156,6 +156,10 @@ ACCEPTED_BEFORE = [
     (["observers.digits.every=0"], r"observers.digits.every must be an integer >= 1 or null, got 0"),
     (["observers.digits.style=nope"], r"observers.digits.style must be one of seed002, seed000, got 'nope'"),
     (["observers.attribution.probe_size=-5"], r"observers.attribution.probe_size must be an integer >= 0, got -5"),
+    # classes no node builds: every node refused them at its first message
+    (["model._target_=flmnist.ml.models.Lenet"], (r"model._target_ 'flmnist.ml.models.Lenet' is not a model the "
+                                                  r"nodes build \(flmnist.ml.models: LeNet, CNNMcMahan, LogReg, MLP\)")),
+    (["partition._target_=torch.nn.Identity"], r"partition._target_ 'torch.nn.Identity' is not a known partitioner"),
     # a ratio below 1 refuses (or cuts) the median update itself
     (["screen.max_norm_ratio=0.5"], r"screen.max_norm_ratio must be a finite number >= 1 or null, got 0.5"),
     (["screen.clip_to_median=0.5"], r"screen.clip_to_median must be a finite number >= 1 or null, got 0.5"),

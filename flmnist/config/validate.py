@@ -20,6 +20,7 @@ from flmnist.core.checks import check_integer, check_number, check_style
 from flmnist.core.constants import MNIST_TRAIN_SIZE
 from flmnist.core.errors import ConfigError
 from flmnist.engine.privacy import problem as privacy_problem
+from flmnist.ml.partition import partition_from_spec
 from flmnist.observers.collapse import DROP, PATIENCE
 from flmnist.protocol.messages import TrainSettings
 from flmnist.protocol.screen import ScreenSettings
@@ -163,12 +164,15 @@ MODEL_ARGUMENTS = {"LeNet": ("num_classes",), "CNNMcMahan": ("num_classes",), "L
 
 
 def _model(cfg: DictConfig) -> None:
-    """flmnist's own models (``conf/model/``): widths, dropout and classes, checked here because the
-    model is built (with PyTorch) only when the run starts. A model of one's own checks its arguments then."""
+    """flmnist's models (``conf/model/``), the only ones a node builds (``ml.models.MODELS``): the
+    class, widths, dropout and classes, checked here because the model is built (with PyTorch) only
+    when the run starts (a misspelt class was refused by every node at its first message)."""
     model = cfg.model
-    if not str(model.get("_target_", "")).startswith("flmnist.ml.models."):
-        return
-    name = str(model._target_).rsplit(".", 1)[-1]
+    target = str(model.get("_target_", ""))
+    name = target.rsplit(".", 1)[-1]
+    if not target.startswith("flmnist.ml.models.") or name not in MODEL_ARGUMENTS:
+        raise ConfigError(f"model._target_ {target!r} is not a model the nodes build (flmnist.ml.models: "
+                          f"{', '.join(MODEL_ARGUMENTS)}); choose one with model=NAME")
     takes = MODEL_ARGUMENTS.get(name)
     for key in model:
         if takes is not None and key != "_target_" and key not in takes:
@@ -285,7 +289,7 @@ def validate(cfg: DictConfig) -> None:
     else:  # under a fleet, a synchronous round charges a dropped update this virtual time
         _number(cfg, "async_loop.update_timeout", 0, low_open=True)
     build(cfg.fleet, "fleet", num_nodes=cfg.num_nodes, seed=cfg.seed)
-    partition = build(cfg.partition, "partition")
+    partition = partition_from_spec(OmegaConf.to_container(cfg.partition, resolve=True))  # the nodes' own check
 
     # Rules spanning several keys.
     n = cfg.num_nodes
