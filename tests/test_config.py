@@ -160,6 +160,16 @@ ACCEPTED_BEFORE = [
     (["model._target_=flmnist.ml.models.Lenet"], (r"model._target_ 'flmnist.ml.models.Lenet' is not a model the "
                                                   r"nodes build \(flmnist.ml.models: LeNet, CNNMcMahan, LogReg, MLP\)")),
     (["partition._target_=torch.nn.Identity"], r"partition._target_ 'torch.nn.Identity' is not a known partitioner"),
+    # failed after the run started: torch.manual_seed's overflow, the server's split, the first aggregation
+    (["seed=100000000000000000000"], r"seed must be below 2\*\*63, got 100000000000000000000"),
+    (["partition=dirichlet", "num_nodes=1000", "partition.min_partition_size=100"],
+     r"partition.min_partition_size=100 x num_nodes=1000 is more than the 60000 training examples"),
+    (["strategy=unweighted_fedavg", "strategy.weighted_by_key=num_examples"],
+     r"strategy.weighted_by_key must be num-examples or unit-weight \(equal weights\), got 'num_examples'"),
+    # silently wrong: every gradient scaled by client.lr / eta_l; a run directory outside output_dir
+    (["strategy=sgd_adam", "strategy.eta_l=0.5"], r"strategy.eta_l=0.5 must be client.lr=0.05: the server divides"),
+    (["name=../../x"], r"name=../../x names the run's directory: no '/'"),
+    (["eval.digit_groups=[[0,0]]"], r"eval.digit_groups lists digit 0 more than once"),
     # a ratio below 1 refuses (or cuts) the median update itself
     (["screen.max_norm_ratio=0.5"], r"screen.max_norm_ratio must be a finite number >= 1 or null, got 0.5"),
     (["screen.clip_to_median=0.5"], r"screen.clip_to_median must be a finite number >= 1 or null, got 0.5"),

@@ -22,10 +22,10 @@ from flmnist.core.errors import ConfigError
 from flmnist.engine.privacy import problem as privacy_problem
 from flmnist.ml.partition import partition_from_spec
 from flmnist.observers.collapse import DROP, PATIENCE
-from flmnist.protocol.messages import TrainSettings
+from flmnist.protocol.messages import NUM_EXAMPLES, UNIT_WEIGHT, TrainSettings
 from flmnist.protocol.screen import ScreenSettings
 from flmnist.protocol.settings import AsyncLoopSettings, PrivacySettings
-from flmnist.strategies import build_strategy
+from flmnist.strategies import FedSGD, build_strategy
 from flmnist.strategies.asynchronous import AsyncStrategy
 
 BACKENDS = ("auto", "inprocess", "ray")
@@ -104,6 +104,8 @@ def _top_level(cfg: DictConfig) -> None:
     _number(cfg, "target_accuracy", 0, 1, low_open=True)
     _kind(cfg, "stop_at_target", bool, "true or false")
     _kind(cfg, "name", str, "a string", allow_none=True)
+    if cfg.name and ("/" in cfg.name or "\\" in cfg.name or cfg.name.startswith(".")):
+        raise ConfigError(f"name={cfg.name} names the run's directory: no '/', no '\\', not starting with '.'")
     _kind(cfg, "output_dir", str, "a path")
     _kind(cfg, "run_dir", str, "a path", allow_none=True)
     _kind(cfg, "resume", str, "a run directory, its checkpoint.pt, or latest", allow_none=True)
@@ -142,6 +144,9 @@ def _eval(cfg: DictConfig) -> None:
                 isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= 9 for d in group):
             raise ConfigError(f"eval.digit_groups must list non-empty groups of digits 0-9, e.g. [[0, 1], [2]]; "
                               f"got the group {OmegaConf.to_container(group) if isinstance(group, ListConfig) else group!r}")
+    listed = [d for group in cfg.eval.digit_groups for d in group]
+    if twice := sorted({d for d in listed if listed.count(d) > 1}):
+        raise ConfigError(f"eval.digit_groups lists digit {twice[0]} more than once; each digit belongs to one group")
 
 
 def _collapse(cfg: DictConfig) -> None:
@@ -303,10 +308,21 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"partition.groups lists {len(groups)} groups but num_nodes={n}; set num_nodes to the number of groups"
         )
+    least = getattr(partition, "min_partition_size", None)
+    if least is not None and least * n > MNIST_TRAIN_SIZE:
+        raise ConfigError(f"partition.min_partition_size={least} x num_nodes={n} is more than the "
+                          f"{MNIST_TRAIN_SIZE} training examples")
     spc = getattr(partition, "shards_per_client", None)
     if spc is not None and spc * n > MNIST_TRAIN_SIZE:
         raise ConfigError(f"partition.shards_per_client={spc} x num_nodes={n} is more shards than the "
                           f"{MNIST_TRAIN_SIZE} training examples")
+    weighted_by = getattr(strategy, "weighted_by_key", NUM_EXAMPLES)
+    if weighted_by not in (NUM_EXAMPLES, UNIT_WEIGHT):  # the metric each update is weighted by
+        raise ConfigError(f"strategy.weighted_by_key must be {NUM_EXAMPLES} or {UNIT_WEIGHT} (equal weights), "
+                          f"got {weighted_by!r}")
+    if isinstance(strategy, FedSGD) and strategy.eta_l != cfg.client.lr:
+        raise ConfigError(f"strategy.eta_l={strategy.eta_l:g} must be client.lr={cfg.client.lr:g}: the server divides "
+                          "each model change by it to get the gradient (set client.lr; eta_l follows it)")
     fraction_evaluate = getattr(strategy, "fraction_evaluate", 0.0)
     if cfg.data.holdout_fraction == 0 and fraction_evaluate > 0:
         raise ConfigError(

@@ -34,6 +34,8 @@ def check_integer(key: str, value, low: int, allow_none: bool = False) -> int | 
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ConfigError(f"{key} must be an integer >= {low}{' or null' if allow_none else ''}, got {value!r}")
+    if value >= 2**63:  # (a Flower message, PyTorch's seed and NumPy's sizes take 64-bit integers)
+        raise ConfigError(f"{key} must be below 2**63, got {value}")
     return value
 
 
