@@ -279,3 +279,12 @@ def test_the_model_arguments_the_config_checks_are_the_models_own():
     for option in group_options("model"):
         target = compose_config([f"model={option}"]).model._target_
         assert target.rsplit(".", 1)[-1] in MODEL_ARGUMENTS, f"model={option}: {target} is not checked"
+
+
+def test_an_unquoted_path_hydra_cannot_parse_says_to_quote_it():
+    """A run directory of a sweep job holds ',' and '=' (0_seed=1,strategy=fedprox): Hydra's grammar
+    error alone did not say what to do."""
+    with pytest.raises(ConfigError, match=r"bad override in resume=/tmp/x sp,a=1: .*; quote a path holding ',', '=' "
+                                          r"or spaces: \"resume='PATH'\"$"):
+        compose_config(["resume=/tmp/x sp,a=1"])
+    assert compose_config(["resume='/tmp/x sp,a=1'"]).resume == "/tmp/x sp,a=1"

@@ -143,6 +143,9 @@ def _check_additions(overrides: list[str]) -> None:
         raise ConfigError(f"{item}: flmnist would ignore a new key here; {message}")
 
 
+PATH_KEYS = ("resume", "data.root", "output_dir", "run_dir", "screen.registry")
+
+
 def compose_config(overrides: list[str] | None = None, notes: list[str] | None = None) -> DictConfig:
     """Compose ``conf/config.yaml`` with ``overrides``, resolve it and check it.
 
@@ -158,7 +161,9 @@ def compose_config(overrides: list[str] | None = None, notes: list[str] | None =
     except Exception as err:  # Hydra raises several types for bad overrides
         match = re.match(r"Could not override '([^']+)'", str(err))
         message = _unknown_key(overrides, match.group(1)) if match else None
-        raise ConfigError(message or f"bad override in {' '.join(overrides)}: {one_line(err)}") from err
+        paths = [o for o in overrides if override_key(o) in PATH_KEYS and not o.partition("=")[2].startswith(("'", '"'))]
+        hint = f"; quote a path holding ',', '=' or spaces: \"{override_key(paths[0])}='PATH'\"" if paths else ""
+        raise ConfigError(message or f"bad override in {' '.join(overrides)}: {one_line(err)}{hint}") from err
     name = run_name(cfg, cfg.hydra.runtime.choices)
     cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
     cfg.name = name
