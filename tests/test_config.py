@@ -135,7 +135,7 @@ ISSUE_8 = [
     (["model=lenet", "+model.foo=3"], r"model.foo: LeNet takes no setting 'foo' \(its settings: num_classes\)"),
     (["max_failed_rounds=0"], "max_failed_rounds must be an integer >= 1, got 0"),
     (["round_timeout=nan"], "round_timeout must be a finite number > 0, got nan"),
-    (["poll_interval=-1"], "poll_interval must be a finite number > 0 or null"),
+    (["poll_interval=-1"], r"poll_interval must be a finite number in \(0, 60\] or null"),
     (["target_accuracy=1.5"], r"target_accuracy must be a finite number in \(0, 1\]"),
     (["screen.norm_window=0"], "screen.norm_window must be an integer >= 1"),
     (["sampling.min_available_nodes=3"], "sampling.min_available_nodes=3 is more than num_nodes=2"),
@@ -170,6 +170,9 @@ ACCEPTED_BEFORE = [
     (["strategy=sgd_adam", "strategy.eta_l=0.5"], r"strategy.eta_l=0.5 must be client.lr=0.05: the server divides"),
     (["name=../../x"], r"name=../../x names the run's directory: no '/'"),
     (["eval.digit_groups=[[0,0]]"], r"eval.digit_groups lists digit 0 more than once"),
+    # Hydra's "Config group override must be a string or a list. Got NoneType"
+    (["strategy=null"], r"strategy=null: a run needs a strategy; choose one of bulyan, fedadagrad, "),
+    (["poll_interval=1e300"], r"poll_interval must be a finite number in \(0, 60\] or null, got 1e\+300"),
     # a ratio below 1 refuses (or cuts) the median update itself
     (["screen.max_norm_ratio=0.5"], r"screen.max_norm_ratio must be a finite number >= 1 or null, got 0.5"),
     (["screen.clip_to_median=0.5"], r"screen.clip_to_median must be a finite number >= 1 or null, got 0.5"),
@@ -288,3 +291,8 @@ def test_an_unquoted_path_hydra_cannot_parse_says_to_quote_it():
                                           r"or spaces: \"resume='PATH'\"$"):
         compose_config(["resume=/tmp/x sp,a=1"])
     assert compose_config(["resume='/tmp/x sp,a=1'"]).resume == "/tmp/x sp,a=1"
+
+
+def test_experiment_null_is_no_preset_as_by_default():
+    """config.yaml's own default is `experiment: null`; typed, Hydra refused it."""
+    assert compose_config(["experiment=null"]) == compose_config([])

@@ -82,6 +82,8 @@ def check_group_overrides(overrides: list[str]) -> None:
     """Fail early, listing the valid options, when an override names an unknown group option."""
     for item in overrides:
         key, (_, sep, value) = override_key(item), item.partition("=")
+        if sep and key in GROUPS and key != "experiment" and value in ("null", ""):
+            raise ConfigError(f"{key}={value}: a run needs a {key}; choose one of {', '.join(group_options(key))}")
         if not sep or key not in GROUPS or value in ("null", ""):
             continue
         for choice in value.split(","):  # (a sweep's jobs come here one value each)
@@ -152,7 +154,8 @@ def compose_config(overrides: list[str] | None = None, notes: list[str] | None =
     Every failure is a ConfigError with a one-line message naming the override or setting.
     ``notes`` receives what was adjusted (evaluation rounds past a shortened run's end, dropped).
     """
-    overrides = list(overrides or [])
+    # experiment=null: no preset, as by default (Hydra refused it: "must be a string or a list")
+    overrides = [o for o in overrides or [] if o.lstrip("+~") not in ("experiment=null", "experiment=")]
     check_group_overrides(overrides)
     _check_additions(overrides)
     try:

@@ -100,7 +100,7 @@ def _top_level(cfg: DictConfig) -> None:
     _integer(cfg, "max_failed_rounds", 1)
     _number(cfg, "wait_for_nodes", 0, low_open=True)
     _number(cfg, "round_timeout", 0, low_open=True)
-    _number(cfg, "poll_interval", 0, low_open=True, allow_none=True)
+    _number(cfg, "poll_interval", 0, 60, low_open=True, allow_none=True)  # (1e300 overflowed time.sleep)
     _number(cfg, "target_accuracy", 0, 1, low_open=True)
     _kind(cfg, "stop_at_target", bool, "true or false")
     _kind(cfg, "name", str, "a string", allow_none=True)

@@ -251,6 +251,7 @@ def hydra_arguments(args: list[str]) -> list[str]:
     """Check every job's config before anything starts (Hydra has not created a directory yet);
     return the arguments to hand to Hydra. A resume is pinned to the directory of its run,
     so Hydra creates no new one."""
+    args = [a for a in args if a.lstrip("+~") not in ("experiment=null", "experiment=")]  # no preset, the default
     multirun = any(a in MULTIRUN for a in args)
     overrides = [a for a in args if a not in MULTIRUN]
     if multirun:
