@@ -58,6 +58,10 @@ def test_a_finished_run_without_a_new_length_says_how_to_extend_it(tmp_path):
     with pytest.raises(ConfigError, match=rf"resume: {run} finished all its 2 rounds; to train on, extend it: "
                                           rf"flmnist resume={run} num_rounds=4"):
         resumed_config([], saved, run)
+    # resumed from the checkpoint before the last (checkpoint.pt corrupt, as its error suggests): the way on
+    # names that one again (it named the directory, whose checkpoint.pt is the corrupt one)
+    with pytest.raises(ConfigError, match=rf"extend it: flmnist resume={run}/checkpoint.prev.pt num_rounds=4"):
+        resumed_config([], saved, run, run / "checkpoint.prev.pt")
 
 
 def test_a_stopped_run_resumes_with_its_own_config(tmp_path):

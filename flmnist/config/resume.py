@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from flmnist.config.compose import GROUPS, compose_config, conf_dir, override_key
 from flmnist.config.validate import run_length
 from flmnist.core.errors import ConfigError
-from flmnist.core.run_files import CHECKPOINT_INFO, atomic_write, resume_arg
+from flmnist.core.run_files import CHECKPOINT, CHECKPOINT_INFO, atomic_write, resume_arg
 from flmnist.ml.mnist_files import ensure_mnist, resolve_root
 from flmnist.observers.stop import StopAtTarget
 
@@ -126,7 +126,7 @@ def _same_option(group: str, option: str, cfg: DictConfig, saved: DictConfig) ->
     return all(mine.get(k) == theirs.get(k) for k in keys)
 
 
-def resumed_config(overrides: list[str], saved: DictConfig, run_dir: Path) -> DictConfig:
+def resumed_config(overrides: list[str], saved: DictConfig, run_dir: Path, checkpoint: Path | None = None) -> DictConfig:
     """The config a resume of ``run_dir`` runs with: ``saved`` (its config.yaml), extended by a
     longer length given in ``overrides``; ConfigError for an override that would change the run,
     for a length that would not extend it, and for a finished run given no new length."""
@@ -184,8 +184,9 @@ def resumed_config(overrides: list[str], saved: DictConfig, run_dir: Path) -> Di
                           f"stop_at_target); to train on, give stop_at_target=false beside resume= (and "
                           f"{length_key}=N to train longer)")
     if extended is None and finished(run_dir) and done >= (OmegaConf.select(saved, length_key) or 0):
+        given = checkpoint if checkpoint is not None and checkpoint.name != CHECKPOINT else run_dir  # as given
         raise ConfigError(f"resume: {run_dir} finished all its {done} {unit}s; to train on, extend it: "
-                          f"flmnist {resume_arg(run_dir)} {length_key}={2 * done}")
+                          f"flmnist {resume_arg(given)} {length_key}={2 * done}")
     return out
 
 
@@ -221,7 +222,7 @@ def extend_in_place(overrides: list[str], checkpoint: Path) -> str:
     run_dir = checkpoint.parent
     saved = OmegaConf.load(run_dir / "config.yaml")
     if given_beside_resume(overrides):
-        out = resumed_config(overrides, saved, run_dir)
+        out = resumed_config(overrides, saved, run_dir, checkpoint)
     else:
         out = saved.copy()
         _data_moved(out, overrides)

@@ -278,7 +278,7 @@ def hydra_arguments(args: list[str]) -> list[str]:
     checkpoint = find_checkpoint(str(cfg.resume), cfg.output_dir)  # resume=latest says which it picked
     _resumed[checkpoint.parent] = resumed_config(  # refuses what would change the run
         [o for o in overrides if not o.lstrip("+").startswith("resume=")] + budget, saved_config(checkpoint.parent),
-        checkpoint.parent)
+        checkpoint.parent, checkpoint)
     args = [a for a in args if not a.lstrip("+").startswith("resume=")]
     return [*args, f"resume={quoted(checkpoint)}", f"hydra.run.dir={quoted(checkpoint.parent)}",
             "hydra.output_subdir=null"]
