@@ -7,7 +7,7 @@ The run config key ``overrides`` carries Hydra overrides, e.g.::
 
 from __future__ import annotations
 
-from logging import INFO
+from logging import INFO, WARNING
 
 from flwr.app import Context
 from flwr.common.logger import log
@@ -41,8 +41,11 @@ def run(grid: Grid, cfg: DictConfig) -> dict:
         raise
     finally:
         run.engine.finish()  # what the engine and its observers have to add to the summary
-        if run.recorder.save_model():
-            export_model(build(run.cfg.model, "model"), run.run_dir)
+        try:
+            if run.recorder.save_model():
+                export_model(build(run.cfg.model, "model"), run.run_dir)
+        except Exception as err:  # noqa: BLE001 - a full disk must not lose summary.json (finish says so)
+            log(WARNING, "Could not save the final model: %s: %s", type(err).__name__, err)
         summary = run.recorder.finish(status, error)  # summary.json last: the run is over
     return summary
 

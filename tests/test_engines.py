@@ -432,6 +432,21 @@ def test_a_sync_run_in_which_no_round_made_a_model_fails_even_below_max_failed_r
         engine.run(record(START))
 
 
+def test_a_run_ended_by_failed_rounds_reports_the_rejections_that_ended_it(tmp_path, task_identity):
+    """summary.json's screen section was set only with a new global model: a run ended by
+    max_failed_rounds said no reply was screened and named no rejected node."""
+    nodes = {101: FakeNode(0, 0.01, behave="nan"), 102: FakeNode(1, 0.02, behave="nan")}
+    recorder = RunRecorder(tmp_path, 2, 0.9, printer=lambda line: None)
+    path = ReplyPath(ReplyScreen(ScreenSettings(guard_max_harm=None), LIMITS), SENT, (), recorder)
+    engine = SyncEngine(FakeGrid(nodes), Guarded(FedAvg(fraction_evaluate=0.0), path, max_failed_rounds=1), path,
+                        SENT.to_record(), num_rounds=2, round_timeout=5.0)
+    with pytest.raises(RunFailed):
+        engine.run(record(START))
+    engine.finish()
+    assert recorder.screen_stats["rejected_per_node"] == {"node 0": 1, "node 1": 1}
+    assert recorder.summary("failed")["rounds_completed"] == 0
+
+
 class Stopping(Observer):
     def __init__(self):
         self.steps = []

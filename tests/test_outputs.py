@@ -351,3 +351,30 @@ def test_a_stopped_runs_plots_are_titled_with_the_run_as_its_own_were(tmp_path):
     summarize_stopped(tmp_path, 5, 0.65, "round", "stopped by SIGTERM")
     assert run_label(cfg) == "seed002: FedAvg, DigitGroup split, LeNet, 3 nodes"
     assert title(tmp_path / "accuracy_loss.png") == f"Accuracy and loss: {run_label(cfg)}"
+
+
+def test_a_model_that_cannot_be_saved_loses_no_summary_and_failed_rounds_are_not_completed(tmp_path):
+    """A full disk at model.pt raised out of finish() before summary.json (the command then said only
+    'the run wrote no summary'); a round that failed before the run stopped left a partial row that
+    rounds_completed counted; non-finite values went into metrics.csv as 'nan' and 'inf' (metrics.json:
+    null), and a NumPy scalar or a tuple holding NaN into no strict JSON at all."""
+    import numpy as np
+
+    lines = []
+
+    def full_disk(state, path):
+        raise OSError(28, "No space left on device")
+
+    recorder = RunRecorder(tmp_path, 3, 0.99, printer=lines.append, save_tensors=full_disk)
+    sync_rows(recorder, fleet=False)
+    recorder.final_state = {"w": torch.zeros(2)}
+    recorder.add(4, client_updates=2, rejected_updates=2, train_loss=float("nan"))  # failed, then the run stopped
+    recorder.add(3, test_loss=float("inf"), numpy_metric=np.float32(0.5), pair=(1.0, float("nan")))
+    summary = recorder.finish("failed", "RunFailed: 1 round in a row without a usable update")
+    assert any(line.startswith(f"Could not save {tmp_path / 'model.pt'} (OSError: [Errno 28]") for line in lines)
+    assert json.loads((tmp_path / "summary.json").read_text(), parse_constant=pytest.fail)["status"] == "failed"
+    assert summary["rounds_completed"] == 3
+    rows = json.loads((tmp_path / "metrics.json").read_text(), parse_constant=pytest.fail)
+    assert rows[3]["numpy_metric"] == 0.5 and rows[3]["pair"] == [1.0, None]
+    csv_text = (tmp_path / "metrics.csv").read_text()
+    assert "nan" not in csv_text and "inf" not in csv_text

@@ -217,7 +217,10 @@ class ReplyPath:
             self.record(step, **(hook.updates_applied(step, before, deltas, key) or {}))
 
     def finish(self) -> None:
-        """End of the run: the nodes' devices and what the hooks have to say go into the summary."""
+        """End of the run: the screen's figures (a run ended by failed rounds made no model after
+        them, so they were last set before), the nodes' devices and what the hooks have to say."""
+        if self.recorder is not None:
+            self.recorder.set_section("screen", self.stats())
         if self.recorder is not None and self.devices:
             self.recorder.set_section("node_devices", dict(sorted(self.devices.items())))
             counts = Counter(self.devices.values())

@@ -28,11 +28,14 @@ DEGRADED = "finished degraded"  # FINAL_LINE's status of a finished run that col
 
 
 def _clean(value):
+    """``value`` as strict JSON takes it: non-finite numbers as null, NumPy scalars as Python's."""
+    if isinstance(value, np.generic):
+        value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
         return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):
         return [_clean(v) for v in value]
     return value
 
@@ -178,7 +181,7 @@ class RunRecorder:
     def write_metrics(self) -> None:
         rows = [_clean(row) for _, row in sorted(self.rows.items())]
         atomic_write(self.run_dir / "metrics.json", json.dumps(rows, indent=1))
-        flat = self.scalar_rows()
+        flat = [_clean(row) for row in self.scalar_rows()]  # (as metrics.json: nan and inf as empty cells)
         columns: list[str] = []
         for row in flat:
             columns += [k for k in row if k not in columns]
@@ -208,7 +211,8 @@ class RunRecorder:
         reached = [r for r in evaluated if r["test_accuracy"] >= self.target_accuracy]
         return {
             "status": status,
-            "rounds_completed": max((r for r in self.rows if r > 0), default=0),
+            # a round that ended (a failed round's partial row, before the run stopped, did not)
+            "rounds_completed": max((r for r, row in self.rows.items() if r > 0 and "wall_time" in row), default=0),
             "final_accuracy": final.get("test_accuracy"),
             "final_loss": final.get("test_loss"),
             "best_accuracy": self.best_accuracy,
@@ -272,7 +276,11 @@ class RunRecorder:
         its last line starts ``Run finished degraded:`` (:data:`DEGRADED`); its status stays
         ``finished``."""
         if not self.model_saved:
-            self.save_model()
+            try:
+                self.save_model()
+            except Exception as err:  # noqa: BLE001 - a full disk must not lose the summary too
+                self.printer(f"Could not save {self.run_dir / 'model.pt'} ({type(err).__name__}: {err}); the last "
+                             "checkpoint.pt holds the final model")
         self.write_metrics()
         summary = self.summary(status, error)
         try:
