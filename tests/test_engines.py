@@ -1224,3 +1224,14 @@ def test_prefetch_zero_keeps_one_task_per_node(task_identity):
                                  prefetch=0)
     AsyncLoop(grid, FedAsync(alpha=0.5), path, settings, poll_interval=0.01).run(record(START))
     assert all(pushed == pulled_before + 1 for _, pushed, pulled_before in grid.seen), grid.seen
+
+
+def test_a_simulated_time_budget_is_not_overshot(task_identity):
+    """async_loop.time_budget in virtual seconds: an update completing after the budget was still
+    applied (3 server versions and 0.168 s for a 0.14 s budget, updates of 0.056 s each)."""
+    fleet = make_fleet("homogeneous", 1, seed=0, jitter_sigma=0.0)
+    duration = fleet.timing(0, 1, SENT.examples_per_update(LIMITS.train_examples[0]), 0).duration
+    loop, _ = make_loop({101: FakeNode(0, 0.01)}, FedAsync(alpha=0.5), fleet=fleet, max_server_updates=None,
+                        time_budget=2.5 * duration)
+    loop.run(record(START))
+    assert loop.version == 2 and loop.clock.now <= 2.5 * duration

@@ -13,8 +13,8 @@ Two clocks:
   the same metrics bit for bit.
 - deployment (no fleet): replies are processed in real arrival order.
 
-In both, a message has a TTL and every update a timeout, so a node that vanishes (or
-replies with an error) costs one slot for one timeout, not the run. Every reply takes the
+In both, a message has a TTL and every update a timeout, so a node that vanishes costs one
+slot for one timeout, not the run (an error reply frees it at once). Every reply takes the
 run's :class:`~flmnist.engine.reply_path.ReplyPath` (the same screen, hooks, recording and
 checkpoint layout as the synchronous engine). The loop ends with a clear error after
 ``max_consecutive_failures`` failed or rejected updates in a row while every node in flight
@@ -375,6 +375,8 @@ class AsyncLoop:
         while not self.should_stop():
             job, reply = self.transport.next()
             if self.clock.simulated:
+                if self.settings.time_budget and job.vdone > self.settings.time_budget:
+                    break  # it completes after the budget: neither it nor the time it takes counts
                 self.clock.advance_to(job.vdone)
             new = self.process(job, reply, self.weights)
             if new is not None:
