@@ -1235,3 +1235,22 @@ def test_a_simulated_time_budget_is_not_overshot(task_identity):
                         time_budget=2.5 * duration)
     loop.run(record(START))
     assert loop.version == 2 and loop.clock.now <= 2.5 * duration
+
+
+@pytest.mark.parametrize("first", ["slow", "fast"])
+def test_a_synchronous_round_lasts_as_long_as_its_slowest_reply_rejected_or_not(task_identity, first):
+    """A slow node whose replies are rejected: the round waited for it, so its virtual time is the
+    slow node's (it was the fast node's alone: sync looked faster than async under faults)."""
+    fleet = make_fleet("mixed", 2, seed=0, jitter_sigma=0.0, latency=0.0, devices={
+        "fast": {"share": 0.5, "speed": 4.0}, "slow": {"share": 0.5, "speed": 1.0}})
+    slow = [d.name for d in fleet.profiles].index("slow")
+    nodes = {101: FakeNode(0, 0.01, behave="nan" if slow == 0 else "honest"),
+             102: FakeNode(1, 0.02, behave="nan" if slow == 1 else "honest")}
+    if first == "fast":  # its reply first: the slow one is rejected before any identity is bound
+        nodes = dict(reversed(list(nodes.items())))
+    path = make_path(guard_max_harm=None)
+    strategy = Guarded(FedAvg(fraction_evaluate=0.0), path, fleet=fleet)
+    sync_round(strategy, nodes, START)
+    work = SENT.examples_per_update(LIMITS.train_examples[slow])
+    model_bytes = sum(v.nbytes for v in START.values())
+    assert strategy.virtual_time == pytest.approx(fleet.timing(slow, 1, work, model_bytes).duration)

@@ -93,6 +93,7 @@ class Guarded(Strategy):
         self.reference: dict | None = None  # the global weights sent this round
         self.round_offset = 0               # rounds done before a resume
         self.client_updates = 0
+        self.registered: dict[int, int] = {}  # simulation: node id -> its partition, by registration order
 
     @property
     def failed_rounds(self) -> int:
@@ -117,6 +118,8 @@ class Guarded(Strategy):
     # ----------------------------------------------------------- configure
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid) -> Iterable[Message]:
         self.reference = to_weights(arrays)
+        if self.clock.simulated:  # node id -> partition by registration (see advance_clock)
+            self.registered = {node_id: i for i, node_id in enumerate(grid.get_node_ids())}
         if self.central and not self.privacy.flower_composes:  # central_adaptive: the clip this round uses
             self.privacy.clips.append(self.privacy.clip)
         if self.central:
@@ -152,7 +155,7 @@ class Guarded(Strategy):
             self._record_client_evaluation(step - 1, self.path.received_evaluation())
         updates.sort(key=lambda u: (u.partition, u.name))  # a fixed order: a reproducible sum
         if self.clock.simulated:
-            updates = self.advance_clock(step, updates)
+            updates = self.advance_clock(step, updates, rejections)
             self.path.record(step, virtual_time=round(self.clock.now, 4))
         arrays, metrics = None, None
         if updates:
@@ -263,13 +266,23 @@ class Guarded(Strategy):
             self.path.record(step, **fields)
 
     # --------------------------------------------------------------- clock
-    def advance_clock(self, step: int, updates: list) -> list:
+    def advance_clock(self, step: int, updates: list, rejections: list = ()) -> list:
         """Advance virtual time by the slowest node's update (a dropped update costs the
-        timeout) and drop the updates whose device dropped out."""
+        timeout) and drop the updates whose device dropped out. A rejected or failed reply took
+        its node's time too (the round waited for it; the asynchronous loop charges it as well):
+        its node's partition is its bound identity's, else its place in the registration order
+        (the simulation registers partition i i-th), and its work the one sent for that partition."""
         model_bytes = sum(v.nbytes for v in self.reference.values())
         timings = [self.clock.timing(u.partition, step, u.metrics[p.EXAMPLES_PROCESSED], model_bytes)
                    for u in updates]
-        self.clock.advance_by_slowest(timings)
+        waited = []
+        for r in rejections:
+            bound = self.path.identities.bound.get(r.node_id)
+            partition = bound.partition if bound is not None else self.registered.get(r.node_id)
+            if partition is not None and self.path.screen.limits is not None:
+                work = self.path.sent.examples_per_update(self.path.screen.limits.train_cap(partition))
+                waited.append(self.clock.timing(partition, step, work, model_bytes))
+        self.clock.advance_by_slowest(timings + waited)
         return [u for u, timing in zip(updates, timings) if not timing.dropped]
 
     # --------------------------------------------------------------- state
