@@ -7,7 +7,7 @@ The run config key ``overrides`` carries Hydra overrides, e.g.::
 
 from __future__ import annotations
 
-from logging import INFO, WARNING
+from logging import INFO
 
 from flwr.app import Context
 from flwr.common.logger import log
@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from flmnist.config.compose import compose_config, parse_overrides
 from flmnist.config.resume import extend_in_place, split_budget
 from flmnist.core.build import build
-from flmnist.core.run_files import atomic_write, find_checkpoint
+from flmnist.core.run_files import ConfigBackup, find_checkpoint
 from flmnist.ml.export import export_model
 from flmnist.ml.threads import confine_torch
 from flmnist.runtime.run_setup import build_run
@@ -41,11 +41,8 @@ def run(grid: Grid, cfg: DictConfig) -> dict:
         raise
     finally:
         run.engine.finish()  # what the engine and its observers have to add to the summary
-        try:
-            if run.recorder.save_model():
-                export_model(build(run.cfg.model, "model"), run.run_dir)
-        except Exception as err:  # noqa: BLE001 - a full disk must not lose summary.json (finish says so)
-            log(WARNING, "Could not save the final model: %s: %s", type(err).__name__, err)
+        if run.recorder.save_model():  # (a model.pt that cannot be written is said, not raised)
+            export_model(build(run.cfg.model, "model"), run.run_dir)
         summary = run.recorder.finish(status, error)  # summary.json last: the run is over
     return summary
 
@@ -57,19 +54,20 @@ def main(grid: Grid, context: Context) -> None:
     notes: list[str] = []
     overrides = parse_overrides(str(context.run_config.get("overrides", "")))
     cfg = compose_config(split_budget(overrides)[0], notes)
-    restore = None  # the config.yaml a resume extended, while its checkpoint is unchanged
+    backup = None
     if cfg.resume:  # plain flwr run: extend or refuse, as the flmnist command does
         checkpoint = find_checkpoint(str(cfg.resume), cfg.output_dir)
         cfg.resume = str(checkpoint)  # resume=latest: the one found, once
-        before = (checkpoint.parent / "config.yaml").read_text(), checkpoint.stat().st_mtime_ns
+        backup = ConfigBackup(checkpoint)
         if changed := extend_in_place(overrides, checkpoint):
             log(INFO, "flmnist: extending the run: %s", changed)
-            restore = before
+        else:
+            backup = None
     for note in notes:
         log(INFO, "%s", note)
     try:
         run(grid, cfg)
     except BaseException:
-        if restore is not None and checkpoint.stat().st_mtime_ns == restore[1]:  # failed before a step
-            atomic_write(checkpoint.parent / "config.yaml", restore[0])
+        if backup is not None:
+            backup.put_back_unless_stepped()
         raise

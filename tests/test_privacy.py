@@ -456,7 +456,7 @@ def train_message(weights: dict, **sent) -> Message:
 
 def client_fedavg(sigma: float, clip: float, nodes: int = 4):
     strategy, accountant, path, _ = guarded("client", wrap_sync, sigma, clip, nodes)
-    path.update_clip = clip  # what run_setup passes under privacy=client
+    path.lengths.update_clip = clip  # what run_setup passes under privacy=client
     return strategy, accountant, path
 
 

@@ -145,6 +145,12 @@ def _check_additions(overrides: list[str]) -> None:
         raise ConfigError(f"{item}: flmnist would ignore a new key here; {message}")
 
 
+def without_no_preset(overrides: list[str]) -> list[str]:
+    """``experiment=null`` left out: no preset, as config.yaml's default (Hydra refused it typed:
+    "must be a string or a list")."""
+    return [o for o in overrides if o.lstrip("+~") not in ("experiment=null", "experiment=")]
+
+
 PATH_KEYS = ("resume", "data.root", "output_dir", "run_dir", "screen.registry")
 
 
@@ -154,8 +160,7 @@ def compose_config(overrides: list[str] | None = None, notes: list[str] | None =
     Every failure is a ConfigError with a one-line message naming the override or setting.
     ``notes`` receives what was adjusted (evaluation rounds past a shortened run's end, dropped).
     """
-    # experiment=null: no preset, as by default (Hydra refused it: "must be a string or a list")
-    overrides = [o for o in overrides or [] if o.lstrip("+~") not in ("experiment=null", "experiment=")]
+    overrides = without_no_preset(overrides or [])
     check_group_overrides(overrides)
     _check_additions(overrides)
     try:

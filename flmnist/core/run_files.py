@@ -40,6 +40,28 @@ def atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+class ConfigBackup:
+    """A resumed run's ``config.yaml`` as it was before the resume extended it, put back if the
+    run then fails before its first step (its checkpoint unchanged): a refused resume leaves the
+    run as it was (the next resume saw it extended). The flmnist command and a plain ``flwr run``
+    (the ServerApp) each extend it, and keep a backup."""
+
+    def __init__(self, checkpoint: Path) -> None:
+        self.checkpoint, self.path = checkpoint, checkpoint.parent / "config.yaml"
+        self.text, self.stamp = self.path.read_text(), self._stamp()
+
+    def _stamp(self) -> tuple[int, int] | None:
+        try:
+            st = self.checkpoint.stat()
+        except OSError:
+            return None
+        return st.st_ino, st.st_mtime_ns
+
+    def put_back_unless_stepped(self) -> None:
+        if self._stamp() == self.stamp:
+            atomic_write(self.path, self.text)
+
+
 def run_config(directory: Path) -> dict | None:
     """A run directory's ``config.yaml`` as plain data, if it is a flmnist config (else None)."""
     try:

@@ -97,14 +97,6 @@ class ReplyPath:
         return self.lengths.clipped
 
     @property
-    def update_clip(self) -> float | None:
-        return self.lengths.update_clip
-
-    @update_clip.setter
-    def update_clip(self, clip: float | None) -> None:
-        self.lengths.update_clip = clip
-
-    @property
     def rejected(self) -> Counter:  # node name -> rejected replies (IdentityBook.rejections: whose)
         return self.identities.rejections()
 

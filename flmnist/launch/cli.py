@@ -41,6 +41,7 @@ from flmnist.config.compose import (
     conf_dir,
     override_key,
     sweep_jobs,
+    without_no_preset,
 )
 from flmnist.config.help import help_text, version_text
 from flmnist.config.resume import (
@@ -53,7 +54,14 @@ from flmnist.config.resume import (
 from flmnist.config.validate import collapse_args, run_length, validate
 from flmnist.core.checks import check_writable_folder
 from flmnist.core.errors import ConfigError, FlmnistError, RunFailed
-from flmnist.core.run_files import CHECKPOINT, atomic_write, find_checkpoint, quoted, resume_arg
+from flmnist.core.run_files import (
+    CHECKPOINT,
+    ConfigBackup,
+    atomic_write,
+    find_checkpoint,
+    quoted,
+    resume_arg,
+)
 from flmnist.launch import warm_link
 from flmnist.launch.backend import check_gpu_share, client_gpus, simulation_backend
 from flmnist.launch.comparison import COLUMNS, degraded_message, write_comparison  # noqa: F401 - re-exported
@@ -139,9 +147,9 @@ def launch(cfg: DictConfig) -> dict:
         run_dir = Path(hc.runtime.output_dir).resolve()
     root = resolve_root(run_cfg.data.root)
     ensure_mnist(root, run_cfg.data.download)  # fail here, before starting Flower, if MNIST is missing
-    restore = None  # a resume's config.yaml before it was extended, and its checkpoint's identity
+    backup = None
     if cfg.resume and (run_cfg.data.root != str(root) or run_cfg != saved):  # extended, or the data moved
-        restore = (run_dir / "config.yaml").read_text(), signature(checkpoint)
+        backup = ConfigBackup(checkpoint)
         run_cfg.data.root = str(root)
         atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(run_cfg))  # once the checks passed
         if changed := extension(saved, run_cfg):
@@ -173,8 +181,8 @@ def launch(cfg: DictConfig) -> dict:
     try:
         summary = outcome(run_dir, before, code, log_from)
     except FlmnistError:
-        if restore is not None and signature(checkpoint) == restore[1]:  # failed before a step: as it was
-            atomic_write(run_dir / "config.yaml", restore[0])
+        if backup is not None:
+            backup.put_back_unless_stepped()
         raise
     if not until.seen:  # Flower's log stream ended before the run's last line: say it from summary.json
         line = f"flmnist: {final_line(summary)}"
@@ -251,7 +259,7 @@ def hydra_arguments(args: list[str]) -> list[str]:
     """Check every job's config before anything starts (Hydra has not created a directory yet);
     return the arguments to hand to Hydra. A resume is pinned to the directory of its run,
     so Hydra creates no new one."""
-    args = [a for a in args if a.lstrip("+~") not in ("experiment=null", "experiment=")]  # no preset, the default
+    args = without_no_preset(args)
     multirun = any(a in MULTIRUN for a in args)
     overrides = [a for a in args if a not in MULTIRUN]
     if multirun:

@@ -67,7 +67,7 @@ class RunRecorder:
         self.best_round: int | None = None
         self.final_state: dict | None = None
         self.best_state: dict | None = None  # the weights in model_best.pt
-        self.model_saved = False
+        self.model_saved: bool | None = False  # None: it could not be written (said once)
         self.unit = unit  # "round" (synchronous) or "update" (asynchronous server updates)
         self.async_stats: dict | None = None
         self.screen_stats: dict | None = None  # what the reply screen rejected, per node and reason
@@ -260,10 +260,17 @@ class RunRecorder:
         return "\n".join(lines)
 
     def save_model(self) -> Path | None:
-        """Write the final global model to ``model.pt`` (exports are made from it)."""
-        if self.final_state is None or self.save_tensors is None:
+        """Write the final global model to ``model.pt`` (exports are made from it); None if there
+        is none or it cannot be written (said once: a full disk must not lose the summary too)."""
+        if self.final_state is None or self.save_tensors is None or self.model_saved is None:
             return None
-        self.save_tensors(self.final_state, self.run_dir / "model.pt")
+        try:
+            self.save_tensors(self.final_state, self.run_dir / "model.pt")
+        except Exception as err:  # noqa: BLE001 - the summary is written after it
+            self.model_saved = None  # tried and failed: not again
+            self.printer(f"Could not save {self.run_dir / 'model.pt'} ({type(err).__name__}: {err}); the last "
+                         "checkpoint.pt holds the final model")
+            return None
         self.model_saved = True
         return self.run_dir / "model.pt"
 
@@ -276,11 +283,7 @@ class RunRecorder:
         its last line starts ``Run finished degraded:`` (:data:`DEGRADED`); its status stays
         ``finished``."""
         if not self.model_saved:
-            try:
-                self.save_model()
-            except Exception as err:  # noqa: BLE001 - a full disk must not lose the summary too
-                self.printer(f"Could not save {self.run_dir / 'model.pt'} ({type(err).__name__}: {err}); the last "
-                             "checkpoint.pt holds the final model")
+            self.save_model()
         self.write_metrics()
         summary = self.summary(status, error)
         try:
