@@ -1254,3 +1254,25 @@ def test_a_synchronous_round_lasts_as_long_as_its_slowest_reply_rejected_or_not(
     work = SENT.examples_per_update(LIMITS.train_examples[slow])
     model_bytes = sum(v.nbytes for v in START.values())
     assert strategy.virtual_time == pytest.approx(fleet.timing(slow, 1, work, model_bytes).duration)
+
+
+def test_a_synchronous_update_lost_to_the_fleet_is_never_read(task_identity, tmp_path):
+    """Fleet dropout 0.5, seed 1: partition 0's first update is lost. Like the asynchronous loop,
+    the server reads nothing of it: no hook, no loss trace, no length window, no example count;
+    the round still waited the timeout for it. It fed all of these before (a review)."""
+    fleet = make_fleet("homogeneous", 2, seed=1, dropout=0.5)
+    assert fleet.timing(0, 1, 1, 0).dropped and not fleet.timing(1, 1, 1, 0).dropped  # the premise
+    spy = Spy()
+    recorder = RunRecorder(tmp_path, 1, 0.9, printer=lambda s: None)
+    path = ReplyPath(ReplyScreen(ScreenSettings(), LIMITS), SENT, [spy], recorder=recorder)
+    strategy = Guarded(FedAvg(min_available_nodes=2, min_train_nodes=2, fraction_evaluate=0.0), path,
+                       fleet=fleet, virtual_timeout=600.0)
+    nodes = {11: FakeNode(0, 0.01), 12: FakeNode(1, 0.02)}
+    arrays, _ = sync_round(strategy, nodes, START)
+    assert spy.updates == [(1, [1])]
+    assert list(recorder.loss_points) == [p.simulated_node_name(1)]
+    assert len(path.lengths.norms) == 1
+    row = recorder.rows[1]
+    assert row["num_updates"] == 1 and row["train_examples"] == nodes[12].n
+    assert row["virtual_time"] == 600.0
+    assert_weights(to_weights(arrays), shifted(START, 0.02))  # node 1's update alone

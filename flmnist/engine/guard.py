@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
-from logging import WARNING
+from logging import INFO, WARNING
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -42,7 +42,7 @@ from flwr.serverapp.strategy import Strategy
 
 from flmnist.core.arrays import to_record, to_weights
 from flmnist.engine.base import RoundLiveness, VirtualClock
-from flmnist.engine.fleet import Fleet
+from flmnist.engine.fleet import Fleet, UpdateTiming
 from flmnist.engine.privacy import Accountant
 from flmnist.engine.privacy_ledger import restore_ledger, save_ledger
 from flmnist.engine.reply_path import ReplyPath
@@ -150,12 +150,14 @@ class Guarded(Strategy):
         step = server_round + self.round_offset
         replies = list(replies)
         self.client_updates += len(replies)
+        lost = self.lost_in_fleet(step, replies) if self.clock.simulated else []
+        replies = [m for m in replies if all(m is not gone for gone, _ in lost)]
         updates, rejections = self.path.train_replies(step, replies, self.reference)
         if self.evaluate_in_train:  # the model sent: the last round's global model
             self._record_client_evaluation(step - 1, self.path.received_evaluation())
         updates.sort(key=lambda u: (u.partition, u.name))  # a fixed order: a reproducible sum
         if self.clock.simulated:
-            updates = self.advance_clock(step, updates, rejections)
+            self.advance_clock(step, updates, rejections, [timing for _, timing in lost])
             self.path.record(step, virtual_time=round(self.clock.now, 4))
         arrays, metrics = None, None
         if updates:
@@ -266,24 +268,47 @@ class Guarded(Strategy):
             self.path.record(step, **fields)
 
     # --------------------------------------------------------------- clock
-    def advance_clock(self, step: int, updates: list, rejections: list = ()) -> list:
-        """Advance virtual time by the slowest node's update (a dropped update costs the
-        timeout) and drop the updates whose device dropped out. A rejected or failed reply took
-        its node's time too (the round waited for it; the asynchronous loop charges it as well):
-        its node's partition is its bound identity's, else its place in the registration order
-        (the simulation registers partition i i-th), and its work the one sent for that partition."""
+    def node_partition(self, node_id: int) -> int | None:
+        """A node id's partition: its bound identity's, else its place in the registration order
+        (the simulation registers partition i i-th); never what a reply claims."""
+        bound = self.path.identities.bound.get(node_id)
+        return bound.partition if bound is not None else self.registered.get(node_id)
+
+    def lost_in_fleet(self, step: int, replies: list[Message]) -> list[tuple[Message, UpdateTiming]]:
+        """The replies whose simulated device dropped out this round, with their timings: they
+        never arrived, so the server reads nothing of them (no screen, no loss trace, no hook, no
+        length window, no guard), like the asynchronous loop. The drop depends only on the
+        node's partition and the round, not on the reply."""
+        model_bytes = sum(v.nbytes for v in self.reference.values())
+        lost = []
+        for msg in replies:
+            partition = self.node_partition(msg.metadata.src_node_id)
+            if partition is None or self.path.screen.limits is None:
+                continue
+            timing = self.clock.timing(partition, step, self._work(partition), model_bytes)
+            if timing.dropped:
+                lost.append((msg, timing))
+        if lost:
+            log(INFO, "Round %d: %d update(s) lost to the simulated fleet's dropout", step, len(lost))
+        return lost
+
+    def _work(self, partition: int) -> int:
+        """The examples the task sent to ``partition`` asked for."""
+        return self.path.sent.examples_per_update(self.path.screen.limits.train_cap(partition))
+
+    def advance_clock(self, step: int, updates: list, rejections: list = (), lost: list = ()) -> None:
+        """Advance virtual time by the slowest node's update; a dropped update (``lost``, its
+        timing) costs the timeout. A rejected or failed reply took its node's time too (the round
+        waited for it; the asynchronous loop charges it as well), with the work sent to it."""
         model_bytes = sum(v.nbytes for v in self.reference.values())
         timings = [self.clock.timing(u.partition, step, u.metrics[p.EXAMPLES_PROCESSED], model_bytes)
                    for u in updates]
         waited = []
         for r in rejections:
-            bound = self.path.identities.bound.get(r.node_id)
-            partition = bound.partition if bound is not None else self.registered.get(r.node_id)
+            partition = self.node_partition(r.node_id)
             if partition is not None and self.path.screen.limits is not None:
-                work = self.path.sent.examples_per_update(self.path.screen.limits.train_cap(partition))
-                waited.append(self.clock.timing(partition, step, work, model_bytes))
-        self.clock.advance_by_slowest(timings + waited)
-        return [u for u, timing in zip(updates, timings) if not timing.dropped]
+                waited.append(self.clock.timing(partition, step, self._work(partition), model_bytes))
+        self.clock.advance_by_slowest([*timings, *waited, *lost])
 
     # --------------------------------------------------------------- state
     def _inner_state(self) -> dict:
