@@ -88,6 +88,22 @@ def test_each_update_is_clipped_and_a_silent_node_counts_as_a_zero_update(task_i
     assert arrays["w"].numpy().mean() == pytest.approx(0.75 * clipped, rel=0.01)
 
 
+@pytest.mark.parametrize("mechanism", ["central", "client"])
+@pytest.mark.parametrize("fault", ["nan", "silent"])
+def test_a_round_with_no_usable_update_still_releases_noise_and_counts(task_identity, mechanism, fault):
+    """Every sampled node's reply rejected or missing: the model moves by the noise alone (std
+    sigma * C / n) and the release is counted. Released unchanged, it told a round whose nodes all
+    failed from one whose update arrived, with certainty: no epsilon bounds that (a review). The
+    round still counts as failed."""
+    strategy, accountant, _, _ = guarded(mechanism, wrap_sync, sigma=2.0, clip=0.5)
+    arrays, metrics = sync_round(strategy, {i + 11: FakeNode(i, 0.01, behave=fault) for i in range(4)}, BIG)
+    moved = arrays["w"].numpy()
+    assert moved.std() == pytest.approx(2.0 * 0.5 / 4, rel=0.03) and abs(moved.mean()) < 0.01
+    assert metrics is None
+    assert accountant.rdp.num_releases == 1 and accountant.epsilon == pytest.approx(rdp_epsilon(2.0, 1), rel=1e-6)
+    assert strategy.failed_rounds == 1
+
+
 def test_the_budget_stops_before_the_round_that_would_pass_it(task_identity):
     """max_epsilon between two and three releases' epsilon: the path is told to stop after round 2."""
     budget = (rdp_epsilon(1.0, 2) + rdp_epsilon(1.0, 3)) / 2
@@ -699,3 +715,14 @@ def test_the_budget_does_not_stop_a_run_after_its_last_round(task_identity):
     sync_round(strategy, nodes, BIG, server_round=1)
     sync_round(strategy, nodes, BIG, server_round=2)
     assert path.stopped is None
+
+
+def test_an_adaptive_round_with_no_usable_update_releases_noise_and_counts(task_identity):
+    """As central: every reply rejected, the model moves by the split noise alone and the round is
+    one release."""
+    strategy, accountant, _ = adaptive_fedavg(sigma=2.0, clip=0.5, count_stddev=4.0)
+    arrays, _ = sync_round(strategy, {i + 11: FakeNode(i, 0.01, behave="nan") for i in range(4)}, BIG)
+    z = (2.0 ** -2 - 4.0 ** -2) ** -0.5
+    assert arrays["w"].numpy().std() == pytest.approx(z * 0.5 / 4, rel=0.03)
+    assert accountant.epsilon == pytest.approx(rdp_epsilon(2.0, 1), rel=1e-6)
+    assert strategy.failed_rounds == 1

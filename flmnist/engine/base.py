@@ -81,8 +81,9 @@ class RoundLiveness(Liveness):
 
     advanced_rounds = 0  # rounds of this process that made a new global model
 
-    def count_round(self, step: int, advanced: bool, received: int, rejections: Sequence) -> None:
-        """A round that made no new global model is failed; too many in a row end the run."""
+    def count_round(self, step: int, advanced: bool, received: int, rejections: Sequence, moved: bool = False) -> None:
+        """A round that made no new global model from an update is failed; too many in a row end
+        the run (``moved``: central DP moved the model by its noise alone)."""
         if advanced:
             self.advanced_rounds += 1
             self.ok()
@@ -90,8 +91,8 @@ class RoundLiveness(Liveness):
         last = rejections[-1].reason if rejections else "no replies arrived"
         reached = self.failed(last)
         log(WARNING, "Round %d failed: no usable update (%d replies, %d rejected or failed); "
-            "the global model stays as it was (%d/%d failed rounds in a row)",
-            step, received, len(rejections), self.in_a_row, self.limit)
+            "the global model %s (%d/%d failed rounds in a row)", step, received, len(rejections),
+            "moved by the privacy noise alone" if moved else "stays as it was", self.in_a_row, self.limit)
         if reached:
             raise RunFailed(f"{self.in_a_row} rounds in a row without a usable update "
                             f"(max_failed_rounds={self.limit}); last reason: {last}")

@@ -36,7 +36,7 @@ from collections.abc import Iterable
 from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp.strategy import Strategy
 
@@ -160,7 +160,7 @@ class Guarded(Strategy):
             self.advance_clock(step, updates, rejections, [timing for _, timing in lost])
             self.path.record(step, virtual_time=round(self.clock.now, 4))
         arrays, metrics = None, None
-        if updates:
+        if updates or self.central:  # central DP: a round nobody's update reached is noise alone
             # Flower's strategies assign new objects to these attributes (never update them in
             # place), so keeping references is enough to roll them back.
             snapshot = {k: getattr(self.strategy, k) for k in checkpoint_state(self.strategy)}
@@ -170,7 +170,7 @@ class Guarded(Strategy):
             try:
                 arrays, metrics = self.strategy.aggregate_train(step, messages)
                 if self.central and metrics is not None:  # the real replies' metrics only
-                    metrics = aggregate_train_metrics([u.content() for u in updates], p.UNIT_WEIGHT)
+                    metrics = aggregate_train_metrics([u.content() for u in updates], p.UNIT_WEIGHT) if updates else None
             except Exception as err:  # noqa: BLE001 - the inner strategy's failure fails this round only
                 log(WARNING, "%s could not aggregate round %d: %s: %s", self.name, step, type(err).__name__, err)
             weights = None if arrays is None else self.path.aggregate(arrays, self.reference, self._inner_state())
@@ -182,7 +182,7 @@ class Guarded(Strategy):
                 arrays = to_record(weights)
                 self.path.applied(step, self.reference, updates, self.reference, delta=False, key=("round", step))
         if self.privacy is not None:
-            self.account(step, arrays is not None, handed=bool(updates))
+            self.account(step, arrays is not None, handed=bool(updates) or self.central)
         self.path.record(
             step,
             client_updates=self.client_updates,
@@ -193,24 +193,28 @@ class Guarded(Strategy):
             rejections=[f"{r.name}: {r.reason}" for r in rejections if not r.failed],
             train_examples=sum(u.num_examples for u in updates),
         )
-        self.liveness.count_round(step, arrays is not None, len(replies), rejections)
+        self.liveness.count_round(step, arrays is not None and bool(updates), len(replies), rejections,
+                                  moved=arrays is not None)
         return arrays, metrics
 
     # ------------------------------------------------------------- privacy
     def zero_updates(self, messages: list[Message]) -> list[Message]:
         """Exactly ``per_round`` updates for the DP average: each rejected or missing one is the
         global model itself (a zero update), so one node's absence changes the mean by at most
-        the clip over n, as the accountant assumes. (Flower 1.41's clip divides by the update's
-        norm, so the pad moves one coordinate by one float step: :func:`nearly_zero`.)"""
-        if not messages or len(messages) >= self.per_round:
+        the clip over n, as the accountant assumes; a round with no update at all is all zero
+        updates, so its model is the last one plus the noise (released unchanged, it would tell a
+        round whose sampled nodes all failed from one whose update arrived). (Flower 1.41's clip
+        divides by the update's norm, so the pad moves one coordinate by one float step:
+        :func:`nearly_zero`.)"""
+        if len(messages) >= self.per_round:
             return messages[: self.per_round]
-        template = messages[0]
         zero = to_record(nearly_zero(self.reference))
-        metrics = MetricRecord(dict(template.content[p.METRICS].items()))  # same keys; the round's metrics come from the real updates
-        pad = [Message(content=type(template.content)({p.ARRAYS: zero, p.METRICS: metrics}),
-                       metadata=template.metadata) for _ in range(self.per_round - len(messages))]
-        log(WARNING, "Privacy: %d of %d updates missing or rejected this round; each counts as a zero update",
-            len(pad), self.per_round)
+        # the real updates' metric keys (Flower wants the same in every reply); their values are not used
+        keys = dict(messages[0].content[p.METRICS].items()) if messages else {p.UNIT_WEIGHT: 1}
+        pad = [Message(RecordDict({p.ARRAYS: zero, p.METRICS: MetricRecord(keys)}), dst_node_id=0,
+                       message_type=MessageType.TRAIN) for _ in range(self.per_round - len(messages))]
+        log(WARNING, "Privacy: %d of %d updates missing or rejected this round; each counts as a zero update%s",
+            len(pad), self.per_round, "" if messages else " (the model moves by the noise alone)")
         return messages + pad
 
     def account(self, step: int, released: bool, handed: bool = True) -> None:
