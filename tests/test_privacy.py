@@ -726,3 +726,55 @@ def test_an_adaptive_round_with_no_usable_update_releases_noise_and_counts(task_
     assert arrays["w"].numpy().std() == pytest.approx(z * 0.5 / 4, rel=0.03)
     assert accountant.epsilon == pytest.approx(rdp_epsilon(2.0, 1), rel=1e-6)
     assert strategy.failed_rounds == 1
+
+
+# ------------------------------------------------------------------ per-node budgets, synchronous
+
+def local_fedavg(tmp_path=None, max_epsilon=None):
+    """privacy=local, four nodes, all sampled every round."""
+    from flmnist.engine.local_privacy import LocalAccountant
+    from flmnist.observers.recorder import RunRecorder
+
+    settings = PrivacySettings("local", noise_multiplier=1.3, clipping_norm=1.0, target_delta=DELTA,
+                               max_epsilon=max_epsilon)
+    accountant = LocalAccountant(settings, SENT, LIMITS.train_examples)
+    path = make_path()
+    if tmp_path is not None:
+        path.recorder = RunRecorder(tmp_path, 3, 0.9, printer=lambda s: None)
+    return Guarded(FedAvg(min_available_nodes=4, min_train_nodes=4), path, privacy=accountant), accountant, path
+
+
+SILENT_FOURTH = {11: FakeNode(0, 0.01), 12: FakeNode(1, 0.01), 13: FakeNode(2, 0.01), 14: FakeNode(3, 0.01, behave="silent")}
+
+
+def test_a_local_dp_round_that_could_pass_the_budget_through_unreplied_tasks_is_not_sent(task_identity):
+    """Node 3 never replies, so each of its tasks counts against every node: round 2 would charge
+    node 0 its own task and node 3's, 4 releases in all. A budget between 3 and 4 releases' epsilon
+    must stop after round 1; the check allowed one more task per node and the run ended above the
+    budget (a review)."""
+    budget = (rdp_epsilon(1.3, 3) + rdp_epsilon(1.3, 4)) / 2
+    strategy, accountant, path = local_fedavg(max_epsilon=budget)
+    sync_round(strategy, SILENT_FOURTH, BIG, server_round=1)
+    assert accountant.unattributed == 1 and accountant.epsilon == pytest.approx(rdp_epsilon(1.3, 2), rel=1e-9)
+    assert path.stopped == (1, "privacy budget")
+
+
+def test_a_resumed_local_dp_run_still_counts_the_unreplied_tasks(task_identity):
+    """The checkpoint's state restores the tasks of node ids that never replied; the resumed
+    accountant dropped them and counted one task fewer against every node (a review)."""
+    first, accountant, _ = local_fedavg()
+    sync_round(first, SILENT_FOURTH, BIG, server_round=1)
+    resumed, again, _ = local_fedavg()
+    resumed.load_state_dict(first.state_dict())
+    assert again.unattributed == accountant.unattributed == 1
+    assert again.epsilon == pytest.approx(accountant.epsilon, rel=1e-12)
+
+
+def test_local_dp_tasks_are_in_the_ledger_when_they_are_sent(task_identity, tmp_path):
+    """The ledger counts a round's tasks before any reply: a server that dies mid-round has
+    counted what the nodes were asked to release (it was written only after aggregation)."""
+    strategy, _, _ = local_fedavg(tmp_path)
+    grid = FakeGrid(SILENT_FOURTH)
+    list(strategy.configure_train(1, record(BIG), SENT.to_record(), grid))
+    ledger = json.loads((tmp_path / "privacy_ledger.json").read_text())
+    assert ledger["state"]["unattributed"] == 4 and ledger["epsilon"] == pytest.approx(rdp_epsilon(1.3, 4), rel=1e-9)

@@ -31,7 +31,6 @@ FedAdagrad, FedYogi, FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan, ...) can
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterable
 from logging import INFO, WARNING
 
@@ -46,6 +45,7 @@ from flmnist.engine.fleet import Fleet, UpdateTiming
 from flmnist.engine.privacy import Accountant
 from flmnist.engine.privacy_ledger import restore_ledger, save_ledger
 from flmnist.engine.reply_path import ReplyPath
+from flmnist.engine.sent_tasks import SentTasks
 from flmnist.protocol import messages as p
 from flmnist.protocol.aggregation import aggregate_train_metrics
 from flmnist.strategies.state import checkpoint_state
@@ -84,8 +84,8 @@ class Guarded(Strategy):
         self.privacy, self.per_round = privacy, per_round  # privacy=central: the accountant, nodes a round
         # Loss traces are lists of different lengths: Flower's default metric average cannot take them.
         self.central = privacy is not None and privacy.central  # Flower's DP wrapper around the strategy
-        self.tasks_sent: list[int] = []  # DP-SGD: node ids sent a training task this round
-        self.unbound_tasks: Counter[int] = Counter()  # DP-SGD: tasks of node ids not bound to an identity yet
+        # DP-SGD, local DP: the tasks sent, counted as they go out
+        self.tasks = SentTasks(privacy, path.identities) if privacy is not None and not self.central else None
         (strategy.strategy if self.central else strategy).train_metrics_aggr_fn = aggregate_train_metrics
         self.path = path
         self.liveness = RoundLiveness(max_failed_rounds)  # rounds in a row without a new global model
@@ -125,9 +125,9 @@ class Guarded(Strategy):
         if self.central:
             self.sample_exactly(grid)
         messages = self.strategy.configure_train(server_round + self.round_offset, arrays, config, grid)
-        if self.privacy is not None and not self.central:  # DP-SGD: every task sent counts (see account)
+        if self.tasks is not None:  # DP-SGD, local DP: every task sent counts
             messages = list(messages)
-            self.tasks_sent = [m.metadata.dst_node_id for m in messages]
+            self.tasks.sent([m.metadata.dst_node_id for m in messages], self.path.recorder)
         return messages
 
     def sample_exactly(self, grid) -> None:
@@ -219,9 +219,8 @@ class Guarded(Strategy):
 
     def account(self, step: int, released: bool, handed: bool = True) -> None:
         """Epsilon into the round's row; a stop before the next round if it would exceed the budget.
-        DP-SGD: each task sent this round counts for its node, by the identity its node id is bound
-        to (a node's first reply binds it); until a node id is bound, its tasks count against every
-        partition (the accountant's unattributed tasks), then move to its own.
+        DP-SGD, local DP: the round's tasks counted when sent (:mod:`flmnist.engine.sent_tasks`) move
+        to the partitions of the node ids bound since.
         ``central_adaptive``: flmnist composes the round itself when updates were ``handed`` to the
         wrapper (its noised count was released even if the aggregate is then rejected and the clip
         rolled back)."""
@@ -230,19 +229,8 @@ class Guarded(Strategy):
             if handed:
                 self.privacy.compose(self.per_round)
                 released = True
-        if not self.central:
-            self.unbound_tasks.update(self.tasks_sent)
-            self.tasks_sent = []
-            for node_id, count in list(self.unbound_tasks.items()):
-                bound = self.path.identities.bound.get(node_id)
-                if bound is not None:
-                    for _ in range(count):
-                        self.privacy.task(bound.partition, bound.name)
-                    del self.unbound_tasks[node_id]
-                else:
-                    log(WARNING, "Privacy: node id %d has not replied yet; its %d task(s) count against every "
-                        "node's budget until it does", node_id, count)
-            self.privacy.unattributed = sum(self.unbound_tasks.values())
+        if self.tasks is not None:
+            self.tasks.attribute(warn=True)
         if released or not self.central:  # DP-SGD: the nodes spent it whether or not the round aggregated
             self.privacy.log_release(step, "round")
         epsilon = self.privacy.epsilon
@@ -255,7 +243,8 @@ class Guarded(Strategy):
     def check_budget(self, step: int) -> None:
         """A stop after ``step`` if the next round would exceed the privacy budget (each round's end;
         and before a resumed run's first round, which nothing checked: it spent past the budget)."""
-        if self.privacy is not None and self.privacy.would_exceed(self.per_round):
+        if self.privacy is not None and (self.tasks.would_exceed() if self.tasks is not None
+                                         else self.privacy.would_exceed(self.per_round)):
             self.path.request_stop(step, "privacy budget", epsilon=round(self.privacy.epsilon, 6),
                                    max_epsilon=self.privacy.settings.max_epsilon)
 
@@ -321,20 +310,22 @@ class Guarded(Strategy):
 
     def state_dict(self) -> dict:
         return {"inner": self._inner_state(), "virtual_time": self.clock.now, "client_updates": self.client_updates,
-                "failed_rounds": self.liveness.in_a_row, "unbound_tasks": {str(k): v for k, v in self.unbound_tasks.items()},
-                "privacy": self.privacy.state_dict() if self.privacy is not None else None}
+                "failed_rounds": self.liveness.in_a_row,
+                "privacy": self.privacy.state_dict() if self.privacy is not None else None,
+                **(self.tasks.state_dict() if self.tasks is not None else {})}
 
     def load_state_dict(self, state: dict) -> None:
         for k, v in state["inner"].items():
             setattr(self.strategy, k, _restore(v))
         self.clock.now, self.client_updates = state["virtual_time"], state["client_updates"]
         self.liveness.in_a_row = state["failed_rounds"]
-        self.unbound_tasks = Counter({int(k): int(v) for k, v in state.get("unbound_tasks", {}).items()})
         if self.privacy is not None:
             if not state.get("privacy"):
                 raise ValueError("the checkpoint has no privacy accountant: it was written without privacy=central")
             self.privacy.load_state_dict(state["privacy"])
             restore_ledger(self.path.recorder, self.privacy)
+            if self.tasks is not None:
+                self.tasks.load_state_dict(state)
 
 
 def nearly_zero(weights: dict) -> dict:
