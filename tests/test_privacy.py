@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -124,7 +125,7 @@ def test_a_budget_below_one_release_is_a_config_error_before_training(task_ident
 
 @pytest.mark.parametrize("strategy, message", [
     (FedAvg(server_learning_rate=0.5), "use strategy.server_learning_rate=1.0 strategy.server_momentum=0.0"),
-    (FedBuff(server_momentum=0.9), "use server_momentum=0.0 under privacy=central"),
+    (FedBuff(server_momentum=0.9), "use strategy.server_momentum=0.0 under privacy=central"),
 ])
 def test_a_strategy_the_accountant_cannot_cover_is_refused_naming_the_setting(strategy, message):
     assert message in strategy_problem(strategy)
@@ -778,3 +779,34 @@ def test_local_dp_tasks_are_in_the_ledger_when_they_are_sent(task_identity, tmp_
     list(strategy.configure_train(1, record(BIG), SENT.to_record(), grid))
     ledger = json.loads((tmp_path / "privacy_ledger.json").read_text())
     assert ledger["state"]["unattributed"] == 4 and ledger["epsilon"] == pytest.approx(rdp_epsilon(1.3, 4), rel=1e-9)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["strategy=fedasync", "strategy.rho=0.01"], "privacy=dpsgd with a proximal term (strategy.rho=0.01, FedAsync)"),
+    (["strategy=fedprox"], "privacy=dpsgd with a proximal term (strategy.proximal_mu=0.01, FedProx)"),
+])
+def test_dpsgd_with_a_proximal_term_names_the_setting(overrides, message):
+    """It said "with FedProx" for FedAsync's rho (a review)."""
+    from flmnist.config.compose import compose_config
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        compose_config(["privacy=dpsgd", *overrides])
+
+
+def test_a_momentum_refusal_names_the_mechanism_that_runs():
+    assert "under privacy=client" in strategy_problem(FedBuff(server_momentum=0.9), "client")
+
+
+@pytest.mark.parametrize("delta, warned", [(0.2, True), (1e-5, False)])
+def test_a_client_level_delta_not_below_one_over_the_nodes_is_warned(caplog, delta, warned):
+    """A delta of 0.2 with 20 nodes reports an epsilon that lets one node's data out outright with
+    probability 0.2 (a review: accepted in silence)."""
+    from flmnist.config.compose import compose_config
+    from flmnist.protocol.screen import ScreenSettings
+    from flmnist.runtime.run_setup import private
+    from flmnist.strategies import build_strategy
+
+    cfg = compose_config(["privacy=central", "num_nodes=20", f"privacy.target_delta={delta}"])
+    with caplog.at_level("WARNING", logger="flwr"):
+        private(cfg, build_strategy(cfg.strategy), ScreenSettings(**cfg.screen))
+    assert ("privacy.target_delta=0.2 is not below 1/num_nodes (0.05)" in caplog.text) is warned

@@ -65,8 +65,10 @@ def problem(settings: PrivacySettings, strategy) -> str | None:
 
         if importlib.util.find_spec("opacus") is None:
             return "privacy=dpsgd needs Opacus: pip install -e '.[privacy]' (or pip install 'opacus==1.6.0')"
-        if float(getattr(strategy, "proximal_mu", 0.0) or 0.0) > 0:
-            return "privacy=dpsgd with FedProx: the proximal term is not part of DP-SGD here; use another strategy"
+        if (mu := float(getattr(strategy, "proximal_mu", 0.0) or 0.0)) > 0:
+            key = "strategy.rho" if hasattr(strategy, "alpha") else "strategy.proximal_mu"
+            return (f"privacy=dpsgd with a proximal term ({key}={mu:g}, {type(strategy).__name__}): it is not "
+                    f"part of DP-SGD here; set {key}=0 or use another strategy")
         return missing_extra("dpsgd")
     if settings.mechanism == "local":  # the server only post-processes noised updates: any strategy
         return missing_extra("local")
@@ -75,10 +77,10 @@ def problem(settings: PrivacySettings, strategy) -> str | None:
     if settings.mechanism == "central_adaptive" and isinstance(strategy, AsyncStrategy):
         return (f"privacy=central_adaptive is for synchronous strategies ({type(strategy).__name__} is "
                 "asynchronous): use privacy=central or privacy=client with fixed clipping")
-    return missing_extra(settings.mechanism) or strategy_problem(strategy)
+    return missing_extra(settings.mechanism) or strategy_problem(strategy, settings.mechanism)
 
 
-def strategy_problem(strategy) -> str | None:
+def strategy_problem(strategy, mechanism: str = "central") -> str | None:
     """Why ``strategy`` cannot run under ``privacy=central`` (or ``client``) with accounted epsilon, or None."""
     from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
     from flwr.serverapp.strategy import FedAvgM
@@ -90,7 +92,7 @@ def strategy_problem(strategy) -> str | None:
     if isinstance(strategy, FedBuff):
         if strategy.server_momentum > 0:
             return ("strategy.server_momentum > 0: FedBuff's momentum mixes releases; "
-                    "use server_momentum=0.0 under privacy=central")
+                    f"use strategy.server_momentum=0.0 under privacy={mechanism}")
         return None
     if isinstance(strategy, FedAsync):
         return None

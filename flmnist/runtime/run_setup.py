@@ -188,6 +188,10 @@ def private(cfg: DictConfig, strategy, screen: ScreenSettings) -> PrivacySetting
     if crossed:
         log(WARNING, "%s with screen.%s on: it judges one node's update by the others', so the "
             "reported epsilon does not bound what the models reveal", name, ", screen.".join(crossed))
+    if privacy.target_delta >= 1.0 / cfg.num_nodes:
+        log(WARNING, "%s: privacy.target_delta=%g is not below 1/num_nodes (%g): epsilon at a delta that large "
+            "allows revealing one node's data outright with that probability; use a delta well below %g",
+            name, privacy.target_delta, 1.0 / cfg.num_nodes, 1.0 / cfg.num_nodes)
     where = "on each node, checked by the server" if privacy.mechanism == "client" else "on the server"
     if privacy.mechanism == "central_adaptive":
         where = (f"the first round's, then adapted towards the {privacy.target_quantile:g} quantile of update "
