@@ -156,6 +156,14 @@ ACCEPTED_BEFORE = [
     (["observers.digits.every=0"], r"observers.digits.every must be an integer >= 1 or null, got 0"),
     (["observers.digits.style=nope"], r"observers.digits.style must be one of seed002, seed000, got 'nope'"),
     (["observers.attribution.probe_size=-5"], r"observers.attribution.probe_size must be an integer >= 0, got -5"),
+    # the probe takes as many of each digit: 5 left digits out (nulls in summary.json), 9000 more fives than there are
+    (["eval.probe_size=5"], (r"eval.probe_size must be 0 \(no probe\) or 10 to 8920 \(as many of each digit: the "
+                            r"test set has 892 fives\), got 5")),
+    (["observers.attribution.probe_size=9000"], r"observers.attribution.probe_size must be 0 \(no probe\) or 10 to 8920"),
+    # an observer that cannot be imported: the run directory was made and Flower started first
+    (["+observers.toy._target_=nonexistent.Foo"], r"observers.toy._target_ 'nonexistent.Foo': no module 'nonexistent' here"),
+    (["+observers.toy._target_=flmnist.observers.nope.Foo"],
+     r"observers.toy._target_ 'flmnist.observers.nope.Foo': no module 'flmnist.observers.nope' here"),
     # classes no node builds: every node refused them at its first message
     (["model._target_=flmnist.ml.models.Lenet"], (r"model._target_ 'flmnist.ml.models.Lenet' is not a model the "
                                                   r"nodes build \(flmnist.ml.models: LeNet, CNNMcMahan, LogReg, MLP\)")),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import logging
 import math
 
@@ -30,6 +31,8 @@ from flmnist.strategies.asynchronous import AsyncStrategy
 
 BACKENDS = ("auto", "inprocess", "ray")
 CLIENT_EVALUATION = ("auto", "in_train", "exchange")  # sampling.client_evaluation
+
+PROBE_MIN, PROBE_MAX = 10, 8920  # one image of each digit; MNIST's test set has 892 fives
 
 
 def _number(cfg: DictConfig, key: str, low: float, high: float = math.inf, *, low_open: bool = False,
@@ -133,8 +136,9 @@ def _eval(cfg: DictConfig) -> None:
     _kind(cfg, "eval.attribution", bool, "true or false")
     _integer(cfg, "eval.probe_size", 0)
     check_style(cfg.eval.get("style", "seed002"))
-    if cfg.eval.probe_size > 10000:
-        raise ConfigError(f"eval.probe_size must be at most 10000 (the test set), got {cfg.eval.probe_size}")
+    if cfg.eval.probe_size and not PROBE_MIN <= cfg.eval.probe_size <= PROBE_MAX:
+        raise ConfigError(f"eval.probe_size must be 0 (no probe) or {PROBE_MIN} to {PROBE_MAX} (as many of each "
+                          f"digit: the test set has {PROBE_MAX // 10} fives), got {cfg.eval.probe_size}")
     _integer(cfg, "eval.every", 1, allow_none=True)
     _integer(cfg, "eval.batch_size", 1)
     _rounds(cfg, "eval.rounds")
@@ -207,6 +211,9 @@ def _observers(cfg: DictConfig) -> None:
         if node is not None and not (isinstance(node, DictConfig) and isinstance(node.get("_target_"), str)):
             raise ConfigError(f"observers.{name} must name its class with _target_ (or be null to turn it off), "
                               f"got {node!r}")
+        if node is not None and (missing := _missing_module(node._target_)):
+            raise ConfigError(f"observers.{name}._target_ {node._target_!r}: no module {missing!r} here; the "
+                              "module must be importable where the ServerApp runs (inside flmnist/, or on PYTHONPATH)")
     # The built-in observers take their settings from eval.*; one set here directly is checked as eval's
     # (observers.digits.every=0 passed, and divided by zero after the first round had trained).
     for name, keys in EVAL_OBSERVERS.items():
@@ -220,6 +227,23 @@ def _observers(cfg: DictConfig) -> None:
                     _eval(probe)
                 except ConfigError as err:
                     raise ConfigError(str(err).replace(f"eval.{key}", f"observers.{name}.{key}")) from None
+
+
+def _missing_module(target: str) -> str | None:
+    """The first package or module of ``target`` (a dotted path to a class or function) that cannot be
+    found, or None. Packages are looked into, never the module itself (it would import PyTorch)."""
+    parts = target.split(".")
+    for i in range(1, len(parts)):
+        name = ".".join(parts[:i])
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None:
+            return name
+        if spec.submodule_search_locations is None:  # a module: the rest are its attributes
+            return None
+    return None
 
 
 def _rounds(cfg: DictConfig, key: str) -> None:

@@ -166,6 +166,11 @@ class DigitGroupPartition(Partition):
                 f"partition.groups lists {len(self.groups)} groups but num_nodes={num_partitions}; "
                 "set num_nodes to the number of groups"
             )
+        left = sorted(set(range(NUM_CLASSES)) - {d for g in self.groups for d in g})
+        if left:
+            logging.getLogger("flwr").warning(
+                "partition=digit_groups: digit(s) %s in no group: no node trains on them, and the test set "
+                "still scores every digit", ", ".join(map(str, left)))
         return [np.flatnonzero(np.isin(labels, g)) for g in self.groups]
 
 
