@@ -160,6 +160,10 @@ ACCEPTED_BEFORE = [
     (["eval.probe_size=5"], (r"eval.probe_size must be 0 \(no probe\) or 10 to 8920 \(as many of each digit: the "
                             r"test set has 892 fives\), got 5")),
     (["observers.attribution.probe_size=9000"], r"observers.attribution.probe_size must be 0 \(no probe\) or 10 to 8920"),
+    # a section value adding a setting: it said the setting belongs to strategy=fedbuff
+    (["strategy=fedasync", "strategy.staleness={_target_: flmnist.strategies.staleness.Hinge, a: 10, b: 4}"],
+     (r"cannot set 'strategy.staleness' to that section: it adds settings strategy=fedasync's 'strategy.staleness' "
+     r"has not got; set them one by one, with \+ before each new one")),
     # an observer that cannot be imported: the run directory was made and Flower started first
     (["+observers.toy._target_=nonexistent.Foo"], r"observers.toy._target_ 'nonexistent.Foo': no module 'nonexistent' here"),
     (["+observers.toy._target_=flmnist.observers.nope.Foo"],

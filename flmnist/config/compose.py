@@ -112,6 +112,9 @@ def _unknown_key(overrides: list[str], key: str) -> str | None:
     choice = OmegaConf.select(base, f"hydra.runtime.choices.{parent}") if parent in GROUPS else None
     where = f"{parent}={choice}" if choice else parent or "the top level"
     valid = [k for k in node if k not in ("hydra", "_target_")]
+    if leaf in node:  # the setting exists: Hydra refused the value, a section adding settings it lacks
+        return (f"cannot set '{key}' to that section: it adds settings {where}'s '{key}' has not got; set them one by one, "
+                f"with + before each new one (e.g. {key}._target_=CLASS {key}.a=1 +{key}.b=2)")
     message = f"unknown setting '{key}'"
     owners = [o for o in group_options(parent) if o != choice
               and any(leaf in (OmegaConf.load(f) or {}) for f in option_files(parent, o))

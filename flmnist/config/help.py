@@ -169,12 +169,13 @@ Usage:
   flmnist resume=RUN_DIR|latest                  continue a run from its checkpoint
   flmnist --help [GROUP=OPTION ...]              this help; with options, their own settings
   flmnist --version                              flmnist's and Flower's versions
-  flmnist --hydra-help                           Hydra's own help (--cfg job, --info ...)
+  flmnist [OVERRIDES ...] --cfg job              the composed config, checked, without running it
+  flmnist --hydra-help                           Hydra's own help (--cfg, --info ...)
 
 Runs go to outputs/DATE/TIME_NAME/ (sweeps: multirun/DATE/TIME_NAME/N_.../), NAME being the
 experiment's name or STRATEGY_SPLIT. Exit codes: 0 finished, 1 the run failed, 2 a bad
 setting (nothing ran), 3 finished degraded (its accuracy collapsed: collapse.*), 130 Ctrl-C,
-143 SIGTERM.
+129 SIGHUP, 143 SIGTERM.
 """
 
 

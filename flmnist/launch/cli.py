@@ -323,6 +323,12 @@ def main() -> None:
         if not any(a.startswith("-") and a not in MULTIRUN for a in args):
             # Not --help, --cfg, --info ...: compose and check first.
             sys.argv = [sys.argv[0], *hydra_arguments(args)]
+        elif ("--cfg" in args or "-c" in args) and not any(a in MULTIRUN for a in args):
+            # a preview of the composed config: checked as the run's would be (it showed settings that fail)
+            args = without_no_preset(args)
+            compose_config([a for i, a in enumerate(args) if not a.startswith("-")
+                            and (i == 0 or args[i - 1] not in ("--cfg", "-c", "--package", "-p"))])
+            sys.argv = [sys.argv[0], *args]
         try:
             _main()
         finally:  # on every path out, a sweep's SuperLink too is stopped before the command says why
