@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from flmnist.ml.data import load_mnist
@@ -65,3 +66,14 @@ def test_fedprox_reports_the_data_loss_without_its_proximal_term():
                               generator=torch.Generator().manual_seed(1), dev=torch.device("cpu"))
     assert traces[0.0][0] == traces[1e6][0]
     assert traces[1e6][1] < 5.0
+
+
+@pytest.mark.parametrize("n", [1, 9, 10, 31, 32, 33, 100, 320, 1000])
+@pytest.mark.parametrize("steps", [1, 3, 10])
+def test_the_examples_an_update_reports_are_the_examples_its_batches_hold(n, steps):
+    """What a node reports (and the fleet times) is what ``batches`` feeds it: 10 steps of 32 on
+    100 examples are 264 (each pass ends with a batch of 4), not 320; on 10 examples 100 (a review)."""
+    from flmnist.protocol.messages import examples_per_update
+
+    held = sum(len(b) for b in batches(n, 32, torch.Generator().manual_seed(0), None, steps))
+    assert examples_per_update(n, 32, 1, steps) == held

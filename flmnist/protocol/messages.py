@@ -112,9 +112,14 @@ def batches_per_update(train_examples: int, batch_size: int, local_epochs: int, 
 
 
 def examples_per_update(train_examples: int, batch_size: int, local_epochs: int, local_steps: int | None) -> int:
-    """Examples processed by one local update: the fleet's workload and the virtual clock's input."""
+    """Examples processed by one local update: the fleet's workload and the virtual clock's input.
+    ``local_steps`` batches run in shuffled passes, each ending with a short batch when
+    ``batch_size`` does not divide the data (:func:`flmnist.ml.training.batches`)."""
     if local_steps:
-        return local_steps * batch_size if train_examples > 0 else 0
+        if train_examples <= 0:
+            return 0
+        per_pass = math.ceil(train_examples / batch_size)
+        return local_steps // per_pass * train_examples + local_steps % per_pass * batch_size
     return local_epochs * train_examples
 
 
