@@ -200,15 +200,19 @@ def test_jetson_compose_runs_the_warm_executor_beside_the_supernode():
     args = warm_executor.parse_args(executor["command"])
     assert (args.runtime_api_address, args.insecure, args.task_timeout, args.exit_when_unreachable) == (
         "127.0.0.1:9094", True, 600, 30)
-    assert any(v.endswith(":/data:ro") for v in executor["volumes"])  # its ClientApps read the node's data
-    assert executor["init"] is True  # PID 1 an init process: children outlive a dead executor, leftovers reaped
+    assert any(isinstance(v, str) and v.endswith(":/data:ro") for v in executor["volumes"])  # its ClientApps' data
+    assert executor["init"] is True  # PID 1 an init process: leftovers reaped
     unit = (REPO / "jetson" / "flmnist-warm-executor.service").read_text()
     assert "docker run --rm --init " in unit
     # Both hold the Runtime API's secret (make_node_key.sh writes it beside node.key): only the
     # executor takes the board's tasks, in compose and under systemd alike
     secret = "--superexec-auth-secret-file=/keys/superexec.secret"
     assert secret in services["supernode"]["command"] and args.superexec_auth_secret_file == "/keys/superexec.secret"
-    assert any(v.endswith("/superexec.secret:/keys/superexec.secret:ro") for v in executor["volumes"])
+    # a bind mount that is never created: a missing secret became a directory and the SuperNode restarted forever
+    mounted = [v for v in executor["volumes"] if isinstance(v, dict) and v.get("target") == "/keys/superexec.secret"]
+    assert len(mounted) == 1 and mounted[0]["type"] == "bind" and mounted[0]["read_only"] is True
+    assert mounted[0]["source"].endswith("/superexec.secret") and mounted[0]["bind"]["create_host_path"] is False
+    assert "--mount type=bind,source=${FLMNIST_KEYS}/superexec.secret,target=/keys/superexec.secret,readonly" in unit
     assert secret in unit and secret in (REPO / "jetson" / "flmnist-supernode.service").read_text()
 
 

@@ -28,8 +28,8 @@ error reply (``CLIENT_APP_CRASHED``) sent by the executor with the task's token 
 reports those moments), so the SuperNode goes on at once instead of after Flower's task expiry
 (up to 60 s; a hung ``flwr-clientapp`` holds its node for good). One pushing its reply gets up to
 ``REPLY_GRACE`` more before a kill (cut off, its reply holds the SuperNode: the log says to restart
-it). Anything else (a failed fork, an error reply refused) is logged, and Flower's task expiry
-answers. A child outlives an executor that dies (in Docker: ``init: true``) and finishes its task.
+it). Anything else is logged, and Flower's task expiry answers. A child outlives an executor that
+dies, except in a container (its init exits with the executor, the kernel kills the rest).
 
 Flower's internals used here (Runtime API client, ``run_clientapp``) are flwr 1.41.0's; on another version it refuses to start.
 

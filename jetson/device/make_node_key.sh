@@ -42,7 +42,11 @@ run() {
 
 secret="$(dirname "$key")/superexec.secret"
 make_secret() {
-    if [[ -e "$secret" ]]; then
+    if [[ -d "$secret" ]]; then
+        echo "$secret is a directory, not the secret file (Docker makes one when it bind-mounts a" \
+             "missing file): remove it (sudo rmdir $secret) and run this again" >&2
+        exit 1
+    elif [[ -f "$secret" ]]; then
         echo "$secret exists; kept"
     elif [[ $dry_run -eq 1 ]]; then
         printf '%q ' install -D -m 600 /dev/null "$secret"; echo "&& head -c 32 /dev/urandom > $(printf '%q' "$secret")"
