@@ -378,3 +378,25 @@ def test_a_model_that_cannot_be_saved_loses_no_summary_and_failed_rounds_are_not
     assert rows[3]["numpy_metric"] == 0.5 and rows[3]["pair"] == [1.0, None]
     csv_text = (tmp_path / "metrics.csv").read_text()
     assert "nan" not in csv_text and "inf" not in csv_text
+
+
+def test_log_axes_are_labelled_in_plain_numbers(tmp_path, monkeypatch):
+    """The titles' plain text turned Matplotlib's maths off for the tick labels too: every loss axis
+    read $\\mathdefault{10^{0}}$ (a review). Each figure is drawn as it is saved and its labels read."""
+    from flmnist.observers import plots
+
+    labels = []
+
+    def close(fig):
+        fig.canvas.draw()
+        for ax in fig.axes:
+            for axis in (ax.xaxis, ax.yaxis):
+                if axis.get_scale() == "log":
+                    labels.extend(t.get_text() for t in [*axis.get_ticklabels(), *axis.get_minorticklabels()])
+
+    monkeypatch.setattr(plots.plt, "close", close)
+    rows = [{"round": r, "test_accuracy": 0.5, "test_loss": 2.2 / r, "train_loss": 1.4 / r} for r in range(1, 6)]
+    plots.plot_run(tmp_path, rows, {"node 0": [2.0, 1.0, 0.3], "node 1": [1.5, 0.2]}, label="x")
+    shown = [label for label in labels if label]
+    assert shown and not any("$" in label for label in shown), shown
+    assert "1" in shown

@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import LogFormatterSciNotation, MaxNLocator
 
 HEATMAP_ROWS = 60  # at most this many evaluated rounds in the per-digit heatmap (evenly picked, the last kept)
 
@@ -26,9 +26,20 @@ def _plain_text(plot):
     return plain
 
 
+class PlainLog(LogFormatterSciNotation):
+    """A log axis's tick labels as plain numbers (0.2, 1, 10): Matplotlib writes them as maths
+    markup, which the plain-text titles turn off (every loss axis read ``$\\mathdefault{10^{0}}$``)."""
+
+    def __call__(self, x, pos=None) -> str:
+        return f"{x:g}" if super().__call__(x, pos) else ""
+
+
 def _save(fig, path: Path, title: str) -> None:
     """Save with the title in the PNG's metadata (what a test or a file browser reads back);
     titles are wrapped to the figure's width, so none is cut off."""
+    for axis in (a for ax in fig.axes for a in (ax.xaxis, ax.yaxis) if a.get_scale() == "log"):
+        axis.set_major_formatter(PlainLog())
+        axis.set_minor_formatter(PlainLog(labelOnlyBase=False))
     for ax in fig.axes:
         if ax.get_title():
             width = max(40, int(fig.get_figwidth() * 9))
