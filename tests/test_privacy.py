@@ -810,3 +810,33 @@ def test_a_client_level_delta_not_below_one_over_the_nodes_is_warned(caplog, del
     with caplog.at_level("WARNING", logger="flwr"):
         private(cfg, build_strategy(cfg.strategy), ScreenSettings(**cfg.screen))
     assert ("privacy.target_delta=0.2 is not below 1/num_nodes (0.05)" in caplog.text) is warned
+
+
+def test_a_local_dp_round_sampling_half_the_nodes_is_not_stopped_early(task_identity):
+    """Two of four nodes a round: after round 1 two nodes are bound with one task each. Round 2's
+    two tasks can charge a bound node at most 2 more (3 releases), so a budget between 3 and 4
+    releases goes on; the check charged it 3 more and stopped a round early (a review)."""
+    from flmnist.engine.local_privacy import LocalAccountant
+
+    budget = (rdp_epsilon(1.3, 3) + rdp_epsilon(1.3, 4)) / 2
+    settings = PrivacySettings("local", noise_multiplier=1.3, clipping_norm=1.0, target_delta=DELTA, max_epsilon=budget)
+    accountant = LocalAccountant(settings, SENT, LIMITS.train_examples)
+    path = make_path()
+    strategy = Guarded(FedAvg(min_available_nodes=4, min_train_nodes=2, fraction_train=0.5), path, privacy=accountant)
+    nodes = {i + 11: FakeNode(i, 0.01) for i in range(4)}
+    sync_round(strategy, nodes, BIG, server_round=1)
+    assert path.stopped is None
+    sync_round(strategy, nodes, BIG, server_round=2)
+    assert accountant.epsilon <= budget
+
+
+def test_a_resumed_local_dp_run_checks_its_budget_as_if_every_node_id_were_new(task_identity):
+    """A resumed run's node ids are new to it (Flower gives new ones), so its first round's four
+    tasks may all count against every node: one task each plus four is 5 releases. A budget between
+    4 and 5 stops before that round; the check allowed one more task each (a review)."""
+    first, _, _ = local_fedavg()
+    sync_round(first, {i + 11: FakeNode(i, 0.01) for i in range(4)}, BIG, server_round=1)
+    resumed, _, path = local_fedavg(max_epsilon=(rdp_epsilon(1.3, 4) + rdp_epsilon(1.3, 5)) / 2)
+    resumed.load_state_dict(first.state_dict())
+    resumed.check_budget(1)
+    assert path.stopped == (1, "privacy budget")

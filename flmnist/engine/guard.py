@@ -127,7 +127,7 @@ class Guarded(Strategy):
         messages = self.strategy.configure_train(server_round + self.round_offset, arrays, config, grid)
         if self.tasks is not None:  # DP-SGD, local DP: every task sent counts
             messages = list(messages)
-            self.tasks.sent([m.metadata.dst_node_id for m in messages], self.path.recorder)
+            self.tasks.sent([m.metadata.dst_node_id for m in messages], self.path.recorder, list(grid.get_node_ids()))
         return messages
 
     def sample_exactly(self, grid) -> None:

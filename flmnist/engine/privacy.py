@@ -348,17 +348,16 @@ class SampleAccountant:
         parts = range(len(self.train_examples)) if self.unattributed else self.tasks
         return max((self._charged(part) for part in parts), default=0.0)
 
-    def would_exceed(self, per_round: int = 0, partitions=None) -> bool:
-        """Whether one more task for each of ``partitions`` would pass the budget; without them,
-        whether a round of ``per_round`` tasks could: each may go to a node id not bound yet (while
-        some partition has no bound node id), which counts against every partition."""
+    def would_exceed(self, _per_round: int = 0, partitions=None) -> bool:
+        """Whether one more task for any node (or those of ``partitions``) would pass the budget."""
+        return self.would_exceed_by(lambda part: 1, partitions)
+
+    def would_exceed_by(self, extra, partitions=None) -> bool:
+        """Whether ``extra(partition)`` more tasks for any node (or those of ``partitions``) would pass the budget."""
         if self.settings.max_epsilon is None:
             return False
-        if partitions is not None:
-            return any(self._charged(part, 1) > self.settings.max_epsilon for part in partitions)
-        fresh = min(max(per_round, 1), len(self.train_examples) - len(self.names))
-        return any(self._charged(part, fresh + (part in self.names)) > self.settings.max_epsilon
-                   for part in range(len(self.train_examples)))
+        parts = range(len(self.train_examples)) if partitions is None else partitions
+        return any(self._charged(part, extra(part)) > self.settings.max_epsilon for part in parts)
 
     def check_first_release(self, _sample_size: int = 0) -> None:
         if self.settings.max_epsilon is not None and not self.tasks and self.would_exceed():

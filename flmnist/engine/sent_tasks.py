@@ -24,11 +24,12 @@ class SentTasks:
         self.accountant, self.identities = accountant, identities
         self.unbound: Counter[int] = Counter()  # node id -> tasks sent before it was bound
         self.carried = 0    # unattributed tasks a resume took from the ledger: they stay against everyone
-        self.per_round = 1  # tasks the last round sent: the most the next one may send to unbound node ids
+        self.per_round = 1  # tasks the last round sent: the most the next one may send
+        self.connected: list[int] | None = None  # the node ids Flower listed when they went out
 
-    def sent(self, node_ids: list[int], recorder) -> None:
+    def sent(self, node_ids: list[int], recorder, connected: list[int] | None = None) -> None:
         """A round's tasks are going out: count them, and write the ledger."""
-        self.per_round = max(1, len(node_ids))
+        self.per_round, self.connected = max(1, len(node_ids)), connected
         self.unbound.update(node_ids)
         self.attribute()
         save_ledger(recorder, self.accountant, self.accountant.epsilon)
@@ -47,9 +48,18 @@ class SentTasks:
         self.accountant.unattributed = sum(self.unbound.values()) + self.carried
 
     def would_exceed(self) -> bool:
-        """Whether the next round could pass the budget (each of its tasks to a node id not bound
-        yet counts against every partition)."""
-        return self.accountant.would_exceed(self.per_round)
+        """Whether the next round could pass the budget: of its ``per_round`` tasks, each one to a
+        node id not bound yet counts against every partition, and a bound node's against its own.
+        The unbound ones are the connected node ids not bound (before a resumed run's first round,
+        whose node ids are new: every partition not bound now)."""
+        bound = self.identities.bound
+        if self.connected is not None:
+            mine = {bound[n].partition for n in self.connected if n in bound}
+            unbound = sum(n not in bound for n in self.connected)
+        else:
+            mine = {identity.partition for identity in bound.values()}
+            unbound = len(self.accountant.train_examples) - len(mine)
+        return self.accountant.would_exceed_by(lambda part: min(self.per_round, unbound + (part in mine)))
 
     def state_dict(self) -> dict:
         return {"unbound_tasks": {str(k): v for k, v in self.unbound.items()}, "round_tasks": self.per_round}
