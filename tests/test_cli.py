@@ -55,6 +55,7 @@ def flmnist(args: list[str], cwd: Path, **env) -> subprocess.CompletedProcess:
     # the composed config's preview skipped every check: Hydra's multi-line error, exit 1
     (["fleet.dropout=0.1", "--cfg", "job"], "flmnist: error: unknown setting 'fleet.dropout': it belongs to fleet="),
     (["--cfg", "job", "client.lr=nan"], "flmnist: error: client.lr must be a finite number > 0, got nan"),
+    (["--cfg=job", "num_nodes=0"], "flmnist: error: num_nodes must be an integer >= 1, got 0"),
     (["--num_rounds=3", "--model=logreg"], ("flmnist: error: --num_rounds=3 --model=logreg: settings are Hydra "
                                             "overrides, written without dashes: flmnist num_rounds=3 model=logreg")),
 ])

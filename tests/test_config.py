@@ -164,6 +164,7 @@ ACCEPTED_BEFORE = [
     (["strategy=fedasync", "strategy.staleness={_target_: flmnist.strategies.staleness.Hinge, a: 10, b: 4}"],
      (r"cannot set 'strategy.staleness' to that section: it adds settings strategy=fedasync's 'strategy.staleness' "
      r"has not got; set them one by one, with \+ before each new one")),
+    (["+client.lr=0.1"], r"\+client.lr=0.1: 'client.lr' exists in client=default: drop the \+ \(it adds a new key\)"),
     # an observer that cannot be imported: the run directory was made and Flower started first
     (["+observers.toy._target_=nonexistent.Foo"], r"observers.toy._target_ 'nonexistent.Foo': no module 'nonexistent' here"),
     (["+observers.toy._target_=flmnist.observers.nope.Foo"],

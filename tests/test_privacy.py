@@ -25,7 +25,7 @@ from test_engines import LIMITS, SENT, FakeGrid, FakeNode, make_path, record, sy
 
 from flmnist.client.update_dp import update_dp_mod
 from flmnist.core.arrays import to_weights
-from flmnist.core.errors import ConfigError
+from flmnist.core.errors import ConfigError, RunFailed
 from flmnist.engine.guard import Guarded
 from flmnist.engine.privacy import AsyncPrivacy, strategy_problem, wrap_sync
 from flmnist.protocol import messages as p
@@ -103,6 +103,8 @@ def test_a_round_with_no_usable_update_still_releases_noise_and_counts(task_iden
     assert metrics is None
     assert accountant.rdp.num_releases == 1 and accountant.epsilon == pytest.approx(rdp_epsilon(2.0, 1), rel=1e-6)
     assert strategy.failed_rounds == 1
+    with pytest.raises(RunFailed, match="the global model is the initial one plus the privacy noise"):
+        strategy.liveness.check_some_advanced(1, before=False)
 
 
 def test_the_budget_stops_before_the_round_that_would_pass_it(task_identity):
@@ -797,8 +799,9 @@ def test_a_momentum_refusal_names_the_mechanism_that_runs():
     assert "under privacy=client" in strategy_problem(FedBuff(server_momentum=0.9), "client")
 
 
+@pytest.mark.parametrize("mechanism", ["central", "local"])
 @pytest.mark.parametrize("delta, warned", [(0.2, True), (1e-5, False)])
-def test_a_client_level_delta_not_below_one_over_the_nodes_is_warned(caplog, delta, warned):
+def test_a_client_level_delta_not_below_one_over_the_nodes_is_warned(caplog, mechanism, delta, warned):
     """A delta of 0.2 with 20 nodes reports an epsilon that lets one node's data out outright with
     probability 0.2 (a review: accepted in silence)."""
     from flmnist.config.compose import compose_config
@@ -806,7 +809,7 @@ def test_a_client_level_delta_not_below_one_over_the_nodes_is_warned(caplog, del
     from flmnist.runtime.run_setup import private
     from flmnist.strategies import build_strategy
 
-    cfg = compose_config(["privacy=central", "num_nodes=20", f"privacy.target_delta={delta}"])
+    cfg = compose_config([f"privacy={mechanism}", "num_nodes=20", f"privacy.target_delta={delta}"])
     with caplog.at_level("WARNING", logger="flwr"):
         private(cfg, build_strategy(cfg.strategy), ScreenSettings(**cfg.screen))
     assert ("privacy.target_delta=0.2 is not below 1/num_nodes (0.05)" in caplog.text) is warned

@@ -97,7 +97,7 @@ def check_group_overrides(overrides: list[str]) -> None:
                 )
 
 
-def _unknown_key(overrides: list[str], key: str) -> str | None:
+def _unknown_key(overrides: list[str], key: str, adding: bool = False) -> str | None:
     """For ``Could not override 'key'``: the closest valid keys, or the group option to choose."""
     groups = [o for o in overrides if override_key(o) in GROUPS]
     try:
@@ -112,6 +112,8 @@ def _unknown_key(overrides: list[str], key: str) -> str | None:
     choice = OmegaConf.select(base, f"hydra.runtime.choices.{parent}") if parent in GROUPS else None
     where = f"{parent}={choice}" if choice else parent or "the top level"
     valid = [k for k in node if k not in ("hydra", "_target_")]
+    if leaf in node and adding:
+        return f"'{key}' exists in {where}: drop the + (it adds a new key)"
     if leaf in node:  # the setting exists: Hydra refused the value, a section adding settings it lacks
         return (f"cannot set '{key}' to that section: it adds settings {where}'s '{key}' has not got; set them one by one, "
                 f"with + before each new one (e.g. {key}._target_=CLASS {key}.a=1 +{key}.b=2)")
@@ -144,8 +146,9 @@ def _check_additions(overrides: list[str]) -> None:
         key = override_key(item)
         if key in GROUPS or key.startswith(EXTENSIBLE):
             continue
-        message = _unknown_key([o for o in overrides if o != item], key) or f"unknown setting '{key}'"
-        raise ConfigError(f"{item}: flmnist would ignore a new key here; {message}")
+        message = _unknown_key([o for o in overrides if o != item], key, adding=True) or f"unknown setting '{key}'"
+        exists = message.startswith(f"'{key}' exists")
+        raise ConfigError(f"{item}: {'' if exists else 'flmnist would ignore a new key here; '}{message}")
 
 
 def without_no_preset(overrides: list[str]) -> list[str]:

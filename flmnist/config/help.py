@@ -169,7 +169,7 @@ Usage:
   flmnist resume=RUN_DIR|latest                  continue a run from its checkpoint
   flmnist --help [GROUP=OPTION ...]              this help; with options, their own settings
   flmnist --version                              flmnist's and Flower's versions
-  flmnist [OVERRIDES ...] --cfg job              the composed config, checked, without running it
+  flmnist [OVERRIDES ...] --cfg job              the composed config, its settings checked, not run
   flmnist --hydra-help                           Hydra's own help (--cfg, --info ...)
 
 Runs go to outputs/DATE/TIME_NAME/ (sweeps: multirun/DATE/TIME_NAME/N_.../), NAME being the

@@ -80,6 +80,7 @@ class RoundLiveness(Liveness):
     the run."""
 
     advanced_rounds = 0  # rounds of this process that made a new global model
+    noised_rounds = 0    # rounds whose model moved by the privacy noise alone
 
     def count_round(self, step: int, advanced: bool, received: int, rejections: Sequence, moved: bool = False) -> None:
         """A round that made no new global model from an update is failed; too many in a row end
@@ -89,6 +90,7 @@ class RoundLiveness(Liveness):
             self.ok()
             return
         last = rejections[-1].reason if rejections else "no replies arrived"
+        self.noised_rounds += moved
         reached = self.failed(last)
         log(WARNING, "Round %d failed: no usable update (%d replies, %d rejected or failed); "
             "the global model %s (%d/%d failed rounds in a row)", step, received, len(rejections),
@@ -101,7 +103,8 @@ class RoundLiveness(Liveness):
         """At the end: a run none of whose ``rounds`` made a new global model (and, ``before``
         False, no earlier part of it either) failed, even with fewer than the limit in a row."""
         if rounds and not before and not self.advanced_rounds:
-            raise RunFailed(f"no round of {rounds} made a usable update: the global model is the initial one; "
+            model = "the initial one plus the privacy noise" if self.noised_rounds else "the initial one"
+            raise RunFailed(f"no round of {rounds} made a usable update: the global model is {model}; "
                             f"last reason: {self.last_problem or 'no replies arrived'}")
 
 

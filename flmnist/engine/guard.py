@@ -267,6 +267,11 @@ class Guarded(Strategy):
         bound = self.path.identities.bound.get(node_id)
         return bound.partition if bound is not None else self.registered.get(node_id)
 
+    def _partition_of(self, update) -> int:
+        """The device an accepted update ran on: its node id's (as for the drop), else what it claims."""
+        known = self.node_partition(update.node_id)
+        return update.partition if known is None else known
+
     def lost_in_fleet(self, step: int, replies: list[Message]) -> list[tuple[Message, UpdateTiming]]:
         """The replies whose simulated device dropped out this round, with their timings: they
         never arrived, so the server reads nothing of them (no screen, no loss trace, no hook, no
@@ -294,7 +299,7 @@ class Guarded(Strategy):
         timing) costs the timeout. A rejected or failed reply took its node's time too (the round
         waited for it; the asynchronous loop charges it as well), with the work sent to it."""
         model_bytes = sum(v.nbytes for v in self.reference.values())
-        timings = [self.clock.timing(u.partition, step, u.metrics[p.EXAMPLES_PROCESSED], model_bytes)
+        timings = [self.clock.timing(self._partition_of(u), step, u.metrics[p.EXAMPLES_PROCESSED], model_bytes)
                    for u in updates]
         waited = []
         for r in rejections:

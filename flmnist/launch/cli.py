@@ -29,6 +29,7 @@ import traceback
 from pathlib import Path
 
 import hydra
+from hydra._internal.utils import get_args_parser  # Hydra's own command-line parser
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
@@ -323,11 +324,10 @@ def main() -> None:
         if not any(a.startswith("-") and a not in MULTIRUN for a in args):
             # Not --help, --cfg, --info ...: compose and check first.
             sys.argv = [sys.argv[0], *hydra_arguments(args)]
-        elif ("--cfg" in args or "-c" in args) and not any(a in MULTIRUN for a in args):
-            # a preview of the composed config: checked as the run's would be (it showed settings that fail)
+        elif not any(a in MULTIRUN for a in args) and (hydra_flags := get_args_parser().parse_args(args)).cfg:
+            # a preview of the composed config: its settings checked as a run's are (it showed ones that fail)
             args = without_no_preset(args)
-            compose_config([a for i, a in enumerate(args) if not a.startswith("-")
-                            and (i == 0 or args[i - 1] not in ("--cfg", "-c", "--package", "-p"))])
+            compose_config(without_no_preset(hydra_flags.overrides))
             sys.argv = [sys.argv[0], *args]
         try:
             _main()

@@ -174,6 +174,10 @@ def private(cfg: DictConfig, strategy, screen: ScreenSettings) -> PrivacySetting
             f"per image, noise_multiplier {privacy.noise_multiplier:g}, delta {privacy.target_delta:g}"
             + (f", budget epsilon {privacy.max_epsilon:g} per node" if privacy.max_epsilon is not None else ""))
         return privacy
+    if privacy.target_delta >= 1.0 / cfg.num_nodes:  # (dpsgd returned above: its unit is one image)
+        log(WARNING, "%s: privacy.target_delta=%g is not below 1/num_nodes (%g): epsilon at a delta that large "
+            "allows revealing one node's data outright with that probability; use a delta well below %g",
+            f"privacy={privacy.mechanism}", privacy.target_delta, 1.0 / cfg.num_nodes, 1.0 / cfg.num_nodes)
     if privacy.mechanism == "local":
         say(f"Differential privacy: local, every node clips its update to {privacy.clipping_norm:g} and adds noise "
             f"of std {privacy.noise_multiplier * privacy.clipping_norm:g} (noise_multiplier "
@@ -188,10 +192,6 @@ def private(cfg: DictConfig, strategy, screen: ScreenSettings) -> PrivacySetting
     if crossed:
         log(WARNING, "%s with screen.%s on: it judges one node's update by the others', so the "
             "reported epsilon does not bound what the models reveal", name, ", screen.".join(crossed))
-    if privacy.target_delta >= 1.0 / cfg.num_nodes:
-        log(WARNING, "%s: privacy.target_delta=%g is not below 1/num_nodes (%g): epsilon at a delta that large "
-            "allows revealing one node's data outright with that probability; use a delta well below %g",
-            name, privacy.target_delta, 1.0 / cfg.num_nodes, 1.0 / cfg.num_nodes)
     where = "on each node, checked by the server" if privacy.mechanism == "client" else "on the server"
     if privacy.mechanism == "central_adaptive":
         where = (f"the first round's, then adapted towards the {privacy.target_quantile:g} quantile of update "
