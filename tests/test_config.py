@@ -167,6 +167,7 @@ ACCEPTED_BEFORE = [
     (["+client.lr=0.1"], r"\+client.lr=0.1: 'client.lr' exists in client=default: drop the \+ \(it adds a new key\)"),
     # an observer that cannot be imported: the run directory was made and Flower started first
     (["+observers.toy._target_=nonexistent.Foo"], r"observers.toy._target_ 'nonexistent.Foo': no module 'nonexistent' here"),
+    (["+observers.toy._target_=.rel.Foo"], r"observers.toy._target_ '.rel.Foo': no module '.rel.Foo' here"),
     (["+observers.toy._target_=flmnist.observers.nope.Foo"],
      r"observers.toy._target_ 'flmnist.observers.nope.Foo': no module 'flmnist.observers.nope' here"),
     # classes no node builds: every node refused them at its first message
@@ -309,3 +310,14 @@ def test_an_unquoted_path_hydra_cannot_parse_says_to_quote_it():
 def test_experiment_null_is_no_preset_as_by_default():
     """config.yaml's own default is `experiment: null`; typed, Hydra refused it."""
     assert compose_config(["experiment=null"]) == compose_config([])
+
+
+def test_an_observer_defined_in_a_packages_init_is_not_refused(tmp_path, monkeypatch):
+    """package.Class.method with the class in the package's __init__ loads in Hydra: it was refused
+    as a missing module 'package.Class' (a review of the module check)."""
+    package = tmp_path / "mypkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("class Watch:\n    @classmethod\n    def from_run(cls, context):\n        return cls()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = compose_config(["+observers.watch._target_=mypkg.Watch.from_run"])
+    assert cfg.observers.watch._target_ == "mypkg.Watch.from_run"

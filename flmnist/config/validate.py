@@ -11,6 +11,7 @@ import dataclasses
 import importlib.util
 import logging
 import math
+import sys
 
 from flwr.serverapp.strategy import Bulyan, Krum, MultiKrum
 from hydra.utils import get_class
@@ -233,14 +234,17 @@ def _missing_module(target: str) -> str | None:
     """The first package or module of ``target`` (a dotted path to a class or function) that cannot be
     found, or None. Packages are looked into, never the module itself (it would import PyTorch)."""
     parts = target.split(".")
+    if not all(parts):  # a relative or malformed name: Hydra cannot load it either
+        return target
     for i in range(1, len(parts)):
         name = ".".join(parts[:i])
         try:
             spec = importlib.util.find_spec(name)
         except (ImportError, ValueError):
             spec = None
-        if spec is None:
-            return name
+        if spec is None:  # unless the package (imported by find_spec) defines it: package.Class.method
+            parent = sys.modules.get(".".join(parts[: i - 1])) if i > 1 else None
+            return None if parent is not None and hasattr(parent, parts[i - 1]) else name
         if spec.submodule_search_locations is None:  # a module: the rest are its attributes
             return None
     return None
