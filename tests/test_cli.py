@@ -291,16 +291,18 @@ def wait_until_gone(marker: str, tracked: dict[int, int | None] | None = None, t
 def test_a_sweeps_jobs_share_one_superlink_and_nothing_outlives_the_sweep(tmp_path, mnist_root):
     """The first job starts the local SuperLink with the warm simulation executor; the second job's
     run goes to the same one; each job has its own results as before, and the sweep's end stops
-    the SuperLink and the executor."""
+    the SuperLink and the executor. Jobs of different names share one sweep directory (each made
+    its own, named after it, and the table went to a third, "sweep": a review)."""
     marker = f"FLMNIST_TEST_MARKER={uuid.uuid4().hex}"
-    proc = subprocess.run([FLMNIST, *SWEEP, "num_rounds=1", "seed=1,2"], cwd=tmp_path, capture_output=True,
+    proc = subprocess.run([FLMNIST, *SWEEP, "num_rounds=1", "name=first,second"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=600, check=False,
                           env={**os.environ, "FLMNIST_DATA_DIR": str(mnist_root), marker.split("=")[0]: marker.split("=")[1]})
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "Starting local SuperLink" not in out and WARM_LINE in out, out[-4000:]
     assert SHARED_LINE.search(out), out[-4000:]
-    [sweep] = (tmp_path / "multirun").glob("*/*_sweep")
+    [sweep] = (tmp_path / "multirun").glob("*/*")
+    assert sweep.name.endswith("_sweep")
     for i in range(2):
         [job] = sweep.glob(f"{i}_*")
         assert json.loads((job / "summary.json").read_text())["status"] == "finished"
@@ -334,6 +336,9 @@ def test_a_signal_in_a_sweeps_second_job_stops_its_shared_superlink_too(tmp_path
         if proc.poll() is None:
             proc.kill()
     assert code == (130 if signum == signal.SIGINT else 128 + signum), stderr.read_text()[-3000:]
+    # the table of the jobs done is kept (it was written only at the sweep's end: a review)
+    [table] = tmp_path.glob("multirun/*/*/comparison.md")
+    assert "| 0 | model=logreg num_nodes=2 client.local_steps=5 num_rounds=1 | finished |" in table.read_text()
     assert not (left := wait_until_gone(marker, tracked)), f"processes the command started outlived it: {left}"
 
 
@@ -407,3 +412,16 @@ def test_the_printed_resume_command_works_for_a_sweep_jobs_directory(tmp_path):
     proc = subprocess.run(["bash", "-c", line], cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 2, proc.stderr
     assert f"no checkpoint at {job / 'checkpoint.pt'}" in proc.stderr, proc.stderr
+
+
+def test_a_sweep_over_experiments_has_one_directory_and_names_each_jobs_folder(mnist_root, monkeypatch):
+    """experiment=seed000,seed001: each job resolved the sweep directory to its own name (two
+    folders, the table in a third) and the jobs' folders did not say which experiment they ran."""
+    from flmnist.launch.cli import hydra_arguments
+
+    monkeypatch.setenv("FLMNIST_DATA_DIR", str(mnist_root))
+    args = hydra_arguments(["-m", "experiment=seed000,seed001", "num_rounds=1"])
+    assert "hydra.sweep.dir=multirun/${now:%Y-%m-%d}/${now:%H-%M-%S}_sweep" in args
+    assert "hydra.job.config.override_dirname.exclude_keys=[data.root,run_dir]" in args
+    same = hydra_arguments(["-m", "experiment=seed000", "seed=1,2"])
+    assert not any(a.startswith(("hydra.sweep.dir=", "hydra.job.config")) for a in same)

@@ -321,3 +321,16 @@ def test_an_observer_defined_in_a_packages_init_is_not_refused(tmp_path, monkeyp
     monkeypatch.syspath_prepend(str(tmp_path))
     cfg = compose_config(["+observers.watch._target_=mypkg.Watch.from_run"])
     assert cfg.observers.watch._target_ == "mypkg.Watch.from_run"
+
+
+def test_the_comparison_table_keeps_quoted_overrides_whole(tmp_path):
+    """name="run a" beside name="run b": the table split the joined overrides on spaces, sharing
+    'name="run' and labelling the rows 'a"' and 'b"' (a review)."""
+    from flmnist.launch.cli import write_comparison
+
+    summaries = [{"overrides": f'name="run {x}" seed=1', "override_list": [f'name="run {x}"', "seed=1"],
+                  "status": "finished", "final_accuracy": 0.9, "best_accuracy": 0.9, "rounds_to_target": 1,
+                  "wall_time": 1.0, "run_dir": x} for x in "ab"]
+    md = write_comparison(tmp_path, summaries)
+    assert md.startswith("Shared settings: seed=1\n")
+    assert '| 0 | name="run a" | finished |' in md and '| 1 | name="run b" | finished |' in md

@@ -190,7 +190,8 @@ def launch(cfg: DictConfig) -> dict:
         print(line, flush=True)
         with open(run_dir / "flwr_run.log", "a") as log:
             log.write(line + "\n")
-    summary["overrides"] = " ".join(o for o in hc.overrides.task if not o.startswith("run_dir="))
+    summary["overrides"] = " ".join(_own_overrides(hc.overrides.task))
+    summary["override_list"] = _own_overrides(hc.overrides.task)
     if summary.get("degraded"):
         _degraded.append(("the run" if hc.mode != RunMode.MULTIRUN else f"job {hc.job.num}")
                          + f" finished degraded: {degraded_message(summary)}")
@@ -230,14 +231,24 @@ class ComparisonTable(Callback):
         if isinstance(value, dict):
             self.summaries.append(value)
         else:
-            self.summaries.append({"overrides": " ".join(config.hydra.overrides.task), "status": "failed"})
+            self.summaries.append({"overrides": " ".join(_own_overrides(config.hydra.overrides.task)),
+                                   "override_list": _own_overrides(config.hydra.overrides.task), "status": "failed"})
+        self._write(config)  # after every job: a stopped sweep keeps the table of the jobs done
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         close_sweep_link()
+        md = self._write(config)
+        print(f"\nComparison ({Path(config.hydra.sweep.dir) / 'comparison.md'}):\n{md}")
+
+    def _write(self, config: DictConfig) -> str:
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        md = write_comparison(sweep_dir, self.summaries)
-        print(f"\nComparison ({sweep_dir / 'comparison.md'}):\n{md}")
+        return write_comparison(sweep_dir, self.summaries)
+
+
+def _own_overrides(task) -> list[str]:
+    """A job's overrides as the user gave them (``run_dir=`` is the command's own)."""
+    return [o for o in task if not o.startswith("run_dir=")]
 
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
@@ -252,8 +263,8 @@ def _main(cfg: DictConfig) -> dict:
         # A sweep goes on with its other jobs; the table lists this one as failed.
         print(f"flmnist: error: job {hc.job.num}: {err}", file=sys.stderr)
         _failed_jobs.append(str(hc.job.num))
-        return {"overrides": " ".join(o for o in hc.overrides.task if not o.startswith("run_dir=")),
-                "status": "failed", "run_dir": str(Path(hc.runtime.output_dir).resolve())}
+        return {"overrides": " ".join(_own_overrides(hc.overrides.task)),
+                "override_list": _own_overrides(hc.overrides.task), "status": "failed", "run_dir": str(Path(hc.runtime.output_dir).resolve())}
 
 
 def hydra_arguments(args: list[str]) -> list[str]:
@@ -264,6 +275,7 @@ def hydra_arguments(args: list[str]) -> list[str]:
     multirun = any(a in MULTIRUN for a in args)
     overrides = [a for a in args if a not in MULTIRUN]
     if multirun:
+        names, experiments = set(), set()
         for job in sweep_jobs(overrides):  # Hydra's expansion: a,b  choice(a,b)  range(1,4)
             check_group_overrides(job)
             cfg = compose_config(job)
@@ -271,7 +283,15 @@ def hydra_arguments(args: list[str]) -> list[str]:
                 raise ConfigError("resume continues one run: drop -m/--multirun")
             check_gpu_share(cfg, client_gpus(cfg))
             ensure_mnist(resolve_root(cfg.data.root), cfg.data.download)
+            names.add(cfg.name)
+            experiments.add(tuple(o for o in job if override_key(o) == "experiment"))
         check_hydra_folder(overrides, multirun=True)  # where Hydra makes the sweep's directory, last: made here
+        # Jobs of different names (experiment=a,b) share one sweep directory, named "sweep" (each job
+        # named its own, and the table went to a third); a swept experiment names the jobs' folders.
+        if len(names) > 1 and not any(override_key(o) == "hydra.sweep.dir" for o in overrides):
+            args = [*args, "hydra.sweep.dir=multirun/${now:%Y-%m-%d}/${now:%H-%M-%S}_sweep"]
+        if len(experiments) > 1:
+            args = [*args, "hydra.job.config.override_dirname.exclude_keys=[data.root,run_dir]"]
         return args
     check_group_overrides(overrides)
     # resume=DIR privacy.max_epsilon=X: a key the default privacy=none lacks; for resumed_config only

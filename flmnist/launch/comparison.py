@@ -39,7 +39,7 @@ def write_comparison(sweep_dir: Path, summaries: list[dict]) -> str:
         return "-" if v is None else f"{100 * v:.2f}%"
 
     # The Markdown names what the jobs share once, above the table, and each row's own settings.
-    tokens = [(r["overrides"] or "").split() for r in rows]
+    tokens = [list(s.get("override_list") or (s.get("overrides") or "").split()) for s in summaries]
     shared = [t for t in tokens[0] if all(t in other for other in tokens[1:])] if len(rows) > 1 else []
     targets = {t for s in summaries if (t := s.get("target_accuracy")) is not None}  # a failed job has none
     units = {s.get("unit") or "round" for s in summaries if s.get("status")}
