@@ -400,3 +400,42 @@ def test_log_axes_are_labelled_in_plain_numbers(tmp_path, monkeypatch):
     shown = [label for label in labels if label]
     assert shown and not any("$" in label for label in shown), shown
     assert "1" in shown
+
+
+def test_a_stopped_runs_mlflow_run_is_killed_and_a_resumed_runs_redone_steps_replace_the_crashed_ones(tmp_path):
+    """A run stopped from outside left its MLflow run RUNNING for good (its server, which ends it,
+    was gone); a resume drew the crashed attempt's steps after the checkpoint beside the redone ones
+    in TensorBoard (a review)."""
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from flmnist.observers.tracker_backends import MLflowTracker, TensorBoardTracker
+    from flmnist.observers.trackers import Trackers
+
+    out = tmp_path / "outputs"
+    run_dir = out / "2026-12-05" / "12-00-00_demo"
+    config = {"output_dir": str(out)}
+    crashed = RunRecorder(run_dir, 5, 0.99, printer=lambda line: None)
+    crashed.trackers = Trackers([TensorBoardTracker(), MLflowTracker()])
+    crashed.trackers.call("start", run_dir, run_dir.name, config)
+    sync_rows(crashed, fleet=False)  # steps 0-3, then the process dies: no finish
+    state = crashed.state(1)  # its checkpoint was at step 1
+    crashed.trackers.trackers[0].writer.flush()
+
+    summarize_stopped(run_dir, 5, 0.99, "round", "stopped by SIGTERM")
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("flmnist").experiment_id])
+    assert run.info.status == "KILLED"
+
+    resumed = RunRecorder(run_dir, 5, 0.99, printer=lambda line: None)
+    resumed.trackers = Trackers([TensorBoardTracker()])
+    resumed.trackers.call("start", run_dir, run_dir.name, config)
+    resumed.restore({**state, "rows": {k: v for k, v in state["rows"].items() if int(k) <= 1}}, step=1)
+    for r in (2, 3):
+        resumed.add(r, test_accuracy=0.9, test_loss=0.1)
+        resumed.end_round(r, quiet=True)
+    resumed.finish()
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert [(e.step, round(e.value, 2)) for e in events.Scalars("test_accuracy")] == [(0, 0.5), (1, 0.6), (2, 0.9),
+                                                                                       (3, 0.9)]

@@ -18,6 +18,7 @@ import numpy as np
 
 from flmnist.core.run_files import atomic_write, run_config
 from flmnist.observers.collapse import DROP, PATIENCE, describe, find_collapse
+from flmnist.observers.mlflow_run import mark_stopped
 from flmnist.observers.trackers import Trackers, scalars
 
 SCALAR = (int, float, str, type(None))
@@ -117,6 +118,8 @@ class RunRecorder:
         self.loss_points = defaultdict(list, state.get("loss_points", {}))
         self.best_accuracy, self.best_round = state["best_accuracy"], state["best_round"]
         self.tracked = set(self.rows)  # the trackers had them (a resumed run continues its tracker runs)
+        if step is not None:
+            self.trackers.call("resumed_at", step)
         self.async_stats = state.get("async_stats")
         self.t0 = time.perf_counter() - state["elapsed"]
 
@@ -375,6 +378,7 @@ def summarize_stopped(run_dir: Path, num_rounds: int, target_accuracy: float, un
     rec.model_saved = True  # the global model is not in this process: model.pt stays as it was
     summary = rec.finish("stopped", reason)
     plot_stopped_attribution(run_dir)
+    mark_stopped(run_dir)
     return summary
 
 

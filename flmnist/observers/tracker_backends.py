@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from flmnist.core.errors import ConfigError
+from flmnist.observers.mlflow_run import RUN_ID_FILE, reachable, saved_run
 from flmnist.observers.trackers import Tracker, flat
 
 
@@ -28,19 +29,34 @@ class TensorBoardTracker(Tracker):
             raise _missing("tensorboard", "tensorboard") from err
         self.log_dir = log_dir
         self.writer = None
+        self.purge: int | None = None
 
     def start(self, run_dir: Path, name: str, config: dict) -> None:
+        self.path = Path(self.log_dir) / name if self.log_dir else run_dir / "tensorboard"
+        self.config_text = "\n".join(f"    {k}: {v}" for k, v in flat(config).items())
+
+    def resumed_at(self, step: int) -> None:
+        """A resumed run: the steps after its checkpoint's, logged by the attempt that crashed, are
+        purged (TensorBoard drew both, a zigzag)."""
+        self.purge = step + 1
+
+    def _open(self) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(Path(self.log_dir) / name if self.log_dir else run_dir / "tensorboard"))
-        self.writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in flat(config).items()), 0)
+        self.writer = SummaryWriter(log_dir=str(self.path), purge_step=self.purge)
+        if self.purge is None:
+            self.writer.add_text("config", self.config_text, 0)
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        if self.writer is None:  # opened at the first step, when a resume has said where it goes on
+            self._open()
         for key, value in metrics.items():
             self.writer.add_scalar(key, value, step)
         self.writer.flush()
 
     def finish(self, run_dir: Path, summary: dict) -> None:
+        if self.writer is None:
+            self._open()
         self.writer.add_text("summary", "    " + json.dumps(summary, indent=1).replace("\n", "\n    "), 0)
         self.writer.close()
 
@@ -50,26 +66,6 @@ def mlflow_key(key: str) -> str:
     (``test_pred_share_0,2,4,6,8``) get ``_`` for each other character (``test_pred_share_0_2_4_6_8``);
     MLflow refuses the whole batch, and the tracker is turned off, on one name it does not accept."""
     return re.sub(r"[^\w\-. /]", "_", key, flags=re.ASCII)
-
-
-RUN_ID_FILE = "mlflow_run_id"  # the run's MLflow run id, then the tracking URI of its store
-
-
-def reachable(uri: str | None) -> str | None:
-    """``uri``, unless it is a local SQLite store that is not there (a run directory copied from
-    another machine: its store is then the one this machine's output_dir names)."""
-    if uri and uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        return None
-    return uri
-
-
-def saved_run(run_dir: Path) -> tuple[str | None, str | None]:
-    """The MLflow run id and tracking URI in ``RUN_DIR/mlflow_run_id`` (None for what is missing)."""
-    try:
-        lines = [line.strip() for line in (run_dir / RUN_ID_FILE).read_text().splitlines() if line.strip()]
-    except OSError:
-        return None, None
-    return (lines[0] if lines else None), (lines[1] if len(lines) > 1 else None)
 
 
 class MLflowTracker(Tracker):
