@@ -334,3 +334,14 @@ def test_the_comparison_table_keeps_quoted_overrides_whole(tmp_path):
     md = write_comparison(tmp_path, summaries)
     assert md.startswith("Shared settings: seed=1\n")
     assert '| 0 | name="run a" | finished |' in md and '| 1 | name="run b" | finished |' in md
+
+
+def test_a_failed_job_in_an_asynchronous_sweep_does_not_make_it_mixed(tmp_path):
+    """A failed job has no unit: it counted as a synchronous one, and every cell of the async jobs
+    took the mixed-sweep wording ("40 server updates, 120 client updates"; a review)."""
+    from flmnist.launch.cli import write_comparison
+
+    done = {"overrides": "seed=1", "status": "finished", "final_accuracy": 0.9, "best_accuracy": 0.9, "unit": "update",
+            "rounds_to_target": 40, "client_updates_to_target": 120, "wall_time": 1.0, "target_accuracy": 0.9}
+    md = write_comparison(tmp_path, [done, {"overrides": "seed=2", "status": "failed"}])
+    assert "| 0 | seed=1 | finished | 90.00% | 90.00% | 40 | 1.0 |" in md

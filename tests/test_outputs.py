@@ -348,9 +348,12 @@ def test_a_stopped_runs_plots_are_titled_with_the_run_as_its_own_were(tmp_path):
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(OmegaConf.to_container(cfg)))
     recorder = RunRecorder(tmp_path, 5, 0.65, printer=lambda line: None)
     sync_rows(recorder, fleet=False)
+    (tmp_path / "attribution.csv").write_text("step,node,updates," + ",".join(f"digit_{d}" for d in range(10))
+                                              + ",total\n3,node 0,3," + ",".join(["1.0"] * 10) + ",10.0\n")
     summarize_stopped(tmp_path, 5, 0.65, "round", "stopped by SIGTERM")
     assert run_label(cfg) == "seed002: FedAvg, DigitGroup split, LeNet, 3 nodes"
     assert title(tmp_path / "accuracy_loss.png") == f"Accuracy and loss: {run_label(cfg)}"
+    assert run_label(cfg) in title(tmp_path / "attribution.png")  # it had no run label (a review)
 
 
 def test_a_model_that_cannot_be_saved_loses_no_summary_and_failed_rounds_are_not_completed(tmp_path):

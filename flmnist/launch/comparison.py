@@ -42,7 +42,7 @@ def write_comparison(sweep_dir: Path, summaries: list[dict]) -> str:
     tokens = [list(s.get("override_list") or (s.get("overrides") or "").split()) for s in summaries]
     shared = [t for t in tokens[0] if all(t in other for other in tokens[1:])] if len(rows) > 1 else []
     targets = {t for s in summaries if (t := s.get("target_accuracy")) is not None}  # a failed job has none
-    units = {s.get("unit") or "round" for s in summaries if s.get("status")}
+    units = {s["unit"] for s in summaries if s.get("unit")} or {"round"}  # a failed job has none
     mixed = len(units) > 1  # sync rounds beside async server updates: each cell names its unit
     to = (f"{'rounds' if units <= {'round'} else 'steps'} to "
           + (f"{100 * next(iter(targets)):.1f}%" if len(targets) == 1 else "target"))

@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import LogFormatterSciNotation, MaxNLocator
 
+MAX_NAMED = 50  # nodes named under a per-node bar chart; more are told by their place
 HEATMAP_ROWS = 60  # at most this many evaluated rounds in the per-digit heatmap (evenly picked, the last kept)
 
 
@@ -179,7 +180,10 @@ def plot_async(run_dir: Path, stats: dict, label: str = "") -> None:
     names = sorted(per_node, key=_node_key)
     ax2.bar(range(len(names)), [per_node[n] for n in names])
     ticks = [f"{n} ({devices[n]})" if n in devices else n for n in names]
-    ax2.set_xticks(range(len(names)), ticks, rotation=90 if len(names) > 6 else 0, fontsize=7)
+    if len(names) <= MAX_NAMED:
+        ax2.set_xticks(range(len(names)), ticks, rotation=90 if len(names) > 6 else 0, fontsize=7)
+    else:  # a thousand names are a black block: the nodes by their place, the table in async_stats.json
+        ax2.set_xlabel(f"node (the {len(names)} in name order; async_stats.json names them)")
     ax2.set(ylabel="applied updates", title="Applied updates per node (device)")
     _integer_axis(ax2, "y")
     title = f"Asynchronous run: {label}"

@@ -377,12 +377,12 @@ def summarize_stopped(run_dir: Path, num_rounds: int, target_accuracy: float, un
                  "elapsed": max((r.get("wall_time") or 0.0 for r in rows.values()), default=0.0)})
     rec.model_saved = True  # the global model is not in this process: model.pt stays as it was
     summary = rec.finish("stopped", reason)
-    plot_stopped_attribution(run_dir)
+    plot_stopped_attribution(run_dir, label)
     mark_stopped(run_dir)
     return summary
 
 
-def plot_stopped_attribution(run_dir: Path) -> None:
+def plot_stopped_attribution(run_dir: Path, label: str = "") -> None:
     """``attribution.png`` of a stopped run, from the last snapshot in its ``attribution.csv``."""
     try:
         with open(run_dir / "attribution.csv", newline="") as f:
@@ -392,7 +392,7 @@ def plot_stopped_attribution(run_dir: Path) -> None:
         totals = np.array([[float(r[f"digit_{d}"]) for d in range(10)] for r in rows])
         from flmnist.observers.plots import plot_attribution
 
-        plot_attribution(run_dir, [r["node"] for r in rows], totals)
+        plot_attribution(run_dir, [r["node"] for r in rows], totals, label)
     except (OSError, ValueError, KeyError):
         return  # no attribution recorded (turned off, or stopped before its first snapshot)
     except Exception as err:  # noqa: BLE001 - a plot must never lose the run's results
