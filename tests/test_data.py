@@ -1,3 +1,4 @@
+import json
 import os
 import shutil
 import subprocess
@@ -151,3 +152,40 @@ def test_normalize_gives_the_formulas_values_bit_for_bit_and_leaves_its_input_al
     floats = images.float()
     normalize(floats)
     assert torch.equal(floats, images.float())
+
+
+def test_a_device_folder_s_partition_is_checked_against_the_run(tmp_path):
+    """partition.json decides a board's seeds and hold-out split: an unreadable one was read as
+    partition 0 (two boards the same), one out of range or exported for another split was taken
+    as it was (a review)."""
+    from flmnist.client.node_data import device_partition
+    from flmnist.core.errors import ConfigError
+
+    info = tmp_path / "partition.json"
+    assert device_partition(str(tmp_path), 3, 0) == 0 and device_partition(str(tmp_path), 3, 0, configured=2) == 2
+    info.write_text(json.dumps({"node": 1, "num_nodes": 3, "seed": 0}))
+    assert device_partition(str(tmp_path), 3, 0) == 1
+    with pytest.raises(ConfigError, match=r"exported for \{'num_nodes': 3\}, but the run has num_nodes=4 seed=0"):
+        device_partition(str(tmp_path), 4, 0)
+    for bad, message in (({"node": 7}, "partition 7 is outside 0..2"), ({"node": -4}, "partition -4 is outside"),
+                         ({"node": "1"}, "partition '1' is outside")):
+        info.write_text(json.dumps(bad))
+        with pytest.raises(ConfigError, match=message):
+            device_partition(str(tmp_path), 3, 0)
+    info.write_text("{not json")
+    with pytest.raises(DataError, match="partition.json: unreadable"):
+        device_partition(str(tmp_path), 3, 0)
+
+
+@pytest.mark.parametrize("labels, message", [
+    (torch.tensor([float("nan")] * 4), "labels must be integers"),
+    (torch.tensor([8.7] * 4), "labels must be integers"),
+    (torch.tensor([True] * 4), "labels must be integers"),
+    ([1, 2, 3, 4], "images and labels must be tensors"),
+])
+def test_a_data_pt_with_labels_of_the_wrong_kind_is_refused(tmp_path, labels, message):
+    """NaN labels passed the range check and became -2**63 (training failed later), 8.7 became 8,
+    a list raised AttributeError outside the checks (a review)."""
+    torch.save({"images": torch.zeros(4, 28, 28, dtype=torch.uint8), "labels": labels}, tmp_path / "data.pt")
+    with pytest.raises(DataError, match=message):
+        read_data_path(tmp_path)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flmnist.core.errors import ConfigError
+from flmnist.core.errors import ConfigError, DataError
 from flmnist.ml.data import load_mnist, normalize, read_data_path
 from flmnist.ml.mnist_files import resolve_root
 from flmnist.ml.partition import holdout_split, partition_from_spec
@@ -52,7 +52,7 @@ def _node_data(
         # images, in every message's ClientApp process).
         images, labels = read_data_path(data_path)
         prepare = normalize
-        partition_id = device_partition(data_path)
+        partition_id = device_partition(data_path, num_partitions, seed, partition_id)
         indices = np.arange(len(labels))
     else:
         if partition_id is None or not 0 <= partition_id < num_partitions:
@@ -72,12 +72,30 @@ def _as_is(images: torch.Tensor) -> torch.Tensor:
     return images
 
 
-def device_partition(data_path: str) -> int:
-    """The partition index a device's data was exported as (``partition.json``), else 0."""
-    try:
-        return int(json.loads((Path(data_path) / "partition.json").read_text())["node"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0
+def device_partition(data_path: str, num_partitions: int, seed: int, configured: int | None = None) -> int:
+    """The partition a device's data was exported as (``partition.json``), checked against the
+    run (its ``num_nodes`` and ``seed`` made the split); a folder of the board's own data, without
+    one, takes the node config's ``partition-id``, else 0. It seeds the node's batches and hold-out
+    split: a wrong one (an unreadable file read as 0) gave two boards the same."""
+    file = Path(data_path) / "partition.json"
+    if file.is_file():
+        try:
+            info = json.loads(file.read_text())
+            part = info["node"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise DataError(f"{file}: unreadable ({type(err).__name__}: {err}); export the board's data again "
+                            "(jetson/device/export_partition.py)") from err
+        run = {"num_nodes": num_partitions, "seed": seed}
+        exported = {k: info[k] for k in run if k in info and info[k] != run[k]}
+        if exported:
+            raise ConfigError(f"{file}: exported for {exported}, but the run has num_nodes={num_partitions} "
+                              f"seed={seed}; export the board's data with the run's preset")
+    else:
+        part = 0 if configured is None else configured
+    if isinstance(part, bool) or not isinstance(part, int) or not 0 <= part < num_partitions:
+        raise ConfigError(f"{file if file.is_file() else 'node config partition-id'}: partition {part!r} is outside "
+                          f"0..{num_partitions - 1} (num_nodes={num_partitions})")
+    return part
 
 
 def node_data(settings, node_config) -> NodeData:

@@ -80,6 +80,9 @@ def read_data_path(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]
         images, labels = blob["images"], blob["labels"]
     except Exception as err:
         raise DataError(f"data-path {file}: cannot read it as a data.pt ({err})") from err
+    if not (isinstance(images, torch.Tensor) and isinstance(labels, torch.Tensor)):
+        raise DataError(f"data-path {file}: images and labels must be tensors, got {type(images).__name__} "
+                        f"and {type(labels).__name__}")
     if (
         images.dtype != torch.uint8
         or images.dim() != 3
@@ -92,6 +95,8 @@ def read_data_path(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]
             f"data-path {file}: expected images uint8 [N,28,28] and labels [N] with N > 0, "
             f"got images {images.dtype} {tuple(images.shape)} and labels {tuple(labels.shape)}"
         )
+    if labels.dtype not in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64):
+        raise DataError(f"data-path {file}: labels must be integers (int64), got {labels.dtype}")
     if labels.min() < 0 or labels.max() >= NUM_CLASSES:
         raise DataError(f"data-path {file}: labels must lie in 0-9")
     return images, labels.long()
