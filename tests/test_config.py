@@ -285,10 +285,10 @@ def test_a_shortened_preset_keeps_its_later_evaluation_rounds_for_an_extension_s
 
 
 def test_the_model_arguments_the_config_checks_are_the_models_own():
-    """validate.MODEL_ARGUMENTS (checked without importing PyTorch) against each model's constructor."""
+    """core.model_spec.MODEL_ARGUMENTS (checked without importing PyTorch) against each model's constructor."""
     import inspect
 
-    from flmnist.config.validate import MODEL_ARGUMENTS
+    from flmnist.core.model_spec import MODEL_ARGUMENTS
     from flmnist.ml import models
 
     for name, takes in MODEL_ARGUMENTS.items():

@@ -29,7 +29,7 @@ def test_every_model_maps_a_batch_to_log_probabilities(target):
 
 
 def test_unknown_model_target_names_the_valid_ones():
-    with pytest.raises(ConfigError, match="flmnist.ml.models.LeNet"):
+    with pytest.raises(ConfigError, match="flmnist.ml.models: LeNet, CNNMcMahan"):
         model_from_spec({"_target_": "os.system"})
 
 
@@ -53,3 +53,15 @@ def test_pooling_before_the_relu_computes_the_seeds_relu_then_pool_exactly(cls):
     their_grads = torch.autograd.grad(F.nll_loss(theirs, y), list(model.parameters()))
     assert torch.equal(ours, theirs)
     assert all(torch.equal(a, b) for a, b in zip(ours_grads, their_grads))
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"_target_": "flmnist.ml.models.MLP", "hidden": 200_000}, "model.hidden must be at most 10000"),  # 150 GiB
+    ({"_target_": "flmnist.ml.models.LeNet", "num_classes": 5}, "model.num_classes must be 10"),  # IndexError later
+    ({"_target_": "flmnist.ml.models.LeNet", "bogus": 1}, "model.bogus: LeNet takes no setting 'bogus'"),
+])
+def test_a_node_checks_the_model_spec_of_its_task_before_building_it(spec, message):
+    """Only the class was allow-listed; its settings went to the constructor, which allocated
+    before any weights arrived (a review of the node side)."""
+    with pytest.raises(ConfigError, match=message):
+        model_from_spec(spec)

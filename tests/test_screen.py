@@ -6,6 +6,7 @@ whose metadata and bytes disagree are built raw, as ``Array(dtype, shape, stype,
 """
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from flwr.app import (
 )
 
 from flmnist.client import faults
+from flmnist.core.errors import ConfigError
 from flmnist.engine.reply_path import ReplyPath
 from flmnist.ml.training import batches
 from flmnist.protocol import messages as p
@@ -664,3 +666,27 @@ def test_the_device_line_counts_every_node_also_those_without_an_accepted_update
     path.finish()
     assert [line for line in lines if line.startswith("Nodes trained on")] == [
         "Nodes trained on: cpu (2 nodes); 1 of the 3 nodes had no update accepted"]
+
+
+# ------------------------------------------------------------- a node reads its task
+
+@pytest.mark.parametrize("key, value, message", [
+    ("reply-delta", "false", "reply-delta must be true or false, got 'false'"),  # read as True: a delta was sent
+    ("batch-size", 2.9, "batch-size must be an integer, got 2.9"),               # read as 2
+    ("local-steps", 2**62, "client.local_steps must be at most 100000"),          # trained for ever
+    ("local-epochs", 10**9, "client.local_epochs must be at most 1000"),
+    ("batch-size", 10**9, "client.batch_size must be at most 60000"),
+    ("model", "[" * 100_000, "model must be a JSON object of at most 10000 characters"),  # RecursionError
+    ("model", "[1, 2]", "model must be a JSON object"),
+    ("fault-nodes", "12", "fault-nodes must be a list of integers, got '12'"),     # read as (1, 2)
+    ("seed", float("inf"), "seed must be an integer, got inf"),                     # OverflowError
+    ("server-round", -1, "server-round must be an integer >= 0, got -1"),
+])
+def test_a_node_refuses_a_task_field_of_the_wrong_type_or_size_naming_it(key, value, message):
+    """The server's message is untrusted input on the node too: each field of its type, bounded;
+    it was converted (a review of the node side: 'false' became True, 2.9 steps 2, 2**62 steps ran)."""
+    record = SENT.to_record()
+    record[key] = value
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        p.TrainSettings.from_record(record)
+        p.server_round(record)

@@ -21,6 +21,7 @@ from flmnist.core.build import build
 from flmnist.core.checks import check_integer, check_number, check_style
 from flmnist.core.constants import MNIST_TRAIN_SIZE
 from flmnist.core.errors import ConfigError
+from flmnist.core.model_spec import check_model_spec
 from flmnist.engine.privacy import problem as privacy_problem
 from flmnist.ml.partition import partition_from_spec
 from flmnist.observers.collapse import DROP, PATIENCE
@@ -169,31 +170,11 @@ def collapse_args(cfg: DictConfig) -> dict:
 
 
 # the constructor arguments of flmnist's models (flmnist.ml.models imports PyTorch: not here)
-MODEL_ARGUMENTS = {"LeNet": ("num_classes",), "CNNMcMahan": ("num_classes",), "LogReg": ("num_classes",),
-                   "MLP": ("hidden", "num_classes", "hidden2", "dropout")}
-
-
 def _model(cfg: DictConfig) -> None:
     """flmnist's models (``conf/model/``), the only ones a node builds (``ml.models.MODELS``): the
     class, widths, dropout and classes, checked here because the model is built (with PyTorch) only
     when the run starts (a misspelt class was refused by every node at its first message)."""
-    model = cfg.model
-    target = str(model.get("_target_", ""))
-    name = target.rsplit(".", 1)[-1]
-    if not target.startswith("flmnist.ml.models.") or name not in MODEL_ARGUMENTS:
-        raise ConfigError(f"model._target_ {target!r} is not a model the nodes build (flmnist.ml.models: "
-                          f"{', '.join(MODEL_ARGUMENTS)}); choose one with model=NAME")
-    takes = MODEL_ARGUMENTS.get(name)
-    for key in model:
-        if takes is not None and key != "_target_" and key not in takes:
-            raise ConfigError(f"model.{key}: {name} takes no setting {key!r} (its settings: {', '.join(takes)})")
-    for key in ("hidden", "hidden2"):
-        if key in model:
-            _integer(cfg, f"model.{key}", 1, allow_none=key == "hidden2")
-    if "dropout" in model:
-        check_number("model.dropout", model.dropout, 0, 1, high_open=True)
-    if model.get("num_classes", 10) != 10:
-        raise ConfigError(f"model.num_classes must be 10 (MNIST's ten digits), got {model.num_classes!r}")
+    check_model_spec(OmegaConf.to_container(cfg.model))
 
 
 EVAL_OBSERVERS = {"digits": ("every", "rounds", "update_rounds", "digit_groups", "batch_size", "style"),

@@ -28,12 +28,14 @@ def check_number(key: str, value, low: float = 0.0, high: float = math.inf, *, l
     return float(value)
 
 
-def check_integer(key: str, value, low: int, allow_none: bool = False) -> int | None:
-    """``value`` if it is an integer >= ``low`` (or None when allowed), else a ConfigError naming ``key``."""
+def check_integer(key: str, value, low: int, allow_none: bool = False, high: int | None = None) -> int | None:
+    """``value`` if it is an integer in ``low..high`` (or None when allowed), else a ConfigError naming ``key``."""
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ConfigError(f"{key} must be an integer >= {low}{' or null' if allow_none else ''}, got {value!r}")
+    if high is not None and value > high:
+        raise ConfigError(f"{key} must be at most {high}, got {value}")
     if value >= 2**63:  # (a Flower message, PyTorch's seed and NumPy's sizes take 64-bit integers)
         raise ConfigError(f"{key} must be below 2**63, got {value}")
     return value

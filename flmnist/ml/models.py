@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flmnist.core.errors import ConfigError
+from flmnist.core.model_spec import check_model_spec
 
 
 class TwoConvNet(nn.Module):
@@ -103,6 +104,7 @@ MODELS = {
 
 def model_from_spec(spec: dict) -> nn.Module:
     """Build a model from its config dict (``_target_`` plus parameters), as clients receive it."""
+    check_model_spec(spec)  # a node's task is untrusted input: widths bounded, settings known
     spec = dict(spec)
     target = spec.pop("_target_", None)
     if target not in MODELS:

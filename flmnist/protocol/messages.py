@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from flwr.app import ConfigRecord
 
 from flmnist.core.checks import check_integer, check_number
-from flmnist.core.constants import NUM_CLASSES
+from flmnist.core.constants import MNIST_TRAIN_SIZE, NUM_CLASSES
 from flmnist.core.errors import ConfigError
 from flmnist.protocol.fault_modes import FAULTS
 
@@ -97,6 +97,9 @@ NODE_INFO_KEYS: dict[str, type] = {NODE_NAME: str, DEVICE: str, MACHINE: str}
 QUERY_INFO: dict[str, type] = {**NODE_INFO_KEYS, PARTITION_ID: int, TRAIN_EXAMPLES: int, HOLDOUT_EXAMPLES: int}
 MAX_LOSS = 1e6  # a loss (per example) above this, or below 0, is refused: no model's honest NLL
 MAX_NAME_LENGTH = 128  # node names and device strings longer than this are refused
+MAX_LOCAL_EPOCHS = 1_000    # a task asking for more keeps a node busy for hours: refused
+MAX_LOCAL_STEPS = 100_000
+MAX_SPEC_LENGTH = 10_000    # a model or partition spec is a few settings of JSON
 
 
 def simulated_node_name(partition: int) -> str:
@@ -121,6 +124,52 @@ def examples_per_update(train_examples: int, batch_size: int, local_epochs: int,
         per_pass = math.ceil(train_examples / batch_size)
         return local_steps // per_pass * train_examples + local_steps % per_pass * batch_size
     return local_epochs * train_examples
+
+
+class _Reader:
+    """A node's reading of its task's ``config`` record: each field of the type the server writes
+    (an int is no bool, a float is an int or float, a spec a JSON object), else a ConfigError naming it."""
+
+    def __init__(self, record: ConfigRecord) -> None:
+        self.record = record
+
+    def _get(self, key: str, default, types: tuple, what: str):
+        value = self.record[key] if default is _REQUIRED else self.record.get(key, default)
+        if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+            raise ConfigError(f"the server's config record: {key} must be {what}, got {value!r}")
+        return value
+
+    def int(self, key: str, default=None) -> int:
+        return self._get(key, _REQUIRED if default is None else default, (int,), "an integer")
+
+    def float(self, key: str, default=None) -> float:
+        return float(self._get(key, _REQUIRED if default is None else default, (int, float), "a number"))
+
+    def bool(self, key: str, default: bool) -> bool:
+        return self._get(key, default, (bool,), "true or false")
+
+    def str(self, key: str, default: str) -> str:
+        return self._get(key, default, (str,), "a string")
+
+    def ints(self, key: str) -> list[int]:
+        values = self._get(key, [], (list,), "a list of integers")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            raise ConfigError(f"the server's config record: {key} must be a list of integers, got {values!r}")
+        return values
+
+    def spec(self, key: str) -> dict:
+        text = self._get(key, _REQUIRED, (str,), "a JSON object")
+        try:
+            spec = json.loads(text) if len(text) <= MAX_SPEC_LENGTH else None
+        except (ValueError, RecursionError):
+            spec = None
+        if not isinstance(spec, dict):
+            raise ConfigError(f"the server's config record: {key} must be a JSON object of at most "
+                              f"{MAX_SPEC_LENGTH} characters, got {text[:80]!r}")
+        return spec
+
+
+_REQUIRED = object()
 
 
 @dataclass(frozen=True)
@@ -157,10 +206,11 @@ class TrainSettings:
         check_integer("num_nodes", self.num_partitions, 1)
         check_integer("seed", self.seed, 0)
         check_number("data.holdout_fraction", self.holdout_fraction, 0.0, 1.0, high_open=True)
-        check_integer("client.local_epochs", self.local_epochs, 1)
-        check_integer("client.local_steps", self.local_steps, 1, allow_none=True)
-        check_integer("client.batch_size", self.batch_size, 1)
-        check_integer("client.eval_batch_size", self.eval_batch_size, 1)
+        # bounded: a node trains what its task says, and a task must not keep it busy for ever
+        check_integer("client.local_epochs", self.local_epochs, 1, high=MAX_LOCAL_EPOCHS)
+        check_integer("client.local_steps", self.local_steps, 1, allow_none=True, high=MAX_LOCAL_STEPS)
+        check_integer("client.batch_size", self.batch_size, 1, high=MNIST_TRAIN_SIZE)
+        check_integer("client.eval_batch_size", self.eval_batch_size, 1, high=MNIST_TRAIN_SIZE)
         check_number("client.lr", self.lr, 0.0, low_open=True)
         check_number("client.momentum", self.momentum, 0.0, 1.0, high_open=True)
         check_number("client.weight_decay", self.weight_decay, 0.0)
@@ -241,35 +291,27 @@ class TrainSettings:
     # -------------------------------------------------------------- node side
     @classmethod
     def from_record(cls, record: ConfigRecord) -> TrainSettings:
-        """Read a message's ``config`` record (a node trusts its server, but checks the values)."""
+        """Read a message's ``config`` record: a node checks what its server asks as a server checks
+        a reply (each field of its type, not converted: "false" was True, 2.9 steps were 2)."""
+        r = _Reader(record)
         try:
             return cls(
-                model=json.loads(str(record["model"])),
-                partition=json.loads(str(record["partition"])),
-                num_partitions=int(record["num-partitions"]),
-                seed=int(record["seed"]),
-                holdout_fraction=float(record["holdout-fraction"]),
-                data_root=str(record.get("data-root", "")),
-                local_epochs=int(record["local-epochs"]),
-                local_steps=int(record.get("local-steps", 0)) or None,
-                batch_size=int(record["batch-size"]),
-                lr=float(record["lr"]),
-                momentum=float(record["momentum"]),
-                weight_decay=float(record["weight-decay"]),
-                eval_batch_size=int(record["eval-batch-size"]),
-                proximal_mu=float(record.get(PROXIMAL_MU, 0.0)),
-                reply_delta=bool(record.get(REPLY_DELTA, False)),
-                fault=str(record.get(FAULT, "")),
-                fault_nodes=tuple(int(n) for n in record.get("fault-nodes", [])),
-                dp_noise_multiplier=float(record.get("dp-noise-multiplier", 0.0)),
-                dp_clipping_norm=float(record.get("dp-clipping-norm", 0.0)),
-                update_clip=float(record.get(CLIPPING_NORM, 0.0)),
-                update_noise=float(record.get(LOCAL_DP_NOISE, 0.0)),
-                evaluate_received=bool(record.get(EVALUATE_RECEIVED, False)),
+                model=r.spec("model"), partition=r.spec("partition"),
+                num_partitions=r.int("num-partitions"), seed=r.int("seed"),
+                holdout_fraction=r.float("holdout-fraction"), data_root=r.str("data-root", ""),
+                local_epochs=r.int("local-epochs"), local_steps=r.int("local-steps", 0) or None,
+                batch_size=r.int("batch-size"), lr=r.float("lr"), momentum=r.float("momentum"),
+                weight_decay=r.float("weight-decay"), eval_batch_size=r.int("eval-batch-size"),
+                proximal_mu=r.float(PROXIMAL_MU, 0.0), reply_delta=r.bool(REPLY_DELTA, False),
+                fault=r.str(FAULT, ""), fault_nodes=tuple(r.ints("fault-nodes")),
+                dp_noise_multiplier=r.float("dp-noise-multiplier", 0.0),
+                dp_clipping_norm=r.float("dp-clipping-norm", 0.0),
+                update_clip=r.float(CLIPPING_NORM, 0.0), update_noise=r.float(LOCAL_DP_NOISE, 0.0),
+                evaluate_received=r.bool(EVALUATE_RECEIVED, False),
             )
-        except (KeyError, TypeError, ValueError) as err:
-            raise ConfigError(f"the server's config record is malformed ({err!r}); are server and node "
-                              "running the same flmnist version?") from err
+        except KeyError as err:
+            raise ConfigError(f"the server's config record has no {err}; are server and node running the same "
+                              "flmnist version?") from err
 
     def batches_per_update(self, train_examples: int) -> int:
         return batches_per_update(train_examples, self.batch_size, self.local_epochs, self.local_steps)
@@ -282,5 +324,8 @@ class TrainSettings:
 
 
 def server_round(record: ConfigRecord) -> int:
-    """The round (sync) or the node's update count (async) a train message belongs to."""
-    return int(record.get(SERVER_ROUND, 0))
+    """The round (sync) or the node's update count (async) a train message belongs to (it seeds the
+    node's batches: an integer from 0, else a ConfigError naming it)."""
+    value = record.get(SERVER_ROUND, 0)
+    check_integer(f"the server's config record: {SERVER_ROUND}", value, 0)
+    return value
