@@ -321,3 +321,16 @@ def test_client_app_registers_the_mod_and_its_handlers_hold_no_fault_code(app):
     assert lines[1].startswith("app = ClientApp(mods=[fault_mod])"), lines
     assert app is client_app.app
 
+
+
+@pytest.mark.parametrize("allow", [None, "yes", True])
+def test_a_board_commits_a_fault_only_when_its_operator_allows_it(ask, allow):
+    """A client.fault left set on the server turned real boards (node config data-path) into
+    attackers (a review of the node side); a board does so only with allow-faults=true."""
+    honest, _ = ask(TRAIN, BAD)
+    _, msg = ask(TRAIN, BAD, fault="nan")
+    config = {"data-path": "/srv/flmnist/data", **({} if allow is None else {"allow-faults": allow})}
+    board = Context(run_id=1, node_id=100 + BAD, node_config=config, state=RecordDict(), run_config={})
+    reply = faults.fault_mod(msg, board, lambda m, c: honest)
+    weights = reply.content[p.ARRAYS].to_numpy_ndarrays()
+    assert all(np.isfinite(w).all() for w in weights) is (allow is not True)

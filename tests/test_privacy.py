@@ -392,10 +392,11 @@ def test_dpsgd_noise_is_not_the_servers_to_regenerate_and_an_empty_sample_still_
     model = LogReg()
     start = {k: v.clone() for k, v in model.state_dict().items()}
     monkeypatch.setattr(torch, "rand", lambda n, generator=None: torch.ones(n))  # every image left out
-    _, trace = train_dpsgd(model, images, labels, steps=1, batch_size=64, lr=1.0, momentum=0.0,
-                              weight_decay=0.0, noise_multiplier=3.0, clipping_norm=2.0, dev=torch.device("cpu"))
+    mean_loss, trace = train_dpsgd(model, images, labels, steps=1, batch_size=64, lr=1.0, momentum=0.0,
+                                   weight_decay=0.0, noise_multiplier=3.0, clipping_norm=2.0, dev=torch.device("cpu"))
     step = torch.cat([(model.state_dict()[k] - start[k]).flatten() for k in start])
     assert trace == [] and step.std().item() == pytest.approx(3.0 * 2.0 / 64, rel=0.05)
+    assert mean_loss == 0.0  # it was NaN, and the server's screen refused the honest reply (a review)
 
 
 def test_each_nodes_dpsgd_epsilon_is_the_poisson_subsampled_rdp_figure():

@@ -38,6 +38,8 @@ the server must survive:
 
 from __future__ import annotations
 
+from logging import WARNING
+
 import numpy as np
 from flwr.app import (
     Array,
@@ -50,6 +52,7 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.logger import log
 
 from flmnist.core.arrays import to_record, to_weights
 from flmnist.protocol import messages as p
@@ -69,6 +72,12 @@ def fault_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> M
         return reply
     config = msg.content[p.CONFIG]
     if not config.get(p.FAULT):  # an honest node: no need to read the settings again
+        return reply
+    if context.node_config.get("data-path") and context.node_config.get("allow-faults") is not True:
+        # a real board attacks only when its operator says so: a client.fault left set on the
+        # server made real boards send wrecked or borrowed updates
+        log(WARNING, "client.fault=%s asked of this board: ignored (its node config has no allow-faults=true)",
+            config.get(p.FAULT))
         return reply
     settings = p.TrainSettings.from_record(config)
     content = reply.content

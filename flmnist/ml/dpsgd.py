@@ -39,7 +39,8 @@ def train_dpsgd(
     """``steps`` DP-SGD steps on Poisson samples of (images, labels); (mean loss, loss trace).
 
     A step whose sample is empty is a step of noise alone, as the accountant counts it (the loss
-    trace has no entry for it)."""
+    trace has no entry for it); an update none of whose samples held an image reports a mean loss
+    of 0 (NaN was refused by the server's screen as a malformed reply)."""
     import warnings
 
     from opacus import GradSampleModule
@@ -69,4 +70,4 @@ def train_dpsgd(
                 trace.append(loss.item())
     finally:
         private._close()  # the model as it was, without Opacus's hooks and per-sample gradients
-    return (float(np.mean(trace)) if trace else float("nan")), trace
+    return (float(np.mean(trace)) if trace else 0.0), trace
