@@ -20,11 +20,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from runs import finished, fresh
 
 from flmnist.launch.flwr_local import run_flwr
 
@@ -66,13 +68,13 @@ def main() -> None:
     for name, overrides in strategies(args.updates).items():
         if args.only and name not in args.only:
             continue
-        run_dir = out / f"async_fleet_{name.lower()}"
+        run_dir = fresh(out / f"async_fleet_{name.lower()}")
         start = time.perf_counter()
-        run_flwr(REPO, [*COMMON, *overrides, f"run_dir={run_dir}"], NODES, tempfile.mkdtemp(prefix="flmnist-bench-"),
-                 log_path=out / f"async_fleet_{name.lower()}.log")
+        code = run_flwr(REPO, [*COMMON, *overrides, f"run_dir={run_dir}"], NODES,
+                        tempfile.mkdtemp(prefix="flmnist-bench-"), log_path=out / f"async_fleet_{name.lower()}.log")
         wall = time.perf_counter() - start
+        summary = finished(run_dir, code, out / f"async_fleet_{name.lower()}.log")
         rows = [r for r in json.loads((run_dir / "metrics.json").read_text())]
-        summary = json.loads((run_dir / "summary.json").read_text())
         stats = summary.get("async") or {}
         staleness = [s for r in rows for s in (r.get("staleness") or [])]
         evaluated = [r for r in rows if r.get("test_accuracy") is not None]

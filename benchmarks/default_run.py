@@ -19,6 +19,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from memory import PeakMemory
 from reference import run as run_reference
+from runs import finished, fresh
 
 from flmnist.launch.flwr_local import run_flwr
 
@@ -26,14 +27,14 @@ from flmnist.launch.flwr_local import run_flwr
 def main() -> None:
     out_dir = REPO / "benchmarks" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
-    run_dir = out_dir / "default_run"
+    run_dir = fresh(out_dir / "default_run")
     flwr_home = tempfile.mkdtemp(prefix="flmnist-bench-")
     start = time.perf_counter()
     with PeakMemory(flwr_home) as mem:
         # run_dir only says where to write; every training setting is the default.
         code = run_flwr(REPO, [f"run_dir={run_dir}"], 2, flwr_home, log_path=out_dir / "default_run.log")
     wall = time.perf_counter() - start
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = finished(run_dir, code, out_dir / "default_run.log")
     reference = run_reference([])
     result = {
         "command": "flwr run . (default config, 2 simulated SuperNodes)",

@@ -96,13 +96,15 @@ def one_run(r: Rehearsal, name: str, poll_interval: str, fraction_evaluate: floa
     load = os.getloadavg()[0]
     start = time.monotonic()
     proc = r.start([BIN / "flwr", "run", r.app_dir, CONNECTION, "--stream", "--run-config", cfg], r.cli_home, log)
-    proc.wait(timeout=900)
+    code = proc.wait(timeout=900)
+    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
+    if code != 0 or summary.get("status") != "finished":  # a run that died early would read as a fast one
+        raise SystemExit(f"{name}: the run did not finish (exit {code}, status {summary.get('status')}): see {log}")
     rows = json.loads((run_dir / "metrics.json").read_text())
     times = [row["wall_time"] for row in rows]
     # Rounds 2..N-1: round 1 holds the cold start, round N the run's end (and, with client evaluation
     # in the train reply, the one evaluate exchange that evaluates the final model): last_round_s.
     per_round = [b - a for a, b in itertools.pairwise(times[1:])][:-1]
-    summary = json.loads((run_dir / "summary.json").read_text())
     row = {"executor": r.executor, "poll_interval": poll_interval, "client_evaluation": fraction_evaluate > 0,
            "client_evaluation_by": client_evaluation if fraction_evaluate > 0 else None,
            "per_round_s": [round(x, 2) for x in per_round], "status": summary.get("status"),

@@ -122,7 +122,10 @@ def run(out: Path, model: str, split: str, nodes: int, rounds: int, target: str,
         evaluated = [r for r in json.loads((run_dir / "metrics.json").read_text()) if r.get("test_accuracy") is not None]
         last = evaluated[-1]
     except (OSError, ValueError, IndexError):
-        result["error"] = proc.stderr[-1500:]
+        summary = {}
+    result["status"] = summary.get("status")
+    if proc.returncode != 0 or summary.get("status") != "finished" or summary.get("final_accuracy") is None:
+        result["error"] = proc.stderr[-1500:]  # a failed run is no row of the table
         return result
     result.update(accuracy=summary["final_accuracy"], rounds=summary["rounds_completed"],
                   epsilon=(summary.get("privacy") or {}).get("epsilon"), wall_time=summary.get("wall_time"),
@@ -206,6 +209,7 @@ def main() -> None:
                     choices=["central", "central_adaptive", "client", "local", "dpsgd"])
     args = ap.parse_args()
     results_dir = REPO / "benchmarks" / "results"
+    results_dir.mkdir(parents=True, exist_ok=True)  # (gitignored: absent in a fresh checkout)
     out = REPO / "outputs" / "bench_privacy"
     out.mkdir(parents=True, exist_ok=True)
     path = results_dir / "privacy.json"

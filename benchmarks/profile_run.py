@@ -21,15 +21,14 @@ from pathlib import Path
 BIN = Path(sys.executable).parent
 RESULTS = Path(__file__).resolve().parent / "results"
 # (phase, the line that ends it); the first line matching each pattern in order
-LANDMARKS = [
-    ("CLI: Hydra composition and checks", r"Starting local SuperLink"),
-    ("SuperLink start and run submission", r"Successfully started run"),
+LANDMARKS = [  # the lines flmnist prints since 2026-12-04 (Flower's own round lines are no longer shown)
+    ("CLI: Hydra composition and checks (and the SuperLink's start)", r"Using SuperLink|Starting local SuperLink"),
+    ("run submission", r"Successfully started run"),
     ("simulation start, app install", r"Successfully installed flmnist"),
     ("ServerApp start (imports, config)", r"flmnist run directory"),
     ("MNIST loading and partitioning (server)", r"Partition report"),
-    ("hooks, screen, engine; waiting for nodes (the backend's start)", r"Starting Guarded strategy|Asynchronous loop:"),
-    ("initial evaluation", r"Initial global evaluation|\[ROUND 1/"),
-    ("round 1 (the first ClientApps: Ray's worker if any, imports, MNIST, partition)", r"\[(round|update) 1/"),
+    ("hooks, screen, engine; waiting for nodes (the backend's start)", r"Strategy \w+, round|Asynchronous loop:"),
+    ("initial evaluation and round 1 (the first ClientApps: imports, MNIST, partition)", r"\[(round|update) 1/"),
     ("the remaining rounds", r"Summary of evaluated"),
     ("outputs (summary, plots)", r"Run finished"),
     ("exports, stopping SuperLink (and Ray), exit", None),

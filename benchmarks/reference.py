@@ -47,6 +47,8 @@ def run(overrides: list[str], update_eval: bool = True) -> dict:
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
     c = cfg.client
     history = []
+    if schedule.is_scheduled(0):  # flmnist evaluates the initial model too (the same work)
+        evaluate(model, test_x, test_y, cfg.eval.batch_size)
     for rnd in range(1, cfg.num_rounds + 1):
         states, weights = [], []
         for i, (x, y, _, _) in enumerate(nodes):

@@ -53,6 +53,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from memory import PeakMemory
 from reference import run as run_reference
+from runs import finished, fresh
 
 from flmnist.launch.flwr_local import flwr_env, run_flwr, stop_flwr_home
 from flmnist.ml.mnist_files import resolve_root
@@ -87,14 +88,14 @@ def main() -> None:
         return
     out_dir = REPO / "benchmarks" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
-    run_dir = out_dir / "seed002"
+    run_dir = fresh(out_dir / "seed002")
     flwr_home = tempfile.mkdtemp(prefix="flmnist-bench-")
     start = time.perf_counter()
     with PeakMemory(flwr_home) as mem:
-        run_flwr(REPO, ["experiment=seed002", f"run_dir={run_dir}"], 3, flwr_home,
-                 log_path=out_dir / "seed002.log")
+        code = run_flwr(REPO, ["experiment=seed002", f"run_dir={run_dir}"], 3, flwr_home,
+                        log_path=out_dir / "seed002.log")
     flmnist_wall = time.perf_counter() - start
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = finished(run_dir, code, out_dir / "seed002.log")
     log = (out_dir / "seed002.log").read_text()
     seed_lines = [ln.split(":      ", 1)[-1] for ln in log.splitlines()
                   if "Model update node" in ln or "Federated model:" in ln]
@@ -143,6 +144,7 @@ RUNS = {  # name: command
     "flmnist_no_guard": [*FLMNIST, "eval.update_rounds=[]", "eval.attribution=false", "screen.guard_max_harm=null"],
 }
 PLAIN_ACCURACY = re.compile(r"\[plain_flower\] round (\d+): accuracy ([0-9.]+)")
+PLAIN_ROUNDS = 40  # benchmarks/plain_flower/pyproject.toml's num-server-rounds
 
 
 def timed_run(name: str, log_path: Path) -> dict:
@@ -177,7 +179,11 @@ def timed_run(name: str, log_path: Path) -> dict:
         if name in ("floor", "reference"):
             out["final_accuracy"] = json.loads(text[text.index("\n{") :])["final_accuracy"]
         elif name == "plain_flower":
-            out["final_accuracy"] = float(PLAIN_ACCURACY.findall(text)[-1][1])
+            evaluated = PLAIN_ACCURACY.findall(text)
+            if not evaluated or int(evaluated[-1][0]) != PLAIN_ROUNDS:  # flwr run exits 0 whatever its run does
+                raise SystemExit(f"plain_flower ended after round {evaluated[-1][0] if evaluated else 0} of "
+                                 f"{PLAIN_ROUNDS}: see {log_path}")
+            out["final_accuracy"] = float(evaluated[-1][1])
             first = next(t for t, line in lines if "[ROUND 1/" in line)
             last = [t for t, line in lines if PLAIN_ACCURACY.search(line)][-1]
             out["phases_s"] = {"to_round_1": round(first, 1), "rounds": round(last - first, 1),
