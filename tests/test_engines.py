@@ -950,6 +950,22 @@ def test_an_async_step_that_leaves_the_strategys_state_non_finite_is_rejected_an
     assert_weights(final, shifted(START, 0.02))
 
 
+def test_server_steps_rejected_in_a_row_end_the_run_naming_the_setting(task_identity):
+    """Every step unsound: each reply passed the screen, so the nodes' failure count never grew
+    and the run went on until progress_timeout (an hour), saying 'last problem: none' (a review)."""
+    from flmnist.strategies.asynchronous import AsyncStrategy
+
+    class AlwaysInf(AsyncStrategy):
+        def apply(self, model, update, num_examples, staleness):
+            return {k: np.full_like(v, np.inf) for k, v in model.items()}
+
+    loop, _ = make_loop({101: FakeNode(0, 0.01)}, AlwaysInf(), fleet=make_fleet("homogeneous", 1, seed=0,
+                        jitter_sigma=0.0), max_server_updates=50, max_consecutive_failures=3)
+    with pytest.raises(RunFailed, match=r"3 server steps in a row were rejected as unsound "
+                                        r"\(async_loop.max_consecutive_failures\)"):
+        loop.run(record(START))
+
+
 def test_fedbuffs_buffer_at_the_end_of_a_run_is_applied_and_attributed_when_it_is_extended(task_identity, tmp_path):
     """FedBuff, K = 2, stopped after 3 client updates: one server step, and the third update still
     in the buffer (not applied, listed as buffered). The final evaluation of version 1 keeps its
@@ -1276,3 +1292,21 @@ def test_a_synchronous_update_lost_to_the_fleet_is_never_read(task_identity, tmp
     assert row["num_updates"] == 1 and row["train_examples"] == nodes[12].n
     assert row["virtual_time"] == 600.0
     assert_weights(to_weights(arrays), shifted(START, 0.02))  # node 1's update alone
+
+
+def test_a_run_ended_by_its_time_budget_checkpoints_its_last_version(task_identity, tmp_path):
+    """time_budget 3.5 updates long, evaluated every 2 versions, checkpoint_every=5: version 3 is
+    the last, evaluated at the end; its checkpoint was skipped (the end's 'last' asked whether
+    the budget was spent, and the clock stops short of it), so a resume went back to version 0."""
+    from flmnist.observers.checkpoint import load_checkpoint
+    from flmnist.observers.recorder import RunRecorder
+
+    fleet = make_fleet("homogeneous", 1, seed=0, jitter_sigma=0.0)
+    duration = fleet.timing(0, 1, SENT.examples_per_update(LIMITS.train_examples[0]), 0).duration
+    loop, _ = make_loop({101: FakeNode(0, 0.01)}, FedAsync(alpha=0.5), fleet=fleet, max_server_updates=None,
+                        time_budget=3.5 * duration, eval_every=2)
+    loop.path.recorder = RunRecorder(tmp_path, 3, 0.99, printer=lambda line: None)
+    loop.path.checkpoint_every = 5
+    loop.run(record(START))
+    assert loop.version == 3
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["round"] == 3

@@ -3,6 +3,8 @@ reply path of both engines, with real Flower messages on the fake Grid of test_e
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from flwr.app import Message, MessageType, RecordDict
@@ -247,3 +249,16 @@ def test_summed_evaluations_that_overflow_or_hold_no_examples_report_no_figure()
     assert "loss" not in out and out["accuracy"] == 0.5
     assert aggregate_evaluate_counts([reply(0, 0.0), reply(0, 0.0)], "num-examples") is None
     assert aggregate_evaluate_counts([reply(10, 5.0)], "num-examples")["loss"] == 0.5
+
+
+def test_a_node_whose_answer_comes_after_the_wait_is_admitted_at_the_next_look(task_identity):
+    """An idle SuperNode picks a message up within 3 s and a stock executor takes seconds to
+    start: the asynchronous loop waited 2 s, dropped the question, and asked again only after a
+    minute, so a board back with a new node id hardly ever got work (a review). The question stays
+    open for its TTL and the answer is read at the next look."""
+    from flmnist.engine.node_directory import NodeDirectory
+
+    directory = NodeDirectory(FakeGrid({11: FakeNode(0, delay=0.3)}), make_path(), poll_interval=0.001)
+    assert directory.discover(0.0) == []
+    time.sleep(0.35)
+    assert [n.node_id for n in directory.discover(0.0)] == [11] and not directory.pending

@@ -74,11 +74,11 @@ class AsyncLoop:
         self.saved: int | None = None  # client updates at the last checkpoint
         self.t0 = time.perf_counter()
         self.sent_models: dict[int, dict] = {}   # version -> weights, while an update trained on it is out
-        self.pending = PendingStep()             # updates folded into the strategy since its last step
         self.idle: list[Node] = []               # nodes waiting for work, first served first
         self.stats = AsyncStats()
         self.clock = VirtualClock(fleet, settings.update_timeout)
         self.liveness = UpdateLiveness(settings.max_consecutive_failures, settings.progress_timeout)
+        self.pending = PendingStep(settings.max_consecutive_failures)  # folded since the strategy's last step
         self.transport = Transport(grid, path, self.liveness, settings.update_timeout, poll_interval,
                                    simulated=fleet is not None)
         self.transport.on_available = self.available
@@ -278,7 +278,7 @@ class AsyncLoop:
         )
 
     # ---------------------------------------------------------------- record
-    def record(self, arrays: ArrayRecord, weights: dict, evaluate: bool, again: bool = False) -> None:
+    def record(self, arrays: ArrayRecord, weights: dict, evaluate: bool, again: bool = False, last=None) -> None:
         """The version's metrics row (``again``: the run's end evaluating a version whose row, and counters, exist)."""
         fields = {} if again else {"virtual_time": round(self.clock.now, 4) if self.clock.simulated else None,
                                    **self.stats.take_row()}
@@ -289,7 +289,8 @@ class AsyncLoop:
             save_ledger(self.path.recorder, self.accountant, epsilon)
         self.path.report("async", self.stats_dict())
         self.path.global_model(self.version, arrays, evaluate=evaluate, **fields)
-        if evaluate and self.version > 0 and self.path.checkpoint_due(self.version, last=self.should_stop()):
+        last = self.should_stop() if last is None else last  # (the run's end: a time budget ends before it)
+        if evaluate and self.version > 0 and self.path.checkpoint_due(self.version, last=last):
             self.path.save_checkpoint(self.kind, self.version, weights, self.state_dict())
             self.saved = self.stats.client_updates
 
@@ -304,7 +305,7 @@ class AsyncLoop:
         """After the last step: the final model evaluated (and checkpointed) unless it was, and the
         loop's figures, with the tasks still unanswered and the updates still buffered."""
         if last_eval != self.version:
-            self.record(self.arrays, self.weights, evaluate=True, again=True)
+            self.record(self.arrays, self.weights, evaluate=True, again=True, last=True)
         elif (self.version > 0 and self.saved != self.stats.client_updates
               and self.path.checkpoint_due(self.version, last=True)):
             self.path.save_checkpoint(self.kind, self.version, self.weights, self.state_dict())

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from flmnist.core.arrays import Weights
+from flmnist.core.errors import RunFailed
 
 DROPPED = "dropped (step rejected)"  # the outcome of an update whose server step was rejected
 
@@ -30,8 +31,9 @@ class Folded(NamedTuple):
 class PendingStep:
     """Folded updates, until their server step is accepted or rejected."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = 10) -> None:
         self.folded: list[Folded] = []
+        self.limit, self.rejected_in_a_row = limit, 0  # server steps rejected in a row end the run at limit
 
     def fold(self, update, staleness: int, train_loss: float, reference: Weights, delta: bool) -> None:
         self.folded.append(Folded(update.name, staleness, float(train_loss), update.weights,
@@ -42,12 +44,18 @@ class PendingStep:
         for f in self.folded:
             stats.applied_update(f.name, f.staleness, f.train_loss)
             path.applied(step, before, [f], f.reference, delta=f.reference is None, key=key)
-        self.folded = []
+        self.folded, self.rejected_in_a_row = [], 0
 
     def rejected(self, stats) -> None:
+        """The step was rejected: its updates dropped. Steps rejected in a row end the run (each
+        reply passed, so the nodes' failure count never grew: it ran until progress_timeout)."""
         for _ in self.folded:
             stats.count(DROPPED)
         self.folded = []
+        self.rejected_in_a_row += 1
+        if self.rejected_in_a_row >= self.limit:
+            raise RunFailed(f"{self.rejected_in_a_row} server steps in a row were rejected as unsound "
+                            "(async_loop.max_consecutive_failures); the log names each one's problem")
 
     def names(self) -> list[str]:
         return [f.name for f in self.folded]

@@ -26,6 +26,7 @@ from flmnist.engine.base import UpdateLiveness
 from flmnist.engine.node_directory import NodeDirectory
 from flmnist.engine.reply_path import ReplyPath
 from flmnist.protocol import messages as p
+from flmnist.protocol.screen import NodeInfo
 
 
 class Transport:
@@ -55,7 +56,11 @@ class Transport:
     def discover(self, timeout: float) -> list[Node]:
         """Ask every newly connected node who it is (a malformed answer keeps the node out, a
         silent one is asked again after a minute); the newly accepted nodes."""
-        for info in (found := self.directory.discover(timeout)):
+        return self._admitted(self.directory.discover(timeout))
+
+    def _admitted(self, found: list[NodeInfo]) -> list[Node]:
+        """Nodes for newly accepted node-infos (a partition's update count goes on under a new node id)."""
+        for info in found:
             self.nodes[info.node_id] = Node(info, self.partition_updates.get(info.partition, 0))
         return [self.nodes[info.node_id] for info in found]
 
@@ -71,13 +76,15 @@ class Transport:
         """Every 5 s: which nodes Flower lists; in deployment, returning and new nodes get work."""
         now = time.monotonic()
         if self.connected is not None and now - self.last_discovery <= 5.0:
+            if not self.simulated and self.directory.pending:  # answers to earlier questions, as they come
+                self.on_available(self._admitted(self.directory.collect()))
             return
         self.last_discovery = now
         self.connected = set(self.grid.get_node_ids())
         if not self.simulated:
             back = [n for n in self.away if n.node_id in self.connected]
             self.away = [n for n in self.away if n.node_id not in self.connected]
-            self.on_available(back + self.discover(timeout=2.0))
+            self.on_available(back + self.discover(timeout=0.0))  # answers come in at later refreshes
 
     # -------------------------------------------------------------- messages
     def send_train(self, node: Node, arrays: ArrayRecord, config: ConfigRecord) -> str:

@@ -30,6 +30,8 @@ from flmnist.engine.reply_path import ReplyPath
 from flmnist.protocol import messages as p
 from flmnist.protocol.screen import NodeInfo, Rejection
 
+QUERY_TTL = 120.0  # seconds a "who are you" message waits for its node
+
 
 class NodeDirectory:
     """Node id -> who that node is, from screened query replies (see the module docstring)."""
@@ -40,24 +42,35 @@ class NodeDirectory:
         self.nodes: dict[int, NodeInfo] = {}     # node id -> accepted node-info
         self.refused: dict[int, str] = {}        # node id -> why its query reply was refused
         self.asked: dict[int, float] = {}        # node id -> when it was last asked who it is
+        self.pending: dict[str, float] = {}      # query message id -> when its TTL ends
 
     def discover(self, timeout: float) -> list[NodeInfo]:
         """Ask every node Flower lists that is not known, not refused and not asked in the last
-        ``reask_after`` s who it is, and wait up to ``timeout`` s for the answers; return the newly
-        accepted nodes, in the order asked. A malformed answer refuses the node (logged with the reason)."""
+        ``reask_after`` s who it is, and wait up to ``timeout`` s (0: one look) for the answers to
+        these and to earlier questions still within their TTL (an idle SuperNode picks a message up
+        within 3 s, and a stock executor takes seconds more to start: an answer later than the wait
+        was dropped, and the node not asked again for a minute); return the newly accepted nodes. A
+        malformed answer refuses the node (logged with the reason)."""
         now = time.monotonic()
+        self.pending = {m: expiry for m, expiry in self.pending.items() if expiry > now}
         new = [n for n in self.grid.get_node_ids() if n not in self.nodes and n not in self.refused
                and now - self.asked.get(n, -1e9) > self.reask_after]
-        if not new:
-            return []
-        self.asked.update({n: now for n in new})
-        msgs = [Message(RecordDict({p.CONFIG: self.path.sent.to_record()}), dst_node_id=n,
-                        message_type=MessageType.QUERY, ttl=max(timeout, 120.0)) for n in new]
-        ids = set(self.grid.push_messages(msgs))
+        if new:
+            self.asked.update({n: now for n in new})
+            ttl = max(timeout, QUERY_TTL)
+            msgs = [Message(RecordDict({p.CONFIG: self.path.sent.to_record()}), dst_node_id=n,
+                            message_type=MessageType.QUERY, ttl=ttl) for n in new]
+            self.pending.update({m: now + ttl for m in self.grid.push_messages(msgs)})
+        return self.collect(timeout)
+
+    def collect(self, timeout: float = 0.0) -> list[NodeInfo]:
+        """The answers to the open questions, waiting up to ``timeout`` s (0: one look); the newly
+        accepted nodes."""
+        known = set(self.nodes)
         deadline = time.monotonic() + timeout
-        while ids and time.monotonic() < deadline:
-            for reply in self.grid.pull_messages(list(ids)):
-                ids.discard(reply.metadata.reply_to_message_id)
+        while self.pending:
+            for reply in self.grid.pull_messages(list(self.pending)):
+                self.pending.pop(reply.metadata.reply_to_message_id, None)
                 out = self.path.query_reply(reply)
                 if isinstance(out, Rejection):
                     # Refused for good, but not for an identity conflict: that ends when one of
@@ -67,9 +80,10 @@ class NodeDirectory:
                     log(WARNING, "Node %s was not added: %s", out.name, out.reason)
                 else:
                     self.nodes[out.node_id] = out
-            if ids:
-                time.sleep(self.poll_interval)
-        return [self.nodes[n] for n in new if n in self.nodes]
+            if not self.pending or time.monotonic() >= deadline:
+                break
+            time.sleep(self.poll_interval)
+        return [info for n, info in self.nodes.items() if n not in known]
 
     def ordered(self) -> list[NodeInfo]:
         """Every accepted node, in a run-independent order (partition id)."""
