@@ -76,6 +76,26 @@ def test_an_asynchronous_run_is_extended_by_its_server_updates(tmp_path):
         resumed_config([], saved, run)
 
 
+def test_an_asynchronous_run_that_ended_on_its_time_budget_or_client_updates_says_to_raise_that(tmp_path):
+    """A FedAsync run that ended on its time budget: a plain resume trained on past the end of a
+    finished run (simulated), and raising max_server_updates alone trained nothing (the budget still
+    held); the same for max_client_updates (a review)."""
+    run, saved = finished_run(tmp_path, ["strategy=fedasync", "async_loop.max_server_updates=null",
+                                         "async_loop.time_budget=30"], done=7)
+    for given in ([], ["async_loop.max_server_updates=40"]):
+        with pytest.raises(ConfigError, match=r"finished on its async_loop.time_budget=30(\.0)?; to train on, raise it"):
+            resumed_config(given, saved, run)
+    assert resumed_config(["async_loop.time_budget=60"], saved, run).async_loop.time_budget == 60
+    clients = tmp_path / "clients"
+    clients.mkdir()
+    run, saved = finished_run(clients, ["strategy=fedasync", "async_loop.max_server_updates=50",
+                                        "async_loop.max_client_updates=12"], done=7)
+    (run / "metrics.json").write_text(json.dumps([{"round": 7, "client_updates": 12}]))
+    with pytest.raises(ConfigError, match="finished on its async_loop.max_client_updates=12"):
+        resumed_config(["async_loop.max_server_updates=60"], saved, run)
+    assert resumed_config(["async_loop.max_client_updates=30"], saved, run).async_loop.max_client_updates == 30
+
+
 def test_a_run_stopped_at_its_privacy_budget_goes_on_with_a_larger_one(tmp_path):
     """`flmnist resume=DIR privacy.max_epsilon=X`: a larger budget (or null) is taken, the run's
     own passes, a smaller one is refused (its releases are spent), and so is a budget for a run

@@ -93,6 +93,17 @@ def client_updates_done(run_dir: Path) -> int:
     return max((int(r.get("client_updates") or 0) for r in _metric_rows(run_dir)), default=0)
 
 
+def ended_on(run_dir: Path, saved: DictConfig, done: int) -> str | None:
+    """The limit other than its server updates that a finished asynchronous run ended on
+    (``async_loop.max_client_updates``, ``async_loop.time_budget``), or None."""
+    loop = saved.async_loop
+    if stopped_at_target(run_dir) or (loop.max_server_updates is not None and done >= loop.max_server_updates):
+        return None
+    if loop.max_client_updates is not None and client_updates_done(run_dir) >= loop.max_client_updates:
+        return "async_loop.max_client_updates"
+    return "async_loop.time_budget" if loop.time_budget is not None else None
+
+
 def extension(saved: DictConfig, cfg: DictConfig) -> str:
     """What a resume changed, as ``key=value`` settings (lengths, privacy budget, stop_at_target)."""
     unit, _ = run_length(saved)
@@ -183,6 +194,12 @@ def resumed_config(overrides: list[str], saved: DictConfig, run_dir: Path, check
         raise ConfigError(f"resume: {run_dir} stopped when it reached its target accuracy ({unit} {done}, "
                           f"stop_at_target); to train on, give stop_at_target=false beside resume= (and "
                           f"{length_key}=N to train longer)")
+    limit = ended_on(run_dir, saved, done) if unit == "update" and finished(run_dir) else None
+    if limit is not None and OmegaConf.select(out, limit) == OmegaConf.select(saved, limit):
+        # it still holds: the resumed loop would stop at once (or, a simulated time budget, train on
+        # past the end of a finished run)
+        raise ConfigError(f"resume: {run_dir} finished on its {limit}={OmegaConf.select(saved, limit)}; to train "
+                          f"on, raise it beside resume= (and {length_key} if it is reached too)")
     if extended is None and finished(run_dir) and done >= (OmegaConf.select(saved, length_key) or 0):
         given = checkpoint if checkpoint is not None and checkpoint.name != CHECKPOINT else run_dir  # as given
         raise ConfigError(f"resume: {run_dir} finished all its {done} {unit}s; to train on, extend it: "
