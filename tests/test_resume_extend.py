@@ -86,6 +86,8 @@ def test_an_asynchronous_run_that_ended_on_its_time_budget_or_client_updates_say
         with pytest.raises(ConfigError, match=r"finished on its async_loop.time_budget=30(\.0)?; to train on, raise it"):
             resumed_config(given, saved, run)
     assert resumed_config(["async_loop.time_budget=60"], saved, run).async_loop.time_budget == 60
+    (run / "summary.json").write_text(json.dumps({"status": "finished", "stopped_early": {"reason": "privacy budget"}}))
+    assert resumed_config(["async_loop.max_server_updates=40"], saved, run).async_loop.max_server_updates == 40
     clients = tmp_path / "clients"
     clients.mkdir()
     run, saved = finished_run(clients, ["strategy=fedasync", "async_loop.max_server_updates=50",

@@ -97,8 +97,8 @@ def ended_on(run_dir: Path, saved: DictConfig, done: int) -> str | None:
     """The limit other than its server updates that a finished asynchronous run ended on
     (``async_loop.max_client_updates``, ``async_loop.time_budget``), or None."""
     loop = saved.async_loop
-    if stopped_at_target(run_dir) or (loop.max_server_updates is not None and done >= loop.max_server_updates):
-        return None
+    if stopped_early(run_dir) or (loop.max_server_updates is not None and done >= loop.max_server_updates):
+        return None  # (a target or privacy budget ended it)
     if loop.max_client_updates is not None and client_updates_done(run_dir) >= loop.max_client_updates:
         return "async_loop.max_client_updates"
     return "async_loop.time_budget" if loop.time_budget is not None else None
@@ -111,13 +111,17 @@ def extension(saved: DictConfig, cfg: DictConfig) -> str:
                      if OmegaConf.select(cfg, k) != OmegaConf.select(saved, k))
 
 
+def stopped_early(run_dir: Path) -> str | None:
+    """Why the run's summary.json says it stopped early (the target, the privacy budget), or None."""
+    try:
+        return (json.loads((run_dir / "summary.json").read_text()).get("stopped_early") or {}).get("reason")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def stopped_at_target(run_dir: Path) -> bool:
     """Whether the run's summary.json says ``stop_at_target`` ended it."""
-    try:
-        stop = json.loads((run_dir / "summary.json").read_text()).get("stopped_early") or {}
-        return stop.get("reason") == StopAtTarget.reason
-    except (OSError, ValueError, AttributeError):
-        return False
+    return stopped_early(run_dir) == StopAtTarget.reason
 
 
 def finished(run_dir: Path) -> bool:
