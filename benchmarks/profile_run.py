@@ -27,7 +27,7 @@ LANDMARKS = [  # the lines flmnist prints since 2026-12-04 (Flower's own round l
     ("simulation start, app install", r"Successfully installed flmnist"),
     ("ServerApp start (imports, config)", r"flmnist run directory"),
     ("MNIST loading and partitioning (server)", r"Partition report"),
-    ("hooks, screen, engine; waiting for nodes (the backend's start)", r"Strategy \w+, round|Asynchronous loop:"),
+    ("hooks, screen, engine; waiting for nodes (the backend's start)", r"Strategy .+?, round|Asynchronous loop:"),
     ("initial evaluation and round 1 (the first ClientApps: imports, MNIST, partition)", r"\[(round|update) 1/"),
     ("the remaining rounds", r"Summary of evaluated"),
     ("outputs (summary, plots)", r"Run finished"),

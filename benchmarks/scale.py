@@ -264,7 +264,7 @@ LANDMARKS = {  # flmnist's own lines (Flower's round lines are no longer shown s
     "run_started": r"Successfully started run",
     "server_app": r"flmnist run directory",
     "partition_report": r"Partition report",
-    "strategy": r"Strategy \w+, round",  # the engine is ready; round 1 starts (initial evaluation first)
+    "strategy": r"Strategy .+?, round",  # the engine is ready; round 1 starts (initial evaluation first)
 }
 
 

@@ -262,3 +262,16 @@ def test_a_node_whose_answer_comes_after_the_wait_is_admitted_at_the_next_look(t
     assert directory.discover(0.0) == []
     time.sleep(0.35)
     assert [n.node_id for n in directory.discover(0.0)] == [11] and not directory.pending
+
+
+def test_a_node_asked_twice_is_judged_once(task_identity):
+    """Asked again after reask_after while its first question was still open, a node's two answers
+    were both judged: a refused node could be added, an accepted one refused (a review)."""
+    from flmnist.engine.node_directory import NodeDirectory
+
+    directory = NodeDirectory(FakeGrid({11: FakeNode(0, delay=0.2)}), make_path(), poll_interval=0.001,
+                              reask_after=0.0)
+    assert directory.discover(0.0) == [] and len(directory.pending) == 1
+    assert directory.discover(0.0) == [] and len(directory.pending) == 1  # the old question dropped
+    time.sleep(0.25)
+    assert [n.node_id for n in directory.collect()] == [11] and not directory.pending

@@ -92,7 +92,9 @@ def test_an_asynchronous_run_that_ended_on_its_time_budget_or_client_updates_say
     clients.mkdir()
     run, saved = finished_run(clients, ["strategy=fedasync", "async_loop.max_server_updates=50",
                                         "async_loop.max_client_updates=12"], done=7)
-    (run / "metrics.json").write_text(json.dumps([{"round": 7, "client_updates": 12}]))
+    # the rows stop at the last server version (10 updates); the summary counts the 2 after it
+    (run / "metrics.json").write_text(json.dumps([{"round": 7, "client_updates": 10}]))
+    (run / "summary.json").write_text(json.dumps({"status": "finished", "async": {"client_updates": 12}}))
     with pytest.raises(ConfigError, match="finished on its async_loop.max_client_updates=12"):
         resumed_config(["async_loop.max_server_updates=60"], saved, run)
     assert resumed_config(["async_loop.max_client_updates=30"], saved, run).async_loop.max_client_updates == 30

@@ -89,8 +89,14 @@ def steps_done(run_dir: Path) -> int:
 
 
 def client_updates_done(run_dir: Path) -> int:
-    """An asynchronous run's client updates processed so far, from its metrics."""
-    return max((int(r.get("client_updates") or 0) for r in _metric_rows(run_dir)), default=0)
+    """An asynchronous run's client updates processed so far: its summary's count (the metrics rows
+    stop at the last server version; later updates, a part-filled buffer, are only there), else
+    the rows'."""
+    try:
+        counted = int(json.loads((run_dir / "summary.json").read_text())["async"]["client_updates"])
+    except (OSError, ValueError, KeyError, TypeError):
+        counted = 0
+    return max([counted, *(int(r.get("client_updates") or 0) for r in _metric_rows(run_dir))])
 
 
 def ended_on(run_dir: Path, saved: DictConfig, done: int) -> str | None:

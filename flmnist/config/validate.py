@@ -174,7 +174,7 @@ def _model(cfg: DictConfig) -> None:
     """flmnist's models (``conf/model/``), the only ones a node builds (``ml.models.MODELS``): the
     class, widths, dropout and classes, checked here because the model is built (with PyTorch) only
     when the run starts (a misspelt class was refused by every node at its first message)."""
-    check_model_spec(OmegaConf.to_container(cfg.model))
+    check_model_spec(OmegaConf.to_container(cfg.model, resolve=True))
 
 
 EVAL_OBSERVERS = {"digits": ("every", "rounds", "update_rounds", "digit_groups", "batch_size", "style"),

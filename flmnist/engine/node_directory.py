@@ -42,7 +42,7 @@ class NodeDirectory:
         self.nodes: dict[int, NodeInfo] = {}     # node id -> accepted node-info
         self.refused: dict[int, str] = {}        # node id -> why its query reply was refused
         self.asked: dict[int, float] = {}        # node id -> when it was last asked who it is
-        self.pending: dict[str, float] = {}      # query message id -> when its TTL ends
+        self.pending: dict[str, tuple[int, float]] = {}  # query message id -> (node id, when its TTL ends)
 
     def discover(self, timeout: float) -> list[NodeInfo]:
         """Ask every node Flower lists that is not known, not refused and not asked in the last
@@ -52,15 +52,16 @@ class NodeDirectory:
         was dropped, and the node not asked again for a minute); return the newly accepted nodes. A
         malformed answer refuses the node (logged with the reason)."""
         now = time.monotonic()
-        self.pending = {m: expiry for m, expiry in self.pending.items() if expiry > now}
         new = [n for n in self.grid.get_node_ids() if n not in self.nodes and n not in self.refused
                and now - self.asked.get(n, -1e9) > self.reask_after]
         if new:
             self.asked.update({n: now for n in new})
+            self.pending = {m: q for m, q in self.pending.items() if q[0] not in new}  # one question a node
             ttl = max(timeout, QUERY_TTL)
             msgs = [Message(RecordDict({p.CONFIG: self.path.sent.to_record()}), dst_node_id=n,
                             message_type=MessageType.QUERY, ttl=ttl) for n in new]
-            self.pending.update({m: now + ttl for m in self.grid.push_messages(msgs)})
+            pushed = zip(self.grid.push_messages(msgs), new, strict=False)  # one id a message ("": not pushed)
+            self.pending.update({m: (n, now + ttl) for m, n in pushed if m})
         return self.collect(timeout)
 
     def collect(self, timeout: float = 0.0) -> list[NodeInfo]:
@@ -69,8 +70,12 @@ class NodeDirectory:
         known = set(self.nodes)
         deadline = time.monotonic() + timeout
         while self.pending:
+            now = time.monotonic()
+            self.pending = {m: q for m, q in self.pending.items() if q[1] > now}  # within their TTL
             for reply in self.grid.pull_messages(list(self.pending)):
-                self.pending.pop(reply.metadata.reply_to_message_id, None)
+                asked = self.pending.pop(reply.metadata.reply_to_message_id, None)
+                if asked is None or asked[0] in self.nodes or asked[0] in self.refused:
+                    continue  # (a question already answered: the node's judgement stands)
                 out = self.path.query_reply(reply)
                 if isinstance(out, Rejection):
                     # Refused for good, but not for an identity conflict: that ends when one of
