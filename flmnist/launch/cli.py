@@ -190,8 +190,7 @@ def launch(cfg: DictConfig) -> dict:
         print(line, flush=True)
         with open(run_dir / "flwr_run.log", "a") as log:
             log.write(line + "\n")
-    summary["overrides"] = " ".join(_own_overrides(hc.overrides.task))
-    summary["override_list"] = _own_overrides(hc.overrides.task)
+    summary.update(job_overrides(hc.overrides.task))
     if summary.get("degraded"):
         _degraded.append(("the run" if hc.mode != RunMode.MULTIRUN else f"job {hc.job.num}")
                          + f" finished degraded: {degraded_message(summary)}")
@@ -231,8 +230,7 @@ class ComparisonTable(Callback):
         if isinstance(value, dict):
             self.summaries.append(value)
         else:
-            self.summaries.append({"overrides": " ".join(_own_overrides(config.hydra.overrides.task)),
-                                   "override_list": _own_overrides(config.hydra.overrides.task), "status": "failed"})
+            self.summaries.append({**job_overrides(config.hydra.overrides.task), "status": "failed"})
         self._write(config)  # after every job: a stopped sweep keeps the table of the jobs done
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
@@ -246,9 +244,11 @@ class ComparisonTable(Callback):
         return write_comparison(sweep_dir, self.summaries)
 
 
-def _own_overrides(task) -> list[str]:
-    """A job's overrides as the user gave them (``run_dir=`` is the command's own)."""
-    return [o for o in task if not o.startswith("run_dir=")]
+def job_overrides(task) -> dict:
+    """A job's overrides as the user gave them (``run_dir=`` is the command's own), for its summary:
+    joined, and each whole (a quoted value may hold spaces)."""
+    own = [o for o in task if not o.startswith("run_dir=")]
+    return {"overrides": " ".join(own), "override_list": own}
 
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
@@ -263,8 +263,7 @@ def _main(cfg: DictConfig) -> dict:
         # A sweep goes on with its other jobs; the table lists this one as failed.
         print(f"flmnist: error: job {hc.job.num}: {err}", file=sys.stderr)
         _failed_jobs.append(str(hc.job.num))
-        return {"overrides": " ".join(_own_overrides(hc.overrides.task)),
-                "override_list": _own_overrides(hc.overrides.task), "status": "failed", "run_dir": str(Path(hc.runtime.output_dir).resolve())}
+        return {**job_overrides(hc.overrides.task), "status": "failed", "run_dir": str(Path(hc.runtime.output_dir).resolve())}
 
 
 def hydra_arguments(args: list[str]) -> list[str]:
@@ -346,9 +345,8 @@ def main() -> None:
             sys.argv = [sys.argv[0], *hydra_arguments(args)]
         elif not any(a in MULTIRUN for a in args) and (hydra_flags := get_args_parser().parse_args(args)).cfg:
             # a preview of the composed config: its settings checked as a run's are (it showed ones that fail)
-            args = without_no_preset(args)
-            compose_config(without_no_preset(hydra_flags.overrides))
-            sys.argv = [sys.argv[0], *args]
+            compose_config(hydra_flags.overrides)  # (which drops experiment=null, as below)
+            sys.argv = [sys.argv[0], *without_no_preset(args)]
         try:
             _main()
         finally:  # on every path out, a sweep's SuperLink too is stopped before the command says why
