@@ -169,7 +169,6 @@ def collapse_args(cfg: DictConfig) -> dict:
     return {"collapse_drop": section.get("drop", DROP), "collapse_patience": section.get("patience", PATIENCE)}
 
 
-# the constructor arguments of flmnist's models (flmnist.ml.models imports PyTorch: not here)
 def _model(cfg: DictConfig) -> None:
     """flmnist's models (``conf/model/``), the only ones a node builds (``ml.models.MODELS``): the
     class, widths, dropout and classes, checked here because the model is built (with PyTorch) only
