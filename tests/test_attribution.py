@@ -107,6 +107,44 @@ def test_attribution_in_the_background_adds_up_exactly_what_it_computes_in_line(
     assert len(background.state()["snapshots"]) == 3 * 3  # a snapshot per step, after its updates
 
 
+def test_the_global_model_an_update_is_applied_to_is_scored_from_the_test_evaluation_with_the_same_figures(mnist):
+    """The run's test-set evaluation of a global model hands its predictions to the probes: the
+    attribution of the updates applied to that model makes no probe pass for it, and every figure
+    equals the one computed with the pass (LeNet, the seeds' CNN, trained a few steps)."""
+    from flwr.app import ArrayRecord
+
+    from flmnist.ml.models import LeNet
+    from flmnist.observers.evaluation import DigitEvaluation
+    from flmnist.observers.probe import Probes
+
+    (x, y), (tx, ty) = mnist
+    torch.manual_seed(0)
+    net = LeNet()
+    train(net, x[:2000], y[:2000], batch_size=32, lr=0.05, steps=15, generator=torch.Generator().manual_seed(0))
+    before = weights_of(net)
+    deltas = []
+    for n, group in enumerate(GROUPS):
+        net.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in before.items()})
+        mask = torch.isin(y, torch.tensor(group))
+        train(net, x[mask][:640], y[mask][:640], batch_size=32, lr=0.05, steps=10, generator=torch.Generator().manual_seed(n))
+        deltas.append((f"node {n}", {k: weights_of(net)[k] - before[k] for k in before}))
+
+    probes = Probes(tx, ty, LeNet)
+    shared = Attribution(tx, ty, LeNet, probe=probes(1000, 250))
+    digits = DigitEvaluation(tx, ty, LeNet, num_rounds=1, printer=lambda line: None, batch_size=250, probes=probes)
+    digits.evaluate_global(0, ArrayRecord({k: torch.from_numpy(v.copy()) for k, v in before.items()}))
+    alone = Attribution(tx, ty, LeNet, probe_size=1000, batch_size=250)
+    assert shared.attribute(1, before, deltas, key=1) == alone.attribute(1, before, deltas, key=1)
+    assert (shared.evaluations, shared.reused, alone.evaluations, alone.reused) == (3, 1, 4, 0)
+    assert {n: v.tolist() for n, v in shared.totals.items()} == {n: v.tolist() for n, v in alone.totals.items()}
+    assert shared.label_share.tolist() == alone.label_share.tolist() and shared.by_step == alone.by_step
+    assert shared.finish()["global_models_from_test_evaluation"] == 1
+
+    changed = {k: v.copy() for k, v in before.items()}
+    changed["fc2.bias"][0] += 1e-3  # other weights: scored with a probe pass of their own
+    assert probes(1000).known_scores(changed) is None and probes(1000).known_scores(before) is not None
+
+
 def test_a_sign_flipping_node_is_the_one_that_hurt_every_digit(mnist, tmp_path):
     """Four IID nodes on a partly trained model; node 3 sends its update reversed and scaled by 5
     (flmnist.client.faults' sign-flip, which the screen's default norm bound lets through)."""
@@ -171,6 +209,9 @@ class ScoredProbe:
 
     def per_digit(self, weights: dict, delta: dict | None = None) -> np.ndarray:
         return self.scores(weights, delta)[0]
+
+    def known_scores(self, weights: dict) -> None:
+        return None  # no test-set evaluation handed any over
 
 
 def scores(**digits) -> np.ndarray:
@@ -258,6 +299,8 @@ def test_a_sync_run_credits_each_digit_group_to_its_node(runs):
     assert (run["dir"] / "attribution.png").is_file()
     assert "digit 0: helped most by node 0" in run["log"]
     assert attribution["seconds"] > 0 and 0 < attribution["share_of_wall_time"] < 1, attribution  # its cost
+    # the model before each round: scored from the round's test-set evaluation, no probe pass
+    assert attribution["global_models_from_test_evaluation"] == 3 and attribution["evaluations"] == 3 * 3, attribution
 
 
 @pytest.mark.slow

@@ -115,6 +115,7 @@ class EvalResult:
 
     loss_sum: float = 0.0
     confusion: np.ndarray = field(default_factory=lambda: np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64))
+    predictions: np.ndarray | None = None  # each image's predicted digit, when asked for (``keep_predictions``)
 
     @property
     def total(self) -> int:
@@ -160,28 +161,42 @@ def evaluate(
     labels: torch.Tensor,
     batch_size: int = 1000,
     dev: torch.device | None = None,
+    keep_predictions: bool = False,
 ) -> EvalResult:
-    """Summed loss and the confusion matrix (rows: true digit, columns: predicted); on the
-    process's PyTorch thread when ClientApps run in-process (see :func:`on_torch_thread`)."""
-    return on_torch_thread(_evaluate, model, images, labels, batch_size, dev)
+    """Summed loss and the confusion matrix (rows: true digit, columns: predicted), and with
+    ``keep_predictions`` each image's predicted digit; on the process's PyTorch thread when
+    ClientApps run in-process (see :func:`on_torch_thread`)."""
+    return on_torch_thread(_evaluate, model, images, labels, batch_size, dev, keep_predictions)
 
 
 @torch.no_grad()  # (grad mode is per thread: here, where the work is done)
 def _evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
-              dev: torch.device | None) -> EvalResult:
+              dev: torch.device | None, keep_predictions: bool = False) -> EvalResult:
     dev = dev or device()
     place(model, dev).eval()
     result = EvalResult()
+    predictions = []
     for start in range(0, len(labels), batch_size):
         x = images[start : start + batch_size].to(dev, non_blocking=True)
         y = labels[start : start + batch_size].to(dev, non_blocking=True)
         out = model(x)
         result.loss_sum += F.nll_loss(out, y, reduction="sum").item()
         pred = out.argmax(1)
+        if keep_predictions:
+            predictions.append(pred.cpu())
         result.confusion += (
             torch.bincount(y * NUM_CLASSES + pred, minlength=NUM_CLASSES**2)
             .view(NUM_CLASSES, NUM_CLASSES)
             .cpu()
             .numpy()
         )
+    if keep_predictions:
+        result.predictions = torch.cat(predictions).numpy() if predictions else np.zeros(0, np.int64)
     return result
+
+
+def counts(labels: np.ndarray, predictions: np.ndarray) -> EvalResult:
+    """The :class:`EvalResult` counts (no loss) of ``predictions`` against ``labels``."""
+    confusion = np.bincount(np.asarray(labels) * NUM_CLASSES + np.asarray(predictions),
+                            minlength=NUM_CLASSES**2).reshape(NUM_CLASSES, NUM_CLASSES)
+    return EvalResult(confusion=confusion.astype(np.int64))

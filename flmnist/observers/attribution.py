@@ -78,7 +78,8 @@ class Attribution(Observer):
         self.by_step: dict[int, dict[str, float]] = {}  # step -> node -> summed gain over digits (pp)
         self.snapshots: list[str] = []             # CSV lines: step,node,updates,digit_0..9,total
         self.seconds = 0.0
-        self.evaluations = 0
+        self.evaluations = 0   # probe passes
+        self.reused = 0        # global models scored from the global evaluation's predictions, no pass
         # per digit: the largest share of all probe images that a global model updates were applied to
         # labelled with it, and that model's step
         self.label_share = np.zeros(NUM_DIGITS)
@@ -137,8 +138,12 @@ class Attribution(Observer):
         """Each (node, delta) applied to ``before`` alone: its per-digit accuracy change (pp)."""
         t = time.perf_counter()
         if self._before is None or key is None or self._before[0] != key:
-            self.evaluations += 1
-            accuracy, share = self.probe.scores(before)
+            known = self.probe.known_scores(before)  # the global evaluation's, when it evaluated ``before``
+            if known is None:
+                self.evaluations += 1
+            else:
+                self.reused += 1
+            accuracy, share = known or self.probe.scores(before)
             higher = share > self.label_share
             self.label_share = np.where(higher, share, self.label_share)
             self.label_share_step = np.where(higher, int(step), self.label_share_step)
@@ -236,6 +241,7 @@ class Attribution(Observer):
         return {
             "probe_size": self.probe_size,
             "evaluations": self.evaluations,
+            "global_models_from_test_evaluation": self.reused,
             "seconds": round(self.seconds, 3),
             "share_of_wall_time": round(self.seconds / wall_time, 4) if wall_time else None,
             "helped_most": {str(d): n for d, n in helped.items()},
@@ -253,6 +259,7 @@ class Attribution(Observer):
         self.wait()
         return {"totals": {n: v.tolist() for n, v in self.totals.items()}, "counts": dict(self.counts),
                 "snapshots": list(self.snapshots), "seconds": self.seconds, "evaluations": self.evaluations,
+                "reused": self.reused,
                 "by_step": {s: dict(gains) for s, gains in self.by_step.items()},
                 "label_share": self.label_share.tolist(), "label_share_step": self.label_share_step.tolist()}
 
@@ -263,6 +270,7 @@ class Attribution(Observer):
         self.by_step = {int(s): {n: float(v) for n, v in gains.items()}
                         for s, gains in state.get("by_step", {}).items()}
         self.seconds, self.evaluations = state.get("seconds", 0.0), state.get("evaluations", 0)
+        self.reused = state.get("reused", 0)
         self.label_share = np.array(state.get("label_share", [0.0] * NUM_DIGITS), dtype=float)
         self.label_share_step = np.array(state.get("label_share_step", [0] * NUM_DIGITS), dtype=int)
 

@@ -30,7 +30,7 @@ class RunContext:
     asynchronous: bool
     printer: Callable[[str], None]   # one line to the run's log
     label: str = ""                  # "NAME: Strategy, split, model, N nodes", for plot titles
-    probe: Callable[..., Any] | None = None  # probe(size, batch_size): the run's shared Probe of that size
+    probe: Any = None  # Probes: probe(size, batch_size) is the run's shared Probe of that size
 
 
 class Observer:

@@ -80,7 +80,10 @@ class DigitEvaluation(Observer):
         printer: Callable[[str], None] = print,
         style: str = "seed002",
         asynchronous: bool = False,
+        probes=None,
     ) -> None:
+        """``probes``: the run's :class:`~flmnist.observers.probe.Probes`, handed each evaluated
+        global model's predictions (so the probe need not evaluate it again)."""
         self.style = check_style(style)
         self.asynchronous = asynchronous  # update_rounds are client-update numbers, not rows
         self.images, self.labels = images, labels
@@ -94,6 +97,7 @@ class DigitEvaluation(Observer):
         self.confusion_dir = confusion_dir
         self.printer = printer
         self.device = device()
+        self.probes = probes
 
     @classmethod
     def from_run(cls, run: RunContext, every: int | None = 1, rounds: Sequence[int] = (),
@@ -104,7 +108,7 @@ class DigitEvaluation(Observer):
         return cls(run.test_images, run.test_labels, run.model_fn, run.steps, every=1 if run.asynchronous else every,
                    rounds=list(rounds), update_rounds=list(update_rounds), digit_groups=digit_groups,
                    batch_size=batch_size, confusion_dir=run.run_dir / "confusion", printer=run.printer, style=style,
-                   asynchronous=run.asynchronous)
+                   asynchronous=run.asynchronous, probes=run.probe)
 
     def is_scheduled(self, server_round: int) -> bool:
         """Global evaluation: round 0, every ``every`` rounds, the listed rounds and the last."""
@@ -117,9 +121,15 @@ class DigitEvaluation(Observer):
     def stopping(self, step: int) -> None:
         self.rounds.add(step)  # a run ended early is evaluated at its last step, as at num_rounds
 
-    def _evaluate(self, arrays: ArrayRecord) -> EvalResult:
-        self.model.load_state_dict(arrays.to_torch_state_dict())
-        return evaluate(self.model, self.images, self.labels, self.batch_size, self.device)
+    def _evaluate(self, arrays: ArrayRecord, offer: bool = False) -> EvalResult:
+        """``offer``: hand the predictions to the run's probes (a global model)."""
+        state = arrays.to_torch_state_dict()
+        self.model.load_state_dict(state)
+        offer = offer and self.probes is not None and bool(getattr(self.probes, "built", None))
+        result = evaluate(self.model, self.images, self.labels, self.batch_size, self.device, keep_predictions=offer)
+        if offer:
+            self.probes.offer(self.images, {k: v.numpy() for k, v in state.items()}, result.predictions)
+        return result
 
     def evaluate_updates(self, server_round, updates):
         if server_round not in self.update_rounds:
@@ -137,7 +147,7 @@ class DigitEvaluation(Observer):
     def evaluate_global(self, server_round, arrays):
         if not self.is_scheduled(server_round):
             return None
-        result = self._evaluate(arrays)
+        result = self._evaluate(arrays, offer=True)
         if server_round > 0:
             for line in seed_lines("Federated model", result, self.groups, self.style):
                 self.printer(line)

@@ -2,7 +2,15 @@
 
 Attribution (:mod:`flmnist.observers.attribution`) measures each applied update on it, and the
 effect guard (:mod:`flmnist.engine.effect_guard`) judges updates on it; a run builds one probe
-(:func:`shared_probes`, the run's ``RunContext.probe``) and both share its images and model.
+(:class:`Probes`, the run's ``RunContext.probe``) and both share its images and model.
+
+The probe images are test images, and the run evaluates each global model on the whole test set
+anyway (:class:`~flmnist.observers.evaluation.DigitEvaluation`): that evaluation hands its
+predictions over (:meth:`Probes.offer`), and the probe scores the same weights from them instead of
+evaluating them again (:meth:`Probe.known_scores`): attribution's "before", the global model a
+round's updates are applied to, costs no probe pass. (A model's prediction for an image does not
+depend on the other images of its batch: the figures are the same either way, which
+``tests/test_attribution.py`` checks on real MNIST.)
 """
 
 from __future__ import annotations
@@ -15,9 +23,10 @@ import torch
 
 from flmnist.core.constants import NUM_CLASSES
 from flmnist.ml.threads import on_torch_thread
-from flmnist.ml.training import device, evaluate
+from flmnist.ml.training import counts, device, evaluate
 
 PROBE_SEED = 20170217  # fixed: every run probes the same images
+KNOWN = 2  # global models whose probe scores are kept (handed over by the global evaluation)
 
 
 def probe_indices(labels: torch.Tensor | np.ndarray, size: int) -> np.ndarray:
@@ -37,12 +46,15 @@ class Probe:
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, model_fn: Callable[[], torch.nn.Module],
                  size: int = 1000, batch_size: int = 1000) -> None:
-        idx = torch.from_numpy(probe_indices(labels, size))
+        self.indices = probe_indices(labels, size)  # into the test set
+        idx = torch.from_numpy(self.indices)
         self.images, self.labels = images[idx], labels[idx]
         self.model = model_fn()
         self.batch_size = batch_size
         self.device = device()
         self._lock = threading.Lock()  # one model: the guard and attribution's background job take turns
+        self._known: list[tuple[dict, tuple[np.ndarray, np.ndarray]]] = []  # (weights, scores), newest last
+        self.reused = 0  # scores taken from the global evaluation instead of a probe pass
 
     @property
     def size(self) -> int:
@@ -57,6 +69,31 @@ class Probe:
         labels with each digit (0..1; a model that knows the digits labels about a tenth with each)."""
         return on_torch_thread(self._scores, weights, delta)
 
+    def learn(self, weights: dict, predictions: np.ndarray) -> None:
+        """``weights`` predicted ``predictions`` on the whole test set (the images this probe was
+        cut from): keep their probe scores for :meth:`known_scores`."""
+        result = counts(self.labels.numpy(), np.asarray(predictions)[self.indices])
+        scores = self._figures(result)
+        kept = {k: np.array(v, copy=True) for k, v in weights.items()}
+        with self._lock:
+            self._known = [*self._known[-(KNOWN - 1):], (kept, scores)]
+
+    def known_scores(self, weights: dict) -> tuple[np.ndarray, np.ndarray] | None:
+        """:meth:`scores` of ``weights`` if the global evaluation handed them over (the very same
+        values: compared element by element), else None."""
+        with self._lock:
+            known = list(self._known)
+        for kept, scores in reversed(known):
+            if kept.keys() == weights.keys() and all(np.array_equal(kept[k], np.asarray(v)) for k, v in weights.items()):
+                self.reused += 1
+                return scores
+        return None
+
+    @staticmethod
+    def _figures(result) -> tuple[np.ndarray, np.ndarray]:
+        accuracy = np.array([a if a is not None else np.nan for a in result.per_digit_accuracy()])
+        return accuracy, result.predicted_per_digit / max(result.total, 1)
+
     def _scores(self, weights: dict, delta: dict | None) -> tuple[np.ndarray, np.ndarray]:
         if delta is not None:
             weights = {k: (v + delta[k]).astype(v.dtype) if v.dtype.kind == "f" and k in delta else v
@@ -65,18 +102,26 @@ class Probe:
         with self._lock:
             self.model.load_state_dict(state)
             result = evaluate(self.model, self.images, self.labels, self.batch_size, self.device)
-        accuracy = np.array([a if a is not None else np.nan for a in result.per_digit_accuracy()])
-        return accuracy, result.predicted_per_digit / max(result.total, 1)
+        return self._figures(result)
 
 
-def shared_probes(images: torch.Tensor, labels: torch.Tensor,
-                  model_fn: Callable[[], torch.nn.Module]) -> Callable[[int, int], Probe]:
-    """``probe(size, batch_size)``: the run's Probe of that size, built on first use, then shared."""
-    built: dict[int, Probe] = {}
+class Probes:
+    """The run's probes: ``probes(size, batch_size)`` is the Probe of that size, built on first
+    use, then shared; :meth:`offer` hands a global model's test-set predictions to each built one."""
 
-    def probe(size: int = 1000, batch_size: int = 1000) -> Probe:
-        if size not in built:
-            built[size] = Probe(images, labels, model_fn, size, batch_size)
-        return built[size]
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, model_fn: Callable[[], torch.nn.Module]) -> None:
+        self.images, self.labels, self.model_fn = images, labels, model_fn
+        self.built: dict[int, Probe] = {}
 
-    return probe
+    def __call__(self, size: int = 1000, batch_size: int = 1000) -> Probe:
+        if size not in self.built:
+            self.built[size] = Probe(self.images, self.labels, self.model_fn, size, batch_size)
+        return self.built[size]
+
+    def offer(self, images: torch.Tensor, weights: dict, predictions: np.ndarray) -> None:
+        """``weights`` predicted ``predictions`` on ``images``: if those are the test images the
+        probes were cut from (the same tensor), each built probe keeps its scores."""
+        if images is not self.images or len(predictions) != len(self.labels):
+            return
+        for probe in self.built.values():
+            probe.learn(weights, predictions)

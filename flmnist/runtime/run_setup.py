@@ -50,7 +50,7 @@ from flmnist.ml.mnist_files import ensure_mnist, resolve_root
 from flmnist.ml.partition import holdout_split, label_counts
 from flmnist.observers.base import RunContext
 from flmnist.observers.checkpoint import check_layout, load_checkpoint
-from flmnist.observers.probe import shared_probes
+from flmnist.observers.probe import Probes
 from flmnist.observers.recorder import RunRecorder, run_label
 from flmnist.observers.trackers import Trackers
 from flmnist.protocol.messages import TrainSettings, simulated_node_name
@@ -251,7 +251,7 @@ def build_run(grid: Grid, cfg: DictConfig) -> Run:
     test_images, test_labels = load_mnist(str(root), False)
     model_fn = lambda: build(cfg.model, "model")
     context = RunContext(run_dir, test_images, test_labels, model_fn, steps, asynchronous, say, recorder.label,
-                         probe=shared_probes(test_images, test_labels, model_fn))
+                         probe=Probes(test_images, test_labels, model_fn))
     hooks = build_observers(cfg, context)
     identities = IdentityBook(read_registry(screen.registry) if screen.registry else None,
                               connected=grid.get_node_ids)
