@@ -200,6 +200,7 @@ def test_sigterm_stops_every_process_the_command_started(tmp_path, mnist_root):
     # The results so far are kept: a summary saying the run was stopped, after its last round
     summary = json.loads((tmp_path / run_dir / "summary.json").read_text())
     assert summary["status"] == "stopped" and "SIGTERM" in summary["error"], summary
+    assert summary["screen"] is not None and "replies_screened" in summary["screen"], summary  # the screen's so far
     rows = json.loads((tmp_path / run_dir / "metrics.json").read_text())
     assert summary["rounds_completed"] == max(r["round"] for r in rows)
     assert f"results after round {summary['rounds_completed']} in" in stderr.read_text()

@@ -61,6 +61,8 @@ def test_a_stopped_run_gets_a_summary_of_what_it_recorded(tmp_path):
     recorder = RunRecorder(tmp_path, 5, 0.65, printer=lambda line: None)
     sync_rows(recorder, fleet=False)
     recorder.rows.pop(3)
+    screen = {"replies_screened": 6, "replies_rejected": 1, "rejected_by_node": {"node 1": 1}}
+    recorder.set_section("screen", screen)  # as the reply path reports it after each round
     recorder.write_metrics()  # what end_round had written when the run was killed
     (tmp_path / "attribution.csv").write_text(  # attribution's snapshots after rounds 1 and 2
         "step,node,updates," + ",".join(f"digit_{d}" for d in range(10)) + ",total\n"
@@ -70,6 +72,7 @@ def test_a_stopped_run_gets_a_summary_of_what_it_recorded(tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     assert (summary["status"], summary["error"], summary["rounds_completed"]) == ("stopped", "stopped by SIGTERM", 2)
     assert (summary["final_accuracy"], summary["best_round"], summary["rounds_to_target"]) == (0.7, 2, 2)
+    assert summary["screen"] == screen  # what the screen had rejected by then, not null
     assert (tmp_path / "accuracy_loss.png").is_file() and len((tmp_path / "summary.md").read_text().splitlines()) == 4
     assert (tmp_path / "client_loss.png").is_file() and (tmp_path / "attribution.png").is_file()
     assert not (tmp_path / "model.pt").exists()  # nothing invented: there is no model to save here

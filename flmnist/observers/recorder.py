@@ -22,8 +22,7 @@ from flmnist.observers.mlflow_run import mark_stopped
 from flmnist.observers.trackers import Trackers, scalars
 
 SCALAR = (int, float, str, type(None))
-# Sections of summary.json others report (the engines, the reply path, observers), by name.
-SECTIONS = {"async": "async_stats", "screen": "screen_stats", "stopped_early": "stopped_early"}
+SECTIONS = {"async": "async_stats", "screen": "screen_stats", "stopped_early": "stopped_early"}  # summary.json sections others report
 FINAL_LINE = "Run {status}:"  # the start of the last line a run prints (after summary.json is written)
 DEGRADED = "finished degraded"  # FINAL_LINE's status of a finished run that collapsed (summary.json: degraded)
 
@@ -195,8 +194,9 @@ class RunRecorder:
         atomic_write(self.run_dir / "metrics.csv", buf.getvalue())
         atomic_write(self.run_dir / "client_loss.json", json.dumps(self.loss_traces))
         atomic_write(self.run_dir / "client_loss_means.json", json.dumps(self.loss_points))
-        if self.async_stats is not None:
-            atomic_write(self.run_dir / "async_stats.json", json.dumps(_clean(self.async_stats), indent=1))
+        for name in ("async_stats", "screen_stats"):  # (the screen's: for the summary of a run stopped from outside)
+            if (value := getattr(self, name)) is not None:
+                atomic_write(self.run_dir / f"{name}.json", json.dumps(_clean(value), indent=1))
 
     def degraded(self) -> dict | None:
         """The collapse of the global test accuracy (``summary.json``'s ``degraded``), or None:
@@ -360,8 +360,8 @@ def summarize_stopped(run_dir: Path, num_rounds: int, target_accuracy: float, un
         traces = json.loads((run_dir / "client_loss.json").read_text())
         means = run_dir / "client_loss_means.json"
         points = json.loads(means.read_text()) if means.is_file() else {}
-        stats = run_dir / "async_stats.json"
-        async_stats = json.loads(stats.read_text()) if stats.is_file() else None
+        async_stats, screen_stats = (json.loads((run_dir / f"{n}.json").read_text()) if (run_dir / f"{n}.json").is_file()
+                                     else None for n in ("async_stats", "screen_stats"))
     except (OSError, ValueError, TypeError, KeyError):
         return None
     evaluated = [(n, r["test_accuracy"]) for n, r in sorted(rows.items()) if n > 0 and r.get("test_accuracy") is not None]
@@ -376,6 +376,7 @@ def summarize_stopped(run_dir: Path, num_rounds: int, target_accuracy: float, un
                  "best_accuracy": best_accuracy, "best_round": best_round,
                  "elapsed": max((r.get("wall_time") or 0.0 for r in rows.values()), default=0.0)})
     rec.model_saved = True  # the global model is not in this process: model.pt stays as it was
+    rec.screen_stats = screen_stats
     summary = rec.finish("stopped", reason)
     plot_stopped_attribution(run_dir, label)
     mark_stopped(run_dir)
