@@ -599,11 +599,11 @@ def test_a_late_node_takes_its_place_in_registration_order():
 
 
 def make_loop(nodes: dict[int, FakeNode], strategy, sent=SENT, fleet=None, screen=None, hooks=(), stop_at=None,
-              **settings):
+              grid_class=None, **settings):
     defaults = {"max_server_updates": 3, "eval_every": 1, "update_timeout": 5.0, "progress_timeout": 30.0,
                 "prefetch": 0}  # the loop one task at a time per node (prefetch: its own tests)
     path = ReplyPath(ReplyScreen(ScreenSettings(**(screen or {})), LIMITS), sent, hooks, stop_at=stop_at)
-    grid = FakeGrid(nodes)
+    grid = (grid_class or FakeGrid)(nodes)
     loop = AsyncLoop(grid, strategy, path, AsyncLoopSettings(**{**defaults, **settings}), fleet=fleet,
                      poll_interval=0.01)
     return loop, grid
@@ -747,6 +747,27 @@ def test_a_node_that_leaves_frees_its_slot_before_the_update_timeout(task_identi
     assert loop.counts["unavailable"] == 1 and loop.counts["applied"] == 4
     assert grid.trained(102) == 1 and grid.trained(103) >= 1
     assert [n.node_id for n in loop.away] == [102]
+
+
+def test_an_idle_node_flower_no_longer_lists_gets_no_work_until_it_is_back(task_identity):
+    """Node 1 leaves after answering the loop's query, while it waits for a slot (concurrency 1):
+    once the loop has seen Flower's list, node 1 is put away instead of being sent a task that
+    would wait out the 60 s update timeout; node 2 trains in its turn and the run ends at once."""
+
+    class LeavingGrid(FakeGrid):
+        def push_messages(self, messages):
+            ids = super().push_messages(messages)
+            if any(m.metadata.dst_node_id == 102 and m.metadata.message_type == MessageType.QUERY for m in messages):
+                self.connected.discard(102)  # gone after saying who it is
+            return ids
+
+    nodes = {101: FakeNode(0, 0.01, delay=0.05), 102: FakeNode(1, 0.02), 103: FakeNode(2, 0.03, delay=0.05)}
+    loop, grid = make_loop(nodes, FedAsync(alpha=0.5), concurrency=1, max_server_updates=4, update_timeout=60.0,
+                           grid_class=LeavingGrid)
+    start = time.monotonic()
+    loop.run(record(START))
+    assert time.monotonic() - start < 5.0 and loop.counts["applied"] == 4 and "unavailable" not in loop.counts
+    assert grid.trained(102) == 0 and grid.trained(103) >= 1 and [n.node_id for n in loop.away] == [102]
 
 
 def test_with_fewer_slots_than_nodes_every_node_takes_its_turn(task_identity):

@@ -135,6 +135,7 @@ class AsyncLoop:
     def refill(self) -> None:
         """Dispatch work to idle nodes until ``concurrency`` nodes are training; in deployment, queue
         up to ``prefetch`` more tasks behind each training node's current one."""
+        self.idle = self.transport.present(self.idle)  # (an idle node Flower no longer lists waits away)
         while len(self.busy()) < self.concurrency and self.idle and not self.should_stop():
             if not self.budget_for(self.idle[0]):
                 return
@@ -395,6 +396,5 @@ class AsyncLoop:
         self.liveness.check_some_advanced(self.version, self.stats.client_updates)
         return self.arrays
 
-    def finish(self) -> None:
-        """End of the run, whatever its outcome: the reply path's summary and hooks."""
+    def finish(self) -> None:  # end of the run, whatever its outcome: the reply path's summary and hooks
         self.path.finish()

@@ -62,6 +62,8 @@ class Transport:
         """Nodes for newly accepted node-infos (a partition's update count goes on under a new node id)."""
         for info in found:
             self.nodes[info.node_id] = Node(info, self.partition_updates.get(info.partition, 0))
+            if self.connected is not None:
+                self.connected.add(info.node_id)  # Flower listed it when it was asked who it is
         return [self.nodes[info.node_id] for info in found]
 
     def ordered_nodes(self) -> list[Node]:
@@ -71,6 +73,14 @@ class Transport:
     def unavailable(self, job: Job) -> bool:
         """Whether Flower no longer lists the job's node as connected (checked every 5 s)."""
         return self.connected is not None and job.node_id not in self.connected
+
+    def present(self, idle: list[Node]) -> list[Node]:
+        """Deployment: the idle nodes Flower still lists (at its last refresh); the others wait
+        among the ``away`` until they are back, instead of getting work that waits out its TTL."""
+        if self.simulated or self.connected is None:
+            return idle
+        self.away += [n for n in idle if n.node_id not in self.connected]
+        return [n for n in idle if n.node_id in self.connected]
 
     def refresh_connected(self) -> None:
         """Every 5 s: which nodes Flower lists; in deployment, returning and new nodes get work."""
