@@ -1263,6 +1263,23 @@ def test_prefetch_zero_keeps_one_task_per_node(task_identity):
     assert all(pushed == pulled_before + 1 for _, pushed, pulled_before in grid.seen), grid.seen
 
 
+@pytest.mark.parametrize("max_staleness, queued", [(1, False), (2, True), (None, True)])
+def test_prefetch_queues_no_task_that_max_staleness_would_drop(task_identity, max_staleness, queued):
+    """Two nodes training at once, prefetch=1: a task queued behind a node's current one trains on a
+    model about 2 x (2 - 1) versions old when it arrives; with strategy.max_staleness=1 such updates
+    were dropped as too stale (the node's work wasted), so nothing is queued ahead: one task per node."""
+    nodes = {101: FakeNode(0, 0.01, delay=0.05), 102: FakeNode(1, 0.04, delay=0.08)}
+    grid = QueueWatch(nodes)
+    path = ReplyPath(ReplyScreen(ScreenSettings(), LIMITS), SENT, ())
+    settings = AsyncLoopSettings(max_server_updates=6, eval_every=1, update_timeout=5.0, progress_timeout=30.0,
+                                 prefetch=1)
+    loop = AsyncLoop(grid, FedAsync(alpha=0.5, max_staleness=max_staleness), path, settings, poll_interval=0.01)
+    loop.run(record(START))
+    assert loop.prefetch == (1 if queued else 0) and loop.version == 6
+    ahead = [pushed > pulled_before + 1 for _, pushed, pulled_before in grid.seen]
+    assert any(ahead) == queued, grid.seen
+
+
 def test_a_simulated_time_budget_is_not_overshot(task_identity):
     """async_loop.time_budget in virtual seconds: an update completing after the budget was still
     applied (3 server versions and 0.168 s for a 0.14 s budget, updates of 0.056 s each)."""

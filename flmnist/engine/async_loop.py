@@ -100,17 +100,9 @@ class AsyncLoop:
         """Node ids whose query reply was refused: they never get work."""
         return self.transport.refused
 
-    @property
-    def counts(self):
-        return self.stats.counts
-
-    @property
-    def node_counts(self):
-        return self.stats.node_counts
-
-    @property
-    def staleness(self) -> list[int]:
-        return self.stats.staleness
+    counts = property(lambda self: self.stats.counts)
+    node_counts = property(lambda self: self.stats.node_counts)
+    staleness = property(lambda self: self.stats.staleness)
 
     # -------------------------------------------------------------- dispatch
     def dispatch(self, node: Node, arrays: ArrayRecord, weights: dict) -> Job:
@@ -360,6 +352,11 @@ class AsyncLoop:
             raise RunFailed("no node answered the query with a valid node-info; nothing to train on")
         self.concurrency = min(self.settings.concurrency or len(nodes), len(nodes))
         self.strategy.limit_concurrency(self.concurrency)
+        if self.prefetch and (most := self.strategy.max_staleness) is not None and most < 2 * (self.concurrency - 1):
+            log(INFO, "Asynchronous loop: no task queued ahead (async_loop.prefetch): with %d nodes training at once "
+                "one would arrive about %d versions stale, past strategy.max_staleness=%d, and be dropped",
+                self.concurrency, 2 * (self.concurrency - 1), most)
+            self.prefetch = 0
         if self.privacy is not None:
             self.privacy.check(self.strategy)
         if self.sample_dp is not None:
