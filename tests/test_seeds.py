@@ -297,4 +297,18 @@ def test_fedsgd_behind_the_screen_takes_adams_first_step(task_identity):
     for k in START:  # Adam's moments after one step: m = 0.1 g, v = 0.001 g^2
         np.testing.assert_allclose(strategy.m_t[k], 0.1 * 0.7 / 30, rtol=1e-5)
         np.testing.assert_allclose(strategy.v_t[k], 0.001 * (0.7 / 30) ** 2, rtol=1e-5)
-    assert metrics[p.NUM_EXAMPLES] == 30
+    assert metrics[p.NUM_EXAMPLES] == 30 and strategy.adam_steps == 1
+
+
+def test_fedsgd_counts_adams_steps_not_rounds(task_identity):
+    """Round 1's replies are all rejected (NaN): no step. Round 2's honest replies take Adam's
+    FIRST step, -lr * sign(g) on every weight (with t = 2, the round, it was 0.744 times that)."""
+    strategy = FedSGD(min_available_nodes=2, fraction_evaluate=0.0)
+    guarded = Guarded(strategy, make_path())
+    arrays, _ = sync_round(guarded, {11: FakeNode(0, -0.01, behave="nan"), 12: FakeNode(1, -0.03, behave="nan")},
+                           START, 1)
+    assert arrays is None and strategy.adam_steps == 0
+    arrays, _ = sync_round(guarded, {11: FakeNode(0, -0.01), 12: FakeNode(1, -0.03)}, START, 2)
+    for k, v in shifted(START, -1e-4).items():
+        np.testing.assert_allclose(to_weights(arrays)[k], v, rtol=0, atol=2e-7)
+    assert strategy.adam_steps == 1

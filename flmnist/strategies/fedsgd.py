@@ -19,11 +19,12 @@ were step 2: the first step is 0.744 times Adam's at betas 0.9/0.999), its ``tau
 sqrt(v) before the bias correction (Adam adds eps to sqrt(v)/sqrt(1 - b2^t)), and its betas
 default to 0.9/0.99 (Adam: 0.9/0.999). ``tests/test_seeds.py`` shows both.
 
-The step count t is the server round (as in Flower's FedOpt), so a resumed run continues with
-the right bias correction; a round that produced no update still counts. The moments ``m_t``,
-``v_t`` and ``current_arrays`` (FedOpt's attributes) are declared in ``checkpoint_state``
-(:mod:`flmnist.strategies.state`): they are checkpointed, and rolled back with a rejected
-aggregate. With more than one local step, g is the nodes' average model change divided by
+The step count t counts Adam's steps taken (``adam_steps``), as ``torch.optim.Adam``'s does: a
+round whose replies were all rejected, or whose aggregate was, takes no step and does not count
+(the server round did: a first step in round 2 was corrected as Adam's second, 0.744 times its
+size). The moments ``m_t``, ``v_t``, ``current_arrays`` (FedOpt's attributes) and ``adam_steps``
+are declared in ``checkpoint_state`` (:mod:`flmnist.strategies.state`): they are checkpointed,
+so a resumed run goes on with the right bias correction, and rolled back with a rejected aggregate. With more than one local step, g is the nodes' average model change divided by
 ``eta_l`` (a pseudo-gradient).
 """
 
@@ -43,11 +44,12 @@ class FedSGD(FedOpt):
     """FedSGD: average the nodes' one-step gradients, then one ``torch.optim.Adam`` step."""
 
     # The model of the round and Adam's moments (flmnist.strategies.state).
-    checkpoint_state = ("current_arrays", "m_t", "v_t")
+    checkpoint_state = ("current_arrays", "m_t", "v_t", "adam_steps")
 
     def __init__(self, *, eta: float = 1e-4, eta_l: float = 1.0, beta_1: float = 0.9, beta_2: float = 0.999,
                  tau: float = 1e-8, **kwargs) -> None:
         super().__init__(eta=eta, eta_l=eta_l, beta_1=beta_1, beta_2=beta_2, tau=tau, **kwargs)
+        self.adam_steps = 0  # Adam steps taken (t of the last one)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -67,7 +69,9 @@ class FedSGD(FedOpt):
                 g[k] += share * (w[k] - arrays[k].numpy().astype(np.float64))
         g = {k: v / self.eta_l for k, v in g.items()}
 
-        b1, b2, t = self.beta_1, self.beta_2, int(server_round)
+        # (a checkpoint written before adam_steps existed holds moments but no count: its round, as then)
+        t = self.adam_steps + 1 if self.adam_steps or self.m_t is None else int(server_round)
+        b1, b2 = self.beta_1, self.beta_2
         m = self.m_t or {k: np.zeros_like(v) for k, v in g.items()}
         v = self.v_t or {k: np.zeros_like(x) for k, x in g.items()}
         # New dicts, never in-place updates: Guarded rolls back by restoring the old references.
@@ -78,4 +82,5 @@ class FedSGD(FedOpt):
         new = {k: w[k] - step_size * self.m_t[k] / (np.sqrt(self.v_t[k]) / root_bc2 + self.tau) for k in g}
         dtypes = {k: x.dtype for k, x in self.current_arrays.items()}
         arrays = to_record({k: x.astype(dtypes[k]) for k, x in new.items()})
+        self.adam_steps = t
         return arrays, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
