@@ -190,6 +190,26 @@ ACCEPTED_BEFORE = [
     # a ratio below 1 refuses (or cuts) the median update itself
     (["screen.max_norm_ratio=0.5"], r"screen.max_norm_ratio must be a finite number >= 1 or null, got 0.5"),
     (["screen.clip_to_median=0.5"], r"screen.clip_to_median must be a finite number >= 1 or null, got 0.5"),
+    # a review of the config's errors (2026-12-05): a traceback, or accepted and ignored
+    (["+partition.alpha=0.1"], (r"partition.alpha is not a setting of partition=iid \(its settings: none\); it "
+                                r"belongs to partition=dirichlet: choose that one")),
+    (["partition=dirichlet", "+partition.min_size=5"],
+     r"partition.min_size is not a setting of partition=dirichlet \(its settings: alpha, min_partition_size\)"),
+    (["partition=digit_groups", "num_nodes=3", "partition.groups=[[0,1],[2,true],[3]]"],
+     r"partition.groups: digits are whole numbers 0-9, got True"),
+    (["observers.attribution.enabled=no"], r"observers.attribution.enabled must be true or false, got 'no'"),
+    (["fleet=none", "+fleet.dropout=0.5"], (r"fleet.dropout needs a simulated fleet, and fleet=none has none: choose "
+                                            r"fleet=homogeneous, fleet=lognormal or fleet=jetson_mixed")),
+    (["fleet.kind=lognormal"], (r"fleet.kind=lognormal: fleet.kind is set by the fleet option: choose "
+                                r"fleet=lognormal \(conf/fleet/lognormal.yaml\) instead")),
+    (["privacy.mechanism=central"], (r"privacy.mechanism is set by the privacy option: choose privacy=central "
+                                     r"\(conf/privacy/central.yaml\) instead")),
+    (["num_nodes=10", "sampling.fraction_evaluate=0.05", "sampling.min_evaluate_nodes=0"],
+     (r"sampling.fraction_evaluate=0.05 of num_nodes=10 is 0.5 nodes, which Flower rounds down to 0, and "
+      r"min_evaluate_nodes=0: no node would evaluate")),
+    (["strategy=fedasync", "strategy.staleness._target_=flmnist.strategies.staleness.Constant"],
+     (r"strategy.staleness.a: Constant takes no setting 'a' \(its settings: none\); drop it with "
+      r"~strategy.staleness.a")),
 ]
 
 

@@ -112,7 +112,7 @@ def test_toy_strategy_aggregates_a_round(toy_conf, task_identity):
     ("fedadam", ("current_arrays", "m_t", "v_t")),
     ("fedadagrad", ("current_arrays", "m_t", "v_t")),
     ("fedyogi", ("current_arrays", "m_t", "v_t")),
-    ("sgd_adam", ("current_arrays", "m_t", "v_t")),     # FedSGD declares its own
+    ("sgd_adam", ("current_arrays", "m_t", "v_t", "adam_steps")),  # FedSGD declares its own
     ("unweighted_fedavg", ("current_arrays", "momentum_vector")),
     ("fedprox", ()), ("fedmedian", ()), ("fedtrimmedavg", ()), ("krum", ()), ("multikrum", ()),
     ("bulyan", ()),

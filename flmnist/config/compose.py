@@ -169,6 +169,12 @@ def compose_config(overrides: list[str] | None = None, notes: list[str] | None =
     overrides = without_no_preset(overrides or [])
     check_group_overrides(overrides)
     _check_additions(overrides)
+    # Set by their group's option, whose file sets more (a fleet's parameters; privacy's screens off):
+    for item in (o for o in overrides if override_key(o) in ("fleet.kind", "privacy.mechanism")):
+        group, value = override_key(item).partition(".")[0], item.partition("=")[2]
+        value = "jetson_mixed" if (group, value) == ("fleet", "mixed") else value
+        raise ConfigError(f"{item}: {override_key(item)} is set by the {group} option: choose {group}={value} "
+                          f"(conf/{group}/{value}.yaml) instead")
     try:
         with initialize_config_dir(version_base="1.3", config_dir=str(conf_dir()), job_name="flmnist"):
             cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)

@@ -176,8 +176,9 @@ def _model(cfg: DictConfig) -> None:
     check_model_spec(OmegaConf.to_container(cfg.model, resolve=True))
 
 
-EVAL_OBSERVERS = {"digits": ("every", "rounds", "update_rounds", "digit_groups", "batch_size", "style"),
-                  "attribution": ("probe_size", "batch_size")}
+EVAL_OBSERVERS = {  # the built-in observers' settings: the eval.* key each is checked as
+    "digits": {k: k for k in ("every", "rounds", "update_rounds", "digit_groups", "batch_size", "style")},
+    "attribution": {"enabled": "attribution", "probe_size": "probe_size", "batch_size": "batch_size"}}
 
 
 def _observers(cfg: DictConfig) -> None:
@@ -199,15 +200,15 @@ def _observers(cfg: DictConfig) -> None:
     # (observers.digits.every=0 passed, and divided by zero after the first round had trained).
     for name, keys in EVAL_OBSERVERS.items():
         node = section.get(name)
-        for key in keys if isinstance(node, DictConfig) else ():
+        for key, as_eval in keys.items() if isinstance(node, DictConfig) else ():
             given = OmegaConf.select(node, key)
-            if key in node and given != OmegaConf.select(cfg, f"eval.{key}"):
+            if key in node and given != OmegaConf.select(cfg, f"eval.{as_eval}"):
                 probe = cfg.copy()
-                OmegaConf.update(probe, f"eval.{key}", given, force_add=True)
+                OmegaConf.update(probe, f"eval.{as_eval}", given, force_add=True)
                 try:
                     _eval(probe)
                 except ConfigError as err:
-                    raise ConfigError(str(err).replace(f"eval.{key}", f"observers.{name}.{key}")) from None
+                    raise ConfigError(str(err).replace(f"eval.{as_eval}", f"observers.{name}.{key}")) from None
 
 
 def _missing_module(target: str) -> str | None:
@@ -302,6 +303,9 @@ def validate(cfg: DictConfig) -> None:
     else:  # under a fleet, a synchronous round charges a dropped update this virtual time
         _number(cfg, "async_loop.update_timeout", 0, low_open=True)
     build(cfg.fleet, "fleet", num_nodes=cfg.num_nodes, seed=cfg.seed)
+    if cfg.fleet.get("kind") == "none" and (unused := [k for k in cfg.fleet if k not in ("_target_", "kind")]):
+        raise ConfigError(f"fleet.{unused[0]} needs a simulated fleet, and fleet=none has none: choose "
+                          "fleet=homogeneous, fleet=lognormal or fleet=jetson_mixed (conf/fleet/)")
     partition = partition_from_spec(OmegaConf.to_container(cfg.partition, resolve=True))  # the nodes' own check
 
     # Rules spanning several keys.
@@ -337,6 +341,12 @@ def validate(cfg: DictConfig) -> None:
             "sampling.fraction_evaluate > 0 asks nodes to evaluate on held-out data, but "
             "data.holdout_fraction is 0: set one of them (fraction_evaluate=0 turns client evaluation off)"
         )
+    least = getattr(strategy, "min_evaluate_nodes", 0)
+    if fraction_evaluate > 0 and max(int(n * fraction_evaluate), least) == 0:  # (Flower's count: int(), floored)
+        raise ConfigError(f"sampling.fraction_evaluate={fraction_evaluate:g} of num_nodes={n} is "
+                          f"{n * fraction_evaluate:g} nodes, which Flower rounds down to 0, and min_evaluate_nodes="
+                          f"{least}: no node would evaluate; raise either (or set fraction_evaluate=0 to turn client "
+                          "evaluation off)")
     how = (cfg.get("sampling") or {}).get("client_evaluation", "auto")
     if how not in CLIENT_EVALUATION:
         raise ConfigError(f"sampling.client_evaluation={how} is not one of {', '.join(CLIENT_EVALUATION)} "

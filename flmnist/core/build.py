@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
+import re
+
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from flmnist.core.errors import ConfigError
@@ -23,4 +26,28 @@ def build(node: DictConfig, key: str, **kwargs):
         cause = err.__cause__
         if isinstance(cause, ConfigError):
             raise cause from None
+        if isinstance(cause, TypeError) and (message := _not_taken(node, key, str(err))):
+            raise ConfigError(message) from None
         raise ConfigError(f"cannot build {key} from {OmegaConf.to_container(node)}: {one_line(err)}") from err
+
+
+def _not_taken(node: DictConfig, key: str, error: str) -> str | None:
+    """``key.sub.name: Class takes no setting 'name' ...`` for settings the class at fault does not
+    take (a switched ``_target_`` keeps the old class's settings), or None."""
+    match = re.search(r"full_key: (\S+)", error)
+    path = match.group(1) if match else key
+    relative = path.removeprefix(key).lstrip(".")
+    sub = OmegaConf.select(node, relative) if relative else node
+    try:
+        signature = inspect.signature(get_class(sub._target_))
+    except Exception:  # noqa: BLE001 - no better message than Hydra's
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
+        return None
+    extra = [k for k in sub if k != "_target_" and k not in signature.parameters]
+    if not extra:
+        return None
+    takes = ", ".join(n for n, p in signature.parameters.items() if p.kind is not p.VAR_POSITIONAL) or "none"
+    name = sub._target_.rsplit(".", 1)[-1]
+    return (f"{path}.{extra[0]}: {name} takes no setting {extra[0]!r} (its settings: {takes}); drop it with "
+            f"~{path}.{extra[0]}")

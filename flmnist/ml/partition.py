@@ -9,6 +9,7 @@ offline on an in-memory ``datasets.Dataset`` of the labels); ``digit_groups``
 
 from __future__ import annotations
 
+import inspect
 import logging
 import warnings
 from abc import ABC, abstractmethod
@@ -153,7 +154,9 @@ class DigitGroupPartition(Partition):
             if not g:
                 raise ConfigError("partition.groups: every group needs at least one digit")
             for d in g:
-                if not isinstance(d, int) or not 0 <= d < NUM_CLASSES:
+                if isinstance(d, bool) or not isinstance(d, int):
+                    raise ConfigError(f"partition.groups: digits are whole numbers 0-9, got {d!r}")
+                if not 0 <= d < NUM_CLASSES:
                     raise ConfigError(f"partition.groups: digit {d!r} is outside 0-9")
                 if d in seen:
                     raise ConfigError(f"partition.groups: digit {d} is in more than one group")
@@ -203,7 +206,25 @@ def partition_from_spec(spec: dict) -> Partition:
         raise ConfigError(
             f"partition._target_ {target!r} is not a known partitioner; valid: {', '.join(PARTITIONS)}"
         )
+    takes = {name: settings(cls) for name, cls in OPTIONS.items()}
+    option = next(name for name, cls in OPTIONS.items() if cls is PARTITIONS[target])
+    for key in spec:
+        if key not in takes[option]:
+            owners = [name for name, keys in takes.items() if key in keys]
+            raise ConfigError(
+                f"partition.{key} is not a setting of partition={option} (its settings: "
+                f"{', '.join(takes[option]) or 'none'})"
+                + (f"; it belongs to partition={' or partition='.join(owners)}: choose that one" if owners else ""))
     return PARTITIONS[target](**spec)
+
+
+OPTIONS = {"iid": IidPartition, "dirichlet": DirichletPartition, "shards": ShardPartition,
+           "digit_groups": DigitGroupPartition}  # conf/partition/NAME.yaml
+
+
+def settings(cls) -> list[str]:
+    """The settings a partitioner takes (its constructor's parameters)."""
+    return [n for n in inspect.signature(cls).parameters if n not in ("self", "args", "kwargs")]
 
 
 def label_counts(labels: np.ndarray) -> list[int]:
