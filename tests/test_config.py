@@ -304,6 +304,23 @@ def test_a_shortened_preset_keeps_its_later_evaluation_rounds_for_an_extension_s
     assert notes == []
 
 
+def test_a_setting_the_strategys_kind_does_not_read_gets_a_note_in_the_run_log():
+    """strategy=fedbuff num_rounds=7 sampling.fraction_train=0.2 ran 100 server updates with every
+    node, and strategy=fedavg async_loop.max_server_updates=5 ran its num_rounds, with no word."""
+    notes: list[str] = []
+    compose_config(["strategy=fedbuff", "num_rounds=7", "sampling.fraction_train=0.2"], notes)
+    assert [n.split(" is ")[0] for n in notes] == ["num_rounds", "sampling.fraction_train"]
+    assert all("not used by FedBuff, an asynchronous strategy: it runs until async_loop.max_server_updates" in n
+               for n in notes)
+    notes.clear()
+    compose_config(["async_loop.max_server_updates=5", "async_loop.update_timeout=30"], notes)
+    assert notes == [("async_loop.max_server_updates is not used by FedAvg, a synchronous strategy (async_loop.* is "
+                     "for strategy=fedasync or fedbuff); its rounds are num_rounds, its nodes sampling.*")]
+    notes.clear()
+    compose_config(["strategy=fedasync", "async_loop.max_server_updates=5", "num_nodes=4"], notes)
+    assert notes == []
+
+
 def test_the_model_arguments_the_config_checks_are_the_models_own():
     """core.model_spec.MODEL_ARGUMENTS (checked without importing PyTorch) against each model's constructor."""
     import inspect

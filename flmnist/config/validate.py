@@ -238,6 +238,27 @@ def _rounds(cfg: DictConfig, key: str) -> None:
             raise ConfigError(f"{key} lists {r!r}: round numbers are integers from 1")
 
 
+def unused_by_strategy(cfg: DictConfig, keys: list[str]) -> list[str]:
+    """One line for each setting in ``keys`` (what the user typed) that the chosen strategy's kind
+    does not read: an asynchronous strategy's loop has no rounds and samples no nodes; a
+    synchronous one has no asynchronous loop (except its ``update_timeout``, under a fleet)."""
+    try:
+        asynchronous = issubclass(get_class(cfg.strategy._target_), AsyncStrategy)
+    except Exception:  # noqa: BLE001 - a bad _target_ is reported when the strategy is built
+        return []
+    strategy = str(cfg.strategy._target_).rsplit(".", 1)[-1]
+    notes = []
+    for key in dict.fromkeys(keys):
+        if asynchronous and (key in ("num_rounds", "eval.every", "eval.rounds") or key.startswith("sampling.")):
+            notes.append(f"{key} is not used by {strategy}, an asynchronous strategy: it runs until async_loop."
+                         "max_server_updates (or max_client_updates, time_budget), async_loop.concurrency nodes training, "
+                         "evaluating every async_loop.eval_every server updates")
+        elif not asynchronous and key.startswith("async_loop.") and key != "async_loop.update_timeout":
+            notes.append(f"{key} is not used by {strategy}, a synchronous strategy (async_loop.* is for "
+                         "strategy=fedasync or fedbuff); its rounds are num_rounds, its nodes sampling.*")
+    return notes
+
+
 def rounds_past_the_end(cfg: DictConfig) -> list[str]:
     """A shortened run (``experiment=seed002 num_rounds=5``): one line for each of ``eval.rounds``
     (and, under a synchronous strategy, ``eval.update_rounds``) that lists rounds past
