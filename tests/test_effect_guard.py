@@ -67,14 +67,43 @@ def test_one_hostile_update_of_four_is_rejected_and_the_honest_ones_kept(mnist, 
     guard = EffectGuard(Probe(tx, ty, LogReg), max_harm=2.0)
     rejected = guard.judge(start, candidates, asynchronous=False)
     if kind == "boost" and not warm:
-        # From the random initial model a 10x step can even help; it must not be *worse* than 2 points.
+        # From the random initial model a 10x step can even help: kept only if the aggregate with it
+        # is at most 2 points worse than without it (the guard's rule), and no honest node goes.
         assert [c.name for c, _ in rejected] in ([], ["node 0"])
+        if not rejected:
+            with_all = guard.accuracy(start, EffectGuard.mean(candidates)).mean()
+            without = guard.accuracy(start, EffectGuard.mean(candidates[1:])).mean()
+            assert 100 * (without - with_all) <= 2.0, (with_all, without)
         return
     assert [c.name for c, _ in rejected] == ["node 0"]
     reason = rejected[0][1]
     assert reason.startswith("makes the aggregate worse on the probe set (")
     assert "per digit, with minus without: 0:" in reason and "screen.guard_max_harm=2" in reason
     assert guard.summary()["rejected"] == 1 and guard.summary()["probed"] == 1
+
+
+def test_under_equal_weights_an_update_claiming_one_example_is_judged_at_its_real_share(mnist):
+    """strategy=unweighted_fedavg averages with equal weights. A sign-flipping node claiming 1
+    example (the screen allows 1 to its partition's size) weighed 1/6001 in the guard's aggregate,
+    so its harm measured about 0 and it passed, and then counted 1/4 in the real average. Judged
+    with the strategy's weights (equal_weights, from the strategy), it is rejected."""
+    from flmnist.engine.effect_guard import equal_weights
+    from flmnist.strategies import FedAvg, FedBuff
+
+    (x, y), (tx, ty) = mnist
+    start = start_model(x, y, 60)
+    rng = np.random.default_rng(1)
+    shards = np.array_split(rng.permutation(len(y))[:8000], 4)
+    models = [trained(start, x[s], y[s], seed=i) for i, s in enumerate(shards)]
+    candidates = [Candidate(i, f"node {i}", {k: m[k] - start[k] for k in start}, 2000.0) for i, m in enumerate(models)]
+    candidates[0] = Candidate(0, "node 0", attack("sign-flip", start, models[0]), 1.0)
+    by_examples = EffectGuard(Probe(tx, ty, LogReg), max_harm=2.0)
+    assert by_examples.judge(start, candidates, asynchronous=False) == []  # FedAvg's own share of it: 1/6001
+    equal = EffectGuard(Probe(tx, ty, LogReg), max_harm=2.0, equal_weights=True)
+    assert [c.name for c, _ in equal.judge(start, candidates, asynchronous=False)] == ["node 0"]
+    assert equal.summary()["weights"] == "equal" and by_examples.summary()["weights"] == "examples"
+    assert equal_weights(FedAvg(weighted_by_key="unit-weight")) and not equal_weights(FedAvg())
+    assert equal_weights(FedBuff(weight_by_examples=False)) and not equal_weights(FedBuff())
 
 
 def test_honest_iid_updates_are_not_even_probed(mnist):

@@ -1131,6 +1131,58 @@ def test_client_evaluation_in_the_train_reply_gives_the_metrics_of_the_evaluate_
     assert "client_loss" not in exchanged[0]
 
 
+class StopAfter(Observer):
+    """Asks the run to end after ``step`` while that step's updates are screened, as the privacy
+    budget does (ReplyPath.request_stop inside aggregate_train)."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.path = step, None
+
+    def evaluate_updates(self, server_round, updates):
+        if server_round == self.step:
+            self.path.request_stop(server_round, "privacy budget")
+
+
+def test_a_run_stopped_inside_a_round_still_gets_its_last_models_client_evaluation(tmp_path, task_identity):
+    """sampling.client_evaluation=in_train and the privacy budget ends the run after round 2 of 3:
+    no round 3 comes to evaluate round 2's model in its train replies, so round 2 has its evaluate
+    exchange (it had none: the final model's client metrics were missing)."""
+    from flmnist.observers.recorder import RunRecorder
+
+    nodes = {101: FakeNode(0, 0.01), 102: FakeNode(1, 0.04)}
+    sent = dataclasses.replace(SENT, evaluate_received=True)
+    recorder = RunRecorder(tmp_path, 3, 0.9, printer=lambda line: None)
+    stop = StopAfter(2)
+    path = stop.path = ReplyPath(ReplyScreen(ScreenSettings(), LIMITS), sent, (stop,), recorder)
+    strategy = Guarded(FedAvg(min_available_nodes=2, min_train_nodes=2, min_evaluate_nodes=2), path,
+                       evaluate_in_train=True)
+    grid = FakeGrid(nodes)
+    SyncEngine(grid, strategy, path, sent.to_record(), num_rounds=3, round_timeout=5.0).run(record(START))
+    assert [kind for _, kind in grid.log] == [MessageType.TRAIN] * 4 + [MessageType.EVALUATE] * 2
+    step = weighted_offset(FakeNode(0, 0.01), FakeNode(1, 0.04))
+    assert recorder.rows[2]["client_loss"] == pytest.approx(0.2 + 2 * step) and 3 not in recorder.rows
+
+
+@pytest.mark.parametrize("offset, accuracy", [(0.02, 3 / 5), (0.5, 1 / 2)], ids=["clipped", "unclipped"])
+def test_an_update_refused_after_the_screen_brings_no_evaluation_of_the_received_model(tmp_path, task_identity,
+                                                                                         offset, accuracy):
+    """in_train under privacy=client (updates clipped to 1.0 by the nodes): node 1's update of norm
+    1.5 is refused as unclipped, so its report on the model it received is left out too (it was
+    counted): each round's client accuracy is node 0's alone, 1 of 2 held-out images, not 3 of 5."""
+    from flmnist.observers.recorder import RunRecorder
+
+    nodes = {101: FakeNode(0, 0.01), 102: FakeNode(1, offset)}
+    sent = dataclasses.replace(SENT, evaluate_received=True)
+    recorder = RunRecorder(tmp_path, 2, 0.9, printer=lambda line: None)
+    path = ReplyPath(ReplyScreen(ScreenSettings(max_norm_ratio=None, clip_to_median=None), LIMITS), sent, (),
+                     recorder, update_clip=1.0)
+    strategy = Guarded(FedAvg(min_available_nodes=2, min_train_nodes=2, min_evaluate_nodes=2), path,
+                       evaluate_in_train=True)
+    SyncEngine(FakeGrid(nodes), strategy, path, sent.to_record(), num_rounds=2, round_timeout=5.0).run(record(START))
+    assert recorder.rows[0]["client_accuracy"] == pytest.approx(accuracy)
+    assert recorder.rows[1]["num_updates"] == (2 if offset < 0.1 else 1)
+
+
 def test_a_malformed_evaluation_in_a_train_reply_costs_its_update_and_nothing_else(tmp_path, task_identity):
     rows, _ = run_sync_recorded(tmp_path, evaluate_in_train=True, evaluate="eval-inconsistent")
     assert [rows[r]["num_updates"] for r in (1, 2, 3)] == [1, 1, 1]

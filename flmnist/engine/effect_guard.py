@@ -28,6 +28,7 @@ same in every run, and the same :class:`~flmnist.observers.probe.Probe` object w
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections import deque
@@ -38,6 +39,7 @@ import numpy as np
 
 from flmnist.core.arrays import Weights, dot
 from flmnist.observers.probe import Probe
+from flmnist.protocol.messages import UNIT_WEIGHT
 
 MAX_LENGTH_RATIO = 3.0   # longer than this multiple of the median update length: probe
 MIN_COSINE = 0.0         # pointing away from the others' mean: probe
@@ -60,8 +62,10 @@ def _flat(delta: Weights) -> np.ndarray:
 class EffectGuard:
     """Rejects updates whose leave-one-out effect on the probe accuracy is worse than ``max_harm`` pp."""
 
-    def __init__(self, probe: Probe, max_harm: float = 2.0, window: int = 10) -> None:
-        self.probe, self.max_harm = probe, max_harm
+    def __init__(self, probe: Probe, max_harm: float = 2.0, window: int = 10, equal_weights: bool = False) -> None:
+        """``equal_weights``: the strategy averages updates with equal weights (:func:`equal_weights`),
+        so the guard's aggregate does too; else each update counts by its examples."""
+        self.probe, self.max_harm, self.equal_weights = probe, max_harm, equal_weights
         self.window: deque[Candidate] = deque(maxlen=window)   # asynchronous: recent accepted updates
         self.seconds = 0.0
         self.evaluations = 0
@@ -119,6 +123,8 @@ class EffectGuard:
         ``lengths``: recent accepted updates' lengths, for the cheap test's median."""
         if not candidates:
             return []
+        if self.equal_weights:  # (by examples, an update claiming 1 example weighed nothing here, 1/K there)
+            candidates = [dataclasses.replace(c, weight=1.0) for c in candidates]
         t = time.perf_counter()
         names = {c.name for c in candidates}  # judged among other nodes' updates, not their own earlier ones
         pool = [m for m in self.window if m.name not in names] if asynchronous else []
@@ -166,6 +172,7 @@ class EffectGuard:
     def summary(self) -> dict:
         return {
             "max_harm_pp": self.max_harm,
+            "weights": "equal" if self.equal_weights else "examples",
             "probe_size": self.probe.size,
             "updates_judged": self.judged,
             "probed": self.probed,
@@ -174,3 +181,10 @@ class EffectGuard:
             "seconds": round(self.seconds, 3),
             "ms_per_update": round(1000 * self.seconds / self.judged, 3) if self.judged else None,
         }
+
+
+def equal_weights(strategy) -> bool:
+    """Whether ``strategy`` averages updates with equal weights: a Flower strategy weighted by
+    ``unit-weight`` (``strategy=unweighted_fedavg``, central DP), FedBuff with ``weight_by_examples``
+    false."""
+    return getattr(strategy, "weighted_by_key", None) == UNIT_WEIGHT or getattr(strategy, "weight_by_examples", True) is False

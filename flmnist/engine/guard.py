@@ -141,7 +141,8 @@ class Guarded(Strategy):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid):
         step = server_round + self.round_offset
-        if self.evaluate_in_train and self.last_round is not None and step < self.last_round:
+        if self.evaluate_in_train and self.last_round is not None and step < self.last_round \
+                and self.path.stop_wish is None:  # (a run ending here, the privacy budget: no next round)
             return []  # the next round's train replies evaluate this model
         return self.strategy.configure_evaluate(step, arrays, config, grid)
 

@@ -127,8 +127,6 @@ class ReplyPath:
                 out.metadata = msg.metadata
                 updates.append(out)
         rejections += self._doubted(updates, "Update")
-        # The received model's evaluations (evaluate-received), from every screened, trusted reply.
-        self.evaluations = [RecordDict({p.METRICS: MetricRecord(u.evaluation)}) for u in updates if u.evaluation]
         # Refuse absurd lengths, judge the rest as sent (the guard), then clip what was accepted:
         # the guard must see a scaled attack at its full strength to weigh its harm.
         for r in [*self.lengths.refuse_unclipped(updates, reference, delta), *self.lengths.refuse_long(updates, reference),
@@ -136,6 +134,9 @@ class ReplyPath:
             rejections.append(r)
             self._reject("Update", r)
         self.lengths.clip_long(updates, reference, delta)
+        # The received model's evaluations (evaluate-received), from the replies whose update is accepted
+        # (a node whose update the guard or a length check refused does not report on the model either).
+        self.evaluations = [RecordDict({p.METRICS: MetricRecord(u.evaluation)}) for u in updates if u.evaluation]
         self.devices.update((u.name, u.device) for u in updates)
         self.screen_seconds += time.perf_counter() - t
         if self.recorder is not None:

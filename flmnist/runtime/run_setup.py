@@ -34,7 +34,7 @@ from flmnist.core.run_files import atomic_write, find_checkpoint
 from flmnist.engine.adaptive_privacy import wrap_adaptive
 from flmnist.engine.async_loop import AsyncLoop
 from flmnist.engine.base import Engine
-from flmnist.engine.effect_guard import EffectGuard
+from flmnist.engine.effect_guard import EffectGuard, equal_weights
 from flmnist.engine.guard import Guarded
 from flmnist.engine.identity import IdentityBook, read_registry
 from flmnist.engine.local_privacy import LocalAccountant
@@ -258,7 +258,7 @@ def build_run(grid: Grid, cfg: DictConfig) -> Run:
     guard = None
     if screen.guard_max_harm is not None:
         guard = EffectGuard(context.probe(cfg.eval.probe_size or 1000, cfg.eval.batch_size), screen.guard_max_harm,
-                            window=screen.guard_window)
+                            window=screen.guard_window, equal_weights=equal_weights(strategy))
     path = ReplyPath(ReplyScreen(screen, limits), sent, hooks, recorder, cfg.checkpoint_every,
                      stop_at=cfg.target_accuracy if cfg.get("stop_at_target") else None,
                      identities=identities, guard=guard, asynchronous=asynchronous,
