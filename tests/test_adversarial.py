@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from flmnist.client import faults
 from flmnist.launch.flwr_local import run_flwr
 
 pytestmark = pytest.mark.slow  # real Flower runs
@@ -31,6 +32,9 @@ FAMILIES = {
                 "async_loop.eval_every=2"],
 }
 ATTACK = ["client.fault=rotate", "client.fault_nodes=[3]"]
+# rounds 1-4 of the rotation (faults.TRAIN_ATTACKS[round % its length]), in their rejection reasons' words
+SYNC_REASONS = {"complex-nan": "declares complex64", "dtype": "data under float32", "shape": "data under float32",
+                "scale": "update norm"}
 
 
 def flwr_run(tmp_path: Path, name: str, overrides: list[str]) -> tuple[dict, list[dict], str]:
@@ -65,7 +69,9 @@ def test_one_bad_node_is_rejected_every_time_and_costs_under_one_point(tmp_path,
         train_rows = [r for r in rows if r["round"] > 0]
         assert all(r["num_updates"] == 3 and r["rejected_updates"] == 1 for r in train_rows), train_rows
         for r in train_rows:  # the round's attack class, named in its rejection reason
+            attack = faults.TRAIN_ATTACKS[r["round"] % len(faults.TRAIN_ATTACKS)]
             assert len(r["rejections"]) == 1 and r["rejections"][0].startswith("node 3"), r["rejections"]
+            assert SYNC_REASONS[attack] in r["rejections"][0], (attack, r["rejections"])
     assert "Rejected update from node 3" in log
     # The bad node may cost at most one point. (It may also gain: FedAsync with node 3's replies
     # rejected applies fewer, less stale updates and ended about one point above the clean run.)

@@ -257,7 +257,7 @@ def check(command: DocCommand, workdir: Path, monkeypatch: pytest.MonkeyPatch) -
         assert "Unknown" not in text, text
         return
     if "--version" in args:
-        assert version_text()
+        assert version_text().startswith("flmnist 0.") and "Flower 1.41" in version_text(), version_text()
         return
     flags = [a for a in args if a.startswith("-") and a not in cli.MULTIRUN]
     assert not flags, f"flags tests/test_docs.py does not check: {flags} (teach it, or allow-list the line)"

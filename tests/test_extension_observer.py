@@ -56,10 +56,14 @@ def test_a_misnamed_observer_entry_is_refused_before_flower_starts():
 def test_the_toy_observers_metrics_are_recorded_and_its_stop_wish_ends_a_sync_run(task_identity, tmp_path):
     cfg = compose_config(["eval.attribution=false", "observers.digits=null", *TOY])
     (toy,) = build_observers(cfg, context(cfg, tmp_path))
-    path = ReplyPath(ReplyScreen(ScreenSettings(), LIMITS), SENT, [toy])
+    from flmnist.observers.recorder import RunRecorder
+
+    recorder = RunRecorder(tmp_path / "run", 10, 0.99, printer=lambda line: None)
+    path = ReplyPath(ReplyScreen(ScreenSettings(), LIMITS), SENT, [toy], recorder)
     nodes = {101: FakeNode(0, 0.01), 102: FakeNode(1, 0.04)}
     SyncEngine(FakeGrid(nodes), Guarded(FedAvg(min_available_nodes=2), path), path, SENT.to_record(),
                num_rounds=10, round_timeout=5.0).run(record(START))
     assert toy.seen == [0, 1, 2]  # round 2's evaluation asked to stop: no third round
     assert path.stop_wish == "the toy observer has seen enough"
-    assert path.global_model(3, record(START))["toy_models_seen"] == 4
+    # its metric, in each round's row of the run's records
+    assert [recorder.rows[r]["toy_models_seen"] for r in (0, 1, 2)] == [1, 2, 3] and 3 not in recorder.rows

@@ -268,7 +268,8 @@ def rows(run_dir: Path) -> list[dict]:
 def test_a_private_run_reports_epsilon_each_round_and_stops_at_its_budget(tmp_path):
     """4 rounds asked, max_epsilon between the 2nd and 3rd release's epsilon: 2 rounds run, exit 0,
     the summary says why, and each round's epsilon is the accountant's for that many releases;
-    resumed with no budget, it trains its other 2 rounds and counts 4 releases."""
+    resumed with a larger budget (the README's `flmnist resume=DIR privacy.max_epsilon=16`), it trains
+    its other 2 rounds and counts 4 releases."""
     budget = round((rdp_epsilon(1.0, 2) + rdp_epsilon(1.0, 3)) / 2, 3)
     run = tmp_path / "run"
     proc = flmnist(tmp_path, "model=logreg", "num_nodes=4", "num_rounds=4", "privacy=central",
@@ -282,11 +283,12 @@ def test_a_private_run_reports_epsilon_each_round_and_stops_at_its_budget(tmp_pa
     assert [r["epsilon"] for r in rows(run)] == pytest.approx([rdp_epsilon(1.0, k) for k in (1, 2)], rel=1e-4)
     assert (run / "accuracy_epsilon.png").is_file()
     # a larger budget on resume: the run goes on to its 4 rounds, the accountant counting on
-    proc = flmnist(tmp_path, f"resume={run}", "privacy.max_epsilon=null")
+    larger = round(rdp_epsilon(1.0, 4) + 1, 3)
+    proc = flmnist(tmp_path, f"resume={run}", f"privacy.max_epsilon={larger}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["rounds_completed"] == 4 and not summary.get("stopped_early"), summary.get("stopped_early")
-    assert summary["privacy"]["releases"] == 4 and summary["privacy"]["max_epsilon"] is None
+    assert summary["privacy"]["releases"] == 4 and summary["privacy"]["max_epsilon"] == larger
     assert summary["privacy"]["epsilon"] == pytest.approx(rdp_epsilon(1.0, 4), rel=1e-4)
 
 
@@ -343,6 +345,34 @@ def test_dpsgd_clips_each_images_gradient_and_adds_noise_of_std_sigma_clip_over_
     weight = next(k for k in moved if k.endswith("weight"))
     assert moved[weight].std().item() == pytest.approx(3.0 * 2.0 / 64, rel=0.05)
     assert not model._forward_hooks and not hasattr(model, "_module")  # Opacus's hooks are gone
+
+
+def test_dpsgd_clips_each_images_gradient_to_the_clipping_norm():
+    """Blank images all labelled 0: each image's gradient is the bias's alone, softmax(b) - e_0, of
+    norm about 0.95, all pointing the same way. Clipped to C = 0.1 each and averaged over the batch
+    (no noise), the bias moves by exactly C at lr 1; plain SGD on the same batch, about 9x as far."""
+    import torch
+
+    from flmnist.ml.dpsgd import train_dpsgd
+    from flmnist.ml.models import LogReg
+    from flmnist.ml.training import train
+
+    torch.manual_seed(0)
+    start = LogReg().state_dict()
+    images, labels = torch.zeros(64, 1, 28, 28), torch.zeros(64, dtype=torch.long)
+    moved = {}
+    for how in ("dpsgd", "sgd"):
+        model = LogReg()
+        model.load_state_dict(start)
+        if how == "dpsgd":
+            train_dpsgd(model, images, labels, steps=1, batch_size=64, lr=1.0, momentum=0.0, weight_decay=0.0,
+                        noise_multiplier=0.0, clipping_norm=0.1, dev=torch.device("cpu"))
+        else:
+            train(model, images, labels, batch_size=64, lr=1.0, steps=1, generator=torch.Generator().manual_seed(0))
+        bias = next(k for k in start if k.endswith("bias"))
+        moved[how] = (model.state_dict()[bias] - start[bias]).norm().item()
+    assert moved["dpsgd"] == pytest.approx(0.1, rel=1e-4)
+    assert moved["sgd"] > 5 * moved["dpsgd"]
 
 
 def test_dpsgd_on_a_node_with_fewer_images_than_a_batch_steps_as_plain_sgd_would():
@@ -831,7 +861,9 @@ def test_a_local_dp_round_sampling_half_the_nodes_is_not_stopped_early(task_iden
     sync_round(strategy, nodes, BIG, server_round=1)
     assert path.stopped is None
     sync_round(strategy, nodes, BIG, server_round=2)
-    assert accountant.epsilon <= budget
+    assert sum(accountant.tasks.values()) == 4  # both rounds' tasks, counted
+    most = max(accountant.tasks.values())
+    assert accountant.epsilon == pytest.approx(rdp_epsilon(1.3, most), rel=1e-6) and accountant.epsilon <= budget
 
 
 def test_a_resumed_local_dp_run_checks_its_budget_as_if_every_node_id_were_new(task_identity):

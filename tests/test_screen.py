@@ -547,20 +547,47 @@ def test_malformed_query_replies_are_rejected(task_identity, attack):
 # ---------------------------------------------------- the fault modes of flmnist.client.faults
 
 
+# What each fault mode does, in the words of the reason it is rejected with.
+TRAIN_FAULT_REASONS = {
+    "nan": "array 'w' holds non-finite values",
+    "complex-nan": "array 'w' declares complex64 (2, 3), expected float32 (2, 3)",
+    "dtype": "array 'w' holds float64 (2, 3) data under float32 (2, 3) metadata",
+    "shape": "array 'w' holds float32 (1,) data under float32 (2, 3) metadata",
+    "scale": "exceeds screen.max_update_norm",
+    "huge-examples": "num-examples 4611686018427387904 is outside 1..10",
+    "extra-metric": "unexpected ['accuracy']",
+    "missing-metric": "missing ['train-loss']",
+    "loss-trace-number": "metric 'loss-trace' must be a list of numbers, got float",
+    "train-loss-list": "metric 'train-loss' must be a number, got list",
+    "partition-inf": "metric 'partition-id' must be an integer, got float inf",
+    "long-trace": "loss trace has 7 entries for 2 local steps",
+    "bad-node-info": "node-info keys ['node-name', 'x'] differ from the contract",
+    "sign-flip": "update norm 0.15 exceeds screen.max_update_norm",
+    "boost": "update norm 0.3 exceeds screen.max_update_norm",
+}
+EVALUATE_FAULT_REASONS = {
+    "eval-list": "metric 'correct' must be an integer, got list",
+    "eval-missing": "missing ['loss-sum']",
+    "eval-inconsistent": "correct=7 is outside 0..2",
+    "bad-node-info": "node-info 'node-name' must be a string of 1-128 printable characters",
+}
+
+
 @pytest.mark.parametrize("fault", [*faults.TRAIN_ATTACKS, "boost"])
 def test_every_train_fault_mode_is_rejected(task_identity, fault):
     """Conditions: ``max_update_norm`` twice the honest update's norm, so the finite attacks
-    (scale, sign-flip: 5x, boost: 10x the update) are refused by the norm bound."""
+    (scale, sign-flip: 5x, boost: 10x the update) are refused by the norm bound; each mode is
+    rejected for what it does (a mode that broke something else would be rejected too)."""
     content = train_content()
     faults.corrupt_train(fault, content, record(REFERENCE))
-    rejected(screen_train(content, max_update_norm=2 * HONEST_NORM))
+    rejected(screen_train(content, max_update_norm=2 * HONEST_NORM), TRAIN_FAULT_REASONS[fault])
 
 
 @pytest.mark.parametrize("fault", faults.EVALUATE_ATTACKS)
 def test_every_evaluate_fault_mode_is_rejected(task_identity, fault):
     content = evaluate_content()
     faults.corrupt_evaluate(fault, content)
-    rejected(screen().evaluate(reply(content, MessageType.EVALUATE)))
+    rejected(screen().evaluate(reply(content, MessageType.EVALUATE)), EVALUATE_FAULT_REASONS[fault])
 
 
 def test_the_query_fault_mode_is_rejected_and_the_error_mode_raises_on_the_node(task_identity):

@@ -156,7 +156,21 @@ def test_the_screen_gives_every_accepted_update_unit_weight_and_nodes_may_not_se
     sync_round(Guarded(Spy(min_available_nodes=2), path), nodes, START)
     assert [m[p.UNIT_WEIGHT] for m in seen] == [1, 1]
     assert set(seen[0]) == set(p.TRAIN_METRICS) | {p.UNIT_WEIGHT}
-    assert p.UNIT_WEIGHT not in p.TRAIN_METRICS  # a node sending it breaks the contract: rejected
+    # a node sending it breaks the contract: its reply is rejected, the round averages the other
+    class Voter(FakeNode):
+        def answer_train(self, msg, behaviour):
+            reply = super().answer_train(msg, behaviour)
+            reply.content[p.METRICS][p.UNIT_WEIGHT] = 1000  # a thousand votes, claimed
+            return reply
+
+    path = make_path()
+    arrays, _ = sync_round(Guarded(FedAvg(min_available_nodes=2, weighted_by_key=p.UNIT_WEIGHT), path),
+                           {11: FakeNode(0, 0.01), 12: Voter(1, 0.5)}, START)
+    stats = path.stats()
+    assert stats["rejected_per_node"] == {"node 1": 1}, stats
+    assert stats["rejection_reasons"] == {"metric keys differ from the contract": 1}, stats
+    for k, v in shifted(START, 0.01).items():  # node 0's update alone
+        np.testing.assert_allclose(to_weights(arrays)[k], v, rtol=0, atol=1e-6)
 
 
 # ============================================================ seed 003: FedSGD = Adam

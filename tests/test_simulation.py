@@ -32,11 +32,26 @@ def test_client_resources_reach_the_flwr_run_command():
     assert plain[plain.index("--federation-config") + 1] == "num-supernodes=3"
 
 
-def test_gpu_share_defaults_to_the_gpu_when_there_is_one():
-    assert client_gpus(compose_config([])) == (0.5 if torch.cuda.is_available() else 0.0)
+def test_gpu_share_defaults_to_the_gpu_when_there_is_one(monkeypatch):
+    assert client_gpus(compose_config([])) == (0.5 if torch.cuda.is_available() else 0.0)  # this machine
     # the shortcut that spares the command PyTorch's import holds: no device nodes, no GPU
     assert gpu_device_nodes() or not torch.cuda.is_available()
     assert client_gpus(compose_config(["simulation.client_gpus=0.25"])) == 0.25
+    # each branch of auto, whatever this machine has
+    from flmnist.launch import backend
+
+    auto = compose_config([])
+    for nodes, cuda, share in [(True, True, 0.5), (True, False, 0.0)]:
+        monkeypatch.setattr(backend, "gpu_device_nodes", lambda nodes=nodes: nodes)
+        monkeypatch.setattr(backend, "torch_sees_cuda", lambda cuda=cuda: cuda)
+        assert backend.client_gpus(auto) == share, (nodes, cuda)
+
+    def not_asked() -> bool:
+        raise AssertionError("PyTorch asked although the machine shows no GPU device")
+
+    monkeypatch.setattr(backend, "gpu_device_nodes", lambda: False)
+    monkeypatch.setattr(backend, "torch_sees_cuda", not_asked)
+    assert backend.client_gpus(auto) == 0.0
 
 
 def test_auto_backend_runs_clientapps_in_process_only_where_one_fills_the_machine():
