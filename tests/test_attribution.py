@@ -299,8 +299,9 @@ def test_a_sync_run_credits_each_digit_group_to_its_node(runs):
     assert (run["dir"] / "attribution.png").is_file()
     assert "digit 0: helped most by node 0" in run["log"]
     assert attribution["seconds"] > 0 and 0 < attribution["share_of_wall_time"] < 1, attribution  # its cost
-    # the model before each round: scored from the round's test-set evaluation, no probe pass
-    assert attribution["global_models_from_test_evaluation"] == 3 and attribution["evaluations"] == 3 * 3, attribution
+    # the initial model, evaluated on the test set (round 0): scored from that, no probe pass; rounds 1
+    # and 2's models (eval.every=null, eval.rounds=[]: no test-set evaluation) each with a pass of its own
+    assert attribution["global_models_from_test_evaluation"] == 1 and attribution["evaluations"] == 3 * 3 + 2, attribution
 
 
 @pytest.mark.slow
