@@ -81,6 +81,7 @@ class Guarded(Strategy):
         self.strategy = strategy
         self.evaluate_in_train = evaluate_in_train
         self.last_round: int | None = None  # set by the engine: the run's last round (its evaluate exchange)
+        self.exchanged: int | None = None   # the last step whose model had its evaluate exchange
         self.privacy, self.per_round = privacy, per_round  # privacy=central: the accountant, nodes a round
         # Loss traces are lists of different lengths: Flower's default metric average cannot take them.
         self.central = privacy is not None and privacy.central  # Flower's DP wrapper around the strategy
@@ -144,7 +145,17 @@ class Guarded(Strategy):
         if self.evaluate_in_train and self.last_round is not None and step < self.last_round \
                 and self.path.stop_wish is None:  # (a run ending here, the privacy budget: no next round)
             return []  # the next round's train replies evaluate this model
+        self.exchanged = step
         return self.strategy.configure_evaluate(step, arrays, config, grid)
+
+    def evaluate_stopped(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid,
+                         timeout: float) -> None:
+        """The run stops after this round on what its global evaluation found (``stop_at_target``):
+        the evaluate exchange that ``configure_evaluate`` left to the next round's train replies."""
+        step = server_round + self.round_offset
+        if self.evaluate_in_train and self.exchanged != step:
+            replies = grid.send_and_receive(self.configure_evaluate(server_round, arrays, config, grid), timeout=timeout)
+            self.aggregate_evaluate(server_round, replies)
 
     # ----------------------------------------------------------- aggregate
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
