@@ -647,6 +647,19 @@ def test_a_resumed_deployed_loop_counts_its_time_budget_from_the_run_so_far(task
     assert 100.0 <= resumed.elapsed() < 105.0
 
 
+def test_a_deployed_time_budget_ends_the_wait_for_a_reply_too(task_identity):
+    """Real clock, async_loop.time_budget=1 s, one node that never answers and an update timeout
+    of 60 s: the loop stops waiting when the budget runs out (it waited out the 60 s timeout),
+    reports the task unanswered, and the run, which made no server update, fails."""
+    loop, _ = make_loop({101: FakeNode(0, 0.01, behave="silent")}, FedAsync(alpha=0.5), max_server_updates=None,
+                        time_budget=1.0, update_timeout=60.0)
+    start = time.monotonic()
+    with pytest.raises(RunFailed, match="no server update in 0 client updates"):
+        loop.run(record(START))
+    assert 1.0 <= time.monotonic() - start < 5.0 and loop.version == 0
+    assert loop.stats_dict()["unanswered_at_end"] == {"node 0": 1}
+
+
 def test_the_async_loop_keeps_only_the_models_its_jobs_in_flight_were_sent(task_identity):
     """FedAsync, 30 server updates: the loop keeps the current model and those of jobs still out
     (it kept every version a job had last left at staleness 0: 31 models after 30 updates)."""
@@ -1080,6 +1093,25 @@ def test_stop_at_target_ends_a_sync_run_after_the_evaluation_that_reaches_it(tas
     assert_weights(final, shifted(START, 2 * 0.03))
 
 
+def test_a_run_stopped_at_its_target_with_client_evaluation_in_train_evaluates_its_last_model(tmp_path, task_identity):
+    """sampling.client_evaluation=in_train, target reached at round 2 of 10: no round 3 comes to
+    evaluate round 2's model in its train replies, so the stop makes that evaluate exchange (before
+    the stop's checkpoint; round 2's client metrics were missing)."""
+    from flmnist.observers.recorder import RunRecorder
+
+    nodes = {101: FakeNode(0, 0.01), 102: FakeNode(1, 0.04)}
+    sent = dataclasses.replace(SENT, evaluate_received=True)
+    recorder = RunRecorder(tmp_path, 10, 0.55, printer=lambda line: None)
+    path = ReplyPath(ReplyScreen(ScreenSettings(), LIMITS), sent, [Applied()], recorder, stop_at=0.55)
+    strategy = Guarded(FedAvg(min_available_nodes=2, min_evaluate_nodes=2), path, evaluate_in_train=True)
+    grid = FakeGrid(nodes)
+    SyncEngine(grid, strategy, path, sent.to_record(), num_rounds=10, round_timeout=5.0).run(record(START))
+    assert path.target_reached == 2
+    assert [kind for _, kind in grid.log] == [MessageType.TRAIN] * 4 + [MessageType.EVALUATE] * 2
+    step = weighted_offset(FakeNode(0, 0.01), FakeNode(1, 0.04))
+    assert [recorder.rows[r]["client_loss"] for r in (0, 1, 2)] == pytest.approx([0.2 + r * step for r in (0, 1, 2)])
+
+
 def test_stop_at_target_ends_an_async_run_after_the_evaluation_that_reaches_it(task_identity):
     nodes = {101: FakeNode(0, 0.01, delay=0.02), 102: FakeNode(1, 0.01, delay=0.02)}
     loop, _ = make_loop(nodes, FedAsync(alpha=0.5), hooks=[Applied()], stop_at=0.85, max_server_updates=20)
@@ -1315,11 +1347,12 @@ def test_prefetch_zero_keeps_one_task_per_node(task_identity):
     assert all(pushed == pulled_before + 1 for _, pushed, pulled_before in grid.seen), grid.seen
 
 
-@pytest.mark.parametrize("max_staleness, queued", [(1, False), (2, True), (None, True)])
+@pytest.mark.parametrize("max_staleness, queued", [(1, False), (2, False), (3, True), (None, True)])
 def test_prefetch_queues_no_task_that_max_staleness_would_drop(task_identity, max_staleness, queued):
-    """Two nodes training at once, prefetch=1: a task queued behind a node's current one trains on a
-    model about 2 x (2 - 1) versions old when it arrives; with strategy.max_staleness=1 such updates
-    were dropped as too stale (the node's work wasted), so nothing is queued ahead: one task per node."""
+    """Two nodes training at once, prefetch=1: a task queued behind a node's current one arrives
+    about 2 x 2 - 1 = 3 versions stale (the other node's update during each task, and the node's
+    current one); below strategy.max_staleness=3 such updates were dropped as too stale (the node's
+    work wasted), so nothing is queued ahead: one task per node."""
     nodes = {101: FakeNode(0, 0.01, delay=0.05), 102: FakeNode(1, 0.04, delay=0.08)}
     grid = QueueWatch(nodes)
     path = ReplyPath(ReplyScreen(ScreenSettings(), LIMITS), SENT, ())
@@ -1330,6 +1363,17 @@ def test_prefetch_queues_no_task_that_max_staleness_would_drop(task_identity, ma
     assert loop.prefetch == (1 if queued else 0) and loop.version == 6
     ahead = [pushed > pulled_before + 1 for _, pushed, pulled_before in grid.seen]
     assert any(ahead) == queued, grid.seen
+
+
+@pytest.mark.parametrize("max_staleness, queued", [(1, False), (2, True)])
+def test_a_buffered_strategy_counts_a_queued_tasks_staleness_in_its_versions(task_identity, max_staleness, queued):
+    """FedBuff with a buffer of 2 on two nodes: the 3 updates that arrive before a queued task's
+    make 2 versions, so max_staleness=2 keeps prefetch on (counted in updates, it was turned off)."""
+    nodes = {101: FakeNode(0, 0.01, delay=0.02), 102: FakeNode(1, 0.02, delay=0.02)}
+    loop, _ = make_loop(nodes, FedBuff(buffer_size=2, max_staleness=max_staleness), sent=DELTA,
+                        max_server_updates=2, prefetch=1)
+    loop.run(record(START))
+    assert loop.prefetch == (1 if queued else 0)
 
 
 def test_a_simulated_time_budget_is_not_overshot(task_identity):

@@ -304,8 +304,7 @@ class AsyncLoop:
             self.path.save_checkpoint(self.kind, self.version, self.weights, self.state_dict())
         self.stats.unanswered = Counter(self.transport.nodes[job.node_id].info.name for job in self.transport.jobs())
         self.stats.buffered = Counter(self.pending.names())
-        stats = self.stats_dict()
-        self.path.report("async", stats)
+        self.path.report("async", stats := self.stats_dict())
         log(INFO, "Asynchronous loop finished:")
         for line in stats_lines(stats):
             log(INFO, "  %s", line)
@@ -352,10 +351,10 @@ class AsyncLoop:
             raise RunFailed("no node answered the query with a valid node-info; nothing to train on")
         self.concurrency = min(self.settings.concurrency or len(nodes), len(nodes))
         self.strategy.limit_concurrency(self.concurrency)
-        if self.prefetch and (most := self.strategy.max_staleness) is not None and most < 2 * (self.concurrency - 1):
-            log(INFO, "Asynchronous loop: no task queued ahead (async_loop.prefetch): with %d nodes training at once "
-                "one would arrive about %d versions stale, past strategy.max_staleness=%d, and be dropped",
-                self.concurrency, 2 * (self.concurrency - 1), most)
+        stale = -(-(2 * self.concurrency - 1) // (self.strategy.aggregate_size() or 1))  # a queued task's (conf)
+        if self.prefetch and (most := self.strategy.max_staleness) is not None and most < stale:
+            log(INFO, "Asynchronous loop: no task queued ahead (async_loop.prefetch): it would arrive about %d "
+                "versions stale, past strategy.max_staleness=%d, and be dropped", stale, most)
             self.prefetch = 0
         if self.privacy is not None:
             self.privacy.check(self.strategy)
@@ -371,8 +370,12 @@ class AsyncLoop:
         self.liveness.progressed()
         self.refill()
         last_eval = self.version
+        if not self.clock.simulated and self.settings.time_budget:  # (a wait for a reply ends with it too)
+            self.transport.deadline = time.monotonic() + self.settings.time_budget - self.elapsed()
         while not self.should_stop():
-            job, reply = self.transport.next()
+            if (got := self.transport.next()) is None:
+                break  # deployment: the time budget ran out while waiting for a reply
+            job, reply = got
             if self.clock.simulated:
                 if self.settings.time_budget and job.vdone > self.settings.time_budget:
                     break  # it completes after the budget: neither it nor the time it takes counts

@@ -46,6 +46,7 @@ class Transport:
         self.connected: set[int] | None = None   # node ids Flower lists, refreshed every 5 s
         self.last_discovery = time.monotonic()
         self.on_available: Callable[[list[Node]], None] = lambda nodes: None
+        self.deadline: float | None = None  # deployment: when async_loop.time_budget runs out (monotonic)
 
     # ----------------------------------------------------------------- nodes
     @property
@@ -124,14 +125,17 @@ class Transport:
             for reply in self.grid.pull_messages(waiting):
                 self.arrived[reply.metadata.reply_to_message_id] = reply
 
-    def next(self) -> tuple[Job, Message | None]:
+    def next(self) -> tuple[Job, Message | None] | None:
         """The next finished job and its reply (None: it timed out, its node left or, in
-        simulation, its device dropped the update); it is no longer in flight."""
+        simulation, its device dropped the update); it is no longer in flight. None: in
+        deployment, the time budget ran out first (the jobs in flight stay unanswered)."""
         if self.simulated:
             job = self.queue.pop()
             reply = self.await_reply(job)
+        elif (got := self.next_real()) is None:
+            return None
         else:
-            job, reply = self.next_real()
+            job, reply = got
         self.in_flight.pop(job.message_id, None)
         queued = [j for j in self.in_flight.values() if j.node_id == job.node_id]
         if queued:  # the node's next task starts now: so does its update timeout
@@ -153,10 +157,13 @@ class Transport:
             time.sleep(self.poll_interval)
         return self.arrived.pop(job.message_id, None)
 
-    def next_real(self) -> tuple[Job, Message | None]:
-        """Deployment: the first reply to arrive, or the first job to time out or lose its node."""
+    def next_real(self) -> tuple[Job, Message | None] | None:
+        """Deployment: the first reply to arrive, or the first job to time out or lose its node;
+        None once the deadline (the time budget) has passed."""
         while True:
             self.pull()
+            if self.deadline is not None and time.monotonic() >= self.deadline:
+                return None  # (a reply that came after it is not applied, as in simulation)
             if self.arrived:
                 message_id, reply = self.arrived.popitem(last=False)
                 job = self.in_flight.get(message_id)
