@@ -293,6 +293,20 @@ def test_a_private_run_reports_epsilon_each_round_and_stops_at_its_budget(tmp_pa
 
 
 @pytest.mark.slow
+def test_the_effect_guard_set_back_on_under_central_dp_weighs_updates_as_the_dp_average_does(tmp_path):
+    """privacy=central averages with equal weights; a guard turned back on weighed updates by their
+    claimed examples (set before the DP wrapper changed the weighting): one claiming 1 example was
+    judged at 1/total of the aggregate and counted 1/K in it. The run warns that epsilon no longer
+    holds, and its guard weighs equally."""
+    run = tmp_path / "run"
+    proc = flmnist(tmp_path, "model=logreg", "num_nodes=4", "num_rounds=1", "privacy=central",
+                   "screen.guard_max_harm=2", f"hydra.run.dir={run}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "with screen.guard_max_harm on" in proc.stderr + proc.stdout
+    assert json.loads((run / "summary.json").read_text())["screen"]["guard"]["weights"] == "equal"
+
+
+@pytest.mark.slow
 def test_an_extended_private_run_goes_on_counting_from_its_releases(tmp_path):
     run = tmp_path / "run"
     proc = flmnist(tmp_path, "model=logreg", "num_nodes=4", "num_rounds=2", "privacy=central", f"hydra.run.dir={run}")

@@ -171,10 +171,10 @@ def compose_config(overrides: list[str] | None = None, notes: list[str] | None =
     _check_additions(overrides)
     # Set by their group's option, whose file sets more (a fleet's parameters; privacy's screens off):
     for item in (o for o in overrides if override_key(o) in ("fleet.kind", "privacy.mechanism")):
-        group, value = override_key(item).partition(".")[0], item.partition("=")[2]
+        group, value = override_key(item).partition(".")[0], item.partition("=")[2].strip()
         value = "jetson_mixed" if (group, value) == ("fleet", "mixed") else value
-        raise ConfigError(f"{item}: {override_key(item)} is set by the {group} option: choose {group}={value} "
-                          f"(conf/{group}/{value}.yaml) instead")
+        choose = f"{group}={value} (conf/{group}/{value}.yaml)" if value else f"one with {group}=NAME (conf/{group}/)"
+        raise ConfigError(f"{item}: {override_key(item)} is set by the {group} option: choose {choose} instead")
     try:
         with initialize_config_dir(version_base="1.3", config_dir=str(conf_dir()), job_name="flmnist"):
             cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)

@@ -8,9 +8,10 @@ The probe images are test images, and the run evaluates each global model on the
 anyway (:class:`~flmnist.observers.evaluation.DigitEvaluation`): that evaluation hands its
 predictions over (:meth:`Probes.offer`), and the probe scores the same weights from them instead of
 evaluating them again (:meth:`Probe.known_scores`): attribution's "before", the global model a
-round's updates are applied to, costs no probe pass. (A model's prediction for an image does not
-depend on the other images of its batch: the figures are the same either way, which
-``tests/test_attribution.py`` checks on real MNIST.)
+round's updates are applied to, costs no probe pass. (On the CPU a model's prediction for an
+image does not depend on the other images of its batch: the figures are the same either way,
+which ``tests/test_attribution.py`` checks on real MNIST. A GPU's kernels may depend on the batch
+size, and a near tie could then flip: there the probe evaluates for itself.)
 """
 
 from __future__ import annotations
@@ -54,7 +55,6 @@ class Probe:
         self.device = device()
         self._lock = threading.Lock()  # one model: the guard and attribution's background job take turns
         self._known: list[tuple[dict, tuple[np.ndarray, np.ndarray]]] = []  # (weights, scores), newest last
-        self.reused = 0  # scores taken from the global evaluation instead of a probe pass
 
     @property
     def size(self) -> int:
@@ -85,7 +85,6 @@ class Probe:
             known = list(self._known)
         for kept, scores in reversed(known):
             if kept.keys() == weights.keys() and all(np.array_equal(kept[k], np.asarray(v)) for k, v in weights.items()):
-                self.reused += 1
                 return scores
         return None
 

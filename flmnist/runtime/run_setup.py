@@ -280,6 +280,8 @@ def build_run(grid: Grid, cfg: DictConfig) -> Run:
     elif privacy.on:
         wrap = wrap_adaptive if privacy.mechanism == "central_adaptive" else wrap_sync
         strategy, accountant, per_round = wrap(strategy, privacy, cfg.num_nodes)
+        if guard is not None:  # (screen.guard_max_harm set back on: the DP average weighs every update equally)
+            guard.equal_weights = True
     if asynchronous:
         engine = AsyncLoop(grid, strategy, path, loop, fleet=fleet, poll_interval=cfg.poll_interval or 0.05,
                            privacy=accountant)
