@@ -1112,6 +1112,25 @@ def test_a_run_stopped_at_its_target_with_client_evaluation_in_train_evaluates_i
     assert [recorder.rows[r]["client_loss"] for r in (0, 1, 2)] == pytest.approx([0.2 + r * step for r in (0, 1, 2)])
 
 
+def test_a_run_checkpointed_at_its_target_stops_again_at_once_when_resumed(task_identity):
+    """Killed after its stop's checkpoint, before summary.json: resumed, the run trained one more
+    step (the stop itself was not restored, only the step that reached the target). It is now
+    stopped at that step, with its stopped_early section, and trains nothing."""
+    from flmnist.observers.stop import StopAtTarget
+
+    nodes = {101: FakeNode(0, 0.01), 102: FakeNode(1, 0.04)}
+    path = ReplyPath(ReplyScreen(ScreenSettings(), LIMITS), SENT, [Applied()], stop_at=0.55)
+    first = SyncEngine(FakeGrid(nodes), Guarded(FedAvg(min_available_nodes=2), path), path, SENT.to_record(),
+                       num_rounds=10, round_timeout=5.0)
+    first.run(record(START))  # test accuracy 0.3 a round: the target reached at round 2
+    checkpoint = {"engine": first.state_dict(), "screen": path.state(), "rng": rng_state(), "round": 2}
+    again = ReplyPath(ReplyScreen(ScreenSettings(), LIMITS), SENT, [Applied()], stop_at=0.55)
+    grid = FakeGrid(nodes)
+    SyncEngine(grid, Guarded(FedAvg(min_available_nodes=2), again), again, SENT.to_record(), num_rounds=10,
+               round_timeout=5.0).run(record(START), checkpoint)
+    assert again.stopped == (2, StopAtTarget.reason) and grid.log == []  # no round trained
+
+
 def test_stop_at_target_ends_an_async_run_after_the_evaluation_that_reaches_it(task_identity):
     nodes = {101: FakeNode(0, 0.01, delay=0.02), 102: FakeNode(1, 0.01, delay=0.02)}
     loop, _ = make_loop(nodes, FedAsync(alpha=0.5), hooks=[Applied()], stop_at=0.85, max_server_updates=20)

@@ -232,6 +232,22 @@ def test_a_resume_counts_the_releases_made_after_its_checkpoint(task_identity, t
     assert resumed.privacy.accountant.epsilon == pytest.approx(rdp_epsilon(1.0, 7), rel=1e-6)
 
 
+def test_a_checkpoint_from_before_the_accountants_own_state_still_loads():
+    """Checkpoints written on 2026-12-04 held Flower's RdpAccountant state itself, not
+    {"rdp": ..., "repeated": ...}: loading one raised a bare KeyError 'rdp'. It loads, with the
+    budget the resume gives, and counts on from its releases."""
+    from flmnist.engine.privacy import Accountant
+
+    settings = PrivacySettings("central", noise_multiplier=1.0, clipping_norm=1.0, target_delta=DELTA, max_epsilon=8.0)
+    old = Accountant(settings, 4)
+    for _ in range(3):
+        old.compose(4)
+    resumed = Accountant(dataclasses.replace(settings, max_epsilon=16.0), 4)
+    resumed.load_state_dict(old.rdp.state_dict())  # the old layout
+    assert resumed.epsilon == pytest.approx(old.epsilon) and resumed.epsilon == pytest.approx(rdp_epsilon(1.0, 3), rel=1e-4)
+    assert resumed.settings.max_epsilon == 16.0 and not resumed.repeated
+
+
 def test_a_resumed_run_draws_noise_nobody_can_regenerate_from_its_checkpoint():
     """The checkpoint keeps the accountant, not the noise generator's state (it did: anyone with
     checkpoint.pt could regenerate the noise of later releases and subtract it, and a resumed

@@ -113,6 +113,12 @@ def test_a_run_stopped_at_its_privacy_budget_goes_on_with_a_larger_one(tmp_path)
         resumed_config(["privacy.max_epsilon=4"], saved, run)
     with pytest.raises(ConfigError, match=r"must be a positive number or null"):
         resumed_config(["privacy.max_epsilon=lots"], saved, run)
+    # stopped at the budget: a longer run alone would stop again before its first round
+    (run / "summary.json").write_text(json.dumps({"status": "finished", "stopped_early": {"reason": "privacy budget"}}))
+    with pytest.raises(ConfigError, match=r"stopped at its privacy budget \(privacy.max_epsilon=8(\.0)?, round 2\); a "
+                                          r"longer run alone trains no further: raise privacy.max_epsilon"):
+        resumed_config(["num_rounds=8"], saved, run)
+    assert resumed_config(["num_rounds=8", "privacy.max_epsilon=16"], saved, run).num_rounds == 8
     (tmp_path / "plain").mkdir()
     plain, plain_saved = finished_run(tmp_path / "plain", ["model=logreg", "num_rounds=4"], done=2)
     with pytest.raises(ConfigError, match=r"has no differential privacy"):
@@ -178,6 +184,8 @@ def test_a_run_stopped_at_its_target_says_how_to_train_on_and_stop_at_target_fal
     with pytest.raises(ConfigError, match=r"stopped when it reached its target accuracy \(round 31, stop_at_target\); "
                                           r"to train on, give stop_at_target=false"):
         resumed_config([], saved, run)
+    with pytest.raises(ConfigError, match=r"stopped when it reached its target accuracy"):
+        resumed_config(["num_rounds=60"], saved, run)  # (it trained round 32, reached the target again, stopped)
     out = resumed_config(["stop_at_target=false"], saved, run)
     assert out.stop_at_target is False and out.num_rounds == 40
     assert resumed_config(["stop_at_target=false", "num_rounds=60"], saved, run).num_rounds == 60

@@ -200,10 +200,16 @@ def resumed_config(overrides: list[str], saved: DictConfig, run_dir: Path, check
     if extended == BUDGET and finished(run_dir) and done >= (OmegaConf.select(out, length_key) or 0):
         raise ConfigError(f"resume: {run_dir} finished all its {done} {unit}s; a larger budget alone trains no "
                           f"further: give {length_key}=N beside {BUDGET}")
-    if extended is None and finished(run_dir) and stopped_at_target(run_dir):
+    if finished(run_dir) and stopped_at_target(run_dir) and OmegaConf.select(out, "stop_at_target"):
+        # (a longer run alone trained one more step, reached the target again and stopped)
         raise ConfigError(f"resume: {run_dir} stopped when it reached its target accuracy ({unit} {done}, "
                           f"stop_at_target); to train on, give stop_at_target=false beside resume= (and "
                           f"{length_key}=N to train longer)")
+    if (finished(run_dir) and stopped_early(run_dir) == "privacy budget" and OmegaConf.select(saved, BUDGET) is not None
+            and OmegaConf.select(out, BUDGET) == OmegaConf.select(saved, BUDGET)):
+        raise ConfigError(f"resume: {run_dir} stopped at its privacy budget ({BUDGET}="
+                          f"{OmegaConf.select(saved, BUDGET)}, {unit} {done}); a longer run alone trains no further: "
+                          f"raise {BUDGET} beside resume= (or give {BUDGET}=null)")
     limit = ended_on(run_dir, saved, done) if unit == "update" and finished(run_dir) else None
     if limit is not None and OmegaConf.select(out, limit) == OmegaConf.select(saved, limit):
         # it still holds: the resumed loop would stop at once (or, a simulated time budget, train on

@@ -178,7 +178,8 @@ class Accountant:
     def load_state_dict(self, state: dict) -> None:
         # Flower's accountant refuses a state made under another config; the budget is the one
         # setting a resume may change (a larger one: config/resume.py), so the checkpoint's is replaced
-        rdp = {**state["rdp"], "config": {**state["rdp"]["config"], "max_epsilon": self.settings.max_epsilon}}
+        saved = state.get("rdp", state)  # (2026-12-04's checkpoints: Flower's state itself)
+        rdp = {**saved, "config": {**saved["config"], "max_epsilon": self.settings.max_epsilon}}
         self.rdp.load_state_dict(rdp)
         self.repeated = Counter({int(k): n for k, n in state.get("repeated", {}).items()})
 

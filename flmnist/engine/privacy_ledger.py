@@ -35,13 +35,16 @@ def save_ledger(recorder, accountant, epsilon: float) -> None:
 
 def restore_ledger(recorder, accountant) -> None:
     """On resume, after the checkpoint's accountant was loaded: the ledger's, where it spent more
-    (releases or tasks after the checkpoint count: their noised models had left the server)."""
+    (releases or tasks after the checkpoint count: their noised models had left the server). The
+    summary's privacy section is set from it at once (a resume that trains no step reports it too)."""
     try:
         saved = json.loads(_ledger(recorder).read_text())  # type: ignore[union-attr]
         spent = float(saved["epsilon"])
     except (AttributeError, OSError, ValueError, KeyError, TypeError):
-        return
-    if spent > accountant.epsilon:
+        saved, spent = None, -1.0
+    if saved is not None and spent > accountant.epsilon:
         log(WARNING, "Privacy: epsilon %.4g at the checkpoint, %.4g spent since (%s): counting on from that",
             accountant.epsilon, spent, LEDGER)
         accountant.load_state_dict(saved["state"])
+    if recorder is not None:
+        recorder.set_section("privacy", accountant.summary())

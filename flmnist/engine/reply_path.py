@@ -365,3 +365,9 @@ class ReplyPath:
         for hook, key in zip(self.hooks, observer_keys(self.hooks), strict=True):
             if key in hooks:
                 hook.load_state(hooks[key])
+        target = next((h for h in self.hooks if isinstance(h, StopAtTarget) and h.reached is not None), None)
+        if target is not None and self.stopped is None:  # checkpointed at the stop, the summary never written
+            self.stopped = (target.reached, target.reason)
+            if self.recorder is not None:
+                self.recorder.set_section("stopped_early", {"reason": target.reason, "step": target.reached,
+                                                            "accuracy": target.accuracy})

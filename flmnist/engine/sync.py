@@ -131,7 +131,8 @@ class SyncEngine:
         if checkpoint is not None:
             self.restore(checkpoint)
             done = self.strategy.round_offset
-            self.strategy.check_budget(done)
+            if done < self.num_rounds:  # (after the last round nothing is left to stop: no stopped_early)
+                self.strategy.check_budget(done)
         advanced_before = done > self.strategy.failed_rounds  # a resumed run: some earlier round made a model
         if self.num_rounds > done and self.path.stop_wish is None:
             try:
