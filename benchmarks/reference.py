@@ -5,7 +5,8 @@ model and per-node seeds, and runs synchronous FedAvg: each round every node tra
 global model (the same local steps or epochs), weights are averaged by examples; the global
 model is evaluated on the test set at the same rounds, each node's update at
 ``eval.update_rounds``, and each node's held-out data when ``sampling.fraction_evaluate > 0``.
-This is the compute floor a federated run of the same work is measured against.
+This is the compute floor a federated run of the same work is measured against; a config whose
+work it would not do (another strategy, node sampling, privacy) is refused (:func:`same_work`).
 
     python benchmarks/reference.py experiment=seed002 [--no-update-eval]
 """
@@ -28,8 +29,26 @@ from flmnist.ml.training import evaluate, train
 from flmnist.observers.evaluation import DigitEvaluation
 
 
+def same_work(cfg) -> str | None:
+    """Why this reference would not do the run's work (it runs FedAvg, every node every round,
+    no privacy), or None."""
+    if not str(cfg.strategy._target_).endswith(".FedAvg") or cfg.strategy.get("server_momentum", 0.0) \
+            or cfg.strategy.get("server_learning_rate", 1.0) != 1.0:
+        return f"strategy {cfg.strategy._target_} (it runs FedAvg with server_learning_rate 1, no momentum)"
+    if cfg.strategy.get("weighted_by_key", "num-examples") != "num-examples":
+        return f"strategy.weighted_by_key={cfg.strategy.weighted_by_key} (it weighs updates by their examples)"
+    if cfg.sampling.fraction_train != 1.0 or 0 < cfg.sampling.fraction_evaluate < 1:
+        return (f"sampling.fraction_train={cfg.sampling.fraction_train} / fraction_evaluate="
+                f"{cfg.sampling.fraction_evaluate} (it trains and evaluates every node every round)")
+    if (cfg.get("privacy") or {}).get("mechanism", "none") != "none":
+        return f"privacy={cfg.privacy.mechanism} (it adds no noise)"
+    return None
+
+
 def run(overrides: list[str], update_eval: bool = True) -> dict:
     cfg = compose_config(overrides)
+    if problem := same_work(cfg):
+        raise SystemExit(f"benchmarks/reference.py: not the same work as this run: {problem}")
     start = time.perf_counter()
     root = str(resolve_root(cfg.data.root))
     images, labels = load_mnist(root, True)

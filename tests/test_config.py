@@ -321,6 +321,17 @@ def test_a_setting_the_strategys_kind_does_not_read_gets_a_note_in_the_run_log()
     assert notes == []
 
 
+def test_seed002_trains_on_every_image_of_its_digits_and_a_held_out_share_nobody_evaluates_gets_a_note():
+    """seed002 evaluates on the test set only (sampling.fraction_evaluate=0), yet held 10% of each
+    worker's digits out of training, never used (alice trained on 22,279 of her 24,754 images)."""
+    notes: list[str] = []
+    assert compose_config(["experiment=seed002"], notes).data.holdout_fraction == 0.0 and notes == []
+    compose_config(["sampling.fraction_evaluate=0"], notes)
+    assert notes == [("data.holdout_fraction=0.1 keeps that share of each node's examples out of training for client "
+                     "evaluation, which sampling.fraction_evaluate=0 turns off: they are never used "
+                     "(data.holdout_fraction=0 trains on them)")]
+
+
 def test_the_model_arguments_the_config_checks_are_the_models_own():
     """core.model_spec.MODEL_ARGUMENTS (checked without importing PyTorch) against each model's constructor."""
     import inspect

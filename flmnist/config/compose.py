@@ -16,7 +16,8 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from flmnist.config.validate import rounds_past_the_end, unused_by_strategy, validate
+from flmnist.config.notes import rounds_past_the_end, unused_by_strategy, unused_holdout
+from flmnist.config.validate import validate
 from flmnist.core.build import one_line
 from flmnist.core.checks import check_writable_folder
 from flmnist.core.errors import ConfigError
@@ -190,6 +191,7 @@ def compose_config(overrides: list[str] | None = None, notes: list[str] | None =
     if notes is not None:
         notes.extend(rounds_past_the_end(cfg))
         notes.extend(unused_by_strategy(cfg, [override_key(o).lstrip("+~") for o in overrides if "=" in o]))
+        notes.extend(unused_holdout(cfg))
     try:
         OmegaConf.resolve(cfg)
     except Exception as err:  # an interpolation naming a missing key, or a cycle
