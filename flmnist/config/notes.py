@@ -9,13 +9,20 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from flmnist.strategies.asynchronous import AsyncStrategy
 
 
+def _asynchronous(cfg: DictConfig) -> bool | None:
+    """Whether the config's strategy is asynchronous; None for a ``_target_`` that cannot be loaded
+    (reported when the strategy is built)."""
+    try:
+        return issubclass(get_class(cfg.strategy._target_), AsyncStrategy)
+    except Exception:  # noqa: BLE001
+        return None
+
+
 def unused_by_strategy(cfg: DictConfig, keys: list[str]) -> list[str]:
     """One line for each setting in ``keys`` (what the user typed) that the chosen strategy's kind
     does not read: an asynchronous strategy's loop has no rounds and samples no nodes; a
     synchronous one has no asynchronous loop (except its ``update_timeout``, under a fleet)."""
-    try:
-        asynchronous = issubclass(get_class(cfg.strategy._target_), AsyncStrategy)
-    except Exception:  # noqa: BLE001 - a bad _target_ is reported when the strategy is built
+    if (asynchronous := _asynchronous(cfg)) is None:
         return []
     strategy = str(cfg.strategy._target_).rsplit(".", 1)[-1]
     notes = []
@@ -32,12 +39,8 @@ def unused_by_strategy(cfg: DictConfig, keys: list[str]) -> list[str]:
 
 def unused_holdout(cfg: DictConfig) -> list[str]:
     """A line when a synchronous run holds data out for client evaluation that it never runs."""
-    try:
-        asynchronous = issubclass(get_class(cfg.strategy._target_), AsyncStrategy)
-    except Exception:  # noqa: BLE001 - a bad _target_ is reported when the strategy is built
-        return []
     held, evaluated = OmegaConf.select(cfg, "data.holdout_fraction"), OmegaConf.select(cfg, "sampling.fraction_evaluate")
-    if not asynchronous and held and not evaluated:
+    if _asynchronous(cfg) is False and held and not evaluated:
         return [(f"data.holdout_fraction={held:g} keeps that share of each node's examples out of training for client "
                 "evaluation, which sampling.fraction_evaluate=0 turns off: they are never used (data.holdout_fraction=0 "
                 "trains on them)")]
@@ -52,12 +55,7 @@ def rounds_past_the_end(cfg: DictConfig) -> list[str]:
     last = OmegaConf.select(cfg, "num_rounds")
     if isinstance(last, bool) or not isinstance(last, int) or last < 1:
         return []  # validate() names the bad num_rounds
-    keys = ["eval.rounds"]
-    try:
-        if not issubclass(get_class(cfg.strategy._target_), AsyncStrategy):
-            keys.append("eval.update_rounds")
-    except Exception:  # noqa: BLE001 - a bad _target_ is reported when the strategy is built
-        keys.append("eval.update_rounds")
+    keys = ["eval.rounds"] + ([] if _asynchronous(cfg) else ["eval.update_rounds"])
     notes = []
     for key in keys:
         values = OmegaConf.select(cfg, key)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import inspect
 import re
 
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from flmnist.core.checks import settings_of
 from flmnist.core.errors import ConfigError
 
 
@@ -39,15 +39,12 @@ def _not_taken(node: DictConfig, key: str, error: str) -> str | None:
     relative = path.removeprefix(key).lstrip(".")
     sub = OmegaConf.select(node, relative) if relative else node
     try:
-        signature = inspect.signature(get_class(sub._target_))
+        takes = settings_of(get_class(sub._target_))
     except Exception:  # noqa: BLE001 - no better message than Hydra's
         return None
-    if any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
+    extra = [k for k in sub if k != "_target_" and k not in (takes or ())]
+    if takes is None or not extra:
         return None
-    extra = [k for k in sub if k != "_target_" and k not in signature.parameters]
-    if not extra:
-        return None
-    takes = ", ".join(n for n, p in signature.parameters.items() if p.kind is not p.VAR_POSITIONAL) or "none"
-    name = sub._target_.rsplit(".", 1)[-1]
+    takes, name = ", ".join(takes) or "none", sub._target_.rsplit(".", 1)[-1]
     return (f"{path}.{extra[0]}: {name} takes no setting {extra[0]!r} (its settings: {takes}); drop it with "
             f"~{path}.{extra[0]}")

@@ -3,6 +3,7 @@ with these, and a bad value becomes one ConfigError naming the setting and what 
 
 from __future__ import annotations
 
+import inspect
 import math
 
 from flmnist.core.errors import ConfigError
@@ -66,3 +67,11 @@ def check_writable_folder(key: str, value) -> None:
                           f"give {key} a folder you can write to") from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise ConfigError(f"{key}={value}: the folder is not writable; give {key} a folder you can write to")
+
+
+def settings_of(cls) -> list[str] | None:
+    """The keyword settings ``cls`` takes (its constructor's parameters); None if it takes any (``**kwargs``)."""
+    parameters = inspect.signature(cls).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return None
+    return [p.name for p in parameters if p.kind is not p.VAR_POSITIONAL]

@@ -185,6 +185,7 @@ class EffectGuard:
 
 def equal_weights(strategy) -> bool:
     """Whether ``strategy`` averages updates with equal weights: a Flower strategy weighted by
-    ``unit-weight`` (``strategy=unweighted_fedavg``, central DP), FedBuff with ``weight_by_examples``
-    false."""
+    ``unit-weight`` (``strategy=unweighted_fedavg``; central DP's, inside its wrapper), FedBuff with
+    ``weight_by_examples`` false."""
+    strategy = getattr(strategy, "strategy", strategy)  # Flower's DP wrappers hold the averaging strategy
     return getattr(strategy, "weighted_by_key", None) == UNIT_WEIGHT or getattr(strategy, "weight_by_examples", True) is False

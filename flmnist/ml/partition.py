@@ -9,7 +9,6 @@ offline on an in-memory ``datasets.Dataset`` of the labels); ``digit_groups``
 
 from __future__ import annotations
 
-import inspect
 import logging
 import warnings
 from abc import ABC, abstractmethod
@@ -17,7 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from flmnist.core.checks import check_integer, check_number
+from flmnist.core.checks import check_integer, check_number, settings_of
 from flmnist.core.constants import NUM_CLASSES
 from flmnist.core.errors import ConfigError
 
@@ -206,25 +205,18 @@ def partition_from_spec(spec: dict) -> Partition:
         raise ConfigError(
             f"partition._target_ {target!r} is not a known partitioner; valid: {', '.join(PARTITIONS)}"
         )
-    takes = {name: settings(cls) for name, cls in OPTIONS.items()}
-    option = next(name for name, cls in OPTIONS.items() if cls is PARTITIONS[target])
-    for key in spec:
-        if key not in takes[option]:
-            owners = [name for name, keys in takes.items() if key in keys]
-            raise ConfigError(
-                f"partition.{key} is not a setting of partition={option} (its settings: "
-                f"{', '.join(takes[option]) or 'none'})"
-                + (f"; it belongs to partition={' or partition='.join(owners)}: choose that one" if owners else ""))
-    return PARTITIONS[target](**spec)
+    cls, takes = PARTITIONS[target], settings_of(PARTITIONS[target])
+    if takes is not None and (extra := [k for k in spec if k not in takes]):  # (else a TypeError traceback)
+        option = next(name for name, c in OPTIONS.items() if c is cls)
+        owners = [name for name, c in OPTIONS.items() if extra[0] in (settings_of(c) or ())]
+        raise ConfigError(
+            f"partition.{extra[0]} is not a setting of partition={option} (its settings: {', '.join(takes) or 'none'})"
+            + (f"; it belongs to partition={' or partition='.join(owners)}: choose that one" if owners else ""))
+    return cls(**spec)
 
 
 OPTIONS = {"iid": IidPartition, "dirichlet": DirichletPartition, "shards": ShardPartition,
            "digit_groups": DigitGroupPartition}  # conf/partition/NAME.yaml
-
-
-def settings(cls) -> list[str]:
-    """The settings a partitioner takes (its constructor's parameters)."""
-    return [n for n in inspect.signature(cls).parameters if n not in ("self", "args", "kwargs")]
 
 
 def label_counts(labels: np.ndarray) -> list[int]:

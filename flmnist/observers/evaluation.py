@@ -125,8 +125,8 @@ class DigitEvaluation(Observer):
         """``offer``: hand the predictions to the run's probes (a global model)."""
         state = arrays.to_torch_state_dict()
         self.model.load_state_dict(state)
-        offer = (offer and self.device.type == "cpu"  # (the same predictions as the probe's own pass: flmnist.observers.probe)
-                 and self.probes is not None and bool(getattr(self.probes, "built", None)))
+        # (on the CPU, the same predictions as the probe's own pass: flmnist.observers.probe)
+        offer = offer and self.probes is not None and self.device.type == "cpu"
         result = evaluate(self.model, self.images, self.labels, self.batch_size, self.device, keep_predictions=offer)
         if offer:
             self.probes.offer(self.images, {k: v.numpy() for k, v in state.items()}, result.predictions)

@@ -258,7 +258,7 @@ def build_run(grid: Grid, cfg: DictConfig) -> Run:
     guard = None
     if screen.guard_max_harm is not None:
         guard = EffectGuard(context.probe(cfg.eval.probe_size or 1000, cfg.eval.batch_size), screen.guard_max_harm,
-                            window=screen.guard_window, equal_weights=equal_weights(strategy))
+                            window=screen.guard_window)
     path = ReplyPath(ReplyScreen(screen, limits), sent, hooks, recorder, cfg.checkpoint_every,
                      stop_at=cfg.target_accuracy if cfg.get("stop_at_target") else None,
                      identities=identities, guard=guard, asynchronous=asynchronous,
@@ -280,8 +280,8 @@ def build_run(grid: Grid, cfg: DictConfig) -> Run:
     elif privacy.on:
         wrap = wrap_adaptive if privacy.mechanism == "central_adaptive" else wrap_sync
         strategy, accountant, per_round = wrap(strategy, privacy, cfg.num_nodes)
-        if guard is not None:  # (screen.guard_max_harm set back on: the DP average weighs every update equally)
-            guard.equal_weights = True
+    if guard is not None:  # the strategy's weighting, once privacy has set it (central DP: equal weights)
+        guard.equal_weights = equal_weights(strategy)
     if asynchronous:
         engine = AsyncLoop(grid, strategy, path, loop, fleet=fleet, poll_interval=cfg.poll_interval or 0.05,
                            privacy=accountant)
