@@ -17,7 +17,7 @@ from flmnist.core.run_files import CHECKPOINT_INFO
 
 def finished_run(tmp_path, overrides, done=2, status="finished"):
     run = tmp_path / "run"
-    run.mkdir()
+    run.mkdir(parents=True)
     saved = compose_config(overrides)
     (run / "config.yaml").write_text(OmegaConf.to_yaml(saved))
     (run / "summary.json").write_text(json.dumps({"status": status}))
@@ -235,3 +235,54 @@ def test_a_resume_that_fails_its_checks_leaves_the_runs_config_as_it_was(tmp_pat
                           env={k: v for k, v in os.environ.items() if k != "FLMNIST_DATA_DIR"})
     assert proc.returncode == 2 and "data.root" in proc.stderr, proc.stderr
     assert (run / "config.yaml").read_text() == before
+
+
+def test_how_the_run_is_waited_for_checkpointed_and_tracked_may_change_on_resume(tmp_path):
+    """wait_for_nodes, round_timeout, poll_interval, checkpoint_every and the logger change none of a
+    run's figures: a resume takes them (they were refused as changes to the run), writes them into
+    the run's config, says so, and the checkpoint's fingerprint still matches the run's config."""
+    from flmnist.config.resume import check_fingerprint, extension, fingerprint
+
+    run, saved = finished_run(tmp_path, ["model=logreg", "num_rounds=2"], status="failed")
+    given = ["wait_for_nodes=600", "round_timeout=30", "poll_interval=0.5", "checkpoint_every=5", "logger=tensorboard"]
+    out = resumed_config(given, saved, run)
+    assert (out.wait_for_nodes, out.round_timeout, out.poll_interval, out.checkpoint_every) == (600, 30, 0.5, 5)
+    assert out.logger._target_ == "flmnist.observers.tracker_backends.TensorBoardTracker"
+    assert out.logger.log_dir is None
+    assert {k: v for k, v in OmegaConf.to_container(out).items() if k not in (*given_keys(given), "logger")} == \
+        {k: v for k, v in OmegaConf.to_container(saved).items() if k not in (*given_keys(given), "logger")}
+    assert extension(saved, out) == ("wait_for_nodes=600, round_timeout=30, poll_interval=0.5, checkpoint_every=5, "
+                                     "logger=flmnist.observers.tracker_backends.TensorBoardTracker")
+    check_fingerprint(out, fingerprint(saved), run / "config.yaml")  # the checkpoint's fingerprint: no change
+    older = {**fingerprint(saved), "checkpoint_every": 1, "logger._target_": "flmnist.observers.trackers.Tracker"}
+    check_fingerprint(out, older, run / "config.yaml")  # an older flmnist's checkpoint recorded them: still the run
+    with pytest.raises(ConfigError, match=r"client.lr=0.5 would change the run being resumed"):
+        resumed_config([*given, "client.lr=0.5"], saved, run)
+    done, _ = finished_run(tmp_path / "done", ["model=logreg", "num_rounds=2"])
+    with pytest.raises(ConfigError, match=r"finished all its 2 rounds; to train on, extend it"):
+        resumed_config(["checkpoint_every=5"], saved, done)  # a finished run: trains no further without a length
+
+
+def given_keys(overrides):
+    return [o.partition("=")[0] for o in overrides]
+
+
+def test_an_asynchronous_extension_that_another_reached_limit_would_stop_at_once_is_refused(tmp_path):
+    """A FedAsync run that finished at its 20 server updates, extended by max_client_updates alone,
+    stopped at once (its 20 server updates still reached), trained nothing and said it finished: the
+    resume now says which limit to raise too; raising both extends it."""
+    run, saved = finished_run(tmp_path, ["strategy=fedasync", "async_loop.max_server_updates=20"], done=20)
+    (run / "summary.json").write_text(json.dumps({"status": "finished", "async": {"client_updates": 20}}))
+    with pytest.raises(ConfigError, match=rf"resume: async_loop.max_client_updates=50 would train nothing: {run} has "
+                                          r"done 20 server updates, its async_loop.max_server_updates=20 too; raise "
+                                          r"that as well \(for example async_loop.max_server_updates=40, or null\)"):
+        resumed_config(["async_loop.max_client_updates=50"], saved, run)
+    with pytest.raises(ConfigError, match=r"async_loop.time_budget=60 would train nothing"):
+        resumed_config(["async_loop.time_budget=60"], saved, run)
+    out = resumed_config(["async_loop.max_client_updates=50", "async_loop.max_server_updates=null"], saved, run)
+    assert (out.async_loop.max_client_updates, out.async_loop.max_server_updates) == (50, None)
+    run2, saved2 = finished_run(tmp_path / "b", ["strategy=fedbuff", "async_loop.max_server_updates=50",
+                                 "async_loop.max_client_updates=40"], done=4)
+    (run2 / "summary.json").write_text(json.dumps({"status": "finished", "async": {"client_updates": 40}}))
+    with pytest.raises(ConfigError, match=r"finished on its async_loop.max_client_updates=40"):
+        resumed_config(["async_loop.max_server_updates=60"], saved2, run2)  # (the limit it ended on, said before)

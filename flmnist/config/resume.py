@@ -7,7 +7,9 @@ give only:
   ``async_loop.max_server_updates`` / ``max_client_updates`` / ``time_budget`` (asynchronous);
 - where it runs: ``simulation.*``, ``data.root``, ``data.download``;
 - a larger privacy budget, ``privacy.max_epsilon`` (or ``null``: none), to go on with a run that
-  stopped at its budget; the checkpoint's accountant goes on counting.
+  stopped at its budget; the checkpoint's accountant goes on counting;
+- how the run is waited for, checkpointed and tracked, which changes none of its figures:
+  ``wait_for_nodes``, ``round_timeout``, ``poll_interval``, ``checkpoint_every``, ``logger``.
 
 Any other override that would change the run is refused in one line naming it: a changed
 strategy, split or model is a new run. Overrides equal to the run's own values pass.
@@ -32,6 +34,17 @@ LENGTH = {"round": ("num_rounds",),
 BUDGET = "privacy.max_epsilon"
 WHERE = ("simulation", "data.root", "data.download", "output_dir", "resume", "run_dir", "hydra.")
 RESUMABLE = (*LENGTH["round"], *LENGTH["update"], BUDGET, "stop_at_target")  # a resume may change these
+# ... and these, which change how the run is waited for, checkpointed and tracked, not what it computes
+OPERATIONAL = ("wait_for_nodes", "round_timeout", "poll_interval", "checkpoint_every", "logger")
+
+
+def _operational(key: str) -> bool:
+    return key in OPERATIONAL or key.startswith("logger.")
+
+
+def _identifies(key: str) -> bool:
+    """Whether ``key`` (flat, ``client.lr``) is part of what makes the run what it is."""
+    return key not in RESUMABLE and not key.startswith(WHERE) and not _operational(key)
 
 
 def fingerprint(cfg: DictConfig) -> dict:
@@ -47,7 +60,7 @@ def fingerprint(cfg: DictConfig) -> dict:
                 flat[f"{prefix}{key}"] = value
 
     walk(OmegaConf.to_container(cfg, resolve=False), "")
-    return {k: v for k, v in flat.items() if k not in RESUMABLE and not k.startswith(WHERE)}
+    return {k: v for k, v in flat.items() if _identifies(k)}
 
 
 def check_fingerprint(saved: DictConfig, recorded: dict | None, config_path: Path) -> None:
@@ -57,6 +70,7 @@ def check_fingerprint(saved: DictConfig, recorded: dict | None, config_path: Pat
     as another run (another split, model or learning rate on the same checkpoint)."""
     if not isinstance(recorded, dict):
         return
+    recorded = {k: v for k, v in recorded.items() if _identifies(k)}  # (an older checkpoint's held the operational ones)
     now, missing = fingerprint(saved), "(missing)"
     differ = sorted(k for k in set(now) | set(recorded) if now.get(k, missing) != recorded.get(k, missing))
     if differ:
@@ -111,9 +125,15 @@ def ended_on(run_dir: Path, saved: DictConfig, done: int) -> str | None:
 
 
 def extension(saved: DictConfig, cfg: DictConfig) -> str:
-    """What a resume changed, as ``key=value`` settings (lengths, privacy budget, stop_at_target)."""
+    """What a resume changed, as ``key=value`` settings (lengths, privacy budget, stop_at_target, the
+    operational settings; the logger by its class)."""
     unit, _ = run_length(saved)
-    return ", ".join(f"{k}={OmegaConf.select(cfg, k)}" for k in (*LENGTH[unit], BUDGET, "stop_at_target")
+
+    def shown(k: str) -> str:
+        value = OmegaConf.select(cfg, k)
+        return f"{k}={value.get('_target_') if isinstance(value, DictConfig) else value}"
+
+    return ", ".join(shown(k) for k in (*LENGTH[unit], BUDGET, "stop_at_target", *OPERATIONAL)
                      if OmegaConf.select(cfg, k) != OmegaConf.select(saved, k))
 
 
@@ -182,6 +202,10 @@ def resumed_config(overrides: list[str], saved: DictConfig, run_dir: Path, check
             OmegaConf.update(out, key, new)
             extended = key
             continue
+        if _operational(key):  # (the logger group: its whole section)
+            section = key.partition(".")[0] if key.startswith("logger") else key
+            OmegaConf.update(out, section, OmegaConf.select(cfg, section), merge=False)
+            continue
         if key == "stop_at_target" and OmegaConf.select(cfg, key) is False:  # train on past the target
             OmegaConf.update(out, key, False)
             extended = key
@@ -216,11 +240,27 @@ def resumed_config(overrides: list[str], saved: DictConfig, run_dir: Path, check
         # past the end of a finished run)
         raise ConfigError(f"resume: {run_dir} finished on its {limit}={OmegaConf.select(saved, limit)}; to train "
                           f"on, raise it beside resume= (and {length_key} if it is reached too)")
+    if extended is not None and unit == "update" and finished(run_dir):
+        _still_reached(run_dir, out, done, extended)
     if extended is None and finished(run_dir) and done >= (OmegaConf.select(saved, length_key) or 0):
         given = checkpoint if checkpoint is not None and checkpoint.name != CHECKPOINT else run_dir  # as given
         raise ConfigError(f"resume: {run_dir} finished all its {done} {unit}s; to train on, extend it: "
                           f"flmnist {resume_arg(given)} {length_key}={2 * done}")
     return out
+
+
+def _still_reached(run_dir: Path, out: DictConfig, done: int, extended: str) -> None:
+    """A finished asynchronous run extended by ``extended``: ConfigError if another of its limits
+    in ``out`` is reached already (the resumed loop would stop at once, having trained nothing,
+    and say it finished: a FedAsync run at its 20 server updates given only max_client_updates)."""
+    reached = {"async_loop.max_server_updates": (done, "server updates"),
+               "async_loop.max_client_updates": (client_updates_done(run_dir), "client updates")}
+    for key, (count, what) in reached.items():
+        limit = OmegaConf.select(out, key)
+        if key != extended and limit is not None and count >= limit:
+            raise ConfigError(f"resume: {extended}={OmegaConf.select(out, extended)} would train nothing: {run_dir} "
+                              f"has done {count} {what}, its {key}={limit} too; raise that as well "
+                              f"(for example {key}={2 * count}, or null)")
 
 
 def given_beside_resume(overrides: list[str]) -> list[str]:
