@@ -445,3 +445,36 @@ def test_a_stopped_runs_mlflow_run_is_killed_and_a_resumed_runs_redone_steps_rep
     events.Reload()
     assert [(e.step, round(e.value, 2)) for e in events.Scalars("test_accuracy")] == [(0, 0.5), (1, 0.6), (2, 0.9),
                                                                                        (3, 0.9)]
+
+
+def test_a_tracker_added_on_resume_gets_the_runs_steps_before_the_checkpoint_too(tmp_path):
+    """``flmnist resume=DIR num_rounds=5 logger=tensorboard`` (or mlflow) on a run that had no
+    tracker: the recorder counted the restored rows as tracked, so the new tracker drew only the
+    steps after the checkpoint (a review). It gets every step, in order, once; the config too."""
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from flmnist.observers.tracker_backends import MLflowTracker, TensorBoardTracker
+    from flmnist.observers.trackers import Trackers
+
+    out = tmp_path / "outputs"
+    run_dir = out / "2026-12-05" / "12-00-00_demo"
+    first = RunRecorder(run_dir, 3, 0.99, printer=lambda line: None)
+    sync_rows(first, fleet=False)  # steps 0-3, no tracker
+    resumed = RunRecorder(run_dir, 5, 0.99, printer=lambda line: None)
+    resumed.trackers = Trackers([TensorBoardTracker(), MLflowTracker()])
+    resumed.restore(first.state(3), step=3)  # as run_setup: restore, then the trackers start
+    resumed.trackers.call("start", run_dir, run_dir.name, {"output_dir": str(out)})
+    resumed.add(4, test_accuracy=0.95, test_loss=0.1)
+    resumed.end_round(4, quiet=True)
+    resumed.finish()
+    assert len(resumed.trackers.trackers) == 2, "a tracker failed"
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert [(e.step, round(e.value, 2)) for e in events.Scalars("test_accuracy")] == [
+        (0, 0.5), (1, 0.6), (2, 0.7), (3, 0.8), (4, 0.95)]
+    assert "config" in events.Tags()["tensors"] or "config/text_summary" in events.Tags()["tensors"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("flmnist").experiment_id])
+    assert [(m.step, round(m.value, 2)) for m in client.get_metric_history(run.info.run_id, "test_accuracy")] == [
+        (0, 0.5), (1, 0.6), (2, 0.7), (3, 0.8), (4, 0.95)]

@@ -238,29 +238,40 @@ def test_a_resume_that_fails_its_checks_leaves_the_runs_config_as_it_was(tmp_pat
 
 
 def test_how_the_run_is_waited_for_checkpointed_and_tracked_may_change_on_resume(tmp_path):
-    """wait_for_nodes, round_timeout, poll_interval, checkpoint_every and the logger change none of a
-    run's figures: a resume takes them (they were refused as changes to the run), writes them into
-    the run's config, says so, and the checkpoint's fingerprint still matches the run's config."""
+    """wait_for_nodes, poll_interval, checkpoint_every and the logger change none of a run's
+    figures: a resume takes them (they were refused as changes to the run), writes them into the
+    run's config, says so, and the checkpoint's fingerprint still matches the run's config. Not
+    round_timeout (a reply later than it is dropped, in simulation too), nor checkpoint_every=0
+    (the extension would end without a checkpoint, and the next resume would train it again);
+    logger=X naming the run's own tracker keeps its settings (a review)."""
     from flmnist.config.resume import check_fingerprint, extension, fingerprint
 
     run, saved = finished_run(tmp_path, ["model=logreg", "num_rounds=2"], status="failed")
-    given = ["wait_for_nodes=600", "round_timeout=30", "poll_interval=0.5", "checkpoint_every=5", "logger=tensorboard"]
+    given = ["wait_for_nodes=600", "poll_interval=0.5", "checkpoint_every=5", "logger=tensorboard"]
     out = resumed_config(given, saved, run)
-    assert (out.wait_for_nodes, out.round_timeout, out.poll_interval, out.checkpoint_every) == (600, 30, 0.5, 5)
+    assert (out.wait_for_nodes, out.poll_interval, out.checkpoint_every) == (600, 0.5, 5)
     assert out.logger._target_ == "flmnist.observers.tracker_backends.TensorBoardTracker"
     assert out.logger.log_dir is None
     assert {k: v for k, v in OmegaConf.to_container(out).items() if k not in (*given_keys(given), "logger")} == \
         {k: v for k, v in OmegaConf.to_container(saved).items() if k not in (*given_keys(given), "logger")}
-    assert extension(saved, out) == ("wait_for_nodes=600, round_timeout=30, poll_interval=0.5, checkpoint_every=5, "
+    assert extension(saved, out) == ("wait_for_nodes=600, poll_interval=0.5, checkpoint_every=5, "
                                      "logger=flmnist.observers.tracker_backends.TensorBoardTracker")
     check_fingerprint(out, fingerprint(saved), run / "config.yaml")  # the checkpoint's fingerprint: no change
     older = {**fingerprint(saved), "checkpoint_every": 1, "logger._target_": "flmnist.observers.trackers.Tracker"}
     check_fingerprint(out, older, run / "config.yaml")  # an older flmnist's checkpoint recorded them: still the run
-    with pytest.raises(ConfigError, match=r"client.lr=0.5 would change the run being resumed"):
-        resumed_config([*given, "client.lr=0.5"], saved, run)
+    for refused, message in [("client.lr=0.5", r"client.lr=0.5 would change the run being resumed"),
+                             ("round_timeout=30", r"round_timeout=30 would change the run being resumed"),
+                             ("checkpoint_every=0", (r"resume: checkpoint_every=0 would leave what the resume trains "
+                                                    r"without a checkpoint .*: give 1 or more"))]:
+        with pytest.raises(ConfigError, match=message):
+            resumed_config([refused], saved, run)
     done, _ = finished_run(tmp_path / "done", ["model=logreg", "num_rounds=2"])
     with pytest.raises(ConfigError, match=r"finished all its 2 rounds; to train on, extend it"):
         resumed_config(["checkpoint_every=5"], saved, done)  # a finished run: trains no further without a length
+    mine, saved = finished_run(tmp_path / "mine", ["model=logreg", "num_rounds=2", "logger=mlflow",
+                                                   "logger.experiment=mine"], status="failed")
+    assert resumed_config(["logger=mlflow"], saved, mine).logger.experiment == "mine"
+    assert resumed_config(["logger=mlflow", "logger.experiment=other"], saved, mine).logger.experiment == "other"
 
 
 def given_keys(overrides):
@@ -279,6 +290,14 @@ def test_an_asynchronous_extension_that_another_reached_limit_would_stop_at_once
         resumed_config(["async_loop.max_client_updates=50"], saved, run)
     with pytest.raises(ConfigError, match=r"async_loop.time_budget=60 would train nothing"):
         resumed_config(["async_loop.time_budget=60"], saved, run)
+    # a time budget the run has used already (its summary's virtual time): stops at once too
+    (run / "summary.json").write_text(json.dumps({"status": "finished", "async": {"client_updates": 20,
+                                                                                 "virtual_time": 29.5}}))
+    with pytest.raises(ConfigError, match=r"async_loop.time_budget=20 would not extend the run: it has used 29.5 s "
+                                          r"\(give more than 29.5\)"):
+        resumed_config(["async_loop.max_server_updates=40", "async_loop.time_budget=20"], saved, run)
+    assert resumed_config(["async_loop.max_server_updates=40", "async_loop.time_budget=60"],
+                          saved, run).async_loop.time_budget == 60
     out = resumed_config(["async_loop.max_client_updates=50", "async_loop.max_server_updates=null"], saved, run)
     assert (out.async_loop.max_client_updates, out.async_loop.max_server_updates) == (50, None)
     run2, saved2 = finished_run(tmp_path / "b", ["strategy=fedbuff", "async_loop.max_server_updates=50",

@@ -9,7 +9,8 @@ give only:
 - a larger privacy budget, ``privacy.max_epsilon`` (or ``null``: none), to go on with a run that
   stopped at its budget; the checkpoint's accountant goes on counting;
 - how the run is waited for, checkpointed and tracked, which changes none of its figures:
-  ``wait_for_nodes``, ``round_timeout``, ``poll_interval``, ``checkpoint_every``, ``logger``.
+  ``wait_for_nodes``, ``poll_interval``, ``checkpoint_every`` (not 0: an extension ends with a
+  checkpoint), ``logger`` (not ``round_timeout``: a reply later than it is dropped, in simulation too).
 
 Any other override that would change the run is refused in one line naming it: a changed
 strategy, split or model is a new run. Overrides equal to the run's own values pass.
@@ -35,7 +36,7 @@ BUDGET = "privacy.max_epsilon"
 WHERE = ("simulation", "data.root", "data.download", "output_dir", "resume", "run_dir", "hydra.")
 RESUMABLE = (*LENGTH["round"], *LENGTH["update"], BUDGET, "stop_at_target")  # a resume may change these
 # ... and these, which change how the run is waited for, checkpointed and tracked, not what it computes
-OPERATIONAL = ("wait_for_nodes", "round_timeout", "poll_interval", "checkpoint_every", "logger")
+OPERATIONAL = ("wait_for_nodes", "poll_interval", "checkpoint_every", "logger")
 
 
 def _operational(key: str) -> bool:
@@ -194,17 +195,15 @@ def resumed_config(overrides: list[str], saved: DictConfig, run_dir: Path, check
             continue
         if key in LENGTH[unit]:
             new = OmegaConf.select(cfg, key)
-            clients = key == "async_loop.max_client_updates"
-            reached, what = (client_updates_done(run_dir), "client updates") if clients else (done, f"{unit}s")
-            if key != "async_loop.time_budget" and new is not None and new <= reached:
-                raise ConfigError(f"resume: {item} would not extend the run: it has done {reached} {what} "
-                                  f"(give more than {reached})")
+            reached, what = _reached(run_dir, done)[key] if unit == "update" else (done, f"done {done} rounds")
+            if new is not None and reached is not None and new <= reached:
+                raise ConfigError(f"resume: {item} would not extend the run: it has {what} "
+                                  f"(give more than {reached:g})")
             OmegaConf.update(out, key, new)
             extended = key
             continue
-        if _operational(key):  # (the logger group: its whole section)
-            section = key.partition(".")[0] if key.startswith("logger") else key
-            OmegaConf.update(out, section, OmegaConf.select(cfg, section), merge=False)
+        if _operational(key):
+            _take_operational(key, item, cfg, saved, out)
             continue
         if key == "stop_at_target" and OmegaConf.select(cfg, key) is False:  # train on past the target
             OmegaConf.update(out, key, False)
@@ -249,18 +248,50 @@ def resumed_config(overrides: list[str], saved: DictConfig, run_dir: Path, check
     return out
 
 
+def time_used(run_dir: Path) -> float | None:
+    """The seconds an asynchronous run has used of its ``async_loop.time_budget``: its summary's
+    virtual time (simulation), else its wall time (deployment); None if unknown."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        used = (summary.get("async") or {}).get("virtual_time")
+        used = summary.get("wall_time") if used is None else used
+        return float(used) if used is not None else None
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None
+
+
+def _reached(run_dir: Path, done: int) -> dict[str, tuple[float | None, str]]:
+    """An asynchronous run's limits: what it has reached of each, and saying so."""
+    used = time_used(run_dir)
+    return {"async_loop.max_server_updates": (done, f"done {done} server updates"),
+            "async_loop.max_client_updates": ((n := client_updates_done(run_dir)), f"done {n} client updates"),
+            "async_loop.time_budget": (used, f"used {used:.1f} s" if used is not None else "")}
+
+
 def _still_reached(run_dir: Path, out: DictConfig, done: int, extended: str) -> None:
     """A finished asynchronous run extended by ``extended``: ConfigError if another of its limits
     in ``out`` is reached already (the resumed loop would stop at once, having trained nothing,
     and say it finished: a FedAsync run at its 20 server updates given only max_client_updates)."""
-    reached = {"async_loop.max_server_updates": (done, "server updates"),
-               "async_loop.max_client_updates": (client_updates_done(run_dir), "client updates")}
-    for key, (count, what) in reached.items():
+    for key, (count, what) in _reached(run_dir, done).items():
         limit = OmegaConf.select(out, key)
-        if key != extended and limit is not None and count >= limit:
+        if key != extended and limit is not None and count is not None and count >= limit:
             raise ConfigError(f"resume: {extended}={OmegaConf.select(out, extended)} would train nothing: {run_dir} "
-                              f"has done {count} {what}, its {key}={limit} too; raise that as well "
-                              f"(for example {key}={2 * count}, or null)")
+                              f"has {what}, its {key}={limit} too; raise that as well "
+                              f"(for example {key}={2 * count:g}, or null)")
+
+
+def _take_operational(key: str, item: str, cfg: DictConfig, saved: DictConfig, out: DictConfig) -> None:
+    """An operational setting given on resume into ``out``. ``logger=X`` naming the run's own
+    tracker class keeps the run's settings of it (its MLflow experiment, say); ``logger.KEY=V``
+    changes that one."""
+    if key == "checkpoint_every" and OmegaConf.select(cfg, key) == 0:
+        raise ConfigError(f"resume: {item} would leave what the resume trains without a checkpoint (the next "
+                          "resume would start from the old one and train it again): give 1 or more")
+    if key == "logger":
+        if (cfg.logger or {}).get("_target_") != (saved.get("logger") or {}).get("_target_"):
+            OmegaConf.update(out, "logger", cfg.logger, merge=False)
+        return
+    OmegaConf.update(out, key, OmegaConf.select(cfg, key), merge=False)
 
 
 def given_beside_resume(overrides: list[str]) -> list[str]:

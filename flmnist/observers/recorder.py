@@ -116,9 +116,9 @@ class RunRecorder:
         self.loss_traces = defaultdict(list, state["loss_traces"])
         self.loss_points = defaultdict(list, state.get("loss_points", {}))
         self.best_accuracy, self.best_round = state["best_accuracy"], state["best_round"]
-        self.tracked = set(self.rows)  # the trackers had them (a resumed run continues its tracker runs)
+        self.tracked = set(self.rows)  # the trackers had them (a tracker new on resume is handed them: history)
         if step is not None:
-            self.trackers.call("resumed_at", step)
+            self.trackers.resumed(step, self.rows)
         self.async_stats = state.get("async_stats")
         self.t0 = time.perf_counter() - state["elapsed"]
 

@@ -30,6 +30,7 @@ class TensorBoardTracker(Tracker):
         self.log_dir = log_dir
         self.writer = None
         self.purge: int | None = None
+        self.replay: dict[int, dict[str, float]] = {}
 
     def start(self, run_dir: Path, name: str, config: dict) -> None:
         self.path = Path(self.log_dir) / name if self.log_dir else run_dir / "tensorboard"
@@ -40,12 +41,19 @@ class TensorBoardTracker(Tracker):
         purged (TensorBoard drew both, a zigzag)."""
         self.purge = step + 1
 
+    def history(self, rows: dict[int, dict[str, float]]) -> None:
+        self.replay = rows
+
     def _open(self) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(self.path), purge_step=self.purge)
-        if self.purge is None:
+        fresh = not any(self.path.glob("events.out.tfevents.*"))  # (the logger added on resume: all the steps)
+        self.writer = SummaryWriter(log_dir=str(self.path), purge_step=None if fresh else self.purge)
+        if fresh:
             self.writer.add_text("config", self.config_text, 0)
+            for step, metrics in sorted(self.replay.items()):
+                for key, value in metrics.items():
+                    self.writer.add_scalar(key, value, step)
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
         if self.writer is None:  # opened at the first step, when a resume has said where it goes on
@@ -84,6 +92,10 @@ class MLflowTracker(Tracker):
         self.tracking_uri, self.experiment = tracking_uri, experiment
         self.client = None
         self.run_id: str | None = None
+        self.replay: dict[int, dict[str, float]] = {}
+
+    def history(self, rows: dict[int, dict[str, float]]) -> None:
+        self.replay = rows
 
     def start(self, run_dir: Path, name: str, config: dict) -> None:
         from mlflow.entities import Param
@@ -105,6 +117,8 @@ class MLflowTracker(Tracker):
         if self.run_id is None:
             self.run_id = self.client.create_run(experiment_id, run_name=name).info.run_id
             (run_dir / RUN_ID_FILE).write_text(f"{self.run_id}\n{uri}\n")
+            for step, metrics in sorted(self.replay.items()):  # a resumed run new to MLflow: its steps so far
+                self.log_metrics(step, metrics)
         keys = list(params)
         for i in range(0, len(keys), 100):  # MLflow takes at most 100 parameters per batch
             self.client.log_batch(self.run_id, params=[Param(k, params[k][:6000]) for k in keys[i:i + 100]])

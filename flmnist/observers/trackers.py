@@ -23,6 +23,10 @@ class Tracker:
 
     def resumed_at(self, step: int) -> None: ...
 
+    def history(self, rows: dict[int, dict[str, float]]) -> None:
+        """A resumed run's metrics up to its checkpoint (step -> scalars), before :meth:`start`: a
+        tracker that does not continue a tracker run of its own that has them logs them."""
+
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None: ...
 
     def finish(self, run_dir: Path, summary: dict) -> None: ...
@@ -51,6 +55,11 @@ class Trackers:
 
     def __init__(self, trackers: list[Tracker]) -> None:
         self.trackers = list(trackers)
+
+    def resumed(self, step: int, rows: dict[int, dict]) -> None:
+        """A resumed run, from its checkpoint of ``step`` with the metrics ``rows`` up to it."""
+        self.call("resumed_at", step)
+        self.call("history", {s: scalars(row) for s, row in sorted(rows.items()) if s <= step})
 
     def call(self, method: str, *args) -> None:
         for tracker in list(self.trackers):
