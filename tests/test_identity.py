@@ -117,6 +117,25 @@ def test_a_conflict_ends_when_one_of_the_two_node_ids_is_gone(task_identity):
     assert book.trusted(22) and book.bound[22] == Identity("jetson-a", 0) and not book.flagged
 
 
+def test_a_third_node_id_cannot_take_an_identity_two_others_contest(task_identity):
+    """An attacker with two node ids shut the honest node out and then took its identity: the
+    conflict unbound it, and a third node id claiming it bound at once (a review). While both
+    rivals are connected nobody binds it; once one is gone, the other does, and the third stays refused."""
+    connected = {1, 2, 3}
+    book = IdentityBook(connected=lambda: connected)
+    assert book.judge(1, "node 0", 0) is None
+    assert "neither is trusted" in book.judge(2, "node 0", 0)
+    assert book.judge(3, "node 0", 0) == ("claims an identity two other node ids contest (node 0, partition 0: "
+                                          "node ids 1 and 2; nobody is trusted with it while they are connected)")
+    assert "claims an identity two other node ids contest" in book.judge(3, "node 7", 0)  # the partition alone
+    assert 3 not in book.bound and book.trusted(3)
+    assert book.judge(3, "node 3", 3) is None  # its own identity: bound as before
+    connected.discard(2)
+    assert book.judge(1, "node 0", 0) is None and book.bound[1] == Identity("node 0", 0)
+    connected.add(4)
+    assert "node ids 1 and 4 both claim node 0" in book.judge(4, "node 0", 0)  # a new rival: a conflict again
+
+
 def test_the_registry_names_each_node_id(tmp_path, task_identity):
     tsv = tmp_path / "registered_nodes.tsv"
     tsv.write_text("11\tjetson-orin\tkeys/orin.pub\n12\tjetson-nano\tkeys/nano.pub\n")

@@ -77,6 +77,7 @@ class IdentityBook:
         self.bound: dict[int, Identity] = {}
         self.flagged: dict[int, str] = {}   # node id -> why it is trusted with nothing
         self.rivals: dict[int, int] = {}    # flagged node id -> the node id it conflicts with
+        self.contested: dict[int, Identity] = {}  # flagged node id -> the identity it and its rival claim
         self.refused_claims = 0
         self.named: Counter = Counter()     # name -> rejected replies counted under it for good
         self.claimed: Counter = Counter()   # (node id, the name it claimed) -> rejected replies, unverified
@@ -143,6 +144,7 @@ class IdentityBook:
             for n in (node_id, rival):
                 self.flagged.pop(n, None)
                 self.rivals.pop(n, None)
+                self.contested.pop(n, None)
         if self.registry is not None:
             registered = self.registry.get(node_id)
             if registered is None:
@@ -156,6 +158,12 @@ class IdentityBook:
                 return (f"claims another node's identity ({claim.name}, partition {claim.partition}; "
                         f"node id {node_id} is {bound.name}, partition {bound.partition}, since its first reply)")
             return None
+        for rival, ident in self.contested.items():  # a third node id cannot take what two contest
+            if rival != node_id and (ident.partition == claim.partition or ident.name == claim.name) \
+                    and not self._gone(rival):
+                return (f"claims an identity two other node ids contest ({claim.name}, partition {claim.partition}: "
+                        f"node ids {min(rival, self.rivals[rival])} and {max(rival, self.rivals[rival])}; nobody "
+                        "is trusted with it while they are connected)")
         other = self._holder(claim, node_id)
         if other is not None:
             held = self.bound[other]
@@ -169,7 +177,7 @@ class IdentityBook:
                           f"{claim.name}, partition {claim.partition}: neither is trusted with it)")
                 self.flagged[other] = self.flagged[node_id] = reason
                 self.rivals[other], self.rivals[node_id] = node_id, other
-                del self.bound[other]
+                self.contested[other], self.contested[node_id] = self.bound.pop(other), claim
                 log(WARNING, "Identity conflict: %s", reason)
                 return reason
         self.bound[node_id] = claim
