@@ -204,18 +204,21 @@ def test_dropout_probability_is_respected():
 def test_sync_fedavg_advances_virtual_time_by_its_slowest_node(task_identity):
     fleet = make_fleet("mixed", 2, seed=0, jitter_sigma=0.0, latency=0.0, devices={
         "slow": {"share": 0.5, "speed": 1.0, "latency": 0.0}, "fast": {"share": 0.5, "speed": 4.0, "latency": 0.0}})
-    # 100 local epochs of 10 examples: 1000 examples processed per update.
-    sent = p.TrainSettings(model={}, partition={}, num_partitions=2, seed=0, holdout_fraction=0.1, local_epochs=100)
-    strategy = guarded_fedavg(sent, 2, fleet=fleet)
+    # 10 local epochs of each partition's 100 examples: 1000 examples processed per update.
+    sent = p.TrainSettings(model={}, partition={}, num_partitions=2, seed=0, holdout_fraction=0.1, local_epochs=10)
     record = ArrayRecord({k: Array(v) for k, v in weights(0).items()})
+    model_bytes = sum(v.nbytes for v in weights(0).values())
+    expected = max(fleet.timing(p, 1, 1000, model_bytes).duration for p in (0, 1))
 
     class Nodes:
         def get_node_ids(self):
             return [1, 2]
 
-    msgs = list(strategy.configure_train(1, record, ConfigRecord(), Nodes()))
-    replies = [train_reply(m, record, 10, partition, sent) for partition, m in zip((0, 1), msgs)]
-    strategy.aggregate_train(1, replies)
-    model_bytes = sum(v.nbytes for v in weights(0).values())
-    expected = max(fleet.timing(p, 1, 1000, model_bytes).duration for p in (0, 1))
-    assert strategy.virtual_time == pytest.approx(expected)
+    # Nodes claiming 1 example each (their updates then weigh less, and that is all): the round is
+    # still timed by the 100 the server knows each holds (a claim of 1 made the round 100x shorter).
+    for claimed in (100, 1):
+        strategy = guarded_fedavg(sent, 2, fleet=fleet)
+        msgs = list(strategy.configure_train(1, record, ConfigRecord(), Nodes()))
+        replies = [train_reply(m, record, claimed, partition, sent) for partition, m in zip((0, 1), msgs)]
+        strategy.aggregate_train(1, replies)
+        assert strategy.virtual_time == pytest.approx(expected)

@@ -361,6 +361,14 @@ def test_an_inner_aggregate_that_is_malformed_or_raises_fails_only_its_round(tas
     monkeypatch.setattr(type(strategy.strategy), "aggregate_train", broken)
     assert sync_round(strategy, {11: FakeNode(0, 0.01), 12: FakeNode(1, 0.02)}, START) == (None, None)
     assert strategy.failed_rounds == 2
+    # The run that such rounds end names what failed, not "no replies arrived" (a review): both replies came.
+    assert strategy.liveness.last_problem == ("FedAvg could not aggregate the accepted updates (ZeroDivisionError: "
+                                              "inner strategy bug)")
+    strategy = Guarded(FedAvg(min_available_nodes=2), make_path(), max_failed_rounds=1)
+    monkeypatch.setattr(type(strategy.strategy), "aggregate_train",
+                        lambda self, rnd, replies: (record({"w": START["w"]}), None))
+    with pytest.raises(RunFailed, match=r"last reason: the aggregate of the accepted updates was rejected \(.+\)$"):
+        sync_round(strategy, {11: FakeNode(0, 0.01), 12: FakeNode(1, 0.02)}, START)
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the attack itself
@@ -848,6 +856,30 @@ def test_fedbuff_buffers_only_accepted_deltas_on_the_virtual_clock(task_identity
     first = (10 * 0.01 + 20 * 0.04) / 30
     second = (10 * 0.01 / np.sqrt(2) + 20 * 0.04) / 30
     assert_weights(final, shifted(START, first + second))
+
+
+def test_a_node_claiming_no_training_data_is_timed_by_its_partition_on_the_virtual_clock(task_identity):
+    """Node 1 says in its query that it holds no training examples: the simulated clock timed its
+    updates by that claim, so they took no compute time, finished first every time and it was sent
+    work again and again (a review). Timed by the partition the server knows it holds, the run is
+    the honest one: the same updates per node, the same virtual time, the same model."""
+
+    class NoData(FakeNode):
+        def answer_query(self, msg):
+            reply = super().answer_query(msg)
+            reply.content[p.NODE_INFO][p.TRAIN_EXAMPLES] = 0
+            return reply
+
+    runs = []
+    for node1 in (FakeNode, NoData):
+        fleet = make_fleet("homogeneous", 2, seed=0, jitter_sigma=0.0)
+        loop, _ = make_loop({101: FakeNode(0, 0.01), 102: node1(1, 0.04)}, FedAsync(alpha=0.5), fleet=fleet,
+                            max_server_updates=9)
+        runs.append((loop.run(record(START)), dict(loop.node_counts), loop.clock.now))
+    (honest, honest_counts, honest_time), (lied, lied_counts, lied_time) = runs
+    assert honest_counts[p.simulated_node_name(0)] > honest_counts[p.simulated_node_name(1)]  # node 0's 10 vs 20
+    assert lied_counts == honest_counts and lied_time == pytest.approx(honest_time)
+    assert_weights(lied, to_weights(honest))
 
 
 def test_a_dropped_device_update_costs_its_slot_the_timeout_in_virtual_time(task_identity):

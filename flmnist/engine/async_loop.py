@@ -117,7 +117,7 @@ class AsyncLoop:
         self.seq += 1
         timing, vdone = None, float(self.seq)
         if self.clock.simulated:
-            examples = self.sent.examples_per_update(node.info.train_examples)
+            examples = self.path.work(node.partition, node.info.train_examples)  # (not what the node claims)
             timing = self.clock.timing(node.partition, node.updates, examples, self.model_bytes)
             vdone = self.clock.completion(timing)
         job = Job(vdone, self.seq, node.node_id, message_id, self.version, time.monotonic(), self.clock.now, timing)

@@ -82,14 +82,16 @@ class RoundLiveness(Liveness):
     advanced_rounds = 0  # rounds of this process that made a new global model
     noised_rounds = 0    # rounds whose model moved by the privacy noise alone
 
-    def count_round(self, step: int, advanced: bool, received: int, rejections: Sequence, moved: bool = False) -> None:
+    def count_round(self, step: int, advanced: bool, received: int, rejections: Sequence, moved: bool = False,
+                    reason: str | None = None) -> None:
         """A round that made no new global model from an update is failed; too many in a row end
-        the run (``moved``: central DP moved the model by its noise alone)."""
+        the run (``moved``: central DP moved the model by its noise alone; ``reason``: why accepted
+        updates made none)."""
         if advanced:
             self.advanced_rounds += 1
             self.ok()
             return
-        last = rejections[-1].reason if rejections else "no replies arrived"
+        last = reason or (rejections[-1].reason if rejections else "no replies arrived")
         self.noised_rounds += moved
         reached = self.failed(last)
         log(WARNING, "Round %d failed: no usable update (%d replies, %d rejected or failed); "

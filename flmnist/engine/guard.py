@@ -171,7 +171,7 @@ class Guarded(Strategy):
         if self.clock.simulated:
             self.advance_clock(step, updates, rejections, [timing for _, timing in lost])
             self.path.record(step, virtual_time=round(self.clock.now, 4))
-        arrays, metrics = None, None
+        arrays, metrics, why = None, None, None
         if updates or self.central:  # central DP: a round nobody's update reached is noise alone
             # Flower's strategies assign new objects to these attributes (never update them in
             # place), so keeping references is enough to roll them back.
@@ -185,7 +185,10 @@ class Guarded(Strategy):
                     metrics = aggregate_train_metrics([u.content() for u in updates], p.UNIT_WEIGHT) if updates else None
             except Exception as err:  # noqa: BLE001 - the inner strategy's failure fails this round only
                 log(WARNING, "%s could not aggregate round %d: %s: %s", self.name, step, type(err).__name__, err)
+                why = f"{self.name} could not aggregate the accepted updates ({type(err).__name__}: {err})"
             weights = None if arrays is None else self.path.aggregate(arrays, self.reference, self._inner_state())
+            if arrays is not None and weights is None:
+                why = f"the aggregate of the accepted updates was rejected ({self.path.last_aggregate_problem})"
             if weights is None:
                 for k, v in snapshot.items():  # roll the inner strategy back with the model
                     setattr(self.strategy, k, v)
@@ -206,7 +209,7 @@ class Guarded(Strategy):
             train_examples=sum(u.num_examples for u in updates),
         )
         self.liveness.count_round(step, arrays is not None and bool(updates), len(replies), rejections,
-                                  moved=arrays is not None)
+                                  moved=arrays is not None, reason=why)
         return arrays, metrics
 
     # ------------------------------------------------------------- privacy
@@ -311,8 +314,9 @@ class Guarded(Strategy):
         timing) costs the timeout. A rejected or failed reply took its node's time too (the round
         waited for it; the asynchronous loop charges it as well), with the work sent to it."""
         model_bytes = sum(v.nbytes for v in self.reference.values())
-        timings = [self.clock.timing(self._partition_of(u), step, u.metrics[p.EXAMPLES_PROCESSED], model_bytes)
-                   for u in updates]
+        parts = [self._partition_of(u) for u in updates]  # timed by the server's partition sizes, not the claims
+        timings = [self.clock.timing(part, step, self.path.work(part, u.metrics[p.NUM_EXAMPLES]), model_bytes)
+                   for part, u in zip(parts, updates)]
         waited = []
         for r in rejections:
             partition = self.node_partition(r.node_id)

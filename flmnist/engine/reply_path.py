@@ -72,12 +72,24 @@ class ReplyPath:
         self.failed: Counter = Counter()     # node name -> error replies
         self.reasons: Counter = Counter()    # reason (first words) -> count
         self.aggregates_rejected = self.screened = self.guard_rejected = 0  # counters
+        self.last_aggregate_problem: str | None = None  # why the last aggregate was rejected
         self.screen_seconds = 0.0
         self.evaluations: list[RecordDict] = []  # see train_replies / received_evaluation
         self.devices: dict[str, str] = {}    # node name -> the device its replies say it trained on
         self.run_config: dict | None = None  # what makes the run what it is (checked on resume), for checkpoints
 
     # ------------------------------------------------------------- replies
+    def work(self, partition: int, claimed: int) -> int:
+        """The examples an update of ``partition`` processes, for the simulated fleet's clock: by
+        the server's own partition size, never the node's claim (a node claiming none would finish
+        first every time); where nodes bring their own data, the claim within the cap."""
+        limits, size = self.screen.limits, int(claimed)
+        if limits is not None and limits.max_examples is None and 0 <= partition < limits.num_partitions:
+            size = limits.train_examples[partition]
+        elif limits is not None:
+            size = min(max(size, 0), limits.max_examples)
+        return self.sent.examples_per_update(size)
+
     def _reject(self, what: str, r: Rejection) -> None:
         if r.failed:
             self.failed[r.name] += 1
@@ -246,6 +258,7 @@ class ReplyPath:
                        else v) for k, v in new.items()}
         problem = problem or aggregate_problem(new, reference) or (
             None if all_finite(state) else "the strategy's state holds non-finite values")
+        self.last_aggregate_problem = problem
         if problem:
             self.aggregates_rejected += 1
             log(WARNING, "Aggregate rejected (%s); the global model stays as it was", problem)
