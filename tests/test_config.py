@@ -99,6 +99,8 @@ def test_invalid_settings_fail_before_training_naming_the_key(overrides, message
 # starts, with a message naming the key as the user writes it.
 ISSUE_8 = [
     (["strategy=fedbuff", "strategy.buffer_size=0"], "strategy.buffer_size must be an integer >= 1, got 0"),
+    # a second queued task was timed from when it was sent, not when it could start (a review)
+    (["strategy=fedasync", "async_loop.prefetch=2"], "async_loop.prefetch must be at most 1, got 2"),
     (["client.lr=nan"], "client.lr must be a finite number > 0, got nan"),
     (["client.lr=inf"], "client.lr must be a finite number > 0, got inf"),
     (["client.momentum=-0.5"], r"client.momentum must be a finite number in \[0, 1\)"),

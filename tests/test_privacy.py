@@ -906,3 +906,69 @@ def test_a_resumed_local_dp_run_checks_its_budget_as_if_every_node_id_were_new(t
     resumed.load_state_dict(first.state_dict())
     resumed.check_budget(1)
     assert path.stopped == (1, "privacy budget")
+
+
+def test_a_resume_keeps_the_tasks_sent_since_the_checkpoint_to_a_node_below_the_largest(task_identity, tmp_path):
+    """privacy=local: at the checkpoint node 0 had 5 tasks and node 1 had 3; then only node 1 was
+    sent two more. The run's epsilon, the largest node's, did not grow, so the resume threw the
+    ledger away with node 1's two tasks, which had left the server (a review)."""
+    from flmnist.engine.privacy_ledger import restore_ledger, save_ledger
+
+    _, accountant, path = local_fedavg(tmp_path)
+    accountant.tasks.update({0: 5, 1: 3})
+    checkpoint = accountant.state_dict()
+    accountant.tasks.update({1: 2})
+    save_ledger(path.recorder, accountant, accountant.epsilon)
+    _, resumed, _ = local_fedavg(tmp_path)
+    resumed.load_state_dict(checkpoint)
+    restore_ledger(path.recorder, resumed)
+    assert dict(resumed.tasks) == {0: 5, 1: 5}
+
+
+def test_a_deployed_local_dp_run_stops_before_a_partition_offline_at_the_last_round_could_pass(task_identity):
+    """Three partitions, partition 2 at its budget's last task; its board was offline when the last
+    round went out, so only partitions 0 and 1 were charged for the next round, and partition 2's
+    board, back under its old or a new node id, was sent a task past the budget (a review)."""
+    from flmnist.engine.identity import IdentityBook
+    from flmnist.engine.local_privacy import LocalAccountant
+    from flmnist.engine.sent_tasks import SentTasks
+
+    budget = (rdp_epsilon(2.0, 5) + rdp_epsilon(2.0, 6)) / 2  # 5 releases fit, 6 do not
+    settings = PrivacySettings("local", noise_multiplier=2.0, clipping_norm=1.0, target_delta=DELTA, max_epsilon=budget)
+    accountant = LocalAccountant(settings, SENT, LIMITS.train_examples[:3])
+    accountant.tasks.update({0: 4, 1: 4, 2: 5})
+    book = IdentityBook()
+    for node_id, partition in ((11, 0), (12, 1), (13, 2)):
+        book.judge(node_id, p.simulated_node_name(partition), partition)
+    tasks = SentTasks(accountant, book)
+    tasks.per_round, tasks.connected = 2, [11, 12]  # node id 13 (partition 2) was not connected
+    assert tasks.would_exceed()
+    tasks.per_round, tasks.connected = 3, [11, 12, 13]  # everyone there: partition 2 gets one more, 6: over
+    assert tasks.would_exceed()
+    accountant.tasks[2] = 4
+    tasks.connected = [11, 12, 13]
+    assert not tasks.would_exceed()  # one more each: 5, within the budget
+    tasks.per_round, tasks.connected = 2, [11, 12]
+    assert tasks.would_exceed()  # partition 2 back under a new node id: a task against everyone, node 0's own too
+    accountant.tasks.update({0: -1, 1: -1, 2: -1})
+    assert not tasks.would_exceed()  # 3 each: even 2 more stay within 5
+
+
+def test_an_asynchronous_update_the_budget_stops_has_an_outcome(task_identity):
+    """privacy=central, FedAsync, a budget of two releases: the third update passes the screen
+    and counts among the client updates, but it is not applied; its outcome was counted nowhere,
+    so the outcomes no longer added up to the client updates (a review)."""
+    from test_engines import START, make_loop
+
+    from flmnist.strategies import FedAsync
+
+    budget = (rdp_epsilon(1.0, 2) + rdp_epsilon(1.0, 3)) / 2
+    dp = AsyncPrivacy(PrivacySettings("central", noise_multiplier=1.0, clipping_norm=1.0, target_delta=DELTA,
+                                      max_epsilon=budget), num_nodes=2)
+    loop, _ = make_loop({101: FakeNode(0, 0.01), 102: FakeNode(1, 0.02)}, FedAsync(alpha=0.5), max_server_updates=10)
+    loop.privacy, loop.accountant = dp, dp.accountant
+    loop.run(record(START))
+    stats = loop.stats_dict()
+    assert loop.version == 2 and loop.path.stopped[1] == "privacy budget"
+    assert stats["outcomes"].get("not applied: privacy budget") == 1
+    assert sum(stats["outcomes"].values()) == stats["client_updates"]

@@ -37,6 +37,9 @@ class VirtualQueue:
     def pop(self) -> Job:
         return heapq.heappop(self._heap)
 
+    def peek(self) -> Job:
+        return self._heap[0]
+
     def __len__(self) -> int:
         return len(self._heap)
 

@@ -239,6 +239,7 @@ class AsyncLoop:
         else:
             over = dp.accountant.would_exceed(1)
         if over:
+            self.stats.count("not applied: privacy budget")  # (every update processed has an outcome)
             self.path.request_stop(self.version, "privacy budget", epsilon=round(dp.accountant.epsilon, 6),
                                    max_epsilon=dp.settings.max_epsilon)
         return not over
@@ -373,12 +374,10 @@ class AsyncLoop:
         if not self.clock.simulated and self.settings.time_budget:  # (a wait for a reply ends with it too)
             self.transport.deadline = time.monotonic() + self.settings.time_budget - self.elapsed()
         while not self.should_stop():
-            if (got := self.transport.next()) is None:
-                break  # deployment: the time budget ran out while waiting for a reply
+            if (got := self.transport.next(self.settings.time_budget)) is None:
+                break  # the time budget ran out: deployment, waiting; simulation, the next update ends after it
             job, reply = got
             if self.clock.simulated:
-                if self.settings.time_budget and job.vdone > self.settings.time_budget:
-                    break  # it completes after the budget: neither it nor the time it takes counts
                 self.clock.advance_to(job.vdone)
             new = self.process(job, reply, self.weights)
             if new is not None:

@@ -125,11 +125,14 @@ class Transport:
             for reply in self.grid.pull_messages(waiting):
                 self.arrived[reply.metadata.reply_to_message_id] = reply
 
-    def next(self) -> tuple[Job, Message | None] | None:
+    def next(self, budget: float | None = None) -> tuple[Job, Message | None] | None:
         """The next finished job and its reply (None: it timed out, its node left or, in
-        simulation, its device dropped the update); it is no longer in flight. None: in
-        deployment, the time budget ran out first (the jobs in flight stay unanswered)."""
+        simulation, its device dropped the update); it is no longer in flight. None: the time
+        budget ran out first (the jobs in flight stay unanswered): in deployment while waiting, in
+        simulation when the next job completes after ``budget`` virtual seconds (not waited for)."""
         if self.simulated:
+            if budget and self.queue.peek().vdone > budget:
+                return None
             job = self.queue.pop()
             reply = self.await_reply(job)
         elif (got := self.next_real()) is None:

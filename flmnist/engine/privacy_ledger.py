@@ -42,9 +42,28 @@ def restore_ledger(recorder, accountant) -> None:
         spent = float(saved["epsilon"])
     except (AttributeError, OSError, ValueError, KeyError, TypeError):
         saved, spent = None, -1.0
-    if saved is not None and spent > accountant.epsilon:
+    if saved is not None and (_more_tasks(accountant, saved["state"]) if hasattr(accountant, "tasks")
+                              else spent > accountant.epsilon):
         log(WARNING, "Privacy: epsilon %.4g at the checkpoint, %.4g spent since (%s): counting on from that",
             accountant.epsilon, spent, LEDGER)
         accountant.load_state_dict(saved["state"])
     if recorder is not None:
         recorder.set_section("privacy", accountant.summary())
+
+
+def _more_tasks(accountant, state: dict) -> bool:
+    """A per-node accountant (DP-SGD, local DP): whether the ledger's ``state`` counts tasks the
+    checkpoint's does not (it is the later one: some partition's count or the total is higher).
+    Its epsilon, the largest node's, says nothing of a node below the largest that was sent
+    tasks since: those would be lost. Where the ledger is behind on some partition (it never
+    should be), each partition keeps the larger count (ConfigError-free: counting more is safe)."""
+    try:
+        tasks = {int(k): int(v) for k, v in state.get("tasks", {}).items()}
+        unattributed = int(state.get("unattributed", 0))
+    except (AttributeError, TypeError, ValueError):
+        return False
+    later = sum(tasks.values()) + unattributed > sum(accountant.tasks.values()) + accountant.unattributed
+    if later and any(n < accountant.tasks[k] for k, n in ((k, tasks.get(k, 0)) for k in accountant.tasks)):
+        state["tasks"] = {str(k): max(tasks.get(k, 0), accountant.tasks[k]) for k in set(tasks) | set(accountant.tasks)}
+        state["unattributed"] = max(unattributed, accountant.unattributed)
+    return later

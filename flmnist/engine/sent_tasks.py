@@ -50,12 +50,17 @@ class SentTasks:
     def would_exceed(self) -> bool:
         """Whether the next round could pass the budget: of its ``per_round`` tasks, each one to a
         node id not bound yet counts against every partition, and a bound node's against its own.
-        The unbound ones are the connected node ids not bound (before a resumed run's first round,
-        whose node ids are new: every partition not bound now)."""
+        The unbound ones are the connected node ids not bound, and one for each partition none of whose
+        node ids was connected (its board may come back under a new node id, or its old one); before
+        a resumed run's first round, whose node ids are new: every partition not bound now."""
         bound = self.identities.bound
         if self.connected is not None:
             mine = {bound[n].partition for n in self.connected if n in bound}
-            unbound = sum(n not in bound for n in self.connected)
+            # A partition none of whose node ids was connected may come back, under its old node id
+            # (a task of its own) or a new one (a task against everyone): charge it as both.
+            missing = len(self.accountant.train_examples) - len(mine)
+            unbound = sum(n not in bound for n in self.connected) + missing
+            mine = set(range(len(self.accountant.train_examples)))
         else:
             mine = {identity.partition for identity in bound.values()}
             unbound = len(self.accountant.train_examples) - len(mine)

@@ -23,7 +23,7 @@ class AsyncLoopSettings:
     update_timeout: float = 600.0
     max_consecutive_failures: int = 50      # liveness: failed or rejected updates in a row
     progress_timeout: float = 3600.0        # liveness: seconds without a new server version
-    prefetch: int = 1                       # deployment: tasks queued behind a node's current one (0: none)
+    prefetch: int = 1                       # deployment: a task queued behind a node's current one (0: none)
 
     def __post_init__(self) -> None:
         for key in ("concurrency", "max_server_updates", "max_client_updates"):
@@ -31,7 +31,8 @@ class AsyncLoopSettings:
         check_number("async_loop.time_budget", self.time_budget, 0.0, low_open=True, allow_none=True)
         check_integer("async_loop.eval_every", self.eval_every, 1)
         check_integer("async_loop.max_consecutive_failures", self.max_consecutive_failures, 1)
-        check_integer("async_loop.prefetch", self.prefetch, 0)
+        # (a second queued task would be timed from when it was sent, not from when it can start)
+        check_integer("async_loop.prefetch", self.prefetch, 0, high=1)
         for key in ("update_timeout", "progress_timeout"):
             check_number(f"async_loop.{key}", getattr(self, key), 0.0, low_open=True)
         if not (self.max_server_updates or self.max_client_updates or self.time_budget):
