@@ -85,3 +85,40 @@ def test_a_run_that_hangs_without_a_line_of_output_is_stopped_at_its_timeout(tmp
     took = time.monotonic() - started
     assert code == -signal.SIGKILL, log.read_text()
     assert 25 <= took < 60, took
+
+
+def test_a_signal_during_a_shielded_block_is_delivered_after_it_not_lost():
+    """shielded() ignored SIGINT/SIGTERM/SIGHUP, so the kernel dropped them: a sweep stopped while
+    a job's processes were being stopped went on with its next job (a review). The signal now
+    reaches the handler once the block ends; one that was ignored before stays ignored."""
+    import os
+    import signal
+
+    from flmnist.launch.flwr_local import shielded
+
+    got: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+    try:
+        with shielded():
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert got == []  # held in the block
+        assert got == [signal.SIGTERM]
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        with shielded():
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert got == [signal.SIGTERM] and signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_nohup_flmnist_keeps_ignoring_a_hangup():
+    """main() put its own SIGHUP handler over the 'ignore' nohup had set: closing the terminal
+    stopped a run started with nohup (a review)."""
+    import subprocess
+    import sys
+
+    code = ("import signal, sys; signal.signal(signal.SIGHUP, signal.SIG_IGN); sys.argv = ['flmnist', '--version']\n"
+            "from flmnist.launch.cli import main; main()\n"
+            "print('ignored' if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN else 'handled')")
+    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip().endswith("ignored"), out.stdout + out.stderr

@@ -66,7 +66,7 @@ from flmnist.core.run_files import (
 from flmnist.launch import warm_link
 from flmnist.launch.backend import check_gpu_share, client_gpus, simulation_backend
 from flmnist.launch.comparison import COLUMNS, degraded_message, write_comparison  # noqa: F401 - re-exported
-from flmnist.launch.flwr_local import run_flwr
+from flmnist.launch.flwr_local import run_flwr, shielded
 from flmnist.launch.outcome import finished_line, outcome, signature, wrote_summary
 from flmnist.launch.sweep_link import SweepLink
 from flmnist.ml.mnist_files import ensure_mnist, resolve_root
@@ -212,7 +212,8 @@ def stopped_message(stop: BaseException, cfg: DictConfig, run_dir: Path, before:
     # A "failed" summary written as Flower shut down under the run (e.g. "cannot schedule new
     # futures after shutdown") is the stop seen from inside: the run was stopped, and says so.
     unit, steps = run_length(cfg)
-    summary = summarize_stopped(run_dir, steps, cfg.target_accuracy, unit, why.split(";")[0], **collapse_args(cfg))
+    with shielded():  # a second Ctrl-C must not leave the run without its summary
+        summary = summarize_stopped(run_dir, steps, cfg.target_accuracy, unit, why.split(";")[0], **collapse_args(cfg))
     if summary is None:
         return f"{why}; it had recorded no {unit} yet"
     more = (f"; continue it with: flmnist {resume_arg(run_dir)}" if (run_dir / CHECKPOINT).is_file() else "")
@@ -322,7 +323,8 @@ def _stop_on(signum: int, frame) -> None:
 def main() -> None:
     """Console entry point: one clear line and an honest exit code for every outcome."""
     for s in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(s, _stop_on)
+        if signal.getsignal(s) is not signal.SIG_IGN:  # (nohup flmnist: a hangup stays ignored)
+            signal.signal(s, _stop_on)
     args = sys.argv[1:]
     full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
     if "--version" in args:

@@ -195,18 +195,22 @@ def stop_env(entry: str, grace: float = 5.0, keep: set[int] = frozenset()) -> li
 
 @contextlib.contextmanager
 def shielded():
-    """Ignore SIGINT, SIGTERM and SIGHUP in the block (main thread only), so that a second
-    Ctrl-C or signal cannot cut the stopping of what a run started short."""
+    """Hold SIGINT, SIGTERM and SIGHUP in the block (main thread only), so that a second Ctrl-C
+    or signal cannot cut the stopping of what a run started short; one that came is delivered
+    once the block ends (ignored, it was lost: a sweep stopped between jobs went on)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     signums = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    previous = {s: signal.signal(s, signal.SIG_IGN) for s in signums}
+    came: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: came.append(signum)) for s in signums}
     try:
         yield
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        if came and previous[came[0]] not in (signal.SIG_IGN, None):
+            signal.raise_signal(came[0])
 
 
 def write_flower_config(flwr_home: str | os.PathLike) -> Path:
