@@ -67,3 +67,37 @@ def test_the_toy_observers_metrics_are_recorded_and_its_stop_wish_ends_a_sync_ru
     assert path.stop_wish == "the toy observer has seen enough"
     # its metric, in each round's row of the run's records
     assert [recorder.rows[r]["toy_models_seen"] for r in (0, 1, 2)] == [1, 2, 3] and 3 not in recorder.rows
+
+
+def test_an_observers_stop_wish_waits_for_a_step_the_global_evaluation_tests(task_identity, tmp_path):
+    """seed002's kind of schedule (rounds 1 and 3 tested here) and an observer asking to stop after
+    round 2: the run stopped there, reporting round 1's accuracy as its final one while model.pt
+    held round 2's model (a review). The wish is heard at round 3, which the real DigitEvaluation
+    tests, so the run's last model is scored."""
+    from flwr.app import ArrayRecord
+
+    cfg = compose_config(["eval.attribution=false", "eval.every=null", "eval.rounds=[1,3]", "num_rounds=10", *TOY])
+    observers = build_observers(cfg, context(cfg, tmp_path))
+    path = ReplyPath(ReplyScreen(ScreenSettings(), LIMITS), SENT, observers)
+    arrays = ArrayRecord(build(cfg.model, "model").state_dict())
+    for step in (0, 1, 2):
+        path.global_model(step, arrays)
+    assert path.stopped is None  # round 2: untested, the wish waits
+    fields = path.global_model(3, arrays)
+    assert path.stopped == (3, "the toy observer has seen enough") and fields["test_accuracy"] is not None
+
+
+def test_a_target_first_reached_at_the_runs_last_step_is_no_early_stop(task_identity):
+    """stop_at_target with the target first reached at round num_rounds (or at an asynchronous run's
+    final evaluation): the summary said 'stopped early: target accuracy reached' for a run that ran
+    its full length, and a resume then skipped the check of the limit it had really ended on (a
+    review). The last step hears no wish; an earlier one does."""
+    from flmnist.observers.stop import StopAtTarget
+
+    arrays = record(START)
+    path = ReplyPath(ReplyScreen(ScreenSettings(), LIMITS), SENT, [StopAtTarget(0.9)])
+    path.global_model(5, arrays, last=True, test_accuracy=0.95)
+    assert path.stopped is None
+    path = ReplyPath(ReplyScreen(ScreenSettings(), LIMITS), SENT, [StopAtTarget(0.9)])
+    path.global_model(4, arrays, test_accuracy=0.95)
+    assert path.stopped == (4, "target accuracy reached")

@@ -282,7 +282,8 @@ class AsyncLoop:
             self.path.report("privacy", self.accountant.summary())
             save_ledger(self.path.recorder, self.accountant, epsilon)
         self.path.report("async", self.stats_dict())
-        self.path.global_model(self.version, arrays, evaluate=evaluate, **fields)
+        end = self.should_stop() if last is None else last  # the run ends here anyway: no wish stops it early
+        self.path.global_model(self.version, arrays, evaluate=evaluate, last=end, **fields)
         last = self.should_stop() if last is None else last  # (the run's end: a time budget ends before it)
         if evaluate and self.version > 0 and self.path.checkpoint_due(self.version, last=last):
             self.path.save_checkpoint(self.kind, self.version, weights, self.state_dict())

@@ -275,12 +275,15 @@ class ReplyPath:
         if self.recorder is not None and fields:
             self.recorder.add(step, **fields)
 
-    def global_model(self, step: int, arrays: ArrayRecord, evaluate: bool = True, **fields) -> dict:
-        """Hooks on the global model of ``step`` (if ``evaluate``), its metrics row and progress line."""
+    def global_model(self, step: int, arrays: ArrayRecord, evaluate: bool = True, last: bool = False,
+                     **fields) -> dict:
+        """Hooks on the global model of ``step`` (if ``evaluate``), its metrics row and progress line
+        (``last``: the run ends after it anyway, so nobody's wish stops it early)."""
         if evaluate:
             for hook in self.hooks:
                 fields.update(hook.evaluate_global(step, arrays) or {})
-            self._stop_wishes(step, fields)
+            if not last:
+                self._stop_wishes(step, fields)
         if self.recorder is not None:
             self.recorder.set_section("screen", self.stats())
             self.recorder.add(step, **fields)
@@ -288,8 +291,11 @@ class ReplyPath:
         return fields
 
     def _stop_wishes(self, step: int, fields: dict) -> None:
-        """Ask each observer whether the run should end after this evaluated step; the first wish holds."""
-        if self.stopped is not None or step == 0:
+        """Ask each observer whether the run should end after this evaluated step (not one the global
+        evaluation skipped: the run would report an earlier model's accuracy as its final one); the
+        first wish holds."""
+        skipped = any(not hook.is_scheduled(step) for hook in self.hooks if hasattr(hook, "is_scheduled"))
+        if self.stopped is not None or step == 0 or skipped:
             return
         for hook in self.hooks:
             reason = hook.stop_wish(step, fields)

@@ -100,7 +100,7 @@ class SyncEngine:
             return None  # resumed: the initial model was evaluated in the first run
         step = server_round + self.strategy.round_offset
         self.arrays = arrays
-        fields = self.path.global_model(step, arrays)
+        fields = self.path.global_model(step, arrays, last=step == self.num_rounds)
         if self.path.stop_wish is not None and server_round > 0:  # in_train: no next round evaluates this model
             self.strategy.evaluate_stopped(server_round, arrays, self.train_config, self.grid, self.round_timeout)
         if step > 0 and self.path.checkpoint_due(step, last=step == self.num_rounds or self.path.stop_wish is not None):
