@@ -103,13 +103,22 @@ def steps_done(run_dir: Path) -> int:
     return max(steps)
 
 
+def _summary(run_dir: Path) -> dict:
+    """The run's ``summary.json`` ({} if missing, unreadable or not an object)."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return summary if isinstance(summary, dict) else {}
+
+
 def client_updates_done(run_dir: Path) -> int:
     """An asynchronous run's client updates processed so far: its summary's count (the metrics rows
     stop at the last server version; later updates, a part-filled buffer, are only there), else
     the rows'."""
     try:
-        counted = int(json.loads((run_dir / "summary.json").read_text())["async"]["client_updates"])
-    except (OSError, ValueError, KeyError, TypeError):
+        counted = int(_summary(run_dir)["async"]["client_updates"])
+    except (KeyError, TypeError, ValueError):
         counted = 0
     return max([counted, *(int(r.get("client_updates") or 0) for r in _metric_rows(run_dir))])
 
@@ -141,8 +150,8 @@ def extension(saved: DictConfig, cfg: DictConfig) -> str:
 def stopped_early(run_dir: Path) -> str | None:
     """Why the run's summary.json says it stopped early (the target, the privacy budget), or None."""
     try:
-        return (json.loads((run_dir / "summary.json").read_text()).get("stopped_early") or {}).get("reason")
-    except (OSError, ValueError, AttributeError):
+        return (_summary(run_dir).get("stopped_early") or {}).get("reason")
+    except AttributeError:
         return None
 
 
@@ -153,10 +162,7 @@ def stopped_at_target(run_dir: Path) -> bool:
 
 def finished(run_dir: Path) -> bool:
     """Whether the run's summary.json says it finished."""
-    try:
-        return json.loads((run_dir / "summary.json").read_text()).get("status") == "finished"
-    except (OSError, ValueError, AttributeError):
-        return False
+    return _summary(run_dir).get("status") == "finished"
 
 
 def _same_option(group: str, option: str, cfg: DictConfig, saved: DictConfig) -> bool:
@@ -251,12 +257,12 @@ def resumed_config(overrides: list[str], saved: DictConfig, run_dir: Path, check
 def time_used(run_dir: Path) -> float | None:
     """The seconds an asynchronous run has used of its ``async_loop.time_budget``: its summary's
     virtual time (simulation), else its wall time (deployment); None if unknown."""
+    summary = _summary(run_dir)
     try:
-        summary = json.loads((run_dir / "summary.json").read_text())
         used = (summary.get("async") or {}).get("virtual_time")
         used = summary.get("wall_time") if used is None else used
         return float(used) if used is not None else None
-    except (OSError, ValueError, AttributeError, TypeError):
+    except (AttributeError, TypeError, ValueError):
         return None
 
 

@@ -298,16 +298,12 @@ class Guarded(Strategy):
             partition = self.node_partition(msg.metadata.src_node_id)
             if partition is None or self.path.screen.limits is None:
                 continue
-            timing = self.clock.timing(partition, step, self._work(partition), model_bytes)
+            timing = self.clock.timing(partition, step, self.path.work(partition, self.path.screen.limits.train_cap(partition)), model_bytes)
             if timing.dropped:
                 lost.append((msg, timing))
         if lost:
             log(INFO, "Round %d: %d update(s) lost to the simulated fleet's dropout", step, len(lost))
         return lost
-
-    def _work(self, partition: int) -> int:
-        """The examples the task sent to ``partition`` asked for."""
-        return self.path.sent.examples_per_update(self.path.screen.limits.train_cap(partition))
 
     def advance_clock(self, step: int, updates: list, rejections: list = (), lost: list = ()) -> None:
         """Advance virtual time by the slowest node's update; a dropped update (``lost``, its
@@ -321,7 +317,7 @@ class Guarded(Strategy):
         for r in rejections:
             partition = self.node_partition(r.node_id)
             if partition is not None and self.path.screen.limits is not None:
-                waited.append(self.clock.timing(partition, step, self._work(partition), model_bytes))
+                waited.append(self.clock.timing(partition, step, self.path.work(partition, self.path.screen.limits.train_cap(partition)), model_bytes))
         self.clock.advance_by_slowest([*timings, *waited, *lost])
 
     # --------------------------------------------------------------- state

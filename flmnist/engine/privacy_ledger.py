@@ -52,18 +52,12 @@ def restore_ledger(recorder, accountant) -> None:
 
 
 def _more_tasks(accountant, state: dict) -> bool:
-    """A per-node accountant (DP-SGD, local DP): whether the ledger's ``state`` counts tasks the
-    checkpoint's does not (it is the later one: some partition's count or the total is higher).
-    Its epsilon, the largest node's, says nothing of a node below the largest that was sent
-    tasks since: those would be lost. Where the ledger is behind on some partition (it never
-    should be), each partition keeps the larger count (ConfigError-free: counting more is safe)."""
+    """A per-node accountant (DP-SGD, local DP): whether the ledger's ``state`` counts more tasks
+    than the checkpoint's. (Its epsilon, the largest node's, says nothing of a node below the
+    largest that was sent tasks since. The ledger is written at every step the checkpoint is, and
+    after: it is never behind on a partition.)"""
     try:
-        tasks = {int(k): int(v) for k, v in state.get("tasks", {}).items()}
-        unattributed = int(state.get("unattributed", 0))
+        total = sum(int(v) for v in state.get("tasks", {}).values()) + int(state.get("unattributed", 0))
     except (AttributeError, TypeError, ValueError):
         return False
-    later = sum(tasks.values()) + unattributed > sum(accountant.tasks.values()) + accountant.unattributed
-    if later and any(n < accountant.tasks[k] for k, n in ((k, tasks.get(k, 0)) for k in accountant.tasks)):
-        state["tasks"] = {str(k): max(tasks.get(k, 0), accountant.tasks[k]) for k in set(tasks) | set(accountant.tasks)}
-        state["unattributed"] = max(unattributed, accountant.unattributed)
-    return later
+    return total > sum(accountant.tasks.values()) + accountant.unattributed

@@ -53,18 +53,16 @@ class SentTasks:
         The unbound ones are the connected node ids not bound, and one for each partition none of whose
         node ids was connected (its board may come back under a new node id, or its old one); before
         a resumed run's first round, whose node ids are new: every partition not bound now."""
-        bound = self.identities.bound
-        if self.connected is not None:
-            mine = {bound[n].partition for n in self.connected if n in bound}
-            # A partition none of whose node ids was connected may come back, under its old node id
-            # (a task of its own) or a new one (a task against everyone): charge it as both.
-            missing = len(self.accountant.train_examples) - len(mine)
-            unbound = sum(n not in bound for n in self.connected) + missing
-            mine = set(range(len(self.accountant.train_examples)))
-        else:
+        bound, partitions = self.identities.bound, len(self.accountant.train_examples)
+        if self.connected is None:
             mine = {identity.partition for identity in bound.values()}
-            unbound = len(self.accountant.train_examples) - len(mine)
-        return self.accountant.would_exceed_by(lambda part: min(self.per_round, unbound + (part in mine)))
+            unbound = partitions - len(mine)
+            return self.accountant.would_exceed_by(lambda part: min(self.per_round, unbound + (part in mine)))
+        # A partition none of whose node ids was connected may come back under a new node id (a task
+        # against everyone); so every partition may get its own task and all the unbound ones.
+        present = {bound[n].partition for n in self.connected if n in bound}
+        unbound = sum(n not in bound for n in self.connected) + partitions - len(present)
+        return self.accountant.would_exceed_by(lambda part: min(self.per_round, unbound + 1))
 
     def state_dict(self) -> dict:
         return {"unbound_tasks": {str(k): v for k, v in self.unbound.items()}, "round_tasks": self.per_round}
