@@ -177,7 +177,7 @@ def test_a_node_name_with_a_comma_keeps_attribution_csv_in_its_columns(mnist, tm
     column stays under its header and the stopped-run plot reads it back."""
     import csv
 
-    from flmnist.observers.recorder import plot_stopped_attribution
+    from flmnist.observers.stopped import plot_stopped_attribution
 
     (x, y), (tx, ty) = mnist
     torch.manual_seed(0)

@@ -179,7 +179,7 @@ def test_sigterm_stops_every_process_the_command_started(tmp_path, mnist_root):
                                 cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=err)
     try:
         deadline = time.monotonic() + 300
-        while not list(tmp_path.glob("outputs/**/metrics.json")):  # training has started
+        while not list(tmp_path.glob("outputs/**/attribution.csv")):  # a round has been trained
             assert proc.poll() is None, stderr.read_text()[-3000:]
             assert time.monotonic() < deadline, "training did not start within 300 s"
             time.sleep(0.2)
@@ -201,6 +201,7 @@ def test_sigterm_stops_every_process_the_command_started(tmp_path, mnist_root):
     summary = json.loads((tmp_path / run_dir / "summary.json").read_text())
     assert summary["status"] == "stopped" and "SIGTERM" in summary["error"], summary
     assert summary["screen"] is not None and "replies_screened" in summary["screen"], summary  # the screen's so far
+    assert summary["node_devices"] and summary["attribution"]["totals"], summary  # the other sections so far
     rows = json.loads((tmp_path / run_dir / "metrics.json").read_text())
     assert summary["rounds_completed"] == max(r["round"] for r in rows)
     assert f"results after round {summary['rounds_completed']} in" in stderr.read_text()

@@ -18,7 +18,8 @@ from flmnist.launch.outcome import finished_line
 from flmnist.ml.models import LogReg
 from flmnist.observers.attribution import Attribution
 from flmnist.observers.collapse import describe, find_collapse
-from flmnist.observers.recorder import FINAL_LINE, RunRecorder, final_line, summarize_stopped
+from flmnist.observers.recorder import FINAL_LINE, RunRecorder, final_line
+from flmnist.observers.stopped import summarize_stopped
 
 
 def rows_of(*accuracies, start: int = 1) -> list[dict]:

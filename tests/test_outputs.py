@@ -15,7 +15,8 @@ from PIL import Image
 
 from flmnist.engine.async_stats import stats_lines
 from flmnist.ml.export import save_state_dict
-from flmnist.observers.recorder import FINAL_LINE, RunRecorder, summarize_stopped
+from flmnist.observers.recorder import FINAL_LINE, RunRecorder
+from flmnist.observers.stopped import summarize_stopped
 
 LABEL = "demo: FedProx, Dirichlet split, LeNet, 3 nodes"
 
@@ -63,6 +64,9 @@ def test_a_stopped_run_gets_a_summary_of_what_it_recorded(tmp_path):
     recorder.rows.pop(3)
     screen = {"replies_screened": 6, "replies_rejected": 1, "rejected_by_node": {"node 1": 1}}
     recorder.set_section("screen", screen)  # as the reply path reports it after each round
+    privacy = {"mechanism": "central", "epsilon": 1.25, "delta": 1e-5}
+    recorder.set_section("privacy", privacy)  # as the guard reports it after each round
+    recorder.set_section("node_devices", {"node 0": "cpu", "node 1": "cuda:0"})  # as updates come
     recorder.write_metrics()  # what end_round had written when the run was killed
     (tmp_path / "attribution.csv").write_text(  # attribution's snapshots after rounds 1 and 2
         "step,node,updates," + ",".join(f"digit_{d}" for d in range(10)) + ",total\n"
@@ -73,6 +77,13 @@ def test_a_stopped_run_gets_a_summary_of_what_it_recorded(tmp_path):
     assert (summary["status"], summary["error"], summary["rounds_completed"]) == ("stopped", "stopped by SIGTERM", 2)
     assert (summary["final_accuracy"], summary["best_round"], summary["rounds_to_target"]) == (0.7, 2, 2)
     assert summary["screen"] == screen  # what the screen had rejected by then, not null
+    # the other sections reported by then, and the attribution's totals after its last snapshot
+    assert summary["privacy"] == privacy and summary["node_devices"] == {"node 0": "cpu", "node 1": "cuda:0"}
+    assert summary["attribution"]["totals"] == {"node 0": [1.0] * 10, "node 1": [1.0] * 10}
+    assert summary["attribution"]["updates"] == {"node 0": 2, "node 1": 2}
+    assert summary["attribution"]["helped_most"]["3"] == "node 1"  # (a tie: the last in node order, as a live run ranks)
+    assert summary["attribution"]["hurt_most"]["3"] is None
+    assert "after step 2" in summary["attribution"]["from"]
     assert (tmp_path / "accuracy_loss.png").is_file() and len((tmp_path / "summary.md").read_text().splitlines()) == 4
     assert (tmp_path / "client_loss.png").is_file() and (tmp_path / "attribution.png").is_file()
     assert not (tmp_path / "model.pt").exists()  # nothing invented: there is no model to save here

@@ -152,6 +152,8 @@ class ReplyPath:
         self.devices.update((u.name, u.device) for u in updates)
         self.screen_seconds += time.perf_counter() - t
         if self.recorder is not None:
+            if self.devices:  # (as it goes: the summary of a run stopped from outside has it too)
+                self.recorder.set_section("node_devices", dict(sorted(self.devices.items())))
             for u in updates:
                 self.recorder.add_loss_trace(u.name, u.metrics[p.LOSS_TRACE], step)
         if not delta:  # a delta is not a model to evaluate
@@ -227,7 +229,6 @@ class ReplyPath:
         if self.recorder is not None:
             self.recorder.set_section("screen", self.stats())
         if self.recorder is not None and self.devices:
-            self.recorder.set_section("node_devices", dict(sorted(self.devices.items())))
             counts = Counter(self.devices.values())
             total = int(self.sent.num_partitions or 0)
             missing = total - len(self.devices)
@@ -378,6 +379,8 @@ class ReplyPath:
         self.lengths.clipped, self.aggregates_rejected = state.get("clipped", 0), state.get("aggregates_rejected", 0)
         self.guard_rejected, self.screened = state.get("guard_rejected", 0), state.get("screened", 0)
         self.screen_seconds, self.devices = state.get("screen_seconds", 0.0), dict(state.get("devices", {}))
+        if self.recorder is not None and self.devices:
+            self.recorder.set_section("node_devices", dict(sorted(self.devices.items())))
         if self.guard is not None:
             self.guard.load_state(state.get("guard") or {})
         hooks = state.get("hooks", {})

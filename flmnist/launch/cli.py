@@ -70,7 +70,8 @@ from flmnist.launch.flwr_local import run_flwr, shielded
 from flmnist.launch.outcome import finished_line, outcome, signature, wrote_summary
 from flmnist.launch.sweep_link import SweepLink
 from flmnist.ml.mnist_files import ensure_mnist, resolve_root
-from flmnist.observers.recorder import final_line, summarize_stopped
+from flmnist.observers.recorder import final_line
+from flmnist.observers.stopped import summarize_stopped
 
 APP_DIR = Path(__file__).resolve().parents[2]
 INTERRUPTED = "interrupted; every process this run started has been stopped"  # Ctrl-C

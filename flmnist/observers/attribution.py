@@ -42,11 +42,11 @@ import torch
 
 from flmnist.core.run_files import atomic_write
 from flmnist.ml.threads import in_background
+from flmnist.observers.attribution_table import HEADER, NUM_DIGITS, helped_and_hurt, node_order
 from flmnist.observers.base import Observer, RunContext
 from flmnist.observers.probe import Probe, probe_indices  # noqa: F401 - probe_indices re-exported
 
 Weights = dict  # name -> numpy array
-NUM_DIGITS = 10
 GUESSING = 0.25  # a model labelling at least this share of all probe images with one digit guesses it (fair: 0.1)
 
 
@@ -175,23 +175,15 @@ class Attribution(Observer):
     def write_csv(self) -> None:
         if self.run_dir is None:
             return
-        header = "step,node,updates," + ",".join(f"digit_{d}" for d in range(NUM_DIGITS)) + ",total"
         buf = io.StringIO()
-        buf.write(header + "\n")
+        buf.write(HEADER + "\n")
         buf.writelines(line + "\n" for line in self.snapshots)
         atomic_write(self.run_dir / "attribution.csv", buf.getvalue())
 
     def helped_and_hurt(self) -> tuple[dict[int, str | None], dict[int, str | None]]:
         """Per digit: the node with the largest positive total, and with the most negative."""
         self.wait()
-        helped, hurt = {}, {}
-        names = sorted(self.totals, key=node_order)
-        for d in range(NUM_DIGITS):
-            values = [(self.totals[n][d], n) for n in names]
-            best, worst = max(values, default=(0.0, None)), min(values, default=(0.0, None))
-            helped[d] = best[1] if best[0] > 0 else None
-            hurt[d] = worst[1] if worst[0] < 0 else None
-        return helped, hurt
+        return helped_and_hurt(self.totals)
 
     def _credit(self, name: str, digit: int) -> str:
         """``node 0 (+156.0 pp over 8 updates, +19.5 each)``."""
@@ -274,8 +266,3 @@ class Attribution(Observer):
         self.label_share = np.array(state.get("label_share", [0.0] * NUM_DIGITS), dtype=float)
         self.label_share_step = np.array(state.get("label_share_step", [0] * NUM_DIGITS), dtype=int)
 
-
-def node_order(name: str) -> tuple:
-    """"node 2" before "node 10"; other names after, alphabetically."""
-    tail = name.rsplit(" ", 1)[-1]
-    return (0, int(tail), name) if tail.isdigit() else (1, 0, name)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import logging
 import math
 import time
 from collections import defaultdict
@@ -16,13 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
-from flmnist.core.run_files import atomic_write, run_config
+from flmnist.core.run_files import atomic_write
 from flmnist.observers.collapse import DROP, PATIENCE, describe, find_collapse
-from flmnist.observers.mlflow_run import mark_stopped
 from flmnist.observers.trackers import Trackers, scalars
 
 SCALAR = (int, float, str, type(None))
 SECTIONS = {"async": "async_stats", "screen": "screen_stats", "stopped_early": "stopped_early"}  # summary.json sections others report
+SECTIONS_FILE = "summary_sections.json"  # the summary's other sections so far (privacy, node_devices ...)
 FINAL_LINE = "Run {status}:"  # the start of the last line a run prints (after summary.json is written)
 DEGRADED = "finished degraded"  # FINAL_LINE's status of a finished run that collapsed (summary.json: degraded)
 
@@ -197,6 +196,9 @@ class RunRecorder:
         for name in ("async_stats", "screen_stats"):  # (the screen's: for the summary of a run stopped from outside)
             if (value := getattr(self, name)) is not None:
                 atomic_write(self.run_dir / f"{name}.json", json.dumps(_clean(value), indent=1))
+        sections = {**self.extra, "stopped_early": self.stopped_early}  # (the others', for the same summary)
+        if any(v is not None for v in sections.values()):
+            atomic_write(self.run_dir / SECTIONS_FILE, json.dumps(_clean(sections), indent=1))
 
     def degraded(self) -> dict | None:
         """The collapse of the global test accuracy (``summary.json``'s ``degraded``), or None:
@@ -343,58 +345,3 @@ def run_label(cfg) -> str:
 
     split = short(cfg["partition"]).removesuffix("Partition")
     return f"{cfg['name']}: {short(cfg['strategy'])}, {split} split, {short(cfg['model'])}, {cfg['num_nodes']} nodes"
-
-
-def summarize_stopped(run_dir: Path, num_rounds: int, target_accuracy: float, unit: str, reason: str,
-                      collapse_drop: float | None = DROP, collapse_patience: int = PATIENCE) -> dict | None:
-    """The summary of a run stopped from outside (SIGTERM, SIGHUP, Ctrl-C), from what it wrote.
-
-    The server process is gone by then; its metrics files are not: they are read back as a
-    checkpoint's recorder state is (:meth:`RunRecorder.restore`). ``summary.json`` says
-    ``status: stopped`` and why, and the plots are drawn (titled as the run's were); ``model.pt`` and the checkpoint stay as
-    the run left them. None when the run wrote no metrics yet.
-    """
-    run_dir = Path(run_dir)
-    try:
-        rows = {int(r["round"]): r for r in json.loads((run_dir / "metrics.json").read_text())}
-        traces = json.loads((run_dir / "client_loss.json").read_text())
-        means = run_dir / "client_loss_means.json"
-        points = json.loads(means.read_text()) if means.is_file() else {}
-        async_stats, screen_stats = (json.loads((run_dir / f"{n}.json").read_text()) if (run_dir / f"{n}.json").is_file()
-                                     else None for n in ("async_stats", "screen_stats"))
-    except (OSError, ValueError, TypeError, KeyError):
-        return None
-    evaluated = [(n, r["test_accuracy"]) for n, r in sorted(rows.items()) if n > 0 and r.get("test_accuracy") is not None]
-    best_round, best_accuracy = max(evaluated, key=lambda e: e[1], default=(None, None))  # ties: the earliest
-    try:  # the plots' titles name the run, as the run's own did
-        label = run_label(run_config(run_dir))
-    except (TypeError, KeyError, AttributeError):  # no flmnist config.yaml, or one without these keys
-        label = ""
-    rec = RunRecorder(run_dir, num_rounds, target_accuracy, printer=lambda _: None, unit=unit, label=label,
-                      collapse_drop=collapse_drop, collapse_patience=collapse_patience)
-    rec.restore({"rows": rows, "loss_traces": traces, "loss_points": points, "async_stats": async_stats,
-                 "best_accuracy": best_accuracy, "best_round": best_round,
-                 "elapsed": max((r.get("wall_time") or 0.0 for r in rows.values()), default=0.0)})
-    rec.model_saved = True  # the global model is not in this process: model.pt stays as it was
-    rec.screen_stats = screen_stats
-    summary = rec.finish("stopped", reason)
-    plot_stopped_attribution(run_dir, label)
-    mark_stopped(run_dir)
-    return summary
-
-
-def plot_stopped_attribution(run_dir: Path, label: str = "") -> None:
-    """``attribution.png`` of a stopped run, from the last snapshot in its ``attribution.csv``."""
-    try:
-        with open(run_dir / "attribution.csv", newline="") as f:
-            rows = list(csv.DictReader(f))
-        last = max(int(r["step"]) for r in rows)
-        rows = [r for r in rows if int(r["step"]) == last]
-        totals = np.array([[float(r[f"digit_{d}"]) for d in range(10)] for r in rows])
-        from flmnist.observers.plots import plot_attribution
-
-        plot_attribution(run_dir, [r["node"] for r in rows], totals, label)
-    except (OSError, ValueError, KeyError):
-        return  # no attribution recorded (turned off, or stopped before its first snapshot)
-    except Exception as err:  # noqa: BLE001 - a plot must never lose the run's results
-        logging.getLogger("flwr").warning("Attribution plot failed (%s); the table is in attribution.csv", err)
