@@ -20,6 +20,7 @@ from flmnist.config.compose import group_options, sweep_jobs
 from flmnist.core.errors import ConfigError, RunFailed
 from flmnist.launch.flwr_local import descendants, pids_with_env, started_at
 from flmnist.launch.outcome import finished_line, outcome
+from flmnist.launch.output import Echo
 from flmnist.launch.sweep_link import parent_of, role_of
 
 FLMNIST = str(Path(sys.executable).parent / "flmnist")
@@ -248,6 +249,32 @@ def test_a_run_directory_holds_only_documented_files_and_no_empty_log(tmp_path, 
     assert out.stdout.count(note) == 1 and note in (run / "flwr_run.log").read_text(), out.stdout[-3000:]
     undocumented = sorted(p.name for p in run.iterdir() if p.name not in documented_outputs())
     assert not undocumented, f"not described in docs/outputs.md: {undocumented}"
+
+
+@pytest.mark.slow
+def test_a_run_piped_into_head_finishes_with_its_log(tmp_path, mnist_root):
+    """``flmnist ... | head``: the reader ends after a line; the run goes on (it was stopped, exit 2,
+    by the BrokenPipeError) and finishes with its full output in flwr_run.log, said on stderr."""
+    script = (f"{FLMNIST} model=logreg num_nodes=2 num_rounds=3 client.local_steps=5 hydra.run.dir=run "
+              "2>stderr.txt | head -1; echo exit=${PIPESTATUS[0]}")
+    out = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                         check=False, env={**os.environ, "FLMNIST_DATA_DIR": str(mnist_root)})
+    stderr = (tmp_path / "stderr.txt").read_text()
+    assert out.stdout.splitlines()[-1] == "exit=0", out.stdout[-2000:] + stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "finished"
+    assert "standard output was closed; the run goes on, its output in" in stderr
+    assert "Run finished:" in (tmp_path / "run" / "flwr_run.log").read_text()
+
+
+def test_a_log_that_cannot_be_written_ends_the_log_not_the_run(capsys):
+    """The log's disk is full (/dev/full): said once, naming the file and the error; no exception."""
+    echo = Echo("/dev/full")
+    with open("/dev/full", "w") as full:
+        echo.log(full, "a line\n")
+        echo.log(full, "another\n")
+    err = capsys.readouterr().err
+    assert err.count("flmnist: cannot write /dev/full (OSError: [Errno 28] No space left on device)") == 1, err
+    assert not echo.to_log
 
 
 def test_the_commands_checks_before_flower_starts_import_no_pytorch(mnist_root):

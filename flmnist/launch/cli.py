@@ -63,7 +63,7 @@ from flmnist.core.run_files import (
     quoted,
     resume_arg,
 )
-from flmnist.launch import warm_link
+from flmnist.launch import output, warm_link
 from flmnist.launch.backend import check_gpu_share, client_gpus, simulation_backend
 from flmnist.launch.comparison import COLUMNS, degraded_message, write_comparison  # noqa: F401 - re-exported
 from flmnist.launch.flwr_local import run_flwr, shielded
@@ -323,6 +323,7 @@ def _stop_on(signum: int, frame) -> None:
 
 def main() -> None:
     """Console entry point: one clear line and an honest exit code for every outcome."""
+    output.install()  # flmnist ... | head: the run goes on when the reader ends
     for s in (signal.SIGTERM, signal.SIGHUP):
         if signal.getsignal(s) is not signal.SIG_IGN:  # (nohup flmnist: a hangup stays ignored)
             signal.signal(s, _stop_on)

@@ -24,6 +24,7 @@ from functools import partial
 from pathlib import Path
 
 from flmnist.core.constants import BACKEND_ENV  # read in the simulation process
+from flmnist.launch.output import Echo
 
 
 def free_port() -> int:
@@ -330,13 +331,13 @@ def run_flwr(
                 watchdog.start()
             assert proc.stdout is not None
             colour = sys.stdout.isatty() and not os.environ.get("NO_COLOR")  # no escape codes in files and pipes
+            echo = Echo(log_path)
             for line in proc.stdout:
                 if readable(line) is not None:
                     sys.stdout.write(line if colour else ANSI.sub("", line))
                     sys.stdout.flush()
                     if log:  # the log file without colour codes
-                        log.write(ANSI.sub("", line))
-                        log.flush()
+                        echo.log(log, ANSI.sub("", line))
                 if until is not None and until(line):
                     # The results are on disk: SIGKILL what has not stopped after 1 s with Ray (its
                     # raylet stops its own agents on SIGTERM), at once without it (Flower's

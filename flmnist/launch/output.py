@@ -1,0 +1,81 @@
+"""The command's output: a copy that cannot be written ends, the run does not.
+
+``flmnist ... | head`` closes standard output after a line; a full disk fails the log's writes.
+Either ends that copy, said once on stderr, and the run goes on: its results are the server's
+files (summary, metrics, models), not these copies of its output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+
+class QuietWhenClosed:
+    """``sys.stdout`` for the command (:func:`install`): once a write or flush fails (its reader
+    ended), the descriptor points at /dev/null and what follows goes nowhere, quietly."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+        self.closed_reader = False
+
+    def write(self, text: str) -> int:
+        return self._guarded(self._stream.write, text) or len(text)
+
+    def flush(self) -> None:
+        self._guarded(self._stream.flush)
+
+    def _guarded(self, call, *args):
+        try:
+            return call(*args)
+        except BrokenPipeError:
+            if not self.closed_reader:
+                self.closed_reader = True
+                to_devnull(self._stream)
+                print("flmnist: standard output was closed; the run goes on, its output in flwr_run.log in "
+                      "the run's directory", file=sys.stderr, flush=True)
+            return None
+
+    def __getattr__(self, name):  # isatty, fileno, encoding ...
+        return getattr(self._stream, name)
+
+
+def install() -> None:
+    """Make ``sys.stdout`` a :class:`QuietWhenClosed` (once)."""
+    if not isinstance(sys.stdout, QuietWhenClosed):
+        sys.stdout = QuietWhenClosed(sys.stdout)
+
+
+class Echo:
+    """The run's log, copied line by line from Flower's output stream (the screen's copy is
+    ``sys.stdout``'s): a write that fails ends the log, said once."""
+
+    def __init__(self, log_path: str | os.PathLike | None) -> None:
+        self.log_path = log_path
+        self.to_log = True
+
+    def log(self, file, text: str) -> None:
+        if self.to_log and (error := _write(file, text)) is not None:
+            self.to_log = False
+            to_devnull(file)  # (what it still buffers, flushed as it closes, too)
+            print(f"flmnist: cannot write {self.log_path} ({error}); the run goes on without its log",
+                  file=sys.stderr, flush=True)
+
+
+def to_devnull(file) -> None:
+    """Point ``file``'s descriptor at /dev/null: its writes and flushes succeed from now on."""
+    with contextlib.suppress(OSError, ValueError):
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, file.fileno())
+        os.close(null)
+
+
+def _write(file, text: str) -> str | None:
+    """Write and flush ``text``: None, or what the failed write raised."""
+    try:
+        file.write(text)
+        file.flush()
+    except (OSError, ValueError) as err:  # ValueError: a closed file
+        return f"{type(err).__name__}: {err}"
+    return None
