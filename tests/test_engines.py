@@ -1339,7 +1339,8 @@ class Offline(FakeNode):
 def test_a_node_that_is_gone_gets_no_stream_of_tasks(task_identity, gone):
     """With prefetch=1 a node that vanished with two tasks in flight, or whose every message
     Flower answers at once as unavailable, gets no more: it goes away and the others train (it
-    was sent a new task for each failed one, 2,160 in 0.7 s, counted as client updates)."""
+    was sent a new task for each failed one, 2,160 in 0.7 s, counted as client updates). The
+    error replies count as unavailable, not as the node's failures."""
     bad = FakeNode(1, 0.02, vanish=True) if gone == "vanished" else Offline(1, 0.02)
     nodes = {101: FakeNode(0, 0.01, delay=0.2), 102: bad, 103: FakeNode(2, 0.03, delay=0.2)}
     loop, grid = make_loop(nodes, FedAsync(alpha=0.5), concurrency=2, max_server_updates=4, update_timeout=60.0,
@@ -1348,6 +1349,9 @@ def test_a_node_that_is_gone_gets_no_stream_of_tasks(task_identity, gone):
     assert grid.trained(102) <= 2 and loop.version == 4 and loop.stats.client_updates <= 4 + 2
     if gone == "vanished":
         assert [n.node_id for n in loop.away] == [102]
+    else:  # Flower's error reply says the node is gone: not its failure, not screened
+        assert loop.stats.counts["unavailable"] >= 1 and "failed" not in loop.stats.counts, loop.stats.counts
+        assert not loop.path.failed
 
 
 class SerialGrid(FakeGrid):

@@ -35,7 +35,6 @@ from collections import Counter
 from logging import INFO, WARNING
 
 from flwr.app import ArrayRecord, Message
-from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 
 from flmnist.core.arrays import to_record, to_weights
@@ -43,7 +42,7 @@ from flmnist.core.errors import RunFailed
 from flmnist.engine.async_jobs import Job, Node
 from flmnist.engine.async_stats import AsyncStats, stats_lines
 from flmnist.engine.async_steps import PendingStep
-from flmnist.engine.async_transport import Transport
+from flmnist.engine.async_transport import Transport, says_gone
 from flmnist.engine.base import UpdateLiveness, VirtualClock, restore_common
 from flmnist.engine.fleet import Fleet
 from flmnist.engine.privacy import AsyncPrivacy, SampleAccountant
@@ -162,8 +161,7 @@ class AsyncLoop:
         node = self.transport.nodes[job.node_id]
         if job.node_id in self.busy() or node in self.transport.away or node in self.idle:
             return
-        gone = reply is not None and reply.has_error() and reply.error.code == ErrorCode.NODE_UNAVAILABLE
-        if not self.clock.simulated and (gone or self.transport.unavailable(job)):
+        if not self.clock.simulated and (says_gone(reply) or self.transport.unavailable(job)):
             self.transport.away.append(node)  # Flower says it is gone: no work until it is back
         else:
             self.idle.append(node)  # last in line: with fewer slots than nodes, every node gets its turn
@@ -185,8 +183,8 @@ class AsyncLoop:
         if job.timing is not None and job.timing.dropped:
             self.stats.count("dropped (device)")
             return None
-        if reply is None:
-            if self.transport.unavailable(job):
+        if reply is None or says_gone(reply):  # (a gone node's error reply is not its fault: not screened)
+            if reply is not None or self.transport.unavailable(job):
                 log(WARNING, "Node id %s is no longer connected; its update is lost", job.node_id)
                 self.failure("unavailable", f"node id {job.node_id} became unavailable", job.node_id)
             else:

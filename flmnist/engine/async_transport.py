@@ -20,6 +20,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.common.constant import ErrorCode
 
 from flmnist.engine.async_jobs import Job, Node, VirtualQueue
 from flmnist.engine.base import UpdateLiveness
@@ -27,6 +28,11 @@ from flmnist.engine.node_directory import NodeDirectory
 from flmnist.engine.reply_path import ReplyPath
 from flmnist.protocol import messages as p
 from flmnist.protocol.screen import NodeInfo
+
+
+def says_gone(reply: Message | None) -> bool:
+    """Whether ``reply`` is Flower's error for a node no longer connected (NODE_UNAVAILABLE)."""
+    return reply is not None and reply.has_error() and reply.error.code == ErrorCode.NODE_UNAVAILABLE
 
 
 class Transport:
