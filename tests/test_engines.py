@@ -1354,6 +1354,39 @@ def test_a_node_that_is_gone_gets_no_stream_of_tasks(task_identity, gone):
         assert not loop.path.failed
 
 
+class Unstored(FakeGrid):
+    """Node 102 is still listed, but the SuperLink stores no message for it: Flower 1.41 answers
+    its push with "" for a message id (runtime_handlers.push_messages)."""
+
+    def __init__(self, nodes):
+        super().__init__(nodes)
+        self.unstored = 0
+
+    def push_messages(self, messages):
+        ids = []
+        for msg in messages:
+            if msg.metadata.dst_node_id == 102 and msg.metadata.message_type == MessageType.TRAIN:
+                self.unstored += 1
+                ids.append("")
+            else:
+                ids += super().push_messages([msg])
+        return ids
+
+
+def test_a_task_flower_did_not_store_is_not_counted_and_its_node_waits_away(task_identity):
+    """A push answered with "" sent nothing: no job waits out its timeout on it, the node's update
+    count stays, and it waits among the away until Flower lists it at a later refresh."""
+    nodes = {101: FakeNode(0, 0.01, delay=0.05), 102: FakeNode(1, 0.02), 103: FakeNode(2, 0.03, delay=0.05)}
+    loop, grid = make_loop(nodes, FedAsync(alpha=0.5), grid_class=Unstored, concurrency=3, max_server_updates=4,
+                           update_timeout=60.0)
+    started = time.monotonic()
+    loop.run(record(START))
+    assert loop.version == 4 and time.monotonic() - started < 30
+    assert [n.node_id for n in loop.away] == [102] and loop.nodes[102].updates == 0, (grid.unstored, loop.idle, loop.away)
+    # (tried again at the first refresh, which lists it, then at most once per 5 s refresh)
+    assert 1 <= grid.unstored <= 2 + (time.monotonic() - started) / 5 and "timed out" not in loop.stats.counts
+
+
 class SerialGrid(FakeGrid):
     """A node works on one message at a time, as a SuperNode does: a queued message's reply comes
     ``delay`` after the one before it, not after its own push; every TTL is kept."""

@@ -17,10 +17,9 @@ In both, a message has a TTL and every update a timeout, so a node that vanishes
 slot for one timeout, not the run (an error reply frees it at once). Every reply takes the
 run's :class:`~flmnist.engine.reply_path.ReplyPath` (the same screen, hooks, recording and
 checkpoint layout as the synchronous engine). The loop ends with a clear error after
-``max_consecutive_failures`` failed or rejected updates in a row while every node in flight
-has failed its last update (one bad node cannot end a run others advance), or when no server
-version was made for ``progress_timeout`` seconds; a node Flower reports unavailable frees its slot at
-once.
+``max_consecutive_failures`` failed or rejected updates in a row while every node in flight has
+failed its last update (one bad node cannot end a run others advance), or when no server version
+was made for ``progress_timeout`` seconds; a node Flower reports unavailable frees its slot at once.
 
 The loop's parts: :mod:`~flmnist.engine.async_transport` (nodes, messages, waiting for the next
 reply), :mod:`~flmnist.engine.async_stats` (counters and statistics),
@@ -104,14 +103,17 @@ class AsyncLoop:
     staleness = property(lambda self: self.stats.staleness)
 
     # -------------------------------------------------------------- dispatch
-    def dispatch(self, node: Node, arrays: ArrayRecord, weights: dict) -> Job:
+    def dispatch(self, node: Node, arrays: ArrayRecord, weights: dict) -> Job | None:
         node.updates += 1
         self.transport.partition_updates[node.partition] = node.updates
         if self.sample_dp is not None:
             self.sample_dp.task(node.partition, node.info.name)
             save_ledger(self.path.recorder, self.sample_dp, self.sample_dp.epsilon)  # (cached by would_exceed)
         config = self.sent.to_record(**{p.SERVER_ROUND: node.updates, p.SERVER_VERSION: self.version})
-        message_id = self.transport.send_train(node, arrays, config)
+        if (message_id := self.transport.send_train(node, arrays, config)) is None:  # not sent: not counted
+            node.updates -= 1
+            self.transport.partition_updates[node.partition] = node.updates
+            return None
         self.sent_models.setdefault(self.version, weights)
         self.seq += 1
         timing, vdone = None, float(self.seq)

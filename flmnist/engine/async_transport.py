@@ -18,9 +18,11 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from logging import WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.constant import ErrorCode
+from flwr.common.logger import log
 
 from flmnist.engine.async_jobs import Job, Node, VirtualQueue
 from flmnist.engine.base import UpdateLiveness
@@ -104,14 +106,22 @@ class Transport:
             self.on_available(back + self.discover(timeout=0.0))  # answers come in at later refreshes
 
     # -------------------------------------------------------------- messages
-    def send_train(self, node: Node, arrays: ArrayRecord, config: ConfigRecord) -> str:
+    def send_train(self, node: Node, arrays: ArrayRecord, config: ConfigRecord) -> str | None:
         """Push one train message; its message id. Its TTL: the update timeout, once more for each
-        task of the node's queued ahead of it (prefetch), which it waits behind."""
+        task of the node's queued ahead of it (prefetch), which it waits behind. None: Flower stored
+        no message (its id "" or None, or no id: the node is no longer registered, the message too
+        large); the node, unless it still has a task, waits among the ``away``."""
         ahead = sum(1 for j in self.in_flight.values() if j.node_id == node.node_id)
         msg = Message(RecordDict({p.ARRAYS: arrays, p.CONFIG: config}), dst_node_id=node.node_id,
                       message_type=MessageType.TRAIN, ttl=self.update_timeout * (1 + ahead))
-        (message_id,) = list(self.grid.push_messages([msg]))
-        return message_id
+        ids = list(self.grid.push_messages([msg]))
+        if len(ids) == 1 and isinstance(ids[0], str) and ids[0]:
+            return ids[0]
+        log(WARNING, "Flower did not take the task for node id %s (message ids %s): it waits until Flower lists it "
+            "again", node.node_id, ids)
+        if not ahead and node not in self.away:
+            self.away.append(node)
+        return None
 
     def track(self, job: Job) -> None:
         self.in_flight[job.message_id] = job
