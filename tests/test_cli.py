@@ -232,6 +232,46 @@ def documented_outputs() -> set[str]:
 
 
 @pytest.mark.slow
+def test_nothing_outlives_a_command_killed_with_sigkill(tmp_path, mnist_root):
+    """kill -9 (or the out-of-memory killer): the command cannot stop what it started; its
+    watchdog does, within seconds, and removes the private FLWR_HOME. (Before, the detached
+    SuperLink and executor ran on, holding their ports, until a reboot.)"""
+    marker = f"FLMNIST_TEST_MARKER={uuid.uuid4().hex}"
+    env = {**os.environ, "FLMNIST_DATA_DIR": str(mnist_root), marker.split("=")[0]: marker.split("=")[1]}
+    proc = subprocess.Popen([FLMNIST, "model=logreg", "num_nodes=2", "num_rounds=30", "client.local_steps=5"],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(tmp_path.glob("outputs/**/metrics.json")):  # training has started
+            assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+            time.sleep(0.2)
+        started = processes_with(marker)
+        homes = {entry.split("=", 1)[1] for pid in started for entry in _environ(pid) if entry.startswith("FLWR_HOME=")}
+        tracked = {pid: started_at(pid) for pid in {*started, *descendants(started)} if pid != proc.pid}
+        assert len(homes) == 1 and len(tracked) > 3, (homes, tracked)
+        proc.kill()
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    deadline = time.monotonic() + 30
+    def alive() -> dict[int, str]:
+        return {pid: describe(pid) for pid, start in tracked.items() if start and started_at(pid) == start}
+
+    while (alive() or Path(next(iter(homes))).exists()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not alive(), f"processes the killed command started outlived it: {alive()}"
+    assert not Path(next(iter(homes))).exists()
+
+
+def _environ(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+@pytest.mark.slow
 def test_a_run_directory_holds_only_documented_files_and_no_empty_log(tmp_path, mnist_root):
     """What a user finds after a run: each file described in docs/outputs.md; one log,
     flwr_run.log (Hydra's empty cli.log is not written). A note on the config (an evaluation

@@ -69,6 +69,7 @@ from flmnist.launch.comparison import COLUMNS, degraded_message, write_compariso
 from flmnist.launch.flwr_local import run_flwr, shielded
 from flmnist.launch.outcome import finished_line, outcome, signature, wrote_summary
 from flmnist.launch.sweep_link import SweepLink
+from flmnist.launch.watchdog import watch
 from flmnist.ml.mnist_files import ensure_mnist, resolve_root
 from flmnist.observers.recorder import final_line
 from flmnist.observers.stopped import summarize_stopped
@@ -168,6 +169,7 @@ def launch(cfg: DictConfig) -> dict:
     link = _sweep_link[0] if sweep else None
     flwr_home = link.home_for(hc.job.num, (backend, sim.ray_address)) if link else tempfile.mkdtemp(
         prefix="flmnist-flwr-home-")
+    watch(flwr_home)  # (kill -9 of this command: the watchdog stops what it started)
     try:
         print(f"flmnist: simulation backend: {BACKEND_NOTES[backend]}", flush=True)
         code = run_flwr(APP_DIR, overrides, run_cfg.num_nodes, flwr_home, log_path=run_dir / "flwr_run.log",

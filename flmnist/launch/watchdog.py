@@ -1,0 +1,47 @@
+"""Nothing outlives a killed ``flmnist``: a watchdog beside each private FLWR_HOME.
+
+The command stops everything it started on every way out it sees (the end of a run, a bad
+reply, a signal it can catch). ``kill -9`` or the out-of-memory killer it cannot see: the
+detached SuperLink and executor (their own sessions) would run on. :func:`watch` starts
+``python -m flmnist.launch.watchdog PID START FLWR_HOME`` once per FLWR_HOME: in its own
+session, with a clean environment (it is under no FLWR_HOME and carries nothing of the run's),
+its output nowhere. Once the command's process (PID, started at START) is gone, however it
+ended, it stops every process under FLWR_HOME, by process id, and removes the folder; after a
+normal end it finds nothing left, and exits.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+from flmnist.launch.flwr_local import started_at, stop_env
+
+POLL_S = 0.5
+_watched: set[str] = set()  # the FLWR_HOMEs this process has a watchdog for
+
+
+def watch(flwr_home: str | os.PathLike) -> None:
+    """Start the watchdog of ``flwr_home`` for this process (once per folder)."""
+    home = str(flwr_home)
+    if home in _watched:
+        return
+    _watched.add(home)
+    env = {k: v for k, v in os.environ.items() if k in ("PATH", "PYTHONPATH", "LANG", "LC_ALL", "HOME", "TMPDIR")}
+    subprocess.Popen([sys.executable, "-m", "flmnist.launch.watchdog", str(os.getpid()), str(started_at(os.getpid())),
+                      home], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                     start_new_session=True, close_fds=True)
+
+
+def main(pid: int, start: int, flwr_home: str) -> None:
+    while started_at(pid) == start:
+        time.sleep(POLL_S)
+    stop_env(f"FLWR_HOME={flwr_home}")
+    shutil.rmtree(flwr_home, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
