@@ -295,8 +295,7 @@ class ReplyPath:
         """Ask each observer whether the run should end after this evaluated step (not one the global
         evaluation skipped: the run would report an earlier model's accuracy as its final one); the
         first wish holds."""
-        skipped = any(not hook.is_scheduled(step) for hook in self.hooks if hasattr(hook, "is_scheduled"))
-        if self.stopped is not None or step == 0 or skipped:
+        if self.stopped is not None or step == 0 or any(hook.skips(step) for hook in self.hooks):
             return
         for hook in self.hooks:
             reason = hook.stop_wish(step, fields)

@@ -57,6 +57,12 @@ class Observer:
         """After an evaluated global model (``metrics``: its row so far): a reason to end the run now, or None."""
         return None
 
+    def skips(self, step: int) -> bool:
+        """Whether the observer leaves the global model of ``step`` unevaluated (the global evaluation's
+        schedule, ``eval.rounds``): no stop wish is asked at such a step (the run would report an
+        earlier model's accuracy as its final one)."""
+        return False
+
     def finish(self, wall_time: float | None = None) -> dict | None:
         """Once at the end of the run; a dict goes into the run's summary under the class's name."""
         return None

@@ -110,6 +110,9 @@ class DigitEvaluation(Observer):
                    batch_size=batch_size, confusion_dir=run.run_dir / "confusion", printer=run.printer, style=style,
                    asynchronous=run.asynchronous, probes=run.probe)
 
+    def skips(self, step: int) -> bool:
+        return not self.is_scheduled(step)
+
     def is_scheduled(self, server_round: int) -> bool:
         """Global evaluation: round 0, every ``every`` rounds, the listed rounds and the last."""
         return (
