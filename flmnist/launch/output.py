@@ -13,12 +13,13 @@ import sys
 
 
 class QuietWhenClosed:
-    """``sys.stdout`` for the command (:func:`install`): once a write or flush fails (its reader
-    ended), the descriptor points at /dev/null and what follows goes nowhere, quietly."""
+    """``sys.stdout`` or ``sys.stderr`` for the command (:func:`install`): once a write or flush
+    fails (a pipe's reader ended, a full disk), the descriptor points at /dev/null and what follows
+    goes nowhere, quietly; stdout's end is said once on stderr, if stderr can still say it."""
 
-    def __init__(self, stream) -> None:
-        self._stream = stream
-        self.closed_reader = False
+    def __init__(self, stream, name: str) -> None:
+        self._stream, self._name = stream, name
+        self.failed = False
 
     def write(self, text: str) -> int:
         return self._guarded(self._stream.write, text) or len(text)
@@ -29,12 +30,13 @@ class QuietWhenClosed:
     def _guarded(self, call, *args):
         try:
             return call(*args)
-        except BrokenPipeError:
-            if not self.closed_reader:
-                self.closed_reader = True
+        except OSError as err:
+            if not self.failed:
+                self.failed = True
                 to_devnull(self._stream)
-                print("flmnist: standard output was closed; the run goes on, its output in flwr_run.log in "
-                      "the run's directory", file=sys.stderr, flush=True)
+                if self._name == "stdout":
+                    say(f"flmnist: standard output cannot be written ({type(err).__name__}: {err}); the run goes "
+                        "on, its output in flwr_run.log in the run's directory")
             return None
 
     def __getattr__(self, name):  # isatty, fileno, encoding ...
@@ -42,9 +44,18 @@ class QuietWhenClosed:
 
 
 def install() -> None:
-    """Make ``sys.stdout`` a :class:`QuietWhenClosed` (once)."""
+    """Make ``sys.stdout`` and ``sys.stderr`` :class:`QuietWhenClosed` (once): ``flmnist ... 2>&1 |
+    head`` closes both."""
     if not isinstance(sys.stdout, QuietWhenClosed):
-        sys.stdout = QuietWhenClosed(sys.stdout)
+        sys.stdout = QuietWhenClosed(sys.stdout, "stdout")
+    if not isinstance(sys.stderr, QuietWhenClosed):
+        sys.stderr = QuietWhenClosed(sys.stderr, "stderr")
+
+
+def say(line: str) -> None:
+    """One line on stderr; nothing (no error) if stderr cannot take it."""
+    with contextlib.suppress(OSError, ValueError):
+        print(line, file=sys.stderr, flush=True)
 
 
 class Echo:
@@ -59,8 +70,7 @@ class Echo:
         if self.to_log and (error := _write(file, text)) is not None:
             self.to_log = False
             to_devnull(file)  # (what it still buffers, flushed as it closes, too)
-            print(f"flmnist: cannot write {self.log_path} ({error}); the run goes on without its log",
-                  file=sys.stderr, flush=True)
+            say(f"flmnist: cannot write {self.log_path} ({error}); the run goes on without its log")
 
 
 def to_devnull(file) -> None:
