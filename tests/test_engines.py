@@ -1326,13 +1326,31 @@ def test_a_deployed_async_node_has_its_next_task_queued_before_it_replies(task_i
 
 class Offline(FakeNode):
     """A node the SuperLink reports offline: every message to it is answered, at once, with the
-    error reply Flower 1.41 makes for it (ErrorCode.NODE_UNAVAILABLE)."""
+    error reply Flower 1.41 makes for it (ErrorCode.NODE_UNAVAILABLE, from the SuperLink: linkstate
+    utils.create_message_error_unavailable_res_message). ``pretends``: the node's own reply with
+    that code instead."""
+
+    def __init__(self, *args, pretends: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pretends = pretends
 
     def answer_train(self, msg, behaviour):
         from flwr.app import Error
-        from flwr.common.constant import ErrorCode
+        from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 
-        return Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="node offline"), reply_to=msg)
+        reply = Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="node offline"), reply_to=msg)
+        if not self.pretends:
+            reply.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID  # (read-only: as Flower builds it)
+        return reply
+
+
+def test_a_node_replying_unavailable_itself_is_screened_as_failed(task_identity):
+    """The NODE_UNAVAILABLE code in a node's own reply is no pass around the screen: its failure."""
+    nodes = {101: FakeNode(0, 0.01, delay=0.05), 102: Offline(1, 0.02, pretends=True), 103: FakeNode(2, 0.03, delay=0.05)}
+    loop, _ = make_loop(nodes, FedAsync(alpha=0.5), concurrency=3, max_server_updates=3)
+    loop.run(record(START))
+    assert loop.stats.counts["failed"] >= 1 and "unavailable" not in loop.stats.counts, loop.stats.counts
+    assert loop.path.failed
 
 
 @pytest.mark.parametrize("gone", ["vanished", "offline"])
@@ -1371,6 +1389,29 @@ class Unstored(FakeGrid):
             else:
                 ids += super().push_messages([msg])
         return ids
+
+
+class Refusing(FakeGrid):
+    """The SuperLink takes no train message at all: Flower 1.41's HttpGrid.push_messages returns []
+    for a payload over its limit."""
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        if any(m.metadata.message_type == MessageType.TRAIN for m in messages):
+            return []
+        return super().push_messages(messages)
+
+
+def test_a_run_whose_tasks_flower_never_stores_fails_at_once_saying_so(task_identity):
+    """Every push refused: the run ends after max_consecutive_failures, naming why (it waited out
+    progress_timeout, an hour by default, blaming no progress)."""
+    nodes = {101: FakeNode(0, 0.01), 102: FakeNode(1, 0.02), 103: FakeNode(2, 0.03)}
+    loop, _ = make_loop(nodes, FedAsync(alpha=0.5), grid_class=Refusing, concurrency=3, max_consecutive_failures=3,
+                        progress_timeout=3600.0)
+    started = time.monotonic()
+    with pytest.raises(RunFailed, match=r"3 client updates in a row .*last: Flower stored no task for node id 10\d"):
+        loop.run(record(START))
+    assert time.monotonic() - started < 30 and loop.stats.counts["not sent"] == 3
 
 
 def test_a_task_flower_did_not_store_is_not_counted_and_its_node_waits_away(task_identity):

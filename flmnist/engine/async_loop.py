@@ -104,16 +104,15 @@ class AsyncLoop:
 
     # -------------------------------------------------------------- dispatch
     def dispatch(self, node: Node, arrays: ArrayRecord, weights: dict) -> Job | None:
+        config = self.sent.to_record(**{p.SERVER_ROUND: node.updates + 1, p.SERVER_VERSION: self.version})
+        if (message_id := self.transport.send_train(node, arrays, config)) is None:  # not sent: not counted
+            self.failure("not sent", f"Flower stored no task for node id {node.node_id}", node.node_id)
+            return None
         node.updates += 1
         self.transport.partition_updates[node.partition] = node.updates
-        if self.sample_dp is not None:
+        if self.sample_dp is not None:  # (charged as it left: a task that was not sent costs nothing)
             self.sample_dp.task(node.partition, node.info.name)
             save_ledger(self.path.recorder, self.sample_dp, self.sample_dp.epsilon)  # (cached by would_exceed)
-        config = self.sent.to_record(**{p.SERVER_ROUND: node.updates, p.SERVER_VERSION: self.version})
-        if (message_id := self.transport.send_train(node, arrays, config)) is None:  # not sent: not counted
-            node.updates -= 1
-            self.transport.partition_updates[node.partition] = node.updates
-            return None
         self.sent_models.setdefault(self.version, weights)
         self.seq += 1
         timing, vdone = None, float(self.seq)

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from logging import WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
-from flwr.common.constant import ErrorCode
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.common.logger import log
 
 from flmnist.engine.async_jobs import Job, Node, VirtualQueue
@@ -33,8 +33,10 @@ from flmnist.protocol.screen import NodeInfo
 
 
 def says_gone(reply: Message | None) -> bool:
-    """Whether ``reply`` is Flower's error for a node no longer connected (NODE_UNAVAILABLE)."""
-    return reply is not None and reply.has_error() and reply.error.code == ErrorCode.NODE_UNAVAILABLE
+    """Whether ``reply`` is Flower's error for a node no longer connected: NODE_UNAVAILABLE from the
+    SuperLink (a node's own reply with that code is its failure, screened as any other)."""
+    return (reply is not None and reply.has_error() and reply.error.code == ErrorCode.NODE_UNAVAILABLE
+            and reply.metadata.src_node_id == SUPERLINK_NODE_ID)
 
 
 class Transport:
@@ -117,8 +119,8 @@ class Transport:
         ids = list(self.grid.push_messages([msg]))
         if len(ids) == 1 and isinstance(ids[0], str) and ids[0]:
             return ids[0]
-        log(WARNING, "Flower did not take the task for node id %s (message ids %s): it waits until Flower lists it "
-            "again", node.node_id, ids)
+        log(WARNING, "Flower stored no task for node id %s (push_messages returned %s): it waits until Flower lists "
+            "it again", node.node_id, ids)
         if not ahead and node not in self.away:
             self.away.append(node)
         return None
