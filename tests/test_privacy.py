@@ -89,6 +89,18 @@ def test_each_update_is_clipped_and_a_silent_node_counts_as_a_zero_update(task_i
     assert arrays["w"].numpy().mean() == pytest.approx(0.75 * clipped, rel=0.01)
 
 
+def test_an_update_that_changes_nothing_counts_as_a_zero_update_not_a_failed_round(task_identity):
+    """A node that sends back the model it was sent (nothing to train on, or hostile): Flower 1.41's
+    clip divides by the update's norm, 0, and the whole round failed (ZeroDivisionError). Now it is
+    the server's zero update: the mean is 3/4 of a clipped update, noise aside, and one release."""
+    strategy, accountant, _ = private_fedavg(sigma=1e-3, clip=1.0)
+    nodes = {11: FakeNode(0, 1.0), 12: FakeNode(1, 1.0), 13: FakeNode(2, 1.0), 14: FakeNode(3, 0.0)}
+    arrays, _ = sync_round(strategy, nodes, BIG)
+    clipped = 1.0 / np.sqrt(BIG["w"].size)
+    assert arrays is not None and arrays["w"].numpy().mean() == pytest.approx(0.75 * clipped, rel=0.01)
+    assert strategy.failed_rounds == 0 and accountant.rdp.num_releases == 1
+
+
 @pytest.mark.parametrize("mechanism", ["central", "client"])
 @pytest.mark.parametrize("fault", ["nan", "silent"])
 def test_a_round_with_no_usable_update_still_releases_noise_and_counts(task_identity, mechanism, fault):
@@ -481,6 +493,13 @@ def test_each_nodes_dpsgd_epsilon_is_the_poisson_subsampled_rdp_figure():
     assert summary["per_node"] == pytest.approx(expected, rel=1e-4)
     assert summary["epsilon"] == pytest.approx(max(expected.values()), rel=1e-4)
     assert expected["node 0"] > expected["node 1"]  # more steps on fewer images: more spent
+    # a task whose node id has not replied counts against every partition, in per_node too
+    # (epsilon was larger than every per_node figure the docs call it the largest of)
+    accountant.unattributed = 1
+    summary = accountant.summary()
+    assert summary["per_node"] == pytest.approx({"node 0": accountant.epsilon_of(0, 4),
+                                                 "node 1": accountant.epsilon_of(1, 2)}, rel=1e-4)
+    assert summary["epsilon"] == pytest.approx(max(summary["per_node"].values()), rel=1e-4)
 
 
 def test_a_dpsgd_budget_below_one_task_is_a_config_error():

@@ -178,7 +178,7 @@ class Guarded(Strategy):
             snapshot = {k: getattr(self.strategy, k) for k in checkpoint_state(self.strategy)}
             messages = [Message(content=u.content(), metadata=u.metadata) for u in updates]
             if self.central:
-                messages = self.zero_updates(messages)
+                messages = self.zero_updates(messages, [u.norm for u in updates])
             try:
                 arrays, metrics = self.strategy.aggregate_train(step, messages)
                 if self.central and metrics is not None:  # the real replies' metrics only
@@ -213,17 +213,21 @@ class Guarded(Strategy):
         return arrays, metrics
 
     # ------------------------------------------------------------- privacy
-    def zero_updates(self, messages: list[Message]) -> list[Message]:
+    def zero_updates(self, messages: list[Message], norms: list[float]) -> list[Message]:
         """Exactly ``per_round`` updates for the DP average: each rejected or missing one is the
         global model itself (a zero update), so one node's absence changes the mean by at most
         the clip over n, as the accountant assumes; a round with no update at all is all zero
         updates, so its model is the last one plus the noise (released unchanged, it would tell a
         round whose sampled nodes all failed from one whose update arrived). (Flower 1.41's clip
         divides by the update's norm, so the pad moves one coordinate by one float step:
-        :func:`nearly_zero`.)"""
+        :func:`nearly_zero`; so does an accepted update of norm 0, the model the node was sent: a node
+        with nothing to train on, or a hostile one, failed the round.)"""
+        zero = to_record(nearly_zero(self.reference))
+        for m, norm in zip(messages, norms, strict=True):
+            if norm < 1e-6:  # (0, or squares that underflow to 0 in float32)
+                m.content[p.ARRAYS] = zero
         if len(messages) >= self.per_round:
             return messages[: self.per_round]
-        zero = to_record(nearly_zero(self.reference))
         # the real updates' metric keys (Flower wants the same in every reply); their values are not used
         keys = dict(messages[0].content[p.METRICS].items()) if messages else {p.UNIT_WEIGHT: 1}
         pad = [Message(RecordDict({p.ARRAYS: zero, p.METRICS: MetricRecord(keys)}), dst_node_id=0,

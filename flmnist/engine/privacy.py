@@ -370,7 +370,9 @@ class SampleAccountant:
 
     def summary(self) -> dict:
         s = self.settings
-        per_node = {self.names.get(part, str(part)): round(self.epsilon_of(part), 6) for part in sorted(self.tasks)}
+        # (unattributed tasks count against every partition, in its figure too: epsilon is the largest)
+        parts = range(len(self.train_examples)) if self.unattributed else sorted(self.tasks)
+        per_node = {self.names.get(part, str(part)): round(self._charged(part), 6) for part in parts}
         return {"mechanism": s.mechanism, "epsilon": round(self.epsilon, 6), "delta": s.target_delta,
                 "noise_multiplier": s.noise_multiplier, "clipping_norm": s.clipping_norm,
                 "max_epsilon": s.max_epsilon, "per_node": per_node,
