@@ -180,7 +180,8 @@ def test_sigterm_stops_every_process_the_command_started(tmp_path, mnist_root):
                                 cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=err)
     try:
         deadline = time.monotonic() + 300
-        while not list(tmp_path.glob("outputs/**/attribution.csv")):  # a round has been trained
+        while not (list(tmp_path.glob("outputs/**/attribution.csv"))  # a round has been trained and recorded
+                   and list(tmp_path.glob("outputs/**/summary_sections.json"))):
             assert proc.poll() is None, stderr.read_text()[-3000:]
             assert time.monotonic() < deadline, "training did not start within 300 s"
             time.sleep(0.2)

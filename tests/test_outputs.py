@@ -90,6 +90,27 @@ def test_a_stopped_run_gets_a_summary_of_what_it_recorded(tmp_path):
     assert summarize_stopped(tmp_path / "empty", 5, 0.65, "round", "x") is None  # stopped before round 0
 
 
+def test_a_stopped_summary_takes_no_section_from_an_earlier_attempt_and_the_ledgers_epsilon(tmp_path):
+    """A run that stopped at its privacy budget, resumed with a larger one and stopped from outside
+    before its first new step: the stopped summary does not say it stopped at the budget (the
+    earlier attempt's sections are gone at restore). Then a step's privacy section and a ledger
+    ahead of it (DP-SGD charges each task as it is sent): the summary takes the ledger's epsilon."""
+    first = RunRecorder(tmp_path, 5, 0.65, printer=lambda line: None)
+    sync_rows(first, fleet=False)
+    first.set_section("stopped_early", {"reason": "privacy budget", "step": 3})
+    first.set_section("privacy", {"mechanism": "dpsgd", "epsilon": 1.0})
+    first.write_metrics()
+    resumed = RunRecorder(tmp_path, 8, 0.65, printer=lambda line: None)
+    resumed.restore(first.state(3))
+    summary = summarize_stopped(tmp_path, 8, 0.65, "round", "stopped by SIGTERM")
+    assert summary["stopped_early"] is None and "privacy" not in summary
+    resumed.set_section("privacy", {"mechanism": "dpsgd", "epsilon": 1.0})
+    resumed.write_metrics()
+    (tmp_path / "privacy_ledger.json").write_text(json.dumps({"epsilon": 1.5, "state": {}}))
+    privacy = summarize_stopped(tmp_path, 8, 0.65, "round", "stopped by SIGTERM")["privacy"]
+    assert privacy["epsilon"] == 1.5 and privacy["epsilon_from"].startswith("privacy_ledger.json")
+
+
 def test_a_stopped_asynchronous_run_keeps_its_loop_statistics(tmp_path):
     recorder = RunRecorder(tmp_path, 6, 0.65, printer=lambda line: None, unit="update")
     sync_rows(recorder, fleet=True)

@@ -15,9 +15,10 @@ from pathlib import Path
 
 from flwr.common.logger import log
 
+from flmnist.core.constants import PRIVACY_LEDGER
 from flmnist.core.run_files import atomic_write
 
-LEDGER = "privacy_ledger.json"
+LEDGER = PRIVACY_LEDGER
 
 
 def _ledger(recorder) -> Path | None:

@@ -48,7 +48,7 @@ def stopped_section(path: Path) -> dict | None:
     after the last snapshot, who helped and hurt each digit most, and that step; None without one."""
     try:
         step, totals, updates = last_snapshot(path)
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):  # (TypeError: a row short of a column)
         return None
     helped, hurt = helped_and_hurt(totals)
     names = sorted(totals, key=node_order)

@@ -111,6 +111,7 @@ class RunRecorder:
                 self.save_tensors(self.best_state, path)
             elif best_round is None:
                 path.unlink(missing_ok=True)
+        (self.run_dir / SECTIONS_FILE).unlink(missing_ok=True)  # an earlier attempt's, over: end_round writes this one's
         self.rows = {int(k): v for k, v in state["rows"].items()}
         self.loss_traces = defaultdict(list, state["loss_traces"])
         self.loss_points = defaultdict(list, state.get("loss_points", {}))

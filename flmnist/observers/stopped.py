@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from flmnist.core.constants import PRIVACY_LEDGER as LEDGER
 from flmnist.core.run_files import run_config
 from flmnist.observers.attribution_table import last_snapshot, stopped_section
 from flmnist.observers.collapse import DROP, PATIENCE
@@ -47,6 +48,8 @@ def summarize_stopped(run_dir: Path, num_rounds: int, target_accuracy: float, un
         sections = {}
     if sections.get("attribution") is None and (attribution := stopped_section(run_dir / "attribution.csv")):
         sections["attribution"] = attribution
+    if isinstance(sections.get("privacy"), dict):
+        sections["privacy"] = _with_ledger(sections["privacy"], run_dir / LEDGER)
     evaluated = [(n, r["test_accuracy"]) for n, r in sorted(rows.items()) if n > 0 and r.get("test_accuracy") is not None]
     best_round, best_accuracy = max(evaluated, key=lambda e: e[1], default=(None, None))  # ties: the earliest
     try:  # the plots' titles name the run, as the run's own did
@@ -69,6 +72,18 @@ def summarize_stopped(run_dir: Path, num_rounds: int, target_accuracy: float, un
     return summary
 
 
+def _with_ledger(privacy: dict, ledger: Path) -> dict:
+    """The privacy section with the ledger's epsilon where it is higher: DP-SGD charges each task
+    as it is sent (the ledger), the section is reported at each step."""
+    try:
+        spent = float(json.loads(ledger.read_text())["epsilon"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return privacy
+    if spent > float(privacy.get("epsilon") or 0.0):
+        return {**privacy, "epsilon": round(spent, 6), "epsilon_from": f"{ledger.name} (tasks sent after the last step)"}
+    return privacy
+
+
 def plot_stopped_attribution(run_dir: Path, label: str = "") -> None:
     """``attribution.png`` of a stopped run, from the last snapshot in its ``attribution.csv``."""
     try:
@@ -76,7 +91,7 @@ def plot_stopped_attribution(run_dir: Path, label: str = "") -> None:
         from flmnist.observers.plots import plot_attribution
 
         plot_attribution(run_dir, list(totals), np.array(list(totals.values())), label)
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):
         return  # no attribution recorded (turned off, or stopped before its first snapshot)
     except Exception as err:  # noqa: BLE001 - a plot must never lose the run's results
         logging.getLogger("flwr").warning("Attribution plot failed (%s); the table is in attribution.csv", err)
