@@ -265,6 +265,22 @@ def test_nothing_outlives_a_command_killed_with_sigkill(tmp_path, mnist_root):
     assert not Path(next(iter(homes))).exists()
 
 
+def test_a_watchdog_exits_once_its_folder_is_removed(tmp_path):
+    """After a run's end (or a sweep's fresh SuperLink) the command removes the FLWR_HOME it
+    stopped: its watchdog exits then, rather than living as long as the command (one per SuperLink
+    a long sweep restarted)."""
+    from flmnist.launch.watchdog import watch
+
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    proc = watch(home)
+    assert proc is not None and watch(home) is None  # one per folder
+    time.sleep(1.0)
+    assert proc.poll() is None  # watching: this process runs and the folder is there
+    home.rmdir()
+    assert proc.wait(timeout=10) == 0
+
+
 def _environ(pid: int) -> list[str]:
     try:
         return Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
