@@ -100,6 +100,33 @@ def test_an_asynchronous_run_that_ended_on_its_time_budget_or_client_updates_say
     assert resumed_config(["async_loop.max_client_updates=30"], saved, run).async_loop.max_client_updates == 30
 
 
+def test_an_extension_killed_before_its_summary_can_be_resumed_as_it_is(tmp_path):
+    """A run finished on its time budget (or stopped at its privacy budget) is extended, and the
+    extension is killed (SIGKILL, power loss) before it writes a summary: the old "finished"
+    summary made the next plain resume refuse ("finished on its async_loop.time_budget=60"), leaving
+    only a larger budget. The extension moves it to summary.prev.json; a failed start puts it back."""
+    from flmnist.core.run_files import ConfigBackup
+
+    run, _ = finished_run(tmp_path, ["strategy=fedasync", "async_loop.max_server_updates=null",
+                                         "async_loop.time_budget=30"], done=7)
+    checkpoint = run / "checkpoint.pt"
+    checkpoint.write_bytes(b"a checkpoint")
+    backup = ConfigBackup(checkpoint)
+    assert extend_in_place(["async_loop.time_budget=60"], checkpoint) == "async_loop.time_budget=60"
+    assert not (run / "summary.json").exists() and (run / "summary.prev.json").is_file()
+    extended = OmegaConf.load(run / "config.yaml")  # ... and the run is killed here
+    assert resumed_config([], extended, run) == extended
+    backup.put_back_unless_stepped()  # a start that failed before its first step: the run as it was
+    assert json.loads((run / "summary.json").read_text()) == {"status": "finished"}
+    assert OmegaConf.load(run / "config.yaml").async_loop.time_budget == 30
+    run, _saved = finished_run(tmp_path / "dp", ["model=logreg", "num_rounds=4", "privacy=central",
+                                                "privacy.max_epsilon=8"], done=2)
+    (run / "summary.json").write_text(json.dumps({"status": "finished", "stopped_early": {"reason": "privacy budget"}}))
+    extend_in_place(["privacy.max_epsilon=16"], run / "checkpoint.pt")
+    extended = OmegaConf.load(run / "config.yaml")
+    assert resumed_config([], extended, run) == extended
+
+
 def test_a_run_stopped_at_its_privacy_budget_goes_on_with_a_larger_one(tmp_path):
     """`flmnist resume=DIR privacy.max_epsilon=X`: a larger budget (or null) is taken, the run's
     own passes, a smaller one is refused (its releases are spent), and so is a budget for a run

@@ -26,7 +26,13 @@ from omegaconf import DictConfig, OmegaConf
 from flmnist.config.compose import GROUPS, compose_config, conf_dir, override_key
 from flmnist.config.validate import run_length
 from flmnist.core.errors import ConfigError
-from flmnist.core.run_files import CHECKPOINT, CHECKPOINT_INFO, atomic_write, resume_arg
+from flmnist.core.run_files import (
+    CHECKPOINT,
+    CHECKPOINT_INFO,
+    atomic_write,
+    resume_arg,
+    retire_summary,
+)
 from flmnist.ml.mnist_files import ensure_mnist, resolve_root
 from flmnist.observers.stop import StopAtTarget
 
@@ -342,7 +348,9 @@ def extend_in_place(overrides: list[str], checkpoint: Path) -> str:
         return ""
     ensure_mnist(resolve_root(out.data.root), out.data.download)  # before config.yaml changes: a failed check keeps it
     atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(out))
-    return ", ".join(filter(None, [extension(saved, out), *(f"{k}={OmegaConf.select(out, k)}" for k in (
+    if changed := extension(saved, out):
+        retire_summary(run_dir)
+    return ", ".join(filter(None, [changed, *(f"{k}={OmegaConf.select(out, k)}" for k in (
         "data.root", "data.download") if OmegaConf.select(out, k) != OmegaConf.select(saved, k))]))
 
 

@@ -40,6 +40,19 @@ def atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+PREVIOUS_SUMMARY = "summary.prev.json"
+
+
+def retire_summary(run_dir: Path) -> None:
+    """A resume extended the run (its ``config.yaml`` rewritten): the run's ``summary.json``, of the
+    run before, moves to ``summary.prev.json`` until the run writes its own. Left in place, a
+    crash before then (SIGKILL, power loss) left it saying "finished" on limits the run no longer
+    has, and the next resume's checks refused on it ("finished on its time_budget=...")."""
+    summary = Path(run_dir) / "summary.json"
+    if summary.is_file():
+        os.replace(summary, summary.with_name(PREVIOUS_SUMMARY))
+
+
 class ConfigBackup:
     """A resumed run's ``config.yaml`` as it was before the resume extended it, put back if the
     run then fails before its first step (its checkpoint unchanged): a refused resume leaves the
@@ -49,6 +62,8 @@ class ConfigBackup:
     def __init__(self, checkpoint: Path) -> None:
         self.checkpoint, self.path = checkpoint, checkpoint.parent / "config.yaml"
         self.text, self.stamp = self.path.read_text(), self._stamp()
+        self.summary = checkpoint.parent / "summary.json"
+        self.had_summary = self.summary.is_file()
 
     def _stamp(self) -> tuple[int, int] | None:
         try:
@@ -58,8 +73,13 @@ class ConfigBackup:
         return st.st_ino, st.st_mtime_ns
 
     def put_back_unless_stepped(self) -> None:
+        """The config as it was, and the summary :func:`retire_summary` moved aside (over the
+        failed attempt's: the run is as it was)."""
         if self._stamp() == self.stamp:
             atomic_write(self.path, self.text)
+            previous = self.summary.with_name(PREVIOUS_SUMMARY)
+            if self.had_summary and previous.is_file():
+                os.replace(previous, self.summary)
 
 
 def run_config(directory: Path) -> dict | None:

@@ -62,6 +62,7 @@ from flmnist.core.run_files import (
     find_checkpoint,
     quoted,
     resume_arg,
+    retire_summary,
 )
 from flmnist.launch import output, warm_link
 from flmnist.launch.backend import check_gpu_share, client_gpus, simulation_backend
@@ -156,6 +157,7 @@ def launch(cfg: DictConfig) -> dict:
         run_cfg.data.root = str(root)
         atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(run_cfg))  # once the checks passed
         if changed := extension(saved, run_cfg):
+            retire_summary(run_dir)
             print(f"flmnist: extending {run_dir}: {changed}", flush=True)
     overrides = absolute_overrides(overrides, run_dir)
     if not any(o.startswith("data.root=") for o in overrides):
