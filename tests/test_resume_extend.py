@@ -127,6 +127,34 @@ def test_an_extension_killed_before_its_summary_can_be_resumed_as_it_is(tmp_path
     assert resumed_config([], extended, run) == extended
 
 
+def test_an_extension_that_trained_between_checkpoints_is_not_rolled_back(tmp_path):
+    """An asynchronous run checkpointed at update 20, extended to 40, fails at update 25 (its next
+    checkpoint due at 30): the config went back to 20 (the checkpoint had not changed), and the
+    next resume reported it finished at 20, updates 21-25 dropped. A start that failed before its
+    first step is still put back, also over rows an earlier crashed attempt left past the checkpoint."""
+    from flmnist.core.run_files import ConfigBackup, atomic_write
+
+    def rows(last):  # as the recorder writes them
+        atomic_write(run / "metrics.json", json.dumps([{"round": r, "wall_time": 1.0} for r in range(last + 1)]))
+
+    run, _ = finished_run(tmp_path, ["strategy=fedasync", "async_loop.max_server_updates=20"], done=20)
+    checkpoint = run / "checkpoint.pt"
+    checkpoint.write_bytes(b"a checkpoint")
+    for trained_to, put_back in ((25, False), (20, True)):
+        rows(23)  # an earlier attempt crashed at 23
+        backup = ConfigBackup(checkpoint)
+        extend_in_place(["async_loop.max_server_updates=40"], checkpoint)
+        rows(trained_to)  # the failed attempt's last metrics (its recorder's finish)
+        backup.put_back_unless_stepped()
+        assert OmegaConf.load(run / "config.yaml").async_loop.max_server_updates == (20 if put_back else 40)
+        (run / "config.yaml").write_text(backup.text)
+    rows(23)
+    backup = ConfigBackup(checkpoint)
+    extend_in_place(["async_loop.max_server_updates=40"], checkpoint)
+    backup.put_back_unless_stepped()  # failed before its recorder existed: metrics.json untouched
+    assert OmegaConf.load(run / "config.yaml").async_loop.max_server_updates == 20
+
+
 def test_a_run_stopped_at_its_privacy_budget_goes_on_with_a_larger_one(tmp_path):
     """`flmnist resume=DIR privacy.max_epsilon=X`: a larger budget (or null) is taken, the run's
     own passes, a smaller one is refused (its releases are spent), and so is a budget for a run

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -55,31 +56,57 @@ def retire_summary(run_dir: Path) -> None:
 
 class ConfigBackup:
     """A resumed run's ``config.yaml`` as it was before the resume extended it, put back if the
-    run then fails before its first step (its checkpoint unchanged): a refused resume leaves the
-    run as it was (the next resume saw it extended). The flmnist command and a plain ``flwr run``
-    (the ServerApp) each extend it, and keep a backup."""
+    run then fails before its first step: a refused resume leaves the run as it was (the next
+    resume saw it extended). The flmnist command and a plain ``flwr run`` (the ServerApp) each
+    extend it, and keep a backup."""
 
     def __init__(self, checkpoint: Path) -> None:
         self.checkpoint, self.path = checkpoint, checkpoint.parent / "config.yaml"
-        self.text, self.stamp = self.path.read_text(), self._stamp()
+        self.metrics = checkpoint.parent / "metrics.json"
+        self.text, self.stamp, self.metrics_stamp = self.path.read_text(), _stamp(checkpoint), _stamp(self.metrics)
+        self.step = _step(checkpoint)
         self.summary = checkpoint.parent / "summary.json"
         self.had_summary = self.summary.is_file()
 
-    def _stamp(self) -> tuple[int, int] | None:
+    def stepped(self) -> bool:
+        """Whether the run trained a step since: its checkpoint changed, or ``metrics.json`` was
+        written with a row past the checkpoint's step (an asynchronous run checkpoints at its
+        evaluation points, ``checkpoint_every`` may skip rounds: steps come between checkpoints)."""
+        if _stamp(self.checkpoint) != self.stamp:
+            return True
+        if self.step is None or _stamp(self.metrics) == self.metrics_stamp:
+            return False
         try:
-            st = self.checkpoint.stat()
-        except OSError:
-            return None
-        return st.st_ino, st.st_mtime_ns
+            return max(int(row["round"]) for row in json.loads(self.metrics.read_text())) > self.step
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
 
     def put_back_unless_stepped(self) -> None:
         """The config as it was, and the summary :func:`retire_summary` moved aside (over the
         failed attempt's: the run is as it was)."""
-        if self._stamp() == self.stamp:
+        if not self.stepped():
             atomic_write(self.path, self.text)
             previous = self.summary.with_name(PREVIOUS_SUMMARY)
             if self.had_summary and previous.is_file():
                 os.replace(previous, self.summary)
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+def _step(checkpoint: Path) -> int | None:
+    """The step of ``checkpoint.pt`` (``checkpoint.json``); None for another file or unreadable."""
+    if checkpoint.name != CHECKPOINT:
+        return None
+    try:
+        return int(json.loads((checkpoint.parent / CHECKPOINT_INFO).read_text())["round"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def run_config(directory: Path) -> dict | None:
