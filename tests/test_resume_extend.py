@@ -360,3 +360,21 @@ def test_an_asynchronous_extension_that_another_reached_limit_would_stop_at_once
     (run2 / "summary.json").write_text(json.dumps({"status": "finished", "async": {"client_updates": 40}}))
     with pytest.raises(ConfigError, match=r"finished on its async_loop.max_client_updates=40"):
         resumed_config(["async_loop.max_server_updates=60"], saved2, run2)  # (the limit it ended on, said before)
+
+
+def test_the_files_a_resume_needs_are_synced_to_disk(tmp_path, monkeypatch):
+    """config.yaml (written at the start and by each extension) and checkpoint.json are fsynced,
+    the file and then its folder, as checkpoint.pt is: after a power loss a rename alone may leave
+    an empty config.yaml, and find_checkpoint then refuses the run (a review)."""
+    import os
+
+    from flmnist.core.run_files import atomic_write
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd))[1])
+    atomic_write(tmp_path / "config.yaml", "a: 1\n", durable=True)
+    assert synced == [str(tmp_path / "config.yaml.tmp"), str(tmp_path)]
+    assert (tmp_path / "config.yaml").read_text() == "a: 1\n" and not (tmp_path / "config.yaml.tmp").exists()
+    atomic_write(tmp_path / "metrics.json", "[]")  # rewritten every round: not synced
+    assert len(synced) == 2

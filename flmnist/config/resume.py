@@ -347,7 +347,7 @@ def extend_in_place(overrides: list[str], checkpoint: Path) -> str:
     if out == saved:
         return ""
     ensure_mnist(resolve_root(out.data.root), out.data.download)  # before config.yaml changes: a failed check keeps it
-    atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(out))
+    atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(out), durable=True)
     if changed := extension(saved, out):
         retire_summary(run_dir)
     return ", ".join(filter(None, [changed, *(f"{k}={OmegaConf.select(out, k)}" for k in (

@@ -34,11 +34,23 @@ def resume_arg(path: str | Path) -> str:
     return f'"{arg}"' if not re.search(r'["$`\\!]', arg) else shlex.quote(arg)
 
 
-def atomic_write(path: Path, text: str) -> None:
-    """Write then rename, so readers never see a half-written file."""
+def atomic_write(path: Path, text: str, durable: bool = False) -> None:
+    """Write then rename, so readers never see a half-written file. ``durable``: synced to disk
+    before and after the rename (the run's ``config.yaml`` and ``checkpoint.json``, which a resume
+    needs: after a power loss the rename alone may leave an empty file)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
+    if durable:
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
 
 
 PREVIOUS_SUMMARY = "summary.prev.json"
@@ -85,7 +97,7 @@ class ConfigBackup:
         """The config as it was, and the summary :func:`retire_summary` moved aside (over the
         failed attempt's: the run is as it was)."""
         if not self.stepped():
-            atomic_write(self.path, self.text)
+            atomic_write(self.path, self.text, durable=True)
             previous = self.summary.with_name(PREVIOUS_SUMMARY)
             if self.had_summary and previous.is_file():
                 os.replace(previous, self.summary)

@@ -345,7 +345,7 @@ class ReplyPath:
             "rng": rng_state(),
             "config": self.run_config,
         })
-        atomic_write(self.recorder.run_dir / CHECKPOINT_INFO, json.dumps({"kind": kind, "round": step}))
+        atomic_write(self.recorder.run_dir / CHECKPOINT_INFO, json.dumps({"kind": kind, "round": step}), durable=True)
 
     # --------------------------------------------------------------- state
     def stats(self) -> dict:

@@ -155,7 +155,7 @@ def launch(cfg: DictConfig) -> dict:
     if cfg.resume and (run_cfg.data.root != str(root) or run_cfg != saved):  # extended, or the data moved
         backup = ConfigBackup(checkpoint)
         run_cfg.data.root = str(root)
-        atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(run_cfg))  # once the checks passed
+        atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(run_cfg), durable=True)  # once the checks passed
         if changed := extension(saved, run_cfg):
             retire_summary(run_dir)
             print(f"flmnist: extending {run_dir}: {changed}", flush=True)

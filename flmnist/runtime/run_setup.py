@@ -221,7 +221,7 @@ def build_run(grid: Grid, cfg: DictConfig) -> Run:
     run_dir = make_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     if checkpoint is None:
-        atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+        atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(cfg), durable=True)
     say(f"flmnist run directory: {run_dir}")
     root = resolve_root(cfg.data.root)
     ensure_mnist(root, cfg.data.download)
