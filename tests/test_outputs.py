@@ -239,6 +239,11 @@ def test_client_metrics_a_round_later_still_reach_the_trackers(tmp_path):
     recorder.add(1, client_accuracy=0.85, client_loss=0.4)
     assert seen.logged[-1] == (1, {"client_accuracy": 0.85, "client_loss": 0.4})
     assert recorder.rows[1]["client_accuracy"] == 0.85
+    # a step recorded again (the asynchronous loop's wind-down): only what is new, once
+    seen.logged.clear()
+    recorder.add(1, num_updates=3)
+    recorder.end_round(1)
+    assert [step for step, _ in seen.logged] == [1, 1] and "test_accuracy" not in str(seen.logged), seen.logged
 
 
 def test_a_failing_tracker_is_dropped_and_the_run_goes_on(tmp_path):

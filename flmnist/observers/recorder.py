@@ -149,8 +149,9 @@ class RunRecorder:
                 if self.save_tensors is not None:
                     self.save_tensors(state_dict, self.run_dir / "model_best.pt")
         self.write_metrics()
-        self.trackers.call("log_metrics", server_round, scalars(row))
-        self.tracked.add(server_round)
+        if server_round not in self.tracked:  # (a step recorded again, async's wind-down: add logged what is new)
+            self.trackers.call("log_metrics", server_round, scalars(row))
+            self.tracked.add(server_round)
         if server_round > 0 and not quiet:
             self.printer(self.progress_line(row))
 
