@@ -60,6 +60,7 @@ def main(grid: Grid, context: Context) -> None:
         cfg.resume = str(checkpoint)  # resume=latest: the one found, once
         backup = ConfigBackup(checkpoint)
         if changed := extend_in_place(overrides, checkpoint):
+            backup.retire_summary()
             log(INFO, "flmnist: extending the run: %s", changed)
         else:
             backup = None

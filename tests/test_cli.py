@@ -327,6 +327,26 @@ def test_a_run_piped_into_head_finishes_with_its_log(tmp_path, mnist_root, stder
                 "on, its output in flwr_run.log") in said
 
 
+def test_a_stream_that_is_only_busy_is_not_silenced():
+    """EAGAIN (a non-blocking stdout, full for a moment) is not an end: raised as before, the
+    stream kept (silenced for the rest of the run, the output was lost unsaid)."""
+    import errno
+
+    from flmnist.launch.output import QuietWhenClosed
+
+    class Busy:
+        def write(self, text):
+            raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+
+        def flush(self):
+            pass
+
+    out = QuietWhenClosed(Busy(), "stdout")
+    with pytest.raises(BlockingIOError):
+        out.write("a line\n")
+    assert not out.failed
+
+
 def test_a_log_that_cannot_be_written_ends_the_log_not_the_run(capsys):
     """The log's disk is full (/dev/full): said once, naming the file and the error; no exception."""
     echo = Echo("/dev/full")

@@ -45,7 +45,7 @@ from flmnist.observers.checkpoint import rng_state
 from flmnist.observers.recorder import RunRecorder
 from flmnist.protocol import messages as p
 from flmnist.protocol.screen import NodeLimits, ReplyScreen, ScreenSettings
-from flmnist.protocol.settings import AsyncLoopSettings
+from flmnist.protocol.settings import AsyncLoopSettings, PrivacySettings
 from flmnist.strategies import FedAsync, FedAvg, FedBuff
 
 SENT = p.TrainSettings(model={"_target_": "flmnist.ml.models.LogReg"}, partition={"_target_": "iid"}, num_partitions=4,
@@ -1426,6 +1426,21 @@ def test_a_task_flower_did_not_store_is_not_counted_and_its_node_waits_away(task
     assert [n.node_id for n in loop.away] == [102] and loop.nodes[102].updates == 0, (grid.unstored, loop.idle, loop.away)
     # (tried again at the first refresh, which lists it, then at most once per 5 s refresh)
     assert 1 <= grid.unstored <= 2 + (time.monotonic() - started) / 5 and "timed out" not in loop.stats.counts
+
+
+def test_a_dpsgd_task_flower_did_not_store_is_charged_back(task_identity):
+    """DP-SGD charges a task before it leaves (a server killed as it goes has counted it); one
+    Flower did not store is taken back: node 102 trained nothing and has spent nothing."""
+    from flmnist.engine.privacy import SampleAccountant
+
+    nodes = {101: FakeNode(0, 0.01, delay=0.05), 102: FakeNode(1, 0.02), 103: FakeNode(2, 0.03, delay=0.05)}
+    loop, grid = make_loop(nodes, FedAsync(alpha=0.5), grid_class=Unstored, concurrency=3, max_server_updates=4,
+                           update_timeout=60.0)
+    loop.sample_dp = SampleAccountant(PrivacySettings("dpsgd", noise_multiplier=1.0, target_delta=1e-5), SENT,
+                                      LIMITS.train_examples)
+    loop.run(record(START))
+    assert grid.unstored >= 1 and 1 not in loop.sample_dp.tasks
+    assert sum(loop.sample_dp.tasks.values()) == grid.trained(101) + grid.trained(103)
 
 
 class SerialGrid(FakeGrid):

@@ -93,7 +93,7 @@ def test_a_stopped_run_gets_a_summary_of_what_it_recorded(tmp_path):
 def test_a_stopped_summary_takes_no_section_from_an_earlier_attempt_and_the_ledgers_epsilon(tmp_path):
     """A run that stopped at its privacy budget, resumed with a larger one and stopped from outside
     before its first new step: the stopped summary does not say it stopped at the budget (the
-    earlier attempt's sections are gone at restore). Then a step's privacy section and a ledger
+    earlier attempt's early stop is dropped at restore; what it spent stays). Then a step's privacy section and a ledger
     ahead of it (DP-SGD charges each task as it is sent): the summary takes the ledger's epsilon."""
     first = RunRecorder(tmp_path, 5, 0.65, printer=lambda line: None)
     sync_rows(first, fleet=False)
@@ -103,12 +103,17 @@ def test_a_stopped_summary_takes_no_section_from_an_earlier_attempt_and_the_ledg
     resumed = RunRecorder(tmp_path, 8, 0.65, printer=lambda line: None)
     resumed.restore(first.state(3))
     summary = summarize_stopped(tmp_path, 8, 0.65, "round", "stopped by SIGTERM")
-    assert summary["stopped_early"] is None and "privacy" not in summary
+    assert summary["stopped_early"] is None and summary["privacy"] == {"mechanism": "dpsgd", "epsilon": 1.0}
     resumed.set_section("privacy", {"mechanism": "dpsgd", "epsilon": 1.0})
     resumed.write_metrics()
     (tmp_path / "privacy_ledger.json").write_text(json.dumps({"epsilon": 1.5, "state": {}}))
     privacy = summarize_stopped(tmp_path, 8, 0.65, "round", "stopped by SIGTERM")["privacy"]
     assert privacy["epsilon"] == 1.5 and privacy["epsilon_from"].startswith("privacy_ledger.json")
+    # stopped before its first step's report: the section from the ledger alone
+    fresh = tmp_path / "fresh"
+    sync_rows(RunRecorder(fresh, 5, 0.65, printer=lambda line: None), fleet=False)
+    (fresh / "privacy_ledger.json").write_text(json.dumps({"epsilon": 0.7, "state": {}}))
+    assert summarize_stopped(fresh, 5, 0.65, "round", "stopped by SIGTERM")["privacy"]["epsilon"] == 0.7
 
 
 def test_a_stopped_asynchronous_run_keeps_its_loop_statistics(tmp_path):

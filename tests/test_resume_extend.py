@@ -113,16 +113,23 @@ def test_an_extension_killed_before_its_summary_can_be_resumed_as_it_is(tmp_path
     checkpoint.write_bytes(b"a checkpoint")
     backup = ConfigBackup(checkpoint)
     assert extend_in_place(["async_loop.time_budget=60"], checkpoint) == "async_loop.time_budget=60"
+    backup.retire_summary()  # as the ServerApp and the flmnist command do after an extension
     assert not (run / "summary.json").exists() and (run / "summary.prev.json").is_file()
     extended = OmegaConf.load(run / "config.yaml")  # ... and the run is killed here
     assert resumed_config([], extended, run) == extended
     backup.put_back_unless_stepped()  # a start that failed before its first step: the run as it was
     assert json.loads((run / "summary.json").read_text()) == {"status": "finished"}
     assert OmegaConf.load(run / "config.yaml").async_loop.time_budget == 30
+    # a later failed start that retired nothing (only data.root moved) puts back no old summary
+    (run / "summary.prev.json").write_text(json.dumps({"status": "finished", "rounds_completed": 1}))
+    ConfigBackup(checkpoint).put_back_unless_stepped()
+    assert json.loads((run / "summary.json").read_text()) == {"status": "finished"}
     run, _saved = finished_run(tmp_path / "dp", ["model=logreg", "num_rounds=4", "privacy=central",
                                                 "privacy.max_epsilon=8"], done=2)
     (run / "summary.json").write_text(json.dumps({"status": "finished", "stopped_early": {"reason": "privacy budget"}}))
+    backup = ConfigBackup(run / "checkpoint.pt")
     extend_in_place(["privacy.max_epsilon=16"], run / "checkpoint.pt")
+    backup.retire_summary()
     extended = OmegaConf.load(run / "config.yaml")
     assert resumed_config([], extended, run) == extended
 
@@ -152,6 +159,11 @@ def test_an_extension_that_trained_between_checkpoints_is_not_rolled_back(tmp_pa
     backup = ConfigBackup(checkpoint)
     extend_in_place(["async_loop.max_server_updates=40"], checkpoint)
     backup.put_back_unless_stepped()  # failed before its recorder existed: metrics.json untouched
+    assert OmegaConf.load(run / "config.yaml").async_loop.max_server_updates == 20
+    backup = ConfigBackup(checkpoint)
+    extend_in_place(["async_loop.max_server_updates=40"], checkpoint)
+    atomic_write(run / "metrics.json", json.dumps([{"round": 20, "wall_time": 1.0}, {"round": 21}]))
+    backup.put_back_unless_stepped()  # its first step started and failed (a row without wall_time)
     assert OmegaConf.load(run / "config.yaml").async_loop.max_server_updates == 20
 
 

@@ -31,7 +31,6 @@ from flmnist.core.run_files import (
     CHECKPOINT_INFO,
     atomic_write,
     resume_arg,
-    retire_summary,
 )
 from flmnist.ml.mnist_files import ensure_mnist, resolve_root
 from flmnist.observers.stop import StopAtTarget
@@ -334,7 +333,8 @@ def extend_in_place(overrides: list[str], checkpoint: Path) -> str:
     before Flower starts, writes the run's ``config.yaml``, and hands the ServerApp only ``resume=``
     and where the run runs): :func:`resumed_config` on the run's ``config.yaml`` (with only a new
     ``data.*``: that), written back if it changed. What changed, or ''; ConfigError for an override
-    that would change the run."""
+    that would change the run. (The caller's :class:`~flmnist.core.run_files.ConfigBackup` retires
+    the summary of an extended run.)"""
     run_dir = checkpoint.parent
     saved = OmegaConf.load(run_dir / "config.yaml")
     if given_beside_resume(overrides):
@@ -348,9 +348,7 @@ def extend_in_place(overrides: list[str], checkpoint: Path) -> str:
         return ""
     ensure_mnist(resolve_root(out.data.root), out.data.download)  # before config.yaml changes: a failed check keeps it
     atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(out), durable=True)
-    if changed := extension(saved, out):
-        retire_summary(run_dir)
-    return ", ".join(filter(None, [changed, *(f"{k}={OmegaConf.select(out, k)}" for k in (
+    return ", ".join(filter(None, [extension(saved, out), *(f"{k}={OmegaConf.select(out, k)}" for k in (
         "data.root", "data.download") if OmegaConf.select(out, k) != OmegaConf.select(saved, k))]))
 
 

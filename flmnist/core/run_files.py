@@ -56,14 +56,17 @@ def atomic_write(path: Path, text: str, durable: bool = False) -> None:
 PREVIOUS_SUMMARY = "summary.prev.json"
 
 
-def retire_summary(run_dir: Path) -> None:
+def retire_summary(run_dir: Path) -> bool:
     """A resume extended the run (its ``config.yaml`` rewritten): the run's ``summary.json``, of the
     run before, moves to ``summary.prev.json`` until the run writes its own. Left in place, a
     crash before then (SIGKILL, power loss) left it saying "finished" on limits the run no longer
-    has, and the next resume's checks refused on it ("finished on its time_budget=...")."""
+    has, and the next resume's checks refused on it ("finished on its time_budget=..."). Whether
+    it moved one."""
     summary = Path(run_dir) / "summary.json"
-    if summary.is_file():
-        os.replace(summary, summary.with_name(PREVIOUS_SUMMARY))
+    if not summary.is_file():
+        return False
+    os.replace(summary, summary.with_name(PREVIOUS_SUMMARY))
+    return True
 
 
 class ConfigBackup:
@@ -78,7 +81,11 @@ class ConfigBackup:
         self.text, self.stamp, self.metrics_stamp = self.path.read_text(), _stamp(checkpoint), _stamp(self.metrics)
         self.step = _step(checkpoint)
         self.summary = checkpoint.parent / "summary.json"
-        self.had_summary = self.summary.is_file()
+        self.retired = False  # whether this extension moved the summary aside (retire_summary)
+
+    def retire_summary(self) -> None:
+        """The extension is written: :func:`retire_summary`, remembered for :meth:`put_back_unless_stepped`."""
+        self.retired = retire_summary(self.checkpoint.parent) or self.retired
 
     def stepped(self) -> bool:
         """Whether the run trained a step since: its checkpoint changed, or ``metrics.json`` was
@@ -88,19 +95,18 @@ class ConfigBackup:
             return True
         if self.step is None or _stamp(self.metrics) == self.metrics_stamp:
             return False
-        try:
-            return max(int(row["round"]) for row in json.loads(self.metrics.read_text())) > self.step
+        try:  # (a row without wall_time is a step that started and did not end)
+            return max(int(row["round"]) for row in json.loads(self.metrics.read_text()) if "wall_time" in row) > self.step
         except (OSError, ValueError, KeyError, TypeError):
             return False
 
     def put_back_unless_stepped(self) -> None:
-        """The config as it was, and the summary :func:`retire_summary` moved aside (over the
-        failed attempt's: the run is as it was)."""
+        """The config as it was, and the summary this extension moved aside (over the failed
+        attempt's: the run is as it was)."""
         if not self.stepped():
             atomic_write(self.path, self.text, durable=True)
-            previous = self.summary.with_name(PREVIOUS_SUMMARY)
-            if self.had_summary and previous.is_file():
-                os.replace(previous, self.summary)
+            if self.retired:
+                os.replace(self.summary.with_name(PREVIOUS_SUMMARY), self.summary)
 
 
 def _stamp(path: Path) -> tuple[int, int] | None:

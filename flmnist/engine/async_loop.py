@@ -85,34 +85,23 @@ class AsyncLoop:
         self.prefetch = 0 if fleet is not None else settings.prefetch
 
     # ------------------------------------------------------- read-only views
-    @property
-    def nodes(self) -> dict[int, Node]:
-        return self.transport.nodes
-
-    @property
-    def away(self) -> list[Node]:
-        return self.transport.away
-
-    @property
-    def refused(self) -> set[int]:
-        """Node ids whose query reply was refused: they never get work."""
-        return self.transport.refused
-
+    nodes = property(lambda self: self.transport.nodes)
+    away = property(lambda self: self.transport.away)
+    refused = property(lambda self: self.transport.refused)  # node ids whose query reply was refused: never given work
     counts = property(lambda self: self.stats.counts)
     node_counts = property(lambda self: self.stats.node_counts)
     staleness = property(lambda self: self.stats.staleness)
 
     # -------------------------------------------------------------- dispatch
     def dispatch(self, node: Node, arrays: ArrayRecord, weights: dict) -> Job | None:
+        self._charge(node, 1)  # DP-SGD: before it leaves (a server killed as it goes has counted it)
         config = self.sent.to_record(**{p.SERVER_ROUND: node.updates + 1, p.SERVER_VERSION: self.version})
         if (message_id := self.transport.send_train(node, arrays, config)) is None:  # not sent: not counted
+            self._charge(node, -1)
             self.failure("not sent", f"Flower stored no task for node id {node.node_id}", node.node_id)
             return None
         node.updates += 1
         self.transport.partition_updates[node.partition] = node.updates
-        if self.sample_dp is not None:  # (charged as it left: a task that was not sent costs nothing)
-            self.sample_dp.task(node.partition, node.info.name)
-            save_ledger(self.path.recorder, self.sample_dp, self.sample_dp.epsilon)  # (cached by would_exceed)
         self.sent_models.setdefault(self.version, weights)
         self.seq += 1
         timing, vdone = None, float(self.seq)
@@ -123,6 +112,11 @@ class AsyncLoop:
         job = Job(vdone, self.seq, node.node_id, message_id, self.version, time.monotonic(), self.clock.now, timing)
         self.transport.track(job)
         return job
+
+    def _charge(self, node: Node, count: int) -> None:
+        if self.sample_dp is not None:
+            self.sample_dp.task(node.partition, node.info.name, count)
+            save_ledger(self.path.recorder, self.sample_dp, self.sample_dp.epsilon)  # (cached by would_exceed)
 
     def refill(self) -> None:
         """Dispatch work to idle nodes until ``concurrency`` nodes are training; in deployment, queue

@@ -337,9 +337,12 @@ class SampleAccountant:
             self._cache[(partition, tasks)] = rdp.get_epsilon(self.settings.target_delta) if steps and n else 0.0
         return self._cache[(partition, tasks)]
 
-    def task(self, partition: int, name: str) -> None:
-        self.tasks[partition] += 1
+    def task(self, partition: int, name: str, count: int = 1) -> None:
+        """``count`` more tasks sent to ``partition`` (-1: one charged that did not go out after all)."""
+        self.tasks[partition] += count
         self.names[partition] = name
+        if self.tasks[partition] <= 0:
+            del self.tasks[partition]
 
     def _charged(self, part: int, extra: int = 0) -> float:
         return self.epsilon_of(part, self.tasks[part] + self.unattributed + extra)

@@ -62,7 +62,6 @@ from flmnist.core.run_files import (
     find_checkpoint,
     quoted,
     resume_arg,
-    retire_summary,
 )
 from flmnist.launch import output, warm_link
 from flmnist.launch.backend import check_gpu_share, client_gpus, simulation_backend
@@ -157,7 +156,7 @@ def launch(cfg: DictConfig) -> dict:
         run_cfg.data.root = str(root)
         atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(run_cfg), durable=True)  # once the checks passed
         if changed := extension(saved, run_cfg):
-            retire_summary(run_dir)
+            backup.retire_summary()
             print(f"flmnist: extending {run_dir}: {changed}", flush=True)
     overrides = absolute_overrides(overrides, run_dir)
     if not any(o.startswith("data.root=") for o in overrides):
@@ -181,6 +180,10 @@ def launch(cfg: DictConfig) -> dict:
                         prepare=link.warm_up if link else warm_link.start_if_applies)
     except (Stop, KeyboardInterrupt) as stop:
         raise Stop(stopped_message(stop, run_cfg, run_dir, before), getattr(stop, "code", 130)) from None
+    except Exception:  # Flower did not start (a full /tmp, no process to spare): the run as it was
+        if backup is not None:
+            backup.put_back_unless_stepped()
+        raise
     finally:
         if not link:
             shutil.rmtree(flwr_home, ignore_errors=True)

@@ -8,13 +8,16 @@ files (summary, metrics, models), not these copies of its output.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sys
+
+GONE = {errno.EPIPE, errno.ECONNRESET, errno.EIO, errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # a stream that ended
 
 
 class QuietWhenClosed:
     """``sys.stdout`` or ``sys.stderr`` for the command (:func:`install`): once a write or flush
-    fails (a pipe's reader ended, a full disk), the descriptor points at /dev/null and what follows
+    fails for good (:data:`GONE`: a pipe's reader ended, a full disk), the descriptor points at /dev/null and what follows
     goes nowhere, quietly; stdout's end is said once on stderr, if stderr can still say it."""
 
     def __init__(self, stream, name: str) -> None:
@@ -31,6 +34,8 @@ class QuietWhenClosed:
         try:
             return call(*args)
         except OSError as err:
+            if err.errno not in GONE:  # (EAGAIN on a non-blocking stream: not an end)
+                raise
             if not self.failed:
                 self.failed = True
                 to_devnull(self._stream)

@@ -47,7 +47,9 @@ def watch(flwr_home: str | os.PathLike) -> subprocess.Popen | None:
 def main(pid: int, start: int, flwr_home: str) -> None:
     """Wait until the command is gone (then stop what runs under ``flwr_home``) or the folder is
     (the command stopped its processes and removed it: a run's end, a sweep's fresh SuperLink)."""
-    while started_at(pid) == start and os.path.isdir(flwr_home):
+    while started_at(pid) == start:
+        if not os.path.isdir(flwr_home):
+            return  # the command removed it (or something else did, under a live run: not ours to end)
         time.sleep(POLL_S)
     stop_env(f"FLWR_HOME={flwr_home}")
     shutil.rmtree(flwr_home, ignore_errors=True)

@@ -111,7 +111,7 @@ class RunRecorder:
                 self.save_tensors(self.best_state, path)
             elif best_round is None:
                 path.unlink(missing_ok=True)
-        (self.run_dir / SECTIONS_FILE).unlink(missing_ok=True)  # an earlier attempt's, over: end_round writes this one's
+        self._forget_attempt()
         self.rows = {int(k): v for k, v in state["rows"].items()}
         self.loss_traces = defaultdict(list, state["loss_traces"])
         self.loss_points = defaultdict(list, state.get("loss_points", {}))
@@ -121,6 +121,19 @@ class RunRecorder:
             self.trackers.resumed(step, self.rows)
         self.async_stats = state.get("async_stats")
         self.t0 = time.perf_counter() - state["elapsed"]
+
+    def _forget_attempt(self) -> None:
+        """On restore: of the sections an earlier attempt left (``summary_sections.json``) keep what
+        still holds (privacy spent, the nodes' devices); its early stop and its attribution (the
+        CSV's last snapshot is newer) go."""
+        path = self.run_dir / SECTIONS_FILE
+        try:
+            sections = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return
+        if isinstance(sections, dict):
+            kept = {k: v for k, v in sections.items() if k not in ("stopped_early", "attribution")}
+            atomic_write(path, json.dumps(kept, indent=1))
 
     def add(self, server_round: int, **fields) -> None:
         """Merge fields into the record of ``server_round``; into a row the trackers already have

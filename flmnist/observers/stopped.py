@@ -48,8 +48,7 @@ def summarize_stopped(run_dir: Path, num_rounds: int, target_accuracy: float, un
         sections = {}
     if sections.get("attribution") is None and (attribution := stopped_section(run_dir / "attribution.csv")):
         sections["attribution"] = attribution
-    if isinstance(sections.get("privacy"), dict):
-        sections["privacy"] = _with_ledger(sections["privacy"], run_dir / LEDGER)
+    sections["privacy"] = _with_ledger(sections.get("privacy"), run_dir / LEDGER)
     evaluated = [(n, r["test_accuracy"]) for n, r in sorted(rows.items()) if n > 0 and r.get("test_accuracy") is not None]
     best_round, best_accuracy = max(evaluated, key=lambda e: e[1], default=(None, None))  # ties: the earliest
     try:  # the plots' titles name the run, as the run's own did
@@ -72,15 +71,17 @@ def summarize_stopped(run_dir: Path, num_rounds: int, target_accuracy: float, un
     return summary
 
 
-def _with_ledger(privacy: dict, ledger: Path) -> dict:
-    """The privacy section with the ledger's epsilon where it is higher: DP-SGD charges each task
-    as it is sent (the ledger), the section is reported at each step."""
+def _with_ledger(privacy, ledger: Path) -> dict | None:
+    """The privacy section with the ledger's epsilon where it is higher (DP-SGD charges each task
+    as it is sent, the section is reported at each step), or from the ledger alone (stopped
+    before its first step's report)."""
+    privacy = privacy if isinstance(privacy, dict) else None
     try:
         spent = float(json.loads(ledger.read_text())["epsilon"])
     except (OSError, ValueError, KeyError, TypeError):
         return privacy
-    if spent > float(privacy.get("epsilon") or 0.0):
-        return {**privacy, "epsilon": round(spent, 6), "epsilon_from": f"{ledger.name} (tasks sent after the last step)"}
+    if privacy is None or spent > float(privacy.get("epsilon") or 0.0):
+        return {**(privacy or {}), "epsilon": round(spent, 6), "epsilon_from": f"{ledger.name} (spent after the last step's report)"}
     return privacy
 
 
