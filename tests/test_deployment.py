@@ -204,3 +204,21 @@ def test_signed_app_store_satisfies_flowers_verifier(tmp_path):
     assert not _verify_fab(Fab("", fab, _format_verification([foreign])), trusted)
     assert app_store.find(store, "@intruder/probe", "9.9.9") == (None, ["1.2.3"])
     assert app_store.find(store, "../../etc", None) == (None, [])
+
+
+def test_revoking_a_board_keeps_the_registrys_mode_for_the_serverapp(tmp_path):
+    """revoke_node.sh rewrote the registry through mktemp, mode 600 and the operator's: the
+    ServerApp (user flmnist, in the group) could no longer read it, and every hardened run failed
+    at setup. The rewritten file keeps the registry's mode. (FLWR: the flwr command it runs, here
+    one that answers as a SuperLink that unregistered the node.)"""
+    registry = tmp_path / "registered_nodes.tsv"
+    registry.write_text("11\tjetson-0\tkey0\n22\tjetson-1\tkey1\n")
+    registry.chmod(0o640)
+    flwr = tmp_path / "flwr"
+    flwr.write_text('#!/bin/sh\necho \'{"success": true}\'\n')
+    flwr.chmod(0o755)
+    proc = subprocess.run(["bash", str(JETSON / "server" / "revoke_node.sh"), "--registry", str(registry), "jetson-1"],
+                          capture_output=True, text=True, check=False, env={**os.environ, "FLWR": str(flwr)})
+    assert proc.returncode == 0, proc.stderr
+    assert registry.read_text() == "11\tjetson-0\tkey0\n"
+    assert registry.stat().st_mode & 0o777 == 0o640

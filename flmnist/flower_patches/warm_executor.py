@@ -184,14 +184,14 @@ class WarmExecutor:
     def launch(self, task, token: str) -> None:
         if threading.active_count() > 1:
             LOG.warning("forking with %d threads running", threading.active_count())
-        read_fd, write_fd = os.pipe()
-        started = time.monotonic()
+        started, fds = time.monotonic(), ()
         try:
+            read_fd, write_fd = fds = os.pipe()
             pid = os.fork()
-        except OSError as err:  # no process to run it in: the executor goes on, Flower's task expiry answers
+        except OSError as err:  # no pipe or process to run it in: the executor goes on, Flower's task expiry answers
             LOG.error("task %d: cannot start a child (%s); Flower's task expiry answers its message", task.task_id, err)
-            os.close(read_fd)
-            os.close(write_fd)
+            for fd in fds:
+                os.close(fd)
             return
         if pid == 0:  # the child
             os.close(read_fd)

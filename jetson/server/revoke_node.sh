@@ -53,6 +53,10 @@ fi
 if [[ -f "$registry" ]]; then
     tmp=$(mktemp "$registry.XXXXXX")
     awk -F'\t' -v id="$node_id" '$1 != id' "$registry" >"$tmp"
+    # mktemp's file is 600 and yours: keep the registry's mode, group and owner (the ServerApp,
+    # user flmnist, reads it; the group's members write it)
+    chmod --reference="$registry" "$tmp"
+    chown --reference="$registry" "$tmp" 2>/dev/null || chgrp --reference="$registry" "$tmp" 2>/dev/null || true
     mv "$tmp" "$registry"
 fi
 echo "revoked node $node_id"
