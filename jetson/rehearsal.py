@@ -364,9 +364,10 @@ class Rehearsal:
             + self.connection(SUPERLINK_PORT_FROM_LAN, f"{LAN_HOST}:{self.port}"))
         return home
 
-    def register(self, name: str) -> int:
-        out = self.sh(JETSON / "server" / "register_node.sh", "--superlink", CONNECTION,
-                      "--registry", self.work / "registered_nodes.tsv", name, f"{self.key(name)}.pub").stdout
+    def register(self, name: str, partition: int) -> int:
+        out = self.sh(JETSON / "server" / "register_node.sh", "--superlink", CONNECTION, "--registry",
+                      self.work / "registered_nodes.tsv", "--partition", str(partition), name,
+                      f"{self.key(name)}.pub").stdout
         return int(out.split(" as node ")[1].split()[0])
 
     def revoke(self, name: str) -> None:
@@ -392,9 +393,9 @@ class Rehearsal:
         returns the node ids the SuperLink gave the keys."""
         self.export_partitions(partition_overrides, names)
         ids = {}
-        for name in names:
+        for i, name in enumerate(names):  # (partition i, as exported)
             self.make_key(name)
-            ids[name] = self.register(name)
+            ids[name] = self.register(name, i)
         for name in names:
             self.start_node(name)
         return ids

@@ -140,7 +140,7 @@ def test_the_registry_names_each_node_id(tmp_path, task_identity):
     tsv = tmp_path / "registered_nodes.tsv"
     tsv.write_text("11\tjetson-orin\tkeys/orin.pub\n12\tjetson-nano\tkeys/nano.pub\n")
     registry = read_registry(tsv)
-    assert registry == {11: "jetson-orin", 12: "jetson-nano"}
+    assert registry == {11: ("jetson-orin", None), 12: ("jetson-nano", None)}
     book = IdentityBook(registry)
     assert book.judge(11, "jetson-orin", 0) is None
     assert book.judge(12, "jetson-orin", 1) == ("claims a name it is not registered under ('jetson-orin'; "
@@ -153,6 +153,24 @@ def test_the_registry_names_each_node_id(tmp_path, task_identity):
         read_registry(bad)
     with pytest.raises(ConfigError, match=r"screen.registry=.*missing.tsv: cannot read it"):
         read_registry(tmp_path / "missing.tsv")
+
+
+def test_a_registered_board_cannot_take_another_boards_partition(tmp_path, task_identity):
+    """register_node.sh --partition K: jetson-1, registered for partition 1, replying first as
+    partition 0 (a wrong copy of jetson-0's data, or a compromised board) took partition 0 and
+    shut the real jetson-0 out as a rival; now it is refused, and jetson-0 binds its own."""
+    tsv = tmp_path / "registered_nodes.tsv"
+    tsv.write_text("11\tjetson-0\tkeys/0.pub\t0\n22\tjetson-1\tkeys/1.pub\t1\n")
+    book = IdentityBook(read_registry(tsv))
+    assert book.judge(22, "jetson-1", 0) == ("claims a partition it is not registered for (partition 0; node id 22 "
+                                             "is registered as 'jetson-1', partition 1)")
+    assert book.judge(11, "jetson-0", 0) is None and book.judge(22, "jetson-1", 1) is None
+    tsv.write_text("11\tjetson-0\tk0\t0\n22\tjetson-1\tk1\t0\n")
+    with pytest.raises(ConfigError, match=r"line 2: partition 0 is registered twice"):
+        read_registry(tsv)
+    tsv.write_text("11\tjetson-0\tk0\tzero\n")
+    with pytest.raises(ConfigError, match=r"line 1: expected NODE_ID<TAB>NAME\[<TAB>KEY\[<TAB>PARTITION\]\]"):
+        read_registry(tsv)
 
 
 def test_async_discovery_binds_and_an_impostor_never_trains_as_its_victim(task_identity):
@@ -209,7 +227,7 @@ def test_rejections_are_never_counted_against_a_node_the_reply_only_names(tmp_pa
     book = IdentityBook()
     assert book.judge(12, "node 1", 1) is None
     assert book.name_of(99, "node 1") == "node id 99" and book.name_of(98, "node 5") == "node 5"
-    registered = IdentityBook({11: "jetson-orin"})
+    registered = IdentityBook({11: ("jetson-orin", None)})
     assert registered.name_of(99, "jetson-orin") == "node id 99"
     assert registered.name_of(11, "anything") == "jetson-orin"
 

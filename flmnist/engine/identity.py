@@ -8,9 +8,10 @@ only with the key it was registered with). :class:`IdentityBook` binds each node
 identity and judges every later reply by that binding:
 
 - **deployment with a registry** (``screen.registry``: the ``registered_nodes.tsv`` that
-  ``jetson/server/register_node.sh`` writes, ``NODE_ID<TAB>NAME<TAB>KEY``): a node id's name is
-  the one the operator registered its key under. A reply from a node id not in the registry,
-  or naming itself otherwise, is rejected.
+  ``jetson/server/register_node.sh`` writes, ``NODE_ID<TAB>NAME<TAB>KEY<TAB>PARTITION``): a node
+  id's name, and its partition where given (``--partition``), are the ones the operator
+  registered its key under. A reply from a node id not in the registry, or naming itself or its
+  partition otherwise, is rejected.
 - **everywhere** (simulation, and the partition of a registered node): the first screened
   reply of a node id binds its name and partition id. A later reply claiming another is
   rejected and counted against the bound identity. Two node ids claiming one partition (or
@@ -43,25 +44,30 @@ class Identity:
     partition: int
 
 
-def read_registry(path: str | Path) -> dict[int, str]:
-    """Node id -> registered name, from ``register_node.sh``'s TSV (``NODE_ID<TAB>NAME<TAB>KEY``)."""
+def read_registry(path: str | Path) -> dict[int, tuple[str, int | None]]:
+    """Node id -> (registered name, partition or None), from ``register_node.sh``'s TSV
+    (``NODE_ID<TAB>NAME<TAB>KEY[<TAB>PARTITION]``; a board registered without ``--partition``
+    may bind any partition not bound, as without a registry)."""
     file = Path(path).expanduser()
     try:
         text = file.read_text()
     except OSError as err:
         raise ConfigError(f"screen.registry={path}: cannot read it ({err.strerror}). It is the file "
                           "jetson/server/register_node.sh appends to (registered_nodes.tsv)") from None
-    registry: dict[int, str] = {}
+    registry: dict[int, tuple[str, int | None]] = {}
     for number, row in enumerate(csv.reader(text.splitlines(), delimiter="\t"), 1):
         if not row or not "".join(row).strip() or row[0].startswith("#"):
             continue
-        if len(row) < 2 or not row[0].strip().isdigit() or not row[1].strip():
-            raise ConfigError(f"screen.registry={path}, line {number}: expected NODE_ID<TAB>NAME[<TAB>KEY], "
-                              f"got {row!r:.80}")
-        node_id, name = int(row[0]), row[1].strip()
-        if name in registry.values() and registry.get(node_id) != name:
-            raise ConfigError(f"screen.registry={path}, line {number}: the name {name!r} is registered twice")
-        registry[node_id] = name
+        part = row[3].strip() if len(row) > 3 else ""
+        if len(row) < 2 or not row[0].strip().isdigit() or not row[1].strip() or (part and not part.isdigit()):
+            raise ConfigError(f"screen.registry={path}, line {number}: expected NODE_ID<TAB>NAME[<TAB>KEY"
+                              f"[<TAB>PARTITION]], got {row!r:.80}")
+        node_id, entry = int(row[0]), (row[1].strip(), int(part) if part else None)
+        for other, (name, partition) in registry.items():
+            if other != node_id and (name == entry[0] or (partition is not None and partition == entry[1])):
+                what = f"the name {name!r}" if name == entry[0] else f"partition {partition}"
+                raise ConfigError(f"screen.registry={path}, line {number}: {what} is registered twice")
+        registry[node_id] = entry
     if not registry:
         raise ConfigError(f"screen.registry={path} lists no node")
     return registry
@@ -70,7 +76,7 @@ def read_registry(path: str | Path) -> dict[int, str]:
 class IdentityBook:
     """Node id -> its bound :class:`Identity`; :meth:`judge` says why a claim is refused."""
 
-    def __init__(self, registry: dict[int, str] | None = None,
+    def __init__(self, registry: dict[int, tuple[str, int | None]] | None = None,
                  connected: Callable[[], Iterable[int]] | None = None) -> None:
         self.registry = registry
         self.connected = connected          # the node ids Flower lists now (engines set it)
@@ -107,7 +113,7 @@ class IdentityBook:
         if node_id in self.bound:
             return self.bound[node_id].name
         if self.registry is not None:
-            return self.registry.get(node_id, f"node id {node_id}")
+            return self.registry.get(node_id, (f"node id {node_id}", None))[0]
         if node_id in self.flagged or any(i.name == claimed for i in self.bound.values()):
             return f"node id {node_id}"
         return claimed
@@ -146,12 +152,15 @@ class IdentityBook:
                 self.rivals.pop(n, None)
                 self.contested.pop(n, None)
         if self.registry is not None:
-            registered = self.registry.get(node_id)
-            if registered is None:
+            if node_id not in self.registry:
                 return f"not in the registry (node id {node_id} is not listed in screen.registry)"
+            registered, partition = self.registry[node_id]
             if claim.name != registered:
                 return (f"claims a name it is not registered under ({claim.name!r}; node id {node_id} is "
                         f"registered as {registered!r})")
+            if partition is not None and claim.partition != partition:
+                return (f"claims a partition it is not registered for (partition {claim.partition}; node id "
+                        f"{node_id} is registered as {registered!r}, partition {partition})")
         bound = self.bound.get(node_id)
         if bound is not None:
             if bound != claim:

@@ -1,26 +1,29 @@
 #!/usr/bin/env bash
 # Register a board's public key with the SuperLink, so its SuperNode is admitted.
 #
-#   register_node.sh [--dry-run] [--superlink CONNECTION] [--registry FILE] NAME KEY.pub
+#   register_node.sh [--dry-run] [--superlink CONNECTION] [--registry FILE] [--partition K] NAME KEY.pub
 #
 # Runs `flwr supernode register KEY.pub [CONNECTION] --name NAME` against the SuperLink
 # connection CONNECTION of $FLWR_HOME/config.toml (default: its default connection; see
 # jetson/README.md for the connection block with address and root-certificates). Prints
-# the node ID and appends "NODE_ID<TAB>NAME<TAB>KEY.pub" to FILE (default
-# ./registered_nodes.tsv), which revoke_node.sh reads to revoke a node by name.
+# the node ID and appends "NODE_ID<TAB>NAME<TAB>KEY.pub<TAB>K" to FILE (default
+# ./registered_nodes.tsv), which revoke_node.sh reads to revoke a node by name and the
+# ServerApp (screen.registry) to accept a node's replies only under NAME and partition K.
 # --dry-run prints the command instead of running it.
 set -euo pipefail
 
-usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 
 dry_run=0
 connection=()
 registry=./registered_nodes.tsv
+partition=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --dry-run) dry_run=1; shift ;;
         --superlink) connection=("$2"); shift 2 ;;
         --registry) registry="$2"; shift 2 ;;
+        --partition) partition="$2"; shift 2 ;;
         -h|--help) usage 0 ;;
         -*) echo "unknown option $1" >&2; usage 2 ;;
         *) break ;;
@@ -29,6 +32,10 @@ done
 [[ $# -eq 2 ]] || usage 2
 name="$1"
 key="$2"
+if [[ -n "$partition" && ! "$partition" =~ ^[0-9]+$ ]]; then
+    echo "--partition takes the board's partition number (its export_partition.py --node), got $partition" >&2
+    exit 2
+fi
 
 cmd=("${FLWR:-flwr}" supernode register "$key" "${connection[@]}" --name "$name" --format json)
 if [[ $dry_run -eq 1 ]]; then
@@ -49,5 +56,5 @@ if ! printf '%s\n' "$out" | grep -q '"success": *true' || [[ -z "$node_id" ]]; t
     printf '%s\n' "$out" >&2
     exit 1
 fi
-printf '%s\t%s\t%s\n' "$node_id" "$name" "$key" >>"$registry"
+printf '%s\t%s\t%s\t%s\n' "$node_id" "$name" "$key" "$partition" >>"$registry"
 echo "registered $name ($key) as node $node_id"
