@@ -59,8 +59,7 @@ def main(grid: Grid, context: Context) -> None:
         checkpoint = find_checkpoint(str(cfg.resume), cfg.output_dir)
         cfg.resume = str(checkpoint)  # resume=latest: the one found, once
         backup = ConfigBackup(checkpoint)
-        if changed := extend_in_place(overrides, checkpoint):
-            backup.retire_summary()
+        if changed := extend_in_place(overrides, checkpoint, backup):
             log(INFO, "flmnist: extending the run: %s", changed)
         else:
             backup = None

@@ -222,3 +222,25 @@ def test_revoking_a_board_keeps_the_registrys_mode_for_the_serverapp(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert registry.read_text() == "11\tjetson-0\tkey0\n"
     assert registry.stat().st_mode & 0o777 == 0o640
+
+
+def test_registering_a_second_board_for_a_partition_is_refused_before_the_superlink(tmp_path):
+    """register_node.sh --partition 0 while partition 0 is registered: refused before its key is
+    registered with the SuperLink (every later run failed at setup: "partition 0 is registered
+    twice"); a free partition goes in as the fourth column."""
+    registry = tmp_path / "registered_nodes.tsv"
+    registry.write_text("11\tjetson-0\tkey0\t0\n")
+    (tmp_path / "k.pub").write_text("a key\n")
+    flwr = tmp_path / "flwr"
+    flwr.write_text(f'#!/bin/sh\ntouch {tmp_path}/called\necho \'{{"success": true, "node-id": 22}}\'\n')
+    flwr.chmod(0o755)
+    env = {**os.environ, "FLWR": str(flwr)}
+    script = str(JETSON / "server" / "register_node.sh")
+    proc = subprocess.run(["bash", script, "--registry", str(registry), "--partition", "0", "jetson-1",
+                           str(tmp_path / "k.pub")], capture_output=True, text=True, check=False, env=env)
+    assert proc.returncode == 1 and "partition 0 is already registered" in proc.stderr
+    assert not (tmp_path / "called").exists()
+    proc = subprocess.run(["bash", script, "--registry", str(registry), "--partition", "1", "jetson-1",
+                           str(tmp_path / "k.pub")], capture_output=True, text=True, check=False, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert registry.read_text().splitlines()[-1] == f"22\tjetson-1\t{tmp_path / 'k.pub'}\t1"

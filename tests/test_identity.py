@@ -165,6 +165,11 @@ def test_a_registered_board_cannot_take_another_boards_partition(tmp_path, task_
     assert book.judge(22, "jetson-1", 0) == ("claims a partition it is not registered for (partition 0; node id 22 "
                                              "is registered as 'jetson-1', partition 1)")
     assert book.judge(11, "jetson-0", 0) is None and book.judge(22, "jetson-1", 1) is None
+    # a board registered without --partition (an older row) takes no partition another row holds
+    tsv.write_text("11\tjetson-0\tkeys/0.pub\t0\n33\tjetson-old\tkeys/old.pub\n")
+    book = IdentityBook(read_registry(tsv))
+    assert book.judge(33, "jetson-old", 0) == "claims partition 0, registered to 'jetson-0'"
+    assert book.judge(33, "jetson-old", 2) is None and book.judge(11, "jetson-0", 0) is None
     tsv.write_text("11\tjetson-0\tk0\t0\n22\tjetson-1\tk1\t0\n")
     with pytest.raises(ConfigError, match=r"line 2: partition 0 is registered twice"):
         read_registry(tsv)

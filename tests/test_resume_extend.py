@@ -100,7 +100,7 @@ def test_an_asynchronous_run_that_ended_on_its_time_budget_or_client_updates_say
     assert resumed_config(["async_loop.max_client_updates=30"], saved, run).async_loop.max_client_updates == 30
 
 
-def test_an_extension_killed_before_its_summary_can_be_resumed_as_it_is(tmp_path):
+def test_an_extension_killed_before_its_summary_can_be_resumed_as_it_is(tmp_path, mnist_root):
     """A run finished on its time budget (or stopped at its privacy budget) is extended, and the
     extension is killed (SIGKILL, power loss) before it writes a summary: the old "finished"
     summary made the next plain resume refuse ("finished on its async_loop.time_budget=60"), leaving
@@ -112,24 +112,26 @@ def test_an_extension_killed_before_its_summary_can_be_resumed_as_it_is(tmp_path
     checkpoint = run / "checkpoint.pt"
     checkpoint.write_bytes(b"a checkpoint")
     backup = ConfigBackup(checkpoint)
-    assert extend_in_place(["async_loop.time_budget=60"], checkpoint) == "async_loop.time_budget=60"
-    backup.retire_summary()  # as the ServerApp and the flmnist command do after an extension
+    assert extend_in_place(["async_loop.time_budget=60"], checkpoint, backup) == "async_loop.time_budget=60"
     assert not (run / "summary.json").exists() and (run / "summary.prev.json").is_file()
     extended = OmegaConf.load(run / "config.yaml")  # ... and the run is killed here
     assert resumed_config([], extended, run) == extended
     backup.put_back_unless_stepped()  # a start that failed before its first step: the run as it was
     assert json.loads((run / "summary.json").read_text()) == {"status": "finished"}
     assert OmegaConf.load(run / "config.yaml").async_loop.time_budget == 30
-    # a later failed start that retired nothing (only data.root moved) puts back no old summary
+    # a later start whose data only moved retires nothing, and if it fails puts back no old summary
     (run / "summary.prev.json").write_text(json.dumps({"status": "finished", "rounds_completed": 1}))
-    ConfigBackup(checkpoint).put_back_unless_stepped()
+    backup = ConfigBackup(checkpoint)
+    assert extend_in_place([f"data.root={mnist_root}", "data.download=false"], checkpoint, backup).endswith(
+        "data.download=False")
+    assert json.loads((run / "summary.json").read_text()) == {"status": "finished"}
+    backup.put_back_unless_stepped()
     assert json.loads((run / "summary.json").read_text()) == {"status": "finished"}
     run, _saved = finished_run(tmp_path / "dp", ["model=logreg", "num_rounds=4", "privacy=central",
                                                 "privacy.max_epsilon=8"], done=2)
     (run / "summary.json").write_text(json.dumps({"status": "finished", "stopped_early": {"reason": "privacy budget"}}))
     backup = ConfigBackup(run / "checkpoint.pt")
-    extend_in_place(["privacy.max_epsilon=16"], run / "checkpoint.pt")
-    backup.retire_summary()
+    extend_in_place(["privacy.max_epsilon=16"], run / "checkpoint.pt", backup)
     extended = OmegaConf.load(run / "config.yaml")
     assert resumed_config([], extended, run) == extended
 

@@ -328,13 +328,13 @@ def _data_moved(out: DictConfig, overrides: list[str]) -> None:
             OmegaConf.update(out, key, OmegaConf.select(where, key))
 
 
-def extend_in_place(overrides: list[str], checkpoint: Path) -> str:
+def extend_in_place(overrides: list[str], checkpoint: Path, backup=None) -> str:
     """Plain ``flwr run`` with ``resume=`` and other overrides (the ``flmnist`` command checks them
     before Flower starts, writes the run's ``config.yaml``, and hands the ServerApp only ``resume=``
     and where the run runs): :func:`resumed_config` on the run's ``config.yaml`` (with only a new
     ``data.*``: that), written back if it changed. What changed, or ''; ConfigError for an override
-    that would change the run. (The caller's :class:`~flmnist.core.run_files.ConfigBackup` retires
-    the summary of an extended run.)"""
+    that would change the run. ``backup``: the caller's :class:`~flmnist.core.run_files.ConfigBackup`,
+    which retires the summary of a run extended (not of one whose data only moved)."""
     run_dir = checkpoint.parent
     saved = OmegaConf.load(run_dir / "config.yaml")
     if given_beside_resume(overrides):
@@ -348,7 +348,9 @@ def extend_in_place(overrides: list[str], checkpoint: Path) -> str:
         return ""
     ensure_mnist(resolve_root(out.data.root), out.data.download)  # before config.yaml changes: a failed check keeps it
     atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(out), durable=True)
-    return ", ".join(filter(None, [extension(saved, out), *(f"{k}={OmegaConf.select(out, k)}" for k in (
+    if (changed := extension(saved, out)) and backup is not None:
+        backup.retire_summary()
+    return ", ".join(filter(None, [changed, *(f"{k}={OmegaConf.select(out, k)}" for k in (
         "data.root", "data.download") if OmegaConf.select(out, k) != OmegaConf.select(saved, k))]))
 
 

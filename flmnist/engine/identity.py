@@ -161,6 +161,10 @@ class IdentityBook:
             if partition is not None and claim.partition != partition:
                 return (f"claims a partition it is not registered for (partition {claim.partition}; node id "
                         f"{node_id} is registered as {registered!r}, partition {partition})")
+            holder = next((name for n, (name, part) in self.registry.items() if part == claim.partition and n != node_id),
+                          None)
+            if partition is None and holder is not None:  # (registered without --partition: not another's)
+                return f"claims partition {claim.partition}, registered to {holder!r}"
         bound = self.bound.get(node_id)
         if bound is not None:
             if bound != claim:

@@ -163,15 +163,16 @@ def launch(cfg: DictConfig) -> dict:
         overrides.append(f"data.root={quoted(root)}")
     before = signature(run_dir / "summary.json")
     log_from = (run_dir / "flwr_run.log").stat().st_size if cfg.resume and (run_dir / "flwr_run.log").is_file() else 0
-    sim, backend = cfg.simulation, simulation_backend(cfg, gpus)
-    sweep = hc.mode == RunMode.MULTIRUN  # the jobs share one local SuperLink, stopped at the sweep's end
-    if sweep and not _sweep_link:
-        _sweep_link.append(SweepLink())
-    link = _sweep_link[0] if sweep else None
-    flwr_home = link.home_for(hc.job.num, (backend, sim.ray_address)) if link else tempfile.mkdtemp(
-        prefix="flmnist-flwr-home-")
-    watch(flwr_home)  # (kill -9 of this command: the watchdog stops what it started)
+    sim, link, flwr_home = cfg.simulation, None, None
     try:
+        backend = simulation_backend(cfg, gpus)
+        if hc.mode == RunMode.MULTIRUN:  # the jobs share one local SuperLink, stopped at the sweep's end
+            if not _sweep_link:
+                _sweep_link.append(SweepLink())
+            link = _sweep_link[0]
+        flwr_home = link.home_for(hc.job.num, (backend, sim.ray_address)) if link else tempfile.mkdtemp(
+            prefix="flmnist-flwr-home-")
+        watch(flwr_home)  # (kill -9 of this command: the watchdog stops what it started)
         print(f"flmnist: simulation backend: {BACKEND_NOTES[backend]}", flush=True)
         code = run_flwr(APP_DIR, overrides, run_cfg.num_nodes, flwr_home, log_path=run_dir / "flwr_run.log",
                         append=bool(cfg.resume), client_cpus=float(sim.client_cpus), client_gpus=gpus,
@@ -185,7 +186,7 @@ def launch(cfg: DictConfig) -> dict:
             backup.put_back_unless_stepped()
         raise
     finally:
-        if not link:
+        if not link and flwr_home:
             shutil.rmtree(flwr_home, ignore_errors=True)
     try:
         summary = outcome(run_dir, before, code, log_from)

@@ -34,8 +34,8 @@ class QuietWhenClosed:
         try:
             return call(*args)
         except OSError as err:
-            if err.errno not in GONE:  # (EAGAIN on a non-blocking stream: not an end)
-                raise
+            if err.errno not in GONE:  # (EAGAIN on a non-blocking stream, full for a moment: this write is lost)
+                return None
             if not self.failed:
                 self.failed = True
                 to_devnull(self._stream)

@@ -47,6 +47,10 @@ if [[ -f "$registry" ]] && cut -f2 "$registry" | grep -qxF -- "$name"; then
     echo "a node named $name is already in $registry; revoke it first or pick another name" >&2
     exit 1
 fi
+if [[ -n "$partition" && -f "$registry" ]] && cut -f4 "$registry" | grep -qxF -- "$partition"; then
+    echo "partition $partition is already registered in $registry; revoke its board first or pick another" >&2
+    exit 1
+fi
 
 # flwr prints {"success": ..., "node-id": ...} and exits 0 even on failure: read the JSON.
 out=$("${cmd[@]}")
