@@ -26,12 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from flmnist.config.compose import GROUPS, compose_config, conf_dir, override_key
 from flmnist.config.validate import run_length
 from flmnist.core.errors import ConfigError
-from flmnist.core.run_files import (
-    CHECKPOINT,
-    CHECKPOINT_INFO,
-    atomic_write,
-    resume_arg,
-)
+from flmnist.core.run_files import CHECKPOINT, CHECKPOINT_INFO, atomic_write, resume_arg
 from flmnist.ml.mnist_files import ensure_mnist, resolve_root
 from flmnist.observers.stop import StopAtTarget
 

@@ -56,19 +56,6 @@ def atomic_write(path: Path, text: str, durable: bool = False) -> None:
 PREVIOUS_SUMMARY = "summary.prev.json"
 
 
-def retire_summary(run_dir: Path) -> bool:
-    """A resume extended the run (its ``config.yaml`` rewritten): the run's ``summary.json``, of the
-    run before, moves to ``summary.prev.json`` until the run writes its own. Left in place, a
-    crash before then (SIGKILL, power loss) left it saying "finished" on limits the run no longer
-    has, and the next resume's checks refused on it ("finished on its time_budget=..."). Whether
-    it moved one."""
-    summary = Path(run_dir) / "summary.json"
-    if not summary.is_file():
-        return False
-    os.replace(summary, summary.with_name(PREVIOUS_SUMMARY))
-    return True
-
-
 class ConfigBackup:
     """A resumed run's ``config.yaml`` as it was before the resume extended it, put back if the
     run then fails before its first step: a refused resume leaves the run as it was (the next
@@ -78,22 +65,28 @@ class ConfigBackup:
     def __init__(self, checkpoint: Path) -> None:
         self.checkpoint, self.path = checkpoint, checkpoint.parent / "config.yaml"
         self.metrics = checkpoint.parent / "metrics.json"
-        self.text, self.stamp, self.metrics_stamp = self.path.read_text(), _stamp(checkpoint), _stamp(self.metrics)
+        self.text, self.stamp, self.metrics_stamp = self.path.read_text(), file_stamp(checkpoint), file_stamp(self.metrics)
         self.step = _step(checkpoint)
         self.summary = checkpoint.parent / "summary.json"
-        self.retired = False  # whether this extension moved the summary aside (retire_summary)
+        self.retired = False  # whether this extension moved the summary aside (:meth:`retire_summary`)
 
     def retire_summary(self) -> None:
-        """The extension is written: :func:`retire_summary`, remembered for :meth:`put_back_unless_stepped`."""
-        self.retired = retire_summary(self.checkpoint.parent) or self.retired
+        """The extension is written: the run's ``summary.json``, of the run before, moves to
+        ``summary.prev.json`` until the run writes its own (put back by :meth:`put_back_unless_stepped`).
+        Left in place, a crash before then (SIGKILL, power loss) left it saying "finished" on limits
+        the run no longer has, and the next resume's checks refused on it ("finished on its
+        time_budget=...")."""
+        if self.summary.is_file():
+            os.replace(self.summary, self.summary.with_name(PREVIOUS_SUMMARY))
+            self.retired = True
 
     def stepped(self) -> bool:
         """Whether the run trained a step since: its checkpoint changed, or ``metrics.json`` was
         written with a row past the checkpoint's step (an asynchronous run checkpoints at its
         evaluation points, ``checkpoint_every`` may skip rounds: steps come between checkpoints)."""
-        if _stamp(self.checkpoint) != self.stamp:
+        if file_stamp(self.checkpoint) != self.stamp:
             return True
-        if self.step is None or _stamp(self.metrics) == self.metrics_stamp:
+        if self.step is None or file_stamp(self.metrics) == self.metrics_stamp:
             return False
         try:  # (a row without wall_time is a step that started and did not end)
             return max(int(row["round"]) for row in json.loads(self.metrics.read_text()) if "wall_time" in row) > self.step
@@ -109,7 +102,9 @@ class ConfigBackup:
                 os.replace(self.summary.with_name(PREVIOUS_SUMMARY), self.summary)
 
 
-def _stamp(path: Path) -> tuple[int, int] | None:
+def file_stamp(path: Path) -> tuple[int, int] | None:
+    """A file's identity (inode, modification time): a rewritten file (atomic_write) has another;
+    None if there is none."""
     try:
         st = path.stat()
     except OSError:

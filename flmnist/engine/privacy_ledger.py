@@ -15,10 +15,8 @@ from pathlib import Path
 
 from flwr.common.logger import log
 
-from flmnist.core.constants import PRIVACY_LEDGER
+from flmnist.core.constants import PRIVACY_LEDGER as LEDGER
 from flmnist.core.run_files import atomic_write
-
-LEDGER = PRIVACY_LEDGER
 
 
 def _ledger(recorder) -> Path | None:

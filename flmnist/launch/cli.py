@@ -59,6 +59,7 @@ from flmnist.core.run_files import (
     CHECKPOINT,
     ConfigBackup,
     atomic_write,
+    file_stamp,
     find_checkpoint,
     quoted,
     resume_arg,
@@ -67,7 +68,7 @@ from flmnist.launch import output, warm_link
 from flmnist.launch.backend import check_gpu_share, client_gpus, simulation_backend
 from flmnist.launch.comparison import COLUMNS, degraded_message, write_comparison  # noqa: F401 - re-exported
 from flmnist.launch.flwr_local import run_flwr, shielded
-from flmnist.launch.outcome import finished_line, outcome, signature, wrote_summary
+from flmnist.launch.outcome import finished_line, outcome, wrote_summary
 from flmnist.launch.sweep_link import SweepLink
 from flmnist.launch.watchdog import watch
 from flmnist.ml.mnist_files import ensure_mnist, resolve_root
@@ -161,7 +162,7 @@ def launch(cfg: DictConfig) -> dict:
     overrides = absolute_overrides(overrides, run_dir)
     if not any(o.startswith("data.root=") for o in overrides):
         overrides.append(f"data.root={quoted(root)}")
-    before = signature(run_dir / "summary.json")
+    before = file_stamp(run_dir / "summary.json")
     log_from = (run_dir / "flwr_run.log").stat().st_size if cfg.resume and (run_dir / "flwr_run.log").is_file() else 0
     sim, link, flwr_home = cfg.simulation, None, None
     try:

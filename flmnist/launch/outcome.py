@@ -8,21 +8,14 @@ import json
 from pathlib import Path
 
 from flmnist.core.errors import ConfigError, RunFailed
+from flmnist.core.run_files import file_stamp
 from flmnist.observers.recorder import DEGRADED, FINAL_LINE
-
-
-def signature(path: Path) -> tuple[int, int] | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return st.st_ino, st.st_mtime_ns
 
 
 def wrote_summary(run_dir: Path, before: tuple[int, int] | None) -> bool:
     """Whether the run wrote a summary since the launch (``before``: the summary file's identity
     then; a resumed run may hold an old one)."""
-    return signature(run_dir / "summary.json") not in (None, before)
+    return file_stamp(run_dir / "summary.json") not in (None, before)
 
 
 def config_error_in(log: Path, start: int = 0) -> str | None:

@@ -31,28 +31,28 @@ def helped_and_hurt(totals: dict[str, np.ndarray]) -> tuple[dict[int, str | None
     return helped, hurt
 
 
-def last_snapshot(path: Path) -> tuple[int, dict[str, np.ndarray], dict[str, int]]:
-    """The last step in ``attribution.csv``: (step, node -> per-digit totals, node -> updates).
-    OSError, ValueError or KeyError when there is no such table or it is not one."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    last = max(int(r["step"]) for r in rows)  # (ValueError: no rows)
-    rows = [r for r in rows if int(r["step"]) == last]
-    totals = {r["node"]: np.array([float(r[f"digit_{d}"]) for d in range(NUM_DIGITS)]) for r in rows}
-    return last, totals, {r["node"]: int(r["updates"]) for r in rows}
-
-
-def stopped_section(path: Path) -> dict | None:
-    """The ``attribution`` section of a stopped run's summary from its ``attribution.csv`` (the
-    attribution's own, made as the run finishes, never came): the totals and updates per node
-    after the last snapshot, who helped and hurt each digit most, and that step; None without one."""
+def last_snapshot(path: Path) -> tuple[int, dict[str, np.ndarray], dict[str, int]] | None:
+    """The last step in ``attribution.csv``: (step, node -> per-digit totals, node -> updates);
+    None when there is no such table or it is not one."""
     try:
-        step, totals, updates = last_snapshot(path)
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        last = max(int(r["step"]) for r in rows)  # (ValueError: no rows)
+        rows = [r for r in rows if int(r["step"]) == last]
+        totals = {r["node"]: np.array([float(r[f"digit_{d}"]) for d in range(NUM_DIGITS)]) for r in rows}
+        return last, totals, {r["node"]: int(r["updates"]) for r in rows}
     except (OSError, ValueError, KeyError, TypeError):  # (TypeError: a row short of a column)
         return None
+
+
+def stopped_section(snapshot: tuple[int, dict[str, np.ndarray], dict[str, int]]) -> dict:
+    """The ``attribution`` section of a stopped run's summary from the last snapshot of its
+    ``attribution.csv`` (the attribution's own, made as the run finishes, never came): the totals
+    and updates per node, who helped and hurt each digit most, and that step."""
+    step, totals, updates = snapshot
     helped, hurt = helped_and_hurt(totals)
     names = sorted(totals, key=node_order)
-    return {"from": f"{path.name} after step {step} (the run was stopped before its attribution finished)",
+    return {"from": f"attribution.csv after step {step} (the run was stopped before its attribution finished)",
             "helped_most": {str(d): n for d, n in helped.items()}, "hurt_most": {str(d): n for d, n in hurt.items()},
             "totals": {n: [round(float(v), 2) for v in totals[n]] for n in names},
             "updates": {n: updates[n] for n in names}}

@@ -46,8 +46,9 @@ def summarize_stopped(run_dir: Path, num_rounds: int, target_accuracy: float, un
         sections = sections if isinstance(sections, dict) else {}
     except (OSError, ValueError):  # (written atomically: not expected) the rest of the summary stands
         sections = {}
-    if sections.get("attribution") is None and (attribution := stopped_section(run_dir / "attribution.csv")):
-        sections["attribution"] = attribution
+    snapshot = last_snapshot(run_dir / "attribution.csv")
+    if sections.get("attribution") is None and snapshot is not None:
+        sections["attribution"] = stopped_section(snapshot)
     sections["privacy"] = _with_ledger(sections.get("privacy"), run_dir / LEDGER)
     evaluated = [(n, r["test_accuracy"]) for n, r in sorted(rows.items()) if n > 0 and r.get("test_accuracy") is not None]
     best_round, best_accuracy = max(evaluated, key=lambda e: e[1], default=(None, None))  # ties: the earliest
@@ -66,7 +67,7 @@ def summarize_stopped(run_dir: Path, num_rounds: int, target_accuracy: float, un
         if value is not None and name not in ("async", "screen"):  # (their own files above)
             rec.set_section(name, value)
     summary = rec.finish("stopped", reason)
-    plot_stopped_attribution(run_dir, label)
+    plot_stopped_attribution(run_dir, label, snapshot)
     mark_stopped(run_dir)
     return summary
 
@@ -85,14 +86,17 @@ def _with_ledger(privacy, ledger: Path) -> dict | None:
     return privacy
 
 
-def plot_stopped_attribution(run_dir: Path, label: str = "") -> None:
-    """``attribution.png`` of a stopped run, from the last snapshot in its ``attribution.csv``."""
+def plot_stopped_attribution(run_dir: Path, label: str = "", snapshot=None) -> None:
+    """``attribution.png`` of a stopped run, from the last snapshot in its ``attribution.csv``
+    (``snapshot``: that, read already); none without one (attribution off, or stopped before its
+    first snapshot)."""
+    snapshot = snapshot or last_snapshot(run_dir / "attribution.csv")
+    if snapshot is None:
+        return
+    _, totals, _ = snapshot
     try:
-        _, totals, _ = last_snapshot(run_dir / "attribution.csv")
         from flmnist.observers.plots import plot_attribution
 
         plot_attribution(run_dir, list(totals), np.array(list(totals.values())), label)
-    except (OSError, ValueError, KeyError, TypeError):
-        return  # no attribution recorded (turned off, or stopped before its first snapshot)
     except Exception as err:  # noqa: BLE001 - a plot must never lose the run's results
         logging.getLogger("flwr").warning("Attribution plot failed (%s); the table is in attribution.csv", err)
