@@ -82,7 +82,7 @@ def option_description(group: str, option: str) -> str:
 def headline(text: str, width: int = 80) -> str:
     """The first sentence of ``text``, cut to ``width`` characters."""
     cut = re.split(r"(?<!\bal)(?<!e\.g)(?<!i\.e)\.\s+(?=[A-Z(])", text, maxsplit=1)[0].rstrip(".")
-    return cut if len(cut) <= width else cut[: width - 3].rstrip() + "..."
+    return cut if len(cut) <= width else cut[: width - 3].rsplit(" ", 1)[0].rstrip(" ,;:") + "..."  # at a word's end
 
 
 def defaults() -> dict[str, str]:
@@ -112,11 +112,15 @@ def group_settings(group: str, option: str) -> list[Setting]:
 def known_descriptions() -> dict[str, str]:
     """Every described setting of the top level and of every group option, by dotted key."""
     found = {s.key: s.description for s in top_level_settings() if s.description}
+    own: set[str] = set()  # keys described by their own group (client.momentum by client/, not model/logreg)
     for group in GROUPS:
         if group != "experiment":
             for option in group_options(group):
                 for s in group_settings(group, option):
-                    if s.description:
+                    if s.description and s.key.startswith(f"{group}.") and s.key not in own:
+                        found[s.key] = s.description
+                        own.add(s.key)
+                    elif s.description:
                         found.setdefault(s.key, s.description)
     return found
 
@@ -169,13 +173,14 @@ Usage:
   flmnist resume=RUN_DIR|latest                  continue a run from its checkpoint
   flmnist --help [GROUP=OPTION ...]              this help; with options, their own settings
   flmnist --version                              flmnist's and Flower's versions
-  flmnist [OVERRIDES ...] --cfg job              the composed config, its settings checked, not run
+  flmnist [OVERRIDES ...] --cfg job              the composed config, its values checked (not data, GPUs
+                                                 or a resume's checkpoint), not run
   flmnist --hydra-help                           Hydra's own help (--cfg, --info ...)
 
-Runs go to outputs/DATE/TIME_NAME/ (sweeps: multirun/DATE/TIME_NAME/N_.../), NAME being the
-experiment's name or STRATEGY_SPLIT. Exit codes: 0 finished, 1 the run failed, 2 a bad
-setting (nothing ran), 3 finished degraded (its accuracy collapsed: collapse.*), 130 Ctrl-C,
-129 SIGHUP, 143 SIGTERM.
+Runs go to outputs/DATE/TIME_NAME/ (sweeps: multirun/DATE/TIME_NAME/N_.../), NAME being name=
+if set, else the experiment's name, else STRATEGY_SPLIT. Exit codes: 0 finished, 1 the run
+failed, 2 a bad setting (nothing ran), 3 finished degraded (its accuracy collapsed: collapse.*),
+130 Ctrl-C, 129 SIGHUP, 143 SIGTERM.
 """
 
 

@@ -145,8 +145,9 @@ def build_observers(cfg: DictConfig, context: RunContext) -> list:
     return observers
 
 
-def wait_for_nodes(grid: Grid, needed: int, timeout: float) -> None:
-    """Wait until ``needed`` SuperNodes are connected, else fail saying how to fix it."""
+def wait_for_nodes(grid: Grid, needed: int, timeout: float, setting: str = "num_nodes") -> None:
+    """Wait until ``needed`` SuperNodes are connected, else fail saying how to fix it (``setting``:
+    the one ``needed`` comes from)."""
     deadline = time.monotonic() + timeout
     while True:
         found = len(list(grid.get_node_ids()))
@@ -154,9 +155,10 @@ def wait_for_nodes(grid: Grid, needed: int, timeout: float) -> None:
             return
         if time.monotonic() > deadline:
             raise ConfigError(
-                f"num_nodes={needed} but only {found} SuperNode(s) connected after {timeout:.0f} s. "
-                f"In simulation pass --federation-config \"num-supernodes={needed}\" to flwr run "
-                "(the flmnist command does this); in deployment start that many SuperNodes."
+                f"{setting}={needed} but only {found} SuperNode(s) connected after {timeout:.0f} s "
+                f"(wait_for_nodes). In simulation pass --federation-config \"num-supernodes={needed}\" to "
+                f"flwr run (the flmnist command does this); in deployment start that many SuperNodes, or lower "
+                f"{setting}."
             )
         time.sleep(0.5)
 
@@ -270,7 +272,9 @@ def build_run(grid: Grid, cfg: DictConfig) -> Run:
                    for i in range(cfg.num_nodes)]
         say(f"Simulated devices: {', '.join(devices[:20])}{' ...' if len(devices) > 20 else ''}")
     # A deployment may start with some boards down: wait for the strategy's minimum.
-    wait_for_nodes(grid, int(getattr(strategy, "min_available_nodes", 0) or cfg.num_nodes), cfg.wait_for_nodes)
+    least = int(getattr(strategy, "min_available_nodes", 0) or 0)
+    wait_for_nodes(grid, least or cfg.num_nodes, cfg.wait_for_nodes,
+                   "sampling.min_available_nodes" if least else "num_nodes")
     accountant, per_round = None, 0
     if dpsgd or local:  # each node's epsilon from the DP-SGD steps (or local DP releases) it is asked for
         accountant = (LocalAccountant if local else SampleAccountant)(privacy, sent, limits.train_examples)
