@@ -199,6 +199,35 @@ def test_a_buffered_strategy_judges_an_update_among_as_many_as_its_buffer_holds(
     assert [c.name for c, _ in guard.judge(start, [bad], asynchronous=True)] == ["node 0"]
 
 
+def test_fedasync_judges_an_update_among_one_other_with_equal_weights(mnist):
+    """FedAsync mixes each update in alone at alpha * s(staleness) (0.6 fresh) and ignores its
+    examples. The guard judged it among the last 10 accepted updates, weighted by the examples each
+    claimed: a sign flip x3 claiming one example weighed nothing there and passed (trust.md: "one of
+    node 0's three updates" got in under FedAsync). Now: among one other, equally weighted: rejected."""
+    from flmnist.engine.effect_guard import equal_weights
+    from flmnist.engine.reply_path import ReplyPath
+    from flmnist.protocol.screen import ReplyScreen, ScreenSettings
+    from flmnist.strategies import FedAsync
+
+    (x, y), (tx, ty) = mnist
+    start = start_model(x, y, 60)
+    shards = np.array_split(np.random.default_rng(4).permutation(len(y))[:22000], 11)
+    models = [trained(start, x[s], y[s], steps=10, seed=i) for i, s in enumerate(shards)]
+    honest = [Candidate(i, f"node {i}", {k: m[k] - start[k] for k in start}, 2000.0) for i, m in enumerate(models)]
+    bad = Candidate(0, "node 0", {k: -3 * v for k, v in honest[0].delta.items()}, 1.0)  # claims one example
+
+    guard = EffectGuard(Probe(tx, ty, LogReg), window=10)
+    strategy = FedAsync()
+    path = ReplyPath(ReplyScreen(ScreenSettings(), limits=None), sent=None, guard=guard, asynchronous=True)
+    path.aggregate_size(strategy.aggregate_size())
+    guard.equal_weights = equal_weights(strategy)  # as run_setup.build_run sets it
+    assert guard.window.maxlen == 1 and guard.equal_weights
+    guard.window.extend(honest[1:])
+    [(judged, reason)] = guard.judge(start, [bad], asynchronous=True)
+    assert judged.name == "node 0" and "makes the aggregate worse on the probe set" in reason
+    assert guard.judge(start, [honest[0]], asynchronous=True) == []  # the honest update of the same node passes
+
+
 SPIN_PROBE = """
 import os, threading, time
 import numpy as np
@@ -236,7 +265,7 @@ def test_the_guard_and_the_screen_leave_no_blas_thread_spinning():
     OpenBLAS's worker thread, which spins for up to 0.1 s on a core the training or the probe
     needs (docs/benchmarks.md). Measured as CPU time of the process's other threads, in a fresh
     interpreter with numpy's default BLAS threads; a BLAS norm in the same process is the control."""
-    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
     out = subprocess.run([sys.executable, "-c", SPIN_PROBE], env=env, capture_output=True, text=True, timeout=120,
                          check=False)
     assert out.returncode == 0, out.stderr

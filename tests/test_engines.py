@@ -1592,3 +1592,39 @@ def test_a_run_ended_by_its_time_budget_checkpoints_its_last_version(task_identi
     loop.run(record(START))
     assert loop.version == 3
     assert load_checkpoint(tmp_path / "checkpoint.pt")["round"] == 3
+
+
+class Expired(FakeNode):
+    """A node whose tasks Flower's SuperLink answers itself, as expired (ErrorCode.MESSAGE_UNAVAILABLE,
+    src_node_id 1: the task outlived its time to live before the node took it)."""
+
+    def answer_train(self, msg, behaviour):
+        from flwr.app import Error
+        from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+
+        reply = Message(Error(code=ErrorCode.MESSAGE_UNAVAILABLE, reason="message expired"), reply_to=msg)
+        reply.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
+        return reply
+
+
+def test_sync_counts_the_superlinks_error_replies_under_the_node_they_concern(task_identity):
+    """Flower's SuperLink answers a message to an offline node itself (src_node_id 1): the round's
+    failure was booked to "node id 1", a node that does not exist, for every offline board alike
+    (a review). It counts under the node the message went to, and a node's own error reply under
+    the name its node id is bound to (it was counted under "node id N", apart from its rejections)."""
+    nodes = {101: FakeNode(0, 0.01), 102: Offline(1, 0.02), 103: FakeNode(2, 0.03, behave=lambda k: "honest" if k == 1
+                                                                               else "error")}
+    path = make_path(guard_max_harm=None)
+    strategy = Guarded(FedAvg(fraction_evaluate=0.0, min_available_nodes=3), path)
+    SyncEngine(FakeGrid(nodes), strategy, path, SENT.to_record(), num_rounds=2, round_timeout=5.0).run(record(START))
+    assert path.failed == {"node id 102": 2, "node 2": 1}, path.failed
+
+
+def test_async_counts_an_expired_task_as_timed_out_not_as_the_nodes_failure(task_identity):
+    """MESSAGE_UNAVAILABLE from the SuperLink (the task expired before the node took it) was screened
+    as a failed reply of "node id 1"; it is the update timing out."""
+    nodes = {101: FakeNode(0, 0.01, delay=0.05), 102: Expired(1, 0.02), 103: FakeNode(2, 0.03, delay=0.05)}
+    loop, _ = make_loop(nodes, FedAsync(alpha=0.5), concurrency=3, max_server_updates=3)
+    loop.run(record(START))
+    assert loop.stats.counts["timed out"] >= 1 and "failed" not in loop.stats.counts, loop.stats.counts
+    assert not loop.path.failed

@@ -594,7 +594,7 @@ def test_under_privacy_client_an_unclipped_update_is_rejected_naming_the_clip(ta
     nodes = {11: ModNode(0, 1.0), 12: ModNode(1, 1.0), 13: ModNode(2, 1.0), 14: FakeNode(3, 1.0)}
     arrays, _ = sync_round(strategy, nodes, BIG)
     assert path.rejected == {"node 3": 1}
-    assert any("exceeds privacy.clipping_norm=1" in reason for reason in path.reasons)
+    assert any("exceeds privacy.clipping_norm=N" in reason for reason in path.reasons)  # (its kind: figures as N)
     clipped = 1.0 / np.sqrt(BIG["w"].size)
     assert arrays["w"].numpy().mean() == pytest.approx(0.75 * clipped, rel=0.01)
     assert accountant.rdp.num_releases == 1

@@ -41,7 +41,7 @@ from flmnist.core.errors import RunFailed
 from flmnist.engine.async_jobs import Job, Node
 from flmnist.engine.async_stats import AsyncStats, stats_lines
 from flmnist.engine.async_steps import PendingStep
-from flmnist.engine.async_transport import Transport, says_gone
+from flmnist.engine.async_transport import Transport, says_expired, says_gone
 from flmnist.engine.base import UpdateLiveness, VirtualClock, restore_common
 from flmnist.engine.fleet import Fleet
 from flmnist.engine.privacy import AsyncPrivacy, SampleAccountant
@@ -178,8 +178,8 @@ class AsyncLoop:
         if job.timing is not None and job.timing.dropped:
             self.stats.count("dropped (device)")
             return None
-        if reply is None or says_gone(reply):  # (a gone node's error reply is not its fault: not screened)
-            if reply is not None or self.transport.unavailable(job):
+        if reply is None or says_gone(reply) or says_expired(reply):  # (Flower's errors are not the node's: not screened)
+            if says_gone(reply) or (reply is None and self.transport.unavailable(job)):
                 log(WARNING, "Node id %s is no longer connected; its update is lost", job.node_id)
                 self.failure("unavailable", f"node id {job.node_id} became unavailable", job.node_id)
             else:
@@ -192,7 +192,7 @@ class AsyncLoop:
             self.stats.count("too stale")
             return None
         updates, rejections = self.path.train_replies(step, [reply], reference, delta=self.strategy.reply_delta,
-                                                      current=weights, row=self.version)
+                                                      current=weights, row=self.version, sent_to={job.message_id: job.node_id})
         if rejections:
             r = rejections[0]
             self.failure("failed" if r.failed else "rejected", f"{r.name}: {r.reason}", job.node_id)

@@ -39,6 +39,13 @@ def says_gone(reply: Message | None) -> bool:
             and reply.metadata.src_node_id == SUPERLINK_NODE_ID)
 
 
+def says_expired(reply: Message | None) -> bool:
+    """Whether ``reply`` is Flower's error for a task or reply that outlived its time to live
+    (MESSAGE_UNAVAILABLE, REPLY_MESSAGE_UNAVAILABLE, from the SuperLink): the update timed out."""
+    return (reply is not None and reply.has_error() and reply.metadata.src_node_id == SUPERLINK_NODE_ID
+            and reply.error.code in (ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE))
+
+
 class Transport:
     """Nodes, messages and jobs in flight of the asynchronous loop (see the module docstring)."""
 

@@ -15,7 +15,8 @@ digits, but the aggregate without it is worse on its own digits.
 - asynchronous engine: each arriving update against the latest accepted ones of up to
   ``screen.guard_window`` other nodes (the aggregate it would have been part of), applied to the
   current global model; for a buffered strategy (FedBuff, buffer K) against at most K - 1, so the
-  update's share of the guard's aggregate is its share of the real one. One per node, and never
+  update's share of the guard's aggregate is its share of the real one; for FedAsync, which mixes
+  each update in alone at alpha * s(staleness), against one (a share of 1/2, equal weights). One per node, and never
   the node's own: a fast node's earlier updates filled the window, so each new one agreed with them.
 
 Probing costs evaluations, so a cheap test comes first: updates that point the way the others
@@ -128,6 +129,8 @@ class EffectGuard:
         t = time.perf_counter()
         names = {c.name for c in candidates}  # judged among other nodes' updates, not their own earlier ones
         pool = [m for m in self.window if m.name not in names] if asynchronous else []
+        if self.equal_weights:  # (the window's are already, unless the weighting changed since they came)
+            pool = [dataclasses.replace(m, weight=1.0) for m in pool]
         self.judged += len(candidates)
         rejected: list[tuple[Candidate, str]] = []
         active = list(candidates)
@@ -186,6 +189,6 @@ class EffectGuard:
 def equal_weights(strategy) -> bool:
     """Whether ``strategy`` averages updates with equal weights: a Flower strategy weighted by
     ``unit-weight`` (``strategy=unweighted_fedavg``; central DP's, inside its wrapper), FedBuff with
-    ``weight_by_examples`` false."""
+    ``weight_by_examples`` false, FedAsync (which ignores examples)."""
     strategy = getattr(strategy, "strategy", strategy)  # Flower's DP wrappers hold the averaging strategy
     return getattr(strategy, "weighted_by_key", None) == UNIT_WEIGHT or getattr(strategy, "weight_by_examples", True) is False

@@ -87,6 +87,7 @@ class Guarded(Strategy):
         self.central = privacy is not None and privacy.central  # Flower's DP wrapper around the strategy
         # DP-SGD, local DP: the tasks sent, counted as they go out
         self.tasks = SentTasks(privacy, path.identities) if privacy is not None and not self.central else None
+        self.sent: dict[str, list[Message]] = {}  # "train" / "evaluate": the messages of the exchange (sent_to)
         (strategy.strategy if self.central else strategy).train_metrics_aggr_fn = aggregate_train_metrics
         self.path = path
         self.liveness = RoundLiveness(max_failed_rounds)  # rounds in a row without a new global model
@@ -125,9 +126,9 @@ class Guarded(Strategy):
             self.privacy.clips.append(self.privacy.clip)
         if self.central:
             self.sample_exactly(grid)
-        messages = self.strategy.configure_train(server_round + self.round_offset, arrays, config, grid)
+        messages = self.sent["train"] = list(self.strategy.configure_train(server_round + self.round_offset, arrays,
+                                                                           config, grid))
         if self.tasks is not None:  # DP-SGD, local DP: every task sent counts
-            messages = list(messages)
             self.tasks.sent([m.metadata.dst_node_id for m in messages], self.path.recorder, list(grid.get_node_ids()))
         return messages
 
@@ -146,7 +147,13 @@ class Guarded(Strategy):
                 and self.path.stop_wish is None:  # (a run ending here, the privacy budget: no next round)
             return []  # the next round's train replies evaluate this model
         self.exchanged = step
-        return self.strategy.configure_evaluate(step, arrays, config, grid)
+        self.sent["evaluate"] = list(self.strategy.configure_evaluate(step, arrays, config, grid))
+        return self.sent["evaluate"]
+
+    def sent_to(self, exchange: str) -> dict[str, int]:
+        """Message id -> node id of the exchange's messages (ids set as Flower pushed them): a reply
+        Flower's SuperLink wrote for one of them is counted under its node (IdentityBook.failure_of)."""
+        return {m.metadata.message_id: m.metadata.dst_node_id for m in self.sent.get(exchange, ())}
 
     def evaluate_stopped(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid,
                          timeout: float) -> None:
@@ -164,7 +171,7 @@ class Guarded(Strategy):
         self.client_updates += len(replies)
         lost = self.lost_in_fleet(step, replies) if self.clock.simulated else []
         replies = [m for m in replies if all(m is not gone for gone, _ in lost)]
-        updates, rejections = self.path.train_replies(step, replies, self.reference)
+        updates, rejections = self.path.train_replies(step, replies, self.reference, sent_to=self.sent_to("train"))
         if self.evaluate_in_train:  # the model sent: the last round's global model
             self._record_client_evaluation(step - 1, self.path.received_evaluation())
         updates.sort(key=lambda u: (u.partition, u.name))  # a fixed order: a reproducible sum
@@ -269,7 +276,7 @@ class Guarded(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         step = server_round + self.round_offset
-        metrics, _ = self.path.evaluate_replies(replies)
+        metrics, _ = self.path.evaluate_replies(replies, self.sent_to("evaluate"))
         self._record_client_evaluation(step, metrics)
         return metrics
 

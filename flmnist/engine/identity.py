@@ -27,15 +27,19 @@ binds them afresh.
 from __future__ import annotations
 
 import csv
+import dataclasses
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from logging import INFO, WARNING
 from pathlib import Path
 
+from flwr.app import Message
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.common.logger import log
 
 from flmnist.core.errors import ConfigError
+from flmnist.protocol.screen import Rejection
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,17 @@ class IdentityBook:
         for (node_id, name), count in self.claimed.items():
             out[self.name_of(node_id, name)] += count
         return out
+
+    def failure_of(self, out: Rejection, msg: Message, sent_to: Mapping[str, int] | None) -> Rejection:
+        """An error reply, counted under the node it concerns, by that node id's bound identity: the
+        node that sent it, or, for an error Flower's SuperLink wrote itself (``src_node_id`` 1: the
+        node unreachable, the message or its reply expired), the node the message went to
+        (``sent_to``: message id -> node id; it was counted under "node id 1")."""
+        node_id, reason = out.node_id, out.reason
+        if node_id == SUPERLINK_NODE_ID and sent_to and msg.metadata.reply_to_message_id in sent_to:
+            node_id = sent_to[msg.metadata.reply_to_message_id]
+            reason = f"{reason} (Flower's SuperLink, error code {msg.error.code})"
+        return dataclasses.replace(out, node_id=node_id, name=self.name_of(node_id, f"node id {node_id}"), reason=reason)
 
     def name_of(self, node_id: int, claimed: str) -> str:
         """The name to count a reply under: the bound or registered one; ``node id N`` for a node

@@ -1,8 +1,7 @@
 """The one path every reply and every new global model takes, in the sync and the async engine.
 
-- :meth:`ReplyPath.train_replies`: screen each train reply (:mod:`flmnist.protocol.screen`), log and
-  count each rejection with its node and reason, clip long updates (``screen.clip_to_median``),
-  record loss traces and run the evaluation hooks on the accepted updates.
+- :meth:`ReplyPath.train_replies`: screen each train reply (:mod:`flmnist.protocol.screen`), log and count
+  each rejection with its node and reason, clip long updates, record loss traces, run the update hooks.
 - :meth:`ReplyPath.evaluate_replies`: screen evaluate replies and sum their counts.
 - :meth:`ReplyPath.aggregate`: an aggregate becomes the global model only if it is sound.
 - :meth:`ReplyPath.global_model`: hooks on the new global model, the metrics row, the progress
@@ -33,6 +32,7 @@ from flmnist.observers.recorder import RunRecorder
 from flmnist.observers.stop import StopAtTarget
 from flmnist.protocol import messages as p
 from flmnist.protocol.aggregation import aggregate_evaluate_counts
+from flmnist.protocol.reasons import count_reason
 from flmnist.protocol.screen import (
     ClientUpdate,
     NodeInfo,
@@ -70,7 +70,7 @@ class ReplyPath:
         # privacy=client: update_clip, the clip every node applied (None: none)
         self.lengths = LengthBounds(screen.settings, update_clip, asynchronous)
         self.failed: Counter = Counter()     # node name -> error replies
-        self.reasons: Counter = Counter()    # reason (first words) -> count
+        self.reasons: Counter = Counter()    # reason's kind (protocol.reasons) -> count
         self.aggregates_rejected = self.screened = self.guard_rejected = 0  # counters
         self.last_aggregate_problem: str | None = None  # why the last aggregate was rejected
         self.screen_seconds = 0.0
@@ -96,7 +96,7 @@ class ReplyPath:
             log(WARNING, "%s from %s failed: %s", what, r.name, r.reason)
         else:
             self.identities.count_rejection(r.node_id, r.name)
-            self.reasons[r.reason.split(" (")[0][:80]] += 1
+            count_reason(self.reasons, r.reason)
             log(WARNING, "Rejected %s from %s: %s", what.lower(), r.name if r.name.startswith("node id")
                 else f"{r.name} (node id {r.node_id})", r.reason)
 
@@ -112,16 +112,19 @@ class ReplyPath:
     def rejected(self) -> Counter:  # node name -> rejected replies (IdentityBook.rejections: whose)
         return self.identities.rejections()
 
-    def _identity(self, out):
-        """The reply judged by its node id's bound identity, named as bound (a rejection counts against it)."""
+    def _identity(self, out, msg: Message, sent_to: dict[str, int] | None = None):
+        """The reply judged by its node id's bound identity, named as bound (a rejection counts against
+        it; an error reply against the node it concerns, ``sent_to``: IdentityBook.failure_of)."""
+        if isinstance(out, Rejection) and out.failed:
+            return self.identities.failure_of(out, msg, sent_to)
         if isinstance(out, Rejection):
-            return out if out.failed else dataclasses.replace(out, name=self.identities.name_of(out.node_id, out.name))
+            return dataclasses.replace(out, name=self.identities.name_of(out.node_id, out.name))
         reason = self.identities.judge(out.node_id, out.name, out.partition)
         return Rejection(out.node_id, self.identities.name_of(out.node_id, out.name), reason) if reason else out
 
     def train_replies(
         self, step: int, replies: Iterable[Message], reference: Weights, delta: bool = False,
-        current: Weights | None = None, row: int | None = None,
+        current: Weights | None = None, row: int | None = None, sent_to: dict[str, int] | None = None,
     ) -> tuple[list[ClientUpdate], list[Rejection]]:
         """Screen train replies against ``reference`` (the model sent), then the node ids' bound
         identities, the norm bounds and the effect guard (on ``current``, the model the updates
@@ -130,7 +133,7 @@ class ReplyPath:
         updates, rejections = [], []
         t = time.perf_counter()
         for msg in replies:
-            out = self._identity(self.screen.train(msg, reference, self.sent, delta))
+            out = self._identity(self.screen.train(msg, reference, self.sent, delta), msg, sent_to)
             self.screened += 1
             if isinstance(out, Rejection):
                 rejections.append(out)
@@ -178,24 +181,27 @@ class ReplyPath:
         return refused
 
     def aggregate_size(self, size: int | None) -> None:
-        """Asynchronous: a server step averages ``size`` updates (None: 1); the guard judges each among
-        the ``size - 1`` (at least 1) latest accepted ones: more would dilute an attacker's share."""
-        if self.guard is not None and size is not None:
-            self.guard.limit_window(max(1, size - 1))
+        """Asynchronous: a server step averages ``size`` updates (None: each is applied alone); the
+        guard judges each among the ``size - 1`` (at least 1) latest accepted ones: more would dilute
+        an attacker's share. (FedAsync mixes an update in at alpha * s(staleness), 0.6 at most by
+        default: among 10 others it weighed 1/11 in the guard's aggregate and a sign flip passed.)"""
+        if self.guard is not None:
+            self.guard.limit_window(max(1, (size or 1) - 1))
 
     def query_reply(self, msg: Message) -> NodeInfo | Rejection:
         """A node's answer to "who are you" (asynchronous discovery), screened and judged by its identity."""
-        return self._identity(self.screen.query(msg))
+        return self._identity(self.screen.query(msg), msg)
 
     def received_evaluation(self) -> MetricRecord | None:
         """The summed evaluations of the model sent, from the last batch of train replies (None if none)."""
         return aggregate_evaluate_counts(self.evaluations, p.NUM_EXAMPLES) if self.evaluations else None
 
-    def evaluate_replies(self, replies: Iterable[Message]) -> tuple[MetricRecord | None, list[Rejection]]:
+    def evaluate_replies(self, replies: Iterable[Message], sent_to: dict[str, int] | None = None,
+                         ) -> tuple[MetricRecord | None, list[Rejection]]:
         """Screen evaluate replies; the summed counts of the accepted ones (None if none)."""
         accepted, rejections = [], []
         for msg in replies:
-            out = self._identity(self.screen.evaluate(msg))
+            out = self._identity(self.screen.evaluate(msg), msg, sent_to)
             if isinstance(out, Rejection):
                 rejections.append(out)
                 self._reject("Evaluation", out)

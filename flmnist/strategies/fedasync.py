@@ -21,6 +21,8 @@ from flmnist.strategies.staleness import Polynomial, Staleness, staleness_or
 class FedAsync(AsyncStrategy):
     """Mix every arriving model into the global one with weight alpha * s(staleness)."""
 
+    weight_by_examples = False  # an update's examples do not weigh in its mixing (the effect guard weighs equally too)
+
     def __init__(
         self,
         alpha: float = 0.6,
