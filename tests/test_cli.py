@@ -543,3 +543,72 @@ def test_a_sweep_over_experiments_has_one_directory_and_names_each_jobs_folder(m
     assert "hydra.job.config.override_dirname.exclude_keys=[data.root,run_dir]" in args
     same = hydra_arguments(["-m", "experiment=seed000", "seed=1,2"])
     assert not any(a.startswith(("hydra.sweep.dir=", "hydra.job.config")) for a in same)
+
+
+def test_a_numeric_name_passes_the_check_hydras_config_gets_as_it_passed_the_first(tmp_path):
+    """``flmnist name=42``: compose_config (before Hydra) made it the name "42" and passed it; the
+    job then checked Hydra's own config, where it is the integer 42, and failed with its run
+    directory made (a review). The job's check reads it as the first did."""
+    from hydra import compose, initialize_config_dir
+
+    from flmnist.config.compose import compose_config, conf_dir
+    from flmnist.launch.cli import checked
+
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["name=42"])
+    assert cfg.name == 42
+    assert checked(cfg).name == "42" == compose_config(["name=42"]).name
+
+
+def test_a_stop_whose_summary_cannot_be_written_still_stops_the_command(tmp_path, monkeypatch):
+    """Writing a stopped run's summary on a full disk raised OSError out of the stop: a sweep then
+    counted one job failed and went on, with SIGTERM ignored from then on (a review)."""
+    import errno
+
+    from flmnist.config.compose import compose_config
+    from flmnist.launch import cli
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cli, "summarize_stopped", full)
+    stop = cli.stopped(cli.Stop("stopped by SIGTERM; every process this run started has been stopped", 143),
+                       compose_config(["model=logreg"]), tmp_path, None)
+    assert isinstance(stop, cli.Stop) and stop.code == 143
+    assert str(stop).startswith("stopped by SIGTERM; every process this run started has been stopped; its results so "
+                                "far could not be summarized (OSError: [Errno 28] No space left on device)")
+    assert cli.stopped(KeyboardInterrupt(), compose_config(["model=logreg"]), tmp_path, None).code == 130
+
+
+@pytest.mark.parametrize("args", [["--version"], ["--help"], ["model=logreg"]], ids=["version", "help", "run"])
+def test_a_missing_conf_folder_is_one_error_line_for_every_command(tmp_path, args):
+    """conf/ was looked up when the command's module was imported: a traceback ending in the
+    well-worded error, for --help and --version too (a review). --version needs no conf/."""
+    proc = subprocess.run([FLMNIST, *args], cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False,
+                          env={**os.environ, "FLMNIST_CONF_DIR": str(tmp_path)})
+    if args == ["--version"]:
+        assert proc.returncode == 0 and proc.stdout.startswith("flmnist "), proc.stderr
+        return
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == (f"flmnist: error: No config.yaml in {tmp_path}. Install flmnist from its repository with "
+                           "`pip install -e .` (the conf/ folder lives beside the package) or set FLMNIST_CONF_DIR.\n")
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_a_run_directory_is_held_by_one_command_at_a_time(tmp_path):
+    """Two runs with the same name started in the same second share Hydra's directory and wrote the
+    same files at once (a review): the second is refused, in one line saying why; the directory is
+    free again once the first lets go (its command ended, kill -9 too: the kernel drops the lock)."""
+    import os
+
+    from flmnist.core.run_files import hold_run_dir
+
+    first = hold_run_dir(tmp_path, resume=False)
+    try:
+        with pytest.raises(ConfigError, match=rf"^the run directory {tmp_path} is in use by another flmnist command, "
+                                              r"started in the same second with the same name: start this one again, "
+                                              r"or give it a name= of its own$"):
+            hold_run_dir(tmp_path, resume=False)
+    finally:
+        os.close(first)
+    os.close(hold_run_dir(tmp_path, resume=True))

@@ -111,6 +111,27 @@ def test_a_signal_during_a_shielded_block_is_delivered_after_it_not_lost():
         signal.signal(signal.SIGTERM, previous)
 
 
+def test_a_sigterm_after_an_ignored_hangup_in_a_shielded_block_is_delivered():
+    """Under nohup SIGHUP is ignored; a hangup and then a SIGTERM during the block delivered only the
+    first that came, the ignored hangup, so the SIGTERM was lost and a sweep went on (a review)."""
+    import os
+    import signal
+
+    from flmnist.launch.flwr_local import shielded
+
+    got: list[int] = []
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum)), signal.signal(signal.SIGHUP,
+                                                                                                   signal.SIG_IGN)
+    try:
+        with shielded():
+            os.kill(os.getpid(), signal.SIGHUP)
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert got == [signal.SIGTERM] and signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, before[0])
+        signal.signal(signal.SIGHUP, before[1])
+
+
 def test_nohup_flmnist_keeps_ignoring_a_hangup():
     """main() put its own SIGHUP handler over the 'ignore' nohup had set: closing the terminal
     stopped a run started with nohup (a review)."""

@@ -195,6 +195,21 @@ def test_a_finished_run_is_extended_by_the_readmes_command_and_other_overrides_a
     assert summary["status"] == "finished" and summary["rounds_completed"] == 2
     assert [r["round"] for r in json.loads((run_dir / "metrics.json").read_text())] == [0, 1, 2]
     assert sorted(p.name for p in (tmp_path / "outputs").glob("*/*")) == [run_dir.name]  # no new directory
+    # A resume while the run's directory is held by another command (the run, or a resume of it, still
+    # going: resume=latest picks it, as it checkpoints every round) is refused before it writes anything.
+    import fcntl
+
+    held = os.open(run_dir, os.O_RDONLY)
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    kept = {name: (run_dir / name).read_bytes() for name in ("config.yaml", "summary.json")}
+    try:
+        busy = run(f"resume={run_dir}", "num_rounds=3")
+    finally:
+        os.close(held)
+    assert busy.returncode == 2 and busy.stderr.strip() == (
+        f"flmnist: error: resume: {run_dir} is in use by another flmnist command: the run (or a resume of it) is "
+        "still going; wait for it to end, or stop it, then resume it"), busy.stderr[-2000:]
+    assert {name: (run_dir / name).read_bytes() for name in kept} == kept
     # A checkpoint of another model (a LeNet's arrays in this logreg run): the nodes failed to load it,
     # config.yaml said 3 rounds after and model.pt held the LeNet; now one line, and the run as it was.
     from flmnist.observers.checkpoint import save_checkpoint

@@ -392,3 +392,47 @@ def test_the_files_a_resume_needs_are_synced_to_disk(tmp_path, monkeypatch):
     assert (tmp_path / "config.yaml").read_text() == "a: 1\n" and not (tmp_path / "config.yaml.tmp").exists()
     atomic_write(tmp_path / "metrics.json", "[]")  # rewritten every round: not synced
     assert len(synced) == 2
+
+
+@pytest.mark.parametrize("override, message", [
+    ("async_loop.max_server_updates=abc", (r"resume: async_loop.max_server_updates=abc: async_loop.max_server_updates "
+                                          r"must be a number \(or null\), got 'abc'")),
+    ("async_loop.time_budget=abc", r"resume: .*async_loop.time_budget"),
+])
+def test_a_resumes_new_length_or_budget_of_the_wrong_type_is_refused_in_one_line(tmp_path, override, message):
+    """It raised TypeError ('<=' between str and int: a traceback) or was written to config.yaml and
+    refused only by the ServerApp, after Flower had started (a review)."""
+    run, saved = finished_run(tmp_path, ["strategy=fedbuff", "async_loop.max_server_updates=20"], done=20,
+                              status="failed")
+    with pytest.raises(ConfigError, match=message):
+        resumed_config([override], saved, run)
+
+
+def test_a_quoted_group_option_on_resume_is_judged_as_the_plain_one(tmp_path):
+    """strategy='fedprox' (quoted, as a shell user may write it) opened conf/strategy/'fedprox'.yaml: FileNotFoundError."""
+    run, saved = finished_run(tmp_path, ["model=logreg", "num_rounds=2", "strategy=fedprox"], status="failed")
+    assert resumed_config(["strategy='fedprox'"], saved, run) == saved
+
+
+def test_putting_the_config_back_on_a_full_disk_does_not_hide_the_failure_that_led_there(tmp_path, monkeypatch,
+                                                                                          caplog):
+    """An extension that failed to start puts config.yaml back; on a full disk that raised OSError
+    over the run's own failure, and the command said "a bad setting" (exit 2) (a review)."""
+    import errno
+
+    from flmnist.core import run_files
+    from flmnist.core.run_files import ConfigBackup
+
+    run, _ = finished_run(tmp_path, ["model=logreg", "num_rounds=2"])
+    (run / "checkpoint.pt").write_bytes(b"a checkpoint")
+    backup = ConfigBackup(run / "checkpoint.pt")
+    extend_in_place(["num_rounds=4"], run / "checkpoint.pt", backup)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(run_files, "atomic_write", full)
+    with caplog.at_level("WARNING", logger="flwr"):
+        backup.put_back_unless_stepped()
+    assert "Could not put" in caplog.text and "No space left on device" in caplog.text
+    assert OmegaConf.load(run / "config.yaml").num_rounds == 4

@@ -24,7 +24,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from flmnist.config.compose import GROUPS, compose_config, conf_dir, override_key
-from flmnist.config.validate import run_length
+from flmnist.config.validate import run_length, validate
 from flmnist.core.errors import ConfigError
 from flmnist.core.run_files import CHECKPOINT, CHECKPOINT_INFO, atomic_write, resume_arg
 from flmnist.ml.mnist_files import ensure_mnist, resolve_root
@@ -168,7 +168,10 @@ def finished(run_dir: Path) -> bool:
 def _same_option(group: str, option: str, cfg: DictConfig, saved: DictConfig) -> bool:
     """Whether ``group=option`` gives the run's own choice: the same class and the same values of
     the option's own settings (not those it takes from shared sections, like sampling.*)."""
-    own = OmegaConf.load(conf_dir() / group / f"{option}.yaml") or {}
+    path = conf_dir() / group / f"{option.strip(chr(39) + chr(34))}.yaml"  # (strategy='fedavg': quoted)
+    if not path.is_file():
+        return False  # (an option compose_config accepted but no file of that name: not the run's own)
+    own = OmegaConf.load(path) or {}
     keys = [k for k in own if k != "defaults"]
     mine, theirs = cfg.get(group) or {}, saved.get(group) or {}
     return all(mine.get(k) == theirs.get(k) for k in keys)
@@ -201,6 +204,8 @@ def resumed_config(overrides: list[str], saved: DictConfig, run_dir: Path, check
             continue
         if key in LENGTH[unit]:
             new = OmegaConf.select(cfg, key)
+            if new is not None and (isinstance(new, bool) or not isinstance(new, int | float)):
+                raise ConfigError(f"resume: {item}: {key} must be a number (or null), got {new!r}")
             reached, what = _reached(run_dir, done)[key] if unit == "update" else (done, f"done {done} rounds")
             if new is not None and reached is not None and new <= reached:
                 raise ConfigError(f"resume: {item} would not extend the run: it has {what} "
@@ -251,6 +256,10 @@ def resumed_config(overrides: list[str], saved: DictConfig, run_dir: Path, check
         given = checkpoint if checkpoint is not None and checkpoint.name != CHECKPOINT else run_dir  # as given
         raise ConfigError(f"resume: {run_dir} finished all its {done} {unit}s; to train on, extend it: "
                           f"flmnist {resume_arg(given)} {length_key}={2 * done}")
+    try:  # what the resume changed, checked as a new run's settings are, before anything is written
+        validate(out)
+    except ConfigError as err:
+        raise ConfigError(f"resume: {err}") from None
     return out
 
 

@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
 import shlex
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 
 import yaml
@@ -96,10 +97,15 @@ class ConfigBackup:
     def put_back_unless_stepped(self) -> None:
         """The config as it was, and the summary this extension moved aside (over the failed
         attempt's: the run is as it was)."""
-        if not self.stepped():
+        if self.stepped():
+            return
+        try:
             atomic_write(self.path, self.text, durable=True)
             if self.retired:
                 os.replace(self.summary.with_name(PREVIOUS_SUMMARY), self.summary)
+        except OSError as err:  # (a full disk: the failure that led here is the one to report, not this)
+            log(WARNING, "Could not put %s back as it was before the extension (%s); the run resumes with the "
+                "extended one", self.path, err)
 
 
 def file_stamp(path: Path) -> tuple[int, int] | None:
@@ -161,3 +167,33 @@ def find_checkpoint(resume: str, output_dir: str) -> Path:
         raise ConfigError(f"resume={resume}: {path.parent.resolve()} is not a flmnist run directory "
                           "(no config.yaml with strategy and num_nodes beside the checkpoint)")
     return path.resolve()
+
+
+def absolute_overrides(overrides: list[str], run_dir: Path) -> list[str]:
+    """The job's overrides with relative paths made absolute and the run directory pinned."""
+    out = []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key in ("data.root", "output_dir") and value not in ("", "null"):
+            item = f"{key}={quoted(Path(value.strip(chr(39) + chr(34))).expanduser().resolve())}"
+        if key != "run_dir":
+            out.append(item)
+    return out + [f"run_dir={quoted(run_dir)}"]
+
+
+def hold_run_dir(run_dir: Path, resume: bool) -> int:
+    """Hold ``run_dir`` for this command: an exclusive lock on the directory (released when the
+    command ends, kill -9 too); returns the descriptor to close at the end. ConfigError if another
+    command holds it: a resume of a run still going, or a run started in the same second with the
+    same name (Hydra names the directory to the second), would write the same files at once."""
+    fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        if resume:
+            raise ConfigError(f"resume: {run_dir} is in use by another flmnist command: the run (or a resume "
+                              "of it) is still going; wait for it to end, or stop it, then resume it") from None
+        raise ConfigError(f"the run directory {run_dir} is in use by another flmnist command, started in the same "
+                          "second with the same name: start this one again, or give it a name= of its own") from None
+    return fd

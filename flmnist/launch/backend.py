@@ -61,3 +61,10 @@ def gpu_device_nodes() -> bool:
     dev = Path("/dev")
     return (Path("/proc/driver/nvidia").exists() or (dev / "kfd").exists()
             or any(dev.glob("nvidia[0-9]*")) or any(dev.glob("nvhost-*")))
+
+
+BACKEND_NOTES = {
+    "inprocess": "inprocess (one ClientApp at a time, in Flower's simulation process; simulation.backend=ray for "
+                 "Ray workers)",
+    "ray": "ray (Ray workers, simulation.client_cpus cores each)",
+}

@@ -20,6 +20,7 @@ SIGHUP stops every process the command started and exits with 128 + the signal n
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -58,15 +59,17 @@ from flmnist.core.errors import ConfigError, FlmnistError, RunFailed
 from flmnist.core.run_files import (
     CHECKPOINT,
     ConfigBackup,
+    absolute_overrides,
     atomic_write,
     file_stamp,
     find_checkpoint,
+    hold_run_dir,
     quoted,
     resume_arg,
 )
 from flmnist.launch import output, warm_link
-from flmnist.launch.backend import check_gpu_share, client_gpus, simulation_backend
-from flmnist.launch.comparison import COLUMNS, degraded_message, write_comparison  # noqa: F401 - re-exported
+from flmnist.launch.backend import BACKEND_NOTES, check_gpu_share, client_gpus, simulation_backend
+from flmnist.launch.comparison import COLUMNS, degraded_message, job_overrides, write_comparison  # noqa: F401
 from flmnist.launch.flwr_local import run_flwr, shielded
 from flmnist.launch.outcome import finished_line, outcome, wrote_summary
 from flmnist.launch.sweep_link import SweepLink
@@ -85,6 +88,7 @@ _resumed: dict[Path, DictConfig] = {}  # run directory -> the config its resume 
 _failed_jobs: list[str] = []  # sweep jobs that did not finish (the sweep goes on, then exits 1)
 _degraded: list[str] = []  # the lines saying which runs (sweep jobs) finished degraded: the command exits 3
 _sweep_link: list[SweepLink] = []  # a sweep's shared local SuperLink (flmnist.launch.sweep_link), once started
+_held: list[int] = []  # the job's run directory, held (run_files.hold_run_dir)
 
 
 class Stop(BaseException):
@@ -95,18 +99,6 @@ class Stop(BaseException):
         super().__init__(message)
         self.code = code
         self.cause = cause
-
-
-def absolute_overrides(overrides: list[str], run_dir: Path) -> list[str]:
-    """The job's overrides with relative paths made absolute and the run directory pinned."""
-    out = []
-    for item in overrides:
-        key, _, value = item.partition("=")
-        if key in ("data.root", "output_dir") and value not in ("", "null"):
-            item = f"{key}={quoted(Path(value.strip(chr(39) + chr(34))).expanduser().resolve())}"
-        if key != "run_dir":
-            out.append(item)
-    return out + [f"run_dir={quoted(run_dir)}"]
 
 
 def saved_config(run_dir: Path) -> DictConfig:
@@ -122,17 +114,10 @@ def saved_config(run_dir: Path) -> DictConfig:
     return saved
 
 
-BACKEND_NOTES = {
-    "inprocess": "inprocess (one ClientApp at a time, in Flower's simulation process; simulation.backend=ray for "
-                 "Ray workers)",
-    "ray": "ray (Ray workers, simulation.client_cpus cores each)",
-}
-
-
 def launch(cfg: DictConfig) -> dict:
     """Run one federated training for the composed ``cfg``; return its summary (RunFailed if
     it did not finish). A resume runs in the directory of the run it continues."""
-    validate(cfg)
+    checked(cfg)
     gpus = client_gpus(cfg)  # this launch's (a resume may move to other hardware)
     check_gpu_share(cfg, gpus)
     hc = HydraConfig.get()
@@ -149,6 +134,7 @@ def launch(cfg: DictConfig) -> dict:
         overrides = [*kept, f"resume={quoted(checkpoint)}"]
     else:
         run_dir = Path(hc.runtime.output_dir).resolve()
+    _held.append(hold_run_dir(run_dir, bool(cfg.resume)))  # (released as the job ends: _job)
     root = resolve_root(run_cfg.data.root)
     ensure_mnist(root, run_cfg.data.download)  # fail here, before starting Flower, if MNIST is missing
     backup = None
@@ -181,7 +167,7 @@ def launch(cfg: DictConfig) -> dict:
                         ports=link.ports if link else None, stop=link.end_job if link else None,
                         prepare=link.warm_up if link else warm_link.start_if_applies)
     except (Stop, KeyboardInterrupt) as stop:
-        raise Stop(stopped_message(stop, run_cfg, run_dir, before), getattr(stop, "code", 130)) from None
+        raise stopped(stop, run_cfg, run_dir, before) from None
     except Exception:  # Flower did not start (a full /tmp, no process to spare): the run as it was
         if backup is not None:
             backup.put_back_unless_stepped()
@@ -198,7 +184,7 @@ def launch(cfg: DictConfig) -> dict:
     if not until.seen:  # Flower's log stream ended before the run's last line: say it from summary.json
         line = f"flmnist: {final_line(summary)}"
         print(line, flush=True)
-        with open(run_dir / "flwr_run.log", "a") as log:
+        with contextlib.suppress(OSError), open(run_dir / "flwr_run.log", "a") as log:  # (full disk: finished still)
             log.write(line + "\n")
     summary.update(job_overrides(hc.overrides.task))
     if summary.get("degraded"):
@@ -207,10 +193,30 @@ def launch(cfg: DictConfig) -> dict:
     return summary
 
 
+def checked(cfg: DictConfig) -> DictConfig:
+    """Hydra's composed ``cfg``, checked as :func:`compose_config` checked it before Hydra started:
+    ``name=42`` is the name "42" there (it passed, then failed here with its directory made)."""
+    if isinstance(cfg.get("name"), int | float) and not isinstance(cfg.name, bool):
+        cfg.name = str(cfg.name)
+    validate(cfg)
+    return cfg
+
+
 def close_sweep_link() -> None:
     """Stop the sweep's local SuperLink and everything under its FLWR_HOME (if one was started)."""
     for link in _sweep_link:
         link.close()
+
+
+def stopped(stop: BaseException, cfg: DictConfig, run_dir: Path, before: tuple | None) -> Stop:
+    """The Stop that ends the command, whatever writing the stopped run's summary meets (a full
+    disk: the signal still ends a sweep, with its exit code, instead of failing one job)."""
+    try:
+        message = stopped_message(stop, cfg, run_dir, before)
+    except Exception as err:  # noqa: BLE001
+        why = str(stop) if isinstance(stop, Stop) else INTERRUPTED
+        message = f"{why}; its results so far could not be summarized ({type(err).__name__}: {err})"
+    return Stop(message, getattr(stop, "code", 130))
 
 
 def stopped_message(stop: BaseException, cfg: DictConfig, run_dir: Path, before: tuple | None) -> str:
@@ -255,15 +261,7 @@ class ComparisonTable(Callback):
         return write_comparison(sweep_dir, self.summaries)
 
 
-def job_overrides(task) -> dict:
-    """A job's overrides as the user gave them (``run_dir=`` is the command's own), for its summary:
-    joined, and each whole (a quoted value may hold spaces)."""
-    own = [o for o in task if not o.startswith("run_dir=")]
-    return {"overrides": " ".join(own), "override_list": own}
-
-
-@hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
-def _main(cfg: DictConfig) -> dict:
+def _job(cfg: DictConfig) -> dict:
     try:
         return launch(cfg)
     except (FlmnistError, OSError) as err:
@@ -275,6 +273,9 @@ def _main(cfg: DictConfig) -> dict:
         print(f"flmnist: error: job {hc.job.num}: {err}", file=sys.stderr)
         _failed_jobs.append(str(hc.job.num))
         return {**job_overrides(hc.overrides.task), "status": "failed", "run_dir": str(Path(hc.runtime.output_dir).resolve())}
+    finally:
+        while _held:
+            os.close(_held.pop())
 
 
 def hydra_arguments(args: list[str]) -> list[str]:
@@ -342,7 +343,11 @@ def main() -> None:
         print(version_text())
         return
     if "--help" in args or "-h" in args:
-        print(help_text([a for a in args if a not in ("--help", "-h")]), end="")
+        try:
+            print(help_text([a for a in args if a not in ("--help", "-h")]), end="")
+        except FlmnistError as err:  # (no conf/, an unknown GROUP=OPTION)
+            print(f"flmnist: error: {err}", file=sys.stderr)
+            raise SystemExit(EXIT_ERROR) from None
         return
     if "--hydra-help" in args:  # Hydra's own help, for --cfg, --info, --multirun ...
         sys.argv = [sys.argv[0], *("--help" if a == "--hydra-help" else a for a in args)]
@@ -361,7 +366,8 @@ def main() -> None:
             compose_config(hydra_flags.overrides)  # (which drops experiment=null, as below)
             sys.argv = [sys.argv[0], *without_no_preset(args)]
         try:
-            _main()
+            # (conf/ found here, not at import: a missing one is one error line, --help and --version too)
+            hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")(_job)()
         finally:  # on every path out, a sweep's SuperLink too is stopped before the command says why
             close_sweep_link()
     except FlmnistError as err:

@@ -7,6 +7,7 @@ import csv
 import io
 from pathlib import Path
 
+from flmnist.core.run_files import atomic_write
 from flmnist.observers.collapse import describe
 
 COLUMNS = ["job", "overrides", "status", "final_accuracy", "best_accuracy", "rounds_to_target", "unit",
@@ -33,7 +34,7 @@ def write_comparison(sweep_dir: Path, summaries: list[dict]) -> str:
     writer = csv.DictWriter(buf, fieldnames=COLUMNS)
     writer.writeheader()
     writer.writerows(rows)
-    (sweep_dir / "comparison.csv").write_text(buf.getvalue())
+    atomic_write(sweep_dir / "comparison.csv", buf.getvalue())  # (a stop while writing: the last table stays whole)
 
     def pct(v):
         return "-" if v is None else f"{100 * v:.2f}%"
@@ -68,5 +69,12 @@ def write_comparison(sweep_dir: Path, summaries: list[dict]) -> str:
     notes = [f"Job {r['job']} finished degraded: {degraded_message(s)}"
              for r, s in zip(rows, summaries) if r["status"] == "degraded"]
     md = "\n".join(lines) + "\n" + "".join(f"\n{note}\n" for note in notes)
-    (sweep_dir / "comparison.md").write_text(md)
+    atomic_write(sweep_dir / "comparison.md", md)
     return md
+
+
+def job_overrides(task) -> dict:
+    """A job's overrides as the user gave them (``run_dir=`` is the command's own), for its summary:
+    joined, and each whole (a quoted value may hold spaces)."""
+    own = [o for o in task if not o.startswith("run_dir=")]
+    return {"overrides": " ".join(own), "override_list": own}

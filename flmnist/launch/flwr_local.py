@@ -198,7 +198,8 @@ def stop_env(entry: str, grace: float = 5.0, keep: set[int] = frozenset()) -> li
 def shielded():
     """Hold SIGINT, SIGTERM and SIGHUP in the block (main thread only), so that a second Ctrl-C
     or signal cannot cut the stopping of what a run started short; one that came is delivered
-    once the block ends (ignored, it was lost: a sweep stopped between jobs went on)."""
+    once the block ends (ignored, it was lost: a sweep stopped between jobs went on): the first
+    that was not ignored before (under nohup a hangup came first, and the SIGTERM after it was lost)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -210,8 +211,9 @@ def shielded():
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        if came and previous[came[0]] not in (signal.SIG_IGN, None):
-            signal.raise_signal(came[0])
+        wanted = [s for s in came if previous[s] not in (signal.SIG_IGN, None)]
+        if wanted:
+            signal.raise_signal(wanted[0])
 
 
 def write_flower_config(flwr_home: str | os.PathLike) -> Path:
