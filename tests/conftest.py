@@ -16,7 +16,13 @@ def pytest_configure(config):
     (``--dist loadfile``: a module's fixtures, such as a real Flower run several tests read, are
     made once), so the deployment rehearsal, which mostly waits on Flower's 3 s polls and its 60 s
     offline detection, runs beside other tests. In a worker, in-process PyTorch work takes one
-    thread: the other worker has the other core (Flower runs' own processes keep the default)."""
+    thread: the other worker has the other core (Flower runs' own processes keep the default).
+
+    Two Flower runs side by side (one per worker) each keep PyTorch's 2 threads, whose OpenMP
+    threads spin between parallel regions: on 2 cores each run took 4-5 times as long (docs/running.md,
+    "Several runs at once"). Passive waiting, set here for every process the tests start, gives the
+    same figures (the thread count decides them) at a quarter of the time."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if os.environ.get("PYTEST_XDIST_WORKER"):
         import torch
 
