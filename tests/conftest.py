@@ -19,9 +19,9 @@ def pytest_configure(config):
     thread: the other worker has the other core (Flower runs' own processes keep the default).
 
     Two Flower runs side by side (one per worker) each keep PyTorch's 2 threads, whose OpenMP
-    threads spin between parallel regions: on 2 cores each run took 4-5 times as long (docs/running.md,
-    "Several runs at once"). Passive waiting, set here for every process the tests start, gives the
-    same figures (the thread count decides them) at a quarter of the time."""
+    threads spin between parallel regions: on 2 cores two such runs took 60-72 s together against
+    26-30 s passive (docs/running.md, "Several runs at once"). Passive waiting, set here for every
+    process the tests start, gives the same figures (the thread count decides them)."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if os.environ.get("PYTEST_XDIST_WORKER"):
         import torch

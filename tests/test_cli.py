@@ -605,10 +605,33 @@ def test_a_run_directory_is_held_by_one_command_at_a_time(tmp_path):
 
     first = hold_run_dir(tmp_path, resume=False)
     try:
-        with pytest.raises(ConfigError, match=rf"^the run directory {tmp_path} is in use by another flmnist command, "
-                                              r"started in the same second with the same name: start this one again, "
-                                              r"or give it a name= of its own$"):
+        with pytest.raises(ConfigError, match=rf"^the run directory {tmp_path} is in use by another flmnist command "
+                                              r"\(one started in the same second with the same name gets the same "
+                                              r"directory\): start this one again, or give it a name= of its own$"):
             hold_run_dir(tmp_path, resume=False)
     finally:
         os.close(first)
     os.close(hold_run_dir(tmp_path, resume=True))
+
+
+@pytest.mark.parametrize("sweep", [False, True], ids=["run", "sweep"])
+def test_a_command_whose_directory_another_holds_ends_before_hydra_writes_there(tmp_path, mnist_root, sweep):
+    """Refused in the job, the second of two same-second commands had already had Hydra write its
+    record (.hydra/) over the first's; and two sweeps sharing a directory rewrote each other's
+    comparison table (a review). The command's directory is held when Hydra starts it."""
+    import fcntl
+
+    folder = tmp_path / ("sweep" if sweep else "run")
+    folder.mkdir()
+    held = os.open(folder, os.O_RDONLY)
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    args = ["-m", f"hydra.sweep.dir={folder}", "seed=1,2"] if sweep else [f"hydra.run.dir={folder}"]
+    try:
+        proc = subprocess.run([FLMNIST, *args, "model=logreg", "num_rounds=1"], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=120, check=False, env={**os.environ, "FLMNIST_DATA_DIR": str(mnist_root)})
+    finally:
+        os.close(held)
+    what = "sweep directory" if sweep else "run directory"
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith(f"flmnist: error: the {what} {folder} is in use by another flmnist command"), proc.stderr
+    assert list(folder.iterdir()) == []

@@ -193,9 +193,8 @@ def test_a_buffered_strategy_judges_an_update_among_as_many_as_its_buffer_holds(
     strategy.limit_concurrency(4)
     path = ReplyPath(ReplyScreen(ScreenSettings(), limits=None), sent=None, guard=guard, asynchronous=True)
     path.aggregate_size(strategy.aggregate_size())
-    assert guard.window.maxlen == 3
+    assert guard.pool_size == 3 and guard.window.maxlen == 10  # one per node kept; judged among the newest 3
     guard.window.extend(honest[1:])
-    assert [c.name for c in guard.window] == ["node 8", "node 9", "node 10"]
     assert [c.name for c, _ in guard.judge(start, [bad], asynchronous=True)] == ["node 0"]
 
 
@@ -221,11 +220,18 @@ def test_fedasync_judges_an_update_among_one_other_with_equal_weights(mnist):
     path = ReplyPath(ReplyScreen(ScreenSettings(), limits=None), sent=None, guard=guard, asynchronous=True)
     path.aggregate_size(strategy.aggregate_size())
     guard.equal_weights = equal_weights(strategy)  # as run_setup.build_run sets it
-    assert guard.window.maxlen == 1 and guard.equal_weights
+    assert guard.pool_size == 1 and guard.equal_weights
     guard.window.extend(honest[1:])
     [(judged, reason)] = guard.judge(start, [bad], asynchronous=True)
     assert judged.name == "node 0" and "makes the aggregate worse on the probe set" in reason
     assert guard.judge(start, [honest[0]], asynchronous=True) == []  # the honest update of the same node passes
+    # Its next update is judged among another node's latest, not alone (the window held one update, so
+    # the node's own accepted one pushed the other out and the next was judged against the bare model)
+    seen = []
+    mean = guard.mean
+    guard.mean = lambda members: (seen.append([m.name for m in members]), mean(members))[1]
+    guard.judge(start, [bad], asynchronous=True)
+    assert seen and seen[0] == ["node 10", "node 0"], seen
 
 
 SPIN_PROBE = """

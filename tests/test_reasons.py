@@ -27,3 +27,10 @@ def test_the_kinds_counted_are_bounded():
         count_reason(reasons, f"kind {chr(65 + n % 26)}{chr(65 + n // 26)} refused")
     assert len(reasons) == MAX_KINDS + 1 and reasons[OTHER] == 2 * MAX_KINDS
     assert sum(reasons.values()) == 3 * MAX_KINDS
+
+
+def test_a_checkpoints_reasons_counted_as_written_are_counted_by_kind_on_resume():
+    from flmnist.protocol.reasons import recounted
+
+    saved = {f"num-examples {n} is outside 1..15000": 2 for n in range(60)} | {"claims another node's identity": 3}
+    assert recounted(saved) == {"num-examples N is outside N..N": 120, "claims another node's identity": 3}

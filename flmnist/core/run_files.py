@@ -181,7 +181,7 @@ def absolute_overrides(overrides: list[str], run_dir: Path) -> list[str]:
     return out + [f"run_dir={quoted(run_dir)}"]
 
 
-def hold_run_dir(run_dir: Path, resume: bool) -> int:
+def hold_run_dir(run_dir: Path, resume: bool, what: str = "run directory") -> int:
     """Hold ``run_dir`` for this command: an exclusive lock on the directory (released when the
     command ends, kill -9 too); returns the descriptor to close at the end. ConfigError if another
     command holds it: a resume of a run still going, or a run started in the same second with the
@@ -189,11 +189,15 @@ def hold_run_dir(run_dir: Path, resume: bool) -> int:
     fd = os.open(run_dir, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as err:
+        if not isinstance(err, BlockingIOError):  # a file system without locks: run unguarded, as before
+            log(WARNING, "Cannot lock %s (%s): another command could write in it at the same time", run_dir, err)
+            return fd
         os.close(fd)
         if resume:
             raise ConfigError(f"resume: {run_dir} is in use by another flmnist command: the run (or a resume "
                               "of it) is still going; wait for it to end, or stop it, then resume it") from None
-        raise ConfigError(f"the run directory {run_dir} is in use by another flmnist command, started in the same "
-                          "second with the same name: start this one again, or give it a name= of its own") from None
+        raise ConfigError(f"the {what} {run_dir} is in use by another flmnist command (one started in the same "
+                          "second with the same name gets the same directory): start this one again, or give it a "
+                          "name= of its own") from None
     return fd

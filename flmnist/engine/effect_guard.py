@@ -67,7 +67,8 @@ class EffectGuard:
         """``equal_weights``: the strategy averages updates with equal weights (:func:`equal_weights`),
         so the guard's aggregate does too; else each update counts by its examples."""
         self.probe, self.max_harm, self.equal_weights = probe, max_harm, equal_weights
-        self.window: deque[Candidate] = deque(maxlen=window)   # asynchronous: recent accepted updates
+        self.window: deque[Candidate] = deque(maxlen=window)   # asynchronous: each node's latest accepted update
+        self.pool_size = window  # asynchronous: an update is judged among the newest this many of other nodes
         self.seconds = 0.0
         self.evaluations = 0
         self.judged = 0
@@ -75,9 +76,10 @@ class EffectGuard:
         self.rejected = 0
 
     def limit_window(self, size: int) -> None:
-        """Judge asynchronous updates among at most ``size`` recent accepted ones."""
-        if size < (self.window.maxlen or 0):
-            self.window = deque(self.window, maxlen=size)
+        """Judge asynchronous updates among at most ``size`` recent accepted ones of other nodes (the
+        window keeps one per node, up to ``screen.guard_window``: a node's own accepted update must
+        not push the others out, or its next one is judged against nothing)."""
+        self.pool_size = min(self.pool_size, size)
 
     # ------------------------------------------------------------ measuring
     def accuracy(self, before: Weights, delta: Weights | None) -> np.ndarray:
@@ -129,6 +131,7 @@ class EffectGuard:
         t = time.perf_counter()
         names = {c.name for c in candidates}  # judged among other nodes' updates, not their own earlier ones
         pool = [m for m in self.window if m.name not in names] if asynchronous else []
+        pool = pool[max(0, len(pool) - self.pool_size):]  # the newest
         if self.equal_weights:  # (the window's are already, unless the weighting changed since they came)
             pool = [dataclasses.replace(m, weight=1.0) for m in pool]
         self.judged += len(candidates)

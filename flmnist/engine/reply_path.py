@@ -32,7 +32,7 @@ from flmnist.observers.recorder import RunRecorder
 from flmnist.observers.stop import StopAtTarget
 from flmnist.protocol import messages as p
 from flmnist.protocol.aggregation import aggregate_evaluate_counts
-from flmnist.protocol.reasons import count_reason
+from flmnist.protocol.reasons import count_reason, recounted
 from flmnist.protocol.screen import (
     ClientUpdate,
     NodeInfo,
@@ -380,7 +380,7 @@ class ReplyPath:
     def load_state(self, state: dict) -> None:
         self.norms.extend(state.get("norms", []))  # (not the nodes' latest: a resumed run refills them)
         self.identities.named, self.failed = Counter(state.get("rejected", {})), Counter(state.get("failed", {}))
-        self.reasons = Counter(state.get("reasons", {}))
+        self.reasons = recounted(state.get("reasons", {}))
         self.lengths.clipped, self.aggregates_rejected = state.get("clipped", 0), state.get("aggregates_rejected", 0)
         self.guard_rejected, self.screened = state.get("guard_rejected", 0), state.get("screened", 0)
         self.screen_seconds, self.devices = state.get("screen_seconds", 0.0), dict(state.get("devices", {}))

@@ -88,7 +88,7 @@ _resumed: dict[Path, DictConfig] = {}  # run directory -> the config its resume 
 _failed_jobs: list[str] = []  # sweep jobs that did not finish (the sweep goes on, then exits 1)
 _degraded: list[str] = []  # the lines saying which runs (sweep jobs) finished degraded: the command exits 3
 _sweep_link: list[SweepLink] = []  # a sweep's shared local SuperLink (flmnist.launch.sweep_link), once started
-_held: list[int] = []  # the job's run directory, held (run_files.hold_run_dir)
+_held: list[int] = []  # a sweep job's run directory, held (run_files.hold_run_dir)
 
 
 class Stop(BaseException):
@@ -134,7 +134,8 @@ def launch(cfg: DictConfig) -> dict:
         overrides = [*kept, f"resume={quoted(checkpoint)}"]
     else:
         run_dir = Path(hc.runtime.output_dir).resolve()
-    _held.append(hold_run_dir(run_dir, bool(cfg.resume)))  # (released as the job ends: _job)
+    if hc.mode == RunMode.MULTIRUN:  # a sweep job's own directory (a run's, resumed or not: launch.hold)
+        _held.append(hold_run_dir(run_dir, False))  # (released as the job ends: _job)
     root = resolve_root(run_cfg.data.root)
     ensure_mnist(root, run_cfg.data.download)  # fail here, before starting Flower, if MNIST is missing
     backup = None
