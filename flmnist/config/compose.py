@@ -79,6 +79,11 @@ def override_key(item: str) -> str:
     return item.lstrip("+~").partition("=")[0].removeprefix("override ").strip()
 
 
+def override_value(item: str) -> str:
+    """An override's value as Hydra reads it: ``strategy='fedprox'`` is fedprox."""
+    return item.partition("=")[2].strip().strip("'\"")
+
+
 def check_group_overrides(overrides: list[str]) -> None:
     """Fail early, listing the valid options, when an override names an unknown group option."""
     for item in overrides:
@@ -206,7 +211,7 @@ def check_hydra_folder(overrides: list[str], multirun: bool) -> str | None:
     interpolation. The folder checked; None for one that starts with an interpolation (the default
     ``${output_dir}/...``: output_dir's own check). Hydra failed there with a traceback."""
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
-    given = [item.partition("=")[2].strip().strip("'\"") for item in overrides if override_key(item) == key]
+    given = [override_value(item) for item in overrides if override_key(item) == key]
     default = OmegaConf.to_container(OmegaConf.load(conf_dir() / "config.yaml").hydra, resolve=False)
     value = given[-1] if given else default["sweep" if multirun else "run"]["dir"]
     head, interpolated, _ = value.partition("${")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from flmnist.config.compose import GROUPS, compose_config, conf_dir, override_key
+from flmnist.config.compose import GROUPS, compose_config, conf_dir, override_key, override_value
 from flmnist.config.validate import run_length, validate
 from flmnist.core.errors import ConfigError
 from flmnist.core.run_files import CHECKPOINT, CHECKPOINT_INFO, atomic_write, resume_arg
@@ -168,10 +168,7 @@ def finished(run_dir: Path) -> bool:
 def _same_option(group: str, option: str, cfg: DictConfig, saved: DictConfig) -> bool:
     """Whether ``group=option`` gives the run's own choice: the same class and the same values of
     the option's own settings (not those it takes from shared sections, like sampling.*)."""
-    path = conf_dir() / group / f"{option.strip(chr(39) + chr(34))}.yaml"  # (strategy='fedavg': quoted)
-    if not path.is_file():
-        return False  # (an option compose_config accepted but no file of that name: not the run's own)
-    own = OmegaConf.load(path) or {}
+    own = OmegaConf.load(conf_dir() / group / f"{option}.yaml") or {}
     keys = [k for k in own if k != "defaults"]
     mine, theirs = cfg.get(group) or {}, saved.get(group) or {}
     return all(mine.get(k) == theirs.get(k) for k in keys)
@@ -195,9 +192,9 @@ def resumed_config(overrides: list[str], saved: DictConfig, run_dir: Path, check
     for item in given:
         key = override_key(item)
         if key == "experiment":
-            same = item.partition("=")[2] == saved.get("name")
+            same = override_value(item) == saved.get("name")
         elif key in GROUPS:
-            same = _same_option(key, item.partition("=")[2], cfg, saved)
+            same = _same_option(key, override_value(item), cfg, saved)
         else:
             same = OmegaConf.select(cfg, key) == OmegaConf.select(saved, key)
         if same:

@@ -41,7 +41,7 @@ from flmnist.core.errors import RunFailed
 from flmnist.engine.async_jobs import Job, Node
 from flmnist.engine.async_stats import AsyncStats, stats_lines
 from flmnist.engine.async_steps import PendingStep
-from flmnist.engine.async_transport import Transport, says_expired, says_gone
+from flmnist.engine.async_transport import Transport, superlink_says
 from flmnist.engine.base import UpdateLiveness, VirtualClock, restore_common
 from flmnist.engine.fleet import Fleet
 from flmnist.engine.privacy import AsyncPrivacy, SampleAccountant
@@ -156,7 +156,7 @@ class AsyncLoop:
         node = self.transport.nodes[job.node_id]
         if job.node_id in self.busy() or node in self.transport.away or node in self.idle:
             return
-        if not self.clock.simulated and (says_gone(reply) or self.transport.unavailable(job)):
+        if not self.clock.simulated and (superlink_says(reply) == "unavailable" or self.transport.unavailable(job)):
             self.transport.away.append(node)  # Flower says it is gone: no work until it is back
         else:
             self.idle.append(node)  # last in line: with fewer slots than nodes, every node gets its turn
@@ -178,8 +178,9 @@ class AsyncLoop:
         if job.timing is not None and job.timing.dropped:
             self.stats.count("dropped (device)")
             return None
-        if reply is None or says_gone(reply) or says_expired(reply):  # (Flower's errors are not the node's: not screened)
-            if says_gone(reply) or (reply is None and self.transport.unavailable(job)):
+        said = superlink_says(reply)  # (Flower's errors are not the node's: not screened)
+        if reply is None or said is not None:
+            if said == "unavailable" or (reply is None and self.transport.unavailable(job)):
                 log(WARNING, "Node id %s is no longer connected; its update is lost", job.node_id)
                 self.failure("unavailable", f"node id {job.node_id} became unavailable", job.node_id)
             else:

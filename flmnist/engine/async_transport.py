@@ -32,18 +32,15 @@ from flmnist.protocol import messages as p
 from flmnist.protocol.screen import NodeInfo
 
 
-def says_gone(reply: Message | None) -> bool:
-    """Whether ``reply`` is Flower's error for a node no longer connected: NODE_UNAVAILABLE from the
-    SuperLink (a node's own reply with that code is its failure, screened as any other)."""
-    return (reply is not None and reply.has_error() and reply.error.code == ErrorCode.NODE_UNAVAILABLE
-            and reply.metadata.src_node_id == SUPERLINK_NODE_ID)
-
-
-def says_expired(reply: Message | None) -> bool:
-    """Whether ``reply`` is Flower's error for a task or reply that outlived its time to live
-    (MESSAGE_UNAVAILABLE, REPLY_MESSAGE_UNAVAILABLE, from the SuperLink): the update timed out."""
-    return (reply is not None and reply.has_error() and reply.metadata.src_node_id == SUPERLINK_NODE_ID
-            and reply.error.code in (ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE))
+def superlink_says(reply: Message | None) -> str | None:
+    """What an error reply Flower's SuperLink wrote itself says of the update (a node's own reply
+    with the same code is its failure, screened as any other): "unavailable" (NODE_UNAVAILABLE: the
+    node is gone), "timed out" (MESSAGE_UNAVAILABLE, REPLY_MESSAGE_UNAVAILABLE: the task or its
+    reply outlived its time to live); else None."""
+    if reply is None or not reply.has_error() or reply.metadata.src_node_id != SUPERLINK_NODE_ID:
+        return None
+    return {ErrorCode.NODE_UNAVAILABLE: "unavailable", ErrorCode.MESSAGE_UNAVAILABLE: "timed out",
+            ErrorCode.REPLY_MESSAGE_UNAVAILABLE: "timed out"}.get(reply.error.code)
 
 
 class Transport:

@@ -75,7 +75,7 @@ class EffectGuard:
         self.probed = 0
         self.rejected = 0
 
-    def limit_window(self, size: int) -> None:
+    def limit_pool(self, size: int) -> None:
         """Judge asynchronous updates among at most ``size`` recent accepted ones of other nodes (the
         window keeps one per node, up to ``screen.guard_window``: a node's own accepted update must
         not push the others out, or its next one is judged against nothing)."""

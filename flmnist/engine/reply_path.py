@@ -186,7 +186,7 @@ class ReplyPath:
         an attacker's share. (FedAsync mixes an update in at alpha * s(staleness), 0.6 at most by
         default: among 10 others it weighed 1/11 in the guard's aggregate and a sign flip passed.)"""
         if self.guard is not None:
-            self.guard.limit_window(max(1, (size or 1) - 1))
+            self.guard.limit_pool(max(1, (size or 1) - 1))
 
     def query_reply(self, msg: Message) -> NodeInfo | Rejection:
         """A node's answer to "who are you" (asynchronous discovery), screened and judged by its identity."""

@@ -26,16 +26,15 @@ def reason_kind(reason: str) -> str:
     return _NUMBER.sub("N", head)[:80]
 
 
-def count_reason(reasons: Counter, reason: str) -> None:
+def count_reason(reasons: Counter, reason: str, count: int = 1) -> None:
     """Count ``reason`` under its kind in ``reasons`` (a new kind past ``MAX_KINDS``: ``OTHER``)."""
     kind = reason_kind(reason)
-    reasons[kind if kind in reasons or len(reasons) < MAX_KINDS else OTHER] += 1
+    reasons[kind if kind in reasons or len(reasons) < MAX_KINDS else OTHER] += count
 
 
 def recounted(saved: dict) -> Counter:
     """A checkpoint's reasons counted by kind (an older flmnist's were counted as written)."""
     reasons: Counter = Counter()
     for reason, count in saved.items():
-        kind = reason_kind(reason)
-        reasons[kind if kind in reasons or len(reasons) < MAX_KINDS else OTHER] += int(count)
+        count_reason(reasons, reason, int(count))
     return reasons
