@@ -29,6 +29,21 @@ def pytest_configure(config):
         torch.set_num_threads(1)
 
 
+# The test files that start Flower, longest first (worker seconds in one CI run, 2026-12-06: the
+# rehearsal about 315, the resume runs 220, the CLI's sweeps 200, privacy 225, ...). pytest-xdist
+# hands a worker its next file when it is done with one, in collection order (pyproject's
+# --no-loadscope-reorder); the longest first, the two workers finish nearly together. In its own
+# order the resume file (7 tests) came last and ran alone for its last minute.
+LONGEST_FIRST = ("test_deployment.py", "test_resume.py", "test_cli.py", "test_privacy.py", "test_adversarial.py",
+                 "test_simulation.py", "test_integration.py", "test_warm_executor.py", "test_async_integration.py",
+                 "test_partition.py", "test_config.py", "test_jetson.py", "test_attribution.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: k for k, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order kept
+
+
 @pytest.fixture(scope="session")
 def mnist_root() -> Path:
     root = Path(os.environ.get("FLMNIST_DATA_DIR") or REPO.parent / "shared" / "data" / "mnist").resolve()

@@ -41,7 +41,7 @@ def flwr_run(tmp_path: Path, name: str, overrides: list[str]) -> tuple[dict, lis
     run_dir = tmp_path / name
     home = tempfile.mkdtemp(prefix="flmnist-test-home-")
     log = tmp_path / f"{name}.log"
-    run_flwr(REPO, [*BASE, *overrides, f"run_dir={run_dir}"], 4, home, log_path=log, timeout=600)
+    run_flwr(REPO, [*BASE, *overrides, f"run_dir={run_dir}"], 4, home, log_path=log, timeout=600, backend="inprocess")
     assert (run_dir / "summary.json").is_file(), log.read_text()[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     rows = json.loads((run_dir / "metrics.json").read_text())

@@ -22,7 +22,7 @@ def flwr_run(tmp_path: Path, name: str, overrides: list[str], num_nodes: int) ->
     run_dir = tmp_path / name
     home = tempfile.mkdtemp(prefix="flmnist-test-home-")
     run_flwr(REPO, [*overrides, f"num_nodes={num_nodes}", f"run_dir={run_dir}"], num_nodes, home,
-             log_path=tmp_path / f"{name}.log", timeout=600)
+             log_path=tmp_path / f"{name}.log", timeout=600, backend="inprocess")
     assert (run_dir / "summary.json").is_file(), (tmp_path / f"{name}.log").read_text()[-3000:]
     return run_dir
 

@@ -275,7 +275,7 @@ def flwr_run(tmp_path: Path, name: str) -> dict:
     nodes = 3 if name == "sync" else 4
     log = tmp_path / f"{name}.log"
     run_flwr(REPO, [*RUNS[name], *BASE, f"run_dir={run_dir}"], nodes, tempfile.mkdtemp(prefix="flmnist-test-home-"),
-             log_path=log, timeout=900)
+             log_path=log, timeout=900, backend="inprocess")
     assert (run_dir / "summary.json").is_file(), log.read_text()[-3000:]
     return {"summary": json.loads((run_dir / "summary.json").read_text()), "dir": run_dir, "log": log.read_text()}
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from flmnist.core.constants import BACKEND_ENV
 from flmnist.core.errors import ConfigError
 from flmnist.core.run_files import find_checkpoint
 from flmnist.launch.flwr_local import (
@@ -29,6 +30,9 @@ from flmnist.observers.checkpoint import load_checkpoint
 pytestmark = pytest.mark.slow  # real Flower runs
 
 REPO = Path(__file__).resolve().parents[1]
+# ClientApps in Flower's simulation process, as `flmnist` runs these on 2 cores (simulation=auto):
+# Ray's start would add about 17 s to each of the runs here. Ray runs in tests/test_integration.py.
+BACKEND = "inprocess"
 # FedAvgM: the server momentum buffer must survive the resume too.
 SETTINGS = ["strategy=fedavgm", "strategy.server_momentum=0.5", "num_rounds=4", "client.local_steps=15",
             "data.holdout_fraction=0.02"]
@@ -45,11 +49,11 @@ def full_killed_resumed(tmp: Path, settings: list[str], kill_at: int, num_nodes:
     full = tmp / "full"
     # One run after the other: side by side, two runs' PyTorch threads on 2 cores take twice as long.
     run_flwr(REPO, [*settings, f"run_dir={full}"], num_nodes, tempfile.mkdtemp(prefix="flmnist-test-home-"),
-             log_path=tmp / "full.log", timeout=1500)
+             log_path=tmp / "full.log", timeout=1500, backend=BACKEND)
     killed = tmp / "killed"
     home = Path(tempfile.mkdtemp(prefix="flmnist-test-home-"))
     cfg = write_run_config(tmp / "killed.toml", [*settings, f"run_dir={killed}"])
-    proc = subprocess.Popen(flwr_run_command(REPO, cfg, num_nodes), env=flwr_env(home),
+    proc = subprocess.Popen(flwr_run_command(REPO, cfg, num_nodes), env={**flwr_env(home), BACKEND_ENV: BACKEND},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     killed_after = None
     try:
@@ -73,7 +77,7 @@ def full_killed_resumed(tmp: Path, settings: list[str], kill_at: int, num_nodes:
     summary_before = (killed / "summary.json").is_file()
     rows_before = comparable(killed) if killed_after is not None else []
     run_flwr(REPO, [f"resume={killed}"], num_nodes, tempfile.mkdtemp(prefix="flmnist-test-home-"),
-             log_path=tmp / "resumed.log", timeout=1500)
+             log_path=tmp / "resumed.log", timeout=1500, backend=BACKEND)
     return {"full": full, "killed": killed, "killed_after": killed_after, "summary_before": summary_before,
             "rows_before": rows_before, "log": (tmp / "resumed.log").read_text()}
 
