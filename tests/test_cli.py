@@ -57,6 +57,14 @@ def flmnist(args: list[str], cwd: Path, **env) -> subprocess.CompletedProcess:
     (["fleet.dropout=0.1", "--cfg", "job"], "flmnist: error: unknown setting 'fleet.dropout': it belongs to fleet="),
     (["--cfg", "job", "client.lr=nan"], "flmnist: error: client.lr must be a finite number > 0, got nan"),
     (["--cfg=job", "num_nodes=0"], "flmnist: error: num_nodes must be an integer >= 1, got 0"),
+    # Hydra's traceback (exit 1) after the checks had passed, an empty sweep folder left behind
+    (["-m", "experiment=seed002,null", "num_rounds=1"], ("flmnist: error: experiment=seed002,null: a sweep cannot "
+                                                         "take null (no preset) among its experiments")),
+    # OmegaConf's traceback, exit 1
+    (["~client.lr"], "flmnist: error: client.lr is missing (deleted with ~client.lr?): every run needs it"),
+    # the message named sampling.min_available_nodes, set to 2 here: setting it changed nothing
+    (["strategy.min_available_nodes=5", "sampling.min_available_nodes=2"],
+     "flmnist: error: strategy.min_available_nodes=5 is more than num_nodes=2"),
     (["--num_rounds=3", "--model=logreg"], ("flmnist: error: --num_rounds=3 --model=logreg: settings are Hydra "
                                             "overrides, written without dashes: flmnist num_rounds=3 model=logreg")),
 ])

@@ -440,6 +440,24 @@ def test_a_sync_run_in_which_no_round_made_a_model_fails_even_below_max_failed_r
         engine.run(record(START))
 
 
+def test_a_run_whose_nodes_all_send_back_the_model_they_were_sent_fails(task_identity):
+    """Every node returns the model it was sent (update norm 0, a valid reply otherwise): each round
+    counted as advanced and the run reported finished with the initial model (a review). Such a
+    round fails, and a run of them fails as one whose replies were all bad; one node that trains
+    among them keeps the round."""
+    still = {101 + i: FakeNode(i, 0.0) for i in range(2)}
+    path = make_path(guard_max_harm=None)
+    strategy = Guarded(FedAvg(fraction_evaluate=0.0), path, max_failed_rounds=3)
+    engine = SyncEngine(FakeGrid(still), strategy, path, SENT.to_record(), num_rounds=2, round_timeout=5.0)
+    with pytest.raises(RunFailed, match=r"no round of 2 made a usable update: the global model is the initial one; "
+                                        r"last reason: every accepted update is the model its node was sent"):
+        engine.run(record(START))
+    assert strategy.failed_rounds == 2
+    strategy = Guarded(FedAvg(min_available_nodes=2, min_train_nodes=2), make_path())
+    arrays, _ = sync_round(strategy, {11: FakeNode(0, 0.0), 12: FakeNode(1, 0.02)}, START)
+    assert arrays is not None and strategy.failed_rounds == 0
+
+
 def test_a_run_ended_by_failed_rounds_reports_the_rejections_that_ended_it(tmp_path, task_identity):
     """summary.json's screen section was set only with a new global model: a run ended by
     max_failed_rounds said no reply was screened and named no rejected node."""

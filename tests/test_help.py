@@ -68,6 +68,8 @@ def test_version_names_flmnist_and_flower():
     (["partition.alpha=0.1"], "it belongs to partition=dirichlet, not to partition=iid; add partition=dirichlet"),
     (["strategy.proximal_mu=0.1"], "it belongs to strategy=fedprox, not to strategy=fedavg"),
     (["+num_round=3"], "+num_round=3: flmnist would ignore a new key here; unknown setting 'num_round'; did you mean"),
+    # the help for an option that is not one: printed to stdout, exit 0
+    (["--help", "strategy=nope"], "Unknown strategy 'nope'. Valid options for strategy: bulyan, "),
 ])
 def test_a_typo_gets_the_closest_keys_and_leaves_no_run_directory(tmp_path, args, expected):
     out = flmnist(*args, cwd=tmp_path)

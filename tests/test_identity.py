@@ -249,10 +249,28 @@ def test_a_node_cannot_pin_its_malformed_replies_on_a_board_that_binds_later(tas
 
     round_of(1, {10: FakeNode(0), 99: FakeNode(1, behave="nan"), 11: FakeNode(1)})
     round_of(2, {10: FakeNode(0), 99: FakeNode(2, behave="nan")})
-    assert path.rejected == {"node 2": 1, "node id 99": 1}  # node 2 has not answered yet
+    assert path.rejected == {"node id 99": 2}  # a second name claimed: believed under neither
     round_of(3, {10: FakeNode(0), 12: FakeNode(2), 98: FakeNode(3, behave="nan")})
     assert path.rejected == {"node id 99": 2, "node 3": 1}
     assert path.state()["rejected"] == {"node id 99": 2, "node 3": 1}
+
+
+def test_a_node_id_naming_itself_anew_in_each_reply_or_after_a_contested_name_is_counted_as_its_node_id():
+    """(a) A node id never bound sent each malformed reply under a new name: each became an entry
+    of the summary's rejected_per_node (300 replies, 300 names). (b) Node 0's identity contested by
+    two node ids, a third's malformed replies named node 0 were counted as node 0's (a review)."""
+    book = IdentityBook(connected=lambda: {1, 2, 3, 7})
+    for k in range(300):
+        book.count_rejection(7, book.name_of(7, f"board-{k}"))
+    assert book.rejections() == {"node id 7": 300}
+    book.count_rejection(8, book.name_of(8, "jetson-9"))  # one name throughout: a broken board's own
+    book.count_rejection(8, book.name_of(8, "jetson-9"))
+    assert book.rejections()["jetson-9"] == 2
+    assert book.judge(1, "node 0", 0) is None
+    assert "neither is trusted" in book.judge(2, "node 0", 0)
+    for _ in range(5):
+        book.count_rejection(3, book.name_of(3, "node 0"))
+    assert book.rejections() == {"node id 7": 300, "jetson-9": 2, "node id 3": 5}
 
 
 def test_a_node_refused_over_an_identity_conflict_is_asked_again_once_it_is_over(task_identity):

@@ -101,6 +101,18 @@ def test_an_update_that_changes_nothing_counts_as_a_zero_update_not_a_failed_rou
     assert strategy.failed_rounds == 0 and accountant.rdp.num_releases == 1
 
 
+def test_a_private_round_whose_updates_are_all_the_model_sent_fails_like_a_silent_one(task_identity):
+    """Central DP, every node sending back the model it got: each became the server's zero update,
+    a round identical to one where every node stayed silent, which fails; this one counted as
+    advanced (a review)."""
+    strategy, accountant, _ = private_fedavg(sigma=1e-3, clip=1.0)
+    arrays, _ = sync_round(strategy, {i + 11: FakeNode(i, 0.0) for i in range(4)}, BIG)
+    assert arrays is not None and accountant.rdp.num_releases == 1  # released: the noise moved it
+    assert strategy.failed_rounds == 1
+    with pytest.raises(RunFailed, match="the initial one plus the privacy noise"):
+        strategy.liveness.check_some_advanced(1, before=False)
+
+
 @pytest.mark.parametrize("mechanism", ["central", "client"])
 @pytest.mark.parametrize("fault", ["nan", "silent"])
 def test_a_round_with_no_usable_update_still_releases_noise_and_counts(task_identity, mechanism, fault):

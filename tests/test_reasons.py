@@ -34,3 +34,19 @@ def test_a_checkpoints_reasons_counted_as_written_are_counted_by_kind_on_resume(
 
     saved = {f"num-examples {n} is outside 1..15000": 2 for n in range(60)} | {"claims another node's identity": 3}
     assert recounted(saved) == {"num-examples N is outside N..N": 120, "claims another node's identity": 3}
+
+
+def test_what_a_node_sent_in_a_malformed_metric_makes_no_kind_of_its_own(task_identity):
+    """One node's num-examples sent as lists ([1], [1, nan], [inf, 1.5], ...): the screen's reasons quoted
+    the value, list lengths and nan/inf words made a kind of each, and 50 such replies took every slot
+    of the table, an honest node's later rejection going under "other reasons" (a review)."""
+    from test_screen import _metric, screen_train
+
+    from flmnist.protocol import messages as p
+
+    reasons: Counter = Counter()
+    values = [[1] * k for k in range(1, 30)] + [[float("nan")] * k for k in range(1, 30)] + [[float("inf"), 1.5]]
+    for value in values:
+        count_reason(reasons, screen_train(_metric(p.NUM_EXAMPLES, value)).reason)
+    count_reason(reasons, screen_train(_metric(p.NUM_EXAMPLES, 99)).reason)  # an honest node's figure
+    assert reasons == {"metric '...' must be an integer, got list": len(values), "num-examples N is outside N..N": 1}

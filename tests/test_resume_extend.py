@@ -260,6 +260,18 @@ def test_a_run_stopped_at_its_target_says_how_to_train_on_and_stop_at_target_fal
     assert resumed_config(["stop_at_target=false", "num_rounds=60"], saved, run).num_rounds == 60
 
 
+def test_stop_at_target_false_does_not_extend_a_run_that_ran_all_its_rounds(tmp_path):
+    """A stop_at_target run that ran all its 3 rounds without reaching the target: stop_at_target=false
+    was taken as an extension, and the resume rewrote its config and summary training nothing (a
+    review). Refused as any finished run given no new length; with one, taken."""
+    run, saved = finished_run(tmp_path, ["model=logreg", "num_rounds=3", "stop_at_target=true"], done=3)
+    with pytest.raises(ConfigError, match=r"finished all its 3 rounds; to train on, extend it: flmnist resume=\S+ "
+                                          r"num_rounds=6"):
+        resumed_config(["stop_at_target=false"], saved, run)
+    out = resumed_config(["stop_at_target=false", "num_rounds=6"], saved, run)
+    assert out.stop_at_target is False and out.num_rounds == 6
+
+
 def test_resuming_from_moved_data_reads_it_there(tmp_path):
     """data.root beside resume= (the docs allow it): the resumed run reads MNIST there; it was
     dropped, and the run looked where its config.yaml said the data had been."""
@@ -406,6 +418,26 @@ def test_a_resumes_new_length_or_budget_of_the_wrong_type_is_refused_in_one_line
                               status="failed")
     with pytest.raises(ConfigError, match=message):
         resumed_config([override], saved, run)
+
+
+@pytest.mark.parametrize("run_overrides, override, message", [
+    (["num_rounds=2"], "model=logreg", (r"resume: model=logreg would change the run being resumed \(its model: "
+                                       r"flmnist.ml.models.LeNet\)")),
+    (["num_rounds=2"], "privacy=central", (r"resume: privacy=central would change the run being resumed \(its "
+                                          r"privacy: none\)")),
+    (["num_rounds=2", "privacy=central"], "privacy=dpsgd", r"\(its privacy: central\)"),
+    (["num_rounds=2", "privacy=central"], "privacy=none", r"\(its privacy: central\)"),
+])
+def test_an_option_that_brings_settings_of_other_sections_is_judged_by_its_own(tmp_path, run_overrides, override,
+                                                                               message):
+    """model=logreg and the privacy options are files of the global package (model:, client:;
+    privacy:, screen:): a resume looked their keys up under model.model and privacy.privacy, found
+    None on both sides and went on with the run's LeNet or no privacy, in silence (a review)."""
+    run, saved = finished_run(tmp_path, run_overrides, status="failed")
+    with pytest.raises(ConfigError, match=message):
+        resumed_config([override, "num_rounds=6"], saved, run)
+    run, saved = finished_run(tmp_path / "same", ["num_rounds=2", override], status="failed")
+    assert resumed_config([override], saved, run) == saved  # the run's own choice: judged the same
 
 
 def test_a_quoted_group_option_on_resume_is_judged_as_the_plain_one(tmp_path):

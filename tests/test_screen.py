@@ -559,7 +559,7 @@ TRAIN_FAULT_REASONS = {
     "missing-metric": "missing ['train-loss']",
     "loss-trace-number": "metric 'loss-trace' must be a list of numbers, got float",
     "train-loss-list": "metric 'train-loss' must be a number, got list",
-    "partition-inf": "metric 'partition-id' must be an integer, got float inf",
+    "partition-inf": "metric 'partition-id' must be an integer, got float (inf)",
     "long-trace": "loss trace has 7 entries for 2 local steps",
     "bad-node-info": "node-info keys ['node-name', 'x'] differ from the contract",
     "sign-flip": "update norm 0.15 exceeds screen.max_update_norm",

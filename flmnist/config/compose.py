@@ -15,6 +15,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
 from flmnist.config.notes import rounds_past_the_end, unused_by_strategy, unused_holdout
 from flmnist.config.validate import validate
@@ -201,7 +202,12 @@ def compose_config(overrides: list[str] | None = None, notes: list[str] | None =
         OmegaConf.resolve(cfg)
     except Exception as err:  # an interpolation naming a missing key, or a cycle
         raise ConfigError(f"cannot resolve the config: {one_line(err)}") from err
-    validate(cfg)
+    try:
+        validate(cfg)
+    except (ConfigAttributeError, ConfigKeyError) as err:  # a key every run reads, deleted (~client.lr)
+        key = err.full_key or "a setting"
+        raise ConfigError(f"{key} is missing (deleted with ~{key}?): every run needs it; give {key}=VALUE or drop "
+                          f"~{key}") from None
     return cfg
 
 

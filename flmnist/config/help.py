@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flmnist.config.compose import GROUPS, conf_dir, group_options, option_files
+from flmnist.core.errors import ConfigError
 
 # Keys that are not settings: Hydra's and the instantiation target.
 SKIP = ("defaults", "hydra", "_target_")
@@ -192,9 +193,9 @@ def help_text(overrides: list[str] | None = None) -> str:
     if picked:
         lines = []
         for group, option in picked:
-            if option not in group_options(group):
-                lines.append(f"Unknown {group} '{option}'. Valid options for {group}: {', '.join(group_options(group))}")
-                continue
+            if option not in group_options(group):  # as a run says it (cli: one line, exit 2)
+                raise ConfigError(f"Unknown {group} '{option}'. Valid options for {group}: "
+                                  f"{', '.join(group_options(group))}")
             lines.append(_wrap(f"{group}={option}: {option_description(group, option)}", 0))
             own = described(group_settings(group, option))
             lines += _rows(own) if own else ["  (no settings of its own)"]

@@ -168,10 +168,19 @@ def finished(run_dir: Path) -> bool:
 def _same_option(group: str, option: str, cfg: DictConfig, saved: DictConfig) -> bool:
     """Whether ``group=option`` gives the run's own choice: the same class and the same values of
     the option's own settings (not those it takes from shared sections, like sampling.*)."""
-    own = OmegaConf.load(conf_dir() / group / f"{option}.yaml") or {}
+    path = conf_dir() / group / f"{option}.yaml"
+    own = OmegaConf.load(path) or {}
+    if path.read_text().startswith("# @package _global_"):  # (model=logreg, privacy=central: model:, privacy:
+        own = own.get(group) or {}  # and the client or screen defaults they bring) its own section
     keys = [k for k in own if k != "defaults"]
     mine, theirs = cfg.get(group) or {}, saved.get(group) or {}
     return all(mine.get(k) == theirs.get(k) for k in keys)
+
+
+def _choice(saved: DictConfig, group: str) -> str:
+    """What the run chose in ``group``: its class, or (privacy) its mechanism."""
+    section = saved.get(group) or {}
+    return str(section.get("_target_") or section.get("mechanism") or "its defaults")
 
 
 def resumed_config(overrides: list[str], saved: DictConfig, run_dir: Path, checkpoint: Path | None = None) -> DictConfig:
@@ -215,7 +224,7 @@ def resumed_config(overrides: list[str], saved: DictConfig, run_dir: Path, check
             continue
         if key == "stop_at_target" and OmegaConf.select(cfg, key) is False:  # train on past the target
             OmegaConf.update(out, key, False)
-            extended = key
+            extended = key if stopped_at_target(run_dir) else extended  # (else no step further: not one)
             continue
         if key == "experiment":
             raise ConfigError(f"resume: {item} is not the run being resumed (named {saved.get('name')!r}): a "
@@ -224,7 +233,7 @@ def resumed_config(overrides: list[str], saved: DictConfig, run_dir: Path, check
         what = "a setting of the run" if key not in GROUPS else f"its {key}"
         length = " or ".join(LENGTH[unit])
         raise ConfigError(f"resume: {item} would change the run being resumed ({what}: "
-                          f"{OmegaConf.select(saved, key) if key not in GROUPS else saved[key].get('_target_')}); "
+                          f"{OmegaConf.select(saved, key) if key not in GROUPS else _choice(saved, key)}); "
                           f"a changed strategy, split, model or setting is a new run: start it without resume=, "
                           f"or give only {length} to extend this one")
     length_key = LENGTH[unit][0]

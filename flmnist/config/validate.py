@@ -331,8 +331,9 @@ def validate(cfg: DictConfig) -> None:
              "min_train_nodes": getattr(strategy, "min_train_nodes", 0),
              "min_evaluate_nodes": getattr(strategy, "min_evaluate_nodes", 0) if fraction_evaluate > 0 else 0}
     for key, value in waits.items():
-        if value > n:
-            raise ConfigError(f"sampling.{key}={value} is more than num_nodes={n}: the server would wait for "
+        if value > n:  # named as written: sampling.KEY, unless strategy.KEY was set apart from it
+            section = "sampling" if str((cfg.get("sampling") or {}).get(key)) == str(value) else "strategy"
+            raise ConfigError(f"{section}.{key}={value} is more than num_nodes={n}: the server would wait for "
                               f"nodes that never come; use at most {n}")
     if isinstance(strategy, (Bulyan, MultiKrum)):  # (Krum is a MultiKrum choosing 1)
         f, name = strategy.num_malicious_nodes, type(strategy).__name__

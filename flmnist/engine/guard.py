@@ -50,6 +50,8 @@ from flmnist.protocol import messages as p
 from flmnist.protocol.aggregation import aggregate_train_metrics
 from flmnist.strategies.state import checkpoint_state
 
+STILL = 1e-6  # an update shorter than this (L2) is the model its node was sent (0, or squares underflowing)
+
 
 def _plain(value):
     """ArrayRecords become dicts of numpy arrays, so a checkpoint holds no Flower objects."""
@@ -215,8 +217,13 @@ class Guarded(Strategy):
             rejections=[f"{r.name}: {r.reason}" for r in rejections if not r.failed],
             train_examples=sum(u.num_examples for u in updates),
         )
-        self.liveness.count_round(step, arrays is not None and bool(updates), len(replies), rejections,
-                                  moved=arrays is not None, reason=why)
+        # An update of norm 0 is the model its node was sent: a round made of such updates moved
+        # nothing, and a run made of such rounds (every node returning what it got) failed.
+        trained = any(u.norm >= STILL for u in updates)
+        if updates and not trained and why is None:
+            why = "every accepted update is the model its node was sent (update norm 0): no node trained"
+        self.liveness.count_round(step, arrays is not None and trained, len(replies), rejections,
+                                  moved=arrays is not None and self.central, reason=why)
         return arrays, metrics
 
     # ------------------------------------------------------------- privacy
@@ -231,7 +238,7 @@ class Guarded(Strategy):
         with nothing to train on, or a hostile one, failed the round.)"""
         zero = to_record(nearly_zero(self.reference))
         for m, norm in zip(messages, norms, strict=True):
-            if norm < 1e-6:  # (0, or squares that underflow to 0 in float32)
+            if norm < STILL:
                 m.content[p.ARRAYS] = zero
         if len(messages) >= self.per_round:
             return messages[: self.per_round]

@@ -94,11 +94,18 @@ class IdentityBook:
 
     def count_rejection(self, node_id: int, name: str) -> None:
         """A rejected reply of ``node_id``, named ``name`` (:meth:`name_of`). A name only claimed
-        (by a node id not bound, with no registry) is not counted under it yet: see :meth:`rejections`."""
+        (by a node id not bound, with no registry) is not counted under it yet: see :meth:`rejections`.
+        A node id that claims a second name is believed under none: its replies so far and later
+        count under ``node id N`` (a name of its own in each reply made the summary grow with them)."""
         if self.registry is None and node_id not in self.bound and not name.startswith("node id "):
-            self.claimed[node_id, name] += 1
-        else:
-            self.named[name] += 1
+            earlier = [n for i, n in self.claimed if i == node_id]
+            if earlier in ([], [name]):
+                self.claimed[node_id, name] += 1
+                return
+            name = f"node id {node_id}"
+            for n in earlier:
+                self.named[name] += self.claimed.pop((node_id, n))
+        self.named[name] += 1
 
     def rejections(self) -> Counter:
         """Name -> rejected replies. A claimed name counts as the claimant's once its node id is bound,
@@ -123,13 +130,14 @@ class IdentityBook:
     def name_of(self, node_id: int, claimed: str) -> str:
         """The name to count a reply under: the bound or registered one; ``node id N`` for a node
         id trusted with no identity, not in the registry, or claiming a name bound to another
-        node id (its rejections are never counted against the node it names); else what the
-        reply claims."""
+        node id or contested by two (its rejections are never counted against the node it
+        names); else what the reply claims."""
         if node_id in self.bound:
             return self.bound[node_id].name
         if self.registry is not None:
             return self.registry.get(node_id, (f"node id {node_id}", None))[0]
-        if node_id in self.flagged or any(i.name == claimed for i in self.bound.values()):
+        held = (*self.bound.values(), *self.contested.values())  # a contested name is not free either
+        if node_id in self.flagged or any(i.name == claimed for i in held):
             return f"node id {node_id}"
         return claimed
 

@@ -287,8 +287,11 @@ def hydra_arguments(args: list[str]) -> list[str]:
     multirun = any(a in MULTIRUN for a in args)
     overrides = [a for a in args if a not in MULTIRUN]
     if multirun:
-        names, experiments = set(), set()
-        for job in sweep_jobs(overrides):  # Hydra's expansion: a,b  choice(a,b)  range(1,4)
+        names, experiments, jobs = set(), set(), sweep_jobs(overrides)  # Hydra's expansion: a,b  choice(a,b)
+        if any(without_no_preset(job) != job for job in jobs):  # (Hydra: "must be a string or a list")
+            raise ConfigError(f"{next(o for o in overrides if override_key(o) == 'experiment')}: a sweep cannot "
+                              "take null (no preset) among its experiments: run that job as its own command")
+        for job in jobs:
             check_group_overrides(job)
             cfg = compose_config(job)
             if cfg.resume:

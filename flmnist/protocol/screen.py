@@ -146,15 +146,17 @@ class Refused(Exception):
     """Raised inside the screen only; becomes a Rejection."""
 
 
+# What the node sent goes in parentheses, which a reason's kind leaves out (protocol.reasons):
+# a list's length or a nan in it would have made a new kind of each reply.
 def _int(value, key: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise Refused(f"metric '{key}' must be an integer, got {type(value).__name__} {value!r:.40}")
+        raise Refused(f"metric '{key}' must be an integer, got {type(value).__name__} ({value!r:.40})")
     return int(value)
 
 
 def _float(value, key: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise Refused(f"metric '{key}' must be a number, got {type(value).__name__} {value!r:.40}")
+        raise Refused(f"metric '{key}' must be a number, got {type(value).__name__} ({value!r:.40})")
     if not math.isfinite(value):
         raise Refused(f"metric '{key}' is not finite ({value!r})")
     return float(value)
