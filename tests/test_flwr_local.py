@@ -143,3 +143,34 @@ def test_nohup_flmnist_keeps_ignoring_a_hangup():
             "print('ignored' if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN else 'handled')")
     out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60)
     assert out.stdout.strip().endswith("ignored"), out.stdout + out.stderr
+
+
+def test_a_process_that_exits_while_its_tasks_are_listed_is_skipped(monkeypatch):
+    """Stopping a run lists each process's threads in /proc/PID/task: one that exited between being
+    found and its threads being read raised FileNotFoundError out of the cleanup (seen in CI, as a
+    run hung past its timeout was stopped). Here the process's /proc entry vanishes at that moment;
+    the other's children are still found."""
+    import os
+    import subprocess
+
+    from flmnist.launch import flwr_local
+
+    parent = subprocess.Popen(["sh", "-c", "sleep 30 & wait"])
+    try:
+        deadline = time.monotonic() + 10
+        while not flwr_local.descendants({parent.pid}) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        [child] = flwr_local.descendants({parent.pid})
+        real = os.scandir
+
+        def scandir(path="."):
+            if str(path) == "/proc/1/task":  # as if pid 1 had exited since it was listed
+                raise FileNotFoundError(2, "No such file or directory", str(path))
+            return real(path)
+
+        monkeypatch.setattr(os, "scandir", scandir)
+        assert flwr_local.descendants([1, parent.pid], prune={child}) == set()  # no error; pid 1 skipped
+        assert child in flwr_local.descendants([1, parent.pid])
+    finally:
+        parent.kill()
+        parent.wait()

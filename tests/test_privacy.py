@@ -256,6 +256,36 @@ def test_a_resume_counts_the_releases_made_after_its_checkpoint(task_identity, t
     assert resumed.privacy.accountant.epsilon == pytest.approx(rdp_epsilon(1.0, 7), rel=1e-6)
 
 
+def test_a_stale_fedasync_update_moves_the_release_by_at_most_the_clip_with_or_without_its_nodes_data(task_identity):
+    """FedAsync under central DP clipped an arriving model against the current global model: for a
+    stale update (staleness 1 here) a node's data moved the release by up to twice the clip (the
+    drift between the two models is public), and epsilon was that of half the noise multiplier (a
+    review). Two runs, noise off, differing only in the stale node's data (it trains; it returns
+    the model it got, as a node without data would): the released models differ by alpha x clip."""
+    from flmnist.engine.async_loop import AsyncLoop
+    from flmnist.protocol.settings import AsyncLoopSettings
+    from flmnist.strategies import FedAsync
+    from flmnist.strategies.staleness import Constant
+
+    class NoNoise:
+        def normal(self, mean, std, shape):
+            return np.zeros(shape)
+
+    def released(stale_offset: float) -> np.ndarray:
+        settings = PrivacySettings("central", noise_multiplier=1.0, clipping_norm=1.0, target_delta=DELTA)
+        dp = AsyncPrivacy(settings, 2)
+        dp.rng = NoNoise()
+        nodes = {11: FakeNode(0, 0.01, behave=lambda k: "honest" if k == 1 else "silent"),
+                 12: FakeNode(1, stale_offset, delay=0.2)}  # trained from version 0, arrives after version 1
+        loop = AsyncLoop(FakeGrid(nodes), FedAsync(alpha=0.5, staleness=Constant()), make_path(guard_max_harm=None),
+                         AsyncLoopSettings(max_server_updates=2, update_timeout=5.0, prefetch=0), poll_interval=0.001,
+                         privacy=dp)
+        return to_weights(loop.run(record(BIG)))["w"]
+
+    moved = np.linalg.norm(released(0.02) - released(0.0))
+    assert moved == pytest.approx(0.5 * 1.0, rel=1e-3)  # alpha x clip: before the fix, 0.75 (1.5 clips)
+
+
 def test_a_checkpoint_from_before_the_accountants_own_state_still_loads():
     """Checkpoints written on 2026-12-04 held Flower's RdpAccountant state itself, not
     {"rdp": ..., "repeated": ...}: loading one raised a bare KeyError 'rdp'. It loads, with the

@@ -206,7 +206,7 @@ class AsyncLoop:
         self.pending.fold(update, staleness, update.metrics[p.TRAIN_LOSS], reference, self.strategy.reply_delta)
         before = self.strategy.state_dict()  # references: a rejected step's lasting state is rolled back
         if self.privacy is not None:
-            new = self.private_apply(update, staleness, weights, before)
+            new = self.private_apply(update, staleness, weights, before, reference)
         else:
             new = self.strategy.apply(weights, update.weights, update.num_examples, staleness)
             new = None if new is None else self.step_checked(new, weights, before)
@@ -238,11 +238,11 @@ class AsyncLoop:
                                    max_epsilon=dp.settings.max_epsilon)
         return not over
 
-    def private_apply(self, update, staleness: int, weights: dict, before: dict) -> dict | None:
-        """``privacy=central``: the update clipped (FedAsync: also noised), FedBuff's release
-        noised at its server step, each release accounted."""
+    def private_apply(self, update, staleness: int, weights: dict, before: dict, sent: dict) -> dict | None:
+        """``privacy=central``: the update clipped (FedAsync: against ``sent``, its node's model, and
+        noised), FedBuff's release noised at its server step, each release accounted."""
         dp = self.privacy
-        prepared = dp.prepare(self.strategy, update.name, update.weights, weights)
+        prepared = dp.prepare(self.strategy, update.name, update.weights, sent)
         new = self.strategy.apply(weights, prepared, update.num_examples, staleness)
         if new is None:
             return None

@@ -13,7 +13,7 @@ itself), so every round averages exactly ``n`` updates, as the guarantee needs.
 Asynchronous strategies are noised here, at each server update: FedBuff clips each delta, takes
 the equal-weight mean of its K buffered deltas (staleness weights are at most 1) and adds noise of
 std ``noise_multiplier * clipping_norm / K``; FedAsync clips each arriving model's difference from
-the global model and adds noise of std ``noise_multiplier * clipping_norm`` to it before mixing it
+the model its node was sent and adds noise of std ``noise_multiplier * clipping_norm`` to it before mixing it
 in with weight alpha * s(staleness). A release in which one node has ``m`` updates (a fast node
 twice in one buffer) is accounted with noise multiplier ``noise_multiplier / m``, its true one.
 
@@ -252,17 +252,18 @@ class AsyncPrivacy:
     def check(self, strategy) -> None:
         self.accountant.check_first_release(self.release_size(strategy))
 
-    def prepare(self, strategy, name: str, update: Weights, current: Weights) -> Weights:
+    def prepare(self, strategy, name: str, update: Weights, sent: Weights) -> Weights:
         """The clipped (FedBuff) or clipped, noised and accounted (FedAsync) update to apply
-        (the caller checked the budget first)."""
+        (the caller checked the budget first). FedAsync's is clipped against ``sent``, the model its node
+        trained from (against the current one, a stale update's data moved the release by up to 2 clips)."""
         c = self.settings.clipping_norm
         if strategy.reply_delta:  # FedBuff: a delta, noised with the whole buffer at its server step
             self.pending[name] += 1
             return clip(update, c)
-        moved = clip({k: update[k] - current[k] for k in current}, c)
+        moved = clip({k: update[k] - sent[k] for k in sent}, c)
         noisy = noise(moved, self.settings.noise_multiplier * c, self.rng)
         self.accountant.compose(1)
-        return {k: current[k] + noisy[k] for k in current}
+        return {k: sent[k] + noisy[k] for k in sent}
 
     def buffer_full(self, strategy) -> bool:
         return getattr(strategy, "buffer_count", 0) + 1 >= self.release_size(strategy)

@@ -136,9 +136,14 @@ def descendants(pids: set[int] | Sequence[int], prune: set[int] = frozenset()) -
     found, todo = set(), [pid for pid in pids if pid not in prune]
     while todo:
         pid = todo.pop()
-        for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            with os.scandir(f"/proc/{pid}/task") as entries:
+                tasks = [entry.path for entry in entries]
+        except OSError:  # it exited since it was found (a run's processes end as it is stopped)
+            continue
+        for task in tasks:
             try:
-                children = [int(c) for c in (task / "children").read_text().split()]
+                children = [int(c) for c in Path(task, "children").read_text().split()]
             except OSError:
                 continue
             for child in children:

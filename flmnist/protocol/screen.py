@@ -146,9 +146,7 @@ class Refused(Exception):
     """Raised inside the screen only; becomes a Rejection."""
 
 
-# What the node sent goes in parentheses, which a reason's kind leaves out (protocol.reasons):
-# a list's length or a nan in it would have made a new kind of each reply.
-def _int(value, key: str) -> int:
+def _int(value, key: str) -> int:  # (what the node sent in parentheses: a reason's kind leaves it out)
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise Refused(f"metric '{key}' must be an integer, got {type(value).__name__} ({value!r:.40})")
     return int(value)
