@@ -266,11 +266,15 @@ def test_a_node_id_naming_itself_anew_in_each_reply_or_after_a_contested_name_is
     book.count_rejection(8, book.name_of(8, "jetson-9"))  # one name throughout: a broken board's own
     book.count_rejection(8, book.name_of(8, "jetson-9"))
     assert book.rejections()["jetson-9"] == 2
+    assert book.judge(5, "node 5", 5) is None  # node id 9 names bound node 5 first, then a free name:
+    book.count_rejection(9, book.name_of(9, "node 5"))  # (the order the replies of a round came in
+    book.count_rejection(9, book.name_of(9, "node 6"))  # decided whether it counted as node 6's)
+    assert book.rejections()["node id 9"] == 2 and "node 6" not in book.rejections()
     assert book.judge(1, "node 0", 0) is None
     assert "neither is trusted" in book.judge(2, "node 0", 0)
     for _ in range(5):
         book.count_rejection(3, book.name_of(3, "node 0"))
-    assert book.rejections() == {"node id 7": 300, "jetson-9": 2, "node id 3": 5}
+    assert book.rejections() == {"node id 7": 300, "jetson-9": 2, "node id 9": 2, "node id 3": 5}
 
 
 def test_a_node_refused_over_an_identity_conflict_is_asked_again_once_it_is_over(task_identity):

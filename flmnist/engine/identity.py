@@ -95,11 +95,12 @@ class IdentityBook:
     def count_rejection(self, node_id: int, name: str) -> None:
         """A rejected reply of ``node_id``, named ``name`` (:meth:`name_of`). A name only claimed
         (by a node id not bound, with no registry) is not counted under it yet: see :meth:`rejections`.
-        A node id that claims a second name is believed under none: its replies so far and later
-        count under ``node id N`` (a name of its own in each reply made the summary grow with them)."""
+        A node id that claims a second name (or one counted as ``node id N`` already) is believed
+        under none: its replies so far and later count under ``node id N`` (a name of its own in
+        each reply made the summary grow with them)."""
         if self.registry is None and node_id not in self.bound and not name.startswith("node id "):
             earlier = [n for i, n in self.claimed if i == node_id]
-            if earlier in ([], [name]):
+            if earlier in ([], [name]) and f"node id {node_id}" not in self.named:
                 self.claimed[node_id, name] += 1
                 return
             name = f"node id {node_id}"
