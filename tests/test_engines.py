@@ -753,6 +753,32 @@ def test_an_async_run_that_never_updates_the_model_fails(task_identity):
         loop.run(record(START))
 
 
+@pytest.mark.parametrize("kind", ["fedasync", "fedbuff"])
+def test_an_async_run_whose_nodes_all_send_back_the_model_they_were_sent_fails(task_identity, kind):
+    """Every node returns the model it was sent (update norm 0, a valid reply otherwise): the loop
+    applied them, advanced the server version and reported the run finished with the initial
+    model (the synchronous engine failed such a run already). Fewer of them than
+    max_consecutive_failures fail the run at its end; more end it on the streak."""
+    strategy = (lambda: FedAsync(alpha=0.5)) if kind == "fedasync" else (lambda: FedBuff(buffer_size=2))
+    sent = SENT if kind == "fedasync" else DELTA
+    still = {101: FakeNode(0, 0.0), 102: FakeNode(1, 0.0)}
+    loop, _ = make_loop(still, strategy(), sent=sent, max_server_updates=2, max_consecutive_failures=50)
+    with pytest.raises(RunFailed, match=r"no client update of \d+ trained: every accepted update was the model "
+                                        r"its node was sent \(update norm 0\)"):
+        loop.run(record(START))
+    assert loop.version == 2 and loop.liveness.trained == 0
+    loop, _ = make_loop(still, strategy(), sent=sent, max_server_updates=None, max_client_updates=40,
+                        max_consecutive_failures=6)
+    with pytest.raises(RunFailed, match=r"6 client updates in a row failed or were rejected \(async_loop."
+                                        r"max_consecutive_failures=6\); last: node \d: the model its node was sent"):
+        loop.run(record(START))
+    # one node that trains among them keeps the run (and its still partner cannot end it)
+    loop, _ = make_loop({101: FakeNode(0, 0.01, delay=0.01), 102: FakeNode(1, 0.0, delay=0.02)}, strategy(), sent=sent,
+                        max_server_updates=3, max_consecutive_failures=3)
+    loop.run(record(START))
+    assert loop.version == 3 and loop.liveness.trained >= 1
+
+
 def test_progress_timeout_ends_a_run_whose_nodes_never_reply(task_identity):
     nodes = {101: FakeNode(0, behave="silent"), 102: FakeNode(1, behave="silent")}
     loop, _ = make_loop(nodes, FedAsync(), update_timeout=60.0, progress_timeout=0.3)

@@ -42,7 +42,7 @@ from flmnist.engine.async_jobs import Job, Node
 from flmnist.engine.async_stats import AsyncStats, stats_lines
 from flmnist.engine.async_steps import PendingStep
 from flmnist.engine.async_transport import Transport, superlink_says
-from flmnist.engine.base import UpdateLiveness, VirtualClock, restore_common
+from flmnist.engine.base import NOT_TRAINED, STILL, UpdateLiveness, VirtualClock, restore_common
 from flmnist.engine.fleet import Fleet
 from flmnist.engine.privacy import AsyncPrivacy, SampleAccountant
 from flmnist.engine.privacy_ledger import restore_ledger, save_ledger
@@ -199,8 +199,13 @@ class AsyncLoop:
             self.failure("failed" if r.failed else "rejected", f"{r.name}: {r.reason}", job.node_id)
             return None
         update = updates[0]
-        self.liveness.passed(job.node_id)
-        self.liveness.ok()
+        if update.norm < STILL:  # the model its node was sent: applied as any update, but no progress
+            self.liveness.update_failed(job.node_id, f"{update.name}: {NOT_TRAINED}",
+                                        (j.node_id for j in self.transport.jobs()))
+        else:
+            self.liveness.passed(job.node_id)
+            self.liveness.ok()
+            self.liveness.trained += 1
         if self.privacy is not None and not self.budget_allows(update.name):
             return None
         self.pending.fold(update, staleness, update.metrics[p.TRAIN_LOSS], reference, self.strategy.reply_delta)
@@ -387,7 +392,7 @@ class AsyncLoop:
             self.requeue(job, reply)
             self.refill()
         self.wind_down(last_eval)
-        self.liveness.check_some_advanced(self.version, self.stats.client_updates)
+        self.liveness.check_some_advanced(self.version, self.stats.client_updates, resumed=checkpoint is not None)
         return self.arrays
 
     def finish(self) -> None:  # end of the run, whatever its outcome: the reply path's summary and hooks

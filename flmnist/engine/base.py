@@ -56,6 +56,10 @@ def restore_common(path: ReplyPath, checkpoint: dict) -> None:
 
 
 # ------------------------------------------------------------------ liveness
+STILL = 1e-6  # an update shorter than this (L2) is the model its node was sent (0, or squares underflowing)
+NOT_TRAINED = "the model its node was sent (update norm 0): no training"
+
+
 class Liveness:
     """Failures in a row: :meth:`ok` ends a streak, :meth:`failed` adds to it. A subclass is
     the rule that says when a streak ends the run."""
@@ -113,12 +117,15 @@ class RoundLiveness(Liveness):
 class UpdateLiveness(Liveness):
     """Asynchronous rule: ``max_consecutive_failures`` failed, rejected or lost updates in a row
     end the run while every node in flight has failed its last update (one bad node cannot end
-    a run others advance); so does no new server version for ``progress_timeout`` seconds."""
+    a run others advance); so does no new server version for ``progress_timeout`` seconds. An
+    accepted update that is the model its node was sent (norm below ``STILL``) is applied as any
+    other, but counts as a failure here: a run of them moves nothing."""
 
     def __init__(self, limit: int, progress_timeout: float) -> None:
         super().__init__(limit)
         self.progress_timeout = progress_timeout
         self.failing: set[int] = set()   # node ids whose last update failed or was rejected
+        self.trained = 0                 # accepted updates of this process that moved the model (norm >= STILL)
         self.last_progress = time.monotonic()
 
     def update_failed(self, node_id: int, problem: str, in_flight: Iterable[int]) -> None:
@@ -133,12 +140,16 @@ class UpdateLiveness(Liveness):
         """``node_id``'s update passed the screen (applied or not)."""
         self.failing.discard(node_id)
 
-    def check_some_advanced(self, version: int, client_updates: int) -> None:
+    def check_some_advanced(self, version: int, client_updates: int, resumed: bool = False) -> None:
         """At the end: a run still at server version 0 (a resumed one starts at its checkpoint's)
-        failed, whatever ended it, as a synchronous run none of whose rounds made a model."""
+        failed, whatever ended it, as a synchronous run none of whose rounds made a model; so did
+        one (not resumed) whose server updates were made of updates of norm 0 alone."""
         if version == 0:
             raise RunFailed(f"no server update in {client_updates} client updates: the global model is the "
                             f"initial one; last reason: {self.last_problem or 'none was applied'}")
+        if not resumed and not self.trained:
+            raise RunFailed(f"no client update of {client_updates} trained: every accepted update was "
+                            f"{NOT_TRAINED}; the global model is the initial one")
 
     def progressed(self) -> None:
         """A new server version (or the start of the loop)."""

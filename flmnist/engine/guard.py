@@ -40,7 +40,7 @@ from flwr.common.logger import log
 from flwr.serverapp.strategy import Strategy
 
 from flmnist.core.arrays import to_record, to_weights
-from flmnist.engine.base import RoundLiveness, VirtualClock
+from flmnist.engine.base import STILL, RoundLiveness, VirtualClock
 from flmnist.engine.fleet import Fleet, UpdateTiming
 from flmnist.engine.privacy import Accountant
 from flmnist.engine.privacy_ledger import restore_ledger, save_ledger
@@ -49,8 +49,6 @@ from flmnist.engine.sent_tasks import SentTasks
 from flmnist.protocol import messages as p
 from flmnist.protocol.aggregation import aggregate_train_metrics
 from flmnist.strategies.state import checkpoint_state
-
-STILL = 1e-6  # an update shorter than this (L2) is the model its node was sent (0, or squares underflowing)
 
 
 def _plain(value):
