@@ -7,7 +7,9 @@ The run config key ``overrides`` carries Hydra overrides, e.g.::
 
 from __future__ import annotations
 
+import threading
 from logging import INFO
+from pathlib import Path
 
 from flwr.app import Context
 from flwr.common.logger import log
@@ -17,7 +19,7 @@ from omegaconf import DictConfig
 from flmnist.config.compose import compose_config, parse_overrides
 from flmnist.config.resume import extend_in_place, split_budget
 from flmnist.core.build import build
-from flmnist.core.run_files import ConfigBackup, find_checkpoint
+from flmnist.core.run_files import CHECKPOINT, ConfigBackup, find_checkpoint
 from flmnist.ml.export import export_model
 from flmnist.ml.threads import confine_torch
 from flmnist.runtime.run_setup import build_run
@@ -29,7 +31,8 @@ def run(grid: Grid, cfg: DictConfig) -> dict:
     """One federated training as ``cfg`` describes it; returns the run summary.
 
     The results so far are written whatever happens; a run that did not finish is saved with
-    status "failed" and the error, and the error is raised again so Flower reports it too.
+    status "failed" and the error (``stopped`` when it was stopped from outside), and the error is
+    raised again so Flower reports it too.
     """
     run = build_run(grid, cfg)
     status, error = "failed", None
@@ -37,7 +40,7 @@ def run(grid: Grid, cfg: DictConfig) -> dict:
         run.engine.run(run.initial, run.checkpoint)
         status = "finished"
     except BaseException as err:
-        error = f"{type(err).__name__}: {err}"
+        status, error = outcome(err, run.run_dir)
         raise
     finally:
         run.engine.finish()  # what the engine and its observers have to add to the summary
@@ -45,6 +48,20 @@ def run(grid: Grid, cfg: DictConfig) -> dict:
             export_model(build(run.cfg.model, "model"), run.run_dir)
         summary = run.recorder.finish(status, error)  # summary.json last: the run is over
     return summary
+
+
+def outcome(err: BaseException, run_dir) -> tuple[str, str]:
+    """The summary's status and error for a run that ``err`` ended. Stopped from outside (Ctrl-C,
+    SIGTERM, ``flwr stop``): Flower's signal handler exits the process's main thread while the run
+    goes on in this one, whose next step then meets the interpreter's shutdown ("cannot schedule
+    new futures after interpreter shutdown"); or the handler's exit reaches this thread itself."""
+    outside = isinstance(err, (KeyboardInterrupt, SystemExit)) or (
+        threading.current_thread() is not threading.main_thread() and not threading.main_thread().is_alive())
+    if outside:
+        more = f"; continue it with resume={run_dir}" if (Path(run_dir) / CHECKPOINT).is_file() else ""
+        return "stopped", (f"stopped from outside (Ctrl-C, SIGTERM or flwr stop: the ServerApp's process is "
+                           f"exiting; {type(err).__name__}: {err}){more}")
+    return "failed", f"{type(err).__name__}: {err}"
 
 
 @app.main()

@@ -309,6 +309,46 @@ def test_a_run_that_failed_as_flower_shut_down_under_a_sigterm_is_reported_stopp
     assert "the run had finished" in stopped_message(Stop("flmnist: stopped by SIGTERM", 143), cfg, tmp_path, None)
 
 
+STOPPED_SERVERAPP = """
+import concurrent.futures, json, sys, threading, time
+from flmnist.server_app import outcome
+pool = concurrent.futures.ThreadPoolExecutor(1)
+
+def serverapp():  # the run, in a thread of its own, as Flower's simulation runs it
+    for _ in range(500):  # its next background step, once the main thread has exited
+        try:
+            pool.submit(print).result()
+        except RuntimeError as err:
+            print(json.dumps(outcome(err, sys.argv[1])), flush=True)
+            return
+        time.sleep(0.01)
+
+threading.Thread(target=serverapp).start()
+time.sleep(0.1)
+"""
+
+
+def test_a_plain_flwr_run_stopped_from_outside_is_summarized_stopped_not_failed(tmp_path):
+    """Plain `flwr run`, stopped (Ctrl-C, SIGTERM, `flwr stop`): Flower's signal handler exits the
+    process's main thread while the run goes on in another, whose next step then fails with
+    "cannot schedule new futures after interpreter shutdown"; the ServerApp's summary said
+    ``failed`` with that error. It says ``stopped``, and how to continue when there is a
+    checkpoint; an error of the run itself stays ``failed``."""
+    import subprocess
+    import sys
+
+    from flmnist.server_app import outcome
+
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    done = subprocess.run([sys.executable, "-c", STOPPED_SERVERAPP, str(tmp_path)], capture_output=True, text=True,
+                          timeout=120, check=False)
+    status, error = json.loads(done.stdout.strip().splitlines()[-1])
+    assert status == "stopped", (status, error)
+    assert "cannot schedule new futures" in error and error.endswith(f"continue it with resume={tmp_path}")
+    assert outcome(KeyboardInterrupt(), tmp_path / "none")[0] == "stopped"
+    assert outcome(ValueError("bad"), tmp_path) == ("failed", "ValueError: bad")
+
+
 def test_the_best_model_is_never_the_untrained_initial_one(tmp_path):
     """A run that never beats its initial model (a diverging learning rate, an attack with the
     guard off): best accuracy and model_best.pt come from round 1 on, as every other figure does

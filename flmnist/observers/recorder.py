@@ -324,7 +324,7 @@ class RunRecorder:
         if screen.get("rejection_reasons"):
             self.printer("Rejection reasons: " + "; ".join(f"{r} ({n})" for r, n in screen["rejection_reasons"].items()))
         if error:
-            self.printer(f"Run failed: {error}")
+            self.printer(f"Run {status}: {error}")
         if self.stopped_early:
             stop = self.stopped_early
             why = (f"epsilon {stop['epsilon']:.3g}, the next {self.unit} would pass privacy.max_epsilon="
