@@ -104,6 +104,12 @@ def test_under_equal_weights_an_update_claiming_one_example_is_judged_at_its_rea
     assert equal.summary()["weights"] == "equal" and by_examples.summary()["weights"] == "examples"
     assert equal_weights(FedAvg(weighted_by_key="unit-weight")) and not equal_weights(FedAvg())
     assert equal_weights(FedBuff(weight_by_examples=False)) and not equal_weights(FedBuff())
+    # Flower's robust aggregators ignore the example counts (a review: FedTrimmedAvg on 4 nodes, whose
+    # default trim is 0, averaged the claimed-1 sign flip at 1/4 while the guard weighed it 1/6001)
+    from flwr.serverapp.strategy import Bulyan, FedMedian, FedTrimmedAvg, Krum, MultiKrum
+
+    assert all(equal_weights(s) for s in (FedMedian(), FedTrimmedAvg(), Bulyan(), Krum()))
+    assert not equal_weights(MultiKrum())  # averages the updates it keeps by their examples
 
 
 def test_honest_iid_updates_are_not_even_probed(mnist):

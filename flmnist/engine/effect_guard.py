@@ -37,6 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from flwr.serverapp.strategy import Bulyan, FedMedian, FedTrimmedAvg, Krum
 
 from flmnist.core.arrays import Weights, dot
 from flmnist.observers.probe import Probe
@@ -189,9 +190,16 @@ class EffectGuard:
         }
 
 
+# Flower's robust aggregators that combine the models without their example counts (Krum keeps one
+# model); their weighted_by_key weighs only the metrics. MultiKrum averages the ones it keeps by examples.
+UNWEIGHTED = (FedMedian, FedTrimmedAvg, Bulyan, Krum)
+
+
 def equal_weights(strategy) -> bool:
-    """Whether ``strategy`` averages updates with equal weights: a Flower strategy weighted by
-    ``unit-weight`` (``strategy=unweighted_fedavg``; central DP's, inside its wrapper), FedBuff with
-    ``weight_by_examples`` false, FedAsync (which ignores examples)."""
+    """Whether ``strategy`` combines updates with equal weights: a Flower strategy weighted by
+    ``unit-weight`` (``strategy=unweighted_fedavg``; central DP's, inside its wrapper), FedMedian,
+    FedTrimmedAvg, Bulyan and Krum (examples ignored: a node claiming 1 example still counts fully),
+    FedBuff with ``weight_by_examples`` false, FedAsync (which ignores examples)."""
     strategy = getattr(strategy, "strategy", strategy)  # Flower's DP wrappers hold the averaging strategy
-    return getattr(strategy, "weighted_by_key", None) == UNIT_WEIGHT or getattr(strategy, "weight_by_examples", True) is False
+    return (isinstance(strategy, UNWEIGHTED) or getattr(strategy, "weighted_by_key", None) == UNIT_WEIGHT
+            or getattr(strategy, "weight_by_examples", True) is False)
