@@ -9,8 +9,8 @@ spans that start with ``flmnist`` and an argument (``flmnist experiment=seed003`
 checked with the command's own pre-flight, ``flmnist.launch.cli.hydra_arguments``: the same
 composition and validation ``flmnist`` runs before Hydra and Flower start, each sweep job
 composed (``-m``), and a resume through the real resume checks against a stand-in run (see
-``resume_args``). ``flmnist ... --cfg job`` is not used: the command hands ``--cfg`` straight
-to Hydra, which prints the config without flmnist's checks. Nothing trains and MNIST is not
+``resume_args``). ``flmnist ... --cfg job`` is not used: it composes and checks the settings
+(not the sweep, resume and launch checks of ``hydra_arguments``) and prints. Nothing trains and MNIST is not
 read (``ensure_mnist`` is stubbed: the lines' configs are checked, not the data).
 """
 

@@ -188,7 +188,8 @@ def test_tensorboard_and_mlflow_get_the_config_every_rounds_metrics_and_the_mode
     assert [m.step for m in history] == [0, 1, 2, 3] and history[-1].value == pytest.approx(0.8)
     assert client.get_metric_history(run.info.run_id, "test_pred_share_0_2_4_6_8")[-1].value == 0.5
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"model.pt", "summary.json", "accuracy_loss.png"} <= artifacts
+    plots = {p.name for p in run_dir.glob("*.png")}  # every plot (only three of them reached MLflow)
+    assert {"accuracy_loss.png", "client_loss.png"} <= plots and {"model.pt", "summary.json", *plots} <= artifacts
 
     # Extended (flmnist resume=RUN_DIR num_rounds=5): the same MLflow run goes on; the changed
     # parameter, which MLflow refuses to overwrite, is a tag; the restored rows' late client

@@ -153,8 +153,8 @@ class MLflowTracker(Tracker):
             self.client.log_batch(self.run_id, metrics=items[i:i + 1000])
 
     def finish(self, run_dir: Path, summary: dict) -> None:
-        for name in ("model.pt", "accuracy_loss.png", "per_digit_accuracy.png", "attribution.png"):
-            if (run_dir / name).is_file():
-                self.client.log_artifact(self.run_id, str(run_dir / name))
+        for path in [run_dir / "model.pt", *sorted(run_dir.glob("*.png"))]:  # the model and every plot
+            if path.is_file():
+                self.client.log_artifact(self.run_id, str(path))
         self.client.log_dict(self.run_id, summary, "summary.json")  # the file is written after the trackers
         self.client.set_terminated(self.run_id, "FINISHED" if summary.get("status") == "finished" else "FAILED")
