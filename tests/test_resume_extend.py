@@ -100,6 +100,21 @@ def test_an_asynchronous_run_that_ended_on_its_time_budget_or_client_updates_say
     assert resumed_config(["async_loop.max_client_updates=30"], saved, run).async_loop.max_client_updates == 30
 
 
+def test_a_larger_privacy_budget_alone_extends_an_asynchronous_run_without_a_server_update_cap(tmp_path):
+    """FedAsync with async_loop.max_server_updates=null (ended by max_client_updates or the time
+    budget) stopped at its privacy budget: a larger budget alone was refused as "finished all its 7
+    updates ... give async_loop.max_server_updates=N" (the null cap read as 0; a review)."""
+    run, saved = finished_run(tmp_path, ["strategy=fedasync", "async_loop.max_server_updates=null",
+                                         "async_loop.max_client_updates=100", "privacy=central",
+                                         "privacy.max_epsilon=8"], done=7)
+    (run / "summary.json").write_text(json.dumps({"status": "finished", "stopped_early": {"reason": "privacy budget"}}))
+    assert resumed_config(["privacy.max_epsilon=16"], saved, run).privacy.max_epsilon == 16
+    run, saved = finished_run(tmp_path / "capped", ["strategy=fedasync", "async_loop.max_server_updates=7",
+                                                    "privacy=central", "privacy.max_epsilon=8"], done=7)
+    with pytest.raises(ConfigError, match=r"finished all its 7 updates; a larger budget alone trains no further"):
+        resumed_config(["privacy.max_epsilon=16"], saved, run)
+
+
 def test_an_extension_killed_before_its_summary_can_be_resumed_as_it_is(tmp_path, mnist_root):
     """A run finished on its time budget (or stopped at its privacy budget) is extended, and the
     extension is killed (SIGKILL, power loss) before it writes a summary: the old "finished"
@@ -258,6 +273,20 @@ def test_a_run_stopped_at_its_target_says_how_to_train_on_and_stop_at_target_fal
     out = resumed_config(["stop_at_target=false"], saved, run)
     assert out.stop_at_target is False and out.num_rounds == 40
     assert resumed_config(["stop_at_target=false", "num_rounds=60"], saved, run).num_rounds == 60
+
+
+def test_a_run_that_reached_its_target_at_its_last_round_is_not_extended_past_it_with_stop_at_target(tmp_path):
+    """stop_at_target run of 3 rounds reaching the target at round 3, where the run ends anyway (no
+    stop asked, summary stopped_early null): num_rounds=6 trained rounds 4 and on, where an
+    uninterrupted 6-round run stops at 3 (a review). Refused; stop_at_target=false with it, taken."""
+    run, saved = finished_run(tmp_path, ["model=logreg", "num_rounds=3", "stop_at_target=true"], done=3)
+    (run / "summary.json").write_text(json.dumps({"status": "finished", "stopped_early": None, "rounds_to_target": 3}))
+    with pytest.raises(ConfigError, match=r"reached its target accuracy at its last round \(3\) with stop_at_target on"
+                                          r".*give stop_at_target=false beside resume= and num_rounds=N"):
+        resumed_config(["num_rounds=6"], saved, run)
+    assert resumed_config(["stop_at_target=false", "num_rounds=6"], saved, run).num_rounds == 6
+    (run / "summary.json").write_text(json.dumps({"status": "finished", "stopped_early": None, "rounds_to_target": None}))
+    assert resumed_config(["num_rounds=6"], saved, run).num_rounds == 6  # not reached: extended
 
 
 def test_stop_at_target_false_does_not_extend_a_run_that_ran_all_its_rounds(tmp_path):

@@ -237,7 +237,8 @@ def resumed_config(overrides: list[str], saved: DictConfig, run_dir: Path, check
                           f"a changed strategy, split, model or setting is a new run: start it without resume=, "
                           f"or give only {length} to extend this one")
     length_key = LENGTH[unit][0]
-    if extended == BUDGET and finished(run_dir) and done >= (OmegaConf.select(out, length_key) or 0):
+    cap = OmegaConf.select(out, length_key)  # (null: an asynchronous run without a server-update cap)
+    if extended == BUDGET and finished(run_dir) and cap is not None and done >= cap:
         raise ConfigError(f"resume: {run_dir} finished all its {done} {unit}s; a larger budget alone trains no "
                           f"further: give {length_key}=N beside {BUDGET}")
     if finished(run_dir) and stopped_at_target(run_dir) and OmegaConf.select(out, "stop_at_target"):
@@ -245,6 +246,12 @@ def resumed_config(overrides: list[str], saved: DictConfig, run_dir: Path, check
         raise ConfigError(f"resume: {run_dir} stopped when it reached its target accuracy ({unit} {done}, "
                           f"stop_at_target); to train on, give stop_at_target=false beside resume= (and "
                           f"{length_key}=N to train longer)")
+    if (extended in LENGTH[unit] and finished(run_dir) and OmegaConf.select(out, "stop_at_target")
+            and _summary(run_dir).get("rounds_to_target") == done):
+        # reached at its last step, where no stop is asked for: an uninterrupted longer run stops there
+        raise ConfigError(f"resume: {run_dir} reached its target accuracy at its last {unit} ({done}) with "
+                          f"stop_at_target on, so a longer run would have stopped there; to train on, give "
+                          f"stop_at_target=false beside resume= and {length_key}=N")
     if (finished(run_dir) and stopped_early(run_dir) == "privacy budget" and OmegaConf.select(saved, BUDGET) is not None
             and OmegaConf.select(out, BUDGET) == OmegaConf.select(saved, BUDGET)):
         raise ConfigError(f"resume: {run_dir} stopped at its privacy budget ({BUDGET}="
