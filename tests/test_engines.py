@@ -313,6 +313,10 @@ def test_the_screens_counters_survive_a_checkpoint(task_identity):
     assert after["screen_seconds"] == before["screen_seconds"] > 0
     assert after["rejected_per_node"] == before["rejected_per_node"] == {"node 1": 1}
     assert resumed.devices == path.devices and set(path.devices) == {"node 0"}
+    path.identities.refused_claims = 3  # (a resumed run's count started again from 0)
+    again = make_path(guard_max_harm=None)
+    again.load_state(path.state())
+    assert again.stats()["identities"]["refused_claims"] == 3
     path.guard, resumed.guard = EffectGuard(probe=None), EffectGuard(probe=None)
     path.guard.judged, path.guard.probed, path.guard.evaluations, path.guard.rejected = 7, 2, 9, 1
     resumed.load_state(path.state())

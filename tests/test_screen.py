@@ -347,7 +347,7 @@ def test_a_fast_node_cannot_raise_the_asynchronous_median_it_is_measured_against
         else:
             counted.append(send(odd, 2.9 * float(np.median(list(path.norms))), 2, 99))
     assert max(counted) <= 3 * 0.01 * (1 + 1e-4), max(counted)
-    assert path.clipped > 0 and dict(path.rejected) == {}
+    assert path.lengths.clipped > 0 and dict(path.rejected) == {}
 
 
 def test_clip_to_median_scales_a_huge_update_down_to_k_times_the_median_norm(task_identity):
@@ -357,7 +357,7 @@ def test_clip_to_median_scales_a_huge_update_down_to_k_times_the_median_norm(tas
     huge = train_content(30, 2)
     faults.corrupt_train("scale", huge, record(REFERENCE))
     updates, rejections = path.train_replies(1, [reply(c, node=i) for i, c in enumerate([*honest, huge])], REFERENCE)
-    assert rejections == [] and path.clipped == 1
+    assert rejections == [] and path.lengths.clipped == 1
     norms = sorted(u.norm for u in updates)
     bound = 2.0 * norms[1]  # the median of the three norms is the second honest one, 2 * HONEST_NORM
     assert norms[1] == pytest.approx(2 * HONEST_NORM, rel=1e-3)
@@ -395,9 +395,9 @@ def test_the_guard_judges_updates_as_sent_and_only_what_it_accepts_is_clipped(ta
                                              REFERENCE)
     assert max(guard.seen[0]) == pytest.approx(10 * HONEST_NORM, rel=1e-3)  # unclipped
     if refuse:
-        assert [r.reason for r in rejections] == ["refused"] and path.clipped == 0 and len(updates) == 2
+        assert [r.reason for r in rejections] == ["refused"] and path.lengths.clipped == 0 and len(updates) == 2
     else:
-        assert rejections == [] and path.clipped == 1
+        assert rejections == [] and path.lengths.clipped == 1
         assert max(u.norm for u in updates) == pytest.approx(3 * HONEST_NORM, rel=1e-3)
 
 

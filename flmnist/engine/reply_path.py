@@ -105,10 +105,6 @@ class ReplyPath:
         return self.lengths.norms
 
     @property
-    def clipped(self) -> int:
-        return self.lengths.clipped
-
-    @property
     def rejected(self) -> Counter:  # node name -> rejected replies (IdentityBook.rejections: whose)
         return self.identities.rejections()
 
@@ -374,12 +370,14 @@ class ReplyPath:
                 "reasons": dict(self.reasons), "clipped": self.lengths.clipped, "aggregates_rejected": self.aggregates_rejected,
                 "guard_rejected": self.guard_rejected, "screened": self.screened, "screen_seconds": self.screen_seconds,
                 "devices": dict(self.devices), "guard": self.guard.state() if self.guard is not None else None,
+                "refused_claims": self.identities.refused_claims,
                 "hooks": {key: st for h, key in zip(self.hooks, observer_keys(self.hooks), strict=True)
                           if (st := h.state()) is not None}}
 
     def load_state(self, state: dict) -> None:
         self.norms.extend(state.get("norms", []))  # (not the nodes' latest: a resumed run refills them)
         self.identities.named, self.failed = Counter(state.get("rejected", {})), Counter(state.get("failed", {}))
+        self.identities.refused_claims = state.get("refused_claims", 0)  # (0: a checkpoint from before they were kept)
         self.reasons = recounted(state.get("reasons", {}))
         self.lengths.clipped, self.aggregates_rejected = state.get("clipped", 0), state.get("aggregates_rejected", 0)
         self.guard_rejected, self.screened = state.get("guard_rejected", 0), state.get("screened", 0)
