@@ -557,7 +557,7 @@ class GlobalRandomDraws(Observer):
 
 
 def trained_partitions(grid: FakeGrid, ordered: bool, seed: int | None = 7, draws: int = 0, rounds: int = 6,
-                       checkpoint: dict | None = None) -> tuple[list[list[int]], SyncEngine]:
+                       checkpoint: dict | None = None, in_train: bool = False) -> tuple[list[list[int]], SyncEngine]:
     """The partitions trained in each round of a sync run on ``grid`` (FedAvg, half the nodes a
     round). ``ordered``: behind the RegistrationOrderGrid. ``seed``: the engine's sampling seed;
     None: Flower's global ``random``, seeded 7 (as run_setup.build_run seeds it). ``draws``:
@@ -566,8 +566,8 @@ def trained_partitions(grid: FakeGrid, ordered: bool, seed: int | None = 7, draw
 
     spy = Spy()
     path = make_path(hooks=[spy, GlobalRandomDraws(draws)])
-    strategy = Guarded(FedAvg(fraction_train=0.5, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=4),
-                       path)
+    strategy = Guarded(FedAvg(fraction_train=0.5, fraction_evaluate=0.5 if in_train else 0.0, min_train_nodes=1,
+                              min_evaluate_nodes=1, min_available_nodes=4), path, evaluate_in_train=in_train)
     random.seed(7)
     engine = SyncEngine(RegistrationOrderGrid(grid) if ordered else grid, strategy, path, SENT.to_record(),
                         num_rounds=rounds, round_timeout=5.0, seed=seed)
@@ -608,6 +608,14 @@ def test_a_resumed_sync_run_samples_as_the_uninterrupted_one(task_identity):
     head, engine = trained_partitions(FakeGrid(nodes), ordered=True, rounds=3)
     checkpoint = _unpack(_pack({"engine": engine.state_dict(), "screen": {}, "rng": rng_state(), "round": 3}))
     tail, _ = trained_partitions(FakeGrid(nodes), ordered=True, seed=123, rounds=6, draws=2, checkpoint=checkpoint)
+    assert head + tail == whole
+    # client evaluation in the train replies: the evaluate exchange of the first run's last round,
+    # which the longer run does not make, drew from the generator before the checkpoint (a review)
+    whole, _ = trained_partitions(FakeGrid(nodes), ordered=True, rounds=6, in_train=True)
+    head, engine = trained_partitions(FakeGrid(nodes), ordered=True, rounds=3, in_train=True)
+    assert engine.strategy.exchanged == 3
+    checkpoint = _unpack(_pack({"engine": engine.state_dict(), "screen": {}, "rng": rng_state(), "round": 3}))
+    tail, _ = trained_partitions(FakeGrid(nodes), ordered=True, seed=123, rounds=6, checkpoint=checkpoint, in_train=True)
     assert head + tail == whole
 
 

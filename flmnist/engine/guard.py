@@ -82,6 +82,8 @@ class Guarded(Strategy):
         self.evaluate_in_train = evaluate_in_train
         self.last_round: int | None = None  # set by the engine: the run's last round (its evaluate exchange)
         self.exchanged: int | None = None   # the last step whose model had its evaluate exchange
+        self.sampling_rng = None            # the engine's seeded sampling generator (SyncEngine sets it)
+        self.rng_before_exchange = None     # its state before the run's last exchange (evaluate_in_train)
         self.privacy, self.per_round = privacy, per_round  # privacy=central: the accountant, nodes a round
         # Loss traces are lists of different lengths: Flower's default metric average cannot take them.
         self.central = privacy is not None and privacy.central  # Flower's DP wrapper around the strategy
@@ -146,6 +148,8 @@ class Guarded(Strategy):
         if self.evaluate_in_train and self.last_round is not None and step < self.last_round \
                 and self.path.stop_wish is None:  # (a run ending here, the privacy budget: no next round)
             return []  # the next round's train replies evaluate this model
+        if self.evaluate_in_train and self.sampling_rng is not None:  # the run's last exchange, which a
+            self.rng_before_exchange = self.sampling_rng.getstate()  # longer run does not make: not checkpointed
         self.exchanged = step
         self.sent["evaluate"] = list(self.strategy.configure_evaluate(step, arrays, config, grid))
         return self.sent["evaluate"]

@@ -92,6 +92,7 @@ class SyncEngine:
         strategy.last_round = num_rounds  # evaluate_in_train: its evaluate exchange
         self.train_config, self.num_rounds, self.round_timeout = train_config, num_rounds, round_timeout
         self.sampling = SeededSampling(seed) if seed is not None else None
+        strategy.sampling_rng = self.sampling.rng if self.sampling is not None else None
         self.arrays: ArrayRecord | None = None
 
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -111,10 +112,11 @@ class SyncEngine:
         return MetricRecord(headline) if headline else None
 
     def state_dict(self) -> dict:
-        """The guarded strategy's state and, with a seed, the sampling generator's."""
+        """The guarded strategy's state and, with a seed, the sampling generator's (as it was before
+        an evaluate exchange only the run's end made: an extended run samples as a longer one)."""
         state = self.strategy.state_dict()
         if self.sampling is not None:
-            state["sampling_rng"] = self.sampling.rng.getstate()
+            state["sampling_rng"] = self.strategy.rng_before_exchange or self.sampling.rng.getstate()
         return state
 
     def restore(self, checkpoint: dict) -> None:
