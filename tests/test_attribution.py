@@ -319,3 +319,16 @@ def test_an_async_run_singles_out_the_sign_flipping_node_and_stops_at_target(run
     assert stopped["accuracy"] >= 0.7 and summary["rounds_to_target"] == stopped["step"]
     assert (run["dir"] / "attribution.csv").is_file() and (run["dir"] / "attribution.png").is_file()
     assert "Stopped early after update" in run["log"]
+
+
+def test_a_snapshot_of_a_step_taken_again_replaces_the_first(tmp_path):
+    """A resumed run that evaluates its checkpoint's model again (stopped at its privacy budget
+    before any round) snapshots that step a second time: attribution.csv keeps one table per step."""
+    attribution = Attribution(None, None, None, run_dir=tmp_path, probe=object())
+    attribution.totals, attribution.counts["node 0"] = {"node 0": np.arange(10.0)}, 1
+    attribution.snapshot(1)
+    attribution.snapshot(2)
+    attribution.totals["node 0"] = attribution.totals["node 0"] + 1
+    attribution.snapshot(2)
+    assert [line.split(",")[0] for line in attribution.snapshots] == ["1", "2"]
+    assert attribution.snapshots[-1].endswith(",55.00")

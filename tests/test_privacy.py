@@ -225,6 +225,35 @@ def test_a_resumed_run_at_its_budget_sends_no_round(task_identity):
     assert again.epsilon == pytest.approx(rdp_epsilon(1.0, 2), rel=1e-6) and again.epsilon <= budget
 
 
+def test_a_run_stopped_at_its_budget_as_it_resumes_evaluates_the_checkpoints_model(task_identity, tmp_path):
+    """The privacy ledger ran ahead of the checkpoint (killed in round 3 after its release was
+    recorded; DP-SGD's stricter check at resume), so the resumed run stops before any round. Round 2,
+    checkpointed but not in the evaluation schedule, is the final model and nothing evaluated it:
+    final_accuracy came from an earlier round (a review). It is evaluated now, unless it was."""
+    from test_engines import Spy
+
+    from flmnist.engine.sync import SyncEngine
+    from flmnist.observers.checkpoint import rng_state
+    from flmnist.observers.recorder import RunRecorder
+
+    budget = (rdp_epsilon(1.0, 2) + rdp_epsilon(1.0, 3)) / 2
+    strategy, _, path = private_fedavg(sigma=1.0, clip=1.0, max_epsilon=budget)
+    nodes = {i + 11: FakeNode(i, 0.01) for i in range(4)}
+    sync_round(strategy, nodes, BIG, server_round=1)
+    sync_round(strategy, nodes, BIG, server_round=2)
+    checkpoint = {"engine": strategy.state_dict(), "screen": path.state(), "rng": rng_state(), "round": 2}
+    for evaluated in (False, True):
+        resumed, _, path2 = private_fedavg(sigma=1.0, clip=1.0, max_epsilon=budget)
+        spy = Spy()
+        path2.hooks = [spy]
+        path2.recorder = RunRecorder(tmp_path / str(evaluated), 4, 0.99, printer=lambda line: None)
+        path2.recorder.add(1, test_accuracy=0.5)
+        path2.recorder.add(2, train_loss=0.1, **({"test_accuracy": 0.6} if evaluated else {}))
+        SyncEngine(FakeGrid(nodes), resumed, path2, SENT.to_record(), num_rounds=4).run(record(BIG), checkpoint)
+        assert path2.stopped == (2, "privacy budget")
+        assert [step for step, _ in spy.models] == ([] if evaluated else [2])
+
+
 def test_a_resume_counts_the_releases_made_after_its_checkpoint(task_identity, tmp_path):
     """FedAsync with central DP, evaluated (and so checkpointed) every 5 server updates, crashes
     after 7: resumed from the update-5 checkpoint, its accountant counts 7 releases, not 5 (the

@@ -135,6 +135,11 @@ class SyncEngine:
             done = self.strategy.round_offset
             if done < self.num_rounds:  # (after the last round nothing is left to stop: no stopped_early)
                 self.strategy.check_budget(done)
+                rows = self.path.recorder.rows if self.path.recorder is not None else {}
+                if self.path.stop_wish and done in rows and rows[done].get("test_accuracy") is None:
+                    # stopped before its first round (its privacy ledger ran ahead of the checkpoint):
+                    # the checkpoint's model is the final one, evaluated as a run's last model is
+                    self.path.global_model(done, initial, last=True)
         advanced_before = done > self.strategy.failed_rounds  # a resumed run: some earlier round made a model
         if self.num_rounds > done and self.path.stop_wish is None:
             try:

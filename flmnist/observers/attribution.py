@@ -161,7 +161,10 @@ class Attribution(Observer):
         return step_out
 
     def snapshot(self, step: int) -> None:
-        """Append the cumulative table after ``step`` to attribution.csv."""
+        """Append the cumulative table after ``step`` to attribution.csv (replacing one of the same
+        step: a resumed run that evaluates its checkpoint's model again)."""
+        while self.snapshots and self.snapshots[-1].startswith(f"{step},"):
+            self.snapshots.pop()
         for name in sorted(self.totals, key=node_order):
             row = self.totals[name]
             line = io.StringIO()  # the csv module quotes a node name with a comma or a quote in it
