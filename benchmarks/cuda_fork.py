@@ -7,10 +7,10 @@ starts CUDA itself. This measures, on the machine it runs on (a CUDA GPU needed)
 - ``parent_import_torch_s``: the parent's ``import torch`` (paid once per executor);
 - per forked child (``--children``, one after another): ``cuda_init_s``, its first CUDA
   operation (context creation), and ``first_step_s``, one LeNet training step at batch 32 on the
-  GPU after it (kernels loaded on first use); ``cpu_first_step_s``, the same step in a child that
-  stays on the CPU;
-- ``fresh_process_s``: a new Python process doing import + CUDA start + the step (what a task costs
-  with Flower's own executor, before Flower's imports).
+  GPU after it (kernels loaded on first use); ``cpu_children``, the same step in children that
+  stay on the CPU (the only ones without a GPU);
+- ``cuda_fresh_process_s`` / ``cpu_fresh_process_s``: a new Python process doing the import, the
+  CUDA start and the step (what a task costs with Flower's own executor, before Flower's imports).
 
     python benchmarks/cuda_fork.py --children 5
 
@@ -79,17 +79,21 @@ def main() -> None:
     import flmnist.ml.models  # noqa: F401 - as the warm executor's parent has it (no CUDA touched)
 
     assert not torch.cuda.is_initialized()
-    out["cuda_children"] = [in_child("cuda") for _ in range(args.children)]
-    out["cpu_children"] = [in_child("cpu") for _ in range(args.children)]
-    fresh = []
-    for _ in range(3):
-        start = time.perf_counter()
-        subprocess.run([sys.executable, "-c", STEP.format(device="cuda")], cwd=REPO, check=True,
-                       env={**os.environ, "PYTHONPATH": str(REPO)})
-        fresh.append(round(time.perf_counter() - start, 3))
-    out["fresh_process_s"] = fresh
-    probe = "import torch; print(torch.cuda.get_device_name(0))"
+    # asked in a child: the parent must not start CUDA's driver before it forks, as the executor does not
+    probe = "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
     out["gpu"] = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
+    devices = ["cuda", "cpu"] if out["gpu"] else ["cpu"]
+    if not out["gpu"]:
+        print("PyTorch sees no CUDA GPU: the CPU children alone", file=sys.stderr)
+    for device in devices:
+        out[f"{device}_children"] = [in_child(device) for _ in range(args.children)]
+        fresh = []
+        for _ in range(3):
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-c", STEP.format(device=device)], cwd=REPO, check=True,
+                           env={**os.environ, "PYTHONPATH": str(REPO)})
+            fresh.append(round(time.perf_counter() - start, 3))
+        out[f"{device}_fresh_process_s"] = fresh
     RESULT.parent.mkdir(parents=True, exist_ok=True)
     RESULT.write_text(json.dumps(out, indent=1))
     print(json.dumps(out, indent=1))

@@ -14,6 +14,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
+from flwr.supercore.run import RunNotRunningException
 from omegaconf import DictConfig
 
 from flmnist.config.compose import compose_config, parse_overrides
@@ -54,8 +55,9 @@ def outcome(err: BaseException, run_dir) -> tuple[str, str]:
     """The summary's status and error for a run that ``err`` ended. Stopped from outside (Ctrl-C,
     SIGTERM, ``flwr stop``): Flower's signal handler exits the process's main thread while the run
     goes on in this one, whose next step then meets the interpreter's shutdown ("cannot schedule
-    new futures after interpreter shutdown"); or the handler's exit reaches this thread itself."""
-    outside = isinstance(err, (KeyboardInterrupt, SystemExit)) or (
+    new futures after interpreter shutdown"); or the handler's exit reaches this thread itself; or the
+    SuperLink says the run is no longer running (``flwr stop`` in a deployment)."""
+    outside = isinstance(err, (KeyboardInterrupt, SystemExit, RunNotRunningException)) or (
         threading.current_thread() is not threading.main_thread() and not threading.main_thread().is_alive())
     if outside:
         more = f"; continue it with resume={run_dir}" if (Path(run_dir) / CHECKPOINT).is_file() else ""

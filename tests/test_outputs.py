@@ -346,7 +346,10 @@ def test_a_plain_flwr_run_stopped_from_outside_is_summarized_stopped_not_failed(
     status, error = json.loads(done.stdout.strip().splitlines()[-1])
     assert status == "stopped", (status, error)
     assert "cannot schedule new futures" in error and error.endswith(f"continue it with resume={tmp_path}")
+    from flwr.supercore.run import RunNotRunningException
+
     assert outcome(KeyboardInterrupt(), tmp_path / "none")[0] == "stopped"
+    assert outcome(RunNotRunningException(), tmp_path)[0] == "stopped"  # flwr stop, seen by the SuperLink
     assert outcome(ValueError("bad"), tmp_path) == ("failed", "ValueError: bad")
 
 

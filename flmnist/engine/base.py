@@ -149,7 +149,7 @@ class UpdateLiveness(Liveness):
                             f"initial one; last reason: {self.last_problem or 'none was applied'}")
         if not resumed and not self.trained:
             raise RunFailed(f"no client update of {client_updates} trained: every accepted update was "
-                            f"{NOT_TRAINED}; the global model is the initial one")
+                            f"{NOT_TRAINED}; the global model is the initial one (plus any privacy noise)")
 
     def progressed(self) -> None:
         """A new server version (or the start of the loop)."""
