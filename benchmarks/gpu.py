@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -48,9 +47,9 @@ def log(msg: str) -> None:
 def run_arm(name: str, overrides: list[str], env: dict, rounds: int) -> dict:
     sys.path.insert(0, str(REPO / "benchmarks"))
     from mcmahan import read_run
+    from runs import fresh
 
-    run_dir = RUNS / name
-    shutil.rmtree(run_dir, ignore_errors=True)  # a run directory another run holds is refused
+    run_dir = fresh(RUNS / name)  # (a run directory another run holds is refused)
     cmd = [sys.executable, "-m", "flmnist", "experiment=mcmahan_iid", f"num_rounds={rounds}", *overrides,
            f"hydra.run.dir={run_dir}"]
     log(f"{name}: {' '.join(cmd[2:-1])}" + (f" ({env})" if env else ""))

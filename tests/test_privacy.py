@@ -205,11 +205,9 @@ def test_fedasync_clips_the_move_and_noises_each_update():
     assert dp.accountant.epsilon == pytest.approx(rdp_epsilon(1.0, 1), rel=1e-6)
 
 
-def test_a_resumed_run_at_its_budget_sends_no_round(task_identity):
-    """Stopped at its budget after round 2, then extended (num_rounds=4) without a larger budget:
-    the resumed run stops before round 3 (it was sent unchecked and spent past max_epsilon; under
-    central DP Flower's wrapper then raised)."""
-    from flmnist.engine.sync import SyncEngine
+def checkpointed_at_budget() -> tuple[float, dict, dict]:
+    """A private FedAvg run of 4 nodes whose budget allows 2 rounds, checkpointed after round 2:
+    (the budget, the nodes, the checkpoint)."""
     from flmnist.observers.checkpoint import rng_state
 
     budget = (rdp_epsilon(1.0, 2) + rdp_epsilon(1.0, 3)) / 2
@@ -217,7 +215,16 @@ def test_a_resumed_run_at_its_budget_sends_no_round(task_identity):
     nodes = {i + 11: FakeNode(i, 0.01) for i in range(4)}
     sync_round(strategy, nodes, BIG, server_round=1)
     sync_round(strategy, nodes, BIG, server_round=2)
-    checkpoint = {"engine": strategy.state_dict(), "screen": path.state(), "rng": rng_state(), "round": 2}
+    return budget, nodes, {"engine": strategy.state_dict(), "screen": path.state(), "rng": rng_state(), "round": 2}
+
+
+def test_a_resumed_run_at_its_budget_sends_no_round(task_identity):
+    """Stopped at its budget after round 2, then extended (num_rounds=4) without a larger budget:
+    the resumed run stops before round 3 (it was sent unchecked and spent past max_epsilon; under
+    central DP Flower's wrapper then raised)."""
+    from flmnist.engine.sync import SyncEngine
+
+    budget, nodes, checkpoint = checkpointed_at_budget()
     resumed, again, path2 = private_fedavg(sigma=1.0, clip=1.0, max_epsilon=budget)
     grid = FakeGrid(nodes)
     SyncEngine(grid, resumed, path2, SENT.to_record(), num_rounds=4).run(record(BIG), checkpoint)
@@ -233,15 +240,9 @@ def test_a_run_stopped_at_its_budget_as_it_resumes_evaluates_the_checkpoints_mod
     from test_engines import Spy
 
     from flmnist.engine.sync import SyncEngine
-    from flmnist.observers.checkpoint import rng_state
     from flmnist.observers.recorder import RunRecorder
 
-    budget = (rdp_epsilon(1.0, 2) + rdp_epsilon(1.0, 3)) / 2
-    strategy, _, path = private_fedavg(sigma=1.0, clip=1.0, max_epsilon=budget)
-    nodes = {i + 11: FakeNode(i, 0.01) for i in range(4)}
-    sync_round(strategy, nodes, BIG, server_round=1)
-    sync_round(strategy, nodes, BIG, server_round=2)
-    checkpoint = {"engine": strategy.state_dict(), "screen": path.state(), "rng": rng_state(), "round": 2}
+    budget, nodes, checkpoint = checkpointed_at_budget()
     for evaluated in (False, True):
         resumed, _, path2 = private_fedavg(sigma=1.0, clip=1.0, max_epsilon=budget)
         spy = Spy()

@@ -40,7 +40,7 @@ from flwr.common.logger import log
 from flwr.serverapp.strategy import Strategy
 
 from flmnist.core.arrays import to_record, to_weights
-from flmnist.engine.base import STILL, RoundLiveness, VirtualClock
+from flmnist.engine.base import NOT_TRAINED, STILL, RoundLiveness, VirtualClock
 from flmnist.engine.fleet import Fleet, UpdateTiming
 from flmnist.engine.privacy import Accountant
 from flmnist.engine.privacy_ledger import restore_ledger, save_ledger
@@ -223,7 +223,7 @@ class Guarded(Strategy):
         # nothing, and a run made of such rounds (every node returning what it got) failed.
         trained = any(u.norm >= STILL for u in updates)
         if updates and not trained and why is None:
-            why = "every accepted update is the model its node was sent (update norm 0): no node trained"
+            why = f"every accepted update is {NOT_TRAINED}"
         self.liveness.count_round(step, arrays is not None and trained, len(replies), rejections,
                                   moved=arrays is not None and self.central, reason=why)
         return arrays, metrics
