@@ -791,6 +791,28 @@ def test_an_async_run_whose_nodes_all_send_back_the_model_they_were_sent_fails(t
     assert loop.version == 3 and loop.liveness.trained >= 1
 
 
+def test_a_failed_async_run_reports_every_update_it_processed(task_identity, tmp_path):
+    """A run ended by a streak of bad updates made no server version after them, so its statistics
+    (async_stats.json) were last reported before them: it said 'client updates 0', no outcome,
+    for a run that processed 6 and failed on them. At the end, whatever the outcome, they are
+    reported; an update of norm 0 that ends the run is counted as not applied."""
+    from flmnist.observers.recorder import RunRecorder
+
+    for nodes, outcome in (({101: FakeNode(0, behave="nan"), 102: FakeNode(1, behave="error")}, None),
+                           ({101: FakeNode(0, 0.0), 102: FakeNode(1, 0.0)}, "not applied: run failed")):
+        loop, _ = make_loop(nodes, FedAsync(alpha=0.5), max_server_updates=None, max_client_updates=40,
+                            max_consecutive_failures=6)
+        loop.path.recorder = RunRecorder(tmp_path, 3, 0.99, printer=lambda line: None)
+        with pytest.raises(RunFailed, match="6 client updates in a row"):
+            loop.run(record(START))
+        loop.finish()  # as the ServerApp does, whatever the outcome
+        stats = loop.path.recorder.async_stats
+        assert stats["client_updates"] == loop.stats.client_updates >= 6
+        assert sum(stats["outcomes"].values()) == stats["client_updates"], stats["outcomes"]
+        if outcome:
+            assert stats["outcomes"][outcome] == 1 and stats["outcomes"]["applied"] == stats["client_updates"] - 1
+
+
 def test_progress_timeout_ends_a_run_whose_nodes_never_reply(task_identity):
     nodes = {101: FakeNode(0, behave="silent"), 102: FakeNode(1, behave="silent")}
     loop, _ = make_loop(nodes, FedAsync(), update_timeout=60.0, progress_timeout=0.3)

@@ -1,30 +1,25 @@
 """The asynchronous server loop, on Flower's ``Grid.push_messages`` / ``pull_messages``.
 
-Flower's ``Strategy.start`` waits for every sampled node each round; here ``concurrency``
-nodes train at once and, as soon as a reply is processed, its node gets new work carrying
-the newest model and its version number. Each reply is validated like a synchronous one,
-then handed to an :class:`~flmnist.strategies.asynchronous.AsyncStrategy`.
+Flower's ``Strategy.start`` waits for every sampled node each round; here ``concurrency`` nodes
+train at once and, as soon as a reply is processed, its node gets new work carrying the newest
+model and its version number. Each reply is validated like a synchronous one, then handed to an
+:class:`~flmnist.strategies.asynchronous.AsyncStrategy`. Two clocks:
 
-Two clocks:
-
-- simulation (a ``fleet`` is given): time is virtual. Each update's duration comes from the
-  node's device profile and workload (:mod:`flmnist.engine.fleet`), and replies are processed in
-  order of virtual completion, whatever order they really arrive in; the same seed gives
-  the same metrics bit for bit.
+- simulation (a ``fleet`` is given): time is virtual. Each update's duration comes from the node's
+  device profile and workload (:mod:`flmnist.engine.fleet`), and replies are processed in order of
+  virtual completion, whatever order they really arrive in; the same seed gives the same metrics.
 - deployment (no fleet): replies are processed in real arrival order.
 
-In both, a message has a TTL and every update a timeout, so a node that vanishes costs one
-slot for one timeout, not the run (an error reply frees it at once). Every reply takes the
-run's :class:`~flmnist.engine.reply_path.ReplyPath` (the same screen, hooks, recording and
-checkpoint layout as the synchronous engine). The loop ends with a clear error after
-``max_consecutive_failures`` failed or rejected updates in a row while every node in flight has
-failed its last update (one bad node cannot end a run others advance), or when no server version
-was made for ``progress_timeout`` seconds; a node Flower reports unavailable frees its slot at once.
-
-The loop's parts: :mod:`~flmnist.engine.async_transport` (nodes, messages, waiting for the next
-reply), :mod:`~flmnist.engine.async_stats` (counters and statistics),
-:mod:`~flmnist.engine.async_jobs` (jobs, the virtual queue, nodes) and, shared with the
-synchronous engine, :mod:`~flmnist.engine.base` (liveness, the virtual clock, restoring).
+In both, a message has a TTL and every update a timeout, so a node that vanishes costs one slot
+for one timeout, not the run (an error reply frees it at once). Every reply takes the run's
+:class:`~flmnist.engine.reply_path.ReplyPath` (the synchronous engine's screen, hooks, recording and
+checkpoints). The loop ends with a clear error after ``max_consecutive_failures`` failed or rejected
+updates in a row while every node in flight has failed its last update (one bad node cannot end a
+run others advance), or when no server version was made for ``progress_timeout`` seconds; a node
+Flower reports unavailable frees its slot at once. Its parts: :mod:`~flmnist.engine.async_transport`
+(nodes, messages, waiting for replies), :mod:`~flmnist.engine.async_stats` (counters),
+:mod:`~flmnist.engine.async_jobs` (jobs, the virtual queue) and, shared with the synchronous
+engine, :mod:`~flmnist.engine.base` (liveness, the virtual clock, restoring).
 """
 
 from __future__ import annotations
@@ -66,8 +61,7 @@ class AsyncLoop:
         self.privacy = privacy if isinstance(privacy, AsyncPrivacy) else None
         self.sample_dp = privacy if isinstance(privacy, SampleAccountant) else None
         self.accountant = privacy.accountant if self.privacy is not None else self.sample_dp
-        self.fleet = fleet
-        self.sent = path.sent
+        self.fleet, self.sent = fleet, path.sent
         self.version = self.seq = self.model_bytes = self.concurrency = 0
         self.saved: int | None = None  # client updates at the last checkpoint
         self.t0 = time.perf_counter()
@@ -80,9 +74,7 @@ class AsyncLoop:
         self.transport = Transport(grid, path, self.liveness, settings.update_timeout, poll_interval,
                                    simulated=fleet is not None)
         self.transport.on_available = self.available
-        # Deployment: a node replies, then asks for its next message at once and, if none is queued,
-        # sleeps 3 s (Flower's SuperNode); a task queued behind its current one is there when it asks.
-        self.prefetch = 0 if fleet is not None else settings.prefetch
+        self.prefetch = 0 if fleet is not None else settings.prefetch  # (deployment: see refill)
 
     # ------------------------------------------------------- read-only views
     nodes = property(lambda self: self.transport.nodes)
@@ -120,7 +112,8 @@ class AsyncLoop:
 
     def refill(self) -> None:
         """Dispatch work to idle nodes until ``concurrency`` nodes are training; in deployment, queue
-        up to ``prefetch`` more tasks behind each training node's current one."""
+        up to ``prefetch`` more tasks behind each training node's current one (a node replies, then
+        asks for its next message at once and, if none is queued, sleeps 3 s: Flower's SuperNode)."""
         self.idle = self.transport.present(self.idle)  # (an idle node Flower no longer lists waits away)
         while len(self.busy()) < self.concurrency and self.idle and not self.should_stop():
             if not self.budget_for(self.idle[0]):
@@ -200,8 +193,12 @@ class AsyncLoop:
             return None
         update = updates[0]
         if update.norm < STILL:  # the model its node was sent: applied as any update, but no progress
-            self.liveness.update_failed(job.node_id, f"{update.name}: {NOT_TRAINED}",
-                                        (j.node_id for j in self.transport.jobs()))
+            try:
+                self.liveness.update_failed(job.node_id, f"{update.name}: {NOT_TRAINED}",
+                                            (j.node_id for j in self.transport.jobs()))
+            except RunFailed:  # the streak ends the run before it is applied
+                self.stats.count("not applied: run failed")
+                raise
         else:
             self.liveness.passed(job.node_id)
             self.liveness.ok()
@@ -303,11 +300,8 @@ class AsyncLoop:
         elif (self.version > 0 and self.saved != self.stats.client_updates
               and self.path.checkpoint_due(self.version, last=True)):
             self.path.save_checkpoint(self.kind, self.version, self.weights, self.state_dict())
-        self.stats.unanswered = Counter(self.transport.nodes[job.node_id].info.name for job in self.transport.jobs())
-        self.stats.buffered = Counter(self.pending.names())
-        self.path.report("async", stats := self.stats_dict())
         log(INFO, "Asynchronous loop finished:")
-        for line in stats_lines(stats):
+        for line in stats_lines(self.closing_stats()):
             log(INFO, "  %s", line)
 
     # ----------------------------------------------------------------- state
@@ -395,5 +389,12 @@ class AsyncLoop:
         self.liveness.check_some_advanced(self.version, self.stats.client_updates, resumed=checkpoint is not None)
         return self.arrays
 
+    def closing_stats(self) -> dict:  # (async_stats.json) with the tasks unanswered, the updates buffered
+        self.stats.unanswered = Counter(self.transport.nodes[job.node_id].info.name for job in self.transport.jobs())
+        self.stats.buffered = Counter(self.pending.names())
+        self.path.report("async", stats := self.stats_dict())
+        return stats
+
     def finish(self) -> None:  # end of the run, whatever its outcome: the reply path's summary and hooks
+        self.closing_stats()  # (as they stand: a run ended by failures made no version after them to report)
         self.path.finish()
