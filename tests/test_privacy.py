@@ -1063,3 +1063,35 @@ def test_an_asynchronous_update_the_budget_stops_has_an_outcome(task_identity):
     assert loop.version == 2 and loop.path.stopped[1] == "privacy budget"
     assert stats["outcomes"].get("not applied: privacy budget") == 1
     assert sum(stats["outcomes"].values()) == stats["client_updates"]
+
+
+@pytest.mark.parametrize("kind", ["fedasync", "fedbuff"])
+def test_an_asynchronous_run_resumed_at_its_budget_sends_no_task(task_identity, tmp_path, kind):
+    """privacy=central, stopped at its budget after 2 releases and checkpointed there (then killed
+    before it finished, say): resumed with the same budget, it sent every node a task, trained them
+    and only then stopped, one update not applied (a review). Now it stops before sending any."""
+    from test_engines import DELTA as REPLY_DELTA
+    from test_engines import START, make_loop
+
+    from flmnist.observers.checkpoint import load_checkpoint
+    from flmnist.observers.recorder import RunRecorder
+    from flmnist.strategies import FedAsync
+
+    make = (lambda: FedAsync(alpha=0.5)) if kind == "fedasync" else (lambda: FedBuff(buffer_size=2))
+    budget = (rdp_epsilon(1.0, 2) + rdp_epsilon(1.0, 3)) / 2
+    settings = PrivacySettings("central", noise_multiplier=1.0, clipping_norm=1.0, target_delta=DELTA, max_epsilon=budget)
+    runs = []
+    for checkpoint in (None, "checkpoint"):
+        loop, grid = make_loop({101: FakeNode(0, 0.01), 102: FakeNode(1, 0.02)}, make(), max_server_updates=10,
+                               sent=SENT if kind == "fedasync" else REPLY_DELTA)
+        loop.privacy = AsyncPrivacy(settings, num_nodes=2)
+        loop.accountant = loop.privacy.accountant
+        loop.path.recorder = RunRecorder(tmp_path, 10, 0.99, printer=lambda line: None)
+        loop.path.checkpoint_every = 1
+        loop.run(record(START), load_checkpoint(tmp_path / "checkpoint.pt") if checkpoint else None)
+        runs.append((loop, grid))
+    (first, _), (resumed, grid) = runs
+    assert first.version == 2 and first.path.stopped[1] == "privacy budget"
+    assert resumed.version == 2 and resumed.path.stopped == (2, "privacy budget")
+    assert sum(grid.trained(n) for n in (101, 102)) == 0 and resumed.stats.client_updates == first.stats.client_updates
+    assert resumed.accountant.epsilon == pytest.approx(first.accountant.epsilon) and first.accountant.epsilon <= budget

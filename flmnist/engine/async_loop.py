@@ -111,9 +111,8 @@ class AsyncLoop:
             save_ledger(self.path.recorder, self.sample_dp, self.sample_dp.epsilon)  # (cached by would_exceed)
 
     def refill(self) -> None:
-        """Dispatch work to idle nodes until ``concurrency`` nodes are training; in deployment, queue
-        up to ``prefetch`` more tasks behind each training node's current one (a node replies, then
-        asks for its next message at once and, if none is queued, sleeps 3 s: Flower's SuperNode)."""
+        """Dispatch work to idle nodes until ``concurrency`` nodes are training; in deployment, queue up to
+        ``prefetch`` more behind each one's current task (a SuperNode that finds none queued sleeps 3 s)."""
         self.idle = self.transport.present(self.idle)  # (an idle node Flower no longer lists waits away)
         while len(self.busy()) < self.concurrency and self.idle and not self.should_stop():
             if not self.budget_for(self.idle[0]):
@@ -134,10 +133,13 @@ class AsyncLoop:
     def budget_for(self, node: Node) -> bool:
         """DP-SGD: whether one more task for ``node`` stays within the budget (else the run stops)."""
         if self.sample_dp is not None and self.sample_dp.would_exceed(partitions=[node.partition]):
-            self.path.request_stop(self.version, "privacy budget", epsilon=round(self.sample_dp.epsilon, 6),
-                                   max_epsilon=self.sample_dp.settings.max_epsilon)
+            self.budget_spent()
             return False
         return True
+
+    def budget_spent(self) -> None:  # privacy.max_epsilon: the run stops after this version
+        self.path.request_stop(self.version, "privacy budget", epsilon=round(self.accountant.epsilon, 6),
+                               max_epsilon=self.accountant.settings.max_epsilon)
 
     def available(self, nodes: list[Node]) -> None:
         """Deployment: nodes that came back or joined get work."""
@@ -230,14 +232,11 @@ class AsyncLoop:
         """``privacy.max_epsilon``: whether the release this update would complete stays within the
         budget; if not, the run stops before it (the update is not applied)."""
         dp = self.privacy
-        if self.strategy.reply_delta:
-            over = dp.buffer_full(self.strategy) and dp.would_exceed_buffer(self.strategy, name)
-        else:
-            over = dp.accountant.would_exceed(1)
+        over = (dp.buffer_full(self.strategy) and dp.would_exceed_buffer(self.strategy, name)
+                if self.strategy.reply_delta else dp.accountant.would_exceed(1))
         if over:
             self.stats.count("not applied: privacy budget")  # (every update processed has an outcome)
-            self.path.request_stop(self.version, "privacy budget", epsilon=round(dp.accountant.epsilon, 6),
-                                   max_epsilon=dp.settings.max_epsilon)
+            self.budget_spent()
         return not over
 
     def private_apply(self, update, staleness: int, weights: dict, before: dict, sent: dict) -> dict | None:
@@ -289,8 +288,7 @@ class AsyncLoop:
         simulated = self.clock.simulated
         devices = ({n.info.name: self.fleet.profile(n.partition).name for n in self.transport.ordered_nodes()}
                    if simulated else None)
-        return self.stats.as_dict(self.version, self.clock.now if simulated else None, self.clock.bookkeeping,
-                                  devices)
+        return self.stats.as_dict(self.version, self.clock.now if simulated else None, self.clock.bookkeeping, devices)
 
     def wind_down(self, last_eval: int) -> None:
         """After the last step: the final model evaluated (and checkpointed) unless it was, and the
@@ -353,6 +351,8 @@ class AsyncLoop:
             self.prefetch = 0
         if self.privacy is not None:
             self.privacy.check(self.strategy)
+            if self.privacy.accountant.would_exceed(self.privacy.release_size(self.strategy)):
+                self.budget_spent()  # resumed at its budget (killed after it stopped there): no task is sent
         if self.sample_dp is not None:
             self.sample_dp.check_first_release()
         self.path.aggregate_size(self.strategy.aggregate_size())
