@@ -364,15 +364,20 @@ class Rehearsal:
             + self.connection(SUPERLINK_PORT_FROM_LAN, f"{LAN_HOST}:{self.port}"))
         return home
 
+    @property
+    def registry(self) -> Path:
+        """The node registry register_node.sh writes and the runs' ``screen.registry`` reads."""
+        return self.work / "registered_nodes.tsv"
+
     def register(self, name: str, partition: int) -> int:
         out = self.sh(JETSON / "server" / "register_node.sh", "--superlink", CONNECTION, "--registry",
-                      self.work / "registered_nodes.tsv", "--partition", str(partition), name,
+                      self.registry, "--partition", str(partition), name,
                       f"{self.key(name)}.pub").stdout
         return int(out.split(" as node ")[1].split()[0])
 
     def revoke(self, name: str) -> None:
         self.sh(JETSON / "server" / "revoke_node.sh", "--superlink", CONNECTION,
-                "--registry", self.work / "registered_nodes.tsv", name)
+                "--registry", self.registry, name)
 
     # -- device side ----------------------------------------------------------------------
     def key(self, name: str) -> Path:
@@ -546,9 +551,10 @@ class Rehearsal:
         return stopped, leftover
 
 
-def run_overrides(run_dir: Path, data_root: Path) -> list[str]:
-    """A reduced seed-002: ``NUM_ROUNDS`` rounds of 10 local steps; runs on with 2 of 3 nodes."""
-    return [
+def run_overrides(run_dir: Path, data_root: Path, registry: Path) -> list[str]:
+    """A reduced seed-002: ``NUM_ROUNDS`` rounds of 10 local steps; runs on with 2 of 3 nodes. Each
+    node id is judged by ``registry`` (register_node.sh's file), as the guide's run is."""
+    return [f"screen.registry={registry}",
         "experiment=seed002", f"num_rounds={NUM_ROUNDS}", "client.local_steps=10",
         f"eval.rounds=[1,{NUM_ROUNDS}]", f"eval.update_rounds=[{NUM_ROUNDS}]",
         "sampling.min_available_nodes=2", f"round_timeout={ROUND_TIMEOUT}", "wait_for_nodes=60",
@@ -568,7 +574,7 @@ def _start_flwr_run(r: Rehearsal, name: str, overrides: list[str]) -> tuple[subp
 def _flwr_run(r: Rehearsal, report: Report, fault: bool, timeout: float) -> None:
     """``flwr run`` against the SuperLink; with ``fault``, crash the victim in round 2 and restart it."""
     run_dir = r.work / "run"
-    proc, log, start = _start_flwr_run(r, "run", run_overrides(run_dir, r.data_root))
+    proc, log, start = _start_flwr_run(r, "run", run_overrides(run_dir, r.data_root, r.registry))
     report.operator_runs += 1
     victim_id = report.node_ids[VICTIM]
     stage = "kill" if fault else "done"
@@ -604,9 +610,9 @@ ASYNC_UPDATES = 9   # client updates of the asynchronous run
 ASYNC_TIMEOUT = 25  # seconds before an in-flight update is given up (< the SuperLink's crash detection)
 
 
-def async_overrides(run_dir: Path, data_root: Path) -> list[str]:
+def async_overrides(run_dir: Path, data_root: Path, registry: Path) -> list[str]:
     """A short FedAsync run on the same deployment; an update lost in flight costs one timeout."""
-    return [
+    return [f"screen.registry={registry}",
         "experiment=seed002", "strategy=fedasync", "client.local_steps=5", "eval.update_rounds=[]",
         "async_loop.max_server_updates=null", f"async_loop.max_client_updates={ASYNC_UPDATES}",
         "async_loop.eval_every=3", f"async_loop.update_timeout={ASYNC_TIMEOUT}", "wait_for_nodes=60",
@@ -627,7 +633,7 @@ def _flwr_run_async(r: Rehearsal, report: Report, fault: bool, timeout: float) -
     r.wait("3 SuperNodes online before the asynchronous run",
            lambda: sum(r.node_list().get(i) == "online" for i in ids) == len(ids), 120)
     before = r.node_log(VICTIM).count("Receiving: train message")
-    proc, log, start = _start_flwr_run(r, "run_async", async_overrides(run_dir, r.data_root))
+    proc, log, start = _start_flwr_run(r, "run_async", async_overrides(run_dir, r.data_root, r.registry))
     report.operator_runs += 1
     while proc.poll() is None:
         if time.monotonic() > start + timeout:
@@ -1177,6 +1183,19 @@ def check_async_run_survives_killed_node(report: Report) -> None:
     assert stats["outcomes"].get("applied", 0) >= ASYNC_UPDATES - lost - 1, stats["outcomes"]
 
 
+def check_runs_judged_by_the_registry(report: Report) -> None:
+    """Both runs read the registry (``screen.registry``, as the guide's run does), bound each board's
+    node id to its registered name and partition, and rejected nothing for its identity."""
+    for seen in (report.run, report.async_run):
+        screen = json.loads((seen["run_dir"] / "screen_stats.json").read_text())
+        identities = screen["identities"]
+        assert identities["registry"] is True, identities
+        bound = {int(k): (v["name"], v["partition"]) for k, v in identities["bound"].items()}
+        assert bound == {report.node_ids[name]: (name, i) for i, name in enumerate(NAMES)}, bound
+        assert not identities["flagged"] and identities["refused_claims"] == 0, identities
+        assert not [r for r in screen["rejection_reasons"] if "claims" in r or "registr" in r or "identit" in r], screen
+
+
 def check_killed_executor_restarts_and_its_node_gets_work(report: Report) -> None:
     """The warm executor of a board, killed and started again (its unit's Restart=always), takes the
     node's next task: the asynchronous run's updates reached that board through the new executor."""
@@ -1274,7 +1293,8 @@ def check_everything_stopped(report: Report) -> None:
 CHECKS = {f.__name__.removeprefix("check_"): f for f in (
     check_certificate, check_nodes_joined, check_unregistered_key_refused, check_plaintext_client_refused,
     check_run_finished, check_log_lines, check_model_scores_above_chance, check_run_survives_killed_node,
-    check_restarted_node_gets_work, check_async_run_survives_killed_node, check_revoked_node_is_disconnected,
+    check_restarted_node_gets_work, check_async_run_survives_killed_node, check_runs_judged_by_the_registry,
+    check_revoked_node_is_disconnected,
     check_killed_executor_restarts_and_its_node_gets_work,
     check_superlink_unreachable_from_lan, check_nodes_connect_through_proxy, check_proxy_serves_only_fleet_api,
     check_board_cannot_start_run, check_board_cannot_register_or_revoke_keys, check_unsigned_bundle_refused,
