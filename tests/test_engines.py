@@ -809,6 +809,7 @@ def test_a_failed_async_run_reports_every_update_it_processed(task_identity, tmp
         stats = loop.path.recorder.async_stats
         assert stats["client_updates"] == loop.stats.client_updates >= 6
         assert sum(stats["outcomes"].values()) == stats["client_updates"], stats["outcomes"]
+        assert stats["virtual_time"] is None and 0 < stats["loop_seconds"] < 30  # no fleet: real time, the loop's
         if outcome:
             assert stats["outcomes"][outcome] == 1 and stats["outcomes"]["applied"] == stats["client_updates"] - 1
 

@@ -384,6 +384,19 @@ def test_how_the_run_is_waited_for_checkpointed_and_tracked_may_change_on_resume
     assert resumed_config(["logger=mlflow", "logger.experiment=other"], saved, mine).logger.experiment == "other"
 
 
+def test_a_deployed_asynchronous_runs_time_used_is_its_loops_not_its_wall_time(tmp_path):
+    """async_loop.time_budget counts the loop's own seconds; the run's wall time adds its start and
+    the wait for nodes. A deployed run whose loop used 25 s of 30, 40 s of wall time, was judged to
+    have used 40: a budget of 35 was refused as 'would not extend the run'."""
+    run, saved = finished_run(tmp_path, ["strategy=fedasync", "async_loop.max_server_updates=20"], done=20)
+    (run / "summary.json").write_text(json.dumps({"status": "finished", "wall_time": 40.0, "async": {
+        "client_updates": 20, "virtual_time": None, "loop_seconds": 25.0}}))
+    overrides = ["async_loop.max_server_updates=40", "async_loop.time_budget=35"]
+    assert resumed_config(overrides, saved, run).async_loop.time_budget == 35
+    with pytest.raises(ConfigError, match=r"async_loop.time_budget=20 would not extend the run: it has used 25.0 s"):
+        resumed_config(["async_loop.max_server_updates=40", "async_loop.time_budget=20"], saved, run)
+
+
 def given_keys(overrides):
     return [o.partition("=")[0] for o in overrides]
 

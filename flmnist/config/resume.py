@@ -278,10 +278,13 @@ def resumed_config(overrides: list[str], saved: DictConfig, run_dir: Path, check
 
 def time_used(run_dir: Path) -> float | None:
     """The seconds an asynchronous run has used of its ``async_loop.time_budget``: its summary's
-    virtual time (simulation), else its wall time (deployment); None if unknown."""
+    virtual time (simulation), else its loop's real seconds (deployment; a summary written before
+    they were reported: its wall time, which adds the start); None if unknown."""
     summary = _summary(run_dir)
     try:
-        used = (summary.get("async") or {}).get("virtual_time")
+        stats = summary.get("async") or {}
+        used = stats.get("virtual_time")
+        used = stats.get("loop_seconds") if used is None else used
         used = summary.get("wall_time") if used is None else used
         return float(used) if used is not None else None
     except (AttributeError, TypeError, ValueError):

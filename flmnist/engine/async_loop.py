@@ -285,10 +285,10 @@ class AsyncLoop:
             self.saved = self.stats.client_updates
 
     def stats_dict(self) -> dict:
-        simulated = self.clock.simulated
-        devices = ({n.info.name: self.fleet.profile(n.partition).name for n in self.transport.ordered_nodes()}
-                   if simulated else None)
-        return self.stats.as_dict(self.version, self.clock.now if simulated else None, self.clock.bookkeeping, devices)
+        sim = self.clock.simulated
+        devices = {n.info.name: self.fleet.profile(n.partition).name for n in self.transport.ordered_nodes()} if sim else None
+        return self.stats.as_dict(self.version, self.clock.now if sim else None, self.clock.bookkeeping, devices,
+                                  None if sim else round(self.elapsed(), 3))
 
     def wind_down(self, last_eval: int) -> None:
         """After the last step: the final model evaluated (and checkpointed) unless it was, and the

@@ -55,8 +55,10 @@ class AsyncStats:
         return fields
 
     def as_dict(self, server_updates: int, virtual_time: float | None, bookkeeping: float,
-                devices: dict[str, str] | None) -> dict:
-        """The loop's statistics (``async_stats.json``, the summary's ``async``)."""
+                devices: dict[str, str] | None, loop_seconds: float | None = None) -> dict:
+        """The loop's statistics (``async_stats.json``, the summary's ``async``). ``loop_seconds``
+        (deployment): the real seconds the loop has run, resumed runs' earlier parts included, which
+        ``async_loop.time_budget`` counts (the run's wall time adds its start and the wait for nodes)."""
         return {
             "server_updates": server_updates,
             "client_updates": self.client_updates,
@@ -68,6 +70,7 @@ class AsyncStats:
             "mean_staleness": float(np.mean(self.staleness)) if self.staleness else None,
             "max_staleness": int(max(self.staleness)) if self.staleness else None,
             "virtual_time": virtual_time,
+            "loop_seconds": loop_seconds,
             "bookkeeping_seconds": bookkeeping,
             "devices": devices,
         }
