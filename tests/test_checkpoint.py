@@ -175,6 +175,15 @@ def test_resume_latest_only_considers_flmnist_run_directories(tmp_path):
         with pytest.raises(ConfigError, match=f"{directory} is not a flmnist run directory"):
             find_checkpoint(str(resume), str(tmp_path))
     assert CODE_RAN == []
+    # another file of the run (tab completion gives config.yaml or model.pt): refused before anything
+    # reads or rewrites the run (the resume had rewritten config.yaml, moved summary.json aside, and
+    # only the ServerApp then refused the file, after Flower's start)
+    for name in ("config.yaml", "model.pt", "summary.json"):
+        (run / name).touch()
+        with pytest.raises(ConfigError, match=rf"resume={run / name}: {name} is not a checkpoint; give the run "
+                                              rf"directory, its {CHECKPOINT} \(or {PREVIOUS}, the one before\)"):
+            find_checkpoint(str(run / name), str(tmp_path))
+    assert find_checkpoint(str(run / CHECKPOINT), str(tmp_path)) == (run / CHECKPOINT).resolve()
 
 
 def test_a_checkpoint_of_another_layout_is_refused_on_resume_saying_so(tmp_path):

@@ -113,6 +113,8 @@ ISSUE_8 = [
     (["strategy=fedasync", "async_loop.concurrency=2.5"], "async_loop.concurrency must be an integer >= 1 or null"),
     (["checkpoint_every=-1"], "checkpoint_every must be an integer >= 0, got -1"),
     (["strategy=fedprox", "strategy.proximal_mu=-0.1"], "strategy.proximal_mu must be a finite number"),
+    # Flower's constructor checks beta itself: its words and the whole config dumped (a review)
+    (["strategy=fedtrimmedavg", "strategy.beta=0.5"], r"^strategy.beta must be a finite number in \[0, 0.5\), got 0.5$"),
     (["strategy=fedadam", "strategy.eta=-0.01"], "strategy.eta must be a finite number"),
     (["strategy=fedadam", "strategy.tau=-1"], "strategy.tau must be a finite number"),
     (["strategy=fedasync", "strategy.staleness.a=nan"], "strategy.staleness.a must be a finite number >= 0, got nan"),

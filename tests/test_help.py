@@ -67,6 +67,9 @@ def test_version_names_flmnist_and_flower():
     (["client.batchsize=8"], "did you mean client.batch_size"),
     (["partition.alpha=0.1"], "it belongs to partition=dirichlet, not to partition=iid; add partition=dirichlet"),
     (["strategy.proximal_mu=0.1"], "it belongs to strategy=fedprox, not to strategy=fedavg"),
+    # the privacy options set their keys under privacy: in a file of `# @package _global_` (a review)
+    (["privacy.max_epsilon=8"], ("it belongs to privacy=central or privacy=central_adaptive or privacy=client or "
+                                 "privacy=dpsgd or privacy=local, not to privacy=none; add privacy=central")),
     (["+num_round=3"], "+num_round=3: flmnist would ignore a new key here; unknown setting 'num_round'; did you mean"),
     # the help for an option that is not one: printed to stdout, exit 0
     (["--help", "strategy=nope"], "Unknown strategy 'nope'. Valid options for strategy: bulyan, "),

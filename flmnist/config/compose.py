@@ -104,6 +104,13 @@ def check_group_overrides(overrides: list[str]) -> None:
                 )
 
 
+def _holds(option, group: str, leaf: str) -> bool:
+    """Whether a group option's file sets ``leaf``: at its top, or under ``group:`` in a file of
+    ``# @package _global_`` (the privacy options)."""
+    section = option.get(group) if isinstance(option, DictConfig) else None
+    return leaf in option or (isinstance(section, DictConfig) and leaf in section)
+
+
 def _unknown_key(overrides: list[str], key: str, adding: bool = False) -> str | None:
     """For ``Could not override 'key'``: the closest valid keys, or the group option to choose."""
     groups = [o for o in overrides if override_key(o) in GROUPS]
@@ -126,7 +133,7 @@ def _unknown_key(overrides: list[str], key: str, adding: bool = False) -> str | 
                 f"with + before each new one (e.g. {key}._target_=CLASS {key}.a=1 +{key}.b=2)")
     message = f"unknown setting '{key}'"
     owners = [o for o in group_options(parent) if o != choice
-              and any(leaf in (OmegaConf.load(f) or {}) for f in option_files(parent, o))
+              and any(_holds(OmegaConf.load(f) or {}, parent, leaf) for f in option_files(parent, o))
               ] if parent in GROUPS else []
     if owners:
         return (f"{message}: it belongs to {' or '.join(f'{parent}={o}' for o in owners)}, not to {where}; "

@@ -163,6 +163,9 @@ def find_checkpoint(resume: str, output_dir: str) -> Path:
     if not path.is_file():
         raise ConfigError(f"resume={resume}: no checkpoint at {path.resolve()} (expected a run directory "
                           f"holding {CHECKPOINT}, the file itself, or 'latest')")
+    if path.name not in (CHECKPOINT, PREVIOUS):  # (config.yaml given: the resume rewrote it, then refused it)
+        raise ConfigError(f"resume={resume}: {path.name} is not a checkpoint; give the run directory, its "
+                          f"{CHECKPOINT} (or {PREVIOUS}, the one before), or 'latest'")
     if not is_run_dir(path.parent):
         raise ConfigError(f"resume={resume}: {path.parent.resolve()} is not a flmnist run directory "
                           "(no config.yaml with strategy and num_nodes beside the checkpoint)")

@@ -19,12 +19,13 @@ from flmnist.strategies.fedasync import FedAsync
 from flmnist.strategies.fedavg import FedAvg
 from flmnist.strategies.fedbuff import FedBuff
 from flmnist.strategies.fedsgd import FedSGD
-from flmnist.strategies.ranges import FLOWER_RANGES, Range, check_parameters
+from flmnist.strategies.ranges import FLOWER_RANGES, Range, check_parameters, check_settings
 from flmnist.strategies.state import checkpoint_state
 
 
 def build_strategy(node):
     """Instantiate ``conf/strategy/NAME.yaml`` (the ``strategy`` config node) and check it."""
+    check_settings(node)
     strategy = build(node, "strategy")
     check_parameters(strategy)
     return strategy

@@ -78,3 +78,18 @@ def check_parameters(strategy) -> None:
     for key, allowed in parameter_ranges(strategy).items():
         if hasattr(strategy, key):
             allowed.check(f"strategy.{key}", getattr(strategy, key))
+
+
+def check_settings(node) -> None:
+    """The declared parameters of ``node`` (a ``strategy`` config node), checked before its class is
+    built: a Flower constructor that checks a value itself (FedTrimmedAvg's ``beta``) raised its own
+    words, with the whole config dumped, before :func:`check_parameters` could name the setting."""
+    from hydra.utils import get_class
+
+    try:
+        cls = get_class(str(node["_target_"]))
+    except Exception:  # noqa: BLE001 - no class to look up: building it says what is wrong
+        return
+    for key, allowed in {**FLOWER_RANGES, **getattr(cls, "parameter_ranges", {})}.items():
+        if key in node:
+            allowed.check(f"strategy.{key}", node[key])
