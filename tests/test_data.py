@@ -189,3 +189,20 @@ def test_a_data_pt_with_labels_of_the_wrong_kind_is_refused(tmp_path, labels, me
     torch.save({"images": torch.zeros(4, 28, 28, dtype=torch.uint8), "labels": labels}, tmp_path / "data.pt")
     with pytest.raises(DataError, match=message):
         read_data_path(tmp_path)
+
+
+def test_the_server_knows_each_nodes_held_out_digits_as_the_node_splits_them(tmp_path, mnist_root):
+    """The screen refuses an evaluation whose per-digit totals are not its node's held-out digits;
+    those the server computes (run_setup.partitions) must be the ones the ClientApp evaluates on."""
+    from flmnist.client.node_data import node_data
+    from flmnist.config.compose import compose_config
+    from flmnist.ml.partition import label_counts
+    from flmnist.protocol.messages import TrainSettings
+    from flmnist.runtime.run_setup import partitions
+
+    cfg = compose_config(["partition=dirichlet", "num_nodes=3", "seed=7", f"data.root={mnist_root}"])
+    limits = partitions(cfg, mnist_root, tmp_path)
+    sent = TrainSettings.from_config(cfg)
+    for i in range(3):
+        held = node_data(sent, {"partition-id": i}).holdout_labels.numpy()
+        assert limits.holdout_per_digit(i) == label_counts(held) and sum(label_counts(held)) == limits.holdout_examples[i]

@@ -225,6 +225,9 @@ METRIC_ATTACKS = {
     "a negative train loss": (_metric(p.TRAIN_LOSS, -1e300), ["a loss of -1e+300 is outside 0..1e+06"]),
     "a loss trace near the float maximum": (_metric(p.LOSS_TRACE, [1.7e308, 1.7e308]),
                                             ["a loss of 1.7e+308 is outside 0..1e+06"]),
+    # one node of three made the round's train loss 333333.67 in metrics.json and the plots (a review)
+    "a train loss other than its trace's mean": (_metric(p.TRAIN_LOSS, 1e6),
+                                                 ["train-loss 1e+06 is not the mean of its loss trace (0.5)"]),
 }
 
 
@@ -425,6 +428,10 @@ def test_an_error_reply_is_a_failed_rejection_named_by_node_id(task_identity):
     out = screen().train(reply(Error(code=1, reason="Traceback...\nRuntimeError: out of memory"), node=42),
                          REFERENCE, SENT)
     assert out == Rejection(42, "node id 42", "RuntimeError: out of memory", failed=True)
+    # the node's words reach the log, the run's error and the terminal: no control codes (a review:
+    # an escape sequence rewrote the line above into "Run finished: 99.9%")
+    out = screen().train(reply(Error(code=1, reason="boom\x1b[1A\x1b[2K\x08INFO : Run finished"), node=42), REFERENCE, SENT)
+    assert out.reason == "boom?[1A?[2K?INFO : Run finished" and out.failed
     for kind, check in ((MessageType.EVALUATE, screen().evaluate), (MessageType.QUERY, screen().query)):
         out = check(reply(Error(code=1, reason=""), kind, node=3))
         assert isinstance(out, Rejection) and out.failed and out.reason == "no reason given"
@@ -461,6 +468,24 @@ EVALUATE_ATTACKS = {
 def test_malformed_evaluation_counts_are_rejected(task_identity, attack):
     content, words = EVALUATE_ATTACKS[attack]
     rejected(screen().evaluate(reply(content, MessageType.EVALUATE)), *words)
+
+
+def test_an_evaluation_whose_digits_are_not_the_nodes_held_out_ones_is_refused(task_identity):
+    """Partition 0 holds out a 0 and a 1 (the server split them as the node does). A node that
+    moved them to digit 9, both right, passed (the counts agreed among themselves) and made the
+    round's client_acc_digit_9 100% (a review). Nodes with their own data: no digits known, not checked."""
+    digits = ((1, 1) + (0,) * 8, (0,) * 9 + (3,), (4,) + (0,) * 9)
+    known = ReplyScreen(ScreenSettings(), dataclasses.replace(LIMITS, holdout_digits=digits))
+    assert not isinstance(known.evaluate(reply(evaluate_content(), MessageType.EVALUATE)), Rejection)
+    forged = evaluate_content()
+    for d in range(p.NUM_CLASSES):
+        forged[p.METRICS][p.correct_key(d)] = forged[p.METRICS][p.total_key(d)] = 2 * (d == 9)
+    forged[p.METRICS][p.CORRECT] = 2
+    rejected(known.evaluate(reply(forged, MessageType.EVALUATE)),
+             "per-digit totals [0, 0, 0, 0, 0, 0, 0, 0, 0, 2] are not partition 0's held-out digits [1, 1, 0")
+    rejected(known.train(reply(with_evaluation(forged)), REFERENCE, ASKED), "are not partition 0's held-out digits")
+    own = ReplyScreen(ScreenSettings(), NodeLimits((10, 20, 30), (2, 3, 4), 1000, digits))
+    assert not isinstance(own.evaluate(reply(forged, MessageType.EVALUATE)), Rejection)
 
 
 ASKED = dataclasses.replace(SENT, evaluate_received=True)  # sampling.client_evaluation=in_train

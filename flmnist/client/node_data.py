@@ -16,7 +16,7 @@ import torch
 from flmnist.core.errors import ConfigError, DataError
 from flmnist.ml.data import load_mnist, normalize, read_data_path
 from flmnist.ml.mnist_files import resolve_root
-from flmnist.ml.partition import holdout_split, partition_from_spec
+from flmnist.ml.partition import holdout_split, node_seed, partition_from_spec
 from flmnist.protocol.messages import simulated_node_name
 
 
@@ -28,11 +28,6 @@ class NodeData:
     train_labels: torch.Tensor
     holdout_images: torch.Tensor
     holdout_labels: torch.Tensor
-
-
-def node_seed(seed: int, node: int, *extra: int) -> int:
-    """A seed for one node (and round), derived from the run seed."""
-    return int(np.random.SeedSequence([seed, node, *extra]).generate_state(1)[0])
 
 
 @functools.lru_cache(maxsize=4)

@@ -8,7 +8,7 @@ import heapq
 from dataclasses import dataclass, field
 
 from flmnist.engine.fleet import UpdateTiming
-from flmnist.protocol.screen import NodeInfo
+from flmnist.protocol.replies import NodeInfo
 
 
 @dataclass(order=True)

@@ -29,7 +29,7 @@ from flmnist.engine.base import UpdateLiveness
 from flmnist.engine.node_directory import NodeDirectory
 from flmnist.engine.reply_path import ReplyPath
 from flmnist.protocol import messages as p
-from flmnist.protocol.screen import NodeInfo
+from flmnist.protocol.replies import NodeInfo
 
 
 def superlink_says(reply: Message | None) -> str | None:

@@ -39,7 +39,7 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.common.logger import log
 
 from flmnist.core.errors import ConfigError
-from flmnist.protocol.screen import Rejection
+from flmnist.protocol.replies import Rejection
 
 
 @dataclass(frozen=True)

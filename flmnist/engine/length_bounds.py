@@ -22,7 +22,8 @@ from logging import WARNING
 import numpy as np
 from flwr.common.logger import log
 
-from flmnist.protocol.screen import ClientUpdate, Rejection, ScreenSettings, Weights, l2_norm
+from flmnist.protocol.replies import ClientUpdate, Rejection
+from flmnist.protocol.screen import ScreenSettings, Weights, l2_norm
 
 
 class LengthBounds:

@@ -6,7 +6,7 @@ them in no fixed order, so "the third node" means a different partition each run
 ``query_handler`` answers with its partition id, name and numbers of examples), screens each
 answer (:meth:`flmnist.protocol.screen.ReplyScreen.query`) and remembers the outcome:
 
-- an accepted answer: the node's :class:`~flmnist.protocol.screen.NodeInfo` (``nodes``);
+- an accepted answer: the node's :class:`~flmnist.protocol.replies.NodeInfo` (``nodes``);
 - a malformed one: the node is *refused* (``refused``, with the reason, logged) and never
   asked again; one whose identity another node id claims too (:mod:`flmnist.engine.identity`)
   is asked again after ``reask_after`` seconds, when the conflict may be over;
@@ -28,7 +28,7 @@ from flwr.common.logger import log
 
 from flmnist.engine.reply_path import ReplyPath
 from flmnist.protocol import messages as p
-from flmnist.protocol.screen import NodeInfo, Rejection
+from flmnist.protocol.replies import NodeInfo, Rejection
 
 QUERY_TTL = 120.0  # seconds a "who are you" message waits for its node
 

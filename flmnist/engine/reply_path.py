@@ -33,14 +33,8 @@ from flmnist.observers.stop import StopAtTarget
 from flmnist.protocol import messages as p
 from flmnist.protocol.aggregation import aggregate_evaluate_counts
 from flmnist.protocol.reasons import count_reason, recounted
-from flmnist.protocol.screen import (
-    ClientUpdate,
-    NodeInfo,
-    Rejection,
-    ReplyScreen,
-    Weights,
-    aggregate_problem,
-)
+from flmnist.protocol.replies import ClientUpdate, NodeInfo, Rejection
+from flmnist.protocol.screen import ReplyScreen, Weights, aggregate_problem
 
 
 class ReplyPath:

@@ -176,6 +176,11 @@ class DigitGroupPartition(Partition):
         return [np.flatnonzero(np.isin(labels, g)) for g in self.groups]
 
 
+def node_seed(seed: int, node: int, *extra: int) -> int:
+    """A seed for one node (and round), derived from the run seed."""
+    return int(np.random.SeedSequence([seed, node, *extra]).generate_state(1)[0])
+
+
 def holdout_split(indices: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Split a partition into (train, held-out) indices; the held-out part is ``fraction`` of it."""
     if not 0.0 <= fraction < 1.0:

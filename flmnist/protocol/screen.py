@@ -21,15 +21,21 @@ become the global model. Sync and async engines use this one screen.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
-from flmnist.core.arrays import Weights, dot, to_record
+from flmnist.core.arrays import Weights, dot
 from flmnist.core.checks import check_integer, check_number
 from flmnist.core.errors import ConfigError
 from flmnist.protocol import messages as p
+from flmnist.protocol.replies import (  # (what the screen returns)
+    ClientUpdate,
+    EvaluateReply,
+    NodeInfo,
+    Rejection,
+)
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,7 @@ class NodeLimits:
     train_examples: tuple[int, ...]
     holdout_examples: tuple[int, ...]
     max_examples: int | None = None  # set: nodes bring their own data; this caps their claims
+    holdout_digits: tuple[tuple[int, ...], ...] | None = None  # per partition, its held-out images per digit
 
     @property
     def num_partitions(self) -> int:
@@ -74,72 +81,9 @@ class NodeLimits:
     def holdout_exact(self, partition: int) -> int | None:
         return None if self.max_examples is not None else self.holdout_examples[partition]
 
-
-@dataclass
-class ClientUpdate:
-    """An accepted train reply: clean numpy weights and metrics, ready to aggregate."""
-
-    node_id: int
-    name: str
-    partition: int
-    num_examples: int
-    weights: Weights                      # decoded, checked arrays (the model, or a delta)
-    metrics: dict                         # exactly protocol.TRAIN_METRICS, clean Python values
-    norm: float = 0.0                     # L2 distance from the global model (or of the delta)
-    device: str = ""
-    evaluation: dict | None = None        # the received model's checked evaluation counts (evaluate-received)
-    metadata: object = field(default=None, repr=False)   # the reply's Flower metadata
-    _arrays: ArrayRecord | None = field(default=None, repr=False)
-
-    @property
-    def arrays(self) -> ArrayRecord:
-        """The weights as a Flower ArrayRecord (built from the checked arrays, not the reply's)."""
-        if self._arrays is None:
-            self._arrays = to_record(self.weights)
-        return self._arrays
-
-    def content(self) -> RecordDict:
-        """A clean reply content for Flower's aggregation: only checked arrays and metrics, plus
-        the server's ``unit-weight`` 1 (``weighted_by_key: unit-weight`` averages unweighted)."""
-        return RecordDict({p.ARRAYS: self.arrays, p.METRICS: MetricRecord({**self.metrics, p.UNIT_WEIGHT: 1})})
-
-    def scale_update(self, factor: float, reference: Weights, delta: bool) -> None:
-        """Shrink the update (its difference from ``reference``) by ``factor`` (norm clipping)."""
-        for k, v in self.weights.items():
-            self.weights[k] = (v * factor if delta else reference[k] + (v - reference[k]) * factor).astype(v.dtype)
-        self.norm *= factor
-        self._arrays = None
-
-
-@dataclass(frozen=True)
-class EvaluateReply:
-    """An accepted evaluate reply: summable counts."""
-
-    node_id: int
-    name: str
-    partition: int
-    metrics: dict
-
-
-@dataclass(frozen=True)
-class NodeInfo:
-    """An accepted query reply: who a node is."""
-
-    node_id: int
-    name: str
-    partition: int
-    train_examples: int
-    device: str = ""
-
-
-@dataclass(frozen=True)
-class Rejection:
-    """A reply that did not pass: who sent it and why. ``failed``: an error reply (no content)."""
-
-    node_id: int
-    name: str
-    reason: str
-    failed: bool = False
+    def holdout_per_digit(self, partition: int) -> list[int] | None:
+        known = self.max_examples is None and self.holdout_digits is not None
+        return list(self.holdout_digits[partition]) if known else None
 
 
 class Refused(Exception):
@@ -304,8 +248,9 @@ class ReplyScreen:
     def _guard(self, msg: Message, check):
         node_id = msg.metadata.src_node_id
         if msg.has_error():
-            reason = str(msg.error.reason).strip().splitlines() or ["no reason given"]
-            return Rejection(node_id, f"node id {node_id}", reason[-1][:300], failed=True)
+            reason = str(msg.error.reason).strip().splitlines() or ["no reason given"]  # (the node's words, shown:
+            shown = "".join(ch if ch.isprintable() else "?" for ch in reason[-1][:300])  # no terminal control codes)
+            return Rejection(node_id, f"node id {node_id}", shown, failed=True)
         try:
             return check()
         except Refused as err:  # (a reason may quote what the node sent: keys of any length)
@@ -338,6 +283,9 @@ class ReplyScreen:
             bad_loss = next((v for v in (m[p.TRAIN_LOSS], *m[p.LOSS_TRACE]) if not 0 <= v <= p.MAX_LOSS), None)
             if m[p.TRAIN_TIME] < 0 or bad_loss is not None:
                 raise Refused("train-time is negative" if bad_loss is None else f"a loss of {bad_loss:.4g} is outside 0..{p.MAX_LOSS:g}")
+            mean = float(np.mean(m[p.LOSS_TRACE])) if m[p.LOSS_TRACE] else 0.0  # (DP-SGD: every sample empty)
+            if not math.isclose(m[p.TRAIN_LOSS], mean, rel_tol=1e-6, abs_tol=1e-9):
+                raise Refused(f"train-loss {m[p.TRAIN_LOSS]:.6g} is not the mean of its loss trace ({mean:.6g})")
             weights = decode_weights(content.array_records[p.ARRAYS], reference)
             norm = update_norm(weights, reference, delta)
             if not math.isfinite(norm):
@@ -379,6 +327,8 @@ class ReplyScreen:
         per_c, per_t = [m[p.correct_key(d)] for d in range(p.NUM_CLASSES)], [m[p.total_key(d)] for d in range(p.NUM_CLASSES)]
         if any(not 0 <= c <= t for c, t in zip(per_c, per_t)) or sum(per_t) != total or sum(per_c) != correct:
             raise Refused("per-digit counts are inconsistent with the totals")
+        if (digits := self.limits.holdout_per_digit(partition)) is not None and per_t != digits:
+            raise Refused(f"per-digit totals {per_t} are not partition {partition}'s held-out digits {digits}")
         return m
 
     def query(self, msg: Message):

@@ -47,7 +47,7 @@ from flmnist.flower_patches.polling_grid import PollingGrid
 from flmnist.ml.data import load_mnist
 from flmnist.ml.export import save_state_dict
 from flmnist.ml.mnist_files import ensure_mnist, resolve_root
-from flmnist.ml.partition import holdout_split, label_counts
+from flmnist.ml.partition import holdout_split, label_counts, node_seed
 from flmnist.observers.base import RunContext
 from flmnist.observers.checkpoint import check_layout, load_checkpoint
 from flmnist.observers.probe import Probes
@@ -128,8 +128,10 @@ def partitions(cfg: DictConfig, root: Path, run_dir: Path) -> NodeLimits:
         say(f"  node {r['node']:>3}: {r['examples']:>6} examples | {counts}")
     if len(rows) > len(shown):
         say(f"  ... {len(rows) - len(shown)} more nodes in {run_dir / 'partition_report.csv'}")
-    held = [len(holdout_split(part, cfg.data.holdout_fraction, 0)[1]) for part in parts]  # sizes only
-    return NodeLimits(tuple(len(part) - h for part, h in zip(parts, held)), tuple(held), cfg.screen.max_examples)
+    # each node's held-out images, as the node splits them: its evaluation counts per digit must be these
+    held = [holdout_split(part, cfg.data.holdout_fraction, node_seed(cfg.seed, i))[1] for i, part in enumerate(parts)]
+    return NodeLimits(tuple(len(part) - len(h) for part, h in zip(parts, held)), tuple(len(h) for h in held),
+                      cfg.screen.max_examples, tuple(tuple(label_counts(labels[h])) for h in held))
 
 
 def build_observers(cfg: DictConfig, context: RunContext) -> list:
