@@ -553,6 +553,24 @@ def test_a_sweep_over_experiments_has_one_directory_and_names_each_jobs_folder(m
     assert not any(a.startswith(("hydra.sweep.dir=", "hydra.job.config")) for a in same)
 
 
+def test_output_dir_under_a_quoted_tilde_is_the_home_folder_and_an_empty_one_is_refused(tmp_path, mnist_root,
+                                                                                          monkeypatch):
+    """``output_dir='~/runs'`` (the ~ left to flmnist by the quotes): flmnist's checks made
+    $HOME/runs, Hydra wrote the run to ./~/runs, and resume=latest then looked in $HOME/runs; an
+    empty output_dir put the run in /DATE/TIME_NAME (a review)."""
+    from flmnist.launch.cli import hydra_arguments
+
+    monkeypatch.setenv("FLMNIST_DATA_DIR", str(mnist_root))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    for given in ("output_dir='~/runs'", "output_dir=~/runs"):
+        args = hydra_arguments([given, "num_rounds=1"])
+        assert f"output_dir='{tmp_path / 'home' / 'runs'}'" in args and (tmp_path / "home" / "runs").is_dir(), args
+    assert not (tmp_path / "~").exists()
+    with pytest.raises(ConfigError, match=r"^output_dir is empty; give a folder, e.g. output_dir=outputs$"):
+        hydra_arguments(["output_dir=", "num_rounds=1"])
+
+
 def test_a_numeric_name_passes_the_check_hydras_config_gets_as_it_passed_the_first(tmp_path):
     """``flmnist name=42``: compose_config (before Hydra) made it the name "42" and passed it; the
     job then checked Hydra's own config, where it is the integer 42, and failed with its run

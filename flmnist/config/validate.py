@@ -112,6 +112,8 @@ def _top_level(cfg: DictConfig) -> None:
     if cfg.name and ("/" in cfg.name or "\\" in cfg.name or cfg.name.startswith(".")):
         raise ConfigError(f"name={cfg.name} names the run's directory: no '/', no '\\', not starting with '.'")
     _kind(cfg, "output_dir", str, "a path")
+    if not cfg.output_dir.strip():  # (Hydra put the run in /DATE/TIME_NAME)
+        raise ConfigError("output_dir is empty; give a folder, e.g. output_dir=outputs")
     _kind(cfg, "run_dir", str, "a path", allow_none=True)
     _kind(cfg, "resume", str, "a run directory, its checkpoint.pt, or latest", allow_none=True)
     _kind(cfg, "data.root", str, "a path", allow_none=True)

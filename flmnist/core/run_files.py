@@ -26,6 +26,19 @@ def quoted(path: str | Path) -> str:
     return "'" + str(path).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+def home_expanded(overrides: list[str]) -> list[str]:
+    """``output_dir='~/runs'`` (a ``~`` the shell left, inside quotes) with the home folder expanded:
+    Hydra takes ``~`` as a folder's name, so the run went to ``./~/runs`` while flmnist's checks and
+    ``resume=latest`` looked in ``$HOME/runs``."""
+    out = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        bare = value.strip("'\"")
+        out.append(f"{key}={quoted(Path(bare).expanduser())}" if key == "output_dir" and sep and bare.startswith("~")
+                   else item)
+    return out
+
+
 def resume_arg(path: str | Path) -> str:
     """``resume=PATH`` as a user types it in a shell. A path Hydra cannot take bare (a sweep job's
     directory holds '=' and ',') is quoted for Hydra, and that for the shell."""

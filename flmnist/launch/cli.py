@@ -64,6 +64,7 @@ from flmnist.core.run_files import (
     file_stamp,
     find_checkpoint,
     hold_run_dir,
+    home_expanded,
     quoted,
     resume_arg,
 )
@@ -283,7 +284,7 @@ def hydra_arguments(args: list[str]) -> list[str]:
     """Check every job's config before anything starts (Hydra has not created a directory yet);
     return the arguments to hand to Hydra. A resume is pinned to the directory of its run,
     so Hydra creates no new one."""
-    args = without_no_preset(args)
+    args = home_expanded(without_no_preset(args))
     multirun = any(a in MULTIRUN for a in args)
     overrides = [a for a in args if a not in MULTIRUN]
     if multirun:
@@ -362,8 +363,7 @@ def main() -> None:
               f"flmnist {plain}", file=sys.stderr)
         raise SystemExit(EXIT_ERROR)
     try:
-        if not any(a.startswith("-") and a not in MULTIRUN for a in args):
-            # Not --help, --cfg, --info ...: compose and check first.
+        if not any(a.startswith("-") and a not in MULTIRUN for a in args):  # not --help, --cfg ...: checked first
             sys.argv = [sys.argv[0], *hydra_arguments(args)]
         elif not any(a in MULTIRUN for a in args) and (hydra_flags := get_args_parser().parse_args(args)).cfg:
             # a preview of the composed config: its settings checked as a run's are (it showed ones that fail)
