@@ -25,8 +25,15 @@ def client_gpus(cfg: DictConfig) -> float:
 
 def check_gpu_share(cfg: DictConfig, gpus: float) -> None:
     """A GPU share asked for (``simulation=gpu``, ``simulation.client_gpus=N``) on a machine whose
-    PyTorch sees no GPU would leave Ray waiting for a GPU forever: refuse it, naming the setting.
-    With ``simulation.ray_address`` the GPUs may be on the cluster's other machines: not checked."""
+    PyTorch sees no GPU would leave Ray waiting for a GPU forever: refuse it, naming the setting;
+    so is a Ray worker's ``simulation.client_cpus`` beyond this machine's cores (Flower's actor
+    pool came out empty, an error in flwr_run.log after the start). With ``simulation.ray_address``
+    the GPUs and cores may be on the cluster's other machines: not checked."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    wanted = float(cfg.simulation.client_cpus)
+    if simulation_backend(cfg, gpus, cores) == "ray" and not cfg.simulation.ray_address and wanted > cores:
+        raise ConfigError(f"simulation.client_cpus={wanted:g} asks for more cores per ClientApp than this machine "
+                          f"has ({cores}): give at most {cores}, or use simulation=auto")
     if gpus > 0 and not cfg.simulation.ray_address and not (gpu_device_nodes() and torch_sees_cuda()):
         raise ConfigError(f"simulation.client_gpus={gpus:g} asks for a GPU share per ClientApp, but PyTorch sees "
                           f"no CUDA GPU on this machine: use simulation=auto (or simulation.client_gpus=0), or join "
