@@ -174,6 +174,12 @@ ACCEPTED_BEFORE = [
     (["+observers.toy._target_=.rel.Foo"], r"observers.toy._target_ '.rel.Foo': no module '.rel.Foo' here"),
     (["+observers.toy._target_=flmnist.observers.nope.Foo"],
      r"observers.toy._target_ 'flmnist.observers.nope.Foo': no module 'flmnist.observers.nope' here"),
+    # a misspelt class of a module that exists: built after the run directory was made (a review)
+    (["+observers.toy._target_=flmnist.observers.evaluation.Nope"],
+     r"observers.toy._target_ 'flmnist.observers.evaluation.Nope': flmnist.observers.evaluation \(.+evaluation.py\) "
+     r"defines no 'Nope'"),
+    (["+observers.toy._target_=flmnist.observers.probe.Probes.nope"],
+     r"flmnist.observers.probe.Probes \(.+probe.py\) defines no 'nope'"),
     # classes no node builds: every node refused them at its first message
     (["model._target_=flmnist.ml.models.Lenet"], (r"model._target_ 'flmnist.ml.models.Lenet' is not a model the "
                                                   r"nodes build \(flmnist.ml.models: LeNet, CNNMcMahan, LogReg, MLP\)")),

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.util
 import logging
 import math
-import sys
 
 from flwr.serverapp.strategy import Bulyan, Krum, MultiKrum
 from hydra.utils import get_class
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from flmnist.config.targets import missing_module, undefined_name
 from flmnist.core.build import build
 from flmnist.core.checks import check_integer, check_number, check_style
 from flmnist.core.constants import MNIST_TRAIN_SIZE
@@ -195,9 +194,11 @@ def _observers(cfg: DictConfig) -> None:
         if node is not None and not (isinstance(node, DictConfig) and isinstance(node.get("_target_"), str)):
             raise ConfigError(f"observers.{name} must name its class with _target_ (or be null to turn it off), "
                               f"got {node!r}")
-        if node is not None and (missing := _missing_module(node._target_)):
+        if node is not None and (missing := missing_module(node._target_)):
             raise ConfigError(f"observers.{name}._target_ {node._target_!r}: no module {missing!r} here; the "
                               "module must be importable where the ServerApp runs (inside flmnist/, or on PYTHONPATH)")
+        if node is not None and (undefined := undefined_name(node._target_)):
+            raise ConfigError(f"observers.{name}._target_ {node._target_!r}: {undefined}")
     # The built-in observers take their settings from eval.*; one set here directly is checked as eval's
     # (observers.digits.every=0 passed, and divided by zero after the first round had trained).
     for name, keys in EVAL_OBSERVERS.items():
@@ -211,26 +212,6 @@ def _observers(cfg: DictConfig) -> None:
                     _eval(probe)
                 except ConfigError as err:
                     raise ConfigError(str(err).replace(f"eval.{as_eval}", f"observers.{name}.{key}")) from None
-
-
-def _missing_module(target: str) -> str | None:
-    """The first package or module of ``target`` (a dotted path to a class or function) that cannot be
-    found, or None. Packages are looked into, never the module itself (it would import PyTorch)."""
-    parts = target.split(".")
-    if not all(parts):  # a relative or malformed name: Hydra cannot load it either
-        return target
-    for i in range(1, len(parts)):
-        name = ".".join(parts[:i])
-        try:
-            spec = importlib.util.find_spec(name)
-        except (ImportError, ValueError):
-            spec = None
-        if spec is None:  # unless the package (imported by find_spec) defines it: package.Class.method
-            parent = sys.modules.get(".".join(parts[: i - 1])) if i > 1 else None
-            return None if parent is not None and hasattr(parent, parts[i - 1]) else name
-        if spec.submodule_search_locations is None:  # a module: the rest are its attributes
-            return None
-    return None
 
 
 def _rounds(cfg: DictConfig, key: str) -> None:
