@@ -176,8 +176,8 @@ ACCEPTED_BEFORE = [
      r"observers.toy._target_ 'flmnist.observers.nope.Foo': no module 'flmnist.observers.nope' here"),
     # a misspelt class of a module that exists: built after the run directory was made (a review)
     (["+observers.toy._target_=flmnist.observers.evaluation.Nope"],
-     r"observers.toy._target_ 'flmnist.observers.evaluation.Nope': flmnist.observers.evaluation \(.+evaluation.py\) "
-     r"defines no 'Nope'"),
+     (r"observers.toy._target_ 'flmnist.observers.evaluation.Nope': flmnist.observers.evaluation \(.+evaluation.py\) "
+      r"defines no 'Nope'")),
     (["+observers.toy._target_=flmnist.observers.probe.Probes.nope"],
      r"flmnist.observers.probe.Probes \(.+probe.py\) defines no 'nope'"),
     # classes no node builds: every node refused them at its first message

@@ -77,8 +77,9 @@ def evaluate_content(partition: int = 0) -> RecordDict:
     return RecordDict({p.METRICS: MetricRecord(metrics), p.NODE_INFO: node_info()})
 
 
-def query_content(partition: int = 0, train_examples: int = 10) -> RecordDict:
-    info = node_info(**{p.PARTITION_ID: partition, p.TRAIN_EXAMPLES: train_examples, p.HOLDOUT_EXAMPLES: 2})
+def query_content(partition: int = 0, train_examples: int = 10, holdout: int | None = None) -> RecordDict:
+    held = LIMITS.holdout_examples[partition] if holdout is None else holdout
+    info = node_info(**{p.PARTITION_ID: partition, p.TRAIN_EXAMPLES: train_examples, p.HOLDOUT_EXAMPLES: held})
     return RecordDict({p.NODE_INFO: info})
 
 
@@ -125,6 +126,11 @@ def test_honest_evaluate_and_query_replies_are_accepted(task_identity):
     assert isinstance(ev, EvaluateReply) and ev.partition == 0 and ev.metrics[p.CORRECT] == 1
     q = screen().query(reply(query_content(2, 30), MessageType.QUERY, node=9))
     assert q == NodeInfo(9, "node 0", 2, 30, "cpu")
+    # what the node holds out is the server's to know, as in its evaluations (a review: unchecked)
+    rejected(screen().query(reply(query_content(2, 30, holdout=2**40), MessageType.QUERY)),
+             f"holdout-examples {2**40}; partition 2 holds out 4")
+    own = ReplyScreen(ScreenSettings(), NodeLimits((10, 20, 30), (2, 3, 4), max_examples=1000))
+    rejected(own.query(reply(query_content(2, 30, holdout=-1), MessageType.QUERY)), "holdout-examples -1 is outside 0..1000")
 
 
 def test_nodes_with_their_own_data_are_held_to_max_examples(task_identity):

@@ -342,9 +342,13 @@ class ReplyScreen:
             if missing:
                 raise Refused(f"node-info lacks {sorted(missing)}")
             partition = _partition(info[p.PARTITION_ID], self.limits)
-            n = info[p.TRAIN_EXAMPLES]
+            n, held = info[p.TRAIN_EXAMPLES], info.get(p.HOLDOUT_EXAMPLES, 0)
             if not 0 <= n <= self.limits.train_cap(partition):
                 raise Refused(f"train-examples {n} is outside 0..{self.limits.train_cap(partition)}")
+            if (exact := self.limits.holdout_exact(partition)) is not None and held != exact:
+                raise Refused(f"holdout-examples {held}; partition {partition} holds out {exact}")
+            if not 0 <= held <= self.limits.train_cap(partition):  # (unused today; never a trap for later code)
+                raise Refused(f"holdout-examples {held} is outside 0..{self.limits.train_cap(partition)}")
             return NodeInfo(msg.metadata.src_node_id, info[p.NODE_NAME], partition, n, info.get(p.DEVICE, ""))
 
         return self._guard(msg, check)
