@@ -8,7 +8,7 @@ The run config key ``overrides`` carries Hydra overrides, e.g.::
 from __future__ import annotations
 
 import threading
-from logging import INFO
+from logging import ERROR, INFO
 from pathlib import Path
 
 from flwr.app import Context
@@ -36,7 +36,7 @@ def run(grid: Grid, cfg: DictConfig) -> dict:
     raised again so Flower reports it too.
     """
     run = build_run(grid, cfg)
-    status, error = "failed", None
+    status, error, late = "failed", None, None
     try:
         run.engine.run(run.initial, run.checkpoint)
         status = "finished"
@@ -44,10 +44,17 @@ def run(grid: Grid, cfg: DictConfig) -> dict:
         status, error = outcome(err, run.run_dir)
         raise
     finally:
-        run.engine.finish()  # what the engine and its observers have to add to the summary
-        if run.recorder.save_model():  # (a model.pt that cannot be written is said, not raised)
-            export_model(build(run.cfg.model, "model"), run.run_dir)
+        try:  # what the engine and its observers have to add to the summary, then the model's exports
+            run.engine.finish()
+            if run.recorder.save_model():  # (a model.pt that cannot be written is said, not raised)
+                export_model(build(run.cfg.model, "model"), run.run_dir)
+        except Exception as err:  # noqa: BLE001 - never instead of the summary, nor of the run's own error
+            log(ERROR, "Finishing the run failed: %s: %s", type(err).__name__, err)
+            if status == "finished":
+                status, error, late = "failed", f"finishing the run: {type(err).__name__}: {err}", err
         summary = run.recorder.finish(status, error)  # summary.json last: the run is over
+    if late is not None:
+        raise late
     return summary
 
 

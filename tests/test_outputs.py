@@ -308,6 +308,13 @@ def test_a_run_that_failed_as_flower_shut_down_under_a_sigterm_is_reported_stopp
     assert summary["status"] == "stopped" and "SIGTERM" in summary["error"], summary
     (tmp_path / "summary.json").write_text(json.dumps({"status": "finished"}))
     assert "the run had finished" in stopped_message(Stop("flmnist: stopped by SIGTERM", 143), cfg, tmp_path, None)
+    # a failure of the run's own, then a stop while Flower wound down: the failure and its error are kept
+    # (they were rewritten "stopped | interrupted", the error gone: a review)
+    failed = {"status": "failed", "error": "RunFailed: 3 rounds in a row without a usable update"}
+    (tmp_path / "summary.json").write_text(json.dumps(failed))
+    message = stopped_message(Stop("flmnist: stopped by SIGTERM", 143), cfg, tmp_path, None)
+    assert message == f"flmnist: stopped by SIGTERM; the run had failed: {failed['error']}: results in {tmp_path}"
+    assert json.loads((tmp_path / "summary.json").read_text()) == failed
 
 
 STOPPED_SERVERAPP = """
@@ -445,6 +452,38 @@ def test_a_stopped_runs_plots_are_titled_with_the_run_as_its_own_were(tmp_path):
     assert run_label(cfg) in title(tmp_path / "attribution.png")  # it had no run label (a review)
 
 
+def test_a_full_disk_at_the_metrics_or_the_model_still_writes_the_summary_and_leaves_no_stale_files(tmp_path,
+                                                                                                      monkeypatch):
+    """A full disk at metrics.json raised out of finish(): no summary.json (the command said only
+    'the run wrote no summary', the run's own error hidden behind the OSError) and a half-written
+    metrics.json.tmp taking the last space; a model.pt that could not be saved left an earlier
+    attempt's model.pt and exports in place under a "finished" run, and the message pointed at a
+    checkpoint.pt that was not there (a review)."""
+    from flmnist.core.run_files import atomic_write
+
+    with pytest.raises(TypeError):
+        atomic_write(tmp_path / "half.json", None)  # fails inside the write: the temporary file goes too
+    assert not (tmp_path / "half.json.tmp").exists() and not (tmp_path / "half.json").exists()
+    for name in ("model.pt", "model_scripted.pt", "model.onnx"):
+        (tmp_path / name).write_text("an earlier attempt's")
+    lines = []
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    recorder = RunRecorder(tmp_path, 3, 0.99, printer=lines.append, save_tensors=full_disk)
+    sync_rows(recorder, fleet=False)
+    recorder.final_state = {"w": torch.zeros(2)}
+    monkeypatch.setattr(recorder, "write_metrics", full_disk)
+    recorder.finish("failed", "RunFailed: 3 rounds in a row without a usable update")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error"] == "RunFailed: 3 rounds in a row without a usable update"
+    assert f"Could not save {tmp_path / 'model.pt'} (OSError: [Errno 28] No space left on device); no file holds " \
+           "the final model" in lines
+    assert any(line.startswith(f"Could not write the metrics files in {tmp_path} (OSError") for line in lines)
+    assert not any((tmp_path / name).exists() for name in ("model.pt", "model_scripted.pt", "model.onnx"))
+
+
 def test_a_model_that_cannot_be_saved_loses_no_summary_and_failed_rounds_are_not_completed(tmp_path):
     """A full disk at model.pt raised out of finish() before summary.json (the command then said only
     'the run wrote no summary'); a round that failed before the run stopped left a partial row that
@@ -564,3 +603,35 @@ def test_a_tracker_added_on_resume_gets_the_runs_steps_before_the_checkpoint_too
     (run,) = client.search_runs([client.get_experiment_by_name("flmnist").experiment_id])
     assert [(m.step, round(m.value, 2)) for m in client.get_metric_history(run.info.run_id, "test_accuracy")] == [
         (0, 0.5), (1, 0.6), (2, 0.7), (3, 0.8), (4, 0.95)]
+
+
+def test_a_finishing_step_that_fails_is_summarized_and_never_hides_the_runs_own_error(tmp_path, monkeypatch):
+    """An observer's or the engine's finishing step that raised left no summary.json (the command
+    said only 'the run wrote no summary') and, after a failed run, replaced the run's own error
+    (a review). Now the summary is written either way: a run that had finished is failed with the
+    finishing error (and raises it), one that had failed keeps its own error."""
+    from types import SimpleNamespace
+
+    from flmnist import server_app
+
+    class Engine:
+        def run(self, initial, checkpoint):
+            pass
+
+        def finish(self):
+            raise ValueError("an observer's section")
+
+    class FailingEngine(Engine):
+        def run(self, initial, checkpoint):
+            raise RuntimeError("the run's own failure")
+
+    for engine, raised, error in ((Engine(), ValueError, "finishing the run: ValueError: an observer's section"),
+                                  (FailingEngine(), RuntimeError, "RuntimeError: the run's own failure")):
+        recorder = RunRecorder(tmp_path, 3, 0.99, printer=lambda line: None)
+        sync_rows(recorder, fleet=False)
+        run = SimpleNamespace(engine=engine, recorder=recorder, run_dir=tmp_path, initial=None, checkpoint=None)
+        monkeypatch.setattr(server_app, "build_run", lambda grid, cfg, run=run: run)
+        with pytest.raises(raised):
+            server_app.run(None, None)
+        summary = json.loads((tmp_path / "summary.json").read_text())
+        assert summary["status"] == "failed" and summary["error"] == error, summary

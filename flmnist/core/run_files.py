@@ -53,12 +53,16 @@ def atomic_write(path: Path, text: str, durable: bool = False) -> None:
     before and after the rename (the run's ``config.yaml`` and ``checkpoint.json``, which a resume
     needs: after a power loss the rename alone may leave an empty file)."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # (a full disk: no half-written temporary file left to take the last space)
+        tmp.unlink(missing_ok=True)
+        raise
     if durable:
         folder = os.open(path.parent, os.O_RDONLY)
         try:

@@ -25,8 +25,12 @@ logger = logging.getLogger("flwr")  # Flower's log, where the run's other lines 
 def save_state_dict(state_dict: dict, path: Path) -> None:
     """``torch.save`` to a temporary file renamed over ``path``: never a half-written model file."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state_dict, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state_dict, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def export_model(model: torch.nn.Module, run_dir: Path) -> list[Path]:

@@ -288,8 +288,11 @@ class RunRecorder:
             self.save_tensors(self.final_state, self.run_dir / "model.pt")
         except Exception as err:  # noqa: BLE001 - the summary is written after it
             self.model_saved = None  # tried and failed: not again
-            self.printer(f"Could not save {self.run_dir / 'model.pt'} ({type(err).__name__}: {err}); the last "
-                         "checkpoint.pt holds the final model")
+            for name in ("model.pt", "model_scripted.pt", "model.onnx"):  # an earlier attempt's: not this run's model
+                (self.run_dir / name).unlink(missing_ok=True)
+            where = ("the last checkpoint.pt holds the final model" if (self.run_dir / "checkpoint.pt").is_file()
+                     else "no file holds the final model")
+            self.printer(f"Could not save {self.run_dir / 'model.pt'} ({type(err).__name__}: {err}); {where}")
             return None
         self.model_saved = True
         return self.run_dir / "model.pt"
@@ -304,7 +307,10 @@ class RunRecorder:
         ``finished``."""
         if not self.model_saved:
             self.save_model()
-        self.write_metrics()
+        try:
+            self.write_metrics()
+        except OSError as err:  # (a full disk) the summary, smaller, is still tried: it says how the run ended
+            self.printer(f"Could not write the metrics files in {self.run_dir} ({type(err).__name__}: {err})")
         summary = self.summary(status, error)
         try:
             from flmnist.observers.plots import plot_run
