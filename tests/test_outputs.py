@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -430,6 +431,17 @@ def test_plots_take_any_run_name_and_a_long_runs_heatmap_stays_readable(tmp_path
     assert title(tmp_path / "accuracy_loss.png") == "Accuracy and loss: a$b_{$c"
     heatmap = Image.open(tmp_path / "per_digit_accuracy.png")
     assert heatmap.size[1] <= 100 * (0.3 * HEATMAP_ROWS + 1.8) + 1
+    # each plot is drawn to a temporary file renamed over the old one: a kill never leaves half a plot
+    assert not list(tmp_path.glob("*.tmp*"))
+    before = (tmp_path / "accuracy_loss.png").read_bytes()
+
+    def half_then_full_disk(fig, fname, *args, **kwargs):
+        Path(fname).write_bytes(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError), patch("matplotlib.figure.Figure.savefig", half_then_full_disk):
+        plot_run(tmp_path, rows[:5], {}, label="x")
+    assert (tmp_path / "accuracy_loss.png").read_bytes() == before and not list(tmp_path.glob("*.tmp*"))
 
 
 def test_a_stopped_runs_plots_are_titled_with_the_run_as_its_own_were(tmp_path):

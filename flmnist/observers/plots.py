@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import textwrap
 from pathlib import Path
 
@@ -46,8 +47,13 @@ def _save(fig, path: Path, title: str) -> None:
             width = max(40, int(fig.get_figwidth() * 9))
             ax.set_title("\n".join(textwrap.fill(line, width) for line in ax.get_title().split("\n")))
     fig.tight_layout()
-    fig.savefig(path, dpi=100, metadata={"Title": title})
-    plt.close(fig)
+    tmp = Path(path).with_name(Path(path).stem + ".tmp.png")  # renamed over it: a kill never leaves half a plot
+    try:
+        fig.savefig(tmp, dpi=100, metadata={"Title": title})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        plt.close(fig)
 
 
 def _integer_axis(ax, axis: str = "x") -> None:

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from flmnist.core.errors import ConfigError
+from flmnist.core.run_files import atomic_write
 from flmnist.observers.mlflow_run import RUN_ID_FILE, reachable, saved_run
 from flmnist.observers.trackers import Tracker, flat
 
@@ -116,7 +117,7 @@ class MLflowTracker(Tracker):
         self.run_id = self._continued(saved_id, experiment_id, params)
         if self.run_id is None:
             self.run_id = self.client.create_run(experiment_id, run_name=name).info.run_id
-            (run_dir / RUN_ID_FILE).write_text(f"{self.run_id}\n{uri}\n")
+            atomic_write(run_dir / RUN_ID_FILE, f"{self.run_id}\n{uri}\n")  # (half a file: a resume's new MLflow run)
             for step, metrics in sorted(self.replay.items()):  # a resumed run new to MLflow: its steps so far
                 self.log_metrics(step, metrics)
         keys = list(params)
