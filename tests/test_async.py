@@ -1,6 +1,7 @@
 """Asynchronous strategies: staleness functions, equivalences (each stating its conditions),
 max_staleness, virtual-clock ordering and fleet determinism."""
 
+import logging
 import math
 
 import numpy as np
@@ -135,10 +136,13 @@ def test_fedbuff_server_momentum():
     np.testing.assert_allclose(m2["w"], model["w"] + 0.5 * d1["w"] + 0.5 * v2["w"], rtol=1e-5)
 
 
-def test_buffer_never_exceeds_concurrency():
+def test_buffer_never_exceeds_concurrency(caplog):
     buff = FedBuff(buffer_size=10)
-    buff.limit_concurrency(4)
+    with caplog.at_level(logging.INFO, logger="flwr"):
+        buff.limit_concurrency(4)
     assert buff.buffer_size == 4
+    assert ("FedBuff: strategy.buffer_size=10 is more than the 4 nodes training at once (async_loop.concurrency, else "
+            "the nodes found): each server step averages 4 updates") in caplog.text  # (it was lowered silently)
     # resumed with all 10 nodes up (it had started with 4): K is the configured 10 again, not the
     # checkpoint's 4 (a deployment that started with few boards kept the small buffer for good)
     resumed = FedBuff(buffer_size=10)

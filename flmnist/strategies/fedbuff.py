@@ -17,6 +17,8 @@ training at once (the concurrency): a larger buffer would fill with several upda
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from flmnist.core.checks import check_integer, check_number
@@ -56,6 +58,11 @@ class FedBuff(AsyncStrategy):
         """K is at most the nodes training at once (of the configured K: a run resumed with more
         nodes than it started with gets its K back, not the smaller one its checkpoint holds)."""
         self.buffer_size = min(self.configured_size, concurrency)
+        if self.buffer_size < self.configured_size:  # (said, as a note: the default K=10 on 2 nodes is the usual case)
+            logging.getLogger("flwr").info(
+                "FedBuff: strategy.buffer_size=%d is more than the %d nodes training at once (async_loop.concurrency, "
+                "else the nodes found): each server step averages %d updates", self.configured_size, concurrency,
+                self.buffer_size)
 
     def aggregate_size(self) -> int:
         return self.buffer_size
