@@ -570,6 +570,11 @@ def test_output_dir_under_a_quoted_tilde_is_the_home_folder_and_an_empty_one_is_
         args = hydra_arguments([given, "num_rounds=1"])
         assert f"output_dir='{tmp_path / 'home' / 'runs'}'" in args and (tmp_path / "home" / "runs").is_dir(), args
     assert not (tmp_path / "~").exists()
+    from flmnist.core.run_files import home_expanded
+
+    # a sweep's list of folders is Hydra's to split: left as given
+    assert home_expanded(["output_dir=~/a,~/b", "++output_dir=~/c"]) == ["output_dir=~/a,~/b",
+                                                                        f"++output_dir='{tmp_path / 'home' / 'c'}'"]
     with pytest.raises(ConfigError, match=r"^output_dir is empty; give a folder, e.g. output_dir=outputs$"):
         hydra_arguments(["output_dir=", "num_rounds=1"])
 

@@ -64,6 +64,28 @@ def test_unknown_option_in_any_group_lists_the_valid_ones():
         compose_config(["partition=zipf"])
 
 
+def test_an_observer_target_check_judges_only_what_a_module_surely_lacks(tmp_path, monkeypatch):
+    """The source of an observer's module is read, not imported: a name it defines in a way the
+    reading cannot follow (made by a module __getattr__, unpacked, under try/match, a method a class
+    decorator or metaclass adds) is not judged; a plain typo is (a review of the check)."""
+    from flmnist.config.targets import undefined_name
+
+    (tmp_path / "obsmods.py").write_text(
+        "A, (B, C) = 1, (2, 3)\n"
+        "def deco(cls):\n    cls.build = classmethod(lambda c: c())\n    return cls\n"
+        "@deco\nclass Decorated:\n    pass\n"
+        "class Meta(type):\n    pass\n"
+        "class WithMeta(metaclass=Meta):\n    pass\n"
+        "class Plain:\n    def make(self):\n        pass\n")
+    (tmp_path / "lazymod.py").write_text("def __getattr__(name):\n    return name\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for target in ("obsmods.A", "obsmods.C", "obsmods.Decorated.build", "obsmods.WithMeta.create", "obsmods.Plain.make",
+                   "lazymod.Anything"):
+        assert undefined_name(target) is None, target
+    assert undefined_name("obsmods.Plian").endswith("defines no 'Plian'")
+    assert undefined_name("obsmods.Plain.mkae").endswith("defines no 'mkae'")
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [

@@ -131,6 +131,9 @@ def test_honest_evaluate_and_query_replies_are_accepted(task_identity):
              f"holdout-examples {2**40}; partition 2 holds out 4")
     own = ReplyScreen(ScreenSettings(), NodeLimits((10, 20, 30), (2, 3, 4), max_examples=1000))
     rejected(own.query(reply(query_content(2, 30, holdout=-1), MessageType.QUERY)), "holdout-examples -1 is outside 0..1000")
+    # a node holding out more than it trains on (data.holdout_fraction=0.6): its exact count passes
+    mostly_held = ReplyScreen(ScreenSettings(), NodeLimits((400,), (600,)))
+    assert isinstance(mostly_held.query(reply(query_content(0, 400, holdout=600), MessageType.QUERY)), NodeInfo)
 
 
 def test_nodes_with_their_own_data_are_held_to_max_examples(task_identity):

@@ -54,8 +54,8 @@ def undefined_name(target: str) -> str | None:
                 if wanted not in defined:
                     return f"{'.'.join(parts[:i + depth])} ({spec.origin}) defines no {wanted!r}"
                 node = defined[wanted]
-                if not isinstance(node, ast.ClassDef) or node.bases:  # (a base class may define the rest)
-                    return None
+                if not isinstance(node, ast.ClassDef) or node.bases or node.keywords or node.decorator_list:
+                    return None  # (a base class, a metaclass or a class decorator may define the rest)
                 scope = node.body
             return None
     return None
@@ -72,9 +72,9 @@ def _defined(scope: list) -> dict | None:
             if any(a.name == "*" for a in n.names):
                 return None
             names.update({(a.asname or a.name).split(".")[0]: None for a in n.names})
-        elif isinstance(n, (ast.Assign, ast.AnnAssign)):
+        elif isinstance(n, (ast.Assign, ast.AnnAssign, ast.AugAssign)):  # (A, B = ...: every name unpacked)
             targets = n.targets if isinstance(n, ast.Assign) else [n.target]
-            names.update({t.id: None for t in targets if isinstance(t, ast.Name)})
-        elif isinstance(n, (ast.If, ast.Try, ast.With, ast.For, ast.While)):
+            names.update({t.id: None for target in targets for t in ast.walk(target) if isinstance(t, ast.Name)})
+        elif isinstance(n, (ast.If, ast.Try, ast.TryStar, ast.Match, ast.With, ast.For, ast.While)):
             return None
-    return names
+    return None if "__getattr__" in names else names  # (a module's __getattr__ makes names on demand)

@@ -33,9 +33,9 @@ def home_expanded(overrides: list[str]) -> list[str]:
     out = []
     for item in overrides:
         key, sep, value = item.partition("=")
-        bare = value.strip("'\"")
-        out.append(f"{key}={quoted(Path(bare).expanduser())}" if key == "output_dir" and sep and bare.startswith("~")
-                   else item)
+        bare = value.strip("'\"")  # (a sweep's list of folders, a,b: left to Hydra as given)
+        home = key.lstrip("+") == "output_dir" and sep and bare.startswith("~") and "," not in bare
+        out.append(f"{key}={quoted(Path(bare).expanduser())}" if home else item)
     return out
 
 

@@ -33,7 +33,7 @@ def check_gpu_share(cfg: DictConfig, gpus: float) -> None:
     wanted = float(cfg.simulation.client_cpus)
     if simulation_backend(cfg, gpus, cores) == "ray" and not cfg.simulation.ray_address and wanted > cores:
         raise ConfigError(f"simulation.client_cpus={wanted:g} asks for more cores per ClientApp than this machine "
-                          f"has ({cores}): give at most {cores}, or use simulation=auto")
+                          f"has ({cores}): give simulation.client_cpus={cores} or less")
     if gpus > 0 and not cfg.simulation.ray_address and not (gpu_device_nodes() and torch_sees_cuda()):
         raise ConfigError(f"simulation.client_gpus={gpus:g} asks for a GPU share per ClientApp, but PyTorch sees "
                           f"no CUDA GPU on this machine: use simulation=auto (or simulation.client_gpus=0), or join "

@@ -347,7 +347,7 @@ class ReplyScreen:
                 raise Refused(f"train-examples {n} is outside 0..{self.limits.train_cap(partition)}")
             if (exact := self.limits.holdout_exact(partition)) is not None and held != exact:
                 raise Refused(f"holdout-examples {held}; partition {partition} holds out {exact}")
-            if not 0 <= held <= self.limits.train_cap(partition):  # (unused today; never a trap for later code)
+            if exact is None and not 0 <= held <= self.limits.train_cap(partition):  # (unused today; no trap later)
                 raise Refused(f"holdout-examples {held} is outside 0..{self.limits.train_cap(partition)}")
             return NodeInfo(msg.metadata.src_node_id, info[p.NODE_NAME], partition, n, info.get(p.DEVICE, ""))
 
