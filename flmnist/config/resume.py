@@ -103,7 +103,7 @@ def steps_done(run_dir: Path) -> int:
     return max(steps)
 
 
-def _summary(run_dir: Path) -> dict:
+def run_summary(run_dir: Path) -> dict:
     """The run's ``summary.json`` ({} if missing, unreadable or not an object)."""
     try:
         summary = json.loads((run_dir / "summary.json").read_text())
@@ -117,7 +117,7 @@ def client_updates_done(run_dir: Path) -> int:
     stop at the last server version; later updates, a part-filled buffer, are only there), else
     the rows'."""
     try:
-        counted = int(_summary(run_dir)["async"]["client_updates"])
+        counted = int(run_summary(run_dir)["async"]["client_updates"])
     except (KeyError, TypeError, ValueError):
         counted = 0
     return max([counted, *(int(r.get("client_updates") or 0) for r in _metric_rows(run_dir))])
@@ -150,7 +150,7 @@ def extension(saved: DictConfig, cfg: DictConfig) -> str:
 def stopped_early(run_dir: Path) -> str | None:
     """Why the run's summary.json says it stopped early (the target, the privacy budget), or None."""
     try:
-        return (_summary(run_dir).get("stopped_early") or {}).get("reason")
+        return (run_summary(run_dir).get("stopped_early") or {}).get("reason")
     except AttributeError:
         return None
 
@@ -162,7 +162,7 @@ def stopped_at_target(run_dir: Path) -> bool:
 
 def finished(run_dir: Path) -> bool:
     """Whether the run's summary.json says it finished."""
-    return _summary(run_dir).get("status") == "finished"
+    return run_summary(run_dir).get("status") == "finished"
 
 
 def _same_option(group: str, option: str, cfg: DictConfig, saved: DictConfig) -> bool:
@@ -247,7 +247,7 @@ def resumed_config(overrides: list[str], saved: DictConfig, run_dir: Path, check
                           f"stop_at_target); to train on, give stop_at_target=false beside resume= (and "
                           f"{length_key}=N to train longer)")
     if (extended in LENGTH[unit] and finished(run_dir) and OmegaConf.select(out, "stop_at_target")
-            and _summary(run_dir).get("rounds_to_target") == done):
+            and run_summary(run_dir).get("rounds_to_target") == done):
         # reached at its last step, where no stop is asked for: an uninterrupted longer run stops there
         raise ConfigError(f"resume: {run_dir} reached its target accuracy at its last {unit} ({done}) with "
                           f"stop_at_target on, so a longer run would have stopped there; to train on, give "
@@ -280,7 +280,7 @@ def time_used(run_dir: Path) -> float | None:
     """The seconds an asynchronous run has used of its ``async_loop.time_budget``: its summary's
     virtual time (simulation), else its loop's real seconds (deployment; a summary written before
     they were reported: its wall time, which adds the start); None if unknown."""
-    summary = _summary(run_dir)
+    summary = run_summary(run_dir)
     try:
         stats = summary.get("async") or {}
         used = stats.get("virtual_time")

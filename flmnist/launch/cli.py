@@ -50,6 +50,7 @@ from flmnist.config.resume import (
     extension,
     given_beside_resume,
     resumed_config,
+    run_summary,
     split_budget,
 )
 from flmnist.config.validate import collapse_args, run_length, validate
@@ -71,7 +72,7 @@ from flmnist.launch import output, warm_link
 from flmnist.launch.backend import BACKEND_NOTES, check_gpu_share, client_gpus, simulation_backend
 from flmnist.launch.comparison import COLUMNS, degraded_message, job_overrides, write_comparison  # noqa: F401
 from flmnist.launch.flwr_local import run_flwr, shielded
-from flmnist.launch.outcome import ended, finished_line, outcome, wrote_summary
+from flmnist.launch.outcome import finished_line, outcome, wrote_summary
 from flmnist.launch.sweep_link import SweepLink
 from flmnist.launch.watchdog import watch
 from flmnist.ml.mnist_files import ensure_mnist, resolve_root
@@ -224,9 +225,10 @@ def stopped_message(stop: BaseException, cfg: DictConfig, run_dir: Path, before:
     """What the command says when stopped mid-run (its processes already stopped): the summary of
     the results so far, written here unless the run wrote its own, and how to continue."""
     why = str(stop) if isinstance(stop, Stop) else INTERRUPTED
-    own = ended(run_dir) if wrote_summary(run_dir, before) else (None, None)  # a failure of its own is kept, not
-    if own[0] == "finished" or (own[0] == "failed" and "shutdown" not in str(own[1])):  # one as Flower shut down
-        return f"{why}; the run had {own[0]}{f': {own[1]}' if own[1] else ''}: results in {run_dir}"
+    own = run_summary(run_dir) if wrote_summary(run_dir, before) else {}  # a failure of its own is kept, not one
+    status, error = own.get("status"), own.get("error")  # as Flower shut down under it
+    if status == "finished" or (status == "failed" and "shutdown" not in str(error)):
+        return f"{why}; the run had {status}{f': {error}' if error else ''}: results in {run_dir}"
     unit, steps = run_length(cfg)
     with shielded():  # a second Ctrl-C must not leave the run without its summary
         summary = summarize_stopped(run_dir, steps, cfg.target_accuracy, unit, why.split(";")[0], **collapse_args(cfg))

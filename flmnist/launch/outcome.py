@@ -18,15 +18,6 @@ def wrote_summary(run_dir: Path, before: tuple[int, int] | None) -> bool:
     return file_stamp(run_dir / "summary.json") not in (None, before)
 
 
-def ended(run_dir: Path) -> tuple[str | None, str | None]:
-    """The status and error the run's summary.json gives (None, None if it cannot be read)."""
-    try:
-        summary = json.loads((run_dir / "summary.json").read_text())
-        return summary.get("status"), summary.get("error")
-    except (OSError, ValueError, AttributeError):
-        return None, None
-
-
 def config_error_in(log: Path, start: int = 0) -> str | None:
     """The last ConfigError the ServerApp raised, as its log shows it from byte ``start`` on, or None."""
     try:
