@@ -12,8 +12,12 @@ output lines as they arrive: from the job's start (the command's start; in the s
 ``#N :`` line) to the command handing over to Flower (``flmnist: simulation backend``), to
 ``flwr run``'s first line, to its ``Using SuperLink`` (after starting one, if it did), to the
 ServerApp's first line (``flmnist run directory``), to the first round's line, to ``Run finished``.
+The sweep runs its jobs in two lanes (``flmnist/launch/lanes.py``: four jobs, ClientApps in
+process); a lane's lines start with ``[job N]``. ``--one-lane`` also times the sweep with
+``hydra.launcher.lanes=1`` (one job after the other, as before the lanes), after the first half
+of the separate commands.
 
-    FLMNIST_DATA_DIR=/path/to/mnist python benchmarks/sweep.py   # prints and writes benchmarks/results/sweep.json
+    FLMNIST_DATA_DIR=/path/to/mnist python benchmarks/sweep.py [--one-lane]   # prints, writes benchmarks/results/sweep.json
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from itertools import pairwise
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,28 +44,30 @@ MARKS = {  # phase -> the line that ends it
     "to_finished": "Run finished",
 }
 JOB_LINE = re.compile(r"\[HYDRA\]\s+#(\d+) : ")
+LANE_LINE = re.compile(r"^\[job (\d+)\] ")  # a lane's line
 
 
 def timed(args: list[str], cwd: Path) -> tuple[float, int, list[dict]]:
     """Run ``flmnist ARGS``; return its wall time, exit code and each job's phase times (s from the job's start)."""
     start = time.perf_counter()  # MNIST: wherever flmnist finds it (data.root, $FLMNIST_DATA_DIR), as for a user
     proc = subprocess.Popen([FLMNIST, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    jobs: list[dict] = []
-    job_start = start
+    jobs: dict[int, dict] = {}
     assert proc.stdout is not None
     for line in proc.stdout:
         now = time.perf_counter()
-        if JOB_LINE.search(line) or not jobs:
-            job_start = now if JOB_LINE.search(line) else start
-            jobs.append({"superlink_started": False, "starts_at": round(job_start - start, 2)})
-        job = jobs[-1]
+        lane, started = LANE_LINE.match(line), JOB_LINE.search(line)
+        if started or not jobs:
+            number = int(started.group(1)) if started else 0
+            jobs[number] = {"superlink_started": False, "starts_at": round((now if started else start) - start, 2)}
+        number = int(lane.group(1)) if lane else max(jobs)  # (one lane: the latest job's)
+        job = jobs.setdefault(number, {"superlink_started": False, "starts_at": round(now - start, 2)})
         job["superlink_started"] |= "Starting local SuperLink" in line
         for phase, mark in MARKS.items():
             hit = mark.search(line) if isinstance(mark, re.Pattern) else mark in line
             if hit and phase not in job:
-                job[phase] = round(now - job_start, 2)
+                job[phase] = round(now - start - job["starts_at"], 2)
     code = proc.wait()
-    return time.perf_counter() - start, code, jobs
+    return time.perf_counter() - start, code, [jobs[n] for n in sorted(jobs)]
 
 
 def main() -> None:
@@ -79,12 +84,16 @@ def main() -> None:
             print(f"separate seed={seed}: {wall:.1f} s (exit {code}) {jobs[0]}", flush=True)
 
     half = len(SEEDS) // 2
+    sweep = ["-m", *SETTINGS, "seed=" + ",".join(map(str, SEEDS))]
     run_separately(SEEDS[:half])  # half before the sweep, half after: a load that drifts weighs on both sides
-    wall, code, jobs = timed(["-m", *SETTINGS, "seed=" + ",".join(map(str, SEEDS))], work)
+    one_lane = None
+    if "--one-lane" in sys.argv[1:]:
+        one_wall, one_code, _ = timed([*sweep, "hydra.launcher.lanes=1"], work)
+        one_lane = {"wall_time_s": round(one_wall, 1), "exit_code": one_code}
+        print(f"sweep, one lane: {one_wall:.1f} s (exit {one_code})", flush=True)
+    wall, code, jobs = timed(sweep, work)
     run_separately(SEEDS[half:])
     jobs = [j for j in jobs if "to_flower" in j]  # (lines before the first job: Hydra's own)
-    for before, job in pairwise(jobs):  # from a job's last line to the next job's start
-        job["gap_after_previous_s"] = round(job["starts_at"] - before["starts_at"] - before.get("to_finished", 0), 2)
     print(f"sweep: {wall:.1f} s (exit {code})", flush=True)
     for seed, job in zip(SEEDS, jobs, strict=False):
         print(f"  job seed={seed}: {job}", flush=True)
@@ -100,6 +109,7 @@ def main() -> None:
         "separate": separate,
         "separate_sum_s": round(total, 1),
         "ratio": round(wall / total, 3),
+        "one_lane": one_lane and {**one_lane, "ratio": round(one_lane["wall_time_s"] / total, 3)},
         "target": "sweep <= 0.75 x the sum of the separate commands",
         "complete": complete,
         "met": bool(complete and wall <= 0.75 * total),

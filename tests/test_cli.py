@@ -600,12 +600,12 @@ def test_a_stop_whose_summary_cannot_be_written_still_stops_the_command(tmp_path
     import errno
 
     from flmnist.config.compose import compose_config
-    from flmnist.launch import cli
+    from flmnist.launch import cli, outcome
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(cli, "summarize_stopped", full)
+    monkeypatch.setattr(outcome, "summarize_stopped", full)
     stop = cli.stopped(cli.Stop("stopped by SIGTERM; every process this run started has been stopped", 143),
                        compose_config(["model=logreg"]), tmp_path, None)
     assert isinstance(stop, cli.Stop) and stop.code == 143

@@ -50,14 +50,12 @@ from flmnist.config.resume import (
     extension,
     given_beside_resume,
     resumed_config,
-    run_summary,
     split_budget,
 )
-from flmnist.config.validate import collapse_args, run_length, validate
+from flmnist.config.validate import validate
 from flmnist.core.checks import check_writable_folder
 from flmnist.core.errors import ConfigError, FlmnistError, RunFailed
 from flmnist.core.run_files import (
-    CHECKPOINT,
     ConfigBackup,
     absolute_overrides,
     atomic_write,
@@ -66,40 +64,31 @@ from flmnist.core.run_files import (
     hold_run_dir,
     home_expanded,
     quoted,
-    resume_arg,
 )
-from flmnist.launch import output, warm_link
+from flmnist.launch import lanes, output, sweep_state, warm_link
 from flmnist.launch.backend import BACKEND_NOTES, check_gpu_share, client_gpus, simulation_backend
 from flmnist.launch.comparison import COLUMNS, degraded_message, job_overrides, write_comparison  # noqa: F401
-from flmnist.launch.flwr_local import run_flwr, shielded
-from flmnist.launch.outcome import finished_line, outcome, wrote_summary
+from flmnist.launch.flwr_local import run_flwr
+from flmnist.launch.outcome import (  # noqa: F401
+    INTERRUPTED,
+    Stop,
+    finished_line,
+    outcome,
+    stopped,
+    stopped_message,
+)
 from flmnist.launch.sweep_link import SweepLink
 from flmnist.launch.watchdog import watch
 from flmnist.ml.mnist_files import ensure_mnist, resolve_root
 from flmnist.observers.recorder import final_line
-from flmnist.observers.stopped import summarize_stopped
 
 APP_DIR = Path(__file__).resolve().parents[2]
-INTERRUPTED = "interrupted; every process this run started has been stopped"  # Ctrl-C
 EXIT_FAILED = 1  # a run did not finish
 EXIT_ERROR = 2  # a bad setting or input: nothing ran
 EXIT_DEGRADED = 3  # a run finished degraded (summary.json: degraded)
 MULTIRUN = ("-m", "--multirun")
 _resumed: dict[Path, DictConfig] = {}  # run directory -> the config its resume runs with (maybe extended)
-_failed_jobs: list[str] = []  # sweep jobs that did not finish (the sweep goes on, then exits 1)
-_degraded: list[str] = []  # the lines saying which runs (sweep jobs) finished degraded: the command exits 3
-_sweep_link: list[SweepLink] = []  # a sweep's shared local SuperLink (flmnist.launch.sweep_link), once started
 _held: list[int] = []  # a sweep job's run directory, held (run_files.hold_run_dir)
-
-
-class Stop(BaseException):
-    """Ends the command with ``code`` after ``message``. A BaseException, so that Hydra lets it
-    through without printing a traceback of its own (as it does for KeyboardInterrupt)."""
-
-    def __init__(self, message: str, code: int, cause: BaseException | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.cause = cause
 
 
 def saved_config(run_dir: Path) -> DictConfig:
@@ -156,9 +145,9 @@ def launch(cfg: DictConfig) -> dict:
     try:
         backend = simulation_backend(cfg, gpus)
         if hc.mode == RunMode.MULTIRUN:  # the jobs share one local SuperLink, stopped at the sweep's end
-            if not _sweep_link:
-                _sweep_link.append(SweepLink())
-            link = _sweep_link[0]
+            if not sweep_state.links:
+                sweep_state.links.append(SweepLink())
+            link = sweep_state.links[0]
         flwr_home = link.home_for(hc.job.num, (backend, sim.ray_address)) if link else tempfile.mkdtemp(
             prefix="flmnist-flwr-home-")
         watch(flwr_home)  # (kill -9 of this command: the watchdog stops what it started)
@@ -190,7 +179,7 @@ def launch(cfg: DictConfig) -> dict:
             log.write(line + "\n")
     summary.update(job_overrides(hc.overrides.task))
     if summary.get("degraded"):
-        _degraded.append(("the run" if hc.mode != RunMode.MULTIRUN else f"job {hc.job.num}")
+        sweep_state.degraded.append(("the run" if hc.mode != RunMode.MULTIRUN else f"job {hc.job.num}")
                          + f" finished degraded: {degraded_message(summary)}")
     return summary
 
@@ -204,63 +193,19 @@ def checked(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
-def close_sweep_link() -> None:
-    """Stop the sweep's local SuperLink and everything under its FLWR_HOME (if one was started)."""
-    for link in _sweep_link:
-        link.close()
-
-
-def stopped(stop: BaseException, cfg: DictConfig, run_dir: Path, before: tuple | None) -> Stop:
-    """The Stop that ends the command, whatever writing the stopped run's summary meets (a full
-    disk: the signal still ends a sweep, with its exit code, instead of failing one job)."""
-    try:
-        message = stopped_message(stop, cfg, run_dir, before)
-    except Exception as err:  # noqa: BLE001
-        why = str(stop) if isinstance(stop, Stop) else INTERRUPTED
-        message = f"{why}; its results so far could not be summarized ({type(err).__name__}: {err})"
-    return Stop(message, getattr(stop, "code", 130))
-
-
-def stopped_message(stop: BaseException, cfg: DictConfig, run_dir: Path, before: tuple | None) -> str:
-    """What the command says when stopped mid-run (its processes already stopped): the summary of
-    the results so far, written here unless the run wrote its own, and how to continue."""
-    why = str(stop) if isinstance(stop, Stop) else INTERRUPTED
-    own = run_summary(run_dir) if wrote_summary(run_dir, before) else {}  # a failure of its own is kept, not one
-    status, error = own.get("status"), own.get("error")  # as Flower shut down under it
-    if status == "finished" or (status == "failed" and "shutdown" not in str(error)):
-        return f"{why}; the run had {status}{f': {error}' if error else ''}: results in {run_dir}"
-    unit, steps = run_length(cfg)
-    with shielded():  # a second Ctrl-C must not leave the run without its summary
-        summary = summarize_stopped(run_dir, steps, cfg.target_accuracy, unit, why.split(";")[0], **collapse_args(cfg))
-    if summary is None:
-        return f"{why}; it had recorded no {unit} yet"
-    more = (f"; continue it with: flmnist {resume_arg(run_dir)}" if (run_dir / CHECKPOINT).is_file() else "")
-    return f"{why}; results after {unit} {summary['rounds_completed']} in {run_dir / 'summary.json'}{more}"
-
-
 class ComparisonTable(Callback):
-    """Hydra callback: collect each job's summary and write the comparison table after a sweep."""
-
-    def __init__(self) -> None:
-        self.summaries: list[dict] = []
+    """Hydra callback: record each job's summary in the comparison table (written after every job:
+    a stopped sweep keeps the table of the jobs done) and show the table after the sweep."""
 
     def on_job_end(self, config: DictConfig, job_return, **kwargs) -> None:
         value = getattr(job_return, "_return_value", None)
-        if isinstance(value, dict):
-            self.summaries.append(value)
-        else:
-            self.summaries.append({**job_overrides(config.hydra.overrides.task), "status": "failed"})
-        self._write(config)  # after every job: a stopped sweep keeps the table of the jobs done
+        summary = value if isinstance(value, dict) else {**job_overrides(config.hydra.overrides.task), "status": "failed"}
+        sweep_state.record(Path(config.hydra.sweep.dir), int(config.hydra.job.num), summary)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        close_sweep_link()
-        md = self._write(config)
+        sweep_state.close_links()
+        md = sweep_state.write_table(Path(config.hydra.sweep.dir))
         print(f"\nComparison ({Path(config.hydra.sweep.dir) / 'comparison.md'}):\n{md}")
-
-    def _write(self, config: DictConfig) -> str:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        return write_comparison(sweep_dir, self.summaries)
 
 
 def _job(cfg: DictConfig) -> dict:
@@ -273,7 +218,7 @@ def _job(cfg: DictConfig) -> dict:
             raise Stop(str(err), code, err) from err
         # A sweep goes on with its other jobs; the table lists this one as failed.
         print(f"flmnist: error: job {hc.job.num}: {err}", file=sys.stderr)
-        _failed_jobs.append(str(hc.job.num))
+        sweep_state.failed_jobs.append(str(hc.job.num))
         return {**job_overrides(hc.overrides.task), "status": "failed", "run_dir": str(Path(hc.runtime.output_dir).resolve())}
     finally:
         while _held:
@@ -288,6 +233,9 @@ def hydra_arguments(args: list[str]) -> list[str]:
     multirun = any(a in MULTIRUN for a in args)
     overrides = [a for a in args if a not in MULTIRUN]
     if multirun:
+        lane_count = [o for o in overrides if override_key(o) == "hydra.launcher.lanes"]  # the launcher's, not a run's
+        overrides = [o for o in overrides if o not in lane_count]
+        lanes.check_lanes(lane_count[-1].split("=", 1)[1] if lane_count else "auto")
         names, experiments, jobs = set(), set(), sweep_jobs(overrides)  # Hydra's expansion: a,b  choice(a,b)
         if any(without_no_preset(job) != job for job in jobs):  # (Hydra: "must be a string or a list")
             raise ConfigError(f"{next(o for o in overrides if override_key(o) == 'experiment')}: a sweep cannot "
@@ -308,6 +256,8 @@ def hydra_arguments(args: list[str]) -> list[str]:
             args = [*args, "hydra.sweep.dir=multirun/${now:%Y-%m-%d}/${now:%H-%M-%S}_sweep"]
         if len(experiments) > 1:
             args = [*args, "hydra.job.config.override_dirname.exclude_keys=[data.root,run_dir]"]
+        if not any(override_key(o) == "hydra/launcher" for o in overrides):  # (a user's own launcher stays)
+            args = [*args, "hydra/launcher=flmnist_lanes"]
         return args
     check_group_overrides(overrides)
     # resume=DIR privacy.max_epsilon=X: a key the default privacy=none lacks; for resumed_config only
@@ -369,11 +319,12 @@ def main() -> None:
             # a preview of the composed config: its settings checked as a run's are (it showed ones that fail)
             compose_config(hydra_flags.overrides)  # (which drops experiment=null, as below)
             sys.argv = [sys.argv[0], *without_no_preset(args)]
+        lanes.register()  # a sweep's launcher (hydra_arguments picks it)
         try:
             # (conf/ found here, not at import: a missing one is one error line, --help and --version too)
             hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")(_job)()
         finally:  # on every path out, a sweep's SuperLink too is stopped before the command says why
-            close_sweep_link()
+            sweep_state.close_links()
     except FlmnistError as err:
         if full_error:
             traceback.print_exc()
@@ -387,13 +338,13 @@ def main() -> None:
     except KeyboardInterrupt:
         print(f"flmnist: {INTERRUPTED}", file=sys.stderr)
         raise SystemExit(130) from None
-    for line in _degraded:
+    for line in sweep_state.degraded:
         print(f"flmnist: {line}", file=sys.stderr)
-    if _failed_jobs:
-        print(f"flmnist: error: {len(_failed_jobs)} sweep job(s) did not finish: {', '.join(_failed_jobs)}",
+    if failed := sorted(sweep_state.failed_jobs, key=int):  # (lanes end their jobs in any order)
+        print(f"flmnist: error: {len(failed)} sweep job(s) did not finish: {', '.join(failed)}",
               file=sys.stderr)
         raise SystemExit(EXIT_FAILED)
-    if _degraded:
+    if sweep_state.degraded:
         raise SystemExit(EXIT_DEGRADED)
 
 

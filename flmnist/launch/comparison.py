@@ -19,17 +19,18 @@ def degraded_message(summary: dict) -> str:
     return f"{describe(summary['degraded'], summary.get('unit') or 'round')}; results in {summary.get('run_dir')}"
 
 
-def comparison_rows(summaries: list[dict]) -> list[dict]:
-    """The table's rows; status ``degraded``: the run finished, but its accuracy collapsed."""
+def comparison_rows(summaries: list[dict], jobs: list[int] | None = None) -> list[dict]:
+    """The table's rows (``jobs``: their job numbers, by default 0, 1, ...); status ``degraded``:
+    the run finished, but its accuracy collapsed."""
     return [{"job": i, **{c: s.get(c) for c in COLUMNS if c != "job"},
              "status": "degraded" if s.get("status") == "finished" and s.get("degraded") else s.get("status")}
-            for i, s in enumerate(summaries)]
+            for i, s in zip(jobs if jobs is not None else range(len(summaries)), summaries)]
 
 
-def write_comparison(sweep_dir: Path, summaries: list[dict]) -> str:
+def write_comparison(sweep_dir: Path, summaries: list[dict], jobs: list[int] | None = None) -> str:
     """Write comparison.csv and comparison.md into the sweep directory; return the Markdown. A job
     that finished degraded has the status ``degraded`` and a note under the Markdown table."""
-    rows = comparison_rows(summaries)
+    rows = comparison_rows(summaries, jobs)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS)
     writer.writeheader()
