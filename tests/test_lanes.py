@@ -21,7 +21,7 @@ from flmnist.core.errors import ConfigError
 from flmnist.launch import lanes, sweep_state
 from tests.test_cli import FLMNIST, descendants, processes_with, started_at, wait_until_gone
 
-LANES_LINE = "flmnist: 4 jobs in 2 lanes, two at a time, each lane with its own local SuperLink"
+LANES_LINE = "flmnist: 4 jobs in 2 lanes, 2 at a time, each lane with its own local SuperLink"
 
 
 @pytest.mark.parametrize("value", [0, -1, "two", True, 1.5, None])
@@ -139,3 +139,57 @@ def test_sigterm_stops_both_lanes_and_everything_they_started(tmp_path, mnist_ro
         assert json.loads((job / "summary.json").read_text())["status"] == "stopped"
     assert not list(tmp_path.glob("multirun/*/*/[23]_*"))  # never started
     assert not (left := wait_until_gone(marker, tracked)), f"processes the command started outlived it: {left}"
+
+
+def test_a_job_that_crashed_in_a_lane_fails_the_sweep_as_it_would_in_one(tmp_path, monkeypatch):
+    """A bug's exception in a job (not a flmnist error, which is a failed summary) was reported as
+    a job that completed: the table said failed, the command exited 0 (a review). Hydra's sweeper
+    reads each return's value after the batch: a crashed job's raises, as with one lane."""
+    monkeypatch.setattr(sweep_state, "table", {})
+    runs = lanes.Lanes(None, {0: ["seed=1"], 1: ["seed=2"]}, 2, tmp_path)
+    lane = lanes._Lane(pid=0, fd=-1)
+    runs._take(lane, ("start", 0))
+    runs._take(lane, ("job", 0, {"overrides": "seed=1", "status": "failed"}, [], [], "Traceback ...\nKeyError: 'x'"))
+    runs._take(lane, ("job", 1, {"overrides": "seed=2", "status": "finished"}, [], [], None))
+    with pytest.raises(RuntimeError, match="job 0 failed:\nTraceback ...\nKeyError: 'x'"):
+        _ = runs.returns[0].return_value
+    assert runs.returns[1].return_value == {"overrides": "seed=2", "status": "finished"}
+    assert [r["job"] for r in csv.DictReader(io.StringIO((tmp_path / "comparison.csv").read_text()))] == ["0", "1"]
+
+
+def test_a_job_whose_lane_was_killed_fails_and_so_do_jobs_no_lane_took(tmp_path, monkeypatch, capsys):
+    """A lane killed under its job (kill -9, out of memory) ended the sweep in a traceback (a
+    review): that job, and any job no lane took because every lane had ended, is a failed job,
+    said and listed, and the command exits 1 naming them (cli.main)."""
+    monkeypatch.setattr(sweep_state, "table", {})
+    monkeypatch.setattr(sweep_state, "failed_jobs", [])
+    runs = lanes.Lanes(None, {0: ["seed=1"], 1: ["seed=2"], 2: ["seed=3"]}, 2, tmp_path)
+    killed, done = lanes._Lane(pid=123, fd=-1, job=1, status=signal.SIGKILL), lanes._Lane(pid=124, fd=-1, status=0)
+    runs.lanes = [killed, done]
+    runs._take(done, ("job", 0, {"overrides": "seed=1", "status": "finished"}, [], [], None))
+    returns = runs._outcome()
+    assert [r.return_value["status"] for r in returns] == ["finished", "failed", "failed"]
+    assert sweep_state.failed_jobs == ["1", "2"]
+    err = capsys.readouterr().err
+    assert "flmnist: error: job 1: its lane (pid 123) killed by signal 9 before the job ended" in err
+    assert "flmnist: error: job 2: not run: every lane of the sweep had ended" in err
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "comparison.csv").read_text())))
+    assert [(r["job"], r["overrides"], r["status"]) for r in rows] == [
+        ("0", "seed=1", "finished"), ("1", "seed=2", "failed"), ("2", "seed=3", "failed")]
+
+
+def test_a_signal_the_command_gets_is_handed_to_each_running_lane_once(tmp_path):
+    """While the lanes run, the command's signals are noted, not raised (a handler raising in the
+    middle of a lane's message lost it: a review); the first is handed to every lane still
+    running, later ones not (each lane is its own process group: Ctrl-C reaches the command only)."""
+    sleepers = [subprocess.Popen(["sleep", "30"]) for _ in range(2)]
+    runs = lanes.Lanes(None, {}, 2, tmp_path)
+    runs.lanes = [lanes._Lane(pid=p.pid, fd=-1) for p in sleepers]
+    runs._record(signal.SIGTERM, None)
+    runs._signals()
+    runs._record(signal.SIGINT, None)
+    runs._signals()
+    assert [p.wait(timeout=10) for p in sleepers] == [-signal.SIGTERM, -signal.SIGTERM]
+    assert runs.signum == signal.SIGTERM
+    with pytest.raises(BaseException, match="stopped by SIGTERM; every process this run started has been stopped"):
+        runs._outcome()

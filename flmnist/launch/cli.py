@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import sys
@@ -256,8 +257,8 @@ def hydra_arguments(args: list[str]) -> list[str]:
             args = [*args, "hydra.sweep.dir=multirun/${now:%Y-%m-%d}/${now:%H-%M-%S}_sweep"]
         if len(experiments) > 1:
             args = [*args, "hydra.job.config.override_dirname.exclude_keys=[data.root,run_dir]"]
-        if not any(override_key(o) == "hydra/launcher" for o in overrides):  # (a user's own launcher stays)
-            args = [*args, "hydra/launcher=flmnist_lanes"]
+        if not any(override_key(o) == "hydra/launcher" for o in overrides) and lanes.register():  # (a user's
+            args = [*args, "hydra/launcher=flmnist_lanes"]  # own launcher stays)
         return args
     check_group_overrides(overrides)
     # resume=DIR privacy.max_epsilon=X: a key the default privacy=none lacks; for resumed_config only
@@ -319,7 +320,6 @@ def main() -> None:
             # a preview of the composed config: its settings checked as a run's are (it showed ones that fail)
             compose_config(hydra_flags.overrides)  # (which drops experiment=null, as below)
             sys.argv = [sys.argv[0], *without_no_preset(args)]
-        lanes.register()  # a sweep's launcher (hydra_arguments picks it)
         try:
             # (conf/ found here, not at import: a missing one is one error line, --help and --version too)
             hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")(_job)()
@@ -338,7 +338,7 @@ def main() -> None:
     except KeyboardInterrupt:
         print(f"flmnist: {INTERRUPTED}", file=sys.stderr)
         raise SystemExit(130) from None
-    for line in sweep_state.degraded:
+    for line in sorted(sweep_state.degraded, key=lambda line: [int(n) for n in re.findall(r"^job (\d+)", line)]):
         print(f"flmnist: {line}", file=sys.stderr)
     if failed := sorted(sweep_state.failed_jobs, key=int):  # (lanes end their jobs in any order)
         print(f"flmnist: error: {len(failed)} sweep job(s) did not finish: {', '.join(failed)}",

@@ -53,12 +53,14 @@ from hydra.core.utils import (
 )
 from omegaconf import DictConfig, open_dict
 
-from flmnist.core.errors import ConfigError, RunFailed
+from flmnist.core.errors import ConfigError
 from flmnist.launch import sweep_state
+from flmnist.launch.comparison import job_overrides
 
 MIN_JOBS = 4  # fewer: each lane would start its own SuperLink for one job or two (measured: no gain at 2)
 PLUGIN = "hydra_plugins.flmnist_lanes.LanesLauncher"  # the name Hydra instantiates it by (register)
 _HEADER = struct.Struct("<I")
+SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}  # what stops a sweep (cli: exit 130, 143, 129)
 log = logging.getLogger("hydra")  # (as Hydra's own launcher says which job starts)
 
 
@@ -73,23 +75,35 @@ def check_lanes(value: Any) -> int | None:
     return value
 
 
-def lane_count(value: Any, jobs: int, configs: Iterable[DictConfig], cores: int | None = None) -> int:
-    """How many lanes a sweep of ``jobs`` jobs (``configs``: theirs, composed) runs in, for
-    ``hydra.launcher.lanes=value`` (module docstring)."""
-    wanted = check_lanes(value)
-    if wanted is not None:
-        return min(wanted, jobs)
-    if jobs < MIN_JOBS or (cores or os.cpu_count() or 1) < 2:
-        return 1
+def one_lane_because(cfg: DictConfig, cores: int) -> str | None:
+    """Why a job of ``cfg`` must not share the machine with another job of its sweep, or None."""
     from flmnist.launch.backend import client_gpus, simulation_backend
 
+    logger = cfg.get("logger") or {}
+    if "MLflow" in str(logger.get("_target_")) and str(logger.get("tracking_uri") or "sqlite").startswith("sqlite"):
+        return "the sweep's runs log to one MLflow SQLite store"
+    gpus = client_gpus(cfg)
+    if gpus or simulation_backend(cfg, gpus, cores) != "inprocess":
+        return "its ClientApps run on Ray or a GPU"
+    return None
+
+
+def lane_count(value: Any, jobs: int, configs: Iterable[DictConfig], cores: int | None = None) -> int:
+    """How many lanes a sweep of ``jobs`` jobs (``configs``: theirs, composed) runs in, for
+    ``hydra.launcher.lanes=value`` (module docstring); ``cores``: this process's."""
+    wanted = check_lanes(value)
+    cores = cores or len(os.sched_getaffinity(0))
+    if wanted is None and (jobs < MIN_JOBS or cores < 2):
+        return 1
+    if wanted == 1:
+        return 1
     for cfg in configs:
-        gpus = client_gpus(cfg)
-        if gpus or simulation_backend(cfg, gpus) != "inprocess":
+        why = one_lane_because(cfg, cores)
+        if why and (wanted is None or why.startswith("the sweep's runs log")):
+            if wanted is not None:
+                print(f"flmnist: hydra.launcher.lanes={wanted}: one lane, as {why}", flush=True)
             return 1
-        if "MLflow" in str((cfg.get("logger") or {}).get("_target_")):  # (a sweep's runs share its mlflow.db)
-            return 1
-    return 2
+    return 2 if wanted is None else min(wanted, jobs)
 
 
 @dataclass
@@ -107,21 +121,18 @@ class LanesLauncher(BasicLauncher):
         self.lanes = lanes
 
     def launch(self, job_overrides, initial_job_idx: int):
-        count = self.lane_count(job_overrides)
+        configs = (self.hydra_context.config_loader.load_sweep_config(self.config, list(o)) for o in job_overrides)
+        count = lane_count(self.lanes, len(job_overrides), configs)
         if count <= 1:
             return super().launch(job_overrides, initial_job_idx)
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        print(f"flmnist: {len(job_overrides)} jobs in {count} lanes, two at a time, each lane with its own local "
+        print(f"flmnist: {len(job_overrides)} jobs in {count} lanes, {count} at a time, each lane with its own local "
               "SuperLink (hydra.launcher.lanes=1: one after the other)", flush=True)
         jobs = {initial_job_idx + i: list(o) for i, o in enumerate(job_overrides)}
         return Lanes(self, jobs, count, sweep_dir).run()
-
-    def lane_count(self, job_overrides) -> int:
-        configs = (self.hydra_context.config_loader.load_sweep_config(self.config, list(o)) for o in job_overrides)
-        return lane_count(self.lanes, len(job_overrides), configs)
 
     def run_one(self, job: int, overrides: list[str]) -> JobReturn:
         """Job ``job`` in this process, as Hydra's basic launcher runs it."""
@@ -136,149 +147,214 @@ class LanesLauncher(BasicLauncher):
         return ret
 
 
-def register() -> None:
+def register() -> bool:
     """Make the launcher known to Hydra, whose scan of its ``hydra_plugins`` package does not find
-    an editable install's: :mod:`hydra_plugins.flmnist_lanes`."""
-    from hydra_plugins.flmnist_lanes import LanesLauncher as Named
-
+    an editable install's (:mod:`hydra_plugins.flmnist_lanes`); False where it is not installed
+    (an editable install made before it existed: the sweep then runs one job after the other)."""
+    try:
+        from hydra_plugins.flmnist_lanes import LanesLauncher as Named
+    except ImportError:
+        return False
     Plugins.instance().register(Named)
+    return True
+
+
+@dataclass
+class _Lane:
+    pid: int
+    fd: int  # its messages' pipe
+    buffer: bytes = b""  # what came of its next message so far
+    job: int | None = None  # the job it runs
+    status: int | None = None  # its wait status, once reaped
 
 
 class Lanes:
-    """The command's side: the lanes forked, fed job numbers, their outcomes gathered."""
+    """The command's side: the lanes forked, fed job numbers, their outcomes gathered. Meanwhile
+    the command's signals are only noted (:meth:`_record`) and handed to the lanes from its loop:
+    a handler raising in the middle of a message would lose it."""
 
     def __init__(self, launcher: LanesLauncher, jobs: dict[int, list[str]], count: int, sweep_dir: Path) -> None:
         self.launcher, self.jobs, self.count, self.sweep_dir = launcher, jobs, count, sweep_dir
         self.returns: dict[int, JobReturn] = {}
         self.stops: list[tuple[str, int]] = []
-        self.errors: list[str] = []
-        self.pids: list[int] = []
-        self.buffers: dict[int, bytes] = {}  # a lane's pipe -> what came of its next message so far
+        self.lanes: list[_Lane] = []
+        self.signum: int | None = None  # the first signal the command got
+        self.handed_on = False  # ... and whether the lanes got it
+        self.queue = b"".join(_HEADER.pack(j) for j in jobs)  # job numbers not yet handed to a lane
+        self.queue_w: int | None = None
 
     def run(self) -> list[JobReturn]:
-        queue_r, queue_w = os.pipe()
-        os.write(queue_w, b"".join(_HEADER.pack(j) for j in self.jobs))  # (a sweep of 16,384 jobs fits a pipe)
-        os.close(queue_w)
-        results = []
-        for _ in range(self.count):
-            read, write = os.pipe()
-            sys.stdout.flush()
-            sys.stderr.flush()
-            pid = os.fork()
-            if pid == 0:  # the lane
-                os.close(read)
-                for fd in results:
-                    os.close(fd)
-                _lane(self.launcher, self.jobs, queue_r, write)  # never returns
-            os.close(write)
-            results.append(read)
-            self.pids.append(pid)
-        os.close(queue_r)
-        self.buffers = dict.fromkeys(results, b"")
+        handlers = {s: signal.signal(s, self._record) for s in SIGNALS}
+        queue_r, self.queue_w = os.pipe()
+        os.set_blocking(self.queue_w, False)
         try:
+            parent = os.getpid()
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)  # (a lane's own handlers first: _lane)
+            try:
+                for _ in range(self.count):
+                    read, write = os.pipe()
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    pid = os.fork()
+                    if pid == 0:  # the lane
+                        for fd in (read, self.queue_w, *(lane.fd for lane in self.lanes)):
+                            os.close(fd)
+                        _lane(self.launcher, self.jobs, queue_r, write, parent, handlers, mask)  # never returns
+                    os.close(write)
+                    self.lanes.append(_Lane(pid, read))
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            os.close(queue_r)
             self._gather()
-        except BaseException as stop:  # a signal (Stop, KeyboardInterrupt): the lanes stop their jobs
-            signum = getattr(stop, "code", 130) - 128
-            for pid in self.pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signum if signum in (signal.SIGTERM, signal.SIGHUP) else signal.SIGINT)
-            with _shielded():
-                self._gather()
-            for message, _ in self.stops:  # where each lane's job left its results, and how to continue it
-                print(f"flmnist: {message}", file=sys.stderr)
-            raise
+        finally:
+            if self.queue_w is not None:
+                os.close(self.queue_w)
+            for s, handler in handlers.items():
+                signal.signal(s, handler)
         return self._outcome()
 
-    def _gather(self) -> None:
-        """Read the lanes' messages until every lane has ended, then reap them."""
-        with selectors.DefaultSelector() as sel:
-            for fd in self.buffers:
-                sel.register(fd, selectors.EVENT_READ)
-            while sel.get_map():
-                for key, _ in sel.select():
-                    chunk = os.read(key.fd, 65536)
-                    if not chunk:
-                        sel.unregister(key.fd)
-                        os.close(key.fd)
-                        del self.buffers[key.fd]
-                        continue
-                    self.buffers[key.fd] += chunk
-                    while len(buf := self.buffers[key.fd]) >= 4 and len(buf) >= 4 + (n := _HEADER.unpack_from(buf)[0]):
-                        self.buffers[key.fd] = buf[4 + n:]
-                        self._take(pickle.loads(buf[4:4 + n]))
-        for pid in self.pids:
-            with contextlib.suppress(ChildProcessError):
-                _, status = os.waitpid(pid, 0)
-                if os.waitstatus_to_exitcode(status) < 0 and not self.stops:
-                    self.errors.append(f"a lane (pid {pid}) was killed by signal {-os.waitstatus_to_exitcode(status)}")
-        self.pids = []
+    def _record(self, signum: int, frame) -> None:
+        if self.signum is None:
+            self.signum = signum
 
-    def _take(self, message: tuple) -> None:
+    def _gather(self) -> None:
+        """Feed the queue, read the lanes' messages and hand on a signal, until every lane ended."""
+        with selectors.DefaultSelector() as sel:
+            for lane in self.lanes:
+                sel.register(lane.fd, selectors.EVENT_READ, lane)
+            sel.register(self.queue_w, selectors.EVENT_WRITE)
+            while any(key.data for key in sel.get_map().values()):
+                for key, _ in sel.select(timeout=0.2):
+                    if key.data is None:  # the queue has room: up to PIPE_BUF at once, whole or nothing
+                        with contextlib.suppress(BlockingIOError):
+                            self.queue = self.queue[os.write(self.queue_w, self.queue[:4096]):]
+                        if not self.queue:
+                            sel.unregister(self.queue_w)
+                            os.close(self.queue_w)
+                            self.queue_w = None
+                        continue
+                    lane = key.data
+                    chunk = os.read(lane.fd, 65536)
+                    if not chunk:
+                        sel.unregister(lane.fd)
+                        os.close(lane.fd)
+                        lane.status = os.waitpid(lane.pid, 0)[1]
+                        continue
+                    lane.buffer += chunk
+                    while len(lane.buffer) >= 4 and len(lane.buffer) >= 4 + (n := _HEADER.unpack_from(lane.buffer)[0]):
+                        message, lane.buffer = pickle.loads(lane.buffer[4:4 + n]), lane.buffer[4 + n:]
+                        self._take(lane, message)
+                self._signals()
+
+    def _signals(self) -> None:
+        """The first signal the command got is handed to every lane still running, once."""
+        if self.signum is not None and not self.handed_on:
+            self.handed_on = True
+            for lane in self.lanes:
+                if lane.status is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(lane.pid, self.signum)
+
+    def _take(self, lane: _Lane, message: tuple) -> None:
         kind, *rest = message
-        if kind == "job":
-            job, summary, failed, degraded = rest
+        if kind == "start":
+            lane.job = rest[0]
+        elif kind == "job":
+            job, summary, failed, degraded, error = rest
+            lane.job = None
             sweep_state.failed_jobs.extend(failed)
             sweep_state.degraded.extend(degraded)
-            sweep_state.record(self.sweep_dir, job, summary)
-            ret = JobReturn(overrides=self.jobs[job], status=JobStatus.COMPLETED)
-            ret.return_value = summary
+            try:
+                sweep_state.record(self.sweep_dir, job, summary)
+            except OSError as err:  # (a full disk: the sweep goes on; the table is written again after the next job)
+                print(f"flmnist: the comparison table could not be written ({err})", file=sys.stderr)
+            ret = JobReturn(overrides=self.jobs[job], status=JobStatus.COMPLETED if error is None else JobStatus.FAILED)
+            ret.return_value = summary if error is None else RuntimeError(f"job {job} failed:\n{error}")
             self.returns[job] = ret
         elif kind == "stop":
             self.stops.append(tuple(rest))
         else:
-            self.errors.append(rest[0])
+            print(f"flmnist: error: a lane of the sweep failed: {rest[0]}", file=sys.stderr)
 
     def _outcome(self) -> list[JobReturn]:
-        for message, _ in self.stops[:-1]:
-            print(f"flmnist: {message}", file=sys.stderr)
+        """The jobs' returns in job order; a job whose lane ended under it, or that no lane took
+        because every lane ended, failed (the command exits 1 naming it); a signal stops the command."""
+        for message, _ in self.stops[:-1] if self.signum is None else self.stops:
+            print(f"flmnist: {message}", file=sys.stderr)  # where each stopped job's results are
+        if self.signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.signum is not None:
+            from flmnist.launch.outcome import Stop
+
+            name = signal.Signals(self.signum).name
+            raise Stop(f"stopped by {name}; every process this run started has been stopped", 128 + self.signum)
         if self.stops:
             from flmnist.launch.outcome import Stop
 
             raise Stop(*self.stops[-1])
-        missing = sorted(set(self.jobs) - set(self.returns))
-        if self.errors or missing:
-            raise RunFailed("the sweep's lanes failed" + (f" (jobs {', '.join(map(str, missing))} did not run)"
-                                                           if missing else "") + ": " + "; ".join(self.errors))
+        for lane in self.lanes:
+            if lane.job is not None and lane.job not in self.returns:
+                code = os.waitstatus_to_exitcode(lane.status)
+                how = f"killed by signal {-code}" if code < 0 else f"exited with {code}"
+                self._failed(lane.job, f"its lane (pid {lane.pid}) {how} before the job ended")
+        for job in sorted(set(self.jobs) - set(self.returns)):
+            self._failed(job, "not run: every lane of the sweep had ended")
         return [self.returns[j] for j in sorted(self.returns)]
 
-
-@contextlib.contextmanager
-def _shielded():
-    """Further signals do not cut short the wait for the lanes (they have theirs already)."""
-    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
+    def _failed(self, job: int, why: str) -> None:
+        print(f"flmnist: error: job {job}: {why}", file=sys.stderr)
+        sweep_state.failed_jobs.append(str(job))
+        summary = {**job_overrides(self.jobs[job]), "status": "failed"}
+        with contextlib.suppress(OSError):
+            sweep_state.record(self.sweep_dir, job, summary)
+        self.returns[job] = JobReturn(overrides=self.jobs[job], status=JobStatus.COMPLETED, _return_value=summary)
 
 
 def _send(fd: int, message: tuple) -> None:
-    data = pickle.dumps(message)
-    os.write(fd, _HEADER.pack(len(data)) + data)  # (a lane's messages are its own pipe's)
+    """One message to the command, whole: a signal meanwhile is noted, then handled."""
+    data = memoryview(_HEADER.pack(len(body := pickle.dumps(message))) + body)
+    got: list[int] = []
+    handlers = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in SIGNALS}
+    try:
+        while data:
+            data = data[os.write(fd, data):]
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    if got and callable(handler := handlers[got[0]]):  # (Ctrl-C's: KeyboardInterrupt; cli's SIGTERM: Stop)
+        handler(got[0], None)
 
 
-def _lane(launcher: LanesLauncher, jobs: dict[int, list[str]], queue: int, out: int) -> None:
-    """A lane: run the queue's next job until it is empty; never returns."""
+def _lane(launcher: LanesLauncher, jobs: dict[int, list[str]], queue: int, out: int, parent: int,
+          handlers: dict, mask) -> None:
+    """A lane: run the queue's next job until it is empty; never returns. (Forked with the
+    command's signals blocked: unblocked here, once its handlers are the command's own again.)"""
     code = 0
     try:
         os.setpgid(0, 0)  # the terminal's Ctrl-C reaches the command, which hands it on once
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: the command killed
-        if os.getppid() == 1:
+        if os.getppid() != parent:
             raise SystemExit(1)
         os.environ.setdefault("OMP_WAIT_POLICY", "passive")
         sweep_state.in_lane = True
         prefix = Prefix()
         sys.stdout, sys.stderr = Prefixed(sys.stdout, prefix), Prefixed(sys.stderr, prefix)
         configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)  # (to the new streams)
-        while len(raw := os.read(queue, 4)) == 4:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        while len(raw := os.read(queue, 4)) == 4:  # (the command writes whole job numbers)
             job = _HEADER.unpack(raw)[0]
+            _send(out, ("start", job))
             prefix.text = f"[job {job}] "
             failed, degraded = len(sweep_state.failed_jobs), len(sweep_state.degraded)
-            launcher.run_one(job, jobs[job])
-            summary = sweep_state.table.get(job) or {"status": "failed"}
-            _send(out, ("job", job, summary, sweep_state.failed_jobs[failed:], sweep_state.degraded[degraded:]))
+            ret = launcher.run_one(job, jobs[job])
+            error = None
+            if ret.status == JobStatus.FAILED:  # (an error of flmnist's is a failed summary; this is a bug's)
+                error = "".join(traceback.format_exception(ret._return_value)).strip()
+            summary = sweep_state.table.get(job) or {**job_overrides(jobs[job]), "status": "failed"}
+            _send(out, ("job", job, summary, sweep_state.failed_jobs[failed:], sweep_state.degraded[degraded:], error))
     except BaseException as err:  # noqa: BLE001
         code = getattr(err, "code", None)
         if type(err).__name__ == "Stop":
