@@ -193,3 +193,22 @@ def test_a_signal_the_command_gets_is_handed_to_each_running_lane_once(tmp_path)
     assert runs.signum == signal.SIGTERM
     with pytest.raises(BaseException, match="stopped by SIGTERM; every process this run started has been stopped"):
         runs._outcome()
+
+
+def test_a_signal_the_command_ignores_stays_ignored_while_the_lanes_run():
+    """nohup flmnist -m ..., or a script's background job (SIGINT ignored): noting a signal the
+    command ignores made it stop the sweep at its end, after its lanes, which still ignored it,
+    had run every job (found by hand)."""
+    noted = []
+    before = {s: signal.getsignal(s) for s in lanes.SIGNALS}
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        handlers = lanes._noting(lanes.SIGNALS, lambda signum, frame: noted.append(signum))
+        os.kill(os.getpid(), signal.SIGHUP)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)
+        assert noted == [signal.SIGTERM] and handlers[signal.SIGHUP] is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)

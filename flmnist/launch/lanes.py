@@ -184,7 +184,7 @@ class Lanes:
         self.queue_w: int | None = None
 
     def run(self) -> list[JobReturn]:
-        handlers = {s: signal.signal(s, self._record) for s in SIGNALS}
+        handlers = _noting(SIGNALS, self._record)
         queue_r, self.queue_w = os.pipe()
         os.set_blocking(self.queue_w, False)
         try:
@@ -310,11 +310,21 @@ class Lanes:
         self.returns[job] = JobReturn(overrides=self.jobs[job], status=JobStatus.COMPLETED, _return_value=summary)
 
 
+def _noting(signals, note) -> dict:
+    """Each of ``signals`` the process does not ignore (``nohup``; SIGINT in a script's background
+    job) goes to ``note`` from now on; returns every one's handler before."""
+    handlers = {s: signal.getsignal(s) for s in signals}
+    for s, handler in handlers.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(s, note)
+    return handlers
+
+
 def _send(fd: int, message: tuple) -> None:
     """One message to the command, whole: a signal meanwhile is noted, then handled."""
     data = memoryview(_HEADER.pack(len(body := pickle.dumps(message))) + body)
     got: list[int] = []
-    handlers = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in SIGNALS}
+    handlers = _noting(SIGNALS, lambda signum, frame: got.append(signum))
     try:
         while data:
             data = data[os.write(fd, data):]
