@@ -18,7 +18,7 @@ import pytest
 
 from flmnist.config.compose import compose_config, sweep_jobs
 from flmnist.core.errors import ConfigError
-from flmnist.launch import lanes, sweep_state
+from flmnist.launch import lane_process, lanes, sweep_state
 from tests.test_cli import FLMNIST, descendants, processes_with, started_at, wait_until_gone
 
 LANES_LINE = "flmnist: 4 jobs in 2 lanes, 2 at a time, each lane with its own local SuperLink"
@@ -44,8 +44,8 @@ def test_lanes_auto_means_two_for_four_in_process_jobs_and_one_otherwise():
 
 
 def test_a_lanes_lines_start_with_its_jobs_number_even_when_written_in_pieces():
-    out, prefix = io.StringIO(), lanes.Prefix()
-    stream = lanes.Prefixed(out, prefix)
+    out, prefix = io.StringIO(), lane_process.Prefix()
+    stream = lane_process.Prefixed(out, prefix)
     prefix.text = "[job 2] "
     stream.write("flmnist: a")
     stream.write("nd more\nnext line\nhalf")
@@ -200,10 +200,10 @@ def test_a_signal_the_command_ignores_stays_ignored_while_the_lanes_run():
     command ignores made it stop the sweep at its end, after its lanes, which still ignored it,
     had run every job (found by hand)."""
     noted = []
-    before = {s: signal.getsignal(s) for s in lanes.SIGNALS}
+    before = {s: signal.getsignal(s) for s in lane_process.SIGNALS}
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
-        handlers = lanes._noting(lanes.SIGNALS, lambda signum, frame: noted.append(signum))
+        handlers = lane_process.noting(lane_process.SIGNALS, lambda signum, frame: noted.append(signum))
         os.kill(os.getpid(), signal.SIGHUP)
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.1)

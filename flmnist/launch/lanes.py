@@ -27,15 +27,12 @@ gets SIGTERM from the kernel (``PR_SET_PDEATHSIG``).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import pickle
 import selectors
 import signal
-import struct
 import sys
-import traceback
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,11 +53,10 @@ from omegaconf import DictConfig, open_dict
 from flmnist.core.errors import ConfigError
 from flmnist.launch import sweep_state
 from flmnist.launch.comparison import job_overrides
+from flmnist.launch.lane_process import HEADER, SIGNALS, noting, run_lane
 
 MIN_JOBS = 4  # fewer: each lane would start its own SuperLink for one job or two (measured: no gain at 2)
 PLUGIN = "hydra_plugins.flmnist_lanes.LanesLauncher"  # the name Hydra instantiates it by (register)
-_HEADER = struct.Struct("<I")
-SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}  # what stops a sweep (cli: exit 130, 143, 129)
 log = logging.getLogger("hydra")  # (as Hydra's own launcher says which job starts)
 
 
@@ -180,11 +176,11 @@ class Lanes:
         self.lanes: list[_Lane] = []
         self.signum: int | None = None  # the first signal the command got
         self.handed_on = False  # ... and whether the lanes got it
-        self.queue = b"".join(_HEADER.pack(j) for j in jobs)  # job numbers not yet handed to a lane
+        self.queue = b"".join(HEADER.pack(j) for j in jobs)  # job numbers not yet handed to a lane
         self.queue_w: int | None = None
 
     def run(self) -> list[JobReturn]:
-        handlers = _noting(SIGNALS, self._record)
+        handlers = noting(SIGNALS, self._record)
         queue_r, self.queue_w = os.pipe()
         os.set_blocking(self.queue_w, False)
         try:
@@ -199,7 +195,7 @@ class Lanes:
                     if pid == 0:  # the lane
                         for fd in (read, self.queue_w, *(lane.fd for lane in self.lanes)):
                             os.close(fd)
-                        _lane(self.launcher, self.jobs, queue_r, write, parent, handlers, mask)  # never returns
+                        run_lane(self.launcher, self.jobs, queue_r, write, parent, handlers, mask)  # never returns
                     os.close(write)
                     self.lanes.append(_Lane(pid, read))
             finally:
@@ -241,7 +237,7 @@ class Lanes:
                         lane.status = os.waitpid(lane.pid, 0)[1]
                         continue
                     lane.buffer += chunk
-                    while len(lane.buffer) >= 4 and len(lane.buffer) >= 4 + (n := _HEADER.unpack_from(lane.buffer)[0]):
+                    while len(lane.buffer) >= 4 and len(lane.buffer) >= 4 + (n := HEADER.unpack_from(lane.buffer)[0]):
                         message, lane.buffer = pickle.loads(lane.buffer[4:4 + n]), lane.buffer[4 + n:]
                         self._take(lane, message)
                 self._signals()
@@ -308,103 +304,3 @@ class Lanes:
         with contextlib.suppress(OSError):
             sweep_state.record(self.sweep_dir, job, summary)
         self.returns[job] = JobReturn(overrides=self.jobs[job], status=JobStatus.COMPLETED, _return_value=summary)
-
-
-def _noting(signals, note) -> dict:
-    """Each of ``signals`` the process does not ignore (``nohup``; SIGINT in a script's background
-    job) goes to ``note`` from now on; returns every one's handler before."""
-    handlers = {s: signal.getsignal(s) for s in signals}
-    for s, handler in handlers.items():
-        if handler is not signal.SIG_IGN:
-            signal.signal(s, note)
-    return handlers
-
-
-def _send(fd: int, message: tuple) -> None:
-    """One message to the command, whole: a signal meanwhile is noted, then handled."""
-    data = memoryview(_HEADER.pack(len(body := pickle.dumps(message))) + body)
-    got: list[int] = []
-    handlers = _noting(SIGNALS, lambda signum, frame: got.append(signum))
-    try:
-        while data:
-            data = data[os.write(fd, data):]
-    finally:
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
-    if got and callable(handler := handlers[got[0]]):  # (Ctrl-C's: KeyboardInterrupt; cli's SIGTERM: Stop)
-        handler(got[0], None)
-
-
-def _lane(launcher: LanesLauncher, jobs: dict[int, list[str]], queue: int, out: int, parent: int,
-          handlers: dict, mask) -> None:
-    """A lane: run the queue's next job until it is empty; never returns. (Forked with the
-    command's signals blocked: unblocked here, once its handlers are the command's own again.)"""
-    code = 0
-    try:
-        os.setpgid(0, 0)  # the terminal's Ctrl-C reaches the command, which hands it on once
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: the command killed
-        if os.getppid() != parent:
-            raise SystemExit(1)
-        os.environ.setdefault("OMP_WAIT_POLICY", "passive")
-        sweep_state.in_lane = True
-        prefix = Prefix()
-        sys.stdout, sys.stderr = Prefixed(sys.stdout, prefix), Prefixed(sys.stderr, prefix)
-        configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)  # (to the new streams)
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        while len(raw := os.read(queue, 4)) == 4:  # (the command writes whole job numbers)
-            job = _HEADER.unpack(raw)[0]
-            _send(out, ("start", job))
-            prefix.text = f"[job {job}] "
-            failed, degraded = len(sweep_state.failed_jobs), len(sweep_state.degraded)
-            ret = launcher.run_one(job, jobs[job])
-            error = None
-            if ret.status == JobStatus.FAILED:  # (an error of flmnist's is a failed summary; this is a bug's)
-                error = "".join(traceback.format_exception(ret._return_value)).strip()
-            summary = sweep_state.table.get(job) or {**job_overrides(jobs[job]), "status": "failed"}
-            _send(out, ("job", job, summary, sweep_state.failed_jobs[failed:], sweep_state.degraded[degraded:], error))
-    except BaseException as err:  # noqa: BLE001
-        code = getattr(err, "code", None)
-        if type(err).__name__ == "Stop":
-            _send(out, ("stop", str(err), code))
-        elif isinstance(err, KeyboardInterrupt):
-            from flmnist.launch.outcome import INTERRUPTED
-
-            code = 130
-            _send(out, ("stop", INTERRUPTED, 130))
-        elif not isinstance(err, SystemExit):
-            code = 1
-            _send(out, ("error", "".join(traceback.format_exception(err)).strip()))
-    finally:
-        with contextlib.suppress(BaseException):
-            sweep_state.close_links()
-        with contextlib.suppress(BaseException):
-            sys.stdout.flush()
-            sys.stderr.flush()
-        os._exit(code if isinstance(code, int) else 1)
-
-
-class Prefix:
-    text = ""
-
-
-class Prefixed:
-    """A lane's ``sys.stdout`` or ``sys.stderr``: each line starts with its job's ``[job N]``."""
-
-    def __init__(self, stream, prefix: Prefix) -> None:
-        self._stream, self._prefix, self._at_start = stream, prefix, True
-
-    def write(self, text: str) -> int:
-        out = []
-        for piece in text.splitlines(keepends=True):
-            if self._at_start:
-                out.append(self._prefix.text)
-            out.append(piece)
-            self._at_start = piece.endswith("\n")
-        self._stream.write("".join(out))
-        return len(text)
-
-    def __getattr__(self, name):  # flush, isatty, fileno, encoding ...
-        return getattr(self._stream, name)
