@@ -45,6 +45,8 @@ MARKS = {  # phase -> the line that ends it
 }
 JOB_LINE = re.compile(r"\[HYDRA\]\s+#(\d+) : ")
 LANE_LINE = re.compile(r"^\[job (\d+)\] ")  # a lane's line
+LANES_SAID = "jobs in 2 lanes"  # the sweep's first line when it runs two jobs at a time
+said: list[str] = []  # the sweep's lines before its first job
 
 
 def timed(args: list[str], cwd: Path) -> tuple[float, int, list[dict]]:
@@ -55,6 +57,8 @@ def timed(args: list[str], cwd: Path) -> tuple[float, int, list[dict]]:
     assert proc.stdout is not None
     for line in proc.stdout:
         now = time.perf_counter()
+        if not jobs:
+            said.append(line)
         lane, started = LANE_LINE.match(line), JOB_LINE.search(line)
         if started or not jobs:
             number = int(started.group(1)) if started else 0
@@ -113,7 +117,8 @@ def main() -> None:
         "target": "sweep <= 0.75 x the sum of the separate commands",
         "complete": complete,
         "met": bool(complete and wall <= 0.75 * total),
-        "cores": os.cpu_count(),
+        "cores": len(os.sched_getaffinity(0)),  # (what flmnist's lane count reads)
+        "lanes": LANES_SAID in "".join(said),  # the sweep said it ran its jobs in two lanes
         "load_average_before_after": [[round(x, 2) for x in load_before], [round(x, 2) for x in os.getloadavg()]],
         "work_dir": str(work),
     }

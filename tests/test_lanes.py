@@ -8,9 +8,11 @@ import csv
 import io
 import json
 import os
+import pickle
 import re
 import signal
 import subprocess
+import sys
 import time
 import uuid
 
@@ -19,6 +21,7 @@ import pytest
 from flmnist.config.compose import compose_config, sweep_jobs
 from flmnist.core.errors import ConfigError
 from flmnist.launch import lane_process, lanes, sweep_state
+from flmnist.launch.outcome import Stop
 from tests.test_cli import FLMNIST, descendants, processes_with, started_at, wait_until_gone
 
 LANES_LINE = "flmnist: 4 jobs in 2 lanes, 2 at a time, each lane with its own local SuperLink"
@@ -31,14 +34,32 @@ def test_a_bad_lane_count_is_refused_naming_the_setting(value):
 
 
 def test_lanes_auto_means_two_for_four_in_process_jobs_and_one_otherwise():
-    configs = [compose_config(job) for job in sweep_jobs(["model=logreg", "seed=1,2,3,4"])]
+    # (simulation=inprocess: what auto resolves to on 2 cores and no GPU, wherever the test runs)
+    configs = [compose_config(job) for job in sweep_jobs(["model=logreg", "simulation=inprocess", "seed=1,2,3,4"])]
     assert lanes.lane_count("auto", 4, configs, cores=2) == 2
     assert lanes.lane_count("auto", 3, configs[:3], cores=2) == 1  # each lane would start a SuperLink for 1-2 jobs
     assert lanes.lane_count("auto", 4, configs, cores=1) == 1
     ray = [compose_config(job) for job in sweep_jobs(["simulation=ray", "seed=1,2,3,4"])]
     assert lanes.lane_count("auto", 4, ray, cores=2) == 1  # Ray's workers take the cores themselves
-    mlflow = [compose_config(job) for job in sweep_jobs(["logger=mlflow", "seed=1,2,3,4"])]
+    mlflow = [compose_config(job) for job in sweep_jobs(["logger=mlflow", "simulation=inprocess", "seed=1,2,3,4"])]
     assert lanes.lane_count("auto", 4, mlflow, cores=2) == 1  # one SQLite store for the sweep's runs
+    assert lanes.lane_count(2, 4, mlflow, cores=2) == 1  # ... even when asked for lanes (said on stdout)
+
+
+def test_the_command_decides_the_lanes_where_the_jobs_configs_are_at_hand():
+    """hydra_arguments composes every job's config anyway: the lane count is decided there and
+    handed to Hydra as a number (the launcher composed each job's config a second time); a
+    lane count with another launcher is refused, naming the setting."""
+    configs = [compose_config(job) for job in sweep_jobs(["model=logreg", "simulation=inprocess", "seed=1,2,3,4"])]
+    args = ["-m", "model=logreg", "simulation=inprocess", "seed=1,2,3,4"]
+    assert lanes.with_launcher(args, [], False, configs)[-2:] == ["hydra/launcher=flmnist_lanes",
+                                                                   "hydra.launcher.lanes=2"]
+    given = "hydra.launcher.lanes=1"
+    assert lanes.with_launcher([*args, given], [given], False, configs) == [*args, "hydra/launcher=flmnist_lanes",
+                                                                           "hydra.launcher.lanes=1"]
+    assert lanes.with_launcher(args, [], True, configs) == args  # a user's own hydra/launcher=...
+    with pytest.raises(ConfigError, match="hydra.launcher.lanes=1: a setting of flmnist's sweep launcher"):
+        lanes.with_launcher([*args, given], [given], True, configs)
     assert lanes.lane_count("3", 4, configs, cores=2) == 3 and lanes.lane_count(8, 4, configs) == 4
     assert lanes.lane_count(1, 4, configs) == 1
 
@@ -51,7 +72,9 @@ def test_a_lanes_lines_start_with_its_jobs_number_even_when_written_in_pieces():
     stream.write("nd more\nnext line\nhalf")
     prefix.text = "[job 3] "
     stream.write(" line\n\nlast\n")
-    assert out.getvalue() == "[job 2] flmnist: and more\n[job 2] next line\n[job 2] half line\n[job 3] \n[job 3] last\n"
+    stream.write("10%\r20%\n")  # (a progress line's \r is no line end)
+    assert out.getvalue() == ("[job 2] flmnist: and more\n[job 2] next line\n[job 2] half line\n[job 3] \n"
+                              "[job 3] last\n[job 3] 10%\r20%\n")
 
 
 def test_the_table_lists_jobs_in_their_order_whatever_order_they_end_in(tmp_path, monkeypatch):
@@ -86,7 +109,7 @@ def test_a_four_job_sweep_runs_in_two_lanes_with_each_jobs_results_as_alone(tmp_
     marker = f"FLMNIST_TEST_MARKER={uuid.uuid4().hex}"
     env = {**os.environ, "FLMNIST_DATA_DIR": str(mnist_root), marker.split("=")[0]: marker.split("=")[1]}
     shared = ["model=logreg", "num_nodes=2", "client.local_steps=5", "num_rounds=1", "max_failed_rounds=1",
-              "client.fault_nodes=[0,1]"]
+              "client.fault_nodes=[0,1]"]  # (2 lanes: on 2 cores and no GPU, as CI, simulation=auto is in process)
     proc = subprocess.run([FLMNIST, "-m", *shared, "client.fault=nan,null", "seed=1,2"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=600, check=False, env=env)
     out = proc.stdout + proc.stderr
@@ -178,21 +201,64 @@ def test_a_job_whose_lane_was_killed_fails_and_so_do_jobs_no_lane_took(tmp_path,
         ("0", "seed=1", "finished"), ("1", "seed=2", "failed"), ("2", "seed=3", "failed")]
 
 
+REPORTER = ("import signal, sys, time\n"
+            "for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):\n"
+            "    signal.signal(s, lambda n, f: print(signal.Signals(n).name, flush=True))\n"
+            "print('ready', flush=True)\n"
+            "time.sleep(3)\n")
+
+
 def test_a_signal_the_command_gets_is_handed_to_each_running_lane_once(tmp_path):
     """While the lanes run, the command's signals are noted, not raised (a handler raising in the
     middle of a lane's message lost it: a review); the first is handed to every lane still
-    running, later ones not (each lane is its own process group: Ctrl-C reaches the command only)."""
-    sleepers = [subprocess.Popen(["sleep", "30"]) for _ in range(2)]
-    runs = lanes.Lanes(None, {}, 2, tmp_path)
-    runs.lanes = [lanes._Lane(pid=p.pid, fd=-1) for p in sleepers]
+    running, once, later ones not (each lane is its own process group: Ctrl-C reaches the command
+    only); a lane that has ended gets nothing; the command then stops as the first signal says."""
+    lanes_ = [subprocess.Popen([sys.executable, "-c", REPORTER], stdout=subprocess.PIPE, text=True) for _ in range(3)]
+    for p in lanes_:
+        assert p.stdout.readline() == "ready\n"
+    runs = lanes.Lanes(None, {}, 3, tmp_path)
+    runs.lanes = [lanes._Lane(pid=p.pid, fd=-1, status=None if i < 2 else 0) for i, p in enumerate(lanes_)]
     runs._record(signal.SIGTERM, None)
     runs._signals()
     runs._record(signal.SIGINT, None)
     runs._signals()
-    assert [p.wait(timeout=10) for p in sleepers] == [-signal.SIGTERM, -signal.SIGTERM]
-    assert runs.signum == signal.SIGTERM
-    with pytest.raises(BaseException, match="stopped by SIGTERM; every process this run started has been stopped"):
+    assert [p.communicate(timeout=20)[0] for p in lanes_] == ["SIGTERM\n", "SIGTERM\n", ""]
+    with pytest.raises(Stop) as stop:
         runs._outcome()
+    assert stop.value.code == 143 and str(stop.value) == "stopped by SIGTERM; every process this run started has been stopped"
+    runs.signum = signal.SIGINT
+    with pytest.raises(KeyboardInterrupt):  # (cli: exit 130)
+        runs._outcome()
+
+
+def test_a_lanes_message_is_sent_whole_when_a_signal_comes_in_the_middle(monkeypatch):
+    """A signal while a lane writes a message is handled after the message is whole (its handler
+    raising in the middle of the write lost the rest: a review); the handler's own exception then."""
+    read, write = os.pipe()
+    real_write, calls = os.write, []
+
+    def write_half_then_signal(fd, data):
+        calls.append(len(data))
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGHUP)  # (noted: send's handler)
+            return real_write(fd, bytes(data[:5]))
+        return real_write(fd, data)
+
+    def stop(signum, frame):
+        raise Stop("stopped by SIGHUP; every process this run started has been stopped", 129)
+
+    before = signal.signal(signal.SIGHUP, stop)
+    monkeypatch.setattr(lane_process.os, "write", write_half_then_signal)
+    try:
+        with pytest.raises(Stop):
+            lane_process.send(write, ("job", 3, {"status": "finished"}, [], [], None))
+    finally:
+        signal.signal(signal.SIGHUP, before)
+    os.close(write)
+    data = os.read(read, 65536)
+    os.close(read)
+    assert len(calls) == 2 and lane_process.HEADER.unpack_from(data)[0] == len(data) - 4
+    assert pickle.loads(data[4:]) == ("job", 3, {"status": "finished"}, [], [], None)
 
 
 def test_a_signal_the_command_ignores_stays_ignored_while_the_lanes_run():

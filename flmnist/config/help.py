@@ -179,8 +179,9 @@ Usage:
   flmnist --hydra-help                           Hydra's own help (--cfg, --info ...)
 
 Runs go to outputs/DATE/TIME_NAME/ (sweeps: multirun/DATE/TIME_NAME/N_.../), NAME being name=
-if set, else the experiment's name, else STRATEGY_SPLIT. A sweep of 4 jobs or more with ClientApps
-in process runs two jobs at a time (hydra.launcher.lanes=1: one after the other). Exit codes: 0 finished, 1 the run
+if set, else the experiment's name, else STRATEGY_SPLIT. A sweep of 4 jobs or more whose
+ClientApps run in process runs two at a time (hydra.launcher.lanes=1: one after the other).
+Exit codes: 0 finished, 1 the run
 failed, 2 a bad setting (nothing ran), 3 finished degraded (its accuracy collapsed: collapse.*),
 130 Ctrl-C, 129 SIGHUP, 143 SIGTERM.
 """

@@ -234,10 +234,10 @@ def hydra_arguments(args: list[str]) -> list[str]:
     multirun = any(a in MULTIRUN for a in args)
     overrides = [a for a in args if a not in MULTIRUN]
     if multirun:
-        lane_count = [o for o in overrides if override_key(o) == "hydra.launcher.lanes"]  # the launcher's, not a run's
-        overrides = [o for o in overrides if o not in lane_count]
-        lanes.check_lanes(lane_count[-1].split("=", 1)[1] if lane_count else "auto")
-        names, experiments, jobs = set(), set(), sweep_jobs(overrides)  # Hydra's expansion: a,b  choice(a,b)
+        lane_args = [o for o in overrides if override_key(o) == "hydra.launcher.lanes"]  # the launcher's, not a run's
+        overrides = [o for o in overrides if o not in lane_args]
+        lanes.check_lanes(lane_args[-1].split("=", 1)[1] if lane_args else "auto")
+        names, experiments, jobs, configs = set(), set(), sweep_jobs(overrides), []  # Hydra's expansion: a,b ...
         if any(without_no_preset(job) != job for job in jobs):  # (Hydra: "must be a string or a list")
             raise ConfigError(f"{next(o for o in overrides if override_key(o) == 'experiment')}: a sweep cannot "
                               "take null (no preset) among its experiments: run that job as its own command")
@@ -248,6 +248,7 @@ def hydra_arguments(args: list[str]) -> list[str]:
                 raise ConfigError("resume continues one run: drop -m/--multirun")
             check_gpu_share(cfg, client_gpus(cfg))
             ensure_mnist(resolve_root(cfg.data.root), cfg.data.download)
+            configs.append(cfg)
             names.add(cfg.name)
             experiments.add(tuple(o for o in job if override_key(o) == "experiment"))
         check_hydra_folder(overrides, multirun=True)  # where Hydra makes the sweep's directory, last: made here
@@ -257,9 +258,8 @@ def hydra_arguments(args: list[str]) -> list[str]:
             args = [*args, "hydra.sweep.dir=multirun/${now:%Y-%m-%d}/${now:%H-%M-%S}_sweep"]
         if len(experiments) > 1:
             args = [*args, "hydra.job.config.override_dirname.exclude_keys=[data.root,run_dir]"]
-        if not any(override_key(o) == "hydra/launcher" for o in overrides) and lanes.register():  # (a user's
-            args = [*args, "hydra/launcher=flmnist_lanes"]  # own launcher stays)
-        return args
+        return lanes.with_launcher(args, lane_args, any(override_key(o) == "hydra/launcher" for o in overrides),
+                                   configs)
     check_group_overrides(overrides)
     # resume=DIR privacy.max_epsilon=X: a key the default privacy=none lacks; for resumed_config only
     overrides, budget = split_budget(overrides)

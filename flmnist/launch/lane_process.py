@@ -110,12 +110,14 @@ class Prefixed:
         self._stream, self._prefix, self._at_start = stream, prefix, True
 
     def write(self, text: str) -> int:
-        out = []
-        for piece in text.splitlines(keepends=True):
-            if self._at_start:
+        out, pieces = [], text.split("\n")  # (a line ends in \n only: a progress line's \r keeps its prefix)
+        for i, piece in enumerate(pieces):
+            last = i == len(pieces) - 1
+            if self._at_start and (piece or not last):
                 out.append(self._prefix.text)
-            out.append(piece)
-            self._at_start = piece.endswith("\n")
+                self._at_start = False
+            out.append(piece if last else piece + "\n")
+            self._at_start = self._at_start or not last
         self._stream.write("".join(out))
         return len(text)
 

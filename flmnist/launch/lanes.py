@@ -54,6 +54,7 @@ from flmnist.core.errors import ConfigError
 from flmnist.launch import sweep_state
 from flmnist.launch.comparison import job_overrides
 from flmnist.launch.lane_process import HEADER, SIGNALS, noting, run_lane
+from flmnist.launch.outcome import INTERRUPTED, Stop
 
 MIN_JOBS = 4  # fewer: each lane would start its own SuperLink for one job or two (measured: no gain at 2)
 PLUGIN = "hydra_plugins.flmnist_lanes.LanesLauncher"  # the name Hydra instantiates it by (register)
@@ -102,6 +103,19 @@ def lane_count(value: Any, jobs: int, configs: Iterable[DictConfig], cores: int 
     return 2 if wanted is None else min(wanted, jobs)
 
 
+def with_launcher(args: list[str], given: list[str], own_launcher: bool, configs: list[DictConfig]) -> list[str]:
+    """A sweep's arguments for Hydra (``given``: its ``hydra.launcher.lanes=`` ones; ``configs``:
+    its jobs', composed): with this launcher and the lane count decided here, where the jobs'
+    configs are at hand, unless the user named a launcher of their own."""
+    if own_launcher or not register():
+        if given:
+            raise ConfigError(f"{given[-1]}: a setting of flmnist's sweep launcher, which this sweep does not use "
+                              "(another hydra/launcher given, or an editable install older than it: pip install -e .)")
+        return args
+    count = lane_count(given[-1].split("=", 1)[1] if given else "auto", len(configs), configs)
+    return [*(a for a in args if a not in given), "hydra/launcher=flmnist_lanes", f"hydra.launcher.lanes={count}"]
+
+
 @dataclass
 class LanesLauncherConf:
     _target_: str = PLUGIN
@@ -117,8 +131,11 @@ class LanesLauncher(BasicLauncher):
         self.lanes = lanes
 
     def launch(self, job_overrides, initial_job_idx: int):
-        configs = (self.hydra_context.config_loader.load_sweep_config(self.config, list(o)) for o in job_overrides)
-        count = lane_count(self.lanes, len(job_overrides), configs)
+        count = check_lanes(self.lanes)  # (the flmnist command decides it: with_launcher)
+        if count is None:
+            configs = (self.hydra_context.config_loader.load_sweep_config(self.config, list(o)) for o in job_overrides)
+            count = lane_count("auto", len(job_overrides), configs)
+        count = min(count, len(job_overrides))
         if count <= 1:
             return super().launch(job_overrides, initial_job_idx)
         setup_globals()
@@ -180,6 +197,7 @@ class Lanes:
         self.queue_w: int | None = None
 
     def run(self) -> list[JobReturn]:
+        reaping = signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # (ignored, waitpid would wait for every child)
         handlers = noting(SIGNALS, self._record)
         queue_r, self.queue_w = os.pipe()
         os.set_blocking(self.queue_w, False)
@@ -207,6 +225,7 @@ class Lanes:
                 os.close(self.queue_w)
             for s, handler in handlers.items():
                 signal.signal(s, handler)
+            signal.signal(signal.SIGCHLD, reaping)
         return self._outcome()
 
     def _record(self, signum: int, frame) -> None:
@@ -222,8 +241,12 @@ class Lanes:
             while any(key.data for key in sel.get_map().values()):
                 for key, _ in sel.select(timeout=0.2):
                     if key.data is None:  # the queue has room: up to PIPE_BUF at once, whole or nothing
-                        with contextlib.suppress(BlockingIOError):
+                        try:
                             self.queue = self.queue[os.write(self.queue_w, self.queue[:4096]):]
+                        except BlockingIOError:
+                            pass
+                        except BrokenPipeError:  # every lane has ended: the jobs left fail (_outcome)
+                            self.queue = b""
                         if not self.queue:
                             sel.unregister(self.queue_w)
                             os.close(self.queue_w)
@@ -276,17 +299,14 @@ class Lanes:
         """The jobs' returns in job order; a job whose lane ended under it, or that no lane took
         because every lane ended, failed (the command exits 1 naming it); a signal stops the command."""
         for message, _ in self.stops[:-1] if self.signum is None else self.stops:
-            print(f"flmnist: {message}", file=sys.stderr)  # where each stopped job's results are
+            if not message.endswith(INTERRUPTED.split("; ")[1]):  # where each stopped job's results are (a lane
+                print(f"flmnist: {message}", file=sys.stderr)  # stopped between jobs says what the command says)
         if self.signum == signal.SIGINT:
             raise KeyboardInterrupt
         if self.signum is not None:
-            from flmnist.launch.outcome import Stop
-
             name = signal.Signals(self.signum).name
             raise Stop(f"stopped by {name}; every process this run started has been stopped", 128 + self.signum)
         if self.stops:
-            from flmnist.launch.outcome import Stop
-
             raise Stop(*self.stops[-1])
         for lane in self.lanes:
             if lane.job is not None and lane.job not in self.returns:
