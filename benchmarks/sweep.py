@@ -51,6 +51,7 @@ said: list[str] = []  # the sweep's lines before its first job
 
 def timed(args: list[str], cwd: Path) -> tuple[float, int, list[dict]]:
     """Run ``flmnist ARGS``; return its wall time, exit code and each job's phase times (s from the job's start)."""
+    said.clear()
     start = time.perf_counter()  # MNIST: wherever flmnist finds it (data.root, $FLMNIST_DATA_DIR), as for a user
     proc = subprocess.Popen([FLMNIST, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     jobs: dict[int, dict] = {}
@@ -96,6 +97,7 @@ def main() -> None:
         one_lane = {"wall_time_s": round(one_wall, 1), "exit_code": one_code}
         print(f"sweep, one lane: {one_wall:.1f} s (exit {one_code})", flush=True)
     wall, code, jobs = timed(sweep, work)
+    in_lanes = LANES_SAID in "".join(said)  # (said: this sweep's lines before its first job)
     run_separately(SEEDS[half:])
     jobs = [j for j in jobs if "to_flower" in j]  # (lines before the first job: Hydra's own)
     print(f"sweep: {wall:.1f} s (exit {code})", flush=True)
@@ -118,7 +120,7 @@ def main() -> None:
         "complete": complete,
         "met": bool(complete and wall <= 0.75 * total),
         "cores": len(os.sched_getaffinity(0)),  # (what flmnist's lane count reads)
-        "lanes": LANES_SAID in "".join(said),  # the sweep said it ran its jobs in two lanes
+        "lanes": in_lanes,  # the sweep said it ran its jobs in two lanes
         "load_average_before_after": [[round(x, 2) for x in load_before], [round(x, 2) for x in os.getloadavg()]],
         "work_dir": str(work),
     }

@@ -200,11 +200,8 @@ def test_sigterm_stops_every_process_the_command_started(tmp_path, mnist_root):
         # named by the choices made (no experiment, no name): outputs/DATE/TIME_STRATEGY_SPLIT
         run_dir = next(tmp_path.glob("outputs/**/metrics.json")).parent.relative_to(tmp_path)
         assert re.fullmatch(r"outputs/\d{4}-\d\d-\d\d/\d\d-\d\d-\d\d_fedavg_iid", str(run_dir)), run_dir
-        started = processes_with(marker)
         # Ray's agents blank their environment (setproctitle): they count as the raylet's children
-        tracked = {pid: started_at(pid) for pid in {*started, *descendants(started)}}
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=30)
+        code, tracked = signalled(proc, marker, signal.SIGTERM, timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -404,6 +401,15 @@ SHARED_LINE = re.compile(r"flmnist: job 1: using the sweep's local SuperLink \(p
 WARM_LINE = "flmnist: job 0: local SuperLink with a warm simulation executor"
 
 
+def signalled(proc: subprocess.Popen, marker: str, signum: int, timeout: float) -> tuple[int, dict[int, int | None]]:
+    """Send ``signum`` to the command ``proc``; its exit code, and every process it had started
+    then (carrying ``marker``, or their descendants), by id and start time."""
+    started = processes_with(marker)
+    tracked = {pid: started_at(pid) for pid in {*started, *descendants(started)}}
+    proc.send_signal(signum)
+    return proc.wait(timeout=timeout), tracked
+
+
 def wait_until_gone(marker: str, tracked: dict[int, int | None] | None = None, timeout: float = 20) -> dict:
     """The processes carrying ``marker`` (or tracked by id and start time) still there after ``timeout``."""
     def alive() -> dict[int, str]:
@@ -457,10 +463,7 @@ def test_a_signal_in_a_sweeps_second_job_stops_its_shared_superlink_too(tmp_path
             assert time.monotonic() < deadline, "the second job did not start training within 300 s"
             time.sleep(0.2)
         assert SHARED_LINE.search(stdout.read_text()), stdout.read_text()[-3000:]
-        started = processes_with(marker)
-        tracked = {pid: started_at(pid) for pid in {*started, *descendants(started)}}
-        proc.send_signal(signum)
-        code = proc.wait(timeout=60)
+        code, tracked = signalled(proc, marker, signum, timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -22,7 +22,7 @@ from flmnist.config.compose import compose_config, sweep_jobs
 from flmnist.core.errors import ConfigError
 from flmnist.launch import lane_process, lanes, sweep_state
 from flmnist.launch.outcome import Stop
-from tests.test_cli import FLMNIST, descendants, processes_with, started_at, wait_until_gone
+from tests.test_cli import FLMNIST, signalled, wait_until_gone
 
 LANES_LINE = "flmnist: 4 jobs in 2 lanes, 2 at a time, each lane with its own local SuperLink"
 
@@ -148,10 +148,7 @@ def test_sigterm_stops_both_lanes_and_everything_they_started(tmp_path, mnist_ro
             assert proc.poll() is None, stderr.read_text()[-3000:]
             assert time.monotonic() < deadline, "the lanes did not both train within 300 s"
             time.sleep(0.2)
-        started = processes_with(marker)
-        tracked = {pid: started_at(pid) for pid in {*started, *descendants(started)}}
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=120)
+        code, tracked = signalled(proc, marker, signal.SIGTERM, timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()

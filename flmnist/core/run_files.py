@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 from flwr.common.logger import log
 
+from flmnist.core.atomic import replaced
 from flmnist.core.errors import ConfigError
 
 CHECKPOINT = "checkpoint.pt"
@@ -49,20 +50,14 @@ def resume_arg(path: str | Path) -> str:
 
 
 def atomic_write(path: Path, text: str, durable: bool = False) -> None:
-    """Write then rename, so readers never see a half-written file. ``durable``: synced to disk
-    before and after the rename (the run's ``config.yaml`` and ``checkpoint.json``, which a resume
-    needs: after a power loss the rename alone may leave an empty file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # (a full disk: no half-written temporary file left to take the last space)
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write then rename (:func:`replaced`). ``durable``: synced to disk before and after the
+    rename (the run's ``config.yaml`` and ``checkpoint.json``, which a resume needs: after a power
+    loss the rename alone may leave an empty file)."""
+    with replaced(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
     if durable:
         folder = os.open(path.parent, os.O_RDONLY)
         try:

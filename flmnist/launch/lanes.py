@@ -43,12 +43,8 @@ from hydra.core.plugins import Plugins
 from hydra.core.utils import (
     JobReturn,
     JobStatus,
-    configure_log,
-    filter_overrides,
-    run_job,
-    setup_globals,
 )
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 from flmnist.core.errors import ConfigError
 from flmnist.launch import sweep_state
@@ -119,7 +115,7 @@ def with_launcher(args: list[str], given: list[str], own_launcher: bool, configs
 @dataclass
 class LanesLauncherConf:
     _target_: str = PLUGIN
-    lanes: Any = "auto"  # auto: 2 for 4 jobs or more whose ClientApps run in process on the CPU, else 1
+    lanes: Any = "auto"  # the flmnist command hands a number (with_launcher); auto left as it is: one lane
 
 
 class LanesLauncher(BasicLauncher):
@@ -131,15 +127,9 @@ class LanesLauncher(BasicLauncher):
         self.lanes = lanes
 
     def launch(self, job_overrides, initial_job_idx: int):
-        count = check_lanes(self.lanes)  # (the flmnist command decides it: with_launcher)
-        if count is None:
-            configs = (self.hydra_context.config_loader.load_sweep_config(self.config, list(o)) for o in job_overrides)
-            count = lane_count("auto", len(job_overrides), configs)
-        count = min(count, len(job_overrides))
+        count = min(check_lanes(self.lanes) or 1, len(job_overrides))  # (decided by the command: with_launcher)
         if count <= 1:
             return super().launch(job_overrides, initial_job_idx)
-        setup_globals()
-        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         print(f"flmnist: {len(job_overrides)} jobs in {count} lanes, {count} at a time, each lane with its own local "
@@ -148,16 +138,8 @@ class LanesLauncher(BasicLauncher):
         return Lanes(self, jobs, count, sweep_dir).run()
 
     def run_one(self, job: int, overrides: list[str]) -> JobReturn:
-        """Job ``job`` in this process, as Hydra's basic launcher runs it."""
-        log.info(f"\t#{job} : {' '.join(filter_overrides(overrides))}")
-        config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
-        with open_dict(config):
-            config.hydra.job.id = job
-            config.hydra.job.num = job
-        ret = run_job(hydra_context=self.hydra_context, task_function=self.task_function, config=config,
-                      job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
-        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
-        return ret
+        """Job ``job`` in this process: Hydra's basic launcher with that one job."""
+        return super().launch([overrides], initial_job_idx=job)[0]
 
 
 def register() -> bool:

@@ -12,11 +12,12 @@ to it. Neither needs flmnist to load:
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from pathlib import Path
 
 import torch
+
+from flmnist.core.atomic import replaced
 
 EXAMPLE = torch.zeros(2, 1, 28, 28)
 logger = logging.getLogger("flwr")  # Flower's log, where the run's other lines go (no Flower import here)
@@ -24,13 +25,8 @@ logger = logging.getLogger("flwr")  # Flower's log, where the run's other lines 
 
 def save_state_dict(state_dict: dict, path: Path) -> None:
     """``torch.save`` to a temporary file renamed over ``path``: never a half-written model file."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    with replaced(path) as tmp:
         torch.save(state_dict, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def export_model(model: torch.nn.Module, run_dir: Path) -> list[Path]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import os
 import textwrap
 from pathlib import Path
 
@@ -13,6 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import LogFormatterSciNotation, MaxNLocator
+
+from flmnist.core.atomic import replaced
 
 MAX_NAMED = 50  # nodes named under a per-node bar chart; more are told by their place
 HEATMAP_ROWS = 60  # at most this many evaluated rounds in the per-digit heatmap (evenly picked, the last kept)
@@ -47,12 +48,10 @@ def _save(fig, path: Path, title: str) -> None:
             width = max(40, int(fig.get_figwidth() * 9))
             ax.set_title("\n".join(textwrap.fill(line, width) for line in ax.get_title().split("\n")))
     fig.tight_layout()
-    tmp = Path(path).with_name(Path(path).stem + ".tmp.png")  # renamed over it: a kill never leaves half a plot
     try:
-        fig.savefig(tmp, dpi=100, metadata={"Title": title})
-        os.replace(tmp, path)
+        with replaced(path) as tmp:  # a kill never leaves half a plot
+            fig.savefig(tmp, format="png", dpi=100, metadata={"Title": title})
     finally:
-        tmp.unlink(missing_ok=True)
         plt.close(fig)
 
 
