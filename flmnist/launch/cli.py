@@ -199,6 +199,8 @@ class ComparisonTable(Callback):
     a stopped sweep keeps the table of the jobs done) and show the table after the sweep."""
 
     def on_job_end(self, config: DictConfig, job_return, **kwargs) -> None:
+        if config.hydra.mode != RunMode.MULTIRUN:  # a single run has no table
+            return
         value = getattr(job_return, "_return_value", None)
         summary = value if isinstance(value, dict) else {**job_overrides(config.hydra.overrides.task), "status": "failed"}
         sweep_state.record(Path(config.hydra.sweep.dir), int(config.hydra.job.num), summary)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
@@ -26,6 +27,10 @@ _held: list[int] = []  # the command's directory, held until it exits
 
 class HoldDirectory(Callback):
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        # The directory's name reads Hydra's runtime choices (``${hydra:...}``), which need the
+        # HydraConfig that Hydra sets only next (run_job, from this same config: ``${now:...}``
+        # is cached in it, so both name the same second's directory).
+        HydraConfig.instance().set_config(config)
         self._hold(Path(config.hydra.run.dir), resume=bool(config.get("resume")), what="run directory")
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
