@@ -138,7 +138,7 @@ def test_the_global_model_an_update_is_applied_to_is_scored_from_the_test_evalua
     assert (shared.evaluations, shared.reused, alone.evaluations, alone.reused) == (3, 1, 4, 0)
     assert {n: v.tolist() for n, v in shared.totals.items()} == {n: v.tolist() for n, v in alone.totals.items()}
     assert shared.label_share.tolist() == alone.label_share.tolist() and shared.by_step == alone.by_step
-    assert shared.finish()["global_models_from_test_evaluation"] == 1
+    assert shared.finish()["global_models_reused"] == 1
 
     changed = {k: v.copy() for k, v in before.items()}
     changed["fc2.bias"][0] += 1e-3  # other weights: scored with a probe pass of their own
@@ -299,9 +299,13 @@ def test_a_sync_run_credits_each_digit_group_to_its_node(runs):
     assert (run["dir"] / "attribution.png").is_file()
     assert "digit 0: helped most by node 0" in run["log"]
     assert attribution["seconds"] > 0 and 0 < attribution["share_of_wall_time"] < 1, attribution  # its cost
-    # the initial model, evaluated on the test set (round 0): scored from that, no probe pass; rounds 1
-    # and 2's models (eval.every=null, eval.rounds=[]: no test-set evaluation) each with a pass of its own
-    assert attribution["global_models_from_test_evaluation"] == 1 and attribution["evaluations"] == 3 * 3 + 2, attribution
+    # the initial model, evaluated on the test set (round 0): scored from that, no probe pass; round 1's
+    # model (eval.every=null, eval.rounds=[]: no test-set evaluation) from the effect guard's pass over
+    # its aggregate of round 1's updates, which it probed (seed 002's groups point apart from an
+    # untrained model), round 2's (not probed) with a pass of its own
+    guard = run["summary"]["screen"]["guard"]
+    assert guard["probed"] == 1 and guard["evaluations"] == 4, guard
+    assert attribution["global_models_reused"] == 2 and attribution["evaluations"] == 3 * 3 + 1, attribution
 
 
 @pytest.mark.slow
@@ -332,3 +336,61 @@ def test_a_snapshot_of_a_step_taken_again_replaces_the_first(tmp_path):
     attribution.snapshot(2)
     assert [line.split(",")[0] for line in attribution.snapshots] == ["1", "2"]
     assert attribution.snapshots[-1].endswith(",55.00")
+
+
+def test_the_guards_aggregate_is_flowers_global_model_so_attribution_reuses_its_probe_scores(mnist, task_identity):
+    """Two rounds of seed 002's split through the real reply path and Flower's FedAvg (real
+    Messages), uneven example counts: the effect guard's aggregate of a round's updates has the
+    very values of the global model FedAvg makes of them, so the next round's attribution scores
+    that model from the guard's probe pass instead of a pass of its own, with the same figures."""
+    from flwr.app import ArrayRecord, ConfigRecord
+    from flwr.serverapp.strategy import FedAvg
+
+    from flmnist.core.arrays import to_record, to_weights
+    from flmnist.engine.effect_guard import EffectGuard
+    from flmnist.engine.guard import Guarded
+    from flmnist.engine.reply_path import ReplyPath
+    from flmnist.observers.probe import Probe
+    from flmnist.protocol.screen import NodeLimits, ReplyScreen, ScreenSettings
+    from tests.test_async import SENT, train_reply
+
+    (x, y), (tx, ty) = mnist
+    examples = [97, 64, 31]  # shares that are no round binary fractions
+    probe = Probe(tx, ty, LogReg, 1000, 250)
+    attribution = Attribution(None, None, None, probe=probe)
+    path = ReplyPath(ReplyScreen(ScreenSettings(), NodeLimits((100,) * 3, (10,) * 3)), SENT, hooks=[attribution],
+                     guard=EffectGuard(probe))
+    guarded = Guarded(FedAvg(min_available_nodes=3, min_train_nodes=3), path)
+
+    class Nodes:
+        def get_node_ids(self):
+            return [1, 2, 3]
+
+    torch.manual_seed(0)
+    arrays, globals_, applied = to_record(weights_of(LogReg())), [], []
+    for server_round in (1, 2):
+        before = to_weights(arrays)
+        replies, deltas = [], []
+        sent = sorted(guarded.configure_train(server_round, arrays, ConfigRecord(), Nodes()),
+                      key=lambda m: m.metadata.dst_node_id)  # node id i + 1 holds partition i
+        for i, (msg, group, n) in enumerate(zip(sent, GROUPS, examples)):
+            idx = torch.from_numpy(np.flatnonzero(np.isin(y.numpy(), group))[:n])
+            delta = trained_delta(before, x[idx], y[idx], steps=20)
+            model = {k: before[k] + delta[k] for k in before}
+            deltas.append((f"node {i}", {k: model[k] - before[k] for k in before}))
+            replies.append(train_reply(msg, to_record(model), n, i, SENT))
+        arrays, _ = guarded.aggregate_train(server_round, replies[::-1])  # arrived in another order than summed
+        assert isinstance(arrays, ArrayRecord)
+        globals_.append(to_weights(arrays))
+        applied.append((before, deltas))
+    attribution.wait()
+    assert path.guard.rejected == 0 and path.guard.probed == 2  # seed 002's groups point apart: probed
+    assert probe.known_scores(globals_[0]) is not None  # the guard's aggregate, the global model bit for bit
+    # round 1's "before" (the initial model) took a pass; round 2's (round 1's global model) none
+    assert (attribution.reused, attribution.evaluations) == (1, 1 + 3 + 3)
+    alone = Attribution(None, None, None, probe=Probe(tx, ty, LogReg, 1000, 250))
+    for step, (before, deltas) in enumerate(applied, start=1):
+        alone.attribute(step, before, deltas, key=step)
+    assert (alone.reused, alone.evaluations) == (0, 2 + 3 + 3)
+    assert {n: v.tolist() for n, v in attribution.totals.items()} == {n: v.tolist() for n, v in alone.totals.items()}
+    assert attribution.by_step == alone.by_step and attribution.label_share.tolist() == alone.label_share.tolist()

@@ -25,6 +25,9 @@ of the others' and the recent accepted updates' pass unprobed, as honest updates
 split do. A round with an update pointing away or
 much longer is probed whole. The probe is the attribution's: ``probe_size`` test images, the
 same in every run, and the same :class:`~flmnist.observers.probe.Probe` object when attribution is on.
+Synchronous, the aggregate with every candidate is computed from their trained models as Flower's
+FedAvg computes the global model (:func:`fedavg`): when the round's global model is that aggregate,
+attribution finds its probe scores kept and does not evaluate it again.
 """
 
 from __future__ import annotations
@@ -55,6 +58,23 @@ class Candidate:
     name: str
     delta: Weights
     weight: float
+    model: Weights | None = None  # synchronous: the trained model (the global model is their aggregate)
+
+
+def fedavg(members: Sequence[Candidate]) -> Weights:
+    """The members' models averaged by weight in the arithmetic of Flower's FedAvg
+    (``flwr.serverapp.strategy.strategy_utils.aggregate_arrayrecords``: each model times its
+    weight over the total, summed in order), so the very values of a global model FedAvg makes of them."""
+    total = sum(m.weight for m in members)
+    out: Weights = {}
+    for m in members:
+        share = m.weight / total
+        for k, v in m.model.items():
+            if k in out:
+                out[k] += v * share
+            else:
+                out[k] = v * share
+    return out
 
 
 def _flat(delta: Weights) -> np.ndarray:
@@ -87,6 +107,15 @@ class EffectGuard:
         """Per-digit probe accuracy (0..1) of ``before + delta``."""
         self.evaluations += 1
         return np.nan_to_num(self.probe.per_digit(before, delta))
+
+    def aggregate_accuracy(self, before: Weights, members: Sequence[Candidate]) -> np.ndarray:
+        """Per-digit probe accuracy of the members' aggregate: with their models (synchronous) as
+        FedAvg makes it (:func:`fedavg`), its scores kept for attribution should it become the
+        global model; else ``before`` plus their mean delta."""
+        if not members or any(m.model is None for m in members) or sum(m.weight for m in members) <= 0:
+            return self.accuracy(before, self.mean(members))
+        self.evaluations += 1
+        return np.nan_to_num(self.probe.scores(fedavg(members), remember=True)[0])
 
     @staticmethod
     def mean(members: Sequence[Candidate]) -> Weights | None:
@@ -142,7 +171,7 @@ class EffectGuard:
             self.probed += 1
             while active:
                 members = pool + active
-                with_all = self.accuracy(before, self.mean(members))
+                with_all = self.aggregate_accuracy(before, members)
                 worst, worst_harm, worst_without = None, -math.inf, None
                 for c in active:
                     without = self.accuracy(before, self.mean([m for m in members if m is not c]))

@@ -178,7 +178,6 @@ class Guarded(Strategy):
         updates, rejections = self.path.train_replies(step, replies, self.reference, sent_to=self.sent_to("train"))
         if self.evaluate_in_train:  # the model sent: the last round's global model
             self._record_client_evaluation(step - 1, self.path.received_evaluation())
-        updates.sort(key=lambda u: (u.partition, u.name))  # a fixed order: a reproducible sum
         if self.clock.simulated:
             self.advance_clock(step, updates, rejections, [timing for _, timing in lost])
             self.path.record(step, virtual_time=round(self.clock.now, 4))

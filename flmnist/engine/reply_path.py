@@ -132,6 +132,8 @@ class ReplyPath:
                 out.metadata = msg.metadata
                 updates.append(out)
         rejections += self._doubted(updates, "Update")
+        if not self.asynchronous:  # a fixed order, whatever the arrival: reproducible sums (the guard's, FedAvg's)
+            updates.sort(key=lambda u: (u.partition, u.name))
         # Refuse absurd lengths, judge the rest as sent (the guard), then clip what was accepted:
         # the guard must see a scaled attack at its full strength to weigh its harm.
         for r in [*self.lengths.refuse_unclipped(updates, reference, delta), *self.lengths.refuse_long(updates, reference),
@@ -161,7 +163,8 @@ class ReplyPath:
         if self.guard is None or not updates:
             return []
         candidates = [Candidate(u, u.name, u.weights if delta else {k: u.weights[k] - reference[k] for k in reference},
-                                float(u.num_examples)) for u in updates]
+                                float(u.num_examples), None if delta or self.asynchronous else u.weights)
+                      for u in updates]
         refused = []
         for c, reason in self.guard.judge(current if current is not None else reference, candidates,
                                           self.asynchronous, self.lengths.others(updates)):

@@ -79,7 +79,7 @@ class Attribution(Observer):
         self.snapshots: list[str] = []             # CSV lines: step,node,updates,digit_0..9,total
         self.seconds = 0.0
         self.evaluations = 0   # probe passes
-        self.reused = 0        # global models scored from the global evaluation's predictions, no pass
+        self.reused = 0        # global models already scored (the global evaluation's predictions, the guard's aggregate)
         # per digit: the largest share of all probe images that a global model updates were applied to
         # labelled with it, and that model's step
         self.label_share = np.zeros(NUM_DIGITS)
@@ -138,7 +138,7 @@ class Attribution(Observer):
         """Each (node, delta) applied to ``before`` alone: its per-digit accuracy change (pp)."""
         t = time.perf_counter()
         if self._before is None or key is None or self._before[0] != key:
-            known = self.probe.known_scores(before)  # the global evaluation's, when it evaluated ``before``
+            known = self.probe.known_scores(before)  # the global evaluation's or the guard's, if it scored ``before``
             if known is None:
                 self.evaluations += 1
             else:
@@ -236,7 +236,7 @@ class Attribution(Observer):
         return {
             "probe_size": self.probe_size,
             "evaluations": self.evaluations,
-            "global_models_from_test_evaluation": self.reused,
+            "global_models_reused": self.reused,
             "seconds": round(self.seconds, 3),
             "share_of_wall_time": round(self.seconds / wall_time, 4) if wall_time else None,
             "helped_most": {str(d): n for d, n in helped.items()},

@@ -8,7 +8,10 @@ The probe images are test images, and the run evaluates each global model on the
 anyway (:class:`~flmnist.observers.evaluation.DigitEvaluation`): that evaluation hands its
 predictions over (:meth:`Probes.offer`), and the probe scores the same weights from them instead of
 evaluating them again (:meth:`Probe.known_scores`): attribution's "before", the global model a
-round's updates are applied to, costs no probe pass. (On the CPU a model's prediction for an
+round's updates are applied to, costs no probe pass. So does a global model the effect guard
+scored as its aggregate of the round's updates (computed as Flower's FedAvg computes the global
+model, so the same values: :meth:`Probe.scores` with ``remember``) when no test-set evaluation
+followed. (On the CPU a model's prediction for an
 image does not depend on the other images of its batch: the figures are the same either way,
 which ``tests/test_attribution.py`` checks on real MNIST. A GPU's kernels may depend on the batch
 size, and a near tie could then flip: there the probe evaluates for itself.)
@@ -27,7 +30,7 @@ from flmnist.ml.threads import on_torch_thread
 from flmnist.ml.training import counts, device, evaluate
 
 PROBE_SEED = 20170217  # fixed: every run probes the same images
-KNOWN = 2  # global models whose probe scores are kept (handed over by the global evaluation)
+KNOWN = 4  # global models whose probe scores are kept (the global evaluation's, the guard's aggregates)
 
 
 def probe_indices(labels: torch.Tensor | np.ndarray, size: int) -> np.ndarray:
@@ -64,16 +67,23 @@ class Probe:
         """Per-digit accuracy (0..1; NaN for a digit the probe lacks) of ``weights`` (+ ``delta``)."""
         return self.scores(weights, delta)[0]
 
-    def scores(self, weights: dict, delta: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def scores(self, weights: dict, delta: dict | None = None,
+               remember: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Per-digit accuracy (as :meth:`per_digit`) and the share of all probe images the model
-        labels with each digit (0..1; a model that knows the digits labels about a tenth with each)."""
-        return on_torch_thread(self._scores, weights, delta)
+        labels with each digit (0..1; a model that knows the digits labels about a tenth with each).
+        ``remember``: ``weights`` may become a global model; keep the scores for :meth:`known_scores`."""
+        scores = on_torch_thread(self._scores, weights, delta)
+        if remember:
+            self._keep(weights if delta is None else _added(weights, delta), scores)
+        return scores
 
     def learn(self, weights: dict, predictions: np.ndarray) -> None:
         """``weights`` predicted ``predictions`` on the whole test set (the images this probe was
         cut from): keep their probe scores for :meth:`known_scores`."""
         result = counts(self.labels.numpy(), np.asarray(predictions)[self.indices])
-        scores = self._figures(result)
+        self._keep(weights, self._figures(result))
+
+    def _keep(self, weights: dict, scores: tuple[np.ndarray, np.ndarray]) -> None:
         kept = {k: np.array(v, copy=True) for k, v in weights.items()}
         with self._lock:
             self._known = [*self._known[-(KNOWN - 1):], (kept, scores)]
@@ -95,13 +105,17 @@ class Probe:
 
     def _scores(self, weights: dict, delta: dict | None) -> tuple[np.ndarray, np.ndarray]:
         if delta is not None:
-            weights = {k: (v + delta[k]).astype(v.dtype) if v.dtype.kind == "f" and k in delta else v
-                       for k, v in weights.items()}
+            weights = _added(weights, delta)
         state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()}
         with self._lock:
             self.model.load_state_dict(state)
             result = evaluate(self.model, self.images, self.labels, self.batch_size, self.device)
         return self._figures(result)
+
+
+def _added(weights: dict, delta: dict) -> dict:
+    """``weights + delta`` (float arrays; others as they are)."""
+    return {k: (v + delta[k]).astype(v.dtype) if v.dtype.kind == "f" and k in delta else v for k, v in weights.items()}
 
 
 class Probes:
