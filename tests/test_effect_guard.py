@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from flmnist.engine.effect_guard import Candidate, EffectGuard
+from flmnist.engine.effect_guard import Candidate, EffectGuard, fedavg
 from flmnist.ml.data import load_mnist
 from flmnist.ml.models import LogReg
 from flmnist.ml.training import train
@@ -80,6 +80,25 @@ def test_one_hostile_update_of_four_is_rejected_and_the_honest_ones_kept(mnist, 
     assert reason.startswith("makes the aggregate worse on the probe set (")
     assert "per digit, with minus without: 0:" in reason and "screen.guard_max_harm=2" in reason
     assert guard.summary()["rejected"] == 1 and guard.summary()["probed"] == 1
+
+
+def test_a_synchronous_round_keeps_the_scores_of_its_accepted_updates_aggregate_only(mnist):
+    """With the nodes' trained models, the guard's aggregates are FedAvg's; of those it scores, the
+    probe keeps only the accepted updates' (the global model FedAvg makes next), not the one with
+    the rejected update in it, which no global model will be."""
+    (x, y), (tx, ty) = mnist
+    start = start_model(x, y, 60)
+    shards = np.array_split(np.random.default_rng(1).permutation(len(y))[:8000], 4)
+    models = [trained(start, x[s], y[s], seed=i) for i, s in enumerate(shards)]
+    models[0] = {k: start[k] + v for k, v in attack("sign-flip", start, models[0]).items()}
+    candidates = [Candidate(i, f"node {i}", {k: m[k] - start[k] for k in start}, 2000.0 + i, m)
+                  for i, m in enumerate(models)]
+    probe = Probe(tx, ty, LogReg)
+    guard = EffectGuard(probe, max_harm=2.0)
+    assert [c.name for c, _ in guard.judge(start, candidates, asynchronous=False)] == ["node 0"]
+    assert guard.evaluations == 5 + 4  # with all four and without each; again with the three, without each
+    assert probe.known_scores(fedavg(candidates[1:])) is not None
+    assert probe.known_scores(fedavg(candidates)) is None and len(probe._known) == 1
 
 
 def test_under_equal_weights_an_update_claiming_one_example_is_judged_at_its_real_share(mnist):

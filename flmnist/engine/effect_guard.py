@@ -25,9 +25,10 @@ of the others' and the recent accepted updates' pass unprobed, as honest updates
 split do. A round with an update pointing away or
 much longer is probed whole. The probe is the attribution's: ``probe_size`` test images, the
 same in every run, and the same :class:`~flmnist.observers.probe.Probe` object when attribution is on.
-Synchronous, the aggregate with every candidate is computed from their trained models as Flower's
-FedAvg computes the global model (:func:`fedavg`): when the round's global model is that aggregate,
-attribution finds its probe scores kept and does not evaluate it again.
+Synchronous, each aggregate (with every candidate, and without each) is computed from the
+trained models as Flower's FedAvg computes the global model (:func:`fedavg`), and the probe keeps
+the scores of the accepted updates' aggregate: when the round's global model is that aggregate
+(FedAvg, nothing clipped or noised after the guard), attribution does not evaluate it again.
 """
 
 from __future__ import annotations
@@ -108,14 +109,16 @@ class EffectGuard:
         self.evaluations += 1
         return np.nan_to_num(self.probe.per_digit(before, delta))
 
-    def aggregate_accuracy(self, before: Weights, members: Sequence[Candidate]) -> np.ndarray:
-        """Per-digit probe accuracy of the members' aggregate: with their models (synchronous) as
-        FedAvg makes it (:func:`fedavg`), its scores kept for attribution should it become the
-        global model; else ``before`` plus their mean delta."""
+    def aggregate_accuracy(self, before: Weights, members: Sequence[Candidate]) -> tuple[np.ndarray, tuple | None]:
+        """Per-digit probe accuracy of the members' aggregate, and (weights, scores) to keep should it
+        become the global model. With their models (synchronous) the aggregate is FedAvg's own
+        (:func:`fedavg`); else ``before`` plus their mean delta, and nothing to keep."""
         if not members or any(m.model is None for m in members) or sum(m.weight for m in members) <= 0:
-            return self.accuracy(before, self.mean(members))
+            return self.accuracy(before, self.mean(members)), None
         self.evaluations += 1
-        return np.nan_to_num(self.probe.scores(fedavg(members), remember=True)[0])
+        weights = fedavg(members)
+        scores = self.probe.scores(weights)
+        return np.nan_to_num(scores[0]), (weights, scores)
 
     @staticmethod
     def mean(members: Sequence[Candidate]) -> Weights | None:
@@ -171,14 +174,16 @@ class EffectGuard:
             self.probed += 1
             while active:
                 members = pool + active
-                with_all = self.aggregate_accuracy(before, members)
+                with_all, scored = self.aggregate_accuracy(before, members)
                 worst, worst_harm, worst_without = None, -math.inf, None
                 for c in active:
-                    without = self.accuracy(before, self.mean([m for m in members if m is not c]))
+                    without, _ = self.aggregate_accuracy(before, [m for m in members if m is not c])
                     harm = 100.0 * float(without.mean() - with_all.mean())
                     if harm > worst_harm:
                         worst, worst_harm, worst_without = c, harm, without
                 if worst is None or worst_harm <= self.max_harm:
+                    if scored is not None:  # the accepted updates' aggregate: FedAvg's global model, scored
+                        self.probe.keep(*scored)
                     break
                 per_digit = " ".join(f"{d}:{100 * (a - b):+.0f}" for d, (a, b) in enumerate(zip(with_all, worst_without)))
                 reason = (f"makes the aggregate worse on the probe set ({worst_harm:.1f} pp: "

@@ -10,7 +10,7 @@ predictions over (:meth:`Probes.offer`), and the probe scores the same weights f
 evaluating them again (:meth:`Probe.known_scores`): attribution's "before", the global model a
 round's updates are applied to, costs no probe pass. So does a global model the effect guard
 scored as its aggregate of the round's updates (computed as Flower's FedAvg computes the global
-model, so the same values: :meth:`Probe.scores` with ``remember``) when no test-set evaluation
+model, so the same values: :meth:`Probe.keep`) when no test-set evaluation
 followed. (On the CPU a model's prediction for an
 image does not depend on the other images of its batch: the figures are the same either way,
 which ``tests/test_attribution.py`` checks on real MNIST. A GPU's kernels may depend on the batch
@@ -67,23 +67,20 @@ class Probe:
         """Per-digit accuracy (0..1; NaN for a digit the probe lacks) of ``weights`` (+ ``delta``)."""
         return self.scores(weights, delta)[0]
 
-    def scores(self, weights: dict, delta: dict | None = None,
-               remember: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def scores(self, weights: dict, delta: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Per-digit accuracy (as :meth:`per_digit`) and the share of all probe images the model
-        labels with each digit (0..1; a model that knows the digits labels about a tenth with each).
-        ``remember``: ``weights`` may become a global model; keep the scores for :meth:`known_scores`."""
-        scores = on_torch_thread(self._scores, weights, delta)
-        if remember:
-            self._keep(weights if delta is None else _added(weights, delta), scores)
-        return scores
+        labels with each digit (0..1; a model that knows the digits labels about a tenth with each)."""
+        return on_torch_thread(self._scores, weights, delta)
 
     def learn(self, weights: dict, predictions: np.ndarray) -> None:
         """``weights`` predicted ``predictions`` on the whole test set (the images this probe was
         cut from): keep their probe scores for :meth:`known_scores`."""
         result = counts(self.labels.numpy(), np.asarray(predictions)[self.indices])
-        self._keep(weights, self._figures(result))
+        self.keep(weights, self._figures(result))
 
-    def _keep(self, weights: dict, scores: tuple[np.ndarray, np.ndarray]) -> None:
+    def keep(self, weights: dict, scores: tuple[np.ndarray, np.ndarray]) -> None:
+        """``weights`` (which may become a global model) scored ``scores`` (:meth:`scores`' pair):
+        keep them for :meth:`known_scores` (a copy: the caller's arrays may change)."""
         kept = {k: np.array(v, copy=True) for k, v in weights.items()}
         with self._lock:
             self._known = [*self._known[-(KNOWN - 1):], (kept, scores)]
