@@ -11,12 +11,15 @@ import sys
 import numpy as np
 import pytest
 import torch
+from flwr.app import MetricRecord, RecordDict
 
+from flmnist.core.arrays import to_record
 from flmnist.engine.effect_guard import Candidate, EffectGuard, fedavg
 from flmnist.ml.data import load_mnist
 from flmnist.ml.models import LogReg
 from flmnist.ml.training import train
 from flmnist.observers.probe import Probe
+from flmnist.protocol.messages import NUM_EXAMPLES
 
 GROUPS = [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
 
@@ -91,7 +94,8 @@ def test_a_synchronous_round_keeps_the_scores_of_its_accepted_updates_aggregate_
     shards = np.array_split(np.random.default_rng(1).permutation(len(y))[:8000], 4)
     models = [trained(start, x[s], y[s], seed=i) for i, s in enumerate(shards)]
     models[0] = {k: start[k] + v for k, v in attack("sign-flip", start, models[0]).items()}
-    candidates = [Candidate(i, f"node {i}", {k: m[k] - start[k] for k in start}, 2000.0 + i, m)
+    candidates = [Candidate(i, f"node {i}", {k: m[k] - start[k] for k in start}, 2000.0 + i,
+                            RecordDict({"arrays": to_record(m), "metrics": MetricRecord({NUM_EXAMPLES: 2000 + i})}))
                   for i, m in enumerate(models)]
     probe = Probe(tx, ty, LogReg)
     guard = EffectGuard(probe, max_harm=2.0)

@@ -26,7 +26,7 @@ split do. A round with an update pointing away or
 much longer is probed whole. The probe is the attribution's: ``probe_size`` test images, the
 same in every run, and the same :class:`~flmnist.observers.probe.Probe` object when attribution is on.
 Synchronous, each aggregate (with every candidate, and without each) is computed from the
-trained models as Flower's FedAvg computes the global model (:func:`fedavg`), and the probe keeps
+reply contents by Flower's own FedAvg aggregation (:func:`fedavg`), and the probe keeps
 the scores of the accepted updates' aggregate: when the round's global model is that aggregate
 (FedAvg, nothing clipped or noised after the guard), attribution does not evaluate it again.
 """
@@ -41,11 +41,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from flwr.app import RecordDict
 from flwr.serverapp.strategy import Bulyan, FedMedian, FedTrimmedAvg, Krum
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from flmnist.core.arrays import Weights, dot
+from flmnist.core.arrays import Weights, dot, to_weights
 from flmnist.observers.probe import Probe
-from flmnist.protocol.messages import UNIT_WEIGHT
+from flmnist.protocol.messages import NUM_EXAMPLES, UNIT_WEIGHT
 
 MAX_LENGTH_RATIO = 3.0   # longer than this multiple of the median update length: probe
 MIN_COSINE = 0.0         # pointing away from the others' mean: probe
@@ -59,23 +61,13 @@ class Candidate:
     name: str
     delta: Weights
     weight: float
-    model: Weights | None = None  # synchronous: the trained model (the global model is their aggregate)
+    content: RecordDict | None = None  # synchronous: the reply content FedAvg aggregates into the global model
 
 
-def fedavg(members: Sequence[Candidate]) -> Weights:
-    """The members' models averaged by weight in the arithmetic of Flower's FedAvg
-    (``flwr.serverapp.strategy.strategy_utils.aggregate_arrayrecords``: each model times its
-    weight over the total, summed in order), so the very values of a global model FedAvg makes of them."""
-    total = sum(m.weight for m in members)
-    out: Weights = {}
-    for m in members:
-        share = m.weight / total
-        for k, v in m.model.items():
-            if k in out:
-                out[k] += v * share
-            else:
-                out[k] = v * share
-    return out
+def fedavg(members: Sequence[Candidate], weighted_by: str = NUM_EXAMPLES) -> Weights:
+    """The members' aggregate as Flower's FedAvg makes the global model of them: its own
+    ``aggregate_arrayrecords`` over their reply contents, weighted by the metric ``weighted_by``."""
+    return to_weights(aggregate_arrayrecords([m.content for m in members], weighted_by))
 
 
 def _flat(delta: Weights) -> np.ndarray:
@@ -113,10 +105,10 @@ class EffectGuard:
         """Per-digit probe accuracy of the members' aggregate, and (weights, scores) to keep should it
         become the global model. With their models (synchronous) the aggregate is FedAvg's own
         (:func:`fedavg`); else ``before`` plus their mean delta, and nothing to keep."""
-        if not members or any(m.model is None for m in members) or sum(m.weight for m in members) <= 0:
+        if not members or any(m.content is None for m in members):
             return self.accuracy(before, self.mean(members)), None
         self.evaluations += 1
-        weights = fedavg(members)
+        weights = fedavg(members, UNIT_WEIGHT if self.equal_weights else NUM_EXAMPLES)
         scores = self.probe.scores(weights)
         return np.nan_to_num(scores[0]), (weights, scores)
 

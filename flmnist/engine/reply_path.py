@@ -163,7 +163,7 @@ class ReplyPath:
         if self.guard is None or not updates:
             return []
         candidates = [Candidate(u, u.name, u.weights if delta else {k: u.weights[k] - reference[k] for k in reference},
-                                float(u.num_examples), None if delta or self.asynchronous else u.weights)
+                                float(u.num_examples), None if delta or self.asynchronous else u.content())
                       for u in updates]
         refused = []
         for c, reason in self.guard.judge(current if current is not None else reference, candidates,

@@ -9,8 +9,8 @@ anyway (:class:`~flmnist.observers.evaluation.DigitEvaluation`): that evaluation
 predictions over (:meth:`Probes.offer`), and the probe scores the same weights from them instead of
 evaluating them again (:meth:`Probe.known_scores`): attribution's "before", the global model a
 round's updates are applied to, costs no probe pass. So does a global model the effect guard
-scored as its aggregate of the round's updates (computed as Flower's FedAvg computes the global
-model, so the same values: :meth:`Probe.keep`) when no test-set evaluation
+scored as its aggregate of the round's updates (Flower's own FedAvg aggregation of the same
+replies, so the same values: :meth:`Probe.keep`) when no test-set evaluation
 followed. (On the CPU a model's prediction for an
 image does not depend on the other images of its batch: the figures are the same either way,
 which ``tests/test_attribution.py`` checks on real MNIST. A GPU's kernels may depend on the batch
@@ -102,17 +102,13 @@ class Probe:
 
     def _scores(self, weights: dict, delta: dict | None) -> tuple[np.ndarray, np.ndarray]:
         if delta is not None:
-            weights = _added(weights, delta)
+            weights = {k: (v + delta[k]).astype(v.dtype) if v.dtype.kind == "f" and k in delta else v
+                       for k, v in weights.items()}
         state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()}
         with self._lock:
             self.model.load_state_dict(state)
             result = evaluate(self.model, self.images, self.labels, self.batch_size, self.device)
         return self._figures(result)
-
-
-def _added(weights: dict, delta: dict) -> dict:
-    """``weights + delta`` (float arrays; others as they are)."""
-    return {k: (v + delta[k]).astype(v.dtype) if v.dtype.kind == "f" and k in delta else v for k, v in weights.items()}
 
 
 class Probes:
