@@ -74,8 +74,8 @@ def test_one_hostile_update_of_four_is_rejected_and_the_honest_ones_kept(mnist, 
         # is at most 2 points worse than without it (the guard's rule), and no honest node goes.
         assert [c.name for c, _ in rejected] in ([], ["node 0"])
         if not rejected:
-            with_all = guard.accuracy(start, EffectGuard.mean(candidates)).mean()
-            without = guard.accuracy(start, EffectGuard.mean(candidates[1:])).mean()
+            with_all = np.nan_to_num(guard.probe.per_digit(start, EffectGuard.mean(candidates))).mean()
+            without = np.nan_to_num(guard.probe.per_digit(start, EffectGuard.mean(candidates[1:]))).mean()
             assert 100 * (without - with_all) <= 2.0, (with_all, without)
         return
     assert [c.name for c, _ in rejected] == ["node 0"]
@@ -103,6 +103,69 @@ def test_a_synchronous_round_keeps_the_scores_of_its_accepted_updates_aggregate_
     assert guard.evaluations == 5 + 4  # with all four and without each; again with the three, without each
     assert probe.known_scores(fedavg(candidates[1:])) is not None
     assert probe.known_scores(fedavg(candidates)) is None and len(probe._known) == 1
+
+
+def seed002_candidates(x, y, start, contents: bool = False) -> list[Candidate]:
+    """Seed 002's three digit groups, each node's update after 10 steps on its own digits."""
+    candidates = []
+    for i, group in enumerate(GROUPS):
+        idx = torch.from_numpy(np.flatnonzero(np.isin(y.numpy(), group))[:6000])
+        model = trained(start, x[idx], y[idx], steps=10, seed=i)
+        content = RecordDict({"arrays": to_record(model), "metrics": MetricRecord({NUM_EXAMPLES: len(idx)})})
+        candidates.append(Candidate(i, f"node {i}", {k: model[k] - start[k] for k in start}, float(len(idx)),
+                                    content if contents else None))
+    return candidates
+
+
+@pytest.mark.parametrize("case", ["seed002", "seed002-contents", "replace", "sign-flip", "boost", "async"])
+def test_the_guard_stops_evaluating_a_harmless_aggregate_early_and_decides_as_with_every_image(mnist, case):
+    """An aggregate without an update whose accuracy cannot beat the aggregate with it by more than
+    ``max_harm``, even if every probe image not yet evaluated came out right, needs no more images:
+    that update is not the one rejected. The same guard on a probe evaluated in one batch (which
+    cannot stop early) rejects the same updates with the same reasons and counts; the batched one
+    evaluates fewer images where every update is harmless (seed 002's groups)."""
+    (x, y), (tx, ty) = mnist
+    start = start_model(x, y, 60)
+    if case.startswith("seed002"):
+        candidates = seed002_candidates(x, y, start, contents=case.endswith("contents"))
+    else:
+        shards = np.array_split(np.random.default_rng(1).permutation(len(y))[:8000], 4)
+        models = [trained(start, x[s], y[s], seed=i) for i, s in enumerate(shards)]
+        candidates = [Candidate(i, f"node {i}", {k: m[k] - start[k] for k in start}, 2000.0) for i, m in enumerate(models)]
+        candidates[0] = Candidate(0, "node 0", attack("replace" if case == "async" else case, start, models[0]), 2000.0)
+    judged = {}
+    for batch in (1000, 100):
+        guard = EffectGuard(Probe(tx, ty, LogReg, batch_size=batch), max_harm=2.0)
+        if case == "async":
+            guard.window.extend(candidates[1:])
+            judged[batch] = (guard.judge(start, candidates[:1], asynchronous=True), guard)
+        else:
+            judged[batch] = (guard.judge(start, candidates, asynchronous=False), guard)
+    (whole, one), (batched, guard) = judged[1000], judged[100]
+    assert [(c.name, reason) for c, reason in batched] == [(c.name, reason) for c, reason in whole]
+    assert [c.name for c, _ in whole] == ([] if case.startswith("seed002") else ["node 0"])
+    assert (guard.evaluations, guard.probed) == (one.evaluations, one.probed) and guard.probed == 1
+    assert one.images == 1000 * one.evaluations
+    if case.startswith("seed002"):  # each update holds digits nobody else does: without it, far worse
+        assert guard.images < one.images and guard.summary()["probe_images_evaluated"] == guard.images
+
+
+def test_an_evaluation_stops_only_when_the_rest_of_the_probe_cannot_lift_it_over_the_ceiling(mnist):
+    """Probe.per_digit_unless_below: None only for a model whose whole-probe mean is at most the
+    ceiling, after fewer images than the probe holds; otherwise per_digit's figures bit for bit."""
+    (x, y), (tx, ty) = mnist
+    probe = Probe(tx, ty, LogReg, size=1003, batch_size=100)  # (uneven: the first three digits hold 101)
+    for steps in (0, 5, 60):
+        weights = start_model(x, y, steps)
+        mean = float(np.nan_to_num(probe.per_digit(weights)).mean())
+        for ceiling in (0.0, mean - 0.05, mean, mean + 0.05, mean + 0.5, 2.0):
+            accuracy, images = probe.per_digit_unless_below(weights, None, ceiling)
+            if accuracy is None:
+                assert mean <= ceiling and images < probe.size, (steps, ceiling)
+            else:
+                assert images == probe.size and np.array_equal(accuracy, probe.per_digit(weights), equal_nan=True)
+        assert probe.per_digit_unless_below(weights, None, mean - 1e-6)[0] is not None
+        assert probe.per_digit_unless_below(weights, None, 2.0) == (None, 100)  # any model scores at most 1
 
 
 def test_under_equal_weights_an_update_claiming_one_example_is_judged_at_its_real_share(mnist):

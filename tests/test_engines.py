@@ -319,8 +319,9 @@ def test_the_screens_counters_survive_a_checkpoint(task_identity):
     assert again.stats()["identities"]["refused_claims"] == 3
     path.guard, resumed.guard = EffectGuard(probe=None), EffectGuard(probe=None)
     path.guard.judged, path.guard.probed, path.guard.evaluations, path.guard.rejected = 7, 2, 9, 1
+    path.guard.images = 9000
     resumed.load_state(path.state())
-    assert resumed.guard.state() == path.guard.state() == {"seconds": 0.0, "evaluations": 9, "judged": 7,
+    assert resumed.guard.state() == path.guard.state() == {"seconds": 0.0, "evaluations": 9, "images": 9000, "judged": 7,
                                                             "probed": 2, "rejected": 1}
 
 

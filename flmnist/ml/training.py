@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -162,16 +163,20 @@ def evaluate(
     batch_size: int = 1000,
     dev: torch.device | None = None,
     keep_predictions: bool = False,
+    enough: Callable[[np.ndarray], bool] | None = None,
 ) -> EvalResult:
     """Summed loss and the confusion matrix (rows: true digit, columns: predicted), and with
     ``keep_predictions`` each image's predicted digit; on the process's PyTorch thread when
-    ClientApps run in-process (see :func:`on_torch_thread`)."""
-    return on_torch_thread(_evaluate, model, images, labels, batch_size, dev, keep_predictions)
+    ClientApps run in-process (see :func:`on_torch_thread`). ``enough``: asked with the confusion
+    matrix so far after each batch but the last; True stops there (the result counts the images
+    evaluated: ``total``)."""
+    return on_torch_thread(_evaluate, model, images, labels, batch_size, dev, keep_predictions, enough)
 
 
 @torch.no_grad()  # (grad mode is per thread: here, where the work is done)
 def _evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
-              dev: torch.device | None, keep_predictions: bool = False) -> EvalResult:
+              dev: torch.device | None, keep_predictions: bool = False,
+              enough: Callable[[np.ndarray], bool] | None = None) -> EvalResult:
     dev = dev or device()
     place(model, dev).eval()
     result = EvalResult()
@@ -190,6 +195,8 @@ def _evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batc
             .cpu()
             .numpy()
         )
+        if enough is not None and start + batch_size < len(labels) and enough(result.confusion):
+            break
     if keep_predictions:
         result.predictions = torch.cat(predictions).numpy() if predictions else np.zeros(0, np.int64)
     return result

@@ -72,6 +72,25 @@ class Probe:
         labels with each digit (0..1; a model that knows the digits labels about a tenth with each)."""
         return on_torch_thread(self._scores, weights, delta)
 
+    def per_digit_unless_below(self, weights: dict, delta: dict | None, ceiling: float) -> tuple[np.ndarray | None, int]:
+        """:meth:`per_digit` of ``weights`` (+ ``delta``), or None as soon as the mean of its per-digit
+        accuracies (a digit the probe lacks counted as 0) is certainly at most ``ceiling``: every
+        image not yet evaluated counted as right, the mean would still be no higher. With the
+        images evaluated. Batch by batch, the probe's own batches, so a finished evaluation has
+        :meth:`per_digit`'s figures bit for bit. (The effect guard: an aggregate without an update
+        that cannot beat the aggregate with it by more than the harm allowed needs no more images.)"""
+        held = np.bincount(self.labels.numpy(), minlength=NUM_CLASSES)
+        share = np.divide(1.0, held, out=np.zeros(NUM_CLASSES), where=held > 0) / NUM_CLASSES
+
+        def enough(confusion: np.ndarray) -> bool:  # the mean if every image still to come were right
+            highest = np.diag(confusion) + held - confusion.sum(axis=1)
+            return float(highest @ share) <= ceiling - 1e-9  # (a margin far above rounding)
+
+        result = on_torch_thread(self._evaluate, weights, delta, enough)
+        if result.total < self.size:
+            return None, result.total
+        return self._figures(result)[0], result.total
+
     def learn(self, weights: dict, predictions: np.ndarray) -> None:
         """``weights`` predicted ``predictions`` on the whole test set (the images this probe was
         cut from): keep their probe scores for :meth:`known_scores`."""
@@ -101,14 +120,16 @@ class Probe:
         return accuracy, result.predicted_per_digit / max(result.total, 1)
 
     def _scores(self, weights: dict, delta: dict | None) -> tuple[np.ndarray, np.ndarray]:
+        return self._figures(self._evaluate(weights, delta))
+
+    def _evaluate(self, weights: dict, delta: dict | None, enough=None):
         if delta is not None:
             weights = {k: (v + delta[k]).astype(v.dtype) if v.dtype.kind == "f" and k in delta else v
                        for k, v in weights.items()}
         state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()}
         with self._lock:
             self.model.load_state_dict(state)
-            result = evaluate(self.model, self.images, self.labels, self.batch_size, self.device)
-        return self._figures(result)
+            return evaluate(self.model, self.images, self.labels, self.batch_size, self.device, enough=enough)
 
 
 class Probes:
