@@ -117,12 +117,32 @@ def seed002_candidates(x, y, start, contents: bool = False) -> list[Candidate]:
     return candidates
 
 
-@pytest.mark.parametrize("case", ["seed002", "seed002-contents", "replace", "sign-flip", "boost", "async"])
-def test_the_guard_stops_evaluating_a_harmless_aggregate_early_and_decides_as_with_every_image(mnist, case):
+class EveryImage(EffectGuard):
+    """The guard as it was before it stopped early: every aggregate evaluated on every probe image."""
+
+    def accuracy_unless_below(self, before, members, ceiling):
+        return self.aggregate_accuracy(before, members)[0]
+
+
+def harms(probe: Probe, start: dict, candidates: list[Candidate]) -> list[float]:
+    """Each candidate's leave-one-out harm (pp), every probe image evaluated."""
+    reference = EveryImage(probe)
+    with_all = reference.aggregate_accuracy(start, candidates)[0].mean()
+    return [100 * float(reference.aggregate_accuracy(start, [m for m in candidates if m is not c])[0].mean() - with_all)
+            for c in candidates]
+
+
+SYNC_CASES = ["seed002", "seed002-contents", "replace", "sign-flip", "boost"]
+
+
+@pytest.mark.parametrize("case,margin", [(c, None) for c in [*SYNC_CASES, "async"]]
+                         + [(c, m) for c in SYNC_CASES for m in (-0.01, 0.01)])
+def test_the_guard_stops_evaluating_a_harmless_aggregate_early_and_decides_as_with_every_image(mnist, case, margin):
     """An aggregate without an update whose accuracy cannot beat the aggregate with it by more than
     ``max_harm``, even if every probe image not yet evaluated came out right, needs no more images:
-    that update is not the one rejected. The same guard on a probe evaluated in one batch (which
-    cannot stop early) rejects the same updates with the same reasons and counts; the batched one
+    that update is not the one rejected. The guard rejects the same updates with the same reasons
+    and counts as the guard that evaluates every image (same probe batches), also with ``max_harm``
+    0.01 pp either side of the largest harm (the bound decides at the threshold itself), and
     evaluates fewer images where every update is harmless (seed 002's groups)."""
     (x, y), (tx, ty) = mnist
     start = start_model(x, y, 60)
@@ -133,21 +153,30 @@ def test_the_guard_stops_evaluating_a_harmless_aggregate_early_and_decides_as_wi
         models = [trained(start, x[s], y[s], seed=i) for i, s in enumerate(shards)]
         candidates = [Candidate(i, f"node {i}", {k: m[k] - start[k] for k in start}, 2000.0) for i, m in enumerate(models)]
         candidates[0] = Candidate(0, "node 0", attack("replace" if case == "async" else case, start, models[0]), 2000.0)
+    max_harm = 2.0
+    if margin is not None:
+        each = harms(Probe(tx, ty, LogReg, batch_size=100), start, candidates)
+        max_harm = max(each) + margin
     judged = {}
-    for batch in (1000, 100):
-        guard = EffectGuard(Probe(tx, ty, LogReg, batch_size=batch), max_harm=2.0)
+    for kind in (EveryImage, EffectGuard):
+        guard = kind(Probe(tx, ty, LogReg, batch_size=100), max_harm=max_harm)
         if case == "async":
             guard.window.extend(candidates[1:])
-            judged[batch] = (guard.judge(start, candidates[:1], asynchronous=True), guard)
+            judged[kind] = (guard.judge(start, candidates[:1], asynchronous=True), guard)
         else:
-            judged[batch] = (guard.judge(start, candidates, asynchronous=False), guard)
-    (whole, one), (batched, guard) = judged[1000], judged[100]
-    assert [(c.name, reason) for c, reason in batched] == [(c.name, reason) for c, reason in whole]
-    assert [c.name for c, _ in whole] == ([] if case.startswith("seed002") else ["node 0"])
-    assert (guard.evaluations, guard.probed) == (one.evaluations, one.probed) and guard.probed == 1
-    assert one.images == 1000 * one.evaluations
-    if case.startswith("seed002"):  # each update holds digits nobody else does: without it, far worse
-        assert guard.images < one.images and guard.summary()["probe_images_evaluated"] == guard.images
+            judged[kind] = (guard.judge(start, candidates, asynchronous=False), guard)
+    (whole, reference), (early, guard) = judged[EveryImage], judged[EffectGuard]
+    assert [(c.name, reason) for c, reason in early] == [(c.name, reason) for c, reason in whole]
+    assert (guard.evaluations, guard.probed) == (reference.evaluations, reference.probed) and guard.probed == 1
+    assert reference.images == 1000 * reference.evaluations and guard.images <= reference.images
+    if margin is None:
+        assert [c.name for c, _ in whole] == ([] if case.startswith("seed002") else ["node 0"])
+    elif margin < 0:  # the most harmful update, just over the threshold, goes first
+        assert [c.name for c, _ in whole][:1] == [candidates[int(np.argmax(each))].name]
+    else:
+        assert whole == []
+    if case.startswith("seed002") and margin is None:  # each update holds digits nobody else does
+        assert guard.images < reference.images and guard.summary()["probe_images_evaluated"] == guard.images
 
 
 def test_an_evaluation_stops_only_when_the_rest_of_the_probe_cannot_lift_it_over_the_ceiling(mnist):
@@ -164,8 +193,21 @@ def test_an_evaluation_stops_only_when_the_rest_of_the_probe_cannot_lift_it_over
                 assert mean <= ceiling and images < probe.size, (steps, ceiling)
             else:
                 assert images == probe.size and np.array_equal(accuracy, probe.per_digit(weights), equal_nan=True)
+        for ceiling in mean + np.linspace(-0.01, 0.01, 21):  # at the mean itself, either side
+            accuracy, images = probe.per_digit_unless_below(weights, None, ceiling)
+            assert accuracy is not None or mean <= ceiling, (steps, ceiling - mean)
         assert probe.per_digit_unless_below(weights, None, mean - 1e-6)[0] is not None
         assert probe.per_digit_unless_below(weights, None, 2.0) == (None, 100)  # any model scores at most 1
+    # a digit the probe lacks counts 0 in the mean, as in the guard's: the bound gives it no credit
+    keep = ty != 9
+    lacking = Probe(tx[keep], ty[keep], LogReg, size=900, batch_size=100)
+    weights = start_model(x, y, 60)
+    mean = float(np.nan_to_num(lacking.per_digit(weights)).mean())
+    assert np.isnan(lacking.per_digit(weights)[9]) and mean <= 0.9
+    for ceiling in mean + np.linspace(-0.01, 0.01, 21):
+        accuracy, images = lacking.per_digit_unless_below(weights, None, ceiling)
+        assert accuracy is not None or (mean <= ceiling and images < lacking.size), ceiling - mean
+    assert lacking.per_digit_unless_below(weights, None, 0.9)[0] is None  # nine digits right at most: 0.9
 
 
 def test_under_equal_weights_an_update_claiming_one_example_is_judged_at_its_real_share(mnist):

@@ -323,6 +323,13 @@ def test_the_screens_counters_survive_a_checkpoint(task_identity):
     resumed.load_state(path.state())
     assert resumed.guard.state() == path.guard.state() == {"seconds": 0.0, "evaluations": 9, "images": 9000, "judged": 7,
                                                             "probed": 2, "rejected": 1}
+    # a checkpoint from before the guard stopped early: each of its evaluations took the whole probe
+    from flmnist.ml.models import LogReg
+    from flmnist.observers.probe import Probe
+
+    older = EffectGuard(probe=Probe(torch.zeros(1000, 1, 28, 28), torch.arange(1000) % 10, LogReg, size=500))
+    older.load_state({k: v for k, v in path.guard.state().items() if k != "images"})
+    assert (older.evaluations, older.images) == (9, 9 * 500)
 
 
 def test_a_rejected_aggregate_leaves_no_trace_in_the_inner_strategy(task_identity, monkeypatch):

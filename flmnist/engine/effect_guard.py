@@ -218,6 +218,8 @@ class EffectGuard:
     def load_state(self, state: dict) -> None:
         for k in self.COUNTERS:
             setattr(self, k, state.get(k, getattr(self, k)))
+        if "images" not in state and self.probe is not None:  # a checkpoint from before the early stop
+            self.images = self.evaluations * self.probe.size  # (every evaluation took the whole probe)
 
     def summary(self) -> dict:
         return {

@@ -55,6 +55,8 @@ class Probe:
         self.images, self.labels = images[idx], labels[idx]
         self.model = model_fn()
         self.batch_size = batch_size
+        self._held = np.bincount(self.labels.numpy(), minlength=NUM_CLASSES)  # probe images of each digit
+        self._share = np.divide(1.0, self._held, out=np.zeros(NUM_CLASSES), where=self._held > 0) / NUM_CLASSES
         self.device = device()
         self._lock = threading.Lock()  # one model: the guard and attribution's background job take turns
         self._known: list[tuple[dict, tuple[np.ndarray, np.ndarray]]] = []  # (weights, scores), newest last
@@ -79,12 +81,9 @@ class Probe:
         images evaluated. Batch by batch, the probe's own batches, so a finished evaluation has
         :meth:`per_digit`'s figures bit for bit. (The effect guard: an aggregate without an update
         that cannot beat the aggregate with it by more than the harm allowed needs no more images.)"""
-        held = np.bincount(self.labels.numpy(), minlength=NUM_CLASSES)
-        share = np.divide(1.0, held, out=np.zeros(NUM_CLASSES), where=held > 0) / NUM_CLASSES
-
         def enough(confusion: np.ndarray) -> bool:  # the mean if every image still to come were right
-            highest = np.diag(confusion) + held - confusion.sum(axis=1)
-            return float(highest @ share) <= ceiling - 1e-9  # (a margin far above rounding)
+            highest = np.diag(confusion) + self._held - confusion.sum(axis=1)
+            return float(highest @ self._share) <= ceiling - 1e-9  # (a margin far above rounding)
 
         result = on_torch_thread(self._evaluate, weights, delta, enough)
         if result.total < self.size:
