@@ -177,6 +177,9 @@ def test_the_guard_stops_evaluating_a_harmless_aggregate_early_and_decides_as_wi
         assert whole == []
     if case.startswith("seed002") and margin is None:  # each update holds digits nobody else does
         assert guard.images < reference.images and guard.summary()["probe_images_evaluated"] == guard.images
+        assert guard.report() == (f"Effect guard (screen.guard_max_harm=2): 3 updates judged, probed 1 time (4 "
+                                  f"aggregates on {guard.images:,} probe images, {guard.seconds:.1f} s; "
+                                  "screen.guard_max_harm=null turns the guard off), 0 rejected")
 
 
 def test_an_evaluation_stops_only_when_the_rest_of_the_probe_cannot_lift_it_over_the_ceiling(mnist):

@@ -221,6 +221,13 @@ class EffectGuard:
         if "images" not in state and self.probe is not None:  # a checkpoint from before the early stop
             self.images = self.evaluations * self.probe.size  # (every evaluation took the whole probe)
 
+    def report(self) -> str:
+        """The end-of-run line: what the guard judged, what it cost, how to turn it off."""
+        cost = (f" ({self.evaluations} aggregates on {self.images:,} probe images, {self.seconds:.1f} s; "
+                "screen.guard_max_harm=null turns the guard off)") if self.probed else ""
+        return (f"Effect guard (screen.guard_max_harm={self.max_harm:g}): {self.judged} updates judged, "
+                f"probed {self.probed} time{'s' * (self.probed != 1)}{cost}, {self.rejected} rejected")
+
     def summary(self) -> dict:
         return {
             "max_harm_pp": self.max_harm,

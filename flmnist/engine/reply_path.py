@@ -227,6 +227,8 @@ class ReplyPath:
         them, so they were last set before), the nodes' devices and what the hooks have to say."""
         if self.recorder is not None:
             self.recorder.set_section("screen", self.stats())
+        if self.recorder is not None and self.guard is not None and self.guard.judged:
+            self.recorder.printer(self.guard.report())
         if self.recorder is not None and self.devices:
             counts = Counter(self.devices.values())
             total = int(self.sent.num_partitions or 0)
