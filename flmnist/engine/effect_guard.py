@@ -101,28 +101,27 @@ class EffectGuard:
         self.pool_size = min(self.pool_size, size)
 
     # ------------------------------------------------------------ measuring
-    def aggregate_accuracy(self, before: Weights, members: Sequence[Candidate]) -> tuple[np.ndarray, tuple | None]:
-        """Per-digit probe accuracy of the members' aggregate, and (weights, scores) to keep should it
-        become the global model. With their models (synchronous) the aggregate is FedAvg's own
-        (:func:`fedavg`); else ``before`` plus their mean delta, and nothing to keep."""
-        self.evaluations += 1
+    def aggregate(self, before: Weights, members: Sequence[Candidate]) -> tuple[Weights, Weights | None]:
+        """The members' aggregate as (weights, delta to add): with their models (synchronous) FedAvg's
+        own (:func:`fedavg`), else ``before`` plus their mean delta."""
         if not members or any(m.content is None for m in members):
-            self.images += self.probe.size
-            return np.nan_to_num(self.probe.per_digit(before, self.mean(members))), None
-        weights = fedavg(members, UNIT_WEIGHT if self.equal_weights else NUM_EXAMPLES)
-        scores = self.probe.scores(weights)
+            return before, self.mean(members)
+        return fedavg(members, UNIT_WEIGHT if self.equal_weights else NUM_EXAMPLES), None
+
+    def aggregate_accuracy(self, before: Weights, members: Sequence[Candidate]) -> tuple[np.ndarray, tuple | None]:
+        """Per-digit probe accuracy of the members' aggregate (:meth:`aggregate`), and (weights, scores)
+        to keep should it become the global model (FedAvg's, synchronous; else nothing to keep)."""
+        self.evaluations += 1
         self.images += self.probe.size
-        return np.nan_to_num(scores[0]), (weights, scores)
+        weights, delta = self.aggregate(before, members)
+        scores = self.probe.scores(weights, delta)
+        return np.nan_to_num(scores[0]), ((weights, scores) if weights is not before else None)  # (FedAvg's made it)
 
     def accuracy_unless_below(self, before: Weights, members: Sequence[Candidate], ceiling: float) -> np.ndarray | None:
         """As :meth:`aggregate_accuracy`'s accuracy, or None once its mean is certainly at most
         ``ceiling`` (:meth:`Probe.per_digit_unless_below`: the rest of the probe need not be evaluated)."""
         self.evaluations += 1
-        if not members or any(m.content is None for m in members):
-            weights, delta = before, self.mean(members)
-        else:
-            weights, delta = fedavg(members, UNIT_WEIGHT if self.equal_weights else NUM_EXAMPLES), None
-        accuracy, images = self.probe.per_digit_unless_below(weights, delta, ceiling)
+        accuracy, images = self.probe.per_digit_unless_below(*self.aggregate(before, members), ceiling)
         self.images += images
         return None if accuracy is None else np.nan_to_num(accuracy)
 
