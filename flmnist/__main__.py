@@ -1,5 +1,5 @@
 """``python -m flmnist`` runs the ``flmnist`` command."""
 
-from flmnist.launch.cli import main
+from flmnist.launch.command import main
 
 main()

@@ -65,3 +65,36 @@ def test_a_node_checks_the_model_spec_of_its_task_before_building_it(spec, messa
     before any weights arrived (a review of the node side)."""
     with pytest.raises(ConfigError, match=message):
         model_from_spec(spec)
+
+
+@pytest.mark.parametrize("cls", [LeNet, CNNMcMahan])
+def test_evaluation_pooling_gives_max_pool2ds_outputs_bit_for_bit(cls, mnist_root):
+    """Without a gradient, on channels-last tensors, the CNNs pool with pairwise maxima: their
+    log-probabilities on real test images (a trained-looking spread: 200 SGD steps) are max_pool2d's
+    exactly, as are the pooled tensors themselves, channels-last in and out."""
+    import torch.nn.functional as F
+
+    from flmnist.ml.data import load_mnist
+    from flmnist.ml.models import pool2
+    from flmnist.ml.training import evaluate, place, train
+
+    images, labels = load_mnist(str(mnist_root), train=False)
+    model = cls()
+    train(model, images[:3200], labels[:3200], batch_size=32, lr=0.05, steps=100)
+    place(model, torch.device("cpu")).eval()
+    x = images[3200:3700].contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        c1 = model.conv1(x)
+        assert c1.is_contiguous(memory_format=torch.channels_last)
+        pooled = pool2(c1)
+        assert torch.equal(pooled, F.max_pool2d(c1, 2))
+        assert pooled.is_contiguous(memory_format=torch.channels_last)
+        ours = model(x)
+
+        def max_pool2d_forward(m, x):
+            x = F.relu(F.max_pool2d(m.conv1(x), 2))
+            x = F.relu(F.max_pool2d(m.conv2(x), 2))
+            return F.log_softmax(m.fc2(F.relu(m.fc1(x.flatten(1)))), dim=1)
+
+        assert torch.equal(ours, max_pool2d_forward(model, x))
+    assert evaluate(model, x, labels[3200:3700], 250).accuracy > 0.5  # (a model that learnt something)

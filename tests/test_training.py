@@ -77,3 +77,47 @@ def test_the_examples_an_update_reports_are_the_examples_its_batches_hold(n, ste
 
     held = sum(len(b) for b in batches(n, 32, torch.Generator().manual_seed(0), None, steps))
     assert examples_per_update(n, 32, 1, steps) == held
+
+
+@pytest.mark.parametrize("momentum, weight_decay, mu", [(0.0, 0.0, 0.0), (0.9, 1e-4, 0.0), (0.5, 0.0, 0.01)])
+@pytest.mark.parametrize("model_cls", [LeNet, LogReg])
+def test_training_on_the_cpu_steps_exactly_as_torch_optim_sgd(mnist_root, monkeypatch, model_cls, momentum,
+                                                               weight_decay, mu):
+    """CpuSGD (what train steps on the CPU) against torch.optim.SGD on the same real MNIST batches:
+    every loss and every tensor equal, bit for bit, with momentum, weight decay and FedProx's term."""
+    from flmnist.ml import training
+
+    images, labels = load_mnist(str(mnist_root), train=True)
+    images, labels = images[:640], labels[:640]
+    ours, theirs = model_cls(), model_cls()
+    theirs.load_state_dict(ours.state_dict())
+    kw = {"batch_size": 32, "lr": 0.05, "momentum": momentum, "weight_decay": weight_decay, "steps": 30,
+          "proximal_mu": mu}
+    loss, trace = train(ours, images, labels, generator=torch.Generator().manual_seed(3), **kw)
+    monkeypatch.setattr(training, "sgd", lambda model, dev, lr, momentum, weight_decay: torch.optim.SGD(
+        model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay))
+    loss_ref, trace_ref = train(theirs, images, labels, generator=torch.Generator().manual_seed(3), **kw)
+    assert trace == trace_ref and loss == loss_ref
+    for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert not torch.equal(ours.state_dict()[next(iter(ours.state_dict()))],
+                           model_cls().state_dict()[next(iter(ours.state_dict()))])  # it trained
+
+
+def test_training_on_the_cpu_does_not_import_torch_dynamo(mnist_root):
+    """torch.optim's first optimizer imports torch._dynamo (1.5 s on 2 cores); a process that trains
+    and evaluates on the CPU with flmnist's loops never does."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\n"
+            "from flmnist.ml.data import load_mnist\n"
+            "from flmnist.ml.models import LeNet\n"
+            "from flmnist.ml.training import evaluate, train\n"
+            f"x, y = load_mnist({str(mnist_root)!r}, train=True)\n"
+            "m = LeNet()\n"
+            "train(m, x[:320], y[:320], batch_size=32, lr=0.05, momentum=0.9, steps=5)\n"
+            "evaluate(m, x[:500], y[:500], 250)\n"
+            "print('torch._dynamo' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -34,8 +34,10 @@ STARTED = b"S"  # child -> executor: Flower's simulation process code is about t
 TASK_TYPE = "flwr-simulation"  # Flower's TaskType.SIMULATION
 # Imported once by an executor for simulation runs: the ClientApp side's and, besides, what the
 # ServerApp side and flmnist's server use (libraries only, never the app).
-PRELOAD = (*warm_child.DEFAULT_PRELOAD, "flwr.simulation.app", "flwr.serverapp", "hydra", "omegaconf",
-           "matplotlib.pyplot")
+# Not torch._dynamo: a local simulation trains on the CPU (training.CpuSGD needs none), and these
+# imports are a run's critical path (launch/head_start.py); a DP-SGD run imports it in its child.
+PRELOAD = (*(m for m in warm_child.DEFAULT_PRELOAD if m != "torch._dynamo"), "flwr.simulation.app",
+           "flwr.serverapp", "hydra", "omegaconf", "matplotlib.pyplot")
 
 
 def child_main(settings, certificates: bytes | None, task_id: int, token: str, report_fd: int,

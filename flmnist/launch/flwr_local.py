@@ -52,6 +52,18 @@ def flwr_env(flwr_home: str | os.PathLike, base: dict | None = None, ports: tupl
     return env
 
 
+def run_env(flwr_home: str | os.PathLike, base: dict | None = None, ports: tuple[int, int] | None = None,
+            backend: str = "ray", ray_address: str | None = None) -> dict:
+    """:func:`flwr_env` for a run whose ClientApps run on ``backend``, with a Ray cluster at
+    ``ray_address``: the environment :func:`run_flwr` gives Flower's processes."""
+    env = flwr_env(flwr_home, base, ports)
+    # No address: a private Ray ("local"). Left unset, ray.init joins the cluster `ray start` last
+    # recorded in its temp dir (ray/ray_current_cluster), the user's own or a dead one.
+    env["RAY_ADDRESS"] = ray_address or "local"
+    env[BACKEND_ENV] = backend
+    return env
+
+
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # Lines Flower 1.41 prints whatever the run: a note on a changed default (flmnist always sets
 # the number of SuperNodes), how to resize a federation (flmnist does it), the creation of the
@@ -320,12 +332,8 @@ def run_flwr(
     app_dir = stage_app(app_dir, Path(flwr_home) / "app")
     cmd = flwr_run_command(app_dir, write_run_config(Path(flwr_home) / "run_config.toml", overrides), num_supernodes,
                            client_cpus, client_gpus)
-    env = flwr_env(flwr_home, env, ports)
+    env = run_env(flwr_home, env, ports, backend, ray_address)
     write_flower_config(flwr_home)
-    # No address: a private Ray ("local"). Left unset, ray.init joins the cluster `ray start` last
-    # recorded in its temp dir (ray/ray_current_cluster), the user's own or a dead one.
-    env["RAY_ADDRESS"] = ray_address or "local"
-    env[BACKEND_ENV] = backend
     proc, grace, watchdog = None, 5.0, None
     try:
         if prepare is not None:

@@ -48,10 +48,10 @@ def applies(env: dict) -> bool:
     return env.get(BACKEND_ENV) == "inprocess" and version_refusal(installed_flower_version()) is None
 
 
-def start(env: dict) -> bool:
+def spawn(env: dict) -> list[subprocess.Popen]:
     """Start the SuperLink and the warm executor with ``env`` (a run's, from ``flwr_env``: its
-    FLWR_HOME and ports) and wait until the SuperLink answers; True if both run. On failure what
-    started is stopped, it is said on stdout, and ``flwr run`` starts Flower's own."""
+    FLWR_HOME and ports), without waiting; those that started (both, unless the system refused a
+    process). :func:`up` waits for them."""
     home, http, control = env["FLWR_HOME"], env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"], env["FLWR_LOCAL_CONTROL_API_PORT"]
     logs = Path(home) / "local-superlink"
     logs.mkdir(parents=True, exist_ok=True)
@@ -60,7 +60,7 @@ def start(env: dict) -> bool:
                  "--control-api-address", f"127.0.0.1:{control}", "--host", "127.0.0.1", "--port", str(http)],
                 [str(bindir / WARM), "--task-type", "simulation", "--runtime-api-address", f"127.0.0.1:{http}",
                  "--insecure", "--max-children", "1"]]
-    env = {**env, "FLWR_DISABLE_UPDATE_CHECK": "1"}  # as flwr run's own start: flwr run checked already
+    env = started_env(env)
     procs = []
     try:
         for command in commands:
@@ -68,11 +68,24 @@ def start(env: dict) -> bool:
                 procs.append(subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                               start_new_session=True))
     except OSError:
-        pass  # (said below: what did start is stopped)
+        pass  # (said by up: what did start is stopped)
+    return procs
+
+
+def started_env(env: dict) -> dict:
+    """The environment :func:`spawn` gives the two processes for a run's ``env``."""
+    return {**env, "FLWR_DISABLE_UPDATE_CHECK": "1"}  # as flwr run's own start: flwr run checked already
+
+
+def up(procs: list[subprocess.Popen], env: dict) -> bool:
+    """Wait until the SuperLink :func:`spawn` started with ``env`` answers; True if both run. On
+    failure what started is stopped, it is said on stdout, and ``flwr run`` starts Flower's own."""
+    home, http = env["FLWR_HOME"], env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]
+    logs = Path(home) / "local-superlink"
     deadline = time.monotonic() + STARTUP_TIMEOUT
-    running = len(procs) == len(commands)
+    running = len(procs) == 2
     while running and not answers(http) and time.monotonic() < deadline:
-        time.sleep(0.1)
+        time.sleep(0.05)
         running = all(p.poll() is None for p in procs)
     if running and answers(http) and all(p.poll() is None for p in procs):
         threading.Thread(target=_watch, args=(*procs, home, logs), daemon=True).start()
@@ -82,6 +95,11 @@ def start(env: dict) -> bool:
     with shielded():
         stop_env(f"FLWR_HOME={home}")
     return False
+
+
+def start(env: dict) -> bool:
+    """:func:`spawn`, then :func:`up`: True if the SuperLink answers and both run."""
+    return up(spawn(env), env)
 
 
 def _watch(superlink: subprocess.Popen, executor: subprocess.Popen, home: str, logs: Path) -> None:

@@ -32,6 +32,47 @@ def place(model: nn.Module, dev: torch.device) -> nn.Module:
     return model.to(dev, memory_format=fmt)
 
 
+class CpuSGD:
+    """``torch.optim.SGD(params, lr, momentum, weight_decay)`` for CPU tensors, step for step the
+    same arithmetic as its single-tensor loop (the one it runs on the CPU), without what the first
+    ``torch.optim`` optimizer of a process costs: its ``add_param_group`` imports ``torch._dynamo``,
+    1.5 s on 2 cores in every process that trains (a ClientApp's, the simulation's, the
+    plain-PyTorch reference's). ``tests/test_training.py`` compares the two tensor for tensor."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.0, weight_decay: float = 0.0) -> None:
+        self.params = list(params)
+        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+        self.buffers: list[torch.Tensor | None] = [None] * len(self.params)  # momentum, per parameter
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for i, p in enumerate(self.params):
+            if p.grad is None:  # (torch.optim.SGD leaves such a parameter and its buffer alone)
+                continue
+            grad = p.grad
+            if self.weight_decay != 0:
+                grad = grad.add(p, alpha=self.weight_decay)
+            if self.momentum != 0:
+                if self.buffers[i] is None:
+                    self.buffers[i] = grad.detach().clone()
+                else:
+                    self.buffers[i].mul_(self.momentum).add_(grad, alpha=1)  # (dampening 0)
+                grad = self.buffers[i]
+            p.add_(grad, alpha=-self.lr)
+
+
+def sgd(model: nn.Module, dev: torch.device, lr: float, momentum: float, weight_decay: float):
+    """The optimizer :func:`train` steps: :class:`CpuSGD` on the CPU, else ``torch.optim.SGD``
+    (on a GPU it takes its multi-tensor path, whose kernels CpuSGD does not claim to match)."""
+    if dev.type == "cpu":
+        return CpuSGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
 def batches(n: int, batch_size: int, generator: torch.Generator, epochs: int | None, steps: int | None):
     """Index batches: ``epochs`` shuffled passes, or exactly ``steps`` batches (reshuffling as needed).
 
@@ -90,7 +131,7 @@ def train(
                            weight_decay=weight_decay, noise_multiplier=dp_noise_multiplier,
                            clipping_norm=dp_clipping_norm, dev=dev)
     place(model, dev).train()
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    opt = sgd(model, dev, lr, momentum, weight_decay)
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
     pin = dev.type == "cuda"
     trace: list[float] = []

@@ -1,0 +1,16 @@
+"""The ``flmnist`` console command: Flower's processes for a single run get a head start
+(:mod:`flmnist.launch.head_start`), then :func:`flmnist.launch.cli.main` runs, whose imports
+(Hydra's among them) come after that start."""
+
+from __future__ import annotations
+
+import sys
+
+from flmnist.launch import head_start
+
+
+def main() -> None:
+    head_start.begin(sys.argv[1:])
+    from flmnist.launch.cli import main as run  # (after the head start, on purpose)
+
+    run()

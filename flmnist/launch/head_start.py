@@ -1,0 +1,111 @@
+"""A single run's SuperLink and warm executor, started before the command composes its config.
+
+Before Flower starts, ``flmnist experiment=seed002`` imports Hydra and composes and checks the
+config on one core (about 1.3 s on 2 cores); then the warm simulation executor
+(:mod:`flmnist.launch.warm_link`) imports Flower, PyTorch and the server's libraries, about 3.5 s
+of one core, and the run it is handed waits for those imports: they were the run's critical path
+(the executor's log: its imports done 2 s after the run was submitted). So when the command line
+looks like one run whose ClientApps run in process (no flag such as ``-m`` or ``--cfg``, no Ray or
+GPU setting, no NVIDIA GPU, Flower 1.41.0), :func:`begin` starts the private SuperLink and the warm
+executor first thing, with a new FLWR_HOME and ports, and they import beside the composition.
+
+The run takes them over (:meth:`HeadStart.prepare`) only if its environment is the very one they
+were started with (a setting that changes it, such as another backend or a Ray address, finds them
+stopped and starts afresh, as without a head start). If the command ends before (a bad setting,
+an interrupt), :func:`discard` stops them and removes the folder; a ``kill -9`` leaves them to the
+folder's watchdog. ``FLMNIST_HEAD_START=0`` turns the head start off.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flmnist.launch import warm_link
+from flmnist.launch.flwr_local import run_env, shielded, stop_env
+from flmnist.launch.watchdog import watch
+
+SWITCH = "FLMNIST_HEAD_START"
+
+
+@dataclass
+class HeadStart:
+    """The FLWR_HOME, ports, environment and processes of a head start."""
+
+    home: str
+    ports: tuple[int, int]
+    env: dict
+    procs: list = field(default_factory=list)
+
+    def prepare(self, env: dict) -> bool:
+        """``run_flwr``'s ``prepare`` for the run's ``env``: wait for the SuperLink started ahead
+        if ``env`` is the one it was started with, else stop both and start what the run needs."""
+        if as_flower_sees(warm_link.started_env(env)) == as_flower_sees(self.env):
+            return warm_link.up(self.procs, env)
+        with shielded():
+            stop_env(f"FLWR_HOME={self.home}")
+        return warm_link.start_if_applies(env)
+
+
+def as_flower_sees(env: dict) -> dict:
+    """``env`` as every Flower process has it once it imported Flower, which sets ``GRPC_VERBOSITY``
+    to "error" unless set (``flwr.supercore.grpc``): the command's own environment has it from its
+    imports, the head start's from before them."""
+    return {"GRPC_VERBOSITY": "error", **env}
+
+
+_ahead: list[HeadStart] = []  # the head start not yet claimed by the run (at most one)
+
+
+def likely(args: list[str], environ: dict | None = None) -> bool:
+    """Whether a command line ``args`` probably runs one job with ClientApps in process."""
+    environ = os.environ if environ is None else environ
+    if environ.get(SWITCH, "1") == "0" or any(a.startswith("-") for a in args):
+        return False  # (-m, --cfg, --help ...: a sweep, or no run at all)
+    keys = [a.split("=", 1)[0].lstrip("+~").lower() for a in args]
+    if any(k.startswith(("hydra.mode", "hydra/", "hydra.sweep")) for k in keys):
+        return False  # (a sweep all the same)
+    if any(word in k for k in keys for word in ("ray", "gpu", "simulation")):
+        return False  # (where ClientApps run is set: left to the config)
+    if Path("/dev/nvidiactl").exists():
+        return False  # (simulation.backend=auto takes a GPU where one is)
+    from flmnist.flower_patches.pinned import installed_flower_version, version_refusal
+
+    return version_refusal(installed_flower_version()) is None
+
+
+def begin(args: list[str]) -> None:
+    """Start the SuperLink and warm executor for the command line ``args`` if it is :func:`likely`
+    a run they serve; :func:`claim` hands them to the run."""
+    if _ahead or not likely(args):
+        return
+    try:
+        home = tempfile.mkdtemp(prefix="flmnist-flwr-home-")
+    except OSError:
+        return  # (the run says what is wrong with the temporary folder)
+    env = run_env(home, backend="inprocess")  # what run_flwr gives a run in process, on a private Ray
+    watch(home)
+    ahead = HeadStart(home, (int(env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]),
+                             int(env["FLWR_LOCAL_CONTROL_API_PORT"])), warm_link.started_env(env))
+    _ahead.append(ahead)
+    atexit.register(discard)
+    ahead.procs = warm_link.spawn(env)
+
+
+def claim() -> HeadStart | None:
+    """The head start, for the run to use (its FLWR_HOME and ports, and :meth:`HeadStart.prepare`);
+    None if there is none. Claimed, it is the run's to stop and remove."""
+    return _ahead.pop() if _ahead else None
+
+
+def discard() -> None:
+    """Stop an unclaimed head start's processes and remove its folder."""
+    while _ahead:
+        ahead = _ahead.pop()
+        with shielded():
+            stop_env(f"FLWR_HOME={ahead.home}", grace=1.0)
+        shutil.rmtree(ahead.home, ignore_errors=True)
