@@ -70,7 +70,7 @@ def test_a_node_checks_the_model_spec_of_its_task_before_building_it(spec, messa
 @pytest.mark.parametrize("cls", [LeNet, CNNMcMahan])
 def test_evaluation_pooling_gives_max_pool2ds_outputs_bit_for_bit(cls, mnist_root):
     """Without a gradient, on channels-last tensors, the CNNs pool with pairwise maxima: their
-    log-probabilities on real test images (a trained-looking spread: 200 SGD steps) are max_pool2d's
+    log-probabilities on real test images (after 100 SGD steps) are max_pool2d's
     exactly, as are the pooled tensors themselves, channels-last in and out."""
     import torch.nn.functional as F
 

@@ -92,7 +92,7 @@ def test_training_on_the_cpu_steps_exactly_as_torch_optim_sgd(mnist_root, monkey
     ours, theirs = model_cls(), model_cls()
     theirs.load_state_dict(ours.state_dict())
     kw = {"batch_size": 32, "lr": 0.05, "momentum": momentum, "weight_decay": weight_decay, "steps": 30,
-          "proximal_mu": mu}
+          "proximal_mu": mu, "dev": torch.device("cpu")}
     loss, trace = train(ours, images, labels, generator=torch.Generator().manual_seed(3), **kw)
     monkeypatch.setattr(training, "sgd", lambda model, dev, lr, momentum, weight_decay: torch.optim.SGD(
         model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay))
@@ -116,8 +116,9 @@ def test_training_on_the_cpu_does_not_import_torch_dynamo(mnist_root):
             "from flmnist.ml.training import evaluate, train\n"
             f"x, y = load_mnist({str(mnist_root)!r}, train=True)\n"
             "m = LeNet()\n"
-            "train(m, x[:320], y[:320], batch_size=32, lr=0.05, momentum=0.9, steps=5)\n"
-            "evaluate(m, x[:500], y[:500], 250)\n"
+            "cpu = torch.device('cpu')\n"
+            "train(m, x[:320], y[:320], batch_size=32, lr=0.05, momentum=0.9, steps=5, dev=cpu)\n"
+            "evaluate(m, x[:500], y[:500], 250, cpu)\n"
             "print('torch._dynamo' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

@@ -329,13 +329,13 @@ def run_flwr(
     the log stream's polling: about 3 s); the call then returns 0. ``ports`` and ``stop`` (called
     with the grace in seconds instead of stopping everything under ``flwr_home``): a sweep's shared
     SuperLink, :mod:`flmnist.launch.sweep_link`, whose ``prepare`` gets the run's environment first."""
-    app_dir = stage_app(app_dir, Path(flwr_home) / "app")
-    cmd = flwr_run_command(app_dir, write_run_config(Path(flwr_home) / "run_config.toml", overrides), num_supernodes,
-                           client_cpus, client_gpus)
-    env = run_env(flwr_home, env, ports, backend, ray_address)
-    write_flower_config(flwr_home)
     proc, grace, watchdog = None, 5.0, None
-    try:
+    try:  # (from here on, whatever fails stops what runs under flwr_home: a head start's SuperLink runs already)
+        app_dir = stage_app(app_dir, Path(flwr_home) / "app")
+        cmd = flwr_run_command(app_dir, write_run_config(Path(flwr_home) / "run_config.toml", overrides),
+                               num_supernodes, client_cpus, client_gpus)
+        env = run_env(flwr_home, env, ports, backend, ray_address)
+        write_flower_config(flwr_home)
         if prepare is not None:
             prepare(env)
         with open(log_path, "a" if append else "w") if log_path else contextlib.nullcontext() as log:
