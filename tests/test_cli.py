@@ -671,17 +671,12 @@ def test_a_plain_command_holds_its_default_directory_and_says_nothing_of_hydra_c
         while proc.poll() is None and not held:
             held = any(flocked_by(proc.pid, folder) for folder in tmp_path.glob("*/*_fedavg_iid"))
             time.sleep(0.02)
-        out, err = proc.communicate(timeout=120)
+        _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
     assert proc.returncode == 0, err[-2000:]
     assert held, "the run directory was never held while the command ran"
     assert "Callback" not in err, err
-    # a plain command line: where its SuperLink was started ahead (2 cores, no GPU), the run took it
-    # over (the line said when not: tests/test_head_start.py)
-    from flmnist.launch import head_start
-
-    assert head_start.NOT_TAKEN not in out and "did not start" not in out, out[-3000:]
     runs = list(tmp_path.glob("*/*"))
     assert len(runs) == 1 and (runs[0] / "summary.json").is_file(), runs  # the one it held is the one Hydra used
 

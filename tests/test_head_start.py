@@ -39,6 +39,13 @@ def test_no_head_start_where_auto_runs_ray_workers_or_takes_the_gpu(cores, gpu):
     assert head_start.likely(["experiment=seed002"], {}, cores=cores, gpu=gpu) is False
 
 
+@pytest.fixture(autouse=True)
+def _no_head_start_left():
+    """A failed test's head start is not the next test's (begin() keeps one at a time)."""
+    yield
+    head_start.discard()
+
+
 def _begun(monkeypatch) -> head_start.HeadStart:
     """begin() as the command calls it, before Flower is imported (no GRPC_VERBOSITY yet), then
     Flower's import setting it, as the command's own imports do before the run (on any machine:
@@ -82,7 +89,7 @@ def test_a_run_with_another_environment_stops_the_head_start_and_starts_its_own(
         assert ahead.prepare(env) is False  # (no warm executor for Ray: flwr run starts Flower's own)
         assert all(p.poll() is not None for p in ahead.procs)
         assert pids_with_flwr_home(ahead.home) == []
-        assert head_start.NOT_TAKEN in capsys.readouterr().out
+        assert f"{head_start.NOT_TAKEN} (differing: FLMNIST_SIMULATION_BACKEND)" in capsys.readouterr().out
     finally:
         _end(ahead)
 
@@ -95,7 +102,7 @@ def test_a_run_moved_elsewhere_by_hydra_does_not_take_the_head_start_over(monkey
         monkeypatch.chdir(tmp_path)
         env = run_env(ahead.home, ports=ahead.ports, backend="inprocess")
         assert ahead.prepare(env) is True  # (a SuperLink and warm executor of its own, started here)
-        assert head_start.NOT_TAKEN in capsys.readouterr().out
+        assert f"{head_start.NOT_TAKEN} (differing: the working directory)" in capsys.readouterr().out
         assert all(p.poll() is not None for p in ahead.procs)  # the head start's, stopped
     finally:
         _end(ahead)
@@ -152,3 +159,23 @@ def test_a_command_that_fails_on_a_bad_setting_leaves_no_flower_process_or_folde
         except OSError:
             continue
     assert left == []
+
+
+@pytest.mark.slow
+def test_a_real_run_takes_its_head_start_over(tmp_path, mnist_root):
+    """The flmnist command with its head start (on any machine: COMMAND forces it) and a small
+    run in process: the run takes the SuperLink and warm executor over (it would say otherwise)
+    and finishes, and nothing of either outlives it."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp), "FLMNIST_DATA_DIR": str(mnist_root)}
+    done = subprocess.run([sys.executable, "-c", COMMAND, "model=logreg", "num_nodes=2", "num_rounds=1",
+                           "client.local_steps=5", "simulation.backend=inprocess", f"hydra.run.dir={tmp_path / 'run'}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-3000:]
+    assert f"HEAD START {tmp}/flmnist-flwr-home-" in done.stdout, out[-3000:]
+    assert head_start.NOT_TAKEN not in out and "did not start" not in out, out[-3000:]
+    assert "Starting local SuperLink" not in out  # (flwr run found the head start's answering)
+    assert (tmp_path / "run" / "summary.json").is_file()
+    assert [p.name for p in tmp.iterdir() if p.name.startswith("flmnist-flwr-home-")] == []

@@ -11,6 +11,9 @@ from flmnist.launch import head_start
 
 def main() -> None:
     head_start.begin(sys.argv[1:])
-    from flmnist.launch.cli import main as run  # (after the head start, on purpose)
-
+    try:
+        from flmnist.launch.cli import main as run  # (after the head start, on purpose)
+    except KeyboardInterrupt:  # (Ctrl-C while Hydra imports: the head start is stopped at exit)
+        print("flmnist: interrupted before the run started", file=sys.stderr)
+        raise SystemExit(130) from None
     run()

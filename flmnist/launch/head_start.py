@@ -52,9 +52,11 @@ class HeadStart:
         if ``env`` is the one it was started with, else stop both and start what the run needs."""
         if self in _ahead:  # from here on run_flwr stops what runs under FLWR_HOME, however it ends
             _ahead.remove(self)
-        if as_flower_sees(warm_link.started_env(env)) == as_flower_sees(self.env) and os.getcwd() == self.cwd:
+        wanted, had = as_flower_sees(warm_link.started_env(env)), as_flower_sees(self.env)
+        if wanted == had and os.getcwd() == self.cwd:
             return warm_link.up(self.procs, env)
-        print(f"flmnist: {NOT_TAKEN}", flush=True)
+        differ = sorted(k for k in wanted.keys() | had.keys() if wanted.get(k) != had.get(k))
+        print(f"flmnist: {NOT_TAKEN} (differing: {', '.join(differ) or 'the working directory'})", flush=True)
         with shielded():
             stop_env(f"FLWR_HOME={self.home}", grace=0)  # (they served nothing yet)
         return warm_link.start_if_applies(env)
