@@ -29,7 +29,7 @@ def check_gpu_share(cfg: DictConfig, gpus: float) -> None:
     so is a Ray worker's ``simulation.client_cpus`` beyond this machine's cores (Flower's actor
     pool came out empty, an error in flwr_run.log after the start). With ``simulation.ray_address``
     the GPUs and cores may be on the cluster's other machines: not checked."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = machine_cores()
     wanted = float(cfg.simulation.client_cpus)
     if simulation_backend(cfg, gpus, cores) == "ray" and not cfg.simulation.ray_address and wanted > cores:
         raise ConfigError(f"simulation.client_cpus={wanted:g} asks for more cores per ClientApp than this machine "
@@ -54,10 +54,19 @@ def simulation_backend(cfg: DictConfig, gpus: float, cores: int | None = None) -
     sim = cfg.simulation
     if sim.backend != "auto":
         return str(sim.backend)
-    if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    alone = cores < 2 * float(sim.client_cpus)
+    alone = one_at_a_time(machine_cores() if cores is None else cores, float(sim.client_cpus))
     return "inprocess" if alone and not gpus and not sim.ray_address else "ray"
+
+
+def one_at_a_time(cores: int, client_cpus: float) -> bool:
+    """Whether only one ClientApp could train at a time on ``cores`` (fewer than two of
+    ``client_cpus``): where ``simulation.backend=auto`` runs them in process (no GPU, no Ray cluster)."""
+    return cores < 2 * client_cpus
+
+
+def machine_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def gpu_device_nodes() -> bool:

@@ -149,17 +149,19 @@ def launch(cfg: DictConfig) -> dict:
             if not sweep_state.links:
                 sweep_state.links.append(SweepLink())
             link = sweep_state.links[0]
-        ahead = None if link else head_start.claim()  # (the command's own SuperLink, started early)
-        flwr_home = (link.home_for(hc.job.num, (backend, sim.ray_address)) if link else ahead.home if ahead
-                     else tempfile.mkdtemp(prefix="flmnist-flwr-home-"))
+        # the local SuperLink: a sweep's shared one, the one started ahead of the config, or a new one
+        if link:
+            flwr_home, ports, prepare = link.home_for(hc.job.num, (backend, sim.ray_address)), link.ports, link.warm_up
+        elif ahead := head_start.claim():
+            flwr_home, ports, prepare = ahead.home, ahead.ports, ahead.prepare
+        else:
+            flwr_home, ports, prepare = tempfile.mkdtemp(prefix="flmnist-flwr-home-"), None, warm_link.start_if_applies
         watch(flwr_home)  # (kill -9 of this command: the watchdog stops what it started)
         print(f"flmnist: simulation backend: {BACKEND_NOTES[backend]}", flush=True)
         code = run_flwr(APP_DIR, overrides, run_cfg.num_nodes, flwr_home, log_path=run_dir / "flwr_run.log",
                         append=bool(cfg.resume), client_cpus=float(sim.client_cpus), client_gpus=gpus,
                         ray_address=sim.ray_address, backend=backend, until=(until := finished_line(run_dir, before)),
-                        ports=link.ports if link else ahead.ports if ahead else None,
-                        stop=link.end_job if link else None,
-                        prepare=link.warm_up if link else ahead.prepare if ahead else warm_link.start_if_applies)
+                        ports=ports, stop=link.end_job if link else None, prepare=prepare)
     except (Stop, KeyboardInterrupt) as stop:
         raise stopped(stop, run_cfg, run_dir, before) from None
     except Exception:  # Flower did not start (a full /tmp, no process to spare): the run as it was

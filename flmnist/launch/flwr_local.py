@@ -45,6 +45,9 @@ def flwr_env(flwr_home: str | os.PathLike, base: dict | None = None, ports: tupl
     env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(http_port)
     env["FLWR_LOCAL_CONTROL_API_PORT"] = str(control_port)
     env.setdefault("PYTHONUNBUFFERED", "1")
+    # what every Flower process sets at import unless set (flwr.supercore.grpc): said here, so the
+    # environment is the same whether or not the process that makes it had imported Flower yet
+    env.setdefault("GRPC_VERBOSITY", "error")
     # numpy's BLAS on one thread: an idle OpenBLAS worker spins on a core for up to 0.1 s after
     # each call, the core PyTorch trains and evaluates on (docs/benchmarks.md, "spinning BLAS")
     env.setdefault("OPENBLAS_NUM_THREADS", "1")

@@ -27,12 +27,12 @@ import tempfile
 from dataclasses import dataclass, field
 
 from flmnist.launch import warm_link
-from flmnist.launch.backend import gpu_device_nodes
+from flmnist.launch.backend import gpu_device_nodes, machine_cores, one_at_a_time
 from flmnist.launch.flwr_local import run_env, shielded, stop_env
 from flmnist.launch.watchdog import watch
 
 SWITCH = "FLMNIST_HEAD_START"
-DEFAULT_CLIENT_CPUS = 2  # conf/simulation/auto.yaml's client_cpus: auto is in process below twice as many cores
+DEFAULT_CLIENT_CPUS = 2  # conf/simulation/auto.yaml's client_cpus (the config is not composed yet)
 NOT_TAKEN = ("the SuperLink started ahead of the config does not fit this run (another environment or working "
              "directory): starting afresh")
 
@@ -52,7 +52,7 @@ class HeadStart:
         if ``env`` is the one it was started with, else stop both and start what the run needs."""
         if self in _ahead:  # from here on run_flwr stops what runs under FLWR_HOME, however it ends
             _ahead.remove(self)
-        wanted, had = as_flower_sees(warm_link.started_env(env)), as_flower_sees(self.env)
+        wanted, had = warm_link.started_env(env), self.env
         if wanted == had and os.getcwd() == self.cwd:
             return warm_link.up(self.procs, env)
         differ = sorted(k for k in wanted.keys() | had.keys() if wanted.get(k) != had.get(k))
@@ -60,13 +60,6 @@ class HeadStart:
         with shielded():
             stop_env(f"FLWR_HOME={self.home}", grace=0)  # (they served nothing yet)
         return warm_link.start_if_applies(env)
-
-
-def as_flower_sees(env: dict) -> dict:
-    """``env`` as every Flower process has it once it imported Flower, which sets ``GRPC_VERBOSITY``
-    to "error" unless set (``flwr.supercore.grpc``): the command's own environment has it from its
-    imports, the head start's from before them."""
-    return {"GRPC_VERBOSITY": "error", **env}
 
 
 _ahead: list[HeadStart] = []  # the head start not yet claimed by the run (at most one)
@@ -83,13 +76,9 @@ def likely(args: list[str], environ: dict | None = None, cores: int | None = Non
         return False  # (a sweep all the same)
     if any(word in k for k in keys for word in ("ray", "gpu", "simulation")):
         return False  # (where ClientApps run is set: left to the config)
-    if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if cores >= 2 * DEFAULT_CLIENT_CPUS or (gpu_device_nodes() if gpu is None else gpu):
-        return False  # (simulation.backend=auto runs Ray workers there, or takes the GPU)
-    from flmnist.flower_patches.pinned import installed_flower_version, version_refusal
-
-    return version_refusal(installed_flower_version()) is None
+    if not one_at_a_time(machine_cores() if cores is None else cores, DEFAULT_CLIENT_CPUS):
+        return False  # (simulation.backend=auto runs Ray workers there)
+    return not (gpu_device_nodes() if gpu is None else gpu) and warm_link.flower_fits()  # (or takes the GPU)
 
 
 def begin(args: list[str]) -> None:

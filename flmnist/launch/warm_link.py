@@ -43,9 +43,14 @@ def answers(http_port: int | str) -> bool:
 
 def applies(env: dict) -> bool:
     """Whether a run with environment ``env`` gets the warm executor (see the module's text)."""
+    return env.get(BACKEND_ENV) == "inprocess" and flower_fits()
+
+
+def flower_fits() -> bool:
+    """Whether the installed Flower is the one the warm executor follows."""
     from flmnist.flower_patches.pinned import installed_flower_version, version_refusal
 
-    return env.get(BACKEND_ENV) == "inprocess" and version_refusal(installed_flower_version()) is None
+    return version_refusal(installed_flower_version()) is None
 
 
 def spawn(env: dict) -> list[subprocess.Popen]:
