@@ -12,14 +12,15 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import MetricRecord, RecordDict
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from flmnist.core.arrays import to_record
+from flmnist.core.arrays import to_record, to_weights
 from flmnist.engine.effect_guard import Candidate, EffectGuard, fedavg
 from flmnist.ml.data import load_mnist
 from flmnist.ml.models import LogReg
 from flmnist.ml.training import train
 from flmnist.observers.probe import Probe
-from flmnist.protocol.messages import NUM_EXAMPLES
+from flmnist.protocol.messages import NUM_EXAMPLES, UNIT_WEIGHT
 
 GROUPS = [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
 
@@ -94,8 +95,7 @@ def test_a_synchronous_round_keeps_the_scores_of_its_accepted_updates_aggregate_
     shards = np.array_split(np.random.default_rng(1).permutation(len(y))[:8000], 4)
     models = [trained(start, x[s], y[s], seed=i) for i, s in enumerate(shards)]
     models[0] = {k: start[k] + v for k, v in attack("sign-flip", start, models[0]).items()}
-    candidates = [Candidate(i, f"node {i}", {k: m[k] - start[k] for k in start}, 2000.0 + i,
-                            RecordDict({"arrays": to_record(m), "metrics": MetricRecord({NUM_EXAMPLES: 2000 + i})}))
+    candidates = [Candidate(i, f"node {i}", {k: m[k] - start[k] for k in start}, 2000.0 + i, m, {NUM_EXAMPLES: 2000 + i})
                   for i, m in enumerate(models)]
     probe = Probe(tx, ty, LogReg)
     guard = EffectGuard(probe, max_harm=2.0)
@@ -105,15 +105,36 @@ def test_a_synchronous_round_keeps_the_scores_of_its_accepted_updates_aggregate_
     assert probe.known_scores(fedavg(candidates)) is None and len(probe._known) == 1
 
 
+@pytest.mark.parametrize("weighted_by", [NUM_EXAMPLES, UNIT_WEIGHT])
+def test_the_guards_fedavg_is_flowers_aggregate_bit_for_bit(weighted_by):
+    """The guard's aggregates are made from the decoded models (no decoding per aggregate): every
+    value equals Flower's own ``aggregate_arrayrecords`` over the same replies, so the aggregate
+    the guard scores is the global model FedAvg makes (its scores are kept for attribution)."""
+    rng = np.random.default_rng(5)
+    shapes = {"conv.weight": (20, 1, 5, 5), "conv.bias": (20,), "fc.weight": (10, 800), "steps": ()}
+    members = []
+    for i, examples in enumerate([24754, 17181, 18065, 1, 99991]):
+        model = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items() if s}
+        model["steps"] = np.asarray(rng.integers(0, 9), dtype=np.float64)  # a 0-d array, another dtype
+        members.append(Candidate(i, f"node {i}", {}, float(examples), model, {NUM_EXAMPLES: examples, UNIT_WEIGHT: 1}))
+    for some in (members[:1], members[:3], members):
+        ours = fedavg(some, weighted_by)
+        contents = [RecordDict({"arrays": to_record(m.model), "metrics": MetricRecord(m.metrics)}) for m in some]
+        flowers = to_weights(aggregate_arrayrecords(contents, weighted_by))
+        assert list(ours) == list(flowers)
+        for k, v in flowers.items():
+            assert ours[k].dtype == v.dtype and ours[k].shape == v.shape and np.array_equal(ours[k], v), k
+        assert not np.array_equal(ours["fc.weight"], some[0].model["fc.weight"]) or len(some) == 1
+
+
 def seed002_candidates(x, y, start, contents: bool = False) -> list[Candidate]:
     """Seed 002's three digit groups, each node's update after 10 steps on its own digits."""
     candidates = []
     for i, group in enumerate(GROUPS):
         idx = torch.from_numpy(np.flatnonzero(np.isin(y.numpy(), group))[:6000])
         model = trained(start, x[idx], y[idx], steps=10, seed=i)
-        content = RecordDict({"arrays": to_record(model), "metrics": MetricRecord({NUM_EXAMPLES: len(idx)})})
         candidates.append(Candidate(i, f"node {i}", {k: model[k] - start[k] for k in start}, float(len(idx)),
-                                    content if contents else None))
+                                    model if contents else None, {NUM_EXAMPLES: len(idx)} if contents else None))
     return candidates
 
 

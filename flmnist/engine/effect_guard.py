@@ -30,7 +30,7 @@ reasons are those of evaluating every image (on seed002 the guard evaluates 96,0
 instead of 160,000). The probe is the attribution's: ``probe_size`` test images, the
 same in every run, and the same :class:`~flmnist.observers.probe.Probe` object when attribution is on.
 Synchronous, each aggregate (with every candidate, and without each) is computed from the
-reply contents by Flower's own FedAvg aggregation (:func:`fedavg`), and the probe keeps
+replies' models in Flower's FedAvg arithmetic (:func:`fedavg`), and the probe keeps
 the scores of the accepted updates' aggregate: when the round's global model is that aggregate
 (FedAvg, nothing clipped or noised after the guard), attribution does not evaluate it again.
 """
@@ -41,15 +41,13 @@ import dataclasses
 import math
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import RecordDict
 from flwr.serverapp.strategy import Bulyan, FedMedian, FedTrimmedAvg, Krum
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from flmnist.core.arrays import Weights, dot, to_weights
+from flmnist.core.arrays import Weights, dot
 from flmnist.observers.probe import Probe
 from flmnist.protocol.messages import NUM_EXAMPLES, UNIT_WEIGHT
 
@@ -65,13 +63,29 @@ class Candidate:
     name: str
     delta: Weights
     weight: float
-    content: RecordDict | None = None  # synchronous: the reply content FedAvg aggregates into the global model
+    model: Weights | None = None     # synchronous: the reply's checked model, which FedAvg averages into the global one,
+    metrics: Mapping | None = None   # and the metrics FedAvg weighs it by
 
 
 def fedavg(members: Sequence[Candidate], weighted_by: str = NUM_EXAMPLES) -> Weights:
-    """The members' aggregate as Flower's FedAvg makes the global model of them: its own
-    ``aggregate_arrayrecords`` over their reply contents, weighted by the metric ``weighted_by``."""
-    return to_weights(aggregate_arrayrecords([m.content for m in members], weighted_by))
+    """The members' aggregate as Flower's FedAvg makes the global model of them, value for value:
+    the arithmetic of its ``aggregate_arrayrecords`` (each model times its metric ``weighted_by``
+    over their sum, added up in the members' order, in the models' dtype) on the models already
+    decoded. Flower's decodes every array from its bytes on each call and encodes the aggregate,
+    and the guard makes up to one aggregate more than the round has updates (``tests/test_effect_guard.py``
+    compares the two bit for bit)."""
+    weights = [m.metrics[weighted_by] for m in members]
+    total = sum(weights)
+    out: dict = {}
+    for member, w in zip(members, weights, strict=True):
+        factor = w / total
+        for k, v in member.model.items():
+            v = np.ascontiguousarray(v)  # (as the reply's record holds it: to_record; a 0-d array becomes 1-d)
+            if k in out:
+                out[k] += v * factor
+            else:
+                out[k] = v * factor
+    return {k: np.asarray(v) for k, v in out.items()}
 
 
 def _flat(delta: Weights) -> np.ndarray:
@@ -104,7 +118,7 @@ class EffectGuard:
     def aggregate(self, before: Weights, members: Sequence[Candidate]) -> tuple[Weights, Weights | None]:
         """The members' aggregate as (weights, delta to add): with their models (synchronous) FedAvg's
         own (:func:`fedavg`), else ``before`` plus their mean delta."""
-        if not members or any(m.content is None for m in members):
+        if not members or any(m.model is None for m in members):
             return before, self.mean(members)
         return fedavg(members, UNIT_WEIGHT if self.equal_weights else NUM_EXAMPLES), None
 

@@ -162,8 +162,10 @@ class ReplyPath:
         aggregate worse on the probe set; removes them from ``updates``."""
         if self.guard is None or not updates:
             return []
+        sync = not (delta or self.asynchronous)  # (FedAvg's aggregate of the models: what the guard judges)
         candidates = [Candidate(u, u.name, u.weights if delta else {k: u.weights[k] - reference[k] for k in reference},
-                                float(u.num_examples), None if delta or self.asynchronous else u.content())
+                                float(u.num_examples), u.weights if sync else None,
+                                u.aggregation_metrics if sync else None)
                       for u in updates]
         refused = []
         for c, reason in self.guard.judge(current if current is not None else reference, candidates,

@@ -58,6 +58,9 @@ class Probe:
         self._held = np.bincount(self.labels.numpy(), minlength=NUM_CLASSES)  # probe images of each digit
         self._share = np.divide(1.0, self._held, out=np.zeros(NUM_CLASSES), where=self._held > 0) / NUM_CLASSES
         self.device = device()
+        by_digit = [np.flatnonzero(self.labels.numpy() == d) for d in range(NUM_CLASSES)]
+        self._sample = torch.from_numpy(np.concatenate([i[:max(1, len(i) // 10)] for i in by_digit]))
+        self._rest = [i[max(1, len(i) // 10):] for i in by_digit]  # (:meth:`_evaluate_worst_first`)
         self._lock = threading.Lock()  # one model: the guard and attribution's background job take turns
         self._known: list[tuple[dict, tuple[np.ndarray, np.ndarray]]] = []  # (weights, scores), newest last
 
@@ -78,14 +81,15 @@ class Probe:
         """:meth:`per_digit` of ``weights`` (+ ``delta``), or None as soon as the mean of its per-digit
         accuracies (a digit the probe lacks counted as 0) is certainly at most ``ceiling``: every
         image not yet evaluated counted as right, the mean would still be no higher. With the
-        images evaluated. Batch by batch, the probe's own batches, so a finished evaluation has
-        :meth:`per_digit`'s figures bit for bit. (The effect guard: an aggregate without an update
+        images evaluated. On the CPU the worst digits first (:meth:`_evaluate_worst_first`), elsewhere
+        in the probe's own batches; a finished evaluation has :meth:`per_digit`'s figures bit for bit. (The effect guard: an aggregate without an update
         that cannot beat the aggregate with it by more than the harm allowed needs no more images.)"""
         def enough(confusion: np.ndarray) -> bool:  # the mean if every image still to come were right
             highest = np.diag(confusion) + self._held - confusion.sum(axis=1)
             return float(highest @ self._share) <= ceiling - 1e-9  # (a margin far above rounding)
 
-        result = on_torch_thread(self._evaluate, weights, delta, enough)
+        evaluate_ = self._evaluate_worst_first if self.device.type == "cpu" else self._evaluate
+        result = on_torch_thread(evaluate_, weights, delta, enough)
         if result.total < self.size:
             return None, result.total
         return self._figures(result)[0], result.total
@@ -121,14 +125,36 @@ class Probe:
     def _scores(self, weights: dict, delta: dict | None) -> tuple[np.ndarray, np.ndarray]:
         return self._figures(self._evaluate(weights, delta))
 
-    def _evaluate(self, weights: dict, delta: dict | None, enough=None):
+    def _load(self, weights: dict, delta: dict | None) -> None:
         if delta is not None:
             weights = {k: (v + delta[k]).astype(v.dtype) if v.dtype.kind == "f" and k in delta else v
                        for k, v in weights.items()}
-        state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()}
+        self.model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()})
+
+    def _evaluate(self, weights: dict, delta: dict | None, enough=None):
         with self._lock:
-            self.model.load_state_dict(state)
+            self._load(weights, delta)
             return evaluate(self.model, self.images, self.labels, self.batch_size, self.device, enough=enough)
+
+    def _evaluate_worst_first(self, weights: dict, delta: dict | None, enough):
+        """:meth:`_evaluate` with ``enough``, on the CPU, in the order that lets it stop soonest: a
+        tenth of each digit's images first, then the digits the model got most wrong there, in
+        chunks of a tenth of the probe. Every wrong image lowers the bound, so an aggregate
+        without a node's update, which fails the node's digits, is told after about two chunks instead of
+        half the probe. The counts of a finished evaluation are those of any order (on the CPU an
+        image's prediction does not depend on its batch; ``tests/test_effect_guard.py``)."""
+        with self._lock:
+            self._load(weights, delta)
+            first = evaluate(self.model, self.images[self._sample], self.labels[self._sample], len(self._sample),
+                             self.device)
+            if len(self._sample) == self.size or enough(first.confusion):
+                return first
+            wrong = first.total_per_digit - first.correct_per_digit
+            rest = torch.from_numpy(np.concatenate([self._rest[d] for d in np.argsort(-wrong, kind="stable")]))
+            more = evaluate(self.model, self.images[rest], self.labels[rest], max(1, self.size // NUM_CLASSES),
+                            self.device, enough=lambda confusion: enough(first.confusion + confusion))
+            more.confusion += first.confusion
+            return more
 
 
 class Probes:

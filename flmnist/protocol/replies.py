@@ -35,10 +35,15 @@ class ClientUpdate:
             self._arrays = to_record(self.weights)
         return self._arrays
 
+    @property
+    def aggregation_metrics(self) -> dict:
+        """The checked metrics plus the server's ``unit-weight`` 1 (``weighted_by_key: unit-weight``
+        averages unweighted): what Flower's aggregation weighs the update by."""
+        return {**self.metrics, p.UNIT_WEIGHT: 1}
+
     def content(self) -> RecordDict:
-        """A clean reply content for Flower's aggregation: only checked arrays and metrics, plus
-        the server's ``unit-weight`` 1 (``weighted_by_key: unit-weight`` averages unweighted)."""
-        return RecordDict({p.ARRAYS: self.arrays, p.METRICS: MetricRecord({**self.metrics, p.UNIT_WEIGHT: 1})})
+        """A clean reply content for Flower's aggregation: only checked arrays and :attr:`aggregation_metrics`."""
+        return RecordDict({p.ARRAYS: self.arrays, p.METRICS: MetricRecord(self.aggregation_metrics)})
 
     def scale_update(self, factor: float, reference: Weights, delta: bool) -> None:
         """Shrink the update (its difference from ``reference``) by ``factor`` (norm clipping)."""
