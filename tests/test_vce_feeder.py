@@ -88,3 +88,16 @@ def test_install_replaces_flowers_loop_once_for_the_pinned_flower_only(monkeypat
     monkeypatch.setattr(vce_api, "add_messages_to_queue", lambda *args: None)
     monkeypatch.setattr(flwr, "__version__", "1.42.0")
     assert not vce_feeder.install()
+
+
+def test_a_simulation_polls_its_own_link_state_often_and_a_deployment_as_configured():
+    """The synchronous engine's pulls (PollingGrid): Flower's in-memory grid, the simulation's,
+    at most every 5 ms (a pull reads the process's own link state; at poll_interval's 0.02 a
+    seed002 round waited about 10 ms more for its last reply); any other grid as configured."""
+    from flmnist.flower_patches.polling_grid import SIMULATION_POLL, poll_every
+
+    _, _, grid = engine(3)
+    assert SIMULATION_POLL == 0.005
+    assert poll_every(grid, 0.02) == 0.005 and poll_every(grid, 0.001) == 0.001 and poll_every(grid, None) is None
+    deployed = object()  # (a deployment's grid is a gRPC client of the SuperLink: not an InMemoryGrid)
+    assert poll_every(deployed, 0.02) == 0.02 and poll_every(deployed, None) is None

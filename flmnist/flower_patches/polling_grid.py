@@ -13,6 +13,18 @@ from collections.abc import Iterable
 
 from flwr.app import Message
 
+SIMULATION_POLL = 0.005  # s: the longest wait between pulls in a simulation, where a pull reads the process's own link state
+
+
+def poll_every(grid, configured: float | None) -> float | None:
+    """Seconds between pulls for ``grid`` with ``poll_interval=configured`` (None: Flower's own
+    polling): in a simulation (Flower's in-memory grid) at most :data:`SIMULATION_POLL`."""
+    from flwr.superlink.grid import InMemoryGrid
+
+    if configured and isinstance(grid, InMemoryGrid):
+        return min(configured, SIMULATION_POLL)
+    return configured or None
+
 
 class PollingGrid:
     """Wraps a Flower Grid; everything but ``send_and_receive`` is passed through."""

@@ -43,7 +43,7 @@ from flmnist.engine.privacy import problem as privacy_problem
 from flmnist.engine.reply_path import ReplyPath
 from flmnist.engine.sync import SyncEngine
 from flmnist.flower_patches.node_order import RegistrationOrderGrid
-from flmnist.flower_patches.polling_grid import PollingGrid
+from flmnist.flower_patches.polling_grid import PollingGrid, poll_every
 from flmnist.ml.data import load_mnist
 from flmnist.ml.export import save_state_dict
 from flmnist.ml.mnist_files import ensure_mnist, resolve_root
@@ -296,7 +296,8 @@ def build_run(grid: Grid, cfg: DictConfig) -> Run:
                           max_failed_rounds=cfg.max_failed_rounds, privacy=accountant, per_round=per_round,
                           evaluate_in_train=sent.evaluate_received)
         # Nodes in registration order (Flower's own order changes run to run), replies polled every poll_interval.
-        sync_grid = RegistrationOrderGrid(PollingGrid(grid, cfg.poll_interval) if cfg.poll_interval else grid)
+        interval = poll_every(grid, cfg.poll_interval)
+        sync_grid = RegistrationOrderGrid(PollingGrid(grid, interval) if interval else grid)
         engine = SyncEngine(sync_grid, guarded, path, sent.to_record(), cfg.num_rounds, cfg.round_timeout,
                             seed=cfg.seed)
     initial = ArrayRecord(model.state_dict())
