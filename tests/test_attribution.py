@@ -305,8 +305,9 @@ def test_a_sync_run_credits_each_digit_group_to_its_node(runs):
     # untrained model), round 2's (not probed) with a pass of its own
     guard = run["summary"]["screen"]["guard"]
     assert guard["probed"] == 1 and guard["evaluations"] == 4, guard
-    images = guard["probe_images_evaluated"]  # the aggregate with all three whole, the three without stopped or whole
-    assert 1000 + 3 * 250 <= images <= 4000, guard
+    # the aggregate with all three whole; the three without stopped (after a tenth of each digit at least) or whole
+    images = guard["probe_images_evaluated"]
+    assert 1000 + 3 * 100 <= images <= 4000, guard
     assert (f"Effect guard (screen.guard_max_harm=2): 9 updates judged, probed 1 time (4 aggregates on {images:,} "
             "probe images") in run["log"]
     assert attribution["global_models_reused"] == 2 and attribution["evaluations"] == 3 * 3 + 1, attribution

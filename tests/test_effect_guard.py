@@ -234,6 +234,28 @@ def test_an_evaluation_stops_only_when_the_rest_of_the_probe_cannot_lift_it_over
     assert lacking.per_digit_unless_below(weights, None, 0.9)[0] is None  # nine digits right at most: 0.9
 
 
+def test_on_the_cpu_the_digits_a_model_fails_are_evaluated_first_so_it_stops_sooner(mnist):
+    """A model that never saw digits 0-3 (as seed002's aggregate without the node holding them):
+    its evaluation against a ceiling it cannot reach stops after a tenth of each digit and the
+    failed digits' chunks it needs (300 images for 0.8, 400 for 0.7), where the probe's own order
+    (mixed digits, batches of 250) needs 500 and 750; a model it cannot stop for gets per_digit's
+    figures either way."""
+    (x, y), (tx, ty) = mnist
+    upper = torch.from_numpy(np.flatnonzero(y.numpy() >= 4)[:6000])
+    weights = trained(start_model(x, y, 0), x[upper], y[upper], steps=60)
+    probe = Probe(tx, ty, LogReg, size=1000, batch_size=250)
+    accuracy = np.nan_to_num(probe.per_digit(weights))
+    assert accuracy[:4].max() == 0 and accuracy[4:].min() > 0.5
+    assert probe.worst_first  # (on the CPU)
+    assert [probe.per_digit_unless_below(weights, None, ceiling) for ceiling in (0.8, 0.7)] == [(None, 300), (None, 400)]
+    probe.worst_first = False  # the probe's own order, as on a GPU
+    assert [probe.per_digit_unless_below(weights, None, ceiling) for ceiling in (0.8, 0.7)] == [(None, 500), (None, 750)]
+    for worst_first in (True, False):
+        probe.worst_first = worst_first
+        figures, images = probe.per_digit_unless_below(weights, None, accuracy.mean() - 0.01)
+        assert images == 1000 and np.array_equal(figures, probe.per_digit(weights), equal_nan=True)
+
+
 def test_under_equal_weights_an_update_claiming_one_example_is_judged_at_its_real_share(mnist):
     """strategy=unweighted_fedavg averages with equal weights. A sign-flipping node claiming 1
     example (the screen allows 1 to its partition's size) weighed 1/6001 in the guard's aggregate,

@@ -58,6 +58,7 @@ class Probe:
         self._held = np.bincount(self.labels.numpy(), minlength=NUM_CLASSES)  # probe images of each digit
         self._share = np.divide(1.0, self._held, out=np.zeros(NUM_CLASSES), where=self._held > 0) / NUM_CLASSES
         self.device = device()
+        self.worst_first = self.device.type == "cpu"  # (per_digit_unless_below: a GPU's kernels may depend on the batch)
         by_digit = [np.flatnonzero(self.labels.numpy() == d) for d in range(NUM_CLASSES)]
         self._sample = torch.from_numpy(np.concatenate([i[:max(1, len(i) // 10)] for i in by_digit]))
         self._rest = [i[max(1, len(i) // 10):] for i in by_digit]  # (:meth:`_evaluate_worst_first`)
@@ -88,7 +89,7 @@ class Probe:
             highest = np.diag(confusion) + self._held - confusion.sum(axis=1)
             return float(highest @ self._share) <= ceiling - 1e-9  # (a margin far above rounding)
 
-        evaluate_ = self._evaluate_worst_first if self.device.type == "cpu" else self._evaluate
+        evaluate_ = self._evaluate_worst_first if self.worst_first else self._evaluate
         result = on_torch_thread(evaluate_, weights, delta, enough)
         if result.total < self.size:
             return None, result.total
