@@ -17,7 +17,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from flmnist.core.arrays import to_record, to_weights
 from flmnist.engine.effect_guard import Candidate, EffectGuard, fedavg
 from flmnist.ml.data import load_mnist
-from flmnist.ml.models import LogReg
+from flmnist.ml.models import LeNet, LogReg
 from flmnist.ml.training import train
 from flmnist.observers.probe import Probe
 from flmnist.protocol.messages import NUM_EXAMPLES, UNIT_WEIGHT
@@ -116,7 +116,9 @@ def test_the_guards_fedavg_is_flowers_aggregate_bit_for_bit(weighted_by):
     for i, examples in enumerate([24754, 17181, 18065, 1, 99991]):
         model = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items() if s}
         model["steps"] = np.asarray(rng.integers(0, 9), dtype=np.float64)  # a 0-d array, another dtype
+        model["counts"] = rng.integers(0, 1000, (10,), dtype=np.int64)  # (times a float: float64, in both)
         members.append(Candidate(i, f"node {i}", {}, float(examples), model, {NUM_EXAMPLES: examples, UNIT_WEIGHT: 1}))
+    before = [{k: v.copy() for k, v in m.model.items()} for m in members]
     for some in (members[:1], members[:3], members):
         ours = fedavg(some, weighted_by)
         contents = [RecordDict({"arrays": to_record(m.model), "metrics": MetricRecord(m.metrics)}) for m in some]
@@ -125,6 +127,9 @@ def test_the_guards_fedavg_is_flowers_aggregate_bit_for_bit(weighted_by):
         for k, v in flowers.items():
             assert ours[k].dtype == v.dtype and ours[k].shape == v.shape and np.array_equal(ours[k], v), k
         assert not np.array_equal(ours["fc.weight"], some[0].model["fc.weight"]) or len(some) == 1
+        assert ours["counts"].dtype == np.float64
+    for m, kept in zip(members, before):  # the replies' models are left as they were
+        assert all(np.array_equal(m.model[k], v) and m.model[k].dtype == v.dtype for k, v in kept.items())
 
 
 def seed002_candidates(x, y, start, contents: bool = False) -> list[Candidate]:
@@ -162,7 +167,7 @@ def test_the_guard_stops_evaluating_a_harmless_aggregate_early_and_decides_as_wi
     """An aggregate without an update whose accuracy cannot beat the aggregate with it by more than
     ``max_harm``, even if every probe image not yet evaluated came out right, needs no more images:
     that update is not the one rejected. The guard rejects the same updates with the same reasons
-    and counts as the guard that evaluates every image (same probe batches), also with ``max_harm``
+    and counts as the guard that evaluates every image (in the probe's batches), also with ``max_harm``
     0.01 pp either side of the largest harm (the bound decides at the threshold itself), and
     evaluates fewer images where every update is harmless (seed 002's groups)."""
     (x, y), (tx, ty) = mnist
@@ -246,7 +251,8 @@ def test_on_the_cpu_the_digits_a_model_fails_are_evaluated_first_so_it_stops_soo
     probe = Probe(tx, ty, LogReg, size=1000, batch_size=250)
     accuracy = np.nan_to_num(probe.per_digit(weights))
     assert accuracy[:4].max() == 0 and accuracy[4:].min() > 0.5
-    assert probe.worst_first  # (on the CPU)
+    assert probe.worst_first == (probe.device.type == "cpu")
+    probe.worst_first = True  # (the CPU's order, on any device)
     assert [probe.per_digit_unless_below(weights, None, ceiling) for ceiling in (0.8, 0.7)] == [(None, 300), (None, 400)]
     probe.worst_first = False  # the probe's own order, as on a GPU
     assert [probe.per_digit_unless_below(weights, None, ceiling) for ceiling in (0.8, 0.7)] == [(None, 500), (None, 750)]
@@ -254,6 +260,22 @@ def test_on_the_cpu_the_digits_a_model_fails_are_evaluated_first_so_it_stops_soo
         probe.worst_first = worst_first
         figures, images = probe.per_digit_unless_below(weights, None, accuracy.mean() - 0.01)
         assert images == 1000 and np.array_equal(figures, probe.per_digit(weights), equal_nan=True)
+
+
+@pytest.mark.parametrize("size", [1000, 1001])
+def test_a_cnns_evaluation_worst_digits_first_has_per_digits_figures_bit_for_bit(mnist, size):
+    """LeNet, untrained (its outputs close together: near ties), evaluated worst digits first to
+    the end (a ceiling nothing is below): a tenth of each digit, then chunks of a tenth of the probe
+    and, at 1,001 images, a last chunk of one image; the figures are those of the probe's own
+    batches of 250 (on the CPU an image's prediction does not depend on its batch)."""
+    _, (tx, ty) = mnist
+    torch.manual_seed(size)
+    weights = weights_of(LeNet())
+    probe = Probe(tx, ty, LeNet, size=size, batch_size=250)
+    probe.worst_first = True
+    figures, images = probe.per_digit_unless_below(weights, None, -1.0)
+    assert images == size and np.array_equal(figures, probe.per_digit(weights), equal_nan=True)
+    assert 0 < np.nanmean(figures) < 0.5  # (an untrained model: some right, most wrong)
 
 
 def test_under_equal_weights_an_update_claiming_one_example_is_judged_at_its_real_share(mnist):

@@ -23,11 +23,12 @@ Probing costs evaluations, so a cheap test comes first: updates that point the w
 do (cosine with the others' mean at least 0) and are no longer than 3 times the median length
 of the others' and the recent accepted updates' pass unprobed, as honest updates on an even
 split do. A round with an update pointing away or
-much longer is probed whole. An aggregate without an update is evaluated batch by batch and
-stops once it certainly cannot beat the aggregate with it by more than ``max_harm`` (every image
-not yet evaluated counted as right): that update is not the one rejected, so the decisions and
-reasons are those of evaluating every image (on seed002 the guard evaluates 96,000 probe images
-instead of 160,000). The probe is the attribution's: ``probe_size`` test images, the
+much longer is probed whole. An aggregate without an update is evaluated chunk by chunk, on the
+CPU the digits it gets most wrong first (:meth:`Probe.per_digit_unless_below`), and stops once it
+certainly cannot beat the aggregate with it by more than ``max_harm`` (every image not yet
+evaluated counted as right): that update is not the one rejected, so the decisions and reasons are
+those of evaluating every image (on seed002 the guard evaluates about 71,000 probe images instead
+of 160,000). The probe is the attribution's: ``probe_size`` test images, the
 same in every run, and the same :class:`~flmnist.observers.probe.Probe` object when attribution is on.
 Synchronous, each aggregate (with every candidate, and without each) is computed from the
 replies' models in Flower's FedAvg arithmetic (:func:`fedavg`), and the probe keeps
@@ -69,11 +70,12 @@ class Candidate:
 
 def fedavg(members: Sequence[Candidate], weighted_by: str = NUM_EXAMPLES) -> Weights:
     """The members' aggregate as Flower's FedAvg makes the global model of them, value for value:
-    the arithmetic of its ``aggregate_arrayrecords`` (each model times its metric ``weighted_by``
-    over their sum, added up in the members' order, in the models' dtype) on the models already
-    decoded. Flower's decodes every array from its bytes on each call and encodes the aggregate,
-    and the guard makes up to one aggregate more than the round has updates (``tests/test_effect_guard.py``
-    compares the two bit for bit)."""
+    the arithmetic of its ``aggregate_arrayrecords`` (each array times its member's metric
+    ``weighted_by`` over their sum, a Python float, added up in the members' order, with NumPy's
+    type rules: float32 stays float32; a 0-d array comes back 1-d, as a record holds it) on the
+    models already decoded. Flower's decodes every array from its bytes on each call and encodes
+    the aggregate, and the guard makes one aggregate more than the round has updates, and again
+    after each rejection (``tests/test_effect_guard.py`` compares the two bit for bit)."""
     weights = [m.metrics[weighted_by] for m in members]
     total = sum(weights)
     out: dict = {}

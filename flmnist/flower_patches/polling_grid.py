@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from flwr.app import Message
 
 SIMULATION_POLL = 0.005  # s: the longest wait between pulls in a simulation, where a pull reads the process's own link state
+BUSY = 4  # a pull is followed by a pause of at least BUSY times its duration (many replies pending)
 
 
 def poll_every(grid, configured: float | None) -> float | None:
@@ -42,10 +43,11 @@ class PollingGrid:
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
         while pending:
+            began = time.perf_counter()
             got = list(self._grid.pull_messages(pending))
             replies.extend(got)
             pending.difference_update(m.metadata.reply_to_message_id for m in got)
             if not pending or (deadline is not None and time.monotonic() >= deadline):
                 break
-            time.sleep(self.poll_interval)
+            time.sleep(max(self.poll_interval, BUSY * (time.perf_counter() - began)))  # (a long pull: pause longer)
         return replies

@@ -10,7 +10,8 @@ same expiry and federation check (``_check_stored_messages``), the same "deliver
 most one message per node per tick, as Flower's loop does; and as a pass is cheap, it ticks
 every 5 ms instead of 100 ms (a message waits 2.5 ms on average instead of 50: a round of seed002
 waited about 20 ms for its messages and their replies with ticks and polls of 20 ms, 0.8 s of 40
-rounds).
+rounds), or, after a pass that took longer than a millisecond or so (many messages in flight), after
+:data:`BUSY` times its duration, so that it never takes more than a fifth of a core from training.
 
 :func:`install` puts it in place of Flower's loop for flwr 1.41.0 with its in-memory link
 state only; for anything else Flower's own loop runs. ``client_app`` calls it on import: the
@@ -20,9 +21,12 @@ simulation engine loads the ClientApp before it starts the feeder thread.
 from __future__ import annotations
 
 import threading
+import time
 from queue import Queue
 
 from flmnist.flower_patches.pinned import FLWR_VERSION
+
+BUSY = 4  # a pass is followed by a pause of at least BUSY times its duration (tens of thousands of messages in flight)
 
 
 def feed(state, queue: Queue, nodes_mapping, f_stop: threading.Event, tick: float = 0.005) -> None:
@@ -30,6 +34,7 @@ def feed(state, queue: Queue, nodes_mapping, f_stop: threading.Event, tick: floa
     from flwr.supercore.date import now
 
     while not f_stop.is_set():
+        began = time.perf_counter()
         with state.lock:
             pending = list(state.message_ins_store)
             state._check_stored_messages(set(pending))  # drops expired and out-of-federation messages
@@ -45,7 +50,7 @@ def feed(state, queue: Queue, nodes_mapping, f_stop: threading.Event, tick: floa
                     batch.append(msg)
         for msg in batch:
             queue.put(msg)
-        f_stop.wait(tick)
+        f_stop.wait(max(tick, BUSY * (time.perf_counter() - began)))  # (a long pass: at most 1/(1+BUSY) of a core)
 
 
 def install() -> bool:

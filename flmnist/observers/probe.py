@@ -60,7 +60,8 @@ class Probe:
         self.device = device()
         self.worst_first = self.device.type == "cpu"  # (per_digit_unless_below: a GPU's kernels may depend on the batch)
         by_digit = [np.flatnonzero(self.labels.numpy() == d) for d in range(NUM_CLASSES)]
-        self._sample = torch.from_numpy(np.concatenate([i[:max(1, len(i) // 10)] for i in by_digit]))
+        sample = torch.from_numpy(np.concatenate([i[:max(1, len(i) // 10)] for i in by_digit]))
+        self._sample = self.images[sample], self.labels[sample]
         self._rest = [i[max(1, len(i) // 10):] for i in by_digit]  # (:meth:`_evaluate_worst_first`)
         self._lock = threading.Lock()  # one model: the guard and attribution's background job take turns
         self._known: list[tuple[dict, tuple[np.ndarray, np.ndarray]]] = []  # (weights, scores), newest last
@@ -146,15 +147,15 @@ class Probe:
         image's prediction does not depend on its batch; ``tests/test_effect_guard.py``)."""
         with self._lock:
             self._load(weights, delta)
-            first = evaluate(self.model, self.images[self._sample], self.labels[self._sample], len(self._sample),
-                             self.device)
-            if len(self._sample) == self.size or enough(first.confusion):
+            first = evaluate(self.model, *self._sample, len(self._sample[1]), self.device)
+            if first.total == self.size or enough(first.confusion):
                 return first
             wrong = first.total_per_digit - first.correct_per_digit
             rest = torch.from_numpy(np.concatenate([self._rest[d] for d in np.argsort(-wrong, kind="stable")]))
             more = evaluate(self.model, self.images[rest], self.labels[rest], max(1, self.size // NUM_CLASSES),
                             self.device, enough=lambda confusion: enough(first.confusion + confusion))
             more.confusion += first.confusion
+            more.loss_sum += first.loss_sum
             return more
 
 
