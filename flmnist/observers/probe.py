@@ -83,9 +83,10 @@ class Probe:
         """:meth:`per_digit` of ``weights`` (+ ``delta``), or None as soon as the mean of its per-digit
         accuracies (a digit the probe lacks counted as 0) is certainly at most ``ceiling``: every
         image not yet evaluated counted as right, the mean would still be no higher. With the
-        images evaluated. On the CPU the worst digits first (:meth:`_evaluate_worst_first`), elsewhere
-        in the probe's own batches; a finished evaluation has :meth:`per_digit`'s figures bit for bit. (The effect guard: an aggregate without an update
-        that cannot beat the aggregate with it by more than the harm allowed needs no more images.)"""
+        images evaluated. On the CPU the worst digits first (:meth:`_evaluate_worst_first`),
+        elsewhere in the probe's own batches; a finished evaluation has :meth:`per_digit`'s figures
+        bit for bit. (The effect guard: an aggregate without an update that cannot beat the
+        aggregate with it by more than the harm allowed needs no more images.)"""
         def enough(confusion: np.ndarray) -> bool:  # the mean if every image still to come were right
             highest = np.diag(confusion) + self._held - confusion.sum(axis=1)
             return float(highest @ self._share) <= ceiling - 1e-9  # (a margin far above rounding)
@@ -141,8 +142,8 @@ class Probe:
     def _evaluate_worst_first(self, weights: dict, delta: dict | None, enough):
         """:meth:`_evaluate` with ``enough``, on the CPU, in the order that lets it stop soonest: a
         tenth of each digit's images first, then the digits the model got most wrong there, in
-        chunks of a tenth of the probe. Every wrong image lowers the bound, so an aggregate
-        without a node's update, which fails the node's digits, is told after about two chunks instead of
+        chunks of a tenth of the probe. Every wrong image lowers the bound, so an aggregate without
+        a node's update, which fails the node's digits, is told after one or two chunks instead of
         half the probe. The counts of a finished evaluation are those of any order (on the CPU an
         image's prediction does not depend on its batch; ``tests/test_effect_guard.py``)."""
         with self._lock:
