@@ -63,9 +63,13 @@ def outcome(err: BaseException, run_dir) -> tuple[str, str]:
     SIGTERM, ``flwr stop``): Flower's signal handler exits the process's main thread while the run
     goes on in this one, whose next step then meets the interpreter's shutdown ("cannot schedule
     new futures after interpreter shutdown"); or the handler's exit reaches this thread itself; or the
-    SuperLink says the run is no longer running (``flwr stop`` in a deployment)."""
+    SuperLink says the run is no longer running (``flwr stop`` in a deployment). (The shutdown's
+    error can come before the main thread is marked ended: Python's shutdown runs the executors'
+    exit hooks first, so that error says so itself.)"""
+    shutdown = isinstance(err, RuntimeError) and "after interpreter shutdown" in str(err)
     outside = isinstance(err, (KeyboardInterrupt, SystemExit, RunNotRunningException)) or (
-        threading.current_thread() is not threading.main_thread() and not threading.main_thread().is_alive())
+        threading.current_thread() is not threading.main_thread()
+        and (shutdown or not threading.main_thread().is_alive()))
     if outside:
         more = f"; continue it with resume={run_dir}" if (Path(run_dir) / CHECKPOINT).is_file() else ""
         return "stopped", (f"stopped from outside (Ctrl-C, SIGTERM or flwr stop: the ServerApp's process is "
