@@ -101,3 +101,12 @@ def test_a_simulation_polls_its_own_link_state_often_and_a_deployment_as_configu
     assert poll_every(grid, 0.02) == 0.005 and poll_every(grid, 0.001) == 0.001 and poll_every(grid, None) is None
     deployed = object()  # (a deployment's grid is a gRPC client of the SuperLink: not an InMemoryGrid)
     assert poll_every(deployed, 0.02) == 0.02 and poll_every(deployed, None) is None
+
+
+def test_after_a_long_pass_the_feeder_and_the_pulls_pause_four_times_its_length():
+    """pause_after: the feeder's and the pulls' one rule; a quick pass waits the tick, a pass of
+    10 ms (thousands of messages in flight) at least 40 ms, so polling takes at most a fifth of a core."""
+    from flmnist.flower_patches.polling_grid import pause_after
+
+    assert pause_after(time.perf_counter(), 0.005) == 0.005
+    assert 0.04 <= pause_after(time.perf_counter() - 0.01, 0.005) < 0.1

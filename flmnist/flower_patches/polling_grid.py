@@ -14,7 +14,14 @@ from collections.abc import Iterable
 from flwr.app import Message
 
 SIMULATION_POLL = 0.005  # s: the longest wait between pulls in a simulation, where a pull reads the process's own link state
-BUSY = 4  # a pull is followed by a pause of at least BUSY times its duration (many replies pending)
+BUSY = 4  # a pass over the link state is followed by a pause of at least BUSY times its duration
+
+
+def pause_after(began: float, least: float) -> float:
+    """Seconds to wait after a pass over the link state that began at ``began`` (``time.perf_counter``):
+    ``least``, or BUSY times the pass's duration when that is longer (thousands of messages in
+    flight), so that polling never takes more than a fifth of a core. The feeder's and the pulls' one rule."""
+    return max(least, BUSY * (time.perf_counter() - began))
 
 
 def poll_every(grid, configured: float | None) -> float | None:
@@ -49,5 +56,5 @@ class PollingGrid:
             pending.difference_update(m.metadata.reply_to_message_id for m in got)
             if not pending or (deadline is not None and time.monotonic() >= deadline):
                 break
-            time.sleep(max(self.poll_interval, BUSY * (time.perf_counter() - began)))  # (a long pull: pause longer)
+            time.sleep(pause_after(began, self.poll_interval))
         return replies

@@ -11,7 +11,8 @@ most one message per node per tick, as Flower's loop does; and as a pass is chea
 every 5 ms instead of 100 ms (a message waits 2.5 ms on average instead of 50: a round of seed002
 waited about 20 ms for its messages and their replies with ticks and polls of 20 ms, 0.8 s of 40
 rounds), or, after a pass that took longer than a millisecond or so (many messages in flight), after
-:data:`BUSY` times its duration, so that it never takes more than a fifth of a core from training.
+:data:`~flmnist.flower_patches.polling_grid.BUSY` times its duration (``pause_after``, the rule the
+synchronous engine's pulls follow too), so that it never takes more than a fifth of a core from training.
 
 :func:`install` puts it in place of Flower's loop for flwr 1.41.0 with its in-memory link
 state only; for anything else Flower's own loop runs. ``client_app`` calls it on import: the
@@ -25,11 +26,10 @@ import time
 from queue import Queue
 
 from flmnist.flower_patches.pinned import FLWR_VERSION
+from flmnist.flower_patches.polling_grid import SIMULATION_POLL, pause_after
 
-BUSY = 4  # a pass is followed by a pause of at least BUSY times its duration (tens of thousands of messages in flight)
 
-
-def feed(state, queue: Queue, nodes_mapping, f_stop: threading.Event, tick: float = 0.005) -> None:
+def feed(state, queue: Queue, nodes_mapping, f_stop: threading.Event, tick: float = SIMULATION_POLL) -> None:
     """Until ``f_stop``: every ``tick`` s, queue each simulated node's oldest undelivered message."""
     from flwr.supercore.date import now
 
@@ -50,7 +50,7 @@ def feed(state, queue: Queue, nodes_mapping, f_stop: threading.Event, tick: floa
                     batch.append(msg)
         for msg in batch:
             queue.put(msg)
-        f_stop.wait(max(tick, BUSY * (time.perf_counter() - began)))  # (a long pass: at most 1/(1+BUSY) of a core)
+        f_stop.wait(pause_after(began, tick))
 
 
 def install() -> bool:
