@@ -120,6 +120,23 @@ def test_install_replaces_rays_backend_only_when_asked_and_for_the_pinned_flower
     assert backend.num_workers == 1 and RayBackend.flmnist
 
 
+def test_install_in_a_fresh_process_never_imports_ray():
+    """A simulation process that loads the ClientApp (whose import installs the backend) and then
+    builds its backend as Flower's engine does (vce_api: ``from .backend.raybackend import
+    RayBackend``) gets the in-process backend without Ray's import (0.5 s of a core per run)."""
+    code = (
+        "import os, sys\n"
+        f"os.environ['{ENV}'] = 'inprocess'\n"
+        "import flmnist.client_app\n"
+        "from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend\n"
+        "backend = RayBackend({'client_resources': {'num_cpus': 2}, 'init_args': {}})\n"
+        "from flmnist.flower_patches import inprocess_backend\n"
+        "print(RayBackend.__name__, backend.num_workers, 'ray' in sys.modules, inprocess_backend.install())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == ["InProcessBackend", "1", "False", "True"]
+
+
 def test_the_serverapps_thread_runs_pytorch_single_threaded_and_evaluation_keeps_every_thread():
     """In its own process: the thread counts are process-wide state."""
     code = (

@@ -12,18 +12,23 @@ in the ClientApp becomes the same error reply.
 
 :func:`install` puts it in place of Ray's backend for flwr 1.41.0 when the ``flmnist`` command
 asks for it (environment variable :data:`ENV`, set from ``simulation.backend``); the engine
-builds its backend after it has loaded the ClientApp, whose import calls :func:`install`.
+builds its backend after it has loaded the ClientApp, whose import calls :func:`install`. Unless
+Flower's Ray backend module is loaded already, a module holding only :class:`InProcessBackend`
+takes its name, so the process never imports Ray.
 """
 
 from __future__ import annotations
 
 import pickle
+import sys
+import types
 from collections.abc import Callable
 from logging import INFO
 
 from flmnist.flower_patches.pinned import FLWR_VERSION
 from flmnist.ml.threads import active, on_torch_thread
 
+RAYBACKEND = "flwr.server.superlink.fleet.vce.backend.raybackend"  # vce_api imports RayBackend from it
 INPROCESS_NOTE = "ClientApps run in this simulation process, one at a time (flmnist's in-process backend)"
 
 
@@ -81,14 +86,19 @@ def install() -> bool:
 
     if flwr.__version__ != FLWR_VERSION:
         return False
-    from flwr.server.superlink.fleet.vce.backend import raybackend
+    import flwr.server.superlink.fleet.vce.backend as backends
 
-    if getattr(raybackend.RayBackend, "flmnist", False):
+    raybackend = sys.modules.get(RAYBACKEND)
+    if raybackend is not None and getattr(raybackend.RayBackend, "flmnist", False):
         return True
     from flwr.common.logger import log
 
     cls = backend_class()
     cls.flmnist = True
+    if raybackend is None:  # not Flower's module, which imports Ray (0.5 s of a core at each run's start)
+        raybackend = types.ModuleType(RAYBACKEND, "flmnist's in-process backend in place of Flower's Ray backend")
+        sys.modules[RAYBACKEND] = raybackend
+        backends.raybackend = raybackend
     raybackend.RayBackend = cls  # the engine imports this name when it builds its backend
     log(INFO, INPROCESS_NOTE)
     return True
