@@ -334,3 +334,32 @@ def test_a_board_commits_a_fault_only_when_its_operator_allows_it(ask, allow):
     reply = faults.fault_mod(msg, board, lambda m, c: honest)
     weights = reply.content[p.ARRAYS].to_numpy_ndarrays()
     assert all(np.isfinite(w).all() for w in weights) is (allow is not True)
+
+
+# ------------------------------------------------------------------ modules reused between messages
+def test_a_module_an_earlier_message_left_gives_the_replies_a_new_one_gives(app, ask):
+    """The handlers take the module of a message that finished (client_app._IDLE) instead of
+    building one; its every parameter is overwritten, so what it trained before changes nothing."""
+    from flmnist import client_app
+
+    client_app._IDLE.clear()
+    fresh_train = snapshot(honest(ask, TRAIN, partition=2).content)  # a new module, left idle after
+    fresh_eval = snapshot(honest(ask, EVALUATE, partition=2).content)
+    (idle,) = client_app._IDLE.values()
+    assert len(idle) == 1
+    module = idle[0]
+    honest(ask, TRAIN, partition=0, lr=0.5)  # the same module trains on other data
+    (idle,) = client_app._IDLE.values()
+    assert idle == [module]
+    assert snapshot(honest(ask, TRAIN, partition=2).content) == fresh_train
+    assert snapshot(honest(ask, EVALUATE, partition=2).content) == fresh_eval
+    assert list(client_app._IDLE.values()) == [[module]]
+
+
+def test_dp_sgd_training_never_leaves_its_module(app, ask):
+    """Opacus's hooks attach to the module DP-SGD trains: it is built for the message and dropped."""
+    from flmnist import client_app
+
+    client_app._IDLE.clear()
+    honest(ask, TRAIN, partition=2, dp_noise_multiplier=1.0, dp_clipping_norm=1.0)
+    assert not any(client_app._IDLE.values())
