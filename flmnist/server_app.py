@@ -39,8 +39,13 @@ def run(grid: Grid, cfg: DictConfig) -> dict:
     status, error, late = "failed", None, None
     try:
         run.engine.run(run.initial, run.checkpoint)
+        run.checkpoints_written()  # (written on a thread of their own: an error writing one fails the run)
         status = "finished"
     except BaseException as err:
+        try:  # before outcome() looks for a checkpoint to resume from
+            run.checkpoints_written()
+        except Exception as late_err:  # noqa: BLE001 - the run's own error is the one raised
+            log(ERROR, "Writing a checkpoint failed too: %s: %s", type(late_err).__name__, late_err)
         status, error = outcome(err, run.run_dir)
         raise
     finally:

@@ -3,6 +3,7 @@ leaves a complete one; ``resume=latest`` only considers flmnist run directories.
 
 from __future__ import annotations
 
+import copy
 import os
 import pickle
 import random
@@ -10,6 +11,7 @@ import resource
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -21,6 +23,7 @@ from flmnist.config.compose import compose_config
 from flmnist.core.errors import ConfigError
 from flmnist.core.run_files import CHECKPOINT, PREVIOUS, find_checkpoint
 from flmnist.observers.checkpoint import (
+    CheckpointWriter,
     load_checkpoint,
     rng_state,
     save_checkpoint,
@@ -154,6 +157,50 @@ def test_a_process_killed_while_writing_leaves_the_previous_checkpoint(tmp_path)
     assert_same(load_checkpoint(tmp_path / CHECKPOINT), payload(3))
     assert_same(load_checkpoint(tmp_path / PREVIOUS), payload(1))
     assert not (tmp_path / (CHECKPOINT + ".tmp")).exists()
+
+
+def test_the_background_writer_saves_a_copy_in_order_off_the_runs_thread(tmp_path):
+    """CheckpointWriter(background=True), as a run's: the payload is packed when handed over (the
+    run changes its arrays at once), written on a thread of its own with ``then`` after it, and
+    on disk once wait() returns; the one before is kept as checkpoint.prev.pt."""
+    writer = CheckpointWriter(background=True)
+    seen = []
+    first, second = payload(1), payload(2)
+    writer.save(tmp_path, first, then=lambda: seen.append((threading.current_thread().name,
+                                                            load_checkpoint(tmp_path / CHECKPOINT)["round"])))
+    expected = copy.deepcopy(first)
+    first["arrays"]["conv.weight"][:] = -1  # the run goes on with its objects
+    first["round"] = 99
+    writer.save(tmp_path, second, then=lambda: seen.append((threading.current_thread().name, 2)))
+    writer.wait()
+    assert seen == [("flmnist-checkpoint", 1), ("flmnist-checkpoint", 2)]
+    assert_same(load_checkpoint(tmp_path / PREVIOUS), expected)
+    assert_same(load_checkpoint(tmp_path / CHECKPOINT), second)
+
+
+def test_the_background_writer_raises_a_write_error_at_wait_and_an_unsavable_payload_at_once(tmp_path):
+    writer = CheckpointWriter(background=True)
+    with pytest.raises(TypeError, match=r"payload\['arrays'\]: a .*Exploit cannot be saved"):
+        writer.save(tmp_path, {"round": 2, "arrays": Exploit()})  # in the caller, before any write
+    missing = tmp_path / "gone"
+    writer.save(missing, payload(1))  # handed over: the error comes from the writer's thread
+    with pytest.raises(FileNotFoundError, match="gone"):
+        writer.wait()
+    writer.wait()  # raised once
+    writer.save(missing, payload(1))
+    with pytest.raises(FileNotFoundError):
+        writer.save(tmp_path, payload(2))  # the next save raises the error before it, and saves nothing
+    assert not (tmp_path / CHECKPOINT).exists()
+    writer.save(tmp_path, payload(3), then=lambda: (tmp_path / "then").write_text("3"))
+    writer.wait()
+    assert_same(load_checkpoint(tmp_path / CHECKPOINT), payload(3))
+    assert (tmp_path / "then").read_text() == "3"
+
+
+def test_the_default_writer_saves_before_save_returns(tmp_path):
+    CheckpointWriter().save(tmp_path, payload(1), then=lambda: (tmp_path / "then").write_text("1"))
+    assert_same(load_checkpoint(tmp_path / CHECKPOINT), payload(1))
+    assert (tmp_path / "then").read_text() == "1"
 
 
 def test_resume_latest_only_considers_flmnist_run_directories(tmp_path):

@@ -654,9 +654,49 @@ def test_a_finishing_step_that_fails_is_summarized_and_never_hides_the_runs_own_
                                   (FailingEngine(), RuntimeError, "RuntimeError: the run's own failure")):
         recorder = RunRecorder(tmp_path, 3, 0.99, printer=lambda line: None)
         sync_rows(recorder, fleet=False)
-        run = SimpleNamespace(engine=engine, recorder=recorder, run_dir=tmp_path, initial=None, checkpoint=None)
+        run = SimpleNamespace(engine=engine, recorder=recorder, run_dir=tmp_path, initial=None, checkpoint=None,
+                              checkpoints_written=lambda: None)
         monkeypatch.setattr(server_app, "build_run", lambda grid, cfg, run=run: run)
         with pytest.raises(raised):
             server_app.run(None, None)
         summary = json.loads((tmp_path / "summary.json").read_text())
         assert summary["status"] == "failed" and summary["error"] == error, summary
+
+
+def test_a_checkpoint_that_could_not_be_written_fails_the_run_unless_the_run_failed_first(tmp_path, monkeypatch):
+    """Checkpoints are written on a thread of their own (CheckpointWriter(background=True)); the
+    error of one that failed is raised when the engine's run ends (Run.checkpoints_written): a run
+    that had finished is then failed with it, one that had failed keeps its own error, and the
+    checkpoints are on disk before the summary says whether the run can be resumed."""
+    from types import SimpleNamespace
+
+    from flmnist import server_app
+
+    class Engine:
+        def __init__(self, fails: bool) -> None:
+            self.fails = fails
+
+        def run(self, initial, checkpoint):
+            if self.fails:
+                raise RuntimeError("the run's own failure")
+
+        def finish(self):
+            pass
+
+    def full_disk():
+        waited.append(True)
+        raise OSError(28, "No space left on device")
+
+    for fails, raised, error in ((False, OSError, "OSError: [Errno 28] No space left on device"),
+                                 (True, RuntimeError, "RuntimeError: the run's own failure")):
+        waited: list[bool] = []
+        recorder = RunRecorder(tmp_path, 3, 0.99, printer=lambda line: None)
+        sync_rows(recorder, fleet=False)
+        run = SimpleNamespace(engine=Engine(fails), recorder=recorder, run_dir=tmp_path, initial=None,
+                              checkpoint=None, checkpoints_written=full_disk)
+        monkeypatch.setattr(server_app, "build_run", lambda grid, cfg, run=run: run)
+        with pytest.raises(raised):
+            server_app.run(None, None)
+        summary = json.loads((tmp_path / "summary.json").read_text())
+        assert summary["status"] == "failed" and summary["error"] == error, summary
+        assert waited

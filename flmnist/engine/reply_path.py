@@ -27,7 +27,7 @@ from flmnist.engine.effect_guard import Candidate, EffectGuard
 from flmnist.engine.identity import IdentityBook
 from flmnist.engine.length_bounds import LengthBounds
 from flmnist.observers.base import Observer, observer_keys
-from flmnist.observers.checkpoint import PAYLOAD_FORMAT, rng_state, save_checkpoint
+from flmnist.observers.checkpoint import PAYLOAD_FORMAT, CheckpointWriter, rng_state
 from flmnist.observers.recorder import RunRecorder
 from flmnist.observers.stop import StopAtTarget
 from flmnist.protocol import messages as p
@@ -57,7 +57,7 @@ class ReplyPath:
         self.identities = identities or IdentityBook()
         self.guard, self.asynchronous = guard, asynchronous
         self.hooks, self.recorder = list(hooks), recorder
-        self.checkpoint_every = checkpoint_every
+        self.checkpoint_every, self.checkpoints = checkpoint_every, CheckpointWriter()  # (run_setup's: background)
         if stop_at is not None:  # stop_at_target: the accuracy that ends the run
             self.hooks.append(StopAtTarget(stop_at))
         self.stopped: tuple[int, str] | None = None  # the step after which an observer asked to stop, and why
@@ -337,7 +337,8 @@ class ReplyPath:
         """The one checkpoint layout: model, engine state, recorder, screen counters, RNG states."""
         if self.recorder is None:
             return
-        save_checkpoint(self.recorder.run_dir, {
+        run_dir, info = self.recorder.run_dir, json.dumps({"kind": kind, "round": step})
+        self.checkpoints.save(run_dir, {
             "format": PAYLOAD_FORMAT,
             "kind": kind,
             "round": step,
@@ -347,8 +348,7 @@ class ReplyPath:
             "recorder": self.recorder.state(step),
             "rng": rng_state(),
             "config": self.run_config,
-        })
-        atomic_write(self.recorder.run_dir / CHECKPOINT_INFO, json.dumps({"kind": kind, "round": step}), durable=True)
+        }, then=lambda: atomic_write(run_dir / CHECKPOINT_INFO, info, durable=True))  # (after it, on its thread)
 
     # --------------------------------------------------------------- state
     def stats(self) -> dict:

@@ -21,7 +21,9 @@ import os
 import pickle
 import random
 import shutil
+import threading
 from collections import Counter, OrderedDict, deque
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -130,9 +132,11 @@ def _keep_previous(path: Path) -> None:
 def save_checkpoint(run_dir: Path, payload: dict) -> Path:
     """Write ``payload`` as ``run_dir/checkpoint.pt`` so that a crash at any moment leaves a
     complete checkpoint there (the previous one until the new one is complete)."""
-    run_dir = Path(run_dir)
+    return _write(Path(run_dir), {"flmnist-checkpoint": FORMAT, "payload": _pack(payload)})  # packed before any write
+
+
+def _write(run_dir: Path, data: dict) -> Path:
     path = run_dir / CHECKPOINT
-    data = {"flmnist-checkpoint": FORMAT, "payload": _pack(payload)}  # fails before any write
     tmp = path.with_name(CHECKPOINT + ".tmp")
     try:
         with open(tmp, "wb") as f:
@@ -147,6 +151,57 @@ def save_checkpoint(run_dir: Path, payload: dict) -> Path:
         raise
     _fsync_dir(run_dir)
     return path
+
+
+class CheckpointWriter:
+    """Saves a run's checkpoints (:func:`save_checkpoint`, then ``then``), one after the other.
+
+    ``background``: on a thread of their own while the run goes on (a seed002 round's checkpoint,
+    its file written, fsynced and renamed, and ``checkpoint.json``, took 10-13 ms of the server's
+    thread between rounds). The payload is packed (copied) when handed over, so the run may change
+    its objects at once, and a payload that cannot be saved raises there. An error writing is
+    raised at the next :meth:`save` or at :meth:`wait`, which the ServerApp calls when the engine's
+    run ends, before anything reads the run's files; until then the checkpoint before it is the
+    one on disk, complete, as after a crash."""
+
+    def __init__(self, background: bool = False) -> None:
+        self.background = background
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save(self, run_dir: Path, payload: dict, then: Callable[[], object] | None = None) -> None:
+        self.wait()  # the one before is on disk (or its error raised): in order, one at a time
+        data = {"flmnist-checkpoint": FORMAT, "payload": _pack(payload)}  # packed before any write
+
+        def write() -> None:
+            try:
+                _write(Path(run_dir), data)
+                if then is not None:
+                    then()
+            except BaseException as err:  # noqa: BLE001 - raised by wait(), in the run's thread
+                self._error = err
+
+        if not self.background:
+            write()
+            self.wait()
+            return
+        thread = threading.Thread(target=write, name="flmnist-checkpoint", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:  # at the interpreter's shutdown (a stop from outside), Python 3.12+ starts none
+            write()
+            self.wait()
+            return
+        self._thread = thread
+
+    def wait(self) -> None:
+        """Until the last checkpoint handed over is on disk; raises the error of one that failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 # ------------------------------------------------------------------ reading

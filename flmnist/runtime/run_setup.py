@@ -49,7 +49,7 @@ from flmnist.ml.export import save_state_dict
 from flmnist.ml.mnist_files import ensure_mnist, resolve_root
 from flmnist.ml.partition import holdout_split, label_counts, node_seed
 from flmnist.observers.base import RunContext
-from flmnist.observers.checkpoint import check_layout, load_checkpoint
+from flmnist.observers.checkpoint import CheckpointWriter, check_layout, load_checkpoint
 from flmnist.observers.probe import Probes
 from flmnist.observers.recorder import RunRecorder, run_label
 from flmnist.observers.trackers import Trackers
@@ -72,6 +72,10 @@ class Run:
     engine: Engine
     initial: ArrayRecord
     checkpoint: dict | None
+
+    def checkpoints_written(self) -> None:
+        """The engine's last checkpoint is on disk; an error writing one is raised."""
+        self.engine.path.checkpoints.wait()
 
 
 def make_run_dir(cfg: DictConfig) -> Path:
@@ -268,6 +272,7 @@ def build_run(grid: Grid, cfg: DictConfig) -> Run:
                      identities=identities, guard=guard, asynchronous=asynchronous,
                      update_clip=privacy.clipping_norm if privacy.mechanism == "client" else None)
     path.run_config = fingerprint(OmegaConf.load(run_dir / "config.yaml"))  # as written: what a resume reads
+    path.checkpoints = CheckpointWriter(background=True)  # (server_app.run waits for it when the engine ends)
     fleet = build(cfg.fleet, "fleet", num_nodes=cfg.num_nodes, seed=cfg.seed)
     if fleet is not None:
         devices = [f"{simulated_node_name(i)}: {fleet.profile(i).name} (speed {fleet.profile(i).speed:g})"
