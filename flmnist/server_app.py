@@ -44,7 +44,7 @@ def run(grid: Grid, cfg: DictConfig) -> dict:
     except BaseException as err:
         try:  # before outcome() looks for a checkpoint to resume from
             run.checkpoints_written()
-        except Exception as late_err:  # noqa: BLE001 - the run's own error is the one raised
+        except BaseException as late_err:  # noqa: BLE001 - the run's own error is the one raised (a second Ctrl-C too)
             log(ERROR, "Writing a checkpoint failed too: %s: %s", type(late_err).__name__, late_err)
         status, error = outcome(err, run.run_dir)
         raise

@@ -159,18 +159,27 @@ def test_a_process_killed_while_writing_leaves_the_previous_checkpoint(tmp_path)
     assert not (tmp_path / (CHECKPOINT + ".tmp")).exists()
 
 
-def test_the_background_writer_saves_a_copy_in_order_off_the_runs_thread(tmp_path):
+def test_the_background_writer_saves_a_copy_in_order_off_the_runs_thread(tmp_path, monkeypatch):
     """CheckpointWriter(background=True), as a run's: the payload is packed when handed over (the
-    run changes its arrays at once), written on a thread of its own with ``then`` after it, and
-    on disk once wait() returns; the one before is kept as checkpoint.prev.pt."""
+    run changes its arrays and tensors at once, while the write has not begun), written on a thread
+    of its own with ``then`` after it, and on disk once wait() returns; the one before is kept as
+    checkpoint.prev.pt."""
+    from flmnist.observers import checkpoint
+
+    go = threading.Event()
+    write = checkpoint._write
+    monkeypatch.setattr(checkpoint, "_write", lambda *args: (go.wait(10), write(*args))[1])
     writer = CheckpointWriter(background=True)
     seen = []
     first, second = payload(1), payload(2)
+    first["engine"]["tensor"] = torch.ones(3)
+    expected = copy.deepcopy(first)
     writer.save(tmp_path, first, then=lambda: seen.append((threading.current_thread().name,
                                                             load_checkpoint(tmp_path / CHECKPOINT)["round"])))
-    expected = copy.deepcopy(first)
-    first["arrays"]["conv.weight"][:] = -1  # the run goes on with its objects
+    first["arrays"]["conv.weight"][:] = -1  # the run goes on with its objects before the write begins
+    first["engine"]["tensor"].add_(1)
     first["round"] = 99
+    go.set()
     writer.save(tmp_path, second, then=lambda: seen.append((threading.current_thread().name, 2)))
     writer.wait()
     assert seen == [("flmnist-checkpoint", 1), ("flmnist-checkpoint", 2)]

@@ -337,29 +337,64 @@ def test_a_board_commits_a_fault_only_when_its_operator_allows_it(ask, allow):
 
 
 # ------------------------------------------------------------------ modules reused between messages
-def test_a_module_an_earlier_message_left_gives_the_replies_a_new_one_gives(app, ask):
-    """The handlers take the module of a message that finished (client_app._IDLE) instead of
-    building one; its every parameter is overwritten, so what it trained before changes nothing."""
-    from flmnist import client_app
+SPECS = {"lenet": {"_target_": "flmnist.ml.models.LeNet"},  # channels-last convolutions
+         "mlp_dropout": {"_target_": "flmnist.ml.models.MLP", "hidden": 32, "hidden2": 16, "dropout": 0.2}}
 
+
+def send(app, kind: str, partition: int, spec: dict, arrays: dict, mnist_root, **settings) -> Message:
+    """The real ClientApp's reply to a ``kind`` message for ``spec``'s model, sent ``arrays``."""
+    defaults = {"partition": {"_target_": "flmnist.ml.partition.IidPartition"}, "num_partitions": 3, "seed": 0,
+                "holdout_fraction": 0.1, "data_root": str(mnist_root), "local_steps": 2, "batch_size": 16, "lr": 0.1}
+    sent = p.TrainSettings(model=spec, **{**defaults, **settings})
+    content = RecordDict({p.CONFIG: sent.to_record(**{p.SERVER_ROUND: 1}), p.ARRAYS: ArrayRecord(arrays)})
+    return app(Message(content, dst_node_id=100 + partition, message_type=kind), node_context(partition))
+
+
+@pytest.mark.parametrize("model", SPECS)
+def test_a_module_an_earlier_message_left_gives_the_replies_a_new_one_gives(app, mnist_root, task_identity, model):
+    """The handlers take the module of a message that finished (client_app._IDLE) instead of
+    building one; its every parameter is overwritten, and training and evaluation set its mode
+    and layout, so what it did before (trained elsewhere, left in eval mode) changes nothing."""
+    from flmnist import client_app
+    from flmnist.ml.models import model_from_spec
+
+    torch.manual_seed(0)
+    sent = model_from_spec(SPECS[model]).state_dict()
     client_app._IDLE.clear()
-    fresh_train = snapshot(honest(ask, TRAIN, partition=2).content)  # a new module, left idle after
-    fresh_eval = snapshot(honest(ask, EVALUATE, partition=2).content)
-    (idle,) = client_app._IDLE.values()
-    assert len(idle) == 1
-    module = idle[0]
-    honest(ask, TRAIN, partition=0, lr=0.5)  # the same module trains on other data
-    (idle,) = client_app._IDLE.values()
-    assert idle == [module]
-    assert snapshot(honest(ask, TRAIN, partition=2).content) == fresh_train
-    assert snapshot(honest(ask, EVALUATE, partition=2).content) == fresh_eval
+    fresh_train = snapshot(send(app, TRAIN, 2, SPECS[model], sent, mnist_root).content)  # a new module, left idle
+    fresh_eval = snapshot(send(app, EVALUATE, 2, SPECS[model], sent, mnist_root).content)
+    ((module,),) = client_app._IDLE.values()
+    send(app, TRAIN, 0, SPECS[model], sent, mnist_root, lr=0.5)  # the same module trains on other data
+    assert list(client_app._IDLE.values()) == [[module]]
+    assert snapshot(send(app, TRAIN, 2, SPECS[model], sent, mnist_root).content) == fresh_train  # after a train
+    assert snapshot(send(app, EVALUATE, 2, SPECS[model], sent, mnist_root).content) == fresh_eval
+    assert snapshot(send(app, TRAIN, 2, SPECS[model], sent, mnist_root).content) == fresh_train  # after an evaluate
     assert list(client_app._IDLE.values()) == [[module]]
 
 
-def test_dp_sgd_training_never_leaves_its_module(app, ask):
-    """Opacus's hooks attach to the module DP-SGD trains: it is built for the message and dropped."""
+def test_a_handler_that_raised_leaves_no_module_and_dp_sgd_takes_none(app, mnist_root, task_identity, monkeypatch):
+    """The module of a message whose handler raised is dropped (its state is unknown); DP-SGD
+    training, whose Opacus hooks attach to the module, neither takes an idle one nor leaves its own."""
     from flmnist import client_app
+    from flmnist.ml.models import LogReg
 
+    sent = LogReg().state_dict()
+    spec = {"_target_": "flmnist.ml.models.LogReg"}
     client_app._IDLE.clear()
-    honest(ask, TRAIN, partition=2, dp_noise_multiplier=1.0, dp_clipping_norm=1.0)
+    send(app, EVALUATE, 2, spec, sent, mnist_root)
+    ((module,),) = client_app._IDLE.values()
+    assert not send(app, TRAIN, 2, spec, sent, mnist_root, dp_noise_multiplier=1.0, dp_clipping_norm=1.0).has_error()
+    assert list(client_app._IDLE.values()) == [[module]]  # not taken, none added
+    client_app._IDLE.clear()
+    send(app, TRAIN, 2, spec, sent, mnist_root, dp_noise_multiplier=1.0, dp_clipping_norm=1.0)
     assert not any(client_app._IDLE.values())
+    send(app, EVALUATE, 2, spec, sent, mnist_root)
+    ((module,),) = client_app._IDLE.values()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("training broke")
+
+    monkeypatch.setattr(client_app, "train", broken)
+    with pytest.raises(Exception, match="training broke"):  # (Flower's engine turns it into an error reply)
+        send(app, TRAIN, 2, spec, sent, mnist_root)
+    assert not any(client_app._IDLE.values())  # the module it took is not given back

@@ -666,37 +666,48 @@ def test_a_finishing_step_that_fails_is_summarized_and_never_hides_the_runs_own_
 def test_a_checkpoint_that_could_not_be_written_fails_the_run_unless_the_run_failed_first(tmp_path, monkeypatch):
     """Checkpoints are written on a thread of their own (CheckpointWriter(background=True)); the
     error of one that failed is raised when the engine's run ends (Run.checkpoints_written): a run
-    that had finished is then failed with it, one that had failed keeps its own error, and the
-    checkpoints are on disk before the summary says whether the run can be resumed."""
+    that had finished is then failed with it, one that had failed keeps its own error; and a run
+    stopped while its checkpoint is still being written says how to resume from it."""
+    import time
     from types import SimpleNamespace
 
     from flmnist import server_app
+    from flmnist.observers import checkpoint
+    from flmnist.observers.checkpoint import CheckpointWriter
+
+    write = checkpoint._write
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
 
     class Engine:
-        def __init__(self, fails: bool) -> None:
-            self.fails = fails
+        def __init__(self, writer, ends) -> None:
+            self.writer, self.ends = writer, ends
 
         def run(self, initial, checkpoint):
-            if self.fails:
-                raise RuntimeError("the run's own failure")
+            self.writer.save(tmp_path, {"round": 1})
+            if self.ends is not None:
+                raise self.ends
 
         def finish(self):
             pass
 
-    def full_disk():
-        waited.append(True)
-        raise OSError(28, "No space left on device")
-
-    for fails, raised, error in ((False, OSError, "OSError: [Errno 28] No space left on device"),
-                                 (True, RuntimeError, "RuntimeError: the run's own failure")):
-        waited: list[bool] = []
+    cases = ((full_disk, None, OSError, "failed", "OSError: [Errno 28] No space left on device"),
+             (full_disk, RuntimeError("the run's own failure"), RuntimeError, "failed",
+              "RuntimeError: the run's own failure"),
+             (lambda *args: (time.sleep(0.5), write(*args)), KeyboardInterrupt(), KeyboardInterrupt, "stopped",
+              "continue it with resume="))
+    for slow_or_failing, ends, raised, status, error in cases:
+        (tmp_path / "checkpoint.pt").unlink(missing_ok=True)
+        monkeypatch.setattr(checkpoint, "_write", slow_or_failing)
+        writer = CheckpointWriter(background=True)
         recorder = RunRecorder(tmp_path, 3, 0.99, printer=lambda line: None)
         sync_rows(recorder, fleet=False)
-        run = SimpleNamespace(engine=Engine(fails), recorder=recorder, run_dir=tmp_path, initial=None,
-                              checkpoint=None, checkpoints_written=full_disk)
+        run = SimpleNamespace(engine=Engine(writer, ends), recorder=recorder, run_dir=tmp_path, initial=None,
+                              checkpoint=None, checkpoints_written=writer.wait)
         monkeypatch.setattr(server_app, "build_run", lambda grid, cfg, run=run: run)
         with pytest.raises(raised):
             server_app.run(None, None)
         summary = json.loads((tmp_path / "summary.json").read_text())
-        assert summary["status"] == "failed" and summary["error"] == error, summary
-        assert waited
+        assert summary["status"] == status and error in summary["error"], summary
+    assert (tmp_path / "checkpoint.pt").is_file()

@@ -68,8 +68,10 @@ def _pack(value, where: str = "payload"):
         return packed
     if value is None or type(value) in (bool, int, float, complex, str, bytes):
         return value
-    if type(value) in (torch.Tensor, torch.nn.Parameter):
-        return value
+    if type(value) is torch.Tensor:  # a copy: a background write must not see the run change it
+        return value.detach().clone()
+    if type(value) is torch.nn.Parameter:
+        return torch.nn.Parameter(value.detach().clone(), requires_grad=value.requires_grad)
     if isinstance(value, dict):
         out = type(value)() if type(value) in (OrderedDict, Counter) else {}
         for k, v in value.items():
@@ -158,8 +160,9 @@ class CheckpointWriter:
 
     ``background``: on a thread of their own while the run goes on (a seed002 round's checkpoint,
     its file written, fsynced and renamed, and ``checkpoint.json``, took 10-13 ms of the server's
-    thread between rounds). The payload is packed (copied) when handed over, so the run may change
-    its objects at once, and a payload that cannot be saved raises there. An error writing is
+    thread between rounds). The payload is packed when handed over (its arrays, tensors and
+    containers copied), so the run may change its objects at once, and a payload that cannot be
+    saved raises there. An error writing is
     raised at the next :meth:`save` or at :meth:`wait`, which the ServerApp calls when the engine's
     run ends, before anything reads the run's files; until then the checkpoint before it is the
     one on disk, complete, as after a crash."""
@@ -185,20 +188,21 @@ class CheckpointWriter:
             write()
             self.wait()
             return
-        thread = threading.Thread(target=write, name="flmnist-checkpoint", daemon=True)
+        # Not a daemon: the interpreter's exit waits for the write. Recorded before it starts: a signal
+        # raising in this thread between the two must not leave a write that wait() does not join.
+        self._thread = threading.Thread(target=write, name="flmnist-checkpoint")
         try:
-            thread.start()
-        except RuntimeError:  # at the interpreter's shutdown (a stop from outside), Python 3.12+ starts none
+            self._thread.start()
+        except RuntimeError:  # no new thread (the interpreter finalizing): the write is done here
+            self._thread = None
             write()
             self.wait()
-            return
-        self._thread = thread
 
     def wait(self) -> None:
         """Until the last checkpoint handed over is on disk; raises the error of one that failed."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        thread, self._thread = self._thread, None
+        if thread is not None and thread.ident is not None:  # (started)
+            thread.join()
         if self._error is not None:
             error, self._error = self._error, None
             raise error
