@@ -134,7 +134,12 @@ def _keep_previous(path: Path) -> None:
 def save_checkpoint(run_dir: Path, payload: dict) -> Path:
     """Write ``payload`` as ``run_dir/checkpoint.pt`` so that a crash at any moment leaves a
     complete checkpoint there (the previous one until the new one is complete)."""
-    return _write(Path(run_dir), {"flmnist-checkpoint": FORMAT, "payload": _pack(payload)})  # packed before any write
+    return _write(Path(run_dir), _packed(payload))
+
+
+def _packed(payload: dict) -> dict:
+    """The file's content: TypeError (naming where) before any write for what cannot be saved."""
+    return {"flmnist-checkpoint": FORMAT, "payload": _pack(payload)}
 
 
 def _write(run_dir: Path, data: dict) -> Path:
@@ -174,29 +179,31 @@ class CheckpointWriter:
 
     def save(self, run_dir: Path, payload: dict, then: Callable[[], object] | None = None) -> None:
         self.wait()  # the one before is on disk (or its error raised): in order, one at a time
-        data = {"flmnist-checkpoint": FORMAT, "payload": _pack(payload)}  # packed before any write
+        data = _packed(payload)
 
         def write() -> None:
-            try:
-                _write(Path(run_dir), data)
-                if then is not None:
-                    then()
-            except BaseException as err:  # noqa: BLE001 - raised by wait(), in the run's thread
-                self._error = err
+            _write(Path(run_dir), data)
+            if then is not None:
+                then()
 
         if not self.background:
             write()
-            self.wait()
             return
+
+        def on_its_thread() -> None:
+            try:
+                write()
+            except BaseException as err:  # noqa: BLE001 - raised by wait(), in the run's thread
+                self._error = err
+
         # Not a daemon: the interpreter's exit waits for the write. Recorded before it starts: a signal
         # raising in this thread between the two must not leave a write that wait() does not join.
-        self._thread = threading.Thread(target=write, name="flmnist-checkpoint")
+        self._thread = threading.Thread(target=on_its_thread, name="flmnist-checkpoint")
         try:
             self._thread.start()
         except RuntimeError:  # no new thread (the interpreter finalizing): the write is done here
             self._thread = None
             write()
-            self.wait()
 
     def wait(self) -> None:
         """Until the last checkpoint handed over is on disk; raises the error of one that failed."""
