@@ -267,6 +267,45 @@ def test_a_failing_tracker_is_dropped_and_the_run_goes_on(tmp_path):
     assert recorder.trackers.trackers == [] and recorder.finish()["status"] == "finished"
 
 
+def test_an_unreachable_tracking_server_is_dropped_after_logger_timeout_and_the_run_goes_on(tmp_path, monkeypatch, caplog):
+    """A tracking server that accepts connections and never answers (MLflow's client waits 120 s a
+    request and retries for minutes): with the real MLflow client, the tracker is off after
+    ``logger.timeout`` and the run finishes with its own files, without waiting for MLflow."""
+    import socket
+    import time
+
+    from flmnist.observers.tracker_backends import MLflowTracker
+    from flmnist.observers.trackers import Trackers
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # (the abandoned call ends once the server closes)
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)  # accepted by the kernel, never answered
+    try:
+        recorder = RunRecorder(tmp_path, 3, 0.99, printer=lambda line: None)
+        tracker = MLflowTracker(tracking_uri=f"http://127.0.0.1:{server.getsockname()[1]}", timeout=1)
+        recorder.trackers = Trackers([tracker])
+        started = time.perf_counter()
+        with caplog.at_level("WARNING", logger="flwr"):
+            recorder.trackers.call("start", tmp_path, tmp_path.name, {"client": {"lr": 0.1}})
+        waited = time.perf_counter() - started
+        assert recorder.trackers.trackers == []
+        assert "MLflowTracker did not finish start within 1 s (logger.timeout" in caplog.text
+        assert 1 <= waited < 10
+        sync_rows(recorder, fleet=False)
+        assert recorder.finish()["status"] == "finished" and (tmp_path / "summary.json").is_file()
+    finally:
+        server.close()
+
+
+def test_a_tracker_call_that_ends_within_the_timeout_returns_its_value_or_raises_its_error():
+    from flmnist.observers.trackers import within
+
+    assert within(5, lambda a, b: a + b, 2, 3) == 5
+    with pytest.raises(OSError, match="disk full"):
+        within(5, lambda: (_ for _ in ()).throw(OSError("disk full")))
+
+
 def test_summary_json_is_written_last_and_the_final_line_printed_after_it(tmp_path):
     """The flmnist command ends Flower at the final line once summary.json is there: every other
     output must be complete by then."""

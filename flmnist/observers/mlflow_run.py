@@ -8,6 +8,8 @@ from pathlib import Path
 
 from flwr.common.logger import log
 
+from flmnist.observers.trackers import TIMEOUT, within
+
 RUN_ID_FILE = "mlflow_run_id"  # the run's MLflow run id, then the tracking URI of its store
 
 
@@ -30,16 +32,19 @@ def saved_run(run_dir: Path) -> tuple[str | None, str | None]:
 
 def mark_stopped(run_dir: Path) -> None:
     """A run stopped from outside: its MLflow run (``RUN_DIR/mlflow_run_id``), still RUNNING, is
-    KILLED (the server that would have ended it is gone). Never raises."""
+    KILLED (the server that would have ended it is gone), within ``TIMEOUT`` seconds. Never raises."""
     run_id, uri = saved_run(run_dir)
     if run_id is None or reachable(uri) is None:
         return
-    try:
+    def kill() -> None:
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri=uri)
         if client.get_run(run_id).info.status == "RUNNING":
             client.set_terminated(run_id, "KILLED")
+
+    try:
+        within(TIMEOUT, kill)  # (an unreachable tracking server must not hold the command)
     except Exception as err:  # noqa: BLE001 - a tracker must never lose the run's summary
         log(WARNING, "MLflow run %s of the stopped run could not be marked KILLED (%s: %s)", run_id,
             type(err).__name__, err)

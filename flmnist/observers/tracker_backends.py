@@ -12,7 +12,7 @@ from pathlib import Path
 from flmnist.core.errors import ConfigError
 from flmnist.core.run_files import atomic_write
 from flmnist.observers.mlflow_run import RUN_ID_FILE, reachable, saved_run
-from flmnist.observers.trackers import Tracker, flat
+from flmnist.observers.trackers import TIMEOUT, Tracker, check_timeout, flat
 
 
 def _missing(package: str, extra: str) -> ConfigError:
@@ -23,7 +23,8 @@ class TensorBoardTracker(Tracker):
     """Event files in ``RUN_DIR/tensorboard`` (``tensorboard --logdir outputs``): scalars per
     step, the config as text, the final summary as text."""
 
-    def __init__(self, log_dir: str | None = None) -> None:
+    def __init__(self, log_dir: str | None = None, timeout: float = TIMEOUT) -> None:
+        self.timeout = check_timeout(timeout)
         try:
             from torch.utils.tensorboard import SummaryWriter  # noqa: F401
         except ImportError as err:
@@ -85,7 +86,8 @@ class MLflowTracker(Tracker):
     is outside ``output_dir``); ``tracking_uri`` names another. A resumed or extended run
     continues its MLflow run."""
 
-    def __init__(self, tracking_uri: str | None = None, experiment: str = "flmnist") -> None:
+    def __init__(self, tracking_uri: str | None = None, experiment: str = "flmnist", timeout: float = TIMEOUT) -> None:
+        self.timeout = check_timeout(timeout)
         try:
             import mlflow  # noqa: F401
         except ImportError as err:

@@ -3,21 +3,39 @@
 A tracker gets the run's config at the start, every recorded round's (or server update's)
 scalar metrics (losses, accuracies, per-digit accuracy, prediction shares, counts, times), and
 the final model and summary at the end. Its failures are logged, never raised: a tracker must
-not lose a run. Install the extras: ``pip install -e ".[tensorboard]"`` or ``".[mlflow]"``.
+not lose a run. Nor hold it: a call that takes longer than the tracker's ``timeout``
+(``logger.timeout``, seconds; an unreachable tracking server, which MLflow's client retries for
+minutes) is left behind on a thread of its own, and the tracker is off for the rest of the run.
+Install the extras: ``pip install -e ".[tensorboard]"`` or ``".[mlflow]"``.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import threading
 from logging import WARNING
 from pathlib import Path
 
 from flwr.common.logger import log
 
+from flmnist.core.errors import ConfigError
+
+TIMEOUT = 30.0  # seconds a tracker call may take (logger.timeout)
+
+
+def check_timeout(timeout) -> float:
+    """``logger.timeout`` as seconds; ConfigError naming it unless a positive number."""
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
+        raise ConfigError(f"logger.timeout must be a positive number of seconds (how long a tracker call may take "
+                          f"before the tracker is turned off for the rest of the run), got {timeout!r}")
+    return float(timeout)
+
 
 class Tracker:
     """What the recorder calls; every method may be a no-op."""
+
+    timeout: float = TIMEOUT  # seconds a call may take before the tracker is turned off
 
     def start(self, run_dir: Path, name: str, config: dict) -> None: ...
 
@@ -64,8 +82,34 @@ class Trackers:
     def call(self, method: str, *args) -> None:
         for tracker in list(self.trackers):
             try:
-                getattr(tracker, method)(*args)
+                within(tracker.timeout, getattr(tracker, method), *args)
+            except TimeoutError:
+                log(WARNING, "%s did not finish %s within %g s (logger.timeout; an unreachable tracking server?); "
+                    "it is off for the rest of the run, and the run's own files are complete",
+                    type(tracker).__name__, method, tracker.timeout)
+                self.trackers.remove(tracker)
             except Exception as err:  # noqa: BLE001 - a tracker must never lose the run
                 log(WARNING, "%s failed in %s (%s: %s); it is off for the rest of the run",
                     type(tracker).__name__, method, type(err).__name__, err)
                 self.trackers.remove(tracker)
+
+
+def within(timeout: float, fn, *args):
+    """``fn(*args)``, or TimeoutError after ``timeout`` seconds, ``fn`` left running on its thread
+    (a daemon: a call that never returns does not hold the process at its exit either)."""
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = fn(*args)
+        except BaseException as err:  # noqa: BLE001 - raised in the caller's thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run, name="flmnist-tracker", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise TimeoutError(f"no answer within {timeout:g} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
