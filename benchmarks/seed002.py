@@ -147,11 +147,12 @@ PLAIN_ACCURACY = re.compile(r"\[plain_flower\] round (\d+): accuracy ([0-9.]+)")
 PLAIN_ROUNDS = 40  # benchmarks/plain_flower/pyproject.toml's num-server-rounds
 
 
-def timed_run(name: str, log_path: Path) -> dict:
-    """Run one command of RUNS from start to exit; its wall time and final accuracy."""
+def timed_run(name: str, log_path: Path, extra: list[str] = ()) -> dict:
+    """Run one command of RUNS (with the overrides ``extra``) from start to exit; its wall time
+    and final accuracy."""
     work = Path(tempfile.mkdtemp(prefix=f"seed002-{name}-"))
     env = dict(os.environ, FLMNIST_DATA_DIR=str(resolve_root()))
-    cmd = list(RUNS[name])
+    cmd = [c for c in RUNS[name] if not c.startswith("--")] + list(extra) + [c for c in RUNS[name] if c.startswith("--")]
     if name.startswith("flmnist"):
         cmd.append(f"hydra.run.dir={work / 'run'}")
     if name == "plain_flower":  # a private FLWR_HOME; Flower's default config (created by flwr run)
