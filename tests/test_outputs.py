@@ -298,12 +298,29 @@ def test_an_unreachable_tracking_server_is_dropped_after_logger_timeout_and_the_
         server.close()
 
 
-def test_a_tracker_call_that_ends_within_the_timeout_returns_its_value_or_raises_its_error():
-    from flmnist.observers.trackers import within
+def test_a_tracker_call_that_ends_within_the_timeout_returns_its_value_or_raises_its_error(caplog):
+    from flmnist.observers.trackers import Tracker, Trackers, within
 
     assert within(5, lambda a, b: a + b, 2, 3) == 5
     with pytest.raises(OSError, match="disk full"):
         within(5, lambda: (_ for _ in ()).throw(OSError("disk full")))
+
+    class Raising(Tracker):
+        def __init__(self, error):
+            self.error = error
+
+        def log_metrics(self, step, metrics):
+            raise self.error
+
+    # a tracker's own TimeoutError (a hung NFS folder) is its failure, not logger.timeout's
+    trackers = Trackers([Raising(TimeoutError("nfs"))])
+    with caplog.at_level("WARNING", logger="flwr"):
+        trackers.call("log_metrics", 1, {})
+    assert trackers.trackers == [] and "failed in log_metrics (TimeoutError: nfs)" in caplog.text
+    trackers = Trackers([Raising(KeyboardInterrupt())])  # Ctrl-C: raised, and the tracker is not called again
+    with pytest.raises(KeyboardInterrupt):
+        trackers.call("log_metrics", 1, {})
+    assert trackers.trackers == []
 
 
 def test_summary_json_is_written_last_and_the_final_line_printed_after_it(tmp_path):

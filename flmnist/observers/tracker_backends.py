@@ -120,8 +120,8 @@ class MLflowTracker(Tracker):
         if self.run_id is None:
             self.run_id = self.client.create_run(experiment_id, run_name=name).info.run_id
             atomic_write(run_dir / RUN_ID_FILE, f"{self.run_id}\n{uri}\n")  # (half a file: a resume's new MLflow run)
-            for step, metrics in sorted(self.replay.items()):  # a resumed run new to MLflow: its steps so far
-                self.log_metrics(step, metrics)
+            self._log([m for step, metrics in sorted(self.replay.items())  # a resumed run new to MLflow:
+                       for m in self._metrics(step, metrics)])            # its steps so far, in few requests
         keys = list(params)
         for i in range(0, len(keys), 100):  # MLflow takes at most 100 parameters per batch
             self.client.log_batch(self.run_id, params=[Param(k, params[k][:6000]) for k in keys[i:i + 100]])
@@ -148,11 +148,17 @@ class MLflowTracker(Tracker):
         return run_id
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        self._log(self._metrics(step, metrics))
+
+    @staticmethod
+    def _metrics(step: int, metrics: dict[str, float]) -> list:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(mlflow_key(k), v, now, step) for k, v in metrics.items()]
-        for i in range(0, len(items), 1000):
+        return [Metric(mlflow_key(k), v, now, step) for k, v in metrics.items()]
+
+    def _log(self, items: list) -> None:
+        for i in range(0, len(items), 1000):  # MLflow takes at most 1000 metrics per batch
             self.client.log_batch(self.run_id, metrics=items[i:i + 1000])
 
     def finish(self, run_dir: Path, summary: dict) -> None:

@@ -24,12 +24,16 @@ from flmnist.core.errors import ConfigError
 TIMEOUT = 30.0  # seconds a tracker call may take (logger.timeout)
 
 
+class TrackerTimeout(Exception):
+    """A tracker call that did not finish within its timeout (left running on its thread)."""
+
+
 def check_timeout(timeout) -> float:
     """``logger.timeout`` as seconds; ConfigError naming it unless a positive number."""
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
         raise ConfigError(f"logger.timeout must be a positive number of seconds (how long a tracker call may take "
                           f"before the tracker is turned off for the rest of the run), got {timeout!r}")
-    return float(timeout)
+    return min(float(timeout), threading.TIMEOUT_MAX)
 
 
 class Tracker:
@@ -81,21 +85,25 @@ class Trackers:
 
     def call(self, method: str, *args) -> None:
         for tracker in list(self.trackers):
+            timeout = getattr(tracker, "timeout", TIMEOUT)
             try:
-                within(tracker.timeout, getattr(tracker, method), *args)
-            except TimeoutError:
+                within(timeout, getattr(tracker, method), *args)
+            except TrackerTimeout:
                 log(WARNING, "%s did not finish %s within %g s (logger.timeout; an unreachable tracking server?); "
                     "it is off for the rest of the run, and the run's own files are complete",
-                    type(tracker).__name__, method, tracker.timeout)
+                    type(tracker).__name__, method, timeout)
                 self.trackers.remove(tracker)
             except Exception as err:  # noqa: BLE001 - a tracker must never lose the run
                 log(WARNING, "%s failed in %s (%s: %s); it is off for the rest of the run",
                     type(tracker).__name__, method, type(err).__name__, err)
                 self.trackers.remove(tracker)
+            except BaseException:  # (Ctrl-C while waiting: its call may still run; nothing else may call it)
+                self.trackers.remove(tracker)
+                raise
 
 
 def within(timeout: float, fn, *args):
-    """``fn(*args)``, or TimeoutError after ``timeout`` seconds, ``fn`` left running on its thread
+    """``fn(*args)``, or TrackerTimeout after ``timeout`` seconds, ``fn`` left running on its thread
     (a daemon: a call that never returns does not hold the process at its exit either)."""
     outcome: dict = {}
 
@@ -109,7 +117,7 @@ def within(timeout: float, fn, *args):
     thread.start()
     thread.join(timeout)
     if thread.is_alive():
-        raise TimeoutError(f"no answer within {timeout:g} s")
+        raise TrackerTimeout(f"no answer within {timeout:g} s")
     if "error" in outcome:
         raise outcome["error"]
     return outcome.get("value")
