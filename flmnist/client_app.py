@@ -88,7 +88,7 @@ def _train(msg: Message, settings: p.TrainSettings, data, received: ArrayRecord,
     torch.manual_seed(node_seed(settings.seed, data.partition, server_round, 1))
     dev = device()
     # One exchange per round: the received (global) model evaluated before it is trained.
-    evaluation = _evaluation(model, data, settings, dev) if settings.evaluate_received else None
+    evaluation = _evaluation(model, data, settings, dev) if settings.evaluate_received and not settings.withhold_losses else None
     start = time.perf_counter()
     mean_loss, trace = train(
         model,
@@ -106,6 +106,8 @@ def _train(msg: Message, settings: p.TrainSettings, data, received: ArrayRecord,
         dp_noise_multiplier=settings.dp_noise_multiplier,
         dp_clipping_norm=settings.dp_clipping_norm,
     )
+    if settings.withhold_losses:  # privacy.node_metrics=withheld: the losses are the node's data, un-noised
+        mean_loss, trace = 0.0, []
     n = len(data.train_labels)
     metrics = MetricRecord(
         {
@@ -148,6 +150,8 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     """Evaluate the received model on this node's held-out data; reply with summable counts."""
     config = msg.content[p.CONFIG]
     settings = p.TrainSettings.from_record(config)
+    if settings.withhold_losses:
+        raise ValueError("privacy.node_metrics=withheld: this node sends no evaluation counts")
     data = node_data(settings, context.node_config)
     dev = device()
     with _model(settings, msg.content[p.ARRAYS]) as model:

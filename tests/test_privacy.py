@@ -746,6 +746,13 @@ def test_a_short_client_or_local_run_reports_epsilon(tmp_path, mechanism):
     assert [r["epsilon"] for r in rows(run)] == pytest.approx([rdp_epsilon(1.0, k) for k in (1, 2)], rel=1e-4)
     if mechanism == "local":
         assert privacy["per_node"] == pytest.approx({f"node {i}": rdp_epsilon(1.0, 2) for i in range(4)}, rel=1e-4)
+    # privacy=local withholds the nodes' training losses (their data, un-noised); privacy=client sends them
+    withheld = mechanism == "local"
+    log = proc.stderr + proc.stdout
+    assert ("nodes send no training losses and client evaluation is off (privacy.node_metrics=withheld)" in log) == withheld
+    trained = [r for r in json.loads((run / "metrics.json").read_text()) if r["round"] > 0]
+    assert [r.get("train_loss") is None for r in trained] == [withheld, withheld]
+    assert (run / "client_loss.png").is_file() != withheld
 
 
 @pytest.mark.slow

@@ -482,6 +482,23 @@ def test_an_option_that_brings_settings_of_other_sections_is_judged_by_its_own(t
     assert resumed_config([override], saved, run) == saved  # the run's own choice: judged the same
 
 
+def test_a_local_dp_run_from_before_node_metrics_resumes_with_its_option_repeated_and_sends_as_it_did(tmp_path):
+    """privacy.node_metrics came later: a run whose config.yaml lacks it was refused with its own
+    privacy=local repeated ("would change the run", a review); it resumes as it ran (plain)."""
+    saved = compose_config(["num_rounds=2", "privacy=local"])
+    OmegaConf.set_struct(saved, False)
+    saved.privacy.pop("node_metrics")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(OmegaConf.to_yaml(saved))
+    (run / "summary.json").write_text(json.dumps({"status": "failed"}))
+    (run / CHECKPOINT_INFO).write_text(json.dumps({"kind": "sync", "round": 2}))
+    resumed = resumed_config(["privacy=local"], saved, run)
+    assert resumed == saved and "node_metrics" not in resumed.privacy
+    with pytest.raises(ConfigError, match=r"privacy=central would change the run being resumed \(its privacy: local\)"):
+        resumed_config(["privacy=central"], saved, run)
+
+
 def test_a_quoted_group_option_on_resume_is_judged_as_the_plain_one(tmp_path):
     """strategy='fedprox' (quoted, as a shell user may write it) opened conf/strategy/'fedprox'.yaml: FileNotFoundError."""
     run, saved = finished_run(tmp_path, ["model=logreg", "num_rounds=2", "strategy=fedprox"], status="failed")

@@ -330,6 +330,14 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"strategy.num_nodes_to_select={m} must be 1..{sampled}, the updates a round samples "
                               f"(num_nodes={n})")
     if cfg.get("privacy") is not None:
-        problem = privacy_problem(_settings(PrivacySettings, cfg, "privacy"), strategy)
+        privacy = _settings(PrivacySettings, cfg, "privacy")
+        problem = privacy_problem(privacy, strategy)
         if problem:
             raise ConfigError(problem)
+        if privacy.node_metrics == "withheld" and fraction_evaluate > 0:
+            default = f" (privacy={privacy.mechanism}'s default)" if privacy.mechanism in ("local", "dpsgd") else ""
+            key = ("sampling" if str((cfg.get("sampling") or {}).get("fraction_evaluate")) == str(fraction_evaluate)
+                   else "strategy") + ".fraction_evaluate"
+            raise ConfigError(f"privacy.node_metrics=withheld{default} withholds what nodes would send un-noised, but "
+                              f"{key}={fraction_evaluate:g} asks them for their evaluation counts: set {key}=0, "
+                              "or privacy.node_metrics=plain to send them outside epsilon")

@@ -73,6 +73,7 @@ class RunRecorder:
         self.stopped_early: dict | None = None  # stop_at_target: when and why the run ended early
         self.extra: dict = {}  # summary sections from evaluation hooks (attribution)
         self.trackers = trackers if trackers is not None else Trackers([])
+        self.losses_withheld = False  # privacy.node_metrics=withheld: the nodes send no training loss to record
         self.tracked: set[int] = set()  # rows handed to the trackers
         self.collapse_drop, self.collapse_patience = collapse_drop, collapse_patience
 
@@ -138,6 +139,8 @@ class RunRecorder:
     def add(self, server_round: int, **fields) -> None:
         """Merge fields into the record of ``server_round``; into a row the trackers already have
         (the client evaluation a train reply brings a round later), they go to the trackers too."""
+        if self.losses_withheld:
+            fields.pop("train_loss", None)
         row = self.rows.setdefault(server_round, {"round": server_round})
         row.update({k: {**row[k], **v} if isinstance(v, dict) and isinstance(row.get(k), dict) else v
                     for k, v in fields.items()})  # a table (update_eval) gains entries
@@ -145,6 +148,8 @@ class RunRecorder:
             self.trackers.call("log_metrics", server_round, late)
 
     def add_loss_trace(self, name: str, trace: list[float], step: int | None = None) -> None:
+        if self.losses_withheld:  # (a node that sent one all the same: not recorded)
+            return
         self.loss_traces[name].extend(float(x) for x in trace)
         if step is not None and trace:
             self.loss_points[name].append([step, float(sum(trace) / len(trace))])

@@ -64,6 +64,7 @@ FAULT = "fault"                        # client.fault: the misbehaviour the faul
 CLIPPING_NORM = "clipping_norm"        # privacy=client/local: the node clips its update (Flower's KEY_CLIPPING_NORM)
 LOCAL_DP_NOISE = "local-dp-noise-multiplier"  # privacy=local: the node adds noise of std this x clipping_norm
 EVALUATE_RECEIVED = "evaluate-received"  # train: also evaluate the received model before training
+WITHHOLD_LOSSES = "withhold-losses"    # privacy.node_metrics=withheld: train replies carry no losses
 
 
 def correct_key(digit: int) -> str:
@@ -201,6 +202,7 @@ class TrainSettings:
     update_clip: float = 0.0          # privacy=client/local: the node clips its update to this L2 norm (0: no)
     update_noise: float = 0.0         # privacy=local: ... and adds Gaussian noise of std this x update_clip
     evaluate_received: bool = False   # train replies carry the received model's evaluation (EVALUATION)
+    withhold_losses: bool = False     # privacy.node_metrics=withheld: train-loss 0 and an empty loss trace
 
     def __post_init__(self) -> None:
         check_integer("num_nodes", self.num_partitions, 1)
@@ -282,6 +284,7 @@ class TrainSettings:
                 CLIPPING_NORM: float(self.update_clip),
                 LOCAL_DP_NOISE: float(self.update_noise),
                 EVALUATE_RECEIVED: bool(self.evaluate_received),
+                WITHHOLD_LOSSES: bool(self.withhold_losses),
             }
         )
         for key, value in extra.items():
@@ -307,7 +310,7 @@ class TrainSettings:
                 dp_noise_multiplier=r.float("dp-noise-multiplier", 0.0),
                 dp_clipping_norm=r.float("dp-clipping-norm", 0.0),
                 update_clip=r.float(CLIPPING_NORM, 0.0), update_noise=r.float(LOCAL_DP_NOISE, 0.0),
-                evaluate_received=r.bool(EVALUATE_RECEIVED, False),
+                evaluate_received=r.bool(EVALUATE_RECEIVED, False), withhold_losses=r.bool(WITHHOLD_LOSSES, False),
             )
         except KeyError as err:
             raise ConfigError(f"the server's config record has no {err}; are server and node running the same "

@@ -40,6 +40,7 @@ class AsyncLoopSettings:
 
 
 PRIVACY_MECHANISMS = ("none", "central", "central_adaptive", "client", "local", "dpsgd")
+NODE_METRICS = ("plain", "withheld")
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,9 @@ class PrivacySettings:
     target_quantile: float = 0.5            # the fraction of updates the clip should leave unclipped
     clip_norm_lr: float = 0.2               # geometric step of the clip each round
     count_stddev: float | None = None       # noise std on the count of unclipped updates (> noise_multiplier)
+    # plain: nodes send their training losses and evaluation counts un-noised (outside epsilon);
+    # withheld (local's and dpsgd's default): they send none, and client evaluation must be off
+    node_metrics: str = "plain"
 
     def __post_init__(self) -> None:
         if self.mechanism not in PRIVACY_MECHANISMS:
@@ -71,6 +75,9 @@ class PrivacySettings:
         check_number("privacy.target_quantile", self.target_quantile, 0.0, 1.0)
         check_number("privacy.clip_norm_lr", self.clip_norm_lr, 0.0, low_open=True)
         check_number("privacy.count_stddev", self.count_stddev, 0.0, low_open=True, allow_none=True)
+        if self.node_metrics not in NODE_METRICS:
+            raise ConfigError(f"privacy.node_metrics must be one of {', '.join(NODE_METRICS)}, got {self.node_metrics!r} "
+                              "(withheld: nodes send no training losses; plain: they send them un-noised)")
         if self.mechanism == "central_adaptive" and not (self.count_stddev or 0.0) > self.noise_multiplier:
             raise ConfigError(
                 f"privacy.count_stddev={self.count_stddev} must be more than privacy.noise_multiplier="

@@ -169,6 +169,13 @@ def wait_for_nodes(grid: Grid, needed: int, timeout: float, setting: str = "num_
         time.sleep(0.5)
 
 
+def node_metrics(privacy: PrivacySettings) -> str:
+    """What the nodes send beside their DP updates, for the start's privacy line."""
+    if privacy.node_metrics == "withheld":
+        return "; nodes send no training losses and client evaluation is off (privacy.node_metrics=withheld)"
+    return "; nodes send their training losses un-noised (privacy.node_metrics=plain)"
+
+
 def private(cfg: DictConfig, strategy, screen: ScreenSettings) -> PrivacySettings:
     """The ``privacy`` section, checked against the strategy; says what it does to the run."""
     privacy = PrivacySettings(**(cfg.get("privacy") or {}))
@@ -180,7 +187,8 @@ def private(cfg: DictConfig, strategy, screen: ScreenSettings) -> PrivacySetting
     if privacy.mechanism == "dpsgd":
         say(f"Differential privacy: DP-SGD on every node (sample-level), clipping_norm {privacy.clipping_norm:g} "
             f"per image, noise_multiplier {privacy.noise_multiplier:g}, delta {privacy.target_delta:g}"
-            + (f", budget epsilon {privacy.max_epsilon:g} per node" if privacy.max_epsilon is not None else ""))
+            + (f", budget epsilon {privacy.max_epsilon:g} per node" if privacy.max_epsilon is not None else "")
+            + node_metrics(privacy))
         return privacy
     if privacy.target_delta >= 1.0 / cfg.num_nodes:  # (dpsgd returned above: its unit is one image)
         log(WARNING, "%s: privacy.target_delta=%g is not below 1/num_nodes (%g): epsilon at a delta that large "
@@ -190,7 +198,8 @@ def private(cfg: DictConfig, strategy, screen: ScreenSettings) -> PrivacySetting
         say(f"Differential privacy: local, every node clips its update to {privacy.clipping_norm:g} and adds noise "
             f"of std {privacy.noise_multiplier * privacy.clipping_norm:g} (noise_multiplier "
             f"{privacy.noise_multiplier:g}), delta {privacy.target_delta:g}"
-            + (f", budget epsilon {privacy.max_epsilon:g} per node" if privacy.max_epsilon is not None else ""))
+            + (f", budget epsilon {privacy.max_epsilon:g} per node" if privacy.max_epsilon is not None else "")
+            + node_metrics(privacy))
         return privacy
     name = f"privacy={privacy.mechanism}"
     if getattr(strategy, "weight_by_examples", False):
@@ -251,11 +260,13 @@ def build_run(grid: Grid, cfg: DictConfig) -> Run:
         update_clip=privacy.clipping_norm if privacy.mechanism in ("client", "local") else 0.0,
         update_noise=privacy.noise_multiplier if local else 0.0,
         evaluate_received=evaluate_in_train(cfg, grid, strategy, asynchronous),
+        withhold_losses=privacy.node_metrics == "withheld",
     )
     loop = AsyncLoopSettings(**cfg.async_loop) if asynchronous else None
     trackers = Trackers([build(cfg.logger, "logger")] if cfg.get("logger") is not None else [])
     recorder = RunRecorder(run_dir, steps, cfg.target_accuracy, printer=say, unit=unit, save_tensors=save_state_dict,
                            label=run_label(cfg), trackers=trackers, **collapse_args(cfg))
+    recorder.losses_withheld = sent.withhold_losses
     test_images, test_labels = load_mnist(str(root), False)
     model_fn = lambda: build(cfg.model, "model")
     context = RunContext(run_dir, test_images, test_labels, model_fn, steps, asynchronous, say, recorder.label,
