@@ -298,6 +298,34 @@ def test_an_unreachable_tracking_server_is_dropped_after_logger_timeout_and_the_
         server.close()
 
 
+def test_a_stopped_runs_mlflow_mark_waits_at_most_the_runs_logger_timeout(tmp_path, monkeypatch, caplog):
+    """The command marks a stopped run's MLflow run KILLED; an unreachable tracking server held it
+    for minutes. It waits at most the run's own logger.timeout (its config.yaml), then says so."""
+    import socket
+    import time
+
+    from flmnist.observers.mlflow_run import RUN_ID_FILE, mark_stopped
+    from flmnist.observers.stopped import logger_timeout
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)  # accepted by the kernel, never answered
+    try:
+        (tmp_path / RUN_ID_FILE).write_text(f"abc123\nhttp://127.0.0.1:{server.getsockname()[1]}\n")
+        (tmp_path / "config.yaml").write_text("strategy: {}\nnum_nodes: 2\nlogger:\n  timeout: 1\n")
+        from flmnist.core.run_files import run_config
+
+        assert logger_timeout(run_config(tmp_path)) == 1.0 and logger_timeout(None) == 30.0
+        started = time.perf_counter()
+        with caplog.at_level("WARNING", logger="flwr"):
+            mark_stopped(tmp_path, logger_timeout(run_config(tmp_path)))
+        assert time.perf_counter() - started < 10
+        assert "could not be marked KILLED (TrackerTimeout: no answer within 1 s)" in caplog.text
+    finally:
+        server.close()
+
+
 def test_a_tracker_call_that_ends_within_the_timeout_returns_its_value_or_raises_its_error(caplog):
     from flmnist.observers.trackers import Tracker, Trackers, within
 

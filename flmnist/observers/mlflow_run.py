@@ -30,9 +30,10 @@ def saved_run(run_dir: Path) -> tuple[str | None, str | None]:
     return (lines[0] if lines else None), (lines[1] if len(lines) > 1 else None)
 
 
-def mark_stopped(run_dir: Path) -> None:
+def mark_stopped(run_dir: Path, timeout: float = TIMEOUT) -> None:
     """A run stopped from outside: its MLflow run (``RUN_DIR/mlflow_run_id``), still RUNNING, is
-    KILLED (the server that would have ended it is gone), within ``TIMEOUT`` seconds. Never raises."""
+    KILLED (the server that would have ended it is gone), within ``timeout`` seconds (the run's
+    ``logger.timeout``). Never raises."""
     run_id, uri = saved_run(run_dir)
     if run_id is None or reachable(uri) is None:
         return
@@ -44,7 +45,7 @@ def mark_stopped(run_dir: Path) -> None:
             client.set_terminated(run_id, "KILLED")
 
     try:
-        within(TIMEOUT, kill)  # (an unreachable tracking server must not hold the command)
+        within(timeout, kill)  # (an unreachable tracking server must not hold the command)
     except Exception as err:  # noqa: BLE001 - a tracker must never lose the run's summary
         log(WARNING, "MLflow run %s of the stopped run could not be marked KILLED (%s: %s)", run_id,
             type(err).__name__, err)

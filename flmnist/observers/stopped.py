@@ -15,6 +15,7 @@ from flmnist.observers.attribution_table import last_snapshot, stopped_section
 from flmnist.observers.collapse import DROP, PATIENCE
 from flmnist.observers.mlflow_run import mark_stopped
 from flmnist.observers.recorder import SECTIONS_FILE, RunRecorder, run_label
+from flmnist.observers.trackers import TIMEOUT, check_timeout
 
 
 def _json(path: Path, default=None):
@@ -52,8 +53,10 @@ def summarize_stopped(run_dir: Path, num_rounds: int, target_accuracy: float, un
     sections["privacy"] = _with_ledger(sections.get("privacy"), run_dir / LEDGER)
     evaluated = [(n, r["test_accuracy"]) for n, r in sorted(rows.items()) if n > 0 and r.get("test_accuracy") is not None]
     best_round, best_accuracy = max(evaluated, key=lambda e: e[1], default=(None, None))  # ties: the earliest
+    config = None
     try:  # the plots' titles name the run, as the run's own did
-        label = run_label(run_config(run_dir))
+        config = run_config(run_dir)
+        label = run_label(config)
     except (TypeError, KeyError, AttributeError):  # no flmnist config.yaml, or one without these keys
         label = ""
     rec = RunRecorder(run_dir, num_rounds, target_accuracy, printer=lambda _: None, unit=unit, label=label,
@@ -68,8 +71,16 @@ def summarize_stopped(run_dir: Path, num_rounds: int, target_accuracy: float, un
             rec.set_section(name, value)
     summary = rec.finish("stopped", reason)
     plot_stopped_attribution(run_dir, label, snapshot)
-    mark_stopped(run_dir)
+    mark_stopped(run_dir, logger_timeout(config))
     return summary
+
+
+def logger_timeout(config) -> float:
+    """The run's ``logger.timeout`` (its tracker's calls), or the default."""
+    try:
+        return check_timeout(config["logger"]["timeout"])
+    except Exception:  # noqa: BLE001 - no config, no tracker's timeout in it (an older run), a bad one
+        return TIMEOUT
 
 
 def _with_ledger(privacy, ledger: Path) -> dict | None:
