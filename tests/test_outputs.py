@@ -298,6 +298,37 @@ def test_an_unreachable_tracking_server_is_dropped_after_logger_timeout_and_the_
         server.close()
 
 
+def test_an_mlflow_upload_cut_short_by_the_timeout_leaves_the_run_finished_not_running(tmp_path, monkeypatch):
+    """MLflow's finish uploads the model and every plot; on a slow server logger.timeout can end it
+    part way. The status is set first, so the MLflow run is FINISHED, not RUNNING for good."""
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from flmnist.observers.tracker_backends import MLflowTracker
+    from flmnist.observers.trackers import Trackers
+
+    out = tmp_path / "outputs"
+    run_dir = out / "2026-12-07" / "12-00-00_slow"
+    recorder = RunRecorder(run_dir, 3, 0.99, printer=lambda line: None)
+    tracker = MLflowTracker(timeout=2)
+    recorder.trackers = Trackers([tracker])
+    recorder.trackers.call("start", run_dir, run_dir.name, {"output_dir": str(out)})
+    sync_rows(recorder, fleet=False)
+    upload = MlflowClient.log_artifact
+
+    def slow(self, run_id, local_path, *args, **kwargs):  # a slow server: the model and plots take long
+        if str(local_path).endswith((".pt", ".png")):
+            time.sleep(5)
+        return upload(self, run_id, local_path, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "log_artifact", slow)
+    assert recorder.finish()["status"] == "finished"
+    assert recorder.trackers.trackers == []  # cut short by logger.timeout
+    run = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}").get_run(tracker.run_id)
+    assert run.info.status == "FINISHED"
+
+
 def test_a_stopped_runs_mlflow_mark_waits_at_most_the_runs_logger_timeout(tmp_path, monkeypatch, caplog):
     """The command marks a stopped run's MLflow run KILLED; an unreachable tracking server held it
     for minutes. It waits at most the run's own logger.timeout (its config.yaml), then says so."""
