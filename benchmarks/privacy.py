@@ -102,7 +102,7 @@ def run(out: Path, model: str, split: str, nodes: int, rounds: int, target: str,
         cmd += [f"model={model}", f"num_nodes={nodes}", f"partition={split}", f"num_rounds={rounds}"]
     sigma = None
     if target != "inf" and mechanism == "dpsgd":
-        sigma = CLIP_ONLY_SIGMA if target == "clip" else dpsgd_sigma_for(float(target), cmd[3:], rounds)
+        sigma = CLIP_ONLY_SIGMA if target == "clip" else dpsgd_sigma_for(float(target), [*cmd[3:], "privacy=dpsgd"], rounds)
         cmd += ["privacy=dpsgd", f"privacy.noise_multiplier={sigma:.6g}", f"privacy.clipping_norm={clip:g}"]
     elif target != "inf":  # central, central_adaptive, client, local: one Gaussian release a round
         sigma = CLIP_ONLY_SIGMA if target == "clip" else sigma_for(float(target), rounds)

@@ -5,6 +5,7 @@ engine. The recorder writes them from rows as both engines record them."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -311,10 +312,11 @@ def test_an_mlflow_upload_cut_short_by_the_timeout_leaves_the_run_finished_not_r
     out = tmp_path / "outputs"
     run_dir = out / "2026-12-07" / "12-00-00_slow"
     recorder = RunRecorder(run_dir, 3, 0.99, printer=lambda line: None)
-    tracker = MLflowTracker(timeout=2)
+    tracker = MLflowTracker()
     recorder.trackers = Trackers([tracker])
-    recorder.trackers.call("start", run_dir, run_dir.name, {"output_dir": str(out)})
+    recorder.trackers.call("start", run_dir, run_dir.name, {"output_dir": str(out)})  # (a new store: seconds)
     sync_rows(recorder, fleet=False)
+    tracker.timeout = 2
     upload = MlflowClient.log_artifact
 
     def slow(self, run_id, local_path, *args, **kwargs):  # a slow server: the model and plots take long
@@ -376,10 +378,42 @@ def test_a_tracker_call_that_ends_within_the_timeout_returns_its_value_or_raises
     with caplog.at_level("WARNING", logger="flwr"):
         trackers.call("log_metrics", 1, {})
     assert trackers.trackers == [] and "failed in log_metrics (TimeoutError: nfs)" in caplog.text
-    trackers = Trackers([Raising(KeyboardInterrupt())])  # Ctrl-C: raised, and the tracker is not called again
-    with pytest.raises(KeyboardInterrupt):
+    trackers = Trackers([Raising(SystemExit(3))])  # a SystemExit in a tracker's library: its failure, not the run's
+    with caplog.at_level("WARNING", logger="flwr"):
         trackers.call("log_metrics", 1, {})
+    assert trackers.trackers == [] and "failed in log_metrics (RuntimeError: SystemExit 3)" in caplog.text
+
+
+def test_ctrl_c_while_waiting_for_a_tracker_stops_the_run_and_the_tracker_is_not_called_again():
+    """A real SIGINT to this process while the run waits for a slow tracker call: KeyboardInterrupt
+    in the waiting thread, and the tracker, whose call may still run, is off (the run's finally
+    calls the trackers' finish at once)."""
+    import signal
+    import time
+
+    from flmnist.observers.trackers import Tracker, Trackers
+
+    class Slow(Tracker):
+        def log_metrics(self, step, metrics):
+            time.sleep(3)
+
+    timer = threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT))
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    trackers = Trackers([Slow()])
+    try:
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            trackers.call("log_metrics", 1, {})
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGINT, previous)
     assert trackers.trackers == []
+
+
+def test_logger_timeout_is_capped_where_waiting_can_count():
+    from flmnist.observers.trackers import check_timeout
+
+    assert check_timeout(1e10) == threading.TIMEOUT_MAX and check_timeout(30) == 30.0
 
 
 def test_summary_json_is_written_last_and_the_final_line_printed_after_it(tmp_path):

@@ -497,6 +497,10 @@ def test_a_local_dp_run_from_before_node_metrics_resumes_with_its_option_repeate
     assert resumed == saved and "node_metrics" not in resumed.privacy
     with pytest.raises(ConfigError, match=r"privacy=central would change the run being resumed \(its privacy: local\)"):
         resumed_config(["privacy=central"], saved, run)
+    saved.pop("privacy")  # a run from before config.yaml had a privacy section: adding DP is refused, not ignored
+    (run / "config.yaml").write_text(OmegaConf.to_yaml(saved))
+    with pytest.raises(ConfigError, match=r"privacy=central would change the run being resumed \(its privacy: its defaults\)"):
+        resumed_config(["privacy=central"], saved, run)
 
 
 def test_a_quoted_group_option_on_resume_is_judged_as_the_plain_one(tmp_path):

@@ -162,11 +162,11 @@ class MLflowTracker(Tracker):
             self.client.log_batch(self.run_id, metrics=items[i:i + 1000])
 
     def finish(self, run_dir: Path, summary: dict) -> None:
-        """The summary and the run's status first, then the model and every plot: an upload cut
+        """The run's status first, then the summary, the model and every plot: an upload cut
         short by ``logger.timeout`` (a slow server) leaves the run's artifacts incomplete, never
         the run RUNNING."""
-        self.client.log_dict(self.run_id, summary, "summary.json")  # the file is written after the trackers
         self.client.set_terminated(self.run_id, "FINISHED" if summary.get("status") == "finished" else "FAILED")
+        self.client.log_dict(self.run_id, summary, "summary.json")  # the file is written after the trackers
         for path in [run_dir / "model.pt", *sorted(run_dir.glob("*.png"))]:
             if path.is_file():
                 self.client.log_artifact(self.run_id, str(path))

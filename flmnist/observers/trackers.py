@@ -85,6 +85,8 @@ class Trackers:
 
     def call(self, method: str, *args) -> None:
         for tracker in list(self.trackers):
+            if type(tracker) is Tracker:  # logger=none: nothing to call
+                continue
             timeout = getattr(tracker, "timeout", TIMEOUT)
             try:
                 within(timeout, getattr(tracker, method), *args)
@@ -97,7 +99,7 @@ class Trackers:
                 log(WARNING, "%s failed in %s (%s: %s); it is off for the rest of the run",
                     type(tracker).__name__, method, type(err).__name__, err)
                 self.trackers.remove(tracker)
-            except BaseException:  # (Ctrl-C while waiting: its call may still run; nothing else may call it)
+            except BaseException:  # (Ctrl-C while waiting, in this thread: its call may still run; nothing else may call it)
                 self.trackers.remove(tracker)
                 raise
 
@@ -115,9 +117,12 @@ def within(timeout: float, fn, *args):
 
     thread = threading.Thread(target=run, name="flmnist-tracker", daemon=True)
     thread.start()
-    thread.join(timeout)
+    thread.join(min(timeout, threading.TIMEOUT_MAX))
     if thread.is_alive():
         raise TrackerTimeout(f"no answer within {timeout:g} s")
-    if "error" in outcome:
-        raise outcome["error"]
+    error = outcome.get("error")
+    if error is not None and not isinstance(error, Exception):  # (a SystemExit in a tracker's library: its failure)
+        raise RuntimeError(f"{type(error).__name__} {error}".strip()) from error
+    if error is not None:
+        raise error
     return outcome.get("value")

@@ -180,6 +180,8 @@ def private(cfg: DictConfig, strategy, screen: ScreenSettings) -> PrivacySetting
     """The ``privacy`` section, checked against the strategy; says what it does to the run."""
     privacy = PrivacySettings(**(cfg.get("privacy") or {}))
     if not privacy.on:
+        if privacy.node_metrics == "withheld":
+            say("No differential privacy" + node_metrics(privacy))
         return privacy
     problem = privacy_problem(privacy, strategy)
     if problem:
@@ -215,7 +217,8 @@ def private(cfg: DictConfig, strategy, screen: ScreenSettings) -> PrivacySetting
                  f"norms, count_stddev {privacy.count_stddev:g}")
     say(f"Differential privacy: {privacy.mechanism}, clipping_norm {privacy.clipping_norm:g} ({where}), noise_multiplier "
         f"{privacy.noise_multiplier:g}, delta {privacy.target_delta:g}"
-        + (f", budget epsilon {privacy.max_epsilon:g}" if privacy.max_epsilon is not None else ""))
+        + (f", budget epsilon {privacy.max_epsilon:g}" if privacy.max_epsilon is not None else "")
+        + (node_metrics(privacy) if privacy.node_metrics == "withheld" else ""))
     return privacy
 
 
