@@ -37,6 +37,7 @@ WHERE = ("simulation", "data.root", "data.download", "output_dir", "resume", "ru
 RESUMABLE = (*LENGTH["round"], *LENGTH["update"], BUDGET, "stop_at_target")  # a resume may change these
 # ... and these, which change how the run is waited for, checkpointed and tracked, not what it computes
 OPERATIONAL = ("wait_for_nodes", "poll_interval", "checkpoint_every", "logger")
+ADDED_SINCE = {"privacy": ("node_metrics",)}  # an option's settings a run's config may lack (started before them)
 
 
 def _operational(key: str) -> bool:
@@ -165,21 +166,16 @@ def finished(run_dir: Path) -> bool:
     return run_summary(run_dir).get("status") == "finished"
 
 
-ADDED_SINCE = {"privacy": ("node_metrics",)}  # an option's settings a run's config may lack (started before them)
-
-
 def _same_option(group: str, option: str, cfg: DictConfig, saved: DictConfig) -> bool:
-    """Whether ``group=option`` gives the run's own choice: the same class and the same values of
-    the option's own settings (not those it takes from shared sections, like sampling.*; nor one of
-    ``ADDED_SINCE`` that the run's config lacks: it resumes as it ran)."""
+    """Whether ``group=option`` gives the run's own choice: the same class and values of the option's own
+    settings (not shared sections', like sampling.*; nor one of ``ADDED_SINCE`` the run's config lacks)."""
     text = (conf_dir() / group / f"{option}.yaml").read_text()
     own = OmegaConf.create(text) or {}
     if text.startswith("# @package _global_"):  # (model=logreg, privacy=central: model:, privacy: and
         own = own.get(group) or {}  # the client or screen defaults they bring) its own section
     keys = [k for k in own if k != "defaults"]
     mine, theirs = cfg.get(group) or {}, saved.get(group) or {}
-    later = ADDED_SINCE.get(group, ())
-    return all((k in later and k not in theirs) or mine.get(k) == theirs.get(k) for k in keys)
+    return all((k in ADDED_SINCE.get(group, ()) and k not in theirs) or mine.get(k) == theirs.get(k) for k in keys)
 
 
 def _choice(saved: DictConfig, group: str) -> str:
