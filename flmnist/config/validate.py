@@ -293,15 +293,14 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"strategy.eta_l={strategy.eta_l:g} must be client.lr={cfg.client.lr:g}: the server divides "
                           "each model change by it to get the gradient (set client.lr; eta_l follows it)")
     fraction_evaluate = getattr(strategy, "fraction_evaluate", 0.0)
-    if cfg.get("privacy") is not None:  # (before the holdout's check: the presets that withhold hold none out)
-        privacy = _settings(PrivacySettings, cfg, "privacy")
-        if privacy.node_metrics == "withheld" and fraction_evaluate > 0:
-            default = f" (privacy={privacy.mechanism}'s default)" if privacy.mechanism in ("local", "dpsgd") else ""
-            key = ("sampling" if str((cfg.get("sampling") or {}).get("fraction_evaluate")) == str(fraction_evaluate)
-                   else "strategy") + ".fraction_evaluate"
-            raise ConfigError(f"privacy.node_metrics=withheld{default} withholds what nodes would send un-noised, but "
-                              f"{key}={fraction_evaluate:g} asks them for their evaluation counts: set {key}=0, "
-                              "or privacy.node_metrics=plain to send them outside epsilon")
+    privacy = _settings(PrivacySettings, cfg, "privacy") if cfg.get("privacy") is not None else None
+    if privacy is not None and privacy.node_metrics == "withheld" and fraction_evaluate > 0:  # (before the
+        default = f" (privacy={privacy.mechanism}'s default)" if privacy.mechanism in ("local", "dpsgd") else ""
+        key = ("sampling" if str((cfg.get("sampling") or {}).get("fraction_evaluate")) == str(fraction_evaluate)
+               else "strategy") + ".fraction_evaluate"  # holdout's check: the presets that withhold hold none out)
+        raise ConfigError(f"privacy.node_metrics=withheld{default} withholds what nodes would send un-noised, but "
+                          f"{key}={fraction_evaluate:g} asks them for their evaluation counts: set {key}=0, "
+                          "or privacy.node_metrics=plain to send them outside epsilon")
     if cfg.data.holdout_fraction == 0 and fraction_evaluate > 0:
         raise ConfigError(
             "sampling.fraction_evaluate > 0 asks nodes to evaluate on held-out data, but "
@@ -338,8 +337,7 @@ def validate(cfg: DictConfig) -> None:
         if not isinstance(strategy, (Bulyan, Krum)) and not 1 <= m <= sampled:
             raise ConfigError(f"strategy.num_nodes_to_select={m} must be 1..{sampled}, the updates a round samples "
                               f"(num_nodes={n})")
-    if cfg.get("privacy") is not None:
-        privacy = _settings(PrivacySettings, cfg, "privacy")
+    if privacy is not None:
         problem = privacy_problem(privacy, strategy)
         if problem:
             raise ConfigError(problem)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from flwr.common.logger import log
 
-from flmnist.core.errors import ConfigError
+from flmnist.core.checks import check_number
 
 TIMEOUT = 30.0  # seconds a tracker call may take (logger.timeout)
 
@@ -29,11 +29,8 @@ class TrackerTimeout(Exception):
 
 
 def check_timeout(timeout) -> float:
-    """``logger.timeout`` as seconds; ConfigError naming it unless a positive number."""
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
-        raise ConfigError(f"logger.timeout must be a positive number of seconds (how long a tracker call may take "
-                          f"before the tracker is turned off for the rest of the run), got {timeout!r}")
-    return min(float(timeout), threading.TIMEOUT_MAX)
+    """``logger.timeout`` as seconds (the project's number check, naming it), at most what a wait can count."""
+    return min(check_number("logger.timeout", timeout, 0.0, low_open=True), threading.TIMEOUT_MAX)
 
 
 class Tracker:
